@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up everything kinsight needs on a fresh Debian 12 machine with Rust (as root):
+# the local control plane binaries (cached under ~/.cache/kinsight), ONNX Runtime from PyPI
+# in ./.venv, and the release build. Safe to run again: each step skips work already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/build-kubernetes.sh >/dev/null
+scripts/setup-onnxruntime.sh >/dev/null
+cargo build --release --locked
+echo "set up: target/release/kinsight"

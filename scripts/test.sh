@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, and the integration tests against a real local
+# control plane (etcd + kube-apiserver + kube-controller-manager, built once and cached)
+# with ONNX Runtime from PyPI. Set USE_EXISTING_CLUSTER=true to use your kubeconfig's
+# cluster instead, or KUBEBUILDER_ASSETS to bring your own control-plane binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${USE_EXISTING_CLUSTER:-}" != "true" ] && [ -z "${KUBEBUILDER_ASSETS:-}" ]; then
+  KUBEBUILDER_ASSETS="$(scripts/build-kubernetes.sh)"
+  export KUBEBUILDER_ASSETS
+fi
+ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(realpath "$(scripts/setup-onnxruntime.sh)")}"
+export ORT_DYLIB_PATH
+# Integration tests each start a control plane; two at a time suit a 2-core machine.
+cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-2}" "$@"

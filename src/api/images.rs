@@ -1,0 +1,238 @@
+//! Handlers for images and image groups. DTOs are `...In` (requests) and built JSON
+//! (responses); ids are prefixed by kind: `img-...` for single images, `grp-...` for groups.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, ResourceExt};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::auth::{SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, Tenant, authenticate};
+use super::problem::ApiError;
+use super::{AppState, MAX_BODY_BYTES};
+use crate::crd::{ImageEntry, ImageGroup, ImageGroupSpec, ImageResultSpec, SecretKeyRef, WebhookTarget};
+use crate::results::ResultStore;
+
+const SINGLE_IMAGE_ID: &str = "image";
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageIn {
+    url: String,
+    models: Vec<String>,
+    #[serde(default)]
+    webhook_url: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageGroupIn {
+    images: Vec<GroupImageIn>,
+    models: Vec<String>,
+    #[serde(default)]
+    webhook_url: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupImageIn {
+    #[serde(default)]
+    id: Option<String>,
+    url: String,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+pub async fn create_image(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let tenant = authenticate(&state.keys, &headers)?;
+    let input: ImageIn = parse_json(&headers, body)?;
+    let spec = ImageGroupSpec {
+        images: vec![ImageEntry { id: Some(SINGLE_IMAGE_ID.to_owned()), url: input.url, metadata: input.metadata }],
+        models: input.models,
+        webhook: webhook_target(input.webhook_url),
+        metadata: BTreeMap::new(),
+    };
+    let id = create(&state, &tenant, "img", spec).await?;
+    Ok(accepted(&format!("/v1/images/{id}"), &id))
+}
+
+pub async fn create_group(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let tenant = authenticate(&state.keys, &headers)?;
+    let input: ImageGroupIn = parse_json(&headers, body)?;
+    let spec = ImageGroupSpec {
+        images: input
+            .images
+            .into_iter()
+            .map(|i| ImageEntry { id: i.id, url: i.url, metadata: i.metadata })
+            .collect(),
+        models: input.models,
+        webhook: webhook_target(input.webhook_url),
+        metadata: input.metadata,
+    };
+    let id = create(&state, &tenant, "grp", spec).await?;
+    Ok(accepted(&format!("/v1/image-groups/{id}"), &id))
+}
+
+pub async fn get_image(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = authenticate(&state.keys, &headers)?;
+    if !id.starts_with("img-") {
+        return Err(ApiError::NotFound(format!("image {id}")));
+    }
+    let (group, results) = load(&state, &tenant, &id, "image").await?;
+    let mut image = images_out(&group, &results).into_iter().next().unwrap_or(Value::Null);
+    if let Value::Object(fields) = &mut image {
+        fields.insert("id".to_owned(), json!(id));
+        fields.insert("models".to_owned(), json!(group.spec.models));
+        fields.insert("createdAt".to_owned(), json!(group.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string())));
+    }
+    Ok(Json(image))
+}
+
+pub async fn get_group(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = authenticate(&state.keys, &headers)?;
+    let (group, results) = load(&state, &tenant, &id, "image group").await?;
+    let status = group.status.clone().unwrap_or_default();
+    Ok(Json(json!({
+        "id": id,
+        "status": phase(&group),
+        "models": group.spec.models,
+        "metadata": group.spec.metadata,
+        "imagesTotal": group.spec.images.len(),
+        "imagesDone": status.images_done,
+        "imagesFailed": status.images_failed,
+        "aggregate": status.aggregate.unwrap_or_default(),
+        "createdAt": group.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+        "completedAt": status.completed_at.as_ref().map(|t| t.0.to_string()),
+        "images": images_out(&group, &results),
+    })))
+}
+
+fn webhook_target(url: Option<String>) -> Option<WebhookTarget> {
+    url.map(|url| WebhookTarget {
+        url,
+        secret_ref: SecretKeyRef { name: SIGNING_SECRET_NAME.to_owned(), key: SIGNING_SECRET_KEY.to_owned() },
+    })
+}
+
+fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::PayloadTooLarge(MAX_BODY_BYTES)
+        }
+        other => ApiError::InvalidRequest(format!("could not read the request body: {other}")),
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+}
+
+async fn create(state: &AppState, tenant: &Tenant, prefix: &str, spec: ImageGroupSpec) -> Result<String, ApiError> {
+    spec.validate(&state.config.models).map_err(ApiError::InvalidRequest)?;
+    let id = format!("{prefix}-{}", hex::encode(rand::random::<[u8; 8]>()));
+    let group = ImageGroup {
+        metadata: ObjectMeta {
+            name: Some(id.clone()),
+            namespace: Some(tenant.namespace.clone()),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/created-by".to_owned(), "kinsight-api".to_owned())])),
+            ..ObjectMeta::default()
+        },
+        spec,
+        status: None,
+    };
+    Api::<ImageGroup>::namespaced(state.client.clone(), &tenant.namespace)
+        .create(&PostParams::default(), &group)
+        .await?;
+    tracing::info!(id = %id, namespace = %tenant.namespace, "image group created");
+    Ok(id)
+}
+
+fn accepted(location: &str, id: &str) -> Response {
+    let body = json!({ "id": id, "status": "pending", "links": { "self": location } });
+    (StatusCode::ACCEPTED, [(header::LOCATION, location.to_owned())], Json(body)).into_response()
+}
+
+async fn load(state: &AppState, tenant: &Tenant, id: &str, what: &str) -> Result<(ImageGroup, HashMap<String, ImageResultSpec>), ApiError> {
+    let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
+    let group = api.get_opt(id).await?.ok_or_else(|| ApiError::NotFound(format!("{what} {id}")))?;
+    let results = ResultStore::new(state.client.clone())
+        .list(&tenant.namespace, &group.name_any())
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .into_iter()
+        .map(|r| (r.image_id.clone(), r))
+        .collect();
+    Ok((group, results))
+}
+
+fn phase(group: &ImageGroup) -> &'static str {
+    match group.status.as_ref().and_then(|s| s.phase) {
+        Some(crate::crd::GroupPhase::Completed) => "completed",
+        Some(crate::crd::GroupPhase::Failed) => "failed",
+        Some(crate::crd::GroupPhase::Running) => "running",
+        _ => "pending",
+    }
+}
+
+fn images_out(group: &ImageGroup, results: &HashMap<String, ImageResultSpec>) -> Vec<Value> {
+    let models = &group.spec.models;
+    group
+        .spec
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let key = image.key(i);
+            let result = results.get(&key).filter(|r| r.covers(models));
+            let status = match result {
+                Some(r) if r.is_failure(models) => "failed",
+                Some(_) => "completed",
+                None => "pending",
+            };
+            json!({
+                "id": key,
+                "url": image.url,
+                "metadata": image.metadata,
+                "status": status,
+                "width": result.and_then(|r| r.width),
+                "height": result.and_then(|r| r.height),
+                "results": result.map(|r| &r.outputs),
+                "failure": result.and_then(|r| r.failure.as_ref()),
+            })
+        })
+        .collect()
+}

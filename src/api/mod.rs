@@ -1,0 +1,73 @@
+//! The REST front door: `POST /v1/images`, `POST /v1/image-groups` and their `GET`s. It
+//! authenticates the API key, validates the request and creates an ImageGroup in the
+//! tenant's namespace; everything after that is the controller's.
+
+mod auth;
+mod images;
+mod problem;
+
+pub use auth::{
+    API_KEY_LABEL, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, TENANT_NAMESPACE_FIELD,
+    hash_key,
+};
+pub use problem::ApiError;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+
+/// Largest request body accepted (a 1000-image group fits comfortably).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Namespace holding the tenants' API-key Secrets.
+    pub keys_namespace: String,
+    /// Model names the catalog offers.
+    pub models: Vec<String>,
+}
+
+pub struct AppState {
+    pub client: Client,
+    pub config: ApiConfig,
+    pub keys: Store<Secret>,
+}
+
+/// Builds the router and starts watching the API-key Secrets; the returned future keeps
+/// the watch running and must be polled (spawned) alongside the server.
+pub fn router(client: Client, config: ApiConfig) -> (Router, impl Future<Output = ()> + Send + 'static) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.keys_namespace);
+    let (keys, writer) = reflector::store();
+    let watch = reflector::reflector(writer, watcher(secrets, watcher::Config::default().labels(&format!("{API_KEY_LABEL}=true"))))
+        .default_backoff()
+        .touched_objects()
+        .for_each(|event| async move {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "watching API keys");
+            }
+        });
+    let state = Arc::new(AppState { client, config, keys });
+    let router = Router::new()
+        .route("/v1/images", post(images::create_image))
+        .route("/v1/images/{id}", get(images::get_image))
+        .route("/v1/image-groups", post(images::create_group))
+        .route("/v1/image-groups/{id}", get(images::get_group))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async { ApiError::NotFound("route".to_owned()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state);
+    (router, watch)
+}
+
+/// Waits until the API-key Secrets have been listed once, so the first request is not
+/// refused only because the watch has not caught up.
+pub async fn wait_for_keys(keys: &Store<Secret>) {
+    let _ = keys.wait_until_ready().await;
+}

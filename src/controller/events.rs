@@ -1,0 +1,315 @@
+//! Webhook events of a group: which endpoints get them, planning them into status (with
+//! stable ids and per-group sequence numbers) and driving their delivery attempts.
+//! Waiting between attempts is a requeue of the reconciler, never a sleeping task.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use super::{Context, ControllerError};
+use crate::crd::{
+    ConditionStatus, Delivery, DeliveryState, ImageGroup, ImageGroupStatus, ImageResultSpec,
+    SecretKeyRef, WebhookSubscription, set_condition,
+};
+use crate::webhook::{AttemptOutcome, EventPayload, group_completed, image_event};
+
+pub const GROUP_COMPLETED: &str = "image_group.completed";
+const REQUEST_ENDPOINT: &str = "request";
+/// Deliveries attempted at once within one reconcile.
+const CONCURRENT_ATTEMPTS: usize = 8;
+
+/// Where a group's events go.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub key: String,
+    pub url: String,
+    pub secret: SecretKeyRef,
+    pub event_types: Vec<String>,
+}
+
+impl Endpoint {
+    fn wants(&self, event: &str) -> bool {
+        self.event_types.is_empty() || self.event_types.iter().any(|e| e == event)
+    }
+}
+
+/// The group's own webhook plus every valid subscription in its namespace.
+pub async fn endpoints(ctx: &Context, group: &ImageGroup, namespace: &str) -> Result<Vec<Endpoint>, ControllerError> {
+    let mut out = Vec::new();
+    if let Some(target) = &group.spec.webhook {
+        out.push(Endpoint {
+            key: REQUEST_ENDPOINT.to_owned(),
+            url: target.url.clone(),
+            secret: target.secret_ref.clone(),
+            event_types: Vec::new(),
+        });
+    }
+    let subscriptions: Api<WebhookSubscription> = Api::namespaced(ctx.client.clone(), namespace);
+    for sub in subscriptions.list(&ListParams::default()).await? {
+        if sub.spec.validate().is_err() {
+            continue;
+        }
+        out.push(Endpoint {
+            key: format!("subscription/{}", sub.name_any()),
+            url: sub.spec.url.clone(),
+            secret: sub.spec.secret_ref.clone(),
+            event_types: sub.spec.event_types.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Stable `webhook-id`: the same event for the same endpoint always gets the same id, so
+/// receivers can dedupe retries and re-sends after a controller restart.
+fn event_id(group_uid: &str, event: &str, subject: &str, endpoint: &str) -> String {
+    let digest = Sha256::digest(format!("{group_uid}\n{event}\n{subject}\n{endpoint}").as_bytes());
+    format!("msg_{}", &hex::encode(digest)[..26])
+}
+
+/// Adds the events that are due to `status.deliveries` (idempotent).
+pub fn plan(
+    group: &ImageGroup,
+    status: &mut ImageGroupStatus,
+    results: &HashMap<String, ImageResultSpec>,
+    endpoints: &[Endpoint],
+    all_done: bool,
+    now: jiff::Timestamp,
+) {
+    let uid = group.uid().unwrap_or_default();
+    let models = &group.spec.models;
+    for (i, image) in group.spec.images.iter().enumerate() {
+        let key = image.key(i);
+        let Some(result) = results.get(&key).filter(|r| r.covers(models)) else {
+            continue;
+        };
+        let event = if result.is_failure(models) { "image.failed" } else { "image.completed" };
+        add_event(status, &uid, event, Some(&key), &key, endpoints, now);
+    }
+    let images_settled = status
+        .deliveries
+        .iter()
+        .all(|d| d.event == GROUP_COMPLETED || d.state != DeliveryState::Pending);
+    if all_done && images_settled {
+        let generation = group.metadata.generation.unwrap_or(1).to_string();
+        add_event(status, &uid, GROUP_COMPLETED, None, &generation, endpoints, now);
+    }
+}
+
+fn add_event(
+    status: &mut ImageGroupStatus,
+    uid: &str,
+    event: &str,
+    image_id: Option<&str>,
+    subject: &str,
+    endpoints: &[Endpoint],
+    now: jiff::Timestamp,
+) {
+    let mut sequence = status
+        .deliveries
+        .iter()
+        .find(|d| d.event == event && d.image_id.as_deref() == image_id)
+        .map(|d| d.sequence);
+    for endpoint in endpoints.iter().filter(|e| e.wants(event)) {
+        let id = event_id(uid, event, subject, &endpoint.key);
+        if status.deliveries.iter().any(|d| d.id == id) {
+            continue;
+        }
+        let seq = *sequence.get_or_insert_with(|| {
+            status.sequence += 1;
+            status.sequence
+        });
+        status.deliveries.push(Delivery {
+            id,
+            event: event.to_owned(),
+            image_id: image_id.map(str::to_owned),
+            endpoint: endpoint.key.clone(),
+            sequence: seq,
+            created_at: Time(now),
+            state: DeliveryState::Pending,
+            attempts: 0,
+            next_attempt_at: None,
+            last_error: None,
+            delivered_at: None,
+        });
+    }
+}
+
+/// Makes one attempt for every pending delivery whose time has come.
+pub async fn deliver_due(
+    ctx: &Context,
+    group: &ImageGroup,
+    status: &mut ImageGroupStatus,
+    results: &HashMap<String, ImageResultSpec>,
+    endpoints: &[Endpoint],
+) {
+    let now = jiff::Timestamp::now();
+    let namespace = group.namespace().unwrap_or_default();
+    let mut secrets: HashMap<String, Result<Vec<String>, String>> = HashMap::new();
+    let mut jobs = Vec::new();
+    for (index, delivery) in status.deliveries.iter().enumerate() {
+        let due = delivery.state == DeliveryState::Pending
+            && delivery.next_attempt_at.as_ref().is_none_or(|t| t.0 <= now);
+        if !due {
+            continue;
+        }
+        let Some(endpoint) = endpoints.iter().find(|e| e.key == delivery.endpoint) else {
+            jobs.push((index, None, Err("endpoint no longer exists".to_owned())));
+            continue;
+        };
+        if !secrets.contains_key(&endpoint.key) {
+            let loaded = load_secret(ctx, &namespace, &endpoint.secret).await;
+            secrets.insert(endpoint.key.clone(), loaded);
+        }
+        let keys = secrets.get(&endpoint.key).cloned().unwrap_or_else(|| Err("no secret".into()));
+        let payload = payload_for(group, delivery, results);
+        jobs.push((index, Some(endpoint.url.clone()), keys.map(|k| (k, payload))));
+    }
+    let sender = &ctx.sender;
+    let outcomes: Vec<(usize, AttemptOutcome)> = futures::stream::iter(jobs)
+        .map(|(index, url, prepared)| {
+            let id = status.deliveries.get(index).map(|d| d.id.clone()).unwrap_or_default();
+            async move {
+                let outcome = match (url, prepared) {
+                    (Some(url), Ok((keys, payload))) => match serde_json::to_string(&payload) {
+                        Ok(body) => sender.attempt(&url, &id, &body, &keys).await,
+                        Err(e) => failure(format!("payload: {e}")),
+                    },
+                    (_, Err(e)) => failure(e),
+                    (None, Ok(_)) => failure("endpoint no longer exists".to_owned()),
+                };
+                (index, outcome)
+            }
+        })
+        .buffer_unordered(CONCURRENT_ATTEMPTS)
+        .collect()
+        .await;
+    let now = jiff::Timestamp::now();
+    for (index, outcome) in outcomes {
+        if let Some(delivery) = status.deliveries.get_mut(index) {
+            apply_outcome(ctx, delivery, outcome, now);
+        }
+    }
+}
+
+fn failure(error: String) -> AttemptOutcome {
+    AttemptOutcome::Failed { status: None, error, retry_after: None, gone: false }
+}
+
+fn apply_outcome(ctx: &Context, delivery: &mut Delivery, outcome: AttemptOutcome, now: jiff::Timestamp) {
+    delivery.attempts += 1;
+    match outcome {
+        AttemptOutcome::Delivered { .. } => {
+            delivery.state = DeliveryState::Delivered;
+            delivery.delivered_at = Some(Time(now));
+            delivery.next_attempt_at = None;
+            delivery.last_error = None;
+            tracing::info!(id = %delivery.id, event = %delivery.event, endpoint = %delivery.endpoint, "webhook delivered");
+        }
+        AttemptOutcome::Failed { error, retry_after, gone, .. } => {
+            delivery.last_error = Some(error.clone());
+            let next = if gone { None } else { ctx.config.retry.next_delay(delivery.attempts) };
+            match next {
+                Some(delay) => {
+                    let delay = retry_after.map_or(delay, |r| r.min(ctx.config.max_retry_after).max(delay));
+                    let wait = jiff::SignedDuration::try_from(delay).unwrap_or(jiff::SignedDuration::MAX);
+                    delivery.next_attempt_at = Some(Time(now.checked_add(wait).unwrap_or(jiff::Timestamp::MAX)));
+                    tracing::info!(id = %delivery.id, endpoint = %delivery.endpoint, attempts = delivery.attempts, %error, "webhook attempt failed; will retry");
+                }
+                None => {
+                    delivery.state = DeliveryState::Failed;
+                    delivery.next_attempt_at = None;
+                    tracing::warn!(id = %delivery.id, endpoint = %delivery.endpoint, attempts = delivery.attempts, %error, "webhook delivery failed for good");
+                }
+            }
+        }
+    }
+}
+
+fn payload_for(group: &ImageGroup, delivery: &Delivery, results: &HashMap<String, ImageResultSpec>) -> EventPayload {
+    let created = delivery.created_at.0;
+    match &delivery.image_id {
+        Some(image_id) => {
+            let entry = group
+                .spec
+                .images
+                .iter()
+                .enumerate()
+                .find(|(i, e)| e.key(*i) == *image_id)
+                .map(|(_, e)| e);
+            image_event(&delivery.event, group, image_id, entry, results.get(image_id), delivery.sequence, created)
+        }
+        None => group_completed(group, delivery.sequence, created),
+    }
+}
+
+/// The signing secrets in a Secret key: one or more `whsec_` values separated by white
+/// space, so keys can be rotated (every active key signs).
+async fn load_secret(ctx: &Context, namespace: &str, reference: &SecretKeyRef) -> Result<Vec<String>, String> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret = api
+        .get_opt(&reference.name)
+        .await
+        .map_err(|e| format!("reading signing secret {}: {e}", reference.name))?
+        .ok_or_else(|| format!("signing secret {} not found", reference.name))?;
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&reference.key))
+        .ok_or_else(|| format!("signing secret {} has no key {}", reference.name, reference.key))?;
+    let text = std::str::from_utf8(&bytes.0).map_err(|_| "signing secret is not UTF-8".to_owned())?;
+    let keys: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+    if keys.is_empty() {
+        return Err(format!("signing secret {} is empty", reference.name));
+    }
+    Ok(keys)
+}
+
+/// How long until the next pending delivery is due (zero-ish when one is due now).
+pub fn next_due(status: &ImageGroupStatus) -> Option<Duration> {
+    let now = jiff::Timestamp::now();
+    status
+        .deliveries
+        .iter()
+        .filter(|d| d.state == DeliveryState::Pending)
+        .map(|d| {
+            d.next_attempt_at
+                .as_ref()
+                .and_then(|t| Duration::try_from(now.duration_until(t.0)).ok())
+                .unwrap_or_default()
+        })
+        .min()
+        .map(|d| d.max(Duration::from_millis(100)))
+}
+
+pub fn set_delivery_condition(status: &mut ImageGroupStatus, generation: i64, now: jiff::Timestamp) {
+    let pending = status.deliveries.iter().filter(|d| d.state == DeliveryState::Pending).count();
+    let failed = status.deliveries.iter().filter(|d| d.state == DeliveryState::Failed).count();
+    let delivered = status.deliveries.len() - pending - failed;
+    let (state, reason) = match (pending, failed) {
+        (0, 0) => (ConditionStatus::True, "AllDelivered"),
+        (0, _) => (ConditionStatus::True, "SomeFailed"),
+        _ => (ConditionStatus::False, "Delivering"),
+    };
+    let message = format!("{delivered} delivered, {pending} pending, {failed} failed");
+    set_condition(&mut status.conditions, "WebhooksDelivered", state, reason, message, Some(generation), now);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_are_stable_and_distinct() {
+        let a = event_id("uid", "image.completed", "0", "request");
+        assert_eq!(a, event_id("uid", "image.completed", "0", "request"));
+        assert_ne!(a, event_id("uid", "image.completed", "1", "request"));
+        assert_ne!(a, event_id("uid", "image.completed", "0", "subscription/x"));
+        assert!(a.starts_with("msg_"));
+    }
+}

@@ -1,0 +1,231 @@
+//! Reconciling one ImageGroup: validate, start the worker Job for what has no result yet,
+//! fold results into status and the aggregate, then plan and drive webhook deliveries.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::job::{build_job, finished, job_name, worker_rbac};
+use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events};
+use crate::crd::{
+    ConditionStatus, GroupPhase, ImageFailure, ImageGroup, ImageGroupStatus, ImageResultSpec,
+    Timings, set_condition,
+};
+use crate::results::GroupRef;
+use crate::worker::{WorkItem, WorkOrder};
+
+pub async fn reconcile(group: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    let namespace = group.namespace().ok_or(ControllerError::MissingField("metadata.namespace"))?;
+    let name = group.name_any();
+    let uid = group.uid().ok_or(ControllerError::MissingField("metadata.uid"))?;
+    let generation = group.metadata.generation.unwrap_or(1);
+    if group.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let now = jiff::Timestamp::now();
+    let original = group.status.clone().unwrap_or_default();
+    let mut status = original.clone();
+    status.observed_generation = Some(generation);
+
+    if let Err(message) = group.spec.validate(&ctx.config.models) {
+        set_condition(&mut status.conditions, "Accepted", ConditionStatus::False, "InvalidSpec", message, Some(generation), now);
+        status.phase = Some(GroupPhase::Failed);
+        write_status(&ctx, &namespace, &name, &original, &status).await?;
+        return Ok(Action::await_change());
+    }
+    set_condition(&mut status.conditions, "Accepted", ConditionStatus::True, "Valid", "spec is valid", Some(generation), now);
+
+    let group_ref = GroupRef { namespace: namespace.clone(), name: name.clone(), uid };
+    let results: HashMap<String, ImageResultSpec> = ctx
+        .results
+        .list(&namespace, &name)
+        .await?
+        .into_iter()
+        .map(|r| (r.image_id.clone(), r))
+        .collect();
+    let models = &group.spec.models;
+    let pending: Vec<WorkItem> = group
+        .spec
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| WorkItem { id: image.key(i), url: image.url.clone() })
+        .filter(|item| !results.get(&item.id).is_some_and(|r| r.covers(models)))
+        .collect();
+
+    if !pending.is_empty() {
+        ensure_worker_job(&ctx, &group, &group_ref, generation, &pending, &mut status).await?;
+    }
+
+    status.images_total = u32::try_from(group.spec.images.len()).unwrap_or(u32::MAX);
+    let finished_results: Vec<&ImageResultSpec> = results.values().filter(|r| r.covers(models)).collect();
+    status.images_done = count(finished_results.len());
+    status.images_failed = count(finished_results.iter().filter(|r| r.is_failure(models)).count());
+    status.aggregate = Some(aggregate(finished_results.iter().copied()));
+    let all_done = pending.is_empty();
+    status.phase = Some(if all_done {
+        GroupPhase::Completed
+    } else if status.jobs.is_empty() {
+        GroupPhase::Pending
+    } else {
+        GroupPhase::Running
+    });
+    if all_done {
+        status.completed_at.get_or_insert(Time(now));
+        let message = format!("{} of {} images processed, {} failed", status.images_done, status.images_total, status.images_failed);
+        set_condition(&mut status.conditions, "Completed", ConditionStatus::True, "AllImagesProcessed", message, Some(generation), now);
+    } else {
+        status.completed_at = None;
+        let message = format!("{} of {} images processed", status.images_done, status.images_total);
+        set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Processing", message, Some(generation), now);
+    }
+
+    // Record every event before sending any, so a restart resumes from status alone.
+    let endpoints = events::endpoints(&ctx, &group, &namespace).await?;
+    events::plan(&group, &mut status, &results, &endpoints, all_done, now);
+    events::set_delivery_condition(&mut status, generation, now);
+    write_status(&ctx, &namespace, &name, &original, &status).await?;
+
+    let before_send = status.clone();
+    let mut group_now = (*group).clone();
+    group_now.status = Some(status.clone());
+    events::deliver_due(&ctx, &group_now, &mut status, &results, &endpoints).await;
+    events::plan(&group, &mut status, &results, &endpoints, all_done, jiff::Timestamp::now());
+    events::set_delivery_condition(&mut status, generation, jiff::Timestamp::now());
+    write_status(&ctx, &namespace, &name, &before_send, &status).await?;
+
+    if let Some(wait) = events::next_due(&status) {
+        return Ok(Action::requeue(wait));
+    }
+    if all_done {
+        return expire_when_due(&ctx, &namespace, &name, &status).await;
+    }
+    // Jobs and ImageResults are watched; the periodic requeue only guards against missed events.
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+pub fn error_policy(_group: Arc<ImageGroup>, error: &ControllerError, _ctx: Arc<Context>) -> Action {
+    super::retry_after_error(error)
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Creates this generation's worker Job for the images without results, or, when that Job
+/// has finished without writing some of them, records those images as failed.
+async fn ensure_worker_job(
+    ctx: &Context,
+    group: &ImageGroup,
+    group_ref: &GroupRef,
+    generation: i64,
+    pending: &[WorkItem],
+    status: &mut ImageGroupStatus,
+) -> Result<(), ControllerError> {
+    let namespace = &group_ref.namespace;
+    let name = job_name(&group_ref.name, generation);
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    if !status.jobs.contains(&name) {
+        ensure_worker_rbac(ctx, namespace).await?;
+        let order = WorkOrder { group: group_ref.clone(), models: group.spec.models.clone(), images: pending.to_vec() };
+        let job = build_job(group, &name, &order, &ctx.config)?;
+        match jobs.create(&PostParams::default(), &job).await {
+            Ok(_) => tracing::info!(job = %name, namespace = %namespace, images = pending.len(), "created worker job"),
+            // Created before a restart: the deterministic name makes this a no-op.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        status.jobs.push(name);
+        return Ok(());
+    }
+    let Some(job) = jobs.get_opt(&name).await? else {
+        return Ok(());
+    };
+    if let Some(succeeded) = finished(&job) {
+        let (reason, message) = if succeeded {
+            ("NoResult", "the worker finished without a result for this image")
+        } else {
+            ("WorkerFailed", "the worker job failed before processing this image")
+        };
+        for item in pending {
+            let failure = ImageResultSpec {
+                group: group_ref.name.clone(),
+                image_id: item.id.clone(),
+                failure: Some(ImageFailure { reason: reason.to_owned(), message: message.to_owned() }),
+                width: None,
+                height: None,
+                outputs: Default::default(),
+                timings: Timings::default(),
+            };
+            ctx.results.write(group_ref, &failure).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_worker_rbac(ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
+    let (account, role, binding) = worker_rbac(namespace);
+    let params = PatchParams::apply(MANAGER).force();
+    let name = super::WORKER_ACCOUNT;
+    Api::<ServiceAccount>::namespaced(ctx.client.clone(), namespace)
+        .patch(name, &params, &Patch::Apply(&account))
+        .await?;
+    Api::<Role>::namespaced(ctx.client.clone(), namespace)
+        .patch(name, &params, &Patch::Apply(&role))
+        .await?;
+    Api::<RoleBinding>::namespaced(ctx.client.clone(), namespace)
+        .patch(name, &params, &Patch::Apply(&binding))
+        .await?;
+    Ok(())
+}
+
+async fn write_status(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    before: &ImageGroupStatus,
+    after: &ImageGroupStatus,
+) -> Result<(), ControllerError> {
+    if before == after {
+        return Ok(());
+    }
+    let api: Api<ImageGroup> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = json!({
+        "apiVersion": ImageGroup::api_version(&()),
+        "kind": ImageGroup::kind(&()),
+        "status": after,
+    });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
+/// Deletes a finished group (its results and Jobs go with it) once its retention is over.
+async fn expire_when_due(ctx: &Context, namespace: &str, name: &str, status: &ImageGroupStatus) -> Result<Action, ControllerError> {
+    let Some(completed) = &status.completed_at else {
+        return Ok(Action::await_change());
+    };
+    let ttl = jiff::SignedDuration::try_from(ctx.config.group_ttl).unwrap_or(jiff::SignedDuration::MAX);
+    let expires = completed.0.checked_add(ttl).unwrap_or(jiff::Timestamp::MAX);
+    let left = jiff::Timestamp::now().duration_until(expires);
+    if left.is_positive() {
+        let wait = Duration::try_from(left).unwrap_or(Duration::from_secs(3600));
+        return Ok(Action::requeue(wait.min(Duration::from_secs(3600))));
+    }
+    let api: Api<ImageGroup> = Api::namespaced(ctx.client.clone(), namespace);
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => tracing::info!(group = %name, namespace = %namespace, "retention over; group deleted"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::await_change())
+}

@@ -1,0 +1,132 @@
+//! The operator: reconciles ImageGroups (worker Jobs, progress, aggregate, webhook
+//! delivery) and WebhookSubscriptions (validation, readiness), reporting through status
+//! conditions. One `Context` is shared by every reconcile.
+
+mod aggregate;
+mod events;
+mod image_group;
+mod job;
+mod subscription;
+
+pub use job::{WORKER_ACCOUNT, job_name};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+
+use crate::crd::{ImageGroup, ImageResult, WebhookSubscription};
+use crate::results::ResultStore;
+use crate::webhook::{RetrySchedule, Sender, SenderConfig};
+
+/// Field manager for everything the controller writes.
+pub const MANAGER: &str = "kinsight-controller";
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Model names the catalog offers; groups asking for others are rejected.
+    pub models: Vec<String>,
+    pub worker_image: String,
+    /// Extra environment for worker pods (models folder, ONNX Runtime path, ...).
+    pub worker_env: Vec<(String, String)>,
+    pub worker_cpu: String,
+    pub worker_memory: String,
+    pub worker_backoff_limit: i32,
+    pub retry: RetrySchedule,
+    pub sender: SenderConfig,
+    /// How long a finished group (and its results) is kept.
+    pub group_ttl: Duration,
+    /// Upper bound on one `Retry-After` the receiver asks for.
+    pub max_retry_after: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            models: Vec::new(),
+            worker_image: concat!("kinsight:", env!("CARGO_PKG_VERSION")).to_owned(),
+            worker_env: Vec::new(),
+            worker_cpu: "1".to_owned(),
+            worker_memory: "1Gi".to_owned(),
+            worker_backoff_limit: 2,
+            retry: RetrySchedule::default(),
+            sender: SenderConfig::default(),
+            group_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_retry_after: Duration::from_secs(3600),
+        }
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub config: ControllerConfig,
+    pub results: ResultStore,
+    pub sender: Sender,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Results(#[from] crate::results::ResultsError),
+    #[error("building the worker Job: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+    #[error("webhook client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+impl ControllerError {
+    /// Stable category for logs and metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kubernetes_api",
+            Self::Results(e) => e.category(),
+            Self::Serialize(_) => "serialize",
+            Self::MissingField(_) => "invalid_object",
+            Self::Http(_) => "http_client",
+        }
+    }
+}
+
+/// Runs both controllers until the process is stopped.
+pub async fn run(client: Client, config: ControllerConfig) -> Result<(), ControllerError> {
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        sender: Sender::new(&config.sender)?,
+        results: ResultStore::new(client.clone()),
+        config,
+    });
+    let groups: Api<ImageGroup> = Api::all(client.clone());
+    let subscriptions: Api<WebhookSubscription> = Api::all(client.clone());
+    let group_controller = Controller::new(groups, watcher::Config::default())
+        .owns(Api::<Job>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<ImageResult>::all(client.clone()), watcher::Config::default())
+        .run(image_group::reconcile, image_group::error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "image group reconcile");
+            }
+        });
+    let subscription_controller = Controller::new(subscriptions, watcher::Config::default())
+        .run(subscription::reconcile, subscription::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "subscription reconcile");
+            }
+        });
+    tracing::info!("controller started");
+    futures::join!(group_controller, subscription_controller);
+    Ok(())
+}
+
+fn retry_after_error(error: &ControllerError) -> Action {
+    tracing::warn!(category = error.category(), error = %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}

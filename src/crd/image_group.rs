@@ -1,0 +1,331 @@
+//! `ImageGroup`: images plus the models to run on them; a single image is a group of one.
+
+use std::collections::{BTreeMap, HashSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Bounds that keep one group (and its status) well inside etcd's object size limit.
+pub const MAX_IMAGES: usize = 1000;
+pub const MAX_MODELS: usize = 16;
+pub const MAX_METADATA_KEYS: usize = 50;
+pub const MAX_METADATA_KEY_LEN: usize = 40;
+pub const MAX_METADATA_VALUE_LEN: usize = 500;
+pub const MAX_URL_LEN: usize = 2048;
+
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kinsight.io",
+    version = "v1alpha1",
+    kind = "ImageGroup",
+    namespaced,
+    status = "ImageGroupStatus",
+    shortname = "ig",
+    category = "kinsight",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Done","type":"integer","jsonPath":".status.imagesDone"}"#,
+    printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.imagesTotal"}"#,
+    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.imagesFailed","priority":1}"#,
+    printcolumn = r#"{"name":"Models","type":"string","jsonPath":".spec.models","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageGroupSpec {
+    /// The images to analyse (at most 1000).
+    pub images: Vec<ImageEntry>,
+    /// Catalog names of the models to run on every image, e.g. `object_detection`.
+    pub models: Vec<String>,
+    /// Where to push this group's events, besides the namespace's WebhookSubscriptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookTarget>,
+    /// The customer's own key/value data, returned with every event.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageEntry {
+    /// Stable id of the image inside its group (lowercase letters, digits and '-');
+    /// defaults to its position ("0", "1", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// http(s) URL the worker downloads the image from.
+    pub url: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookTarget {
+    pub url: String,
+    /// The Secret key holding the `whsec_...` signing secret.
+    pub secret_ref: SecretKeyRef,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageGroupStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<GroupPhase>,
+    #[serde(default)]
+    pub images_total: u32,
+    #[serde(default)]
+    pub images_done: u32,
+    #[serde(default)]
+    pub images_failed: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The worker Jobs started for this group, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<Aggregate>,
+    /// Every webhook event of this group and its delivery state; kept here so that a
+    /// controller restart neither loses nor re-invents an event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deliveries: Vec<Delivery>,
+    /// Last per-group event sequence number handed out.
+    #[serde(default)]
+    pub sequence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum GroupPhase {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+}
+
+impl GroupPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Running => "Running",
+            Self::Completed => "Completed",
+            Self::Failed => "Failed",
+        }
+    }
+}
+
+/// What the group's images contain, across the group.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Aggregate {
+    /// Objects found by detection models, most frequent first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<ObjectCount>,
+    /// Top-1 labels of classification models, most frequent first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassCount>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectCount {
+    pub label: String,
+    /// Detections across the group.
+    pub count: u32,
+    /// Images with at least one such detection.
+    pub images: u32,
+    pub best_confidence: f32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassCount {
+    pub model: String,
+    pub label: String,
+    pub images: u32,
+    pub best_confidence: f32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// The `webhook-id`: stable per event and endpoint across retries and restarts.
+    pub id: String,
+    /// Event type, e.g. `image.completed`.
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// `request` (the group's own webhook) or `subscription/<name>`.
+    pub endpoint: String,
+    pub sequence: u64,
+    pub created_at: Time,
+    pub state: DeliveryState,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<Time>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum DeliveryState {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl ImageEntry {
+    /// The image's id inside the group: its own, or its position.
+    pub fn key(&self, index: usize) -> String {
+        self.id.clone().unwrap_or_else(|| index.to_string())
+    }
+}
+
+impl ImageGroupSpec {
+    /// Checks everything the controller and the worker rely on; `known_models` is the
+    /// model catalog. The message names the offending field.
+    pub fn validate(&self, known_models: &[String]) -> Result<(), String> {
+        if self.images.is_empty() {
+            return Err("images: at least one image is required".into());
+        }
+        if self.images.len() > MAX_IMAGES {
+            return Err(format!("images: at most {MAX_IMAGES} images per group, got {}", self.images.len()));
+        }
+        if self.models.is_empty() {
+            return Err("models: at least one model is required".into());
+        }
+        if self.models.len() > MAX_MODELS {
+            return Err(format!("models: at most {MAX_MODELS} models"));
+        }
+        let mut seen_models = HashSet::new();
+        for model in &self.models {
+            if !known_models.iter().any(|m| m == model) {
+                return Err(format!(
+                    "models: unknown model {model:?}; available: {}",
+                    known_models.join(", ")
+                ));
+            }
+            if !seen_models.insert(model) {
+                return Err(format!("models: {model:?} is listed twice"));
+            }
+        }
+        validate_metadata("metadata", &self.metadata)?;
+        let mut seen_ids = HashSet::new();
+        for (i, image) in self.images.iter().enumerate() {
+            let key = image.key(i);
+            if !is_image_id(&key) {
+                return Err(format!(
+                    "images[{i}].id: {key:?} must be 1-40 lowercase letters, digits or '-', starting and ending with a letter or digit"
+                ));
+            }
+            if !seen_ids.insert(key.clone()) {
+                return Err(format!("images[{i}].id: {key:?} is used twice"));
+            }
+            validate_http_url(&format!("images[{i}].url"), &image.url)?;
+            validate_metadata(&format!("images[{i}].metadata"), &image.metadata)?;
+        }
+        if let Some(webhook) = &self.webhook {
+            validate_http_url("webhook.url", &webhook.url)?;
+        }
+        Ok(())
+    }
+}
+
+fn is_image_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    let ok_char = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
+    !bytes.is_empty()
+        && bytes.len() <= 40
+        && bytes.iter().all(ok_char)
+        && bytes.first() != Some(&b'-')
+        && bytes.last() != Some(&b'-')
+}
+
+/// An absolute http(s) URL with a host; anything else would fail later, far from the caller.
+pub fn validate_http_url(field: &str, url: &str) -> Result<(), String> {
+    if url.len() > MAX_URL_LEN {
+        return Err(format!("{field}: longer than {MAX_URL_LEN} characters"));
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{field}: {url:?} is not a valid URL ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("{field}: only http and https URLs are supported, got {:?}", parsed.scheme()));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{field}: URL has no host"));
+    }
+    Ok(())
+}
+
+fn validate_metadata(field: &str, metadata: &BTreeMap<String, String>) -> Result<(), String> {
+    if metadata.len() > MAX_METADATA_KEYS {
+        return Err(format!("{field}: at most {MAX_METADATA_KEYS} keys"));
+    }
+    for (key, value) in metadata {
+        if key.is_empty() || key.chars().count() > MAX_METADATA_KEY_LEN {
+            return Err(format!("{field}: key {key:?} must be 1-{MAX_METADATA_KEY_LEN} characters"));
+        }
+        if value.chars().count() > MAX_METADATA_VALUE_LEN {
+            return Err(format!("{field}.{key}: value longer than {MAX_METADATA_VALUE_LEN} characters"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(urls: &[&str]) -> ImageGroupSpec {
+        ImageGroupSpec {
+            images: urls
+                .iter()
+                .map(|u| ImageEntry { id: None, url: (*u).to_owned(), metadata: BTreeMap::new() })
+                .collect(),
+            models: vec!["object_detection".into()],
+            webhook: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    fn known() -> Vec<String> {
+        vec!["object_detection".into(), "image_classification".into()]
+    }
+
+    #[test]
+    fn accepts_a_plain_group_and_defaults_ids_to_positions() {
+        let s = spec(&["http://example.com/a.png", "https://example.com/b.jpg"]);
+        assert_eq!(s.validate(&known()), Ok(()));
+        assert_eq!(s.images[1].key(1), "1");
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_field_named() {
+        let mut s = spec(&["ftp://example.com/a.png"]);
+        assert!(s.validate(&known()).unwrap_err().starts_with("images[0].url"));
+        s = spec(&["http://example.com/a.png"]);
+        s.models = vec!["nope".into()];
+        let err = s.validate(&known()).unwrap_err();
+        assert!(err.contains("unknown model \"nope\"") && err.contains("object_detection"), "{err}");
+        s = spec(&["http://x/a", "http://x/b"]);
+        s.images[0].id = Some("a".into());
+        s.images[1].id = Some("a".into());
+        assert!(s.validate(&known()).unwrap_err().contains("used twice"));
+        s.images[1].id = Some("Bad_Id".into());
+        assert!(s.validate(&known()).unwrap_err().starts_with("images[1].id"));
+        assert!(spec(&[]).validate(&known()).is_err());
+        s = spec(&["not a url"]);
+        assert!(s.validate(&known()).is_err());
+    }
+}

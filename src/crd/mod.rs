@@ -1,0 +1,51 @@
+//! The custom resources kinsight serves: what users and the API create (`ImageGroup`,
+//! `WebhookSubscription`) and the internal per-image result record (`ImageResult`).
+//! `kinsight crd` prints them; `crds/` holds the same YAML (a test keeps them equal).
+
+mod conditions;
+mod image_group;
+mod image_result;
+mod webhook_subscription;
+
+pub use conditions::{ConditionStatus, set_condition};
+pub use image_group::{
+    Aggregate, ClassCount, Delivery, DeliveryState, GroupPhase, ImageEntry, ImageGroup,
+    ImageGroupSpec, ImageGroupStatus, ObjectCount, SecretKeyRef, WebhookTarget,
+};
+pub use image_result::{ImageFailure, ImageResult, ImageResultSpec, ModelResult, Timings};
+pub use webhook_subscription::{
+    WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
+};
+
+use kube::CustomResourceExt;
+
+/// The API group of every kinsight resource.
+pub const GROUP: &str = "kinsight.io";
+
+/// Label put on everything kinsight creates for a group (Jobs, ImageResults).
+pub const GROUP_LABEL: &str = "kinsight.io/group";
+
+/// Every CRD as one multi-document YAML stream, in a stable order.
+pub fn all_crds_yaml() -> Result<String, serde_yaml::Error> {
+    let crds = [
+        ImageGroup::crd(),
+        ImageResult::crd(),
+        WebhookSubscription::crd(),
+    ];
+    let mut out = String::new();
+    for crd in crds {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}
+
+/// The CRD objects, for installing them with server-side apply.
+pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    vec![
+        ImageGroup::crd(),
+        ImageResult::crd(),
+        WebhookSubscription::crd(),
+    ]
+}

@@ -1,0 +1,227 @@
+//! `kinsight dev` (a whole local installation in one process) and `kinsight demo`
+//! (dev plus the sample photos and a verifying webhook receiver).
+
+mod local_http;
+mod setup;
+
+pub use local_http::{ReceivedWebhook, serve_folder, webhook_receiver};
+pub use setup::{SetupError, create_tenant, ensure_namespace, install_crds};
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::api::{ApiConfig, router};
+use crate::controller::ControllerConfig;
+use crate::inference::Catalog;
+use crate::testbed::ControlPlane;
+use crate::webhook::{RetrySchedule, generate_secret};
+
+pub const KEYS_NAMESPACE: &str = "kinsight-system";
+pub const DEV_TENANT: &str = "kinsight-dev";
+
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    pub listen: SocketAddr,
+    pub api_key: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub catalog: PathBuf,
+    pub ort_dylib: Option<PathBuf>,
+    /// Where the local control plane keeps its state (reused across runs).
+    pub state_dir: PathBuf,
+    /// Use this cluster instead of starting a local control plane.
+    pub kubeconfig: Option<PathBuf>,
+    pub retry: RetrySchedule,
+}
+
+/// A running dev installation; dropping it stops everything it started.
+pub struct DevEnvironment {
+    pub api_url: String,
+    pub api_key: String,
+    pub webhook_secret: String,
+    pub kubeconfig: Option<PathBuf>,
+    tasks: JoinSet<()>,
+    _control_plane: Option<ControlPlane>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error(transparent)]
+    Testbed(#[from] crate::testbed::TestbedError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error(transparent)]
+    Inference(#[from] crate::inference::InferenceError),
+    #[error("kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
+    let catalog_path = absolute(&options.catalog)?;
+    let catalog = Catalog::load(&catalog_path)?;
+    let models: Vec<String> = catalog.names().map(str::to_owned).collect();
+    let (control_plane, client, kubeconfig) = match &options.kubeconfig {
+        Some(path) => {
+            let config = kube::Config::from_custom_kubeconfig(
+                kube::config::Kubeconfig::read_from(path).map_err(|e| DevError::Other(e.to_string()))?,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .map_err(|e| DevError::Other(e.to_string()))?;
+            (None, kube::Client::try_from(config)?, Some(path.clone()))
+        }
+        None => {
+            let cp = ControlPlane::start_or_reuse(&options.state_dir).await?;
+            let client = cp.client().await?;
+            let path = cp.kubeconfig_path().to_path_buf();
+            (Some(cp), client, Some(path))
+        }
+    };
+    install_crds(&client).await?;
+    let api_key = options.api_key.clone().unwrap_or_else(|| format!("ks_{}", hex::encode(rand::random::<[u8; 16]>())));
+    let webhook_secret = options.webhook_secret.clone().unwrap_or_else(generate_secret);
+    create_tenant(&client, KEYS_NAMESPACE, DEV_TENANT, &api_key, &webhook_secret).await?;
+
+    let mut worker_env = vec![("KINSIGHT_CATALOG".to_owned(), catalog_path.display().to_string())];
+    let ort = options.ort_dylib.clone().or_else(crate::inference::default_runtime_path);
+    if let Some(ort) = ort {
+        worker_env.push(("ORT_DYLIB_PATH".to_owned(), absolute(&ort)?.display().to_string()));
+    }
+    worker_env.push(("RUST_LOG".to_owned(), "info".to_owned()));
+    let controller_config = ControllerConfig {
+        models: models.clone(),
+        worker_env: worker_env.clone(),
+        retry: options.retry.clone(),
+        ..ControllerConfig::default()
+    };
+    let mut tasks = JoinSet::new();
+    let controller_client = client.clone();
+    tasks.spawn(async move {
+        if let Err(e) = crate::controller::run(controller_client, controller_config).await {
+            tracing::error!(error = %e, "controller stopped");
+        }
+    });
+    // A real cluster has kubelets; only the local control plane needs the node agent.
+    if let Some(cp) = &control_plane {
+        let binary = std::env::current_exe().map_err(|e| DevError::Other(format!("own executable: {e}")))?;
+        let agent_options = cp.node_agent_options("kinsight-local", binary, options.state_dir.join("pod-logs"));
+        let agent_client = client.clone();
+        tasks.spawn(async move {
+            if let Err(e) = crate::testbed::node_agent::run(agent_client, agent_options).await {
+                tracing::error!(error = %e, "node agent stopped");
+            }
+        });
+    }
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .map_err(|e| DevError::Other(format!("cannot listen on {}: {e}", options.listen)))?;
+    let addr = listener.local_addr().map_err(|e| DevError::Other(e.to_string()))?;
+    let (app, key_watch) = router(client.clone(), ApiConfig { keys_namespace: KEYS_NAMESPACE.to_owned(), models });
+    tasks.spawn(key_watch);
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    });
+    Ok(DevEnvironment {
+        api_url: format!("http://{addr}"),
+        api_key,
+        webhook_secret,
+        kubeconfig,
+        tasks,
+        _control_plane: control_plane,
+    })
+}
+
+impl DevEnvironment {
+    pub fn print_summary(&self) {
+        println!("kinsight dev is running");
+        println!("  API:            {}", self.api_url);
+        println!("  API key:        {}", self.api_key);
+        println!("  webhook secret: {}", self.webhook_secret);
+        if let Some(path) = &self.kubeconfig {
+            println!("  kubeconfig:     {}", path.display());
+            println!("  try:            kubectl --kubeconfig {} get imagegroups -A", path.display());
+        }
+    }
+
+    /// Serves until interrupted (Ctrl-C) or a component stops.
+    pub async fn serve(mut self) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => println!("interrupted; stopping"),
+            _ = self.tasks.join_next() => eprintln!("a component stopped; exiting"),
+        }
+        self.tasks.shutdown().await;
+    }
+}
+
+/// `kinsight demo`: submits the sample photos as one group, prints every verified
+/// webhook as it arrives, and returns once the group's completion event came.
+pub async fn demo(options: DevOptions, photos: PathBuf, timeout: Duration) -> Result<(), DevError> {
+    let env = start(options).await?;
+    env.print_summary();
+    let (photos_addr, _photos) = serve_folder(photos.clone()).await.map_err(|e| DevError::Other(e.to_string()))?;
+    let (hook_addr, mut events, _hook) = webhook_receiver(&env.webhook_secret).await.map_err(DevError::Other)?;
+    let mut names: Vec<String> = std::fs::read_dir(&photos)
+        .map_err(|e| DevError::Other(format!("reading {}: {e}", photos.display())))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".png") || n.ends_with(".jpg") || n.ends_with(".jpeg"))
+        .collect();
+    names.sort();
+    let images: Vec<_> = names
+        .iter()
+        .map(|n| serde_json::json!({ "url": format!("http://{photos_addr}/{n}"), "metadata": { "file": n } }))
+        .collect();
+    let body = serde_json::json!({
+        "images": images,
+        "models": ["object_detection", "image_classification"],
+        "webhookUrl": format!("http://{hook_addr}/hook"),
+        "metadata": { "demo": "sample photos" },
+    });
+    let http = reqwest::Client::new();
+    let submitted = Instant::now();
+    let response = http
+        .post(format!("{}/v1/image-groups", env.api_url))
+        .bearer_auth(&env.api_key)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| DevError::Other(format!("submitting: {e}")))?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if status != reqwest::StatusCode::ACCEPTED {
+        return Err(DevError::Other(format!("the API answered {status}: {text}")));
+    }
+    println!("submitted {} photos: {text}", names.len());
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return Err(DevError::Other(format!("no image_group.completed within {timeout:?}"))),
+            event = events.recv() => {
+                let Some(event) = event else { return Err(DevError::Other("webhook receiver stopped".into())) };
+                let kind = event.payload["type"].as_str().unwrap_or_default().to_owned();
+                println!(
+                    "\n[{:>6.2}s] verified webhook {} ({kind})\n{}",
+                    submitted.elapsed().as_secs_f64(),
+                    event.id,
+                    serde_json::to_string_pretty(&event.payload).unwrap_or_default()
+                );
+                if kind == "image_group.completed" {
+                    println!("\ngroup completed in {:.2}s", submitted.elapsed().as_secs_f64());
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, DevError> {
+    std::path::absolute(path).map_err(|e| DevError::Other(format!("{}: {e}", path.display())))
+}

@@ -1,0 +1,100 @@
+//! Installing kinsight into a cluster the way `kinsight dev`, the demo and the tests need
+//! it: the CRDs, and a tenant (namespace, API key, webhook signing secret).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ObjectMeta, Patch, PatchParams};
+use kube::runtime::conditions;
+use kube::runtime::wait::await_condition;
+use kube::{Api, Client, ResourceExt};
+
+use crate::api::{API_KEY_LABEL, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, TENANT_NAMESPACE_FIELD, hash_key};
+use crate::crd::all_crds;
+
+const MANAGER: &str = "kinsight-setup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("CRD {0} did not become established in time")]
+    NotEstablished(String),
+}
+
+/// Applies every CRD (server-side apply) and waits until the API server serves them.
+pub async fn install_crds(client: &Client) -> Result<(), SetupError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in all_crds() {
+        let name = crd.name_any();
+        api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
+            .await?;
+        let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+        tokio::time::timeout(Duration::from_secs(30), established)
+            .await
+            .map_err(|_| SetupError::NotEstablished(name.clone()))?
+            .map_err(|_| SetupError::NotEstablished(name))?;
+    }
+    Ok(())
+}
+
+pub async fn ensure_namespace(client: &Client, name: &str) -> Result<(), SetupError> {
+    let ns = Namespace {
+        metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+        ..Namespace::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&ns))
+        .await?;
+    Ok(())
+}
+
+/// A tenant: its namespace, its API key (stored hashed in `keys_namespace`) and its
+/// webhook signing secret (in its own namespace, where the controller reads it).
+pub async fn create_tenant(
+    client: &Client,
+    keys_namespace: &str,
+    tenant_namespace: &str,
+    api_key: &str,
+    webhook_secret: &str,
+) -> Result<(), SetupError> {
+    ensure_namespace(client, keys_namespace).await?;
+    ensure_namespace(client, tenant_namespace).await?;
+    let params = PatchParams::apply(MANAGER).force();
+    let key_name = format!("tenant-{tenant_namespace}");
+    let key_secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(key_name.clone()),
+            namespace: Some(keys_namespace.to_owned()),
+            labels: Some(BTreeMap::from([(API_KEY_LABEL.to_owned(), "true".to_owned())])),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([
+            (KEY_HASH_FIELD.to_owned(), ByteString(hash_key(api_key).into_bytes())),
+            (TENANT_NAMESPACE_FIELD.to_owned(), ByteString(tenant_namespace.as_bytes().to_vec())),
+        ])),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), keys_namespace)
+        .patch(&key_name, &params, &Patch::Apply(&key_secret))
+        .await?;
+    let signing = Secret {
+        metadata: ObjectMeta {
+            name: Some(SIGNING_SECRET_NAME.to_owned()),
+            namespace: Some(tenant_namespace.to_owned()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            SIGNING_SECRET_KEY.to_owned(),
+            ByteString(webhook_secret.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), tenant_namespace)
+        .patch(SIGNING_SECRET_NAME, &params, &Patch::Apply(&signing))
+        .await?;
+    Ok(())
+}

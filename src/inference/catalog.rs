@@ -1,0 +1,517 @@
+//! The model catalog: which models exist and how to feed and read them.
+//!
+//! The catalog is a YAML file (see `models/catalog.yaml`); model and labels files are
+//! resolved relative to the catalog's folder. Operators add a model by dropping its
+//! `.onnx` + labels files next to the catalog and adding an entry, without rebuilding.
+//!
+//! [`CatalogFile`] / [`ModelEntry`] mirror the YAML; [`Catalog::load`] validates them into
+//! [`ModelSpec`]s with resolved paths, the labels read and the task parameters filled in.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::InferenceError;
+
+/// The YAML document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CatalogFile {
+    pub models: Vec<ModelEntry>,
+}
+
+/// One model as written in the catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelEntry {
+    /// Name used in requests and results, e.g. `object_detection`.
+    pub name: String,
+    /// The `.onnx` file, relative to the catalog's folder (or absolute).
+    pub file: PathBuf,
+    pub task: Task,
+    /// How raw outputs become detections; required for `detection`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<DetectionDecoder>,
+    /// Labels file: one label per line, in the model's class order.
+    pub labels: PathBuf,
+    pub input: InputEntry,
+    /// Minimum confidence reported. Default 0.35 for detection, 0 for classification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_threshold: Option<f32>,
+    /// Detection only: IoU above which a lower-scored box of the same class is dropped. Default 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nms_iou: Option<f32>,
+    /// Detection only: at most this many detections per image. Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_detections: Option<usize>,
+    /// Classification only: number of classes reported. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+}
+
+/// The model's input tensor and how to produce it from an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InputEntry {
+    /// Width of the `[1, 3, height, width]` input tensor.
+    pub width: u32,
+    pub height: u32,
+    pub resize: ResizeMode,
+    /// `shorter-side-center-crop` only: the shorter side is resized to this before the crop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize_size: Option<u32>,
+    pub channel_order: ChannelOrder,
+    /// Per channel, in the model's channel order: `(x - mean) / std` on 0..255 values.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    Detection,
+    Classification,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DetectionDecoder {
+    /// NanoDet (GFL) with per-level outputs: class scores `[1, N, classes]` (sigmoid
+    /// applied) and box distributions `[1, N, 4 * bins]`, for strides 8/16/32/...
+    Nanodet,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResizeMode {
+    /// Resize to exactly width x height, ignoring the aspect ratio.
+    Stretch,
+    /// Resize so the shorter side is `resizeSize` (aspect ratio kept), then crop the centre.
+    ShorterSideCenterCrop,
+}
+
+/// Channel order of the model input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChannelOrder {
+    Rgb,
+    Bgr,
+}
+
+/// A validated model, ready for the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    /// Resolved path of the `.onnx` file (exists when the catalog was loaded).
+    pub model_path: PathBuf,
+    /// Class names in the model's class order.
+    pub labels: Vec<String>,
+    pub preprocessing: Preprocessing,
+    pub task: TaskSpec,
+}
+
+/// How an image becomes the model's input tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocessing {
+    pub width: u32,
+    pub height: u32,
+    pub resize: Resize,
+    pub channel_order: ChannelOrder,
+    /// In the model's channel order.
+    pub mean: [f32; 3],
+    /// In the model's channel order; all > 0.
+    pub std: [f32; 3],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    Stretch,
+    /// `shorter_side >= max(width, height)` of the input.
+    ShorterSideCenterCrop { shorter_side: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskSpec {
+    Detection(DetectionParams),
+    Classification(ClassificationParams),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectionParams {
+    pub decoder: DetectionDecoder,
+    pub score_threshold: f32,
+    pub nms_iou: f32,
+    pub max_detections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassificationParams {
+    pub top_k: usize,
+    pub score_threshold: f32,
+}
+
+/// Input sides above this are refused: no vision model needs them, and a typo (4160)
+/// would otherwise allocate huge tensors per image.
+const MAX_INPUT_SIDE: u32 = 4096;
+
+const DEFAULT_DETECTION_THRESHOLD: f32 = 0.35;
+const DEFAULT_NMS_IOU: f32 = 0.5;
+const DEFAULT_MAX_DETECTIONS: usize = 100;
+const DEFAULT_TOP_K: usize = 5;
+
+/// A loaded and validated catalog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Catalog {
+    path: PathBuf,
+    models: Vec<ModelSpec>,
+}
+
+impl Catalog {
+    /// Reads and validates a catalog file; model and labels files must exist.
+    pub fn load(path: impl AsRef<Path>) -> Result<Catalog, InferenceError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| catalog_error(path, e.to_string()))?;
+        let base_dir = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::from_yaml_str(&text, base_dir, path)
+    }
+
+    /// Parses and validates catalog YAML. Relative files are resolved against
+    /// `base_dir`; `origin` only names the catalog in error messages.
+    pub fn from_yaml_str(
+        yaml: &str,
+        base_dir: &Path,
+        origin: &Path,
+    ) -> Result<Catalog, InferenceError> {
+        let file: CatalogFile =
+            serde_yaml::from_str(yaml).map_err(|e| catalog_error(origin, e.to_string()))?;
+        Self::from_file(file, base_dir, origin)
+    }
+
+    /// Validates an already parsed catalog.
+    pub fn from_file(
+        file: CatalogFile,
+        base_dir: &Path,
+        origin: &Path,
+    ) -> Result<Catalog, InferenceError> {
+        if file.models.is_empty() {
+            return Err(catalog_error(origin, "the catalog lists no models".into()));
+        }
+        let mut seen = HashSet::new();
+        let mut models = Vec::with_capacity(file.models.len());
+        for entry in file.models {
+            if !seen.insert(entry.name.clone()) {
+                return Err(catalog_error(
+                    origin,
+                    format!("model `{}` is listed more than once", entry.name),
+                ));
+            }
+            let spec = validate_entry(entry, base_dir)
+                .map_err(|(name, message)| catalog_error(origin, format!("model `{name}`: {message}")))?;
+            models.push(spec);
+        }
+        Ok(Catalog { path: origin.to_path_buf(), models })
+    }
+
+    /// The catalog file this was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn models(&self) -> &[ModelSpec] {
+        &self.models
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ModelSpec> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.models.iter().map(|m| m.name.as_str())
+    }
+}
+
+fn catalog_error(path: &Path, message: String) -> InferenceError {
+    InferenceError::Catalog { path: path.to_path_buf(), message }
+}
+
+/// Validates one entry; the error carries the model name and the problem.
+fn validate_entry(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, (String, String)> {
+    let name = entry.name.clone();
+    validate_inner(entry, base_dir).map_err(|message| (name, message))
+}
+
+fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, String> {
+    validate_name(&entry.name)?;
+
+    let model_path = base_dir.join(&entry.file);
+    if !model_path.is_file() {
+        return Err(format!("model file {} does not exist", model_path.display()));
+    }
+    let labels_path = base_dir.join(&entry.labels);
+    let labels = read_labels(&labels_path)?;
+
+    let preprocessing = validate_input(&entry.input)?;
+
+    let score_threshold = entry.score_threshold;
+    if let Some(t) = score_threshold
+        && !(0.0..=1.0).contains(&t)
+    {
+        return Err(format!("scoreThreshold must be within [0, 1], got {t}"));
+    }
+
+    let task = match entry.task {
+        Task::Detection => {
+            if entry.top_k.is_some() {
+                return Err("topK applies to classification models only".into());
+            }
+            let decoder = entry
+                .decoder
+                .ok_or("a detection model needs a decoder (supported: nanodet)")?;
+            let nms_iou = entry.nms_iou.unwrap_or(DEFAULT_NMS_IOU);
+            if !(nms_iou > 0.0 && nms_iou <= 1.0) {
+                return Err(format!("nmsIou must be within (0, 1], got {nms_iou}"));
+            }
+            let max_detections = entry.max_detections.unwrap_or(DEFAULT_MAX_DETECTIONS);
+            if max_detections == 0 {
+                return Err("maxDetections must be at least 1".into());
+            }
+            TaskSpec::Detection(DetectionParams {
+                decoder,
+                score_threshold: score_threshold.unwrap_or(DEFAULT_DETECTION_THRESHOLD),
+                nms_iou,
+                max_detections,
+            })
+        }
+        Task::Classification => {
+            if entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some() {
+                return Err(
+                    "decoder, nmsIou and maxDetections apply to detection models only".into()
+                );
+            }
+            let top_k = entry.top_k.unwrap_or(DEFAULT_TOP_K);
+            if top_k == 0 {
+                return Err("topK must be at least 1".into());
+            }
+            TaskSpec::Classification(ClassificationParams {
+                top_k,
+                score_threshold: score_threshold.unwrap_or(0.0),
+            })
+        }
+    };
+
+    Ok(ModelSpec { name: entry.name, model_path, labels, preprocessing, task })
+}
+
+/// Model names end up in resource names, labels and metrics: keep them simple.
+fn validate_name(name: &str) -> Result<(), String> {
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    let starts_ok = name.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+    if name.is_empty() || name.len() > 63 || !valid_chars || !starts_ok {
+        return Err("the name must be 1-63 characters of a-z, 0-9, `_` or `-`, starting with a letter".into());
+    }
+    Ok(())
+}
+
+fn validate_input(input: &InputEntry) -> Result<Preprocessing, String> {
+    for (side, value) in [("width", input.width), ("height", input.height)] {
+        if value == 0 || value > MAX_INPUT_SIDE {
+            return Err(format!("input {side} must be within 1..={MAX_INPUT_SIDE}, got {value}"));
+        }
+    }
+    let resize = match (input.resize, input.resize_size) {
+        (ResizeMode::Stretch, None) => Resize::Stretch,
+        (ResizeMode::Stretch, Some(_)) => {
+            return Err("resizeSize only applies to resize: shorter-side-center-crop".into());
+        }
+        (ResizeMode::ShorterSideCenterCrop, None) => {
+            return Err("resize: shorter-side-center-crop needs resizeSize".into());
+        }
+        (ResizeMode::ShorterSideCenterCrop, Some(size)) => {
+            let needed = input.width.max(input.height);
+            if size < needed || size > MAX_INPUT_SIDE {
+                return Err(format!(
+                    "resizeSize must be within {needed}..={MAX_INPUT_SIDE} (at least the crop size), got {size}"
+                ));
+            }
+            Resize::ShorterSideCenterCrop { shorter_side: size }
+        }
+    };
+    if input.mean.iter().any(|m| !m.is_finite()) {
+        return Err("mean values must be finite numbers".into());
+    }
+    if input.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err("std values must be finite and greater than 0".into());
+    }
+    Ok(Preprocessing {
+        width: input.width,
+        height: input.height,
+        resize,
+        channel_order: input.channel_order,
+        mean: input.mean,
+        std: input.std,
+    })
+}
+
+/// One label per line; surrounding whitespace and trailing blank lines are ignored.
+/// A blank line in the middle would shift every later class, so it is refused.
+fn read_labels(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read labels file {}: {e}", path.display()))?;
+    let labels: Vec<String> = text.trim_end().lines().map(|l| l.trim().to_string()).collect();
+    if labels.iter().all(String::is_empty) {
+        return Err(format!("labels file {} is empty", path.display()));
+    }
+    if let Some(line) = labels.iter().position(String::is_empty) {
+        return Err(format!("labels file {} has a blank line {}", path.display(), line + 1));
+    }
+    Ok(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A temporary folder with a fake model file and labels files.
+    fn fixture_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("det.onnx"), b"not really onnx").unwrap();
+        std::fs::write(dir.path().join("cls.onnx"), b"not really onnx").unwrap();
+        std::fs::write(dir.path().join("three.labels"), "cat\ndog\nbird\n").unwrap();
+        std::fs::write(dir.path().join("gap.labels"), "cat\n\nbird\n").unwrap();
+        dir
+    }
+
+    const VALID: &str = r#"
+models:
+  - name: object_detection
+    file: det.onnx
+    task: detection
+    decoder: nanodet
+    labels: three.labels
+    input: {width: 416, height: 416, resize: stretch, channelOrder: bgr,
+            mean: [103.53, 116.28, 123.675], std: [57.375, 57.12, 58.395]}
+    scoreThreshold: 0.35
+    nmsIou: 0.5
+    maxDetections: 50
+  - name: image_classification
+    file: cls.onnx
+    task: classification
+    labels: three.labels
+    input: {width: 224, height: 224, resize: shorter-side-center-crop, resizeSize: 256,
+            channelOrder: rgb, mean: [127, 127, 127], std: [128, 128, 128]}
+    topK: 2
+"#;
+
+    fn parse(yaml: &str, dir: &Path) -> Result<Catalog, InferenceError> {
+        Catalog::from_yaml_str(yaml, dir, Path::new("catalog.yaml"))
+    }
+
+    fn error_text(yaml: &str) -> String {
+        let dir = fixture_dir();
+        match parse(yaml, dir.path()) {
+            Ok(_) => panic!("catalog should have been rejected"),
+            Err(e) => {
+                assert_eq!(e.category(), "invalid_catalog");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn loads_valid_catalog() {
+        let dir = fixture_dir();
+        let catalog = parse(VALID, dir.path()).unwrap();
+        assert_eq!(catalog.names().collect::<Vec<_>>(), ["object_detection", "image_classification"]);
+        let det = catalog.get("object_detection").unwrap();
+        assert_eq!(det.model_path, dir.path().join("det.onnx"));
+        assert_eq!(det.labels, ["cat", "dog", "bird"]);
+        assert_eq!(det.preprocessing.channel_order, ChannelOrder::Bgr);
+        assert_eq!(det.preprocessing.resize, Resize::Stretch);
+        assert_eq!(
+            det.task,
+            TaskSpec::Detection(DetectionParams {
+                decoder: DetectionDecoder::Nanodet,
+                score_threshold: 0.35,
+                nms_iou: 0.5,
+                max_detections: 50
+            })
+        );
+        let cls = catalog.get("image_classification").unwrap();
+        assert_eq!(cls.preprocessing.resize, Resize::ShorterSideCenterCrop { shorter_side: 256 });
+        assert_eq!(
+            cls.task,
+            TaskSpec::Classification(ClassificationParams { top_k: 2, score_threshold: 0.0 })
+        );
+        assert!(catalog.get("nope").is_none());
+    }
+
+    #[test]
+    fn loads_from_file_relative_to_its_folder() {
+        let dir = fixture_dir();
+        let path = dir.path().join("catalog.yaml");
+        std::fs::write(&path, VALID).unwrap();
+        let catalog = Catalog::load(&path).unwrap();
+        assert_eq!(catalog.path(), path);
+        assert_eq!(catalog.models().len(), 2);
+    }
+
+    #[test]
+    fn project_catalog_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/catalog.yaml");
+        let catalog = Catalog::load(&path).unwrap();
+        let det = catalog.get("object_detection").unwrap();
+        assert_eq!(det.labels.len(), 80);
+        let cls = catalog.get("image_classification").unwrap();
+        assert_eq!(cls.labels.len(), 1000);
+    }
+
+    #[test]
+    fn rejects_unknown_task() {
+        let text = error_text(&VALID.replace("task: classification", "task: segmentation"));
+        assert!(text.contains("unknown variant `segmentation`"), "{text}");
+        assert!(text.contains("detection") && text.contains("classification"), "{text}");
+    }
+
+    #[test]
+    fn rejects_missing_model_file() {
+        let text = error_text(&VALID.replace("file: cls.onnx", "file: missing.onnx"));
+        assert!(text.contains("model `image_classification`"), "{text}");
+        assert!(text.contains("missing.onnx does not exist"), "{text}");
+    }
+
+    #[test]
+    fn rejects_bad_labels_files() {
+        let text = error_text(&VALID.replace("labels: three.labels\n    input: {width: 224", "labels: none.labels\n    input: {width: 224"));
+        assert!(text.contains("cannot read labels file"), "{text}");
+        let text = error_text(&VALID.replacen("labels: three.labels", "labels: gap.labels", 1));
+        assert!(text.contains("blank line 2"), "{text}");
+    }
+
+    #[test]
+    fn rejects_inconsistent_entries() {
+        let cases = [
+            (VALID.replace("    decoder: nanodet\n", ""), "needs a decoder"),
+            (VALID.replace("decoder: nanodet", "decoder: yolo"), "unknown variant `yolo`"),
+            (VALID.replace("topK: 2", "topK: 2\n    nmsIou: 0.4"), "detection models only"),
+            (VALID.replace("maxDetections: 50", "maxDetections: 50\n    topK: 3"), "classification models only"),
+            (VALID.replace("resizeSize: 256,", ""), "needs resizeSize"),
+            (VALID.replace("resizeSize: 256", "resizeSize: 200"), "at least the crop size"),
+            (VALID.replace("std: [128, 128, 128]", "std: [128, 0, 128]"), "std values"),
+            (VALID.replace("scoreThreshold: 0.35", "scoreThreshold: 1.5"), "scoreThreshold"),
+            (VALID.replace("nmsIou: 0.5", "nmsIou: 0"), "nmsIou"),
+            (VALID.replace("width: 416", "width: 0"), "input width"),
+            (VALID.replace("name: image_classification", "name: object_detection"), "more than once"),
+            (VALID.replace("name: image_classification", "name: Bad Name"), "the name must be"),
+            (VALID.replace("topK: 2", "topK: 2\n    colour: red"), "unknown field `colour`"),
+            (VALID.replace("mean: [127, 127, 127]", "mean: [127, 127]"), "mean"),
+            ("models: []".to_string(), "no models"),
+        ];
+        for (yaml, expected) in cases {
+            let text = error_text(&yaml);
+            assert!(text.contains(expected), "expected `{expected}` in: {text}");
+        }
+    }
+}

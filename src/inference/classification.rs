@@ -1,0 +1,115 @@
+//! Classification outputs: logits -> softmax -> top-k labels.
+
+use super::catalog::ClassificationParams;
+use super::output::{ClassScore, round_confidence};
+
+/// Numerically stable softmax (the maximum is subtracted before `exp`).
+/// Returns an empty vector for empty input.
+pub(crate) fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut out: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
+    let sum: f32 = out.iter().sum();
+    if sum > 0.0 && sum.is_finite() {
+        out.iter_mut().for_each(|p| *p /= sum);
+    }
+    out
+}
+
+/// Indices of the `k` largest values, largest first (ties: lower index first).
+/// NaN values are never selected.
+pub(crate) fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut items: Vec<(usize, f32)> =
+        values.iter().copied().enumerate().filter(|(_, v)| !v.is_nan()).collect();
+    let by_value_desc =
+        |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k < items.len() {
+        // Partition first so only k elements are sorted.
+        items.select_nth_unstable_by(k, by_value_desc);
+        items.truncate(k);
+    }
+    items.sort_unstable_by(by_value_desc);
+    items.into_iter().map(|(i, _)| i).collect()
+}
+
+/// Decodes a `[1, classes]` (or `[classes]`) logits tensor into the top classes.
+pub(crate) fn decode_classification(
+    shape: &[i64],
+    logits: &[f32],
+    labels: &[String],
+    params: &ClassificationParams,
+) -> Result<Vec<ClassScore>, String> {
+    let classes = match shape {
+        [1, n] | [n] => usize::try_from(*n).unwrap_or(0),
+        _ => 0,
+    };
+    if classes == 0 || classes != logits.len() {
+        return Err(format!(
+            "expected logits of shape [1, classes], got {shape:?} with {} values",
+            logits.len()
+        ));
+    }
+    if classes != labels.len() {
+        return Err(format!("the model outputs {classes} classes but has {} labels", labels.len()));
+    }
+    let probabilities = softmax(logits);
+    Ok(top_k(&probabilities, params.top_k)
+        .into_iter()
+        .filter_map(|i| Some((labels.get(i)?, *probabilities.get(i)?)))
+        .filter(|(_, p)| *p >= params.score_threshold)
+        .map(|(label, p)| ClassScore { label: label.clone(), confidence: round_confidence(p) })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("class{i}")).collect()
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_is_stable() {
+        let p = softmax(&[1.0, 2.0, 3.0]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!((p[2] - 0.665_240_9).abs() < 1e-6);
+        // Large logits do not overflow.
+        let p = softmax(&[1000.0, 1000.0]);
+        assert_eq!(p, [0.5, 0.5]);
+        assert!(softmax(&[]).is_empty());
+    }
+
+    #[test]
+    fn top_k_orders_and_handles_ties_and_nan() {
+        let values = [0.1, 0.7, f32::NAN, 0.7, 0.05, 0.2];
+        assert_eq!(top_k(&values, 3), [1, 3, 5]);
+        assert_eq!(top_k(&values, 10), [1, 3, 5, 0, 4]);
+        assert!(top_k(&values, 0).is_empty());
+        assert!(top_k(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn decodes_top_classes() {
+        let params = ClassificationParams { top_k: 2, score_threshold: 0.0 };
+        let logits = [0.0, 3.0, 1.0, -2.0];
+        let out = decode_classification(&[1, 4], &logits, &labels(4), &params).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].label, "class1");
+        assert_eq!(out[0].confidence, 0.839);
+        assert_eq!(out[1].label, "class2");
+        // Score threshold drops unlikely classes.
+        let params = ClassificationParams { top_k: 3, score_threshold: 0.5 };
+        let out = decode_classification(&[1, 4], &logits, &labels(4), &params).unwrap();
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn rejects_unexpected_shapes() {
+        let params = ClassificationParams { top_k: 2, score_threshold: 0.0 };
+        assert!(decode_classification(&[2, 4], &[0.0; 8], &labels(4), &params).is_err());
+        assert!(decode_classification(&[1, 4], &[0.0; 3], &labels(4), &params).is_err());
+        assert!(decode_classification(&[1, 5], &[0.0; 5], &labels(4), &params).is_err());
+        assert!(decode_classification(&[1, -1], &[], &labels(4), &params).is_err());
+        assert!(decode_classification(&[1, 4, 1], &[0.0; 4], &labels(4), &params).is_err());
+    }
+}

@@ -1,0 +1,96 @@
+//! Results of one model on one image.
+//!
+//! These types are embedded in the `ImageResult` custom resource, so they derive
+//! `JsonSchema` and use camelCase on the wire. Values are rounded (confidences to 4
+//! decimals, box coordinates to 0.1 px) so stored results stay small and stable.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What a model found in an image. Detection models fill `detections`, classification
+/// models fill `classes`; the other list is empty and omitted from the serialised form.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelOutput {
+    /// Objects found, highest confidence first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detections: Vec<Detection>,
+    /// Most likely classes of the whole image, highest confidence first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassScore>,
+}
+
+/// One object found by a detection model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Detection {
+    pub label: String,
+    /// In `[0, 1]`, rounded to 4 decimals.
+    pub confidence: f32,
+    pub bbox: BoundingBox,
+}
+
+/// An axis-aligned box in pixels of the original image (after EXIF orientation),
+/// clamped to the image and rounded to 0.1 px.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BoundingBox {
+    pub x_min: f32,
+    pub y_min: f32,
+    pub x_max: f32,
+    pub y_max: f32,
+}
+
+/// One class of a classification model with its probability.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassScore {
+    pub label: String,
+    /// In `[0, 1]`, rounded to 4 decimals.
+    pub confidence: f32,
+}
+
+/// Rounds a confidence to 4 decimals.
+pub(crate) fn round_confidence(value: f32) -> f32 {
+    (value * 10_000.0).round() / 10_000.0
+}
+
+/// Rounds a pixel coordinate to 1 decimal.
+pub(crate) fn round_coordinate(value: f32) -> f32 {
+    (value * 10.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding() {
+        assert_eq!(round_confidence(0.522_349), 0.5223);
+        assert_eq!(round_confidence(0.957_06), 0.9571);
+        assert_eq!(round_coordinate(117.149), 117.1);
+        assert_eq!(round_coordinate(-4.96), -5.0);
+    }
+
+    #[test]
+    fn serialises_camel_case_and_skips_empty_lists() {
+        let output = ModelOutput {
+            detections: vec![Detection {
+                label: "cup".into(),
+                confidence: 0.5223,
+                bbox: BoundingBox { x_min: 1.0, y_min: 2.0, x_max: 3.0, y_max: 4.0 },
+            }],
+            classes: vec![],
+        };
+        let json = serde_json::to_value(&output).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"detections": [{"label": "cup", "confidence": 0.5223_f32,
+                "bbox": {"xMin": 1.0, "yMin": 2.0, "xMax": 3.0, "yMax": 4.0}}]})
+        );
+        let back: ModelOutput = serde_json::from_value(json).unwrap();
+        assert_eq!(back, output);
+        let empty: ModelOutput = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, ModelOutput::default());
+    }
+}

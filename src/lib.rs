@@ -1,0 +1,27 @@
+//! kinsight: an operator that runs ONNX models on customers' images and pushes the
+//! results to their webhooks. One folder per concern; `main.rs` only parses the command line.
+//!
+//! - [`api`]: the REST front door (axum) that turns requests into ImageGroups;
+//! - [`crd`]: the custom resources;
+//! - [`controller`]: reconciles ImageGroups (Jobs, status, aggregate, webhooks) and subscriptions;
+//! - [`worker`]: the Job's process: fetch, decode, infer, write results;
+//! - [`inference`]: the model catalog and ONNX Runtime sessions;
+//! - [`results`]: where results live (the worker's writer, the controller's reader);
+//! - [`webhook`]: signing and sending events;
+//! - [`testbed`]: a local control plane and node agent for tests and `kinsight dev`;
+//! - [`dev`]: `kinsight dev` and `kinsight demo`.
+
+pub mod api;
+pub mod controller;
+pub mod crd;
+pub mod dev;
+pub mod inference;
+pub mod results;
+pub mod testbed;
+pub mod webhook;
+pub mod worker;
+
+/// kube and reqwest use rustls with the ring provider; it must be chosen once per process.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,245 @@
+//! The `kinsight` command: parses the command line and hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use kinsight::controller::ControllerConfig;
+use kinsight::dev::DevOptions;
+use kinsight::inference::{Catalog, EngineOptions};
+use kinsight::webhook::{RetrySchedule, parse_duration};
+use kinsight::worker::{FetchConfig, WorkerOptions};
+
+#[derive(Parser)]
+#[command(name = "kinsight", version, about = "Image insights on Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print every CRD as YAML (the copies under crds/ equal this).
+    Crd,
+    /// Run the operator (reconciles ImageGroups and WebhookSubscriptions).
+    Controller(ControllerArgs),
+    /// Run the REST API.
+    Api(ApiArgs),
+    /// Process a work order (what a worker Job's pod runs).
+    Worker(WorkerArgs),
+    /// Play the kubelet for Jobs' pods on a control plane without nodes.
+    NodeAgent(NodeAgentArgs),
+    /// Start (or reuse) a local control plane and run everything in one process.
+    Dev(DevArgs),
+    /// Run `dev`, submit the sample photos and print each verified webhook.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct CatalogArg {
+    /// The model catalog.
+    #[arg(long, env = "KINSIGHT_CATALOG", default_value = "models/catalog.yaml")]
+    catalog: PathBuf,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    #[command(flatten)]
+    catalog: CatalogArg,
+    /// Container image of worker pods.
+    #[arg(long, env = "KINSIGHT_WORKER_IMAGE")]
+    worker_image: Option<String>,
+    /// Extra environment for worker pods, NAME=VALUE (repeatable).
+    #[arg(long = "worker-env", value_parser = parse_key_value)]
+    worker_env: Vec<(String, String)>,
+    /// Webhook retry waits, e.g. `5s,5m,30m,2h,5h,10h,10h`.
+    #[arg(long, env = "KINSIGHT_RETRY_SCHEDULE", value_parser = RetrySchedule::parse)]
+    retry_schedule: Option<RetrySchedule>,
+    /// How long finished groups are kept, e.g. `7d`.
+    #[arg(long, env = "KINSIGHT_GROUP_TTL", value_parser = parse_duration, default_value = "7d")]
+    group_ttl: Duration,
+}
+
+#[derive(Args)]
+struct ApiArgs {
+    #[command(flatten)]
+    catalog: CatalogArg,
+    #[arg(long, env = "KINSIGHT_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Namespace holding the tenants' API-key Secrets.
+    #[arg(long, env = "KINSIGHT_KEYS_NAMESPACE", default_value = "kinsight-system")]
+    keys_namespace: String,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    catalog: CatalogArg,
+    /// ONNX Runtime intra-op threads (default: the CPUs this process may use).
+    #[arg(long, env = "KINSIGHT_THREADS")]
+    threads: Option<usize>,
+    /// Images downloaded ahead of inference.
+    #[arg(long, default_value_t = 4)]
+    prefetch: usize,
+}
+
+#[derive(Args)]
+struct NodeAgentArgs {
+    #[arg(long, default_value = "kinsight-local")]
+    node_name: String,
+    /// Binary run for containers whose command is `kinsight` (default: this one).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    #[arg(long, default_value = "pod-logs")]
+    log_dir: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct DevArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// API key of the dev tenant (random when not given).
+    #[arg(long, env = "KINSIGHT_DEV_API_KEY")]
+    api_key: Option<String>,
+    /// Webhook signing secret of the dev tenant, `whsec_...` (random when not given).
+    #[arg(long, env = "KINSIGHT_DEV_WEBHOOK_SECRET")]
+    webhook_secret: Option<String>,
+    #[arg(long, env = "KINSIGHT_CATALOG", default_value = "models/catalog.yaml")]
+    catalog: PathBuf,
+    /// libonnxruntime.so (default: ORT_DYLIB_PATH, else ./.venv's onnxruntime wheel).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_dylib: Option<PathBuf>,
+    /// State of the local control plane.
+    #[arg(long, env = "KINSIGHT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Use the cluster of this kubeconfig instead of a local control plane.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, value_parser = RetrySchedule::parse)]
+    retry_schedule: Option<RetrySchedule>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    dev: DevArgs,
+    /// Folder of photos to submit.
+    #[arg(long, default_value = "tests/fixtures/images")]
+    photos: PathBuf,
+    #[arg(long, value_parser = parse_duration, default_value = "300s")]
+    timeout: Duration,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    kinsight::install_crypto_provider();
+    match run(Cli::parse().command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Crd => {
+            print!("{}", kinsight::crd::all_crds_yaml()?);
+        }
+        Command::Controller(args) => {
+            let catalog = Catalog::load(&args.catalog.catalog)?;
+            let defaults = ControllerConfig::default();
+            let config = ControllerConfig {
+                models: catalog.names().map(str::to_owned).collect(),
+                worker_image: args.worker_image.unwrap_or(defaults.worker_image.clone()),
+                worker_env: args.worker_env,
+                retry: args.retry_schedule.unwrap_or_default(),
+                group_ttl: args.group_ttl,
+                ..defaults
+            };
+            let client = kube::Client::try_default().await?;
+            kinsight::controller::run(client, config).await?;
+        }
+        Command::Api(args) => {
+            let catalog = Catalog::load(&args.catalog.catalog)?;
+            let client = kube::Client::try_default().await?;
+            let config = kinsight::api::ApiConfig {
+                keys_namespace: args.keys_namespace,
+                models: catalog.names().map(str::to_owned).collect(),
+            };
+            let (app, watch) = kinsight::api::router(client, config);
+            tokio::spawn(watch);
+            let listener = tokio::net::TcpListener::bind(args.listen).await?;
+            tracing::info!(listen = %args.listen, "API listening");
+            axum::serve(listener, app).await?;
+        }
+        Command::Worker(args) => {
+            let order = kinsight::worker::order_from_env()?;
+            let client = kube::Client::try_default().await?;
+            let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+            let options = WorkerOptions {
+                catalog: args.catalog.catalog,
+                fetch: FetchConfig::default(),
+                prefetch: args.prefetch,
+                engine: EngineOptions { intra_threads: threads, ..EngineOptions::default() },
+            };
+            let store = kinsight::results::ResultStore::new(client);
+            kinsight::worker::run(order, store, options).await?;
+        }
+        Command::NodeAgent(args) => {
+            let client = kube::Client::try_default().await?;
+            let binary = match args.binary {
+                Some(b) => b,
+                None => std::env::current_exe()?,
+            };
+            let options = kinsight::testbed::NodeAgentOptions::new(args.node_name, binary, args.log_dir);
+            kinsight::testbed::node_agent::run(client, options).await?;
+        }
+        Command::Dev(args) => {
+            let env = kinsight::dev::start(dev_options(args)?).await?;
+            env.print_summary();
+            env.serve().await;
+        }
+        Command::Demo(args) => {
+            let options = dev_options(args.dev)?;
+            kinsight::dev::demo(options, args.photos, args.timeout).await?;
+        }
+    }
+    Ok(())
+}
+
+fn dev_options(args: DevArgs) -> anyhow::Result<DevOptions> {
+    let state_dir = match args.state_dir {
+        Some(dir) => dir,
+        None => {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+            home.join(".cache/kinsight/dev-cluster")
+        }
+    };
+    Ok(DevOptions {
+        listen: args.listen,
+        api_key: args.api_key,
+        webhook_secret: args.webhook_secret,
+        catalog: args.catalog,
+        ort_dylib: args.ort_dylib,
+        state_dir,
+        kubeconfig: args.kubeconfig,
+        retry: args.retry_schedule.unwrap_or_default(),
+    })
+}

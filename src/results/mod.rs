@@ -1,0 +1,137 @@
+//! The result path, behind one narrow interface: the worker writes an image's results,
+//! the controller reads a group's. Today they are `ImageResult` objects in the API server
+//! (they survive restarts and need no other network path); at large scale a database-backed
+//! store replaces this module, and nothing outside it names `ImageResult` but the
+//! controller's watch on it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource};
+use sha2::{Digest, Sha256};
+
+use crate::crd::{GROUP_LABEL, ImageGroup, ImageResult, ImageResultSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResultsError {
+    #[error("result store unavailable: {0}")]
+    Unavailable(#[source] kube::Error),
+}
+
+impl ResultsError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "result_store_unavailable",
+        }
+    }
+}
+
+/// The group results belong to: enough to name and own them.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Clone)]
+pub struct ResultStore {
+    client: Client,
+}
+
+impl ResultStore {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    /// Stores one image's results; outputs of models run earlier for the same image are kept
+    /// (a group that gains models later re-runs only the new ones).
+    pub async fn write(&self, group: &GroupRef, spec: &ImageResultSpec) -> Result<(), ResultsError> {
+        let api: Api<ImageResult> = Api::namespaced(self.client.clone(), &group.namespace);
+        let name = result_name(&group.name, &spec.image_id);
+        let object = ImageResult {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(group.namespace.clone()),
+                labels: Some(BTreeMap::from([
+                    (GROUP_LABEL.to_owned(), label_value(&group.name)),
+                    ("app.kubernetes.io/managed-by".to_owned(), "kinsight".to_owned()),
+                ])),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: ImageGroup::api_version(&()).into_owned(),
+                    kind: ImageGroup::kind(&()).into_owned(),
+                    name: group.name.clone(),
+                    uid: group.uid.clone(),
+                    controller: Some(true),
+                    block_owner_deletion: Some(false),
+                }]),
+                ..ObjectMeta::default()
+            },
+            spec: spec.clone(),
+        };
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                // A JSON merge patch adds the new models' outputs next to the old ones.
+                let patch = serde_json::json!({ "spec": spec });
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ())
+                    .map_err(ResultsError::Unavailable)
+            }
+            Err(e) => Err(ResultsError::Unavailable(e)),
+        }
+    }
+
+    /// Every stored result of a group.
+    pub async fn list(&self, namespace: &str, group: &str) -> Result<Vec<ImageResultSpec>, ResultsError> {
+        let api: Api<ImageResult> = Api::namespaced(self.client.clone(), namespace);
+        let selector = format!("{GROUP_LABEL}={}", label_value(group));
+        let list = api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(ResultsError::Unavailable)?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|r| r.spec)
+            .filter(|spec| spec.group == group)
+            .collect())
+    }
+}
+
+/// Object name of an image's result: readable when it fits, hashed when it would not.
+pub fn result_name(group: &str, image_id: &str) -> String {
+    let name = format!("{group}-{image_id}");
+    if name.len() <= 253 {
+        return name;
+    }
+    let digest = hex::encode(Sha256::digest(name.as_bytes()));
+    format!("{}-{}", &group[..group.len().min(200)], &digest[..16])
+}
+
+/// Label values are limited to 63 characters; long group names are hashed.
+pub fn label_value(group: &str) -> String {
+    if group.len() <= 63 {
+        return group.to_owned();
+    }
+    let digest = hex::encode(Sha256::digest(group.as_bytes()));
+    format!("{}-{}", &group[..46], &digest[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_kubernetes_limits() {
+        assert_eq!(result_name("grp-1", "0"), "grp-1-0");
+        let long = "a".repeat(250);
+        assert!(result_name(&long, "img-1").len() <= 253);
+        assert_ne!(result_name(&long, "img-1"), result_name(&long, "img-2"));
+        assert_eq!(label_value("g"), "g");
+        assert_eq!(label_value(&"b".repeat(100)).len(), 63);
+    }
+}

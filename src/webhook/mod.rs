@@ -1,0 +1,77 @@
+//! Outbound webhooks: Standard Webhooks signing, the event payloads, one HTTP attempt,
+//! and the retry schedule. What to send and when lives in the controller, whose status
+//! records every attempt.
+
+mod payload;
+mod sender;
+mod signing;
+
+pub use payload::{EventPayload, group_completed, image_event};
+pub use sender::{AttemptOutcome, Sender, SenderConfig};
+pub use signing::{SigningError, generate_secret, sign};
+
+use std::time::Duration;
+
+/// Waits before each retry: the first attempt is immediate, then the schedule in order.
+/// Default: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+#[derive(Clone, Debug)]
+pub struct RetrySchedule(pub Vec<Duration>);
+
+impl Default for RetrySchedule {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        Self(vec![s(5), s(300), s(1800), s(7200), s(18000), s(36000), s(36000)])
+    }
+}
+
+impl RetrySchedule {
+    /// Parses a comma-separated list of durations like `1s,5s,1m,2h`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        text.split(',')
+            .map(|part| parse_duration(part.trim()))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+
+    /// The wait after `attempts` failed attempts, or None when retries are exhausted.
+    /// A jitter of up to ±20% spreads retries of many events to one endpoint.
+    pub fn next_delay(&self, attempts: u32) -> Option<Duration> {
+        let index = usize::try_from(attempts).ok()?.checked_sub(1)?;
+        let base = *self.0.get(index)?;
+        let jitter: f64 = rand::random_range(0.8..1.2);
+        Some(base.mul_f64(jitter))
+    }
+}
+
+/// `250ms`, `5s`, `5m`, `2h`, `1d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("invalid duration {text:?}"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("invalid duration unit in {text:?} (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_parses_and_ends() {
+        let s = RetrySchedule::parse("1s, 2m,3h").expect("valid schedule");
+        assert_eq!(s.0, vec![Duration::from_secs(1), Duration::from_secs(120), Duration::from_secs(10800)]);
+        let first = s.next_delay(1).expect("a retry is left");
+        assert!(first >= Duration::from_millis(800) && first <= Duration::from_millis(1200));
+        assert!(s.next_delay(4).is_none());
+        assert!(s.next_delay(0).is_none());
+        assert!(RetrySchedule::parse("5x").is_err());
+        assert!(RetrySchedule::parse("").is_err());
+    }
+}

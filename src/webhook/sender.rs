@@ -1,0 +1,110 @@
+//! One signed HTTP attempt. 2xx within the timeout is success; anything else, redirects
+//! included (never followed), is a failure the caller may retry. Response bodies are not read
+//! beyond a small limit, so a receiver cannot make the sender buffer megabytes.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::signing::sign;
+
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(15), connect_timeout: Duration::from_secs(5) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttemptOutcome {
+    Delivered { status: u16 },
+    /// `gone` is a 410: the receiver asks us to stop.
+    Failed { status: Option<u16>, error: String, retry_after: Option<Duration>, gone: bool },
+}
+
+#[derive(Clone)]
+pub struct Sender {
+    http: reqwest::Client,
+}
+
+const MAX_RESPONSE_BYTES: usize = 4096;
+
+impl Sender {
+    pub fn new(config: &SenderConfig) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("kinsight-webhooks/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { http })
+    }
+
+    /// Signs `body` with every secret and POSTs it once.
+    pub async fn attempt(&self, url: &str, msg_id: &str, body: &str, secrets: &[String]) -> AttemptOutcome {
+        let timestamp = jiff::Timestamp::now().as_second();
+        let signature = match sign(secrets, msg_id, timestamp, body) {
+            Ok(s) => s,
+            Err(e) => return failed(None, e.to_string()),
+        };
+        let response = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header("webhook-id", msg_id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body.to_owned())
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => return failed(None, describe(&e)),
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        // Drain a little of the body so the connection can be reused, no more.
+        let mut stream = response.bytes_stream();
+        let mut read = 0usize;
+        while read < MAX_RESPONSE_BYTES {
+            match stream.next().await {
+                Some(Ok(chunk)) => read += chunk.len(),
+                _ => break,
+            }
+        }
+        if status.is_success() {
+            AttemptOutcome::Delivered { status: status.as_u16() }
+        } else {
+            AttemptOutcome::Failed {
+                status: Some(status.as_u16()),
+                error: format!("receiver answered {status}"),
+                retry_after,
+                gone: status == reqwest::StatusCode::GONE,
+            }
+        }
+    }
+}
+
+fn failed(status: Option<u16>, error: String) -> AttemptOutcome {
+    AttemptOutcome::Failed { status, error, retry_after: None, gone: false }
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "connection failed".to_owned()
+    } else {
+        format!("request failed: {e}")
+    }
+}
