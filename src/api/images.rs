@@ -200,7 +200,7 @@ async fn load(state: &AppState, tenant: &Tenant, id: &str, what: &str) -> Result
 }
 
 fn phase(group: &ImageGroup) -> &'static str {
-    match group.status.as_ref().and_then(|s| s.phase) {
+    match group.status.as_ref().map(|s| s.phase) {
         Some(crate::crd::GroupPhase::Completed) => "completed",
         Some(crate::crd::GroupPhase::Failed) => "failed",
         Some(crate::crd::GroupPhase::Running) => "running",

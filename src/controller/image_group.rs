@@ -23,9 +23,14 @@ use crate::crd::{
 use crate::results::GroupRef;
 use crate::worker::{WorkItem, WorkOrder};
 
-pub async fn reconcile(group: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
-    let namespace = group.namespace().ok_or(ControllerError::MissingField("metadata.namespace"))?;
-    let name = group.name_any();
+pub async fn reconcile(cached: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    let namespace = cached.namespace().ok_or(ControllerError::MissingField("metadata.namespace"))?;
+    let name = cached.name_any();
+    // The watch cache may trail our own last status write; delivery state must not go
+    // back in time (that would re-send delivered events), so read the group fresh.
+    let Some(group) = Api::<ImageGroup>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
     let uid = group.uid().ok_or(ControllerError::MissingField("metadata.uid"))?;
     let generation = group.metadata.generation.unwrap_or(1);
     if group.metadata.deletion_timestamp.is_some() {
@@ -38,7 +43,7 @@ pub async fn reconcile(group: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Acti
 
     if let Err(message) = group.spec.validate(&ctx.config.models) {
         set_condition(&mut status.conditions, "Accepted", ConditionStatus::False, "InvalidSpec", message, Some(generation), now);
-        status.phase = Some(GroupPhase::Failed);
+        status.phase = GroupPhase::Failed;
         write_status(&ctx, &namespace, &name, &original, &status).await?;
         return Ok(Action::await_change());
     }
@@ -72,13 +77,13 @@ pub async fn reconcile(group: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Acti
     status.images_failed = count(finished_results.iter().filter(|r| r.is_failure(models)).count());
     status.aggregate = Some(aggregate(finished_results.iter().copied()));
     let all_done = pending.is_empty();
-    status.phase = Some(if all_done {
+    status.phase = if all_done {
         GroupPhase::Completed
     } else if status.jobs.is_empty() {
         GroupPhase::Pending
     } else {
         GroupPhase::Running
-    });
+    };
     if all_done {
         status.completed_at.get_or_insert(Time(now));
         let message = format!("{} of {} images processed, {} failed", status.images_done, status.images_total, status.images_failed);
@@ -96,7 +101,7 @@ pub async fn reconcile(group: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Acti
     write_status(&ctx, &namespace, &name, &original, &status).await?;
 
     let before_send = status.clone();
-    let mut group_now = (*group).clone();
+    let mut group_now = group.clone();
     group_now.status = Some(status.clone());
     events::deliver_due(&ctx, &group_now, &mut status, &results, &endpoints).await;
     events::plan(&group, &mut status, &results, &endpoints, all_done, jiff::Timestamp::now());

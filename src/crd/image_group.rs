@@ -78,8 +78,8 @@ pub struct SecretKeyRef {
 pub struct ImageGroupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<GroupPhase>,
+    #[serde(default)]
+    pub phase: GroupPhase,
     #[serde(default)]
     pub images_total: u32,
     #[serde(default)]
@@ -104,8 +104,9 @@ pub struct ImageGroupStatus {
     pub completed_at: Option<Time>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum GroupPhase {
+    #[default]
     Pending,
     Running,
     Completed,

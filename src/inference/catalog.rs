@@ -128,7 +128,9 @@ pub struct Preprocessing {
 pub enum Resize {
     Stretch,
     /// `shorter_side >= max(width, height)` of the input.
-    ShorterSideCenterCrop { shorter_side: u32 },
+    ShorterSideCenterCrop {
+        shorter_side: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,11 +208,15 @@ impl Catalog {
                     format!("model `{}` is listed more than once", entry.name),
                 ));
             }
-            let spec = validate_entry(entry, base_dir)
-                .map_err(|(name, message)| catalog_error(origin, format!("model `{name}`: {message}")))?;
+            let spec = validate_entry(entry, base_dir).map_err(|(name, message)| {
+                catalog_error(origin, format!("model `{name}`: {message}"))
+            })?;
             models.push(spec);
         }
-        Ok(Catalog { path: origin.to_path_buf(), models })
+        Ok(Catalog {
+            path: origin.to_path_buf(),
+            models,
+        })
     }
 
     /// The catalog file this was loaded from.
@@ -232,7 +238,10 @@ impl Catalog {
 }
 
 fn catalog_error(path: &Path, message: String) -> InferenceError {
-    InferenceError::Catalog { path: path.to_path_buf(), message }
+    InferenceError::Catalog {
+        path: path.to_path_buf(),
+        message,
+    }
 }
 
 /// Validates one entry; the error carries the model name and the problem.
@@ -246,7 +255,10 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
 
     let model_path = base_dir.join(&entry.file);
     if !model_path.is_file() {
-        return Err(format!("model file {} does not exist", model_path.display()));
+        return Err(format!(
+            "model file {} does not exist",
+            model_path.display()
+        ));
     }
     let labels_path = base_dir.join(&entry.labels);
     let labels = read_labels(&labels_path)?;
@@ -284,9 +296,10 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
             })
         }
         Task::Classification => {
-            if entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some() {
+            if entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some()
+            {
                 return Err(
-                    "decoder, nmsIou and maxDetections apply to detection models only".into()
+                    "decoder, nmsIou and maxDetections apply to detection models only".into(),
                 );
             }
             let top_k = entry.top_k.unwrap_or(DEFAULT_TOP_K);
@@ -300,7 +313,13 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
         }
     };
 
-    Ok(ModelSpec { name: entry.name, model_path, labels, preprocessing, task })
+    Ok(ModelSpec {
+        name: entry.name,
+        model_path,
+        labels,
+        preprocessing,
+        task,
+    })
 }
 
 /// Model names end up in resource names, labels and metrics: keep them simple.
@@ -310,7 +329,10 @@ fn validate_name(name: &str) -> Result<(), String> {
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
     let starts_ok = name.chars().next().is_some_and(|c| c.is_ascii_lowercase());
     if name.is_empty() || name.len() > 63 || !valid_chars || !starts_ok {
-        return Err("the name must be 1-63 characters of a-z, 0-9, `_` or `-`, starting with a letter".into());
+        return Err(
+            "the name must be 1-63 characters of a-z, 0-9, `_` or `-`, starting with a letter"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -318,7 +340,9 @@ fn validate_name(name: &str) -> Result<(), String> {
 fn validate_input(input: &InputEntry) -> Result<Preprocessing, String> {
     for (side, value) in [("width", input.width), ("height", input.height)] {
         if value == 0 || value > MAX_INPUT_SIDE {
-            return Err(format!("input {side} must be within 1..={MAX_INPUT_SIDE}, got {value}"));
+            return Err(format!(
+                "input {side} must be within 1..={MAX_INPUT_SIDE}, got {value}"
+            ));
         }
     }
     let resize = match (input.resize, input.resize_size) {
@@ -360,12 +384,20 @@ fn validate_input(input: &InputEntry) -> Result<Preprocessing, String> {
 fn read_labels(path: &Path) -> Result<Vec<String>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read labels file {}: {e}", path.display()))?;
-    let labels: Vec<String> = text.trim_end().lines().map(|l| l.trim().to_string()).collect();
+    let labels: Vec<String> = text
+        .trim_end()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
     if labels.iter().all(String::is_empty) {
         return Err(format!("labels file {} is empty", path.display()));
     }
     if let Some(line) = labels.iter().position(String::is_empty) {
-        return Err(format!("labels file {} has a blank line {}", path.display(), line + 1));
+        return Err(format!(
+            "labels file {} has a blank line {}",
+            path.display(),
+            line + 1
+        ));
     }
     Ok(labels)
 }
@@ -424,7 +456,10 @@ models:
     fn loads_valid_catalog() {
         let dir = fixture_dir();
         let catalog = parse(VALID, dir.path()).unwrap();
-        assert_eq!(catalog.names().collect::<Vec<_>>(), ["object_detection", "image_classification"]);
+        assert_eq!(
+            catalog.names().collect::<Vec<_>>(),
+            ["object_detection", "image_classification"]
+        );
         let det = catalog.get("object_detection").unwrap();
         assert_eq!(det.model_path, dir.path().join("det.onnx"));
         assert_eq!(det.labels, ["cat", "dog", "bird"]);
@@ -440,10 +475,16 @@ models:
             })
         );
         let cls = catalog.get("image_classification").unwrap();
-        assert_eq!(cls.preprocessing.resize, Resize::ShorterSideCenterCrop { shorter_side: 256 });
+        assert_eq!(
+            cls.preprocessing.resize,
+            Resize::ShorterSideCenterCrop { shorter_side: 256 }
+        );
         assert_eq!(
             cls.task,
-            TaskSpec::Classification(ClassificationParams { top_k: 2, score_threshold: 0.0 })
+            TaskSpec::Classification(ClassificationParams {
+                top_k: 2,
+                score_threshold: 0.0
+            })
         );
         assert!(catalog.get("nope").is_none());
     }
@@ -472,7 +513,10 @@ models:
     fn rejects_unknown_task() {
         let text = error_text(&VALID.replace("task: classification", "task: segmentation"));
         assert!(text.contains("unknown variant `segmentation`"), "{text}");
-        assert!(text.contains("detection") && text.contains("classification"), "{text}");
+        assert!(
+            text.contains("detection") && text.contains("classification"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -484,7 +528,10 @@ models:
 
     #[test]
     fn rejects_bad_labels_files() {
-        let text = error_text(&VALID.replace("labels: three.labels\n    input: {width: 224", "labels: none.labels\n    input: {width: 224"));
+        let text = error_text(&VALID.replace(
+            "labels: three.labels\n    input: {width: 224",
+            "labels: none.labels\n    input: {width: 224",
+        ));
         assert!(text.contains("cannot read labels file"), "{text}");
         let text = error_text(&VALID.replacen("labels: three.labels", "labels: gap.labels", 1));
         assert!(text.contains("blank line 2"), "{text}");
@@ -493,20 +540,53 @@ models:
     #[test]
     fn rejects_inconsistent_entries() {
         let cases = [
-            (VALID.replace("    decoder: nanodet\n", ""), "needs a decoder"),
-            (VALID.replace("decoder: nanodet", "decoder: yolo"), "unknown variant `yolo`"),
-            (VALID.replace("topK: 2", "topK: 2\n    nmsIou: 0.4"), "detection models only"),
-            (VALID.replace("maxDetections: 50", "maxDetections: 50\n    topK: 3"), "classification models only"),
+            (
+                VALID.replace("    decoder: nanodet\n", ""),
+                "needs a decoder",
+            ),
+            (
+                VALID.replace("decoder: nanodet", "decoder: yolo"),
+                "unknown variant `yolo`",
+            ),
+            (
+                VALID.replace("topK: 2", "topK: 2\n    nmsIou: 0.4"),
+                "detection models only",
+            ),
+            (
+                VALID.replace("maxDetections: 50", "maxDetections: 50\n    topK: 3"),
+                "classification models only",
+            ),
             (VALID.replace("resizeSize: 256,", ""), "needs resizeSize"),
-            (VALID.replace("resizeSize: 256", "resizeSize: 200"), "at least the crop size"),
-            (VALID.replace("std: [128, 128, 128]", "std: [128, 0, 128]"), "std values"),
-            (VALID.replace("scoreThreshold: 0.35", "scoreThreshold: 1.5"), "scoreThreshold"),
+            (
+                VALID.replace("resizeSize: 256", "resizeSize: 200"),
+                "at least the crop size",
+            ),
+            (
+                VALID.replace("std: [128, 128, 128]", "std: [128, 0, 128]"),
+                "std values",
+            ),
+            (
+                VALID.replace("scoreThreshold: 0.35", "scoreThreshold: 1.5"),
+                "scoreThreshold",
+            ),
             (VALID.replace("nmsIou: 0.5", "nmsIou: 0"), "nmsIou"),
             (VALID.replace("width: 416", "width: 0"), "input width"),
-            (VALID.replace("name: image_classification", "name: object_detection"), "more than once"),
-            (VALID.replace("name: image_classification", "name: Bad Name"), "the name must be"),
-            (VALID.replace("topK: 2", "topK: 2\n    colour: red"), "unknown field `colour`"),
-            (VALID.replace("mean: [127, 127, 127]", "mean: [127, 127]"), "mean"),
+            (
+                VALID.replace("name: image_classification", "name: object_detection"),
+                "more than once",
+            ),
+            (
+                VALID.replace("name: image_classification", "name: Bad Name"),
+                "the name must be",
+            ),
+            (
+                VALID.replace("topK: 2", "topK: 2\n    colour: red"),
+                "unknown field `colour`",
+            ),
+            (
+                VALID.replace("mean: [127, 127, 127]", "mean: [127, 127]"),
+                "mean",
+            ),
             ("models: []".to_string(), "no models"),
         ];
         for (yaml, expected) in cases {

@@ -18,8 +18,12 @@ pub(crate) fn softmax(logits: &[f32]) -> Vec<f32> {
 /// Indices of the `k` largest values, largest first (ties: lower index first).
 /// NaN values are never selected.
 pub(crate) fn top_k(values: &[f32], k: usize) -> Vec<usize> {
-    let mut items: Vec<(usize, f32)> =
-        values.iter().copied().enumerate().filter(|(_, v)| !v.is_nan()).collect();
+    let mut items: Vec<(usize, f32)> = values
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, v)| !v.is_nan())
+        .collect();
     let by_value_desc =
         |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if k < items.len() {
@@ -49,14 +53,20 @@ pub(crate) fn decode_classification(
         ));
     }
     if classes != labels.len() {
-        return Err(format!("the model outputs {classes} classes but has {} labels", labels.len()));
+        return Err(format!(
+            "the model outputs {classes} classes but has {} labels",
+            labels.len()
+        ));
     }
     let probabilities = softmax(logits);
     Ok(top_k(&probabilities, params.top_k)
         .into_iter()
         .filter_map(|i| Some((labels.get(i)?, *probabilities.get(i)?)))
         .filter(|(_, p)| *p >= params.score_threshold)
-        .map(|(label, p)| ClassScore { label: label.clone(), confidence: round_confidence(p) })
+        .map(|(label, p)| ClassScore {
+            label: label.clone(),
+            confidence: round_confidence(p),
+        })
         .collect())
 }
 
@@ -90,7 +100,10 @@ mod tests {
 
     #[test]
     fn decodes_top_classes() {
-        let params = ClassificationParams { top_k: 2, score_threshold: 0.0 };
+        let params = ClassificationParams {
+            top_k: 2,
+            score_threshold: 0.0,
+        };
         let logits = [0.0, 3.0, 1.0, -2.0];
         let out = decode_classification(&[1, 4], &logits, &labels(4), &params).unwrap();
         assert_eq!(out.len(), 2);
@@ -98,14 +111,20 @@ mod tests {
         assert_eq!(out[0].confidence, 0.839);
         assert_eq!(out[1].label, "class2");
         // Score threshold drops unlikely classes.
-        let params = ClassificationParams { top_k: 3, score_threshold: 0.5 };
+        let params = ClassificationParams {
+            top_k: 3,
+            score_threshold: 0.5,
+        };
         let out = decode_classification(&[1, 4], &logits, &labels(4), &params).unwrap();
         assert_eq!(out.len(), 1);
     }
 
     #[test]
     fn rejects_unexpected_shapes() {
-        let params = ClassificationParams { top_k: 2, score_threshold: 0.0 };
+        let params = ClassificationParams {
+            top_k: 2,
+            score_threshold: 0.0,
+        };
         assert!(decode_classification(&[2, 4], &[0.0; 8], &labels(4), &params).is_err());
         assert!(decode_classification(&[1, 4], &[0.0; 3], &labels(4), &params).is_err());
         assert!(decode_classification(&[1, 5], &[0.0; 5], &labels(4), &params).is_err());

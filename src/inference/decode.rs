@@ -24,7 +24,9 @@ pub struct DecodeLimits {
 impl Default for DecodeLimits {
     /// 50 megapixels: photos from current phone cameras pass, bombs do not.
     fn default() -> Self {
-        Self { max_pixels: 50_000_000 }
+        Self {
+            max_pixels: 50_000_000,
+        }
     }
 }
 
@@ -34,7 +36,9 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
     // The decoders are written not to panic, but they parse hostile input: make sure a
     // bug there fails one image instead of the worker.
     catch_unwind(AssertUnwindSafe(|| decode_unchecked(bytes, limits))).unwrap_or_else(|_| {
-        Err(InferenceError::CorruptImage("the image decoder failed on malformed data".into()))
+        Err(InferenceError::CorruptImage(
+            "the image decoder failed on malformed data".into(),
+        ))
     })
 }
 
@@ -44,7 +48,10 @@ fn decode_unchecked(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
     }
     let format = image::guess_format(bytes)
         .map_err(|_| InferenceError::UnsupportedFormat { detected: None })?;
-    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) {
+    if !matches!(
+        format,
+        ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP
+    ) {
         return Err(InferenceError::UnsupportedFormat {
             detected: Some(format!("{format:?}").to_lowercase()),
         });
@@ -58,20 +65,29 @@ fn decode_unchecked(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
 
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
-        return Err(InferenceError::CorruptImage(format!("the header announces {width}x{height} pixels")));
+        return Err(InferenceError::CorruptImage(format!(
+            "the header announces {width}x{height} pixels"
+        )));
     }
     if u64::from(width) * u64::from(height) > limits.max_pixels {
-        return Err(InferenceError::ImageTooLarge { width, height, max_pixels: limits.max_pixels });
+        return Err(InferenceError::ImageTooLarge {
+            width,
+            height,
+            max_pixels: limits.max_pixels,
+        });
     }
     // Bound what the decoder may allocate too: the image itself at up to 8 bytes per pixel
     // (16-bit RGBA) plus working buffers.
     let mut decoder_limits = Limits::default();
     decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
-    decoder.set_limits(decoder_limits).map_err(|e| map_error(e, Some((width, height, limits))))?;
+    decoder
+        .set_limits(decoder_limits)
+        .map_err(|e| map_error(e, Some((width, height, limits))))?;
 
     // A broken EXIF block must not reject an otherwise good image.
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| map_error(e, Some((width, height, limits))))?;
+    let mut image = DynamicImage::from_decoder(decoder)
+        .map_err(|e| map_error(e, Some((width, height, limits))))?;
     image.apply_orientation(orientation);
     Ok(image)
 }
@@ -79,12 +95,16 @@ fn decode_unchecked(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
 fn map_error(error: ImageError, size: Option<(u32, u32, &DecodeLimits)>) -> InferenceError {
     match error {
         ImageError::Limits(e) => match size {
-            Some((width, height, limits)) => {
-                InferenceError::ImageTooLarge { width, height, max_pixels: limits.max_pixels }
-            }
+            Some((width, height, limits)) => InferenceError::ImageTooLarge {
+                width,
+                height,
+                max_pixels: limits.max_pixels,
+            },
             None => InferenceError::CorruptImage(format!("limits exceeded: {e}")),
         },
-        ImageError::Unsupported(e) => InferenceError::UnsupportedFormat { detected: Some(e.to_string()) },
+        ImageError::Unsupported(e) => InferenceError::UnsupportedFormat {
+            detected: Some(e.to_string()),
+        },
         ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             InferenceError::CorruptImage("truncated data".into())
         }
@@ -104,7 +124,12 @@ mod tests {
     fn png(image: &RgbImage) -> Vec<u8> {
         let mut out = Vec::new();
         image::codecs::png::PngEncoder::new(&mut out)
-            .write_image(image.as_raw(), image.width(), image.height(), image::ExtendedColorType::Rgb8)
+            .write_image(
+                image.as_raw(),
+                image.width(),
+                image.height(),
+                image::ExtendedColorType::Rgb8,
+            )
             .unwrap();
         out
     }
@@ -115,7 +140,11 @@ mod tests {
         for &byte in bytes {
             crc ^= u32::from(byte);
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -165,7 +194,14 @@ mod tests {
         let err = decode(&bomb).unwrap_err();
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
         assert!(
-            matches!(err, InferenceError::ImageTooLarge { width: 30_000, height: 30_000, max_pixels: 50_000_000 }),
+            matches!(
+                err,
+                InferenceError::ImageTooLarge {
+                    width: 30_000,
+                    height: 30_000,
+                    max_pixels: 50_000_000
+                }
+            ),
             "{err:?}"
         );
         assert_eq!(err.category(), "image_too_large");
@@ -185,13 +221,19 @@ mod tests {
         let err = decode(&[]).unwrap_err();
         assert_eq!(err.category(), "corrupt_image");
         let err = decode(b"definitely not an image").unwrap_err();
-        assert!(matches!(err, InferenceError::UnsupportedFormat { detected: None }), "{err:?}");
+        assert!(
+            matches!(err, InferenceError::UnsupportedFormat { detected: None }),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn rejects_other_formats_by_magic() {
         let err = decode(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").unwrap_err();
-        assert!(matches!(&err, InferenceError::UnsupportedFormat { detected: Some(f) } if f == "gif"), "{err:?}");
+        assert!(
+            matches!(&err, InferenceError::UnsupportedFormat { detected: Some(f) } if f == "gif"),
+            "{err:?}"
+        );
         let err = decode(b"BM\x00\x00\x00\x00\x00\x00\x00\x00").unwrap_err();
         assert_eq!(err.category(), "unsupported_format");
     }
@@ -209,7 +251,10 @@ mod tests {
         corrupt[60..len - 20].iter_mut().for_each(|b| *b = 0xA5);
         assert_eq!(decode(&corrupt).unwrap_err().category(), "corrupt_image");
         // Announcing zero pixels.
-        assert_eq!(decode(&png_claiming(0, 10)).unwrap_err().category(), "corrupt_image");
+        assert_eq!(
+            decode(&png_claiming(0, 10)).unwrap_err().category(),
+            "corrupt_image"
+        );
     }
 
     #[test]
@@ -224,7 +269,10 @@ mod tests {
             let _ = decode(&jpeg[..cut]);
         }
         let mut garbage = jpeg.clone();
-        garbage[30..].iter_mut().enumerate().for_each(|(i, b)| *b = (i * 31) as u8);
+        garbage[30..]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i * 31) as u8);
         let _ = decode(&garbage);
         assert_eq!(decode(&jpeg[..3]).unwrap_err().category(), "corrupt_image");
     }

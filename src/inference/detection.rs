@@ -85,7 +85,12 @@ pub(crate) fn decode_nanodet(
             Ok(Detection {
                 label: label.clone(),
                 confidence: round_confidence(c.score),
-                bbox: BoundingBox { x_min: x(x0), y_min: y(y0), x_max: x(x1), y_max: y(y1) },
+                bbox: BoundingBox {
+                    x_min: x(x0),
+                    y_min: y(y0),
+                    x_max: x(x1),
+                    y_max: y(y1),
+                },
             })
         })
         .collect()
@@ -108,7 +113,9 @@ fn split_levels<'a>(
         }
     }
     if scores.is_empty() {
-        return Err(format!("no output has {classes} class scores per anchor (the label count)"));
+        return Err(format!(
+            "no output has {classes} class scores per anchor (the label count)"
+        ));
     }
     if boxes.len() != scores.len() {
         return Err(format!(
@@ -153,9 +160,16 @@ fn as_rows<'a>(tensor: &RawTensor<'a>) -> Result<Rows<'a>, String> {
     };
     match dims {
         Some((anchors, width))
-            if anchors > 0 && width > 0 && anchors.checked_mul(width) == Some(tensor.data.len()) =>
+            if anchors > 0
+                && width > 0
+                && anchors.checked_mul(width) == Some(tensor.data.len()) =>
         {
-            Ok(Rows { name: tensor.name, anchors, width, data: tensor.data })
+            Ok(Rows {
+                name: tensor.name,
+                anchors,
+                width,
+                data: tensor.data,
+            })
         }
         _ => Err(format!(
             "output `{}` has shape {:?} with {} values, expected [1, anchors, values]",
@@ -183,7 +197,9 @@ fn decode_level(level: &Level<'_>, threshold: f32, out: &mut Vec<Candidate>) {
         .chunks_exact(level.scores.width)
         .zip(level.boxes.data.chunks_exact(level.boxes.width));
     for (i, (scores, distributions)) in anchors.enumerate() {
-        let Some((class, score)) = best_class(scores) else { continue };
+        let Some((class, score)) = best_class(scores) else {
+            continue;
+        };
         if score <= threshold {
             continue;
         }
@@ -233,7 +249,11 @@ pub(crate) fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
     let overlap_h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
     let intersection = overlap_w * overlap_h;
     let union = area(a) + area(b) - intersection;
-    if union > 0.0 { intersection / union } else { 0.0 }
+    if union > 0.0 {
+        intersection / union
+    } else {
+        0.0
+    }
 }
 
 /// Greedy NMS per class: best first, a box is dropped when it overlaps a kept box of the
@@ -310,12 +330,20 @@ mod tests {
     fn raw(tensors: &[(Vec<i64>, Vec<f32>)]) -> Vec<RawTensor<'_>> {
         tensors
             .iter()
-            .map(|(shape, data)| RawTensor { name: "t", shape, data })
+            .map(|(shape, data)| RawTensor {
+                name: "t",
+                shape,
+                data,
+            })
             .collect()
     }
 
-    const GEOMETRY: Geometry =
-        Geometry { input_width: 64, input_height: 32, image_width: 128, image_height: 32 };
+    const GEOMETRY: Geometry = Geometry {
+        input_width: 64,
+        input_height: 32,
+        image_width: 128,
+        image_height: 32,
+    };
 
     #[test]
     fn expected_bin_is_softmax_weighted_mean() {
@@ -338,9 +366,19 @@ mod tests {
 
     #[test]
     fn nms_is_per_class_and_greedy() {
-        let c = |class, score, x0: f32| Candidate { class, score, bbox: [x0, 0.0, x0 + 10.0, 10.0] };
+        let c = |class, score, x0: f32| Candidate {
+            class,
+            score,
+            bbox: [x0, 0.0, x0 + 10.0, 10.0],
+        };
         let kept = nms(
-            vec![c(0, 0.6, 1.0), c(0, 0.9, 0.0), c(1, 0.8, 0.0), c(0, 0.5, 30.0), c(0, 0.4, 31.0)],
+            vec![
+                c(0, 0.6, 1.0),
+                c(0, 0.9, 0.0),
+                c(1, 0.8, 0.0),
+                c(0, 0.5, 30.0),
+                c(0, 0.4, 31.0),
+            ],
             0.5,
         );
         // 0.6 overlaps 0.9 of its class; class 1 is kept despite overlapping; 0.4 overlaps 0.5.
@@ -354,27 +392,58 @@ mod tests {
         // Level 2 (stride 32, grid 2 wide): anchor 1 -> centre (32, 0); sides 0, 0, 1, 1 -> (32, 0, 64, 32).
         let tensors = synthetic(
             3,
-            &[(0, 10, 2, 0.9, [1, 1, 2, 3]), (2, 1, 0, 0.5, [0, 0, 1, 1]), (1, 0, 1, 0.3, [1, 1, 1, 1])],
+            &[
+                (0, 10, 2, 0.9, [1, 1, 2, 3]),
+                (2, 1, 0, 0.5, [0, 0, 1, 1]),
+                (1, 0, 1, 0.3, [1, 1, 1, 1]),
+            ],
         );
         let out = decode_nanodet(&raw(&tensors), &labels(3), &params(), GEOMETRY).unwrap();
         assert_eq!(out.len(), 2, "{out:?}");
         assert_eq!(out[0].label, "c2");
         assert_eq!(out[0].confidence, 0.9);
         // Scaled by 2 horizontally, clamped to the 128x32 image.
-        assert_eq!(out[0].bbox, BoundingBox { x_min: 16.0, y_min: 0.0, x_max: 64.0, y_max: 32.0 });
+        assert_eq!(
+            out[0].bbox,
+            BoundingBox {
+                x_min: 16.0,
+                y_min: 0.0,
+                x_max: 64.0,
+                y_max: 32.0
+            }
+        );
         assert_eq!(out[1].label, "c0");
-        assert_eq!(out[1].bbox, BoundingBox { x_min: 64.0, y_min: 0.0, x_max: 128.0, y_max: 32.0 });
+        assert_eq!(
+            out[1].bbox,
+            BoundingBox {
+                x_min: 64.0,
+                y_min: 0.0,
+                x_max: 128.0,
+                y_max: 32.0
+            }
+        );
     }
 
     #[test]
     fn overlapping_same_class_anchors_are_merged() {
-        let tensors = synthetic(3, &[(0, 10, 1, 0.9, [1, 1, 1, 1]), (0, 11, 1, 0.8, [2, 1, 0, 1])]);
+        let tensors = synthetic(
+            3,
+            &[(0, 10, 1, 0.9, [1, 1, 1, 1]), (0, 11, 1, 0.8, [2, 1, 0, 1])],
+        );
         let out = decode_nanodet(&raw(&tensors), &labels(3), &params(), GEOMETRY).unwrap();
         assert_eq!(out.len(), 1);
         let mut p = params();
         p.max_detections = 1;
-        let tensors = synthetic(3, &[(0, 0, 1, 0.9, [1, 1, 1, 1]), (0, 31, 1, 0.8, [1, 1, 1, 1])]);
-        assert_eq!(decode_nanodet(&raw(&tensors), &labels(3), &p, GEOMETRY).unwrap().len(), 1);
+        let tensors = synthetic(
+            3,
+            &[(0, 0, 1, 0.9, [1, 1, 1, 1]), (0, 31, 1, 0.8, [1, 1, 1, 1])],
+        );
+        assert_eq!(
+            decode_nanodet(&raw(&tensors), &labels(3), &p, GEOMETRY)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -390,14 +459,29 @@ mod tests {
         // A missing box tensor.
         check(&all[1..], 3, "one box output per class-score output");
         // Wrong rank / data length.
-        let bad = [RawTensor { name: "x", shape: &[1, 32], data: &[0.0; 32] }];
+        let bad = [RawTensor {
+            name: "x",
+            shape: &[1, 32],
+            data: &[0.0; 32],
+        }];
         check(&bad, 3, "expected [1, anchors, values]");
-        let bad = [RawTensor { name: "x", shape: &[1, 32, 3], data: &[0.0; 5] }];
+        let bad = [RawTensor {
+            name: "x",
+            shape: &[1, 32, 3],
+            data: &[0.0; 5],
+        }];
         check(&bad, 3, "expected [1, anchors, values]");
-        let bad = [RawTensor { name: "x", shape: &[1, -1, 3], data: &[] }];
+        let bad = [RawTensor {
+            name: "x",
+            shape: &[1, -1, 3],
+            data: &[],
+        }];
         check(&bad, 3, "expected [1, anchors, values]");
         // Anchor count that fits no stride.
-        let odd = [(vec![1, 7, 44], vec![0.0; 7 * 44]), (vec![1, 7, 3], vec![0.0; 21])];
+        let odd = [
+            (vec![1, 7, 44], vec![0.0; 7 * 44]),
+            (vec![1, 7, 3], vec![0.0; 21]),
+        ];
         check(&raw(&odd), 3, "matches no stride");
         // Same last dimension for scores and boxes: cannot tell them apart.
         let tensors = synthetic(44, &[]);
@@ -413,6 +497,10 @@ mod tests {
         assert!(out.is_empty());
         let mut tensors = synthetic(3, &[]);
         tensors[1].1.iter_mut().for_each(|v| *v = f32::NAN);
-        assert!(decode_nanodet(&raw(&tensors), &labels(3), &params(), GEOMETRY).unwrap().is_empty());
+        assert!(
+            decode_nanodet(&raw(&tensors), &labels(3), &params(), GEOMETRY)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

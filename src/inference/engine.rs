@@ -5,6 +5,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use image::DynamicImage;
+use ort::environment::Environment;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
@@ -16,10 +17,6 @@ use super::output::ModelOutput;
 use super::preprocess::preprocess;
 use super::{InferenceError, runtime};
 
-/// The execution provider sessions are created with. Only the CPU one for now; a GPU
-/// provider would be chosen here (and logged the same way).
-const EXECUTION_PROVIDER: &str = "CPUExecutionProvider";
-
 /// How sessions are created.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineOptions {
@@ -27,6 +24,26 @@ pub struct EngineOptions {
     /// decide (one per physical core). With several images processed concurrently, a
     /// small number avoids oversubscribing the CPU.
     pub intra_threads: usize,
+    /// Where the models run.
+    pub execution_provider: ExecutionProvider,
+}
+
+/// ONNX Runtime execution provider of every session. Only the CPU for now; accelerators
+/// would be added here (they need an onnxruntime build that ships them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExecutionProvider {
+    #[default]
+    Cpu,
+}
+
+impl ExecutionProvider {
+    /// ONNX Runtime's name of the provider, as logged.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "CPUExecutionProvider",
+        }
+    }
 }
 
 struct LoadedModel {
@@ -39,11 +56,14 @@ struct LoadedModel {
 /// Loaded models, ready to run. `Send + Sync`: share it behind an `Arc`.
 pub struct Engine {
     models: BTreeMap<String, LoadedModel>,
+    execution_provider: ExecutionProvider,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("models", &self.models.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Engine")
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -64,7 +84,11 @@ impl Engine {
         } else {
             models
                 .iter()
-                .map(|name| catalog.get(name).ok_or_else(|| InferenceError::UnknownModel(name.clone())))
+                .map(|name| {
+                    catalog
+                        .get(name)
+                        .ok_or_else(|| InferenceError::UnknownModel(name.clone()))
+                })
                 .collect::<Result<_, _>>()?
         };
 
@@ -74,34 +98,33 @@ impl Engine {
                 continue;
             }
             let started = Instant::now();
-            let load_error = |message: String| InferenceError::ModelLoad { model: spec.name.clone(), message };
-            let session = Session::builder(&environment)
-                .and_then(|builder| {
-                    Ok(builder
-                        .with_execution_providers([ort::ep::CPU::default()
-                            .with_arena_allocator(true)
-                            .build()
-                            .error_on_failure()])?
-                        .with_optimization_level(GraphOptimizationLevel::All)?
-                        .with_intra_threads(opts.intra_threads)?
-                        .commit_from_file(&spec.model_path)?)
-                })
+            let load_error = |message: String| InferenceError::ModelLoad {
+                model: spec.name.clone(),
+                message,
+            };
+            let session = create_session(&environment, spec, opts)
                 .map_err(|e| load_error(format!("{}: {e}", spec.model_path.display())))?;
             check_signature(&session, spec)?;
             tracing::info!(
                 model = %spec.name,
                 file = %spec.model_path.display(),
-                execution_provider = EXECUTION_PROVIDER,
+                execution_provider = opts.execution_provider.name(),
                 intra_threads = opts.intra_threads,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "model loaded"
             );
             loaded.insert(
                 spec.name.clone(),
-                LoadedModel { spec: spec.clone(), session: Mutex::new(session) },
+                LoadedModel {
+                    spec: spec.clone(),
+                    session: Mutex::new(session),
+                },
             );
         }
-        Ok(Engine { models: loaded })
+        Ok(Engine {
+            models: loaded,
+            execution_provider: opts.execution_provider,
+        })
     }
 
     /// Names of the loaded models, sorted.
@@ -129,14 +152,23 @@ impl Engine {
             .map_err(|e| InferenceError::Internal(format!("input tensor: {e}")))?;
         // A panic cannot happen while the lock is held (everything below returns
         // errors), but if one did the session is still usable: ignore poisoning.
-        let mut session = loaded.session.lock().unwrap_or_else(PoisonError::into_inner);
-        let outputs = session.run(ort::inputs![tensor]).map_err(|e| InferenceError::Inference {
-            model: model.to_string(),
-            message: e.to_string(),
-        })?;
+        let mut session = loaded
+            .session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let locked = Instant::now();
+        let outputs = session
+            .run(ort::inputs![tensor])
+            .map_err(|e| InferenceError::Inference {
+                model: model.to_string(),
+                message: e.to_string(),
+            })?;
         let inferred = Instant::now();
 
-        let unexpected = |message: String| InferenceError::UnexpectedOutput { model: model.to_string(), message };
+        let unexpected = |message: String| InferenceError::UnexpectedOutput {
+            model: model.to_string(),
+            message,
+        };
         // Owned values (still runtime memory, no copy) so the tensors can borrow them.
         let outputs: Vec<(&str, DynValue)> = outputs.into_iter().collect();
         let mut tensors = Vec::with_capacity(outputs.len());
@@ -156,15 +188,25 @@ impl Engine {
                 };
                 let detections =
                     decode_nanodet(&tensors, &spec.labels, params, geometry).map_err(unexpected)?;
-                ModelOutput { detections, classes: Vec::new() }
+                ModelOutput {
+                    detections,
+                    classes: Vec::new(),
+                }
             }
             TaskSpec::Classification(params) => {
                 let [logits] = tensors.as_slice() else {
-                    return Err(unexpected(format!("expected one output, got {}", tensors.len())));
+                    return Err(unexpected(format!(
+                        "expected one output, got {}",
+                        tensors.len()
+                    )));
                 };
-                let classes = decode_classification(logits.shape, logits.data, &spec.labels, params)
-                    .map_err(unexpected)?;
-                ModelOutput { detections: Vec::new(), classes }
+                let classes =
+                    decode_classification(logits.shape, logits.data, &spec.labels, params)
+                        .map_err(unexpected)?;
+                ModelOutput {
+                    detections: Vec::new(),
+                    classes,
+                }
             }
         };
         drop(outputs);
@@ -172,16 +214,36 @@ impl Engine {
 
         tracing::debug!(
             model,
-            execution_provider = EXECUTION_PROVIDER,
+            execution_provider = self.execution_provider.name(),
             width = image.width(),
             height = image.height(),
             preprocess_ms = ms(preprocessed - started),
-            inference_ms = ms(inferred - preprocessed),
+            queued_ms = ms(locked - preprocessed),
+            inference_ms = ms(inferred - locked),
             postprocess_ms = ms(inferred.elapsed()),
             "inference done"
         );
         Ok(output)
     }
+}
+
+fn create_session(
+    environment: &Environment,
+    spec: &ModelSpec,
+    opts: &EngineOptions,
+) -> ort::Result<Session> {
+    // The CPU provider is registered explicitly (with ONNX Runtime's default arena) so a
+    // failure is an error rather than a silent fallback, and so the provider is one
+    // visible choice here.
+    let cpu = ort::ep::CPU::default()
+        .with_arena_allocator(true)
+        .build()
+        .error_on_failure();
+    Session::builder(environment)?
+        .with_execution_providers([cpu])?
+        .with_optimization_level(GraphOptimizationLevel::All)?
+        .with_intra_threads(opts.intra_threads)?
+        .commit_from_file(&spec.model_path)
 }
 
 fn ms(duration: std::time::Duration) -> f64 {
@@ -190,16 +252,33 @@ fn ms(duration: std::time::Duration) -> f64 {
 
 /// Checks the model's input and outputs against its catalog entry.
 fn check_signature(session: &Session, spec: &ModelSpec) -> Result<(), InferenceError> {
-    let load_error = |message: String| InferenceError::ModelLoad { model: spec.name.clone(), message };
+    let load_error = |message: String| InferenceError::ModelLoad {
+        model: spec.name.clone(),
+        message,
+    };
 
     let [input] = session.inputs() else {
-        return Err(load_error(format!("expected exactly one input, found {}", session.inputs().len())));
+        return Err(load_error(format!(
+            "expected exactly one input, found {}",
+            session.inputs().len()
+        )));
     };
-    let expected = [1, 3, i64::from(spec.preprocessing.height), i64::from(spec.preprocessing.width)];
+    let expected = [
+        1,
+        3,
+        i64::from(spec.preprocessing.height),
+        i64::from(spec.preprocessing.width),
+    ];
     match input.dtype() {
-        ValueType::Tensor { ty: TensorElementType::Float32, shape, .. }
-            if shape.len() == 4
-                && shape.iter().zip(expected).all(|(&actual, wanted)| actual == wanted || actual < 0) => {}
+        ValueType::Tensor {
+            ty: TensorElementType::Float32,
+            shape,
+            ..
+        } if shape.len() == 4
+            && shape
+                .iter()
+                .zip(expected)
+                .all(|(&actual, wanted)| actual == wanted || actual < 0) => {}
         other => {
             return Err(load_error(format!(
                 "input `{}` is {other:?}; the catalog describes float32 {expected:?} (NCHW)",

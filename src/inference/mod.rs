@@ -26,7 +26,7 @@ pub use catalog::{
     Preprocessing, Resize, TaskSpec,
 };
 pub use decode::{DecodeLimits, decode_image};
-pub use engine::{Engine, EngineOptions};
+pub use engine::{Engine, EngineOptions, ExecutionProvider};
 pub use output::{BoundingBox, ClassScore, Detection, ModelOutput};
 pub use runtime::{default_runtime_path, init_runtime};
 
@@ -49,7 +49,11 @@ pub enum InferenceError {
     #[error(
         "model `{model}`: its labels file has {labels} labels but the model outputs {model_classes} classes"
     )]
-    LabelCountMismatch { model: String, labels: usize, model_classes: String },
+    LabelCountMismatch {
+        model: String,
+        labels: usize,
+        model_classes: String,
+    },
 
     /// A model name that is not in the catalog (or was not loaded into the engine).
     #[error("unknown model `{0}`")]
@@ -70,7 +74,11 @@ pub enum InferenceError {
 
     /// The image header announces more pixels than allowed; nothing was decoded.
     #[error("image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")]
-    ImageTooLarge { width: u32, height: u32, max_pixels: u64 },
+    ImageTooLarge {
+        width: u32,
+        height: u32,
+        max_pixels: u64,
+    },
 
     /// A decoded image that cannot be processed (e.g. zero width).
     #[error("invalid image: {0}")]
@@ -126,7 +134,9 @@ mod tests {
 
     #[test]
     fn categories_are_stable_and_input_errors_flagged() {
-        let unsupported = InferenceError::UnsupportedFormat { detected: Some("gif".into()) };
+        let unsupported = InferenceError::UnsupportedFormat {
+            detected: Some("gif".into()),
+        };
         assert_eq!(unsupported.category(), "unsupported_format");
         assert!(unsupported.is_input_error());
         assert_eq!(
@@ -141,6 +151,9 @@ mod tests {
         let runtime = InferenceError::Runtime("missing".into());
         assert_eq!(runtime.category(), "runtime_unavailable");
         assert!(!runtime.is_input_error());
-        assert_eq!(InferenceError::UnknownModel("x".into()).category(), "unknown_model");
+        assert_eq!(
+            InferenceError::UnknownModel("x".into()).category(),
+            "unknown_model"
+        );
     }
 }

@@ -78,7 +78,12 @@ mod tests {
             detections: vec![Detection {
                 label: "cup".into(),
                 confidence: 0.5223,
-                bbox: BoundingBox { x_min: 1.0, y_min: 2.0, x_max: 3.0, y_max: 4.0 },
+                bbox: BoundingBox {
+                    x_min: 1.0,
+                    y_min: 2.0,
+                    x_max: 3.0,
+                    y_max: 4.0,
+                },
             }],
             classes: vec![],
         };

@@ -44,9 +44,16 @@ pub(crate) fn preprocess(
     let (width, height) = (spec.width as usize, spec.height as usize);
     let plan = plan_resize(rgb.width(), rgb.height(), spec);
 
-    if (plan.resized_width, plan.resized_height) == (u64::from(rgb.width()), u64::from(rgb.height())) {
+    if (plan.resized_width, plan.resized_height)
+        == (u64::from(rgb.width()), u64::from(rgb.height()))
+    {
         // Already the right size: only crop.
-        let window = Window { left: plan.left as usize, top: plan.top as usize, width, height };
+        let window = Window {
+            left: plan.left as usize,
+            top: plan.top as usize,
+            width,
+            height,
+        };
         return normalize_nchw(rgb.as_raw(), rgb.width() as usize, window, spec);
     }
 
@@ -63,7 +70,12 @@ pub(crate) fn preprocess(
         height: f64::from(spec.height) * scale_y,
     };
     let resized = resize_bilinear(&rgb, src_box, spec.width, spec.height)?;
-    let window = Window { left: 0, top: 0, width, height };
+    let window = Window {
+        left: 0,
+        top: 0,
+        width,
+        height,
+    };
     normalize_nchw(resized.buffer(), width, window, spec)
 }
 
@@ -133,7 +145,12 @@ fn normalize_nchw(
     window: Window,
     spec: &Preprocessing,
 ) -> Result<Array4<f32>, InferenceError> {
-    let Window { left, top, width, height } = window;
+    let Window {
+        left,
+        top,
+        width,
+        height,
+    } = window;
     let (mean, std) = (spec.mean, spec.std);
     let row_bytes = row_width * 3;
     let rows_available = rgb.len().checked_div(row_bytes).unwrap_or(0);
@@ -150,12 +167,22 @@ fn normalize_nchw(
     // Pick the destination plane and constants of each source channel once, so the
     // per-pixel loop has no branches.
     let (r_plane, g_plane, b_plane, r_norm, g_norm, b_norm) = match spec.channel_order {
-        ChannelOrder::Rgb => {
-            (first, second, third, (mean[0], std[0]), (mean[1], std[1]), (mean[2], std[2]))
-        }
-        ChannelOrder::Bgr => {
-            (third, second, first, (mean[2], std[2]), (mean[1], std[1]), (mean[0], std[0]))
-        }
+        ChannelOrder::Rgb => (
+            first,
+            second,
+            third,
+            (mean[0], std[0]),
+            (mean[1], std[1]),
+            (mean[2], std[2]),
+        ),
+        ChannelOrder::Bgr => (
+            third,
+            second,
+            first,
+            (mean[2], std[2]),
+            (mean[1], std[1]),
+            (mean[0], std[0]),
+        ),
     };
 
     let rows = rgb.chunks_exact(row_bytes).skip(top).take(height);
@@ -200,7 +227,9 @@ mod tests {
 
     /// 4x2 image where pixel (x, y) = (10x + y, 100 + x, 200 + y).
     fn tiny() -> RgbImage {
-        RgbImage::from_fn(4, 2, |x, y| Rgb([(10 * x + y) as u8, (100 + x) as u8, (200 + y) as u8]))
+        RgbImage::from_fn(4, 2, |x, y| {
+            Rgb([(10 * x + y) as u8, (100 + x) as u8, (200 + y) as u8])
+        })
     }
 
     #[test]
@@ -236,7 +265,12 @@ mod tests {
     #[test]
     fn center_crop_takes_the_middle() {
         let buffer: Vec<u8> = (0..6 * 4).flat_map(|i| [i as u8, 0, 0]).collect();
-        let window = Window { left: 1, top: 1, width: 4, height: 2 };
+        let window = Window {
+            left: 1,
+            top: 1,
+            width: 4,
+            height: 2,
+        };
         let s = spec(4, 2, Resize::Stretch, ChannelOrder::Rgb);
         let tensor = normalize_nchw(&buffer, 6, window, &s).unwrap();
         assert_eq!(tensor.shape(), &[1, 3, 2, 4]);
@@ -248,16 +282,31 @@ mod tests {
     fn window_outside_buffer_is_an_error_not_a_panic() {
         let buffer = vec![0u8; 4 * 2 * 3];
         let s = spec(4, 2, Resize::Stretch, ChannelOrder::Rgb);
-        let window = Window { left: 1, top: 0, width: 4, height: 2 };
+        let window = Window {
+            left: 1,
+            top: 0,
+            width: 4,
+            height: 2,
+        };
         assert!(normalize_nchw(&buffer, 4, window, &s).is_err());
-        let window = Window { left: 0, top: 1, width: 4, height: 2 };
+        let window = Window {
+            left: 0,
+            top: 1,
+            width: 4,
+            height: 2,
+        };
         assert!(normalize_nchw(&buffer, 4, window, &s).is_err());
         assert!(normalize_nchw(&[], 0, window, &s).is_err());
     }
 
     #[test]
     fn plan_keeps_aspect_ratio_and_centres_the_crop() {
-        let crop = spec(224, 224, Resize::ShorterSideCenterCrop { shorter_side: 256 }, ChannelOrder::Rgb);
+        let crop = spec(
+            224,
+            224,
+            Resize::ShorterSideCenterCrop { shorter_side: 256 },
+            ChannelOrder::Rgb,
+        );
         let plan = |w, h| {
             let p = plan_resize(w, h, &crop);
             (p.resized_width, p.resized_height, p.left, p.top)
@@ -269,22 +318,61 @@ mod tests {
         // Extreme aspect ratios are only planned, never allocated.
         assert_eq!(plan(100_000, 1), (25_600_000, 256, 12_799_888, 16));
         let stretch = spec(416, 416, Resize::Stretch, ChannelOrder::Rgb);
-        assert_eq!(plan_resize(640, 427, &stretch), ResizePlan { resized_width: 416, resized_height: 416, left: 0, top: 0 });
+        assert_eq!(
+            plan_resize(640, 427, &stretch),
+            ResizePlan {
+                resized_width: 416,
+                resized_height: 416,
+                left: 0,
+                top: 0
+            }
+        );
     }
 
     #[test]
     fn cropped_resize_equals_resize_then_crop() {
         // A textured image so that kernel support outside the crop region matters.
-        let src = RgbImage::from_fn(61, 40, |x, y| Rgb([(x * 37 % 251) as u8, (y * 53 % 241) as u8, ((x * y) % 256) as u8]));
-        let s = spec(20, 20, Resize::ShorterSideCenterCrop { shorter_side: 24 }, ChannelOrder::Rgb);
+        let src = RgbImage::from_fn(61, 40, |x, y| {
+            Rgb([
+                (x * 37 % 251) as u8,
+                (y * 53 % 241) as u8,
+                ((x * y) % 256) as u8,
+            ])
+        });
+        let s = spec(
+            20,
+            20,
+            Resize::ShorterSideCenterCrop { shorter_side: 24 },
+            ChannelOrder::Rgb,
+        );
         let fast = preprocess(&DynamicImage::ImageRgb8(src.clone()), &s).unwrap();
 
         let plan = plan_resize(61, 40, &s);
         assert_eq!((plan.resized_width, plan.resized_height), (37, 24));
-        let full = resize_bilinear(&src, CropBox { left: 0.0, top: 0.0, width: 61.0, height: 40.0 }, 37, 24).unwrap();
-        let window = Window { left: plan.left as usize, top: plan.top as usize, width: 20, height: 20 };
+        let full = resize_bilinear(
+            &src,
+            CropBox {
+                left: 0.0,
+                top: 0.0,
+                width: 61.0,
+                height: 40.0,
+            },
+            37,
+            24,
+        )
+        .unwrap();
+        let window = Window {
+            left: plan.left as usize,
+            top: plan.top as usize,
+            width: 20,
+            height: 20,
+        };
         let slow = normalize_nchw(full.buffer(), 37, window, &s).unwrap();
-        let max_diff = fast.iter().zip(slow.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let max_diff = fast
+            .iter()
+            .zip(slow.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         // Fixed-point rounding may differ by one level at most.
         assert!(max_diff <= 1.0, "max diff {max_diff}");
     }
@@ -292,16 +380,35 @@ mod tests {
     #[test]
     fn huge_aspect_ratio_does_not_allocate_the_full_resize() {
         let image = DynamicImage::ImageRgb8(RgbImage::from_pixel(20_000, 2, Rgb([1, 2, 3])));
-        let s = spec(224, 224, Resize::ShorterSideCenterCrop { shorter_side: 256 }, ChannelOrder::Rgb);
+        let s = spec(
+            224,
+            224,
+            Resize::ShorterSideCenterCrop { shorter_side: 256 },
+            ChannelOrder::Rgb,
+        );
         let tensor = preprocess(&image, &s).unwrap();
         assert_eq!(tensor.shape(), &[1, 3, 224, 224]);
-        assert!(tensor.slice(ndarray::s![0, 2, .., ..]).iter().all(|v| *v == 3.0));
+        assert!(
+            tensor
+                .slice(ndarray::s![0, 2, .., ..])
+                .iter()
+                .all(|v| *v == 3.0)
+        );
     }
 
     #[test]
     fn uniform_image_stays_uniform_through_resize_and_crop() {
-        let image = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(37, 23, image::Rgba([10, 20, 30, 0])));
-        let mut s = spec(8, 8, Resize::ShorterSideCenterCrop { shorter_side: 10 }, ChannelOrder::Rgb);
+        let image = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
+            37,
+            23,
+            image::Rgba([10, 20, 30, 0]),
+        ));
+        let mut s = spec(
+            8,
+            8,
+            Resize::ShorterSideCenterCrop { shorter_side: 10 },
+            ChannelOrder::Rgb,
+        );
         s.mean = [10.0, 20.0, 30.0];
         let tensor = preprocess(&image, &s).unwrap();
         assert_eq!(tensor.shape(), &[1, 3, 8, 8]);
@@ -310,13 +417,20 @@ mod tests {
         let s = spec(64, 48, Resize::Stretch, ChannelOrder::Bgr);
         let tensor = preprocess(&image, &s).unwrap();
         assert_eq!(tensor.shape(), &[1, 3, 48, 64]);
-        assert!(tensor.slice(ndarray::s![0, 0, .., ..]).iter().all(|v| *v == 30.0));
+        assert!(
+            tensor
+                .slice(ndarray::s![0, 0, .., ..])
+                .iter()
+                .all(|v| *v == 30.0)
+        );
     }
 
     #[test]
     fn bilinear_downscale_averages() {
         // Halving a 2x1 black/white image with a bilinear kernel averages both pixels.
-        let image = DynamicImage::ImageRgb8(RgbImage::from_fn(2, 1, |x, _| Rgb([if x == 0 { 0 } else { 200 }; 3])));
+        let image = DynamicImage::ImageRgb8(RgbImage::from_fn(2, 1, |x, _| {
+            Rgb([if x == 0 { 0 } else { 200 }; 3])
+        }));
         let tensor = preprocess(&image, &spec(1, 1, Resize::Stretch, ChannelOrder::Rgb)).unwrap();
         assert_eq!(tensor[[0, 0, 0, 0]], 100.0);
     }

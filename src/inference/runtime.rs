@@ -111,7 +111,11 @@ pub fn init_runtime(dylib: Option<&Path>) -> Result<(), InferenceError> {
 /// The process-wide environment, loading the runtime from [`default_runtime_path`] first
 /// if [`init_runtime`] was not called.
 pub(crate) fn environment() -> Result<Environment, InferenceError> {
-    if let Some(runtime) = RUNTIME.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+    if let Some(runtime) = RUNTIME
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+    {
         return Ok(runtime.environment.clone());
     }
     init_runtime(None)?;
@@ -130,13 +134,18 @@ mod tests {
     #[test]
     fn finds_library_in_a_venv_layout() {
         let dir = tempfile::tempdir().unwrap();
-        let capi = dir.path().join(".venv/lib/python3.11/site-packages/onnxruntime/capi");
+        let capi = dir
+            .path()
+            .join(".venv/lib/python3.11/site-packages/onnxruntime/capi");
         std::fs::create_dir_all(&capi).unwrap();
         assert_eq!(find_in_venv(&dir.path().join(".venv")), None);
         std::fs::write(capi.join("libonnxruntime_providers_shared.so"), b"").unwrap();
         assert_eq!(find_in_venv(&dir.path().join(".venv")), None);
         std::fs::write(capi.join("libonnxruntime.so.1.32.0"), b"").unwrap();
-        assert_eq!(find_in_venv(&dir.path().join(".venv")), Some(capi.join("libonnxruntime.so.1.32.0")));
+        assert_eq!(
+            find_in_venv(&dir.path().join(".venv")),
+            Some(capi.join("libonnxruntime.so.1.32.0"))
+        );
         assert_eq!(find_in_venv(&dir.path().join("missing")), None);
     }
 }

@@ -277,6 +277,9 @@ impl ControlPlane {
                     sa_key.display()
                 ))
                 .arg("--bind-address=127.0.0.1")
+                // 1.20 also serves an insecure port (10252) by default; several control
+                // planes side by side need it off.
+                .arg("--port=0")
                 .arg(format!("--secure-port={}", ports.controller_manager));
             self.spawn(KUBE_CONTROLLER_MANAGER, kcm, &logs)?;
             self.wait_for_port(

@@ -999,12 +999,20 @@ async fn service_account_kubeconfig(
     }
     let sa_name = service_account_name(pod);
     let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    // Bind the token to the pod (it dies with it) when the pod names its ServiceAccount; the
+    // API server refuses the binding for pods that leave it to defaulting (no admission
+    // plugin fills it in here), and those get an unbound, expiring token.
+    let names_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .is_some_and(|n| n == sa_name);
     let request = TokenRequest {
         metadata: ObjectMeta::default(),
         spec: TokenRequestSpec {
             audiences: Vec::new(),
             expiration_seconds: Some(TOKEN_SECONDS),
-            bound_object_ref: Some(BoundObjectReference {
+            bound_object_ref: names_account.then(|| BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
                 name: Some(key.name.clone()),
@@ -1034,7 +1042,7 @@ async fn service_account_kubeconfig(
                     "minting a token for serviceaccount {}/{sa_name}: {e}",
                     key.namespace
                 ),
-                true,
+                is_transient(&e),
             ));
         }
     };
@@ -1048,6 +1056,14 @@ async fn service_account_kubeconfig(
     write_token_kubeconfig(&path, &ctx.server_url, &ctx.trust, &token, &key.namespace)
         .map_err(|e| Refusal::config(e.to_string(), false))?;
     Ok(Some(path))
+}
+
+/// Whether retrying a failed call may help (not for requests the server rejects as invalid).
+fn is_transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => !(400..500).contains(&s.code) || matches!(s.code, 404 | 409 | 429),
+        _ => true,
+    }
 }
 
 async fn create_default_service_account(accounts: &Api<ServiceAccount>) {

@@ -1,0 +1,290 @@
+//! The whole path against a real control plane: REST -> ImageGroup -> Job -> node agent ->
+//! `kinsight worker` (ONNX Runtime) -> ImageResults -> status, aggregate -> signed webhooks.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{Harness, of_type};
+use k8s_openapi::api::batch::v1::Job;
+use kinsight::crd::{ImageGroup, ImageResult};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use serde_json::json;
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_image_and_group_end_to_end() {
+    let mut h = Harness::start("tenant-e2e").await;
+
+    // One image: coffee.png must come back with a cup.
+    let (status, body) = h
+        .post(
+            "/v1/images",
+            json!({
+                "url": h.photo_url("coffee.png"),
+                "models": ["object_detection"],
+                "webhookUrl": h.hook_url,
+                "metadata": { "listing": "42" }
+            }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let image_id = body["id"].as_str().expect("id").to_owned();
+    assert!(image_id.starts_with("img-"));
+
+    let events = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+        .await;
+    let completed = of_type(&events, "image.completed");
+    assert_eq!(completed.len(), 1, "{events:#?}");
+    let data = &completed[0].payload["data"];
+    assert_eq!(data["groupId"], image_id.as_str());
+    assert_eq!(data["metadata"]["listing"], "42");
+    assert_eq!(data["width"], 600);
+    let detections = data["results"]["object_detection"]["detections"].as_array().expect("detections");
+    let cup = detections.iter().find(|d| d["label"] == "cup").expect("a cup in coffee.png");
+    assert!((cup["confidence"].as_f64().unwrap_or(0.0) - 0.522).abs() < 0.05, "{cup}");
+    // The group event follows the image event and carries the aggregate.
+    let group_event = of_type(&events, "image_group.completed")[0];
+    assert!(group_event.payload["data"]["sequence"].as_u64() > data["sequence"].as_u64());
+    assert_eq!(group_event.payload["data"]["aggregate"]["objects"][0]["label"], "cup");
+
+    // Polling gives the same answer.
+    let (status, polled) = h.get(&format!("/v1/images/{image_id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(polled["status"], "completed");
+    assert!(polled["results"]["object_detection"]["detections"].as_array().is_some_and(|d| d.iter().any(|d| d["label"] == "cup")));
+
+    // A group of all four photos through both models.
+    let images: Vec<_> = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
+        .iter()
+        .map(|n| json!({ "url": h.photo_url(n), "metadata": { "file": n } }))
+        .collect();
+    let (status, body) = h
+        .post(
+            "/v1/image-groups",
+            json!({
+                "images": images,
+                "models": ["object_detection", "image_classification"],
+                "webhookUrl": h.hook_url,
+                "metadata": { "batch": "b1" }
+            }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let group_id = body["id"].as_str().expect("id").to_owned();
+    let events = h
+        .collect_webhooks(LIMIT, |e| of_type(e, "image_group.completed").iter().any(|g| g.payload["data"]["groupId"] == group_id.as_str()))
+        .await;
+    let mut image_events: Vec<_> = of_type(&events, "image.completed")
+        .into_iter()
+        .filter(|e| e.payload["data"]["groupId"] == group_id.as_str())
+        .collect();
+    // Delivery is at least once; receivers dedupe on webhook-id.
+    image_events.sort_by_key(|e| e.id.clone());
+    image_events.dedup_by_key(|e| e.id.clone());
+    assert_eq!(image_events.len(), 4, "one event per image");
+    let by_file: HashMap<String, &serde_json::Value> = image_events
+        .iter()
+        .map(|e| (e.payload["data"]["metadata"]["file"].as_str().unwrap_or_default().to_owned(), &e.payload["data"]))
+        .collect();
+    let top_class = |file: &str| by_file[file]["results"]["image_classification"]["classes"][0]["label"].clone();
+    assert_eq!(top_class("coffee.png"), "espresso");
+    assert_eq!(top_class("rocket.jpg"), "missile");
+    assert_eq!(by_file["rocket.jpg"]["results"]["object_detection"].get("detections"), None, "no objects on the rocket photo");
+    let group_event = of_type(&events, "image_group.completed")
+        .into_iter()
+        .find(|e| e.payload["data"]["groupId"] == group_id.as_str())
+        .expect("group event");
+    let group_data = &group_event.payload["data"];
+    assert_eq!(group_data["imagesDone"], 4);
+    assert_eq!(group_data["metadata"]["batch"], "b1");
+    let labels: HashSet<&str> = group_data["aggregate"]["objects"].as_array().expect("objects").iter().filter_map(|o| o["label"].as_str()).collect();
+    assert!(labels.contains("cup") && labels.contains("person") && labels.contains("cat"), "{labels:?}");
+    let max_image_seq = image_events.iter().filter_map(|e| e.payload["data"]["sequence"].as_u64()).max();
+    assert!(group_data["sequence"].as_u64() > max_image_seq, "group event comes after its image events");
+
+    let (status, polled) = h.get(&format!("/v1/image-groups/{group_id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(polled["status"], "completed");
+    assert_eq!(polled["imagesDone"], 4);
+    assert_eq!(polled["images"].as_array().map(Vec::len), Some(4));
+
+    // What kubectl users see: status conditions, the owned Job, the owned results.
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    let group = groups.get(&group_id).await.expect("group");
+    let status = group.status.expect("status");
+    assert_eq!(status.observed_generation, group.metadata.generation);
+    let completed = status.conditions.iter().find(|c| c.type_ == "Completed").expect("Completed condition");
+    assert_eq!(completed.status, "True");
+    assert_eq!(completed.observed_generation, group.metadata.generation);
+    let delivered = status.conditions.iter().find(|c| c.type_ == "WebhooksDelivered").expect("WebhooksDelivered");
+    assert_eq!(delivered.status, "True");
+    let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
+    let job = jobs.get(&status.jobs[0]).await.expect("job");
+    let labels = job.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("kinsight-controller"));
+    let owner = &job.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(owner.kind, "ImageGroup");
+    assert_eq!(owner.name, group_id);
+    let results: Api<ImageResult> = Api::namespaced(h.client.clone(), &h.namespace);
+    let owned = results.list(&ListParams::default().labels(&format!("kinsight.io/group={group_id}"))).await.expect("results");
+    assert_eq!(owned.items.len(), 4);
+
+    if let Some(kubeconfig) = h.cluster.control_plane().map(|cp| cp.kubeconfig_path().to_path_buf()) {
+        if let Ok(out) = std::process::Command::new("kubectl")
+            .args(["--kubeconfig"]).arg(&kubeconfig)
+            .args(["get", "imagegroups", "-n", &h.namespace])
+            .output()
+        {
+            let table = String::from_utf8_lossy(&out.stdout);
+            assert!(table.contains("PHASE") && table.contains("DONE") && table.contains("TOTAL") && table.contains("AGE"), "{table}");
+            assert!(table.lines().any(|l| l.starts_with(&group_id) && l.contains("Completed") && l.contains(" 4 ")), "{table}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_loses_nothing() {
+    let mut h = Harness::start("tenant-bad").await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/images", h.api_url);
+    let valid = json!({ "url": h.photo_url("coffee.png"), "models": ["object_detection"] });
+
+    let missing = http.post(&url).json(&valid).send().await.expect("send");
+    assert_eq!(missing.status(), 401);
+    assert_eq!(missing.headers()["content-type"], "application/problem+json");
+    let wrong = http.post(&url).bearer_auth("not-a-key").json(&valid).send().await.expect("send");
+    assert_eq!(wrong.status(), 401);
+
+    let problem = |status: u16, body: &serde_json::Value, code: &str| {
+        assert_eq!(body["status"], status, "{body}");
+        assert_eq!(body["code"], code, "{body}");
+        assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
+    };
+    let (status, body) = h.post("/v1/images", json!({ "url": h.photo_url("coffee.png"), "models": ["teleport"] })).await;
+    assert_eq!(status, 422);
+    problem(422, &body, "invalid_request");
+    assert!(body["detail"].as_str().unwrap_or_default().contains("teleport"));
+    let (status, body) = h.post("/v1/images", json!({ "url": "file:///etc/passwd", "models": ["object_detection"] })).await;
+    assert_eq!(status, 422);
+    assert!(body["detail"].as_str().unwrap_or_default().contains("url"), "{body}");
+    let (status, body) = h.post("/v1/image-groups", json!({ "images": [], "models": ["object_detection"] })).await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = h.post("/v1/images", json!({ "url": h.photo_url("coffee.png"), "models": ["object_detection"], "surprise": 1 })).await;
+    assert_eq!(status, 422, "unknown fields are refused: {body}");
+
+    let malformed = http.post(&url).bearer_auth(&h.api_key).header("content-type", "application/json").body("{not json").send().await.expect("send");
+    assert_eq!(malformed.status(), 422);
+    let text = http.post(&url).bearer_auth(&h.api_key).header("content-type", "text/plain").body("hello").send().await.expect("send");
+    assert_eq!(text.status(), 415);
+    let huge = http
+        .post(&url)
+        .bearer_auth(&h.api_key)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(huge.status(), 413);
+    let (status, body) = h.get("/v1/images/img-doesnotexist").await;
+    assert_eq!(status, 404);
+    problem(404, &body, "not_found");
+
+    // Nothing of the refused requests became a group.
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    assert!(groups.list(&ListParams::default()).await.expect("list").items.is_empty());
+
+    // A group with one good and two bad images: the bad ones fail alone, with reasons.
+    let (status, body) = h
+        .post(
+            "/v1/image-groups",
+            json!({
+                "images": [
+                    { "id": "good", "url": h.photo_url("coffee.png") },
+                    { "id": "missing", "url": h.photo_url("nope.png") },
+                    { "id": "not-an-image", "url": h.photo_url("README.md") }
+                ],
+                "models": ["image_classification"],
+                "webhookUrl": h.hook_url
+            }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let events = h.collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty()).await;
+    let failed: HashMap<String, &serde_json::Value> = of_type(&events, "image.failed")
+        .into_iter()
+        .map(|e| (e.payload["data"]["imageId"].as_str().unwrap_or_default().to_owned(), &e.payload["data"]["failure"]))
+        .collect();
+    assert_eq!(failed.len(), 2, "{events:#?}");
+    assert_eq!(failed["missing"]["reason"], "DownloadHttpError");
+    assert_eq!(failed["not-an-image"]["reason"], "UnsupportedFormat");
+    assert_eq!(of_type(&events, "image.completed").len(), 1);
+    let group_data = &of_type(&events, "image_group.completed")[0].payload["data"];
+    assert_eq!(group_data["imagesDone"], 3);
+    assert_eq!(group_data["imagesFailed"], 2);
+
+    // kubectl users get the same validation, reported in status.
+    let group: ImageGroup = serde_json::from_value(json!({
+        "apiVersion": "kinsight.io/v1alpha1",
+        "kind": "ImageGroup",
+        "metadata": { "name": "from-kubectl" },
+        "spec": { "images": [{ "url": h.photo_url("coffee.png") }], "models": ["teleport"] }
+    }))
+    .expect("object");
+    groups.create(&PostParams::default(), &group).await.expect("create");
+    let mut reported = None;
+    for _ in 0..100 {
+        let g = groups.get("from-kubectl").await.expect("get");
+        if let Some(status) = g.status.filter(|s| s.observed_generation.is_some()) {
+            reported = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = reported.expect("the controller reports on the invalid group");
+    assert_eq!(status.phase, kinsight::crd::GroupPhase::Failed);
+    let accepted = status.conditions.iter().find(|c| c.type_ == "Accepted").expect("Accepted");
+    assert_eq!(accepted.status, "False");
+    assert_eq!(accepted.reason, "InvalidSpec");
+    assert!(accepted.message.contains("teleport"));
+    assert!(status.jobs.is_empty(), "no Job for an invalid group");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_restart_loses_no_event_and_duplicates_no_job() {
+    let mut h = Harness::start("tenant-restart").await;
+    let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
+    let images: Vec<_> = (0..8).map(|i| json!({ "id": format!("i{i}"), "url": h.photo_url(names[i % 4]) })).collect();
+    let (status, body) = h
+        .post("/v1/image-groups", json!({ "images": images, "models": ["object_detection", "image_classification"], "webhookUrl": h.hook_url }))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let group_id = body["id"].as_str().expect("id").to_owned();
+
+    // Kill the controller once the first image event arrived, mid-run, then start a new one.
+    let mut events = h.collect_webhooks(LIMIT, |e| !of_type(e, "image.completed").is_empty()).await;
+    h.kill_controller().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h.start_controller();
+    let rest = h.collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty()).await;
+    events.extend(rest);
+
+    let delivered: HashMap<String, HashSet<String>> = of_type(&events, "image.completed").iter().fold(HashMap::new(), |mut m, e| {
+        m.entry(e.payload["data"]["imageId"].as_str().unwrap_or_default().to_owned()).or_default().insert(e.id.clone());
+        m
+    });
+    assert_eq!(delivered.len(), 8, "every image event arrived: {delivered:?}");
+    assert!(delivered.values().all(|ids| ids.len() == 1), "a re-sent event keeps its webhook-id: {delivered:?}");
+
+    let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
+    let list = jobs.list(&ListParams::default().labels(&format!("kinsight.io/group={group_id}"))).await.expect("jobs");
+    assert_eq!(list.items.len(), 1, "exactly one Job for the group");
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    let status = groups.get(&group_id).await.expect("group").status.expect("status");
+    assert_eq!(status.images_done, 8);
+    assert_eq!(status.jobs.len(), 1);
+}
