@@ -69,7 +69,11 @@ struct ApiArgs {
     #[arg(long, env = "KINSIGHT_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
     /// Namespace holding the tenants' API-key Secrets.
-    #[arg(long, env = "KINSIGHT_KEYS_NAMESPACE", default_value = "kinsight-system")]
+    #[arg(
+        long,
+        env = "KINSIGHT_KEYS_NAMESPACE",
+        default_value = "kinsight-system"
+    )]
     keys_namespace: String,
 }
 
@@ -142,8 +146,9 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -192,12 +197,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Worker(args) => {
             let order = kinsight::worker::order_from_env()?;
             let client = kube::Client::try_default().await?;
-            let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+            let threads = args
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
             let options = WorkerOptions {
                 catalog: args.catalog.catalog,
                 fetch: FetchConfig::default(),
                 prefetch: args.prefetch,
-                engine: EngineOptions { intra_threads: threads, ..EngineOptions::default() },
+                engine: EngineOptions {
+                    intra_threads: threads,
+                    ..EngineOptions::default()
+                },
             };
             let store = kinsight::results::ResultStore::new(client);
             kinsight::worker::run(order, store, options).await?;
@@ -208,7 +218,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Some(b) => b,
                 None => std::env::current_exe()?,
             };
-            let options = kinsight::testbed::NodeAgentOptions::new(args.node_name, binary, args.log_dir);
+            let options =
+                kinsight::testbed::NodeAgentOptions::new(args.node_name, binary, args.log_dir);
             kinsight::testbed::node_agent::run(client, options).await?;
         }
         Command::Dev(args) => {
@@ -228,7 +239,9 @@ fn dev_options(args: DevArgs) -> anyhow::Result<DevOptions> {
     let state_dir = match args.state_dir {
         Some(dir) => dir,
         None => {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir);
             home.join(".cache/kinsight/dev-cluster")
         }
     };

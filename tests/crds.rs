@@ -9,15 +9,23 @@ fn crd_files_equal_the_generated_crds() {
         .arg("crd")
         .output()
         .expect("run kinsight crd");
-    assert!(output.status.success(), "kinsight crd failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "kinsight crd failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let generated = String::from_utf8(output.stdout).expect("utf-8 YAML");
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kinsight.yaml"))
-        .expect("read crds/kinsight.yaml");
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kinsight.yaml"))
+            .expect("read crds/kinsight.yaml");
     assert_eq!(
         committed, generated,
         "crds/kinsight.yaml is stale: run `cargo run -- crd > crds/kinsight.yaml`"
     );
     for kind in ["ImageGroup", "ImageResult", "WebhookSubscription"] {
-        assert!(generated.contains(&format!("kind: {kind}\n")), "{kind} missing");
+        assert!(
+            generated.contains(&format!("kind: {kind}\n")),
+            "{kind} missing"
+        );
     }
 }

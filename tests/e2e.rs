@@ -44,19 +44,34 @@ async fn single_image_and_group_end_to_end() {
     assert_eq!(data["groupId"], image_id.as_str());
     assert_eq!(data["metadata"]["listing"], "42");
     assert_eq!(data["width"], 600);
-    let detections = data["results"]["object_detection"]["detections"].as_array().expect("detections");
-    let cup = detections.iter().find(|d| d["label"] == "cup").expect("a cup in coffee.png");
-    assert!((cup["confidence"].as_f64().unwrap_or(0.0) - 0.522).abs() < 0.05, "{cup}");
+    let detections = data["results"]["object_detection"]["detections"]
+        .as_array()
+        .expect("detections");
+    let cup = detections
+        .iter()
+        .find(|d| d["label"] == "cup")
+        .expect("a cup in coffee.png");
+    assert!(
+        (cup["confidence"].as_f64().unwrap_or(0.0) - 0.522).abs() < 0.05,
+        "{cup}"
+    );
     // The group event follows the image event and carries the aggregate.
     let group_event = of_type(&events, "image_group.completed")[0];
     assert!(group_event.payload["data"]["sequence"].as_u64() > data["sequence"].as_u64());
-    assert_eq!(group_event.payload["data"]["aggregate"]["objects"][0]["label"], "cup");
+    assert_eq!(
+        group_event.payload["data"]["aggregate"]["objects"][0]["label"],
+        "cup"
+    );
 
     // Polling gives the same answer.
     let (status, polled) = h.get(&format!("/v1/images/{image_id}")).await;
     assert_eq!(status, 200);
     assert_eq!(polled["status"], "completed");
-    assert!(polled["results"]["object_detection"]["detections"].as_array().is_some_and(|d| d.iter().any(|d| d["label"] == "cup")));
+    assert!(
+        polled["results"]["object_detection"]["detections"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["label"] == "cup"))
+    );
 
     // A group of all four photos through both models.
     let images: Vec<_> = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
@@ -77,7 +92,11 @@ async fn single_image_and_group_end_to_end() {
     assert_eq!(status, 202, "{body}");
     let group_id = body["id"].as_str().expect("id").to_owned();
     let events = h
-        .collect_webhooks(LIMIT, |e| of_type(e, "image_group.completed").iter().any(|g| g.payload["data"]["groupId"] == group_id.as_str()))
+        .collect_webhooks(LIMIT, |e| {
+            of_type(e, "image_group.completed")
+                .iter()
+                .any(|g| g.payload["data"]["groupId"] == group_id.as_str())
+        })
         .await;
     let mut image_events: Vec<_> = of_type(&events, "image.completed")
         .into_iter()
@@ -89,12 +108,26 @@ async fn single_image_and_group_end_to_end() {
     assert_eq!(image_events.len(), 4, "one event per image");
     let by_file: HashMap<String, &serde_json::Value> = image_events
         .iter()
-        .map(|e| (e.payload["data"]["metadata"]["file"].as_str().unwrap_or_default().to_owned(), &e.payload["data"]))
+        .map(|e| {
+            (
+                e.payload["data"]["metadata"]["file"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                &e.payload["data"],
+            )
+        })
         .collect();
-    let top_class = |file: &str| by_file[file]["results"]["image_classification"]["classes"][0]["label"].clone();
+    let top_class = |file: &str| {
+        by_file[file]["results"]["image_classification"]["classes"][0]["label"].clone()
+    };
     assert_eq!(top_class("coffee.png"), "espresso");
     assert_eq!(top_class("rocket.jpg"), "missile");
-    assert_eq!(by_file["rocket.jpg"]["results"]["object_detection"].get("detections"), None, "no objects on the rocket photo");
+    assert_eq!(
+        by_file["rocket.jpg"]["results"]["object_detection"].get("detections"),
+        None,
+        "no objects on the rocket photo"
+    );
     let group_event = of_type(&events, "image_group.completed")
         .into_iter()
         .find(|e| e.payload["data"]["groupId"] == group_id.as_str())
@@ -102,10 +135,24 @@ async fn single_image_and_group_end_to_end() {
     let group_data = &group_event.payload["data"];
     assert_eq!(group_data["imagesDone"], 4);
     assert_eq!(group_data["metadata"]["batch"], "b1");
-    let labels: HashSet<&str> = group_data["aggregate"]["objects"].as_array().expect("objects").iter().filter_map(|o| o["label"].as_str()).collect();
-    assert!(labels.contains("cup") && labels.contains("person") && labels.contains("cat"), "{labels:?}");
-    let max_image_seq = image_events.iter().filter_map(|e| e.payload["data"]["sequence"].as_u64()).max();
-    assert!(group_data["sequence"].as_u64() > max_image_seq, "group event comes after its image events");
+    let labels: HashSet<&str> = group_data["aggregate"]["objects"]
+        .as_array()
+        .expect("objects")
+        .iter()
+        .filter_map(|o| o["label"].as_str())
+        .collect();
+    assert!(
+        labels.contains("cup") && labels.contains("person") && labels.contains("cat"),
+        "{labels:?}"
+    );
+    let max_image_seq = image_events
+        .iter()
+        .filter_map(|e| e.payload["data"]["sequence"].as_u64())
+        .max();
+    assert!(
+        group_data["sequence"].as_u64() > max_image_seq,
+        "group event comes after its image events"
+    );
 
     let (status, polled) = h.get(&format!("/v1/image-groups/{group_id}")).await;
     assert_eq!(status, 200);
@@ -118,32 +165,60 @@ async fn single_image_and_group_end_to_end() {
     let group = groups.get(&group_id).await.expect("group");
     let status = group.status.expect("status");
     assert_eq!(status.observed_generation, group.metadata.generation);
-    let completed = status.conditions.iter().find(|c| c.type_ == "Completed").expect("Completed condition");
+    let completed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Completed")
+        .expect("Completed condition");
     assert_eq!(completed.status, "True");
     assert_eq!(completed.observed_generation, group.metadata.generation);
-    let delivered = status.conditions.iter().find(|c| c.type_ == "WebhooksDelivered").expect("WebhooksDelivered");
+    let delivered = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "WebhooksDelivered")
+        .expect("WebhooksDelivered");
     assert_eq!(delivered.status, "True");
     let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
     let job = jobs.get(&status.jobs[0]).await.expect("job");
     let labels = job.metadata.labels.clone().unwrap_or_default();
-    assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("kinsight-controller"));
+    assert_eq!(
+        labels
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("kinsight-controller")
+    );
     let owner = &job.metadata.owner_references.as_ref().expect("owner")[0];
     assert_eq!(owner.kind, "ImageGroup");
     assert_eq!(owner.name, group_id);
     let results: Api<ImageResult> = Api::namespaced(h.client.clone(), &h.namespace);
-    let owned = results.list(&ListParams::default().labels(&format!("kinsight.io/group={group_id}"))).await.expect("results");
+    let owned = results
+        .list(&ListParams::default().labels(&format!("kinsight.io/group={group_id}")))
+        .await
+        .expect("results");
     assert_eq!(owned.items.len(), 4);
 
-    if let Some(kubeconfig) = h.cluster.control_plane().map(|cp| cp.kubeconfig_path().to_path_buf()) {
-        if let Ok(out) = std::process::Command::new("kubectl")
-            .args(["--kubeconfig"]).arg(&kubeconfig)
+    // `kubectl get imagegroups` shows useful printer columns (kubectl is on the machine image).
+    if let Some(cp) = h.cluster.control_plane() {
+        let out = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(cp.kubeconfig_path())
             .args(["get", "imagegroups", "-n", &h.namespace])
             .output()
-        {
-            let table = String::from_utf8_lossy(&out.stdout);
-            assert!(table.contains("PHASE") && table.contains("DONE") && table.contains("TOTAL") && table.contains("AGE"), "{table}");
-            assert!(table.lines().any(|l| l.starts_with(&group_id) && l.contains("Completed") && l.contains(" 4 ")), "{table}");
-        }
+            .expect("kubectl runs");
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            table.contains("PHASE")
+                && table.contains("DONE")
+                && table.contains("TOTAL")
+                && table.contains("AGE"),
+            "{table}"
+        );
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&group_id) && l.contains("Completed") && l.contains(" 4 ")),
+            "{table}"
+        );
     }
 }
 
@@ -156,30 +231,79 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
 
     let missing = http.post(&url).json(&valid).send().await.expect("send");
     assert_eq!(missing.status(), 401);
-    assert_eq!(missing.headers()["content-type"], "application/problem+json");
-    let wrong = http.post(&url).bearer_auth("not-a-key").json(&valid).send().await.expect("send");
+    assert_eq!(
+        missing.headers()["content-type"],
+        "application/problem+json"
+    );
+    let wrong = http
+        .post(&url)
+        .bearer_auth("not-a-key")
+        .json(&valid)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(wrong.status(), 401);
 
     let problem = |status: u16, body: &serde_json::Value, code: &str| {
         assert_eq!(body["status"], status, "{body}");
         assert_eq!(body["code"], code, "{body}");
-        assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
+        assert!(
+            body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{body}"
+        );
     };
-    let (status, body) = h.post("/v1/images", json!({ "url": h.photo_url("coffee.png"), "models": ["teleport"] })).await;
+    let (status, body) = h
+        .post(
+            "/v1/images",
+            json!({ "url": h.photo_url("coffee.png"), "models": ["teleport"] }),
+        )
+        .await;
     assert_eq!(status, 422);
     problem(422, &body, "invalid_request");
-    assert!(body["detail"].as_str().unwrap_or_default().contains("teleport"));
-    let (status, body) = h.post("/v1/images", json!({ "url": "file:///etc/passwd", "models": ["object_detection"] })).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("teleport")
+    );
+    let (status, body) = h
+        .post(
+            "/v1/images",
+            json!({ "url": "file:///etc/passwd", "models": ["object_detection"] }),
+        )
+        .await;
     assert_eq!(status, 422);
-    assert!(body["detail"].as_str().unwrap_or_default().contains("url"), "{body}");
-    let (status, body) = h.post("/v1/image-groups", json!({ "images": [], "models": ["object_detection"] })).await;
+    assert!(
+        body["detail"].as_str().unwrap_or_default().contains("url"),
+        "{body}"
+    );
+    let (status, body) = h
+        .post(
+            "/v1/image-groups",
+            json!({ "images": [], "models": ["object_detection"] }),
+        )
+        .await;
     assert_eq!(status, 422, "{body}");
     let (status, body) = h.post("/v1/images", json!({ "url": h.photo_url("coffee.png"), "models": ["object_detection"], "surprise": 1 })).await;
     assert_eq!(status, 422, "unknown fields are refused: {body}");
 
-    let malformed = http.post(&url).bearer_auth(&h.api_key).header("content-type", "application/json").body("{not json").send().await.expect("send");
+    let malformed = http
+        .post(&url)
+        .bearer_auth(&h.api_key)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(malformed.status(), 422);
-    let text = http.post(&url).bearer_auth(&h.api_key).header("content-type", "text/plain").body("hello").send().await.expect("send");
+    let text = http
+        .post(&url)
+        .bearer_auth(&h.api_key)
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(text.status(), 415);
     let huge = http
         .post(&url)
@@ -196,7 +320,14 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
 
     // Nothing of the refused requests became a group.
     let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
-    assert!(groups.list(&ListParams::default()).await.expect("list").items.is_empty());
+    assert!(
+        groups
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
 
     // A group with one good and two bad images: the bad ones fail alone, with reasons.
     let (status, body) = h
@@ -214,10 +345,20 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
         )
         .await;
     assert_eq!(status, 202, "{body}");
-    let events = h.collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty()).await;
+    let events = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+        .await;
     let failed: HashMap<String, &serde_json::Value> = of_type(&events, "image.failed")
         .into_iter()
-        .map(|e| (e.payload["data"]["imageId"].as_str().unwrap_or_default().to_owned(), &e.payload["data"]["failure"]))
+        .map(|e| {
+            (
+                e.payload["data"]["imageId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                &e.payload["data"]["failure"],
+            )
+        })
         .collect();
     assert_eq!(failed.len(), 2, "{events:#?}");
     assert_eq!(failed["missing"]["reason"], "DownloadHttpError");
@@ -235,7 +376,10 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
         "spec": { "images": [{ "url": h.photo_url("coffee.png") }], "models": ["teleport"] }
     }))
     .expect("object");
-    groups.create(&PostParams::default(), &group).await.expect("create");
+    groups
+        .create(&PostParams::default(), &group)
+        .await
+        .expect("create");
     let mut reported = None;
     for _ in 0..100 {
         let g = groups.get("from-kubectl").await.expect("get");
@@ -247,7 +391,11 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
     }
     let status = reported.expect("the controller reports on the invalid group");
     assert_eq!(status.phase, kinsight::crd::GroupPhase::Failed);
-    let accepted = status.conditions.iter().find(|c| c.type_ == "Accepted").expect("Accepted");
+    let accepted = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Accepted")
+        .expect("Accepted");
     assert_eq!(accepted.status, "False");
     assert_eq!(accepted.reason, "InvalidSpec");
     assert!(accepted.message.contains("teleport"));
@@ -258,7 +406,9 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
 async fn controller_restart_loses_no_event_and_duplicates_no_job() {
     let mut h = Harness::start("tenant-restart").await;
     let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
-    let images: Vec<_> = (0..8).map(|i| json!({ "id": format!("i{i}"), "url": h.photo_url(names[i % 4]) })).collect();
+    let images: Vec<_> = (0..8)
+        .map(|i| json!({ "id": format!("i{i}"), "url": h.photo_url(names[i % 4]) }))
+        .collect();
     let (status, body) = h
         .post("/v1/image-groups", json!({ "images": images, "models": ["object_detection", "image_classification"], "webhookUrl": h.hook_url }))
         .await;
@@ -266,25 +416,53 @@ async fn controller_restart_loses_no_event_and_duplicates_no_job() {
     let group_id = body["id"].as_str().expect("id").to_owned();
 
     // Kill the controller once the first image event arrived, mid-run, then start a new one.
-    let mut events = h.collect_webhooks(LIMIT, |e| !of_type(e, "image.completed").is_empty()).await;
+    let mut events = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image.completed").is_empty())
+        .await;
     h.kill_controller().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     h.start_controller();
-    let rest = h.collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty()).await;
+    let rest = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+        .await;
     events.extend(rest);
 
-    let delivered: HashMap<String, HashSet<String>> = of_type(&events, "image.completed").iter().fold(HashMap::new(), |mut m, e| {
-        m.entry(e.payload["data"]["imageId"].as_str().unwrap_or_default().to_owned()).or_default().insert(e.id.clone());
-        m
-    });
-    assert_eq!(delivered.len(), 8, "every image event arrived: {delivered:?}");
-    assert!(delivered.values().all(|ids| ids.len() == 1), "a re-sent event keeps its webhook-id: {delivered:?}");
+    let delivered: HashMap<String, HashSet<String>> = of_type(&events, "image.completed")
+        .iter()
+        .fold(HashMap::new(), |mut m, e| {
+            m.entry(
+                e.payload["data"]["imageId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default()
+            .insert(e.id.clone());
+            m
+        });
+    assert_eq!(
+        delivered.len(),
+        8,
+        "every image event arrived: {delivered:?}"
+    );
+    assert!(
+        delivered.values().all(|ids| ids.len() == 1),
+        "a re-sent event keeps its webhook-id: {delivered:?}"
+    );
 
     let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
-    let list = jobs.list(&ListParams::default().labels(&format!("kinsight.io/group={group_id}"))).await.expect("jobs");
+    let list = jobs
+        .list(&ListParams::default().labels(&format!("kinsight.io/group={group_id}")))
+        .await
+        .expect("jobs");
     assert_eq!(list.items.len(), 1, "exactly one Job for the group");
     let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
-    let status = groups.get(&group_id).await.expect("group").status.expect("status");
+    let status = groups
+        .get(&group_id)
+        .await
+        .expect("group")
+        .status
+        .expect("status");
     assert_eq!(status.images_done, 8);
     assert_eq!(status.jobs.len(), 1);
 }

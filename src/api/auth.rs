@@ -38,13 +38,20 @@ pub fn authenticate(keys: &Store<Secret>, headers: &HeaderMap) -> Result<Tenant,
         .ok_or(ApiError::Unauthorized)?;
     let digest = hash_key(presented);
     for secret in keys.state() {
-        let Some(data) = secret.data.as_ref() else { continue };
-        let (Some(hash), Some(namespace)) = (data.get(KEY_HASH_FIELD), data.get(TENANT_NAMESPACE_FIELD)) else {
+        let Some(data) = secret.data.as_ref() else {
+            continue;
+        };
+        let (Some(hash), Some(namespace)) =
+            (data.get(KEY_HASH_FIELD), data.get(TENANT_NAMESPACE_FIELD))
+        else {
             continue;
         };
         if bool::from(hash.0.trim_ascii().ct_eq(digest.as_bytes())) {
-            let namespace = String::from_utf8(namespace.0.clone()).map_err(|_| ApiError::Unauthorized)?;
-            return Ok(Tenant { namespace: namespace.trim().to_owned() });
+            let namespace =
+                String::from_utf8(namespace.0.clone()).map_err(|_| ApiError::Unauthorized)?;
+            return Ok(Tenant {
+                namespace: namespace.trim().to_owned(),
+            });
         }
     }
     Err(ApiError::Unauthorized)

@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 use super::auth::{SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, Tenant, authenticate};
 use super::problem::ApiError;
 use super::{AppState, MAX_BODY_BYTES};
-use crate::crd::{ImageEntry, ImageGroup, ImageGroupSpec, ImageResultSpec, SecretKeyRef, WebhookTarget};
+use crate::crd::{
+    ImageEntry, ImageGroup, ImageGroupSpec, ImageResultSpec, SecretKeyRef, WebhookTarget,
+};
 use crate::results::ResultStore;
 
 const SINGLE_IMAGE_ID: &str = "image";
@@ -64,7 +66,11 @@ pub async fn create_image(
     let tenant = authenticate(&state.keys, &headers)?;
     let input: ImageIn = parse_json(&headers, body)?;
     let spec = ImageGroupSpec {
-        images: vec![ImageEntry { id: Some(SINGLE_IMAGE_ID.to_owned()), url: input.url, metadata: input.metadata }],
+        images: vec![ImageEntry {
+            id: Some(SINGLE_IMAGE_ID.to_owned()),
+            url: input.url,
+            metadata: input.metadata,
+        }],
         models: input.models,
         webhook: webhook_target(input.webhook_url),
         metadata: BTreeMap::new(),
@@ -84,7 +90,11 @@ pub async fn create_group(
         images: input
             .images
             .into_iter()
-            .map(|i| ImageEntry { id: i.id, url: i.url, metadata: i.metadata })
+            .map(|i| ImageEntry {
+                id: i.id,
+                url: i.url,
+                metadata: i.metadata,
+            })
             .collect(),
         models: input.models,
         webhook: webhook_target(input.webhook_url),
@@ -104,11 +114,23 @@ pub async fn get_image(
         return Err(ApiError::NotFound(format!("image {id}")));
     }
     let (group, results) = load(&state, &tenant, &id, "image").await?;
-    let mut image = images_out(&group, &results).into_iter().next().unwrap_or(Value::Null);
+    let mut image = images_out(&group, &results)
+        .into_iter()
+        .next()
+        .unwrap_or(Value::Null);
     if let Value::Object(fields) = &mut image {
         fields.insert("id".to_owned(), json!(id));
         fields.insert("models".to_owned(), json!(group.spec.models));
-        fields.insert("createdAt".to_owned(), json!(group.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string())));
+        fields.insert(
+            "createdAt".to_owned(),
+            json!(
+                group
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.to_string())
+            ),
+        );
     }
     Ok(Json(image))
 }
@@ -139,11 +161,17 @@ pub async fn get_group(
 fn webhook_target(url: Option<String>) -> Option<WebhookTarget> {
     url.map(|url| WebhookTarget {
         url,
-        secret_ref: SecretKeyRef { name: SIGNING_SECRET_NAME.to_owned(), key: SIGNING_SECRET_KEY.to_owned() },
+        secret_ref: SecretKeyRef {
+            name: SIGNING_SECRET_NAME.to_owned(),
+            key: SIGNING_SECRET_KEY.to_owned(),
+        },
     })
 }
 
-fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn parse_json<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -158,17 +186,27 @@ fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, body: Result<Bytes, Byte
         }
         other => ApiError::InvalidRequest(format!("could not read the request body: {other}")),
     })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
 }
 
-async fn create(state: &AppState, tenant: &Tenant, prefix: &str, spec: ImageGroupSpec) -> Result<String, ApiError> {
-    spec.validate(&state.config.models).map_err(ApiError::InvalidRequest)?;
+async fn create(
+    state: &AppState,
+    tenant: &Tenant,
+    prefix: &str,
+    spec: ImageGroupSpec,
+) -> Result<String, ApiError> {
+    spec.validate(&state.config.models)
+        .map_err(ApiError::InvalidRequest)?;
     let id = format!("{prefix}-{}", hex::encode(rand::random::<[u8; 8]>()));
     let group = ImageGroup {
         metadata: ObjectMeta {
             name: Some(id.clone()),
             namespace: Some(tenant.namespace.clone()),
-            labels: Some(BTreeMap::from([("app.kubernetes.io/created-by".to_owned(), "kinsight-api".to_owned())])),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/created-by".to_owned(),
+                "kinsight-api".to_owned(),
+            )])),
             ..ObjectMeta::default()
         },
         spec,
@@ -183,12 +221,25 @@ async fn create(state: &AppState, tenant: &Tenant, prefix: &str, spec: ImageGrou
 
 fn accepted(location: &str, id: &str) -> Response {
     let body = json!({ "id": id, "status": "pending", "links": { "self": location } });
-    (StatusCode::ACCEPTED, [(header::LOCATION, location.to_owned())], Json(body)).into_response()
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location.to_owned())],
+        Json(body),
+    )
+        .into_response()
 }
 
-async fn load(state: &AppState, tenant: &Tenant, id: &str, what: &str) -> Result<(ImageGroup, HashMap<String, ImageResultSpec>), ApiError> {
+async fn load(
+    state: &AppState,
+    tenant: &Tenant,
+    id: &str,
+    what: &str,
+) -> Result<(ImageGroup, HashMap<String, ImageResultSpec>), ApiError> {
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
-    let group = api.get_opt(id).await?.ok_or_else(|| ApiError::NotFound(format!("{what} {id}")))?;
+    let group = api
+        .get_opt(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("{what} {id}")))?;
     let results = ResultStore::new(state.client.clone())
         .list(&tenant.namespace, &group.name_any())
         .await

@@ -42,18 +42,31 @@ pub struct AppState {
 
 /// Builds the router and starts watching the API-key Secrets; the returned future keeps
 /// the watch running and must be polled (spawned) alongside the server.
-pub fn router(client: Client, config: ApiConfig) -> (Router, impl Future<Output = ()> + Send + 'static) {
+pub fn router(
+    client: Client,
+    config: ApiConfig,
+) -> (Router, impl Future<Output = ()> + Send + 'static) {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.keys_namespace);
     let (keys, writer) = reflector::store();
-    let watch = reflector::reflector(writer, watcher(secrets, watcher::Config::default().labels(&format!("{API_KEY_LABEL}=true"))))
-        .default_backoff()
-        .touched_objects()
-        .for_each(|event| async move {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "watching API keys");
-            }
-        });
-    let state = Arc::new(AppState { client, config, keys });
+    let watch = reflector::reflector(
+        writer,
+        watcher(
+            secrets,
+            watcher::Config::default().labels(&format!("{API_KEY_LABEL}=true")),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|event| async move {
+        if let Err(e) = event {
+            tracing::warn!(error = %e, "watching API keys");
+        }
+    });
+    let state = Arc::new(AppState {
+        client,
+        config,
+        keys,
+    });
     let router = Router::new()
         .route("/v1/images", post(images::create_image))
         .route("/v1/images/{id}", get(images::get_image))

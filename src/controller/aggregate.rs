@@ -12,12 +12,14 @@ pub fn aggregate<'a>(results: impl IntoIterator<Item = &'a ImageResultSpec>) -> 
         let mut seen_in_image: Vec<&str> = Vec::new();
         for (model, output) in &result.outputs {
             for det in &output.output.detections {
-                let entry = objects.entry(det.label.clone()).or_insert_with(|| ObjectCount {
-                    label: det.label.clone(),
-                    count: 0,
-                    images: 0,
-                    best_confidence: 0.0,
-                });
+                let entry = objects
+                    .entry(det.label.clone())
+                    .or_insert_with(|| ObjectCount {
+                        label: det.label.clone(),
+                        count: 0,
+                        images: 0,
+                        best_confidence: 0.0,
+                    });
                 entry.count += 1;
                 entry.best_confidence = entry.best_confidence.max(det.confidence);
                 if !seen_in_image.contains(&det.label.as_str()) {
@@ -56,7 +58,12 @@ mod tests {
         Detection {
             label: label.into(),
             confidence,
-            bbox: BoundingBox { x_min: 0.0, y_min: 0.0, x_max: 1.0, y_max: 1.0 },
+            bbox: BoundingBox {
+                x_min: 0.0,
+                y_min: 0.0,
+                x_max: 1.0,
+                y_max: 1.0,
+            },
         }
     }
 
@@ -64,13 +71,26 @@ mod tests {
         let mut outputs = BTreeMap::new();
         outputs.insert(
             "object_detection".to_owned(),
-            ModelResult { output: ModelOutput { detections: dets, classes: vec![] }, error: None, inference_ms: 1.0 },
+            ModelResult {
+                output: ModelOutput {
+                    detections: dets,
+                    classes: vec![],
+                },
+                error: None,
+                inference_ms: 1.0,
+            },
         );
         if let Some((label, confidence)) = top {
             outputs.insert(
                 "image_classification".to_owned(),
                 ModelResult {
-                    output: ModelOutput { detections: vec![], classes: vec![ClassScore { label: label.into(), confidence }] },
+                    output: ModelOutput {
+                        detections: vec![],
+                        classes: vec![ClassScore {
+                            label: label.into(),
+                            confidence,
+                        }],
+                    },
                     error: None,
                     inference_ms: 1.0,
                 },
@@ -89,10 +109,22 @@ mod tests {
 
     #[test]
     fn counts_objects_images_and_best_confidence() {
-        let a = result("0", vec![det("cup", 0.5), det("cup", 0.7), det("person", 0.4)], Some(("espresso", 0.9)));
+        let a = result(
+            "0",
+            vec![det("cup", 0.5), det("cup", 0.7), det("person", 0.4)],
+            Some(("espresso", 0.9)),
+        );
         let b = result("1", vec![det("cup", 0.6)], Some(("espresso", 0.8)));
         let agg = aggregate([&a, &b]);
-        assert_eq!(agg.objects[0], ObjectCount { label: "cup".into(), count: 3, images: 2, best_confidence: 0.7 });
+        assert_eq!(
+            agg.objects[0],
+            ObjectCount {
+                label: "cup".into(),
+                count: 3,
+                images: 2,
+                best_confidence: 0.7
+            }
+        );
         assert_eq!(agg.objects[1].label, "person");
         assert_eq!(agg.classes[0].images, 2);
         assert_eq!(agg.classes[0].best_confidence, 0.9);

@@ -40,7 +40,11 @@ impl Endpoint {
 }
 
 /// The group's own webhook plus every valid subscription in its namespace.
-pub async fn endpoints(ctx: &Context, group: &ImageGroup, namespace: &str) -> Result<Vec<Endpoint>, ControllerError> {
+pub async fn endpoints(
+    ctx: &Context,
+    group: &ImageGroup,
+    namespace: &str,
+) -> Result<Vec<Endpoint>, ControllerError> {
     let mut out = Vec::new();
     if let Some(target) = &group.spec.webhook {
         out.push(Endpoint {
@@ -88,7 +92,11 @@ pub fn plan(
         let Some(result) = results.get(&key).filter(|r| r.covers(models)) else {
             continue;
         };
-        let event = if result.is_failure(models) { "image.failed" } else { "image.completed" };
+        let event = if result.is_failure(models) {
+            "image.failed"
+        } else {
+            "image.completed"
+        };
         add_event(status, &uid, event, Some(&key), &key, endpoints, now);
     }
     let images_settled = status
@@ -97,7 +105,15 @@ pub fn plan(
         .all(|d| d.event == GROUP_COMPLETED || d.state != DeliveryState::Pending);
     if all_done && images_settled {
         let generation = group.metadata.generation.unwrap_or(1).to_string();
-        add_event(status, &uid, GROUP_COMPLETED, None, &generation, endpoints, now);
+        add_event(
+            status,
+            &uid,
+            GROUP_COMPLETED,
+            None,
+            &generation,
+            endpoints,
+            now,
+        );
     }
 }
 
@@ -166,14 +182,25 @@ pub async fn deliver_due(
             let loaded = load_secret(ctx, &namespace, &endpoint.secret).await;
             secrets.insert(endpoint.key.clone(), loaded);
         }
-        let keys = secrets.get(&endpoint.key).cloned().unwrap_or_else(|| Err("no secret".into()));
+        let keys = secrets
+            .get(&endpoint.key)
+            .cloned()
+            .unwrap_or_else(|| Err("no secret".into()));
         let payload = payload_for(group, delivery, results);
-        jobs.push((index, Some(endpoint.url.clone()), keys.map(|k| (k, payload))));
+        jobs.push((
+            index,
+            Some(endpoint.url.clone()),
+            keys.map(|k| (k, payload)),
+        ));
     }
     let sender = &ctx.sender;
     let outcomes: Vec<(usize, AttemptOutcome)> = futures::stream::iter(jobs)
         .map(|(index, url, prepared)| {
-            let id = status.deliveries.get(index).map(|d| d.id.clone()).unwrap_or_default();
+            let id = status
+                .deliveries
+                .get(index)
+                .map(|d| d.id.clone())
+                .unwrap_or_default();
             async move {
                 let outcome = match (url, prepared) {
                     (Some(url), Ok((keys, payload))) => match serde_json::to_string(&payload) {
@@ -198,10 +225,20 @@ pub async fn deliver_due(
 }
 
 fn failure(error: String) -> AttemptOutcome {
-    AttemptOutcome::Failed { status: None, error, retry_after: None, gone: false }
+    AttemptOutcome::Failed {
+        status: None,
+        error,
+        retry_after: None,
+        gone: false,
+    }
 }
 
-fn apply_outcome(ctx: &Context, delivery: &mut Delivery, outcome: AttemptOutcome, now: jiff::Timestamp) {
+fn apply_outcome(
+    ctx: &Context,
+    delivery: &mut Delivery,
+    outcome: AttemptOutcome,
+    now: jiff::Timestamp,
+) {
     delivery.attempts += 1;
     match outcome {
         AttemptOutcome::Delivered { .. } => {
@@ -211,14 +248,26 @@ fn apply_outcome(ctx: &Context, delivery: &mut Delivery, outcome: AttemptOutcome
             delivery.last_error = None;
             tracing::info!(id = %delivery.id, event = %delivery.event, endpoint = %delivery.endpoint, "webhook delivered");
         }
-        AttemptOutcome::Failed { error, retry_after, gone, .. } => {
+        AttemptOutcome::Failed {
+            error,
+            retry_after,
+            gone,
+            ..
+        } => {
             delivery.last_error = Some(error.clone());
-            let next = if gone { None } else { ctx.config.retry.next_delay(delivery.attempts) };
+            let next = if gone {
+                None
+            } else {
+                ctx.config.retry.next_delay(delivery.attempts)
+            };
             match next {
                 Some(delay) => {
-                    let delay = retry_after.map_or(delay, |r| r.min(ctx.config.max_retry_after).max(delay));
-                    let wait = jiff::SignedDuration::try_from(delay).unwrap_or(jiff::SignedDuration::MAX);
-                    delivery.next_attempt_at = Some(Time(now.checked_add(wait).unwrap_or(jiff::Timestamp::MAX)));
+                    let delay =
+                        retry_after.map_or(delay, |r| r.min(ctx.config.max_retry_after).max(delay));
+                    let wait =
+                        jiff::SignedDuration::try_from(delay).unwrap_or(jiff::SignedDuration::MAX);
+                    delivery.next_attempt_at =
+                        Some(Time(now.checked_add(wait).unwrap_or(jiff::Timestamp::MAX)));
                     tracing::info!(id = %delivery.id, endpoint = %delivery.endpoint, attempts = delivery.attempts, %error, "webhook attempt failed; will retry");
                 }
                 None => {
@@ -231,7 +280,11 @@ fn apply_outcome(ctx: &Context, delivery: &mut Delivery, outcome: AttemptOutcome
     }
 }
 
-fn payload_for(group: &ImageGroup, delivery: &Delivery, results: &HashMap<String, ImageResultSpec>) -> EventPayload {
+fn payload_for(
+    group: &ImageGroup,
+    delivery: &Delivery,
+    results: &HashMap<String, ImageResultSpec>,
+) -> EventPayload {
     let created = delivery.created_at.0;
     match &delivery.image_id {
         Some(image_id) => {
@@ -242,7 +295,15 @@ fn payload_for(group: &ImageGroup, delivery: &Delivery, results: &HashMap<String
                 .enumerate()
                 .find(|(i, e)| e.key(*i) == *image_id)
                 .map(|(_, e)| e);
-            image_event(&delivery.event, group, image_id, entry, results.get(image_id), delivery.sequence, created)
+            image_event(
+                &delivery.event,
+                group,
+                image_id,
+                entry,
+                results.get(image_id),
+                delivery.sequence,
+                created,
+            )
         }
         None => group_completed(group, delivery.sequence, created),
     }
@@ -250,7 +311,11 @@ fn payload_for(group: &ImageGroup, delivery: &Delivery, results: &HashMap<String
 
 /// The signing secrets in a Secret key: one or more `whsec_` values separated by white
 /// space, so keys can be rotated (every active key signs).
-async fn load_secret(ctx: &Context, namespace: &str, reference: &SecretKeyRef) -> Result<Vec<String>, String> {
+async fn load_secret(
+    ctx: &Context,
+    namespace: &str,
+    reference: &SecretKeyRef,
+) -> Result<Vec<String>, String> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let secret = api
         .get_opt(&reference.name)
@@ -261,8 +326,14 @@ async fn load_secret(ctx: &Context, namespace: &str, reference: &SecretKeyRef) -
         .data
         .as_ref()
         .and_then(|d| d.get(&reference.key))
-        .ok_or_else(|| format!("signing secret {} has no key {}", reference.name, reference.key))?;
-    let text = std::str::from_utf8(&bytes.0).map_err(|_| "signing secret is not UTF-8".to_owned())?;
+        .ok_or_else(|| {
+            format!(
+                "signing secret {} has no key {}",
+                reference.name, reference.key
+            )
+        })?;
+    let text =
+        std::str::from_utf8(&bytes.0).map_err(|_| "signing secret is not UTF-8".to_owned())?;
     let keys: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
     if keys.is_empty() {
         return Err(format!("signing secret {} is empty", reference.name));
@@ -287,9 +358,21 @@ pub fn next_due(status: &ImageGroupStatus) -> Option<Duration> {
         .map(|d| d.max(Duration::from_millis(100)))
 }
 
-pub fn set_delivery_condition(status: &mut ImageGroupStatus, generation: i64, now: jiff::Timestamp) {
-    let pending = status.deliveries.iter().filter(|d| d.state == DeliveryState::Pending).count();
-    let failed = status.deliveries.iter().filter(|d| d.state == DeliveryState::Failed).count();
+pub fn set_delivery_condition(
+    status: &mut ImageGroupStatus,
+    generation: i64,
+    now: jiff::Timestamp,
+) {
+    let pending = status
+        .deliveries
+        .iter()
+        .filter(|d| d.state == DeliveryState::Pending)
+        .count();
+    let failed = status
+        .deliveries
+        .iter()
+        .filter(|d| d.state == DeliveryState::Failed)
+        .count();
     let delivered = status.deliveries.len() - pending - failed;
     let (state, reason) = match (pending, failed) {
         (0, 0) => (ConditionStatus::True, "AllDelivered"),
@@ -297,7 +380,15 @@ pub fn set_delivery_condition(status: &mut ImageGroupStatus, generation: i64, no
         _ => (ConditionStatus::False, "Delivering"),
     };
     let message = format!("{delivered} delivered, {pending} pending, {failed} failed");
-    set_condition(&mut status.conditions, "WebhooksDelivered", state, reason, message, Some(generation), now);
+    set_condition(
+        &mut status.conditions,
+        "WebhooksDelivered",
+        state,
+        reason,
+        message,
+        Some(generation),
+        now,
+    );
 }
 
 #[cfg(test)]

@@ -23,15 +23,25 @@ use crate::crd::{
 use crate::results::GroupRef;
 use crate::worker::{WorkItem, WorkOrder};
 
-pub async fn reconcile(cached: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
-    let namespace = cached.namespace().ok_or(ControllerError::MissingField("metadata.namespace"))?;
+pub async fn reconcile(
+    cached: Arc<ImageGroup>,
+    ctx: Arc<Context>,
+) -> Result<Action, ControllerError> {
+    let namespace = cached
+        .namespace()
+        .ok_or(ControllerError::MissingField("metadata.namespace"))?;
     let name = cached.name_any();
     // The watch cache may trail our own last status write; delivery state must not go
     // back in time (that would re-send delivered events), so read the group fresh.
-    let Some(group) = Api::<ImageGroup>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await? else {
+    let Some(group) = Api::<ImageGroup>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&name)
+        .await?
+    else {
         return Ok(Action::await_change());
     };
-    let uid = group.uid().ok_or(ControllerError::MissingField("metadata.uid"))?;
+    let uid = group
+        .uid()
+        .ok_or(ControllerError::MissingField("metadata.uid"))?;
     let generation = group.metadata.generation.unwrap_or(1);
     if group.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -42,14 +52,34 @@ pub async fn reconcile(cached: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Act
     status.observed_generation = Some(generation);
 
     if let Err(message) = group.spec.validate(&ctx.config.models) {
-        set_condition(&mut status.conditions, "Accepted", ConditionStatus::False, "InvalidSpec", message, Some(generation), now);
+        set_condition(
+            &mut status.conditions,
+            "Accepted",
+            ConditionStatus::False,
+            "InvalidSpec",
+            message,
+            Some(generation),
+            now,
+        );
         status.phase = GroupPhase::Failed;
         write_status(&ctx, &namespace, &name, &original, &status).await?;
         return Ok(Action::await_change());
     }
-    set_condition(&mut status.conditions, "Accepted", ConditionStatus::True, "Valid", "spec is valid", Some(generation), now);
+    set_condition(
+        &mut status.conditions,
+        "Accepted",
+        ConditionStatus::True,
+        "Valid",
+        "spec is valid",
+        Some(generation),
+        now,
+    );
 
-    let group_ref = GroupRef { namespace: namespace.clone(), name: name.clone(), uid };
+    let group_ref = GroupRef {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        uid,
+    };
     let results: HashMap<String, ImageResultSpec> = ctx
         .results
         .list(&namespace, &name)
@@ -63,7 +93,10 @@ pub async fn reconcile(cached: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Act
         .images
         .iter()
         .enumerate()
-        .map(|(i, image)| WorkItem { id: image.key(i), url: image.url.clone() })
+        .map(|(i, image)| WorkItem {
+            id: image.key(i),
+            url: image.url.clone(),
+        })
         .filter(|item| !results.get(&item.id).is_some_and(|r| r.covers(models)))
         .collect();
 
@@ -72,9 +105,15 @@ pub async fn reconcile(cached: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Act
     }
 
     status.images_total = u32::try_from(group.spec.images.len()).unwrap_or(u32::MAX);
-    let finished_results: Vec<&ImageResultSpec> = results.values().filter(|r| r.covers(models)).collect();
+    let finished_results: Vec<&ImageResultSpec> =
+        results.values().filter(|r| r.covers(models)).collect();
     status.images_done = count(finished_results.len());
-    status.images_failed = count(finished_results.iter().filter(|r| r.is_failure(models)).count());
+    status.images_failed = count(
+        finished_results
+            .iter()
+            .filter(|r| r.is_failure(models))
+            .count(),
+    );
     status.aggregate = Some(aggregate(finished_results.iter().copied()));
     let all_done = pending.is_empty();
     status.phase = if all_done {
@@ -86,12 +125,34 @@ pub async fn reconcile(cached: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Act
     };
     if all_done {
         status.completed_at.get_or_insert(Time(now));
-        let message = format!("{} of {} images processed, {} failed", status.images_done, status.images_total, status.images_failed);
-        set_condition(&mut status.conditions, "Completed", ConditionStatus::True, "AllImagesProcessed", message, Some(generation), now);
+        let message = format!(
+            "{} of {} images processed, {} failed",
+            status.images_done, status.images_total, status.images_failed
+        );
+        set_condition(
+            &mut status.conditions,
+            "Completed",
+            ConditionStatus::True,
+            "AllImagesProcessed",
+            message,
+            Some(generation),
+            now,
+        );
     } else {
         status.completed_at = None;
-        let message = format!("{} of {} images processed", status.images_done, status.images_total);
-        set_condition(&mut status.conditions, "Completed", ConditionStatus::False, "Processing", message, Some(generation), now);
+        let message = format!(
+            "{} of {} images processed",
+            status.images_done, status.images_total
+        );
+        set_condition(
+            &mut status.conditions,
+            "Completed",
+            ConditionStatus::False,
+            "Processing",
+            message,
+            Some(generation),
+            now,
+        );
     }
 
     // Record every event before sending any, so a restart resumes from status alone.
@@ -104,7 +165,14 @@ pub async fn reconcile(cached: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Act
     let mut group_now = group.clone();
     group_now.status = Some(status.clone());
     events::deliver_due(&ctx, &group_now, &mut status, &results, &endpoints).await;
-    events::plan(&group, &mut status, &results, &endpoints, all_done, jiff::Timestamp::now());
+    events::plan(
+        &group,
+        &mut status,
+        &results,
+        &endpoints,
+        all_done,
+        jiff::Timestamp::now(),
+    );
     events::set_delivery_condition(&mut status, generation, jiff::Timestamp::now());
     write_status(&ctx, &namespace, &name, &before_send, &status).await?;
 
@@ -118,7 +186,11 @@ pub async fn reconcile(cached: Arc<ImageGroup>, ctx: Arc<Context>) -> Result<Act
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-pub fn error_policy(_group: Arc<ImageGroup>, error: &ControllerError, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(
+    _group: Arc<ImageGroup>,
+    error: &ControllerError,
+    _ctx: Arc<Context>,
+) -> Action {
     super::retry_after_error(error)
 }
 
@@ -141,10 +213,16 @@ async fn ensure_worker_job(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     if !status.jobs.contains(&name) {
         ensure_worker_rbac(ctx, namespace).await?;
-        let order = WorkOrder { group: group_ref.clone(), models: group.spec.models.clone(), images: pending.to_vec() };
+        let order = WorkOrder {
+            group: group_ref.clone(),
+            models: group.spec.models.clone(),
+            images: pending.to_vec(),
+        };
         let job = build_job(group, &name, &order, &ctx.config)?;
         match jobs.create(&PostParams::default(), &job).await {
-            Ok(_) => tracing::info!(job = %name, namespace = %namespace, images = pending.len(), "created worker job"),
+            Ok(_) => {
+                tracing::info!(job = %name, namespace = %namespace, images = pending.len(), "created worker job")
+            }
             // Created before a restart: the deterministic name makes this a no-op.
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(e.into()),
@@ -157,15 +235,24 @@ async fn ensure_worker_job(
     };
     if let Some(succeeded) = finished(&job) {
         let (reason, message) = if succeeded {
-            ("NoResult", "the worker finished without a result for this image")
+            (
+                "NoResult",
+                "the worker finished without a result for this image",
+            )
         } else {
-            ("WorkerFailed", "the worker job failed before processing this image")
+            (
+                "WorkerFailed",
+                "the worker job failed before processing this image",
+            )
         };
         for item in pending {
             let failure = ImageResultSpec {
                 group: group_ref.name.clone(),
                 image_id: item.id.clone(),
-                failure: Some(ImageFailure { reason: reason.to_owned(), message: message.to_owned() }),
+                failure: Some(ImageFailure {
+                    reason: reason.to_owned(),
+                    message: message.to_owned(),
+                }),
                 width: None,
                 height: None,
                 outputs: Default::default(),
@@ -209,17 +296,27 @@ async fn write_status(
         "kind": ImageGroup::kind(&()),
         "status": after,
     });
-    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
     Ok(())
 }
 
 /// Deletes a finished group (its results and Jobs go with it) once its retention is over.
-async fn expire_when_due(ctx: &Context, namespace: &str, name: &str, status: &ImageGroupStatus) -> Result<Action, ControllerError> {
+async fn expire_when_due(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    status: &ImageGroupStatus,
+) -> Result<Action, ControllerError> {
     let Some(completed) = &status.completed_at else {
         return Ok(Action::await_change());
     };
-    let ttl = jiff::SignedDuration::try_from(ctx.config.group_ttl).unwrap_or(jiff::SignedDuration::MAX);
+    let ttl =
+        jiff::SignedDuration::try_from(ctx.config.group_ttl).unwrap_or(jiff::SignedDuration::MAX);
     let expires = completed.0.checked_add(ttl).unwrap_or(jiff::Timestamp::MAX);
     let left = jiff::Timestamp::now().duration_until(expires);
     if left.is_positive() {
@@ -228,7 +325,9 @@ async fn expire_when_due(ctx: &Context, namespace: &str, name: &str, status: &Im
     }
     let api: Api<ImageGroup> = Api::namespaced(ctx.client.clone(), namespace);
     match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => tracing::info!(group = %name, namespace = %namespace, "retention over; group deleted"),
+        Ok(_) => {
+            tracing::info!(group = %name, namespace = %namespace, "retention over; group deleted")
+        }
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => return Err(e.into()),
     }

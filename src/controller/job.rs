@@ -26,20 +26,35 @@ pub fn job_name(group: &str, generation: i64) -> String {
     }
     let digest = hex::encode(Sha256::digest(group.as_bytes()));
     let keep = 63 - suffix.len() - 9;
-    format!("{}-{}{suffix}", group[..keep].trim_end_matches(['-', '.']), &digest[..8])
+    format!(
+        "{}-{}{suffix}",
+        group[..keep].trim_end_matches(['-', '.']),
+        &digest[..8]
+    )
 }
 
 pub fn labels(group: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "kinsight".to_owned()),
-        ("app.kubernetes.io/component".to_owned(), "worker".to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "worker".to_owned(),
+        ),
         ("app.kubernetes.io/instance".to_owned(), label_value(group)),
-        ("app.kubernetes.io/managed-by".to_owned(), "kinsight-controller".to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "kinsight-controller".to_owned(),
+        ),
         (GROUP_LABEL.to_owned(), label_value(group)),
     ])
 }
 
-pub fn build_job(group: &ImageGroup, name: &str, order: &WorkOrder, config: &ControllerConfig) -> Result<Job, serde_json::Error> {
+pub fn build_job(
+    group: &ImageGroup,
+    name: &str,
+    order: &WorkOrder,
+    config: &ControllerConfig,
+) -> Result<Job, serde_json::Error> {
     let group_name = group.name_any();
     let mut env = vec![EnvVar {
         name: WORK_ORDER_ENV.to_owned(),
@@ -74,7 +89,10 @@ pub fn build_job(group: &ImageGroup, name: &str, order: &WorkOrder, config: &Con
             backoff_limit: Some(config.worker_backoff_limit),
             ttl_seconds_after_finished: Some(3600),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels(&group_name)), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&group_name)),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".to_owned()),
                     service_account_name: Some(WORKER_ACCOUNT.to_owned()),
@@ -108,7 +126,10 @@ pub fn worker_rbac(namespace: &str) -> (ServiceAccount, Role, RoleBinding) {
         )])),
         ..ObjectMeta::default()
     };
-    let account = ServiceAccount { metadata: meta(), ..ServiceAccount::default() };
+    let account = ServiceAccount {
+        metadata: meta(),
+        ..ServiceAccount::default()
+    };
     let role = Role {
         metadata: meta(),
         rules: Some(vec![PolicyRule {
@@ -138,13 +159,14 @@ pub fn worker_rbac(namespace: &str) -> (ServiceAccount, Role, RoleBinding) {
 /// Whether the Job has finished, and how.
 pub fn finished(job: &Job) -> Option<bool> {
     let conditions = job.status.as_ref()?.conditions.as_ref()?;
-    conditions.iter().find_map(|c| match (c.type_.as_str(), c.status.as_str()) {
-        ("Complete", "True") => Some(true),
-        ("Failed", "True") => Some(false),
-        _ => None,
-    })
+    conditions
+        .iter()
+        .find_map(|c| match (c.type_.as_str(), c.status.as_str()) {
+            ("Complete", "True") => Some(true),
+            ("Failed", "True") => Some(false),
+            _ => None,
+        })
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -107,8 +107,15 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
     let subscriptions: Api<WebhookSubscription> = Api::all(client.clone());
     let group_controller = Controller::new(groups, watcher::Config::default())
         .owns(Api::<Job>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<ImageResult>::all(client.clone()), watcher::Config::default())
-        .run(image_group::reconcile, image_group::error_policy, ctx.clone())
+        .owns(
+            Api::<ImageResult>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .run(
+            image_group::reconcile,
+            image_group::error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "image group reconcile");

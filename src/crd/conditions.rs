@@ -69,13 +69,45 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_flips() {
         let mut conds = Vec::new();
-        assert!(set_condition(&mut conds, "Completed", ConditionStatus::False, "Running", "1/2", Some(1), at(10)));
-        assert!(set_condition(&mut conds, "Completed", ConditionStatus::False, "Running", "2/2", Some(1), at(20)));
+        assert!(set_condition(
+            &mut conds,
+            "Completed",
+            ConditionStatus::False,
+            "Running",
+            "1/2",
+            Some(1),
+            at(10)
+        ));
+        assert!(set_condition(
+            &mut conds,
+            "Completed",
+            ConditionStatus::False,
+            "Running",
+            "2/2",
+            Some(1),
+            at(20)
+        ));
         assert_eq!(conds[0].last_transition_time, Time(at(10)));
-        assert!(set_condition(&mut conds, "Completed", ConditionStatus::True, "Done", "ok", Some(1), at(30)));
+        assert!(set_condition(
+            &mut conds,
+            "Completed",
+            ConditionStatus::True,
+            "Done",
+            "ok",
+            Some(1),
+            at(30)
+        ));
         assert_eq!(conds[0].last_transition_time, Time(at(30)));
         assert_eq!(conds[0].status, "True");
-        assert!(!set_condition(&mut conds, "Completed", ConditionStatus::True, "Done", "ok", Some(1), at(40)));
+        assert!(!set_condition(
+            &mut conds,
+            "Completed",
+            ConditionStatus::True,
+            "Done",
+            "ok",
+            Some(1),
+            at(40)
+        ));
         assert_eq!(conds.len(), 1);
     }
 }

@@ -202,7 +202,10 @@ impl ImageGroupSpec {
             return Err("images: at least one image is required".into());
         }
         if self.images.len() > MAX_IMAGES {
-            return Err(format!("images: at most {MAX_IMAGES} images per group, got {}", self.images.len()));
+            return Err(format!(
+                "images: at most {MAX_IMAGES} images per group, got {}",
+                self.images.len()
+            ));
         }
         if self.models.is_empty() {
             return Err("models: at least one model is required".into());
@@ -259,9 +262,13 @@ pub fn validate_http_url(field: &str, url: &str) -> Result<(), String> {
     if url.len() > MAX_URL_LEN {
         return Err(format!("{field}: longer than {MAX_URL_LEN} characters"));
     }
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{field}: {url:?} is not a valid URL ({e})"))?;
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| format!("{field}: {url:?} is not a valid URL ({e})"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!("{field}: only http and https URLs are supported, got {:?}", parsed.scheme()));
+        return Err(format!(
+            "{field}: only http and https URLs are supported, got {:?}",
+            parsed.scheme()
+        ));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(format!("{field}: URL has no host"));
@@ -275,10 +282,14 @@ fn validate_metadata(field: &str, metadata: &BTreeMap<String, String>) -> Result
     }
     for (key, value) in metadata {
         if key.is_empty() || key.chars().count() > MAX_METADATA_KEY_LEN {
-            return Err(format!("{field}: key {key:?} must be 1-{MAX_METADATA_KEY_LEN} characters"));
+            return Err(format!(
+                "{field}: key {key:?} must be 1-{MAX_METADATA_KEY_LEN} characters"
+            ));
         }
         if value.chars().count() > MAX_METADATA_VALUE_LEN {
-            return Err(format!("{field}.{key}: value longer than {MAX_METADATA_VALUE_LEN} characters"));
+            return Err(format!(
+                "{field}.{key}: value longer than {MAX_METADATA_VALUE_LEN} characters"
+            ));
         }
     }
     Ok(())
@@ -292,7 +303,11 @@ mod tests {
         ImageGroupSpec {
             images: urls
                 .iter()
-                .map(|u| ImageEntry { id: None, url: (*u).to_owned(), metadata: BTreeMap::new() })
+                .map(|u| ImageEntry {
+                    id: None,
+                    url: (*u).to_owned(),
+                    metadata: BTreeMap::new(),
+                })
                 .collect(),
             models: vec!["object_detection".into()],
             webhook: None,
@@ -314,17 +329,28 @@ mod tests {
     #[test]
     fn rejects_bad_input_with_the_field_named() {
         let mut s = spec(&["ftp://example.com/a.png"]);
-        assert!(s.validate(&known()).unwrap_err().starts_with("images[0].url"));
+        assert!(
+            s.validate(&known())
+                .unwrap_err()
+                .starts_with("images[0].url")
+        );
         s = spec(&["http://example.com/a.png"]);
         s.models = vec!["nope".into()];
         let err = s.validate(&known()).unwrap_err();
-        assert!(err.contains("unknown model \"nope\"") && err.contains("object_detection"), "{err}");
+        assert!(
+            err.contains("unknown model \"nope\"") && err.contains("object_detection"),
+            "{err}"
+        );
         s = spec(&["http://x/a", "http://x/b"]);
         s.images[0].id = Some("a".into());
         s.images[1].id = Some("a".into());
         assert!(s.validate(&known()).unwrap_err().contains("used twice"));
         s.images[1].id = Some("Bad_Id".into());
-        assert!(s.validate(&known()).unwrap_err().starts_with("images[1].id"));
+        assert!(
+            s.validate(&known())
+                .unwrap_err()
+                .starts_with("images[1].id")
+        );
         assert!(spec(&[]).validate(&known()).is_err());
         s = spec(&["not a url"]);
         assert!(s.validate(&known()).is_err());

@@ -41,7 +41,8 @@ pub fn all_crds_yaml() -> Result<String, serde_yaml::Error> {
 }
 
 /// The CRD objects, for installing them with server-side apply.
-pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn all_crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     vec![
         ImageGroup::crd(),

@@ -50,7 +50,11 @@ impl WebhookSubscriptionSpec {
 
     pub fn validate(&self) -> Result<(), String> {
         super::image_group::validate_http_url("url", &self.url)?;
-        if let Some(bad) = self.event_types.iter().find(|e| !EVENT_TYPES.contains(&e.as_str())) {
+        if let Some(bad) = self
+            .event_types
+            .iter()
+            .find(|e| !EVENT_TYPES.contains(&e.as_str()))
+        {
             return Err(format!(
                 "eventTypes: unknown event type {bad:?}; known: {}",
                 EVENT_TYPES.join(", ")

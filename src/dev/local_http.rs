@@ -16,18 +16,25 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// Serves the files of one folder (no subfolders) at `/{name}` on 127.0.0.1.
-pub async fn serve_folder(folder: PathBuf) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve_folder(
+    folder: PathBuf,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let app = Router::new()
         .route("/{name}", get(file))
         .with_state(Arc::new(folder));
     serve(app).await
 }
 
-async fn file(State(folder): State<Arc<PathBuf>>, Path(name): Path<String>) -> Result<Vec<u8>, StatusCode> {
+async fn file(
+    State(folder): State<Arc<PathBuf>>,
+    Path(name): Path<String>,
+) -> Result<Vec<u8>, StatusCode> {
     if name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(StatusCode::NOT_FOUND);
     }
-    tokio::fs::read(folder.join(name)).await.map_err(|_| StatusCode::NOT_FOUND)
+    tokio::fs::read(folder.join(name))
+        .await
+        .map_err(|_| StatusCode::NOT_FOUND)
 }
 
 /// One webhook request as received, after its signature checked out.
@@ -42,7 +49,14 @@ pub struct ReceivedWebhook {
 /// with `secret` are answered 401 and not passed on.
 pub async fn webhook_receiver(
     secret: &str,
-) -> Result<(SocketAddr, mpsc::UnboundedReceiver<ReceivedWebhook>, tokio::task::JoinHandle<()>), String> {
+) -> Result<
+    (
+        SocketAddr,
+        mpsc::UnboundedReceiver<ReceivedWebhook>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
     let verifier = Webhook::new(secret).map_err(|e| format!("webhook secret: {e}"))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let app = Router::new()
@@ -54,7 +68,11 @@ pub async fn webhook_receiver(
 
 type ReceiverState = Arc<(Webhook, mpsc::UnboundedSender<ReceivedWebhook>)>;
 
-async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn receive(
+    State(state): State<ReceiverState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
     let (verifier, tx) = &*state;
     if verifier.verify(&body, &headers).is_err() {
         return StatusCode::UNAUTHORIZED;
@@ -62,8 +80,18 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
     let Ok(payload) = serde_json::from_slice(&body) else {
         return StatusCode::BAD_REQUEST;
     };
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let _ = tx.send(ReceivedWebhook { id: header("webhook-id"), timestamp: header("webhook-timestamp"), payload });
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let _ = tx.send(ReceivedWebhook {
+        id: header("webhook-id"),
+        timestamp: header("webhook-timestamp"),
+        payload,
+    });
     StatusCode::NO_CONTENT
 }
 

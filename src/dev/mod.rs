@@ -68,7 +68,8 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     let (control_plane, client, kubeconfig) = match &options.kubeconfig {
         Some(path) => {
             let config = kube::Config::from_custom_kubeconfig(
-                kube::config::Kubeconfig::read_from(path).map_err(|e| DevError::Other(e.to_string()))?,
+                kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| DevError::Other(e.to_string()))?,
                 &kube::config::KubeConfigOptions::default(),
             )
             .await
@@ -83,14 +84,36 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         }
     };
     install_crds(&client).await?;
-    let api_key = options.api_key.clone().unwrap_or_else(|| format!("ks_{}", hex::encode(rand::random::<[u8; 16]>())));
-    let webhook_secret = options.webhook_secret.clone().unwrap_or_else(generate_secret);
-    create_tenant(&client, KEYS_NAMESPACE, DEV_TENANT, &api_key, &webhook_secret).await?;
+    let api_key = options
+        .api_key
+        .clone()
+        .unwrap_or_else(|| format!("ks_{}", hex::encode(rand::random::<[u8; 16]>())));
+    let webhook_secret = options
+        .webhook_secret
+        .clone()
+        .unwrap_or_else(generate_secret);
+    create_tenant(
+        &client,
+        KEYS_NAMESPACE,
+        DEV_TENANT,
+        &api_key,
+        &webhook_secret,
+    )
+    .await?;
 
-    let mut worker_env = vec![("KINSIGHT_CATALOG".to_owned(), catalog_path.display().to_string())];
-    let ort = options.ort_dylib.clone().or_else(crate::inference::default_runtime_path);
+    let mut worker_env = vec![(
+        "KINSIGHT_CATALOG".to_owned(),
+        catalog_path.display().to_string(),
+    )];
+    let ort = options
+        .ort_dylib
+        .clone()
+        .or_else(crate::inference::default_runtime_path);
     if let Some(ort) = ort {
-        worker_env.push(("ORT_DYLIB_PATH".to_owned(), absolute(&ort)?.display().to_string()));
+        worker_env.push((
+            "ORT_DYLIB_PATH".to_owned(),
+            absolute(&ort)?.display().to_string(),
+        ));
     }
     worker_env.push(("RUST_LOG".to_owned(), "info".to_owned()));
     let controller_config = ControllerConfig {
@@ -108,8 +131,10 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     });
     // A real cluster has kubelets; only the local control plane needs the node agent.
     if let Some(cp) = &control_plane {
-        let binary = std::env::current_exe().map_err(|e| DevError::Other(format!("own executable: {e}")))?;
-        let agent_options = cp.node_agent_options("kinsight-local", binary, options.state_dir.join("pod-logs"));
+        let binary =
+            std::env::current_exe().map_err(|e| DevError::Other(format!("own executable: {e}")))?;
+        let agent_options =
+            cp.node_agent_options("kinsight-local", binary, options.state_dir.join("pod-logs"));
         let agent_client = client.clone();
         tasks.spawn(async move {
             if let Err(e) = crate::testbed::node_agent::run(agent_client, agent_options).await {
@@ -120,8 +145,16 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     let listener = TcpListener::bind(options.listen)
         .await
         .map_err(|e| DevError::Other(format!("cannot listen on {}: {e}", options.listen)))?;
-    let addr = listener.local_addr().map_err(|e| DevError::Other(e.to_string()))?;
-    let (app, key_watch) = router(client.clone(), ApiConfig { keys_namespace: KEYS_NAMESPACE.to_owned(), models });
+    let addr = listener
+        .local_addr()
+        .map_err(|e| DevError::Other(e.to_string()))?;
+    let (app, key_watch) = router(
+        client.clone(),
+        ApiConfig {
+            keys_namespace: KEYS_NAMESPACE.to_owned(),
+            models,
+        },
+    );
     tasks.spawn(key_watch);
     tasks.spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -146,7 +179,10 @@ impl DevEnvironment {
         println!("  webhook secret: {}", self.webhook_secret);
         if let Some(path) = &self.kubeconfig {
             println!("  kubeconfig:     {}", path.display());
-            println!("  try:            kubectl --kubeconfig {} get imagegroups -A", path.display());
+            println!(
+                "  try:            kubectl --kubeconfig {} get imagegroups -A",
+                path.display()
+            );
         }
     }
 
@@ -165,8 +201,12 @@ impl DevEnvironment {
 pub async fn demo(options: DevOptions, photos: PathBuf, timeout: Duration) -> Result<(), DevError> {
     let env = start(options).await?;
     env.print_summary();
-    let (photos_addr, _photos) = serve_folder(photos.clone()).await.map_err(|e| DevError::Other(e.to_string()))?;
-    let (hook_addr, mut events, _hook) = webhook_receiver(&env.webhook_secret).await.map_err(DevError::Other)?;
+    let (photos_addr, _photos) = serve_folder(photos.clone())
+        .await
+        .map_err(|e| DevError::Other(e.to_string()))?;
+    let (hook_addr, mut events, _hook) = webhook_receiver(&env.webhook_secret)
+        .await
+        .map_err(DevError::Other)?;
     let mut names: Vec<String> = std::fs::read_dir(&photos)
         .map_err(|e| DevError::Other(format!("reading {}: {e}", photos.display())))?
         .filter_map(|e| e.ok())
@@ -196,7 +236,9 @@ pub async fn demo(options: DevOptions, photos: PathBuf, timeout: Duration) -> Re
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
     if status != reqwest::StatusCode::ACCEPTED {
-        return Err(DevError::Other(format!("the API answered {status}: {text}")));
+        return Err(DevError::Other(format!(
+            "the API answered {status}: {text}"
+        )));
     }
     println!("submitted {} photos: {text}", names.len());
     let deadline = tokio::time::sleep(timeout);

@@ -12,7 +12,10 @@ use kube::runtime::conditions;
 use kube::runtime::wait::await_condition;
 use kube::{Api, Client, ResourceExt};
 
-use crate::api::{API_KEY_LABEL, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, TENANT_NAMESPACE_FIELD, hash_key};
+use crate::api::{
+    API_KEY_LABEL, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, TENANT_NAMESPACE_FIELD,
+    hash_key,
+};
 use crate::crd::all_crds;
 
 const MANAGER: &str = "kinsight-setup";
@@ -30,8 +33,12 @@ pub async fn install_crds(client: &Client) -> Result<(), SetupError> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in all_crds() {
         let name = crd.name_any();
-        api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
-            .await?;
+        api.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
         let established = await_condition(api.clone(), &name, conditions::is_crd_established());
         tokio::time::timeout(Duration::from_secs(30), established)
             .await
@@ -43,11 +50,18 @@ pub async fn install_crds(client: &Client) -> Result<(), SetupError> {
 
 pub async fn ensure_namespace(client: &Client, name: &str) -> Result<(), SetupError> {
     let ns = Namespace {
-        metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
         ..Namespace::default()
     };
     Api::<Namespace>::all(client.clone())
-        .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&ns))
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&ns),
+        )
         .await?;
     Ok(())
 }
@@ -69,12 +83,21 @@ pub async fn create_tenant(
         metadata: ObjectMeta {
             name: Some(key_name.clone()),
             namespace: Some(keys_namespace.to_owned()),
-            labels: Some(BTreeMap::from([(API_KEY_LABEL.to_owned(), "true".to_owned())])),
+            labels: Some(BTreeMap::from([(
+                API_KEY_LABEL.to_owned(),
+                "true".to_owned(),
+            )])),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([
-            (KEY_HASH_FIELD.to_owned(), ByteString(hash_key(api_key).into_bytes())),
-            (TENANT_NAMESPACE_FIELD.to_owned(), ByteString(tenant_namespace.as_bytes().to_vec())),
+            (
+                KEY_HASH_FIELD.to_owned(),
+                ByteString(hash_key(api_key).into_bytes()),
+            ),
+            (
+                TENANT_NAMESPACE_FIELD.to_owned(),
+                ByteString(tenant_namespace.as_bytes().to_vec()),
+            ),
         ])),
         ..Secret::default()
     };

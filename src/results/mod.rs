@@ -48,7 +48,11 @@ impl ResultStore {
 
     /// Stores one image's results; outputs of models run earlier for the same image are kept
     /// (a group that gains models later re-runs only the new ones).
-    pub async fn write(&self, group: &GroupRef, spec: &ImageResultSpec) -> Result<(), ResultsError> {
+    pub async fn write(
+        &self,
+        group: &GroupRef,
+        spec: &ImageResultSpec,
+    ) -> Result<(), ResultsError> {
         let api: Api<ImageResult> = Api::namespaced(self.client.clone(), &group.namespace);
         let name = result_name(&group.name, &spec.image_id);
         let object = ImageResult {
@@ -57,7 +61,10 @@ impl ResultStore {
                 namespace: Some(group.namespace.clone()),
                 labels: Some(BTreeMap::from([
                     (GROUP_LABEL.to_owned(), label_value(&group.name)),
-                    ("app.kubernetes.io/managed-by".to_owned(), "kinsight".to_owned()),
+                    (
+                        "app.kubernetes.io/managed-by".to_owned(),
+                        "kinsight".to_owned(),
+                    ),
                 ])),
                 owner_references: Some(vec![OwnerReference {
                     api_version: ImageGroup::api_version(&()).into_owned(),
@@ -86,7 +93,11 @@ impl ResultStore {
     }
 
     /// Every stored result of a group.
-    pub async fn list(&self, namespace: &str, group: &str) -> Result<Vec<ImageResultSpec>, ResultsError> {
+    pub async fn list(
+        &self,
+        namespace: &str,
+        group: &str,
+    ) -> Result<Vec<ImageResultSpec>, ResultsError> {
         let api: Api<ImageResult> = Api::namespaced(self.client.clone(), namespace);
         let selector = format!("{GROUP_LABEL}={}", label_value(group));
         let list = api

@@ -397,14 +397,18 @@ impl Drop for ControlPlane {
         // persisted dev state folder stays healthy.
         for c in self.components.iter_mut().rev() {
             if c.name == ETCD {
-                let _ = Command::new("kill")
+                let signalled = Command::new("kill")
                     .arg("-TERM")
                     .arg(c.child.id().to_string())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
-                    .status();
+                    .status()
+                    .is_ok_and(|s| s.success());
                 let deadline = Instant::now() + Duration::from_secs(5);
-                while matches!(c.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                while signalled
+                    && matches!(c.child.try_wait(), Ok(None))
+                    && Instant::now() < deadline
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }

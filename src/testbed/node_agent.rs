@@ -43,6 +43,9 @@ pub const REASON_CONFIG_ERROR: &str = "CreateContainerConfigError";
 pub const REASON_START_ERROR: &str = "StartError";
 
 const NODE_IP: &str = "127.0.0.1";
+const ONLY_KINSIGHT: &str = "this node agent runs only `kinsight ...` commands";
+const ORPHAN_MESSAGE: &str =
+    "the node agent restarted while this pod was running; its process is gone";
 /// How long missing Secrets, ConfigMaps or ServiceAccounts are waited for.
 const CONFIG_RETRY_FOR: Duration = Duration::from_secs(30);
 const TOKEN_SECONDS: i64 = 24 * 3600;
@@ -154,7 +157,8 @@ pub async fn run(client: kube::Client, opts: NodeAgentOptions) -> Result<(), Tes
                 agent.on_task_finished(finished);
             }
             _ = heartbeat.tick() => {
-                if let Err(e) = patch_node_status(&agent.ctx.client, &agent.ctx.opts.node_name).await {
+                let (client, node) = (&agent.ctx.client, &agent.ctx.opts.node_name);
+                if let Err(e) = patch_node_status(client, node).await {
                     tracing::warn!(error = %e, "node heartbeat failed");
                 }
             }
@@ -354,9 +358,10 @@ impl Agent {
                         match pods.delete(&name, &dp).await {
                             Ok(_) => {}
                             Err(kube::Error::Api(s)) if s.is_not_found() || s.code == 409 => {}
-                            Err(e) => {
-                                tracing::warn!(%namespace, pod = %name, error = %e, "finishing a pod's deletion failed")
-                            }
+                            Err(e) => tracing::warn!(
+                                %namespace, pod = %name, error = %e,
+                                "finishing a pod's deletion failed"
+                            ),
                         }
                     }
                     return;
@@ -384,16 +389,13 @@ impl Agent {
                         };
                         let container = first_container(&pod);
                         let started_at = running_started_at(&pod);
-                        tracing::warn!(pod = %key, "failing a pod left running by an earlier node agent");
+                        tracing::warn!(pod = %key, "failing a pod an earlier node agent ran");
                         let ctx = self.ctx.clone();
                         self.tasks.spawn(async move {
                             let end = Ending {
                                 exit_code: 137,
                                 reason: REASON_AGENT_RESTARTED.into(),
-                                message: Some(
-                                    "the node agent restarted while this pod was running; its process is gone"
-                                        .into(),
-                                ),
+                                message: Some(ORPHAN_MESSAGE.into()),
                                 pod_reason: true,
                                 started_at,
                                 finished_at: now_rfc3339(),
@@ -543,7 +545,10 @@ async fn run_pod(ctx: Arc<Ctx>, pod: Pod) {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(refusal) => {
-                tracing::warn!(pod = %key, reason = refusal.reason, message = %refusal.message, "cannot start pod");
+                tracing::warn!(
+                    pod = %key, reason = refusal.reason, message = %refusal.message,
+                    "cannot start pod"
+                );
                 let end = Ending::before_start(refusal.reason, refusal.exit_code, refusal.message);
                 report_finished(&ctx, &key, &container, 0, &end).await;
                 return;
@@ -708,7 +713,7 @@ fn map_command(container: &Container, binary: &Path) -> Result<(PathBuf, Vec<Str
             REASON_UNSUPPORTED,
             127,
             format!(
-                "container {:?} (image {image:?}) has no command; this node agent runs only `{KINSIGHT_COMMAND} ...` commands",
+                "container {:?} (image {image:?}) has no command; {ONLY_KINSIGHT}",
                 container.name
             ),
         ));
@@ -720,7 +725,7 @@ fn map_command(container: &Container, binary: &Path) -> Result<(PathBuf, Vec<Str
             REASON_UNSUPPORTED,
             127,
             format!(
-                "container {:?} (image {image:?}) runs {first:?}; this node agent runs only `{KINSIGHT_COMMAND} ...` commands",
+                "container {:?} (image {image:?}) runs {first:?}; {ONLY_KINSIGHT}",
                 container.name
             ),
         ));
@@ -1138,12 +1143,11 @@ async fn report_running(
     last_state: &Value,
 ) {
     let now = now_rfc3339();
-    let status = json!({
+    let mut status = json!({
         "phase": "Running",
         "hostIP": NODE_IP,
         "podIP": NODE_IP,
         "podIPs": [{ "ip": NODE_IP }],
-        "startTime": started_at,
         "conditions": [
             condition("PodScheduled", true, None, &now),
             condition("Initialized", true, None, &now),
@@ -1162,6 +1166,10 @@ async fn report_running(
             "lastState": last_state,
         }],
     });
+    if restart_count == 0 {
+        // The pod's start, not the latest restart's.
+        status["startTime"] = started_at.into();
+    }
     patch_pod_status(ctx, key, status).await;
 }
 
@@ -1226,10 +1234,11 @@ async fn report_finished(
             "state": { "terminated": end.terminated() },
         }],
     });
-    if let Some(started) = &end.started_at {
-        status["startTime"] = started.clone().into();
-    }
     if end.pod_reason {
+        // Set when the agent ends a pod itself (it may never have started).
+        if let Some(started) = &end.started_at {
+            status["startTime"] = started.clone().into();
+        }
         status["reason"] = end.reason.clone().into();
         if let Some(m) = &end.message {
             status["message"] = m.clone().into();

@@ -20,7 +20,15 @@ pub struct RetrySchedule(pub Vec<Duration>);
 impl Default for RetrySchedule {
     fn default() -> Self {
         let s = Duration::from_secs;
-        Self(vec![s(5), s(300), s(1800), s(7200), s(18000), s(36000), s(36000)])
+        Self(vec![
+            s(5),
+            s(300),
+            s(1800),
+            s(7200),
+            s(18000),
+            s(36000),
+            s(36000),
+        ])
     }
 }
 
@@ -45,16 +53,24 @@ impl RetrySchedule {
 
 /// `250ms`, `5s`, `5m`, `2h`, `1d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("invalid duration {text:?}"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}"))?;
     let secs = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
         "s" | "" => n,
         "m" => n * 60,
         "h" => n * 3600,
         "d" => n * 86400,
-        _ => return Err(format!("invalid duration unit in {text:?} (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?} (use ms, s, m, h or d)"
+            ));
+        }
     };
     Ok(Duration::from_secs(secs))
 }
@@ -66,7 +82,14 @@ mod tests {
     #[test]
     fn schedule_parses_and_ends() {
         let s = RetrySchedule::parse("1s, 2m,3h").expect("valid schedule");
-        assert_eq!(s.0, vec![Duration::from_secs(1), Duration::from_secs(120), Duration::from_secs(10800)]);
+        assert_eq!(
+            s.0,
+            vec![
+                Duration::from_secs(1),
+                Duration::from_secs(120),
+                Duration::from_secs(10800)
+            ]
+        );
         let first = s.next_delay(1).expect("a retry is left");
         assert!(first >= Duration::from_millis(800) && first <= Duration::from_millis(1200));
         assert!(s.next_delay(4).is_none());

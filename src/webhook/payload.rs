@@ -46,11 +46,19 @@ pub fn image_event(
             data["failure"] = json!(failure);
         }
     }
-    EventPayload { event_type: event_type.to_owned(), timestamp: created_at.to_string(), data }
+    EventPayload {
+        event_type: event_type.to_owned(),
+        timestamp: created_at.to_string(),
+        data,
+    }
 }
 
 /// `image_group.completed`: counts and aggregate, not the per-image data.
-pub fn group_completed(group: &ImageGroup, sequence: u64, created_at: jiff::Timestamp) -> EventPayload {
+pub fn group_completed(
+    group: &ImageGroup,
+    sequence: u64,
+    created_at: jiff::Timestamp,
+) -> EventPayload {
     let status = group.status.clone().unwrap_or_default();
     EventPayload {
         event_type: "image_group.completed".to_owned(),

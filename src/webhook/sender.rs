@@ -16,15 +16,25 @@ pub struct SenderConfig {
 
 impl Default for SenderConfig {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(15), connect_timeout: Duration::from_secs(5) }
+        Self {
+            timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(5),
+        }
     }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum AttemptOutcome {
-    Delivered { status: u16 },
+    Delivered {
+        status: u16,
+    },
     /// `gone` is a 410: the receiver asks us to stop.
-    Failed { status: Option<u16>, error: String, retry_after: Option<Duration>, gone: bool },
+    Failed {
+        status: Option<u16>,
+        error: String,
+        retry_after: Option<Duration>,
+        gone: bool,
+    },
 }
 
 #[derive(Clone)]
@@ -46,7 +56,13 @@ impl Sender {
     }
 
     /// Signs `body` with every secret and POSTs it once.
-    pub async fn attempt(&self, url: &str, msg_id: &str, body: &str, secrets: &[String]) -> AttemptOutcome {
+    pub async fn attempt(
+        &self,
+        url: &str,
+        msg_id: &str,
+        body: &str,
+        secrets: &[String],
+    ) -> AttemptOutcome {
         let timestamp = jiff::Timestamp::now().as_second();
         let signature = match sign(secrets, msg_id, timestamp, body) {
             Ok(s) => s,
@@ -83,7 +99,9 @@ impl Sender {
             }
         }
         if status.is_success() {
-            AttemptOutcome::Delivered { status: status.as_u16() }
+            AttemptOutcome::Delivered {
+                status: status.as_u16(),
+            }
         } else {
             AttemptOutcome::Failed {
                 status: Some(status.as_u16()),
@@ -96,7 +114,12 @@ impl Sender {
 }
 
 fn failed(status: Option<u16>, error: String) -> AttemptOutcome {
-    AttemptOutcome::Failed { status, error, retry_after: None, gone: false }
+    AttemptOutcome::Failed {
+        status,
+        error,
+        retry_after: None,
+        gone: false,
+    }
 }
 
 fn describe(e: &reqwest::Error) -> String {

@@ -12,14 +12,20 @@ pub enum SigningError {
 
 /// The `webhook-signature` header value: one `v1,<sig>` per secret, space separated,
 /// so a receiver holding any active key can verify during a rotation.
-pub fn sign(secrets: &[String], msg_id: &str, timestamp: i64, body: &str) -> Result<String, SigningError> {
+pub fn sign(
+    secrets: &[String],
+    msg_id: &str,
+    timestamp: i64,
+    body: &str,
+) -> Result<String, SigningError> {
     let mut signatures = Vec::with_capacity(secrets.len());
     for secret in secrets {
         let secret = secret.trim();
         if !secret.starts_with("whsec_") {
             return Err(SigningError::InvalidSecret("must start with whsec_".into()));
         }
-        let webhook = Webhook::new(secret).map_err(|e| SigningError::InvalidSecret(e.to_string()))?;
+        let webhook =
+            Webhook::new(secret).map_err(|e| SigningError::InvalidSecret(e.to_string()))?;
         signatures.push(
             webhook
                 .sign(msg_id, timestamp, body.as_bytes())
@@ -35,7 +41,10 @@ pub fn sign(secrets: &[String], msg_id: &str, timestamp: i64, body: &str) -> Res
 /// A fresh random `whsec_` secret (24 random bytes, like the reference implementations).
 pub fn generate_secret() -> String {
     let bytes: [u8; 24] = rand::random();
-    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
 }
 
 #[cfg(test)]

@@ -65,7 +65,10 @@ impl Fetcher {
             .redirect(reqwest::redirect::Policy::limited(config.max_redirects))
             .user_agent(concat!("kinsight-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { http, max_bytes: config.max_bytes })
+        Ok(Self {
+            http,
+            max_bytes: config.max_bytes,
+        })
     }
 
     pub async fn fetch(&self, url: &str) -> Result<Vec<u8>, FetchError> {
@@ -74,7 +77,10 @@ impl Fetcher {
         if !status.is_success() {
             return Err(FetchError::Status(status.as_u16()));
         }
-        if response.content_length().is_some_and(|n| n > self.max_bytes as u64) {
+        if response
+            .content_length()
+            .is_some_and(|n| n > self.max_bytes as u64)
+        {
             return Err(FetchError::TooLarge(self.max_bytes));
         }
         let mut body = Vec::new();

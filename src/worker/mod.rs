@@ -17,7 +17,9 @@ use std::time::Instant;
 use futures::StreamExt;
 
 use crate::crd::{ImageFailure, ImageResultSpec, ModelResult, Timings};
-use crate::inference::{Catalog, DecodeLimits, Engine, EngineOptions, InferenceError, decode_image};
+use crate::inference::{
+    Catalog, DecodeLimits, Engine, EngineOptions, InferenceError, decode_image,
+};
 use crate::results::{ResultStore, ResultsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,15 +65,24 @@ pub struct WorkerReport {
 
 /// Reads the work order from `KINSIGHT_WORK_ORDER`.
 pub fn order_from_env() -> Result<WorkOrder, WorkerError> {
-    let text = std::env::var(WORK_ORDER_ENV).map_err(|_| WorkerError::WorkOrder(format!("{WORK_ORDER_ENV} is not set")))?;
-    serde_json::from_str(&text).map_err(|e| WorkerError::WorkOrder(format!("{WORK_ORDER_ENV} is not a valid work order: {e}")))
+    let text = std::env::var(WORK_ORDER_ENV)
+        .map_err(|_| WorkerError::WorkOrder(format!("{WORK_ORDER_ENV} is not set")))?;
+    serde_json::from_str(&text).map_err(|e| {
+        WorkerError::WorkOrder(format!("{WORK_ORDER_ENV} is not a valid work order: {e}"))
+    })
 }
 
-pub async fn run(order: WorkOrder, store: ResultStore, options: WorkerOptions) -> Result<WorkerReport, WorkerError> {
+pub async fn run(
+    order: WorkOrder,
+    store: ResultStore,
+    options: WorkerOptions,
+) -> Result<WorkerReport, WorkerError> {
     let catalog = Catalog::load(&options.catalog)?;
     let engine_options = options.engine.clone();
     let models = order.models.clone();
-    let engine = tokio::task::spawn_blocking(move || Engine::load(&catalog, &models, &engine_options)).await??;
+    let engine =
+        tokio::task::spawn_blocking(move || Engine::load(&catalog, &models, &engine_options))
+            .await??;
     let engine = Arc::new(engine);
     let fetcher = Fetcher::new(&options.fetch)?;
     tracing::info!(group = %order.group.name, images = order.images.len(), models = ?order.models, "worker started");
@@ -94,7 +105,8 @@ pub async fn run(order: WorkOrder, store: ResultStore, options: WorkerOptions) -
             Ok(bytes) => {
                 let engine = engine.clone();
                 let models = order.models.clone();
-                let mut spec = tokio::task::spawn_blocking(move || analyse(&engine, &models, &bytes)).await?;
+                let mut spec =
+                    tokio::task::spawn_blocking(move || analyse(&engine, &models, &bytes)).await?;
                 spec.group = order.group.name.clone();
                 spec.image_id = item.id.clone();
                 spec.timings.download_ms = round_ms(download_ms);
@@ -109,19 +121,35 @@ pub async fn run(order: WorkOrder, store: ResultStore, options: WorkerOptions) -
         }
         store.write(&order.group, &spec).await?;
     }
-    tracing::info!(succeeded = report.succeeded, failed = report.failed, "worker finished");
+    tracing::info!(
+        succeeded = report.succeeded,
+        failed = report.failed,
+        "worker finished"
+    );
     Ok(report)
 }
 
-fn failed(order: &WorkOrder, item: &WorkItem, reason: &str, message: String, download_ms: f64) -> ImageResultSpec {
+fn failed(
+    order: &WorkOrder,
+    item: &WorkItem,
+    reason: &str,
+    message: String,
+    download_ms: f64,
+) -> ImageResultSpec {
     ImageResultSpec {
         group: order.group.name.clone(),
         image_id: item.id.clone(),
-        failure: Some(ImageFailure { reason: reason.to_owned(), message }),
+        failure: Some(ImageFailure {
+            reason: reason.to_owned(),
+            message,
+        }),
         width: None,
         height: None,
         outputs: BTreeMap::new(),
-        timings: Timings { download_ms: round_ms(download_ms), decode_ms: 0.0 },
+        timings: Timings {
+            download_ms: round_ms(download_ms),
+            decode_ms: 0.0,
+        },
     }
 }
 
@@ -140,7 +168,10 @@ fn analyse(engine: &Engine, models: &[String], bytes: &[u8]) -> ImageResultSpec 
     let image = match decode_image(bytes, &DecodeLimits::default()) {
         Ok(image) => image,
         Err(e) => {
-            spec.failure = Some(ImageFailure { reason: failure_reason(&e).to_owned(), message: e.to_string() });
+            spec.failure = Some(ImageFailure {
+                reason: failure_reason(&e).to_owned(),
+                message: e.to_string(),
+            });
             return spec;
         }
     };
@@ -150,11 +181,25 @@ fn analyse(engine: &Engine, models: &[String], bytes: &[u8]) -> ImageResultSpec 
     for model in models {
         let started = Instant::now();
         let result = match engine.run(model, &image) {
-            Ok(output) => ModelResult { output, error: None, inference_ms: 0.0 },
-            Err(e) => ModelResult { output: Default::default(), error: Some(e.to_string()), inference_ms: 0.0 },
+            Ok(output) => ModelResult {
+                output,
+                error: None,
+                inference_ms: 0.0,
+            },
+            Err(e) => ModelResult {
+                output: Default::default(),
+                error: Some(e.to_string()),
+                inference_ms: 0.0,
+            },
         };
         let inference_ms = round_ms(started.elapsed().as_secs_f64() * 1000.0);
-        spec.outputs.insert(model.clone(), ModelResult { inference_ms, ..result });
+        spec.outputs.insert(
+            model.clone(),
+            ModelResult {
+                inference_ms,
+                ..result
+            },
+        );
     }
     spec
 }

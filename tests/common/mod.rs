@@ -47,15 +47,25 @@ impl Harness {
         install_crds(&client).await.expect("CRDs install");
         let api_key = format!("test-key-{namespace}");
         let webhook_secret = generate_secret();
-        create_tenant(&client, KEYS_NAMESPACE, namespace, &api_key, &webhook_secret)
-            .await
-            .expect("tenant");
+        create_tenant(
+            &client,
+            KEYS_NAMESPACE,
+            namespace,
+            &api_key,
+            &webhook_secret,
+        )
+        .await
+        .expect("tenant");
         let catalog = Catalog::load(repo_path("models/catalog.yaml")).expect("catalog");
         let models: Vec<String> = catalog.names().map(str::to_owned).collect();
 
         let logs = tempfile::tempdir().expect("log dir");
         let mut tasks = Vec::new();
-        let mut agent = cluster.node_agent_options("kinsight-test-node", env!("CARGO_BIN_EXE_kinsight"), logs.path());
+        let mut agent = cluster.node_agent_options(
+            "kinsight-test-node",
+            env!("CARGO_BIN_EXE_kinsight"),
+            logs.path(),
+        );
         agent.extra_env = vec![("RUST_LOG".into(), "info".into())];
         let agent_client = client.clone();
         tasks.push(tokio::spawn(async move {
@@ -66,17 +76,25 @@ impl Harness {
 
         let (app, key_watch) = kinsight::api::router(
             client.clone(),
-            kinsight::api::ApiConfig { keys_namespace: KEYS_NAMESPACE.into(), models: models.clone() },
+            kinsight::api::ApiConfig {
+                keys_namespace: KEYS_NAMESPACE.into(),
+                models: models.clone(),
+            },
         );
         tasks.push(tokio::spawn(key_watch));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind API");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind API");
         let api_url = format!("http://{}", listener.local_addr().expect("addr"));
         tasks.push(tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         }));
-        let (photos, photo_server) = serve_folder(repo_path("tests/fixtures/images")).await.expect("photo server");
+        let (photos, photo_server) = serve_folder(repo_path("tests/fixtures/images"))
+            .await
+            .expect("photo server");
         tasks.push(photo_server);
-        let (hook_addr, webhooks, hook_server) = webhook_receiver(&webhook_secret).await.expect("receiver");
+        let (hook_addr, webhooks, hook_server) =
+            webhook_receiver(&webhook_secret).await.expect("receiver");
         tasks.push(hook_server);
 
         let mut harness = Harness {
@@ -109,7 +127,10 @@ impl Harness {
         ControllerConfig {
             models: self.models.clone(),
             worker_env: vec![
-                ("KINSIGHT_CATALOG".into(), repo_path("models/catalog.yaml").display().to_string()),
+                (
+                    "KINSIGHT_CATALOG".into(),
+                    repo_path("models/catalog.yaml").display().to_string(),
+                ),
                 ("ORT_DYLIB_PATH".into(), ort.display().to_string()),
             ],
             // Test schedules are in seconds.
@@ -166,7 +187,10 @@ impl Harness {
             .await
             .expect("POST");
         let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
     }
 
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
@@ -177,7 +201,10 @@ impl Harness {
             .await
             .expect("GET");
         let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// Collects verified webhooks until `done` says the collection is complete.
@@ -194,7 +221,10 @@ impl Harness {
                 Ok(None) => panic!("webhook receiver stopped"),
                 Err(_) => panic!(
                     "timed out after {limit:?}; received so far: {:#?}",
-                    received.iter().map(|e| (&e.id, &e.payload["type"], &e.payload["data"]["imageId"])).collect::<Vec<_>>()
+                    received
+                        .iter()
+                        .map(|e| (&e.id, &e.payload["type"], &e.payload["data"]["imageId"]))
+                        .collect::<Vec<_>>()
                 ),
             }
         }
@@ -214,5 +244,8 @@ impl Drop for Harness {
 }
 
 pub fn of_type<'a>(events: &'a [ReceivedWebhook], kind: &str) -> Vec<&'a ReceivedWebhook> {
-    events.iter().filter(|e| e.payload["type"] == kind).collect()
+    events
+        .iter()
+        .filter(|e| e.payload["type"] == kind)
+        .collect()
 }
