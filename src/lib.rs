@@ -8,6 +8,7 @@
 //! - [`inference`]: the model catalog and ONNX Runtime sessions;
 //! - [`results`]: where results live (the worker's writer, the controller's reader);
 //! - [`webhook`]: signing and sending events;
+//! - [`net`]: outbound-request safety (SSRF guard) for image downloads and webhooks;
 //! - [`testbed`]: a local control plane and node agent for tests and `kinsight dev`;
 //! - [`dev`]: `kinsight dev` and `kinsight demo`.
 
@@ -16,6 +17,7 @@ pub mod controller;
 pub mod crd;
 pub mod dev;
 pub mod inference;
+pub mod net;
 pub mod results;
 pub mod testbed;
 pub mod webhook;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use kinsight::controller::ControllerConfig;
 use kinsight::dev::DevOptions;
 use kinsight::inference::{Catalog, EngineOptions};
+use kinsight::net::EgressPolicy;
 use kinsight::webhook::{RetrySchedule, parse_duration};
 use kinsight::worker::{FetchConfig, WorkerOptions};
 
@@ -60,6 +61,16 @@ struct ControllerArgs {
     /// How long finished groups are kept, e.g. `7d`.
     #[arg(long, env = "KINSIGHT_GROUP_TTL", value_parser = parse_duration, default_value = "7d")]
     group_ttl: Duration,
+    #[command(flatten)]
+    egress: EgressArg,
+}
+
+#[derive(Args)]
+struct EgressArg {
+    /// Private ranges outbound requests may reach anyway, e.g. `10.1.0.0/16,fd00::/8`
+    /// (default: only public addresses).
+    #[arg(long = "allow-egress", env = "KINSIGHT_ALLOW_EGRESS", value_name = "CIDR,...", value_parser = EgressPolicy::parse)]
+    allow_egress: Option<EgressPolicy>,
 }
 
 #[derive(Args)]
@@ -87,6 +98,8 @@ struct WorkerArgs {
     /// Images downloaded ahead of inference.
     #[arg(long, default_value_t = 4)]
     prefetch: usize,
+    #[command(flatten)]
+    egress: EgressArg,
 }
 
 #[derive(Args)]
@@ -176,6 +189,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 worker_env: args.worker_env,
                 retry: args.retry_schedule.unwrap_or_default(),
                 group_ttl: args.group_ttl,
+                egress: args.egress.allow_egress.unwrap_or_default(),
                 ..defaults
             };
             let client = kube::Client::try_default().await?;
@@ -202,7 +216,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
             let options = WorkerOptions {
                 catalog: args.catalog.catalog,
-                fetch: FetchConfig::default(),
+                fetch: FetchConfig { egress: args.egress.allow_egress.unwrap_or_default(), ..FetchConfig::default() },
                 prefetch: args.prefetch,
                 engine: EngineOptions {
                     intra_threads: threads,

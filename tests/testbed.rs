@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kinsight::testbed::{ControlPlane, ControlPlaneOptions, node_agent};
+use kinsight::testbed::{ControlPlane, ControlPlaneOptions, TestCluster, node_agent};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
@@ -79,6 +79,30 @@ impl Drop for Agent {
 
 fn agent_options(cp: &ControlPlane, node: &str, log_dir: &Path) -> node_agent::NodeAgentOptions {
     cp.node_agent_options(node, "/bin/sh", log_dir)
+}
+
+/// A local control plane, or the ambient cluster with `USE_EXISTING_CLUSTER=true`.
+async fn test_cluster() -> TestCluster {
+    let started = Instant::now();
+    let cluster = TestCluster::start_with(ControlPlaneOptions {
+        start_timeout: Duration::from_secs(120),
+        ..ControlPlaneOptions::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("no test cluster: {e}"));
+    eprintln!(
+        "cluster at {} ready in {:.1} s",
+        cluster.server_url(),
+        started.elapsed().as_secs_f64()
+    );
+    cluster
+}
+
+/// A fresh namespace (unique, so an existing cluster can be reused).
+async fn unique_namespace(client: &kube::Client, prefix: &str) -> String {
+    let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+    create_namespace(client, &name).await;
+    name
 }
 
 async fn create_namespace(client: &kube::Client, name: &str) {
@@ -221,25 +245,28 @@ async fn wait_dead(pid: u32) {
 async fn jobs_succeed_and_fail_through_the_real_job_controller() {
     init_tracing();
     bounded(async {
-        let cp = start_control_plane(None).await;
-        let client = cp.client().await.expect("client");
+        let cluster = test_cluster().await;
+        let client = cluster.client();
         let logs = tempfile::tempdir().expect("tempdir");
-        let _agent = Agent::spawn(client.clone(), agent_options(&cp, "node-a", logs.path()));
-        create_namespace(&client, "jobs").await;
+        let node = format!("node-a-{:08x}", rand::random::<u32>());
+        let opts = cluster.node_agent_options(node.as_str(), "/bin/sh", logs.path());
+        let _agent = Agent::spawn(client.clone(), opts);
+        let ns = unique_namespace(&client, "jobs").await;
+        let ns = ns.as_str();
         create_job(
             &client,
-            "jobs",
+            ns,
             "ok",
             r#"echo "$GREETING from $POD_NAME" && exit 0"#,
             0,
             None,
         )
         .await;
-        create_job(&client, "jobs", "bad", "echo failing >&2; exit 3", 0, None).await;
+        create_job(&client, ns, "bad", "echo failing >&2; exit 3", 0, None).await;
 
         let (ok, bad) = tokio::join!(
-            finished_job(&client, "jobs", "ok"),
-            finished_job(&client, "jobs", "bad")
+            finished_job(&client, ns, "ok"),
+            finished_job(&client, ns, "bad")
         );
         let ok_status = ok.status.expect("ok status");
         assert_eq!(ok_status.succeeded, Some(1), "{ok_status:?}");
@@ -254,33 +281,33 @@ async fn jobs_succeed_and_fail_through_the_real_job_controller() {
             .expect("Failed condition");
         assert_eq!(failed.reason.as_deref(), Some("BackoffLimitExceeded"));
 
-        let ok_pods = job_pods(&client, "jobs", "ok").await;
+        let ok_pods = job_pods(&client, ns, "ok").await;
         assert_eq!(ok_pods.len(), 1);
         let ok_pod = &ok_pods[0];
         assert_eq!(phase(ok_pod), "Succeeded");
         assert_eq!(exit_code(ok_pod), Some(0));
         assert_eq!(
             ok_pod.spec.as_ref().and_then(|s| s.node_name.as_deref()),
-            Some("node-a")
+            Some(node.as_str())
         );
-        let bad_pods = job_pods(&client, "jobs", "bad").await;
+        let bad_pods = job_pods(&client, ns, "bad").await;
         assert_eq!(bad_pods.len(), 1);
         assert_eq!(phase(&bad_pods[0]), "Failed");
         assert_eq!(exit_code(&bad_pods[0]), Some(3));
 
         // stdout and stderr land in {log_dir}/{namespace}_{pod}.log, with the pod's env.
         let ok_name = ok_pod.metadata.name.clone().expect("name");
-        let log = std::fs::read_to_string(logs.path().join(format!("jobs_{ok_name}.log")))
+        let log = std::fs::read_to_string(logs.path().join(format!("{ns}_{ok_name}.log")))
             .expect("ok log");
         assert_eq!(log.trim(), format!("hello from {ok_name}"));
         let bad_name = bad_pods[0].metadata.name.clone().expect("name");
-        let log = std::fs::read_to_string(logs.path().join(format!("jobs_{bad_name}.log")))
+        let log = std::fs::read_to_string(logs.path().join(format!("{ns}_{bad_name}.log")))
             .expect("bad log");
         assert_eq!(log.trim(), "failing");
 
         // The agent registered a Ready node.
         let node = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
-            .get("node-a")
+            .get(&node)
             .await
             .expect("node");
         let ready = node
@@ -294,52 +321,65 @@ async fn jobs_succeed_and_fail_through_the_real_job_controller() {
     .await;
 }
 
+/// Checks `$KUBECONFIG` holds a token, then prints its server and token for the test.
+const WORKER_PRINTS_ITS_KUBECONFIG: &str = r#"test -n "$KUBECONFIG" &&
+grep -q token "$KUBECONFIG" &&
+sed -n 's/^ *server: *//p' "$KUBECONFIG" &&
+sed -n 's/^ *token: *//p' "$KUBECONFIG""#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_get_a_real_service_account_token() {
     init_tracing();
     bounded(async {
-        let cp = start_control_plane(None).await;
-        let client = cp.client().await.expect("client");
+        let cluster = test_cluster().await;
+        let client = cluster.client();
         let logs = tempfile::tempdir().expect("tempdir");
-        let _agent = Agent::spawn(client.clone(), agent_options(&cp, "node-b", logs.path()));
-        create_namespace(&client, "tenant").await;
+        let node = format!("node-b-{:08x}", rand::random::<u32>());
+        // No server URL given: the agent finds the API server's own (loopback) endpoint.
+        let opts = node_agent::NodeAgentOptions::new(node.as_str(), "/bin/sh", logs.path());
+        let _agent = Agent::spawn(client.clone(), opts);
+        let ns = unique_namespace(&client, "tenant").await;
+        let ns = ns.as_str();
         let sa: ServiceAccount =
             serde_json::from_value(json!({ "metadata": { "name": "worker" } })).expect("sa");
-        Api::<ServiceAccount>::namespaced(client.clone(), "tenant")
+        Api::<ServiceAccount>::namespaced(client.clone(), ns)
             .create(&PostParams::default(), &sa)
             .await
             .expect("create sa");
         // The worker checks its kubeconfig and prints the token so the test can use it.
         create_job(
             &client,
-            "tenant",
+            ns,
             "token",
-            r#"test -n "$KUBECONFIG" && grep -q token "$KUBECONFIG" && sed -n 's/^ *token: *//p' "$KUBECONFIG""#,
+            WORKER_PRINTS_ITS_KUBECONFIG,
             0,
             Some("worker"),
         )
         .await;
-        let job = finished_job(&client, "tenant", "token").await;
+        let job = finished_job(&client, ns, "token").await;
         assert_eq!(job.status.as_ref().and_then(|s| s.succeeded), Some(1));
-        let pods = job_pods(&client, "tenant", "token").await;
+        let pods = job_pods(&client, ns, "token").await;
         let pod_name = pods[0].metadata.name.clone().expect("name");
-        let log = std::fs::read_to_string(logs.path().join(format!("tenant_{pod_name}.log")))
+        let log = std::fs::read_to_string(logs.path().join(format!("{ns}_{pod_name}.log")))
             .expect("log");
-        let token = log.trim().to_string();
+        let (server, token) = log.trim().split_once('\n').expect("server and token");
         assert!(token.starts_with("ey"), "not a JWT: {token:?}");
+        if cluster.control_plane().is_some() {
+            assert_eq!(server, cluster.server_url());
+        }
 
         // The token authenticates as the pod's ServiceAccount, with exactly its RBAC:
         // forbidden until a RoleBinding allows it.
-        let mut config = kube::Config::new(cp.server_url().parse().expect("url"));
+        let mut config = kube::Config::new(server.parse().expect("url"));
         config.accept_invalid_certs = true;
-        config.auth_info.token = Some(token.into());
+        config.auth_info.token = Some(token.to_string().into());
         let as_worker = kube::Client::try_from(config).expect("worker client");
-        let worker_pods: Api<Pod> = Api::namespaced(as_worker, "tenant");
+        let worker_pods: Api<Pod> = Api::namespaced(as_worker, ns);
         match worker_pods.list(&ListParams::default()).await {
             Err(kube::Error::Api(s)) => {
                 assert_eq!(s.code, 403, "{s:?}");
                 assert!(
-                    s.message.contains("system:serviceaccount:tenant:worker"),
+                    s.message.contains(&format!("system:serviceaccount:{ns}:worker")),
                     "{}",
                     s.message
                 );
@@ -351,17 +391,17 @@ async fn workers_get_a_real_service_account_token() {
             "rules": [{ "apiGroups": [""], "resources": ["pods"], "verbs": ["list"] }]
         }))
         .expect("role");
-        Api::<Role>::namespaced(client.clone(), "tenant")
+        Api::<Role>::namespaced(client.clone(), ns)
             .create(&PostParams::default(), &role)
             .await
             .expect("create role");
         let binding: RoleBinding = serde_json::from_value(json!({
             "metadata": { "name": "worker-reads-pods" },
             "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-pods" },
-            "subjects": [{ "kind": "ServiceAccount", "name": "worker", "namespace": "tenant" }]
+            "subjects": [{ "kind": "ServiceAccount", "name": "worker", "namespace": ns }]
         }))
         .expect("binding");
-        Api::<RoleBinding>::namespaced(client.clone(), "tenant")
+        Api::<RoleBinding>::namespaced(client.clone(), ns)
             .create(&PostParams::default(), &binding)
             .await
             .expect("create binding");
@@ -511,6 +551,24 @@ async fn dropping_stops_processes_and_a_state_dir_keeps_data() {
         assert!(temp_dir.join("kubeconfig").is_file());
         drop(temp);
         assert!(!temp_dir.exists());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_apiserver_reports_its_log() {
+    init_tracing();
+    bounded(async {
+        let err = ControlPlane::start(ControlPlaneOptions {
+            extra_apiserver_args: vec!["--no-such-flag".into()],
+            ..ControlPlaneOptions::default()
+        })
+        .await
+        .expect_err("the API server cannot start");
+        assert_eq!(err.category(), "process_exited", "{err}");
+        let text = err.to_string();
+        assert!(text.contains("kube-apiserver"), "{text}");
+        assert!(text.contains("no-such-flag"), "{text}");
     })
     .await;
 }

@@ -104,6 +104,53 @@ pub async fn create_group(
     Ok(accepted(&format!("/v1/image-groups/{id}"), &id))
 }
 
+/// Adds images and/or models to a group; only what is new is processed, then the group's
+/// events follow (`image_group.updated` when it had completed before).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageGroupPatchIn {
+    #[serde(default)]
+    add_images: Vec<GroupImageIn>,
+    #[serde(default)]
+    add_models: Vec<String>,
+}
+
+pub async fn update_group(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let tenant = authenticate(&state.keys, &headers)?;
+    let input: ImageGroupPatchIn = parse_json(&headers, body)?;
+    if input.add_images.is_empty() && input.add_models.is_empty() {
+        return Err(ApiError::InvalidRequest("nothing to add: give addImages and/or addModels".into()));
+    }
+    let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
+    let mut group = api.get_opt(&id).await?.ok_or_else(|| ApiError::NotFound(format!("image group {id}")))?;
+    let first_new = group.spec.images.len();
+    for (offset, image) in input.add_images.into_iter().enumerate() {
+        // Positional ids stay stable: a new image without an id gets its own position.
+        let id = image.id.unwrap_or_else(|| (first_new + offset).to_string());
+        group.spec.images.push(ImageEntry { id: Some(id), url: image.url, metadata: image.metadata });
+    }
+    for model in input.add_models {
+        if !group.spec.models.contains(&model) {
+            group.spec.models.push(model);
+        }
+    }
+    group.spec.validate(&state.config.models).map_err(ApiError::InvalidRequest)?;
+    // The object carries its resourceVersion: a concurrent change makes this a 409, not a lost update.
+    match api.replace(&id, &PostParams::default(), &group).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => return Err(ApiError::Conflict),
+        Err(e) => return Err(e.into()),
+    }
+    let location = format!("/v1/image-groups/{id}");
+    let body = json!({ "id": id, "status": "pending", "links": { "self": location } });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
 pub async fn get_image(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

@@ -16,6 +16,8 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("the resource changed meanwhile; read it again and retry")]
+    Conflict,
     #[error("the cluster is unavailable; try again")]
     Unavailable(String),
 }
@@ -29,6 +31,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::NotFound(_) => "not_found",
+            Self::Conflict => "conflict",
             Self::Unavailable(_) => "unavailable",
         }
     }
@@ -40,6 +43,7 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict => StatusCode::CONFLICT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

@@ -75,6 +75,7 @@ mod tests {
                 output: ModelOutput {
                     detections: dets,
                     classes: vec![],
+                    ..Default::default()
                 },
                 error: None,
                 inference_ms: 1.0,
@@ -90,6 +91,7 @@ mod tests {
                             label: label.into(),
                             confidence,
                         }],
+                        ..Default::default()
                     },
                     error: None,
                     inference_ms: 1.0,

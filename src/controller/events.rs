@@ -17,9 +17,12 @@ use crate::crd::{
     ConditionStatus, Delivery, DeliveryState, ImageGroup, ImageGroupStatus, ImageResultSpec,
     SecretKeyRef, WebhookSubscription, set_condition,
 };
-use crate::webhook::{AttemptOutcome, EventPayload, group_completed, image_event};
+use crate::webhook::{AttemptOutcome, EventPayload, group_event, image_event};
 
 pub const GROUP_COMPLETED: &str = "image_group.completed";
+/// Sent instead of `image_group.completed` when a group that had completed completes again
+/// after images or models were added.
+pub const GROUP_UPDATED: &str = "image_group.updated";
 const REQUEST_ENDPOINT: &str = "request";
 /// Deliveries attempted at once within one reconcile.
 const CONCURRENT_ATTEMPTS: usize = 8;
@@ -87,6 +90,9 @@ pub fn plan(
 ) {
     let uid = group.uid().unwrap_or_default();
     let models = &group.spec.models;
+    // An image's event is about its results for this set of models: adding models later
+    // makes a new event (with all its results), adding images does not repeat old ones.
+    let fingerprint = models_fingerprint(models);
     for (i, image) in group.spec.images.iter().enumerate() {
         let key = image.key(i);
         let Some(result) = results.get(&key).filter(|r| r.covers(models)) else {
@@ -97,24 +103,41 @@ pub fn plan(
         } else {
             "image.completed"
         };
-        add_event(status, &uid, event, Some(&key), &key, endpoints, now);
+        let subject = format!("{key}:{fingerprint}");
+        add_event(status, &uid, event, Some(&key), &subject, endpoints, now);
     }
+    let is_group_event = |d: &Delivery| d.event == GROUP_COMPLETED || d.event == GROUP_UPDATED;
     let images_settled = status
         .deliveries
         .iter()
-        .all(|d| d.event == GROUP_COMPLETED || d.state != DeliveryState::Pending);
+        .all(|d| is_group_event(d) || d.state != DeliveryState::Pending);
     if all_done && images_settled {
         let generation = group.metadata.generation.unwrap_or(1).to_string();
-        add_event(
-            status,
-            &uid,
-            GROUP_COMPLETED,
-            None,
-            &generation,
-            endpoints,
-            now,
-        );
+        let this_generation = group_event_ids(&uid, &generation, endpoints);
+        let completed_before = status
+            .deliveries
+            .iter()
+            .any(|d| is_group_event(d) && !this_generation.contains(&d.id));
+        let event = if completed_before { GROUP_UPDATED } else { GROUP_COMPLETED };
+        add_event(status, &uid, event, None, &generation, endpoints, now);
     }
+}
+
+/// The ids the group event of `generation` has (or would have), for every endpoint and
+/// both event types.
+fn group_event_ids(uid: &str, generation: &str, endpoints: &[Endpoint]) -> Vec<String> {
+    endpoints
+        .iter()
+        .flat_map(|e| {
+            [GROUP_COMPLETED, GROUP_UPDATED].map(|event| event_id(uid, event, generation, &e.key))
+        })
+        .collect()
+}
+
+fn models_fingerprint(models: &[String]) -> String {
+    let mut sorted: Vec<&str> = models.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    hex::encode(&Sha256::digest(sorted.join(",").as_bytes())[..4])
 }
 
 fn add_event(
@@ -126,10 +149,12 @@ fn add_event(
     endpoints: &[Endpoint],
     now: jiff::Timestamp,
 ) {
+    // One event has one sequence number, whichever endpoints it goes to.
+    let ids: Vec<String> = endpoints.iter().map(|e| event_id(uid, event, subject, &e.key)).collect();
     let mut sequence = status
         .deliveries
         .iter()
-        .find(|d| d.event == event && d.image_id.as_deref() == image_id)
+        .find(|d| ids.contains(&d.id))
         .map(|d| d.sequence);
     for endpoint in endpoints.iter().filter(|e| e.wants(event)) {
         let id = event_id(uid, event, subject, &endpoint.key);
@@ -217,9 +242,21 @@ pub async fn deliver_due(
         .collect()
         .await;
     let now = jiff::Timestamp::now();
+    let mut gone = Vec::new();
     for (index, outcome) in outcomes {
         if let Some(delivery) = status.deliveries.get_mut(index) {
+            if matches!(outcome, AttemptOutcome::Failed { gone: true, .. }) {
+                gone.push(delivery.endpoint.clone());
+            }
             apply_outcome(ctx, delivery, outcome, now);
+        }
+    }
+    // 410 Gone: the receiver asks us to stop; nothing more goes to that endpoint.
+    for delivery in status.deliveries.iter_mut() {
+        if delivery.state == DeliveryState::Pending && gone.contains(&delivery.endpoint) {
+            delivery.state = DeliveryState::Failed;
+            delivery.next_attempt_at = None;
+            delivery.last_error = Some("endpoint answered 410 Gone; deliveries stopped".to_owned());
         }
     }
 }
@@ -305,7 +342,7 @@ fn payload_for(
                 created,
             )
         }
-        None => group_completed(group, delivery.sequence, created),
+        None => group_event(&delivery.event, group, delivery.sequence, created),
     }
 }
 

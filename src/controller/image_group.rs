@@ -88,16 +88,21 @@ pub async fn reconcile(
         .map(|r| (r.image_id.clone(), r))
         .collect();
     let models = &group.spec.models;
+    // Only what is new runs: images without a result, and models an image has not seen.
     let pending: Vec<WorkItem> = group
         .spec
         .images
         .iter()
         .enumerate()
-        .map(|(i, image)| WorkItem {
-            id: image.key(i),
-            url: image.url.clone(),
+        .filter_map(|(i, image)| {
+            let id = image.key(i);
+            let missing: Vec<String> = match results.get(&id) {
+                Some(r) if r.covers(models) => return None,
+                Some(r) => models.iter().filter(|m| !r.outputs.contains_key(*m)).cloned().collect(),
+                None => Vec::new(),
+            };
+            Some(WorkItem { id, url: image.url.clone(), models: missing })
         })
-        .filter(|item| !results.get(&item.id).is_some_and(|r| r.covers(models)))
         .collect();
 
     if !pending.is_empty() {

@@ -20,6 +20,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use crate::crd::{ImageGroup, ImageResult, WebhookSubscription};
+use crate::net::{EgressGuard, EgressPolicy};
 use crate::results::ResultStore;
 use crate::webhook::{RetrySchedule, Sender, SenderConfig};
 
@@ -38,6 +39,8 @@ pub struct ControllerConfig {
     pub worker_backoff_limit: i32,
     pub retry: RetrySchedule,
     pub sender: SenderConfig,
+    /// Private destinations webhooks may reach anyway (default: none).
+    pub egress: EgressPolicy,
     /// How long a finished group (and its results) is kept.
     pub group_ttl: Duration,
     /// Upper bound on one `Retry-After` the receiver asks for.
@@ -55,6 +58,7 @@ impl Default for ControllerConfig {
             worker_backoff_limit: 2,
             retry: RetrySchedule::default(),
             sender: SenderConfig::default(),
+            egress: EgressPolicy::default(),
             group_ttl: Duration::from_secs(7 * 24 * 3600),
             max_retry_after: Duration::from_secs(3600),
         }
@@ -99,7 +103,7 @@ impl ControllerError {
 pub async fn run(client: Client, config: ControllerConfig) -> Result<(), ControllerError> {
     let ctx = Arc::new(Context {
         client: client.clone(),
-        sender: Sender::new(&config.sender)?,
+        sender: Sender::new(&config.sender, EgressGuard::new(config.egress.clone()))?,
         results: ResultStore::new(client.clone()),
         config,
     });

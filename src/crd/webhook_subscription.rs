@@ -9,7 +9,12 @@ use serde::{Deserialize, Serialize};
 use super::SecretKeyRef;
 
 /// The event types kinsight sends.
-pub const EVENT_TYPES: &[&str] = &["image.completed", "image.failed", "image_group.completed"];
+pub const EVENT_TYPES: &[&str] = &[
+    "image.completed",
+    "image.failed",
+    "image_group.completed",
+    "image_group.updated",
+];
 
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(

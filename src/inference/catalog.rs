@@ -48,6 +48,10 @@ pub struct ModelEntry {
     /// Classification only: number of classes reported. Default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
+    /// Most images sent to the model in one run. Default: 1 when the model's batch
+    /// dimension is fixed, [`DEFAULT_MAX_BATCH`] when it is dynamic; 1 disables batching.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<usize>,
 }
 
 /// The model's input tensor and how to produce it from an image.
@@ -61,6 +65,9 @@ pub struct InputEntry {
     /// `shorter-side-center-crop` only: the shorter side is resized to this before the crop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resize_size: Option<u32>,
+    /// `letterbox` only: grey level (0..=255, all channels) of the padding. Default 114.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_value: Option<u8>,
     pub channel_order: ChannelOrder,
     /// Per channel, in the model's channel order: `(x - mean) / std` on 0..255 values.
     pub mean: [f32; 3],
@@ -72,6 +79,9 @@ pub struct InputEntry {
 pub enum Task {
     Detection,
     Classification,
+    /// A classifier whose labels are ordered grades, lowest first (e.g. poor, fair, good,
+    /// excellent): reports the most likely grade and a confidence-weighted score.
+    Ordinal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +90,10 @@ pub enum DetectionDecoder {
     /// NanoDet (GFL) with per-level outputs: class scores `[1, N, classes]` (sigmoid
     /// applied) and box distributions `[1, N, 4 * bins]`, for strides 8/16/32/...
     Nanodet,
+    /// Ultralytics YOLOv8/v11 export: one output `[1, 4 + classes, anchors]` whose rows are
+    /// the box centre x, y, width and height in input pixels, then the class scores
+    /// (sigmoid applied). `[1, anchors, 4 + classes]` (transposed) is accepted too.
+    Yolov8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +103,9 @@ pub enum ResizeMode {
     Stretch,
     /// Resize so the shorter side is `resizeSize` (aspect ratio kept), then crop the centre.
     ShorterSideCenterCrop,
+    /// Resize so the whole image fits (aspect ratio kept), centred on a `padValue` grey
+    /// background (Ultralytics' letterbox).
+    Letterbox,
 }
 
 /// Channel order of the model input.
@@ -109,6 +126,8 @@ pub struct ModelSpec {
     pub labels: Vec<String>,
     pub preprocessing: Preprocessing,
     pub task: TaskSpec,
+    /// `maxBatch` of the catalog; `None`: decided from the model's input (see [`ModelEntry`]).
+    pub max_batch: Option<usize>,
 }
 
 /// How an image becomes the model's input tensor.
@@ -131,12 +150,18 @@ pub enum Resize {
     ShorterSideCenterCrop {
         shorter_side: u32,
     },
+    /// Fit inside the input, centred; the rest is `pad` (0..=255 before normalisation).
+    Letterbox {
+        pad: u8,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskSpec {
     Detection(DetectionParams),
     Classification(ClassificationParams),
+    /// Labels are grades, lowest first; at least two.
+    Ordinal,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -161,6 +186,11 @@ const DEFAULT_DETECTION_THRESHOLD: f32 = 0.35;
 const DEFAULT_NMS_IOU: f32 = 0.5;
 const DEFAULT_MAX_DETECTIONS: usize = 100;
 const DEFAULT_TOP_K: usize = 5;
+/// Largest batch sent to a model with a dynamic batch dimension unless the catalog says.
+pub const DEFAULT_MAX_BATCH: usize = 8;
+/// `maxBatch` above this is refused (memory: a batch of 224x224 inputs is 600 KB per image).
+const MAX_BATCH_LIMIT: usize = 256;
+const DEFAULT_PAD_VALUE: u8 = 114;
 
 /// A loaded and validated catalog.
 #[derive(Debug, Clone, PartialEq)]
@@ -279,7 +309,7 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
             }
             let decoder = entry
                 .decoder
-                .ok_or("a detection model needs a decoder (supported: nanodet)")?;
+                .ok_or("a detection model needs a decoder (supported: nanodet, yolov8)")?;
             let nms_iou = entry.nms_iou.unwrap_or(DEFAULT_NMS_IOU);
             if !(nms_iou > 0.0 && nms_iou <= 1.0) {
                 return Err(format!("nmsIou must be within (0, 1], got {nms_iou}"));
@@ -311,7 +341,36 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
                 score_threshold: score_threshold.unwrap_or(0.0),
             })
         }
+        Task::Ordinal => {
+            if entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some()
+            {
+                return Err(
+                    "decoder, nmsIou and maxDetections apply to detection models only".into(),
+                );
+            }
+            if entry.top_k.is_some() || score_threshold.is_some() {
+                return Err(
+                    "topK and scoreThreshold do not apply to ordinal models (they report one grade)"
+                        .into(),
+                );
+            }
+            if labels.len() < 2 {
+                return Err(format!(
+                    "an ordinal model needs at least 2 grades in its labels file, found {}",
+                    labels.len()
+                ));
+            }
+            TaskSpec::Ordinal
+        }
     };
+
+    if let Some(max_batch) = entry.max_batch
+        && !(1..=MAX_BATCH_LIMIT).contains(&max_batch)
+    {
+        return Err(format!(
+            "maxBatch must be within 1..={MAX_BATCH_LIMIT}, got {max_batch}"
+        ));
+    }
 
     Ok(ModelSpec {
         name: entry.name,
@@ -319,6 +378,7 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
         labels,
         preprocessing,
         task,
+        max_batch: entry.max_batch,
     })
 }
 
@@ -345,9 +405,15 @@ fn validate_input(input: &InputEntry) -> Result<Preprocessing, String> {
             ));
         }
     }
+    if input.pad_value.is_some() && input.resize != ResizeMode::Letterbox {
+        return Err("padValue only applies to resize: letterbox".into());
+    }
     let resize = match (input.resize, input.resize_size) {
         (ResizeMode::Stretch, None) => Resize::Stretch,
-        (ResizeMode::Stretch, Some(_)) => {
+        (ResizeMode::Letterbox, None) => Resize::Letterbox {
+            pad: input.pad_value.unwrap_or(DEFAULT_PAD_VALUE),
+        },
+        (ResizeMode::Stretch | ResizeMode::Letterbox, Some(_)) => {
             return Err("resizeSize only applies to resize: shorter-side-center-crop".into());
         }
         (ResizeMode::ShorterSideCenterCrop, None) => {

@@ -1,4 +1,9 @@
-//! Detection outputs -> boxes: NanoDet (GFL) decoding and per-class NMS.
+//! Detection outputs -> boxes: NanoDet (GFL) and YOLOv8 decoding, per-class NMS, and
+//! the mapping of boxes from the model input back onto the image.
+//!
+//! YOLOv8 (Ultralytics export) emits one tensor `[1, 4 + classes, anchors]`: for each
+//! anchor the box centre x, y, width and height in input pixels, then one score per
+//! class (sigmoid already applied).
 //!
 //! NanoDet emits, per feature level (stride 8, 16, 32, ...), class scores `[1, N, classes]`
 //! (sigmoid already applied) and box side distributions `[1, N, 4 * bins]` (left, top,
@@ -9,6 +14,7 @@
 
 use super::catalog::DetectionParams;
 use super::output::{BoundingBox, Detection, round_confidence, round_coordinate};
+use super::preprocess::Placement;
 
 /// One model output, borrowed from the runtime.
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +31,8 @@ pub(crate) struct Geometry {
     pub input_height: u32,
     pub image_width: u32,
     pub image_height: u32,
+    /// Where the image sits in the input (resize, crop, letterbox padding).
+    pub placement: Placement,
 }
 
 /// Strides NanoDet variants use; the first whose grid matches a level's anchor count wins.
@@ -68,11 +76,106 @@ pub(crate) fn decode_nanodet(
     for level in &levels {
         decode_level(level, params.score_threshold, &mut candidates);
     }
+    finish(candidates, labels, params, geometry)
+}
+
+/// Decodes a YOLOv8 output (`[1, 4 + classes, anchors]`, or `[1, anchors, 4 + classes]`)
+/// into detections on the original image, best first.
+pub(crate) fn decode_yolov8(
+    outputs: &[RawTensor<'_>],
+    labels: &[String],
+    params: &DetectionParams,
+    geometry: Geometry,
+) -> Result<Vec<Detection>, String> {
+    let [output] = outputs else {
+        return Err(format!(
+            "a yolov8 model has one output, this one has {}",
+            outputs.len()
+        ));
+    };
+    let classes = labels.len();
+    let values = classes + 4;
+    let dims = match output.shape {
+        [1, a, b] => usize::try_from(*a).ok().zip(usize::try_from(*b).ok()),
+        _ => None,
+    };
+    // Channels first (the exporter's layout) wins when both sides match.
+    let (anchors, channels_first) = match dims {
+        Some((rows, anchors)) if rows == values => (anchors, true),
+        Some((anchors, columns)) if columns == values => (anchors, false),
+        _ => {
+            return Err(format!(
+                "output `{}` has shape {:?}, expected [1, {values}, anchors] (4 box values + {classes} classes)",
+                output.name, output.shape
+            ));
+        }
+    };
+    if anchors.checked_mul(values) != Some(output.data.len()) {
+        return Err(format!(
+            "output `{}` has shape {:?} but {} values",
+            output.name,
+            output.shape,
+            output.data.len()
+        ));
+    }
+
+    let mut candidates = Vec::new();
+    if channels_first {
+        // Row r holds value r of every anchor: scan the class rows once, keeping each
+        // anchor's best class (the memory is read in order, no per-anchor gathering).
+        let rows: Vec<&[f32]> = output.data.chunks_exact(anchors).collect();
+        let (box_rows, class_rows) = rows.split_at(4);
+        let mut best: Vec<(usize, f32)> = vec![(0, f32::NEG_INFINITY); anchors];
+        for (class, row) in class_rows.iter().enumerate() {
+            for (slot, &score) in best.iter_mut().zip(row.iter()) {
+                // `>` keeps the lower class on ties and never picks NaN.
+                if score > slot.1 {
+                    *slot = (class, score);
+                }
+            }
+        }
+        if let [cx, cy, w, h] = box_rows {
+            for (i, &(class, score)) in best.iter().enumerate() {
+                if score > params.score_threshold
+                    && let (Some(&cx), Some(&cy), Some(&w), Some(&h)) =
+                        (cx.get(i), cy.get(i), w.get(i), h.get(i))
+                {
+                    push_centre_box(&mut candidates, class, score, [cx, cy, w, h]);
+                }
+            }
+        }
+    } else {
+        for row in output.data.chunks_exact(values) {
+            let (bbox, scores) = row.split_at(4);
+            if let (Some((class, score)), [cx, cy, w, h]) = (best_class(scores), bbox)
+                && score > params.score_threshold
+            {
+                push_centre_box(&mut candidates, class, score, [*cx, *cy, *w, *h]);
+            }
+        }
+    }
+    finish(candidates, labels, params, geometry)
+}
+
+/// Adds a candidate given as centre x, y, width, height (dropped when not finite).
+fn push_centre_box(out: &mut Vec<Candidate>, class: usize, score: f32, [cx, cy, w, h]: [f32; 4]) {
+    let bbox = [cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0];
+    if bbox.iter().all(|v| v.is_finite()) && score.is_finite() {
+        out.push(Candidate { class, score, bbox });
+    }
+}
+
+/// NMS, the detection limit, then input space -> image pixels (clamped, rounded).
+fn finish(
+    candidates: Vec<Candidate>,
+    labels: &[String],
+    params: &DetectionParams,
+    geometry: Geometry,
+) -> Result<Vec<Detection>, String> {
     let mut kept = nms(candidates, params.nms_iou);
     kept.truncate(params.max_detections);
 
-    let scale_x = geometry.image_width as f32 / geometry.input_width as f32;
-    let scale_y = geometry.image_height as f32 / geometry.input_height as f32;
+    let placement = geometry.placement;
     let (max_x, max_y) = (geometry.image_width as f32, geometry.image_height as f32);
     kept.into_iter()
         .map(|c| {
@@ -80,8 +183,8 @@ pub(crate) fn decode_nanodet(
                 .get(c.class)
                 .ok_or_else(|| format!("class index {} has no label", c.class))?;
             let [x0, y0, x1, y1] = c.bbox;
-            let x = |v: f32| round_coordinate((v * scale_x).clamp(0.0, max_x));
-            let y = |v: f32| round_coordinate((v * scale_y).clamp(0.0, max_y));
+            let x = |v: f32| round_coordinate(placement.image_x(v).clamp(0.0, max_x));
+            let y = |v: f32| round_coordinate(placement.image_y(v).clamp(0.0, max_y));
             Ok(Detection {
                 label: label.clone(),
                 confidence: round_confidence(c.score),

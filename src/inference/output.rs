@@ -8,7 +8,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// What a model found in an image. Detection models fill `detections`, classification
-/// models fill `classes`; the other list is empty and omitted from the serialised form.
+/// models fill `classes`, ordinal models fill `grade`; the others are empty and omitted
+/// from the serialised form.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelOutput {
@@ -18,6 +19,9 @@ pub struct ModelOutput {
     /// Most likely classes of the whole image, highest confidence first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub classes: Vec<ClassScore>,
+    /// Ordinal models: the grade of the image on the model's ordered scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grade: Option<OrdinalGrade>,
 }
 
 /// One object found by a detection model.
@@ -47,6 +51,21 @@ pub struct BoundingBox {
 pub struct ClassScore {
     pub label: String,
     /// In `[0, 1]`, rounded to 4 decimals.
+    pub confidence: f32,
+}
+
+/// The result of an ordinal model: a classifier whose labels are ordered grades
+/// (e.g. poor < fair < good < excellent).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrdinalGrade {
+    /// The most likely grade.
+    pub label: String,
+    /// Confidence-weighted position on the scale, in `[0, 1]` (0 = lowest grade, 1 = highest):
+    /// the expected grade index `sum(p_i * i)` divided by the highest index. Rounded to 4
+    /// decimals.
+    pub score: f32,
+    /// Probability of `label`, in `[0, 1]`, rounded to 4 decimals.
     pub confidence: f32,
 }
 
@@ -86,6 +105,7 @@ mod tests {
                 },
             }],
             classes: vec![],
+            grade: None,
         };
         let json = serde_json::to_value(&output).unwrap();
         assert_eq!(
@@ -97,5 +117,27 @@ mod tests {
         assert_eq!(back, output);
         let empty: ModelOutput = serde_json::from_str("{}").unwrap();
         assert_eq!(empty, ModelOutput::default());
+    }
+
+    #[test]
+    fn serialises_grade_only_when_present() {
+        let output = ModelOutput {
+            grade: Some(OrdinalGrade {
+                label: "good".into(),
+                score: 0.6667,
+                confidence: 0.81,
+            }),
+            ..ModelOutput::default()
+        };
+        let json = serde_json::to_value(&output).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"grade": {"label": "good", "score": 0.6667_f32, "confidence": 0.81_f32}})
+        );
+        let back: ModelOutput = serde_json::from_value(json).unwrap();
+        assert_eq!(back, output);
+        // Results stored before grades existed still read.
+        let old: ModelOutput = serde_json::from_str(r#"{"classes": []}"#).unwrap();
+        assert_eq!(old.grade, None);
     }
 }

@@ -24,11 +24,58 @@ struct Window {
     height: usize,
 }
 
+/// Where the image lands in the model input: `input = image * scale + offset` per axis
+/// (in pixels). Detection decoders use the inverse to map boxes back onto the image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Placement {
+    pub scale_x: f32,
+    pub scale_y: f32,
+    pub offset_x: f32,
+    pub offset_y: f32,
+}
+
+impl Placement {
+    /// Input-space x -> image-space x.
+    pub fn image_x(&self, x: f32) -> f32 {
+        (x - self.offset_x) / self.scale_x
+    }
+
+    /// Input-space y -> image-space y.
+    pub fn image_y(&self, y: f32) -> f32 {
+        (y - self.offset_y) / self.scale_y
+    }
+}
+
+/// How an image of the given size is placed in the model input described by `spec`.
+pub(crate) fn placement(width: u32, height: u32, spec: &Preprocessing) -> Placement {
+    let plan = plan_resize(width, height, spec);
+    Placement {
+        scale_x: (plan.resized_width as f64 / f64::from(width.max(1))) as f32,
+        scale_y: (plan.resized_height as f64 / f64::from(height.max(1))) as f32,
+        offset_x: plan.dst_left as f32 - plan.src_left as f32,
+        offset_y: plan.dst_top as f32 - plan.src_top as f32,
+    }
+}
+
 /// Turns an image into the `[1, 3, height, width]` tensor described by `spec`.
 pub(crate) fn preprocess(
     image: &DynamicImage,
     spec: &Preprocessing,
 ) -> Result<Array4<f32>, InferenceError> {
+    let (width, height) = (spec.width as usize, spec.height as usize);
+    let mut data = vec![0.0_f32; 3 * width * height];
+    preprocess_into(image, spec, &mut data)?;
+    Array4::from_shape_vec((1, 3, height, width), data)
+        .map_err(|e| InferenceError::Internal(format!("input tensor shape: {e}")))
+}
+
+/// Writes the `3 x height x width` (CHW) input of `image` into `out`, which must hold
+/// exactly that many values (one image of a batch tensor).
+pub(crate) fn preprocess_into(
+    image: &DynamicImage,
+    spec: &Preprocessing,
+    out: &mut [f32],
+) -> Result<(), InferenceError> {
     if image.width() == 0 || image.height() == 0 {
         return Err(InferenceError::InvalidImage(format!(
             "image has no pixels ({}x{})",
@@ -41,20 +88,26 @@ pub(crate) fn preprocess(
         DynamicImage::ImageRgb8(buffer) => Cow::Borrowed(buffer),
         other => Cow::Owned(other.to_rgb8()),
     };
-    let (width, height) = (spec.width as usize, spec.height as usize);
     let plan = plan_resize(rgb.width(), rgb.height(), spec);
+    let (copy_width, copy_height) = (plan.copy_width as usize, plan.copy_height as usize);
+    let destination = Window {
+        left: plan.dst_left as usize,
+        top: plan.dst_top as usize,
+        width: copy_width,
+        height: copy_height,
+    };
 
     if (plan.resized_width, plan.resized_height)
         == (u64::from(rgb.width()), u64::from(rgb.height()))
     {
-        // Already the right size: only crop.
-        let window = Window {
-            left: plan.left as usize,
-            top: plan.top as usize,
-            width,
-            height,
+        // Already the right size: only crop / pad.
+        let source = Window {
+            left: plan.src_left as usize,
+            top: plan.src_top as usize,
+            width: copy_width,
+            height: copy_height,
         };
-        return normalize_nchw(rgb.as_raw(), rgb.width() as usize, window, spec);
+        return normalize_nchw(rgb.as_raw(), rgb.width() as usize, source, destination, spec, out);
     }
 
     // Resizing the whole image and then cropping would allocate the full resized image
@@ -64,34 +117,49 @@ pub(crate) fn preprocess(
     let scale_x = f64::from(rgb.width()) / plan.resized_width as f64;
     let scale_y = f64::from(rgb.height()) / plan.resized_height as f64;
     let src_box = CropBox {
-        left: plan.left as f64 * scale_x,
-        top: plan.top as f64 * scale_y,
-        width: f64::from(spec.width) * scale_x,
-        height: f64::from(spec.height) * scale_y,
+        left: plan.src_left as f64 * scale_x,
+        top: plan.src_top as f64 * scale_y,
+        width: plan.copy_width as f64 * scale_x,
+        height: plan.copy_height as f64 * scale_y,
     };
-    let resized = resize_bilinear(&rgb, src_box, spec.width, spec.height)?;
-    let window = Window {
+    let resized = resize_bilinear(&rgb, src_box, plan.copy_width, plan.copy_height)?;
+    let source = Window {
         left: 0,
         top: 0,
-        width,
-        height,
+        width: copy_width,
+        height: copy_height,
     };
-    normalize_nchw(resized.buffer(), width, window, spec)
+    normalize_nchw(resized.buffer(), copy_width, source, destination, spec, out)
 }
 
-/// The whole image is (conceptually) resized to `resized_*`, then the input-sized window
-/// at (`left`, `top`) is cut out.
+/// The whole image is (conceptually) resized to `resized_*`; then its `copy_*`-sized
+/// window at (`src_left`, `src_top`) goes to (`dst_left`, `dst_top`) of the input, the
+/// rest of which is padding (letterbox only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ResizePlan {
     resized_width: u64,
     resized_height: u64,
-    left: u64,
-    top: u64,
+    src_left: u64,
+    src_top: u64,
+    dst_left: u64,
+    dst_top: u64,
+    copy_width: u32,
+    copy_height: u32,
 }
 
 fn plan_resize(width: u32, height: u32, spec: &Preprocessing) -> ResizePlan {
-    let (resized_width, resized_height) = match spec.resize {
-        Resize::Stretch => (u64::from(spec.width), u64::from(spec.height)),
+    let whole_input = |resized_width: u64, resized_height: u64| ResizePlan {
+        resized_width,
+        resized_height,
+        src_left: (resized_width - u64::from(spec.width)) / 2,
+        src_top: (resized_height - u64::from(spec.height)) / 2,
+        dst_left: 0,
+        dst_top: 0,
+        copy_width: spec.width,
+        copy_height: spec.height,
+    };
+    match spec.resize {
+        Resize::Stretch => whole_input(u64::from(spec.width), u64::from(spec.height)),
         Resize::ShorterSideCenterCrop { shorter_side } => {
             let short = u64::from(shorter_side);
             // Python's round() (ties to even), as in the reference pipeline; at least
@@ -107,14 +175,29 @@ fn plan_resize(width: u32, height: u32, spec: &Preprocessing) -> ResizePlan {
                 (long(width, height), short)
             };
             // Catalog validation guarantees shorter_side >= the input size; stay safe anyway.
-            (w.max(u64::from(spec.width)), h.max(u64::from(spec.height)))
+            whole_input(w.max(u64::from(spec.width)), h.max(u64::from(spec.height)))
         }
-    };
-    ResizePlan {
-        resized_width,
-        resized_height,
-        left: (resized_width - u64::from(spec.width)) / 2,
-        top: (resized_height - u64::from(spec.height)) / 2,
+        Resize::Letterbox { .. } => {
+            // Ultralytics: gain r = min(W / w, H / h), size round(w * r) x round(h * r),
+            // centred with the odd pixel of padding at the right / bottom.
+            let gain = (f64::from(spec.width) / f64::from(width.max(1)))
+                .min(f64::from(spec.height) / f64::from(height.max(1)));
+            let side = |value: u32, limit: u32| {
+                ((f64::from(value) * gain).round() as u32).clamp(1, limit)
+            };
+            let copy_width = side(width, spec.width);
+            let copy_height = side(height, spec.height);
+            ResizePlan {
+                resized_width: u64::from(copy_width),
+                resized_height: u64::from(copy_height),
+                src_left: 0,
+                src_top: 0,
+                dst_left: u64::from((spec.width - copy_width) / 2),
+                dst_top: u64::from((spec.height - copy_height) / 2),
+                copy_width,
+                copy_height,
+            }
+        }
     }
 }
 
@@ -136,77 +219,98 @@ fn resize_bilinear(
     Ok(dst)
 }
 
-/// Writes `window` of a packed RGB buffer (`row_width` pixels per row) into a
-/// `[1, 3, h, w]` tensor in the spec's channel order, computing `(x - mean[c]) / std[c]`
-/// (`mean`/`std` are in the model's channel order).
+/// `(v - mean) / std` for every byte value `v`: one table per channel, so the per-pixel
+/// loop is three table reads (a `u8` index into 256 entries needs no bounds check).
+fn lookup_table(mean: f32, std: f32) -> [f32; 256] {
+    std::array::from_fn(|v| (v as f32 - mean) / std)
+}
+
+/// Writes `source` (a window of a packed RGB buffer of `row_width` pixels per row) at
+/// `destination` of the `[3, h, w]` input in `out`, in the spec's channel order,
+/// computing `(x - mean[c]) / std[c]` (`mean`/`std` are in the model's channel order).
+/// Input pixels outside `destination` get the letterbox padding (0 for other resizes,
+/// which always cover the whole input).
 fn normalize_nchw(
     rgb: &[u8],
     row_width: usize,
-    window: Window,
+    source: Window,
+    destination: Window,
     spec: &Preprocessing,
-) -> Result<Array4<f32>, InferenceError> {
-    let Window {
-        left,
-        top,
-        width,
-        height,
-    } = window;
-    let (mean, std) = (spec.mean, spec.std);
+    out: &mut [f32],
+) -> Result<(), InferenceError> {
+    let (width, height) = (spec.width as usize, spec.height as usize);
     let row_bytes = row_width * 3;
     let rows_available = rgb.len().checked_div(row_bytes).unwrap_or(0);
-    if width == 0 || height == 0 || left + width > row_width || top + height > rows_available {
+    let plane = width * height;
+    if source.width == 0
+        || source.height == 0
+        || source.left + source.width > row_width
+        || source.top + source.height > rows_available
+        || (source.width, source.height) != (destination.width, destination.height)
+        || destination.left + destination.width > width
+        || destination.top + destination.height > height
+        || out.len() != 3 * plane
+    {
         return Err(InferenceError::Internal(format!(
-            "crop window {window:?} outside a {row_width}x{rows_available} image"
+            "window {source:?} of a {row_width}x{rows_available} image does not fit at \
+             {destination:?} of a {width}x{height} input ({} values)",
+            out.len()
         )));
     }
 
-    let plane = width * height;
-    let mut data = vec![0.0_f32; 3 * plane];
-    let (first, rest) = data.split_at_mut(plane);
+    let (mean, std) = (spec.mean, spec.std);
+    let (first, rest) = out.split_at_mut(plane);
     let (second, third) = rest.split_at_mut(plane);
-    // Pick the destination plane and constants of each source channel once, so the
-    // per-pixel loop has no branches.
-    let (r_plane, g_plane, b_plane, r_norm, g_norm, b_norm) = match spec.channel_order {
-        ChannelOrder::Rgb => (
-            first,
-            second,
-            third,
-            (mean[0], std[0]),
-            (mean[1], std[1]),
-            (mean[2], std[2]),
-        ),
-        ChannelOrder::Bgr => (
-            third,
-            second,
-            first,
-            (mean[2], std[2]),
-            (mean[1], std[1]),
-            (mean[0], std[0]),
-        ),
+    // Model channel index of each source channel (R, G, B), so the per-pixel loop has
+    // no branches.
+    let (r_plane, g_plane, b_plane, r_index, b_index) = match spec.channel_order {
+        ChannelOrder::Rgb => (first, second, third, 0, 2),
+        ChannelOrder::Bgr => (third, second, first, 2, 0),
     };
+    let r_lut = lookup_table(mean[r_index], std[r_index]);
+    let g_lut = lookup_table(mean[1], std[1]);
+    let b_lut = lookup_table(mean[b_index], std[b_index]);
 
-    let rows = rgb.chunks_exact(row_bytes).skip(top).take(height);
+    let covers_input = (destination.width, destination.height) == (width, height);
+    if !covers_input {
+        let pad = match spec.resize {
+            Resize::Letterbox { pad } => usize::from(pad),
+            Resize::Stretch | Resize::ShorterSideCenterCrop { .. } => 0,
+        };
+        r_plane.fill(r_lut[pad]);
+        g_plane.fill(g_lut[pad]);
+        b_plane.fill(b_lut[pad]);
+    }
+
+    let (left, right) = (destination.left, destination.left + destination.width);
+    let src_rows = rgb.chunks_exact(row_bytes).skip(source.top).take(source.height);
     let dst_rows = r_plane
         .chunks_exact_mut(width)
         .zip(g_plane.chunks_exact_mut(width))
-        .zip(b_plane.chunks_exact_mut(width));
-    for (row, ((r_row, g_row), b_row)) in rows.zip(dst_rows) {
-        let row = row
-            .get(left * 3..(left + width) * 3)
-            .ok_or_else(|| InferenceError::Internal("crop window outside the row".into()))?;
+        .zip(b_plane.chunks_exact_mut(width))
+        .skip(destination.top)
+        .take(destination.height);
+    for (row, ((r_row, g_row), b_row)) in src_rows.zip(dst_rows) {
+        // Bounds are checked once per row (validated above, so these never fail).
+        let (Some(row), Some(r_row), Some(g_row), Some(b_row)) = (
+            row.get(source.left * 3..(source.left + source.width) * 3),
+            r_row.get_mut(left..right),
+            g_row.get_mut(left..right),
+            b_row.get_mut(left..right),
+        ) else {
+            return Err(InferenceError::Internal("window outside the row".into()));
+        };
         let (pixels, _) = row.as_chunks::<3>();
         for (&[r, g, b], ((dr, dg), db)) in pixels
             .iter()
             .zip(r_row.iter_mut().zip(g_row.iter_mut()).zip(b_row.iter_mut()))
         {
-            *dr = (f32::from(r) - r_norm.0) / r_norm.1;
-            *dg = (f32::from(g) - g_norm.0) / g_norm.1;
-            *db = (f32::from(b) - b_norm.0) / b_norm.1;
+            *dr = r_lut[usize::from(r)];
+            *dg = g_lut[usize::from(g)];
+            *db = b_lut[usize::from(b)];
         }
     }
-
-    Array4::from_shape_vec((1, 3, height, width), data)
-        .map_err(|e| InferenceError::Internal(format!("input tensor shape: {e}")))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -272,10 +376,27 @@ mod tests {
             height: 2,
         };
         let s = spec(4, 2, Resize::Stretch, ChannelOrder::Rgb);
-        let tensor = normalize_nchw(&buffer, 6, window, &s).unwrap();
+        let tensor = normalize(&buffer, 6, window, &s).unwrap();
         assert_eq!(tensor.shape(), &[1, 3, 2, 4]);
         assert_eq!(tensor[[0, 0, 0, 0]], 7.0);
         assert_eq!(tensor[[0, 0, 1, 3]], 16.0);
+    }
+
+    /// Normalises `window` into a fresh input that it covers entirely.
+    fn normalize(
+        rgb: &[u8],
+        row_width: usize,
+        window: Window,
+        s: &Preprocessing,
+    ) -> Result<Array4<f32>, InferenceError> {
+        let mut out = vec![0.0; 3 * (s.width * s.height) as usize];
+        let destination = Window {
+            left: 0,
+            top: 0,
+            ..window
+        };
+        normalize_nchw(rgb, row_width, window, destination, s, &mut out)?;
+        Ok(Array4::from_shape_vec((1, 3, s.height as usize, s.width as usize), out).unwrap())
     }
 
     #[test]
@@ -288,15 +409,27 @@ mod tests {
             width: 4,
             height: 2,
         };
-        assert!(normalize_nchw(&buffer, 4, window, &s).is_err());
+        assert!(normalize(&buffer, 4, window, &s).is_err());
         let window = Window {
             left: 0,
             top: 1,
             width: 4,
             height: 2,
         };
-        assert!(normalize_nchw(&buffer, 4, window, &s).is_err());
-        assert!(normalize_nchw(&[], 0, window, &s).is_err());
+        assert!(normalize(&buffer, 4, window, &s).is_err());
+        assert!(normalize(&[], 0, window, &s).is_err());
+        // Destination outside the input, or an output of the wrong size.
+        let whole = Window {
+            left: 0,
+            top: 0,
+            width: 4,
+            height: 2,
+        };
+        let mut out = vec![0.0; 24];
+        let shifted = Window { left: 1, ..whole };
+        assert!(normalize_nchw(&buffer, 4, whole, shifted, &s, &mut out).is_err());
+        assert!(normalize_nchw(&buffer, 4, whole, whole, &s, &mut out[..23]).is_err());
+        assert!(normalize_nchw(&buffer, 4, whole, whole, &s, &mut out).is_ok());
     }
 
     #[test]
@@ -309,7 +442,7 @@ mod tests {
         );
         let plan = |w, h| {
             let p = plan_resize(w, h, &crop);
-            (p.resized_width, p.resized_height, p.left, p.top)
+            (p.resized_width, p.resized_height, p.src_left, p.src_top)
         };
         assert_eq!(plan(600, 400), (384, 256, 80, 16));
         assert_eq!(plan(451, 300), (385, 256, 80, 16)); // 384.85 rounds up
@@ -323,10 +456,90 @@ mod tests {
             ResizePlan {
                 resized_width: 416,
                 resized_height: 416,
-                left: 0,
-                top: 0
+                src_left: 0,
+                src_top: 0,
+                dst_left: 0,
+                dst_top: 0,
+                copy_width: 416,
+                copy_height: 416,
             }
         );
+    }
+
+    #[test]
+    fn letterbox_plan_fits_and_centres_like_ultralytics() {
+        let letterbox = spec(640, 640, Resize::Letterbox { pad: 114 }, ChannelOrder::Rgb);
+        let plan = |w, h| {
+            let p = plan_resize(w, h, &letterbox);
+            (p.copy_width, p.copy_height, p.dst_left, p.dst_top)
+        };
+        // 1280x720: gain 0.5 -> 640x360, 140 rows of padding above and below.
+        assert_eq!(plan(1280, 720), (640, 360, 0, 140));
+        // 427x640: gain 1 -> unchanged, (640 - 427) / 2 = 106.5 -> 106 columns on the left.
+        assert_eq!(plan(427, 640), (427, 640, 106, 0));
+        // Extreme ratios keep at least one pixel.
+        assert_eq!(plan(100_000, 1), (640, 1, 0, 319));
+        let placement = placement(1280, 720, &letterbox);
+        assert_eq!(
+            placement,
+            Placement {
+                scale_x: 0.5,
+                scale_y: 0.5,
+                offset_x: 0.0,
+                offset_y: 140.0
+            }
+        );
+        assert_eq!(placement.image_x(320.0), 640.0);
+        assert_eq!(placement.image_y(140.0), 0.0);
+        // Centre crop: the offset is the crop's top-left corner, negated.
+        let crop = spec(
+            224,
+            224,
+            Resize::ShorterSideCenterCrop { shorter_side: 256 },
+            ChannelOrder::Rgb,
+        );
+        let placement = placement(600, 400, &crop);
+        assert_eq!((placement.offset_x, placement.offset_y), (-80.0, -16.0));
+        assert!((placement.image_x(0.0) - 125.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn letterbox_pads_with_the_pad_value() {
+        // A 4x2 white image into 4x4: rows 1 and 2 are the image, rows 0 and 3 padding.
+        let image = DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 2, Rgb([255, 255, 255])));
+        let mut s = spec(4, 4, Resize::Letterbox { pad: 114 }, ChannelOrder::Bgr);
+        s.std = [255.0; 3];
+        let tensor = preprocess(&image, &s).unwrap();
+        let pad = 114.0 / 255.0;
+        for c in 0..3 {
+            for x in 0..4 {
+                assert_eq!(tensor[[0, c, 0, x]], pad);
+                assert_eq!(tensor[[0, c, 1, x]], 1.0);
+                assert_eq!(tensor[[0, c, 2, x]], 1.0);
+                assert_eq!(tensor[[0, c, 3, x]], pad);
+            }
+        }
+        // Resized too: 8x2 -> 4x1 at row 1 (the odd row of padding goes below).
+        let image = DynamicImage::ImageRgb8(RgbImage::from_pixel(8, 2, Rgb([0, 0, 0])));
+        s.std = [1.0; 3];
+        let tensor = preprocess(&image, &s).unwrap();
+        let column: Vec<f32> = (0..4).map(|y| tensor[[0, 1, y, 2]]).collect();
+        assert_eq!(column, [114.0, 0.0, 114.0, 114.0]);
+    }
+
+    #[test]
+    fn preprocess_into_writes_one_image_of_a_batch() {
+        let image = DynamicImage::ImageRgb8(tiny());
+        let s = spec(4, 2, Resize::Stretch, ChannelOrder::Rgb);
+        let mut batch = vec![-1.0; 2 * 24];
+        let (first, second) = batch.split_at_mut(24);
+        preprocess_into(&image, &s, second).unwrap();
+        assert!(first.iter().all(|v| *v == -1.0));
+        assert_eq!(
+            second,
+            preprocess(&image, &s).unwrap().as_slice().unwrap()
+        );
+        assert!(preprocess_into(&image, &s, first.get_mut(..10).unwrap()).is_err());
     }
 
     #[test]
@@ -362,12 +575,12 @@ mod tests {
         )
         .unwrap();
         let window = Window {
-            left: plan.left as usize,
-            top: plan.top as usize,
+            left: plan.src_left as usize,
+            top: plan.src_top as usize,
             width: 20,
             height: 20,
         };
-        let slow = normalize_nchw(full.buffer(), 37, window, &s).unwrap();
+        let slow = normalize(full.buffer(), 37, window, &s).unwrap();
         let max_diff = fast
             .iter()
             .zip(slow.iter())

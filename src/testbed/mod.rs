@@ -56,7 +56,10 @@ pub enum TestbedError {
     },
 
     /// A component did not become ready in time.
-    #[error("{component} not ready after {seconds} s; last lines of {}:\n{log_tail}", log.display())]
+    #[error(
+        "{component} not ready after {seconds} s; last lines of {}:\n{log_tail}",
+        log.display()
+    )]
     StartTimeout {
         component: String,
         seconds: u64,

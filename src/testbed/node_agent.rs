@@ -217,15 +217,20 @@ fn endpoint_url(endpoint: Option<&(std::net::IpAddr, i32)>) -> String {
 async fn advertised_endpoint(client: &kube::Client) -> Option<(std::net::IpAddr, i32)> {
     let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), "default");
     for _ in 0..20 {
-        if let Ok(Some(ep)) = endpoints.get_opt("kubernetes").await {
-            let found = ep.subsets.iter().flatten().find_map(|subset| {
-                let ip = subset.addresses.as_ref()?.first()?.ip.parse().ok()?;
-                let port = subset.ports.as_ref()?.first()?.port;
-                Some((ip, port))
-            });
-            if found.is_some() {
-                return found;
+        match endpoints.get_opt("kubernetes").await {
+            Ok(Some(ep)) => {
+                let found = ep.subsets.iter().flatten().find_map(|subset| {
+                    let ip = subset.addresses.as_ref()?.first()?.ip.parse().ok()?;
+                    let port = subset.ports.as_ref()?.first()?.port;
+                    Some((ip, port))
+                });
+                if found.is_some() {
+                    return found;
+                }
             }
+            Ok(None) => {}
+            // Not readable with these credentials, say: no point in waiting.
+            Err(_) => return None,
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -6,7 +6,7 @@ mod payload;
 mod sender;
 mod signing;
 
-pub use payload::{EventPayload, group_completed, image_event};
+pub use payload::{EventPayload, group_event, image_event};
 pub use sender::{AttemptOutcome, Sender, SenderConfig};
 pub use signing::{SigningError, generate_secret, sign};
 

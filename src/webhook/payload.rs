@@ -53,15 +53,17 @@ pub fn image_event(
     }
 }
 
-/// `image_group.completed`: counts and aggregate, not the per-image data.
-pub fn group_completed(
+/// `image_group.completed` / `image_group.updated`: counts and aggregate, not the
+/// per-image data.
+pub fn group_event(
+    event_type: &str,
     group: &ImageGroup,
     sequence: u64,
     created_at: jiff::Timestamp,
 ) -> EventPayload {
     let status = group.status.clone().unwrap_or_default();
     EventPayload {
-        event_type: "image_group.completed".to_owned(),
+        event_type: event_type.to_owned(),
         timestamp: created_at.to_string(),
         data: json!({
             "version": PAYLOAD_VERSION,

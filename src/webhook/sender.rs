@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::signing::sign;
+use crate::net::{EgressError, EgressGuard, find_cause};
 
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
@@ -40,19 +41,22 @@ pub enum AttemptOutcome {
 #[derive(Clone)]
 pub struct Sender {
     http: reqwest::Client,
+    guard: EgressGuard,
 }
 
 const MAX_RESPONSE_BYTES: usize = 4096;
 
 impl Sender {
-    pub fn new(config: &SenderConfig) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+    /// Every attempt's destination passes `guard` (see [`crate::net`]).
+    pub fn new(config: &SenderConfig, guard: EgressGuard) -> Result<Self, reqwest::Error> {
+        let http = guard
+            .client_builder()
             .timeout(config.timeout)
             .connect_timeout(config.connect_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("kinsight-webhooks/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { http })
+        Ok(Self { http, guard })
     }
 
     /// Signs `body` with every secret and POSTs it once.
@@ -68,6 +72,13 @@ impl Sender {
             Ok(s) => s,
             Err(e) => return failed(None, e.to_string()),
         };
+        let url = match reqwest::Url::parse(url) {
+            Ok(u) => u,
+            Err(e) => return failed(None, format!("invalid URL: {e}")),
+        };
+        if let Err(e) = self.guard.check_url(&url) {
+            return failed(None, e.to_string());
+        }
         let response = self
             .http
             .post(url)
@@ -123,7 +134,9 @@ fn failed(status: Option<u16>, error: String) -> AttemptOutcome {
 }
 
 fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
+    if let Some(egress) = find_cause::<EgressError>(e) {
+        egress.to_string()
+    } else if e.is_timeout() {
         "timed out".to_owned()
     } else if e.is_connect() {
         "connection failed".to_owned()

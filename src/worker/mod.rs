@@ -104,7 +104,7 @@ pub async fn run(
             Err(e) => failed(&order, &item, e.reason(), e.to_string(), download_ms),
             Ok(bytes) => {
                 let engine = engine.clone();
-                let models = order.models.clone();
+                let models = item.models(&order).to_vec();
                 let mut spec =
                     tokio::task::spawn_blocking(move || analyse(&engine, &models, &bytes)).await?;
                 spec.group = order.group.name.clone();
@@ -113,7 +113,7 @@ pub async fn run(
                 spec
             }
         };
-        if spec.is_failure(&order.models) {
+        if spec.is_failure(item.models(&order)) {
             report.failed += 1;
             tracing::warn!(image = %item.id, failure = ?spec.failure, "image failed");
         } else {

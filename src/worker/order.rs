@@ -21,4 +21,14 @@ pub struct WorkOrder {
 pub struct WorkItem {
     pub id: String,
     pub url: String,
+    /// The models to run on this image when not all of the order's (models added to a
+    /// group later run alone on the images that already have results).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+}
+
+impl WorkItem {
+    pub fn models<'a>(&'a self, order: &'a WorkOrder) -> &'a [String] {
+        if self.models.is_empty() { &order.models } else { &self.models }
+    }
 }

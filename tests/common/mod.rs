@@ -124,6 +124,8 @@ impl Harness {
             .or_else(kinsight::inference::default_runtime_path)
             .expect("ONNX Runtime: set ORT_DYLIB_PATH or run scripts/setup-onnxruntime.sh");
         let ort = std::path::absolute(ort).expect("absolute path");
+        // The photo server and the webhook receiver are on 127.0.0.1.
+        let egress = kinsight::net::EgressPolicy::allow_loopback();
         ControllerConfig {
             models: self.models.clone(),
             worker_env: vec![
@@ -132,7 +134,9 @@ impl Harness {
                     repo_path("models/catalog.yaml").display().to_string(),
                 ),
                 ("ORT_DYLIB_PATH".into(), ort.display().to_string()),
+                ("KINSIGHT_ALLOW_EGRESS".into(), egress.to_string()),
             ],
+            egress,
             // Test schedules are in seconds.
             retry: RetrySchedule(vec![Duration::from_secs(1), Duration::from_secs(2)]),
             ..ControllerConfig::default()
