@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# ONNX Runtime for the `ort` crate (load-dynamic) from the PyPI wheel, in ./.venv.
-# Prints the library's path; kinsight finds it there by default.
+# ./.venv with ONNX Runtime from PyPI (for the `ort` crate, load-dynamic) and the Python
+# tools the tests use (scripts/python-requirements.txt). Prints the library's path;
+# kinsight finds it there by default. Re-installs only when the requirements change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION=1.32.0
-if ! ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* >/dev/null 2>&1; then
-  python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check "onnxruntime==$VERSION" >&2
+REQ=scripts/python-requirements.txt
+[ -x .venv/bin/python ] || python3 -m venv .venv
+if ! cmp -s "$REQ" .venv/.installed-requirements; then
+  .venv/bin/pip install -q --disable-pip-version-check -r "$REQ" >&2
+  cp "$REQ" .venv/.installed-requirements
 fi
 ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1

@@ -63,6 +63,15 @@ struct ControllerArgs {
     group_ttl: Duration,
     #[command(flatten)]
     egress: EgressArg,
+    /// Run without leader election (only when a single replica runs).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Namespace of the leader-election Lease (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kinsight-system")]
+    lease_namespace: String,
+    /// This replica's identity in the election (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 #[derive(Args)]
@@ -193,7 +202,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ..defaults
             };
             let client = kube::Client::try_default().await?;
-            kinsight::controller::run(client, config).await?;
+            if args.no_leader_election {
+                kinsight::controller::run(client, config).await?;
+            } else {
+                let identity = args
+                    .identity
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .unwrap_or_else(|| format!("kinsight-{}", std::process::id()));
+                let election = kinsight::controller::LeaderElection {
+                    namespace: args.lease_namespace,
+                    identity,
+                    lease: Duration::from_secs(15),
+                    grace: Duration::from_secs(5),
+                };
+                kinsight::controller::run_as_leader(client, config, election).await?;
+            }
         }
         Command::Api(args) => {
             let catalog = Catalog::load(&args.catalog.catalog)?;
@@ -216,7 +239,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
             let options = WorkerOptions {
                 catalog: args.catalog.catalog,
-                fetch: FetchConfig { egress: args.egress.allow_egress.unwrap_or_default(), ..FetchConfig::default() },
+                fetch: FetchConfig {
+                    egress: args.egress.allow_egress.unwrap_or_default(),
+                    ..FetchConfig::default()
+                },
                 prefetch: args.prefetch,
                 engine: EngineOptions {
                     intra_threads: threads,

@@ -349,3 +349,92 @@ fn reports_inference_time() {
         );
     }
 }
+
+#[test]
+fn classification_batches_match_single_runs() {
+    // EfficientNet-Lite0 has a dynamic batch dimension: several images go in one run.
+    assert_eq!(engine().max_batch(CLASSIFICATION), Some(8));
+    assert_eq!(engine().max_batch(DETECTION), Some(1), "NanoDet is batch 1");
+    let images: Vec<_> = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
+        .iter()
+        .map(|name| {
+            decode_image(
+                &std::fs::read(fixture(name)).unwrap(),
+                &DecodeLimits::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let refs: Vec<_> = images.iter().collect();
+    for model in [CLASSIFICATION, DETECTION] {
+        let batched = engine().run_batch(model, &refs);
+        for (image, result) in images.iter().zip(batched) {
+            let batched = result.unwrap();
+            let single = engine().run(model, image).unwrap();
+            // A batch may round differently in the last digit.
+            let confidences = |o: &ModelOutput| {
+                o.classes
+                    .iter()
+                    .map(|c| (c.label.clone(), c.confidence))
+                    .chain(o.detections.iter().map(|d| (d.label.clone(), d.confidence)))
+                    .collect::<Vec<_>>()
+            };
+            let (a, b) = (confidences(&batched), confidences(&single));
+            assert_eq!(a.len(), b.len(), "{model}: {a:?} vs {b:?}");
+            for ((la, ca), (lb, cb)) in a.iter().zip(&b) {
+                assert_eq!(la, lb, "{model}: {a:?} vs {b:?}");
+                assert!((ca - cb).abs() <= 0.001, "{model}: {a:?} vs {b:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn pipeline_gives_the_engine_results() {
+    use kinsight::inference::pipeline::{Pipeline, PipelineOptions};
+    let models = vec![DETECTION.to_string(), CLASSIFICATION.to_string()];
+    // The test's engine is shared, behind an Arc for the pipeline's threads.
+    runtime();
+    let catalog = Catalog::load(crate_root().join("models/catalog.yaml")).unwrap();
+    let engine =
+        std::sync::Arc::new(Engine::load(&catalog, &models, &EngineOptions::default()).unwrap());
+    let (submitter, mut results) =
+        Pipeline::start::<&str>(engine.clone(), &models, &PipelineOptions::default()).unwrap();
+    let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
+    let feeder = std::thread::spawn(move || {
+        for name in names {
+            submitter
+                .blocking_submit(name, std::fs::read(fixture(name)).unwrap())
+                .unwrap();
+        }
+    });
+    let mut done = 0;
+    while let Some((name, outcome)) = results.blocking_next() {
+        let analysis = outcome.unwrap();
+        let image = decode_image(
+            &std::fs::read(fixture(name)).unwrap(),
+            &DecodeLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (analysis.width, analysis.height),
+            (image.width(), image.height())
+        );
+        let detections = analysis.models[DETECTION].result.as_ref().unwrap();
+        assert_eq!(
+            detections,
+            &engine.run(DETECTION, &image).unwrap(),
+            "{name}"
+        );
+        let classes = analysis.models[CLASSIFICATION].result.as_ref().unwrap();
+        let top = |o: &ModelOutput| o.classes.first().map(|c| c.label.clone());
+        assert_eq!(
+            top(classes),
+            top(&engine.run(CLASSIFICATION, &image).unwrap()),
+            "{name}"
+        );
+        done += 1;
+    }
+    feeder.join().unwrap();
+    assert_eq!(done, names.len());
+}

@@ -249,9 +249,11 @@ async fn jobs_succeed_and_fail_through_the_real_job_controller() {
         let client = cluster.client();
         let logs = tempfile::tempdir().expect("tempdir");
         let node = format!("node-a-{:08x}", rand::random::<u32>());
-        let opts = cluster.node_agent_options(node.as_str(), "/bin/sh", logs.path());
-        let _agent = Agent::spawn(client.clone(), opts);
         let ns = unique_namespace(&client, "jobs").await;
+        let mut opts = cluster.node_agent_options(node.as_str(), "/bin/sh", logs.path());
+        // Only this test's pods, should the cluster be shared.
+        opts.namespace = Some(ns.clone());
+        let _agent = Agent::spawn(client.clone(), opts);
         let ns = ns.as_str();
         create_job(
             &client,
@@ -336,9 +338,10 @@ async fn workers_get_a_real_service_account_token() {
         let logs = tempfile::tempdir().expect("tempdir");
         let node = format!("node-b-{:08x}", rand::random::<u32>());
         // No server URL given: the agent finds the API server's own (loopback) endpoint.
-        let opts = node_agent::NodeAgentOptions::new(node.as_str(), "/bin/sh", logs.path());
-        let _agent = Agent::spawn(client.clone(), opts);
         let ns = unique_namespace(&client, "tenant").await;
+        let mut opts = node_agent::NodeAgentOptions::new(node.as_str(), "/bin/sh", logs.path());
+        opts.namespace = Some(ns.clone());
+        let _agent = Agent::spawn(client.clone(), opts);
         let ns = ns.as_str();
         let sa: ServiceAccount =
             serde_json::from_value(json!({ "metadata": { "name": "worker" } })).expect("sa");

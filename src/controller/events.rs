@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
@@ -156,7 +155,8 @@ fn add_event(
         .iter()
         .find(|d| ids.contains(&d.id))
         .map(|d| d.sequence);
-    for endpoint in endpoints.iter().filter(|e| e.wants(event)) {
+    let stopped = status.stopped_endpoints.clone();
+    for endpoint in endpoints.iter().filter(|e| e.wants(event) && !stopped.contains(&e.key)) {
         let id = event_id(uid, event, subject, &endpoint.key);
         if status.deliveries.iter().any(|d| d.id == id) {
             continue;
@@ -171,7 +171,7 @@ fn add_event(
             image_id: image_id.map(str::to_owned),
             endpoint: endpoint.key.clone(),
             sequence: seq,
-            created_at: Time(now),
+            created_at: now,
             state: DeliveryState::Pending,
             attempts: 0,
             next_attempt_at: None,
@@ -195,7 +195,7 @@ pub async fn deliver_due(
     let mut jobs = Vec::new();
     for (index, delivery) in status.deliveries.iter().enumerate() {
         let due = delivery.state == DeliveryState::Pending
-            && delivery.next_attempt_at.as_ref().is_none_or(|t| t.0 <= now);
+            && delivery.next_attempt_at.as_ref().is_none_or(|t| *t <= now);
         if !due {
             continue;
         }
@@ -252,6 +252,11 @@ pub async fn deliver_due(
         }
     }
     // 410 Gone: the receiver asks us to stop; nothing more goes to that endpoint.
+    for endpoint in &gone {
+        if !status.stopped_endpoints.contains(endpoint) {
+            status.stopped_endpoints.push(endpoint.clone());
+        }
+    }
     for delivery in status.deliveries.iter_mut() {
         if delivery.state == DeliveryState::Pending && gone.contains(&delivery.endpoint) {
             delivery.state = DeliveryState::Failed;
@@ -280,7 +285,7 @@ fn apply_outcome(
     match outcome {
         AttemptOutcome::Delivered { .. } => {
             delivery.state = DeliveryState::Delivered;
-            delivery.delivered_at = Some(Time(now));
+            delivery.delivered_at = Some(now);
             delivery.next_attempt_at = None;
             delivery.last_error = None;
             tracing::info!(id = %delivery.id, event = %delivery.event, endpoint = %delivery.endpoint, "webhook delivered");
@@ -304,7 +309,7 @@ fn apply_outcome(
                     let wait =
                         jiff::SignedDuration::try_from(delay).unwrap_or(jiff::SignedDuration::MAX);
                     delivery.next_attempt_at =
-                        Some(Time(now.checked_add(wait).unwrap_or(jiff::Timestamp::MAX)));
+                        Some(now.checked_add(wait).unwrap_or(jiff::Timestamp::MAX));
                     tracing::info!(id = %delivery.id, endpoint = %delivery.endpoint, attempts = delivery.attempts, %error, "webhook attempt failed; will retry");
                 }
                 None => {
@@ -322,7 +327,7 @@ fn payload_for(
     delivery: &Delivery,
     results: &HashMap<String, ImageResultSpec>,
 ) -> EventPayload {
-    let created = delivery.created_at.0;
+    let created = delivery.created_at;
     match &delivery.image_id {
         Some(image_id) => {
             let entry = group
@@ -388,7 +393,7 @@ pub fn next_due(status: &ImageGroupStatus) -> Option<Duration> {
         .map(|d| {
             d.next_attempt_at
                 .as_ref()
-                .and_then(|t| Duration::try_from(now.duration_until(t.0)).ok())
+                .and_then(|t| Duration::try_from(now.duration_until(*t)).ok())
                 .unwrap_or_default()
         })
         .min()

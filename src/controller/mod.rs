@@ -6,9 +6,11 @@ mod aggregate;
 mod events;
 mod image_group;
 mod job;
+mod leader;
 mod subscription;
 
 pub use job::{WORKER_ACCOUNT, job_name};
+pub use leader::{LEASE_NAME, LeaderElection, run_as_leader};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +86,10 @@ pub enum ControllerError {
     MissingField(&'static str),
     #[error("webhook client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("leader election: {0}")]
+    Leadership(String),
 }
 
 impl ControllerError {
@@ -95,6 +101,8 @@ impl ControllerError {
             Self::Serialize(_) => "serialize",
             Self::MissingField(_) => "invalid_object",
             Self::Http(_) => "http_client",
+            Self::Config(_) => "configuration",
+            Self::Leadership(_) => "leader_election",
         }
     }
 }

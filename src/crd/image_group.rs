@@ -97,6 +97,9 @@ pub struct ImageGroupStatus {
     /// controller restart neither loses nor re-invents an event.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deliveries: Vec<Delivery>,
+    /// Endpoints that answered 410 Gone: nothing more is sent there for this group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stopped_endpoints: Vec<String>,
     /// Last per-group event sequence number handed out.
     #[serde(default)]
     pub sequence: u64,
@@ -168,16 +171,18 @@ pub struct Delivery {
     /// `request` (the group's own webhook) or `subscription/<name>`.
     pub endpoint: String,
     pub sequence: u64,
-    pub created_at: Time,
+    /// Timestamps of deliveries keep sub-second precision (metav1.Time would round to
+    /// seconds, which distorts short retry waits).
+    pub created_at: jiff::Timestamp,
     pub state: DeliveryState,
     #[serde(default)]
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_attempt_at: Option<Time>,
+    pub next_attempt_at: Option<jiff::Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delivered_at: Option<Time>,
+    pub delivered_at: Option<jiff::Timestamp>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

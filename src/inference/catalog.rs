@@ -575,6 +575,91 @@ models:
         assert_eq!(cls.labels.len(), 1000);
     }
 
+    /// Models of the tasks and options the bundled models do not use.
+    const MORE: &str = r#"
+models:
+  - name: quality
+    file: cls.onnx
+    task: ordinal
+    labels: three.labels
+    input: {width: 8, height: 8, resize: stretch, channelOrder: rgb, mean: [0, 0, 0], std: [255, 255, 255]}
+    maxBatch: 16
+  - name: yolo
+    file: det.onnx
+    task: detection
+    decoder: yolov8
+    labels: three.labels
+    input: {width: 640, height: 640, resize: letterbox, channelOrder: rgb, mean: [0, 0, 0], std: [255, 255, 255]}
+"#;
+
+    #[test]
+    fn loads_ordinal_yolov8_letterbox_and_batches() {
+        let dir = fixture_dir();
+        let catalog = parse(MORE, dir.path()).unwrap();
+        let quality = catalog.get("quality").unwrap();
+        assert_eq!(quality.task, TaskSpec::Ordinal);
+        assert_eq!(quality.max_batch, Some(16));
+        let yolo = catalog.get("yolo").unwrap();
+        assert_eq!(yolo.preprocessing.resize, Resize::Letterbox { pad: 114 });
+        assert_eq!(yolo.max_batch, None);
+        let TaskSpec::Detection(params) = &yolo.task else {
+            panic!("{:?}", yolo.task);
+        };
+        assert_eq!(params.decoder, DetectionDecoder::Yolov8);
+        assert_eq!(params.score_threshold, 0.35);
+        let padded = parse(
+            &MORE.replace("resize: letterbox,", "resize: letterbox, padValue: 0,"),
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(
+            padded.get("yolo").unwrap().preprocessing.resize,
+            Resize::Letterbox { pad: 0 }
+        );
+    }
+
+    #[test]
+    fn rejects_inconsistent_new_entries() {
+        let cases = [
+            (MORE.replace("maxBatch: 16", "maxBatch: 0"), "maxBatch"),
+            (MORE.replace("maxBatch: 16", "maxBatch: 100000"), "maxBatch"),
+            (
+                MORE.replace("maxBatch: 16", "maxBatch: 16\n    topK: 2"),
+                "do not apply to ordinal",
+            ),
+            (
+                MORE.replace("maxBatch: 16", "maxBatch: 16\n    scoreThreshold: 0.5"),
+                "do not apply to ordinal",
+            ),
+            (
+                MORE.replace("task: ordinal", "task: ordinal\n    decoder: yolov8"),
+                "detection models only",
+            ),
+            (
+                MORE.replace("resize: letterbox,", "resize: letterbox, padValue: 300,"),
+                "padValue",
+            ),
+            (
+                MORE.replace("resize: stretch,", "resize: stretch, padValue: 0,"),
+                "padValue only applies",
+            ),
+            (
+                MORE.replace("resize: letterbox,", "resize: letterbox, resizeSize: 700,"),
+                "resizeSize only applies",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let text = error_text(&yaml);
+            assert!(text.contains(expected), "expected `{expected}` in: {text}");
+        }
+        // One grade is no scale.
+        let dir = fixture_dir();
+        std::fs::write(dir.path().join("one.labels"), "only\n").unwrap();
+        let yaml = MORE.replacen("labels: three.labels", "labels: one.labels", 1);
+        let text = parse(&yaml, dir.path()).unwrap_err().to_string();
+        assert!(text.contains("at least 2 grades"), "{text}");
+    }
+
     #[test]
     fn rejects_unknown_task() {
         let text = error_text(&VALID.replace("task: classification", "task: segmentation"));
@@ -612,7 +697,7 @@ models:
             ),
             (
                 VALID.replace("decoder: nanodet", "decoder: yolo"),
-                "unknown variant `yolo`",
+                "unknown variant `yolo`, expected `nanodet` or `yolov8`",
             ),
             (
                 VALID.replace("topK: 2", "topK: 2\n    nmsIou: 0.4"),

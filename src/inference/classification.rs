@@ -35,13 +35,8 @@ pub(crate) fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     items.into_iter().map(|(i, _)| i).collect()
 }
 
-/// Decodes a `[1, classes]` (or `[classes]`) logits tensor into the top classes.
-pub(crate) fn decode_classification(
-    shape: &[i64],
-    logits: &[f32],
-    labels: &[String],
-    params: &ClassificationParams,
-) -> Result<Vec<ClassScore>, String> {
+/// Checks that a `[1, classes]` (or `[classes]`) logits tensor has one value per label.
+pub(crate) fn check_logits(shape: &[i64], logits: &[f32], labels: &[String]) -> Result<(), String> {
     let classes = match shape {
         [1, n] | [n] => usize::try_from(*n).unwrap_or(0),
         _ => 0,
@@ -58,6 +53,17 @@ pub(crate) fn decode_classification(
             labels.len()
         ));
     }
+    Ok(())
+}
+
+/// Decodes a `[1, classes]` (or `[classes]`) logits tensor into the top classes.
+pub(crate) fn decode_classification(
+    shape: &[i64],
+    logits: &[f32],
+    labels: &[String],
+    params: &ClassificationParams,
+) -> Result<Vec<ClassScore>, String> {
+    check_logits(shape, logits, labels)?;
     let probabilities = softmax(logits);
     Ok(top_k(&probabilities, params.top_k)
         .into_iter()

@@ -120,6 +120,9 @@ pub(crate) fn decode_yolov8(
     }
 
     let mut candidates = Vec::new();
+    if anchors == 0 {
+        return Ok(Vec::new());
+    }
     if channels_first {
         // Row r holds value r of every anchor: scan the class rows once, keeping each
         // anchor's best class (the memory is read in order, no per-anchor gathering).
@@ -441,11 +444,18 @@ mod tests {
             .collect()
     }
 
+    /// A 128x32 image stretched into the 64x32 input.
     const GEOMETRY: Geometry = Geometry {
         input_width: 64,
         input_height: 32,
         image_width: 128,
         image_height: 32,
+        placement: Placement {
+            scale_x: 0.5,
+            scale_y: 1.0,
+            offset_x: 0.0,
+            offset_y: 0.0,
+        },
     };
 
     #[test]
@@ -605,5 +615,200 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    fn yolo_params() -> DetectionParams {
+        DetectionParams {
+            decoder: DetectionDecoder::Yolov8,
+            ..params()
+        }
+    }
+
+    /// A `[1, 4 + classes, anchors]` output; `boxes` sets (anchor, [cx, cy, w, h], class, score).
+    fn yolo_output(
+        classes: usize,
+        anchors: usize,
+        boxes: &[(usize, [f32; 4], usize, f32)],
+    ) -> (Vec<i64>, Vec<f32>) {
+        let mut data = vec![0.0_f32; (4 + classes) * anchors];
+        for &(anchor, bbox, class, score) in boxes {
+            for (row, value) in bbox.iter().enumerate() {
+                data[row * anchors + anchor] = *value;
+            }
+            data[(4 + class) * anchors + anchor] = score;
+        }
+        (vec![1, (4 + classes) as i64, anchors as i64], data)
+    }
+
+    /// Transposes a `[1, values, anchors]` output into `[1, anchors, values]`.
+    fn transposed((shape, data): &(Vec<i64>, Vec<f32>)) -> (Vec<i64>, Vec<f32>) {
+        let (values, anchors) = (shape[1] as usize, shape[2] as usize);
+        let mut out = vec![0.0; data.len()];
+        for v in 0..values {
+            for a in 0..anchors {
+                out[a * values + v] = data[v * anchors + a];
+            }
+        }
+        (vec![1, anchors as i64, values as i64], out)
+    }
+
+    /// A 1280x720 image letterboxed into a 640x640 input: gain 0.5, 140 rows of padding on top.
+    const LETTERBOX: Geometry = Geometry {
+        input_width: 640,
+        input_height: 640,
+        image_width: 1280,
+        image_height: 720,
+        placement: Placement {
+            scale_x: 0.5,
+            scale_y: 0.5,
+            offset_x: 0.0,
+            offset_y: 140.0,
+        },
+    };
+
+    fn bbox(d: &Detection) -> [f32; 4] {
+        [d.bbox.x_min, d.bbox.y_min, d.bbox.x_max, d.bbox.y_max]
+    }
+
+    #[test]
+    fn decodes_yolov8_boxes_and_scales_them_back_through_the_letterbox() {
+        let output = yolo_output(
+            3,
+            6,
+            &[
+                // Centre (320, 320), 100x50 in the input -> (540, 310, 740, 410) on the image.
+                (1, [320.0, 320.0, 100.0, 50.0], 2, 0.9),
+                // Below the threshold.
+                (2, [100.0, 200.0, 10.0, 10.0], 0, 0.3),
+                // Reaches into the padding and past the right edge: clamped to the image.
+                (4, [630.0, 150.0, 40.0, 40.0], 1, 0.6),
+            ],
+        );
+        let out = decode_yolov8(&raw(&[output]), &labels(3), &yolo_params(), LETTERBOX).unwrap();
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0].label, "c2");
+        assert_eq!(out[0].confidence, 0.9);
+        assert_eq!(bbox(&out[0]), [540.0, 310.0, 740.0, 410.0]);
+        assert_eq!(out[1].label, "c1");
+        // x: (610 .. 650) / 0.5 = 1220 .. 1300 -> 1280; y: (130 .. 170 - 140) / 0.5 -> 0 .. 60.
+        assert_eq!(bbox(&out[1]), [1220.0, 0.0, 1280.0, 60.0]);
+    }
+
+    #[test]
+    fn yolov8_transposed_layout_gives_the_same_result() {
+        let output = yolo_output(
+            3,
+            5,
+            &[
+                (0, [320.0, 320.0, 100.0, 50.0], 2, 0.9),
+                (3, [50.0, 400.0, 20.0, 30.0], 0, 0.5),
+            ],
+        );
+        let first = decode_yolov8(
+            &raw(std::slice::from_ref(&output)),
+            &labels(3),
+            &yolo_params(),
+            LETTERBOX,
+        );
+        let second = decode_yolov8(
+            &raw(&[transposed(&output)]),
+            &labels(3),
+            &yolo_params(),
+            LETTERBOX,
+        );
+        assert_eq!(first.unwrap(), second.unwrap());
+    }
+
+    #[test]
+    fn yolov8_nms_is_per_class_and_limited() {
+        let output = yolo_output(
+            2,
+            5,
+            &[
+                (0, [100.0, 300.0, 40.0, 40.0], 0, 0.9),
+                // Same class, IoU 0.78 with the first: suppressed.
+                (1, [105.0, 300.0, 40.0, 40.0], 0, 0.8),
+                // Other class on the same spot: kept.
+                (2, [100.0, 300.0, 40.0, 40.0], 1, 0.7),
+                // Same class far away: kept.
+                (3, [500.0, 300.0, 40.0, 40.0], 0, 0.6),
+            ],
+        );
+        let out = decode_yolov8(
+            &raw(std::slice::from_ref(&output)),
+            &labels(2),
+            &yolo_params(),
+            LETTERBOX,
+        )
+        .unwrap();
+        let found: Vec<(&str, f32)> = out
+            .iter()
+            .map(|d| (d.label.as_str(), d.confidence))
+            .collect();
+        assert_eq!(found, [("c0", 0.9), ("c1", 0.7), ("c0", 0.6)]);
+        let mut limited = yolo_params();
+        limited.max_detections = 2;
+        limited.score_threshold = 0.65;
+        let out = decode_yolov8(&raw(&[output]), &labels(2), &limited, LETTERBOX).unwrap();
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn yolov8_best_class_ignores_nan_and_skips_non_finite_boxes() {
+        let (shape, mut data) = yolo_output(
+            2,
+            3,
+            &[
+                (0, [100.0, 300.0, 40.0, 40.0], 1, 0.8),
+                (1, [f32::INFINITY, 300.0, 40.0, 40.0], 0, 0.9),
+            ],
+        );
+        // Anchor 0's class-0 score is NaN: class 1 still wins.
+        data[4 * 3] = f32::NAN;
+        // Anchor 2: every score NaN.
+        data[4 * 3 + 2] = f32::NAN;
+        data[5 * 3 + 2] = f32::NAN;
+        let out = decode_yolov8(
+            &raw(&[(shape, data)]),
+            &labels(2),
+            &yolo_params(),
+            LETTERBOX,
+        )
+        .unwrap();
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].label, "c1");
+    }
+
+    #[test]
+    fn yolov8_unexpected_outputs_are_errors() {
+        let check = |tensors: &[(Vec<i64>, Vec<f32>)], expected: &str| {
+            let err =
+                decode_yolov8(&raw(tensors), &labels(3), &yolo_params(), LETTERBOX).unwrap_err();
+            assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        };
+        check(&[], "has one output");
+        let output = yolo_output(3, 4, &[]);
+        check(&[output.clone(), output], "has one output");
+        // 4 + 2 classes does not fit 3 labels.
+        check(&[yolo_output(2, 4, &[])], "expected [1, 7, anchors]");
+        check(&[(vec![7, 4], vec![0.0; 28])], "expected [1, 7, anchors]");
+        check(&[(vec![1, 7, 4], vec![0.0; 27])], "but 27 values");
+        check(&[(vec![1, 7, -1], vec![])], "expected [1, 7, anchors]");
+        // No anchors at all is not an error: nothing found.
+        let out = decode_yolov8(
+            &raw(&[(vec![1, 7, 0], vec![])]),
+            &labels(3),
+            &yolo_params(),
+            LETTERBOX,
+        );
+        assert_eq!(out.unwrap(), []);
+    }
+
+    #[test]
+    fn stretched_boxes_scale_per_axis() {
+        // A 64x32 input stretched from a 128x32 image: x doubles, y stays.
+        let output = yolo_output(1, 2, &[(0, [32.0, 16.0, 20.0, 10.0], 0, 0.9)]);
+        let out = decode_yolov8(&raw(&[output]), &labels(1), &yolo_params(), GEOMETRY).unwrap();
+        assert_eq!(bbox(&out[0]), [44.0, 11.0, 84.0, 21.0]);
     }
 }

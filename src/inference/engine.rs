@@ -1,62 +1,147 @@
 //! The inference engine: one ONNX Runtime session per model, loaded once and reused.
+//!
+//! [`Engine::run`] runs one model on one image. When several images are ready,
+//! [`Engine::run_batch`] (or [`Engine::prepare`] + [`Engine::run_prepared`], which lets
+//! another thread do the preprocessing) sends them to the model together, in batches of
+//! up to [`Engine::max_batch`] images for models whose batch dimension is dynamic.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use image::DynamicImage;
 use ort::environment::Environment;
+#[cfg(feature = "cuda")]
+use ort::ep::ExecutionProvider as _;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
-use super::catalog::{Catalog, ModelSpec, TaskSpec};
+use super::catalog::{Catalog, DEFAULT_MAX_BATCH, DetectionDecoder, ModelSpec, TaskSpec};
 use super::classification::decode_classification;
-use super::detection::{Geometry, RawTensor, decode_nanodet};
+use super::cpu::cpu_limit;
+use super::detection::{Geometry, RawTensor, decode_nanodet, decode_yolov8};
+use super::ordinal::decode_ordinal;
 use super::output::ModelOutput;
-use super::preprocess::preprocess;
+use super::preprocess::{placement, preprocess_into};
 use super::{InferenceError, runtime};
 
 /// How sessions are created.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineOptions {
-    /// Threads ONNX Runtime may use inside one operator of one run; 0 lets ONNX Runtime
-    /// decide (one per physical core). With several images processed concurrently, a
-    /// small number avoids oversubscribing the CPU.
+    /// Threads ONNX Runtime may use inside one operator of one run; 0 means
+    /// [`cpu_limit`] (the pod's CPU limit, else the CPUs of the machine).
     pub intra_threads: usize,
     /// Where the models run.
     pub execution_provider: ExecutionProvider,
 }
 
-/// ONNX Runtime execution provider of every session. Only the CPU for now; accelerators
-/// would be added here (they need an onnxruntime build that ships them).
+impl EngineOptions {
+    /// The intra-op threads sessions get.
+    pub fn effective_intra_threads(&self) -> usize {
+        if self.intra_threads == 0 {
+            cpu_limit()
+        } else {
+            self.intra_threads
+        }
+    }
+}
+
+/// ONNX Runtime execution provider of every session.
+///
+/// CUDA needs kinsight built with the `cuda` cargo feature (it only compiles ort's CUDA
+/// registration code: nothing CUDA-related is needed to build, the runtime is loaded
+/// dynamically) and, at run time, an ONNX Runtime library built with CUDA (the
+/// `onnxruntime-gpu` wheel or release, with CUDA and cuDNN installed). Without either,
+/// [`Self::Cuda`] fails at load with an error saying which is missing, and [`Self::Auto`]
+/// uses the CPU.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ExecutionProvider {
     #[default]
     Cpu,
+    /// NVIDIA CUDA on this GPU; operators CUDA lacks run on the CPU.
+    Cuda { device_id: i32 },
+    /// CUDA (GPU 0) when the runtime and the machine have it, else the CPU.
+    Auto,
 }
 
 impl ExecutionProvider {
-    /// ONNX Runtime's name of the provider, as logged.
+    /// ONNX Runtime's name of the provider, as logged (`auto` before it is resolved).
     pub fn name(self) -> &'static str {
         match self {
             Self::Cpu => "CPUExecutionProvider",
+            Self::Cuda { .. } => "CUDAExecutionProvider",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for ExecutionProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda { device_id: 0 } => f.write_str("cuda"),
+            Self::Cuda { device_id } => write!(f, "cuda:{device_id}"),
+            Self::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl FromStr for ExecutionProvider {
+    type Err = String;
+
+    /// `cpu`, `cuda` (GPU 0), `cuda:<gpu>` or `auto`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda { device_id: 0 }),
+            "auto" => Ok(Self::Auto),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|id| id.parse::<i32>().ok())
+                .filter(|id| *id >= 0)
+                .map(|device_id| Self::Cuda { device_id })
+                .ok_or_else(|| {
+                    format!("unknown execution provider `{text}`: expected cpu, cuda, cuda:<gpu> or auto")
+                }),
         }
     }
 }
 
 struct LoadedModel {
     spec: ModelSpec,
+    /// Images per run at most (1: the model's batch dimension is fixed).
+    max_batch: usize,
+    /// The provider the session was created with (never `Auto`).
+    execution_provider: ExecutionProvider,
     /// `Session::run` needs `&mut`; runs of the same model are serialised, different
     /// models run in parallel.
     session: Mutex<Session>,
 }
 
+/// An image turned into one model's input: what [`Engine::run_prepared`] runs. Making it
+/// is the CPU-heavy part besides inference (resize, normalisation), so it can be done on
+/// another thread than the one running the model.
+#[derive(Debug, Clone)]
+pub struct PreparedInput {
+    /// `[3, height, width]`, normalised, in the model's channel order.
+    data: Vec<f32>,
+    geometry: Geometry,
+}
+
+impl PreparedInput {
+    /// Width and height of the original image.
+    pub fn image_size(&self) -> (u32, u32) {
+        (self.geometry.image_width, self.geometry.image_height)
+    }
+}
+
 /// Loaded models, ready to run. `Send + Sync`: share it behind an `Arc`.
 pub struct Engine {
     models: BTreeMap<String, LoadedModel>,
-    execution_provider: ExecutionProvider,
 }
 
 impl std::fmt::Debug for Engine {
@@ -92,39 +177,37 @@ impl Engine {
                 .collect::<Result<_, _>>()?
         };
 
+        let intra_threads = opts.effective_intra_threads();
         let mut loaded = BTreeMap::new();
         for spec in specs {
             if loaded.contains_key(&spec.name) {
                 continue;
             }
             let started = Instant::now();
-            let load_error = |message: String| InferenceError::ModelLoad {
-                model: spec.name.clone(),
-                message,
-            };
-            let session = create_session(&environment, spec, opts)
-                .map_err(|e| load_error(format!("{}: {e}", spec.model_path.display())))?;
-            check_signature(&session, spec)?;
+            let (session, execution_provider) =
+                create_session(&environment, spec, opts.execution_provider, intra_threads)?;
+            let max_batch = check_signature(&session, spec)?;
             tracing::info!(
                 model = %spec.name,
                 file = %spec.model_path.display(),
-                execution_provider = opts.execution_provider.name(),
-                intra_threads = opts.intra_threads,
+                execution_provider = execution_provider.name(),
+                intra_threads,
+                max_batch,
                 elapsed_ms = started.elapsed().as_millis() as u64,
-                "model loaded"
+                "model loaded; it runs on {}",
+                execution_provider.name()
             );
             loaded.insert(
                 spec.name.clone(),
                 LoadedModel {
                     spec: spec.clone(),
+                    max_batch,
+                    execution_provider,
                     session: Mutex::new(session),
                 },
             );
         }
-        Ok(Engine {
-            models: loaded,
-            execution_provider: opts.execution_provider,
-        })
+        Ok(Engine { models: loaded })
     }
 
     /// Names of the loaded models, sorted.
@@ -137,112 +220,356 @@ impl Engine {
         self.models.get(model).map(|m| &m.spec)
     }
 
+    /// Most images one run of the model takes (1 when its batch dimension is fixed).
+    pub fn max_batch(&self, model: &str) -> Option<usize> {
+        self.models.get(model).map(|m| m.max_batch)
+    }
+
+    /// The execution provider the model's session runs on.
+    pub fn execution_provider(&self, model: &str) -> Option<ExecutionProvider> {
+        self.models.get(model).map(|m| m.execution_provider)
+    }
+
+    fn loaded(&self, model: &str) -> Result<&LoadedModel, InferenceError> {
+        self.models
+            .get(model)
+            .ok_or_else(|| InferenceError::UnknownModel(model.to_string()))
+    }
+
     /// Runs one model on one image.
     pub fn run(&self, model: &str, image: &DynamicImage) -> Result<ModelOutput, InferenceError> {
-        let loaded = self
-            .models
-            .get(model)
-            .ok_or_else(|| InferenceError::UnknownModel(model.to_string()))?;
-        let spec = &loaded.spec;
-        let started = Instant::now();
-        let input = preprocess(image, &spec.preprocessing)?;
-        let preprocessed = Instant::now();
+        let input = self.prepare(model, image)?;
+        self.run_prepared(model, std::slice::from_ref(&input))
+            .pop()
+            .unwrap_or_else(|| Err(InferenceError::Internal("no result for the image".into())))
+    }
 
-        let tensor = TensorRef::from_array_view(&input)
-            .map_err(|e| InferenceError::Internal(format!("input tensor: {e}")))?;
-        // A panic cannot happen while the lock is held (everything below returns
-        // errors), but if one did the session is still usable: ignore poisoning.
-        let mut session = loaded
-            .session
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let locked = Instant::now();
-        let outputs = session
-            .run(ort::inputs![tensor])
-            .map_err(|e| InferenceError::Inference {
-                model: model.to_string(),
-                message: e.to_string(),
-            })?;
-        let inferred = Instant::now();
+    /// Runs one model on several images, in batches where the model allows it; one result
+    /// per image, in order (a bad image fails alone).
+    pub fn run_batch(
+        &self,
+        model: &str,
+        images: &[&DynamicImage],
+    ) -> Vec<Result<ModelOutput, InferenceError>> {
+        let prepared: Vec<Result<PreparedInput, InferenceError>> = images
+            .iter()
+            .map(|image| self.prepare(model, image))
+            .collect();
+        let ready: Vec<PreparedInput> = prepared
+            .iter()
+            .filter_map(|p| p.as_ref().ok().cloned())
+            .collect();
+        let mut outputs = self.run_prepared(model, &ready).into_iter();
+        prepared
+            .into_iter()
+            .map(|p| match p {
+                Ok(_) => outputs.next().unwrap_or_else(|| {
+                    Err(InferenceError::Internal("no result for the image".into()))
+                }),
+                Err(e) => Err(e),
+            })
+            .collect()
+    }
 
-        let unexpected = |message: String| InferenceError::UnexpectedOutput {
-            model: model.to_string(),
-            message,
+    /// Preprocesses an image for a model (see [`PreparedInput`]).
+    pub fn prepare(
+        &self,
+        model: &str,
+        image: &DynamicImage,
+    ) -> Result<PreparedInput, InferenceError> {
+        let spec = &self.loaded(model)?.spec;
+        let pre = &spec.preprocessing;
+        let mut data = vec![0.0_f32; input_len(spec)];
+        preprocess_into(image, pre, &mut data)?;
+        Ok(PreparedInput {
+            data,
+            geometry: Geometry {
+                input_width: pre.width,
+                input_height: pre.height,
+                image_width: image.width(),
+                image_height: image.height(),
+                placement: placement(image.width(), image.height(), pre),
+            },
+        })
+    }
+
+    /// Runs a model on inputs made by [`Engine::prepare`] for it, [`Engine::max_batch`]
+    /// at a time; one result per input, in order.
+    pub fn run_prepared(
+        &self,
+        model: &str,
+        inputs: &[PreparedInput],
+    ) -> Vec<Result<ModelOutput, InferenceError>> {
+        let loaded = match self.loaded(model) {
+            Ok(loaded) => loaded,
+            Err(_) => {
+                return inputs
+                    .iter()
+                    .map(|_| Err(InferenceError::UnknownModel(model.to_string())))
+                    .collect();
+            }
         };
-        // Owned values (still runtime memory, no copy) so the tensors can borrow them.
-        let outputs: Vec<(&str, DynValue)> = outputs.into_iter().collect();
-        let mut tensors = Vec::with_capacity(outputs.len());
-        for (name, value) in &outputs {
-            let (shape, data) = value
-                .try_extract_tensor::<f32>()
-                .map_err(|e| unexpected(format!("output `{name}`: {e}")))?;
-            tensors.push(RawTensor { name, shape, data });
+        let mut results = Vec::with_capacity(inputs.len());
+        for chunk in inputs.chunks(loaded.max_batch.max(1)) {
+            match run_chunk(loaded, chunk) {
+                Ok(outputs) => results.extend(outputs),
+                Err(message) => results.extend(chunk.iter().map(|_| {
+                    Err(InferenceError::Inference {
+                        model: model.to_string(),
+                        message: message.clone(),
+                    })
+                })),
+            }
         }
-        let output = match &spec.task {
-            TaskSpec::Detection(params) => {
-                let geometry = Geometry {
-                    input_width: spec.preprocessing.width,
-                    input_height: spec.preprocessing.height,
-                    image_width: image.width(),
-                    image_height: image.height(),
-                };
-                let detections =
-                    decode_nanodet(&tensors, &spec.labels, params, geometry).map_err(unexpected)?;
-                ModelOutput {
-                    detections,
-                    classes: Vec::new(),
-                }
-            }
-            TaskSpec::Classification(params) => {
-                let [logits] = tensors.as_slice() else {
-                    return Err(unexpected(format!(
-                        "expected one output, got {}",
-                        tensors.len()
-                    )));
-                };
-                let classes =
-                    decode_classification(logits.shape, logits.data, &spec.labels, params)
-                        .map_err(unexpected)?;
-                ModelOutput {
-                    detections: Vec::new(),
-                    classes,
-                }
-            }
-        };
-        drop(outputs);
-        drop(session);
-
-        tracing::debug!(
-            model,
-            execution_provider = self.execution_provider.name(),
-            width = image.width(),
-            height = image.height(),
-            preprocess_ms = ms(preprocessed - started),
-            queued_ms = ms(locked - preprocessed),
-            inference_ms = ms(inferred - locked),
-            postprocess_ms = ms(inferred.elapsed()),
-            "inference done"
-        );
-        Ok(output)
+        results
     }
 }
 
+fn input_len(spec: &ModelSpec) -> usize {
+    3 * spec.preprocessing.width as usize * spec.preprocessing.height as usize
+}
+
+/// One ONNX Runtime run on a batch. `Err` (a message) when the run itself failed; output
+/// problems are per image.
+fn run_chunk(
+    loaded: &LoadedModel,
+    chunk: &[PreparedInput],
+) -> Result<Vec<Result<ModelOutput, InferenceError>>, String> {
+    let spec = &loaded.spec;
+    let model = spec.name.as_str();
+    let per_image = input_len(spec);
+    if let Some(bad) = chunk.iter().find(|input| input.data.len() != per_image) {
+        return Err(format!(
+            "an input of {} values was prepared for another model (this one takes {per_image})",
+            bad.data.len()
+        ));
+    }
+    let started = Instant::now();
+    // One image: its buffer as is; several: copied into one batch tensor.
+    let batch: Vec<f32>;
+    let data: &[f32] = match chunk {
+        [single] => &single.data,
+        _ => {
+            batch = chunk
+                .iter()
+                .flat_map(|input| input.data.iter().copied())
+                .collect();
+            &batch
+        }
+    };
+    let shape = [
+        chunk.len(),
+        3,
+        spec.preprocessing.height as usize,
+        spec.preprocessing.width as usize,
+    ];
+    let tensor =
+        TensorRef::from_array_view((shape, data)).map_err(|e| format!("input tensor: {e}"))?;
+    let assembled = Instant::now();
+
+    // A panic cannot happen while the lock is held (everything below returns
+    // errors), but if one did the session is still usable: ignore poisoning.
+    let mut session = loaded
+        .session
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let locked = Instant::now();
+    let outputs = session
+        .run(ort::inputs![tensor])
+        .map_err(|e| e.to_string())?;
+    let inferred = Instant::now();
+
+    let unexpected = |message: String| InferenceError::UnexpectedOutput {
+        model: model.to_string(),
+        message,
+    };
+    // Owned values (still runtime memory, no copy) so the tensors can borrow them.
+    let outputs: Vec<(&str, DynValue)> = outputs.into_iter().collect();
+    let mut tensors = Vec::with_capacity(outputs.len());
+    for (name, value) in &outputs {
+        let (shape, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(|e| format!("output `{name}`: {e}"))?;
+        // Every output is `[batch, ...]`: image i owns the i-th slice.
+        let values = match shape.first() {
+            Some(&n) if usize::try_from(n).ok() == Some(chunk.len()) => data.len() / chunk.len(),
+            _ => {
+                return Err(format!(
+                    "output `{name}` has shape {shape:?}, expected a first dimension of {} (the batch)",
+                    chunk.len()
+                ));
+            }
+        };
+        let mut image_shape = shape.to_vec();
+        if let Some(first) = image_shape.first_mut() {
+            *first = 1;
+        }
+        tensors.push((*name, image_shape, data, values));
+    }
+
+    let results = chunk
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let image_tensors: Vec<RawTensor<'_>> = tensors
+                .iter()
+                .map(|(name, shape, data, values)| RawTensor {
+                    name,
+                    shape,
+                    data: data.get(i * values..(i + 1) * values).unwrap_or_default(),
+                })
+                .collect();
+            decode(spec, &image_tensors, input.geometry).map_err(unexpected)
+        })
+        .collect();
+    drop(outputs);
+    drop(session);
+
+    tracing::debug!(
+        model,
+        execution_provider = loaded.execution_provider.name(),
+        batch = chunk.len(),
+        batch_ms = ms(assembled - started),
+        queued_ms = ms(locked - assembled),
+        inference_ms = ms(inferred - locked),
+        postprocess_ms = ms(inferred.elapsed()),
+        "inference done"
+    );
+    Ok(results)
+}
+
+/// One image's outputs -> its result, by the model's task.
+fn decode(
+    spec: &ModelSpec,
+    tensors: &[RawTensor<'_>],
+    geometry: Geometry,
+) -> Result<ModelOutput, String> {
+    let single = || match tensors {
+        [one] => Ok(one),
+        _ => Err(format!("expected one output, got {}", tensors.len())),
+    };
+    Ok(match &spec.task {
+        TaskSpec::Detection(params) => {
+            let detections = match params.decoder {
+                DetectionDecoder::Nanodet => {
+                    decode_nanodet(tensors, &spec.labels, params, geometry)?
+                }
+                DetectionDecoder::Yolov8 => decode_yolov8(tensors, &spec.labels, params, geometry)?,
+            };
+            ModelOutput {
+                detections,
+                ..ModelOutput::default()
+            }
+        }
+        TaskSpec::Classification(params) => {
+            let logits = single()?;
+            ModelOutput {
+                classes: decode_classification(logits.shape, logits.data, &spec.labels, params)?,
+                ..ModelOutput::default()
+            }
+        }
+        TaskSpec::Ordinal => {
+            let logits = single()?;
+            ModelOutput {
+                grade: Some(decode_ordinal(logits.shape, logits.data, &spec.labels)?),
+                ..ModelOutput::default()
+            }
+        }
+    })
+}
+
+/// Creates the session on the requested provider; returns the provider it runs on.
 fn create_session(
     environment: &Environment,
     spec: &ModelSpec,
-    opts: &EngineOptions,
+    requested: ExecutionProvider,
+    intra_threads: usize,
+) -> Result<(Session, ExecutionProvider), InferenceError> {
+    let load_error = |message: String| InferenceError::ModelLoad {
+        model: spec.name.clone(),
+        message,
+    };
+    let provider = match requested {
+        ExecutionProvider::Cuda { .. } if !CUDA_COMPILED => {
+            return Err(load_error(
+                "CUDA was asked for, but this build has no CUDA support: build kinsight with \
+                 `--features cuda`, or use the CPU execution provider"
+                    .into(),
+            ));
+        }
+        ExecutionProvider::Cuda { .. } if !cuda_available() => {
+            let library = runtime::library_path()
+                .map_or_else(|| "ONNX Runtime".into(), |p| p.display().to_string());
+            return Err(load_error(format!(
+                "CUDA was asked for, but {library} has no CUDA support: use an ONNX Runtime \
+                 build with CUDA (e.g. the onnxruntime-gpu wheel, with CUDA and cuDNN \
+                 installed) or the CPU execution provider"
+            )));
+        }
+        ExecutionProvider::Auto if cuda_available() => ExecutionProvider::Cuda { device_id: 0 },
+        ExecutionProvider::Auto => ExecutionProvider::Cpu,
+        other => other,
+    };
+    let created = build_session(environment, spec, provider, intra_threads);
+    match (created, requested) {
+        (Ok(session), _) => Ok((session, provider)),
+        // `auto` settles for the CPU when the GPU cannot be used after all.
+        (Err(e), ExecutionProvider::Auto) if provider != ExecutionProvider::Cpu => {
+            tracing::warn!(model = %spec.name, error = %e, "CUDA is unusable; using the CPU");
+            build_session(environment, spec, ExecutionProvider::Cpu, intra_threads)
+                .map(|session| (session, ExecutionProvider::Cpu))
+                .map_err(|e| load_error(format!("{}: {e}", spec.model_path.display())))
+        }
+        (Err(e), _) => Err(load_error(format!("{}: {e}", spec.model_path.display()))),
+    }
+}
+
+/// Whether ort's CUDA provider is compiled in (the `cuda` cargo feature).
+const CUDA_COMPILED: bool = cfg!(feature = "cuda");
+
+/// Whether the loaded ONNX Runtime library has the CUDA provider.
+fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        ort::ep::CUDA::is_available().unwrap_or(false)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+fn build_session(
+    environment: &Environment,
+    spec: &ModelSpec,
+    provider: ExecutionProvider,
+    intra_threads: usize,
 ) -> ort::Result<Session> {
-    // The CPU provider is registered explicitly (with ONNX Runtime's default arena) so a
-    // failure is an error rather than a silent fallback, and so the provider is one
-    // visible choice here.
+    // Providers are registered explicitly, so a failure is an error rather than a silent
+    // fallback. The CPU provider (ONNX Runtime's default arena) comes last: it takes the
+    // operators an accelerator lacks.
     let cpu = ort::ep::CPU::default()
         .with_arena_allocator(true)
         .build()
         .error_on_failure();
+    let providers = match provider {
+        #[cfg(feature = "cuda")]
+        ExecutionProvider::Cuda { device_id } => vec![
+            ort::ep::CUDA::default()
+                .with_device_id(device_id)
+                .build()
+                .error_on_failure(),
+            cpu,
+        ],
+        // Refused earlier when CUDA is not compiled in.
+        #[cfg(not(feature = "cuda"))]
+        ExecutionProvider::Cuda { .. } => vec![cpu],
+        ExecutionProvider::Cpu | ExecutionProvider::Auto => vec![cpu],
+    };
     Session::builder(environment)?
-        .with_execution_providers([cpu])?
+        .with_execution_providers(providers)?
         .with_optimization_level(GraphOptimizationLevel::All)?
-        .with_intra_threads(opts.intra_threads)?
+        .with_intra_threads(intra_threads)?
         .commit_from_file(&spec.model_path)
 }
 
@@ -250,8 +577,9 @@ fn ms(duration: std::time::Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
-/// Checks the model's input and outputs against its catalog entry.
-fn check_signature(session: &Session, spec: &ModelSpec) -> Result<(), InferenceError> {
+/// Checks the model's input and outputs against its catalog entry; returns the largest
+/// batch the model takes.
+fn check_signature(session: &Session, spec: &ModelSpec) -> Result<usize, InferenceError> {
     let load_error = |message: String| InferenceError::ModelLoad {
         model: spec.name.clone(),
         message,
@@ -269,7 +597,7 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<(), InferenceE
         i64::from(spec.preprocessing.height),
         i64::from(spec.preprocessing.width),
     ];
-    match input.dtype() {
+    let batch_dim = match input.dtype() {
         ValueType::Tensor {
             ty: TensorElementType::Float32,
             shape,
@@ -278,46 +606,82 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<(), InferenceE
             && shape
                 .iter()
                 .zip(expected)
-                .all(|(&actual, wanted)| actual == wanted || actual < 0) => {}
+                .all(|(&actual, wanted)| actual == wanted || actual < 0) =>
+        {
+            shape.first().copied().unwrap_or(1)
+        }
         other => {
             return Err(load_error(format!(
                 "input `{}` is {other:?}; the catalog describes float32 {expected:?} (NCHW)",
                 input.name()
             )));
         }
-    }
+    };
+    let max_batch = match (batch_dim < 0, spec.max_batch) {
+        (true, Some(max)) => max,
+        (true, None) => DEFAULT_MAX_BATCH,
+        (false, None | Some(1)) => 1,
+        (false, Some(max)) => {
+            return Err(load_error(format!(
+                "maxBatch is {max} but the model's batch dimension is fixed at 1"
+            )));
+        }
+    };
 
-    // Last dimension of every output, when the model declares it.
-    let output_classes: Vec<Option<usize>> = session
+    // Declared output shapes (`None`: unknown dimension).
+    let output_dims: Vec<Vec<Option<usize>>> = session
         .outputs()
         .iter()
         .map(|o| {
             o.dtype()
                 .tensor_shape()
-                .and_then(|shape| shape.last().copied())
-                .and_then(|d| usize::try_from(d).ok())
+                .map(|shape| shape.iter().map(|&d| usize::try_from(d).ok()).collect())
+                .unwrap_or_default()
         })
         .collect();
     let labels = spec.labels.len();
     let declared = || {
-        output_classes
+        output_dims
             .iter()
-            .map(|c| c.map_or("?".to_string(), |c| c.to_string()))
+            .map(|dims| {
+                let dims: Vec<String> = dims
+                    .iter()
+                    .map(|d| d.map_or("?".to_string(), |d| d.to_string()))
+                    .collect();
+                format!("[{}]", dims.join(", "))
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let last = |dims: &Vec<Option<usize>>| dims.last().copied().flatten();
+    let one_output = |kind: &str| match output_dims.as_slice() {
+        [dims] => Ok(dims),
+        _ => Err(load_error(format!(
+            "{kind} model needs exactly one output, found {}",
+            output_dims.len()
+        ))),
+    };
     let consistent = match &spec.task {
-        TaskSpec::Classification(_) => match output_classes.as_slice() {
-            [classes] => classes.is_none_or(|c| c == labels),
-            _ => {
-                return Err(load_error(format!(
-                    "a classification model needs exactly one output, found {}",
-                    output_classes.len()
-                )));
-            }
+        TaskSpec::Classification(_) => {
+            last(one_output("a classification")?).is_none_or(|c| c == labels)
+        }
+        TaskSpec::Ordinal => last(one_output("an ordinal")?).is_none_or(|c| c == labels),
+        TaskSpec::Detection(params) => match params.decoder {
+            // Some output must carry one score per label (unknown dims are checked per image).
+            DetectionDecoder::Nanodet => output_dims
+                .iter()
+                .any(|dims| last(dims).is_none_or(|c| c == labels)),
+            // [1, 4 + classes, anchors] (or transposed).
+            DetectionDecoder::Yolov8 => match one_output("a yolov8")?.as_slice() {
+                [_, a, b] => [a, b].iter().any(|d| d.is_none_or(|d| d == labels + 4)),
+                _ => {
+                    return Err(load_error(format!(
+                        "a yolov8 model's output is [1, 4 + classes, anchors], this one is {}",
+                        declared()
+                    )));
+                }
+            },
         },
-        // Some output must carry one score per label (unknown dims are checked per image).
-        TaskSpec::Detection(_) => output_classes.iter().any(|c| c.is_none_or(|c| c == labels)),
     };
     if !consistent {
         return Err(InferenceError::LabelCountMismatch {
@@ -326,7 +690,7 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<(), InferenceE
             model_classes: declared(),
         });
     }
-    Ok(())
+    Ok(max_batch)
 }
 
 #[cfg(test)]
@@ -337,5 +701,41 @@ mod tests {
     fn engine_can_be_shared_between_threads() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Engine>();
+        assert_send_sync::<PreparedInput>();
+    }
+
+    #[test]
+    fn execution_providers_parse_and_print() {
+        for (text, provider) in [
+            ("cpu", ExecutionProvider::Cpu),
+            ("CUDA", ExecutionProvider::Cuda { device_id: 0 }),
+            ("cuda:1", ExecutionProvider::Cuda { device_id: 1 }),
+            ("auto", ExecutionProvider::Auto),
+        ] {
+            assert_eq!(text.parse::<ExecutionProvider>(), Ok(provider), "{text}");
+            assert_eq!(
+                provider.to_string().parse::<ExecutionProvider>(),
+                Ok(provider)
+            );
+        }
+        for bad in ["", "tpu", "cuda:", "cuda:-1", "cuda:x"] {
+            let err = bad.parse::<ExecutionProvider>().unwrap_err();
+            assert!(err.contains("expected cpu, cuda"), "{err}");
+        }
+        assert_eq!(
+            ExecutionProvider::Cuda { device_id: 3 }.name(),
+            "CUDAExecutionProvider"
+        );
+    }
+
+    #[test]
+    fn zero_threads_means_the_cpu_limit() {
+        let opts = EngineOptions::default();
+        assert_eq!(opts.effective_intra_threads(), cpu_limit());
+        let opts = EngineOptions {
+            intra_threads: 3,
+            ..EngineOptions::default()
+        };
+        assert_eq!(opts.effective_intra_threads(), 3);
     }
 }

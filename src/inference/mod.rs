@@ -4,18 +4,26 @@
 //! - [`decode`]: untrusted bytes -> [`image::DynamicImage`] (JPEG/PNG/WebP, pixel limit);
 //! - [`catalog`]: which models exist and how to feed / read them (`models/catalog.yaml`);
 //! - `preprocess`: resize + normalise into the NCHW `f32` tensor a model expects;
-//! - [`engine`]: one ONNX Runtime session per model, loaded once;
-//! - `detection` / `classification`: raw model outputs -> [`output::ModelOutput`].
+//! - [`engine`]: one ONNX Runtime session per model, loaded once; batches when the model
+//!   allows; CPU or CUDA;
+//! - `detection` (NanoDet, YOLOv8) / `classification` / `ordinal`: raw model outputs ->
+//!   [`output::ModelOutput`];
+//! - [`pipeline`]: bytes in, results out, decoding and preprocessing overlapping inference
+//!   (what the worker runs);
+//! - [`cpu_limit`]: the CPUs the pod may use (cgroup v2 quota), for thread counts.
 //!
 //! ONNX Runtime is loaded dynamically: call [`init_runtime`] once at start-up (or let
 //! [`Engine::load`] find it through [`default_runtime_path`]).
 
 pub mod catalog;
 mod classification;
+mod cpu;
 pub mod decode;
 mod detection;
 pub mod engine;
+mod ordinal;
 pub mod output;
+pub mod pipeline;
 mod preprocess;
 pub mod runtime;
 
@@ -25,9 +33,11 @@ pub use catalog::{
     Catalog, ChannelOrder, ClassificationParams, DetectionDecoder, DetectionParams, ModelSpec,
     Preprocessing, Resize, TaskSpec,
 };
+pub use cpu::cpu_limit;
 pub use decode::{DecodeLimits, decode_image};
-pub use engine::{Engine, EngineOptions, ExecutionProvider};
-pub use output::{BoundingBox, ClassScore, Detection, ModelOutput};
+pub use engine::{Engine, EngineOptions, ExecutionProvider, PreparedInput};
+pub use output::{BoundingBox, ClassScore, Detection, ModelOutput, OrdinalGrade};
+pub use pipeline::{ImageAnalysis, ModelRun, Pipeline, PipelineOptions};
 pub use runtime::{default_runtime_path, init_runtime};
 
 /// Everything that can go wrong between image bytes and a [`ModelOutput`].

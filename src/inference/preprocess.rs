@@ -10,6 +10,7 @@ use std::borrow::Cow;
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{CropBox, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, RgbImage};
+#[cfg(test)]
 use ndarray::Array4;
 
 use super::InferenceError;
@@ -58,6 +59,7 @@ pub(crate) fn placement(width: u32, height: u32, spec: &Preprocessing) -> Placem
 }
 
 /// Turns an image into the `[1, 3, height, width]` tensor described by `spec`.
+#[cfg(test)]
 pub(crate) fn preprocess(
     image: &DynamicImage,
     spec: &Preprocessing,
@@ -107,7 +109,14 @@ pub(crate) fn preprocess_into(
             width: copy_width,
             height: copy_height,
         };
-        return normalize_nchw(rgb.as_raw(), rgb.width() as usize, source, destination, spec, out);
+        return normalize_nchw(
+            rgb.as_raw(),
+            rgb.width() as usize,
+            source,
+            destination,
+            spec,
+            out,
+        );
     }
 
     // Resizing the whole image and then cropping would allocate the full resized image
@@ -182,9 +191,8 @@ fn plan_resize(width: u32, height: u32, spec: &Preprocessing) -> ResizePlan {
             // centred with the odd pixel of padding at the right / bottom.
             let gain = (f64::from(spec.width) / f64::from(width.max(1)))
                 .min(f64::from(spec.height) / f64::from(height.max(1)));
-            let side = |value: u32, limit: u32| {
-                ((f64::from(value) * gain).round() as u32).clamp(1, limit)
-            };
+            let side =
+                |value: u32, limit: u32| ((f64::from(value) * gain).round() as u32).clamp(1, limit);
             let copy_width = side(width, spec.width);
             let copy_height = side(height, spec.height);
             ResizePlan {
@@ -283,7 +291,10 @@ fn normalize_nchw(
     }
 
     let (left, right) = (destination.left, destination.left + destination.width);
-    let src_rows = rgb.chunks_exact(row_bytes).skip(source.top).take(source.height);
+    let src_rows = rgb
+        .chunks_exact(row_bytes)
+        .skip(source.top)
+        .take(source.height);
     let dst_rows = r_plane
         .chunks_exact_mut(width)
         .zip(g_plane.chunks_exact_mut(width))
@@ -479,9 +490,9 @@ mod tests {
         assert_eq!(plan(427, 640), (427, 640, 106, 0));
         // Extreme ratios keep at least one pixel.
         assert_eq!(plan(100_000, 1), (640, 1, 0, 319));
-        let placement = placement(1280, 720, &letterbox);
+        let placed = placement(1280, 720, &letterbox);
         assert_eq!(
-            placement,
+            placed,
             Placement {
                 scale_x: 0.5,
                 scale_y: 0.5,
@@ -489,8 +500,8 @@ mod tests {
                 offset_y: 140.0
             }
         );
-        assert_eq!(placement.image_x(320.0), 640.0);
-        assert_eq!(placement.image_y(140.0), 0.0);
+        assert_eq!(placed.image_x(320.0), 640.0);
+        assert_eq!(placed.image_y(140.0), 0.0);
         // Centre crop: the offset is the crop's top-left corner, negated.
         let crop = spec(
             224,
@@ -498,9 +509,9 @@ mod tests {
             Resize::ShorterSideCenterCrop { shorter_side: 256 },
             ChannelOrder::Rgb,
         );
-        let placement = placement(600, 400, &crop);
-        assert_eq!((placement.offset_x, placement.offset_y), (-80.0, -16.0));
-        assert!((placement.image_x(0.0) - 125.0).abs() < 1e-4);
+        let placed = placement(600, 400, &crop);
+        assert_eq!((placed.offset_x, placed.offset_y), (-80.0, -16.0));
+        assert!((placed.image_x(0.0) - 125.0).abs() < 1e-4);
     }
 
     #[test]
@@ -531,14 +542,11 @@ mod tests {
     fn preprocess_into_writes_one_image_of_a_batch() {
         let image = DynamicImage::ImageRgb8(tiny());
         let s = spec(4, 2, Resize::Stretch, ChannelOrder::Rgb);
-        let mut batch = vec![-1.0; 2 * 24];
+        let mut batch = [-1.0; 2 * 24];
         let (first, second) = batch.split_at_mut(24);
         preprocess_into(&image, &s, second).unwrap();
         assert!(first.iter().all(|v| *v == -1.0));
-        assert_eq!(
-            second,
-            preprocess(&image, &s).unwrap().as_slice().unwrap()
-        );
+        assert_eq!(second, preprocess(&image, &s).unwrap().as_slice().unwrap());
         assert!(preprocess_into(&image, &s, first.get_mut(..10).unwrap()).is_err());
     }
 

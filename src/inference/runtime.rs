@@ -108,6 +108,15 @@ pub fn init_runtime(dylib: Option<&Path>) -> Result<(), InferenceError> {
     Ok(())
 }
 
+/// The ONNX Runtime library loaded by this process, if any.
+pub(crate) fn library_path() -> Option<PathBuf> {
+    RUNTIME
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|runtime| runtime.path.clone())
+}
+
 /// The process-wide environment, loading the runtime from [`default_runtime_path`] first
 /// if [`init_runtime`] was not called.
 pub(crate) fn environment() -> Result<Environment, InferenceError> {

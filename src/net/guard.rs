@@ -20,7 +20,11 @@ use super::policy::{BlockReason, EgressPolicy};
 pub enum EgressError {
     /// The host name resolved only to refused addresses (the first one is named).
     #[error("address {addr} of host {host} is not allowed ({reason})")]
-    Blocked { host: String, addr: IpAddr, reason: BlockReason },
+    Blocked {
+        host: String,
+        addr: IpAddr,
+        reason: BlockReason,
+    },
     /// The URL names a refused address directly.
     #[error("address {addr} is not allowed ({reason})")]
     BlockedAddress { addr: IpAddr, reason: BlockReason },
@@ -59,7 +63,12 @@ pub struct SystemResolver;
 
 impl HostResolver for SystemResolver {
     fn lookup<'a>(&'a self, host: &'a str) -> BoxFuture<'a, io::Result<Vec<IpAddr>>> {
-        Box::pin(async move { Ok(tokio::net::lookup_host((host, 0)).await?.map(|a| a.ip()).collect()) })
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host, 0))
+                .await?
+                .map(|a| a.ip())
+                .collect())
+        })
     }
 }
 
@@ -75,7 +84,8 @@ impl StaticResolver {
     }
 
     pub fn with(mut self, host: &str, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
-        self.hosts.insert(host.to_ascii_lowercase(), addrs.into_iter().collect());
+        self.hosts
+            .insert(host.to_ascii_lowercase(), addrs.into_iter().collect());
         self
     }
 }
@@ -100,7 +110,9 @@ pub struct EgressGuard {
 
 impl fmt::Debug for EgressGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EgressGuard").field("policy", &self.policy).finish_non_exhaustive()
+        f.debug_struct("EgressGuard")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
     }
 }
 
@@ -111,7 +123,10 @@ impl EgressGuard {
     }
 
     pub fn with_resolver(policy: EgressPolicy, resolver: Arc<dyn HostResolver>) -> Self {
-        Self { policy: Arc::new(policy), resolver }
+        Self {
+            policy: Arc::new(policy),
+            resolver,
+        }
     }
 
     pub fn policy(&self) -> &EgressPolicy {
@@ -126,25 +141,38 @@ impl EgressGuard {
             return Err(EgressError::Scheme(url.scheme().to_owned()));
         }
         let host = url.host_str().ok_or(EgressError::NoHost)?;
-        let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let literal = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
         if let Ok(addr) = literal.parse::<IpAddr>() {
-            self.policy.check(addr).map_err(|reason| EgressError::BlockedAddress { addr, reason })?;
+            self.policy
+                .check(addr)
+                .map_err(|reason| EgressError::BlockedAddress { addr, reason })?;
         }
         Ok(())
     }
 
     /// Resolves `host` and keeps the allowed addresses; fails when none is left.
     pub async fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, EgressError> {
-        let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let literal = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
         if let Ok(addr) = literal.parse::<IpAddr>() {
-            self.policy.check(addr).map_err(|reason| EgressError::BlockedAddress { addr, reason })?;
+            self.policy
+                .check(addr)
+                .map_err(|reason| EgressError::BlockedAddress { addr, reason })?;
             return Ok(vec![addr]);
         }
         let found = self
             .resolver
             .lookup(host)
             .await
-            .map_err(|e| EgressError::Resolve { host: host.to_owned(), message: e.to_string() })?;
+            .map_err(|e| EgressError::Resolve {
+                host: host.to_owned(),
+                message: e.to_string(),
+            })?;
         let mut allowed = Vec::with_capacity(found.len());
         let mut refused = None;
         for addr in found {
@@ -152,7 +180,11 @@ impl EgressGuard {
                 Ok(()) => allowed.push(addr),
                 Err(reason) => {
                     tracing::debug!(host, %addr, %reason, "refused address dropped");
-                    refused.get_or_insert(EgressError::Blocked { host: host.to_owned(), addr, reason });
+                    refused.get_or_insert(EgressError::Blocked {
+                        host: host.to_owned(),
+                        addr,
+                        reason,
+                    });
                 }
             }
         }
@@ -170,7 +202,9 @@ impl EgressGuard {
     /// Callers still check each URL with [`check_url`](Self::check_url) and set a redirect
     /// policy: [`redirect_policy`](Self::redirect_policy) or `Policy::none()`.
     pub fn client_builder(&self) -> reqwest::ClientBuilder {
-        reqwest::Client::builder().dns_resolver(self.clone()).no_proxy()
+        reqwest::Client::builder()
+            .dns_resolver(self.clone())
+            .no_proxy()
     }
 
     /// Follows at most `max_redirects` redirects, each target checked like the first URL
@@ -254,8 +288,8 @@ mod tests {
             "http://[fd00:ec2::254]/",
             "http://[fe80::1]/",
             "http://0.0.0.0/",
-            "http://2130706433/",  // 127.0.0.1 as one number
-            "http://0x7f.1/",      // 127.0.0.1, hex and short form
+            "http://2130706433/",   // 127.0.0.1 as one number
+            "http://0x7f.1/",       // 127.0.0.1, hex and short form
             "http://017700000001/", // 127.0.0.1 in octal
             "http://127.1/",
             "http://100.100.100.200/",
@@ -265,13 +299,21 @@ mod tests {
             "http://127.0.0.1./",
         ] {
             let err = g.check_url(&url(u)).unwrap_err();
-            assert!(matches!(err, EgressError::BlockedAddress { .. }), "{u}: {err:?}");
+            assert!(
+                matches!(err, EgressError::BlockedAddress { .. }),
+                "{u}: {err:?}"
+            );
             assert!(err.is_refusal());
         }
         let err = g.check_url(&url("http://10.0.0.5/a.png")).unwrap_err();
-        assert_eq!(err.to_string(), "address 10.0.0.5 is not allowed (private network)");
         assert_eq!(
-            g.check_url(&url("http://[::ffff:a9fe:a9fe]/")).unwrap_err().to_string(),
+            err.to_string(),
+            "address 10.0.0.5 is not allowed (private network)"
+        );
+        assert_eq!(
+            g.check_url(&url("http://[::ffff:a9fe:a9fe]/"))
+                .unwrap_err()
+                .to_string(),
             "address ::ffff:169.254.169.254 is not allowed (cloud metadata endpoint)"
         );
     }
@@ -279,13 +321,28 @@ mod tests {
     #[test]
     fn check_url_passes_public_literals_and_names_and_refuses_other_schemes() {
         let g = guard(EgressPolicy::default());
-        for u in ["http://93.184.216.34/x.jpg", "https://[2606:4700:4700::1111]/", "https://example.com/a.png", "http://evil.test/"] {
+        for u in [
+            "http://93.184.216.34/x.jpg",
+            "https://[2606:4700:4700::1111]/",
+            "https://example.com/a.png",
+            "http://evil.test/",
+        ] {
             assert_eq!(g.check_url(&url(u)), Ok(()), "{u}");
         }
-        for u in ["file:///etc/passwd", "ftp://93.184.216.34/x", "gopher://127.0.0.1/"] {
-            assert!(matches!(g.check_url(&url(u)), Err(EgressError::Scheme(_))), "{u}");
+        for u in [
+            "file:///etc/passwd",
+            "ftp://93.184.216.34/x",
+            "gopher://127.0.0.1/",
+        ] {
+            assert!(
+                matches!(g.check_url(&url(u)), Err(EgressError::Scheme(_))),
+                "{u}"
+            );
         }
-        assert_eq!(g.check_url(&url("data:text/plain,hi")), Err(EgressError::Scheme("data".into())));
+        assert_eq!(
+            g.check_url(&url("data:text/plain,hi")),
+            Err(EgressError::Scheme("data".into()))
+        );
     }
 
     #[test]
@@ -300,13 +357,28 @@ mod tests {
     async fn resolution_is_filtered() {
         let g = guard(EgressPolicy::default());
         let err = g.resolve("evil.test").await.unwrap_err();
-        assert_eq!(err.to_string(), "address 10.0.0.1 of host evil.test is not allowed (private network)");
+        assert_eq!(
+            err.to_string(),
+            "address 10.0.0.1 of host evil.test is not allowed (private network)"
+        );
         assert!(err.is_refusal());
         let err = g.resolve("meta.test").await.unwrap_err();
-        assert!(matches!(err, EgressError::Blocked { reason: BlockReason::CloudMetadata, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                EgressError::Blocked {
+                    reason: BlockReason::CloudMetadata,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         // Refused addresses are dropped, the others kept.
         assert_eq!(g.resolve("mixed.test").await, Ok(vec![ip("93.184.216.34")]));
-        assert_eq!(g.resolve("public.test").await, Ok(vec![ip("93.184.216.34")]));
+        assert_eq!(
+            g.resolve("public.test").await,
+            Ok(vec![ip("93.184.216.34")])
+        );
         let err = g.resolve("nowhere.test").await.unwrap_err();
         assert!(!err.is_refusal(), "{err:?}");
         assert!(!g.resolve("empty.test").await.unwrap_err().is_refusal());
@@ -316,7 +388,10 @@ mod tests {
 
         let g = guard(EgressPolicy::allow_loopback());
         assert_eq!(g.resolve("local.test").await, Ok(vec![ip("127.0.0.1")]));
-        assert_eq!(g.resolve("mixed.test").await, Ok(vec![ip("127.0.0.1"), ip("93.184.216.34")]));
+        assert_eq!(
+            g.resolve("mixed.test").await,
+            Ok(vec![ip("127.0.0.1"), ip("93.184.216.34")])
+        );
         assert!(g.resolve("evil.test").await.is_err());
     }
 
@@ -333,17 +408,31 @@ mod tests {
     #[tokio::test]
     async fn http_client_refuses_before_connecting() {
         crate::install_crypto_provider();
-        let counting = Arc::new(Counting(StaticResolver::new().with("evil.test", [ip("10.0.0.1")]), AtomicUsize::new(0)));
+        let counting = Arc::new(Counting(
+            StaticResolver::new().with("evil.test", [ip("10.0.0.1")]),
+            AtomicUsize::new(0),
+        ));
         let g = EgressGuard::with_resolver(EgressPolicy::default(), counting.clone());
-        let client = g.client_builder().redirect(g.redirect_policy(3)).timeout(Duration::from_secs(5)).build().unwrap();
+        let client = g
+            .client_builder()
+            .redirect(g.redirect_policy(3))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        // The guard alone refuses first, so a broken guard fails here and sends nothing.
+        assert!(g.resolve("evil.test").await.is_err());
         let err = client.get("http://evil.test:9/").send().await.unwrap_err();
         // The resolver's refusal is the cause: no connection was attempted.
         let cause = find_cause::<EgressError>(&err).unwrap_or_else(|| panic!("{err:?}"));
         assert_eq!(
             cause,
-            &EgressError::Blocked { host: "evil.test".into(), addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), reason: BlockReason::Private }
+            &EgressError::Blocked {
+                host: "evil.test".into(),
+                addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                reason: BlockReason::Private
+            }
         );
-        assert_eq!(counting.1.load(Ordering::SeqCst), 1);
+        assert_eq!(counting.1.load(Ordering::SeqCst), 2);
     }
 
     #[test]
@@ -352,7 +441,10 @@ mod tests {
         #[error("outer")]
         struct Outer(#[source] EgressError);
         let outer = Outer(EgressError::NoHost);
-        assert_eq!(find_cause::<EgressError>(&outer), Some(&EgressError::NoHost));
+        assert_eq!(
+            find_cause::<EgressError>(&outer),
+            Some(&EgressError::NoHost)
+        );
         assert_eq!(find_cause::<TooManyRedirects>(&outer), None);
     }
 }

@@ -14,5 +14,8 @@
 mod guard;
 mod policy;
 
-pub use guard::{EgressError, EgressGuard, HostResolver, StaticResolver, SystemResolver, TooManyRedirects, find_cause};
+pub use guard::{
+    EgressError, EgressGuard, HostResolver, StaticResolver, SystemResolver, TooManyRedirects,
+    find_cause,
+};
 pub use policy::{BlockReason, EgressPolicy, IpNet, classify, parse_cidrs};

@@ -94,9 +94,9 @@ const V4_RANGES: &[([u8; 4], u32, BlockReason)] = {
         ([192, 0, 2, 0], 24, Reserved),   // TEST-NET-1
         ([192, 88, 99, 0], 24, Reserved), // 6to4 relay anycast
         ([192, 168, 0, 0], 16, Private),
-        ([198, 18, 0, 0], 15, Reserved),    // benchmarking
-        ([198, 51, 100, 0], 24, Reserved),  // TEST-NET-2
-        ([203, 0, 113, 0], 24, Reserved),   // TEST-NET-3
+        ([198, 18, 0, 0], 15, Reserved),   // benchmarking
+        ([198, 51, 100, 0], 24, Reserved), // TEST-NET-2
+        ([203, 0, 113, 0], 24, Reserved),  // TEST-NET-3
         ([224, 0, 0, 0], 4, Multicast),
         ([255, 255, 255, 255], 32, Broadcast),
         ([240, 0, 0, 0], 4, Reserved),
@@ -248,7 +248,9 @@ pub fn parse_cidrs(text: &str) -> Result<Vec<IpNet>, String> {
             } else {
                 part.parse::<IpAddr>().ok().map(IpNet::from)
             };
-            parsed.ok_or_else(|| format!("invalid CIDR {part:?} (expected e.g. 10.0.0.0/8 or fd00::/8)"))
+            parsed.ok_or_else(|| {
+                format!("invalid CIDR {part:?} (expected e.g. 10.0.0.0/8 or fd00::/8)")
+            })
         })
         .collect()
 }
@@ -394,7 +396,14 @@ mod tests {
         for a in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"] {
             assert_eq!(policy.check(ip(a)), Ok(()), "{a}");
         }
-        for a in ["10.0.0.1", "0.0.0.0", "::", "169.254.169.254", "192.168.1.1", "fe80::1"] {
+        for a in [
+            "10.0.0.1",
+            "0.0.0.0",
+            "::",
+            "169.254.169.254",
+            "192.168.1.1",
+            "fe80::1",
+        ] {
             assert!(policy.check(ip(a)).is_err(), "{a}");
         }
         assert_eq!(policy.to_string(), "127.0.0.0/8,::1/128");
@@ -403,18 +412,41 @@ mod tests {
 
     #[test]
     fn metadata_needs_an_exact_entry() {
-        for wide in ["0.0.0.0/0", "169.254.0.0/16", "100.64.0.0/10", "::/0", "fd00::/8"] {
+        for wide in [
+            "0.0.0.0/0",
+            "169.254.0.0/16",
+            "100.64.0.0/10",
+            "::/0",
+            "fd00::/8",
+        ] {
             let policy = EgressPolicy::parse(wide).unwrap();
-            for a in ["169.254.169.254", "100.100.100.200", "fd00:ec2::254", "::ffff:169.254.169.254"] {
-                assert_eq!(policy.check(ip(a)), Err(BlockReason::CloudMetadata), "{wide} {a}");
+            for a in [
+                "169.254.169.254",
+                "100.100.100.200",
+                "fd00:ec2::254",
+                "::ffff:169.254.169.254",
+            ] {
+                assert_eq!(
+                    policy.check(ip(a)),
+                    Err(BlockReason::CloudMetadata),
+                    "{wide} {a}"
+                );
             }
         }
         // The wide range still opens the rest of itself.
-        assert_eq!(EgressPolicy::parse("169.254.0.0/16").unwrap().check(ip("169.254.1.1")), Ok(()));
+        assert_eq!(
+            EgressPolicy::parse("169.254.0.0/16")
+                .unwrap()
+                .check(ip("169.254.1.1")),
+            Ok(())
+        );
         let exact = EgressPolicy::parse("169.254.169.254/32,fd00:ec2::254").unwrap();
         assert_eq!(exact.check(ip("169.254.169.254")), Ok(()));
         assert_eq!(exact.check(ip("fd00:ec2::254")), Ok(()));
-        assert_eq!(exact.check(ip("100.100.100.200")), Err(BlockReason::CloudMetadata));
+        assert_eq!(
+            exact.check(ip("100.100.100.200")),
+            Err(BlockReason::CloudMetadata)
+        );
     }
 
     #[test]
@@ -424,7 +456,15 @@ mod tests {
         let nets = parse_cidrs("10.1.2.3/8,::1, 192.168.0.0/16 ").unwrap();
         let shown: Vec<String> = nets.iter().map(ToString::to_string).collect();
         assert_eq!(shown, ["10.0.0.0/8", "::1/128", "192.168.0.0/16"]);
-        for bad in ["10.0.0.0/33", "10.0.0/8", "example.com", "10.0.0.1/", "/8", "::1/129", "1.2.3.4/-1"] {
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "example.com",
+            "10.0.0.1/",
+            "/8",
+            "::1/129",
+            "1.2.3.4/-1",
+        ] {
             let err = parse_cidrs(bad).unwrap_err();
             assert!(err.contains("invalid CIDR"), "{bad}: {err}");
         }

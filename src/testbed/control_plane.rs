@@ -21,6 +21,9 @@ const CACHE_SUBDIR: &str = "k8s-1.20.2/bin";
 /// Controllers that matter to kinsight: Jobs make Pods, owner references cascade.
 const CONTROLLERS: &str = "job,garbagecollector,ttl-after-finished";
 const LOG_TAIL_LINES: usize = 40;
+/// The kubeadm convention for "where is the API server": a kubeconfig in a ConfigMap.
+pub(crate) const CLUSTER_INFO_NAMESPACE: &str = "kube-public";
+pub(crate) const CLUSTER_INFO_NAME: &str = "cluster-info";
 
 /// How to start a [`ControlPlane`].
 #[derive(Debug, Clone)]
@@ -258,6 +261,7 @@ impl ControlPlane {
             "default",
         )?;
         self.wait_for_readyz(opts.start_timeout).await?;
+        publish_cluster_info(&self.client().await?, &self.server_url).await?;
         tracing::info!(
             server = %self.server_url,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -605,6 +609,53 @@ fn server_of_kubeconfig(path: &Path) -> Result<String, TestbedError> {
         .iter()
         .find_map(|c| c.cluster.as_ref().and_then(|c| c.server.clone()))
         .ok_or_else(|| err("no cluster server".into()))
+}
+
+/// Publishes the server URL the kubeadm way (`kube-public/cluster-info`, key `kubeconfig`), so
+/// a node agent given only a client can tell workers where the API server is (the
+/// `kubernetes` Service cannot: its endpoints may not be loopback addresses).
+async fn publish_cluster_info(client: &kube::Client, server_url: &str) -> Result<(), TestbedError> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(CLUSTER_INFO_NAMESPACE.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match namespaces.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(TestbedError::kube("creating namespace kube-public", e)),
+    }
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": "", "cluster": {
+            "server": server_url, "insecure-skip-tls-verify": true
+        } }],
+        "contexts": [],
+        "users": [],
+    });
+    let text = serde_yaml::to_string(&kubeconfig)
+        .map_err(|e| TestbedError::Config(format!("cluster-info kubeconfig: {e}")))?;
+    let patch = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": { "name": CLUSTER_INFO_NAME, "namespace": CLUSTER_INFO_NAMESPACE },
+        "data": { "kubeconfig": text },
+    });
+    Api::<ConfigMap>::namespaced(client.clone(), CLUSTER_INFO_NAMESPACE)
+        .patch(
+            CLUSTER_INFO_NAME,
+            &PatchParams::apply("kinsight-testbed").force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| TestbedError::kube("publishing kube-public/cluster-info", e))?;
+    Ok(())
 }
 
 /// `GET /readyz` answered 2xx within `timeout`.

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
-    Binding, ConfigMap, Container, Endpoints, EnvVar, Node, ObjectReference, Pod, Secret,
-    ServiceAccount,
+    Binding, ConfigMap, Container, EnvVar, Node, ObjectReference, Pod, Secret, ServiceAccount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -71,6 +70,9 @@ pub struct NodeAgentOptions {
     pub server_url: Option<String>,
     /// PEM CA bundle workers trust for that server; `None`: `insecure-skip-tls-verify`.
     pub server_ca_pem: Option<Vec<u8>>,
+    /// Only take (bind and run) pods in this namespace; `None`: all namespaces. Lets several
+    /// agents share one cluster, say tests against `USE_EXISTING_CLUSTER`.
+    pub namespace: Option<String>,
 }
 
 impl Default for NodeAgentOptions {
@@ -99,6 +101,7 @@ impl NodeAgentOptions {
             max_pods: 4,
             server_url: None,
             server_ca_pem: None,
+            namespace: None,
         }
     }
 }
@@ -142,7 +145,11 @@ pub async fn run(client: kube::Client, opts: NodeAgentOptions) -> Result<(), Tes
         done: HashSet::new(),
         listing: None,
     };
-    let pods = watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff();
+    let pods_api: Api<Pod> = match &agent.ctx.opts.namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let pods = watcher(pods_api, watcher::Config::default()).default_backoff();
     let mut pods = std::pin::pin!(pods);
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
@@ -166,9 +173,9 @@ pub async fn run(client: kube::Client, opts: NodeAgentOptions) -> Result<(), Tes
     }
 }
 
-/// Server URL and trust for workers' kubeconfigs: the options', else the API server's own
-/// loopback endpoint (a local control plane), else the ambient kube config's, else whatever
-/// endpoint the `kubernetes` Service names.
+/// Server URL and trust for workers' kubeconfigs: the options', else a loopback server
+/// published in `kube-public/cluster-info` (a local control plane), else the ambient kube
+/// config's, else any server in `cluster-info` (kubeadm clusters publish one).
 async fn worker_server(
     client: &kube::Client,
     opts: &NodeAgentOptions,
@@ -180,11 +187,11 @@ async fn worker_server(
     if let Some(url) = &opts.server_url {
         return Ok((url.clone(), trust));
     }
-    let advertised = advertised_endpoint(client).await;
-    if let Some((ip, _)) = &advertised
-        && ip.is_loopback()
+    let published = published_server(client).await;
+    if let Some((url, published_trust)) = &published
+        && is_loopback_url(url)
     {
-        return Ok((endpoint_url(advertised.as_ref()), trust));
+        return Ok((url.clone(), opts_or(trust, published_trust)));
     }
     super::install_crypto_provider();
     match kube::Config::infer().await {
@@ -197,44 +204,61 @@ async fn worker_server(
             };
             Ok((config.cluster_url.to_string(), trust))
         }
-        Err(_) if advertised.is_some() => Ok((endpoint_url(advertised.as_ref()), trust)),
-        Err(e) => Err(TestbedError::Config(format!(
-            "node agent: no server_url, no kubernetes endpoint and no usable kubeconfig: {e}"
-        ))),
+        Err(e) => match published {
+            Some((url, published_trust)) => Ok((url, opts_or(trust, &published_trust))),
+            None => Err(TestbedError::Config(format!(
+                "node agent: no server_url, no kube-public/cluster-info and no usable \
+                 kubeconfig: {e}"
+            ))),
+        },
     }
 }
 
-fn endpoint_url(endpoint: Option<&(std::net::IpAddr, i32)>) -> String {
-    match endpoint {
-        Some((std::net::IpAddr::V6(ip), port)) => format!("https://[{ip}]:{port}"),
-        Some((ip, port)) => format!("https://{ip}:{port}"),
-        None => String::new(),
+/// The options' CA if they name one, else what the cluster published.
+fn opts_or(from_opts: ServerTrust, published: &ServerTrust) -> ServerTrust {
+    match from_opts {
+        ServerTrust::CaPem(_) => from_opts,
+        ServerTrust::Insecure => published.clone(),
     }
 }
 
-/// The address the API server advertises in `default/endpoints/kubernetes` (kept by its
-/// bootstrap controller; it may lag readiness by a moment).
-async fn advertised_endpoint(client: &kube::Client) -> Option<(std::net::IpAddr, i32)> {
-    let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), "default");
-    for _ in 0..20 {
-        match endpoints.get_opt("kubernetes").await {
-            Ok(Some(ep)) => {
-                let found = ep.subsets.iter().flatten().find_map(|subset| {
-                    let ip = subset.addresses.as_ref()?.first()?.ip.parse().ok()?;
-                    let port = subset.ports.as_ref()?.first()?.port;
-                    Some((ip, port))
-                });
-                if found.is_some() {
-                    return found;
-                }
-            }
-            Ok(None) => {}
-            // Not readable with these credentials, say: no point in waiting.
-            Err(_) => return None,
+fn is_loopback_url(url: &str) -> bool {
+    let host = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split(['/', '?'])
+        .next()
+        .unwrap_or("");
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The server in `kube-public/cluster-info`, with its CA if it has one.
+async fn published_server(client: &kube::Client) -> Option<(String, ServerTrust)> {
+    use super::control_plane::{CLUSTER_INFO_NAME, CLUSTER_INFO_NAMESPACE};
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), CLUSTER_INFO_NAMESPACE);
+    let cm = cms.get_opt(CLUSTER_INFO_NAME).await.ok()??;
+    let text = cm.data?.remove("kubeconfig")?;
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&text).ok()?;
+    let cluster = kubeconfig.clusters.into_iter().find_map(|c| c.cluster)?;
+    let server = cluster.server?;
+    let trust = match cluster.certificate_authority_data {
+        Some(data) if cluster.insecure_skip_tls_verify != Some(true) => {
+            use base64::Engine as _;
+            let pem = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .ok()?;
+            ServerTrust::CaPem(pem)
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    None
+        _ => ServerTrust::Insecure,
+    };
+    Some((server, trust))
 }
 
 struct Ctx {
@@ -1477,6 +1501,17 @@ mod tests {
         assert_eq!(t["reason"], REASON_UNSUPPORTED);
         assert_eq!(t["message"], "nope");
         assert!(t["startedAt"].is_string() && t["finishedAt"].is_string());
+    }
+
+    #[test]
+    fn loopback_urls_are_recognised() {
+        assert!(is_loopback_url("https://127.0.0.1:6443"));
+        assert!(is_loopback_url("https://127.0.0.1:6443/"));
+        assert!(is_loopback_url("https://localhost:6443"));
+        assert!(is_loopback_url("https://[::1]:6443"));
+        assert!(!is_loopback_url("https://10.0.0.5:6443"));
+        assert!(!is_loopback_url("https://kind-control-plane:6443"));
+        assert!(!is_loopback_url(""));
     }
 
     #[test]

@@ -81,7 +81,11 @@ impl FetchError {
     }
 
     fn from_egress(e: EgressError) -> Self {
-        if e.is_refusal() { Self::Blocked(e) } else { Self::Connect(e.to_string()) }
+        if e.is_refusal() {
+            Self::Blocked(e)
+        } else {
+            Self::Connect(e.to_string())
+        }
     }
 }
 
@@ -105,7 +109,10 @@ impl Fetcher {
     /// A fetcher using `guard` (and not `config.egress`); tests inject a resolver this way.
     pub fn with_guard(config: &FetchConfig, guard: EgressGuard) -> Result<Self, reqwest::Error> {
         let mut headers = HeaderMap::new();
-        headers.insert(ACCEPT, HeaderValue::from_static("image/jpeg, image/png, image/webp, image/*;q=0.8"));
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static("image/jpeg, image/png, image/webp, image/*;q=0.8"),
+        );
         let http = guard
             .client_builder()
             .connect_timeout(config.connect_timeout)
@@ -115,12 +122,19 @@ impl Fetcher {
             .default_headers(headers)
             .user_agent(concat!("kinsight-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { http, guard, max_bytes: config.max_bytes, total_timeout: config.total_timeout })
+        Ok(Self {
+            http,
+            guard,
+            max_bytes: config.max_bytes,
+            total_timeout: config.total_timeout,
+        })
     }
 
     pub async fn fetch(&self, url: &str) -> Result<Vec<u8>, FetchError> {
         let url = Url::parse(url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
-        self.guard.check_url(&url).map_err(FetchError::from_egress)?;
+        self.guard
+            .check_url(&url)
+            .map_err(FetchError::from_egress)?;
         // The client's timeout covers the request and its body; this one bounds the call
         // whatever happens inside it.
         tokio::time::timeout(self.total_timeout, self.download(url))
@@ -143,7 +157,9 @@ impl Fetcher {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let initial = declared.map_or(INITIAL_CAPACITY, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let initial = declared.map_or(INITIAL_CAPACITY, |n| {
+            usize::try_from(n).unwrap_or(usize::MAX)
+        });
         let mut body = Vec::with_capacity(initial.min(INITIAL_CAPACITY).min(self.max_bytes));
         let mut recognised = false;
         let mut stream = response.bytes_stream();
@@ -155,7 +171,9 @@ impl Fetcher {
             }
             if len > body.capacity() {
                 // Grow geometrically, but never past the limit.
-                let target = len.max(body.capacity().saturating_mul(2)).min(self.max_bytes);
+                let target = len
+                    .max(body.capacity().saturating_mul(2))
+                    .min(self.max_bytes);
                 body.reserve_exact(target - body.len());
             }
             body.extend_from_slice(&chunk);
@@ -242,7 +260,10 @@ const SIGNATURES: [&[Option<u8>]; 3] = [
 fn sniff(head: &[u8]) -> Sniff {
     let mut could_be = false;
     for signature in SIGNATURES {
-        let matches = signature.iter().zip(head).all(|(expected, byte)| expected.is_none_or(|e| e == *byte));
+        let matches = signature
+            .iter()
+            .zip(head)
+            .all(|(expected, byte)| expected.is_none_or(|e| e == *byte));
         if matches {
             if head.len() >= signature.len() {
                 return Sniff::Image;
@@ -250,7 +271,11 @@ fn sniff(head: &[u8]) -> Sniff {
             could_be = true;
         }
     }
-    if could_be { Sniff::NeedMore } else { Sniff::NotImage }
+    if could_be {
+        Sniff::NeedMore
+    } else {
+        Sniff::NotImage
+    }
 }
 
 /// What a refused body looks like, for the failure message.
@@ -299,7 +324,15 @@ mod tests {
         assert_eq!(sniff(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), Sniff::Image);
         assert_eq!(sniff(b"RIFF\x24\0\0\0WEBPVP8L"), Sniff::Image);
         // Partial signatures wait for more data.
-        for partial in [&b""[..], b"\xFF", b"\xFF\xD8", b"\x89", b"\x89PN", b"RIFF", b"RIFF\0\0\0\0WEB"] {
+        for partial in [
+            &b""[..],
+            b"\xFF",
+            b"\xFF\xD8",
+            b"\x89",
+            b"\x89PN",
+            b"RIFF",
+            b"RIFF\0\0\0\0WEB",
+        ] {
             assert_eq!(sniff(partial), Sniff::NeedMore, "{partial:?}");
         }
         for other in [
@@ -319,11 +352,20 @@ mod tests {
     #[test]
     fn refusals_say_what_the_data_looked_like() {
         let err = unsupported(b"<html><body>hi", Some("image/jpeg"));
-        assert_eq!(err.to_string(), "not a JPEG, PNG or WebP image: HTML or XML text, served as image/jpeg");
+        assert_eq!(
+            err.to_string(),
+            "not a JPEG, PNG or WebP image: HTML or XML text, served as image/jpeg"
+        );
         assert_eq!(err.reason(), "UnsupportedFormat");
-        assert_eq!(unsupported(b"GIF89a....", None).to_string(), "not a JPEG, PNG or WebP image: GIF");
+        assert_eq!(
+            unsupported(b"GIF89a....", None).to_string(),
+            "not a JPEG, PNG or WebP image: GIF"
+        );
         assert_eq!(describe_data(b"\xFF\xD8"), "too short to be an image");
-        assert_eq!(describe_data(b"\0\0\0\x20ftypavif"), "ISO media (HEIC, AVIF or video)");
+        assert_eq!(
+            describe_data(b"\0\0\0\x20ftypavif"),
+            "ISO media (HEIC, AVIF or video)"
+        );
     }
 
     #[test]
@@ -339,8 +381,14 @@ mod tests {
             (FetchError::Status(404), "DownloadHttpError"),
             (FetchError::TooLarge(1), "ImageTooLarge"),
             (FetchError::from_egress(blocked), "DestinationNotAllowed"),
-            (FetchError::TooManyRedirects(TooManyRedirects { max: 5 }), "TooManyRedirects"),
-            (FetchError::UnsupportedFormat(String::new()), "UnsupportedFormat"),
+            (
+                FetchError::TooManyRedirects(TooManyRedirects { max: 5 }),
+                "TooManyRedirects",
+            ),
+            (
+                FetchError::UnsupportedFormat(String::new()),
+                "UnsupportedFormat",
+            ),
             (FetchError::Empty, "CorruptImage"),
             (FetchError::InvalidUrl(String::new()), "DownloadFailed"),
             (FetchError::Other(String::new()), "DownloadFailed"),
@@ -349,7 +397,13 @@ mod tests {
             assert_eq!(error.reason(), reason, "{error:?}");
         }
         // A name that does not resolve is a download failure, not a refusal.
-        let unresolved = EgressError::Resolve { host: "x.test".into(), message: "no such host".into() };
-        assert_eq!(FetchError::from_egress(unresolved).reason(), "DownloadFailed");
+        let unresolved = EgressError::Resolve {
+            host: "x.test".into(),
+            message: "no such host".into(),
+        };
+        assert_eq!(
+            FetchError::from_egress(unresolved).reason(),
+            "DownloadFailed"
+        );
     }
 }

@@ -17,9 +17,8 @@ use std::time::Instant;
 use futures::StreamExt;
 
 use crate::crd::{ImageFailure, ImageResultSpec, ModelResult, Timings};
-use crate::inference::{
-    Catalog, DecodeLimits, Engine, EngineOptions, InferenceError, decode_image,
-};
+use crate::inference::pipeline::{ImageAnalysis, Pipeline, PipelineOptions};
+use crate::inference::{Catalog, Engine, EngineOptions, InferenceError};
 use crate::results::{ResultStore, ResultsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -87,8 +86,15 @@ pub async fn run(
     let fetcher = Fetcher::new(&options.fetch)?;
     tracing::info!(group = %order.group.name, images = order.images.len(), models = ?order.models, "worker started");
 
-    // Downloads overlap inference: up to `prefetch` images are fetched ahead.
-    let mut downloads = futures::stream::iter(order.images.iter().cloned())
+    // Downloads overlap inference: up to `prefetch` images are fetched ahead. The
+    // pipeline decodes and preprocesses the next images while the models run, runs the
+    // models side by side and batches images for models that allow it.
+    let (submitter, mut results) = Pipeline::start::<(WorkItem, f64)>(
+        engine.clone(),
+        &order.models,
+        &PipelineOptions::default(),
+    )?;
+    let downloads = futures::stream::iter(order.images.iter().cloned())
         .map(|item| {
             let fetcher = fetcher.clone();
             async move {
@@ -98,29 +104,46 @@ pub async fn run(
             }
         })
         .buffered(options.prefetch.max(1));
-    let mut report = WorkerReport::default();
-    while let Some((item, bytes, download_ms)) = downloads.next().await {
-        let spec = match bytes {
-            Err(e) => failed(&order, &item, e.reason(), e.to_string(), download_ms),
-            Ok(bytes) => {
-                let engine = engine.clone();
-                let models = item.models(&order).to_vec();
-                let mut spec =
-                    tokio::task::spawn_blocking(move || analyse(&engine, &models, &bytes)).await?;
-                spec.group = order.group.name.clone();
-                spec.image_id = item.id.clone();
-                spec.timings.download_ms = round_ms(download_ms);
-                spec
+    let order = &order;
+    let store = &store;
+    let feed = async move {
+        let mut report = WorkerReport::default();
+        futures::pin_mut!(downloads);
+        while let Some((item, bytes, download_ms)) = downloads.next().await {
+            match bytes {
+                Err(e) => {
+                    let spec = failed(order, &item, e.reason(), e.to_string(), download_ms);
+                    record(&mut report, order, &item, &spec);
+                    store.write(&order.group, &spec).await?;
+                }
+                Ok(bytes) => {
+                    let models = item.models(order).to_vec();
+                    let key = (item, download_ms);
+                    if submitter.submit_for(key, bytes, models).await.is_err() {
+                        break; // the pipeline stopped; its results say why
+                    }
+                }
             }
-        };
-        if spec.is_failure(item.models(&order)) {
-            report.failed += 1;
-            tracing::warn!(image = %item.id, failure = ?spec.failure, "image failed");
-        } else {
-            report.succeeded += 1;
         }
-        store.write(&order.group, &spec).await?;
-    }
+        Ok::<_, WorkerError>(report)
+    };
+    let collect = async move {
+        let mut report = WorkerReport::default();
+        while let Some(((item, download_ms), outcome)) = results.next().await {
+            let mut spec = result_spec(outcome);
+            spec.group = order.group.name.clone();
+            spec.image_id = item.id.clone();
+            spec.timings.download_ms = round_ms(download_ms);
+            record(&mut report, order, &item, &spec);
+            store.write(&order.group, &spec).await?;
+        }
+        Ok::<_, WorkerError>(report)
+    };
+    let (fed, collected) = tokio::try_join!(feed, collect)?;
+    let report = WorkerReport {
+        succeeded: fed.succeeded + collected.succeeded,
+        failed: fed.failed + collected.failed,
+    };
     tracing::info!(
         succeeded = report.succeeded,
         failed = report.failed,
@@ -153,8 +176,17 @@ fn failed(
     }
 }
 
-/// Decode once, then every model; a model's error is recorded beside the others' outputs.
-fn analyse(engine: &Engine, models: &[String], bytes: &[u8]) -> ImageResultSpec {
+fn record(report: &mut WorkerReport, order: &WorkOrder, item: &WorkItem, spec: &ImageResultSpec) {
+    if spec.is_failure(item.models(order)) {
+        report.failed += 1;
+        tracing::warn!(image = %item.id, failure = ?spec.failure, "image failed");
+    } else {
+        report.succeeded += 1;
+    }
+}
+
+/// The pipeline's outcome as a result; a model's error is recorded beside the others' outputs.
+fn result_spec(outcome: Result<ImageAnalysis, InferenceError>) -> ImageResultSpec {
     let mut spec = ImageResultSpec {
         group: String::new(),
         image_id: String::new(),
@@ -164,9 +196,8 @@ fn analyse(engine: &Engine, models: &[String], bytes: &[u8]) -> ImageResultSpec 
         outputs: BTreeMap::new(),
         timings: Timings::default(),
     };
-    let started = Instant::now();
-    let image = match decode_image(bytes, &DecodeLimits::default()) {
-        Ok(image) => image,
+    let analysis = match outcome {
+        Ok(analysis) => analysis,
         Err(e) => {
             spec.failure = Some(ImageFailure {
                 reason: failure_reason(&e).to_owned(),
@@ -175,29 +206,21 @@ fn analyse(engine: &Engine, models: &[String], bytes: &[u8]) -> ImageResultSpec 
             return spec;
         }
     };
-    spec.timings.decode_ms = round_ms(started.elapsed().as_secs_f64() * 1000.0);
-    spec.width = Some(image.width());
-    spec.height = Some(image.height());
-    for model in models {
-        let started = Instant::now();
-        let result = match engine.run(model, &image) {
-            Ok(output) => ModelResult {
-                output,
-                error: None,
-                inference_ms: 0.0,
-            },
-            Err(e) => ModelResult {
-                output: Default::default(),
-                error: Some(e.to_string()),
-                inference_ms: 0.0,
-            },
+    spec.timings.decode_ms = round_ms(analysis.decode_ms);
+    spec.width = Some(analysis.width);
+    spec.height = Some(analysis.height);
+    for (model, run) in analysis.models {
+        let (output, error) = match run.result {
+            Ok(output) => (output, None),
+            Err(e) => (Default::default(), Some(e.to_string())),
         };
-        let inference_ms = round_ms(started.elapsed().as_secs_f64() * 1000.0);
+        let inference_ms = round_ms(run.inference_ms);
         spec.outputs.insert(
-            model.clone(),
+            model,
             ModelResult {
+                output,
+                error,
                 inference_ms,
-                ..result
             },
         );
     }

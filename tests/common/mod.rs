@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod scripted_receiver;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -139,6 +141,10 @@ impl Harness {
             egress,
             // Test schedules are in seconds.
             retry: RetrySchedule(vec![Duration::from_secs(1), Duration::from_secs(2)]),
+            sender: kinsight::webhook::SenderConfig {
+                timeout: Duration::from_secs(2),
+                connect_timeout: Duration::from_secs(1),
+            },
             ..ControllerConfig::default()
         }
     }

@@ -1,0 +1,123 @@
+//! Webhook delivery against misbehaving receivers, on the real control plane: each receiver
+//! gets its own group, and each shows the right attempts, spacing and final state in the
+//! group's status. Test retry schedule: immediately, 1 s, 2 s (±20% jitter); timeout 2 s.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::Harness;
+use common::scripted_receiver::{Reply, Scripted, flapping};
+use kinsight::crd::{Delivery, DeliveryState, ImageGroup};
+use kube::Api;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_misbehaving_receiver_gets_the_right_treatment() {
+    let h = Harness::start("tenant-matrix").await;
+    let scripted = Scripted::default();
+    scripted.script("/flaky", vec![Reply::Status(500), Reply::Status(503)]);
+    scripted.script("/throttled", vec![Reply::RetryAfter(429, 3)]);
+    scripted.script("/slow", vec![Reply::Hang(Duration::from_secs(5))]);
+    scripted.script("/reset", vec![Reply::Reset]);
+    scripted.script("/redirect", vec![Reply::Status(302); 3]);
+    scripted.script("/huge", vec![Reply::HugeBody]);
+    scripted.script("/gone", vec![Reply::Status(410)]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _server = scripted.serve(listener);
+    let (flap_addr, _flap) = flapping(scripted.clone(), Duration::from_millis(1500)).await;
+
+    let cases = ["flaky", "throttled", "slow", "reset", "redirect", "huge", "gone", "flapping"];
+    let mut groups = HashMap::new();
+    for case in cases {
+        let hook = if case == "flapping" { format!("http://{flap_addr}/flapping") } else { format!("http://{addr}/{case}") };
+        let (status, body) = h
+            .post(
+                "/v1/image-groups",
+                json!({ "images": [{ "id": "coffee", "url": h.photo_url("coffee.png") }], "models": ["image_classification"], "webhookUrl": hook }),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        groups.insert(case, body["id"].as_str().expect("id").to_owned());
+    }
+
+    // Wait until every group has settled all its deliveries.
+    let api: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    let mut settled: HashMap<&str, Vec<Delivery>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while settled.len() < cases.len() {
+        assert!(tokio::time::Instant::now() < deadline, "not settled in time: {:?}", settled.keys());
+        for case in cases {
+            let Some(status) = api.get(&groups[case]).await.expect("group").status else { continue };
+            let delivered = status.conditions.iter().any(|c| c.type_ == "WebhooksDelivered" && c.status == "True");
+            if status.images_done == 1 && delivered && status.deliveries.iter().any(|d| d.event != "image.completed") {
+                settled.insert(case, status.deliveries);
+            } else if case == "gone" && status.stopped_endpoints == ["request"] && delivered {
+                settled.insert(case, status.deliveries);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let image_delivery = |case: &str| -> Delivery {
+        settled[case].iter().find(|d| d.event == "image.completed").cloned().expect("image event")
+    };
+    let gaps = |case: &str| -> Vec<Duration> {
+        let attempts: Vec<_> = scripted.attempts(&format!("/{case}")).into_iter().filter(|a| a.event == "image.completed").collect();
+        attempts.windows(2).map(|w| w[1].at - w[0].at).collect()
+    };
+    let same_id = |case: &str| {
+        let ids: Vec<String> = scripted.attempts(&format!("/{case}")).into_iter().filter(|a| a.event == "image.completed").map(|a| a.webhook_id).collect();
+        assert!(!ids.is_empty() && ids.iter().all(|i| *i == ids[0]), "{case}: retries keep the webhook-id: {ids:?}");
+    };
+
+    // 500, 503, then success: three attempts, spaced by the schedule.
+    let d = image_delivery("flaky");
+    assert_eq!((d.state, d.attempts), (DeliveryState::Delivered, 3), "{d:?}");
+    let g = gaps("flaky");
+    assert!(g[0] >= Duration::from_millis(750) && g[1] >= Duration::from_millis(1550), "{g:?}");
+    same_id("flaky");
+
+    // 429 with Retry-After: 3 is honoured over the 1 s schedule.
+    let d = image_delivery("throttled");
+    assert_eq!((d.state, d.attempts), (DeliveryState::Delivered, 2), "{d:?}");
+    assert!(gaps("throttled")[0] >= Duration::from_millis(2900), "{:?}", gaps("throttled"));
+
+    // A receiver slower than the timeout fails that attempt; the retry succeeds.
+    let d = image_delivery("slow");
+    assert_eq!((d.state, d.attempts), (DeliveryState::Delivered, 2), "{d:?}");
+    same_id("slow");
+
+    // A reset connection is a failed attempt too.
+    let d = image_delivery("reset");
+    assert_eq!((d.state, d.attempts), (DeliveryState::Delivered, 2), "{d:?}");
+
+    // Redirects are not followed: each 302 fails, and after the schedule the event fails for good.
+    let d = image_delivery("redirect");
+    assert_eq!((d.state, d.attempts), (DeliveryState::Failed, 3), "{d:?}");
+    assert!(d.last_error.as_deref().is_some_and(|e| e.contains("302")), "{d:?}");
+    assert_eq!(scripted.attempts("/redirect").iter().filter(|a| a.event == "image.completed").count(), 3);
+
+    // A 2xx with an endless body is a success, and reading it stops early.
+    let d = image_delivery("huge");
+    assert_eq!((d.state, d.attempts), (DeliveryState::Delivered, 1), "{d:?}");
+
+    // 410 Gone: one attempt, then nothing more to that endpoint, not even the group event.
+    let d = image_delivery("gone");
+    assert_eq!((d.state, d.attempts), (DeliveryState::Failed, 1), "{d:?}");
+    assert_eq!(scripted.attempts("/gone").len(), 1, "nothing is sent after 410");
+    assert!(settled["gone"].iter().all(|d| d.event != "image_group.completed"));
+
+    // Down for a while (reset, then refused), then back: delivered by a retry.
+    let d = image_delivery("flapping");
+    assert_eq!(d.state, DeliveryState::Delivered, "{d:?}");
+    assert!(d.attempts >= 2, "{d:?}");
+
+    // Every receiver that accepted anything got each of its events, with stable ids.
+    for case in ["flaky", "throttled", "slow", "reset", "huge", "flapping"] {
+        let group_events: Vec<_> = scripted.attempts(&format!("/{case}")).into_iter().filter(|a| a.event == "image_group.completed").collect();
+        assert!(!group_events.is_empty(), "{case}: the group event arrived");
+    }
+}
