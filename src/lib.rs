@@ -13,6 +13,7 @@
 //! - [`dev`]: `kinsight dev` and `kinsight demo`.
 
 pub mod api;
+pub mod bench;
 pub mod controller;
 pub mod crd;
 pub mod dev;

@@ -36,6 +36,8 @@ enum Command {
     Dev(DevArgs),
     /// Run `dev`, submit the sample photos and print each verified webhook.
     Demo(DemoArgs),
+    /// Measure images/s of the image pipeline on a folder of images (see scripts/bench.sh).
+    Bench(kinsight::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -266,6 +268,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let env = kinsight::dev::start(dev_options(args)?).await?;
             env.print_summary();
             env.serve().await;
+        }
+        Command::Bench(args) => {
+            kinsight::bench::run(args).await?;
         }
         Command::Demo(args) => {
             let options = dev_options(args.dev)?;

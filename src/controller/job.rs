@@ -18,6 +18,8 @@ use crate::crd::{GROUP, GROUP_LABEL, ImageGroup};
 use crate::results::label_value;
 use crate::worker::{WORK_ORDER_ENV, WorkOrder};
 
+const EGRESS_ENV: &str = "KINSIGHT_ALLOW_EGRESS";
+
 /// Job names end up in the pods' `job-name` label: at most 63 characters.
 pub fn job_name(group: &str, generation: i64) -> String {
     let suffix = format!("-g{generation}");
@@ -61,6 +63,10 @@ pub fn build_job(
         value: Some(serde_json::to_string(order)?),
         value_from: None,
     }];
+    // Workers download images under the same egress rules the controller sends webhooks with.
+    if !config.egress.allow.is_empty() && !config.worker_env.iter().any(|(k, _)| k == EGRESS_ENV) {
+        env.push(EnvVar { name: EGRESS_ENV.to_owned(), value: Some(config.egress.to_string()), value_from: None });
+    }
     env.extend(config.worker_env.iter().map(|(k, v)| EnvVar {
         name: k.clone(),
         value: Some(v.clone()),

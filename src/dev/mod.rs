@@ -118,7 +118,6 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     worker_env.push(("RUST_LOG".to_owned(), "info".to_owned()));
     // The sample photos and the demo's webhook receiver are on 127.0.0.1.
     let egress = crate::net::EgressPolicy::allow_loopback();
-    worker_env.push(("KINSIGHT_ALLOW_EGRESS".to_owned(), egress.to_string()));
     let controller_config = ControllerConfig {
         models: models.clone(),
         worker_env: worker_env.clone(),

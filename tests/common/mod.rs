@@ -136,7 +136,6 @@ impl Harness {
                     repo_path("models/catalog.yaml").display().to_string(),
                 ),
                 ("ORT_DYLIB_PATH".into(), ort.display().to_string()),
-                ("KINSIGHT_ALLOW_EGRESS".into(), egress.to_string()),
             ],
             egress,
             // Test schedules are in seconds.

@@ -1,0 +1,238 @@
+//! `kinsight bench`: images per second of kinsight's image path on a folder of images, for
+//! `scripts/bench.sh`, which runs it beside plain Python pipelines on the same images.
+//!
+//! - `--mode pipeline` (default): what the worker does once the bytes are downloaded, through
+//!   the same code ([`crate::inference::pipeline`]): decode, preprocess, ONNX Runtime,
+//!   postprocess for every model, decoding overlapping inference, batches where the model
+//!   allows. The bytes are read into memory first; the clock runs from the first image
+//!   submitted to the last result out.
+//! - `--mode inference`: the same models, threads and batches on inputs prepared before
+//!   the clock starts: ONNX Runtime (plus output decoding) alone, the floor of the above.
+//!
+//! Prints one JSON object per run on stdout.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use crate::inference::pipeline::{Pipeline, PipelineOptions};
+use crate::inference::{
+    Catalog, DecodeLimits, Engine, EngineOptions, ExecutionProvider, PreparedInput, decode_image,
+    init_runtime,
+};
+
+/// What `kinsight bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Bytes -> results through the worker's pipeline.
+    Pipeline,
+    /// ONNX Runtime alone on prepared inputs (same sessions, threads, batches).
+    Inference,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Folder of images (JPEG, PNG, WebP); every file in it is used once.
+    #[arg(long)]
+    pub images: PathBuf,
+    #[arg(long, env = "KINSIGHT_CATALOG", default_value = "models/catalog.yaml")]
+    pub catalog: PathBuf,
+    /// Models to run on every image (default: every catalog model).
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    #[arg(long, value_enum, default_value = "pipeline")]
+    pub mode: Mode,
+    /// ONNX Runtime intra-op threads per session (default: the CPU limit).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Decoder threads of the pipeline (default: half the CPU limit, at least 1).
+    #[arg(long, default_value_t = 0)]
+    pub decoders: usize,
+    /// `cpu`, `cuda`, `cuda:<gpu>` or `auto`.
+    #[arg(long, default_value = "cpu")]
+    pub execution_provider: ExecutionProvider,
+    /// Images run before the clock starts.
+    #[arg(long, default_value_t = 8)]
+    pub warmup: usize,
+    /// libonnxruntime.so (default: ORT_DYLIB_PATH, else ./.venv's onnxruntime wheel).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_dylib: Option<PathBuf>,
+}
+
+/// One measurement.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BenchReport {
+    pub name: String,
+    pub images: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+    pub failed: usize,
+    pub models: Vec<String>,
+    pub intra_threads: usize,
+}
+
+/// Runs the benchmark and prints its report as JSON.
+pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+    init_runtime(args.ort_dylib.as_deref())?;
+    let catalog = Catalog::load(&args.catalog)?;
+    let models: Vec<String> = if args.models.is_empty() {
+        catalog.names().map(str::to_owned).collect()
+    } else {
+        args.models.clone()
+    };
+    let options = EngineOptions {
+        intra_threads: args.threads,
+        execution_provider: args.execution_provider,
+    };
+    let engine = Arc::new(Engine::load(&catalog, &models, &options)?);
+    let files = read_images(&args.images)?;
+    let report = match args.mode {
+        Mode::Pipeline => pipeline(&engine, &models, &files, &args).await?,
+        Mode::Inference => {
+            let (engine, models) = (engine.clone(), models.clone());
+            let warmup = args.warmup;
+            tokio::task::spawn_blocking(move || inference(&engine, &models, &files, warmup))
+                .await??
+        }
+    };
+    let report = BenchReport {
+        intra_threads: options.effective_intra_threads(),
+        ..report
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(report)
+}
+
+fn read_images(folder: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(folder)
+        .with_context(|| format!("reading {}", folder.display()))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    paths.retain(|p| p.is_file());
+    paths.sort();
+    if paths.is_empty() {
+        bail!("no images in {}", folder.display());
+    }
+    paths
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .collect()
+}
+
+async fn pipeline(
+    engine: &Arc<Engine>,
+    models: &[String],
+    files: &[Vec<u8>],
+    args: &BenchArgs,
+) -> anyhow::Result<BenchReport> {
+    let options = PipelineOptions {
+        decoders: args.decoders,
+        ..PipelineOptions::default()
+    };
+    let warmup: Vec<Vec<u8>> = files.iter().take(args.warmup).cloned().collect();
+    pass(engine, models, warmup, &options).await?;
+    let started = Instant::now();
+    let failed = pass(engine, models, files.to_vec(), &options).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(report("kinsight-pipeline", files.len(), seconds, failed, models))
+}
+
+/// Feeds every image to a fresh pipeline (as the worker feeds downloads) and waits for
+/// every result; returns how many images or model runs failed.
+async fn pass(
+    engine: &Arc<Engine>,
+    models: &[String],
+    files: Vec<Vec<u8>>,
+    options: &PipelineOptions,
+) -> anyhow::Result<usize> {
+    let (submitter, mut results) = Pipeline::start::<usize>(engine.clone(), models, options)?;
+    let feed = async move {
+        for (i, bytes) in files.into_iter().enumerate() {
+            submitter.submit(i, bytes).await?;
+        }
+        anyhow::Ok(())
+    };
+    let collect = async move {
+        let mut failed = 0;
+        while let Some((_, outcome)) = results.next().await {
+            match outcome {
+                Ok(analysis) if analysis.models.values().all(|m| m.result.is_ok()) => {}
+                _ => failed += 1,
+            }
+        }
+        anyhow::Ok(failed)
+    };
+    let ((), failed) = tokio::try_join!(feed, collect)?;
+    Ok(failed)
+}
+
+/// The pipeline's model threads without decoding or preprocessing: every model on its own
+/// thread, batches as large as the model allows, inputs prepared beforehand.
+fn inference(
+    engine: &Engine,
+    models: &[String],
+    files: &[Vec<u8>],
+    warmup: usize,
+) -> anyhow::Result<BenchReport> {
+    // A few distinct inputs, reused (inference time does not depend on the pixels).
+    let distinct = files.len().min(16);
+    let mut prepared: Vec<Vec<PreparedInput>> = vec![Vec::new(); models.len()];
+    for bytes in files.iter().take(distinct) {
+        let image = decode_image(bytes, &DecodeLimits::default())?;
+        for (inputs, model) in prepared.iter_mut().zip(models) {
+            inputs.push(engine.prepare(model, &image)?);
+        }
+    }
+    let run_all = |count: usize| -> usize {
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = models
+                .iter()
+                .zip(&prepared)
+                .map(|(model, inputs)| {
+                    scope.spawn(move || {
+                        let batch = engine.max_batch(model).unwrap_or(1).max(1);
+                        let mut failed = 0;
+                        let mut done = 0;
+                        while done < count {
+                            let n = batch.min(count - done);
+                            let chunk: Vec<PreparedInput> = (done..done + n)
+                                .filter_map(|i| inputs.get(i % inputs.len()).cloned())
+                                .collect();
+                            failed += engine
+                                .run_prepared(model, &chunk)
+                                .iter()
+                                .filter(|r| r.is_err())
+                                .count();
+                            done += n;
+                        }
+                        failed
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap_or(count)).sum()
+        })
+    };
+    run_all(warmup);
+    let started = Instant::now();
+    let failed = run_all(files.len());
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(report("kinsight-inference-only", files.len(), seconds, failed, models))
+}
+
+fn report(name: &str, images: usize, seconds: f64, failed: usize, models: &[String]) -> BenchReport {
+    BenchReport {
+        name: name.to_owned(),
+        images,
+        seconds,
+        images_per_second: if seconds > 0.0 {
+            images as f64 / seconds
+        } else {
+            0.0
+        },
+        failed,
+        models: models.to_vec(),
+        intra_threads: 0,
+    }
+}
