@@ -482,10 +482,18 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
         .await;
     assert_eq!(status, 202, "{body}");
     let group_id = body["id"].as_str().expect("id").to_owned();
-    let first = h.collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty()).await;
-    let first_group_seq = of_type(&first, "image_group.completed")[0].payload["data"]["sequence"].as_u64().expect("seq");
+    let first = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+        .await;
+    let first_group_seq = of_type(&first, "image_group.completed")[0].payload["data"]["sequence"]
+        .as_u64()
+        .expect("seq");
     let results: Api<ImageResult> = Api::namespaced(h.client.clone(), &h.namespace);
-    let coffee_before = results.get(&format!("{group_id}-coffee")).await.expect("coffee result").spec;
+    let coffee_before = results
+        .get(&format!("{group_id}-coffee"))
+        .await
+        .expect("coffee result")
+        .spec;
 
     let response = reqwest::Client::new()
         .patch(format!("{}/v1/image-groups/{group_id}", h.api_url))
@@ -495,26 +503,57 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
         .await
         .expect("PATCH");
     assert_eq!(response.status(), 202);
-    let second = h.collect_webhooks(LIMIT, |e| !of_type(e, "image_group.updated").is_empty()).await;
-    assert!(of_type(&second, "image_group.completed").is_empty(), "a second completion is an update");
+    let second = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.updated").is_empty())
+        .await;
+    assert!(
+        of_type(&second, "image_group.completed").is_empty(),
+        "a second completion is an update"
+    );
     let updated = &of_type(&second, "image_group.updated")[0].payload["data"];
     assert_eq!(updated["imagesDone"], 3);
     assert!(updated["sequence"].as_u64() > Some(first_group_seq));
-    let mut images: Vec<&str> = of_type(&second, "image.completed").iter().filter_map(|e| e.payload["data"]["imageId"].as_str()).collect();
+    let mut images: Vec<&str> = of_type(&second, "image.completed")
+        .iter()
+        .filter_map(|e| e.payload["data"]["imageId"].as_str())
+        .collect();
     images.sort_unstable();
     images.dedup();
-    assert_eq!(images, ["cat", "coffee", "rocket"], "each image's updated data is delivered");
+    assert_eq!(
+        images,
+        ["cat", "coffee", "rocket"],
+        "each image's updated data is delivered"
+    );
     for event in of_type(&second, "image.completed") {
         let results = &event.payload["data"]["results"];
-        assert!(results.get("object_detection").is_some() && results.get("image_classification").is_some(), "{results}");
+        assert!(
+            results.get("object_detection").is_some()
+                && results.get("image_classification").is_some(),
+            "{results}"
+        );
     }
 
     // The second Job got only what was new: the new model for old images, everything for the new one.
     let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
-    let job = jobs.get(&format!("{group_id}-g2")).await.expect("second job");
-    let env = job.spec.expect("spec").template.spec.expect("pod").containers[0].env.clone().unwrap_or_default();
+    let job = jobs
+        .get(&format!("{group_id}-g2"))
+        .await
+        .expect("second job");
+    let env = job
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod")
+        .containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
     let order: serde_json::Value = serde_json::from_str(
-        env.iter().find(|e| e.name == "KINSIGHT_WORK_ORDER").and_then(|e| e.value.as_deref()).expect("work order"),
+        env.iter()
+            .find(|e| e.name == "KINSIGHT_WORK_ORDER")
+            .and_then(|e| e.value.as_deref())
+            .expect("work order"),
     )
     .expect("json");
     let items = order["images"].as_array().expect("images");
@@ -525,7 +564,11 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
             _ => assert_eq!(item["models"], json!(["image_classification"]), "{item}"),
         }
     }
-    let coffee_after = results.get(&format!("{group_id}-coffee")).await.expect("coffee result").spec;
+    let coffee_after = results
+        .get(&format!("{group_id}-coffee"))
+        .await
+        .expect("coffee result")
+        .spec;
     assert_eq!(
         coffee_after.outputs["object_detection"], coffee_before.outputs["object_detection"],
         "the old model's output was kept, not recomputed"

@@ -21,7 +21,13 @@ fn election(identity: &str) -> LeaderElection {
 }
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {
-    leases.get_opt(LEASE_NAME).await.ok().flatten()?.spec?.holder_identity
+    leases
+        .get_opt(LEASE_NAME)
+        .await
+        .ok()
+        .flatten()?
+        .spec?
+        .holder_identity
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,7 +36,11 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     // The harness' own (unelected) controller stays out of this test.
     h.kill_controller().await;
     let config = h.controller_config();
-    let first = tokio::spawn(run_as_leader(h.client.clone(), config.clone(), election("replica-a")));
+    let first = tokio::spawn(run_as_leader(
+        h.client.clone(),
+        config.clone(),
+        election("replica-a"),
+    ));
     let leases: Api<Lease> = Api::namespaced(h.client.clone(), "kinsight-system");
     let mut leader = None;
     for _ in 0..50 {
@@ -41,9 +51,17 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(leader.as_deref(), Some("replica-a"));
-    let second = tokio::spawn(run_as_leader(h.client.clone(), config, election("replica-b")));
+    let second = tokio::spawn(run_as_leader(
+        h.client.clone(),
+        config,
+        election("replica-b"),
+    ));
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(holder(&leases).await.as_deref(), Some("replica-a"), "the standby waits while the leader renews");
+    assert_eq!(
+        holder(&leases).await.as_deref(),
+        Some("replica-a"),
+        "the standby waits while the leader renews"
+    );
     assert!(!second.is_finished());
 
     // The leader dies without releasing the lease; the standby takes over and does the work.
@@ -53,9 +71,16 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         .await;
     assert_eq!(status, 202, "{body}");
     let events = h
-        .collect_webhooks(Duration::from_secs(120), |e| e.iter().any(|e| e.payload["type"] == "image_group.completed"))
+        .collect_webhooks(Duration::from_secs(120), |e| {
+            e.iter()
+                .any(|e| e.payload["type"] == "image_group.completed")
+        })
         .await;
-    assert!(events.iter().any(|e| e.payload["type"] == "image.completed"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.payload["type"] == "image.completed")
+    );
     assert_eq!(holder(&leases).await.as_deref(), Some("replica-b"));
     second.abort();
 }
@@ -63,9 +88,18 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
 #[tokio::test]
 async fn nonsensical_lease_timings_are_refused_not_panicked_on() {
     kinsight::install_crypto_provider();
-    let client = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().expect("url"))).expect("client");
+    let client = kube::Client::try_from(kube::Config::new(
+        "https://127.0.0.1:1".parse().expect("url"),
+    ))
+    .expect("client");
     let mut bad = election("x");
     bad.grace = Duration::from_secs(5);
-    let err = run_as_leader(client, kinsight::controller::ControllerConfig::default(), bad).await.expect_err("refused");
+    let err = run_as_leader(
+        client,
+        kinsight::controller::ControllerConfig::default(),
+        bad,
+    )
+    .await
+    .expect_err("refused");
     assert_eq!(err.category(), "configuration");
 }

@@ -22,13 +22,19 @@ impl Drop for Receiver {
 
 fn python() -> String {
     let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
-    assert!(std::path::Path::new(venv).exists(), "run scripts/setup-onnxruntime.sh first (it installs the verifiers)");
+    assert!(
+        std::path::Path::new(venv).exists(),
+        "run scripts/setup-onnxruntime.sh first (it installs the verifiers)"
+    );
     venv.to_owned()
 }
 
 fn start_receiver(secret: &str) -> Receiver {
     let mut child = Command::new(python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/receivers/verify_webhooks.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/receivers/verify_webhooks.py"
+        ))
         .arg(secret)
         .stdout(Stdio::piped())
         .spawn()
@@ -36,11 +42,19 @@ fn start_receiver(secret: &str) -> Receiver {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let port = lines.next().expect("port line").expect("read port");
-    Receiver { child, lines, url: format!("http://127.0.0.1:{}/hook", port.trim()) }
+    Receiver {
+        child,
+        lines,
+        url: format!("http://127.0.0.1:{}/hook", port.trim()),
+    }
 }
 
 fn verdict(receiver: &mut Receiver) -> serde_json::Value {
-    let line = receiver.lines.next().expect("a verdict line").expect("read verdict");
+    let line = receiver
+        .lines
+        .next()
+        .expect("a verdict line")
+        .expect("read verdict");
     serde_json::from_str(&line).expect("JSON verdict")
 }
 
@@ -53,7 +67,14 @@ async fn third_party_verifiers_accept_our_signatures() {
     let sender = Sender::new(&SenderConfig::default(), guard).expect("sender");
     let body = serde_json::json!({ "type": "image.completed", "timestamp": "2026-11-29T00:00:00Z", "data": { "imageId": "0", "note": "ünïcödé" } }).to_string();
 
-    let outcome = sender.attempt(&receiver.url, "msg_one", &body, std::slice::from_ref(&secret)).await;
+    let outcome = sender
+        .attempt(
+            &receiver.url,
+            "msg_one",
+            &body,
+            std::slice::from_ref(&secret),
+        )
+        .await;
     assert_eq!(outcome, AttemptOutcome::Delivered { status: 204 });
     let v = verdict(&mut receiver);
     assert_eq!(v["id"], "msg_one");
@@ -62,13 +83,26 @@ async fn third_party_verifiers_accept_our_signatures() {
 
     // During a key rotation every active key signs; a receiver holding either key verifies.
     let old = generate_secret();
-    let outcome = sender.attempt(&receiver.url, "msg_two", &body, &[old, secret.clone()]).await;
+    let outcome = sender
+        .attempt(&receiver.url, "msg_two", &body, &[old, secret.clone()])
+        .await;
     assert_eq!(outcome, AttemptOutcome::Delivered { status: 204 });
     assert_eq!(verdict(&mut receiver)["results"]["svix"], true);
 
     // Signed with a key the receiver does not have: both verifiers refuse, we see a failure.
-    let outcome = sender.attempt(&receiver.url, "msg_three", &body, &[generate_secret()]).await;
-    assert!(matches!(outcome, AttemptOutcome::Failed { status: Some(401), .. }), "{outcome:?}");
+    let outcome = sender
+        .attempt(&receiver.url, "msg_three", &body, &[generate_secret()])
+        .await;
+    assert!(
+        matches!(
+            outcome,
+            AttemptOutcome::Failed {
+                status: Some(401),
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
     let v = verdict(&mut receiver);
     assert_ne!(v["results"]["standardwebhooks"], true, "{v}");
     assert_ne!(v["results"]["svix"], true, "{v}");

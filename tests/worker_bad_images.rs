@@ -209,8 +209,11 @@ fn fetcher(config: &FetchConfig) -> Fetcher {
     Fetcher::new(config).expect("fetcher")
 }
 
-/// Path and expected outcome: the size, or the worker's failure reason.
-fn corpus() -> Vec<(&'static str, Result<(u32, u32), &'static str>)> {
+/// Expected outcome of one corpus entry: the decoded size, or the worker's failure reason.
+type Expected = Result<(u32, u32), &'static str>;
+
+/// Path and expected outcome.
+fn corpus() -> Vec<(&'static str, Expected)> {
     vec![
         ("/ok-1x1.png", Ok((1, 1))),
         ("/ok.jpg", Ok((16, 8))),

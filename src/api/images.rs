@@ -124,22 +124,34 @@ pub async fn update_group(
     let tenant = authenticate(&state.keys, &headers)?;
     let input: ImageGroupPatchIn = parse_json(&headers, body)?;
     if input.add_images.is_empty() && input.add_models.is_empty() {
-        return Err(ApiError::InvalidRequest("nothing to add: give addImages and/or addModels".into()));
+        return Err(ApiError::InvalidRequest(
+            "nothing to add: give addImages and/or addModels".into(),
+        ));
     }
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
-    let mut group = api.get_opt(&id).await?.ok_or_else(|| ApiError::NotFound(format!("image group {id}")))?;
+    let mut group = api
+        .get_opt(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("image group {id}")))?;
     let first_new = group.spec.images.len();
     for (offset, image) in input.add_images.into_iter().enumerate() {
         // Positional ids stay stable: a new image without an id gets its own position.
         let id = image.id.unwrap_or_else(|| (first_new + offset).to_string());
-        group.spec.images.push(ImageEntry { id: Some(id), url: image.url, metadata: image.metadata });
+        group.spec.images.push(ImageEntry {
+            id: Some(id),
+            url: image.url,
+            metadata: image.metadata,
+        });
     }
     for model in input.add_models {
         if !group.spec.models.contains(&model) {
             group.spec.models.push(model);
         }
     }
-    group.spec.validate(&state.config.models).map_err(ApiError::InvalidRequest)?;
+    group
+        .spec
+        .validate(&state.config.models)
+        .map_err(ApiError::InvalidRequest)?;
     // The object carries its resourceVersion: a concurrent change makes this a 409, not a lost update.
     match api.replace(&id, &PostParams::default(), &group).await {
         Ok(_) => {}

@@ -71,7 +71,10 @@ pub fn router(
         .route("/v1/images", post(images::create_image))
         .route("/v1/images/{id}", get(images::get_image))
         .route("/v1/image-groups", post(images::create_group))
-        .route("/v1/image-groups/{id}", get(images::get_group).patch(images::update_group))
+        .route(
+            "/v1/image-groups/{id}",
+            get(images::get_group).patch(images::update_group),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

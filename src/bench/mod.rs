@@ -50,6 +50,9 @@ pub struct BenchArgs {
     /// Decoder threads of the pipeline (default: half the CPU limit, at least 1).
     #[arg(long, default_value_t = 0)]
     pub decoders: usize,
+    /// Let ONNX Runtime's intra-op threads spin while idle (its default; off in kinsight).
+    #[arg(long)]
+    pub spin: bool,
     /// `cpu`, `cuda`, `cuda:<gpu>` or `auto`.
     #[arg(long, default_value = "cpu")]
     pub execution_provider: ExecutionProvider,
@@ -85,6 +88,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let options = EngineOptions {
         intra_threads: args.threads,
         execution_provider: args.execution_provider,
+        intra_spinning: args.spin,
     };
     let engine = Arc::new(Engine::load(&catalog, &models, &options)?);
     let files = read_images(&args.images)?;
@@ -136,7 +140,13 @@ async fn pipeline(
     let started = Instant::now();
     let failed = pass(engine, models, files.to_vec(), &options).await?;
     let seconds = started.elapsed().as_secs_f64();
-    Ok(report("kinsight-pipeline", files.len(), seconds, failed, models))
+    Ok(report(
+        "kinsight-pipeline",
+        files.len(),
+        seconds,
+        failed,
+        models,
+    ))
 }
 
 /// Feeds every image to a fresh pipeline (as the worker feeds downloads) and waits for
@@ -218,10 +228,22 @@ fn inference(
     let started = Instant::now();
     let failed = run_all(files.len());
     let seconds = started.elapsed().as_secs_f64();
-    Ok(report("kinsight-inference-only", files.len(), seconds, failed, models))
+    Ok(report(
+        "kinsight-inference-only",
+        files.len(),
+        seconds,
+        failed,
+        models,
+    ))
 }
 
-fn report(name: &str, images: usize, seconds: f64, failed: usize, models: &[String]) -> BenchReport {
+fn report(
+    name: &str,
+    images: usize,
+    seconds: f64,
+    failed: usize,
+    models: &[String],
+) -> BenchReport {
     BenchReport {
         name: name.to_owned(),
         images,

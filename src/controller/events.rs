@@ -117,7 +117,11 @@ pub fn plan(
             .deliveries
             .iter()
             .any(|d| is_group_event(d) && !this_generation.contains(&d.id));
-        let event = if completed_before { GROUP_UPDATED } else { GROUP_COMPLETED };
+        let event = if completed_before {
+            GROUP_UPDATED
+        } else {
+            GROUP_COMPLETED
+        };
         add_event(status, &uid, event, None, &generation, endpoints, now);
     }
 }
@@ -149,14 +153,20 @@ fn add_event(
     now: jiff::Timestamp,
 ) {
     // One event has one sequence number, whichever endpoints it goes to.
-    let ids: Vec<String> = endpoints.iter().map(|e| event_id(uid, event, subject, &e.key)).collect();
+    let ids: Vec<String> = endpoints
+        .iter()
+        .map(|e| event_id(uid, event, subject, &e.key))
+        .collect();
     let mut sequence = status
         .deliveries
         .iter()
         .find(|d| ids.contains(&d.id))
         .map(|d| d.sequence);
     let stopped = status.stopped_endpoints.clone();
-    for endpoint in endpoints.iter().filter(|e| e.wants(event) && !stopped.contains(&e.key)) {
+    for endpoint in endpoints
+        .iter()
+        .filter(|e| e.wants(event) && !stopped.contains(&e.key))
+    {
         let id = event_id(uid, event, subject, &endpoint.key);
         if status.deliveries.iter().any(|d| d.id == id) {
             continue;

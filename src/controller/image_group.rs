@@ -98,10 +98,18 @@ pub async fn reconcile(
             let id = image.key(i);
             let missing: Vec<String> = match results.get(&id) {
                 Some(r) if r.covers(models) => return None,
-                Some(r) => models.iter().filter(|m| !r.outputs.contains_key(*m)).cloned().collect(),
+                Some(r) => models
+                    .iter()
+                    .filter(|m| !r.outputs.contains_key(*m))
+                    .cloned()
+                    .collect(),
                 None => Vec::new(),
             };
-            Some(WorkItem { id, url: image.url.clone(), models: missing })
+            Some(WorkItem {
+                id,
+                url: image.url.clone(),
+                models: missing,
+            })
         })
         .collect();
 

@@ -65,7 +65,11 @@ pub fn build_job(
     }];
     // Workers download images under the same egress rules the controller sends webhooks with.
     if !config.egress.allow.is_empty() && !config.worker_env.iter().any(|(k, _)| k == EGRESS_ENV) {
-        env.push(EnvVar { name: EGRESS_ENV.to_owned(), value: Some(config.egress.to_string()), value_from: None });
+        env.push(EnvVar {
+            name: EGRESS_ENV.to_owned(),
+            value: Some(config.egress.to_string()),
+            value_from: None,
+        });
     }
     env.extend(config.worker_env.iter().map(|(k, v)| EnvVar {
         name: k.clone(),

@@ -29,6 +29,10 @@ pub struct WorkItem {
 
 impl WorkItem {
     pub fn models<'a>(&'a self, order: &'a WorkOrder) -> &'a [String] {
-        if self.models.is_empty() { &order.models } else { &self.models }
+        if self.models.is_empty() {
+            &order.models
+        } else {
+            &self.models
+        }
     }
 }

@@ -45,7 +45,10 @@ impl Scripted {
     }
 
     pub fn attempts(&self, path: &str) -> Vec<Attempt> {
-        self.log.lock().map(|l| l.iter().filter(|a| a.path == path).cloned().collect()).unwrap_or_default()
+        self.log
+            .lock()
+            .map(|l| l.iter().filter(|a| a.path == path).cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Serves on `listener` until the task is dropped.
@@ -60,7 +63,9 @@ impl Scripted {
     }
 
     async fn handle(&self, mut stream: TcpStream) {
-        let Some((path, headers, _body)) = read_request(&mut stream).await else { return };
+        let Some((path, headers, _body)) = read_request(&mut stream).await else {
+            return;
+        };
         let event = serde_json::from_slice::<serde_json::Value>(&_body)
             .ok()
             .and_then(|v| v["type"].as_str().map(str::to_owned))
@@ -74,11 +79,14 @@ impl Scripted {
                 event,
                 at: tokio::time::Instant::now(),
             });
-            self.scripts.lock().ok().and_then(|s| s.get(&path).and_then(|r| r.get(n).cloned()))
+            self.scripts
+                .lock()
+                .ok()
+                .and_then(|s| s.get(&path).and_then(|r| r.get(n).cloned()))
         };
         let response = match reply {
             None => status_line(204, None),
-            Some(Reply::Status(code)) if code == 302 => {
+            Some(Reply::Status(302)) => {
                 "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/elsewhere\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
             }
             Some(Reply::Status(code)) => status_line(code, None),
@@ -113,11 +121,15 @@ impl Scripted {
 }
 
 fn status_line(code: u16, retry_after: Option<u64>) -> String {
-    let extra = retry_after.map(|s| format!("Retry-After: {s}\r\n")).unwrap_or_default();
+    let extra = retry_after
+        .map(|s| format!("Retry-After: {s}\r\n"))
+        .unwrap_or_default();
     format!("HTTP/1.1 {code} Scripted\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n")
 }
 
-async fn read_request(stream: &mut TcpStream) -> Option<(String, HashMap<String, String>, Vec<u8>)> {
+async fn read_request(
+    stream: &mut TcpStream,
+) -> Option<(String, HashMap<String, String>, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let header_end = loop {
@@ -140,7 +152,10 @@ async fn read_request(stream: &mut TcpStream) -> Option<(String, HashMap<String,
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut body = buf[header_end..].to_vec();
     while body.len() < length {
         let n = stream.read(&mut chunk).await.ok()?;
@@ -154,7 +169,10 @@ async fn read_request(stream: &mut TcpStream) -> Option<(String, HashMap<String,
 
 /// A listener on a port that is down (connections refused) from its first contact for
 /// `down`, then back: the first connection is reset, the listener dropped, and bound again.
-pub async fn flapping(scripted: Scripted, down: Duration) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+pub async fn flapping(
+    scripted: Scripted,
+    down: Duration,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let handle = tokio::spawn(async move {
