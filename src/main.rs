@@ -65,6 +65,9 @@ struct ControllerArgs {
     group_ttl: Duration,
     #[command(flatten)]
     egress: EgressArg,
+    /// Where Prometheus scrapes `/metrics`.
+    #[arg(long, env = "KINSIGHT_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
     /// Run without leader election (only when a single replica runs).
     #[arg(long)]
     no_leader_election: bool,
@@ -204,6 +207,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ..defaults
             };
             let client = kube::Client::try_default().await?;
+            let metrics_app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get({
+                    let metrics = config.metrics.clone();
+                    move || async move { metrics.encode() }
+                }),
+            );
+            let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen).await?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            });
             if args.no_leader_election {
                 kinsight::controller::run(client, config).await?;
             } else {

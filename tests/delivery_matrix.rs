@@ -203,6 +203,45 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
     assert_eq!(d.state, DeliveryState::Delivered, "{d:?}");
     assert!(d.attempts >= 2, "{d:?}");
 
+    // What operators see: metrics by outcome, and a Warning Event on the group whose
+    // webhook failed for good.
+    let text = h.metrics.encode();
+    let count = |outcome: &str| -> f64 {
+        let prefix = format!("kinsight_webhook_attempts_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count("delivered") >= 12.0, "{text}");
+    assert!(count("failed") >= 8.0, "{text}");
+    assert!(count("exhausted") >= 1.0 && count("gone") >= 1.0, "{text}");
+    assert!(
+        text.contains("kinsight_webhook_delivery_latency_seconds_count"),
+        "{text}"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(h.client.clone(), &h.namespace);
+    let warnings = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items;
+    let about = |group: &str| {
+        warnings.iter().any(|e| {
+            e.reason.as_deref() == Some("WebhookDeliveryFailed")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(group)
+        })
+    };
+    assert!(
+        about(&groups["redirect"]) && about(&groups["gone"]),
+        "{warnings:#?}"
+    );
+    assert!(
+        !about(&groups["flaky"]),
+        "no Warning for a delivery that succeeded"
+    );
+
     // Every receiver that accepted anything got each of its events, with stable ids.
     for case in ["flaky", "throttled", "slow", "reset", "huge", "flapping"] {
         let group_events: Vec<_> = scripted

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use super::{Context, ControllerError};
@@ -253,13 +253,34 @@ pub async fn deliver_due(
         .await;
     let now = jiff::Timestamp::now();
     let mut gone = Vec::new();
+    let mut attempted = Vec::new();
     for (index, outcome) in outcomes {
         if let Some(delivery) = status.deliveries.get_mut(index) {
+            attempted.push(delivery.id.clone());
             if matches!(outcome, AttemptOutcome::Failed { gone: true, .. }) {
                 gone.push(delivery.endpoint.clone());
             }
             apply_outcome(ctx, delivery, outcome, now);
         }
+    }
+    let failed_now: Vec<&Delivery> = status
+        .deliveries
+        .iter()
+        .filter(|d| {
+            d.state == DeliveryState::Failed
+                && d.next_attempt_at.is_none()
+                && attempted.contains(&d.id)
+        })
+        .collect();
+    for delivery in failed_now {
+        let note = format!(
+            "{} to {} failed after {} attempts: {}",
+            delivery.event,
+            delivery.endpoint,
+            delivery.attempts,
+            delivery.last_error.as_deref().unwrap_or("unknown error")
+        );
+        publish_warning(ctx, group, "WebhookDeliveryFailed", note).await;
     }
     // 410 Gone: the receiver asks us to stop; nothing more goes to that endpoint.
     for endpoint in &gone {
@@ -273,6 +294,20 @@ pub async fn deliver_due(
             delivery.next_attempt_at = None;
             delivery.last_error = Some("endpoint answered 410 Gone; deliveries stopped".to_owned());
         }
+    }
+}
+
+/// A Kubernetes Event on the group (`kubectl describe imagegroup` shows it).
+async fn publish_warning(ctx: &Context, group: &ImageGroup, reason: &str, note: String) {
+    let event = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "DeliverWebhook".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &group.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not record a Kubernetes Event");
     }
 }
 
@@ -298,6 +333,13 @@ fn apply_outcome(
             delivery.delivered_at = Some(now);
             delivery.next_attempt_at = None;
             delivery.last_error = None;
+            ctx.config.metrics.attempt("delivered");
+            let latency = delivery
+                .created_at
+                .duration_until(now)
+                .as_secs_f64()
+                .max(0.0);
+            ctx.config.metrics.delivery_latency.observe(latency);
             tracing::info!(id = %delivery.id, event = %delivery.event, endpoint = %delivery.endpoint, "webhook delivered");
         }
         AttemptOutcome::Failed {
@@ -320,11 +362,15 @@ fn apply_outcome(
                         jiff::SignedDuration::try_from(delay).unwrap_or(jiff::SignedDuration::MAX);
                     delivery.next_attempt_at =
                         Some(now.checked_add(wait).unwrap_or(jiff::Timestamp::MAX));
+                    ctx.config.metrics.attempt("failed");
                     tracing::info!(id = %delivery.id, endpoint = %delivery.endpoint, attempts = delivery.attempts, %error, "webhook attempt failed; will retry");
                 }
                 None => {
                     delivery.state = DeliveryState::Failed;
                     delivery.next_attempt_at = None;
+                    ctx.config
+                        .metrics
+                        .attempt(if gone { "gone" } else { "exhausted" });
                     tracing::warn!(id = %delivery.id, endpoint = %delivery.endpoint, attempts = delivery.attempts, %error, "webhook delivery failed for good");
                 }
             }

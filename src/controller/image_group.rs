@@ -17,8 +17,8 @@ use serde_json::json;
 use super::job::{build_job, finished, job_name, worker_rbac};
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events};
 use crate::crd::{
-    ConditionStatus, GroupPhase, ImageFailure, ImageGroup, ImageGroupStatus, ImageResultSpec,
-    Timings, set_condition,
+    ConditionStatus, DeliveryState, GroupPhase, ImageFailure, ImageGroup, ImageGroupStatus,
+    ImageResultSpec, Timings, set_condition,
 };
 use crate::results::GroupRef;
 use crate::worker::{WorkItem, WorkOrder};
@@ -189,6 +189,14 @@ pub async fn reconcile(
     events::set_delivery_condition(&mut status, generation, jiff::Timestamp::now());
     write_status(&ctx, &namespace, &name, &before_send, &status).await?;
 
+    let pending = status
+        .deliveries
+        .iter()
+        .filter(|d| d.state == DeliveryState::Pending)
+        .count();
+    ctx.config
+        .metrics
+        .set_pending(&format!("{namespace}/{name}"), pending);
     if let Some(wait) = events::next_due(&status) {
         return Ok(Action::requeue(wait));
     }
@@ -199,12 +207,8 @@ pub async fn reconcile(
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-pub fn error_policy(
-    _group: Arc<ImageGroup>,
-    error: &ControllerError,
-    _ctx: Arc<Context>,
-) -> Action {
-    super::retry_after_error(error)
+pub fn error_policy(_group: Arc<ImageGroup>, error: &ControllerError, ctx: Arc<Context>) -> Action {
+    super::retry_after_error(error, &ctx)
 }
 
 fn count(n: usize) -> u32 {

@@ -7,10 +7,12 @@ mod events;
 mod image_group;
 mod job;
 mod leader;
+mod metrics;
 mod subscription;
 
 pub use job::{WORKER_ACCOUNT, job_name};
 pub use leader::{LEASE_NAME, LeaderElection, run_as_leader};
+pub use metrics::Metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +45,8 @@ pub struct ControllerConfig {
     pub sender: SenderConfig,
     /// Private destinations webhooks may reach anyway (default: none).
     pub egress: EgressPolicy,
+    /// Where the controller counts what it does (served on `/metrics` by the binary).
+    pub metrics: Arc<Metrics>,
     /// How long a finished group (and its results) is kept.
     pub group_ttl: Duration,
     /// Upper bound on one `Retry-After` the receiver asks for.
@@ -61,6 +65,7 @@ impl Default for ControllerConfig {
             retry: RetrySchedule::default(),
             sender: SenderConfig::default(),
             egress: EgressPolicy::default(),
+            metrics: Arc::default(),
             group_ttl: Duration::from_secs(7 * 24 * 3600),
             max_retry_after: Duration::from_secs(3600),
         }
@@ -68,6 +73,8 @@ impl Default for ControllerConfig {
 }
 
 pub struct Context {
+    /// Kubernetes Events on the objects (e.g. a webhook that failed for good).
+    pub recorder: kube::runtime::events::Recorder,
     pub client: Client,
     pub config: ControllerConfig,
     pub results: ResultStore,
@@ -113,6 +120,7 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
         client: client.clone(),
         sender: Sender::new(&config.sender, EgressGuard::new(config.egress.clone()))?,
         results: ResultStore::new(client.clone()),
+        recorder: kube::runtime::events::Recorder::new(client.clone(), MANAGER.into()),
         config,
     });
     let groups: Api<ImageGroup> = Api::all(client.clone());
@@ -145,7 +153,14 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
     Ok(())
 }
 
-fn retry_after_error(error: &ControllerError) -> Action {
+fn retry_after_error(error: &ControllerError, ctx: &Context) -> Action {
+    ctx.config
+        .metrics
+        .reconcile_errors
+        .get_or_create(&metrics::CategoryLabels {
+            category: error.category(),
+        })
+        .inc();
     tracing::warn!(category = error.category(), error = %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }

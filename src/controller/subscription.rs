@@ -109,7 +109,7 @@ async fn check_secret(
 pub fn error_policy(
     _sub: Arc<WebhookSubscription>,
     error: &ControllerError,
-    _ctx: Arc<Context>,
+    ctx: Arc<Context>,
 ) -> Action {
-    super::retry_after_error(error)
+    super::retry_after_error(error, &ctx)
 }

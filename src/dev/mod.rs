@@ -118,7 +118,9 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     worker_env.push(("RUST_LOG".to_owned(), "info".to_owned()));
     // The sample photos and the demo's webhook receiver are on 127.0.0.1.
     let egress = crate::net::EgressPolicy::allow_loopback();
+    let metrics = std::sync::Arc::new(crate::controller::Metrics::default());
     let controller_config = ControllerConfig {
+        metrics: metrics.clone(),
         models: models.clone(),
         worker_env: worker_env.clone(),
         retry: options.retry.clone(),
@@ -159,6 +161,11 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         },
     );
     tasks.spawn(key_watch);
+    // One process, one port: the controller's metrics are served beside the API.
+    let app = app.route(
+        "/metrics",
+        axum::routing::get(move || async move { metrics.encode() }),
+    );
     tasks.spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "API server stopped");

@@ -32,6 +32,8 @@ pub struct Harness {
     pub hook_url: String,
     pub webhooks: UnboundedReceiver<ReceivedWebhook>,
     pub models: Vec<String>,
+    /// The controller's metrics, kept across controller restarts.
+    pub metrics: std::sync::Arc<kinsight::controller::Metrics>,
     controller: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
     _logs: tempfile::TempDir,
@@ -110,6 +112,7 @@ impl Harness {
             hook_url: format!("http://{hook_addr}/hook"),
             webhooks,
             models,
+            metrics: Default::default(),
             controller: None,
             tasks,
             _logs: logs,
@@ -138,6 +141,7 @@ impl Harness {
                 ("ORT_DYLIB_PATH".into(), ort.display().to_string()),
             ],
             egress,
+            metrics: self.metrics.clone(),
             // Test schedules are in seconds.
             retry: RetrySchedule(vec![Duration::from_secs(1), Duration::from_secs(2)]),
             sender: kinsight::webhook::SenderConfig {

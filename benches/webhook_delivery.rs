@@ -1,0 +1,656 @@
+//! Webhook delivery throughput and latency of the real controller against a real local control
+//! plane: `cargo bench --bench webhook_delivery` (a command, not a test; `harness = false`).
+//!
+//! ImageGroups are created through the kube API (as the REST API does) and each image's result
+//! is written through the worker's writer (`ResultStore::write`) right after its group exists;
+//! no worker runs (Jobs stay pending: there is no node agent). The controller runs in this
+//! process on its own runtime, and a fast receiver on 127.0.0.1 records each `webhook-id` and
+//! when it arrived (no signature check: that is the receiver's cost, not the controller's).
+//!
+//! Measured: `image.completed` deliveries per second over the run, and the latency from a
+//! result's write to its event's first receipt (p50/p90/p99/max); plus where the time goes:
+//! CPU seconds of kube-apiserver, etcd, the controller's runtime and this harness, and the
+//! API server's own request counts, durations and bytes per verb and resource.
+//!
+//! Settings (environment): `GROUPS` (10), `IMAGES` per group (1000, at most 1000), `EVENTS`
+//! to wait for (GROUPS x IMAGES), `WRITERS` concurrent result writes (8), `MAX_SECS` for the
+//! measured part (900), `RUST_LOG` (warn).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use futures::StreamExt;
+use kinsight::api::{SIGNING_SECRET_KEY, SIGNING_SECRET_NAME};
+use kinsight::controller::ControllerConfig;
+use kinsight::crd::{
+    ImageEntry, ImageGroup, ImageGroupSpec, ImageResultSpec, ModelResult, SecretKeyRef, Timings,
+    WebhookTarget,
+};
+use kinsight::inference::{Catalog, ClassScore, ModelOutput};
+use kinsight::results::{GroupRef, ResultStore};
+use kinsight::testbed::TestCluster;
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, ResourceExt};
+use serde::Deserialize;
+
+const NAMESPACE: &str = "bench-webhooks";
+const KEYS_NAMESPACE: &str = "kinsight-system";
+const MODEL: &str = "image_classification";
+/// Thread names (at most 15 characters: that is what /proc keeps) tell CPU use apart.
+const CONTROLLER_THREADS: &str = "kinsight-ctrl";
+const HARNESS_THREADS: &str = "bench-harness";
+
+struct Settings {
+    groups: usize,
+    images: usize,
+    events: usize,
+    writers: usize,
+    max: Duration,
+}
+
+fn setting<T: FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        Err(_) => default,
+    }
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let groups = setting("GROUPS", 10usize).max(1);
+        let images = setting("IMAGES", 1000usize).clamp(1, 1000);
+        let events = setting("EVENTS", groups * images).clamp(1, groups * images);
+        Settings {
+            groups,
+            images,
+            events,
+            writers: setting("WRITERS", 8usize).max(1),
+            max: Duration::from_secs(setting("MAX_SECS", 900u64)),
+        }
+    }
+}
+
+/// What the receiver saw.
+#[derive(Default)]
+struct Received {
+    requests: u64,
+    /// Requests whose `webhook-id` had been received before.
+    duplicates: u64,
+    ids: HashSet<String>,
+    /// First receipt of each image's `image.completed`, by (group, image).
+    images: HashMap<(String, String), Instant>,
+    group_events: u64,
+    other_events: u64,
+    last_image_event: Option<Instant>,
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: String,
+    data: EventData,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EventData {
+    group_id: Option<String>,
+    image_id: Option<String>,
+}
+
+async fn receive(
+    State(received): State<Shared<Received>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let at = Instant::now();
+    let id = headers
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let Ok(event) = serde_json::from_slice::<Envelope>(&body) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    let mut r = received.lock().expect("receiver state");
+    r.requests += 1;
+    if !r.ids.insert(id) {
+        r.duplicates += 1;
+        return StatusCode::NO_CONTENT;
+    }
+    match (
+        event.kind.as_str(),
+        event.data.group_id,
+        event.data.image_id,
+    ) {
+        ("image.completed", Some(group), Some(image)) => {
+            r.images.entry((group, image)).or_insert(at);
+            r.last_image_event = Some(at);
+        }
+        ("image_group.completed", _, _) => r.group_events += 1,
+        _ => r.other_events += 1,
+    }
+    StatusCode::NO_CONTENT
+}
+
+/// When each result's write returned, by (group, image).
+#[derive(Default)]
+struct Written {
+    at: HashMap<(String, String), Instant>,
+    groups_created: usize,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+fn group_spec(images: usize, hook: &str) -> ImageGroupSpec {
+    ImageGroupSpec {
+        images: (0..images)
+            .map(|i| ImageEntry {
+                id: Some(format!("i{i}")),
+                // Never fetched: no worker runs.
+                url: format!("http://127.0.0.1:9/bench/{i}.jpg"),
+                metadata: BTreeMap::new(),
+            })
+            .collect(),
+        models: vec![MODEL.to_owned()],
+        webhook: Some(WebhookTarget {
+            url: hook.to_owned(),
+            secret_ref: SecretKeyRef {
+                name: SIGNING_SECRET_NAME.to_owned(),
+                key: SIGNING_SECRET_KEY.to_owned(),
+            },
+        }),
+        metadata: BTreeMap::from([("bench".to_owned(), "webhook_delivery".to_owned())]),
+    }
+}
+
+/// A tiny result, as a worker would write it for one classified image.
+fn result_spec(group: &str, image: &str) -> ImageResultSpec {
+    ImageResultSpec {
+        group: group.to_owned(),
+        image_id: image.to_owned(),
+        failure: None,
+        width: Some(64),
+        height: Some(48),
+        outputs: BTreeMap::from([(
+            MODEL.to_owned(),
+            ModelResult {
+                output: ModelOutput {
+                    classes: vec![ClassScore {
+                        label: "espresso".to_owned(),
+                        confidence: 0.9,
+                    }],
+                    ..ModelOutput::default()
+                },
+                error: None,
+                inference_ms: 1.0,
+            },
+        )]),
+        timings: Timings::default(),
+    }
+}
+
+/// Creates the groups one after the other, each followed at once by its results.
+async fn produce(
+    client: kube::Client,
+    settings: (usize, usize, usize),
+    hook: String,
+    written: Shared<Written>,
+) {
+    let (groups, images, writers) = settings;
+    let api: Api<ImageGroup> = Api::namespaced(client.clone(), NAMESPACE);
+    let store = ResultStore::new(client);
+    for g in 0..groups {
+        let name = format!("bench-g{g:02}");
+        let object = ImageGroup {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(NAMESPACE.to_owned()),
+                ..ObjectMeta::default()
+            },
+            spec: group_spec(images, &hook),
+            status: None,
+        };
+        let created = api
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("create ImageGroup");
+        let group = GroupRef {
+            namespace: NAMESPACE.to_owned(),
+            name: name.clone(),
+            uid: created.uid().expect("uid"),
+        };
+        written.lock().expect("written").groups_created += 1;
+        let (group, store, written_ref) = (&group, &store, &written);
+        futures::stream::iter(0..images)
+            .for_each_concurrent(writers, |i| async move {
+                let image = format!("i{i}");
+                let spec = result_spec(&group.name, &image);
+                let started = Instant::now();
+                // Transient API errors are retried; a lasting one ends the run.
+                let mut tries = 0;
+                while let Err(e) = store.write(group, &spec).await {
+                    tries += 1;
+                    assert!(tries < 5, "writing result {}/{image}: {e}", group.name);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let done = Instant::now();
+                let mut w = written_ref.lock().expect("written");
+                w.first.get_or_insert(started);
+                w.last = Some(done);
+                w.at.insert((group.name.clone(), image), done);
+            })
+            .await;
+    }
+}
+
+/// CPU seconds (user + system) of a process or thread from its `stat` file.
+fn cpu_seconds(stat_path: &Path, ticks: f64) -> Option<f64> {
+    let text = std::fs::read_to_string(stat_path).ok()?;
+    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks)
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds by component: control-plane processes by name, this process' threads by
+/// thread-name prefix.
+fn cpu_snapshot(pids: &[u32], ticks: f64) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for pid in pids {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if let Some(s) = cpu_seconds(Path::new(&format!("/proc/{pid}/stat")), ticks) {
+            *out.entry(comm.trim().to_owned()).or_default() += s;
+        }
+    }
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let label = if comm.starts_with(CONTROLLER_THREADS) {
+                "controller (in-process runtime)"
+            } else if comm.starts_with(HARNESS_THREADS) {
+                "bench harness (receiver, writers)"
+            } else {
+                "bench other threads"
+            };
+            if let Some(s) = cpu_seconds(&task.path().join("stat"), ticks) {
+                *out.entry(label.to_owned()).or_default() += s;
+            }
+        }
+    }
+    out
+}
+
+/// `(verb, resource/subresource)` -> (requests, seconds, response bytes) from the API
+/// server's `/metrics`.
+type ApiKey = (String, String);
+type ApiStats = BTreeMap<ApiKey, (f64, f64, f64)>;
+
+async fn api_metrics(client: &kube::Client) -> Option<ApiStats> {
+    let request = http::Request::get("/metrics").body(Vec::new()).ok()?;
+    let text = client.request_text(request).await.ok()?;
+    let mut out = ApiStats::new();
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some((metric, labels)) = series.split_once('{') else {
+            continue;
+        };
+        let slot = match metric {
+            "apiserver_request_total" => 0,
+            "apiserver_request_duration_seconds_sum" => 1,
+            "apiserver_response_sizes_sum" => 2,
+            _ => continue,
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches(['}', '"']).to_owned())
+                .unwrap_or_default()
+        };
+        let resource = label("resource");
+        if resource.is_empty() {
+            continue;
+        }
+        let subresource = label("subresource");
+        let key = if subresource.is_empty() {
+            resource
+        } else {
+            format!("{resource}/{subresource}")
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let entry = out.entry((label("verb"), key)).or_default();
+        match slot {
+            0 => entry.0 += value,
+            1 => entry.1 += value,
+            _ => entry.2 += value,
+        }
+    }
+    Some(out)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    kinsight::install_crypto_provider();
+    let settings = Settings::from_env();
+    let harness = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(HARNESS_THREADS)
+        .enable_all()
+        .build()
+        .expect("harness runtime");
+    let controller = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(CONTROLLER_THREADS)
+        .enable_all()
+        .build()
+        .expect("controller runtime");
+    harness.block_on(run(settings, controller.handle().clone()));
+    controller.shutdown_background();
+}
+
+async fn run(settings: Settings, controller_rt: tokio::runtime::Handle) {
+    let setup_started = Instant::now();
+    let cluster = TestCluster::start().await.expect("control plane starts");
+    let client = cluster.client();
+    kinsight::dev::install_crds(&client)
+        .await
+        .expect("CRDs install");
+    kinsight::dev::create_tenant(
+        &client,
+        KEYS_NAMESPACE,
+        NAMESPACE,
+        "bench-api-key",
+        &kinsight::webhook::generate_secret(),
+    )
+    .await
+    .expect("tenant");
+    let catalog = Catalog::load(concat!(env!("CARGO_MANIFEST_DIR"), "/models/catalog.yaml"))
+        .expect("catalog");
+
+    let received: Shared<Received> = Shared::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind receiver");
+    let hook = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let app = Router::new()
+        .route("/hook", post(receive))
+        .with_state(received.clone());
+    let receiver = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    // The controller gets its own client, made on its own runtime, so that its HTTP
+    // connections (and their CPU) are its own.
+    let config = ControllerConfig {
+        models: catalog.names().map(str::to_owned).collect(),
+        egress: kinsight::net::EgressPolicy::allow_loopback(),
+        retry: kinsight::webhook::RetrySchedule(vec![
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+        ]),
+        ..ControllerConfig::default()
+    };
+    let kubeconfig = cluster
+        .control_plane()
+        .map(|cp| cp.kubeconfig_path().to_path_buf());
+    let controller = controller_rt.spawn(async move {
+        let client = match kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("kubeconfig");
+                let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .expect("client config");
+                kube::Client::try_from(config).expect("client")
+            }
+            None => kube::Client::try_default().await.expect("client"),
+        };
+        if let Err(e) = kinsight::controller::run(client, config).await {
+            eprintln!("controller stopped: {e}");
+        }
+    });
+
+    let pids = cluster
+        .control_plane()
+        .map(|cp| cp.pids())
+        .unwrap_or_default();
+    let ticks = clock_ticks();
+    let cpu_before = cpu_snapshot(&pids, ticks);
+    let api_before = api_metrics(&client).await;
+    eprintln!(
+        "setup {:.1}s; {} groups x {} images, waiting for {} image.completed, {} writers, limit {}s",
+        setup_started.elapsed().as_secs_f64(),
+        settings.groups,
+        settings.images,
+        settings.events,
+        settings.writers,
+        settings.max.as_secs()
+    );
+
+    let written: Shared<Written> = Shared::default();
+    let started = Instant::now();
+    let producer = tokio::spawn(produce(
+        client.clone(),
+        (settings.groups, settings.images, settings.writers),
+        hook,
+        written.clone(),
+    ));
+    let mut last_report = (Instant::now(), 0usize);
+    let mut target_reached_at: Option<Instant> = None;
+    let outcome = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (events, group_events) = {
+            let r = received.lock().expect("received");
+            (r.images.len(), r.group_events)
+        };
+        if events >= settings.events && target_reached_at.is_none() {
+            target_reached_at = Some(Instant::now());
+        }
+        // After the target, a short wait for the group events (informational).
+        if let Some(at) = target_reached_at
+            && (group_events as usize >= settings.groups || at.elapsed() > Duration::from_secs(30))
+        {
+            break "complete";
+        }
+        if started.elapsed() > settings.max {
+            break "time limit";
+        }
+        if producer.is_finished()
+            && written.lock().expect("written").at.len() < settings.groups * settings.images
+        {
+            break "producer failed";
+        }
+        if last_report.0.elapsed() >= Duration::from_secs(10) {
+            let (groups, writes) = {
+                let w = written.lock().expect("written");
+                (w.groups_created, w.at.len())
+            };
+            let rate = (events - last_report.1) as f64 / last_report.0.elapsed().as_secs_f64();
+            eprintln!(
+                "{:>5.0}s  groups {groups:>3}  results written {writes:>6}  image.completed received {events:>6}  ({rate:.0}/s over the last interval)  group events {group_events}",
+                started.elapsed().as_secs_f64()
+            );
+            last_report = (Instant::now(), events);
+        }
+    };
+    let cpu_after = cpu_snapshot(&pids, ticks);
+    let api_after = api_metrics(&client).await;
+    let measured = started.elapsed();
+    producer.abort();
+    let _ = producer.await;
+    controller.abort();
+
+    // Size of one group as the controller reads and writes it each reconcile.
+    let sample = Api::<ImageGroup>::namespaced(client.clone(), NAMESPACE)
+        .get_opt("bench-g00")
+        .await
+        .ok()
+        .flatten();
+    receiver.abort();
+
+    let w = written.lock().expect("written");
+    let r = received.lock().expect("received");
+    let mut latencies: Vec<Duration> = Vec::new();
+    let mut early = 0;
+    for (key, at) in &r.images {
+        if let Some(wrote) = w.at.get(key) {
+            if at < wrote {
+                early += 1;
+            }
+            latencies.push(at.saturating_duration_since(*wrote));
+        }
+    }
+    latencies.sort_unstable();
+    let first_write = w.first.unwrap_or(started);
+    let window = r
+        .last_image_event
+        .map_or(Duration::ZERO, |t| t.saturating_duration_since(first_write));
+    let writes_window = w
+        .last
+        .map_or(Duration::ZERO, |t| t.saturating_duration_since(first_write));
+    let per_sec = |n: usize, d: Duration| {
+        if d.is_zero() {
+            0.0
+        } else {
+            n as f64 / d.as_secs_f64()
+        }
+    };
+
+    println!();
+    println!(
+        "webhook delivery benchmark ({outcome} after {:.1}s)",
+        measured.as_secs_f64()
+    );
+    println!(
+        "  {} groups x {} images, model {MODEL}, {} concurrent result writers",
+        settings.groups, settings.images, settings.writers
+    );
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| results written | {} in {:.1} s ({:.0}/s) |",
+        w.at.len(),
+        writes_window.as_secs_f64(),
+        per_sec(w.at.len(), writes_window)
+    );
+    println!(
+        "| image.completed received (distinct) | {} |",
+        r.images.len()
+    );
+    println!(
+        "| deliveries/s (first write -> last event) | {:.1} |",
+        per_sec(r.images.len(), window)
+    );
+    println!(
+        "| webhook requests / duplicates | {} / {} |",
+        r.requests, r.duplicates
+    );
+    println!("| image_group.completed received | {} |", r.group_events);
+    println!(
+        "| latency write -> receipt p50 | {} |",
+        ms(percentile(&latencies, 50.0))
+    );
+    println!("| latency p90 | {} |", ms(percentile(&latencies, 90.0)));
+    println!("| latency p99 | {} |", ms(percentile(&latencies, 99.0)));
+    println!(
+        "| latency max | {} |",
+        ms(latencies.last().copied().unwrap_or_default())
+    );
+    if early > 0 {
+        println!("| events received before their write returned (counted as 0) | {early} |");
+    }
+    if let Some(group) = &sample {
+        let status = group.status.clone().unwrap_or_default();
+        let bytes = serde_json::to_vec(group).map(|b| b.len()).unwrap_or(0);
+        println!(
+            "| one group object (bench-g00) | {} KiB, {} deliveries in status |",
+            bytes / 1024,
+            status.deliveries.len()
+        );
+    }
+    println!();
+    println!(
+        "CPU seconds during the measured part ({:.1} s wall, 2 cores):",
+        measured.as_secs_f64()
+    );
+    println!("| component | CPU s |");
+    println!("|---|---|");
+    let mut cpu: Vec<(String, f64)> = cpu_after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - cpu_before.get(k).copied().unwrap_or(0.0)))
+        .collect();
+    cpu.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (name, seconds) in cpu {
+        println!("| {name} | {seconds:.1} |");
+    }
+    if let (Some(before), Some(after)) = (api_before, api_after) {
+        let mut rows: Vec<(ApiKey, (f64, f64, f64))> = after
+            .iter()
+            .map(|(k, a)| {
+                let b = before.get(k).copied().unwrap_or_default();
+                (k.clone(), (a.0 - b.0, a.1 - b.1, a.2 - b.2))
+            })
+            .filter(|(_, d)| d.0 >= 1.0)
+            .collect();
+        rows.sort_by(|a, b| (b.1).1.total_cmp(&(a.1).1));
+        println!();
+        println!(
+            "API server requests during the measured part (by time spent; watches excluded from time):"
+        );
+        println!("| verb | resource | requests | seconds | MiB returned |");
+        println!("|---|---|---|---|---|");
+        for ((verb, resource), (count, seconds, bytes)) in rows.iter().take(14) {
+            let seconds = if verb == "WATCH" { 0.0 } else { *seconds };
+            println!(
+                "| {verb} | {resource} | {count:.0} | {seconds:.1} | {:.1} |",
+                bytes / 1_048_576.0
+            );
+        }
+    }
+    drop(cluster);
+}

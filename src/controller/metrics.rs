@@ -1,0 +1,139 @@
+//! Prometheus metrics of the controller, in the OpenMetrics text format (prometheus-client,
+//! the official Rust client). Labels are bounded enums, never error texts or ids.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, atomic::AtomicI64};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `delivered`, `failed` (will retry), `exhausted` (failed for good), `gone` (410).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CategoryLabels {
+    pub category: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub attempts: Family<OutcomeLabels, Counter>,
+    /// From the moment an event is recorded (its result was seen) to its delivery.
+    pub delivery_latency: Histogram,
+    /// Webhook events waiting for delivery, across groups.
+    pub pending: Gauge<i64, AtomicI64>,
+    pub reconcile_errors: Family<CategoryLabels, Counter>,
+    pending_by_group: Mutex<HashMap<String, i64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kinsight");
+        let attempts = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by outcome",
+            attempts.clone(),
+        );
+        let delivery_latency = Histogram::new(exponential_buckets(0.01, 2.0, 16));
+        registry.register(
+            "webhook_delivery_latency_seconds",
+            "Time from an event's result being seen to its delivery",
+            delivery_latency.clone(),
+        );
+        let pending = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "webhook_pending_events",
+            "Webhook events waiting for delivery",
+            pending.clone(),
+        );
+        let reconcile_errors = Family::<CategoryLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by error category",
+            reconcile_errors.clone(),
+        );
+        Self {
+            registry,
+            attempts,
+            delivery_latency,
+            pending,
+            reconcile_errors,
+            pending_by_group: Mutex::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn attempt(&self, outcome: &'static str) {
+        self.attempts
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Records how many events of one group wait; the gauge is the sum over groups.
+    pub fn set_pending(&self, group: &str, pending: usize) {
+        let Ok(mut by_group) = self.pending_by_group.lock() else {
+            return;
+        };
+        if pending == 0 {
+            by_group.remove(group);
+        } else {
+            by_group.insert(group.to_owned(), i64::try_from(pending).unwrap_or(i64::MAX));
+        }
+        self.pending.set(by_group.values().sum());
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_attempts_latency_and_pending() {
+        let m = Metrics::default();
+        m.attempt("delivered");
+        m.attempt("delivered");
+        m.attempt("failed");
+        m.delivery_latency.observe(0.2);
+        m.set_pending("ns/a", 3);
+        m.set_pending("ns/b", 2);
+        m.set_pending("ns/a", 0);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"kinsight_webhook_attempts_total{outcome="delivered"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"kinsight_webhook_attempts_total{outcome="failed"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("kinsight_webhook_pending_events 2"), "{text}");
+        assert!(
+            text.contains("kinsight_webhook_delivery_latency_seconds_count 1"),
+            "{text}"
+        );
+    }
+}

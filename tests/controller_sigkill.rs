@@ -1,0 +1,309 @@
+//! The real `kinsight controller` binary, SIGKILLed at random moments while a group is
+//! processed and its webhooks delivered, and restarted each time: no event is lost, a
+//! re-sent event keeps its `webhook-id`, the group event is one event, and there is one Job.
+//!
+//! The kill schedule is random; the seed is printed, and `KINSIGHT_SIGKILL_SEED=<n>` replays it.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Harness, of_type, repo_path};
+use k8s_openapi::api::batch::v1::Job;
+use kinsight::crd::{GroupPhase, ImageGroup};
+use kinsight::dev::ReceivedWebhook;
+use kube::Api;
+use kube::api::ListParams;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+const IMAGES: usize = 12;
+/// From submission until `image_group.completed`, kills included.
+const LIMIT: Duration = Duration::from_secs(240);
+
+/// One run of the controller binary. Dropping it SIGKILLs the process (`kill_on_drop`), so
+/// no exit path of the test leaves a controller behind.
+struct ControllerProcess {
+    child: Child,
+}
+
+impl ControllerProcess {
+    fn spawn(kubeconfig: &Path, worker_env: &[(String, String)], log: &Path) -> Self {
+        let log_file = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("controller log file")
+        };
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kinsight"));
+        command
+            .arg("controller")
+            .arg("--no-leader-election")
+            .arg("--catalog")
+            .arg(repo_path("models/catalog.yaml"))
+            .args(["--retry-schedule", "1s,2s"])
+            .args(["--allow-egress", "127.0.0.0/8"]);
+        for (name, value) in worker_env {
+            command.arg("--worker-env").arg(format!("{name}={value}"));
+        }
+        command
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,kube=warn,tower=warn")
+            // Flags above are the whole configuration; nothing leaks in from the test's env.
+            .env_remove("KINSIGHT_CATALOG")
+            .env_remove("KINSIGHT_RETRY_SCHEDULE")
+            .env_remove("KINSIGHT_ALLOW_EGRESS")
+            .env_remove("KINSIGHT_WORKER_IMAGE")
+            .env_remove("KINSIGHT_GROUP_TTL")
+            .stdin(Stdio::null())
+            .stdout(log_file())
+            .stderr(log_file())
+            .kill_on_drop(true);
+        let child = command.spawn().expect("controller binary starts");
+        ControllerProcess { child }
+    }
+
+    /// SIGKILL (no chance to finish anything) and reap.
+    async fn sigkill(mut self) {
+        self.child.start_kill().expect("SIGKILL the controller");
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("killed controller exits")
+            .expect("wait");
+        assert!(!status.success(), "the controller was killed: {status:?}");
+    }
+
+    /// Panics with the log if the process ended on its own (a crash is a finding).
+    fn assert_running(&mut self, log: &Path) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "the controller exited by itself ({status:?}); log:\n{}",
+                tail(log)
+            );
+        }
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+fn drain(h: &mut Harness, into: &mut Vec<ReceivedWebhook>) {
+    while let Ok(event) = h.webhooks.try_recv() {
+        into.push(event);
+    }
+}
+
+fn group_completed(events: &[ReceivedWebhook], group: &str) -> bool {
+    of_type(events, "image_group.completed")
+        .iter()
+        .any(|e| e.payload["data"]["groupId"] == group)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_controller_loses_no_event() {
+    if kinsight::testbed::use_existing_cluster() {
+        eprintln!(
+            "skipped: this test runs the controller binary against the local control plane's \
+             kubeconfig; USE_EXISTING_CLUSTER is set"
+        );
+        return;
+    }
+    let mut h = Harness::start("tenant-sigkill").await;
+    // The in-process controller stays out; the binary does the work.
+    h.kill_controller().await;
+    let kubeconfig: PathBuf = h
+        .cluster
+        .control_plane()
+        .expect("a local control plane")
+        .kubeconfig_path()
+        .to_path_buf();
+    let worker_env = h.controller_config().worker_env;
+    let logs = tempfile::tempdir().expect("log dir");
+    let log = logs.path().join("controller.log");
+
+    let seed: u64 = std::env::var("KINSIGHT_SIGKILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("kill schedule seed: {seed} (replay with KINSIGHT_SIGKILL_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let kills = rng.random_range(6..=10);
+    let waits: Vec<Duration> = (0..kills)
+        .map(|_| Duration::from_millis(rng.random_range(300..=2500)))
+        .collect();
+
+    let mut controller = ControllerProcess::spawn(&kubeconfig, &worker_env, &log);
+    let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
+    let images: Vec<_> = (0..IMAGES)
+        .map(|i| json!({ "id": format!("i{i}"), "url": h.photo_url(names[i % names.len()]) }))
+        .collect();
+    let (status, body) = h
+        .post(
+            "/v1/image-groups",
+            json!({ "images": images, "models": ["image_classification"], "webhookUrl": h.hook_url }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let group_id = body["id"].as_str().expect("id").to_owned();
+    let started = Instant::now();
+    let deadline = started + LIMIT;
+
+    let mut events = Vec::new();
+    for (n, wait) in waits.iter().enumerate() {
+        tokio::time::sleep(*wait).await;
+        controller.assert_running(&log);
+        controller.sigkill().await;
+        drain(&mut h, &mut events);
+        eprintln!(
+            "kill {}/{kills} at {:.1}s: {} webhooks received so far",
+            n + 1,
+            started.elapsed().as_secs_f64(),
+            events.len()
+        );
+        controller = ControllerProcess::spawn(&kubeconfig, &worker_env, &log);
+    }
+
+    // The last controller runs undisturbed until the group event arrives.
+    while !group_completed(&events, &group_id) {
+        match tokio::time::timeout_at(deadline, h.webhooks.recv()).await {
+            Ok(Some(event)) => events.push(event),
+            Ok(None) => panic!("webhook receiver stopped"),
+            Err(_) => panic!(
+                "no image_group.completed within {LIMIT:?}; received: {:#?}\ncontroller log:\n{}",
+                events
+                    .iter()
+                    .map(|e| (&e.id, &e.payload["type"], &e.payload["data"]["imageId"]))
+                    .collect::<Vec<_>>(),
+                tail(&log)
+            ),
+        }
+        controller.assert_running(&log);
+    }
+
+    // Status is written after sending: wait for the final write, then settle a moment longer
+    // so a late re-send (a duplicate) would be seen too.
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    let mut final_status = None;
+    for _ in 0..60 {
+        let status = groups
+            .get(&group_id)
+            .await
+            .expect("group")
+            .status
+            .unwrap_or_default();
+        let delivered = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "WebhooksDelivered" && c.status == "True");
+        if delivered && status.phase == GroupPhase::Completed {
+            final_status = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drain(&mut h, &mut events);
+    controller.assert_running(&log);
+    drop(controller);
+
+    let status = final_status.unwrap_or_else(|| {
+        panic!(
+            "group did not reach Completed with WebhooksDelivered=True; log:\n{}",
+            tail(&log)
+        )
+    });
+    assert_eq!(status.images_done, IMAGES as u32);
+    assert_eq!(status.images_failed, 0);
+    let completed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Completed")
+        .expect("Completed condition");
+    assert_eq!(completed.status, "True", "{completed:?}");
+
+    let ours: Vec<&ReceivedWebhook> = events
+        .iter()
+        .filter(|e| e.payload["data"]["groupId"] == group_id.as_str())
+        .collect();
+    assert!(
+        ours.iter().all(|e| e.payload["type"] == "image.completed"
+            || e.payload["type"] == "image_group.completed"),
+        "only image.completed and image_group.completed: {:#?}",
+        ours.iter().map(|e| &e.payload["type"]).collect::<Vec<_>>()
+    );
+    // Every image's event arrived; a re-send after a kill keeps the webhook-id.
+    let mut ids_by_image: HashMap<String, HashSet<String>> = HashMap::new();
+    for e in ours
+        .iter()
+        .filter(|e| e.payload["type"] == "image.completed")
+    {
+        let image = e.payload["data"]["imageId"].as_str().unwrap_or_default();
+        ids_by_image
+            .entry(image.to_owned())
+            .or_default()
+            .insert(e.id.clone());
+    }
+    let expected: HashSet<String> = (0..IMAGES).map(|i| format!("i{i}")).collect();
+    let arrived: HashSet<String> = ids_by_image.keys().cloned().collect();
+    assert_eq!(arrived, expected, "every image.completed arrived");
+    assert!(
+        ids_by_image.values().all(|ids| ids.len() == 1),
+        "duplicates only with the same webhook-id: {ids_by_image:?}"
+    );
+    let distinct: HashSet<&String> = ids_by_image.values().flatten().collect();
+    assert_eq!(distinct.len(), IMAGES, "each image has its own webhook-id");
+    let group_ids: HashSet<&str> = ours
+        .iter()
+        .filter(|e| e.payload["type"] == "image_group.completed")
+        .map(|e| e.id.as_str())
+        .collect();
+    assert_eq!(
+        group_ids.len(),
+        1,
+        "one image_group.completed event: {group_ids:?}"
+    );
+    let group_requests = ours
+        .iter()
+        .filter(|e| e.payload["type"] == "image_group.completed")
+        .count();
+    let image_requests = ours.len() - group_requests;
+    eprintln!(
+        "seed {seed}: {kills} kills; {image_requests} image.completed requests for {IMAGES} \
+         images ({} re-sent), {group_requests} image_group.completed request(s)",
+        image_requests - IMAGES
+    );
+
+    // The group event comes after every image event (per-group sequence).
+    let max_image_seq = ours
+        .iter()
+        .filter(|e| e.payload["type"] == "image.completed")
+        .filter_map(|e| e.payload["data"]["sequence"].as_u64())
+        .max();
+    let group_seq = ours
+        .iter()
+        .find(|e| e.payload["type"] == "image_group.completed")
+        .and_then(|e| e.payload["data"]["sequence"].as_u64());
+    assert!(
+        group_seq > max_image_seq,
+        "{group_seq:?} > {max_image_seq:?}"
+    );
+
+    // However often the controller died, the group has exactly one Job.
+    let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
+    let list = jobs
+        .list(&ListParams::default().labels(&format!("kinsight.io/group={group_id}")))
+        .await
+        .expect("jobs");
+    assert_eq!(list.items.len(), 1, "exactly one Job for the group");
+    assert_eq!(status.jobs.len(), 1, "{:?}", status.jobs);
+}
