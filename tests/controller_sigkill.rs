@@ -2,6 +2,11 @@
 //! processed and its webhooks delivered, and restarted each time: no event is lost, a
 //! re-sent event keeps its `webhook-id`, the group event is one event, and there is one Job.
 //!
+//! Webhooks go through a pass-through in front of the harness' verifying receiver that
+//! forwards each request at once and then holds the answer for up to a second: an event is
+//! received as soon as it is sent, but the controller learns so only later, so kills land
+//! between "sent" and "recorded as delivered" (the case that makes re-sends).
+//!
 //! The kill schedule is random; the seed is printed, and `KINSIGHT_SIGKILL_SEED=<n>` replays it.
 
 mod common;
@@ -91,10 +96,60 @@ impl ControllerProcess {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// Forwards each webhook unchanged to `target` (the harness' verifying receiver), then
+/// holds the answer for a random 0-1000 ms before passing it back.
+async fn slow_answering_proxy(target: String) -> (String, tokio::task::JoinHandle<()>) {
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let (http, target) = (http.clone(), target.clone());
+                async move {
+                    let mut request = http.post(&target).body(body);
+                    for name in [
+                        "content-type",
+                        "webhook-id",
+                        "webhook-timestamp",
+                        "webhook-signature",
+                    ] {
+                        if let Some(value) = headers.get(name) {
+                            request = request.header(name, value);
+                        }
+                    }
+                    let status = match request.send().await {
+                        Ok(r) => r.status().as_u16(),
+                        Err(_) => 502,
+                    };
+                    tokio::time::sleep(Duration::from_millis(rand::random_range(0..=1000))).await;
+                    axum::http::StatusCode::from_u16(status)
+                        .unwrap_or(axum::http::StatusCode::BAD_GATEWAY)
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, server)
 }
 
 fn drain(h: &mut Harness, into: &mut Vec<ReceivedWebhook>) {
@@ -142,6 +197,8 @@ async fn sigkilled_controller_loses_no_event() {
         .map(|_| Duration::from_millis(rng.random_range(300..=2500)))
         .collect();
 
+    let (hook_url, proxy) = slow_answering_proxy(h.hook_url.clone()).await;
+    let _proxy = AbortOnDrop(proxy);
     let mut controller = ControllerProcess::spawn(&kubeconfig, &worker_env, &log);
     let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
     let images: Vec<_> = (0..IMAGES)
@@ -150,7 +207,7 @@ async fn sigkilled_controller_loses_no_event() {
     let (status, body) = h
         .post(
             "/v1/image-groups",
-            json!({ "images": images, "models": ["image_classification"], "webhookUrl": h.hook_url }),
+            json!({ "images": images, "models": ["image_classification"], "webhookUrl": hook_url }),
         )
         .await;
     assert_eq!(status, 202, "{body}");
@@ -164,11 +221,13 @@ async fn sigkilled_controller_loses_no_event() {
         controller.assert_running(&log);
         controller.sigkill().await;
         drain(&mut h, &mut events);
+        let distinct: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
         eprintln!(
-            "kill {}/{kills} at {:.1}s: {} webhooks received so far",
+            "kill {}/{kills} at {:.1}s: {} webhook requests received so far, {} distinct events",
             n + 1,
             started.elapsed().as_secs_f64(),
-            events.len()
+            events.len(),
+            distinct.len()
         );
         controller = ControllerProcess::spawn(&kubeconfig, &worker_env, &log);
     }

@@ -242,6 +242,75 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
         "no Warning for a delivery that succeeded"
     );
 
+    // What was not delivered is listed over REST, and a replay sends it again (same id).
+    let (status, listed) = h.get("/v1/deliveries?state=failed").await;
+    assert_eq!(status, 200, "{listed}");
+    let redirect_failed = image_delivery("redirect");
+    let failed_ids: Vec<&str> = listed["deliveries"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert!(
+        failed_ids.contains(&redirect_failed.id.as_str()),
+        "{listed}"
+    );
+    let (status, per_group) = h
+        .get(&format!(
+            "/v1/image-groups/{}/deliveries",
+            groups["redirect"]
+        ))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        per_group["deliveries"].as_array().is_some_and(|d| d
+            .iter()
+            .any(|d| d["state"] == "failed" && d["attempts"] == 3)),
+        "{per_group}"
+    );
+    let (status, replayed) = h
+        .post(
+            "/v1/deliveries/replay",
+            json!({ "since": "2000-01-01T00:00:00Z" }),
+        )
+        .await;
+    assert_eq!(status, 202, "{replayed}");
+    assert!(replayed["replayed"].as_u64() >= Some(2), "{replayed}");
+    let mut replay_done = None;
+    for _ in 0..60 {
+        let status = api
+            .get(&groups["redirect"])
+            .await
+            .expect("group")
+            .status
+            .expect("status");
+        let d = status
+            .deliveries
+            .iter()
+            .find(|d| d.id == redirect_failed.id)
+            .cloned()
+            .expect("same delivery");
+        if d.state == DeliveryState::Delivered {
+            replay_done = Some(d);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let d = replay_done.expect("the replayed event was delivered");
+    assert_eq!(d.attempts, 1, "a replay starts a fresh schedule: {d:?}");
+    let ids: Vec<String> = scripted
+        .attempts("/redirect")
+        .into_iter()
+        .filter(|a| a.event == "image.completed")
+        .map(|a| a.webhook_id)
+        .collect();
+    assert_eq!(ids.len(), 4);
+    assert!(
+        ids.iter().all(|i| *i == redirect_failed.id),
+        "a replay keeps the webhook-id"
+    );
+
     // Every receiver that accepted anything got each of its events, with stable ids.
     for case in ["flaky", "throttled", "slow", "reset", "huge", "flapping"] {
         let group_events: Vec<_> = scripted

@@ -227,7 +227,7 @@ fn webhook_target(url: Option<String>) -> Option<WebhookTarget> {
     })
 }
 
-fn parse_json<T: DeserializeOwned>(
+pub(super) fn parse_json<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {

@@ -3,6 +3,7 @@
 //! tenant's namespace; everything after that is the controller's.
 
 mod auth;
+mod deliveries;
 mod images;
 mod problem;
 
@@ -75,6 +76,16 @@ pub fn router(
             "/v1/image-groups/{id}",
             get(images::get_group).patch(images::update_group),
         )
+        .route(
+            "/v1/image-groups/{id}/deliveries",
+            get(deliveries::list_group),
+        )
+        .route(
+            "/v1/image-groups/{id}/deliveries/{delivery}/replay",
+            post(deliveries::replay_one),
+        )
+        .route("/v1/deliveries", get(deliveries::list_undelivered))
+        .route("/v1/deliveries/replay", post(deliveries::replay_since))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

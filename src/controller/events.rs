@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::{Context, ControllerError};
 use crate::crd::{
     ConditionStatus, Delivery, DeliveryState, ImageGroup, ImageGroupStatus, ImageResultSpec,
-    SecretKeyRef, WebhookSubscription, set_condition,
+    REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef, WebhookSubscription, set_condition,
 };
 use crate::webhook::{AttemptOutcome, EventPayload, group_event, image_event};
 
@@ -189,6 +189,45 @@ fn add_event(
             delivered_at: None,
         });
     }
+}
+
+/// Carries out a replay request found in the group's annotation, once: the deliveries it
+/// names go back to pending with a fresh retry schedule (and their endpoint is no longer
+/// stopped). Their `webhook-id` stays, so receivers can still dedupe.
+pub fn apply_replay(group: &ImageGroup, status: &mut ImageGroupStatus) {
+    let Some(text) = group.annotations().get(REPLAY_ANNOTATION) else {
+        return;
+    };
+    let request: ReplayRequest = match serde_json::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring a malformed replay request");
+            return;
+        }
+    };
+    if status.last_replay.as_deref() == Some(request.request.as_str()) {
+        return;
+    }
+    let mut replayed = 0;
+    for delivery in status
+        .deliveries
+        .iter_mut()
+        .filter(|d| d.state == DeliveryState::Failed)
+    {
+        let named = request.ids.contains(&delivery.id);
+        let recent = request
+            .since
+            .is_some_and(|since| delivery.created_at >= since);
+        if named || recent {
+            delivery.state = DeliveryState::Pending;
+            delivery.attempts = 0;
+            delivery.next_attempt_at = None;
+            status.stopped_endpoints.retain(|e| *e != delivery.endpoint);
+            replayed += 1;
+        }
+    }
+    tracing::info!(request = %request.request, replayed, "replay request carried out");
+    status.last_replay = Some(request.request);
 }
 
 /// Makes one attempt for every pending delivery whose time has come.

@@ -174,6 +174,7 @@ pub async fn reconcile(
     events::set_delivery_condition(&mut status, generation, now);
     write_status(&ctx, &namespace, &name, &original, &status).await?;
 
+    events::apply_replay(&group, &mut status);
     let before_send = status.clone();
     let mut group_now = group.clone();
     group_now.status = Some(status.clone());

@@ -100,6 +100,9 @@ pub struct ImageGroupStatus {
     /// Endpoints that answered 410 Gone: nothing more is sent there for this group.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stopped_endpoints: Vec<String>,
+    /// The last replay request (annotation `kinsight.io/replay`) carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_replay: Option<String>,
     /// Last per-group event sequence number handed out.
     #[serde(default)]
     pub sequence: u64,
@@ -190,6 +193,24 @@ pub enum DeliveryState {
     Pending,
     Delivered,
     Failed,
+}
+
+/// Annotation through which the API (or a user with kubectl) asks the controller to send
+/// failed events again; the controller owns status, so requests travel in metadata.
+pub const REPLAY_ANNOTATION: &str = "kinsight.io/replay";
+
+/// The value of [`REPLAY_ANNOTATION`].
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayRequest {
+    /// Unique per request, so each is carried out once.
+    pub request: String,
+    /// Replay these deliveries (by `webhook-id`)...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
+    /// ...and/or every failed delivery of events recorded since then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<jiff::Timestamp>,
 }
 
 impl ImageEntry {

@@ -10,7 +10,8 @@ mod webhook_subscription;
 pub use conditions::{ConditionStatus, set_condition};
 pub use image_group::{
     Aggregate, ClassCount, Delivery, DeliveryState, GroupPhase, ImageEntry, ImageGroup,
-    ImageGroupSpec, ImageGroupStatus, ObjectCount, SecretKeyRef, WebhookTarget,
+    ImageGroupSpec, ImageGroupStatus, ObjectCount, REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef,
+    WebhookTarget,
 };
 pub use image_result::{ImageFailure, ImageResult, ImageResultSpec, ModelResult, Timings};
 pub use webhook_subscription::{

@@ -123,13 +123,17 @@ pub(crate) fn preprocess_into(
     // (huge for extreme aspect ratios). Resizing just the source region that becomes the
     // crop gives the same pixels: the filter keeps the full-image scale and its kernel
     // may still read source pixels outside the region, exactly as in the full resize.
-    let scale_x = f64::from(rgb.width()) / plan.resized_width as f64;
-    let scale_y = f64::from(rgb.height()) / plan.resized_height as f64;
+    let (image_width, image_height) = (f64::from(rgb.width()), f64::from(rgb.height()));
+    let scale_x = image_width / plan.resized_width as f64;
+    let scale_y = image_height / plan.resized_height as f64;
+    // `n * (w / n)` can exceed `w` by a rounding error, which the resizer refuses: clamp.
+    let left = (plan.src_left as f64 * scale_x).min(image_width);
+    let top = (plan.src_top as f64 * scale_y).min(image_height);
     let src_box = CropBox {
-        left: plan.src_left as f64 * scale_x,
-        top: plan.src_top as f64 * scale_y,
-        width: plan.copy_width as f64 * scale_x,
-        height: plan.copy_height as f64 * scale_y,
+        left,
+        top,
+        width: (plan.copy_width as f64 * scale_x).min(image_width - left),
+        height: (plan.copy_height as f64 * scale_y).min(image_height - top),
     };
     let resized = resize_bilinear(&rgb, src_box, plan.copy_width, plan.copy_height)?;
     let source = Window {
@@ -644,6 +648,24 @@ mod tests {
                 .iter()
                 .all(|v| *v == 30.0)
         );
+    }
+
+    #[test]
+    fn rounding_in_the_crop_box_does_not_fail_the_resize() {
+        // 416 * (27 / 416) > 27 in floating point: the crop box of a stretch to 416 used to
+        // exceed the image by a rounding error, and the resizer refused it.
+        for (width, height) in [(27, 20), (1339, 121), (215, 2999), (1088, 524)] {
+            let image = DynamicImage::ImageRgb8(RgbImage::new(width, height));
+            for resize in [
+                Resize::Stretch,
+                Resize::Letterbox { pad: 114 },
+                Resize::ShorterSideCenterCrop { shorter_side: 430 },
+            ] {
+                let s = spec(416, 416, resize, ChannelOrder::Rgb);
+                preprocess(&image, &s)
+                    .unwrap_or_else(|e| panic!("{width}x{height} {resize:?}: {e}"));
+            }
+        }
     }
 
     #[test]
