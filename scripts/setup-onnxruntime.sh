@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 REQ=scripts/python-requirements.txt
 [ -x .venv/bin/python ] || python3 -m venv .venv
 if ! cmp -s "$REQ" .venv/.installed-requirements; then
-  .venv/bin/pip install -q --disable-pip-version-check --ignore-requires-python -r "$REQ" >&2
+  .venv/bin/pip install -q --disable-pip-version-check -r "$REQ" >&2
+  .venv/bin/pip install -q --disable-pip-version-check --ignore-requires-python --no-deps helm-sdkpy==0.1.32 >&2
   cp "$REQ" .venv/.installed-requirements
 fi
 ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1

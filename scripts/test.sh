@@ -9,7 +9,9 @@ if [ "${USE_EXISTING_CLUSTER:-}" != "true" ] && [ -z "${KUBEBUILDER_ASSETS:-}" ]
   KUBEBUILDER_ASSETS="$(scripts/build-kubernetes.sh)"
   export KUBEBUILDER_ASSETS
 fi
-ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(realpath "$(scripts/setup-onnxruntime.sh)")}"
+# Always run: it also installs the Python verifiers and Helm library the tests use.
+ORT_LIB="$(scripts/setup-onnxruntime.sh)"
+ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(realpath "$ORT_LIB")}"
 export ORT_DYLIB_PATH
 # Integration tests each start a control plane; two at a time suit a 2-core machine.
 cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-2}" "$@"
