@@ -13,8 +13,9 @@
 //! API server's own request counts, durations and bytes per verb and resource.
 //!
 //! Settings (environment): `GROUPS` (10), `IMAGES` per group (1000, at most 1000), `EVENTS`
-//! to wait for (GROUPS x IMAGES), `WRITERS` concurrent result writes (8), `MAX_SECS` for the
-//! measured part (900), `RUST_LOG` (warn).
+//! to wait for (GROUPS x IMAGES), `WRITERS` concurrent result writes (8), `NAMESPACES` the
+//! groups are spread over (1; each is a tenant), `MAX_SECS` for the measured part (900),
+//! `RUST_LOG` (warn).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -41,7 +42,7 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, ResourceExt};
 use serde::Deserialize;
 
-const NAMESPACE: &str = "bench-webhooks";
+const NAMESPACE_PREFIX: &str = "bench-webhooks";
 const KEYS_NAMESPACE: &str = "kinsight-system";
 const MODEL: &str = "image_classification";
 /// Thread names (at most 15 characters: that is what /proc keeps) tell CPU use apart.
@@ -53,6 +54,7 @@ struct Settings {
     images: usize,
     events: usize,
     writers: usize,
+    namespaces: usize,
     max: Duration,
 }
 
@@ -76,6 +78,7 @@ impl Settings {
             images,
             events,
             writers: setting("WRITERS", 8usize).max(1),
+            namespaces: setting("NAMESPACES", 1usize).clamp(1, groups),
             max: Duration::from_secs(setting("MAX_SECS", 900u64)),
         }
     }
@@ -203,22 +206,28 @@ fn result_spec(group: &str, image: &str) -> ImageResultSpec {
     }
 }
 
-/// Creates the groups one after the other, each followed at once by its results.
+fn namespace(k: usize) -> String {
+    format!("{NAMESPACE_PREFIX}-{k}")
+}
+
+/// Creates the groups one after the other (round robin over the namespaces), each followed
+/// at once by its results.
 async fn produce(
     client: kube::Client,
-    settings: (usize, usize, usize),
+    settings: Arc<Settings>,
     hook: String,
     written: Shared<Written>,
 ) {
-    let (groups, images, writers) = settings;
-    let api: Api<ImageGroup> = Api::namespaced(client.clone(), NAMESPACE);
-    let store = ResultStore::new(client);
+    let (groups, images, writers) = (settings.groups, settings.images, settings.writers);
+    let store = ResultStore::new(client.clone());
     for g in 0..groups {
         let name = format!("bench-g{g:02}");
+        let ns = namespace(g % settings.namespaces);
+        let api: Api<ImageGroup> = Api::namespaced(client.clone(), &ns);
         let object = ImageGroup {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
-                namespace: Some(NAMESPACE.to_owned()),
+                namespace: Some(ns.clone()),
                 ..ObjectMeta::default()
             },
             spec: group_spec(images, &hook),
@@ -229,7 +238,7 @@ async fn produce(
             .await
             .expect("create ImageGroup");
         let group = GroupRef {
-            namespace: NAMESPACE.to_owned(),
+            namespace: ns,
             name: name.clone(),
             uid: created.uid().expect("uid"),
         };
@@ -303,8 +312,9 @@ fn cpu_snapshot(pids: &[u32], ticks: f64) -> BTreeMap<String, f64> {
     out
 }
 
-/// `(verb, resource/subresource)` -> (requests, seconds, response bytes) from the API
-/// server's `/metrics`.
+/// `(verb, resource/subresource (scope))` -> (requests, seconds, response bytes) from the
+/// API server's `/metrics`. Scope tells callers apart: the controller's watches are
+/// cluster-wide, its reconciler's reads namespaced.
 type ApiKey = (String, String);
 type ApiStats = BTreeMap<ApiKey, (f64, f64, f64)>;
 
@@ -338,9 +348,9 @@ async fn api_metrics(client: &kube::Client) -> Option<ApiStats> {
         }
         let subresource = label("subresource");
         let key = if subresource.is_empty() {
-            resource
+            format!("{resource} ({})", label("scope"))
         } else {
-            format!("{resource}/{subresource}")
+            format!("{resource}/{subresource} ({})", label("scope"))
         };
         let Ok(value) = value.parse::<f64>() else {
             continue;
@@ -371,7 +381,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kube_client=off")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -389,26 +399,28 @@ fn main() {
         .enable_all()
         .build()
         .expect("controller runtime");
-    harness.block_on(run(settings, controller.handle().clone()));
+    harness.block_on(run(Arc::new(settings), controller.handle().clone()));
     controller.shutdown_background();
 }
 
-async fn run(settings: Settings, controller_rt: tokio::runtime::Handle) {
+async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
     let setup_started = Instant::now();
     let cluster = TestCluster::start().await.expect("control plane starts");
     let client = cluster.client();
     kinsight::dev::install_crds(&client)
         .await
         .expect("CRDs install");
-    kinsight::dev::create_tenant(
-        &client,
-        KEYS_NAMESPACE,
-        NAMESPACE,
-        "bench-api-key",
-        &kinsight::webhook::generate_secret(),
-    )
-    .await
-    .expect("tenant");
+    for k in 0..settings.namespaces {
+        kinsight::dev::create_tenant(
+            &client,
+            KEYS_NAMESPACE,
+            &namespace(k),
+            &format!("bench-api-key-{k}"),
+            &kinsight::webhook::generate_secret(),
+        )
+        .await
+        .expect("tenant");
+    }
     let catalog = Catalog::load(concat!(env!("CARGO_MANIFEST_DIR"), "/models/catalog.yaml"))
         .expect("catalog");
 
@@ -462,10 +474,11 @@ async fn run(settings: Settings, controller_rt: tokio::runtime::Handle) {
     let cpu_before = cpu_snapshot(&pids, ticks);
     let api_before = api_metrics(&client).await;
     eprintln!(
-        "setup {:.1}s; {} groups x {} images, waiting for {} image.completed, {} writers, limit {}s",
+        "setup {:.1}s; {} groups x {} images in {} namespace(s), waiting for {} image.completed, {} writers, limit {}s",
         setup_started.elapsed().as_secs_f64(),
         settings.groups,
         settings.images,
+        settings.namespaces,
         settings.events,
         settings.writers,
         settings.max.as_secs()
@@ -475,7 +488,7 @@ async fn run(settings: Settings, controller_rt: tokio::runtime::Handle) {
     let started = Instant::now();
     let producer = tokio::spawn(produce(
         client.clone(),
-        (settings.groups, settings.images, settings.writers),
+        settings.clone(),
         hook,
         written.clone(),
     ));
@@ -525,7 +538,7 @@ async fn run(settings: Settings, controller_rt: tokio::runtime::Handle) {
     controller.abort();
 
     // Size of one group as the controller reads and writes it each reconcile.
-    let sample = Api::<ImageGroup>::namespaced(client.clone(), NAMESPACE)
+    let sample = Api::<ImageGroup>::namespaced(client.clone(), &namespace(0))
         .get_opt("bench-g00")
         .await
         .ok()
@@ -566,8 +579,8 @@ async fn run(settings: Settings, controller_rt: tokio::runtime::Handle) {
         measured.as_secs_f64()
     );
     println!(
-        "  {} groups x {} images, model {MODEL}, {} concurrent result writers",
-        settings.groups, settings.images, settings.writers
+        "  {} groups x {} images in {} namespace(s), model {MODEL}, {} concurrent result writers",
+        settings.groups, settings.images, settings.namespaces, settings.writers
     );
     println!();
     println!("| measure | value |");
@@ -633,7 +646,9 @@ async fn run(settings: Settings, controller_rt: tokio::runtime::Handle) {
             .iter()
             .map(|(k, a)| {
                 let b = before.get(k).copied().unwrap_or_default();
-                (k.clone(), (a.0 - b.0, a.1 - b.1, a.2 - b.2))
+                // A watch's "duration" is how long it stayed open, not work.
+                let seconds = if k.0 == "WATCH" { 0.0 } else { a.1 - b.1 };
+                (k.clone(), (a.0 - b.0, seconds, a.2 - b.2))
             })
             .filter(|(_, d)| d.0 >= 1.0)
             .collect();
@@ -642,12 +657,12 @@ async fn run(settings: Settings, controller_rt: tokio::runtime::Handle) {
         println!(
             "API server requests during the measured part (by time spent; watches excluded from time):"
         );
-        println!("| verb | resource | requests | seconds | MiB returned |");
-        println!("|---|---|---|---|---|");
-        for ((verb, resource), (count, seconds, bytes)) in rows.iter().take(14) {
-            let seconds = if verb == "WATCH" { 0.0 } else { *seconds };
+        println!("| verb | resource (scope) | requests | seconds | mean ms | MiB returned |");
+        println!("|---|---|---|---|---|---|");
+        for ((verb, resource), (count, seconds, bytes)) in rows.iter().take(16) {
             println!(
-                "| {verb} | {resource} | {count:.0} | {seconds:.1} | {:.1} |",
+                "| {verb} | {resource} | {count:.0} | {seconds:.1} | {:.0} | {:.1} |",
+                seconds * 1000.0 / count,
                 bytes / 1_048_576.0
             );
         }

@@ -575,3 +575,111 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
     );
     assert!(coffee_after.outputs.contains_key("image_classification"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kinsight::crd::WebhookSubscription;
+
+    let mut h = Harness::start("tenant-subs").await;
+    // Finished groups are kept for 3 s in this test.
+    h.kill_controller().await;
+    let mut config = h.controller_config();
+    config.group_ttl = Duration::from_secs(3);
+    h.start_controller_with(config);
+
+    // A namespace-wide subscription with its own signing key, for image events only.
+    let secret = kinsight::webhook::generate_secret();
+    let (sub_addr, mut sub_events, _sub_server) = kinsight::dev::webhook_receiver(&secret)
+        .await
+        .expect("receiver");
+    let secrets: Api<Secret> = Api::namespaced(h.client.clone(), &h.namespace);
+    let key: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "partner-key" },
+        "stringData": { "key": secret }
+    }))
+    .expect("secret");
+    secrets
+        .create(&PostParams::default(), &key)
+        .await
+        .expect("create secret");
+    let subs: Api<WebhookSubscription> = Api::namespaced(h.client.clone(), &h.namespace);
+    let sub: WebhookSubscription = serde_json::from_value(json!({
+        "apiVersion": "kinsight.io/v1alpha1",
+        "kind": "WebhookSubscription",
+        "metadata": { "name": "partner" },
+        "spec": {
+            "url": format!("http://{sub_addr}/hook"),
+            "eventTypes": ["image.completed"],
+            "secretRef": { "name": "partner-key", "key": "key" }
+        }
+    }))
+    .expect("subscription");
+    subs.create(&PostParams::default(), &sub)
+        .await
+        .expect("create subscription");
+    let mut ready = false;
+    for _ in 0..50 {
+        let s = subs.get("partner").await.expect("get");
+        if s.status.is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        }) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ready, "the subscription reports Ready");
+
+    // A group without its own webhook: the subscription gets its image event, not the group event.
+    let (status, body) = h
+        .post("/v1/image-groups", json!({ "images": [{ "id": "c", "url": h.photo_url("coffee.png") }], "models": ["image_classification"] }))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let group_id = body["id"].as_str().expect("id").to_owned();
+    let event = tokio::time::timeout(LIMIT, sub_events.recv())
+        .await
+        .expect("in time")
+        .expect("an event");
+    assert_eq!(event.payload["type"], "image.completed");
+    assert_eq!(event.payload["data"]["groupId"], group_id.as_str());
+    assert_eq!(
+        event.payload["data"]["results"]["image_classification"]["classes"][0]["label"],
+        "espresso"
+    );
+
+    // After its retention the group is deleted, and the garbage collector takes its
+    // results and Job with it (owner references).
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    let results: Api<ImageResult> = Api::namespaced(h.client.clone(), &h.namespace);
+    let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
+    let selector = ListParams::default().labels(&format!("kinsight.io/group={group_id}"));
+    let mut gone = false;
+    for _ in 0..120 {
+        let group_left = groups.get_opt(&group_id).await.expect("get").is_some();
+        let results_left = !results
+            .list(&selector)
+            .await
+            .expect("list")
+            .items
+            .is_empty();
+        let jobs_left = !jobs.list(&selector).await.expect("list").items.is_empty();
+        if !group_left && !results_left && !jobs_left {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        gone,
+        "the group, its results and its Job are gone after the retention"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), sub_events.recv())
+            .await
+            .is_err(),
+        "no group event to an image-only subscription"
+    );
+}

@@ -153,8 +153,12 @@ impl Harness {
     }
 
     pub fn start_controller(&mut self) {
-        let client = self.client.clone();
         let config = self.controller_config();
+        self.start_controller_with(config);
+    }
+
+    pub fn start_controller_with(&mut self, config: ControllerConfig) {
+        let client = self.client.clone();
         self.controller = Some(tokio::spawn(async move {
             if let Err(e) = kinsight::controller::run(client, config).await {
                 eprintln!("controller stopped: {e}");
