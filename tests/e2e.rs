@@ -13,7 +13,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
 
-const LIMIT: Duration = Duration::from_secs(240);
+const LIMIT: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_image_and_group_end_to_end() {
@@ -611,7 +611,10 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
         "spec": {
             "url": format!("http://{sub_addr}/hook"),
             "eventTypes": ["image.completed"],
-            "secretRef": { "name": "partner-key", "key": "key" }
+            "secretRef": { "name": "partner-key", "key": "key" },
+            "selector": { "matchLabels": { "team": "listings" } },
+            "headers": { "X-Partner": "p1" },
+            "timeoutSeconds": 5
         }
     }))
     .expect("subscription");
@@ -633,18 +636,51 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
     }
     assert!(ready, "the subscription reports Ready");
 
-    // A group without its own webhook: the subscription gets its image event, not the group event.
+    // A group the selector does not match (made through the API, no team label): nothing.
     let (status, body) = h
         .post("/v1/image-groups", json!({ "images": [{ "id": "c", "url": h.photo_url("coffee.png") }], "models": ["image_classification"] }))
         .await;
     assert_eq!(status, 202, "{body}");
-    let group_id = body["id"].as_str().expect("id").to_owned();
-    let event = tokio::time::timeout(LIMIT, sub_events.recv())
+    let unmatched = body["id"].as_str().expect("id").to_owned();
+    // A labelled group made with kubectl, without its own webhook: the subscription gets its
+    // image event (with the custom header), not the group event.
+    let group_id = "labelled".to_owned();
+    let group: ImageGroup = serde_json::from_value(json!({
+        "apiVersion": "kinsight.io/v1alpha1",
+        "kind": "ImageGroup",
+        "metadata": { "name": group_id, "labels": { "team": "listings" } },
+        "spec": { "images": [{ "id": "c", "url": h.photo_url("coffee.png") }], "models": ["image_classification"] }
+    }))
+    .expect("group");
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    groups
+        .create(&PostParams::default(), &group)
         .await
-        .expect("in time")
-        .expect("an event");
+        .expect("create");
+    let Ok(Some(event)) = tokio::time::timeout(LIMIT, sub_events.recv()).await else {
+        panic!(
+            "no event for the selected group; its status: {:#?}",
+            groups.get(&group_id).await.map(|g| g.status)
+        );
+    };
     assert_eq!(event.payload["type"], "image.completed");
-    assert_eq!(event.payload["data"]["groupId"], group_id.as_str());
+    assert_eq!(
+        event.payload["data"]["groupId"],
+        group_id.as_str(),
+        "only the selected group's events"
+    );
+    assert!(
+        event
+            .headers
+            .contains(&("x-partner".to_owned(), "p1".to_owned())),
+        "{:?}",
+        event.headers
+    );
+    let unmatched_status = groups.get(&unmatched).await.expect("get").status;
+    assert!(
+        unmatched_status.is_some_and(|s| s.deliveries.is_empty()),
+        "no endpoint for the unselected group"
+    );
     assert_eq!(
         event.payload["data"]["results"]["image_classification"]["classes"][0]["label"],
         "espresso"
@@ -652,7 +688,6 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
 
     // After its retention the group is deleted, and the garbage collector takes its
     // results and Job with it (owner references).
-    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
     let results: Api<ImageResult> = Api::namespaced(h.client.clone(), &h.namespace);
     let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
     let selector = ListParams::default().labels(&format!("kinsight.io/group={group_id}"));

@@ -74,6 +74,18 @@ pub struct BenchReport {
     pub failed: usize,
     pub models: Vec<String>,
     pub intra_threads: usize,
+    /// Pipeline only: mean milliseconds per image of each stage (thread time, overlapped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages_ms: Option<Stages>,
+}
+
+/// Mean milliseconds per image spent in each stage.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Stages {
+    pub decode: f64,
+    pub preprocess: f64,
+    /// Per model; a batch's run time shared among its images.
+    pub inference: std::collections::BTreeMap<String, f64>,
 }
 
 /// Runs the benchmark and prints its report as JSON.
@@ -138,25 +150,23 @@ async fn pipeline(
     let warmup: Vec<Vec<u8>> = files.iter().take(args.warmup).cloned().collect();
     pass(engine, models, warmup, &options).await?;
     let started = Instant::now();
-    let failed = pass(engine, models, files.to_vec(), &options).await?;
+    let (failed, stages) = pass(engine, models, files.to_vec(), &options).await?;
     let seconds = started.elapsed().as_secs_f64();
-    Ok(report(
-        "kinsight-pipeline",
-        files.len(),
-        seconds,
-        failed,
-        models,
-    ))
+    Ok(BenchReport {
+        stages_ms: Some(stages),
+        ..report("kinsight-pipeline", files.len(), seconds, failed, models)
+    })
 }
 
 /// Feeds every image to a fresh pipeline (as the worker feeds downloads) and waits for
-/// every result; returns how many images or model runs failed.
+/// every result; returns how many images or model runs failed, and the mean stage times.
 async fn pass(
     engine: &Arc<Engine>,
     models: &[String],
     files: Vec<Vec<u8>>,
     options: &PipelineOptions,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<(usize, Stages)> {
+    let count = files.len().max(1) as f64;
     let (submitter, mut results) = Pipeline::start::<usize>(engine.clone(), models, options)?;
     let feed = async move {
         for (i, bytes) in files.into_iter().enumerate() {
@@ -166,16 +176,25 @@ async fn pass(
     };
     let collect = async move {
         let mut failed = 0;
+        let mut stages = Stages::default();
         while let Some((_, outcome)) = results.next().await {
-            match outcome {
-                Ok(analysis) if analysis.models.values().all(|m| m.result.is_ok()) => {}
-                _ => failed += 1,
+            let Ok(analysis) = outcome else {
+                failed += 1;
+                continue;
+            };
+            if analysis.models.values().any(|m| m.result.is_err()) {
+                failed += 1;
+            }
+            stages.decode += analysis.decode_ms / count;
+            stages.preprocess += analysis.preprocess_ms / count;
+            for (model, run) in &analysis.models {
+                *stages.inference.entry(model.clone()).or_default() += run.inference_ms / count;
             }
         }
-        anyhow::Ok(failed)
+        anyhow::Ok((failed, stages))
     };
-    let ((), failed) = tokio::try_join!(feed, collect)?;
-    Ok(failed)
+    let ((), outcome) = tokio::try_join!(feed, collect)?;
+    Ok(outcome)
 }
 
 /// The pipeline's model threads without decoding or preprocessing: every model on its own
@@ -256,5 +275,6 @@ fn report(
         failed,
         models: models.to_vec(),
         intra_threads: 0,
+        stages_ms: None,
     }
 }

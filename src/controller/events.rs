@@ -16,7 +16,7 @@ use crate::crd::{
     ConditionStatus, Delivery, DeliveryState, ImageGroup, ImageGroupStatus, ImageResultSpec,
     REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef, WebhookSubscription, set_condition,
 };
-use crate::webhook::{AttemptOutcome, EventPayload, group_event, image_event};
+use crate::webhook::{AttemptOutcome, EndpointOptions, EventPayload, group_event, image_event};
 
 pub const GROUP_COMPLETED: &str = "image_group.completed";
 /// Sent instead of `image_group.completed` when a group that had completed completes again
@@ -33,6 +33,7 @@ pub struct Endpoint {
     pub url: String,
     pub secret: SecretKeyRef,
     pub event_types: Vec<String>,
+    pub options: EndpointOptions,
 }
 
 impl Endpoint {
@@ -54,11 +55,12 @@ pub async fn endpoints(
             url: target.url.clone(),
             secret: target.secret_ref.clone(),
             event_types: Vec::new(),
+            options: EndpointOptions::default(),
         });
     }
     let subscriptions: Api<WebhookSubscription> = Api::namespaced(ctx.client.clone(), namespace);
     for sub in subscriptions.list(&ListParams::default()).await? {
-        if sub.spec.validate().is_err() {
+        if sub.spec.validate().is_err() || !sub.spec.selects(group.labels()) {
             continue;
         }
         out.push(Endpoint {
@@ -66,6 +68,13 @@ pub async fn endpoints(
             url: sub.spec.url.clone(),
             secret: sub.spec.secret_ref.clone(),
             event_types: sub.spec.event_types.clone(),
+            options: EndpointOptions {
+                headers: sub.spec.headers.clone().into_iter().collect(),
+                timeout: sub
+                    .spec
+                    .timeout_seconds
+                    .map(|s| Duration::from_secs(u64::from(s))),
+            },
         });
     }
     Ok(out)
@@ -261,26 +270,34 @@ pub async fn deliver_due(
             .cloned()
             .unwrap_or_else(|| Err("no secret".into()));
         let payload = payload_for(group, delivery, results);
-        jobs.push((
-            index,
-            Some(endpoint.url.clone()),
-            keys.map(|k| (k, payload)),
-        ));
+        jobs.push((index, Some(endpoint.clone()), keys.map(|k| (k, payload))));
     }
     let sender = &ctx.sender;
     let outcomes: Vec<(usize, AttemptOutcome)> = futures::stream::iter(jobs)
-        .map(|(index, url, prepared)| {
+        .map(|(index, endpoint, prepared)| {
             let id = status
                 .deliveries
                 .get(index)
                 .map(|d| d.id.clone())
                 .unwrap_or_default();
             async move {
-                let outcome = match (url, prepared) {
-                    (Some(url), Ok((keys, payload))) => match serde_json::to_string(&payload) {
-                        Ok(body) => sender.attempt(&url, &id, &body, &keys).await,
-                        Err(e) => failure(format!("payload: {e}")),
-                    },
+                let outcome = match (endpoint, prepared) {
+                    (Some(endpoint), Ok((keys, payload))) => {
+                        match serde_json::to_string(&payload) {
+                            Ok(body) => {
+                                sender
+                                    .attempt_with(
+                                        &endpoint.url,
+                                        &id,
+                                        &body,
+                                        &keys,
+                                        &endpoint.options,
+                                    )
+                                    .await
+                            }
+                            Err(e) => failure(format!("payload: {e}")),
+                        }
+                    }
                     (_, Err(e)) => failure(e),
                     (None, Ok(_)) => failure("endpoint no longer exists".to_owned()),
                 };

@@ -43,6 +43,8 @@ pub struct ReceivedWebhook {
     pub id: String,
     pub timestamp: String,
     pub payload: serde_json::Value,
+    /// Every request header, names in lowercase.
+    pub headers: Vec<(String, String)>,
 }
 
 /// A webhook receiver on 127.0.0.1 at `/hook`: requests whose signature does not verify
@@ -87,7 +89,17 @@ async fn receive(
             .unwrap_or_default()
             .to_owned()
     };
+    let all_headers = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
     let _ = tx.send(ReceivedWebhook {
+        headers: all_headers,
         id: header("webhook-id"),
         timestamp: header("webhook-timestamp"),
         payload,

@@ -7,7 +7,7 @@ mod sender;
 mod signing;
 
 pub use payload::{EventPayload, group_event, image_event};
-pub use sender::{AttemptOutcome, Sender, SenderConfig};
+pub use sender::{AttemptOutcome, EndpointOptions, Sender, SenderConfig};
 pub use signing::{SigningError, generate_secret, sign};
 
 use std::time::Duration;

@@ -24,6 +24,14 @@ impl Default for SenderConfig {
     }
 }
 
+/// What an endpoint adds to each request: custom headers (never the signature or content
+/// headers, which are set after them) and its own timeout.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EndpointOptions {
+    pub headers: Vec<(String, String)>,
+    pub timeout: Option<Duration>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum AttemptOutcome {
     Delivered {
@@ -67,6 +75,19 @@ impl Sender {
         body: &str,
         secrets: &[String],
     ) -> AttemptOutcome {
+        self.attempt_with(url, msg_id, body, secrets, &EndpointOptions::default())
+            .await
+    }
+
+    /// One attempt with an endpoint's own headers and timeout.
+    pub async fn attempt_with(
+        &self,
+        url: &str,
+        msg_id: &str,
+        body: &str,
+        secrets: &[String],
+        options: &EndpointOptions,
+    ) -> AttemptOutcome {
         let timestamp = jiff::Timestamp::now().as_second();
         let signature = match sign(secrets, msg_id, timestamp, body) {
             Ok(s) => s,
@@ -79,9 +100,14 @@ impl Sender {
         if let Err(e) = self.guard.check_url(&url) {
             return failed(None, e.to_string());
         }
-        let response = self
-            .http
-            .post(url)
+        let mut request = self.http.post(url);
+        for (name, value) in &options.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        if let Some(timeout) = options.timeout {
+            request = request.timeout(timeout);
+        }
+        let response = request
             .header("content-type", "application/json")
             .header("webhook-id", msg_id)
             .header("webhook-timestamp", timestamp.to_string())
