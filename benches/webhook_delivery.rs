@@ -378,6 +378,14 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
+    // `cargo test --all-targets` builds and runs bench targets too, without `--bench`: this
+    // takes minutes and a control plane, so it runs only under `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "webhook_delivery: a benchmark; run it with `cargo bench --bench webhook_delivery`"
+        );
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

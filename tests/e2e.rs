@@ -154,6 +154,8 @@ async fn single_image_and_group_end_to_end() {
         "group event comes after its image events"
     );
 
+    // Every payload conforms to its documented schema and stays small.
+    common::assert_payloads_conform(&events);
     let (status, polled) = h.get(&format!("/v1/image-groups/{group_id}")).await;
     assert_eq!(status, 200);
     assert_eq!(polled["status"], "completed");
@@ -367,6 +369,7 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
     let group_data = &of_type(&events, "image_group.completed")[0].payload["data"];
     assert_eq!(group_data["imagesDone"], 3);
     assert_eq!(group_data["imagesFailed"], 2);
+    common::assert_payloads_conform(&events);
 
     // kubectl users get the same validation, reported in status.
     let group: ImageGroup = serde_json::from_value(json!({

@@ -260,6 +260,36 @@ impl Drop for Harness {
     }
 }
 
+/// Checks received payloads against the documented JSON Schemas (schemas/webhooks/), with
+/// the `jsonschema` package from PyPI, and their size against the 20 KB aim.
+pub fn assert_payloads_conform(events: &[ReceivedWebhook]) {
+    use std::io::Write;
+    for event in events {
+        let size = event.payload.to_string().len();
+        assert!(size < 20_000, "{} is {size} bytes", event.payload["type"]);
+    }
+    let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
+    let mut child = std::process::Command::new(repo_path(".venv/bin/python"))
+        .arg(repo_path("tests/receivers/validate_payloads.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python (scripts/setup-onnxruntime.sh installs jsonschema)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(serde_json::to_string(&payloads).expect("json").as_bytes())
+        .expect("write payloads");
+    let output = child.wait_with_output().expect("validator");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 pub fn of_type<'a>(events: &'a [ReceivedWebhook], kind: &str) -> Vec<&'a ReceivedWebhook> {
     events
         .iter()
