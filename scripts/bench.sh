@@ -18,6 +18,8 @@ ROUNDS="${BENCH_ROUNDS:-2}"
 
 ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(realpath "$(scripts/setup-onnxruntime.sh)")}"
 export ORT_DYLIB_PATH
+# kinsight's own lines (e.g. which execution provider each model runs on), not ONNX Runtime's.
+export RUST_LOG="${RUST_LOG:-warn,kinsight=info}"
 if ! .venv/bin/python -c 'import PIL, numpy' 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check pillow numpy >&2
 fi

@@ -106,7 +106,7 @@ struct ApiArgs {
 struct WorkerArgs {
     #[command(flatten)]
     catalog: CatalogArg,
-    /// ONNX Runtime intra-op threads (default: the CPUs this process may use).
+    /// ONNX Runtime intra-op threads (default: the pod's CPU limit).
     #[arg(long, env = "KINSIGHT_THREADS")]
     threads: Option<usize>,
     /// Images downloaded ahead of inference.
@@ -252,9 +252,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Worker(args) => {
             let order = kinsight::worker::order_from_env()?;
             let client = kube::Client::try_default().await?;
-            let threads = args
-                .threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+            // 0: as many as the pod's CPU limit (cgroup quota) allows.
+            let threads = args.threads.unwrap_or(0);
             let options = WorkerOptions {
                 catalog: args.catalog.catalog,
                 fetch: FetchConfig {
