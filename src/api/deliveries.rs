@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::auth::authenticate;
-use super::images::parse_json;
+use super::images::{find_group, parse_json};
 use super::problem::ApiError;
 use crate::crd::{Delivery, DeliveryState, ImageGroup, REPLAY_ANNOTATION, ReplayRequest};
 
@@ -51,10 +51,7 @@ pub async fn list_group(
 ) -> Result<Json<Value>, ApiError> {
     let tenant = authenticate(&state.keys, &headers)?;
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
-    let group = api
-        .get_opt(&id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("image group {id}")))?;
+    let group = find_group(&api, &id, "image group").await?;
     let deliveries: Vec<Value> = group
         .status
         .iter()
@@ -111,10 +108,7 @@ pub async fn replay_one(
 ) -> Result<Response, ApiError> {
     let tenant = authenticate(&state.keys, &headers)?;
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
-    let group = api
-        .get_opt(&id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("image group {id}")))?;
+    let group = find_group(&api, &id, "image group").await?;
     let known = group
         .status
         .iter()

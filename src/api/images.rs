@@ -129,10 +129,7 @@ pub async fn update_group(
         ));
     }
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
-    let mut group = api
-        .get_opt(&id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("image group {id}")))?;
+    let mut group = find_group(&api, &id, "image group").await?;
     let first_new = group.spec.images.len();
     for (offset, image) in input.add_images.into_iter().enumerate() {
         // Positional ids stay stable: a new image without an id gets its own position.
@@ -288,6 +285,17 @@ fn accepted(location: &str, id: &str) -> Response {
         .into_response()
 }
 
+/// The tenant's group `id`, or a 404 naming `what` was looked for.
+pub(super) async fn find_group(
+    api: &Api<ImageGroup>,
+    id: &str,
+    what: &str,
+) -> Result<ImageGroup, ApiError> {
+    api.get_opt(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("{what} {id}")))
+}
+
 async fn load(
     state: &AppState,
     tenant: &Tenant,
@@ -295,10 +303,7 @@ async fn load(
     what: &str,
 ) -> Result<(ImageGroup, HashMap<String, ImageResultSpec>), ApiError> {
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
-    let group = api
-        .get_opt(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("{what} {id}")))?;
+    let group = find_group(&api, id, what).await?;
     let results = ResultStore::new(state.client.clone())
         .list(&tenant.namespace, &group.name_any())
         .await
