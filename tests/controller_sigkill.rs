@@ -17,11 +17,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{Harness, of_type, repo_path};
-use k8s_openapi::api::batch::v1::Job;
 use kinsight::crd::{GroupPhase, ImageGroup};
 use kinsight::dev::ReceivedWebhook;
 use kube::Api;
-use kube::api::ListParams;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -358,11 +356,7 @@ async fn sigkilled_controller_loses_no_event() {
     );
 
     // However often the controller died, the group has exactly one Job.
-    let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
-    let list = jobs
-        .list(&ListParams::default().labels(&format!("kinsight.io/group={group_id}")))
-        .await
-        .expect("jobs");
-    assert_eq!(list.items.len(), 1, "exactly one Job for the group");
+    let jobs = common::jobs_of(&h.client, &h.namespace, &group_id).await;
+    assert_eq!(jobs.len(), 1, "exactly one Job for the group");
     assert_eq!(status.jobs.len(), 1, "{:?}", status.jobs);
 }

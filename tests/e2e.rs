@@ -453,12 +453,8 @@ async fn controller_restart_loses_no_event_and_duplicates_no_job() {
         "a re-sent event keeps its webhook-id: {delivered:?}"
     );
 
-    let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
-    let list = jobs
-        .list(&ListParams::default().labels(&format!("kinsight.io/group={group_id}")))
-        .await
-        .expect("jobs");
-    assert_eq!(list.items.len(), 1, "exactly one Job for the group");
+    let jobs = common::jobs_of(&h.client, &h.namespace, &group_id).await;
+    assert_eq!(jobs.len(), 1, "exactly one Job for the group");
     let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
     let status = groups
         .get(&group_id)

@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::Path;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
-use futures::StreamExt;
+mod common;
+
+use common::bad_bodies::{endless_body, slow_body};
 use kinsight::net::{BlockReason, EgressError, EgressGuard, EgressPolicy, StaticResolver};
 use kinsight::worker::{FetchConfig, FetchError, Fetcher};
 
@@ -36,30 +37,6 @@ fn png_1x1() -> Vec<u8> {
 
 fn image_response(content_type: &'static str, body: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
-}
-
-/// 1 byte every 100 ms, after a JPEG signature, for a minute.
-fn slow_body() -> Body {
-    let head = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(
-        b"\xFF\xD8\xFF\xE0",
-    ))]);
-    let drip = futures::stream::unfold(0u32, |n| async move {
-        if n >= 600 {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        Some((Ok(Bytes::from_static(b"\0")), n + 1))
-    });
-    Body::from_stream(head.chain(drip))
-}
-
-/// A PNG signature and then zeros, forever (no Content-Length).
-fn endless_body() -> Body {
-    let head = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(
-        b"\x89PNG\r\n\x1a\n",
-    ))]);
-    let zeros = futures::stream::repeat_with(|| Ok(Bytes::from(vec![0u8; 64 * 1024])));
-    Body::from_stream(head.chain(zeros))
 }
 
 struct Server {

@@ -9,15 +9,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use futures::StreamExt;
 use image::ImageEncoder;
-use kinsight::inference::{DecodeLimits, InferenceError, decode_image};
+mod common;
+
+use common::bad_bodies::{endless_body, slow_body};
+use kinsight::inference::{DecodeLimits, decode_image};
 use kinsight::net::EgressPolicy;
-use kinsight::worker::{FetchConfig, Fetcher};
+use kinsight::worker::{FetchConfig, Fetcher, failure_reason};
 
 const TEST_LIMIT: Duration = Duration::from_secs(30);
 
@@ -118,30 +120,6 @@ fn respond(content_type: &'static str, body: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-/// The JPEG signature, then 1 byte every 100 ms for a minute.
-fn slow_body() -> Body {
-    let head = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(
-        b"\xFF\xD8\xFF\xE0",
-    ))]);
-    let drip = futures::stream::unfold(0u32, |n| async move {
-        if n >= 600 {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        Some((Ok(Bytes::from_static(b"\0")), n + 1))
-    });
-    Body::from_stream(head.chain(drip))
-}
-
-/// A PNG signature, then zeros forever.
-fn endless_body() -> Body {
-    let head = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(
-        b"\x89PNG\r\n\x1a\n",
-    ))]);
-    let zeros = futures::stream::repeat_with(|| Ok(Bytes::from(vec![0u8; 64 * 1024])));
-    Body::from_stream(head.chain(zeros))
-}
-
 async fn serve_corpus() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -170,16 +148,6 @@ async fn serve_corpus() -> SocketAddr {
     addr
 }
 
-/// The reason the worker records for a decoding error (as `worker::failure_reason` maps it).
-fn decode_reason(e: &InferenceError) -> &'static str {
-    match e {
-        InferenceError::UnsupportedFormat { .. } => "UnsupportedFormat",
-        InferenceError::ImageTooLarge { .. } => "ImageTooLarge",
-        InferenceError::CorruptImage(_) | InferenceError::InvalidImage(_) => "CorruptImage",
-        _ => "ProcessingFailed",
-    }
-}
-
 /// Fetch, then decode off the async threads: the worker's steps before inference.
 async fn process(fetcher: &Fetcher, url: &str) -> Result<(u32, u32), (&'static str, String)> {
     let fetched = tokio::time::timeout(TEST_LIMIT, fetcher.fetch(url))
@@ -190,7 +158,7 @@ async fn process(fetcher: &Fetcher, url: &str) -> Result<(u32, u32), (&'static s
         tokio::task::spawn_blocking(move || decode_image(&bytes, &DecodeLimits::default()))
             .await
             .expect("decode thread");
-    let image = decoded.map_err(|e| (decode_reason(&e), e.to_string()))?;
+    let image = decoded.map_err(|e| (failure_reason(&e), e.to_string()))?;
     Ok((image.width(), image.height()))
 }
 

@@ -141,28 +141,28 @@ impl EgressGuard {
             return Err(EgressError::Scheme(url.scheme().to_owned()));
         }
         let host = url.host_str().ok_or(EgressError::NoHost)?;
+        self.check_literal(host)?;
+        Ok(())
+    }
+
+    /// When `host` is an IP literal (bracketed or not): the address, if the policy allows it.
+    fn check_literal(&self, host: &str) -> Result<Option<IpAddr>, EgressError> {
         let literal = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
-        if let Ok(addr) = literal.parse::<IpAddr>() {
-            self.policy
-                .check(addr)
-                .map_err(|reason| EgressError::BlockedAddress { addr, reason })?;
-        }
-        Ok(())
+        let Ok(addr) = literal.parse::<IpAddr>() else {
+            return Ok(None);
+        };
+        self.policy
+            .check(addr)
+            .map_err(|reason| EgressError::BlockedAddress { addr, reason })?;
+        Ok(Some(addr))
     }
 
     /// Resolves `host` and keeps the allowed addresses; fails when none is left.
     pub async fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, EgressError> {
-        let literal = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        if let Ok(addr) = literal.parse::<IpAddr>() {
-            self.policy
-                .check(addr)
-                .map_err(|reason| EgressError::BlockedAddress { addr, reason })?;
+        if let Some(addr) = self.check_literal(host)? {
             return Ok(vec![addr]);
         }
         let found = self

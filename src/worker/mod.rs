@@ -227,7 +227,8 @@ fn result_spec(outcome: Result<ImageAnalysis, InferenceError>) -> ImageResultSpe
     spec
 }
 
-fn failure_reason(e: &InferenceError) -> &'static str {
+/// The stable reason recorded in an image's result for a decoding error.
+pub fn failure_reason(e: &InferenceError) -> &'static str {
     match e {
         InferenceError::UnsupportedFormat { .. } => "UnsupportedFormat",
         InferenceError::ImageTooLarge { .. } => "ImageTooLarge",

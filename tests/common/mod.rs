@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod bad_bodies;
 pub mod scripted_receiver;
 
 use std::net::SocketAddr;
@@ -288,6 +289,20 @@ pub fn assert_payloads_conform(events: &[ReceivedWebhook]) {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The Jobs the controller made for a group (by its label).
+pub async fn jobs_of(
+    client: &kube::Client,
+    namespace: &str,
+    group: &str,
+) -> Vec<k8s_openapi::api::batch::v1::Job> {
+    let jobs: kube::Api<k8s_openapi::api::batch::v1::Job> =
+        kube::Api::namespaced(client.clone(), namespace);
+    jobs.list(&kube::api::ListParams::default().labels(&format!("kinsight.io/group={group}")))
+        .await
+        .expect("list jobs")
+        .items
 }
 
 pub fn of_type<'a>(events: &'a [ReceivedWebhook], kind: &str) -> Vec<&'a ReceivedWebhook> {
