@@ -10,7 +10,7 @@ use kinsight::controller::ControllerConfig;
 use kinsight::dev::DevOptions;
 use kinsight::inference::{Catalog, EngineOptions};
 use kinsight::net::EgressPolicy;
-use kinsight::webhook::{RetrySchedule, parse_duration};
+use kinsight::webhook::{CircuitConfig, RetrySchedule, parse_duration};
 use kinsight::worker::{FetchConfig, WorkerOptions};
 
 #[derive(Parser)]
@@ -77,6 +77,41 @@ struct ControllerArgs {
     /// This replica's identity in the election (the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    #[command(flatten)]
+    endpoints: EndpointHealthArgs,
+}
+
+/// How the controller treats sick webhook endpoints.
+#[derive(Args)]
+struct EndpointHealthArgs {
+    /// Consecutive failures after which an endpoint's deliveries pause (circuit opens).
+    #[arg(long, env = "KINSIGHT_CIRCUIT_FAILURES", default_value_t = 5)]
+    circuit_failures: u32,
+    /// Wait before a single probe tests a paused endpoint; doubles per failed probe.
+    #[arg(long, env = "KINSIGHT_CIRCUIT_COOL_DOWN", value_parser = parse_duration, default_value = "30s")]
+    circuit_cool_down: Duration,
+    /// Longest wait between probes.
+    #[arg(long, env = "KINSIGHT_CIRCUIT_MAX_COOL_DOWN", value_parser = parse_duration, default_value = "30m")]
+    circuit_max_cool_down: Duration,
+    /// Attempts in flight at once to one endpoint, at most.
+    #[arg(long, env = "KINSIGHT_ENDPOINT_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    endpoint_concurrency: u32,
+    /// An endpoint failing without a success for this long is disabled.
+    #[arg(long, env = "KINSIGHT_DISABLE_ENDPOINT_AFTER", value_parser = parse_duration, default_value = "5d")]
+    disable_endpoint_after: Duration,
+}
+
+impl EndpointHealthArgs {
+    fn circuit(&self) -> CircuitConfig {
+        CircuitConfig {
+            failure_threshold: self.circuit_failures.max(1),
+            cool_down: self.circuit_cool_down,
+            max_cool_down: self.circuit_max_cool_down.max(self.circuit_cool_down),
+            max_concurrency: self.endpoint_concurrency,
+            disable_after: self.disable_endpoint_after,
+            ..CircuitConfig::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -204,6 +239,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 retry: args.retry_schedule.unwrap_or_default(),
                 group_ttl: args.group_ttl,
                 egress: args.egress.allow_egress.unwrap_or_default(),
+                circuit: args.endpoints.circuit(),
                 ..defaults
             };
             let client = kube::Client::try_default().await?;

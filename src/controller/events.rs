@@ -12,28 +12,60 @@ use kube::{Api, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use super::{Context, ControllerError};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::EventType;
+
 use crate::crd::{
-    ConditionStatus, Delivery, DeliveryState, ImageGroup, ImageGroupStatus, ImageResultSpec,
-    REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef, WebhookSubscription, set_condition,
+    ConditionStatus, Delivery, DeliveryState, EndpointHealth, ImageGroup, ImageGroupStatus,
+    ImageResultSpec, REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef, WebhookSubscription,
+    set_condition,
 };
-use crate::webhook::{AttemptOutcome, EndpointOptions, EventPayload, group_event, image_event};
+use crate::webhook::{
+    AttemptOutcome, Blocked, EndpointOptions, EventPayload, RetrySchedule, Transition, group_event,
+    image_event,
+};
 
 pub const GROUP_COMPLETED: &str = "image_group.completed";
 /// Sent instead of `image_group.completed` when a group that had completed completes again
 /// after images or models were added.
 pub const GROUP_UPDATED: &str = "image_group.updated";
 const REQUEST_ENDPOINT: &str = "request";
-/// Deliveries attempted at once within one reconcile.
-const CONCURRENT_ATTEMPTS: usize = 8;
 
 /// Where a group's events go.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
+    /// Names the endpoint within the group: `request` or `subscription/<name>`.
     pub key: String,
     pub url: String,
     pub secret: SecretKeyRef,
     pub event_types: Vec<String>,
     pub options: EndpointOptions,
+    /// The endpoint's own retry schedule, if it has one.
+    pub retry: Option<RetrySchedule>,
+    /// Names the endpoint's circuit, which every group sending there shares.
+    pub circuit_key: String,
+    /// The subscription's generation (a changed spec starts a fresh circuit).
+    pub generation: i64,
+    /// The health its subscription's status recorded, and for which generation.
+    pub recorded: Option<(i64, EndpointHealth)>,
+    /// Where Events about the endpoint go: its subscription, or the group.
+    pub object: ObjectReference,
+}
+
+/// The circuit of a subscription's endpoint (by uid: a subscription deleted and made
+/// again under the same name starts afresh).
+pub fn subscription_circuit(sub: &WebhookSubscription) -> String {
+    format!(
+        "{}/subscription/{}/{}",
+        sub.namespace().unwrap_or_default(),
+        sub.name_any(),
+        sub.uid().unwrap_or_default()
+    )
+}
+
+/// Groups' own webhooks share a circuit per URL within a namespace.
+fn request_circuit(namespace: &str, url: &str) -> String {
+    format!("{namespace}/url/{url}")
 }
 
 impl Endpoint {
@@ -56,6 +88,11 @@ pub async fn endpoints(
             secret: target.secret_ref.clone(),
             event_types: Vec::new(),
             options: EndpointOptions::default(),
+            retry: None,
+            circuit_key: request_circuit(namespace, &target.url),
+            generation: 0,
+            recorded: None,
+            object: group.object_ref(&()),
         });
     }
     let subscriptions: Api<WebhookSubscription> = Api::namespaced(ctx.client.clone(), namespace);
@@ -75,6 +112,14 @@ pub async fn endpoints(
                     .timeout_seconds
                     .map(|s| Duration::from_secs(u64::from(s))),
             },
+            retry: sub.spec.retry_schedule().ok().flatten(),
+            circuit_key: subscription_circuit(&sub),
+            generation: sub.metadata.generation.unwrap_or(0),
+            recorded: sub
+                .status
+                .as_ref()
+                .and_then(|s| Some((s.observed_generation?, s.health.clone()?))),
+            object: sub.object_ref(&()),
         });
     }
     Ok(out)
@@ -239,7 +284,30 @@ pub fn apply_replay(group: &ImageGroup, status: &mut ImageGroupStatus) {
     status.last_replay = Some(request.request);
 }
 
-/// Makes one attempt for every pending delivery whose time has come.
+/// How long one delivery round keeps starting attempts.
+const ROUND_BUDGET: Duration = Duration::from_secs(2);
+
+/// What became of one due delivery in a round.
+enum Attempted {
+    /// The HTTP attempt was made.
+    Sent(AttemptOutcome),
+    /// No attempt could be made for a reason of ours (no signing secret, no endpoint);
+    /// it counts as a failed attempt of the event but not against the endpoint's health.
+    Local(String),
+    /// The endpoint's circuit holds events back until then; no attempt is used up.
+    Deferred(jiff::Timestamp),
+    /// The endpoint is disabled: the event fails for good.
+    Disabled(String),
+}
+
+/// Signing keys and body of a delivery, or why it can't be sent.
+type Prepared = Result<(Vec<String>, String), String>;
+/// A delivery's index in status, what became of it, and a circuit change it caused.
+type RoundOutcome = (usize, Attempted, Option<(Transition, Endpoint)>);
+
+/// Makes one attempt for every pending delivery whose time has come, through each
+/// endpoint's circuit: endpoints are served side by side, each with its own bound on
+/// attempts in flight, so a slow or sick receiver holds up only its own events.
 pub async fn deliver_due(
     ctx: &Context,
     group: &ImageGroup,
@@ -250,15 +318,19 @@ pub async fn deliver_due(
     let now = jiff::Timestamp::now();
     let namespace = group.namespace().unwrap_or_default();
     let mut secrets: HashMap<String, Result<Vec<String>, String>> = HashMap::new();
-    let mut jobs = Vec::new();
+    let mut local = Vec::new();
+    let mut due: HashMap<String, Vec<(usize, String, Prepared)>> = HashMap::new();
     for (index, delivery) in status.deliveries.iter().enumerate() {
-        let due = delivery.state == DeliveryState::Pending
+        let is_due = delivery.state == DeliveryState::Pending
             && delivery.next_attempt_at.as_ref().is_none_or(|t| *t <= now);
-        if !due {
+        if !is_due {
             continue;
         }
         let Some(endpoint) = endpoints.iter().find(|e| e.key == delivery.endpoint) else {
-            jobs.push((index, None, Err("endpoint no longer exists".to_owned())));
+            local.push((
+                index,
+                Attempted::Local("endpoint no longer exists".to_owned()),
+            ));
             continue;
         };
         if !secrets.contains_key(&endpoint.key) {
@@ -269,55 +341,113 @@ pub async fn deliver_due(
             .get(&endpoint.key)
             .cloned()
             .unwrap_or_else(|| Err("no secret".into()));
-        let payload = payload_for(group, delivery, results);
-        jobs.push((index, Some(endpoint.clone()), keys.map(|k| (k, payload))));
+        let prepared = keys.and_then(|keys| {
+            serde_json::to_string(&payload_for(group, delivery, results))
+                .map(|body| (keys, body))
+                .map_err(|e| format!("payload: {e}"))
+        });
+        due.entry(endpoint.key.clone())
+            .or_default()
+            .push((index, delivery.id.clone(), prepared));
     }
-    let sender = &ctx.sender;
-    let outcomes: Vec<(usize, AttemptOutcome)> = futures::stream::iter(jobs)
-        .map(|(index, endpoint, prepared)| {
-            let id = status
-                .deliveries
-                .get(index)
-                .map(|d| d.id.clone())
-                .unwrap_or_default();
-            async move {
-                let outcome = match (endpoint, prepared) {
-                    (Some(endpoint), Ok((keys, payload))) => {
-                        match serde_json::to_string(&payload) {
-                            Ok(body) => {
-                                sender
-                                    .attempt_with(
-                                        &endpoint.url,
-                                        &id,
-                                        &body,
-                                        &keys,
-                                        &endpoint.options,
-                                    )
-                                    .await
-                            }
-                            Err(e) => failure(format!("payload: {e}")),
-                        }
+    let slots = usize::try_from(ctx.circuits.config().max_concurrency.max(1)).unwrap_or(1);
+    // A round ends; events beyond this many per endpoint wait for the next reconcile, so a
+    // slow receiver with a large backlog cannot hold the group's status back for long.
+    let per_round = slots * 4;
+    // Nor does a round start attempts after this long: the group's other endpoints get
+    // their next events (and the status its record) without waiting on a slow receiver.
+    let round_ends = tokio::time::Instant::now() + ROUND_BUDGET;
+    let rounds = due.into_iter().filter_map(|(key, jobs)| {
+        let endpoint = endpoints.iter().find(|e| e.key == key)?.clone();
+        let circuit = ctx.circuits.endpoint(
+            &endpoint.circuit_key,
+            endpoint.generation,
+            endpoint.recorded.as_ref().map(|(g, h)| (*g, h)),
+        );
+        let attempts = futures::stream::iter(jobs.into_iter().take(per_round))
+            .map(move |(index, id, prepared)| {
+                let endpoint = endpoint.clone();
+                let circuit = circuit.clone();
+                async move {
+                    let (keys, body) = match prepared {
+                        Ok(p) => p,
+                        Err(e) => return (index, Attempted::Local(e), None),
+                    };
+                    if tokio::time::Instant::now() >= round_ends {
+                        let now = jiff::Timestamp::now();
+                        return (index, Attempted::Deferred(now), None);
                     }
-                    (_, Err(e)) => failure(e),
-                    (None, Ok(_)) => failure("endpoint no longer exists".to_owned()),
-                };
-                (index, outcome)
-            }
-        })
-        .buffer_unordered(CONCURRENT_ATTEMPTS)
-        .collect()
-        .await;
+                    let acquired =
+                        tokio::time::timeout_at(round_ends, ctx.circuits.acquire(&circuit)).await;
+                    let Ok(acquired) = acquired else {
+                        let now = jiff::Timestamp::now();
+                        return (index, Attempted::Deferred(now), None);
+                    };
+                    let permit = match acquired {
+                        Ok(p) => p,
+                        Err(Blocked::Until(t)) => return (index, Attempted::Deferred(t), None),
+                        Err(Blocked::Disabled { reason, just_now }) => {
+                            let told = just_now.then_some((Transition::Disabled, endpoint));
+                            return (index, Attempted::Disabled(reason), told);
+                        }
+                    };
+                    let outcome = ctx
+                        .sender
+                        .attempt_with(&endpoint.url, &id, &body, &keys, &endpoint.options)
+                        .await;
+                    let transition = permit.finish(&outcome);
+                    (
+                        index,
+                        Attempted::Sent(outcome),
+                        transition.map(|t| (t, endpoint)),
+                    )
+                }
+            })
+            .buffer_unordered(slots);
+        Some(attempts.boxed())
+    });
+    let mut outcomes: Vec<RoundOutcome> = futures::stream::select_all(rounds).collect().await;
+    outcomes.extend(local.into_iter().map(|(i, a)| (i, a, None)));
+
     let now = jiff::Timestamp::now();
     let mut gone = Vec::new();
     let mut attempted = Vec::new();
-    for (index, outcome) in outcomes {
-        if let Some(delivery) = status.deliveries.get_mut(index) {
-            attempted.push(delivery.id.clone());
-            if matches!(outcome, AttemptOutcome::Failed { gone: true, .. }) {
-                gone.push(delivery.endpoint.clone());
+    let mut transitions = Vec::new();
+    for (index, outcome, transition) in outcomes {
+        transitions.extend(transition);
+        let Some(delivery) = status.deliveries.get_mut(index) else {
+            continue;
+        };
+        let retry = endpoints
+            .iter()
+            .find(|e| e.key == delivery.endpoint)
+            .and_then(|e| e.retry.as_ref())
+            .unwrap_or(&ctx.config.retry);
+        match outcome {
+            Attempted::Sent(outcome) => {
+                attempted.push(delivery.id.clone());
+                if matches!(outcome, AttemptOutcome::Failed { gone: true, .. }) {
+                    gone.push(delivery.endpoint.clone());
+                }
+                apply_outcome(ctx, delivery, outcome, retry, now);
             }
-            apply_outcome(ctx, delivery, outcome, now);
+            Attempted::Local(error) => {
+                attempted.push(delivery.id.clone());
+                apply_outcome(ctx, delivery, failure(error), retry, now);
+            }
+            Attempted::Deferred(until) => delivery.next_attempt_at = Some(until),
+            Attempted::Disabled(reason) => {
+                delivery.state = DeliveryState::Failed;
+                delivery.next_attempt_at = None;
+                delivery.last_error = Some(format!("endpoint disabled: {reason}"));
+                ctx.config.metrics.attempt("disabled");
+            }
         }
+    }
+    let (open, disabled) = ctx.circuits.counts();
+    ctx.config.metrics.set_circuits(open, disabled);
+    for (transition, endpoint) in transitions {
+        announce(ctx, &endpoint, transition).await;
     }
     let failed_now: Vec<&Delivery> = status
         .deliveries
@@ -336,7 +466,14 @@ pub async fn deliver_due(
             delivery.attempts,
             delivery.last_error.as_deref().unwrap_or("unknown error")
         );
-        publish_warning(ctx, group, "WebhookDeliveryFailed", note).await;
+        publish(
+            ctx,
+            &group.object_ref(&()),
+            EventType::Warning,
+            "WebhookDeliveryFailed",
+            note,
+        )
+        .await;
     }
     // 410 Gone: the receiver asks us to stop; nothing more goes to that endpoint.
     for endpoint in &gone {
@@ -353,16 +490,72 @@ pub async fn deliver_due(
     }
 }
 
-/// A Kubernetes Event on the group (`kubectl describe imagegroup` shows it).
-async fn publish_warning(ctx: &Context, group: &ImageGroup, reason: &str, note: String) {
+/// Tells operators (an Event on the subscription, or on the group for its own webhook)
+/// that an endpoint's circuit opened, closed or that the endpoint was disabled.
+async fn announce(ctx: &Context, endpoint: &Endpoint, transition: Transition) {
+    let health = ctx
+        .circuits
+        .health(&endpoint.circuit_key)
+        .unwrap_or_default();
+    let (kind, reason, note) = match transition {
+        Transition::Opened => (
+            EventType::Warning,
+            "WebhookCircuitOpened",
+            format!(
+                "deliveries to {} paused after {} consecutive failures (last: {}); one probe goes at {}",
+                endpoint.url,
+                health.consecutive_failures,
+                health
+                    .last_delivery
+                    .as_ref()
+                    .and_then(|d| d.error.as_deref())
+                    .unwrap_or("unknown error"),
+                health
+                    .next_probe_at
+                    .map_or_else(|| "once the cool-down ends".to_owned(), |t| t.to_string())
+            ),
+        ),
+        Transition::Closed => (
+            EventType::Normal,
+            "WebhookCircuitClosed",
+            format!(
+                "{} accepts deliveries again; its waiting events are being sent",
+                endpoint.url
+            ),
+        ),
+        Transition::Disabled => (
+            EventType::Warning,
+            "WebhookEndpointDisabled",
+            format!(
+                "deliveries to {} disabled: {}; its pending events are marked failed",
+                endpoint.url,
+                health
+                    .disabled_reason
+                    .as_deref()
+                    .unwrap_or("failing too long")
+            ),
+        ),
+    };
+    tracing::warn!(endpoint = %endpoint.circuit_key, reason, %note, "webhook endpoint health changed");
+    publish(ctx, &endpoint.object, kind, reason, note).await;
+}
+
+/// A Kubernetes Event on an object (`kubectl describe` shows it).
+async fn publish(
+    ctx: &Context,
+    object: &ObjectReference,
+    kind: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = kube::runtime::events::Event {
-        type_: kube::runtime::events::EventType::Warning,
+        type_: kind,
         reason: reason.to_owned(),
         note: Some(note.chars().take(1000).collect()),
         action: "DeliverWebhook".to_owned(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &group.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(&event, object).await {
         tracing::warn!(error = %e, "could not record a Kubernetes Event");
     }
 }
@@ -380,6 +573,7 @@ fn apply_outcome(
     ctx: &Context,
     delivery: &mut Delivery,
     outcome: AttemptOutcome,
+    retry: &RetrySchedule,
     now: jiff::Timestamp,
 ) {
     delivery.attempts += 1;
@@ -408,7 +602,7 @@ fn apply_outcome(
             let next = if gone {
                 None
             } else {
-                ctx.config.retry.next_delay(delivery.attempts)
+                retry.next_delay(delivery.attempts)
             };
             match next {
                 Some(delay) => {

@@ -14,7 +14,8 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `delivered`, `failed` (will retry), `exhausted` (failed for good), `gone` (410).
+    /// `delivered`, `failed` (will retry), `exhausted` (failed for good), `gone` (410),
+    /// `disabled` (given up without an attempt: the endpoint is disabled).
     pub outcome: &'static str,
 }
 
@@ -31,6 +32,9 @@ pub struct Metrics {
     /// Webhook events waiting for delivery, across groups.
     pub pending: Gauge<i64, AtomicI64>,
     pub reconcile_errors: Family<CategoryLabels, Counter>,
+    /// Endpoints whose circuit is open (or probing), and endpoints disabled.
+    pub open_circuits: Gauge<i64, AtomicI64>,
+    pub disabled_endpoints: Gauge<i64, AtomicI64>,
     pending_by_group: Mutex<HashMap<String, i64>>,
 }
 
@@ -67,8 +71,22 @@ impl Default for Metrics {
             "Failed reconciles by error category",
             reconcile_errors.clone(),
         );
+        let open_circuits = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "webhook_open_circuits",
+            "Webhook endpoints whose circuit is open: deliveries paused until a probe succeeds",
+            open_circuits.clone(),
+        );
+        let disabled_endpoints = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "webhook_disabled_endpoints",
+            "Webhook endpoints disabled after failing for the whole failure window",
+            disabled_endpoints.clone(),
+        );
         Self {
             registry,
+            open_circuits,
+            disabled_endpoints,
             attempts,
             delivery_latency,
             pending,
@@ -83,6 +101,13 @@ impl Metrics {
         self.attempts
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    pub fn set_circuits(&self, open: usize, disabled: usize) {
+        self.open_circuits
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+        self.disabled_endpoints
+            .set(i64::try_from(disabled).unwrap_or(i64::MAX));
     }
 
     /// Records how many events of one group wait; the gauge is the sum over groups.

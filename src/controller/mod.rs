@@ -26,7 +26,7 @@ use kube::{Api, Client};
 use crate::crd::{ImageGroup, ImageResult, WebhookSubscription};
 use crate::net::{EgressGuard, EgressPolicy};
 use crate::results::ResultStore;
-use crate::webhook::{RetrySchedule, Sender, SenderConfig};
+use crate::webhook::{CircuitConfig, Circuits, RetrySchedule, Sender, SenderConfig};
 
 /// Field manager for everything the controller writes.
 pub const MANAGER: &str = "kinsight-controller";
@@ -51,6 +51,10 @@ pub struct ControllerConfig {
     pub group_ttl: Duration,
     /// Upper bound on one `Retry-After` the receiver asks for.
     pub max_retry_after: Duration,
+    /// Per-endpoint circuit breaking, concurrency bound and disabling.
+    pub circuit: CircuitConfig,
+    /// How often a subscription's status catches up with its endpoint's health.
+    pub health_sync: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -68,6 +72,8 @@ impl Default for ControllerConfig {
             metrics: Arc::default(),
             group_ttl: Duration::from_secs(7 * 24 * 3600),
             max_retry_after: Duration::from_secs(3600),
+            circuit: CircuitConfig::default(),
+            health_sync: Duration::from_secs(10),
         }
     }
 }
@@ -79,6 +85,8 @@ pub struct Context {
     pub config: ControllerConfig,
     pub results: ResultStore,
     pub sender: Sender,
+    /// Every endpoint's circuit breaker, shared by all reconciles.
+    pub circuits: Circuits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +129,10 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
         sender: Sender::new(&config.sender, EgressGuard::new(config.egress.clone()))?,
         results: ResultStore::new(client.clone()),
         recorder: kube::runtime::events::Recorder::new(client.clone(), MANAGER.into()),
+        circuits: Circuits::new(CircuitConfig {
+            max_pause: config.max_retry_after,
+            ..config.circuit.clone()
+        }),
         config,
     });
     let groups: Api<ImageGroup> = Api::all(client.clone());

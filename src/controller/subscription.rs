@@ -1,5 +1,8 @@
 //! Reconciling a WebhookSubscription: it is `Ready` when its spec is valid and its
-//! signing secret exists in `whsec_` form.
+//! signing secret exists in `whsec_` form (and the endpoint is not disabled), and `Healthy`
+//! while its endpoint accepts deliveries. This reconciler is the only writer of the
+//! subscription's status: the health the deliveries record in the endpoint's circuit is
+//! copied here every `health_sync`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +14,10 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::{Context, ControllerError, MANAGER};
-use crate::crd::{ConditionStatus, WebhookSubscription, set_condition};
+use crate::crd::{
+    CircuitState, ConditionStatus, EndpointHealth, WebhookSubscription, WebhookSubscriptionStatus,
+    set_condition,
+};
 
 pub async fn reconcile(
     sub: Arc<WebhookSubscription>,
@@ -27,8 +33,28 @@ pub async fn reconcile(
     };
     let original = sub.status.clone().unwrap_or_default();
     let mut status = original.clone();
+    // The circuit the deliveries use; a new spec generation starts a fresh one, which is
+    // how an operator enables a disabled endpoint again.
+    let key = super::events::subscription_circuit(&sub);
+    let recorded = original.observed_generation.zip(original.health.as_ref());
+    ctx.circuits
+        .endpoint(&key, generation.unwrap_or(0), recorded);
+    let health = ctx.circuits.health(&key).unwrap_or_default();
     status.observed_generation = generation;
     let now = jiff::Timestamp::now();
+    let disabled = health.circuit == CircuitState::Disabled;
+    let readiness = match readiness {
+        Ok(()) if disabled => Err((
+            "Disabled",
+            health
+                .disabled_reason
+                .clone()
+                .unwrap_or_else(|| "the endpoint was disabled".to_owned()),
+        )),
+        other => other,
+    };
+    set_health_condition(&mut status, &health, generation, now);
+    status.health = Some(health);
     let ready = readiness.is_ok();
     match readiness {
         Ok(()) => set_condition(
@@ -64,12 +90,76 @@ pub async fn reconcile(
         )
         .await?;
     }
-    // A missing secret may be created later; look again now and then.
+    // The endpoint's health moves with every delivery; a missing secret may be created
+    // later. Look again now and then.
     Ok(if ready {
-        Action::await_change()
+        Action::requeue(ctx.config.health_sync)
     } else {
-        Action::requeue(Duration::from_secs(30))
+        Action::requeue(ctx.config.health_sync.max(Duration::from_secs(30)))
     })
+}
+
+fn set_health_condition(
+    status: &mut WebhookSubscriptionStatus,
+    health: &EndpointHealth,
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+) {
+    let failures = health.consecutive_failures;
+    let since = health
+        .failing_since
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    let last_error = health
+        .last_delivery
+        .as_ref()
+        .and_then(|d| d.error.clone())
+        .unwrap_or_default();
+    let (state, reason, message) = match health.circuit {
+        CircuitState::Disabled => (
+            ConditionStatus::False,
+            "Disabled",
+            health
+                .disabled_reason
+                .clone()
+                .unwrap_or_else(|| "the endpoint was disabled".to_owned()),
+        ),
+        CircuitState::Open | CircuitState::HalfOpen => (
+            ConditionStatus::False,
+            "CircuitOpen",
+            format!(
+                "{failures} consecutive failures since {since} (last: {last_error}); deliveries \
+                 paused, next probe at {}",
+                health
+                    .next_probe_at
+                    .map_or_else(|| "once the cool-down ends".to_owned(), |t| t.to_string())
+            ),
+        ),
+        CircuitState::Closed if failures > 0 => (
+            ConditionStatus::False,
+            "Failing",
+            format!("{failures} consecutive failures since {since} (last: {last_error})"),
+        ),
+        CircuitState::Closed if health.last_delivery.is_none() => (
+            ConditionStatus::Unknown,
+            "NoDeliveries",
+            "nothing was sent to the endpoint yet".to_owned(),
+        ),
+        CircuitState::Closed => (
+            ConditionStatus::True,
+            "Delivering",
+            "the endpoint accepts deliveries".to_owned(),
+        ),
+    };
+    set_condition(
+        &mut status.conditions,
+        "Healthy",
+        state,
+        reason,
+        message,
+        generation,
+        now,
+    );
 }
 
 async fn check_secret(

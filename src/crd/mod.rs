@@ -15,7 +15,8 @@ pub use image_group::{
 };
 pub use image_result::{ImageFailure, ImageResult, ImageResultSpec, ModelResult, Timings};
 pub use webhook_subscription::{
-    WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
+    CircuitState, EndpointHealth, LastDelivery, RetryPolicy, WebhookSubscription,
+    WebhookSubscriptionSpec, WebhookSubscriptionStatus,
 };
 
 use kube::CustomResourceExt;

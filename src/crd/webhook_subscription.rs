@@ -9,6 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::SecretKeyRef;
+use crate::webhook::{RetrySchedule, parse_duration};
 
 /// The event types kinsight sends.
 pub const EVENT_TYPES: &[&str] = &[
@@ -29,6 +30,11 @@ pub const EVENT_TYPES: &[&str] = &[
     category = "kinsight",
     printcolumn = r#"{"name":"URL","type":"string","jsonPath":".spec.url"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Healthy","type":"string","jsonPath":".status.conditions[?(@.type==\"Healthy\")].status"}"#,
+    printcolumn = r#"{"name":"Circuit","type":"string","jsonPath":".status.health.circuit"}"#,
+    printcolumn = r#"{"name":"Failures","type":"integer","jsonPath":".status.health.consecutiveFailures"}"#,
+    printcolumn = r#"{"name":"Last Delivery","type":"date","jsonPath":".status.health.lastDelivery.at"}"#,
+    printcolumn = r#"{"name":"Disabled","type":"string","jsonPath":".status.health.disabledReason","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -49,7 +55,23 @@ pub struct WebhookSubscriptionSpec {
     /// Per-attempt timeout (1-60 s; default: the controller's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u32>,
+    /// When to retry a failed attempt (default: the controller's schedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<RetryPolicy>,
 }
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Waits before each retry, in order, e.g. `["5s", "5m", "30m", "2h"]` (units ms, s,
+    /// m, h, d): the first attempt is immediate, so an event gets at most one attempt more
+    /// than this list has entries. At most 20 entries of at most 7 days each.
+    pub schedule: Vec<String>,
+}
+
+/// Bounds of a subscription's retry schedule.
+const MAX_RETRIES: usize = 20;
+const MAX_RETRY_WAIT: std::time::Duration = std::time::Duration::from_secs(7 * 86400);
 
 /// Headers the sender sets itself; a subscription may not override them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -92,11 +114,103 @@ impl WebhookSubscriptionSpec {
 pub struct WebhookSubscriptionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Ready` (the spec and signing secret are usable) and `Healthy` (the endpoint
+    /// accepts deliveries).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// How the endpoint has been answering, as the controller's circuit breaker sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<EndpointHealth>,
+}
+
+/// The circuit breaker of one endpoint: closed (deliveries flow), open (paused after
+/// consecutive failures until a probe is due), half-open (one probe in flight), or
+/// disabled (failing for the whole failure window; re-enabled by changing the spec).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum CircuitState {
+    #[default]
+    Closed,
+    Open,
+    HalfOpen,
+    Disabled,
+}
+
+impl CircuitState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "Closed",
+            Self::Open => "Open",
+            Self::HalfOpen => "HalfOpen",
+            Self::Disabled => "Disabled",
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointHealth {
+    #[serde(default)]
+    pub circuit: CircuitState,
+    /// Failed attempts since the last success.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// The first failure since the last success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<jiff::Timestamp>,
+    /// While open: when the next single probe may go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_probe_at: Option<jiff::Timestamp>,
+    /// Attempts allowed in flight at once; halved on 429/503, grows back with successes.
+    #[serde(default)]
+    pub concurrency_limit: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_delivery: Option<LastDelivery>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<jiff::Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<jiff::Timestamp>,
+}
+
+/// The latest attempt made to the endpoint.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastDelivery {
+    pub at: jiff::Timestamp,
+    /// `Delivered` or `Failed`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl WebhookSubscriptionSpec {
+    /// The subscription's own retry schedule, if it has one.
+    pub fn retry_schedule(&self) -> Result<Option<RetrySchedule>, String> {
+        let Some(policy) = &self.retry_policy else {
+            return Ok(None);
+        };
+        if policy.schedule.len() > MAX_RETRIES {
+            return Err(format!(
+                "retryPolicy.schedule: at most {MAX_RETRIES} retries"
+            ));
+        }
+        let mut waits = Vec::with_capacity(policy.schedule.len());
+        for text in &policy.schedule {
+            let wait =
+                parse_duration(text.trim()).map_err(|e| format!("retryPolicy.schedule: {e}"))?;
+            if wait > MAX_RETRY_WAIT {
+                return Err(format!(
+                    "retryPolicy.schedule: {text:?} is longer than 7 days"
+                ));
+            }
+            waits.push(wait);
+        }
+        Ok(Some(RetrySchedule(waits)))
+    }
+
     pub fn wants(&self, event: &str) -> bool {
         self.event_types.is_empty() || self.event_types.iter().any(|e| e == event)
     }
@@ -121,6 +235,7 @@ impl WebhookSubscriptionSpec {
         if self.timeout_seconds.is_some_and(|t| !(1..=60).contains(&t)) {
             return Err("timeoutSeconds: must be between 1 and 60".into());
         }
+        self.retry_schedule()?;
         for e in self
             .selector
             .iter()
@@ -163,7 +278,36 @@ mod tests {
             selector: None,
             headers: BTreeMap::new(),
             timeout_seconds: None,
+            retry_policy: None,
         }
+    }
+
+    #[test]
+    fn retry_policies_parse_or_are_refused() {
+        let mut s = spec();
+        assert_eq!(s.retry_schedule(), Ok(None));
+        let policy = |waits: &[&str]| RetryPolicy {
+            schedule: waits.iter().map(|w| (*w).to_owned()).collect(),
+        };
+        s.retry_policy = Some(policy(&["500ms", "5s", "2h"]));
+        let schedule = s.retry_schedule().expect("valid").expect("some");
+        assert_eq!(
+            schedule.0,
+            vec![
+                std::time::Duration::from_millis(500),
+                std::time::Duration::from_secs(5),
+                std::time::Duration::from_secs(7200)
+            ]
+        );
+        s.retry_policy = Some(policy(&["5 minutes"]));
+        assert!(s.validate().unwrap_err().contains("retryPolicy.schedule"));
+        s.retry_policy = Some(policy(&["8d"]));
+        assert!(s.validate().unwrap_err().contains("7 days"));
+        s.retry_policy = Some(policy(&["1s"; 21]));
+        assert!(s.validate().unwrap_err().contains("at most 20"));
+        // An empty schedule is allowed: one attempt, no retries.
+        s.retry_policy = Some(policy(&[]));
+        assert_eq!(s.validate(), Ok(()));
     }
 
     #[test]

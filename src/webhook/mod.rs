@@ -2,10 +2,14 @@
 //! and the retry schedule. What to send and when lives in the controller, whose status
 //! records every attempt.
 
+mod circuit;
+mod circuits;
 mod payload;
 mod sender;
 mod signing;
 
+pub use circuit::{Admission, Circuit, CircuitConfig, Transition};
+pub use circuits::{Blocked, Circuits, Permit};
 pub use payload::{EventPayload, group_event, image_event};
 pub use sender::{AttemptOutcome, EndpointOptions, Sender, SenderConfig};
 pub use signing::{SigningError, generate_secret, sign};
@@ -14,7 +18,7 @@ use std::time::Duration;
 
 /// Waits before each retry: the first attempt is immediate, then the schedule in order.
 /// Default: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RetrySchedule(pub Vec<Duration>);
 
 impl Default for RetrySchedule {

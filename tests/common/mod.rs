@@ -46,6 +46,14 @@ pub fn repo_path(relative: &str) -> PathBuf {
 
 impl Harness {
     pub async fn start(namespace: &str) -> Harness {
+        Self::start_configured(namespace, |_| {}).await
+    }
+
+    /// Like [`Harness::start`], with the test's changes to the controller's configuration.
+    pub async fn start_configured(
+        namespace: &str,
+        configure: impl FnOnce(&mut ControllerConfig),
+    ) -> Harness {
         kinsight::install_crypto_provider();
         let cluster = TestCluster::start().await.expect("control plane starts");
         let client = cluster.client();
@@ -118,7 +126,9 @@ impl Harness {
             tasks,
             _logs: logs,
         };
-        harness.start_controller();
+        let mut config = harness.controller_config();
+        configure(&mut config);
+        harness.start_controller_with(config);
         harness.wait_for_api().await;
         harness
     }

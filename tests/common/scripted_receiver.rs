@@ -1,6 +1,7 @@
 //! A misbehaving webhook receiver for tests: raw TCP on 127.0.0.1, so it can do what a
 //! well-behaved HTTP server never would (reset connections, hang, vanish and come back).
-//! Each path has a script of replies, one per attempt; past its end it answers 204.
+//! Each path has a script of replies, one per attempt; past its end it answers its
+//! fallback (204 unless set), which a test may change while it runs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,19 +29,48 @@ pub struct Attempt {
     pub path: String,
     pub webhook_id: String,
     pub event: String,
+    /// `data.imageId` of image events.
+    pub image: Option<String>,
     pub at: tokio::time::Instant,
 }
 
 #[derive(Clone, Default)]
 pub struct Scripted {
     scripts: Arc<Mutex<HashMap<String, Vec<Reply>>>>,
+    fallbacks: Arc<Mutex<HashMap<String, Reply>>>,
     log: Arc<Mutex<Vec<Attempt>>>,
+    /// Requests being answered now, and the most ever at once, per path.
+    in_flight: Arc<Mutex<HashMap<String, (usize, usize)>>>,
 }
 
 impl Scripted {
     pub fn script(&self, path: &str, replies: Vec<Reply>) {
         if let Ok(mut s) = self.scripts.lock() {
             s.insert(path.to_owned(), replies);
+        }
+    }
+
+    /// What the path answers once its script is used up.
+    pub fn fallback(&self, path: &str, reply: Reply) {
+        if let Ok(mut f) = self.fallbacks.lock() {
+            f.insert(path.to_owned(), reply);
+        }
+    }
+
+    /// The most requests to `path` that were being answered at the same time.
+    pub fn max_in_flight(&self, path: &str) -> usize {
+        self.in_flight
+            .lock()
+            .ok()
+            .and_then(|m| m.get(path).map(|(_, max)| *max))
+            .unwrap_or(0)
+    }
+
+    fn track(&self, path: &str, delta: isize) {
+        if let Ok(mut m) = self.in_flight.lock() {
+            let entry = m.entry(path.to_owned()).or_default();
+            entry.0 = entry.0.saturating_add_signed(delta);
+            entry.1 = entry.1.max(entry.0);
         }
     }
 
@@ -66,23 +96,41 @@ impl Scripted {
         let Some((path, headers, _body)) = read_request(&mut stream).await else {
             return;
         };
-        let event = serde_json::from_slice::<serde_json::Value>(&_body)
-            .ok()
-            .and_then(|v| v["type"].as_str().map(str::to_owned))
-            .unwrap_or_default();
+        self.track(&path, 1);
+        self.answer(stream, &path, &headers, &_body).await;
+        self.track(&path, -1);
+    }
+
+    async fn answer(
+        &self,
+        mut stream: TcpStream,
+        path: &str,
+        headers: &HashMap<String, String>,
+        _body: &[u8],
+    ) {
+        let payload = serde_json::from_slice::<serde_json::Value>(_body).unwrap_or_default();
+        let event = payload["type"].as_str().unwrap_or_default().to_owned();
+        let image = payload["data"]["imageId"].as_str().map(str::to_owned);
         let reply = {
             let Ok(mut log) = self.log.lock() else { return };
             let n = log.iter().filter(|a| a.path == path).count();
             log.push(Attempt {
-                path: path.clone(),
+                path: path.to_owned(),
                 webhook_id: headers.get("webhook-id").cloned().unwrap_or_default(),
                 event,
+                image,
                 at: tokio::time::Instant::now(),
             });
             self.scripts
                 .lock()
                 .ok()
-                .and_then(|s| s.get(&path).and_then(|r| r.get(n).cloned()))
+                .and_then(|s| s.get(path).and_then(|r| r.get(n).cloned()))
+                .or_else(|| {
+                    self.fallbacks
+                        .lock()
+                        .ok()
+                        .and_then(|f| f.get(path).cloned())
+                })
         };
         let response = match reply {
             None => status_line(204, None),

@@ -1,0 +1,260 @@
+//! Every endpoint's circuit, shared by all reconciles: a slot must be taken before an
+//! attempt, so the per-endpoint concurrency bound holds across groups and one slow
+//! receiver only ever holds its own slots.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio::sync::Notify;
+
+use super::AttemptOutcome;
+use super::circuit::{Admission, Circuit, CircuitConfig, Transition};
+use crate::crd::{CircuitState, EndpointHealth};
+
+/// A waiter for a slot looks again at least this often, whatever it was told.
+const RECHECK: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+pub struct Circuits {
+    config: CircuitConfig,
+    entries: Mutex<HashMap<String, Arc<Endpoint>>>,
+}
+
+/// One endpoint's circuit. `generation` is that of the subscription it was built for: a
+/// changed spec (a new URL, or an operator re-enabling it) starts a fresh circuit.
+#[derive(Debug)]
+pub struct Endpoint {
+    generation: i64,
+    circuit: Mutex<Circuit>,
+    changed: Notify,
+}
+
+/// Why no attempt may go now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    Until(Timestamp),
+    /// The reason; `just_now` when this call is the one that disabled it.
+    Disabled {
+        reason: String,
+        just_now: bool,
+    },
+}
+
+/// A slot for one attempt; record its outcome with [`Permit::finish`]. Dropped unfinished,
+/// the slot is simply given back.
+#[derive(Debug)]
+pub struct Permit {
+    endpoint: Arc<Endpoint>,
+    config: CircuitConfig,
+    probe: bool,
+    finished: bool,
+}
+
+impl Circuits {
+    pub fn new(config: CircuitConfig) -> Self {
+        Self {
+            config,
+            entries: Mutex::default(),
+        }
+    }
+
+    pub fn config(&self) -> &CircuitConfig {
+        &self.config
+    }
+
+    /// The endpoint's circuit; a new one resumes from `recorded` (what the subscription's
+    /// status says) when that was recorded for this generation.
+    pub fn endpoint(
+        &self,
+        key: &str,
+        generation: i64,
+        recorded: Option<(i64, &EndpointHealth)>,
+    ) -> Arc<Endpoint> {
+        let mut entries = lock(&self.entries);
+        if let Some(existing) = entries.get(key).filter(|e| e.generation >= generation) {
+            return existing.clone();
+        }
+        let circuit = match recorded {
+            Some((at, health)) if at == generation => Circuit::resume(&self.config, health.clone()),
+            _ => Circuit::new(&self.config),
+        };
+        let endpoint = Arc::new(Endpoint {
+            generation,
+            circuit: Mutex::new(circuit),
+            changed: Notify::new(),
+        });
+        entries.insert(key.to_owned(), endpoint.clone());
+        endpoint
+    }
+
+    /// The endpoint's health as of now, if it has a circuit.
+    pub fn health(&self, key: &str) -> Option<EndpointHealth> {
+        let entries = lock(&self.entries);
+        entries.get(key).map(|e| e.circuit().health().clone())
+    }
+
+    /// How many circuits are open (or probing), and how many endpoints are disabled.
+    pub fn counts(&self) -> (usize, usize) {
+        let entries = lock(&self.entries);
+        let states: Vec<CircuitState> = entries
+            .values()
+            .map(|e| e.circuit().health().circuit)
+            .collect();
+        let open = states
+            .iter()
+            .filter(|s| matches!(s, CircuitState::Open | CircuitState::HalfOpen))
+            .count();
+        let disabled = states
+            .iter()
+            .filter(|s| **s == CircuitState::Disabled)
+            .count();
+        (open, disabled)
+    }
+
+    /// Waits for a free slot, or says why none will be free for now.
+    pub async fn acquire(&self, endpoint: &Arc<Endpoint>) -> Result<Permit, Blocked> {
+        loop {
+            let notified = endpoint.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let admission = endpoint.circuit().admit(&self.config, Timestamp::now());
+            match admission {
+                Admission::Go { probe } => {
+                    return Ok(Permit {
+                        endpoint: endpoint.clone(),
+                        config: self.config.clone(),
+                        probe,
+                        finished: false,
+                    });
+                }
+                Admission::Wait(until) => return Err(Blocked::Until(until)),
+                Admission::Disabled { just_now } => {
+                    let reason = endpoint
+                        .circuit()
+                        .health()
+                        .disabled_reason
+                        .clone()
+                        .unwrap_or_else(|| "endpoint disabled".to_owned());
+                    return Err(Blocked::Disabled { reason, just_now });
+                }
+                Admission::Full => {
+                    let _ = tokio::time::timeout(RECHECK, notified).await;
+                }
+            }
+        }
+    }
+}
+
+impl Endpoint {
+    fn circuit(&self) -> MutexGuard<'_, Circuit> {
+        lock(&self.circuit)
+    }
+}
+
+impl Permit {
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// Records the attempt's outcome; returns a transition worth an Event.
+    pub fn finish(mut self, outcome: &AttemptOutcome) -> Option<Transition> {
+        self.finished = true;
+        let transition =
+            self.endpoint
+                .circuit()
+                .record(&self.config, self.probe, outcome, Timestamp::now());
+        self.endpoint.changed.notify_waiters();
+        transition
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.endpoint
+                .circuit()
+                .release(self.probe, Timestamp::now());
+            self.endpoint.changed.notify_waiters();
+        }
+    }
+}
+
+/// A poisoned lock only means another reconcile panicked mid-update; the circuit's data
+/// is still a valid state, so carry on with it.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn circuits(max_concurrency: u32) -> Circuits {
+        Circuits::new(CircuitConfig {
+            failure_threshold: 2,
+            max_concurrency,
+            ..CircuitConfig::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn waiters_get_a_slot_when_one_is_given_back() {
+        let c = Arc::new(circuits(1));
+        let endpoint = c.endpoint("ns/a", 1, None);
+        let first = c.acquire(&endpoint).await.expect("a free slot");
+        let waiter = {
+            let c = c.clone();
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move { c.acquire(&endpoint).await.map(|p| p.is_probe()) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "the only slot is taken");
+        first.finish(&AttemptOutcome::Delivered { status: 200 });
+        let got = tokio::time::timeout(Duration::from_millis(500), waiter)
+            .await
+            .expect("woken when the slot came back")
+            .expect("task");
+        assert_eq!(got, Ok(false));
+    }
+
+    #[tokio::test]
+    async fn an_open_circuit_blocks_every_endpoint_but_its_own() {
+        let c = circuits(4);
+        let sick = c.endpoint("ns/sick", 1, None);
+        let fine = c.endpoint("ns/fine", 1, None);
+        for _ in 0..2 {
+            let permit = c.acquire(&sick).await.expect("slot");
+            permit.finish(&AttemptOutcome::Failed {
+                status: Some(500),
+                error: "HTTP 500".into(),
+                retry_after: None,
+                gone: false,
+            });
+        }
+        assert!(matches!(c.acquire(&sick).await, Err(Blocked::Until(_))));
+        assert!(c.acquire(&fine).await.is_ok());
+        assert_eq!(c.counts(), (1, 0));
+        assert_eq!(c.health("ns/sick").map(|h| h.consecutive_failures), Some(2));
+    }
+
+    #[test]
+    fn a_newer_generation_starts_afresh_and_recorded_health_is_resumed() {
+        let c = circuits(4);
+        let recorded = EndpointHealth {
+            circuit: CircuitState::Disabled,
+            consecutive_failures: 9,
+            ..EndpointHealth::default()
+        };
+        let first = c.endpoint("ns/a", 3, Some((3, &recorded)));
+        assert_eq!(first.circuit().health().circuit, CircuitState::Disabled);
+        // The same generation finds the same circuit; a newer spec starts a fresh one.
+        assert!(Arc::ptr_eq(&first, &c.endpoint("ns/a", 3, None)));
+        let fresh = c.endpoint("ns/a", 4, Some((3, &recorded)));
+        assert_eq!(fresh.circuit().health().circuit, CircuitState::Closed);
+        assert_eq!(fresh.circuit().health().consecutive_failures, 0);
+    }
+}
