@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kinsight::controller::ControllerConfig;
+use kinsight::controller::{ControllerConfig, WorkerCatalog};
 use kinsight::dev::{ReceivedWebhook, create_tenant, install_crds, serve_folder, webhook_receiver};
 use kinsight::inference::Catalog;
-use kinsight::testbed::TestCluster;
+use kinsight::testbed::{NodeAgentOptions, TestCluster};
 use kinsight::webhook::{RetrySchedule, generate_secret};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
@@ -37,7 +37,8 @@ pub struct Harness {
     pub metrics: std::sync::Arc<kinsight::controller::Metrics>,
     controller: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
-    _logs: tempfile::TempDir,
+    /// Pods' stdout and stderr, as the node agent writes them.
+    logs: tempfile::TempDir,
 }
 
 pub fn repo_path(relative: &str) -> PathBuf {
@@ -46,6 +47,14 @@ pub fn repo_path(relative: &str) -> PathBuf {
 
 impl Harness {
     pub async fn start(namespace: &str) -> Harness {
+        Self::start_with_node(namespace, |_| {}).await
+    }
+
+    /// [`Harness::start`] with the node agent's options adjusted (labels, taints, GPUs).
+    pub async fn start_with_node(
+        namespace: &str,
+        node: impl FnOnce(&mut NodeAgentOptions),
+    ) -> Harness {
         kinsight::install_crypto_provider();
         let cluster = TestCluster::start().await.expect("control plane starts");
         let client = cluster.client();
@@ -72,6 +81,7 @@ impl Harness {
             logs.path(),
         );
         agent.extra_env = vec![("RUST_LOG".into(), "info".into())];
+        node(&mut agent);
         let agent_client = client.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = kinsight::testbed::node_agent::run(agent_client, agent).await {
@@ -116,7 +126,7 @@ impl Harness {
             metrics: Default::default(),
             controller: None,
             tasks,
-            _logs: logs,
+            logs,
         };
         harness.start_controller();
         harness.wait_for_api().await;
@@ -132,15 +142,13 @@ impl Harness {
         let ort = std::path::absolute(ort).expect("absolute path");
         // The photo server and the webhook receiver are on 127.0.0.1.
         let egress = kinsight::net::EgressPolicy::allow_loopback();
+        // Workers read the catalog from the ConfigMap the controller publishes.
+        let catalog = Catalog::load(repo_path("models/catalog.yaml")).expect("catalog");
+        let models_dir = repo_path("models").display().to_string();
         ControllerConfig {
             models: self.models.clone(),
-            worker_env: vec![
-                (
-                    "KINSIGHT_CATALOG".into(),
-                    repo_path("models/catalog.yaml").display().to_string(),
-                ),
-                ("ORT_DYLIB_PATH".into(), ort.display().to_string()),
-            ],
+            worker_catalog: Some(WorkerCatalog::new(&catalog, models_dir)),
+            worker_env: vec![("ORT_DYLIB_PATH".into(), ort.display().to_string())],
             egress,
             metrics: self.metrics.clone(),
             // Test schedules are in seconds.
@@ -190,6 +198,15 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("API did not accept the test key in time");
+    }
+
+    /// What a pod printed (stdout and stderr), empty until it has started.
+    pub fn pod_log(&self, pod: &str) -> String {
+        let file = self
+            .logs
+            .path()
+            .join(format!("{}_{pod}.log", self.namespace));
+        std::fs::read_to_string(file).unwrap_or_default()
     }
 
     pub fn photo_url(&self, name: &str) -> String {
