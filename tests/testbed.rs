@@ -612,7 +612,7 @@ async fn config_map_volumes_and_extended_resources() {
                         "name": "worker",
                         "image": "kinsight:test",
                         // The file named by an env value and by an argument ($0 of `sh -c`).
-                        "command": ["kinsight", "-c", r#"cat "$GREETING_FILE" && echo && cat "$0" && ls "$(dirname "$0")""#],
+                        "command": ["kinsight", "-c", r#"cat "$GREETING_FILE" && echo && cat "$0" && echo && ls "$(dirname "$0")""#],
                         "args": ["/etc/app/sub/greeting.txt"],
                         "env": [{ "name": "GREETING_FILE", "value": "/etc/app/sub/greeting.txt" }],
                         "volumeMounts": [{ "name": "conf", "mountPath": "/etc/app" }],
