@@ -2,7 +2,7 @@
 //! name so a controller restart finds the Job it created instead of making a second one.
 //!
 //! The pod reads the model catalog from a ConfigMap the controller keeps in the group's
-//! namespace ([`catalog_config_map`]) and the model files from its image (or a volume), and
+//! namespace ([`catalog_config_map`]) and the model files from its image, and
 //! asks for a GPU when one of its models wants one ([`GpuSettings`]).
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -157,7 +157,7 @@ pub async fn run(client: kube::Client, opts: NodeAgentOptions) -> Result<(), Tes
     let state_dir = tempfile::Builder::new()
         .prefix("kinsight-node-agent-")
         .tempdir()
-        .map_err(|e| TestbedError::io("creating the node agent's kubeconfig folder", e))?;
+        .map_err(|e| TestbedError::io("creating the node agent's state folder", e))?;
     register_node(&client, &opts).await?;
     tracing::info!(node = %opts.node_name, max_pods = opts.max_pods, "node agent running");
 
