@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use kinsight::controller::ControllerConfig;
+use kinsight::controller::{ControllerConfig, GpuSettings, WorkerCatalog};
 use kinsight::dev::DevOptions;
-use kinsight::inference::{Catalog, EngineOptions};
+use kinsight::inference::{Catalog, EngineOptions, ExecutionProvider};
 use kinsight::net::EgressPolicy;
 use kinsight::webhook::{CircuitConfig, RetrySchedule, parse_duration};
 use kinsight::worker::{FetchConfig, WorkerOptions};
@@ -45,6 +45,16 @@ struct CatalogArg {
     /// The model catalog.
     #[arg(long, env = "KINSIGHT_CATALOG", default_value = "models/catalog.yaml")]
     catalog: PathBuf,
+    /// Folder the catalog's relative model and labels files are in (default: the
+    /// catalog's folder).
+    #[arg(long, env = "KINSIGHT_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+}
+
+impl CatalogArg {
+    fn load(&self) -> Result<Catalog, kinsight::inference::InferenceError> {
+        Catalog::load_with_models_dir(&self.catalog, self.models_dir.as_deref())
+    }
 }
 
 #[derive(Args)]
@@ -77,6 +87,15 @@ struct ControllerArgs {
     /// This replica's identity in the election (the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Models folder inside worker pods (default: this controller's models folder).
+    #[arg(long, env = "KINSIGHT_WORKER_MODELS_DIR")]
+    worker_models_dir: Option<String>,
+    /// What Jobs of GPU models (`gpu: true` in the catalog) ask for, JSON or YAML:
+    /// `{"resourceName": "nvidia.com/gpu", "count": 1, "nodeSelector": {...},
+    /// "tolerations": [...], "runtimeClassName": "nvidia"}` (missing fields: these defaults,
+    /// no selector, tolerations or runtime class).
+    #[arg(long, env = "KINSIGHT_WORKER_GPU", value_parser = GpuSettings::parse)]
+    worker_gpu: Option<GpuSettings>,
     #[command(flatten)]
     endpoints: EndpointHealthArgs,
 }
@@ -149,6 +168,10 @@ struct WorkerArgs {
     prefetch: usize,
     #[command(flatten)]
     egress: EgressArg,
+    /// Where the models run: `cpu`, `cuda` (GPU 0), `cuda:<gpu>` or `auto` (CUDA when this
+    /// ONNX Runtime and machine have it, else the CPU). The log says which ran.
+    #[arg(long, env = "KINSIGHT_EXECUTION_PROVIDER", default_value = "cpu")]
+    execution_provider: ExecutionProvider,
 }
 
 #[derive(Args)]
@@ -160,6 +183,13 @@ struct NodeAgentArgs {
     binary: Option<PathBuf>,
     #[arg(long, default_value = "pod-logs")]
     log_dir: PathBuf,
+    /// Extended resource the node advertises, NAME=COUNT (repeatable), e.g. `nvidia.com/gpu=1`;
+    /// pods asking for more than advertised are not run here.
+    #[arg(long = "extended-resource", value_parser = parse_key_value)]
+    extended_resources: Vec<(String, String)>,
+    /// Extra node label, NAME=VALUE (repeatable), for pods' node selectors.
+    #[arg(long = "node-label", value_parser = parse_key_value)]
+    node_labels: Vec<(String, String)>,
 }
 
 #[derive(Args, Clone)]
@@ -213,6 +243,8 @@ async fn main() -> ExitCode {
             }),
         )
         .with_writer(std::io::stderr)
+        // Pod logs are files: no colour codes around the fields people grep for.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     kinsight::install_crypto_provider();
     match run(Cli::parse().command).await {
@@ -230,9 +262,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", kinsight::crd::all_crds_yaml()?);
         }
         Command::Controller(args) => {
-            let catalog = Catalog::load(&args.catalog.catalog)?;
+            let catalog = args.catalog.load()?;
+            // Workers run the same image: by default their models are where ours are.
+            let worker_models_dir = match args.worker_models_dir {
+                Some(dir) => dir,
+                None => std::path::absolute(
+                    args.catalog
+                        .models_dir
+                        .as_deref()
+                        .unwrap_or_else(|| Catalog::default_models_dir(&args.catalog.catalog)),
+                )?
+                .display()
+                .to_string(),
+            };
             let defaults = ControllerConfig::default();
             let config = ControllerConfig {
+                worker_catalog: Some(WorkerCatalog::new(&catalog, worker_models_dir)),
+                gpu: args.worker_gpu.unwrap_or_default(),
                 models: catalog.names().map(str::to_owned).collect(),
                 worker_image: args.worker_image.unwrap_or(defaults.worker_image.clone()),
                 worker_env: args.worker_env,
@@ -273,7 +319,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Api(args) => {
-            let catalog = Catalog::load(&args.catalog.catalog)?;
+            let catalog = args.catalog.load()?;
             let client = kube::Client::try_default().await?;
             let config = kinsight::api::ApiConfig {
                 keys_namespace: args.keys_namespace,
@@ -292,6 +338,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let threads = args.threads.unwrap_or(0);
             let options = WorkerOptions {
                 catalog: args.catalog.catalog,
+                models_dir: args.catalog.models_dir,
                 fetch: FetchConfig {
                     egress: args.egress.allow_egress.unwrap_or_default(),
                     ..FetchConfig::default()
@@ -299,6 +346,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 prefetch: args.prefetch,
                 engine: EngineOptions {
                     intra_threads: threads,
+                    execution_provider: args.execution_provider,
                     ..EngineOptions::default()
                 },
             };
@@ -311,8 +359,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Some(b) => b,
                 None => std::env::current_exe()?,
             };
-            let options =
+            let mut options =
                 kinsight::testbed::NodeAgentOptions::new(args.node_name, binary, args.log_dir);
+            options.extended_resources = args.extended_resources.into_iter().collect();
+            options.node_labels = args.node_labels.into_iter().collect();
             kinsight::testbed::node_agent::run(client, options).await?;
         }
         Command::Dev(args) => {

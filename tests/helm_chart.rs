@@ -1,12 +1,14 @@
 //! The Helm chart, linted and installed with Helm's own library (PyPI helm-sdkpy) into a
 //! real API server: it must create the CRDs the code serves, the controller and API
-//! Deployments and the RBAC they need.
+//! Deployments, the catalog ConfigMap they mount and the RBAC they need.
 
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kinsight::controller::GpuSettings;
 use kinsight::testbed::TestCluster;
 use kube::Api;
 
@@ -54,6 +56,53 @@ fn chart_crds_equal_the_generated_crds() {
     );
 }
 
+#[test]
+fn chart_catalog_equals_the_bundled_catalog() {
+    let read = |path: &str| {
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+            .expect(path)
+    };
+    assert_eq!(
+        read("charts/kinsight/files/catalog.yaml"),
+        read("models/catalog.yaml"),
+        "charts/kinsight/files/catalog.yaml is stale: copy models/catalog.yaml"
+    );
+}
+
+fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+/// The container reads the catalog from the chart's ConfigMap, mounted where
+/// `KINSIGHT_CATALOG` points, with the models in the image's models folder.
+fn assert_reads_the_catalog_config_map(pod: &PodSpec, container: &Container) {
+    let catalog = env_value(container, "KINSIGHT_CATALOG").expect("KINSIGHT_CATALOG");
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| catalog.starts_with(&format!("{}/", m.mount_path)))
+        .unwrap_or_else(|| panic!("{} mounts nothing at {catalog}", container.name));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the mounted volume");
+    let source = volume.config_map.as_ref().expect("a configMap volume");
+    assert_eq!(source.name, "kinsight-catalog");
+    assert_eq!(&catalog[mount.mount_path.len() + 1..], "catalog.yaml");
+    assert_eq!(
+        env_value(container, "KINSIGHT_MODELS_DIR"),
+        Some("/opt/kinsight/models")
+    );
+}
+
 #[tokio::test]
 async fn chart_installs_into_a_real_cluster() {
     let cluster = TestCluster::start().await.expect("cluster");
@@ -65,10 +114,20 @@ async fn chart_installs_into_a_real_cluster() {
         .kubeconfig_path()
         .to_string_lossy()
         .into_owned();
-    let result =
-        tokio::task::spawn_blocking(move || chart(&["install", &kubeconfig, "kinsight-system"]))
-            .await
-            .expect("join");
+    let values = serde_json::json!({
+        "image": { "tag": "test" },
+        "worker": { "gpu": {
+            "nodeSelector": { "nvidia.com/gpu.present": "true" },
+            "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }],
+            "runtimeClassName": "nvidia"
+        }}
+    })
+    .to_string();
+    let result = tokio::task::spawn_blocking(move || {
+        chart(&["install", &kubeconfig, "kinsight-system", &values])
+    })
+    .await
+    .expect("join");
     assert!(result.to_string().contains("deployed"), "{result}");
 
     let client = cluster.client();
@@ -88,13 +147,8 @@ async fn chart_installs_into_a_real_cluster() {
         .get("kinsight-controller")
         .await
         .expect("controller deployment");
-    let container = &controller
-        .spec
-        .expect("spec")
-        .template
-        .spec
-        .expect("pod")
-        .containers[0];
+    let controller_pod = controller.spec.expect("spec").template.spec.expect("pod");
+    let container = &controller_pod.containers[0];
     assert_eq!(
         container.command.as_deref(),
         Some(&["kinsight".to_owned(), "controller".to_owned()][..])
@@ -106,22 +160,65 @@ async fn chart_installs_into_a_real_cluster() {
             .as_ref()
             .is_some_and(|a| a.contains(&"--worker-image=kinsight:test".to_owned()))
     );
-    assert!(
-        deployments
-            .get_opt("kinsight-api")
-            .await
-            .expect("get")
-            .is_some()
-    );
-    let role = Api::<ClusterRole>::all(client)
+
+    // The catalog: the bundled one by default, in a ConfigMap both Deployments mount.
+    let catalog = Api::<ConfigMap>::namespaced(client.clone(), "kinsight-system")
+        .get("kinsight-catalog")
+        .await
+        .expect("catalog ConfigMap");
+    let text = catalog
+        .data
+        .as_ref()
+        .and_then(|d| d.get("catalog.yaml"))
+        .expect("catalog.yaml");
+    let bundled =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/catalog.yaml"))
+            .expect("bundled catalog");
+    assert_eq!(text, &bundled);
+    assert_reads_the_catalog_config_map(&controller_pod, container);
+    let api = deployments
+        .get("kinsight-api")
+        .await
+        .expect("api deployment");
+    let api_pod = api.spec.expect("spec").template.spec.expect("pod");
+    assert_reads_the_catalog_config_map(&api_pod, &api_pod.containers[0]);
+
+    // The GPU values reach the controller in a form its own parser takes.
+    let gpu = GpuSettings::parse(env_value(container, "KINSIGHT_WORKER_GPU").expect("GPU env"))
+        .expect("the controller accepts the chart's GPU settings");
+    assert_eq!(gpu.resource_name, "nvidia.com/gpu");
+    assert_eq!(gpu.count, 1);
+    assert_eq!(gpu.node_selector["nvidia.com/gpu.present"], "true");
+    assert_eq!(gpu.tolerations.len(), 1);
+    assert_eq!(gpu.tolerations[0].operator.as_deref(), Some("Exists"));
+    assert_eq!(gpu.runtime_class_name.as_deref(), Some("nvidia"));
+    // Helm's defaults, too: an empty runtime class is none.
+    let defaults: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/charts/kinsight/values.yaml"
+        ))
+        .expect("values"),
+    )
+    .expect("values YAML");
+    let default_gpu = serde_json::to_string(&defaults["worker"]["gpu"]).expect("JSON");
+    assert_eq!(GpuSettings::parse(&default_gpu), Ok(GpuSettings::default()));
+
+    let roles = Api::<ClusterRole>::all(client);
+    let role = roles
         .get("kinsight-controller")
         .await
         .expect("controller role");
     let rules = role.rules.unwrap_or_default();
-    assert!(rules.iter().any(|r| {
-        r.resources
-            .as_ref()
-            .is_some_and(|res| res.contains(&"jobs".to_owned()))
-            && r.verbs.contains(&"create".to_owned())
-    }));
+    let allows = |resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r.resources
+                .as_ref()
+                .is_some_and(|res| res.iter().any(|x| x == resource))
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    assert!(allows("jobs", "create"));
+    // It publishes the catalog into tenant namespaces.
+    assert!(allows("configmaps", "create") && allows("configmaps", "patch"));
 }

@@ -575,3 +575,111 @@ async fn a_failing_apiserver_reports_its_log() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_map_volumes_and_extended_resources() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Node};
+    init_tracing();
+    bounded(async {
+        let cluster = test_cluster().await;
+        let client = cluster.client();
+        let logs = tempfile::tempdir().expect("tempdir");
+        let node = format!("node-gpu-{:08x}", rand::random::<u32>());
+        let ns = unique_namespace(&client, "volumes").await;
+        let mut opts = cluster.node_agent_options(node.as_str(), "/bin/sh", logs.path());
+        opts.namespace = Some(ns.clone());
+        opts.extended_resources = [("nvidia.com/gpu".to_owned(), "1".to_owned())].into();
+        let _agent = Agent::spawn(client.clone(), opts);
+        let ns = ns.as_str();
+        let config_map: ConfigMap = serde_json::from_value(json!({
+            "metadata": { "name": "settings" },
+            "data": { "greeting.txt": "hello from a configmap", "unused": "x" }
+        }))
+        .expect("configmap");
+        Api::<ConfigMap>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &config_map)
+            .await
+            .expect("create configmap");
+        let pod = |name: &str, gpus: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": { "name": name },
+                "spec": {
+                    "restartPolicy": "Never",
+                    "volumes": [{ "name": "conf", "configMap": {
+                        "name": "settings", "items": [{ "key": "greeting.txt", "path": "sub/greeting.txt" }]
+                    }}],
+                    "containers": [{
+                        "name": "worker",
+                        "image": "kinsight:test",
+                        // The file named by an env value and by an argument ($0 of `sh -c`).
+                        "command": ["kinsight", "-c", r#"cat "$GREETING_FILE" && echo && cat "$0" && echo && ls "$(dirname "$0")""#],
+                        "args": ["/etc/app/sub/greeting.txt"],
+                        "env": [{ "name": "GREETING_FILE", "value": "/etc/app/sub/greeting.txt" }],
+                        "volumeMounts": [{ "name": "conf", "mountPath": "/etc/app" }],
+                        "resources": {
+                            "requests": { "nvidia.com/gpu": gpus },
+                            "limits": { "nvidia.com/gpu": gpus }
+                        }
+                    }]
+                }
+            }))
+            .expect("pod")
+        };
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        pods.create(&PostParams::default(), &pod("one-gpu", "1"))
+            .await
+            .expect("create pod");
+        pods.create(&PostParams::default(), &pod("two-gpus", "2"))
+            .await
+            .expect("create pod");
+
+        let done = eventually("the one-GPU pod to finish", Duration::from_secs(60), || {
+            let pods = pods.clone();
+            async move {
+                let pod = pods.get("one-gpu").await.ok()?;
+                matches!(phase(&pod), "Succeeded" | "Failed").then_some(pod)
+            }
+        })
+        .await;
+        let log = std::fs::read_to_string(logs.path().join(format!("{ns}_one-gpu.log")))
+            .unwrap_or_default();
+        assert_eq!(phase(&done), "Succeeded", "{log}");
+        // Only the item asked for, under its path, read through both rewritten paths.
+        assert_eq!(
+            log.trim(),
+            "hello from a configmap\nhello from a configmap\ngreeting.txt"
+        );
+
+        // More GPUs than the node has: never bound, and the pod says why.
+        let unschedulable = eventually("the two-GPU pod to be unschedulable", Duration::from_secs(30), || {
+            let pods = pods.clone();
+            async move {
+                let pod = pods.get("two-gpus").await.ok()?;
+                pod.status
+                    .as_ref()?
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .find(|c| c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable"))
+                    .cloned()
+            }
+        })
+        .await;
+        assert!(
+            unschedulable
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("Insufficient nvidia.com/gpu")),
+            "{unschedulable:?}"
+        );
+        let pod = pods.get("two-gpus").await.expect("pod");
+        assert_eq!(phase(&pod), "Pending");
+        assert_eq!(pod.spec.and_then(|s| s.node_name), None);
+
+        // The node advertises what it was given.
+        let node = Api::<Node>::all(client.clone()).get(&node).await.expect("node");
+        let capacity = node.status.and_then(|s| s.capacity).unwrap_or_default();
+        assert_eq!(capacity.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("1"));
+    })
+    .await;
+}

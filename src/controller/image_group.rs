@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -14,7 +14,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::job::{build_job, finished, job_name, worker_rbac};
+use super::job::{build_job, catalog_config_map, finished, job_name, worker_rbac};
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events};
 use crate::crd::{
     ConditionStatus, DeliveryState, GroupPhase, ImageFailure, ImageGroup, ImageGroupStatus,
@@ -230,7 +230,7 @@ async fn ensure_worker_job(
     let name = job_name(&group_ref.name, generation);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     if !status.jobs.contains(&name) {
-        ensure_worker_rbac(ctx, namespace).await?;
+        ensure_worker_setup(ctx, namespace).await?;
         let order = WorkOrder {
             group: group_ref.clone(),
             models: group.spec.models.clone(),
@@ -282,7 +282,8 @@ async fn ensure_worker_job(
     Ok(())
 }
 
-async fn ensure_worker_rbac(ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
+/// The worker's identity and the catalog it reads, in the group's namespace.
+async fn ensure_worker_setup(ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
     let (account, role, binding) = worker_rbac(namespace);
     let params = PatchParams::apply(MANAGER).force();
     let name = super::WORKER_ACCOUNT;
@@ -295,6 +296,17 @@ async fn ensure_worker_rbac(ctx: &Context, namespace: &str) -> Result<(), Contro
     Api::<RoleBinding>::namespaced(ctx.client.clone(), namespace)
         .patch(name, &params, &Patch::Apply(&binding))
         .await?;
+    // The catalog the Job's pod mounts, as this controller knows it.
+    if let Some(catalog) = &ctx.config.worker_catalog {
+        let config_map = catalog_config_map(namespace, catalog);
+        Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
+            .patch(
+                super::CATALOG_CONFIG_MAP,
+                &params,
+                &Patch::Apply(&config_map),
+            )
+            .await?;
+    }
     Ok(())
 }
 

@@ -1,24 +1,124 @@
 //! The worker Job of a group: one per generation of the group's spec, with a deterministic
 //! name so a controller restart finds the Job it created instead of making a second one.
+//!
+//! The pod reads the model catalog from a ConfigMap the controller keeps in the group's
+//! namespace ([`catalog_config_map`]) and the model files from its image, and
+//! asks for a GPU when one of its models wants one ([`GpuSettings`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, PodSpec, PodTemplateSpec, ResourceRequirements, ServiceAccount,
+    ConfigMap, ConfigMapVolumeSource, Container, EnvVar, KeyToPath, PodSpec, PodTemplateSpec,
+    ResourceRequirements, ServiceAccount, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ControllerConfig;
 use crate::crd::{GROUP, GROUP_LABEL, ImageGroup};
+use crate::inference::{Catalog, ExecutionProvider};
 use crate::results::label_value;
 use crate::worker::{WORK_ORDER_ENV, WorkOrder};
 
 const EGRESS_ENV: &str = "KINSIGHT_ALLOW_EGRESS";
+const CATALOG_ENV: &str = "KINSIGHT_CATALOG";
+const MODELS_DIR_ENV: &str = "KINSIGHT_MODELS_DIR";
+
+/// The ConfigMap holding the catalog in each tenant namespace.
+pub const CATALOG_CONFIG_MAP: &str = "kinsight-worker-catalog";
+/// Its one key: the catalog YAML.
+pub const CATALOG_KEY: &str = "catalog.yaml";
+/// Where worker pods mount that ConfigMap.
+pub const CATALOG_MOUNT_PATH: &str = "/etc/kinsight/catalog";
+/// SHA-256 (hex) of the catalog, on the ConfigMap and on the pod template of every Job made
+/// with it, so a changed catalog is visible on the Jobs that ran with the old one.
+pub const CATALOG_HASH_ANNOTATION: &str = "kinsight.io/catalog-sha256";
+const CATALOG_VOLUME: &str = "catalog";
+
+/// The catalog the controller hands to its workers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerCatalog {
+    /// The catalog YAML as the controller loaded it.
+    pub yaml: String,
+    /// Models whose Jobs ask for a GPU (`gpu: true`).
+    pub gpu_models: BTreeSet<String>,
+    /// Where the catalog's relative model and labels files are inside worker pods.
+    pub models_dir: String,
+}
+
+impl WorkerCatalog {
+    pub fn new(catalog: &Catalog, models_dir: impl Into<String>) -> Self {
+        WorkerCatalog {
+            yaml: catalog.yaml().to_owned(),
+            gpu_models: catalog.gpu_models().map(str::to_owned).collect(),
+            models_dir: models_dir.into(),
+        }
+    }
+
+    pub fn sha256(&self) -> String {
+        hex::encode(Sha256::digest(self.yaml.as_bytes()))
+    }
+}
+
+/// What the pods of Jobs running a GPU model get (`--worker-gpu`, JSON or YAML in the
+/// camelCase field names, as Helm's `toJson` writes `worker.gpu`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct GpuSettings {
+    /// The extended resource the device plugin advertises.
+    pub resource_name: String,
+    /// How many of it the worker container requests (and is limited to).
+    pub count: u32,
+    pub node_selector: BTreeMap<String, String>,
+    pub tolerations: Vec<Toleration>,
+    /// E.g. `nvidia` where the NVIDIA container runtime is not the node's default.
+    pub runtime_class_name: Option<String>,
+}
+
+impl Default for GpuSettings {
+    fn default() -> Self {
+        GpuSettings {
+            resource_name: "nvidia.com/gpu".to_owned(),
+            count: 1,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            runtime_class_name: None,
+        }
+    }
+}
+
+impl GpuSettings {
+    /// Parses and checks the settings (JSON or YAML); missing fields keep their defaults.
+    pub fn parse(text: &str) -> Result<GpuSettings, String> {
+        let mut settings: GpuSettings = if text.trim().is_empty() {
+            GpuSettings::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| format!("GPU settings: {e}"))?
+        };
+        // Helm renders an unset value as "".
+        settings.runtime_class_name = settings.runtime_class_name.filter(|n| !n.is_empty());
+        // Extended resources are `<domain>/<name>`; anything else is not a device plugin's.
+        let qualified = settings
+            .resource_name
+            .split_once('/')
+            .is_some_and(|(domain, name)| domain.contains('.') && !name.is_empty());
+        if !qualified {
+            return Err(format!(
+                "GPU settings: resourceName must be an extended resource like nvidia.com/gpu, got {:?}",
+                settings.resource_name
+            ));
+        }
+        if settings.count == 0 {
+            return Err("GPU settings: count must be at least 1".into());
+        }
+        Ok(settings)
+    }
+}
 
 /// Job names end up in the pods' `job-name` label: at most 63 characters.
 pub fn job_name(group: &str, generation: i64) -> String {
@@ -58,35 +158,85 @@ pub fn build_job(
     config: &ControllerConfig,
 ) -> Result<Job, serde_json::Error> {
     let group_name = group.name_any();
+    let catalog = config.worker_catalog.as_ref();
+    let wants_gpu = catalog.is_some_and(|c| order.models.iter().any(|m| c.gpu_models.contains(m)));
     let mut env = vec![EnvVar {
         name: WORK_ORDER_ENV.to_owned(),
         value: Some(serde_json::to_string(order)?),
         value_from: None,
     }];
+    // Set here unless the operator's `worker_env` names it: an explicit setting wins.
+    let mut default_env = |name: &str, value: String| {
+        if !config.worker_env.iter().any(|(k, _)| k == name) {
+            env.push(EnvVar {
+                name: name.to_owned(),
+                value: Some(value),
+                value_from: None,
+            });
+        }
+    };
     // Workers download images under the same egress rules the controller sends webhooks with.
-    if !config.egress.allow.is_empty() && !config.worker_env.iter().any(|(k, _)| k == EGRESS_ENV) {
-        env.push(EnvVar {
-            name: EGRESS_ENV.to_owned(),
-            value: Some(config.egress.to_string()),
-            value_from: None,
-        });
+    if !config.egress.allow.is_empty() {
+        default_env(EGRESS_ENV, config.egress.to_string());
+    }
+    if let Some(catalog) = catalog {
+        default_env(CATALOG_ENV, format!("{CATALOG_MOUNT_PATH}/{CATALOG_KEY}"));
+        default_env(MODELS_DIR_ENV, catalog.models_dir.clone());
     }
     env.extend(config.worker_env.iter().map(|(k, v)| EnvVar {
         name: k.clone(),
         value: Some(v.clone()),
         value_from: None,
     }));
+    let mut requests = BTreeMap::from([
+        ("cpu".to_owned(), Quantity(config.worker_cpu.clone())),
+        ("memory".to_owned(), Quantity(config.worker_memory.clone())),
+    ]);
+    let gpu = &config.gpu;
+    if wants_gpu {
+        requests.insert(gpu.resource_name.clone(), Quantity(gpu.count.to_string()));
+    }
+    // Limits equal requests: a predictable CPU quota (the worker sizes its threads by it),
+    // and extended resources such as GPUs must have both, equal.
     let resources = ResourceRequirements {
-        requests: Some(BTreeMap::from([
-            ("cpu".to_owned(), Quantity(config.worker_cpu.clone())),
-            ("memory".to_owned(), Quantity(config.worker_memory.clone())),
-        ])),
-        limits: Some(BTreeMap::from([
-            ("cpu".to_owned(), Quantity(config.worker_cpu.clone())),
-            ("memory".to_owned(), Quantity(config.worker_memory.clone())),
-        ])),
+        limits: Some(requests.clone()),
+        requests: Some(requests),
         ..ResourceRequirements::default()
     };
+    // `auto`: CUDA when the pod's ONNX Runtime and node have it, else the CPU (and the
+    // worker's log says which).
+    let provider = if wants_gpu {
+        ExecutionProvider::Auto
+    } else {
+        ExecutionProvider::Cpu
+    };
+    let (volumes, mounts) = match catalog {
+        Some(_) => (
+            Some(vec![Volume {
+                name: CATALOG_VOLUME.to_owned(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: CATALOG_CONFIG_MAP.to_owned(),
+                    items: Some(vec![KeyToPath {
+                        key: CATALOG_KEY.to_owned(),
+                        path: CATALOG_KEY.to_owned(),
+                        mode: None,
+                    }]),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            }]),
+            Some(vec![VolumeMount {
+                name: CATALOG_VOLUME.to_owned(),
+                mount_path: CATALOG_MOUNT_PATH.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]),
+        ),
+        None => (None, None),
+    };
+    let annotations =
+        catalog.map(|c| BTreeMap::from([(CATALOG_HASH_ANNOTATION.to_owned(), c.sha256())]));
+    let non_empty = |m: &BTreeMap<String, String>| (!m.is_empty()).then(|| m.clone());
     Ok(Job {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -101,6 +251,7 @@ pub fn build_job(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(&group_name)),
+                    annotations,
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -110,10 +261,20 @@ pub fn build_job(
                         name: "worker".to_owned(),
                         image: Some(config.worker_image.clone()),
                         command: Some(vec!["kinsight".to_owned(), "worker".to_owned()]),
+                        args: Some(vec![
+                            "--execution-provider".to_owned(),
+                            provider.to_string(),
+                        ]),
                         env: Some(env),
                         resources: Some(resources),
+                        volume_mounts: mounts,
                         ..Container::default()
                     }],
+                    volumes,
+                    node_selector: wants_gpu.then(|| non_empty(&gpu.node_selector)).flatten(),
+                    tolerations: (wants_gpu && !gpu.tolerations.is_empty())
+                        .then(|| gpu.tolerations.clone()),
+                    runtime_class_name: wants_gpu.then(|| gpu.runtime_class_name.clone()).flatten(),
                     ..PodSpec::default()
                 }),
             },
@@ -121,6 +282,37 @@ pub fn build_job(
         }),
         status: None,
     })
+}
+
+/// The catalog's ConfigMap in a tenant namespace, mounted by every worker Job there.
+pub fn catalog_config_map(namespace: &str, catalog: &WorkerCatalog) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(CATALOG_CONFIG_MAP.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed_labels()),
+            annotations: Some(BTreeMap::from([(
+                CATALOG_HASH_ANNOTATION.to_owned(),
+                catalog.sha256(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            CATALOG_KEY.to_owned(),
+            catalog.yaml.clone(),
+        )])),
+        ..ConfigMap::default()
+    }
+}
+
+fn managed_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "kinsight".to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "kinsight-controller".to_owned(),
+        ),
+    ])
 }
 
 /// The worker's identity in a tenant namespace; it may only write ImageResults.
@@ -181,6 +373,252 @@ pub fn finished(job: &Job) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::{ImageEntry, ImageGroupSpec};
+    use crate::results::GroupRef;
+    use crate::worker::WorkItem;
+
+    fn group(models: &[&str]) -> ImageGroup {
+        let mut group = ImageGroup::new(
+            "listing-42",
+            ImageGroupSpec {
+                images: vec![ImageEntry {
+                    id: None,
+                    url: "https://example.com/a.jpg".into(),
+                    metadata: BTreeMap::new(),
+                }],
+                models: models.iter().map(|m| m.to_string()).collect(),
+                webhook: None,
+                metadata: BTreeMap::new(),
+            },
+        );
+        group.metadata.namespace = Some("tenant-a".into());
+        group.metadata.uid = Some("uid-1".into());
+        group
+    }
+
+    fn order(models: &[&str]) -> WorkOrder {
+        WorkOrder {
+            group: GroupRef {
+                namespace: "tenant-a".into(),
+                name: "listing-42".into(),
+                uid: "uid-1".into(),
+            },
+            models: models.iter().map(|m| m.to_string()).collect(),
+            images: vec![WorkItem {
+                id: "0".into(),
+                url: "https://example.com/a.jpg".into(),
+                models: Vec::new(),
+            }],
+        }
+    }
+
+    const CATALOG_YAML: &str = "models: []  # stands in for the real text\n";
+
+    fn config() -> ControllerConfig {
+        ControllerConfig {
+            worker_catalog: Some(WorkerCatalog {
+                yaml: CATALOG_YAML.into(),
+                gpu_models: BTreeSet::from(["big_detector".to_owned()]),
+                models_dir: "/opt/kinsight/models".into(),
+            }),
+            gpu: GpuSettings::parse(
+                r#"{"nodeSelector": {"accelerator": "nvidia-h100"},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "runtimeClassName": "nvidia"}"#,
+            )
+            .expect("settings"),
+            ..ControllerConfig::default()
+        }
+    }
+
+    fn job_for(
+        models: &[&str],
+        config: &ControllerConfig,
+    ) -> (PodSpec, Option<BTreeMap<String, String>>) {
+        let job = build_job(&group(models), "listing-42-g1", &order(models), config).expect("job");
+        let template = job.spec.expect("spec").template;
+        (
+            template.spec.expect("pod spec"),
+            template.metadata.and_then(|m| m.annotations),
+        )
+    }
+
+    fn env_of(container: &Container) -> BTreeMap<String, String> {
+        container
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn cpu_jobs_mount_the_catalog_and_ask_for_no_gpu() {
+        let config = config();
+        let (pod, annotations) = job_for(&["object_detection"], &config);
+        let worker = &pod.containers[0];
+        assert_eq!(
+            worker.args.as_deref(),
+            Some(&["--execution-provider".to_owned(), "cpu".to_owned()][..])
+        );
+        let resources = worker.resources.as_ref().expect("resources");
+        for side in [&resources.requests, &resources.limits] {
+            let side = side.as_ref().expect("requests and limits");
+            assert_eq!(side.get("cpu"), Some(&Quantity("1".into())));
+            assert!(!side.contains_key("nvidia.com/gpu"), "{side:?}");
+        }
+        assert_eq!(pod.node_selector, None);
+        assert_eq!(pod.tolerations, None);
+        assert_eq!(pod.runtime_class_name, None);
+
+        // The catalog: the namespace's ConfigMap, mounted, named by KINSIGHT_CATALOG.
+        let volume = &pod.volumes.as_ref().expect("volumes")[0];
+        let source = volume.config_map.as_ref().expect("a configMap volume");
+        assert_eq!(source.name, CATALOG_CONFIG_MAP);
+        let mount = &worker.volume_mounts.as_ref().expect("mounts")[0];
+        assert_eq!(mount.name, volume.name);
+        assert_eq!(mount.mount_path, "/etc/kinsight/catalog");
+        assert_eq!(mount.read_only, Some(true));
+        let env = env_of(worker);
+        assert_eq!(
+            env["KINSIGHT_CATALOG"],
+            "/etc/kinsight/catalog/catalog.yaml"
+        );
+        assert_eq!(env["KINSIGHT_MODELS_DIR"], "/opt/kinsight/models");
+        assert!(env.contains_key(WORK_ORDER_ENV));
+        let hash = hex::encode(Sha256::digest(CATALOG_YAML.as_bytes()));
+        assert_eq!(
+            annotations
+                .as_ref()
+                .and_then(|a| a.get(CATALOG_HASH_ANNOTATION)),
+            Some(&hash)
+        );
+
+        // The ConfigMap the mount reads holds that very catalog.
+        let cm = catalog_config_map("tenant-a", config.worker_catalog.as_ref().expect("catalog"));
+        assert_eq!(cm.metadata.name.as_deref(), Some(source.name.as_str()));
+        assert_eq!(cm.metadata.namespace.as_deref(), Some("tenant-a"));
+        assert_eq!(
+            cm.data
+                .as_ref()
+                .and_then(|d| d.get(CATALOG_KEY))
+                .map(String::as_str),
+            Some(CATALOG_YAML)
+        );
+        let item = &source.items.as_ref().expect("items")[0];
+        assert_eq!(item.key, CATALOG_KEY);
+        assert_eq!(
+            format!("{}/{}", mount.mount_path, item.path),
+            env["KINSIGHT_CATALOG"]
+        );
+        assert_eq!(
+            cm.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+                .map(String::as_str),
+            Some("kinsight-controller")
+        );
+    }
+
+    #[test]
+    fn gpu_jobs_request_a_gpu_on_gpu_nodes() {
+        let config = config();
+        // One GPU model among CPU ones is enough.
+        let (pod, _) = job_for(&["object_detection", "big_detector"], &config);
+        let worker = &pod.containers[0];
+        assert_eq!(
+            worker.args.as_deref(),
+            Some(&["--execution-provider".to_owned(), "auto".to_owned()][..])
+        );
+        let resources = worker.resources.as_ref().expect("resources");
+        for side in [&resources.requests, &resources.limits] {
+            let side = side.as_ref().expect("requests and limits");
+            assert_eq!(side.get("nvidia.com/gpu"), Some(&Quantity("1".into())));
+            assert_eq!(side.get("memory"), Some(&Quantity("1Gi".into())));
+        }
+        assert_eq!(
+            pod.node_selector,
+            Some(BTreeMap::from([(
+                "accelerator".to_owned(),
+                "nvidia-h100".to_owned()
+            )]))
+        );
+        let tolerations = pod.tolerations.expect("tolerations");
+        assert_eq!(tolerations.len(), 1);
+        assert_eq!(tolerations[0].key.as_deref(), Some("nvidia.com/gpu"));
+        assert_eq!(tolerations[0].operator.as_deref(), Some("Exists"));
+        assert_eq!(tolerations[0].effect.as_deref(), Some("NoSchedule"));
+        assert_eq!(pod.runtime_class_name.as_deref(), Some("nvidia"));
+        // GPU Jobs read the catalog the same way.
+        assert_eq!(
+            env_of(worker)["KINSIGHT_CATALOG"],
+            "/etc/kinsight/catalog/catalog.yaml"
+        );
+
+        // Another device plugin's resource, two of them.
+        let mut config = config;
+        config.gpu.resource_name = "amd.com/gpu".into();
+        config.gpu.count = 2;
+        let (pod, _) = job_for(&["big_detector"], &config);
+        let limits = pod.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.clone())
+            .expect("limits");
+        assert_eq!(limits.get("amd.com/gpu"), Some(&Quantity("2".into())));
+        assert!(!limits.contains_key("nvidia.com/gpu"));
+    }
+
+    #[test]
+    fn explicit_worker_env_wins_and_no_catalog_means_no_mount() {
+        let mut config = config();
+        config.worker_env = vec![("KINSIGHT_MODELS_DIR".into(), "/models".into())];
+        let (pod, _) = job_for(&["object_detection"], &config);
+        let names: Vec<&str> = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter(|e| e.name == "KINSIGHT_MODELS_DIR")
+            .filter_map(|e| e.value.as_deref())
+            .collect();
+        assert_eq!(names, ["/models"], "set once, to the operator's value");
+
+        // Without a published catalog the worker uses its image's, and nothing is a GPU model.
+        config.worker_catalog = None;
+        let (pod, annotations) = job_for(&["big_detector"], &config);
+        assert_eq!(pod.volumes, None);
+        assert_eq!(pod.containers[0].volume_mounts, None);
+        assert!(!env_of(&pod.containers[0]).contains_key("KINSIGHT_CATALOG"));
+        assert_eq!(annotations, None);
+        assert_eq!(pod.runtime_class_name, None);
+    }
+
+    #[test]
+    fn gpu_settings_parse_from_helm_values() {
+        // Helm's `toJson` of the chart's defaults.
+        let settings = GpuSettings::parse(
+            r#"{"resourceName":"nvidia.com/gpu","count":1,"nodeSelector":{},"tolerations":[],"runtimeClassName":""}"#,
+        )
+        .expect("defaults");
+        assert_eq!(settings, GpuSettings::default());
+        // YAML works too; missing fields keep their defaults.
+        let settings =
+            GpuSettings::parse("nodeSelector: {gpu: \"true\"}\nruntimeClassName: nvidia")
+                .expect("yaml");
+        assert_eq!(settings.resource_name, "nvidia.com/gpu");
+        assert_eq!(settings.node_selector["gpu"], "true");
+        assert_eq!(settings.runtime_class_name.as_deref(), Some("nvidia"));
+        for (bad, expected) in [
+            (r#"{"resourceName": "gpu"}"#, "extended resource"),
+            (r#"{"count": 0}"#, "at least 1"),
+            (r#"{"nodeSelectors": {}}"#, "unknown field `nodeSelectors`"),
+            (r#"{"tolerations": "all"}"#, "tolerations"),
+        ] {
+            let err = GpuSettings::parse(bad).expect_err(bad);
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn job_names_are_deterministic_and_fit_labels() {

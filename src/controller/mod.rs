@@ -10,6 +10,10 @@ mod leader;
 mod metrics;
 mod subscription;
 
+pub use job::{
+    CATALOG_CONFIG_MAP, CATALOG_HASH_ANNOTATION, CATALOG_KEY, CATALOG_MOUNT_PATH, GpuSettings,
+    WorkerCatalog,
+};
 pub use job::{WORKER_ACCOUNT, job_name};
 pub use leader::{LEASE_NAME, LeaderElection, run_as_leader};
 pub use metrics::Metrics;
@@ -55,6 +59,13 @@ pub struct ControllerConfig {
     pub circuit: CircuitConfig,
     /// How often a subscription's status catches up with its endpoint's health.
     pub health_sync: Duration,
+
+    // Worker catalog and GPUs.
+    /// The catalog published into each tenant namespace and mounted by worker pods, with
+    /// which models want a GPU. `None`: workers use their image's (`KINSIGHT_CATALOG`).
+    pub worker_catalog: Option<WorkerCatalog>,
+    /// What Jobs running a GPU model ask for.
+    pub gpu: GpuSettings,
 }
 
 impl Default for ControllerConfig {
@@ -74,6 +85,8 @@ impl Default for ControllerConfig {
             max_retry_after: Duration::from_secs(3600),
             circuit: CircuitConfig::default(),
             health_sync: Duration::from_secs(10),
+            worker_catalog: None,
+            gpu: GpuSettings::default(),
         }
     }
 }

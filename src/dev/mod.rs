@@ -101,10 +101,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     )
     .await?;
 
-    let mut worker_env = vec![(
-        "KINSIGHT_CATALOG".to_owned(),
-        catalog_path.display().to_string(),
-    )];
+    let mut worker_env = Vec::new();
     let ort = options
         .ort_dylib
         .clone()
@@ -119,7 +116,12 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     // The sample photos and the demo's webhook receiver are on 127.0.0.1.
     let egress = crate::net::EgressPolicy::allow_loopback();
     let metrics = std::sync::Arc::new(crate::controller::Metrics::default());
+    // Workers read the catalog from its ConfigMap, the model files from where we found them.
+    let models_dir = Catalog::default_models_dir(&catalog_path)
+        .display()
+        .to_string();
     let controller_config = ControllerConfig {
+        worker_catalog: Some(crate::controller::WorkerCatalog::new(&catalog, models_dir)),
         metrics: metrics.clone(),
         models: models.clone(),
         worker_env: worker_env.clone(),

@@ -1,8 +1,10 @@
 //! The model catalog: which models exist and how to feed and read them.
 //!
 //! The catalog is a YAML file (see `models/catalog.yaml`); model and labels files are
-//! resolved relative to the catalog's folder. Operators add a model by dropping its
-//! `.onnx` + labels files next to the catalog and adding an entry, without rebuilding.
+//! resolved relative to the models folder, by default the catalog's own folder (workers
+//! read the catalog from a mounted ConfigMap and the files from their image, so the two
+//! differ there: [`Catalog::load_with_models_dir`]). Operators add a model by dropping its
+//! `.onnx` + labels files into the models folder and adding an entry, without rebuilding.
 //!
 //! [`CatalogFile`] / [`ModelEntry`] mirror the YAML; [`Catalog::load`] validates them into
 //! [`ModelSpec`]s with resolved paths, the labels read and the task parameters filled in.
@@ -27,7 +29,7 @@ pub struct CatalogFile {
 pub struct ModelEntry {
     /// Name used in requests and results, e.g. `object_detection`.
     pub name: String,
-    /// The `.onnx` file, relative to the catalog's folder (or absolute).
+    /// The `.onnx` file, relative to the models folder (or absolute).
     pub file: PathBuf,
     pub task: Task,
     /// How raw outputs become detections; required for `detection`.
@@ -52,6 +54,10 @@ pub struct ModelEntry {
     /// dimension is fixed, [`DEFAULT_MAX_BATCH`] when it is dynamic; 1 disables batching.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_batch: Option<usize>,
+    /// The model wants a GPU: worker Jobs running it request one (and the GPU node
+    /// settings) and let ONNX Runtime pick CUDA when it has it. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gpu: bool,
 }
 
 /// The model's input tensor and how to produce it from an image.
@@ -128,6 +134,8 @@ pub struct ModelSpec {
     pub task: TaskSpec,
     /// `maxBatch` of the catalog; `None`: decided from the model's input (see [`ModelEntry`]).
     pub max_batch: Option<usize>,
+    /// `gpu` of the catalog: Jobs running the model request a GPU.
+    pub gpu: bool,
 }
 
 /// How an image becomes the model's input tensor.
@@ -196,16 +204,36 @@ const DEFAULT_PAD_VALUE: u8 = 114;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Catalog {
     path: PathBuf,
+    /// The YAML the catalog was read from (what the controller hands to workers).
+    yaml: String,
     models: Vec<ModelSpec>,
 }
 
 impl Catalog {
-    /// Reads and validates a catalog file; model and labels files must exist.
+    /// Reads and validates a catalog file; model and labels files must exist, relative to
+    /// the catalog's folder.
     pub fn load(path: impl AsRef<Path>) -> Result<Catalog, InferenceError> {
+        Self::load_with_models_dir(path, None)
+    }
+
+    /// [`Catalog::load`] with relative model and labels files resolved against
+    /// `models_dir` instead (`None`: the catalog's folder).
+    pub fn load_with_models_dir(
+        path: impl AsRef<Path>,
+        models_dir: Option<&Path>,
+    ) -> Result<Catalog, InferenceError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| catalog_error(path, e.to_string()))?;
-        let base_dir = path.parent().unwrap_or_else(|| Path::new("."));
+        let base_dir = models_dir.unwrap_or_else(|| Self::default_models_dir(path));
         Self::from_yaml_str(&text, base_dir, path)
+    }
+
+    /// Where a catalog file's relative entries resolve when no models folder is given.
+    pub fn default_models_dir(path: &Path) -> &Path {
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        }
     }
 
     /// Parses and validates catalog YAML. Relative files are resolved against
@@ -217,12 +245,23 @@ impl Catalog {
     ) -> Result<Catalog, InferenceError> {
         let file: CatalogFile =
             serde_yaml::from_str(yaml).map_err(|e| catalog_error(origin, e.to_string()))?;
-        Self::from_file(file, base_dir, origin)
+        Self::validate(file, yaml.to_owned(), base_dir, origin)
     }
 
     /// Validates an already parsed catalog.
     pub fn from_file(
         file: CatalogFile,
+        base_dir: &Path,
+        origin: &Path,
+    ) -> Result<Catalog, InferenceError> {
+        let yaml =
+            serde_yaml::to_string(&file).map_err(|e| catalog_error(origin, e.to_string()))?;
+        Self::validate(file, yaml, base_dir, origin)
+    }
+
+    fn validate(
+        file: CatalogFile,
+        yaml: String,
         base_dir: &Path,
         origin: &Path,
     ) -> Result<Catalog, InferenceError> {
@@ -245,6 +284,7 @@ impl Catalog {
         }
         Ok(Catalog {
             path: origin.to_path_buf(),
+            yaml,
             models,
         })
     }
@@ -252,6 +292,19 @@ impl Catalog {
     /// The catalog file this was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The catalog's YAML as read (re-serialised when built from a parsed [`CatalogFile`]).
+    pub fn yaml(&self) -> &str {
+        &self.yaml
+    }
+
+    /// Names of the models that want a GPU (`gpu: true`).
+    pub fn gpu_models(&self) -> impl Iterator<Item = &str> {
+        self.models
+            .iter()
+            .filter(|m| m.gpu)
+            .map(|m| m.name.as_str())
     }
 
     pub fn models(&self) -> &[ModelSpec] {
@@ -379,6 +432,7 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
         preprocessing,
         task,
         max_batch: entry.max_batch,
+        gpu: entry.gpu,
     })
 }
 
@@ -563,6 +617,61 @@ models:
         let catalog = Catalog::load(&path).unwrap();
         assert_eq!(catalog.path(), path);
         assert_eq!(catalog.models().len(), 2);
+    }
+
+    #[test]
+    fn models_dir_replaces_the_catalog_folder() {
+        // The worker's layout: the catalog mounted on its own, the files elsewhere.
+        let models = fixture_dir();
+        let mounted = tempfile::tempdir().unwrap();
+        let path = mounted.path().join("catalog.yaml");
+        std::fs::write(&path, VALID).unwrap();
+
+        let catalog = Catalog::load_with_models_dir(&path, Some(models.path())).unwrap();
+        let det = catalog.get("object_detection").unwrap();
+        assert_eq!(det.model_path, models.path().join("det.onnx"));
+        assert_eq!(det.labels, ["cat", "dog", "bird"]);
+        assert_eq!(catalog.path(), path);
+        assert_eq!(catalog.yaml(), VALID, "the YAML as read, for publishing");
+
+        // Without it the files are looked for next to the catalog, where they are not.
+        let text = Catalog::load(&path).unwrap_err().to_string();
+        let expected = mounted.path().join("det.onnx");
+        assert!(
+            text.contains(&format!("{} does not exist", expected.display())),
+            "{text}"
+        );
+        // Absolute entries ignore the models folder.
+        let at = |file: &str| models.path().join(file).display().to_string();
+        let absolute = VALID
+            .replace("file: det.onnx", &format!("file: {}", at("det.onnx")))
+            .replace("file: cls.onnx", &format!("file: {}", at("cls.onnx")))
+            .replace(
+                "labels: three.labels",
+                &format!("labels: {}", at("three.labels")),
+            );
+        let catalog = parse(&absolute, mounted.path()).unwrap();
+        let cls = catalog.get("image_classification").unwrap();
+        assert_eq!(cls.model_path, models.path().join("cls.onnx"));
+    }
+
+    #[test]
+    fn gpu_models_are_marked() {
+        let dir = fixture_dir();
+        let yaml = VALID.replace("topK: 2", "topK: 2\n    gpu: true");
+        let catalog = parse(&yaml, dir.path()).unwrap();
+        assert!(catalog.get("image_classification").unwrap().gpu);
+        assert!(
+            !catalog.get("object_detection").unwrap().gpu,
+            "default: CPU"
+        );
+        assert_eq!(
+            catalog.gpu_models().collect::<Vec<_>>(),
+            ["image_classification"]
+        );
+        assert_eq!(parse(VALID, dir.path()).unwrap().gpu_models().count(), 0);
+        let text = error_text(&VALID.replace("topK: 2", "topK: 2\n    gpu: yes"));
+        assert!(text.contains("gpu"), "{text}");
     }
 
     #[test]

@@ -55,9 +55,9 @@ impl EngineOptions {
 
 /// ONNX Runtime execution provider of every session.
 ///
-/// CUDA needs kinsight built with the `cuda` cargo feature (it only compiles ort's CUDA
-/// registration code: nothing CUDA-related is needed to build, the runtime is loaded
-/// dynamically) and, at run time, an ONNX Runtime library built with CUDA (the
+/// CUDA needs kinsight built with the `cuda` cargo feature (on by default; it only compiles
+/// ort's CUDA registration code: nothing CUDA-related is needed to build, the runtime is
+/// loaded dynamically) and, at run time, an ONNX Runtime library built with CUDA (the
 /// `onnxruntime-gpu` wheel or release, with CUDA and cuDNN installed). Without either,
 /// [`Self::Cuda`] fails at load with an error saying which is missing, and [`Self::Auto`]
 /// uses the CPU.
@@ -188,19 +188,20 @@ impl Engine {
                 continue;
             }
             let started = Instant::now();
-            let (session, execution_provider) =
-                create_session(&environment, spec, opts, intra_threads)?;
+            let (session, chosen) = create_session(&environment, spec, opts, intra_threads)?;
             let max_batch = check_signature(&session, spec)?;
+            // One line per model that says where it really runs, and why when that is not
+            // what was asked for (operators look for it on GPU nodes).
             tracing::info!(
                 model = %spec.name,
+                execution_provider = %chosen,
                 file = %spec.model_path.display(),
-                execution_provider = execution_provider.name(),
                 intra_threads,
                 max_batch,
                 elapsed_ms = started.elapsed().as_millis() as u64,
-                "model loaded; it runs on {}",
-                execution_provider.name()
+                "model loaded"
             );
+            let execution_provider = chosen.provider;
             loaded.insert(
                 spec.name.clone(),
                 LoadedModel {
@@ -482,20 +483,54 @@ fn decode(
     })
 }
 
-/// Creates the session on the requested provider; returns the provider it runs on.
+/// The provider a session runs on, and how it came to be that one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChosenProvider {
+    /// Never `Auto`.
+    provider: ExecutionProvider,
+    requested: ExecutionProvider,
+    /// Why `auto` settled for the CPU.
+    fallback: Option<String>,
+}
+
+impl fmt::Display for ChosenProvider {
+    /// `CPU (requested)`, `CUDA:0 (CUDA available, via auto)`,
+    /// `CPU (CUDA requested via auto but this ONNX Runtime has no CUDA)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.provider {
+            ExecutionProvider::Cuda { device_id } => write!(f, "CUDA:{device_id}")?,
+            _ => f.write_str("CPU")?,
+        }
+        match (&self.fallback, self.requested) {
+            (Some(why), _) => write!(f, " (CUDA requested via auto but {why})"),
+            (None, ExecutionProvider::Auto) => f.write_str(" (CUDA available, via auto)"),
+            (None, _) => f.write_str(" (requested)"),
+        }
+    }
+}
+
+/// Creates the session on the requested provider; says which one it runs on.
 fn create_session(
     environment: &Environment,
     spec: &ModelSpec,
     opts: &EngineOptions,
     intra_threads: usize,
-) -> Result<(Session, ExecutionProvider), InferenceError> {
+) -> Result<(Session, ChosenProvider), InferenceError> {
     let requested = opts.execution_provider;
     let spin = opts.intra_spinning;
     let load_error = |message: String| InferenceError::ModelLoad {
         model: spec.name.clone(),
         message,
     };
-    let provider = match requested {
+    let runtime_library = || {
+        runtime::library_path().map_or_else(|| "ONNX Runtime".into(), |p| p.display().to_string())
+    };
+    let mut chosen = ChosenProvider {
+        provider: requested,
+        requested,
+        fallback: None,
+    };
+    match requested {
         ExecutionProvider::Cuda { .. } if !CUDA_COMPILED => {
             return Err(load_error(
                 "CUDA was asked for, but this build has no CUDA support: build kinsight with \
@@ -504,24 +539,32 @@ fn create_session(
             ));
         }
         ExecutionProvider::Cuda { .. } if !cuda_available() => {
-            let library = runtime::library_path()
-                .map_or_else(|| "ONNX Runtime".into(), |p| p.display().to_string());
             return Err(load_error(format!(
-                "CUDA was asked for, but {library} has no CUDA support: use an ONNX Runtime \
+                "CUDA was asked for, but {} has no CUDA support: use an ONNX Runtime \
                  build with CUDA (e.g. the onnxruntime-gpu wheel, with CUDA and cuDNN \
-                 installed) or the CPU execution provider"
+                 installed) or the CPU execution provider",
+                runtime_library()
             )));
         }
-        ExecutionProvider::Auto if cuda_available() => ExecutionProvider::Cuda { device_id: 0 },
-        ExecutionProvider::Auto => ExecutionProvider::Cpu,
-        other => other,
-    };
-    let created = build_session(environment, spec, provider, intra_threads, spin);
+        ExecutionProvider::Auto if !CUDA_COMPILED => {
+            chosen.provider = ExecutionProvider::Cpu;
+            chosen.fallback = Some("this kinsight build has no CUDA support".into());
+        }
+        ExecutionProvider::Auto if !cuda_available() => {
+            chosen.provider = ExecutionProvider::Cpu;
+            chosen.fallback = Some("this ONNX Runtime has no CUDA".into());
+        }
+        ExecutionProvider::Auto => chosen.provider = ExecutionProvider::Cuda { device_id: 0 },
+        _ => {}
+    }
+    let created = build_session(environment, spec, chosen.provider, intra_threads, spin);
     match (created, requested) {
-        (Ok(session), _) => Ok((session, provider)),
+        (Ok(session), _) => Ok((session, chosen)),
         // `auto` settles for the CPU when the GPU cannot be used after all.
-        (Err(e), ExecutionProvider::Auto) if provider != ExecutionProvider::Cpu => {
+        (Err(e), ExecutionProvider::Auto) if chosen.provider != ExecutionProvider::Cpu => {
             tracing::warn!(model = %spec.name, error = %e, "CUDA is unusable; using the CPU");
+            chosen.provider = ExecutionProvider::Cpu;
+            chosen.fallback = Some(format!("CUDA failed in {}: {e}", runtime_library()));
             build_session(
                 environment,
                 spec,
@@ -529,7 +572,7 @@ fn create_session(
                 intra_threads,
                 spin,
             )
-            .map(|session| (session, ExecutionProvider::Cpu))
+            .map(|session| (session, chosen))
             .map_err(|e| load_error(format!("{}: {e}", spec.model_path.display())))
         }
         (Err(e), _) => Err(load_error(format!("{}: {e}", spec.model_path.display()))),
@@ -739,6 +782,30 @@ mod tests {
         assert_eq!(
             ExecutionProvider::Cuda { device_id: 3 }.name(),
             "CUDAExecutionProvider"
+        );
+    }
+
+    #[test]
+    fn the_load_line_says_where_a_model_runs_and_why() {
+        let chosen = |provider, requested, fallback: Option<&str>| {
+            ChosenProvider {
+                provider,
+                requested,
+                fallback: fallback.map(str::to_owned),
+            }
+            .to_string()
+        };
+        let (cpu, auto) = (ExecutionProvider::Cpu, ExecutionProvider::Auto);
+        let gpu1 = ExecutionProvider::Cuda { device_id: 1 };
+        assert_eq!(chosen(cpu, cpu, None), "CPU (requested)");
+        assert_eq!(chosen(gpu1, gpu1, None), "CUDA:1 (requested)");
+        assert_eq!(
+            chosen(ExecutionProvider::Cuda { device_id: 0 }, auto, None),
+            "CUDA:0 (CUDA available, via auto)"
+        );
+        assert_eq!(
+            chosen(cpu, auto, Some("this ONNX Runtime has no CUDA")),
+            "CPU (CUDA requested via auto but this ONNX Runtime has no CUDA)"
         );
     }
 

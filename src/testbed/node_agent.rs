@@ -8,8 +8,18 @@
 //!
 //! Node names must be unique per agent: at start, pods shown Running on this node have no
 //! process any more and are failed with reason `NodeAgentRestarted`.
+//!
+//! Standing in for the scheduler, it binds only pods this node can take: their node selector
+//! matches its labels, they tolerate its `NoSchedule`/`NoExecute` taints, and the extended
+//! resources they ask for (GPUs) are within what it advertises
+//! ([`NodeAgentOptions::extended_resources`], none by default). CPU and memory are not
+//! counted; [`NodeAgentOptions::max_pods`] bounds the load instead.
+//!
+//! `configMap` volumes are written to a folder per pod. There is no mount namespace, so a
+//! volume mount is imitated by rewriting: environment values and arguments that start with
+//! the mount path are pointed at that folder instead (see [`mount_config_maps`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -19,6 +29,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
     Binding, ConfigMap, Container, EnvVar, Node, ObjectReference, Pod, Secret, ServiceAccount,
+    Taint, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -73,6 +84,13 @@ pub struct NodeAgentOptions {
     /// Only take (bind and run) pods in this namespace; `None`: all namespaces. Lets several
     /// agents share one cluster, say tests against `USE_EXISTING_CLUSTER`.
     pub namespace: Option<String>,
+    /// Extended resources the node advertises, e.g. `nvidia.com/gpu` -> `1`. Pods asking
+    /// for one it lacks (or more of it) stay unbound, as on a cluster without such nodes.
+    pub extended_resources: BTreeMap<String, String>,
+    /// Labels the node gets besides `kubernetes.io/hostname`, `kubernetes.io/os` and `type`.
+    pub node_labels: BTreeMap<String, String>,
+    /// Taints of the node; pods must tolerate the `NoSchedule` and `NoExecute` ones.
+    pub taints: Vec<Taint>,
 }
 
 impl Default for NodeAgentOptions {
@@ -102,7 +120,21 @@ impl NodeAgentOptions {
             server_url: None,
             server_ca_pem: None,
             namespace: None,
+            extended_resources: BTreeMap::new(),
+            node_labels: BTreeMap::new(),
+            taints: Vec::new(),
         }
+    }
+
+    /// The node's labels: the standard ones and [`NodeAgentOptions::node_labels`].
+    fn labels(&self) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::from([
+            ("kubernetes.io/hostname".to_owned(), self.node_name.clone()),
+            ("kubernetes.io/os".to_owned(), "linux".to_owned()),
+            ("type".to_owned(), "kinsight-node-agent".to_owned()),
+        ]);
+        labels.extend(self.node_labels.clone());
+        labels
     }
 }
 
@@ -121,12 +153,12 @@ pub async fn run(client: kube::Client, opts: NodeAgentOptions) -> Result<(), Tes
     tracing::debug!(%server_url, "workers' API server");
     std::fs::create_dir_all(&opts.log_dir)
         .map_err(|e| TestbedError::io(format!("creating {}", opts.log_dir.display()), e))?;
-    // Workers' kubeconfigs (they hold tokens) live only as long as the agent.
-    let kube_dir = tempfile::Builder::new()
+    // Workers' kubeconfigs (they hold tokens) and volumes live only as long as the agent.
+    let state_dir = tempfile::Builder::new()
         .prefix("kinsight-node-agent-")
         .tempdir()
-        .map_err(|e| TestbedError::io("creating the node agent's kubeconfig folder", e))?;
-    register_node(&client, &opts.node_name).await?;
+        .map_err(|e| TestbedError::io("creating the node agent's state folder", e))?;
+    register_node(&client, &opts).await?;
     tracing::info!(node = %opts.node_name, max_pods = opts.max_pods, "node agent running");
 
     let ctx = Arc::new(Ctx {
@@ -134,7 +166,7 @@ pub async fn run(client: kube::Client, opts: NodeAgentOptions) -> Result<(), Tes
         client: client.clone(),
         server_url,
         trust,
-        kube_dir: kube_dir.path().to_path_buf(),
+        state_dir: state_dir.path().to_path_buf(),
         opts,
     });
     let mut agent = Agent {
@@ -143,6 +175,7 @@ pub async fn run(client: kube::Client, opts: NodeAgentOptions) -> Result<(), Tes
         running: HashMap::new(),
         task_pods: HashMap::new(),
         done: HashSet::new(),
+        unschedulable: HashSet::new(),
         listing: None,
     };
     let pods_api: Api<Pod> = match &agent.ctx.opts.namespace {
@@ -164,8 +197,7 @@ pub async fn run(client: kube::Client, opts: NodeAgentOptions) -> Result<(), Tes
                 agent.on_task_finished(finished);
             }
             _ = heartbeat.tick() => {
-                let (client, node) = (&agent.ctx.client, &agent.ctx.opts.node_name);
-                if let Err(e) = patch_node_status(client, node).await {
+                if let Err(e) = patch_node_status(&agent.ctx.client, &agent.ctx.opts).await {
                     tracing::warn!(error = %e, "node heartbeat failed");
                 }
             }
@@ -266,7 +298,8 @@ struct Ctx {
     opts: NodeAgentOptions,
     server_url: String,
     trust: ServerTrust,
-    kube_dir: PathBuf,
+    /// Workers' kubeconfigs and configMap volumes.
+    state_dir: PathBuf,
     semaphore: Arc<Semaphore>,
 }
 
@@ -279,6 +312,8 @@ struct Agent {
     task_pods: HashMap<tokio::task::Id, String>,
     /// Pods this agent has finished with (never started again).
     done: HashSet<String>,
+    /// Pods this node cannot take, already reported as such.
+    unschedulable: HashSet<String>,
     /// Uids seen during a (re)list, to forget pods that went away meanwhile.
     listing: Option<HashSet<String>>,
 }
@@ -297,6 +332,7 @@ impl Agent {
             watcher::Event::InitDone => {
                 if let Some(seen) = self.listing.take() {
                     self.done.retain(|uid| seen.contains(uid));
+                    self.unschedulable.retain(|uid| seen.contains(uid));
                     let gone: Vec<String> = self
                         .running
                         .keys()
@@ -313,6 +349,7 @@ impl Agent {
                 if let Some(uid) = pod.metadata.uid.as_deref() {
                     self.stop(uid);
                     self.done.remove(uid);
+                    self.unschedulable.remove(uid);
                 }
             }
         }
@@ -366,8 +403,22 @@ impl Agent {
                     spec.scheduler_name.as_deref(),
                     None | Some("") | Some("default-scheduler")
                 );
-                if ours && !deleting && phase == "Pending" {
-                    bind(&pods, &name, &self.ctx.opts.node_name).await;
+                if !(ours && !deleting && phase == "Pending") {
+                    return;
+                }
+                match unfit_reason(&pod, &self.ctx.opts) {
+                    None => bind(&pods, &name, &self.ctx.opts.node_name).await,
+                    Some(reason) => {
+                        if self.unschedulable.insert(uid.clone()) {
+                            let key = PodKey {
+                                namespace,
+                                name,
+                                uid,
+                            };
+                            tracing::info!(pod = %key, %reason, "not binding a pod this node cannot take");
+                            report_unschedulable(&self.ctx, &key, &reason).await;
+                        }
+                    }
                 }
             }
             Some(node) if node == self.ctx.opts.node_name => {
@@ -461,6 +512,94 @@ async fn bind(pods: &Api<Pod>, name: &str, node: &str) {
         Err(kube::Error::Api(s)) if s.code == 409 || s.is_not_found() => {}
         Err(e) => tracing::warn!(pod = name, error = %e, "binding failed"),
     }
+}
+
+/// Why this node cannot take the pod, or `None` when it can: what the scheduler (and the
+/// kubelet's admission) would find against the node selector, the node's taints and its
+/// extended resources. Node affinity is not looked at.
+fn unfit_reason(pod: &Pod, opts: &NodeAgentOptions) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let labels = opts.labels();
+    for (key, value) in spec.node_selector.iter().flatten() {
+        if labels.get(key) != Some(value) {
+            return Some(format!(
+                "node selector {key}={value} does not match the node's labels"
+            ));
+        }
+    }
+    let tolerations = spec.tolerations.as_deref().unwrap_or_default();
+    for taint in &opts.taints {
+        let repels = matches!(taint.effect.as_str(), "NoSchedule" | "NoExecute");
+        if repels && !tolerations.iter().any(|t| tolerates(t, taint)) {
+            let value = taint.value.as_deref().unwrap_or_default();
+            return Some(format!(
+                "the node's taint {}={value}:{} is not tolerated",
+                taint.key, taint.effect
+            ));
+        }
+    }
+    let mut wanted: BTreeMap<&str, u64> = BTreeMap::new();
+    for container in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        let resources = container.resources.as_ref();
+        // The API server defaults requests to limits; read limits should requests be absent.
+        let amounts = resources
+            .and_then(|r| r.requests.as_ref())
+            .or_else(|| resources.and_then(|r| r.limits.as_ref()));
+        for (name, quantity) in amounts.into_iter().flatten() {
+            if !is_extended_resource(name) {
+                continue;
+            }
+            let Ok(count) = quantity.0.parse::<u64>() else {
+                return Some(format!("{name}: {:?} is not a whole number", quantity.0));
+            };
+            *wanted.entry(name.as_str()).or_default() += count;
+        }
+    }
+    for (name, count) in wanted {
+        let offered = opts
+            .extended_resources
+            .get(name)
+            .and_then(|q| q.parse::<u64>().ok())
+            .unwrap_or(0);
+        if count > offered {
+            return Some(format!(
+                "Insufficient {name}: the pod asks for {count}, the node has {offered}"
+            ));
+        }
+    }
+    None
+}
+
+/// Kubernetes' toleration matching (an empty key with `Exists` tolerates every taint).
+fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
+    let effect_ok = toleration
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == taint.effect);
+    let key = toleration.key.as_deref().unwrap_or_default();
+    let exists = toleration.operator.as_deref() == Some("Exists");
+    let key_ok = (key.is_empty() && exists) || key == taint.key;
+    let value_ok = exists
+        || toleration.value.as_deref().unwrap_or_default()
+            == taint.value.as_deref().unwrap_or_default();
+    effect_ok && key_ok && value_ok
+}
+
+/// Device-plugin resources such as `nvidia.com/gpu` (not cpu, memory, storage, hugepages).
+fn is_extended_resource(name: &str) -> bool {
+    name.split_once('/')
+        .is_some_and(|(domain, _)| !domain.ends_with("kubernetes.io") && domain != "requests")
+}
+
+/// What `kubectl describe pod` shows for a pod no node fits.
+async fn report_unschedulable(ctx: &Ctx, key: &PodKey, reason: &str) {
+    let mut scheduled = condition("PodScheduled", false, Some("Unschedulable"), &now_rfc3339());
+    scheduled["message"] = format!("0/1 nodes are available: {reason}").into();
+    patch_pod_status(ctx, key, json!({ "conditions": [scheduled] })).await;
 }
 
 #[derive(Debug, Clone)]
@@ -683,25 +822,33 @@ fn exit_code_of(status: ExitStatus) -> i32 {
     }
 }
 
-/// Deletes the worker kubeconfig (it holds a token) when the pod's task ends.
-struct RemoveOnDrop(Option<PathBuf>);
+/// Files a pod's task leaves on this machine (the worker kubeconfig, which holds a token;
+/// its volumes), deleted when the task ends.
+#[derive(Default)]
+struct PodFiles(Vec<PathBuf>);
 
-impl Drop for RemoveOnDrop {
+impl Drop for PodFiles {
     fn drop(&mut self) {
-        if let Some(path) = &self.0 {
-            let _ = std::fs::remove_file(path);
+        for path in &self.0 {
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(path)
+            } else {
+                std::fs::remove_file(path)
+            };
         }
     }
 }
 
-/// Resolves the command, environment and ServiceAccount kubeconfig of a pod.
-async fn prepare(ctx: &Ctx, pod: &Pod, key: &PodKey) -> Result<(Launch, RemoveOnDrop), Refusal> {
+/// Resolves the command, environment, volumes and ServiceAccount kubeconfig of a pod.
+async fn prepare(ctx: &Ctx, pod: &Pod, key: &PodKey) -> Result<(Launch, PodFiles), Refusal> {
     let container = pod
         .spec
         .as_ref()
         .and_then(|s| s.containers.first())
         .ok_or_else(|| Refusal::fatal(REASON_UNSUPPORTED, 127, "the pod has no containers"))?;
     let (program, raw_args) = map_command(container, &ctx.opts.binary)?;
+    let mut files = PodFiles::default();
+    let mounts = mount_config_maps(ctx, pod, container, key, &mut files).await?;
     let mut env = Env::default();
     for name in PASSTHROUGH_ENV {
         if let Ok(value) = std::env::var(name) {
@@ -710,14 +857,19 @@ async fn prepare(ctx: &Ctx, pod: &Pod, key: &PodKey) -> Result<(Launch, RemoveOn
     }
     env.set("HOSTNAME", key.name.clone());
     resolve_env(ctx, pod, container, &key.namespace, &mut env).await?;
-    let args = raw_args.iter().map(|a| expand_vars(a, &env)).collect();
+    let args = raw_args
+        .iter()
+        .map(|a| redirect(&expand_vars(a, &env), &mounts))
+        .collect();
+    for (_, value) in &mut env.vars {
+        *value = redirect(value, &mounts);
+    }
     for (k, v) in &ctx.opts.extra_env {
         env.set(k, v.clone());
     }
-    let mut kubeconfig = RemoveOnDrop(None);
     if let Some(path) = service_account_kubeconfig(ctx, pod, key).await? {
         env.set("KUBECONFIG", path.display().to_string());
-        kubeconfig.0 = Some(path);
+        files.0.push(path);
     }
     Ok((
         Launch {
@@ -725,8 +877,147 @@ async fn prepare(ctx: &Ctx, pod: &Pod, key: &PodKey) -> Result<(Launch, RemoveOn
             args,
             env: env.vars,
         },
-        kubeconfig,
+        files,
     ))
+}
+
+/// A volume mount as this agent imitates it: the mount path and the local folder it stands for.
+type Mount = (String, PathBuf);
+
+/// Writes the `configMap` volumes the container mounts into a folder per pod, and returns
+/// each mount path with its folder, longest path first (other volume types are not
+/// supported and are left out).
+///
+/// This is the testbed's stand-in for a mount. There is no container runtime and no mount
+/// namespace, so the process cannot see files at the mount path; instead [`redirect`]
+/// rewrites environment values and arguments that start with a mount path to the same
+/// path under its folder. A program that builds such paths by itself is not redirected.
+async fn mount_config_maps(
+    ctx: &Ctx,
+    pod: &Pod,
+    container: &Container,
+    key: &PodKey,
+    files: &mut PodFiles,
+) -> Result<Vec<Mount>, Refusal> {
+    let volumes = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_deref())
+        .unwrap_or_default();
+    let pod_dir = ctx.state_dir.join(format!(
+        "{}_{}_{}-volumes",
+        key.namespace, key.name, key.uid
+    ));
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let mut mounts = Vec::new();
+    for mount in container.volume_mounts.iter().flatten() {
+        let source = volumes
+            .iter()
+            .find(|v| v.name == mount.name)
+            .and_then(|v| v.config_map.as_ref());
+        let Some(source) = source else { continue };
+        let folder = pod_dir.join(&mount.name);
+        if !files.0.contains(&pod_dir) {
+            files.0.push(pod_dir.clone());
+        }
+        let optional = source.optional == Some(true);
+        let entries = match get_object(&config_maps, &source.name, "configmap").await? {
+            Some(cm) => config_map_files(&cm),
+            None if optional => BTreeMap::new(),
+            None => {
+                return Err(Refusal::config(
+                    format!("configmap {}/{} not found", key.namespace, source.name),
+                    true,
+                ));
+            }
+        };
+        // `items` picks keys and names their files; without it every key is a file.
+        let wanted: Vec<(String, String)> = match &source.items {
+            Some(items) => items
+                .iter()
+                .map(|i| (i.key.clone(), i.path.clone()))
+                .collect(),
+            None => entries.keys().map(|k| (k.clone(), k.clone())).collect(),
+        };
+        std::fs::create_dir_all(&folder)
+            .map_err(|e| Refusal::config(format!("creating {}: {e}", folder.display()), false))?;
+        for (entry, file) in wanted {
+            let Some(bytes) = entries.get(&entry) else {
+                if optional {
+                    continue;
+                }
+                return Err(Refusal::config(
+                    format!(
+                        "configmap {}/{} has no key {entry}",
+                        key.namespace, source.name
+                    ),
+                    true,
+                ));
+            };
+            let relative = Path::new(&file);
+            if !relative
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(Refusal::config(
+                    format!(
+                        "volume {}: item path {file:?} leaves the volume",
+                        mount.name
+                    ),
+                    false,
+                ));
+            }
+            let target = folder.join(relative);
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    Refusal::config(format!("creating {}: {e}", parent.display()), false)
+                })?;
+            }
+            std::fs::write(&target, bytes).map_err(|e| {
+                Refusal::config(format!("writing {}: {e}", target.display()), false)
+            })?;
+        }
+        let path = match mount.sub_path.as_deref().filter(|p| !p.is_empty()) {
+            Some(sub) => folder.join(sub),
+            None => folder,
+        };
+        mounts.push((mount.mount_path.trim_end_matches('/').to_owned(), path));
+    }
+    // A root mount would swallow every absolute path: not something to imitate.
+    mounts.retain(|(mount_path, _)| !mount_path.is_empty());
+    mounts.sort_by_key(|(mount_path, _)| std::cmp::Reverse(mount_path.len()));
+    Ok(mounts)
+}
+
+/// A ConfigMap's entries as file contents (`data` and `binaryData`).
+fn config_map_files(cm: &ConfigMap) -> BTreeMap<String, Vec<u8>> {
+    let text = cm
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone().into_bytes()));
+    let binary = cm
+        .binary_data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()));
+    text.chain(binary).collect()
+}
+
+/// `value` with a leading mount path replaced by its folder (see [`mount_config_maps`]).
+fn redirect(value: &str, mounts: &[Mount]) -> String {
+    for (mount_path, folder) in mounts {
+        if value == mount_path {
+            return folder.display().to_string();
+        }
+        if let Some(rest) = value
+            .strip_prefix(mount_path.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+        {
+            return folder.join(rest).display().to_string();
+        }
+    }
+    value.to_owned()
 }
 
 /// `kinsight ...` (or a path ending in `/kinsight`) runs `binary`; anything else is refused.
@@ -1083,7 +1374,7 @@ async fn service_account_kubeconfig(
     let Some(token) = token else {
         return Err(Refusal::config("the TokenRequest returned no token", true));
     };
-    let path = ctx.kube_dir.join(format!(
+    let path = ctx.state_dir.join(format!(
         "{}_{}_{}.kubeconfig",
         key.namespace, key.name, key.uid
     ));
@@ -1295,24 +1586,23 @@ async fn patch_pod_status(ctx: &Ctx, key: &PodKey, status: Value) {
     }
 }
 
-/// Creates (or refreshes) the Node object and marks it Ready.
-async fn register_node(client: &kube::Client, node_name: &str) -> Result<(), TestbedError> {
+/// Creates (or refreshes) the Node object, with its labels and taints, and marks it Ready.
+async fn register_node(client: &kube::Client, opts: &NodeAgentOptions) -> Result<(), TestbedError> {
+    let node_name = opts.node_name.as_str();
     let nodes: Api<Node> = Api::all(client.clone());
-    let labels = json!({
-        "kubernetes.io/hostname": node_name,
-        "kubernetes.io/os": "linux",
-        "type": "kinsight-node-agent",
-    });
+    let labels = opts.labels();
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": { "name": node_name, "labels": labels },
+        "spec": { "taints": opts.taints },
     }))
     .map_err(|e| TestbedError::Config(format!("node object: {e}")))?;
     match nodes.create(&PostParams::default(), &node).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            let patch = json!({ "metadata": { "labels": labels } });
+            let patch =
+                json!({ "metadata": { "labels": labels }, "spec": { "taints": opts.taints } });
             nodes
                 .patch(node_name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
@@ -1320,16 +1610,24 @@ async fn register_node(client: &kube::Client, node_name: &str) -> Result<(), Tes
         }
         Err(e) => return Err(TestbedError::kube(format!("creating node {node_name}"), e)),
     }
-    patch_node_status(client, node_name)
+    patch_node_status(client, opts)
         .await
         .map_err(|e| TestbedError::kube(format!("marking node {node_name} ready"), e))
 }
 
-async fn patch_node_status(client: &kube::Client, node_name: &str) -> Result<(), kube::Error> {
+async fn patch_node_status(
+    client: &kube::Client,
+    opts: &NodeAgentOptions,
+) -> Result<(), kube::Error> {
+    let node_name = opts.node_name.as_str();
     let nodes: Api<Node> = Api::all(client.clone());
     let now = now_rfc3339();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let resources = json!({ "cpu": cpus.to_string(), "memory": memory_quantity(), "pods": "110" });
+    let mut resources =
+        json!({ "cpu": cpus.to_string(), "memory": memory_quantity(), "pods": "110" });
+    for (name, quantity) in &opts.extended_resources {
+        resources[name] = quantity.clone().into();
+    }
     let status = json!({
         "status": {
             "capacity": resources,
@@ -1512,6 +1810,180 @@ mod tests {
         assert!(!is_loopback_url("https://10.0.0.5:6443"));
         assert!(!is_loopback_url("https://kind-control-plane:6443"));
         assert!(!is_loopback_url(""));
+    }
+
+    fn gpu_pod(extra_spec: Value) -> Pod {
+        let mut spec = json!({
+            "containers": [{
+                "name": "worker",
+                "resources": {
+                    "requests": { "cpu": "1", "nvidia.com/gpu": "1" },
+                    "limits": { "cpu": "1", "nvidia.com/gpu": "1" }
+                }
+            }]
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
+            spec.extend(extra.clone());
+        }
+        serde_json::from_value(json!({ "metadata": { "name": "p" }, "spec": spec })).expect("pod")
+    }
+
+    fn gpu_node() -> NodeAgentOptions {
+        let mut opts = NodeAgentOptions::new("n1", "/bin/sh", "/tmp");
+        opts.extended_resources = BTreeMap::from([("nvidia.com/gpu".into(), "1".into())]);
+        opts.node_labels = BTreeMap::from([("accelerator".into(), "nvidia".into())]);
+        opts.taints = vec![Taint {
+            key: "nvidia.com/gpu".into(),
+            value: Some("present".into()),
+            effect: "NoSchedule".into(),
+            time_added: None,
+        }];
+        opts
+    }
+
+    #[test]
+    fn pods_bind_only_where_they_fit() {
+        let tolerating = json!({
+            "nodeSelector": { "accelerator": "nvidia" },
+            "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }]
+        });
+        assert_eq!(
+            unfit_reason(&gpu_pod(tolerating.clone()), &gpu_node()),
+            None
+        );
+
+        // A node without GPUs (the default) does not take GPU pods.
+        let plain = NodeAgentOptions::new("n0", "/bin/sh", "/tmp");
+        let reason = unfit_reason(&gpu_pod(json!({})), &plain).expect("unfit");
+        assert!(reason.contains("Insufficient nvidia.com/gpu"), "{reason}");
+        // Nor more GPUs than it has.
+        let mut two = gpu_pod(tolerating.clone());
+        if let Some(r) = two
+            .spec
+            .as_mut()
+            .and_then(|s| s.containers[0].resources.as_mut())
+        {
+            r.requests = None;
+            r.limits = Some(BTreeMap::from([(
+                "nvidia.com/gpu".into(),
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity("2".into()),
+            )]));
+        }
+        let reason = unfit_reason(&two, &gpu_node()).expect("unfit");
+        assert!(reason.contains("asks for 2, the node has 1"), "{reason}");
+
+        let wrong_selector = json!({
+            "nodeSelector": { "accelerator": "amd" },
+            "tolerations": tolerating["tolerations"]
+        });
+        let reason = unfit_reason(&gpu_pod(wrong_selector), &gpu_node()).expect("unfit");
+        assert!(reason.contains("accelerator=amd"), "{reason}");
+        let untolerated = json!({ "nodeSelector": { "accelerator": "nvidia" } });
+        let reason = unfit_reason(&gpu_pod(untolerated), &gpu_node()).expect("unfit");
+        assert!(
+            reason.contains("taint nvidia.com/gpu=present:NoSchedule"),
+            "{reason}"
+        );
+
+        // Pods asking for nothing special fit a plain node, as before.
+        let cpu_pod: Pod = serde_json::from_value(json!({
+            "metadata": {}, "spec": { "containers": [{ "name": "w", "resources": { "requests": { "cpu": "1", "memory": "1Gi" } } }] }
+        }))
+        .expect("pod");
+        assert_eq!(unfit_reason(&cpu_pod, &plain), None);
+    }
+
+    #[test]
+    fn tolerations_match_like_kubernetes() {
+        let taint = Taint {
+            key: "gpu".into(),
+            value: Some("yes".into()),
+            effect: "NoSchedule".into(),
+            time_added: None,
+        };
+        let toleration = |key: Option<&str>,
+                          operator: Option<&str>,
+                          value: Option<&str>,
+                          effect: Option<&str>| Toleration {
+            key: key.map(str::to_owned),
+            operator: operator.map(str::to_owned),
+            value: value.map(str::to_owned),
+            effect: effect.map(str::to_owned),
+            toleration_seconds: None,
+        };
+        assert!(tolerates(
+            &toleration(Some("gpu"), Some("Equal"), Some("yes"), None),
+            &taint
+        ));
+        assert!(tolerates(
+            &toleration(Some("gpu"), None, Some("yes"), Some("NoSchedule")),
+            &taint
+        ));
+        assert!(tolerates(
+            &toleration(None, Some("Exists"), None, None),
+            &taint
+        ));
+        assert!(!tolerates(
+            &toleration(Some("gpu"), Some("Equal"), Some("no"), None),
+            &taint
+        ));
+        assert!(!tolerates(
+            &toleration(Some("gpu"), Some("Exists"), None, Some("NoExecute")),
+            &taint
+        ));
+        assert!(!tolerates(
+            &toleration(Some("other"), Some("Exists"), None, None),
+            &taint
+        ));
+    }
+
+    #[test]
+    fn mounted_paths_are_redirected_to_the_volume_folder() {
+        let mounts = vec![
+            (
+                "/etc/kinsight/catalog/sub".to_owned(),
+                PathBuf::from("/state/p/sub-vol"),
+            ),
+            (
+                "/etc/kinsight/catalog".to_owned(),
+                PathBuf::from("/state/p/catalog"),
+            ),
+        ];
+        assert_eq!(
+            redirect("/etc/kinsight/catalog/catalog.yaml", &mounts),
+            "/state/p/catalog/catalog.yaml"
+        );
+        assert_eq!(
+            redirect("/etc/kinsight/catalog", &mounts),
+            "/state/p/catalog"
+        );
+        assert_eq!(
+            redirect("/etc/kinsight/catalog/sub/x", &mounts),
+            "/state/p/sub-vol/x"
+        );
+        // Only whole path segments, and only at the start.
+        assert_eq!(
+            redirect("/etc/kinsight/catalogue.yaml", &mounts),
+            "/etc/kinsight/catalogue.yaml"
+        );
+        assert_eq!(
+            redirect("x=/etc/kinsight/catalog/a", &mounts),
+            "x=/etc/kinsight/catalog/a"
+        );
+        assert_eq!(redirect("cpu", &mounts), "cpu");
+    }
+
+    #[test]
+    fn config_map_files_include_binary_data() {
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "metadata": { "name": "c" },
+            "data": { "catalog.yaml": "models: []" },
+            "binaryData": { "blob": "AAE=" }
+        }))
+        .expect("configmap");
+        let files = config_map_files(&cm);
+        assert_eq!(files["catalog.yaml"], b"models: []");
+        assert_eq!(files["blob"], [0u8, 1]);
     }
 
     #[test]

@@ -50,6 +50,8 @@ impl WorkerError {
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
     pub catalog: PathBuf,
+    /// Where the catalog's relative model and labels files are (`None`: the catalog's folder).
+    pub models_dir: Option<PathBuf>,
     pub fetch: FetchConfig,
     /// Downloads in flight while inference runs.
     pub prefetch: usize,
@@ -76,7 +78,7 @@ pub async fn run(
     store: ResultStore,
     options: WorkerOptions,
 ) -> Result<WorkerReport, WorkerError> {
-    let catalog = Catalog::load(&options.catalog)?;
+    let catalog = Catalog::load_with_models_dir(&options.catalog, options.models_dir.as_deref())?;
     let engine_options = options.engine.clone();
     let models = order.models.clone();
     let engine =

@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kinsight::controller::ControllerConfig;
+use kinsight::controller::{ControllerConfig, WorkerCatalog};
 use kinsight::dev::{ReceivedWebhook, create_tenant, install_crds, serve_folder, webhook_receiver};
 use kinsight::inference::Catalog;
-use kinsight::testbed::TestCluster;
+use kinsight::testbed::{NodeAgentOptions, TestCluster};
 use kinsight::webhook::{RetrySchedule, generate_secret};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
@@ -37,7 +37,8 @@ pub struct Harness {
     pub metrics: std::sync::Arc<kinsight::controller::Metrics>,
     controller: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
-    _logs: tempfile::TempDir,
+    /// Pods' stdout and stderr, as the node agent writes them.
+    logs: tempfile::TempDir,
 }
 
 pub fn repo_path(relative: &str) -> PathBuf {
@@ -46,12 +47,28 @@ pub fn repo_path(relative: &str) -> PathBuf {
 
 impl Harness {
     pub async fn start(namespace: &str) -> Harness {
-        Self::start_configured(namespace, |_| {}).await
+        Self::start_with(namespace, |_| {}, |_| {}).await
     }
 
     /// Like [`Harness::start`], with the test's changes to the controller's configuration.
     pub async fn start_configured(
         namespace: &str,
+        configure: impl FnOnce(&mut ControllerConfig),
+    ) -> Harness {
+        Self::start_with(namespace, |_| {}, configure).await
+    }
+
+    /// [`Harness::start`] with the node agent's options adjusted (labels, taints, GPUs).
+    pub async fn start_with_node(
+        namespace: &str,
+        node: impl FnOnce(&mut NodeAgentOptions),
+    ) -> Harness {
+        Self::start_with(namespace, node, |_| {}).await
+    }
+
+    pub async fn start_with(
+        namespace: &str,
+        node: impl FnOnce(&mut NodeAgentOptions),
         configure: impl FnOnce(&mut ControllerConfig),
     ) -> Harness {
         kinsight::install_crypto_provider();
@@ -80,6 +97,7 @@ impl Harness {
             logs.path(),
         );
         agent.extra_env = vec![("RUST_LOG".into(), "info".into())];
+        node(&mut agent);
         let agent_client = client.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = kinsight::testbed::node_agent::run(agent_client, agent).await {
@@ -124,7 +142,7 @@ impl Harness {
             metrics: Default::default(),
             controller: None,
             tasks,
-            _logs: logs,
+            logs,
         };
         let mut config = harness.controller_config();
         configure(&mut config);
@@ -142,15 +160,13 @@ impl Harness {
         let ort = std::path::absolute(ort).expect("absolute path");
         // The photo server and the webhook receiver are on 127.0.0.1.
         let egress = kinsight::net::EgressPolicy::allow_loopback();
+        // Workers read the catalog from the ConfigMap the controller publishes.
+        let catalog = Catalog::load(repo_path("models/catalog.yaml")).expect("catalog");
+        let models_dir = repo_path("models").display().to_string();
         ControllerConfig {
             models: self.models.clone(),
-            worker_env: vec![
-                (
-                    "KINSIGHT_CATALOG".into(),
-                    repo_path("models/catalog.yaml").display().to_string(),
-                ),
-                ("ORT_DYLIB_PATH".into(), ort.display().to_string()),
-            ],
+            worker_catalog: Some(WorkerCatalog::new(&catalog, models_dir)),
+            worker_env: vec![("ORT_DYLIB_PATH".into(), ort.display().to_string())],
             egress,
             metrics: self.metrics.clone(),
             // Test schedules are in seconds.
@@ -200,6 +216,15 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("API did not accept the test key in time");
+    }
+
+    /// What a pod printed (stdout and stderr), empty until it has started.
+    pub fn pod_log(&self, pod: &str) -> String {
+        let file = self
+            .logs
+            .path()
+            .join(format!("{}_{pod}.log", self.namespace));
+        std::fs::read_to_string(file).unwrap_or_default()
     }
 
     pub fn photo_url(&self, name: &str) -> String {

@@ -2,6 +2,16 @@
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{- define "kinsight.catalogVolume" -}}
+- name: catalog
+  configMap: {name: {{ .Release.Name }}-catalog}
+{{- end -}}
+
+{{- define "kinsight.catalogEnv" -}}
+- {name: KINSIGHT_CATALOG, value: /etc/kinsight/catalog/catalog.yaml}
+- {name: KINSIGHT_MODELS_DIR, value: {{ .Values.modelsDir | quote }}}
+{{- end -}}
+
 {{- define "kinsight.labels" -}}
 app.kubernetes.io/name: kinsight
 app.kubernetes.io/instance: {{ .Release.Name }}
