@@ -90,6 +90,11 @@ struct ControllerArgs {
     /// Models folder inside worker pods (default: this controller's models folder).
     #[arg(long, env = "KINSIGHT_WORKER_MODELS_DIR")]
     worker_models_dir: Option<String>,
+    /// A volume with the model files, mounted read-only at the workers' models folder: a
+    /// volume source as in a pod spec, JSON or YAML, e.g.
+    /// `{"persistentVolumeClaim": {"claimName": "models"}}` (default: files in the image).
+    #[arg(long, env = "KINSIGHT_WORKER_MODELS_VOLUME", value_parser = |t: &str| WorkerCatalog::parse_models_volume(t).map(Box::new))]
+    worker_models_volume: Option<Box<k8s_openapi::api::core::v1::Volume>>,
     /// What Jobs of GPU models (`gpu: true` in the catalog) ask for, JSON or YAML:
     /// `{"resourceName": "nvidia.com/gpu", "count": 1, "nodeSelector": {...},
     /// "tolerations": [...], "runtimeClassName": "nvidia"}` (missing fields: these defaults,
@@ -277,7 +282,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let defaults = ControllerConfig::default();
             let config = ControllerConfig {
-                worker_catalog: Some(WorkerCatalog::new(&catalog, worker_models_dir)),
+                worker_catalog: Some(WorkerCatalog {
+                    models_volume: args.worker_models_volume.map(|v| *v),
+                    ..WorkerCatalog::new(&catalog, worker_models_dir)
+                }),
                 gpu: args.worker_gpu.unwrap_or_default(),
                 models: catalog.names().map(str::to_owned).collect(),
                 worker_image: args.worker_image.unwrap_or(defaults.worker_image.clone()),

@@ -120,7 +120,8 @@ async fn chart_installs_into_a_real_cluster() {
             "nodeSelector": { "nvidia.com/gpu.present": "true" },
             "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }],
             "runtimeClassName": "nvidia"
-        }}
+        }},
+        "modelsVolume": { "persistentVolumeClaim": { "claimName": "shared-models", "readOnly": true } }
     })
     .to_string();
     let result = tokio::task::spawn_blocking(move || {
@@ -192,6 +193,32 @@ async fn chart_installs_into_a_real_cluster() {
     assert_eq!(gpu.tolerations.len(), 1);
     assert_eq!(gpu.tolerations[0].operator.as_deref(), Some("Exists"));
     assert_eq!(gpu.runtime_class_name.as_deref(), Some("nvidia"));
+    // The models volume: mounted where the catalog's files are, and handed to worker Jobs.
+    for pod in [&controller_pod, &api_pod] {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "models")
+            .expect("models volume");
+        let claim = volume.persistent_volume_claim.as_ref().expect("a PVC");
+        assert_eq!(claim.claim_name, "shared-models");
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "models")
+            .expect("models mount");
+        assert_eq!(mount.mount_path, "/opt/kinsight/models");
+    }
+    let workers_volume = kinsight::controller::WorkerCatalog::parse_models_volume(
+        env_value(container, "KINSIGHT_WORKER_MODELS_VOLUME").expect("models volume env"),
+    )
+    .expect("the controller accepts the chart's models volume");
+    assert_eq!(
+        workers_volume.persistent_volume_claim.map(|c| c.claim_name),
+        Some("shared-models".to_owned())
+    );
     // Helm's defaults, too: an empty runtime class is none.
     let defaults: serde_yaml::Value = serde_yaml::from_str(
         &std::fs::read_to_string(concat!(

@@ -39,6 +39,7 @@ pub const CATALOG_MOUNT_PATH: &str = "/etc/kinsight/catalog";
 /// with it, so a changed catalog is visible on the Jobs that ran with the old one.
 pub const CATALOG_HASH_ANNOTATION: &str = "kinsight.io/catalog-sha256";
 const CATALOG_VOLUME: &str = "catalog";
+const MODELS_VOLUME: &str = "models";
 
 /// The catalog the controller hands to its workers.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,6 +50,9 @@ pub struct WorkerCatalog {
     pub gpu_models: BTreeSet<String>,
     /// Where the catalog's relative model and labels files are inside worker pods.
     pub models_dir: String,
+    /// A volume holding the model files (a PersistentVolumeClaim, an NFS share, ...),
+    /// mounted read-only at `models_dir`; `None`: they are in the worker image.
+    pub models_volume: Option<Volume>,
 }
 
 impl WorkerCatalog {
@@ -57,7 +61,26 @@ impl WorkerCatalog {
             yaml: catalog.yaml().to_owned(),
             gpu_models: catalog.gpu_models().map(str::to_owned).collect(),
             models_dir: models_dir.into(),
+            models_volume: None,
         }
+    }
+
+    /// Parses a volume source (JSON or YAML, as in a pod spec, without the name), e.g.
+    /// `{"persistentVolumeClaim": {"claimName": "models", "readOnly": true}}`.
+    pub fn parse_models_volume(text: &str) -> Result<Volume, String> {
+        let mut source: serde_json::Map<String, serde_json::Value> = serde_yaml::from_str(text)
+            .map_err(|e| format!("models volume: expected a volume source object: {e}"))?;
+        source.remove("name");
+        if source.len() != 1 {
+            return Err(format!(
+                "models volume: expected exactly one volume source (e.g. persistentVolumeClaim), \
+                 got {}",
+                source.len()
+            ));
+        }
+        source.insert("name".to_owned(), MODELS_VOLUME.into());
+        serde_json::from_value(serde_json::Value::Object(source))
+            .map_err(|e| format!("models volume: {e}"))
     }
 
     pub fn sha256(&self) -> String {
@@ -210,29 +233,42 @@ pub fn build_job(
     } else {
         ExecutionProvider::Cpu
     };
-    let (volumes, mounts) = match catalog {
-        Some(_) => (
-            Some(vec![Volume {
-                name: CATALOG_VOLUME.to_owned(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: CATALOG_CONFIG_MAP.to_owned(),
-                    items: Some(vec![KeyToPath {
-                        key: CATALOG_KEY.to_owned(),
-                        path: CATALOG_KEY.to_owned(),
-                        mode: None,
-                    }]),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            }]),
-            Some(vec![VolumeMount {
-                name: CATALOG_VOLUME.to_owned(),
-                mount_path: CATALOG_MOUNT_PATH.to_owned(),
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    if let Some(catalog) = catalog {
+        volumes.push(Volume {
+            name: CATALOG_VOLUME.to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: CATALOG_CONFIG_MAP.to_owned(),
+                items: Some(vec![KeyToPath {
+                    key: CATALOG_KEY.to_owned(),
+                    path: CATALOG_KEY.to_owned(),
+                    mode: None,
+                }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: CATALOG_VOLUME.to_owned(),
+            mount_path: CATALOG_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        if let Some(models) = &catalog.models_volume {
+            volumes.push(models.clone());
+            mounts.push(VolumeMount {
+                name: models.name.clone(),
+                mount_path: catalog.models_dir.clone(),
                 read_only: Some(true),
                 ..VolumeMount::default()
-            }]),
-        ),
-        None => (None, None),
+            });
+        }
+    }
+    let (volumes, mounts) = if volumes.is_empty() {
+        (None, None)
+    } else {
+        (Some(volumes), Some(mounts))
     };
     let annotations =
         catalog.map(|c| BTreeMap::from([(CATALOG_HASH_ANNOTATION.to_owned(), c.sha256())]));
@@ -420,6 +456,7 @@ mod tests {
                 yaml: CATALOG_YAML.into(),
                 gpu_models: BTreeSet::from(["big_detector".to_owned()]),
                 models_dir: "/opt/kinsight/models".into(),
+                models_volume: None,
             }),
             gpu: GpuSettings::parse(
                 r#"{"nodeSelector": {"accelerator": "nvidia-h100"},
@@ -450,6 +487,41 @@ mod tests {
             .flatten()
             .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
             .collect()
+    }
+
+    #[test]
+    fn a_models_volume_is_mounted_read_only_at_the_models_folder() {
+        let mut config = config();
+        let volume = WorkerCatalog::parse_models_volume(
+            "persistentVolumeClaim: {claimName: shared-models, readOnly: true}",
+        )
+        .expect("a volume source");
+        if let Some(catalog) = config.worker_catalog.as_mut() {
+            catalog.models_volume = Some(volume);
+        }
+        let (pod, _) = job_for(&["object_detection"], &config);
+        let volumes = pod.volumes.expect("volumes");
+        let models = volumes
+            .iter()
+            .find(|v| v.name == "models")
+            .expect("the models volume");
+        let claim = models.persistent_volume_claim.as_ref().expect("a PVC");
+        assert_eq!(claim.claim_name, "shared-models");
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "models")
+            .expect("mounted");
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/opt/kinsight/models", Some(true))
+        );
+        // Not a volume source, or two at once: refused with a reason.
+        for bad in ["[1, 2]", "{}", "{emptyDir: {}, hostPath: {path: /m}}"] {
+            let error = WorkerCatalog::parse_models_volume(bad).expect_err(bad);
+            assert!(error.starts_with("models volume:"), "{error}");
+        }
     }
 
     #[test]

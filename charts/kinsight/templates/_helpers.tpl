@@ -5,6 +5,16 @@
 {{- define "kinsight.catalogVolume" -}}
 - name: catalog
   configMap: {name: {{ .Release.Name }}-catalog}
+{{- with .Values.modelsVolume }}
+- {{ merge (dict "name" "models") . | toJson }}
+{{- end }}
+{{- end -}}
+
+{{- define "kinsight.catalogMounts" -}}
+- {name: catalog, mountPath: /etc/kinsight/catalog, readOnly: true}
+{{- if .Values.modelsVolume }}
+- {name: models, mountPath: {{ .Values.modelsDir | quote }}, readOnly: true}
+{{- end }}
 {{- end -}}
 
 {{- define "kinsight.catalogEnv" -}}
