@@ -351,11 +351,9 @@ pub async fn deliver_due(
             .push((index, delivery.id.clone(), prepared));
     }
     let slots = usize::try_from(ctx.circuits.config().max_concurrency.max(1)).unwrap_or(1);
-    // A round ends; events beyond this many per endpoint wait for the next reconcile, so a
-    // slow receiver with a large backlog cannot hold the group's status back for long.
-    let per_round = slots * 4;
-    // Nor does a round start attempts after this long: the group's other endpoints get
-    // their next events (and the status its record) without waiting on a slow receiver.
+    // A round starts no attempt after this long; what is left waits for the next
+    // reconcile, so a slow receiver with a large backlog holds neither the group's other
+    // endpoints nor its status record back for long.
     let round_ends = tokio::time::Instant::now() + ROUND_BUDGET;
     let rounds = due.into_iter().filter_map(|(key, jobs)| {
         let endpoint = endpoints.iter().find(|e| e.key == key)?.clone();
@@ -364,7 +362,7 @@ pub async fn deliver_due(
             endpoint.generation,
             endpoint.recorded.as_ref().map(|(g, h)| (*g, h)),
         );
-        let attempts = futures::stream::iter(jobs.into_iter().take(per_round))
+        let attempts = futures::stream::iter(jobs)
             .map(move |(index, id, prepared)| {
                 let endpoint = endpoint.clone();
                 let circuit = circuit.clone();
