@@ -3,6 +3,7 @@
 //! Waiting between attempts is a requeue of the reconciler, never a sleeping task.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -298,12 +299,14 @@ enum Attempted {
     Deferred(jiff::Timestamp),
     /// The endpoint is disabled: the event fails for good.
     Disabled(String),
+    /// The round's time ran out first; still due, it goes in the next round.
+    NextRound,
 }
 
 /// Signing keys and body of a delivery, or why it can't be sent.
 type Prepared = Result<(Vec<String>, String), String>;
-/// A delivery's index in status, what became of it, and a circuit change it caused.
-type RoundOutcome = (usize, Attempted, Option<(Transition, Endpoint)>);
+/// A delivery's index in status, what became of it, and the circuit change it caused.
+type RoundOutcome = (usize, Attempted, Option<Transition>);
 
 /// Makes one attempt for every pending delivery whose time has come, through each
 /// endpoint's circuit: endpoints are served side by side, each with its own bound on
@@ -317,36 +320,34 @@ pub async fn deliver_due(
 ) {
     let now = jiff::Timestamp::now();
     let namespace = group.namespace().unwrap_or_default();
-    let mut secrets: HashMap<String, Result<Vec<String>, String>> = HashMap::new();
-    let mut local = Vec::new();
-    let mut due: HashMap<String, Vec<(usize, String, Prepared)>> = HashMap::new();
+    // Per endpoint (by its index in `endpoints`): its signing keys and its due deliveries.
+    let mut secrets: HashMap<usize, Result<Vec<String>, String>> = HashMap::new();
+    let mut due: HashMap<usize, Vec<(usize, String, Prepared)>> = HashMap::new();
+    let mut outcomes: Vec<RoundOutcome> = Vec::new();
     for (index, delivery) in status.deliveries.iter().enumerate() {
         let is_due = delivery.state == DeliveryState::Pending
             && delivery.next_attempt_at.as_ref().is_none_or(|t| *t <= now);
         if !is_due {
             continue;
         }
-        let Some(endpoint) = endpoints.iter().find(|e| e.key == delivery.endpoint) else {
-            local.push((
-                index,
-                Attempted::Local("endpoint no longer exists".to_owned()),
-            ));
+        let Some(e) = endpoints.iter().position(|e| e.key == delivery.endpoint) else {
+            let gone = Attempted::Local("endpoint no longer exists".to_owned());
+            outcomes.push((index, gone, None));
             continue;
         };
-        if !secrets.contains_key(&endpoint.key) {
-            let loaded = load_secret(ctx, &namespace, &endpoint.secret).await;
-            secrets.insert(endpoint.key.clone(), loaded);
-        }
-        let keys = secrets
-            .get(&endpoint.key)
-            .cloned()
-            .unwrap_or_else(|| Err("no secret".into()));
+        let keys = match secrets.entry(e) {
+            Entry::Occupied(known) => known.get().clone(),
+            Entry::Vacant(slot) => {
+                let loaded = load_secret(ctx, &namespace, &endpoints[e].secret).await;
+                slot.insert(loaded).clone()
+            }
+        };
         let prepared = keys.and_then(|keys| {
             serde_json::to_string(&payload_for(group, delivery, results))
                 .map(|body| (keys, body))
                 .map_err(|e| format!("payload: {e}"))
         });
-        due.entry(endpoint.key.clone())
+        due.entry(e)
             .or_default()
             .push((index, delivery.id.clone(), prepared));
     }
@@ -355,37 +356,35 @@ pub async fn deliver_due(
     // reconcile, so a slow receiver with a large backlog holds neither the group's other
     // endpoints nor its status record back for long.
     let round_ends = tokio::time::Instant::now() + ROUND_BUDGET;
-    let rounds = due.into_iter().filter_map(|(key, jobs)| {
-        let endpoint = endpoints.iter().find(|e| e.key == key)?.clone();
+    let rounds = due.into_iter().map(|(e, jobs)| {
+        let endpoint = &endpoints[e];
         let circuit = ctx.circuits.endpoint(
             &endpoint.circuit_key,
             endpoint.generation,
             endpoint.recorded.as_ref().map(|(g, h)| (*g, h)),
         );
-        let attempts = futures::stream::iter(jobs)
+        futures::stream::iter(jobs)
             .map(move |(index, id, prepared)| {
-                let endpoint = endpoint.clone();
                 let circuit = circuit.clone();
                 async move {
                     let (keys, body) = match prepared {
                         Ok(p) => p,
                         Err(e) => return (index, Attempted::Local(e), None),
                     };
+                    // `timeout_at` would still take a free slot once the round is over.
                     if tokio::time::Instant::now() >= round_ends {
-                        let now = jiff::Timestamp::now();
-                        return (index, Attempted::Deferred(now), None);
+                        return (index, Attempted::NextRound, None);
                     }
                     let acquired =
                         tokio::time::timeout_at(round_ends, ctx.circuits.acquire(&circuit)).await;
-                    let Ok(acquired) = acquired else {
-                        let now = jiff::Timestamp::now();
-                        return (index, Attempted::Deferred(now), None);
-                    };
                     let permit = match acquired {
-                        Ok(p) => p,
-                        Err(Blocked::Until(t)) => return (index, Attempted::Deferred(t), None),
-                        Err(Blocked::Disabled { reason, just_now }) => {
-                            let told = just_now.then_some((Transition::Disabled, endpoint));
+                        Err(_) => return (index, Attempted::NextRound, None),
+                        Ok(Ok(p)) => p,
+                        Ok(Err(Blocked::Until(t))) => {
+                            return (index, Attempted::Deferred(t), None);
+                        }
+                        Ok(Err(Blocked::Disabled { reason, just_now })) => {
+                            let told = just_now.then_some(Transition::Disabled);
                             return (index, Attempted::Disabled(reason), told);
                         }
                     };
@@ -394,31 +393,31 @@ pub async fn deliver_due(
                         .attempt_with(&endpoint.url, &id, &body, &keys, &endpoint.options)
                         .await;
                     let transition = permit.finish(&outcome);
-                    (
-                        index,
-                        Attempted::Sent(outcome),
-                        transition.map(|t| (t, endpoint)),
-                    )
+                    (index, Attempted::Sent(outcome), transition)
                 }
             })
-            .buffer_unordered(slots);
-        Some(attempts.boxed())
+            .buffer_unordered(slots)
+            .boxed()
     });
-    let mut outcomes: Vec<RoundOutcome> = futures::stream::select_all(rounds).collect().await;
-    outcomes.extend(local.into_iter().map(|(i, a)| (i, a, None)));
+    outcomes.extend(
+        futures::stream::select_all(rounds)
+            .collect::<Vec<_>>()
+            .await,
+    );
 
     let now = jiff::Timestamp::now();
     let mut gone = Vec::new();
     let mut attempted = Vec::new();
     let mut transitions = Vec::new();
     for (index, outcome, transition) in outcomes {
-        transitions.extend(transition);
         let Some(delivery) = status.deliveries.get_mut(index) else {
             continue;
         };
-        let retry = endpoints
-            .iter()
-            .find(|e| e.key == delivery.endpoint)
+        let endpoint = endpoints.iter().find(|e| e.key == delivery.endpoint);
+        if let (Some(t), Some(endpoint)) = (transition, endpoint) {
+            transitions.push((t, endpoint));
+        }
+        let retry = endpoint
             .and_then(|e| e.retry.as_ref())
             .unwrap_or(&ctx.config.retry);
         match outcome {
@@ -434,6 +433,7 @@ pub async fn deliver_due(
                 apply_outcome(ctx, delivery, failure(error), retry, now);
             }
             Attempted::Deferred(until) => delivery.next_attempt_at = Some(until),
+            Attempted::NextRound => {}
             Attempted::Disabled(reason) => {
                 delivery.state = DeliveryState::Failed;
                 delivery.next_attempt_at = None;
@@ -445,7 +445,7 @@ pub async fn deliver_due(
     let (open, disabled) = ctx.circuits.counts();
     ctx.config.metrics.set_circuits(open, disabled);
     for (transition, endpoint) in transitions {
-        announce(ctx, &endpoint, transition).await;
+        announce(ctx, endpoint, transition).await;
     }
     let failed_now: Vec<&Delivery> = status
         .deliveries

@@ -37,9 +37,10 @@ pub async fn reconcile(
     // how an operator enables a disabled endpoint again.
     let key = super::events::subscription_circuit(&sub);
     let recorded = original.observed_generation.zip(original.health.as_ref());
-    ctx.circuits
-        .endpoint(&key, generation.unwrap_or(0), recorded);
-    let health = ctx.circuits.health(&key).unwrap_or_default();
+    let health = ctx
+        .circuits
+        .endpoint(&key, generation.unwrap_or(0), recorded)
+        .health();
     status.observed_generation = generation;
     let now = jiff::Timestamp::now();
     let disabled = health.circuit == CircuitState::Disabled;

@@ -92,7 +92,7 @@ impl Circuits {
     /// The endpoint's health as of now, if it has a circuit.
     pub fn health(&self, key: &str) -> Option<EndpointHealth> {
         let entries = lock(&self.entries);
-        entries.get(key).map(|e| e.circuit().health().clone())
+        entries.get(key).map(|e| e.health())
     }
 
     /// How many circuits are open (or probing), and how many endpoints are disabled.
@@ -150,6 +150,11 @@ impl Circuits {
 impl Endpoint {
     fn circuit(&self) -> MutexGuard<'_, Circuit> {
         lock(&self.circuit)
+    }
+
+    /// The endpoint's health as of now.
+    pub fn health(&self) -> EndpointHealth {
+        self.circuit().health().clone()
     }
 }
 
