@@ -152,26 +152,25 @@ pub async fn replay_since(
     let tenant = authenticate(&state.keys, &headers)?;
     let input: ReplaySinceIn = parse_json(&headers, body)?;
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
+    let replay = ReplayRequest {
+        request: new_request_id(),
+        ids: Vec::new(),
+        since: Some(input.since),
+    };
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for group in api.list(&ListParams::default()).await? {
         let n = group
             .status
             .iter()
             .flat_map(|s| s.deliveries.iter())
-            .filter(|d| d.state == DeliveryState::Failed && d.created_at >= input.since)
+            .filter(|d| replay.selects(d))
             .count();
         if n > 0 {
             counts.insert(group.name_any(), n);
         }
     }
-    let request = new_request_id();
     for name in counts.keys() {
-        let replay = ReplayRequest {
-            request: request.clone(),
-            ids: Vec::new(),
-            since: Some(input.since),
-        };
-        request_replay(&api, name, replay).await?;
+        request_replay(&api, name, replay.clone()).await?;
     }
     let total: usize = counts.values().sum();
     Ok((
@@ -185,15 +184,42 @@ fn new_request_id() -> String {
     format!("rpl-{}", hex::encode(rand::random::<[u8; 8]>()))
 }
 
+/// Writes the request into the group's annotation. A request the controller has not
+/// carried out yet is merged in rather than overwritten, and the write is conditional on
+/// the group being unchanged since it was read, so concurrent requests all take effect.
 async fn request_replay(
     api: &Api<ImageGroup>,
     name: &str,
     request: ReplayRequest,
 ) -> Result<(), ApiError> {
-    let value =
-        serde_json::to_string(&request).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
-    let patch = json!({ "metadata": { "annotations": { REPLAY_ANNOTATION: value } } });
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
+    const TRIES: usize = 5;
+    for _ in 0..TRIES {
+        let group = find_group(api, name, "image group").await?;
+        let last_carried_out = group.status.as_ref().and_then(|s| s.last_replay.as_deref());
+        let waiting = group
+            .annotations()
+            .get(REPLAY_ANNOTATION)
+            .and_then(|text| serde_json::from_str::<ReplayRequest>(text).ok())
+            .filter(|w| Some(w.request.as_str()) != last_carried_out);
+        let merged = match waiting {
+            Some(w) => request.clone().absorb(w),
+            None => request.clone(),
+        };
+        let value = serde_json::to_string(&merged)
+            .map_err(|e| ApiError::Unavailable(format!("encoding a replay request: {e}")))?;
+        let patch = json!({ "metadata": {
+            "resourceVersion": group.resource_version(),
+            "annotations": { REPLAY_ANNOTATION: value },
+        } });
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // Changed since it was read (the controller's status, another request): again.
+            Err(kube::Error::Api(answer)) if answer.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::Conflict)
 }

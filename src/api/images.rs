@@ -150,14 +150,8 @@ pub async fn update_group(
         .validate(&state.config.models)
         .map_err(ApiError::InvalidRequest)?;
     // The object carries its resourceVersion: a concurrent change makes this a 409, not a lost update.
-    match api.replace(&id, &PostParams::default(), &group).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => return Err(ApiError::Conflict),
-        Err(e) => return Err(e.into()),
-    }
-    let location = format!("/v1/image-groups/{id}");
-    let body = json!({ "id": id, "status": "pending", "links": { "self": location } });
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    api.replace(&id, &PostParams::default(), &group).await?;
+    Ok(accepted(&format!("/v1/image-groups/{id}"), &id))
 }
 
 pub async fn get_image(

@@ -36,7 +36,7 @@ impl ApiError {
         }
     }
 
-    fn status(&self) -> StatusCode {
+    pub(super) fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -50,7 +50,18 @@ impl ApiError {
 }
 
 impl From<kube::Error> for ApiError {
+    /// The API server's answers that concern the request keep their meaning (a group
+    /// deleted meanwhile, a concurrent change, an object it refuses); the rest is the
+    /// cluster being unavailable.
     fn from(e: kube::Error) -> Self {
+        if let kube::Error::Api(answer) = &e {
+            match answer.code {
+                404 => return Self::NotFound(answer.message.clone()),
+                409 => return Self::Conflict,
+                422 => return Self::InvalidRequest(answer.message.clone()),
+                _ => {}
+            }
+        }
         tracing::warn!(error = %e, "kubernetes API call failed");
         Self::Unavailable(e.to_string())
     }
@@ -77,5 +88,28 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(code: u16) -> kube::Error {
+        let status = serde_json::from_value(json!({
+            "status": "Failure", "message": format!("answer {code}"), "reason": "", "code": code
+        }))
+        .expect("a Status");
+        kube::Error::Api(status)
+    }
+
+    #[test]
+    fn api_server_answers_keep_their_meaning() {
+        let mapped = |code| ApiError::from(answer(code));
+        assert_eq!(mapped(404).status(), StatusCode::NOT_FOUND);
+        assert_eq!(mapped(409).status(), StatusCode::CONFLICT);
+        assert_eq!(mapped(422).status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(mapped(500).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(mapped(403).code(), "unavailable");
     }
 }

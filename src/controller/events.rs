@@ -264,22 +264,12 @@ pub fn apply_replay(group: &ImageGroup, status: &mut ImageGroupStatus) {
         return;
     }
     let mut replayed = 0;
-    for delivery in status
-        .deliveries
-        .iter_mut()
-        .filter(|d| d.state == DeliveryState::Failed)
-    {
-        let named = request.ids.contains(&delivery.id);
-        let recent = request
-            .since
-            .is_some_and(|since| delivery.created_at >= since);
-        if named || recent {
-            delivery.state = DeliveryState::Pending;
-            delivery.attempts = 0;
-            delivery.next_attempt_at = None;
-            status.stopped_endpoints.retain(|e| *e != delivery.endpoint);
-            replayed += 1;
-        }
+    for delivery in status.deliveries.iter_mut().filter(|d| request.selects(d)) {
+        delivery.state = DeliveryState::Pending;
+        delivery.attempts = 0;
+        delivery.next_attempt_at = None;
+        status.stopped_endpoints.retain(|e| *e != delivery.endpoint);
+        replayed += 1;
     }
     tracing::info!(request = %request.request, replayed, "replay request carried out");
     status.last_replay = Some(request.request);
@@ -290,11 +280,8 @@ const ROUND_BUDGET: Duration = Duration::from_secs(2);
 
 /// What became of one due delivery in a round.
 enum Attempted {
-    /// The HTTP attempt was made.
-    Sent(AttemptOutcome),
-    /// No attempt could be made for a reason of ours (no signing secret, no endpoint);
-    /// it counts as a failed attempt of the event but not against the endpoint's health.
-    Local(String),
+    /// An attempt was made (or could not be, for a reason of ours: `NotSent`).
+    Tried(AttemptOutcome),
     /// The endpoint's circuit holds events back until then; no attempt is used up.
     Deferred(jiff::Timestamp),
     /// The endpoint is disabled: the event fails for good.
@@ -331,8 +318,12 @@ pub async fn deliver_due(
             continue;
         }
         let Some(e) = endpoints.iter().position(|e| e.key == delivery.endpoint) else {
-            let gone = Attempted::Local("endpoint no longer exists".to_owned());
-            outcomes.push((index, gone, None));
+            let error = "endpoint no longer exists".to_owned();
+            outcomes.push((
+                index,
+                Attempted::Tried(AttemptOutcome::NotSent { error }),
+                None,
+            ));
             continue;
         };
         let keys = match secrets.entry(e) {
@@ -369,7 +360,10 @@ pub async fn deliver_due(
                 async move {
                     let (keys, body) = match prepared {
                         Ok(p) => p,
-                        Err(e) => return (index, Attempted::Local(e), None),
+                        Err(error) => {
+                            let outcome = AttemptOutcome::NotSent { error };
+                            return (index, Attempted::Tried(outcome), None);
+                        }
                     };
                     // `timeout_at` would still take a free slot once the round is over.
                     if tokio::time::Instant::now() >= round_ends {
@@ -393,7 +387,7 @@ pub async fn deliver_due(
                         .attempt_with(&endpoint.url, &id, &body, &keys, &endpoint.options)
                         .await;
                     let transition = permit.finish(&outcome);
-                    (index, Attempted::Sent(outcome), transition)
+                    (index, Attempted::Tried(outcome), transition)
                 }
             })
             .buffer_unordered(slots)
@@ -421,16 +415,12 @@ pub async fn deliver_due(
             .and_then(|e| e.retry.as_ref())
             .unwrap_or(&ctx.config.retry);
         match outcome {
-            Attempted::Sent(outcome) => {
+            Attempted::Tried(outcome) => {
                 attempted.push(delivery.id.clone());
                 if matches!(outcome, AttemptOutcome::Failed { gone: true, .. }) {
                     gone.push(delivery.endpoint.clone());
                 }
                 apply_outcome(ctx, delivery, outcome, retry, now);
-            }
-            Attempted::Local(error) => {
-                attempted.push(delivery.id.clone());
-                apply_outcome(ctx, delivery, failure(error), retry, now);
             }
             Attempted::Deferred(until) => delivery.next_attempt_at = Some(until),
             Attempted::NextRound => {}
@@ -558,15 +548,6 @@ async fn publish(
     }
 }
 
-fn failure(error: String) -> AttemptOutcome {
-    AttemptOutcome::Failed {
-        status: None,
-        error,
-        retry_after: None,
-        gone: false,
-    }
-}
-
 fn apply_outcome(
     ctx: &Context,
     delivery: &mut Delivery,
@@ -575,7 +556,7 @@ fn apply_outcome(
     now: jiff::Timestamp,
 ) {
     delivery.attempts += 1;
-    match outcome {
+    let (error, retry_after, gone) = match outcome {
         AttemptOutcome::Delivered { .. } => {
             delivery.state = DeliveryState::Delivered;
             delivery.delivered_at = Some(now);
@@ -589,39 +570,38 @@ fn apply_outcome(
                 .max(0.0);
             ctx.config.metrics.delivery_latency.observe(latency);
             tracing::info!(id = %delivery.id, event = %delivery.event, endpoint = %delivery.endpoint, "webhook delivered");
+            return;
         }
         AttemptOutcome::Failed {
             error,
             retry_after,
             gone,
             ..
-        } => {
-            delivery.last_error = Some(error.clone());
-            let next = if gone {
-                None
-            } else {
-                retry.next_delay(delivery.attempts)
-            };
-            match next {
-                Some(delay) => {
-                    let delay =
-                        retry_after.map_or(delay, |r| r.min(ctx.config.max_retry_after).max(delay));
-                    let wait =
-                        jiff::SignedDuration::try_from(delay).unwrap_or(jiff::SignedDuration::MAX);
-                    delivery.next_attempt_at =
-                        Some(now.checked_add(wait).unwrap_or(jiff::Timestamp::MAX));
-                    ctx.config.metrics.attempt("failed");
-                    tracing::info!(id = %delivery.id, endpoint = %delivery.endpoint, attempts = delivery.attempts, %error, "webhook attempt failed; will retry");
-                }
-                None => {
-                    delivery.state = DeliveryState::Failed;
-                    delivery.next_attempt_at = None;
-                    ctx.config
-                        .metrics
-                        .attempt(if gone { "gone" } else { "exhausted" });
-                    tracing::warn!(id = %delivery.id, endpoint = %delivery.endpoint, attempts = delivery.attempts, %error, "webhook delivery failed for good");
-                }
-            }
+        } => (error, retry_after, gone),
+        AttemptOutcome::NotSent { error } => (error, None, false),
+    };
+    delivery.last_error = Some(error.clone());
+    let next = if gone {
+        None
+    } else {
+        retry.next_delay(delivery.attempts)
+    };
+    match next {
+        Some(delay) => {
+            let max = ctx.circuits.config().max_pause;
+            let delay = retry_after.map_or(delay, |r| r.min(max).max(delay));
+            let wait = jiff::SignedDuration::try_from(delay).unwrap_or(jiff::SignedDuration::MAX);
+            delivery.next_attempt_at = Some(now.checked_add(wait).unwrap_or(jiff::Timestamp::MAX));
+            ctx.config.metrics.attempt("failed");
+            tracing::info!(id = %delivery.id, endpoint = %delivery.endpoint, attempts = delivery.attempts, %error, "webhook attempt failed; will retry");
+        }
+        None => {
+            delivery.state = DeliveryState::Failed;
+            delivery.next_attempt_at = None;
+            ctx.config
+                .metrics
+                .attempt(if gone { "gone" } else { "exhausted" });
+            tracing::warn!(id = %delivery.id, endpoint = %delivery.endpoint, attempts = delivery.attempts, %error, "webhook delivery failed for good");
         }
     }
 }

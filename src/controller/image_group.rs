@@ -33,19 +33,20 @@ pub async fn reconcile(
     let name = cached.name_any();
     // The watch cache may trail our own last status write; delivery state must not go
     // back in time (that would re-send delivered events), so read the group fresh.
-    let Some(group) = Api::<ImageGroup>::namespaced(ctx.client.clone(), &namespace)
+    let group = Api::<ImageGroup>::namespaced(ctx.client.clone(), &namespace)
         .get_opt(&name)
-        .await?
-    else {
+        .await?;
+    let Some(group) = group.filter(|g| g.metadata.deletion_timestamp.is_none()) else {
+        // Gone (or going): its events no longer wait.
+        ctx.config
+            .metrics
+            .set_pending(&format!("{namespace}/{name}"), 0);
         return Ok(Action::await_change());
     };
     let uid = group
         .uid()
         .ok_or(ControllerError::MissingField("metadata.uid"))?;
     let generation = group.metadata.generation.unwrap_or(1);
-    if group.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
-    }
     let now = jiff::Timestamp::now();
     let original = group.status.clone().unwrap_or_default();
     let mut status = original.clone();
@@ -174,8 +175,10 @@ pub async fn reconcile(
     events::set_delivery_condition(&mut status, generation, now);
     write_status(&ctx, &namespace, &name, &original, &status).await?;
 
-    events::apply_replay(&group, &mut status);
+    // What was just written: a carried-out replay must be saved even when no attempt
+    // changes anything else.
     let before_send = status.clone();
+    events::apply_replay(&group, &mut status);
     let mut group_now = group.clone();
     group_now.status = Some(status.clone());
     events::deliver_due(&ctx, &group_now, &mut status, &results, &endpoints).await;

@@ -182,7 +182,14 @@ pub fn build_job(
 ) -> Result<Job, serde_json::Error> {
     let group_name = group.name_any();
     let catalog = config.worker_catalog.as_ref();
-    let wants_gpu = catalog.is_some_and(|c| order.models.iter().any(|m| c.gpu_models.contains(m)));
+    // By what the Job will run: a CPU model added to a group with a GPU model runs alone.
+    let wants_gpu = catalog.is_some_and(|c| {
+        order
+            .images
+            .iter()
+            .flat_map(|item| item.models(order))
+            .any(|m| c.gpu_models.contains(m))
+    });
     let mut env = vec![EnvVar {
         name: WORK_ORDER_ENV.to_owned(),
         value: Some(serde_json::to_string(order)?),
@@ -640,6 +647,28 @@ mod tests {
             .expect("limits");
         assert_eq!(limits.get("amd.com/gpu"), Some(&Quantity("2".into())));
         assert!(!limits.contains_key("nvidia.com/gpu"));
+    }
+
+    #[test]
+    fn a_gpu_group_whose_new_work_is_cpu_only_gets_a_cpu_job() {
+        // The group has a GPU model, but it already ran: only the added CPU model is left.
+        let models = ["big_detector", "object_detection"];
+        let mut work = order(&models);
+        work.images[0].models = vec!["object_detection".into()];
+        let job = build_job(&group(&models), "listing-42-g2", &work, &config()).expect("job");
+        let pod = job.spec.expect("spec").template.spec.expect("pod spec");
+        let worker = &pod.containers[0];
+        assert_eq!(
+            worker.args.as_deref(),
+            Some(&["--execution-provider".to_owned(), "cpu".to_owned()][..])
+        );
+        let limits = worker
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.clone())
+            .expect("limits");
+        assert!(!limits.contains_key("nvidia.com/gpu"), "{limits:?}");
+        assert_eq!(pod.runtime_class_name, None);
     }
 
     #[test]

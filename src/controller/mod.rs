@@ -53,8 +53,6 @@ pub struct ControllerConfig {
     pub metrics: Arc<Metrics>,
     /// How long a finished group (and its results) is kept.
     pub group_ttl: Duration,
-    /// Upper bound on one `Retry-After` the receiver asks for.
-    pub max_retry_after: Duration,
     /// Per-endpoint circuit breaking, concurrency bound and disabling.
     pub circuit: CircuitConfig,
     /// How often a subscription's status catches up with its endpoint's health.
@@ -82,7 +80,6 @@ impl Default for ControllerConfig {
             egress: EgressPolicy::default(),
             metrics: Arc::default(),
             group_ttl: Duration::from_secs(7 * 24 * 3600),
-            max_retry_after: Duration::from_secs(3600),
             circuit: CircuitConfig::default(),
             health_sync: Duration::from_secs(10),
             worker_catalog: None,
@@ -142,10 +139,7 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
         sender: Sender::new(&config.sender, EgressGuard::new(config.egress.clone()))?,
         results: ResultStore::new(client.clone()),
         recorder: kube::runtime::events::Recorder::new(client.clone(), MANAGER.into()),
-        circuits: Circuits::new(CircuitConfig {
-            max_pause: config.max_retry_after,
-            ..config.circuit.clone()
-        }),
+        circuits: Circuits::new(config.circuit.clone()),
         config,
     });
     let groups: Api<ImageGroup> = Api::all(client.clone());

@@ -27,8 +27,17 @@ pub async fn reconcile(
         .namespace()
         .ok_or(ControllerError::MissingField("metadata.namespace"))?;
     let generation = sub.metadata.generation;
+    // The periodic health copy need not read the Secret again once this spec was found
+    // usable; a new spec, or one not usable yet, is checked.
+    let usable = sub.status.as_ref().is_some_and(|s| {
+        s.observed_generation == generation
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    });
     let readiness = match sub.spec.validate() {
         Err(message) => Err(("InvalidSpec", message)),
+        Ok(()) if usable => Ok(()),
         Ok(()) => check_secret(&ctx, &namespace, &sub).await?,
     };
     let original = sub.status.clone().unwrap_or_default();

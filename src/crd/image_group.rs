@@ -213,6 +213,29 @@ pub struct ReplayRequest {
     pub since: Option<jiff::Timestamp>,
 }
 
+impl ReplayRequest {
+    /// Whether this request sends `delivery` again: only failed ones are replayed.
+    pub fn selects(&self, delivery: &Delivery) -> bool {
+        delivery.state == DeliveryState::Failed
+            && (self.ids.contains(&delivery.id)
+                || self.since.is_some_and(|since| delivery.created_at >= since))
+    }
+
+    /// This request plus one not carried out yet: what both ask for, under this one's id.
+    pub fn absorb(mut self, earlier: ReplayRequest) -> ReplayRequest {
+        for id in earlier.ids {
+            if !self.ids.contains(&id) {
+                self.ids.push(id);
+            }
+        }
+        self.since = match (self.since, earlier.since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self
+    }
+}
+
 impl ImageEntry {
     /// The image's id inside the group: its own, or its position.
     pub fn key(&self, index: usize) -> String {
@@ -324,6 +347,51 @@ fn validate_metadata(field: &str, metadata: &BTreeMap<String, String>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn delivery(id: &str, state: DeliveryState, created_second: i64) -> Delivery {
+        Delivery {
+            id: id.into(),
+            event: "image.completed".into(),
+            image_id: Some("0".into()),
+            endpoint: "request".into(),
+            sequence: 1,
+            created_at: jiff::Timestamp::from_second(created_second).expect("time"),
+            state,
+            attempts: 3,
+            next_attempt_at: None,
+            last_error: None,
+            delivered_at: None,
+        }
+    }
+
+    #[test]
+    fn replay_requests_select_failed_deliveries_and_merge() {
+        let at = |s| jiff::Timestamp::from_second(s).expect("time");
+        let one = ReplayRequest {
+            request: "rpl-1".into(),
+            ids: vec!["a".into()],
+            since: None,
+        };
+        assert!(one.selects(&delivery("a", DeliveryState::Failed, 10)));
+        assert!(!one.selects(&delivery("a", DeliveryState::Delivered, 10)));
+        assert!(!one.selects(&delivery("b", DeliveryState::Failed, 10)));
+        let since = ReplayRequest {
+            request: "rpl-2".into(),
+            ids: vec!["b".into()],
+            since: Some(at(100)),
+        };
+        assert!(since.selects(&delivery("c", DeliveryState::Failed, 100)));
+        assert!(!since.selects(&delivery("c", DeliveryState::Failed, 99)));
+        // A request not carried out yet is absorbed, not lost: both ids, the earlier time.
+        let merged = since.absorb(one).absorb(ReplayRequest {
+            request: "rpl-0".into(),
+            ids: vec!["a".into()],
+            since: Some(at(50)),
+        });
+        assert_eq!(merged.request, "rpl-2");
+        assert_eq!(merged.ids, vec!["b".to_owned(), "a".to_owned()]);
+        assert_eq!(merged.since, Some(at(50)));
+    }
 
     fn spec(urls: &[&str]) -> ImageGroupSpec {
         ImageGroupSpec {

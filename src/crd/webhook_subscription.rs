@@ -8,6 +8,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use kube::core::labels::{Selector, SelectorExt};
+
 use super::SecretKeyRef;
 use crate::webhook::{RetrySchedule, parse_duration};
 
@@ -84,28 +86,19 @@ const RESERVED_HEADERS: &[&str] = &[
 ];
 
 impl WebhookSubscriptionSpec {
-    /// Whether a group with these labels is covered.
+    /// Whether a group with these labels is covered (a selector that does not parse
+    /// covers none; `validate` refuses it).
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        let Some(selector) = &self.selector else {
-            return true;
-        };
-        let match_labels = selector
-            .match_labels
-            .iter()
-            .flatten()
-            .all(|(k, v)| labels.get(k) == Some(v));
-        let match_expressions = selector.match_expressions.iter().flatten().all(|e| {
-            let value = labels.get(&e.key);
-            let values = e.values.as_deref().unwrap_or_default();
-            match e.operator.as_str() {
-                "In" => value.is_some_and(|v| values.contains(v)),
-                "NotIn" => !value.is_some_and(|v| values.contains(v)),
-                "Exists" => value.is_some(),
-                "DoesNotExist" => value.is_none(),
-                _ => false,
-            }
-        });
-        match_labels && match_expressions
+        self.label_selector()
+            .is_ok_and(|selector| selector.is_none_or(|s| s.matches(labels)))
+    }
+
+    fn label_selector(&self) -> Result<Option<Selector>, String> {
+        self.selector
+            .clone()
+            .map(Selector::try_from)
+            .transpose()
+            .map_err(|e| format!("selector: {e}"))
     }
 }
 
@@ -133,17 +126,6 @@ pub enum CircuitState {
     Open,
     HalfOpen,
     Disabled,
-}
-
-impl CircuitState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Closed => "Closed",
-            Self::Open => "Open",
-            Self::HalfOpen => "HalfOpen",
-            Self::Disabled => "Disabled",
-        }
-    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -236,18 +218,7 @@ impl WebhookSubscriptionSpec {
             return Err("timeoutSeconds: must be between 1 and 60".into());
         }
         self.retry_schedule()?;
-        for e in self
-            .selector
-            .iter()
-            .flat_map(|s| s.match_expressions.iter().flatten())
-        {
-            if !matches!(
-                e.operator.as_str(),
-                "In" | "NotIn" | "Exists" | "DoesNotExist"
-            ) {
-                return Err(format!("selector: unknown operator {:?}", e.operator));
-            }
-        }
+        self.label_selector()?;
         if let Some(bad) = self
             .event_types
             .iter()
@@ -328,6 +299,20 @@ mod tests {
         other.insert("tier".into(), "gold".into());
         assert!(!s.selects(&other));
         assert!(!s.selects(&BTreeMap::new()));
+        // Unknown operators, and In without values, are refused and select nothing.
+        for (operator, values) in [("Like", Some(vec!["x".to_owned()])), ("In", None)] {
+            s.selector = Some(LabelSelector {
+                match_labels: None,
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "team".into(),
+                    operator: operator.into(),
+                    values,
+                }]),
+            });
+            let error = s.validate().expect_err(operator);
+            assert!(error.starts_with("selector:"), "{error}");
+            assert!(!s.selects(&labels), "{operator}");
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub struct CircuitConfig {
     pub max_concurrency: u32,
     /// An endpoint failing without a single success for this long is disabled.
     pub disable_after: Duration,
-    /// Upper bound on one endpoint-wide pause asked for by `Retry-After`.
+    /// Upper bound on one `Retry-After`, for the event and for the whole endpoint.
     pub max_pause: Duration,
 }
 
@@ -162,6 +162,10 @@ impl Circuit {
         outcome: &AttemptOutcome,
         now: Timestamp,
     ) -> Option<Transition> {
+        if let AttemptOutcome::NotSent { .. } = outcome {
+            self.release(probe, now);
+            return None;
+        }
         self.in_flight = self.in_flight.saturating_sub(1);
         if probe {
             self.probe_in_flight = false;
@@ -188,6 +192,7 @@ impl Circuit {
                     (self.health.concurrency_limit + 1).min(config.max_concurrency.max(1));
                 (was != CircuitState::Closed).then_some(Transition::Closed)
             }
+            AttemptOutcome::NotSent { .. } => None,
             AttemptOutcome::Failed {
                 status,
                 error,
@@ -243,8 +248,13 @@ impl Circuit {
             .min(config.max_cool_down.max(config.cool_down))
     }
 
+    /// Only an endpoint whose circuit opened can be disabled: a few failures long ago,
+    /// below the threshold, say nothing of how it is now.
     fn window_exhausted(&self, config: &CircuitConfig, now: Timestamp) -> bool {
-        if self.health.circuit == CircuitState::Disabled || self.health.consecutive_failures == 0 {
+        if !matches!(
+            self.health.circuit,
+            CircuitState::Open | CircuitState::HalfOpen
+        ) {
             return false;
         }
         self.health
@@ -374,6 +384,45 @@ mod tests {
         assert_eq!(circuit.record(&c, false, &failed(Some(500)), at(3)), None);
         assert_eq!(circuit.health().circuit, CircuitState::Closed);
         assert_eq!(circuit.health().consecutive_failures, 1);
+    }
+
+    #[test]
+    fn what_never_reached_the_receiver_counts_for_nothing() {
+        let c = config();
+        let mut circuit = Circuit::new(&c);
+        let ours = AttemptOutcome::NotSent {
+            error: "invalid signing secret".into(),
+        };
+        for i in 0..5 {
+            assert_eq!(circuit.admit(&c, at(i)), Admission::Go { probe: false });
+            assert_eq!(circuit.record(&c, false, &ours, at(i)), None);
+        }
+        assert_eq!(circuit.health().circuit, CircuitState::Closed);
+        assert_eq!(circuit.health().consecutive_failures, 0);
+        assert_eq!(circuit.in_flight(), 0);
+        // A probe that was never sent leaves the circuit due for another.
+        for i in 10..13 {
+            circuit.admit(&c, at(i));
+            circuit.record(&c, false, &failed(Some(500)), at(i));
+        }
+        assert_eq!(circuit.admit(&c, at(30)), Admission::Go { probe: true });
+        assert_eq!(circuit.record(&c, true, &ours, at(30)), None);
+        assert_eq!(circuit.admit(&c, at(30)), Admission::Go { probe: true });
+    }
+
+    #[test]
+    fn old_failures_below_the_threshold_never_disable() {
+        let c = CircuitConfig {
+            disable_after: Duration::from_secs(100),
+            ..config()
+        };
+        let mut circuit = Circuit::new(&c);
+        circuit.admit(&c, at(0));
+        circuit.record(&c, false, &failed(Some(500)), at(0));
+        // Long quiet, then one more failure: still closed, not disabled.
+        assert_eq!(circuit.admit(&c, at(500)), Admission::Go { probe: false });
+        assert_eq!(circuit.record(&c, false, &failed(Some(500)), at(500)), None);
+        assert_eq!(circuit.health().circuit, CircuitState::Closed);
     }
 
     #[test]

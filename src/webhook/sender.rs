@@ -44,6 +44,12 @@ pub enum AttemptOutcome {
         retry_after: Option<Duration>,
         gone: bool,
     },
+    /// Nothing reached the receiver, for a reason of ours (the signing secret, the URL,
+    /// the egress policy): a failed attempt of the event that says nothing of the
+    /// endpoint's health.
+    NotSent {
+        error: String,
+    },
 }
 
 #[derive(Clone)]
@@ -91,14 +97,14 @@ impl Sender {
         let timestamp = jiff::Timestamp::now().as_second();
         let signature = match sign(secrets, msg_id, timestamp, body) {
             Ok(s) => s,
-            Err(e) => return failed(None, e.to_string()),
+            Err(e) => return not_sent(e.to_string()),
         };
         let url = match reqwest::Url::parse(url) {
             Ok(u) => u,
-            Err(e) => return failed(None, format!("invalid URL: {e}")),
+            Err(e) => return not_sent(format!("invalid URL: {e}")),
         };
         if let Err(e) = self.guard.check_url(&url) {
-            return failed(None, e.to_string());
+            return not_sent(e.to_string());
         }
         let mut request = self.http.post(url);
         for (name, value) in &options.headers {
@@ -117,7 +123,20 @@ impl Sender {
             .await;
         let response = match response {
             Ok(r) => r,
-            Err(e) => return failed(None, describe(&e)),
+            Err(e) => {
+                // A name that resolves to a refused address: refused before connecting.
+                if let Some(egress) = find_cause::<EgressError>(&e)
+                    && egress.is_refusal()
+                {
+                    return not_sent(egress.to_string());
+                }
+                return AttemptOutcome::Failed {
+                    status: None,
+                    error: describe(&e),
+                    retry_after: None,
+                    gone: false,
+                };
+            }
         };
         let status = response.status();
         let retry_after = response
@@ -150,13 +169,8 @@ impl Sender {
     }
 }
 
-fn failed(status: Option<u16>, error: String) -> AttemptOutcome {
-    AttemptOutcome::Failed {
-        status,
-        error,
-        retry_after: None,
-        gone: false,
-    }
+fn not_sent(error: String) -> AttemptOutcome {
+    AttemptOutcome::NotSent { error }
 }
 
 fn describe(e: &reqwest::Error) -> String {
@@ -168,5 +182,48 @@ fn describe(e: &reqwest::Error) -> String {
         "connection failed".to_owned()
     } else {
         format!("request failed: {e}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::net::{EgressPolicy, StaticResolver};
+
+    /// Refusals of ours never reach a socket: the addresses are private or loopback and
+    /// the public-only policy refuses them before any connection.
+    #[tokio::test]
+    async fn refusals_of_ours_are_not_sent_and_say_why() {
+        crate::install_crypto_provider();
+        let private: IpAddr = [10, 1, 2, 3].into();
+        let resolver = Arc::new(StaticResolver::new().with("internal.test", [private]));
+        let guard = EgressGuard::with_resolver(EgressPolicy::default(), resolver);
+        let sender = Sender::new(&SenderConfig::default(), guard).expect("sender");
+        let key = vec![super::super::generate_secret()];
+        let cases = [
+            ("http://127.0.0.1:9/hook", key.clone(), "address 127.0.0.1"),
+            (
+                "http://internal.test:9/hook",
+                key.clone(),
+                "address 10.1.2.3 of host internal.test",
+            ),
+            ("not a url", key.clone(), "invalid URL"),
+            (
+                "http://internal.test:9/hook",
+                vec!["not-a-secret".to_owned()],
+                "invalid signing secret",
+            ),
+        ];
+        for (url, secrets, expected) in cases {
+            match sender.attempt(url, "msg_1", "{}", &secrets).await {
+                AttemptOutcome::NotSent { error } => {
+                    assert!(error.contains(expected), "{url}: {error}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
     }
 }
