@@ -5,8 +5,8 @@
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec};
-use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kinsight::controller::GpuSettings;
 use kinsight::testbed::TestCluster;
@@ -31,7 +31,9 @@ fn chart(args: &[&str]) -> serde_json::Value {
 #[test]
 fn chart_lints_clean() {
     let result = chart(&["lint"]);
+    assert_eq!(result["TotalChartsLinted"], 1, "{result}");
     assert_eq!(result["Errors"], serde_json::Value::Null, "{result}");
+    assert!(result["Messages"].is_array(), "{result}");
     // Severity 1 is INFO (e.g. "icon is recommended"); warnings (2) and errors (3+) are not accepted.
     let worst = result["Messages"]
         .as_array()
@@ -116,7 +118,7 @@ async fn chart_installs_into_a_real_cluster() {
         .into_owned();
     let values = serde_json::json!({
         "image": { "tag": "test" },
-        "worker": { "gpu": {
+        "worker": { "env": { "RUST_LOG": "info,kinsight=debug # not: a comment" }, "gpu": {
             "nodeSelector": { "nvidia.com/gpu.present": "true" },
             "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }],
             "runtimeClassName": "nvidia"
@@ -129,7 +131,8 @@ async fn chart_installs_into_a_real_cluster() {
     })
     .await
     .expect("join");
-    assert!(result.to_string().contains("deployed"), "{result}");
+    assert_eq!(result["info"]["status"], "deployed", "{}", result["info"]);
+    assert_eq!(result["name"], "kinsight");
 
     let client = cluster.client();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -160,6 +163,13 @@ async fn chart_installs_into_a_real_cluster() {
             .args
             .as_ref()
             .is_some_and(|a| a.contains(&"--worker-image=kinsight:test".to_owned()))
+    );
+    // Worker environment values reach the controller verbatim, YAML-special characters too.
+    assert!(
+        container.args.as_ref().is_some_and(|a| a
+            .contains(&"--worker-env=RUST_LOG=info,kinsight=debug # not: a comment".to_owned())),
+        "{:?}",
+        container.args
     );
 
     // The catalog: the bundled one by default, in a ConfigMap both Deployments mount.
@@ -231,21 +241,138 @@ async fn chart_installs_into_a_real_cluster() {
     let default_gpu = serde_json::to_string(&defaults["worker"]["gpu"]).expect("JSON");
     assert_eq!(GpuSettings::parse(&default_gpu), Ok(GpuSettings::default()));
 
-    let roles = Api::<ClusterRole>::all(client);
-    let role = roles
-        .get("kinsight-controller")
+    // What each component does with the API, asked of the API server's own RBAC
+    // authorizer for the chart's ServiceAccounts.
+    let controller_needs = [
+        ("kinsight.io", "imagegroups", "", "watch"),
+        ("kinsight.io", "imagegroups", "", "delete"),
+        ("kinsight.io", "imagegroups", "status", "patch"),
+        ("kinsight.io", "webhooksubscriptions", "", "watch"),
+        ("kinsight.io", "webhooksubscriptions", "status", "patch"),
+        ("kinsight.io", "imageresults", "", "list"),
+        ("kinsight.io", "imageresults", "", "create"),
+        ("batch", "jobs", "", "create"),
+        ("batch", "jobs", "", "watch"),
+        ("", "secrets", "", "get"),
+        ("", "configmaps", "", "patch"),
+        ("", "serviceaccounts", "", "patch"),
+        ("rbac.authorization.k8s.io", "roles", "", "patch"),
+        ("rbac.authorization.k8s.io", "rolebindings", "", "patch"),
+        ("events.k8s.io", "events", "", "create"),
+    ];
+    for (group, resource, subresource, verb) in controller_needs {
+        assert!(
+            allowed(
+                &client,
+                "kinsight-controller",
+                "tenant-a",
+                group,
+                resource,
+                subresource,
+                verb
+            )
+            .await,
+            "the controller may {verb} {group}/{resource}/{subresource}"
+        );
+    }
+    assert!(
+        allowed(
+            &client,
+            "kinsight-controller",
+            "kinsight-system",
+            "coordination.k8s.io",
+            "leases",
+            "",
+            "update"
+        )
+        .await,
+        "the controller may renew its Lease"
+    );
+    let api_needs = [
+        ("kinsight.io", "imagegroups", "", "create"),
+        ("kinsight.io", "imagegroups", "", "patch"),
+        ("kinsight.io", "imagegroups", "", "list"),
+        ("kinsight.io", "imageresults", "", "list"),
+    ];
+    for (group, resource, subresource, verb) in api_needs {
+        assert!(
+            allowed(
+                &client,
+                "kinsight-api",
+                "tenant-a",
+                group,
+                resource,
+                subresource,
+                verb
+            )
+            .await,
+            "the API may {verb} {group}/{resource}"
+        );
+    }
+    assert!(
+        allowed(
+            &client,
+            "kinsight-api",
+            "kinsight-system",
+            "",
+            "secrets",
+            "",
+            "watch"
+        )
         .await
-        .expect("controller role");
-    let rules = role.rules.unwrap_or_default();
-    let allows = |resource: &str, verb: &str| {
-        rules.iter().any(|r| {
-            r.resources
-                .as_ref()
-                .is_some_and(|res| res.iter().any(|x| x == resource))
-                && r.verbs.iter().any(|v| v == verb)
-        })
-    };
-    assert!(allows("jobs", "create"));
-    // It publishes the catalog into tenant namespaces.
-    assert!(allows("configmaps", "create") && allows("configmaps", "patch"));
+    );
+    // And no more than that: the API reads no tenant's Secrets, the controller writes none.
+    assert!(
+        !allowed(
+            &client,
+            "kinsight-api",
+            "tenant-a",
+            "",
+            "secrets",
+            "",
+            "get"
+        )
+        .await
+    );
+    assert!(
+        !allowed(
+            &client,
+            "kinsight-controller",
+            "tenant-a",
+            "",
+            "secrets",
+            "",
+            "create"
+        )
+        .await
+    );
+}
+
+/// Whether the API server's authorizer lets the chart's ServiceAccount `account` (in
+/// `kinsight-system`) do `verb` on the resource in `namespace`.
+async fn allowed(
+    client: &kube::Client,
+    account: &str,
+    namespace: &str,
+    group: &str,
+    resource: &str,
+    subresource: &str,
+    verb: &str,
+) -> bool {
+    let review: SubjectAccessReview = serde_json::from_value(serde_json::json!({
+        "spec": {
+            "user": format!("system:serviceaccount:kinsight-system:{account}"),
+            "groups": ["system:serviceaccounts", "system:serviceaccounts:kinsight-system", "system:authenticated"],
+            "resourceAttributes": {
+                "namespace": namespace, "group": group, "resource": resource,
+                "subresource": subresource, "verb": verb
+            }
+        }
+    }))
+    .expect("a SubjectAccessReview");
+    let answer = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&Default::default(), &review)
+        .await
+        .expect("the API server reviews access");
+    answer.status.is_some_and(|s| s.allowed)
 }
