@@ -7,7 +7,10 @@
 //! received as soon as it is sent, but the controller learns so only later, so kills land
 //! between "sent" and "recorded as delivered" (the case that makes re-sends).
 //!
-//! The kill schedule is random; the seed is printed, and `KINSIGHT_SIGKILL_SEED=<n>` replays it.
+//! The first kill comes as soon as the first image event has arrived (so at least one kill
+//! lands while delivery is under way: with the 12 events delivered within 2-3 s, a random
+//! first wait often missed it); the rest of the kill schedule is random; the seed is
+//! printed, and `KINSIGHT_SIGKILL_SEED=<n>` replays it.
 
 mod common;
 
@@ -156,6 +159,16 @@ fn drain(h: &mut Harness, into: &mut Vec<ReceivedWebhook>) {
     }
 }
 
+/// How many of the group's images have had their `image.completed` arrive.
+fn images_arrived(events: &[ReceivedWebhook], group: &str) -> usize {
+    of_type(events, "image.completed")
+        .iter()
+        .filter(|e| e.payload["data"]["groupId"] == group)
+        .filter_map(|e| e.payload["data"]["imageId"].as_str())
+        .collect::<HashSet<_>>()
+        .len()
+}
+
 fn group_completed(events: &[ReceivedWebhook], group: &str) -> bool {
     of_type(events, "image_group.completed")
         .iter()
@@ -191,8 +204,12 @@ async fn sigkilled_controller_loses_no_event() {
     eprintln!("kill schedule seed: {seed} (replay with KINSIGHT_SIGKILL_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
     let kills = rng.random_range(6..=10);
+    // Before each kill: none for the first (it follows the first image event), then 0.3-2.5 s.
     let waits: Vec<Duration> = (0..kills)
-        .map(|_| Duration::from_millis(rng.random_range(300..=2500)))
+        .map(|n| match n {
+            0 => Duration::ZERO,
+            _ => Duration::from_millis(rng.random_range(300..=2500)),
+        })
         .collect();
 
     let (hook_url, proxy) = slow_answering_proxy(h.hook_url.clone()).await;
@@ -213,15 +230,40 @@ async fn sigkilled_controller_loses_no_event() {
     let started = Instant::now();
     let deadline = started + LIMIT;
 
+    // Kills start once delivery has: the first image event is in (the Job had to start, load
+    // the model and process an image first, which on a loaded machine could outlast the whole
+    // kill schedule).
     let mut events = Vec::new();
+    if h.collect_webhooks_into(
+        &mut events,
+        deadline,
+        |e| !of_type(e, "image.completed").is_empty(),
+        |_| controller.assert_running(&log),
+    )
+    .await
+    .is_err()
+    {
+        panic!(
+            "no image.completed within {LIMIT:?}; controller log:\n{}",
+            tail(&log)
+        );
+    }
+    // Kills that landed while some, but not all, image events had arrived.
+    let mut mid_delivery_kills = 0;
     for (n, wait) in waits.iter().enumerate() {
         tokio::time::sleep(*wait).await;
         controller.assert_running(&log);
+        drain(&mut h, &mut events);
+        let images_in = images_arrived(&events, &group_id);
+        if (1..IMAGES).contains(&images_in) {
+            mid_delivery_kills += 1;
+        }
         controller.sigkill().await;
         drain(&mut h, &mut events);
         let distinct: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
         eprintln!(
-            "kill {}/{kills} at {:.1}s: {} webhook requests received so far, {} distinct events",
+            "kill {}/{kills} at {:.1}s with {images_in}/{IMAGES} image events in: {} webhook \
+             requests received so far, {} distinct events",
             n + 1,
             started.elapsed().as_secs_f64(),
             events.len(),
@@ -229,29 +271,33 @@ async fn sigkilled_controller_loses_no_event() {
         );
         controller = ControllerProcess::spawn(&kubeconfig, &worker_env, &log);
     }
+    assert!(
+        mid_delivery_kills > 0,
+        "no kill landed while the image events were being delivered (seed {seed}); \
+         the test did not exercise what it claims"
+    );
 
     // The last controller runs undisturbed until the group event arrives.
-    while !group_completed(&events, &group_id) {
-        match tokio::time::timeout_at(deadline, h.webhooks.recv()).await {
-            Ok(Some(event)) => events.push(event),
-            Ok(None) => panic!("webhook receiver stopped"),
-            Err(_) => panic!(
-                "no image_group.completed within {LIMIT:?}; received: {:#?}\ncontroller log:\n{}",
-                events
-                    .iter()
-                    .map(|e| (&e.id, &e.payload["type"], &e.payload["data"]["imageId"]))
-                    .collect::<Vec<_>>(),
-                tail(&log)
-            ),
-        }
-        controller.assert_running(&log);
+    if h.collect_webhooks_into(
+        &mut events,
+        deadline,
+        |e| group_completed(e, &group_id),
+        |_| controller.assert_running(&log),
+    )
+    .await
+    .is_err()
+    {
+        panic!(
+            "no image_group.completed within {LIMIT:?}; received: {:#?}\ncontroller log:\n{}",
+            common::webhook_summary(&events),
+            tail(&log)
+        );
     }
 
     // Status is written after sending: wait for the final write, then settle a moment longer
     // so a late re-send (a duplicate) would be seen too.
     let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
-    let mut final_status = None;
-    for _ in 0..60 {
+    let final_status = common::poll(Duration::from_secs(30), async || {
         let status = groups
             .get(&group_id)
             .await
@@ -262,12 +308,9 @@ async fn sigkilled_controller_loses_no_event() {
             .conditions
             .iter()
             .any(|c| c.type_ == "WebhooksDelivered" && c.status == "True");
-        if delivered && status.phase == GroupPhase::Completed {
-            final_status = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        (delivered && status.phase == GroupPhase::Completed).then_some(status)
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     drain(&mut h, &mut events);
     controller.assert_running(&log);
@@ -344,16 +387,15 @@ async fn sigkilled_controller_loses_no_event() {
     let max_image_seq = ours
         .iter()
         .filter(|e| e.payload["type"] == "image.completed")
-        .filter_map(|e| e.payload["data"]["sequence"].as_u64())
-        .max();
+        .map(|e| e.payload["data"]["sequence"].as_u64().expect("sequence"))
+        .max()
+        .expect("image events");
     let group_seq = ours
         .iter()
         .find(|e| e.payload["type"] == "image_group.completed")
-        .and_then(|e| e.payload["data"]["sequence"].as_u64());
-    assert!(
-        group_seq > max_image_seq,
-        "{group_seq:?} > {max_image_seq:?}"
-    );
+        .and_then(|e| e.payload["data"]["sequence"].as_u64())
+        .expect("sequence");
+    assert!(group_seq > max_image_seq, "{group_seq} > {max_image_seq}");
 
     // However often the controller died, the group has exactly one Job.
     let jobs = common::jobs_of(&h.client, &h.namespace, &group_id).await;

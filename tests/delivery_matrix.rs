@@ -16,7 +16,7 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_misbehaving_receiver_gets_the_right_treatment() {
     let h = Harness::start("tenant-matrix").await;
-    let scripted = Scripted::default();
+    let (scripted, base, _server) = Scripted::start().await;
     scripted.script("/flaky", vec![Reply::Status(500), Reply::Status(503)]);
     scripted.script("/throttled", vec![Reply::RetryAfter(429, 3)]);
     scripted.script("/slow", vec![Reply::Hang(Duration::from_secs(5))]);
@@ -24,11 +24,6 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
     scripted.script("/redirect", vec![Reply::Status(302); 3]);
     scripted.script("/huge", vec![Reply::HugeBody]);
     scripted.script("/gone", vec![Reply::Status(410)]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let _server = scripted.serve(listener);
     let (flap_addr, _flap) = flapping(scripted.clone(), Duration::from_millis(1500)).await;
 
     let cases = [
@@ -46,7 +41,7 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
         let hook = if case == "flapping" {
             format!("http://{flap_addr}/flapping")
         } else {
-            format!("http://{addr}/{case}")
+            format!("{base}/{case}")
         };
         let (status, body) = h
             .post(
@@ -61,13 +56,9 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
     // Wait until every group has settled all its deliveries.
     let api: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
     let mut settled: HashMap<&str, Vec<Delivery>> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    while settled.len() < cases.len() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not settled in time: {:?}",
-            settled.keys()
-        );
+    // Eight groups a round: every 500 ms, not the default interval.
+    let every = Duration::from_millis(500);
+    let all_settled = common::poll_every(every, Duration::from_secs(180), async || {
         for case in cases {
             let Some(status) = api.get(&groups[case]).await.expect("group").status else {
                 continue;
@@ -85,8 +76,14 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
                 settled.insert(case, status.deliveries);
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        settled.len() == cases.len()
+    })
+    .await;
+    assert!(
+        all_settled.is_some(),
+        "not settled in time: {:?}",
+        settled.keys()
+    );
 
     let image_delivery = |case: &str| -> Delivery {
         settled[case]
@@ -103,18 +100,20 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
             .collect();
         attempts.windows(2).map(|w| w[1].at - w[0].at).collect()
     };
-    let same_id = |case: &str| {
+    // The event arrived, and every attempt of it carried the same webhook-id.
+    let same_id_for = |case: &str, event: &str| {
         let ids: Vec<String> = scripted
             .attempts(&format!("/{case}"))
             .into_iter()
-            .filter(|a| a.event == "image.completed")
+            .filter(|a| a.event == event)
             .map(|a| a.webhook_id)
             .collect();
         assert!(
             !ids.is_empty() && ids.iter().all(|i| *i == ids[0]),
-            "{case}: retries keep the webhook-id: {ids:?}"
+            "{case}: {event} arrived, and retries keep the webhook-id: {ids:?}"
         );
     };
+    let same_id = |case: &str| same_id_for(case, "image.completed");
 
     // 500, 503, then success: three attempts, spaced by the schedule.
     let d = image_delivery("flaky");
@@ -207,11 +206,11 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
     // webhook failed for good.
     let text = h.metrics.encode();
     let count = |outcome: &str| -> f64 {
-        let prefix = format!("kinsight_webhook_attempts_total{{outcome=\"{outcome}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+        common::metric(
+            &text,
+            &format!("kinsight_webhook_attempts_total{{outcome=\"{outcome}\"}}"),
+        )
+        .unwrap_or(0.0)
     };
     assert!(count("delivered") >= 12.0, "{text}");
     assert!(count("failed") >= 8.0, "{text}");
@@ -220,27 +219,14 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
         text.contains("kinsight_webhook_delivery_latency_seconds_count"),
         "{text}"
     );
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(h.client.clone(), &h.namespace);
-    let warnings = events
-        .list(&Default::default())
-        .await
-        .expect("events")
-        .items;
-    let about = |group: &str| {
-        warnings.iter().any(|e| {
-            e.reason.as_deref() == Some("WebhookDeliveryFailed")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(group)
-        })
-    };
-    assert!(
-        about(&groups["redirect"]) && about(&groups["gone"]),
-        "{warnings:#?}"
-    );
-    assert!(
-        !about(&groups["flaky"]),
-        "no Warning for a delivery that succeeded"
-    );
+    for case in ["redirect", "gone", "flaky"] {
+        let reasons = h.event_reasons(&groups[case]).await;
+        assert_eq!(
+            reasons.contains(&"WebhookDeliveryFailed".to_owned()),
+            case != "flaky",
+            "{case}: a Warning only for a delivery that failed for good: {reasons:?}"
+        );
+    }
 
     // What was not delivered is listed over REST, and a replay sends it again (same id).
     let (status, listed) = h.get("/v1/deliveries?state=failed").await;
@@ -277,27 +263,26 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
         .await;
     assert_eq!(status, 202, "{replayed}");
     assert!(replayed["replayed"].as_u64() >= Some(2), "{replayed}");
-    let mut replay_done = None;
-    for _ in 0..60 {
-        let status = api
-            .get(&groups["redirect"])
-            .await
-            .expect("group")
-            .status
-            .expect("status");
-        let d = status
-            .deliveries
-            .iter()
-            .find(|d| d.id == redirect_failed.id)
-            .cloned()
-            .expect("same delivery");
-        if d.state == DeliveryState::Delivered {
-            replay_done = Some(d);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let d = replay_done.expect("the replayed event was delivered");
+    let d = common::eventually(
+        "the replayed event to be delivered",
+        Duration::from_secs(30),
+        async || {
+            let status = api
+                .get(&groups["redirect"])
+                .await
+                .expect("group")
+                .status
+                .expect("status");
+            let d = status
+                .deliveries
+                .iter()
+                .find(|d| d.id == redirect_failed.id)
+                .cloned()
+                .expect("same delivery");
+            (d.state == DeliveryState::Delivered).then_some(d)
+        },
+    )
+    .await;
     assert_eq!(d.attempts, 1, "a replay starts a fresh schedule: {d:?}");
     let ids: Vec<String> = scripted
         .attempts("/redirect")
@@ -313,11 +298,7 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
 
     // Every receiver that accepted anything got each of its events, with stable ids.
     for case in ["flaky", "throttled", "slow", "reset", "huge", "flapping"] {
-        let group_events: Vec<_> = scripted
-            .attempts(&format!("/{case}"))
-            .into_iter()
-            .filter(|a| a.event == "image_group.completed")
-            .collect();
-        assert!(!group_events.is_empty(), "{case}: the group event arrived");
+        same_id_for(case, "image.completed");
+        same_id_for(case, "image_group.completed");
     }
 }

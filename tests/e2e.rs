@@ -6,9 +6,9 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{Harness, of_type};
+use common::{Harness, eventually, of_type};
 use k8s_openapi::api::batch::v1::Job;
-use kinsight::crd::{ImageGroup, ImageResult};
+use kinsight::crd::{GroupPhase, ImageGroup, ImageResult};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
@@ -57,11 +57,17 @@ async fn single_image_and_group_end_to_end() {
     );
     // The group event follows the image event and carries the aggregate.
     let group_event = of_type(&events, "image_group.completed")[0];
-    assert!(group_event.payload["data"]["sequence"].as_u64() > data["sequence"].as_u64());
+    assert!(
+        group_event.payload["data"]["sequence"]
+            .as_u64()
+            .expect("sequence")
+            > data["sequence"].as_u64().expect("sequence")
+    );
     assert_eq!(
         group_event.payload["data"]["aggregate"]["objects"][0]["label"],
         "cup"
     );
+    common::assert_payloads_conform(&events);
 
     // Polling gives the same answer.
     let (status, polled) = h.get(&format!("/v1/images/{image_id}")).await;
@@ -147,10 +153,11 @@ async fn single_image_and_group_end_to_end() {
     );
     let max_image_seq = image_events
         .iter()
-        .filter_map(|e| e.payload["data"]["sequence"].as_u64())
-        .max();
+        .map(|e| e.payload["data"]["sequence"].as_u64().expect("sequence"))
+        .max()
+        .expect("image events");
     assert!(
-        group_data["sequence"].as_u64() > max_image_seq,
+        group_data["sequence"].as_u64().expect("sequence") > max_image_seq,
         "group event comes after its image events"
     );
 
@@ -383,16 +390,15 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
         .create(&PostParams::default(), &group)
         .await
         .expect("create");
-    let mut reported = None;
-    for _ in 0..100 {
-        let g = groups.get("from-kubectl").await.expect("get");
-        if let Some(status) = g.status.filter(|s| s.observed_generation.is_some()) {
-            reported = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let status = reported.expect("the controller reports on the invalid group");
+    let status = eventually(
+        "the controller to report on the invalid group",
+        Duration::from_secs(20),
+        async || {
+            let g = groups.get("from-kubectl").await.expect("get");
+            g.status.filter(|s| s.observed_generation.is_some())
+        },
+    )
+    .await;
     assert_eq!(status.phase, kinsight::crd::GroupPhase::Failed);
     let accepted = status
         .conditions
@@ -511,7 +517,7 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
     );
     let updated = &of_type(&second, "image_group.updated")[0].payload["data"];
     assert_eq!(updated["imagesDone"], 3);
-    assert!(updated["sequence"].as_u64() > Some(first_group_seq));
+    assert!(updated["sequence"].as_u64().expect("sequence") > first_group_seq);
     let mut images: Vec<&str> = of_type(&second, "image.completed")
         .iter()
         .filter_map(|e| e.payload["data"]["imageId"].as_str())
@@ -577,9 +583,6 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
-    use k8s_openapi::api::core::v1::Secret;
-    use kinsight::crd::WebhookSubscription;
-
     let mut h = Harness::start("tenant-subs").await;
     // Finished groups are kept for 3 s in this test.
     h.kill_controller().await;
@@ -592,48 +595,22 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
     let (sub_addr, mut sub_events, _sub_server) = kinsight::dev::webhook_receiver(&secret)
         .await
         .expect("receiver");
-    let secrets: Api<Secret> = Api::namespaced(h.client.clone(), &h.namespace);
-    let key: Secret = serde_json::from_value(json!({
-        "metadata": { "name": "partner-key" },
-        "stringData": { "key": secret }
-    }))
-    .expect("secret");
-    secrets
-        .create(&PostParams::default(), &key)
-        .await
-        .expect("create secret");
-    let subs: Api<WebhookSubscription> = Api::namespaced(h.client.clone(), &h.namespace);
-    let sub: WebhookSubscription = serde_json::from_value(json!({
-        "apiVersion": "kinsight.io/v1alpha1",
-        "kind": "WebhookSubscription",
-        "metadata": { "name": "partner" },
-        "spec": {
-            "url": format!("http://{sub_addr}/hook"),
-            "eventTypes": ["image.completed"],
-            "secretRef": { "name": "partner-key", "key": "key" },
-            "selector": { "matchLabels": { "team": "listings" } },
-            "headers": { "X-Partner": "p1" },
-            "timeoutSeconds": 5
-        }
-    }))
-    .expect("subscription");
-    subs.create(&PostParams::default(), &sub)
-        .await
-        .expect("create subscription");
-    let mut ready = false;
-    for _ in 0..50 {
-        let s = subs.get("partner").await.expect("get");
-        if s.status.is_some_and(|st| {
-            st.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        }) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(ready, "the subscription reports Ready");
+    h.subscribe(
+        "partner-key",
+        &secret,
+        &[(
+            "partner",
+            format!("http://{sub_addr}/hook"),
+            json!({
+                "eventTypes": ["image.completed"],
+                "selector": { "matchLabels": { "team": "listings" } },
+                "headers": { "X-Partner": "p1" },
+                "timeoutSeconds": 5
+            }),
+        )],
+        Duration::from_secs(10),
+    )
+    .await;
 
     // A group the selector does not match (made through the API, no team label): nothing.
     let (status, body) = h
@@ -656,7 +633,20 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
         .create(&PostParams::default(), &group)
         .await
         .expect("create");
-    let Ok(Some(event)) = tokio::time::timeout(LIMIT, sub_events.recv()).await else {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    // Judged once the unselected group is done, not while it might still be under way (and
+    // before its 3 s retention can delete it; the subscription's event waits in the channel).
+    let unmatched_status = eventually("the unselected group to complete", LIMIT, async || {
+        let status = groups.get(&unmatched).await.expect("get").status?;
+        (status.phase == GroupPhase::Completed).then_some(status)
+    })
+    .await;
+    assert!(
+        unmatched_status.deliveries.is_empty(),
+        "no endpoint for the unselected group: {:?}",
+        unmatched_status.deliveries
+    );
+    let Ok(Some(event)) = tokio::time::timeout_at(deadline, sub_events.recv()).await else {
         panic!(
             "no event for the selected group; its status: {:#?}",
             groups.get(&group_id).await.map(|g| g.status)
@@ -675,11 +665,6 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
         "{:?}",
         event.headers
     );
-    let unmatched_status = groups.get(&unmatched).await.expect("get").status;
-    assert!(
-        unmatched_status.is_some_and(|s| s.deliveries.is_empty()),
-        "no endpoint for the unselected group"
-    );
     assert_eq!(
         event.payload["data"]["results"]["image_classification"]["classes"][0]["label"],
         "espresso"
@@ -690,24 +675,25 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
     let results: Api<ImageResult> = Api::namespaced(h.client.clone(), &h.namespace);
     let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
     let selector = ListParams::default().labels(&format!("kinsight.io/group={group_id}"));
-    let mut gone = false;
-    for _ in 0..120 {
-        let group_left = groups.get_opt(&group_id).await.expect("get").is_some();
-        let results_left = !results
-            .list(&selector)
-            .await
-            .expect("list")
-            .items
-            .is_empty();
-        let jobs_left = !jobs.list(&selector).await.expect("list").items.is_empty();
-        if !group_left && !results_left && !jobs_left {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // Three lists a round: every 500 ms, not the default interval.
+    let gone = common::poll_every(
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+        async || {
+            let group_left = groups.get_opt(&group_id).await.expect("get").is_some();
+            let results_left = !results
+                .list(&selector)
+                .await
+                .expect("list")
+                .items
+                .is_empty();
+            let jobs_left = !jobs.list(&selector).await.expect("list").items.is_empty();
+            !group_left && !results_left && !jobs_left
+        },
+    )
+    .await;
     assert!(
-        gone,
+        gone.is_some(),
         "the group, its results and its Job are gone after the retention"
     );
     assert!(

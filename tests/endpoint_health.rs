@@ -8,63 +8,21 @@ mod common;
 
 use std::time::Duration;
 
-use common::Harness;
 use common::scripted_receiver::{Attempt, Reply, Scripted};
-use k8s_openapi::api::core::v1::Secret;
+use common::{Harness, eventually};
 use kinsight::crd::{CircuitState, DeliveryState, EndpointHealth, ImageGroup, WebhookSubscription};
 use kinsight::webhook::{CircuitConfig, RetrySchedule};
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// A receiver on 127.0.0.1 and its base URL.
-async fn receiver() -> (Scripted, String, tokio::task::JoinHandle<()>) {
-    let scripted = Scripted::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let server = scripted.serve(listener);
-    (scripted, base, server)
-}
-
-/// A signing secret and one subscription per (name, url, extra spec) in the namespace.
+/// A signing secret and one subscription per (name, url, extra spec) in the namespace,
+/// each Ready.
 async fn subscribe(h: &Harness, subs: &[(&str, String, serde_json::Value)]) {
-    let secrets: Api<Secret> = Api::namespaced(h.client.clone(), &h.namespace);
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": { "name": "receiver-key" },
-        "stringData": { "key": kinsight::webhook::generate_secret() }
-    }))
-    .expect("secret");
-    secrets
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("create secret");
-    let api: Api<WebhookSubscription> = Api::namespaced(h.client.clone(), &h.namespace);
-    for (name, url, extra) in subs {
-        let mut spec = json!({ "url": url, "secretRef": { "name": "receiver-key", "key": "key" } });
-        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            spec.extend(extra.clone());
-        }
-        let sub: WebhookSubscription = serde_json::from_value(json!({
-            "apiVersion": "kinsight.io/v1alpha1",
-            "kind": "WebhookSubscription",
-            "metadata": { "name": name },
-            "spec": spec
-        }))
-        .expect("subscription");
-        api.create(&PostParams::default(), &sub)
-            .await
-            .expect("create subscription");
-    }
-    for (name, _, _) in subs {
-        wait_for(&format!("{name} Ready"), || async {
-            condition(&api, name, "Ready").await.as_deref() == Some("True")
-        })
-        .await;
-    }
+    let secret = kinsight::webhook::generate_secret();
+    h.subscribe("receiver-key", &secret, subs, LIMIT).await;
 }
 
 /// What the subscription's status says of its endpoint.
@@ -92,27 +50,6 @@ async fn condition_with_reason(h: &Harness, name: &str, kind: &str) -> String {
         .unwrap_or_default()
 }
 
-async fn condition(api: &Api<WebhookSubscription>, name: &str, kind: &str) -> Option<String> {
-    let sub = api.get(name).await.ok()?;
-    sub.status?
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == kind)
-        .map(|c| c.status)
-}
-
-async fn wait_for<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 async fn post_group(h: &Harness, images: usize) -> String {
     let images: Vec<_> = (0..images)
         .map(|i| json!({ "id": format!("img-{i}"), "url": h.photo_url("coffee.png") }))
@@ -130,29 +67,6 @@ async fn post_group(h: &Harness, images: usize) -> String {
 async fn group(h: &Harness, name: &str) -> ImageGroup {
     let api: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
     api.get(name).await.expect("group")
-}
-
-/// Reasons of the Events about one object.
-async fn event_reasons(h: &Harness, object: &str) -> Vec<String> {
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(h.client.clone(), &h.namespace);
-    events
-        .list(&Default::default())
-        .await
-        .expect("events")
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
-        .filter_map(|e| e.reason)
-        .collect()
-}
-
-fn gauge(h: &Harness, name: &str) -> f64 {
-    let text = h.metrics.encode();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1.0)
 }
 
 fn image_events(attempts: &[Attempt]) -> Vec<&Attempt> {
@@ -177,7 +91,7 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
         c.health_sync = Duration::from_millis(500);
     })
     .await;
-    let (scripted, base, _server) = receiver().await;
+    let (scripted, base, _server) = Scripted::start().await;
     scripted.fallback("/sick", Reply::Status(500));
     subscribe(
         &h,
@@ -190,7 +104,7 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
     let name = post_group(&h, 4).await;
 
     // Three failures open the circuit; the subscription says so.
-    wait_for("the sick endpoint's circuit opens", || async {
+    eventually("the sick endpoint's circuit opens", LIMIT, async || {
         condition_with_reason(&h, "sick", "Healthy").await == "False/CircuitOpen"
     })
     .await;
@@ -206,7 +120,7 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
         (last.outcome.as_str(), last.status_code),
         ("Failed", Some(500))
     );
-    assert_eq!(gauge(&h, "kinsight_webhook_open_circuits"), 1.0);
+    assert_eq!(h.metric("kinsight_webhook_open_circuits"), Some(1.0));
 
     // While it is open, its events wait: only single probes reach it, one per cool-down,
     // instead of four events retrying every second.
@@ -236,7 +150,7 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
     // The other endpoint is not held up.
     assert_eq!(image_events(&scripted.attempts("/fine")).len(), 4);
     assert!(
-        event_reasons(&h, "sick")
+        h.event_reasons("sick")
             .await
             .contains(&"WebhookCircuitOpened".to_owned())
     );
@@ -244,7 +158,7 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
     // It recovers: the next probe succeeds, the circuit closes and the backlog drains,
     // followed by the group event to both endpoints.
     scripted.fallback("/sick", Reply::Status(204));
-    wait_for("every delivery succeeds", || async {
+    eventually("every delivery succeeds", LIMIT, async || {
         group(&h, &name).await.status.is_some_and(|s| {
             s.deliveries.len() == 10
                 && s.deliveries
@@ -253,7 +167,7 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
         })
     })
     .await;
-    wait_for("the subscription is healthy again", || async {
+    eventually("the subscription is healthy again", LIMIT, async || {
         condition_with_reason(&h, "sick", "Healthy").await == "True/Delivering"
     })
     .await;
@@ -273,9 +187,9 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
         4,
         "every image event reached the recovered endpoint"
     );
-    assert_eq!(gauge(&h, "kinsight_webhook_open_circuits"), 0.0);
+    assert_eq!(h.metric("kinsight_webhook_open_circuits"), Some(0.0));
     assert!(
-        event_reasons(&h, "sick")
+        h.event_reasons("sick")
             .await
             .contains(&"WebhookCircuitClosed".to_owned())
     );
@@ -295,7 +209,7 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_until_its_spec_cha
         c.health_sync = Duration::from_millis(500);
     })
     .await;
-    let (scripted, base, _server) = receiver().await;
+    let (scripted, base, _server) = Scripted::start().await;
     scripted.fallback("/dead", Reply::Status(500));
     // Fails twice, then would accept: but its own retry policy allows one retry only.
     scripted.script("/once", vec![Reply::Status(500), Reply::Status(500)]);
@@ -313,7 +227,7 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_until_its_spec_cha
     .await;
     let name = post_group(&h, 1).await;
 
-    wait_for("the dead endpoint is disabled", || async {
+    eventually("the dead endpoint is disabled", LIMIT, async || {
         condition_with_reason(&h, "dead", "Healthy").await == "False/Disabled"
     })
     .await;
@@ -327,14 +241,14 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_until_its_spec_cha
     assert!(reason.contains("failure window 6s"), "{reason}");
     assert!(health.disabled_at.is_some());
     assert!(
-        event_reasons(&h, "dead")
+        h.event_reasons("dead")
             .await
             .contains(&"WebhookEndpointDisabled".to_owned())
     );
-    assert_eq!(gauge(&h, "kinsight_webhook_disabled_endpoints"), 1.0);
+    assert_eq!(h.metric("kinsight_webhook_disabled_endpoints"), Some(1.0));
 
     // Its events are failed, not kept forever; the group's deliveries settle.
-    wait_for("the group's deliveries settle", || async {
+    eventually("the group's deliveries settle", LIMIT, async || {
         group(&h, &name).await.status.is_some_and(|s| {
             s.conditions
                 .iter()
@@ -378,7 +292,7 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_until_its_spec_cha
     )
     .await
     .expect("patch subscription");
-    wait_for("the subscription is enabled again", || async {
+    eventually("the subscription is enabled again", LIMIT, async || {
         condition_with_reason(&h, "dead", "Ready").await == "True/Valid"
     })
     .await;
@@ -404,7 +318,7 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_until_its_spec_cha
         .find(|d| d.event == "image.completed")
         .map(|d| d.id.clone())
         .expect("image event");
-    wait_for("the replay reaches the fixed endpoint", || async {
+    eventually("the replay reaches the fixed endpoint", LIMIT, async || {
         scripted
             .attempts("/alive")
             .iter()
@@ -423,7 +337,7 @@ async fn slow_and_throttling_endpoints_are_bounded_without_holding_up_the_others
         c.retry = RetrySchedule(vec![Duration::from_secs(1); 5]);
     })
     .await;
-    let (scripted, base, _server) = receiver().await;
+    let (scripted, base, _server) = Scripted::start().await;
     // Slow but successful (well inside the 2 s timeout).
     scripted.fallback("/slow", Reply::Hang(Duration::from_millis(1000)));
     scripted.script("/throttled", vec![Reply::RetryAfter(429, 2)]);
@@ -439,7 +353,7 @@ async fn slow_and_throttling_endpoints_are_bounded_without_holding_up_the_others
     .await;
     let images = 10;
     let name = post_group(&h, images).await;
-    wait_for("every delivery succeeds", || async {
+    eventually("every delivery succeeds", LIMIT, async || {
         group(&h, &name).await.status.is_some_and(|s| {
             s.deliveries.len() == 3 * (images + 1)
                 && s.deliveries

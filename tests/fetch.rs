@@ -287,7 +287,10 @@ async fn loopback_is_refused_by_default_without_a_request() {
     assert_eq!(server.hits(), 0, "a refused request reached the server");
     // The testbed's policy lets the same request through.
     let (fetcher, _) = loopback_fetcher();
-    assert!(fetch(&fetcher, &server.url("/ok.png")).await.is_ok());
+    assert_eq!(
+        fetch(&fetcher, &server.url("/ok.png")).await.expect("ok"),
+        png_1x1()
+    );
     assert_eq!(server.hits(), 1);
 }
 
@@ -555,14 +558,30 @@ async fn non_images_are_refused_by_their_bytes() {
 
 #[tokio::test]
 async fn invalid_urls_and_schemes_fail_without_a_request() {
+    // A server the refused URLs point at (loopback is allowed): it must see no request.
+    let server = serve().await;
+    let port = server.addr.port();
     let (fetcher, _) = loopback_fetcher();
-    assert_reason(fetch(&fetcher, "not a url").await, "DownloadFailed");
+    let err = assert_reason(fetch(&fetcher, "not a url").await, "DownloadFailed");
+    assert!(matches!(err, FetchError::InvalidUrl(_)), "{err:?}");
+    let err = assert_reason(
+        fetch(&fetcher, &format!("http://127.0.0.1:{port}:{port}/ok.png")).await,
+        "DownloadFailed",
+    );
+    assert!(matches!(err, FetchError::InvalidUrl(_)), "{err:?}");
     assert_reason(
         fetch(&fetcher, "file:///etc/passwd").await,
         "DestinationNotAllowed",
     );
     assert_reason(
-        fetch(&fetcher, "ftp://127.0.0.1/x.png").await,
+        fetch(&fetcher, &format!("ftp://127.0.0.1:{port}/ok.png")).await,
         "DestinationNotAllowed",
     );
+    assert_eq!(server.hits(), 0, "a refused URL reached the server");
+    // The same server answers a valid URL, so the count above would have seen a request.
+    assert_eq!(
+        fetch(&fetcher, &server.url("/ok.png")).await.expect("ok"),
+        png_1x1()
+    );
+    assert_eq!(server.hits(), 1);
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Harness;
+use common::{Harness, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
 use kinsight::controller::{LEASE_NAME, LeaderElection, run_as_leader};
 use kube::Api;
@@ -42,15 +42,11 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         election("replica-a"),
     ));
     let leases: Api<Lease> = Api::namespaced(h.client.clone(), "kinsight-system");
-    let mut leader = None;
-    for _ in 0..50 {
-        leader = holder(&leases).await;
-        if leader.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(leader.as_deref(), Some("replica-a"));
+    let leader = eventually("a Lease holder", Duration::from_secs(10), async || {
+        holder(&leases).await
+    })
+    .await;
+    assert_eq!(leader, "replica-a");
     let second = tokio::spawn(run_as_leader(
         h.client.clone(),
         config,

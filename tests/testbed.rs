@@ -5,10 +5,13 @@
 //! `/bin/sh` stands in for the kinsight binary: a container command `kinsight -c SCRIPT`
 //! runs `/bin/sh -c SCRIPT`.
 
+mod common;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::eventually;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -148,22 +151,6 @@ async fn create_job(
         .create(&PostParams::default(), &job)
         .await
         .expect("create job");
-}
-
-/// Polls until `check` returns `Some`.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 /// Waits for a Job to finish (succeeded or failed).

@@ -2,9 +2,12 @@
 //! `standardwebhooks` and `svix`, in a Python receiver on 127.0.0.1), including signatures
 //! made with several keys during a rotation and a request signed with the wrong key.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use common::python;
 use kinsight::webhook::{AttemptOutcome, Sender, SenderConfig, generate_secret};
 
 struct Receiver {
@@ -18,15 +21,6 @@ impl Drop for Receiver {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn python() -> String {
-    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
-    assert!(
-        std::path::Path::new(venv).exists(),
-        "run scripts/setup-onnxruntime.sh first (it installs the verifiers)"
-    );
-    venv.to_owned()
 }
 
 fn start_receiver(secret: &str) -> Receiver {

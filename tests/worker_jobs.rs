@@ -113,7 +113,7 @@ async fn gpu_job_end_to_end() {
         &catalog,
         repo_path("models").display().to_string(),
     ));
-    config.gpu = gpu.clone();
+    config.gpu = gpu;
     h.start_controller_with(config);
 
     // A platform team's group (the REST API only knows the bundled catalog).
@@ -136,26 +136,24 @@ async fn gpu_job_end_to_end() {
         .await
         .expect("create group");
 
-    let deadline = tokio::time::Instant::now() + GROUP_LIMIT;
-    let status = loop {
+    let finished = common::poll(GROUP_LIMIT, async || {
         let current = groups.get("gpu-group").await.expect("group");
         let status = current.status.unwrap_or_default();
-        if status.phase == GroupPhase::Completed || status.phase == GroupPhase::Failed {
-            break status;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let pods = Api::<Pod>::namespaced(h.client.clone(), &h.namespace)
-                .list(&ListParams::default())
-                .await
-                .map(|l| l.items)
-                .unwrap_or_default();
-            let pod_states: Vec<_> = pods
-                .iter()
-                .map(|p| (p.metadata.name.clone(), p.status.clone()))
-                .collect();
-            panic!("the group did not complete in time: {status:?}\npods: {pod_states:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        matches!(status.phase, GroupPhase::Completed | GroupPhase::Failed).then_some(status)
+    })
+    .await;
+    let Some(status) = finished else {
+        let status = groups.get("gpu-group").await.expect("group").status;
+        let pods = Api::<Pod>::namespaced(h.client.clone(), &h.namespace)
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        let pod_states: Vec<_> = pods
+            .iter()
+            .map(|p| (p.metadata.name.clone(), p.status.clone()))
+            .collect();
+        panic!("the group did not complete in time: {status:?}\npods: {pod_states:#?}");
     };
     assert_eq!(status.phase, GroupPhase::Completed, "{status:?}");
     assert_eq!(status.images_done, 2);
@@ -230,14 +228,24 @@ async fn gpu_job_end_to_end() {
         worker.args.as_deref(),
         Some(&["--execution-provider".to_owned(), "auto".to_owned()][..])
     );
-    assert_eq!(pod_spec.node_selector, Some(gpu.node_selector.clone()));
-    assert_eq!(pod_spec.tolerations, Some(gpu.tolerations.clone()));
+    // Spelled out here, not taken from the parsed settings: a parser that dropped or
+    // changed a field would otherwise agree with itself.
+    assert_eq!(
+        pod_spec.node_selector,
+        Some(BTreeMap::from([(
+            NODE_LABEL.to_owned(),
+            "nvidia".to_owned()
+        )]))
+    );
+    let expected_toleration = Toleration {
+        key: Some("nvidia.com/gpu".into()),
+        operator: Some("Exists".into()),
+        effect: Some("NoSchedule".into()),
+        value: None,
+        toleration_seconds: None,
+    };
+    assert_eq!(pod_spec.tolerations, Some(vec![expected_toleration]));
     assert_eq!(pod_spec.runtime_class_name.as_deref(), Some(RUNTIME_CLASS));
-    let expected_toleration: Toleration = serde_json::from_value(
-        json!({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}),
-    )
-    .expect("toleration");
-    assert_eq!(gpu.tolerations, [expected_toleration]);
 
     // The worker says where the model ran: no CUDA here, so the CPU, and why.
     let pods = Api::<Pod>::namespaced(h.client.clone(), &h.namespace)

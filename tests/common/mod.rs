@@ -264,24 +264,129 @@ impl Harness {
     pub async fn collect_webhooks(
         &mut self,
         limit: Duration,
-        mut done: impl FnMut(&[ReceivedWebhook]) -> bool,
+        done: impl FnMut(&[ReceivedWebhook]) -> bool,
     ) -> Vec<ReceivedWebhook> {
         let mut received = Vec::new();
         let deadline = tokio::time::Instant::now() + limit;
-        while !done(&received) {
-            match tokio::time::timeout_at(deadline, self.webhooks.recv()).await {
-                Ok(Some(event)) => received.push(event),
-                Ok(None) => panic!("webhook receiver stopped"),
-                Err(_) => panic!(
-                    "timed out after {limit:?}; received so far: {:#?}",
-                    received
-                        .iter()
-                        .map(|e| (&e.id, &e.payload["type"], &e.payload["data"]["imageId"]))
-                        .collect::<Vec<_>>()
-                ),
-            }
+        if self
+            .collect_webhooks_into(&mut received, deadline, done, |_| {})
+            .await
+            .is_err()
+        {
+            panic!(
+                "timed out after {limit:?}; received so far: {:#?}",
+                webhook_summary(&received)
+            );
         }
         received
+    }
+
+    /// Adds verified webhooks to `received` until `done` says the collection is complete
+    /// (checked first, on what is already there), calling `each` on every new one; `Err` if
+    /// `deadline` passes first.
+    pub async fn collect_webhooks_into(
+        &mut self,
+        received: &mut Vec<ReceivedWebhook>,
+        deadline: tokio::time::Instant,
+        mut done: impl FnMut(&[ReceivedWebhook]) -> bool,
+        mut each: impl FnMut(&ReceivedWebhook),
+    ) -> Result<(), tokio::time::error::Elapsed> {
+        while !done(received) {
+            match tokio::time::timeout_at(deadline, self.webhooks.recv()).await? {
+                Some(event) => {
+                    each(&event);
+                    received.push(event);
+                }
+                None => panic!("webhook receiver stopped"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reasons of the Events about one object (by name) in the test's namespace.
+    pub async fn event_reasons(&self, object: &str) -> Vec<String> {
+        let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+            kube::Api::namespaced(self.client.clone(), &self.namespace);
+        events
+            .list(&Default::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
+    /// The value of one sample of the controller's metrics, see [`metric`].
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        metric(&self.metrics.encode(), sample)
+    }
+
+    /// Creates the Secret `secret_name` holding `secret` under `key`, and one
+    /// WebhookSubscription per (name, url, more of its spec) signing with it, then waits up
+    /// to `ready_within` for each to report `Ready=True`.
+    pub async fn subscribe(
+        &self,
+        secret_name: &str,
+        secret: &str,
+        subscriptions: &[(&str, String, serde_json::Value)],
+        ready_within: Duration,
+    ) {
+        use k8s_openapi::api::core::v1::Secret;
+        use kinsight::crd::WebhookSubscription;
+        use kube::api::PostParams;
+
+        let secrets: kube::Api<Secret> =
+            kube::Api::namespaced(self.client.clone(), &self.namespace);
+        let key: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": secret_name },
+            "stringData": { "key": secret }
+        }))
+        .expect("secret");
+        secrets
+            .create(&PostParams::default(), &key)
+            .await
+            .expect("create secret");
+        let api: kube::Api<WebhookSubscription> =
+            kube::Api::namespaced(self.client.clone(), &self.namespace);
+        for (name, url, extra) in subscriptions {
+            let mut spec = serde_json::json!({
+                "url": url,
+                "secretRef": { "name": secret_name, "key": "key" }
+            });
+            if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+                spec.extend(extra.clone());
+            }
+            let sub: WebhookSubscription = serde_json::from_value(serde_json::json!({
+                "apiVersion": "kinsight.io/v1alpha1",
+                "kind": "WebhookSubscription",
+                "metadata": { "name": name },
+                "spec": spec
+            }))
+            .expect("subscription");
+            api.create(&PostParams::default(), &sub)
+                .await
+                .expect("create subscription");
+        }
+        for (name, _, _) in subscriptions {
+            eventually(
+                &format!("subscription {name} reports Ready"),
+                ready_within,
+                async || {
+                    api.get(name)
+                        .await
+                        .ok()
+                        .and_then(|s| s.status)
+                        .is_some_and(|st| {
+                            st.conditions
+                                .iter()
+                                .any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
+                },
+            )
+            .await;
+        }
     }
 }
 
@@ -296,6 +401,95 @@ impl Drop for Harness {
     }
 }
 
+/// (webhook-id, type, imageId) of each event: enough to see what arrived, for messages.
+pub fn webhook_summary(
+    events: &[ReceivedWebhook],
+) -> Vec<(&String, &serde_json::Value, &serde_json::Value)> {
+    events
+        .iter()
+        .map(|e| (&e.id, &e.payload["type"], &e.payload["data"]["imageId"]))
+        .collect()
+}
+
+/// The value of the sample `sample` (its name with labels, as written: e.g.
+/// `kinsight_webhook_attempts_total{outcome="gone"}`) in a Prometheus text exposition.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// What a polled check says: `true`, or `Some(value)`, once it holds.
+pub trait Outcome {
+    type Value;
+    fn ready(self) -> Option<Self::Value>;
+}
+
+impl Outcome for bool {
+    type Value = ();
+    fn ready(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Outcome for Option<T> {
+    type Value = T;
+    fn ready(self) -> Option<T> {
+        self
+    }
+}
+
+/// How often [`poll`] and [`eventually`] check.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Checks every [`POLL_INTERVAL`] until `check` holds, for at most `limit` (the last check
+/// is at the limit); `None` if it never did.
+pub async fn poll<R: Outcome>(limit: Duration, check: impl AsyncFnMut() -> R) -> Option<R::Value> {
+    poll_every(POLL_INTERVAL, limit, check).await
+}
+
+/// [`poll`], checking every `every` (for checks that are heavy on the API server).
+pub async fn poll_every<R: Outcome>(
+    every: Duration,
+    limit: Duration,
+    mut check: impl AsyncFnMut() -> R,
+) -> Option<R::Value> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await.ready() {
+            return Some(value);
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        tokio::time::sleep((deadline - now).min(every)).await;
+    }
+}
+
+/// [`poll`], panicking with `what` if `check` did not hold within `limit`.
+pub async fn eventually<R: Outcome>(
+    what: &str,
+    limit: Duration,
+    check: impl AsyncFnMut() -> R,
+) -> R::Value {
+    poll(limit, check)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {limit:?} waiting for {what}"))
+}
+
+/// The project's Python environment (`.venv`, made by scripts/setup-onnxruntime.sh with
+/// jsonschema and the webhook verifiers).
+pub fn python() -> PathBuf {
+    let python = repo_path(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup-onnxruntime.sh first",
+        python.display()
+    );
+    python
+}
+
 /// Checks received payloads against the documented JSON Schemas (schemas/webhooks/), with
 /// the `jsonschema` package from PyPI, and their size against the 20 KB aim.
 pub fn assert_payloads_conform(events: &[ReceivedWebhook]) {
@@ -305,7 +499,7 @@ pub fn assert_payloads_conform(events: &[ReceivedWebhook]) {
         assert!(size < 20_000, "{} is {size} bytes", event.payload["type"]);
     }
     let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
-    let mut child = std::process::Command::new(repo_path(".venv/bin/python"))
+    let mut child = std::process::Command::new(python())
         .arg(repo_path("tests/receivers/validate_payloads.py"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

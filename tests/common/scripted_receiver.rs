@@ -81,6 +81,16 @@ impl Scripted {
             .unwrap_or_default()
     }
 
+    /// A new receiver serving on 127.0.0.1: itself, its base URL (`http://127.0.0.1:PORT`,
+    /// no trailing slash) and the server task.
+    pub async fn start() -> (Scripted, String, tokio::task::JoinHandle<()>) {
+        let scripted = Scripted::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let server = scripted.serve(listener);
+        (scripted, base, server)
+    }
+
     /// Serves on `listener` until the task is dropped.
     pub fn serve(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
