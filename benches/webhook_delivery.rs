@@ -460,13 +460,9 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         .map(|cp| cp.kubeconfig_path().to_path_buf());
     let controller = controller_rt.spawn(async move {
         let client = match kubeconfig {
-            Some(path) => {
-                let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("kubeconfig");
-                let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                    .await
-                    .expect("client config");
-                kube::Client::try_from(config).expect("client")
-            }
+            Some(path) => kinsight::testbed::client_from_kubeconfig(&path)
+                .await
+                .expect("client"),
             None => kube::Client::try_default().await.expect("client"),
         };
         if let Err(e) = kinsight::controller::run(client, config).await {

@@ -1,7 +1,7 @@
 //! The `kinsight` command: parses the command line and hands over to the library.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -53,7 +53,14 @@ struct CatalogArg {
 
 impl CatalogArg {
     fn load(&self) -> Result<Catalog, kinsight::inference::InferenceError> {
-        Catalog::load_with_models_dir(&self.catalog, self.models_dir.as_deref())
+        Catalog::load_with_models_dir(&self.catalog, Some(self.models_dir()))
+    }
+
+    /// Where the catalog's relative files are.
+    fn models_dir(&self) -> &Path {
+        self.models_dir
+            .as_deref()
+            .unwrap_or_else(|| Catalog::default_models_dir(&self.catalog))
     }
 }
 
@@ -271,14 +278,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // Workers run the same image: by default their models are where ours are.
             let worker_models_dir = match args.worker_models_dir {
                 Some(dir) => dir,
-                None => std::path::absolute(
-                    args.catalog
-                        .models_dir
-                        .as_deref()
-                        .unwrap_or_else(|| Catalog::default_models_dir(&args.catalog.catalog)),
-                )?
-                .display()
-                .to_string(),
+                None => std::path::absolute(args.catalog.models_dir())?
+                    .display()
+                    .to_string(),
             };
             let defaults = ControllerConfig::default();
             let config = ControllerConfig {
@@ -297,13 +299,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ..defaults
             };
             let client = kube::Client::try_default().await?;
-            let metrics_app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get({
-                    let metrics = config.metrics.clone();
-                    move || async move { metrics.encode() }
-                }),
-            );
+            let metrics_app = config.metrics.clone().router();
             let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen).await?;
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(metrics_listener, metrics_app).await {

@@ -2,7 +2,7 @@
 //! the official Rust client). Labels are bounded enums, never error texts or ids.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, atomic::AtomicI64};
+use std::sync::{Arc, Mutex, atomic::AtomicI64};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -123,6 +123,23 @@ impl Metrics {
         self.pending.set(by_group.values().sum());
     }
 
+    /// `GET /metrics`, in the OpenMetrics text format (with its content type, so
+    /// Prometheus parses it as such).
+    pub fn router(self: Arc<Self>) -> axum::Router {
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    self.encode(),
+                )
+            }),
+        )
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -135,6 +152,37 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn served_over_http_as_openmetrics() {
+        crate::install_crypto_provider();
+        let metrics = Arc::new(Metrics::default());
+        metrics.attempt("delivered");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(axum::serve(listener, metrics.router()).into_future());
+        let response = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("GET /metrics");
+        let kind = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response.text().await.expect("body");
+        server.abort();
+        assert_eq!(
+            kind.as_deref(),
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        );
+        assert!(
+            body.contains(r#"kinsight_webhook_attempts_total{outcome="delivered"} 1"#),
+            "{body}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+    }
 
     #[test]
     fn exposes_attempts_latency_and_pending() {

@@ -67,14 +67,8 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     let models: Vec<String> = catalog.names().map(str::to_owned).collect();
     let (control_plane, client, kubeconfig) = match &options.kubeconfig {
         Some(path) => {
-            let config = kube::Config::from_custom_kubeconfig(
-                kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| DevError::Other(e.to_string()))?,
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await
-            .map_err(|e| DevError::Other(e.to_string()))?;
-            (None, kube::Client::try_from(config)?, Some(path.clone()))
+            let client = crate::testbed::client_from_kubeconfig(path).await?;
+            (None, client, Some(path.clone()))
         }
         None => {
             let cp = ControlPlane::start_or_reuse(&options.state_dir).await?;
@@ -164,10 +158,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     );
     tasks.spawn(key_watch);
     // One process, one port: the controller's metrics are served beside the API.
-    let app = app.route(
-        "/metrics",
-        axum::routing::get(move || async move { metrics.encode() }),
-    );
+    let app = app.merge(metrics.router());
     tasks.spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "API server stopped");

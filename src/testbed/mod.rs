@@ -180,7 +180,7 @@ pub(crate) fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), Tes
 }
 
 /// Builds a client from a kubeconfig file (its current context).
-pub(crate) async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, TestbedError> {
+pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, TestbedError> {
     install_crypto_provider();
     let err = |detail: String| TestbedError::Kubeconfig {
         path: path.to_path_buf(),
