@@ -96,25 +96,15 @@ impl Circuits {
     }
 
     /// How many circuits are open (or probing), and how many endpoints are disabled.
-    /// Forgets idle, healthy circuits nobody holds on the way: a subscription's comes back
-    /// from its status, a request URL's starts afresh, as it would anyway.
     pub fn counts(&self) -> (usize, usize) {
-        let mut entries = lock(&self.entries);
-        entries.retain(|_, e| {
-            let circuit = e.circuit();
-            let health = circuit.health();
-            Arc::strong_count(e) > 1
-                || circuit.in_flight() > 0
-                || health.circuit != CircuitState::Closed
-                || health.consecutive_failures > 0
-        });
-        entries.values().fold((0, 0), |(open, disabled), e| {
-            match e.circuit().health().circuit {
+        let entries = lock(&self.entries);
+        entries
+            .values()
+            .fold((0, 0), |(open, disabled), e| match e.circuit().health().circuit {
                 CircuitState::Open | CircuitState::HalfOpen => (open + 1, disabled),
                 CircuitState::Disabled => (open, disabled + 1),
                 CircuitState::Closed => (open, disabled),
-            }
-        })
+            })
     }
 
     /// Waits for a free slot, or says why none will be free for now.
@@ -247,11 +237,6 @@ mod tests {
         assert!(matches!(c.acquire(&sick).await, Err(Blocked::Until(_))));
         assert!(c.acquire(&fine).await.is_ok());
         assert_eq!(c.counts(), (1, 0));
-        // Once nobody holds them, healthy idle circuits are forgotten, sick ones kept.
-        drop((sick, fine));
-        assert_eq!(c.counts(), (1, 0));
-        assert!(c.health("ns/fine").is_none());
-        assert!(c.health("ns/sick").is_some());
         assert_eq!(c.health("ns/sick").map(|h| h.consecutive_failures), Some(2));
     }
 
