@@ -10,7 +10,7 @@
 //!   [`output::ModelOutput`];
 //! - [`pipeline`]: bytes in, results out, decoding and preprocessing overlapping inference
 //!   (what the worker runs);
-//! - [`cpu_limit`]: the CPUs the pod may use (cgroup v2 quota), for thread counts.
+//! - [`cpu_limit`]: the CPUs the pod may use (std: affinity and cgroup quota), for thread counts.
 //!
 //! ONNX Runtime is loaded dynamically: call [`init_runtime`] once at start-up (or let
 //! [`Engine::load`] find it through [`default_runtime_path`]).
