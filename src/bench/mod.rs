@@ -166,7 +166,8 @@ async fn pass(
     files: Vec<Vec<u8>>,
     options: &PipelineOptions,
 ) -> anyhow::Result<(usize, Stages)> {
-    let count = files.len().max(1) as f64;
+    let submitted = files.len();
+    let count = submitted.max(1) as f64;
     let (submitter, mut results) = Pipeline::start::<usize>(engine.clone(), models, options)?;
     let feed = async move {
         for (i, bytes) in files.into_iter().enumerate() {
@@ -176,8 +177,10 @@ async fn pass(
     };
     let collect = async move {
         let mut failed = 0;
+        let mut returned = 0;
         let mut stages = Stages::default();
         while let Some((_, outcome)) = results.next().await {
+            returned += 1;
             let Ok(analysis) = outcome else {
                 failed += 1;
                 continue;
@@ -190,6 +193,13 @@ async fn pass(
             for (model, run) in &analysis.models {
                 *stages.inference.entry(model.clone()).or_default() += run.inference_ms / count;
             }
+        }
+        // Lost images would make the pass look faster than it is.
+        if returned != submitted || results.panicked() > 0 {
+            bail!(
+                "the pipeline returned {returned} of {submitted} images ({} thread(s) panicked)",
+                results.panicked()
+            );
         }
         anyhow::Ok((failed, stages))
     };

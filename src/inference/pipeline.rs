@@ -83,6 +83,8 @@ struct Submission<K> {
 pub struct Results<K> {
     output: mpsc::UnboundedReceiver<Outcome<K>>,
     threads: Vec<JoinHandle<()>>,
+    /// Threads found panicked when joined.
+    panicked: usize,
 }
 
 /// The pipeline is gone (its threads ended): no more images are taken.
@@ -143,6 +145,7 @@ impl Pipeline {
             Results {
                 output: output_rx,
                 threads,
+                panicked: 0,
             },
         ))
     }
@@ -215,11 +218,18 @@ impl<K: Send + 'static> Results<K> {
         next
     }
 
+    /// How many of the pipeline's threads panicked, known once [`Results::next`] returned
+    /// `None`. A panicked thread loses the images it held: they get no outcome.
+    pub fn panicked(&self) -> usize {
+        self.panicked
+    }
+
     /// The channel is closed only when every thread dropped its sender: they are ending.
     fn join(&mut self) {
         for thread in self.threads.drain(..) {
             if thread.join().is_err() {
                 tracing::error!("an inference pipeline thread panicked");
+                self.panicked += 1;
             }
         }
     }
@@ -396,4 +406,27 @@ fn model_loop<K>(engine: &Engine, model: &str, max_batch: usize, queue: &Receive
 
 fn ms(duration: std::time::Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicked_thread_is_counted_once_the_results_end() {
+        let (tx, output) = mpsc::unbounded_channel::<Outcome<u32>>();
+        let sender = tx.clone();
+        let fine = std::thread::spawn(move || drop(sender));
+        let panicking = std::thread::spawn(move || {
+            let _sender = tx;
+            panic!("a pipeline thread panics");
+        });
+        let mut results = Results {
+            output,
+            threads: vec![fine, panicking],
+            panicked: 0,
+        };
+        assert!(results.blocking_next().is_none());
+        assert_eq!(results.panicked(), 1);
+    }
 }
