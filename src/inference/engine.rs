@@ -718,11 +718,22 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<usize, Inferen
             output_dims.len()
         ))),
     };
+    // [batch, classes]: every output's first dimension is the batch (see `run_chunk`).
+    let logits = |kind: &str| {
+        let dims = one_output(kind)?;
+        if dims.len() < 2 {
+            return Err(load_error(format!(
+                "{kind} model's output is [batch, classes], this one is {}",
+                declared()
+            )));
+        }
+        Ok(dims)
+    };
     let consistent = match &spec.task {
         TaskSpec::Classification(_) => {
-            last(one_output("a classification")?).is_none_or(|c| c == labels)
+            last(logits("a classification")?).is_none_or(|c| c == labels)
         }
-        TaskSpec::Ordinal => last(one_output("an ordinal")?).is_none_or(|c| c == labels),
+        TaskSpec::Ordinal => last(logits("an ordinal")?).is_none_or(|c| c == labels),
         TaskSpec::Detection(params) => match params.decoder {
             // Some output must carry one score per label (unknown dims are checked per image).
             DetectionDecoder::Nanodet => output_dims
