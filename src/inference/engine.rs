@@ -5,6 +5,7 @@
 //! another thread do the preprocessing) sends them to the model together, in batches of
 //! up to [`Engine::max_batch`] images for models whose batch dimension is dynamic.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -260,10 +261,7 @@ impl Engine {
             .iter()
             .map(|image| self.prepare(model, image))
             .collect();
-        let ready: Vec<PreparedInput> = prepared
-            .iter()
-            .filter_map(|p| p.as_ref().ok().cloned())
-            .collect();
+        let ready: Vec<&PreparedInput> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
         let mut outputs = self.run_prepared(model, &ready).into_iter();
         prepared
             .into_iter()
@@ -298,12 +296,12 @@ impl Engine {
         })
     }
 
-    /// Runs a model on inputs made by [`Engine::prepare`] for it, [`Engine::max_batch`]
-    /// at a time; one result per input, in order.
-    pub fn run_prepared(
+    /// Runs a model on inputs made by [`Engine::prepare`] for it (owned or borrowed),
+    /// [`Engine::max_batch`] at a time; one result per input, in order.
+    pub fn run_prepared<I: Borrow<PreparedInput>>(
         &self,
         model: &str,
-        inputs: &[PreparedInput],
+        inputs: &[I],
     ) -> Vec<Result<ModelOutput, InferenceError>> {
         let loaded = match self.loaded(model) {
             Ok(loaded) => loaded,
@@ -336,14 +334,18 @@ fn input_len(spec: &ModelSpec) -> usize {
 
 /// One ONNX Runtime run on a batch. `Err` (a message) when the run itself failed; output
 /// problems are per image.
-fn run_chunk(
+fn run_chunk<I: Borrow<PreparedInput>>(
     loaded: &LoadedModel,
-    chunk: &[PreparedInput],
+    chunk: &[I],
 ) -> Result<Vec<Result<ModelOutput, InferenceError>>, String> {
     let spec = &loaded.spec;
     let model = spec.name.as_str();
     let per_image = input_len(spec);
-    if let Some(bad) = chunk.iter().find(|input| input.data.len() != per_image) {
+    if let Some(bad) = chunk
+        .iter()
+        .map(Borrow::borrow)
+        .find(|input| input.data.len() != per_image)
+    {
         return Err(format!(
             "an input of {} values was prepared for another model (this one takes {per_image})",
             bad.data.len()
@@ -351,14 +353,14 @@ fn run_chunk(
     }
     let started = Instant::now();
     // One image: its buffer as is; several: copied into one batch tensor.
-    let batch: Vec<f32>;
+    let mut batch = Vec::new();
     let data: &[f32] = match chunk {
-        [single] => &single.data,
+        [single] => &single.borrow().data,
         _ => {
-            batch = chunk
-                .iter()
-                .flat_map(|input| input.data.iter().copied())
-                .collect();
+            batch.reserve_exact(per_image * chunk.len());
+            for input in chunk {
+                batch.extend_from_slice(&input.borrow().data);
+            }
             &batch
         }
     };
@@ -424,7 +426,7 @@ fn run_chunk(
                     data: data.get(i * values..(i + 1) * values).unwrap_or_default(),
                 })
                 .collect();
-            decode(spec, &image_tensors, input.geometry).map_err(unexpected)
+            decode(spec, &image_tensors, input.borrow().geometry).map_err(unexpected)
         })
         .collect();
     drop(outputs);
