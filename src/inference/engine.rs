@@ -26,7 +26,7 @@ use super::cpu::cpu_limit;
 use super::detection::{Geometry, RawTensor, decode_nanodet, decode_yolov8};
 use super::ordinal::decode_ordinal;
 use super::output::ModelOutput;
-use super::preprocess::{placement, preprocess_into};
+use super::preprocess::preprocess_into;
 use super::{InferenceError, runtime};
 
 /// How sessions are created.
@@ -283,7 +283,7 @@ impl Engine {
         let spec = &self.loaded(model)?.spec;
         let pre = &spec.preprocessing;
         let mut data = vec![0.0_f32; input_len(spec)];
-        preprocess_into(image, pre, &mut data)?;
+        let placement = preprocess_into(image, pre, &mut data)?;
         Ok(PreparedInput {
             data,
             geometry: Geometry {
@@ -291,7 +291,7 @@ impl Engine {
                 input_height: pre.height,
                 image_width: image.width(),
                 image_height: image.height(),
-                placement: placement(image.width(), image.height(), pre),
+                placement,
             },
         })
     }
