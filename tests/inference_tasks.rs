@@ -248,13 +248,13 @@ fn pipeline_runs_every_model_on_every_image() {
     };
     let (submitter, mut results) =
         Pipeline::start::<usize>(engine().clone(), &models, &options).unwrap();
+    // Some not RGB (the pipeline converts once per image, not per model).
     let images: Vec<DynamicImage> = (0..12)
-        .map(|i| {
-            if i % 2 == 0 {
-                grey(i * 20)
-            } else {
-                halves(200, 100)
-            }
+        .map(|i| match i % 4 {
+            0 => grey(i * 20),
+            1 => halves(200, 100),
+            2 => DynamicImage::ImageRgba8(grey(i * 20).to_rgba8()),
+            _ => DynamicImage::ImageLumaA8(halves(200, 100).to_luma_alpha8()),
         })
         .collect();
     let feeder = {

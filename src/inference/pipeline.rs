@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use image::DynamicImage;
 use tokio::sync::mpsc;
 
 use super::decode::{DecodeLimits, decode_image};
@@ -309,6 +310,11 @@ fn decode_loop<K>(
         };
         drop(bytes);
         let decoded = Instant::now();
+        // Every model's preprocessing works on RGB: convert once here, not once per model.
+        let image = match image {
+            DynamicImage::ImageRgb8(_) => image,
+            other => DynamicImage::ImageRgb8(other.into_rgb8()),
+        };
         let mut analysis = ImageAnalysis {
             width: image.width(),
             height: image.height(),
