@@ -355,6 +355,11 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
         return Err(format!("scoreThreshold must be within [0, 1], got {t}"));
     }
 
+    if !matches!(entry.task, Task::Detection)
+        && (entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some())
+    {
+        return Err("decoder, nmsIou and maxDetections apply to detection models only".into());
+    }
     let task = match entry.task {
         Task::Detection => {
             if entry.top_k.is_some() {
@@ -379,12 +384,6 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
             })
         }
         Task::Classification => {
-            if entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some()
-            {
-                return Err(
-                    "decoder, nmsIou and maxDetections apply to detection models only".into(),
-                );
-            }
             let top_k = entry.top_k.unwrap_or(DEFAULT_TOP_K);
             if top_k == 0 {
                 return Err("topK must be at least 1".into());
@@ -395,12 +394,6 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
             })
         }
         Task::Ordinal => {
-            if entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some()
-            {
-                return Err(
-                    "decoder, nmsIou and maxDetections apply to detection models only".into(),
-                );
-            }
             if entry.top_k.is_some() || score_threshold.is_some() {
                 return Err(
                     "topK and scoreThreshold do not apply to ordinal models (they report one grade)"
