@@ -27,7 +27,7 @@ use super::detection::{Geometry, RawTensor, decode_nanodet, decode_yolov8};
 use super::ordinal::decode_ordinal;
 use super::output::ModelOutput;
 use super::preprocess::preprocess_into;
-use super::{InferenceError, runtime};
+use super::{InferenceError, ms, runtime};
 
 /// How sessions are created.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -630,10 +630,6 @@ fn build_session(
         .with_intra_threads(intra_threads)?
         .with_intra_op_spinning(spin)?
         .commit_from_file(&spec.model_path)
-}
-
-fn ms(duration: std::time::Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }
 
 /// Checks the model's input and outputs against its catalog entry; returns the largest

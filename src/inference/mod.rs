@@ -40,6 +40,11 @@ pub use output::{BoundingBox, ClassScore, Detection, ModelOutput, OrdinalGrade};
 pub use pipeline::{ImageAnalysis, ModelRun, Pipeline, PipelineOptions};
 pub use runtime::{default_runtime_path, init_runtime};
 
+/// A duration in milliseconds, as timings are reported.
+pub(crate) fn ms(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
 /// Everything that can go wrong between image bytes and a [`ModelOutput`].
 ///
 /// [`InferenceError::category`] gives a short stable string for metrics, status

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use super::decode::{DecodeLimits, decode_image};
 use super::engine::{Engine, PreparedInput};
 use super::output::ModelOutput;
-use super::{InferenceError, cpu_limit};
+use super::{InferenceError, cpu_limit, ms};
 
 /// How the pipeline is laid out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -408,10 +408,6 @@ fn model_loop<K>(engine: &Engine, model: &str, max_batch: usize, queue: &Receive
             );
         }
     }
-}
-
-fn ms(duration: std::time::Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use futures::StreamExt;
 
 use crate::crd::{ImageFailure, ImageResultSpec, ModelResult, Timings};
 use crate::inference::pipeline::{ImageAnalysis, Pipeline, PipelineOptions};
-use crate::inference::{Catalog, Engine, EngineOptions, InferenceError};
+use crate::inference::{Catalog, Engine, EngineOptions, InferenceError, ms};
 use crate::results::{ResultStore, ResultsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +105,7 @@ pub async fn run(
             async move {
                 let started = Instant::now();
                 let bytes = fetcher.fetch(&item.url).await;
-                (item, bytes, started.elapsed().as_secs_f64() * 1000.0)
+                (item, bytes, ms(started.elapsed()))
             }
         })
         .buffered(options.prefetch.max(1));
