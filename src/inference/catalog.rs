@@ -248,17 +248,6 @@ impl Catalog {
         Self::validate(file, yaml.to_owned(), base_dir, origin)
     }
 
-    /// Validates an already parsed catalog.
-    pub fn from_file(
-        file: CatalogFile,
-        base_dir: &Path,
-        origin: &Path,
-    ) -> Result<Catalog, InferenceError> {
-        let yaml =
-            serde_yaml::to_string(&file).map_err(|e| catalog_error(origin, e.to_string()))?;
-        Self::validate(file, yaml, base_dir, origin)
-    }
-
     fn validate(
         file: CatalogFile,
         yaml: String,
@@ -294,7 +283,7 @@ impl Catalog {
         &self.path
     }
 
-    /// The catalog's YAML as read (re-serialised when built from a parsed [`CatalogFile`]).
+    /// The catalog's YAML as read.
     pub fn yaml(&self) -> &str {
         &self.yaml
     }

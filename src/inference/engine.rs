@@ -137,13 +137,6 @@ pub struct PreparedInput {
     geometry: Geometry,
 }
 
-impl PreparedInput {
-    /// Width and height of the original image.
-    pub fn image_size(&self) -> (u32, u32) {
-        (self.geometry.image_width, self.geometry.image_height)
-    }
-}
-
 /// Loaded models, ready to run. `Send + Sync`: share it behind an `Arc`.
 pub struct Engine {
     models: BTreeMap<String, LoadedModel>,

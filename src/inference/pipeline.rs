@@ -49,7 +49,7 @@ pub struct ModelRun {
 }
 
 /// Every model's result on one decoded image.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ImageAnalysis {
     /// Of the decoded image (after EXIF orientation).
     pub width: u32,
@@ -256,20 +256,10 @@ impl<K> InFlight<K> {
         if state.remaining == 0
             && let Some(key) = state.key.take()
         {
-            let analysis = std::mem::replace(&mut state.analysis, empty_analysis());
+            let analysis = std::mem::take(&mut state.analysis);
             // The receiver may be gone (the caller stopped listening): nothing to do then.
             let _ = self.output.send((key, Ok(analysis)));
         }
-    }
-}
-
-fn empty_analysis() -> ImageAnalysis {
-    ImageAnalysis {
-        width: 0,
-        height: 0,
-        decode_ms: 0.0,
-        preprocess_ms: 0.0,
-        models: BTreeMap::new(),
     }
 }
 
