@@ -16,13 +16,12 @@ cd "$(dirname "$0")/.."
 COUNT="${BENCH_IMAGES:-240}"
 ROUNDS="${BENCH_ROUNDS:-2}"
 
-ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(realpath "$(scripts/setup-onnxruntime.sh)")}"
+# Always run: the Python legs need ./.venv's onnxruntime, Pillow and numpy.
+ORT_LIB="$(scripts/setup-onnxruntime.sh --runtime)"
+ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(realpath "$ORT_LIB")}"
 export ORT_DYLIB_PATH
 # kinsight's own lines (e.g. which execution provider each model runs on), not ONNX Runtime's.
 export RUST_LOG="${RUST_LOG:-warn,kinsight=info}"
-if ! .venv/bin/python -c 'import PIL, numpy' 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check pillow numpy >&2
-fi
 cargo build --release --locked --quiet
 
 WORK="$(mktemp -d)"

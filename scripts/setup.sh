@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build-kubernetes.sh >/dev/null
-scripts/setup-onnxruntime.sh >/dev/null
+# ONNX Runtime for kinsight (scripts/test.sh adds the Python tools the tests use).
+scripts/setup-onnxruntime.sh --runtime >/dev/null
 cargo build --release --locked
 echo "set up: target/release/kinsight"

@@ -248,13 +248,13 @@ fn pipeline_runs_every_model_on_every_image() {
     };
     let (submitter, mut results) =
         Pipeline::start::<usize>(engine().clone(), &models, &options).unwrap();
+    // Some not RGB (the pipeline converts once per image, not per model).
     let images: Vec<DynamicImage> = (0..12)
-        .map(|i| {
-            if i % 2 == 0 {
-                grey(i * 20)
-            } else {
-                halves(200, 100)
-            }
+        .map(|i| match i % 4 {
+            0 => grey(i * 20),
+            1 => halves(200, 100),
+            2 => DynamicImage::ImageRgba8(grey(i * 20).to_rgba8()),
+            _ => DynamicImage::ImageLumaA8(halves(200, 100).to_luma_alpha8()),
         })
         .collect();
     let feeder = {
@@ -394,6 +394,103 @@ fn catalog_mistakes_are_reported_at_load() {
     let err = load(yaml);
     assert_eq!(err.category(), "model_load_failed", "{err}");
     assert!(err.to_string().contains("fixed at 1"), "{err}");
+}
+
+/// Protocol buffer encoding, enough to write a tiny ONNX model by hand.
+fn pb_varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn pb_int(field: u64, value: u64, out: &mut Vec<u8>) {
+    pb_varint(field << 3, out);
+    pb_varint(value, out);
+}
+
+fn pb_bytes(field: u64, bytes: &[u8], out: &mut Vec<u8>) {
+    pb_varint((field << 3) | 2, out);
+    pb_varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// A float tensor's `ValueInfoProto` with fixed dimensions.
+fn pb_value_info(name: &str, dims: &[u64]) -> Vec<u8> {
+    let mut shape = Vec::new();
+    for &dim in dims {
+        let mut dimension = Vec::new();
+        pb_int(1, dim, &mut dimension); // dim_value
+        pb_bytes(1, &dimension, &mut shape); // dim
+    }
+    let mut tensor = Vec::new();
+    pb_int(1, 1, &mut tensor); // elem_type: FLOAT
+    pb_bytes(2, &shape, &mut tensor);
+    let mut type_proto = Vec::new();
+    pb_bytes(1, &tensor, &mut type_proto); // tensor_type
+    let mut info = Vec::new();
+    pb_bytes(1, name.as_bytes(), &mut info);
+    pb_bytes(2, &type_proto, &mut info);
+    info
+}
+
+/// An ONNX model (opset 13) taking `[1, 3, 8, 8]` and giving the mean of each channel as
+/// a rank-1 `[3]` output: three "classes" without the batch dimension.
+fn rank_one_output_model() -> Vec<u8> {
+    let mut axes = Vec::new();
+    pb_bytes(1, b"axes", &mut axes);
+    for axis in [0, 2, 3] {
+        pb_int(8, axis, &mut axes); // ints
+    }
+    pb_int(20, 7, &mut axes); // type: INTS
+    let mut keepdims = Vec::new();
+    pb_bytes(1, b"keepdims", &mut keepdims);
+    pb_int(3, 0, &mut keepdims); // i
+    pb_int(20, 2, &mut keepdims); // type: INT
+    let mut node = Vec::new();
+    pb_bytes(1, b"x", &mut node);
+    pb_bytes(2, b"y", &mut node);
+    pb_bytes(4, b"ReduceMean", &mut node);
+    pb_bytes(5, &axes, &mut node);
+    pb_bytes(5, &keepdims, &mut node);
+    let mut graph = Vec::new();
+    pb_bytes(1, &node, &mut graph);
+    pb_bytes(2, b"rank_one", &mut graph);
+    pb_bytes(11, &pb_value_info("x", &[1, 3, 8, 8]), &mut graph);
+    pb_bytes(12, &pb_value_info("y", &[3]), &mut graph);
+    let mut opset = Vec::new();
+    pb_bytes(1, b"", &mut opset);
+    pb_int(2, 13, &mut opset);
+    let mut model = Vec::new();
+    pb_int(1, 7, &mut model); // ir_version
+    pb_bytes(7, &graph, &mut model);
+    pb_bytes(8, &opset, &mut model);
+    model
+}
+
+/// A classifier or ordinal model whose output lacks the batch dimension would fail on
+/// every image (each output's first dimension is the batch): it is refused at load.
+#[test]
+fn a_rank_one_logits_output_is_refused_at_load() {
+    runtime();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("three.labels"), "a\nb\nc\n").unwrap();
+    std::fs::write(dir.path().join("rank-one.onnx"), rank_one_output_model()).unwrap();
+    for task in ["task: classification", "task: ordinal"] {
+        let yaml = format!(
+            "models:\n  - name: flat\n    file: rank-one.onnx\n    {task}\n    labels: three.labels\n    \
+             input: {{width: 8, height: 8, resize: stretch, channelOrder: rgb, mean: [0, 0, 0], std: [1, 1, 1]}}\n"
+        );
+        let catalog = Catalog::from_yaml_str(&yaml, dir.path(), Path::new("test.yaml")).unwrap();
+        let err = Engine::load(&catalog, &[], &EngineOptions::default()).unwrap_err();
+        assert_eq!(err.category(), "model_load_failed", "{task}: {err}");
+        assert!(
+            err.to_string()
+                .contains("output is [batch, classes], this one is [3]"),
+            "{task}: {err}"
+        );
+    }
 }
 
 #[test]

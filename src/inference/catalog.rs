@@ -248,17 +248,6 @@ impl Catalog {
         Self::validate(file, yaml.to_owned(), base_dir, origin)
     }
 
-    /// Validates an already parsed catalog.
-    pub fn from_file(
-        file: CatalogFile,
-        base_dir: &Path,
-        origin: &Path,
-    ) -> Result<Catalog, InferenceError> {
-        let yaml =
-            serde_yaml::to_string(&file).map_err(|e| catalog_error(origin, e.to_string()))?;
-        Self::validate(file, yaml, base_dir, origin)
-    }
-
     fn validate(
         file: CatalogFile,
         yaml: String,
@@ -294,7 +283,7 @@ impl Catalog {
         &self.path
     }
 
-    /// The catalog's YAML as read (re-serialised when built from a parsed [`CatalogFile`]).
+    /// The catalog's YAML as read.
     pub fn yaml(&self) -> &str {
         &self.yaml
     }
@@ -355,6 +344,11 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
         return Err(format!("scoreThreshold must be within [0, 1], got {t}"));
     }
 
+    if !matches!(entry.task, Task::Detection)
+        && (entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some())
+    {
+        return Err("decoder, nmsIou and maxDetections apply to detection models only".into());
+    }
     let task = match entry.task {
         Task::Detection => {
             if entry.top_k.is_some() {
@@ -379,12 +373,6 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
             })
         }
         Task::Classification => {
-            if entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some()
-            {
-                return Err(
-                    "decoder, nmsIou and maxDetections apply to detection models only".into(),
-                );
-            }
             let top_k = entry.top_k.unwrap_or(DEFAULT_TOP_K);
             if top_k == 0 {
                 return Err("topK must be at least 1".into());
@@ -395,12 +383,6 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
             })
         }
         Task::Ordinal => {
-            if entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some()
-            {
-                return Err(
-                    "decoder, nmsIou and maxDetections apply to detection models only".into(),
-                );
-            }
             if entry.top_k.is_some() || score_threshold.is_some() {
                 return Err(
                     "topK and scoreThreshold do not apply to ordinal models (they report one grade)"

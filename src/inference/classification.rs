@@ -35,10 +35,12 @@ pub(crate) fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     items.into_iter().map(|(i, _)| i).collect()
 }
 
-/// Checks that a `[1, classes]` (or `[classes]`) logits tensor has one value per label.
+/// Checks that a `[1, classes]` logits tensor (one image's slice of the model's
+/// `[batch, classes]` output; a model with another rank is refused at load) has one value
+/// per label.
 pub(crate) fn check_logits(shape: &[i64], logits: &[f32], labels: &[String]) -> Result<(), String> {
     let classes = match shape {
-        [1, n] | [n] => usize::try_from(*n).unwrap_or(0),
+        [1, n] => usize::try_from(*n).unwrap_or(0),
         _ => 0,
     };
     if classes == 0 || classes != logits.len() {
@@ -56,7 +58,7 @@ pub(crate) fn check_logits(shape: &[i64], logits: &[f32], labels: &[String]) -> 
     Ok(())
 }
 
-/// Decodes a `[1, classes]` (or `[classes]`) logits tensor into the top classes.
+/// Decodes a `[1, classes]` logits tensor into the top classes.
 pub(crate) fn decode_classification(
     shape: &[i64],
     logits: &[f32],
@@ -136,5 +138,6 @@ mod tests {
         assert!(decode_classification(&[1, 5], &[0.0; 5], &labels(4), &params).is_err());
         assert!(decode_classification(&[1, -1], &[], &labels(4), &params).is_err());
         assert!(decode_classification(&[1, 4, 1], &[0.0; 4], &labels(4), &params).is_err());
+        assert!(decode_classification(&[4], &[0.0; 4], &labels(4), &params).is_err());
     }
 }

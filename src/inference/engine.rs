@@ -5,6 +5,7 @@
 //! another thread do the preprocessing) sends them to the model together, in batches of
 //! up to [`Engine::max_batch`] images for models whose batch dimension is dynamic.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -25,8 +26,8 @@ use super::cpu::cpu_limit;
 use super::detection::{Geometry, RawTensor, decode_nanodet, decode_yolov8};
 use super::ordinal::decode_ordinal;
 use super::output::ModelOutput;
-use super::preprocess::{placement, preprocess_into};
-use super::{InferenceError, runtime};
+use super::preprocess::preprocess_into;
+use super::{InferenceError, ms, runtime};
 
 /// How sessions are created.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -134,13 +135,6 @@ pub struct PreparedInput {
     /// `[3, height, width]`, normalised, in the model's channel order.
     data: Vec<f32>,
     geometry: Geometry,
-}
-
-impl PreparedInput {
-    /// Width and height of the original image.
-    pub fn image_size(&self) -> (u32, u32) {
-        (self.geometry.image_width, self.geometry.image_height)
-    }
 }
 
 /// Loaded models, ready to run. `Send + Sync`: share it behind an `Arc`.
@@ -260,10 +254,7 @@ impl Engine {
             .iter()
             .map(|image| self.prepare(model, image))
             .collect();
-        let ready: Vec<PreparedInput> = prepared
-            .iter()
-            .filter_map(|p| p.as_ref().ok().cloned())
-            .collect();
+        let ready: Vec<&PreparedInput> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
         let mut outputs = self.run_prepared(model, &ready).into_iter();
         prepared
             .into_iter()
@@ -285,7 +276,7 @@ impl Engine {
         let spec = &self.loaded(model)?.spec;
         let pre = &spec.preprocessing;
         let mut data = vec![0.0_f32; input_len(spec)];
-        preprocess_into(image, pre, &mut data)?;
+        let placement = preprocess_into(image, pre, &mut data)?;
         Ok(PreparedInput {
             data,
             geometry: Geometry {
@@ -293,17 +284,17 @@ impl Engine {
                 input_height: pre.height,
                 image_width: image.width(),
                 image_height: image.height(),
-                placement: placement(image.width(), image.height(), pre),
+                placement,
             },
         })
     }
 
-    /// Runs a model on inputs made by [`Engine::prepare`] for it, [`Engine::max_batch`]
-    /// at a time; one result per input, in order.
-    pub fn run_prepared(
+    /// Runs a model on inputs made by [`Engine::prepare`] for it (owned or borrowed),
+    /// [`Engine::max_batch`] at a time; one result per input, in order.
+    pub fn run_prepared<I: Borrow<PreparedInput>>(
         &self,
         model: &str,
-        inputs: &[PreparedInput],
+        inputs: &[I],
     ) -> Vec<Result<ModelOutput, InferenceError>> {
         let loaded = match self.loaded(model) {
             Ok(loaded) => loaded,
@@ -336,14 +327,18 @@ fn input_len(spec: &ModelSpec) -> usize {
 
 /// One ONNX Runtime run on a batch. `Err` (a message) when the run itself failed; output
 /// problems are per image.
-fn run_chunk(
+fn run_chunk<I: Borrow<PreparedInput>>(
     loaded: &LoadedModel,
-    chunk: &[PreparedInput],
+    chunk: &[I],
 ) -> Result<Vec<Result<ModelOutput, InferenceError>>, String> {
     let spec = &loaded.spec;
     let model = spec.name.as_str();
     let per_image = input_len(spec);
-    if let Some(bad) = chunk.iter().find(|input| input.data.len() != per_image) {
+    if let Some(bad) = chunk
+        .iter()
+        .map(Borrow::borrow)
+        .find(|input| input.data.len() != per_image)
+    {
         return Err(format!(
             "an input of {} values was prepared for another model (this one takes {per_image})",
             bad.data.len()
@@ -351,14 +346,14 @@ fn run_chunk(
     }
     let started = Instant::now();
     // One image: its buffer as is; several: copied into one batch tensor.
-    let batch: Vec<f32>;
+    let mut batch = Vec::new();
     let data: &[f32] = match chunk {
-        [single] => &single.data,
+        [single] => &single.borrow().data,
         _ => {
-            batch = chunk
-                .iter()
-                .flat_map(|input| input.data.iter().copied())
-                .collect();
+            batch.reserve_exact(per_image * chunk.len());
+            for input in chunk {
+                batch.extend_from_slice(&input.borrow().data);
+            }
             &batch
         }
     };
@@ -424,7 +419,7 @@ fn run_chunk(
                     data: data.get(i * values..(i + 1) * values).unwrap_or_default(),
                 })
                 .collect();
-            decode(spec, &image_tensors, input.geometry).map_err(unexpected)
+            decode(spec, &image_tensors, input.borrow().geometry).map_err(unexpected)
         })
         .collect();
     drop(outputs);
@@ -630,10 +625,6 @@ fn build_session(
         .commit_from_file(&spec.model_path)
 }
 
-fn ms(duration: std::time::Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
-
 /// Checks the model's input and outputs against its catalog entry; returns the largest
 /// batch the model takes.
 fn check_signature(session: &Session, spec: &ModelSpec) -> Result<usize, InferenceError> {
@@ -718,11 +709,22 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<usize, Inferen
             output_dims.len()
         ))),
     };
+    // [batch, classes]: every output's first dimension is the batch (see `run_chunk`).
+    let logits = |kind: &str| {
+        let dims = one_output(kind)?;
+        if dims.len() < 2 {
+            return Err(load_error(format!(
+                "{kind} model's output is [batch, classes], this one is {}",
+                declared()
+            )));
+        }
+        Ok(dims)
+    };
     let consistent = match &spec.task {
         TaskSpec::Classification(_) => {
-            last(one_output("a classification")?).is_none_or(|c| c == labels)
+            last(logits("a classification")?).is_none_or(|c| c == labels)
         }
-        TaskSpec::Ordinal => last(one_output("an ordinal")?).is_none_or(|c| c == labels),
+        TaskSpec::Ordinal => last(logits("an ordinal")?).is_none_or(|c| c == labels),
         TaskSpec::Detection(params) => match params.decoder {
             // Some output must carry one score per label (unknown dims are checked per image).
             DetectionDecoder::Nanodet => output_dims

@@ -10,7 +10,7 @@
 //!   [`output::ModelOutput`];
 //! - [`pipeline`]: bytes in, results out, decoding and preprocessing overlapping inference
 //!   (what the worker runs);
-//! - [`cpu_limit`]: the CPUs the pod may use (cgroup v2 quota), for thread counts.
+//! - [`cpu_limit`]: the CPUs the pod may use (std: affinity and cgroup quota), for thread counts.
 //!
 //! ONNX Runtime is loaded dynamically: call [`init_runtime`] once at start-up (or let
 //! [`Engine::load`] find it through [`default_runtime_path`]).
@@ -39,6 +39,11 @@ pub use engine::{Engine, EngineOptions, ExecutionProvider, PreparedInput};
 pub use output::{BoundingBox, ClassScore, Detection, ModelOutput, OrdinalGrade};
 pub use pipeline::{ImageAnalysis, ModelRun, Pipeline, PipelineOptions};
 pub use runtime::{default_runtime_path, init_runtime};
+
+/// A duration in milliseconds, as timings are reported.
+pub(crate) fn ms(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
 
 /// Everything that can go wrong between image bytes and a [`ModelOutput`].
 ///

@@ -9,7 +9,7 @@
 use super::classification::{check_logits, softmax, top_k};
 use super::output::{OrdinalGrade, round_confidence};
 
-/// Decodes a `[1, grades]` (or `[grades]`) logits tensor into a grade.
+/// Decodes a `[1, grades]` logits tensor into a grade.
 pub(crate) fn decode_ordinal(
     shape: &[i64],
     logits: &[f32],
@@ -78,7 +78,7 @@ mod tests {
         assert_eq!(out.confidence, 0.6);
         assert!((out.score - 2.2 / 3.0).abs() < 1e-3, "{out:?}");
         // Uniform: the middle of the scale, the lowest grade wins the tie.
-        let out = decode_ordinal(&[4], &[0.0; 4], &grades()).unwrap();
+        let out = decode_ordinal(&[1, 4], &[0.0; 4], &grades()).unwrap();
         assert_eq!(
             (out.label.as_str(), out.score, out.confidence),
             ("poor", 0.5, 0.25)
@@ -98,6 +98,7 @@ mod tests {
     fn rejects_bad_outputs() {
         assert!(decode_ordinal(&[1, 3], &[0.0; 3], &grades()).is_err());
         assert!(decode_ordinal(&[2, 4], &[0.0; 8], &grades()).is_err());
+        assert!(decode_ordinal(&[4], &[0.0; 4], &grades()).is_err());
         let one = vec!["only".to_string()];
         assert!(decode_ordinal(&[1, 1], &[0.0], &one).is_err());
         let err = decode_ordinal(&[1, 4], &[f32::NAN; 4], &grades()).unwrap_err();

@@ -20,12 +20,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use image::DynamicImage;
 use tokio::sync::mpsc;
 
 use super::decode::{DecodeLimits, decode_image};
 use super::engine::{Engine, PreparedInput};
 use super::output::ModelOutput;
-use super::{InferenceError, cpu_limit};
+use super::{InferenceError, cpu_limit, ms};
 
 /// How the pipeline is laid out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,7 +49,7 @@ pub struct ModelRun {
 }
 
 /// Every model's result on one decoded image.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ImageAnalysis {
     /// Of the decoded image (after EXIF orientation).
     pub width: u32,
@@ -83,6 +84,8 @@ struct Submission<K> {
 pub struct Results<K> {
     output: mpsc::UnboundedReceiver<Outcome<K>>,
     threads: Vec<JoinHandle<()>>,
+    /// Threads found panicked when joined.
+    panicked: usize,
 }
 
 /// The pipeline is gone (its threads ended): no more images are taken.
@@ -143,6 +146,7 @@ impl Pipeline {
             Results {
                 output: output_rx,
                 threads,
+                panicked: 0,
             },
         ))
     }
@@ -215,11 +219,18 @@ impl<K: Send + 'static> Results<K> {
         next
     }
 
+    /// How many of the pipeline's threads panicked, known once [`Results::next`] returned
+    /// `None`. A panicked thread loses the images it held: they get no outcome.
+    pub fn panicked(&self) -> usize {
+        self.panicked
+    }
+
     /// The channel is closed only when every thread dropped its sender: they are ending.
     fn join(&mut self) {
         for thread in self.threads.drain(..) {
             if thread.join().is_err() {
                 tracing::error!("an inference pipeline thread panicked");
+                self.panicked += 1;
             }
         }
     }
@@ -245,20 +256,10 @@ impl<K> InFlight<K> {
         if state.remaining == 0
             && let Some(key) = state.key.take()
         {
-            let analysis = std::mem::replace(&mut state.analysis, empty_analysis());
+            let analysis = std::mem::take(&mut state.analysis);
             // The receiver may be gone (the caller stopped listening): nothing to do then.
             let _ = self.output.send((key, Ok(analysis)));
         }
-    }
-}
-
-fn empty_analysis() -> ImageAnalysis {
-    ImageAnalysis {
-        width: 0,
-        height: 0,
-        decode_ms: 0.0,
-        preprocess_ms: 0.0,
-        models: BTreeMap::new(),
     }
 }
 
@@ -299,6 +300,11 @@ fn decode_loop<K>(
         };
         drop(bytes);
         let decoded = Instant::now();
+        // Every model's preprocessing works on RGB: convert once here, not once per model.
+        let image = match image {
+            DynamicImage::ImageRgb8(_) => image,
+            other => DynamicImage::ImageRgb8(other.into_rgb8()),
+        };
         let mut analysis = ImageAnalysis {
             width: image.width(),
             height: image.height(),
@@ -394,6 +400,25 @@ fn model_loop<K>(engine: &Engine, model: &str, max_batch: usize, queue: &Receive
     }
 }
 
-fn ms(duration: std::time::Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicked_thread_is_counted_once_the_results_end() {
+        let (tx, output) = mpsc::unbounded_channel::<Outcome<u32>>();
+        let sender = tx.clone();
+        let fine = std::thread::spawn(move || drop(sender));
+        let panicking = std::thread::spawn(move || {
+            let _sender = tx;
+            panic!("a pipeline thread panics");
+        });
+        let mut results = Results {
+            output,
+            threads: vec![fine, panicking],
+            panicked: 0,
+        };
+        assert!(results.blocking_next().is_none());
+        assert_eq!(results.panicked(), 1);
+    }
 }

@@ -47,15 +47,11 @@ impl Placement {
     }
 }
 
-/// How an image of the given size is placed in the model input described by `spec`.
+/// How an image of the given size is placed in the model input described by `spec`
+/// ([`preprocess_into`] returns it too).
+#[cfg(test)]
 pub(crate) fn placement(width: u32, height: u32, spec: &Preprocessing) -> Placement {
-    let plan = plan_resize(width, height, spec);
-    Placement {
-        scale_x: (plan.resized_width as f64 / f64::from(width.max(1))) as f32,
-        scale_y: (plan.resized_height as f64 / f64::from(height.max(1))) as f32,
-        offset_x: plan.dst_left as f32 - plan.src_left as f32,
-        offset_y: plan.dst_top as f32 - plan.src_top as f32,
-    }
+    plan_resize(width, height, spec).placement(width, height)
 }
 
 /// Turns an image into the `[1, 3, height, width]` tensor described by `spec`.
@@ -72,12 +68,12 @@ pub(crate) fn preprocess(
 }
 
 /// Writes the `3 x height x width` (CHW) input of `image` into `out`, which must hold
-/// exactly that many values (one image of a batch tensor).
+/// exactly that many values (one image of a batch tensor); says where the image landed.
 pub(crate) fn preprocess_into(
     image: &DynamicImage,
     spec: &Preprocessing,
     out: &mut [f32],
-) -> Result<(), InferenceError> {
+) -> Result<Placement, InferenceError> {
     if image.width() == 0 || image.height() == 0 {
         return Err(InferenceError::InvalidImage(format!(
             "image has no pixels ({}x{})",
@@ -91,6 +87,7 @@ pub(crate) fn preprocess_into(
         other => Cow::Owned(other.to_rgb8()),
     };
     let plan = plan_resize(rgb.width(), rgb.height(), spec);
+    let placement = plan.placement(rgb.width(), rgb.height());
     let (copy_width, copy_height) = (plan.copy_width as usize, plan.copy_height as usize);
     let destination = Window {
         left: plan.dst_left as usize,
@@ -109,14 +106,15 @@ pub(crate) fn preprocess_into(
             width: copy_width,
             height: copy_height,
         };
-        return normalize_nchw(
+        normalize_nchw(
             rgb.as_raw(),
             rgb.width() as usize,
             source,
             destination,
             spec,
             out,
-        );
+        )?;
+        return Ok(placement);
     }
 
     // Resizing the whole image and then cropping would allocate the full resized image
@@ -142,7 +140,8 @@ pub(crate) fn preprocess_into(
         width: copy_width,
         height: copy_height,
     };
-    normalize_nchw(resized.buffer(), copy_width, source, destination, spec, out)
+    normalize_nchw(resized.buffer(), copy_width, source, destination, spec, out)?;
+    Ok(placement)
 }
 
 /// The whole image is (conceptually) resized to `resized_*`; then its `copy_*`-sized
@@ -158,6 +157,18 @@ struct ResizePlan {
     dst_top: u64,
     copy_width: u32,
     copy_height: u32,
+}
+
+impl ResizePlan {
+    /// Where an image of `width x height` planned this way lands in the input.
+    fn placement(&self, width: u32, height: u32) -> Placement {
+        Placement {
+            scale_x: (self.resized_width as f64 / f64::from(width.max(1))) as f32,
+            scale_y: (self.resized_height as f64 / f64::from(height.max(1))) as f32,
+            offset_x: self.dst_left as f32 - self.src_left as f32,
+            offset_y: self.dst_top as f32 - self.src_top as f32,
+        }
+    }
 }
 
 fn plan_resize(width: u32, height: u32, spec: &Preprocessing) -> ResizePlan {
@@ -552,6 +563,28 @@ mod tests {
         assert!(first.iter().all(|v| *v == -1.0));
         assert_eq!(second, preprocess(&image, &s).unwrap().as_slice().unwrap());
         assert!(preprocess_into(&image, &s, first.get_mut(..10).unwrap()).is_err());
+    }
+
+    #[test]
+    fn preprocess_into_says_where_the_image_landed() {
+        // Letterbox with a resize (8x2 -> 4x1 at row 1), and a centre crop without one.
+        let image = DynamicImage::ImageRgb8(RgbImage::from_pixel(8, 2, Rgb([0, 0, 0])));
+        let s = spec(4, 4, Resize::Letterbox { pad: 114 }, ChannelOrder::Rgb);
+        let mut out = [0.0; 3 * 4 * 4];
+        let placed = preprocess_into(&image, &s, &mut out).unwrap();
+        assert_eq!(placed, placement(8, 2, &s));
+        assert_eq!((placed.scale_x, placed.offset_y), (0.5, 1.0));
+        let image = DynamicImage::ImageRgb8(RgbImage::new(6, 4));
+        let s = spec(
+            2,
+            2,
+            Resize::ShorterSideCenterCrop { shorter_side: 4 },
+            ChannelOrder::Rgb,
+        );
+        let mut out = [0.0; 3 * 2 * 2];
+        let placed = preprocess_into(&image, &s, &mut out).unwrap();
+        assert_eq!(placed, placement(6, 4, &s));
+        assert_eq!((placed.offset_x, placed.offset_y), (-2.0, -1.0));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use futures::StreamExt;
 
 use crate::crd::{ImageFailure, ImageResultSpec, ModelResult, Timings};
 use crate::inference::pipeline::{ImageAnalysis, Pipeline, PipelineOptions};
-use crate::inference::{Catalog, Engine, EngineOptions, InferenceError};
+use crate::inference::{Catalog, Engine, EngineOptions, InferenceError, ms};
 use crate::results::{ResultStore, ResultsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,9 @@ pub enum WorkerError {
     Http(#[from] reqwest::Error),
     #[error("inference thread: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// Images went into the inference pipeline and never came out (a thread panicked).
+    #[error("inference pipeline: {0}")]
+    Pipeline(String),
 }
 
 impl WorkerError {
@@ -42,7 +45,7 @@ impl WorkerError {
             Self::Inference(e) => e.category(),
             Self::Results(e) => e.category(),
             Self::Http(_) => "http_client",
-            Self::Join(_) => "internal",
+            Self::Join(_) | Self::Pipeline(_) => "internal",
         }
     }
 }
@@ -102,7 +105,7 @@ pub async fn run(
             async move {
                 let started = Instant::now();
                 let bytes = fetcher.fetch(&item.url).await;
-                (item, bytes, started.elapsed().as_secs_f64() * 1000.0)
+                (item, bytes, ms(started.elapsed()))
             }
         })
         .buffered(options.prefetch.max(1));
@@ -110,6 +113,8 @@ pub async fn run(
     let store = &store;
     let feed = async move {
         let mut report = WorkerReport::default();
+        let mut submitted = 0_usize;
+        let mut stopped = false;
         futures::pin_mut!(downloads);
         while let Some((item, bytes, download_ms)) = downloads.next().await {
             match bytes {
@@ -122,16 +127,22 @@ pub async fn run(
                     let models = item.models(order).to_vec();
                     let key = (item, download_ms);
                     if submitter.submit_for(key, bytes, models).await.is_err() {
-                        break; // the pipeline stopped; its results say why
+                        // The pipeline stopped; the results that did come out are
+                        // still written, then the worker fails.
+                        stopped = true;
+                        break;
                     }
+                    submitted += 1;
                 }
             }
         }
-        Ok::<_, WorkerError>(report)
+        Ok::<_, WorkerError>((report, submitted, stopped))
     };
     let collect = async move {
         let mut report = WorkerReport::default();
+        let mut returned = 0_usize;
         while let Some(((item, download_ms), outcome)) = results.next().await {
+            returned += 1;
             let mut spec = result_spec(outcome);
             spec.group = order.group.name.clone();
             spec.image_id = item.id.clone();
@@ -139,9 +150,11 @@ pub async fn run(
             record(&mut report, order, &item, &spec);
             store.write(&order.group, &spec).await?;
         }
-        Ok::<_, WorkerError>(report)
+        Ok::<_, WorkerError>((report, returned, results.panicked()))
     };
-    let (fed, collected) = tokio::try_join!(feed, collect)?;
+    let ((fed, submitted, stopped), (collected, returned, panicked)) =
+        tokio::try_join!(feed, collect)?;
+    check_pipeline(submitted, returned, panicked, stopped)?;
     let report = WorkerReport {
         succeeded: fed.succeeded + collected.succeeded,
         failed: fed.failed + collected.failed,
@@ -152,6 +165,29 @@ pub async fn run(
         "worker finished"
     );
     Ok(report)
+}
+
+/// Fails the worker when images were lost in the pipeline (fewer outcomes than images
+/// submitted, a thread panicked, or it stopped taking images): they have no result, and
+/// only a failed Job is retried.
+fn check_pipeline(
+    submitted: usize,
+    returned: usize,
+    panicked: usize,
+    stopped: bool,
+) -> Result<(), WorkerError> {
+    if returned >= submitted && panicked == 0 && !stopped {
+        return Ok(());
+    }
+    let lost = submitted.saturating_sub(returned);
+    let mut message = format!("{lost} of {submitted} submitted images got no result");
+    if panicked > 0 {
+        message.push_str(&format!("; {panicked} pipeline thread(s) panicked"));
+    }
+    if stopped {
+        message.push_str("; it stopped taking images before the last one");
+    }
+    Err(WorkerError::Pipeline(message))
 }
 
 fn failed(
@@ -241,4 +277,32 @@ pub fn failure_reason(e: &InferenceError) -> &'static str {
 
 fn round_ms(ms: f64) -> f64 {
     (ms * 10.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_submitted_image_back_and_no_panic_is_fine() {
+        assert!(check_pipeline(0, 0, 0, false).is_ok());
+        assert!(check_pipeline(5, 5, 0, false).is_ok());
+    }
+
+    #[test]
+    fn lost_images_a_panic_or_a_stop_fail_the_worker() {
+        let err = check_pipeline(5, 4, 0, false).unwrap_err();
+        assert!(matches!(err, WorkerError::Pipeline(_)), "{err:?}");
+        assert_eq!(err.category(), "internal");
+        assert!(err.to_string().contains("1 of 5 submitted images"), "{err}");
+
+        let err = check_pipeline(5, 5, 1, false).unwrap_err();
+        assert!(
+            err.to_string().contains("1 pipeline thread(s) panicked"),
+            "{err}"
+        );
+
+        let err = check_pipeline(3, 3, 0, true).unwrap_err();
+        assert!(err.to_string().contains("stopped taking images"), "{err}");
+    }
 }
