@@ -129,10 +129,6 @@ impl EgressGuard {
         }
     }
 
-    pub fn policy(&self) -> &EgressPolicy {
-        &self.policy
-    }
-
     /// Checks what can be checked before connecting: the scheme, and the address when the
     /// host is an IP literal (the HTTP client resolves no such host, so the resolver would
     /// never see it). Host names are checked when they resolve.

@@ -178,11 +178,6 @@ pub struct EgressPolicy {
 }
 
 impl EgressPolicy {
-    /// Only public addresses (the production default).
-    pub fn public_only() -> Self {
-        Self::default()
-    }
-
     /// Public addresses plus loopback (`127.0.0.0/8`, `::1`): the local testbed and `kinsight dev`.
     pub fn allow_loopback() -> Self {
         Self {
