@@ -98,13 +98,13 @@ impl Circuits {
     /// How many circuits are open (or probing), and how many endpoints are disabled.
     pub fn counts(&self) -> (usize, usize) {
         let entries = lock(&self.entries);
-        entries
-            .values()
-            .fold((0, 0), |(open, disabled), e| match e.circuit().health().circuit {
+        entries.values().fold((0, 0), |(open, disabled), e| {
+            match e.circuit().health().circuit {
                 CircuitState::Open | CircuitState::HalfOpen => (open + 1, disabled),
                 CircuitState::Disabled => (open, disabled + 1),
                 CircuitState::Closed => (open, disabled),
-            })
+            }
+        })
     }
 
     /// Waits for a free slot, or says why none will be free for now.
