@@ -13,5 +13,8 @@ fi
 ORT_LIB="$(scripts/setup-onnxruntime.sh)"
 ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(realpath "$ORT_LIB")}"
 export ORT_DYLIB_PATH
+# ONNX Runtime built with CUDA, for tests/execution_provider.rs (no GPU needed).
+KINSIGHT_CUDA_ORT_DYLIB="${KINSIGHT_CUDA_ORT_DYLIB:-$(scripts/fetch-onnxruntime-cuda.sh)}"
+export KINSIGHT_CUDA_ORT_DYLIB
 # Integration tests each start a control plane; two at a time suit a 2-core machine.
 cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-2}" "$@"

@@ -251,7 +251,8 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn")
+                // ONNX Runtime logs every arena extension at info; its warnings stay.
+                tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,ort=warn")
             }),
         )
         .with_writer(std::io::stderr)

@@ -106,7 +106,6 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
             absolute(&ort)?.display().to_string(),
         ));
     }
-    worker_env.push(("RUST_LOG".to_owned(), "info".to_owned()));
     // The sample photos and the demo's webhook receiver are on 127.0.0.1.
     let egress = crate::net::EgressPolicy::allow_loopback();
     let metrics = std::sync::Arc::new(crate::controller::Metrics::default());

@@ -557,9 +557,12 @@ fn create_session(
         (Ok(session), _) => Ok((session, chosen)),
         // `auto` settles for the CPU when the GPU cannot be used after all.
         (Err(e), ExecutionProvider::Auto) if chosen.provider != ExecutionProvider::Cpu => {
-            tracing::warn!(model = %spec.name, error = %e, "CUDA is unusable; using the CPU");
+            // ONNX Runtime's messages can end in a newline; the log keeps one line each.
+            let error = e.to_string();
+            let error = error.trim_end();
+            tracing::warn!(model = %spec.name, error, "CUDA is unusable; using the CPU");
             chosen.provider = ExecutionProvider::Cpu;
-            chosen.fallback = Some(format!("CUDA failed in {}: {e}", runtime_library()));
+            chosen.fallback = Some(format!("CUDA failed in {}: {error}", runtime_library()));
             build_session(
                 environment,
                 spec,
@@ -568,9 +571,19 @@ fn create_session(
                 spin,
             )
             .map(|session| (session, chosen))
-            .map_err(|e| load_error(format!("{}: {e}", spec.model_path.display())))
+            .map_err(|e| {
+                load_error(format!(
+                    "{}: {}",
+                    spec.model_path.display(),
+                    e.to_string().trim_end()
+                ))
+            })
         }
-        (Err(e), _) => Err(load_error(format!("{}: {e}", spec.model_path.display()))),
+        (Err(e), _) => Err(load_error(format!(
+            "{}: {}",
+            spec.model_path.display(),
+            e.to_string().trim_end()
+        ))),
     }
 }
 
