@@ -188,6 +188,8 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
         "every image event reached the recovered endpoint"
     );
     assert_eq!(h.metric("kinsight_webhook_open_circuits"), Some(0.0));
+    // Subscriptions' circuits are kept (their status records them), idle or not.
+    assert_eq!(h.metric("kinsight_webhook_tracked_endpoints"), Some(2.0));
     assert!(
         h.event_reasons("sick")
             .await

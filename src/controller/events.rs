@@ -22,8 +22,8 @@ use crate::crd::{
     set_condition,
 };
 use crate::webhook::{
-    AttemptOutcome, Blocked, EndpointOptions, EventPayload, RetrySchedule, Transition, group_event,
-    image_event,
+    AttemptOutcome, Blocked, EndpointOptions, EventPayload, MEMORY_ONLY, RetrySchedule, Transition,
+    group_event, image_event,
 };
 
 pub const GROUP_COMPLETED: &str = "image_group.completed";
@@ -91,7 +91,7 @@ pub async fn endpoints(
             options: EndpointOptions::default(),
             retry: None,
             circuit_key: request_circuit(namespace, &target.url),
-            generation: 0,
+            generation: MEMORY_ONLY,
             recorded: None,
             object: group.object_ref(&()),
         });
@@ -432,8 +432,9 @@ pub async fn deliver_due(
             }
         }
     }
+    let tracked = ctx.circuits.forget_idle();
     let (open, disabled) = ctx.circuits.counts();
-    ctx.config.metrics.set_circuits(open, disabled);
+    ctx.config.metrics.set_circuits(open, disabled, tracked);
     for (transition, endpoint) in transitions {
         announce(ctx, endpoint, transition).await;
     }

@@ -35,6 +35,8 @@ pub struct Metrics {
     /// Endpoints whose circuit is open (or probing), and endpoints disabled.
     pub open_circuits: Gauge<i64, AtomicI64>,
     pub disabled_endpoints: Gauge<i64, AtomicI64>,
+    /// Endpoints whose circuit the controller holds in memory.
+    pub tracked_endpoints: Gauge<i64, AtomicI64>,
     pending_by_group: Mutex<HashMap<String, i64>>,
 }
 
@@ -83,10 +85,17 @@ impl Default for Metrics {
             "Webhook endpoints disabled after failing for the whole failure window",
             disabled_endpoints.clone(),
         );
+        let tracked_endpoints = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "webhook_tracked_endpoints",
+            "Webhook endpoints whose circuit the controller holds in memory (idle group URLs as good as new are forgotten)",
+            tracked_endpoints.clone(),
+        );
         Self {
             registry,
             open_circuits,
             disabled_endpoints,
+            tracked_endpoints,
             attempts,
             delivery_latency,
             pending,
@@ -103,11 +112,11 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_circuits(&self, open: usize, disabled: usize) {
-        self.open_circuits
-            .set(i64::try_from(open).unwrap_or(i64::MAX));
-        self.disabled_endpoints
-            .set(i64::try_from(disabled).unwrap_or(i64::MAX));
+    pub fn set_circuits(&self, open: usize, disabled: usize, tracked: usize) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.open_circuits.set(gauge(open));
+        self.disabled_endpoints.set(gauge(disabled));
+        self.tracked_endpoints.set(gauge(tracked));
     }
 
     /// Records how many events of one group wait; the gauge is the sum over groups.

@@ -105,6 +105,19 @@ impl Circuit {
         self.in_flight
     }
 
+    /// Whether this circuit behaves exactly like [`Circuit::new`] from `now` on: closed,
+    /// no failure counted, nothing in flight, no pause, every slot. Forgetting such a
+    /// circuit loses nothing.
+    pub fn is_as_new(&self, config: &CircuitConfig, now: Timestamp) -> bool {
+        self.health.circuit == CircuitState::Closed
+            && self.health.consecutive_failures == 0
+            && self.health.failing_since.is_none()
+            && self.in_flight == 0
+            && !self.probe_in_flight
+            && self.paused_until.is_none_or(|t| t <= now)
+            && self.health.concurrency_limit >= config.max_concurrency.max(1)
+    }
+
     /// Takes a slot when an attempt may go now.
     pub fn admit(&mut self, config: &CircuitConfig, now: Timestamp) -> Admission {
         if self.window_exhausted(config, now) {
@@ -459,6 +472,28 @@ mod tests {
         circuit.admit(&c, at(7));
         circuit.record(&c, false, &throttled(Some(429), Some(86400)), at(7));
         assert_eq!(circuit.admit(&c, at(8)), Admission::Wait(at(67)));
+    }
+
+    #[test]
+    fn only_a_circuit_with_nothing_to_remember_is_as_new() {
+        let c = config();
+        let mut circuit = Circuit::new(&c);
+        assert!(circuit.is_as_new(&c, at(0)));
+        circuit.admit(&c, at(0));
+        assert!(!circuit.is_as_new(&c, at(0)), "an attempt is in flight");
+        circuit.admit(&c, at(0));
+        circuit.admit(&c, at(0));
+        circuit.record(&c, false, &throttled(Some(429), Some(5)), at(0));
+        assert!(!circuit.is_as_new(&c, at(0)), "a failure is counted");
+        // Answers to attempts made before the 429 reset the count, not the pause or the
+        // halved limit, until the limit has grown back and the pause is over.
+        circuit.record(&c, false, &OK, at(1));
+        assert_eq!(circuit.health().consecutive_failures, 0);
+        assert!(!circuit.is_as_new(&c, at(1)), "limit 3 of 4");
+        circuit.record(&c, false, &OK, at(1));
+        assert_eq!(circuit.health().concurrency_limit, 4);
+        assert!(!circuit.is_as_new(&c, at(4)), "paused until 5");
+        assert!(circuit.is_as_new(&c, at(5)));
     }
 
     #[test]

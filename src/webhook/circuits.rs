@@ -16,6 +16,10 @@ use crate::crd::{CircuitState, EndpointHealth};
 /// A waiter for a slot looks again at least this often, whatever it was told.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// The generation of a circuit kept only in memory: a group's own webhook URL, which has
+/// no subscription whose status records its health.
+pub const MEMORY_ONLY: i64 = 0;
+
 #[derive(Debug)]
 pub struct Circuits {
     config: CircuitConfig,
@@ -87,6 +91,24 @@ impl Circuits {
         });
         entries.insert(key.to_owned(), endpoint.clone());
         endpoint
+    }
+
+    /// Forgets the memory-only circuits nobody uses that are as good as new, so one circuit
+    /// per URL ever seen does not pile up (request URLs often differ per request); such a
+    /// URL gets a fresh, identical circuit when it is used again. A subscription's circuit
+    /// stays: one made again would resume from its status, which can be up to a health
+    /// sync older than the circuit. Returns how many are left.
+    pub fn forget_idle(&self) -> usize {
+        let now = Timestamp::now();
+        let mut entries = lock(&self.entries);
+        // Under the map's lock a count of 1 means no reconcile or permit holds the
+        // circuit, and none can get it before the lock is released.
+        entries.retain(|_, e| {
+            e.generation != MEMORY_ONLY
+                || Arc::strong_count(e) > 1
+                || !e.circuit().is_as_new(&self.config, now)
+        });
+        entries.len()
     }
 
     /// The endpoint's health as of now, if it has a circuit.
@@ -192,6 +214,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn failed(status: u16) -> AttemptOutcome {
+        AttemptOutcome::Failed {
+            status: Some(status),
+            error: format!("HTTP {status}"),
+            retry_after: None,
+            gone: false,
+        }
+    }
+
     fn circuits(max_concurrency: u32) -> Circuits {
         Circuits::new(CircuitConfig {
             failure_threshold: 2,
@@ -238,6 +269,44 @@ mod tests {
         assert!(c.acquire(&fine).await.is_ok());
         assert_eq!(c.counts(), (1, 0));
         assert_eq!(c.health("ns/sick").map(|h| h.consecutive_failures), Some(2));
+    }
+
+    #[tokio::test]
+    async fn idle_memory_only_circuits_as_good_as_new_are_forgotten() {
+        let c = circuits(2);
+        let fine = c.endpoint("ns/url/https://a.example/1", MEMORY_ONLY, None);
+        c.acquire(&fine)
+            .await
+            .expect("slot")
+            .finish(&AttemptOutcome::Delivered { status: 200 });
+        let failing = c.endpoint("ns/url/https://b.example", MEMORY_ONLY, None);
+        c.acquire(&failing)
+            .await
+            .expect("slot")
+            .finish(&failed(500));
+        let busy = c.endpoint("ns/url/https://c.example", MEMORY_ONLY, None);
+        let permit = c.acquire(&busy).await.expect("slot");
+        let subscription = c.endpoint("ns/subscription/s/uid", 1, None);
+        drop((fine, failing, busy, subscription));
+
+        // Left: the failing URL (its count matters), the one with an attempt in flight,
+        // and the subscription's (resumed from its status, which may lag behind).
+        assert_eq!(c.forget_idle(), 3);
+        assert!(c.health("ns/url/https://a.example/1").is_none());
+        assert_eq!(
+            c.health("ns/url/https://b.example")
+                .map(|h| h.consecutive_failures),
+            Some(1)
+        );
+        permit.finish(&AttemptOutcome::Delivered { status: 200 });
+        assert_eq!(c.forget_idle(), 2);
+        assert!(c.health("ns/url/https://c.example").is_none());
+
+        // A circuit someone holds is never forgotten, whatever its state.
+        let held = c.endpoint("ns/url/https://d.example", MEMORY_ONLY, None);
+        assert_eq!(c.forget_idle(), 3);
+        drop(held);
+        assert_eq!(c.forget_idle(), 2);
     }
 
     #[test]
