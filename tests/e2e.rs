@@ -582,6 +582,35 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
         "the old model's output was kept, not recomputed"
     );
     assert!(coffee_after.outputs.contains_key("image_classification"));
+
+    // The status keeps one record per image (the newest event, all delivered) plus both
+    // group events: updates do not pile copies of every image's record into it.
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    let recorded = groups
+        .get(&group_id)
+        .await
+        .expect("group")
+        .status
+        .expect("status")
+        .deliveries;
+    let mut image_records: Vec<&str> = recorded
+        .iter()
+        .filter_map(|d| d.image_id.as_deref())
+        .collect();
+    image_records.sort_unstable();
+    assert_eq!(image_records, ["cat", "coffee", "rocket"], "{recorded:#?}");
+    let newest: Vec<&str> = of_type(&second, "image.completed")
+        .iter()
+        .map(|e| e.id.as_str())
+        .collect();
+    assert!(
+        recorded
+            .iter()
+            .filter(|d| d.image_id.is_some())
+            .all(|d| newest.contains(&d.id.as_str())),
+        "the records left are those of the update's events"
+    );
+    assert_eq!(recorded.len(), 5, "{recorded:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

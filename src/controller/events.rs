@@ -144,6 +144,13 @@ pub fn plan(
 ) {
     let uid = group.uid().unwrap_or_default();
     let models = &group.spec.models;
+    // Each recorded event's sequence, by id: thousands of deliveries are looked up here
+    // on every reconcile.
+    let mut known: HashMap<String, u64> = status
+        .deliveries
+        .iter()
+        .map(|d| (d.id.clone(), d.sequence))
+        .collect();
     // An image's event is about its results for this set of models: adding models later
     // makes a new event (with all its results), adding images does not repeat old ones.
     let fingerprint = models_fingerprint(models);
@@ -158,7 +165,12 @@ pub fn plan(
             "image.completed"
         };
         let subject = format!("{key}:{fingerprint}");
-        add_event(status, &uid, event, Some(&key), &subject, endpoints, now);
+        let event = NewEvent {
+            event,
+            image_id: Some(&key),
+            subject: &subject,
+        };
+        add_event(status, &mut known, &uid, &event, endpoints, now);
     }
     let is_group_event = |d: &Delivery| d.event == GROUP_COMPLETED || d.event == GROUP_UPDATED;
     let images_settled = status
@@ -177,8 +189,42 @@ pub fn plan(
         } else {
             GROUP_COMPLETED
         };
-        add_event(status, &uid, event, None, &generation, endpoints, now);
+        let event = NewEvent {
+            event,
+            image_id: None,
+            subject: &generation,
+        };
+        add_event(status, &mut known, &uid, &event, endpoints, now);
     }
+    prune_superseded(status);
+}
+
+/// Drops the image events that a newer event about the same image supersedes at the same
+/// endpoint, once they are final (delivered, or failed for good). Adding models makes a
+/// new event per image, with every result; without this, each update would add a copy of
+/// every image's record to a status that etcd caps at 1.5 MiB. Pending ones still go out:
+/// delivery is at least once. Models are only ever added, so a superseded event is never
+/// planned again.
+fn prune_superseded(status: &mut ImageGroupStatus) {
+    let mut newest: HashMap<(&str, &str), u64> = HashMap::new();
+    for d in &status.deliveries {
+        if let Some(image) = d.image_id.as_deref() {
+            let seq = newest.entry((image, d.endpoint.as_str())).or_insert(0);
+            *seq = (*seq).max(d.sequence);
+        }
+    }
+    let keep: Vec<bool> = status
+        .deliveries
+        .iter()
+        .map(|d| {
+            d.state == DeliveryState::Pending
+                || d.image_id.as_deref().is_none_or(|image| {
+                    newest.get(&(image, d.endpoint.as_str())) == Some(&d.sequence)
+                })
+        })
+        .collect();
+    let mut keep = keep.into_iter();
+    status.deliveries.retain(|_| keep.next().unwrap_or(true));
 }
 
 /// The ids the group event of `generation` has (or would have), for every endpoint and
@@ -198,42 +244,43 @@ fn models_fingerprint(models: &[String]) -> String {
     hex::encode(&Sha256::digest(sorted.join(",").as_bytes())[..4])
 }
 
+/// An event about to be recorded: `subject` makes its id (with the group and endpoint).
+struct NewEvent<'a> {
+    event: &'a str,
+    image_id: Option<&'a str>,
+    subject: &'a str,
+}
+
 fn add_event(
     status: &mut ImageGroupStatus,
+    known: &mut HashMap<String, u64>,
     uid: &str,
-    event: &str,
-    image_id: Option<&str>,
-    subject: &str,
+    new: &NewEvent<'_>,
     endpoints: &[Endpoint],
     now: jiff::Timestamp,
 ) {
-    // One event has one sequence number, whichever endpoints it goes to.
     let ids: Vec<String> = endpoints
         .iter()
-        .map(|e| event_id(uid, event, subject, &e.key))
+        .map(|e| event_id(uid, new.event, new.subject, &e.key))
         .collect();
-    let mut sequence = status
-        .deliveries
-        .iter()
-        .find(|d| ids.contains(&d.id))
-        .map(|d| d.sequence);
-    let stopped = status.stopped_endpoints.clone();
-    for endpoint in endpoints
-        .iter()
-        .filter(|e| e.wants(event) && !stopped.contains(&e.key))
-    {
-        let id = event_id(uid, event, subject, &endpoint.key);
-        if status.deliveries.iter().any(|d| d.id == id) {
+    // One event has one sequence number, whichever endpoints it goes to.
+    let mut sequence = ids.iter().find_map(|id| known.get(id).copied());
+    for (endpoint, id) in endpoints.iter().zip(ids) {
+        if !endpoint.wants(new.event)
+            || status.stopped_endpoints.contains(&endpoint.key)
+            || known.contains_key(&id)
+        {
             continue;
         }
         let seq = *sequence.get_or_insert_with(|| {
             status.sequence += 1;
             status.sequence
         });
+        known.insert(id.clone(), seq);
         status.deliveries.push(Delivery {
             id,
-            event: event.to_owned(),
-            image_id: image_id.map(str::to_owned),
+            event: new.event.to_owned(),
+            image_id: new.image_id.map(str::to_owned),
             endpoint: endpoint.key.clone(),
             sequence: seq,
             created_at: now,
@@ -729,5 +776,181 @@ mod tests {
         assert_ne!(a, event_id("uid", "image.completed", "1", "request"));
         assert_ne!(a, event_id("uid", "image.completed", "0", "subscription/x"));
         assert!(a.starts_with("msg_"));
+    }
+
+    fn endpoint(key: &str) -> Endpoint {
+        Endpoint {
+            key: key.to_owned(),
+            url: "https://hooks.example/in".to_owned(),
+            secret: SecretKeyRef {
+                name: "s".to_owned(),
+                key: "k".to_owned(),
+            },
+            event_types: Vec::new(),
+            options: EndpointOptions::default(),
+            retry: None,
+            circuit_key: key.to_owned(),
+            generation: MEMORY_ONLY,
+            recorded: None,
+            object: ObjectReference::default(),
+        }
+    }
+
+    fn group(images: usize, models: &[&str], generation: i64) -> ImageGroup {
+        let spec = crate::crd::ImageGroupSpec {
+            images: (0..images)
+                .map(|i| crate::crd::ImageEntry {
+                    id: Some(format!("img-{i}")),
+                    url: format!("https://photos.example/{i}.jpg"),
+                    metadata: Default::default(),
+                })
+                .collect(),
+            models: models.iter().map(|m| (*m).to_owned()).collect(),
+            webhook: None,
+            metadata: Default::default(),
+        };
+        let mut group = ImageGroup::new("g", spec);
+        group.metadata.uid = Some("uid-1".to_owned());
+        group.metadata.generation = Some(generation);
+        group
+    }
+
+    /// Every image failed to download: a result that covers any set of models.
+    fn results(images: usize) -> HashMap<String, ImageResultSpec> {
+        (0..images)
+            .map(|i| {
+                let result = ImageResultSpec {
+                    group: "g".to_owned(),
+                    image_id: format!("img-{i}"),
+                    failure: Some(crate::crd::ImageFailure {
+                        reason: "DownloadFailed".to_owned(),
+                        message: "HTTP 404".to_owned(),
+                    }),
+                    width: None,
+                    height: None,
+                    outputs: Default::default(),
+                    timings: Default::default(),
+                };
+                (format!("img-{i}"), result)
+            })
+            .collect()
+    }
+
+    fn settle(status: &mut ImageGroupStatus, state: DeliveryState) {
+        for d in &mut status.deliveries {
+            if d.state == DeliveryState::Pending {
+                d.state = state;
+            }
+        }
+    }
+
+    #[test]
+    fn an_update_replaces_final_image_events_and_keeps_pending_ones() {
+        let endpoints = [endpoint("request"), endpoint("subscription/s")];
+        let results = results(2);
+        let now = jiff::Timestamp::now();
+        let mut status = ImageGroupStatus::default();
+        let before = group(2, &["a"], 1);
+        plan(&before, &mut status, &results, &endpoints, false, now);
+        assert_eq!(status.deliveries.len(), 4);
+        // img-0 is done with at both endpoints (delivered, failed for good); img-1 waits.
+        for d in &mut status.deliveries {
+            if d.image_id.as_deref() == Some("img-0") {
+                d.state = if d.endpoint == "request" {
+                    DeliveryState::Delivered
+                } else {
+                    DeliveryState::Failed
+                };
+            }
+        }
+        let old_pending: Vec<String> = status
+            .deliveries
+            .iter()
+            .filter(|d| d.state == DeliveryState::Pending)
+            .map(|d| d.id.clone())
+            .collect();
+
+        let after = group(2, &["a", "b"], 2);
+        plan(&after, &mut status, &results, &endpoints, false, now);
+        // Two new events (one per image) to two endpoints, plus img-1's two old ones,
+        // still pending; img-0's old records are gone.
+        assert_eq!(status.deliveries.len(), 6, "{:#?}", status.deliveries);
+        for id in &old_pending {
+            assert!(status.deliveries.iter().any(|d| &d.id == id), "{id} kept");
+        }
+        let new: Vec<&Delivery> = status
+            .deliveries
+            .iter()
+            .filter(|d| !old_pending.contains(&d.id))
+            .collect();
+        assert_eq!(new.len(), 4);
+        assert!(new.iter().all(|d| d.state == DeliveryState::Pending));
+        // One sequence per event across endpoints, after every earlier one.
+        for image in ["img-0", "img-1"] {
+            let seqs: Vec<u64> = new
+                .iter()
+                .filter(|d| d.image_id.as_deref() == Some(image))
+                .map(|d| d.sequence)
+                .collect();
+            assert_eq!(seqs.len(), 2);
+            assert_eq!(seqs[0], seqs[1]);
+            assert!(seqs[0] > 2, "{seqs:?}");
+        }
+
+        // Planning again adds and drops nothing.
+        let planned = status.clone();
+        plan(&after, &mut status, &results, &endpoints, false, now);
+        assert_eq!(status, planned);
+    }
+
+    #[test]
+    fn group_events_survive_pruning_so_an_update_is_announced_as_one() {
+        let endpoints = [endpoint("request")];
+        let results = results(3);
+        let now = jiff::Timestamp::now();
+        let mut status = ImageGroupStatus::default();
+        let first = group(3, &["a"], 1);
+        plan(&first, &mut status, &results, &endpoints, true, now);
+        settle(&mut status, DeliveryState::Delivered);
+        plan(&first, &mut status, &results, &endpoints, true, now);
+        let events = |s: &ImageGroupStatus, name: &str| {
+            s.deliveries.iter().filter(|d| d.event == name).count()
+        };
+        assert_eq!(events(&status, GROUP_COMPLETED), 1);
+        settle(&mut status, DeliveryState::Delivered);
+
+        let second = group(3, &["a", "b"], 2);
+        plan(&second, &mut status, &results, &endpoints, true, now);
+        settle(&mut status, DeliveryState::Delivered);
+        plan(&second, &mut status, &results, &endpoints, true, now);
+        // Only the newest event per image is left; both group events are.
+        assert_eq!(
+            events(&status, "image.failed"),
+            3,
+            "{:#?}",
+            status.deliveries
+        );
+        assert_eq!(events(&status, GROUP_COMPLETED), 1);
+        assert_eq!(events(&status, GROUP_UPDATED), 1);
+    }
+
+    #[test]
+    fn repeated_updates_do_not_grow_the_status() {
+        let endpoints = [endpoint("request"), endpoint("subscription/s")];
+        let results = results(200);
+        let now = jiff::Timestamp::now();
+        let mut status = ImageGroupStatus::default();
+        let mut models = vec!["m0".to_owned()];
+        for generation in 1..=5 {
+            let refs: Vec<&str> = models.iter().map(String::as_str).collect();
+            let g = group(200, &refs, generation);
+            plan(&g, &mut status, &results, &endpoints, true, now);
+            settle(&mut status, DeliveryState::Delivered);
+            plan(&g, &mut status, &results, &endpoints, true, now);
+            settle(&mut status, DeliveryState::Delivered);
+            models.push(format!("m{generation}"));
+        }
+        // 200 images x 2 endpoints, plus one group event per generation and endpoint.
+        assert_eq!(status.deliveries.len(), 200 * 2 + 5 * 2);
     }
 }
