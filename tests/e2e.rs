@@ -15,6 +15,18 @@ use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// Creates a group through the REST API with the harness's webhook URL; returns its id.
+async fn post_group(h: &Harness, images: serde_json::Value, models: &[&str]) -> String {
+    let (status, body) = h
+        .post(
+            "/v1/image-groups",
+            json!({ "images": images, "models": models, "webhookUrl": h.hook_url }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    body["id"].as_str().expect("id").to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_image_and_group_end_to_end() {
     let mut h = Harness::start("tenant-e2e").await;
@@ -476,20 +488,69 @@ async fn controller_restart_loses_no_event_and_duplicates_no_job() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_worker_job_fails_its_images_with_a_reason() {
+    // Workers that cannot load ONNX Runtime exit with an error; no retries.
+    let mut h = Harness::start_configured("tenant-broken", |c| {
+        c.worker_env = vec![(
+            "ORT_DYLIB_PATH".into(),
+            "/nonexistent/libonnxruntime.so".into(),
+        )];
+        c.worker_backoff_limit = 0;
+    })
+    .await;
+    let images = json!([{ "id": "coffee", "url": h.photo_url("coffee.png") }, { "id": "rocket", "url": h.photo_url("rocket.jpg") }]);
+    let group_id = post_group(&h, images, &["image_classification"]).await;
+    let events = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+        .await;
+
+    let mut failed: Vec<(String, String)> = of_type(&events, "image.failed")
+        .iter()
+        .map(|e| {
+            let data = &e.payload["data"];
+            (
+                data["imageId"].as_str().unwrap_or_default().to_owned(),
+                data["failure"]["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    failed.sort();
+    failed.dedup();
+    assert_eq!(
+        failed,
+        [
+            ("coffee".to_owned(), "WorkerFailed".to_owned()),
+            ("rocket".to_owned(), "WorkerFailed".to_owned())
+        ]
+    );
+    assert!(of_type(&events, "image.completed").is_empty());
+    let group = &of_type(&events, "image_group.completed")[0].payload["data"];
+    assert_eq!(
+        (group["imagesDone"].as_u64(), group["imagesFailed"].as_u64()),
+        (Some(2), Some(2)),
+        "{group}"
+    );
+
+    // Polling says the same, image by image.
+    let (code, polled) = h.get(&format!("/v1/image-groups/{group_id}")).await;
+    assert_eq!(code, 200, "{polled}");
+    let images = polled["images"].as_array().expect("images");
+    assert_eq!(images.len(), 2, "{polled}");
+    for image in images {
+        assert_eq!(image["failure"]["reason"], "WorkerFailed", "{image}");
+    }
+    let jobs = common::jobs_of(&h.client, &h.namespace, &group_id).await;
+    assert_eq!(jobs.len(), 1, "no second Job for failed images");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_images_and_models_reruns_only_what_is_new() {
     let mut h = Harness::start("tenant-update").await;
-    let (status, body) = h
-        .post(
-            "/v1/image-groups",
-            json!({
-                "images": [{ "id": "coffee", "url": h.photo_url("coffee.png") }, { "id": "rocket", "url": h.photo_url("rocket.jpg") }],
-                "models": ["object_detection"],
-                "webhookUrl": h.hook_url
-            }),
-        )
-        .await;
-    assert_eq!(status, 202, "{body}");
-    let group_id = body["id"].as_str().expect("id").to_owned();
+    let images = json!([{ "id": "coffee", "url": h.photo_url("coffee.png") }, { "id": "rocket", "url": h.photo_url("rocket.jpg") }]);
+    let group_id = post_group(&h, images, &["object_detection"]).await;
     let first = h
         .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
         .await;
@@ -611,6 +672,74 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
         "the records left are those of the update's events"
     );
     assert_eq!(recorded.len(), 5, "{recorded:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_added_while_a_job_runs_go_to_one_new_job_that_supersedes_it() {
+    let mut h = Harness::start("tenant-supersede").await;
+    // A photo that takes 4 s to arrive keeps the first Job busy.
+    let photo =
+        std::fs::read(common::repo_path("tests/fixtures/images/coffee.png")).expect("photo");
+    let slow = axum::Router::new().route(
+        "/slow.png",
+        axum::routing::get(move || {
+            let photo = photo.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                ([("content-type", "image/png")], photo)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let slow_url = format!("http://{}/slow.png", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, slow).await });
+
+    let images = json!([{ "id": "quick", "url": h.photo_url("rocket.jpg") }, { "id": "slow", "url": slow_url }]);
+    let group_id = post_group(&h, images, &["image_classification"]).await;
+    // The first Job is mid-way: one image done, the slow one still downloading.
+    let mut events = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image.completed").is_empty())
+        .await;
+    let response = reqwest::Client::new()
+        .patch(format!("{}/v1/image-groups/{group_id}", h.api_url))
+        .bearer_auth(&h.api_key)
+        .json(&json!({ "addImages": [{ "id": "added", "url": h.photo_url("coffee.png") }] }))
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(response.status(), 202);
+
+    let first_job = format!("{group_id}-g1");
+    eventually("the first Job is stopped", LIMIT, async || {
+        common::jobs_of(&h.client, &h.namespace, &group_id)
+            .await
+            .iter()
+            .all(|j| j.metadata.name.as_deref() != Some(first_job.as_str()))
+    })
+    .await;
+    events.extend(
+        h.collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+            .await,
+    );
+    let mut images: Vec<&str> = of_type(&events, "image.completed")
+        .iter()
+        .filter_map(|e| e.payload["data"]["imageId"].as_str())
+        .collect();
+    images.sort_unstable();
+    images.dedup();
+    assert_eq!(images, ["added", "quick", "slow"], "every image once done");
+    let jobs = common::jobs_of(&h.client, &h.namespace, &group_id).await;
+    let names: Vec<&str> = jobs
+        .iter()
+        .filter_map(|j| j.metadata.name.as_deref())
+        .collect();
+    assert_eq!(
+        names,
+        [format!("{group_id}-g2")],
+        "only the new Job is left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -253,6 +253,7 @@ async fn chart_installs_into_a_real_cluster() {
         ("kinsight.io", "imageresults", "", "create"),
         ("batch", "jobs", "", "create"),
         ("batch", "jobs", "", "watch"),
+        ("batch", "jobs", "", "delete"),
         ("", "secrets", "", "get"),
         ("", "configmaps", "", "patch"),
         ("", "serviceaccounts", "", "patch"),

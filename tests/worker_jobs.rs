@@ -247,16 +247,24 @@ async fn gpu_job_end_to_end() {
     assert_eq!(pod_spec.tolerations, Some(vec![expected_toleration]));
     assert_eq!(pod_spec.runtime_class_name.as_deref(), Some(RUNTIME_CLASS));
 
-    // The worker says where the model ran: no CUDA here, so the CPU, and why.
-    let pods = Api::<Pod>::namespaced(h.client.clone(), &h.namespace)
-        .list(&ListParams::default().labels("kinsight.io/group=gpu-group"))
-        .await
-        .expect("pods")
-        .items;
-    let pod = pods
-        .iter()
-        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
-        .expect("a worker pod that succeeded");
+    // The worker says where the model ran: no CUDA here, so the CPU, and why. Its results
+    // are written before it exits, so the pod may still be finishing.
+    let succeeded = async || {
+        Api::<Pod>::namespaced(h.client.clone(), &h.namespace)
+            .list(&ListParams::default().labels("kinsight.io/group=gpu-group"))
+            .await
+            .expect("pods")
+            .items
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+    };
+    common::eventually(
+        "the worker pod succeeds",
+        Duration::from_secs(30),
+        async || succeeded().await.is_some(),
+    )
+    .await;
+    let pod = succeeded().await.expect("a worker pod that succeeded");
     let log = h.pod_log(pod.metadata.name.as_deref().unwrap_or_default());
     let line = log
         .lines()

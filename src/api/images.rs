@@ -22,7 +22,7 @@ use super::{AppState, MAX_BODY_BYTES};
 use crate::crd::{
     ImageEntry, ImageGroup, ImageGroupSpec, ImageResultSpec, SecretKeyRef, WebhookTarget,
 };
-use crate::results::ResultStore;
+use crate::results::{Freshness, ResultStore};
 
 const SINGLE_IMAGE_ID: &str = "image";
 
@@ -298,8 +298,10 @@ async fn load(
 ) -> Result<(ImageGroup, HashMap<String, ImageResultSpec>), ApiError> {
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
     let group = find_group(&api, id, what).await?;
+    // Latest: a client polling after a webhook must find every result the group's
+    // (quorum-read) status counts.
     let results = ResultStore::new(state.client.clone())
-        .list(&tenant.namespace, &group.name_any())
+        .list(&tenant.namespace, &group.name_any(), Freshness::Latest)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?
         .into_iter()

@@ -20,7 +20,7 @@ use crate::crd::{
     ConditionStatus, DeliveryState, GroupPhase, ImageFailure, ImageGroup, ImageGroupStatus,
     ImageResultSpec, Timings, set_condition,
 };
-use crate::results::GroupRef;
+use crate::results::{Freshness, GroupRef};
 use crate::worker::{WorkItem, WorkOrder};
 
 pub async fn reconcile(
@@ -81,13 +81,7 @@ pub async fn reconcile(
         name: name.clone(),
         uid,
     };
-    let results: HashMap<String, ImageResultSpec> = ctx
-        .results
-        .list(&namespace, &name)
-        .await?
-        .into_iter()
-        .map(|r| (r.image_id.clone(), r))
-        .collect();
+    let results = results_by_image(&ctx, &group_ref, Freshness::Cached).await?;
     let models = &group.spec.models;
     // Only what is new runs: images without a result, and models an image has not seen.
     let pending: Vec<WorkItem> = group
@@ -248,6 +242,7 @@ async fn ensure_worker_job(
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(e.into()),
         }
+        stop_superseded_jobs(&jobs, &status.jobs).await?;
         status.jobs.push(name);
         return Ok(());
     }
@@ -255,6 +250,13 @@ async fn ensure_worker_job(
         return Ok(());
     };
     if let Some(succeeded) = finished(&job) {
+        // The watch cache may not have the worker's last writes yet: a quorum read decides
+        // which images really have no result, so none is ever overwritten by a failure.
+        let stored = results_by_image(ctx, group_ref, Freshness::Latest).await?;
+        let models = &group.spec.models;
+        let missing = pending
+            .iter()
+            .filter(|item| !stored.get(&item.id).is_some_and(|r| r.covers(models)));
         let (reason, message) = if succeeded {
             (
                 "NoResult",
@@ -266,7 +268,7 @@ async fn ensure_worker_job(
                 "the worker job failed before processing this image",
             )
         };
-        for item in pending {
+        for item in missing {
             let failure = ImageResultSpec {
                 group: group_ref.name.clone(),
                 image_id: item.id.clone(),
@@ -283,6 +285,43 @@ async fn ensure_worker_job(
         }
     }
     Ok(())
+}
+
+/// Stops the Jobs of earlier generations that are still running. The new Job has every
+/// image without a result for the current models, theirs included, so they would only do
+/// the same work twice; what they already wrote stays.
+async fn stop_superseded_jobs(jobs: &Api<Job>, earlier: &[String]) -> Result<(), ControllerError> {
+    for name in earlier {
+        let Some(job) = jobs.get_opt(name).await? else {
+            continue;
+        };
+        if finished(&job).is_some() {
+            continue;
+        }
+        // Background propagation: the garbage collector deletes its pods.
+        match jobs.delete(name, &DeleteParams::background()).await {
+            Ok(_) => tracing::info!(job = %name, "stopped a superseded worker job"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The group's stored results, by image id.
+async fn results_by_image(
+    ctx: &Context,
+    group: &GroupRef,
+    freshness: Freshness,
+) -> Result<HashMap<String, ImageResultSpec>, ControllerError> {
+    let results = ctx
+        .results
+        .list(&group.namespace, &group.name, freshness)
+        .await?;
+    Ok(results
+        .into_iter()
+        .map(|r| (r.image_id.clone(), r))
+        .collect())
 }
 
 /// The worker's identity and the catalog it reads, in the group's namespace.

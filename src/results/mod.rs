@@ -36,6 +36,18 @@ pub struct GroupRef {
     pub uid: String,
 }
 
+/// How fresh a read of results must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// From the API server's watch cache (`resourceVersion=0`): no etcd read, and no
+    /// decoding of every result in the namespace. It may trail the latest writes a little
+    /// (more with several API servers), which only delays what a reconcile sees: results
+    /// are only ever added to, and each write triggers a reconcile of its own.
+    Cached,
+    /// A quorum read: for decisions that must not miss a result just written.
+    Latest,
+}
+
 #[derive(Clone)]
 pub struct ResultStore {
     client: Client,
@@ -97,13 +109,16 @@ impl ResultStore {
         &self,
         namespace: &str,
         group: &str,
+        freshness: Freshness,
     ) -> Result<Vec<ImageResultSpec>, ResultsError> {
         let api: Api<ImageResult> = Api::namespaced(self.client.clone(), namespace);
         let selector = format!("{GROUP_LABEL}={}", label_value(group));
-        let list = api
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(ResultsError::Unavailable)?;
+        let params = ListParams::default().labels(&selector);
+        let params = match freshness {
+            Freshness::Cached => params.match_any(),
+            Freshness::Latest => params,
+        };
+        let list = api.list(&params).await.map_err(ResultsError::Unavailable)?;
         Ok(list
             .items
             .into_iter()
