@@ -337,6 +337,9 @@ enum Attempted {
     NextRound,
 }
 
+/// How long an image event whose results this reconcile cannot see waits to look again.
+const STALE_RESULTS_WAIT: jiff::SignedDuration = jiff::SignedDuration::from_secs(1);
+
 /// Signing keys and body of a delivery, or why it can't be sent.
 type Prepared = Result<(Vec<String>, String), String>;
 /// A delivery's index in status, what became of it, and the circuit change it caused.
@@ -362,6 +365,17 @@ pub async fn deliver_due(
         let is_due = delivery.state == DeliveryState::Pending
             && delivery.next_attempt_at.as_ref().is_none_or(|t| *t <= now);
         if !is_due {
+            continue;
+        }
+        // A cached read of results may trail the one the event was planned from (another
+        // API server, a new leader): never send an image event without its result.
+        let stale = delivery
+            .image_id
+            .as_ref()
+            .is_some_and(|image| !results.contains_key(image));
+        if stale {
+            let later = now + STALE_RESULTS_WAIT;
+            outcomes.push((index, Attempted::Deferred(later), None));
             continue;
         }
         let Some(e) = endpoints.iter().position(|e| e.key == delivery.endpoint) else {
@@ -932,6 +946,54 @@ mod tests {
         );
         assert_eq!(events(&status, GROUP_COMPLETED), 1);
         assert_eq!(events(&status, GROUP_UPDATED), 1);
+    }
+
+    /// A context whose API server refuses every connection (nothing listens on port 1).
+    fn offline_context() -> Context {
+        crate::install_crypto_provider();
+        let config = kube::Config::new("http://127.0.0.1:1".parse().expect("URL"));
+        let client = kube::Client::try_from(config).expect("client");
+        let controller = super::super::ControllerConfig::default();
+        Context {
+            recorder: kube::runtime::events::Recorder::new(client.clone(), "test".into()),
+            results: crate::results::ResultStore::new(client.clone()),
+            sender: crate::webhook::Sender::new(
+                &controller.sender,
+                crate::net::EgressGuard::new(controller.egress.clone()),
+            )
+            .expect("sender"),
+            circuits: crate::webhook::Circuits::new(controller.circuit.clone()),
+            client,
+            config: controller,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_image_event_waits_while_its_result_cannot_be_seen() {
+        let ctx = offline_context();
+        let endpoints = [endpoint("request")];
+        let g = group(1, &["a"], 1);
+        let mut status = ImageGroupStatus::default();
+        let now = jiff::Timestamp::now();
+        plan(&g, &mut status, &results(1), &endpoints, false, now);
+        assert_eq!(status.deliveries.len(), 1);
+
+        // A read that trails the one the event was planned from: no result for img-0.
+        deliver_due(&ctx, &g, &mut status, &HashMap::new(), &endpoints).await;
+        let d = &status.deliveries[0];
+        assert_eq!((d.state, d.attempts), (DeliveryState::Pending, 0));
+        let wait = d
+            .next_attempt_at
+            .map(|t| t.duration_since(now))
+            .expect("a time to look again");
+        assert!(wait > jiff::SignedDuration::ZERO, "{wait:?}");
+        assert!(wait <= jiff::SignedDuration::from_secs(2), "{wait:?}");
+
+        // With its result in view it goes (and fails here: the signing secret cannot be
+        // read), counting an attempt.
+        status.deliveries[0].next_attempt_at = None;
+        deliver_due(&ctx, &g, &mut status, &results(1), &endpoints).await;
+        assert_eq!(status.deliveries[0].attempts, 1, "{:#?}", status.deliveries);
     }
 
     #[test]

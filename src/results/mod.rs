@@ -40,9 +40,12 @@ pub struct GroupRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Freshness {
     /// From the API server's watch cache (`resourceVersion=0`): no etcd read, and no
-    /// decoding of every result in the namespace. It may trail the latest writes a little
-    /// (more with several API servers), which only delays what a reconcile sees: results
-    /// are only ever added to, and each write triggers a reconcile of its own.
+    /// decoding of every result in the namespace. It may trail the latest writes a little,
+    /// which only delays what a reconcile sees: results are only ever added to, and each
+    /// write triggers a reconcile of its own. With several API servers a later read can
+    /// even be older than an earlier one; callers must not act on what a read lacks.
+    /// (`NotOlderThan` an earlier list's version would prevent that, but a 1.20 watch cache
+    /// only advances with events of its own resource, so such reads can stall.)
     Cached,
     /// A quorum read: for decisions that must not miss a result just written.
     Latest,
