@@ -14,7 +14,9 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::job::{build_job, catalog_config_map, finished, job_name, worker_rbac};
+use super::job::{
+    build_job, catalog_config_map, finished, job_name, work_order_config_map, worker_rbac,
+};
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events};
 use crate::crd::{
     ConditionStatus, DeliveryState, GroupPhase, ImageFailure, ImageGroup, ImageGroupStatus,
@@ -233,6 +235,15 @@ async fn ensure_worker_job(
             models: group.spec.models.clone(),
             images: pending.to_vec(),
         };
+        // The order first: the Job's pod mounts it.
+        let config_map = work_order_config_map(group, &name, &order)?;
+        Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&config_map),
+            )
+            .await?;
         let job = build_job(group, &name, &order, &ctx.config)?;
         match jobs.create(&PostParams::default(), &job).await {
             Ok(_) => {

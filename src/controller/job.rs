@@ -23,7 +23,7 @@ use super::ControllerConfig;
 use crate::crd::{GROUP, GROUP_LABEL, ImageGroup};
 use crate::inference::{Catalog, ExecutionProvider};
 use crate::results::label_value;
-use crate::worker::{WORK_ORDER_ENV, WorkOrder};
+use crate::worker::{WORK_ORDER_FILE_ENV, WORK_ORDER_KEY, WORK_ORDER_MOUNT_PATH, WorkOrder};
 
 const EGRESS_ENV: &str = "KINSIGHT_ALLOW_EGRESS";
 const CATALOG_ENV: &str = "KINSIGHT_CATALOG";
@@ -39,6 +39,7 @@ pub const CATALOG_MOUNT_PATH: &str = "/etc/kinsight/catalog";
 /// with it, so a changed catalog is visible on the Jobs that ran with the old one.
 pub const CATALOG_HASH_ANNOTATION: &str = "kinsight.io/catalog-sha256";
 const CATALOG_VOLUME: &str = "catalog";
+const WORK_ORDER_VOLUME: &str = "work-order";
 const MODELS_VOLUME: &str = "models";
 
 /// The catalog the controller hands to its workers.
@@ -190,9 +191,10 @@ pub fn build_job(
             .flat_map(|item| item.models(order))
             .any(|m| c.gpu_models.contains(m))
     });
+    // The order itself is in the ConfigMap of the Job's name ([`work_order_config_map`]).
     let mut env = vec![EnvVar {
-        name: WORK_ORDER_ENV.to_owned(),
-        value: Some(serde_json::to_string(order)?),
+        name: WORK_ORDER_FILE_ENV.to_owned(),
+        value: Some(format!("{WORK_ORDER_MOUNT_PATH}/{WORK_ORDER_KEY}")),
         value_from: None,
     }];
     // Set here unless the operator's `worker_env` names it: an explicit setting wins.
@@ -240,22 +242,19 @@ pub fn build_job(
     } else {
         ExecutionProvider::Cpu
     };
-    let mut volumes = Vec::new();
-    let mut mounts = Vec::new();
+    let mut volumes = vec![config_map_volume(WORK_ORDER_VOLUME, name, WORK_ORDER_KEY)];
+    let mut mounts = vec![VolumeMount {
+        name: WORK_ORDER_VOLUME.to_owned(),
+        mount_path: WORK_ORDER_MOUNT_PATH.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
     if let Some(catalog) = catalog {
-        volumes.push(Volume {
-            name: CATALOG_VOLUME.to_owned(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: CATALOG_CONFIG_MAP.to_owned(),
-                items: Some(vec![KeyToPath {
-                    key: CATALOG_KEY.to_owned(),
-                    path: CATALOG_KEY.to_owned(),
-                    mode: None,
-                }]),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        volumes.push(config_map_volume(
+            CATALOG_VOLUME,
+            CATALOG_CONFIG_MAP,
+            CATALOG_KEY,
+        ));
         mounts.push(VolumeMount {
             name: CATALOG_VOLUME.to_owned(),
             mount_path: CATALOG_MOUNT_PATH.to_owned(),
@@ -272,11 +271,6 @@ pub fn build_job(
             });
         }
     }
-    let (volumes, mounts) = if volumes.is_empty() {
-        (None, None)
-    } else {
-        (Some(volumes), Some(mounts))
-    };
     let annotations =
         catalog.map(|c| BTreeMap::from([(CATALOG_HASH_ANNOTATION.to_owned(), c.sha256())]));
     let non_empty = |m: &BTreeMap<String, String>| (!m.is_empty()).then(|| m.clone());
@@ -310,10 +304,10 @@ pub fn build_job(
                         ]),
                         env: Some(env),
                         resources: Some(resources),
-                        volume_mounts: mounts,
+                        volume_mounts: Some(mounts),
                         ..Container::default()
                     }],
-                    volumes,
+                    volumes: Some(volumes),
                     node_selector: wants_gpu.then(|| non_empty(&gpu.node_selector)).flatten(),
                     tolerations: (wants_gpu && !gpu.tolerations.is_empty())
                         .then(|| gpu.tolerations.clone()),
@@ -324,6 +318,46 @@ pub fn build_job(
             ..JobSpec::default()
         }),
         status: None,
+    })
+}
+
+/// A volume of one key of a ConfigMap.
+fn config_map_volume(volume: &str, config_map: &str, key: &str) -> Volume {
+    Volume {
+        name: volume.to_owned(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map.to_owned(),
+            items: Some(vec![KeyToPath {
+                key: key.to_owned(),
+                path: key.to_owned(),
+                mode: None,
+            }]),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+/// The work order of the Job `name`, under the same name: made before the Job (its pod
+/// mounts it) and owned by the group, so it goes when the group goes.
+pub fn work_order_config_map(
+    group: &ImageGroup,
+    name: &str,
+    order: &WorkOrder,
+) -> Result<ConfigMap, serde_json::Error> {
+    Ok(ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: group.namespace(),
+            labels: Some(labels(&group.name_any())),
+            owner_references: group.controller_owner_ref(&()).map(|r| vec![r]),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            WORK_ORDER_KEY.to_owned(),
+            serde_json::to_string(order)?,
+        )])),
+        ..ConfigMap::default()
     })
 }
 
@@ -487,6 +521,45 @@ mod tests {
         )
     }
 
+    /// The ConfigMap behind the volume `name`, its one key, and the file the worker reads
+    /// it from (mounted read-only).
+    fn config_map_mount(pod: &PodSpec, name: &str) -> (String, String, String) {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("no volume {name}"));
+        let source = volume.config_map.as_ref().expect("a configMap volume");
+        let item = &source.items.as_ref().expect("items")[0];
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} is not mounted"));
+        assert_eq!(mount.read_only, Some(true));
+        let file = format!("{}/{}", mount.mount_path, item.path);
+        (source.name.clone(), item.key.clone(), file)
+    }
+
+    #[test]
+    fn the_work_order_configmap_holds_the_order_and_goes_with_the_group() {
+        let order = order(&["object_detection"]);
+        let group = group(&["object_detection"]);
+        let map = work_order_config_map(&group, "listing-42-g1", &order).expect("map");
+        assert_eq!(map.metadata.name.as_deref(), Some("listing-42-g1"));
+        assert_eq!(map.metadata.namespace.as_deref(), Some("tenant-a"));
+        let owner = &map.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("ImageGroup", "uid-1")
+        );
+        let text = &map.data.as_ref().expect("data")["order.json"];
+        let read: WorkOrder = serde_json::from_str(text).expect("an order");
+        assert_eq!(read, order);
+    }
+
     fn env_of(container: &Container) -> BTreeMap<String, String> {
         container
             .env
@@ -551,20 +624,22 @@ mod tests {
         assert_eq!(pod.runtime_class_name, None);
 
         // The catalog: the namespace's ConfigMap, mounted, named by KINSIGHT_CATALOG.
-        let volume = &pod.volumes.as_ref().expect("volumes")[0];
-        let source = volume.config_map.as_ref().expect("a configMap volume");
-        assert_eq!(source.name, CATALOG_CONFIG_MAP);
-        let mount = &worker.volume_mounts.as_ref().expect("mounts")[0];
-        assert_eq!(mount.name, volume.name);
-        assert_eq!(mount.mount_path, "/etc/kinsight/catalog");
-        assert_eq!(mount.read_only, Some(true));
+        let (catalog_map, catalog_key, catalog_file) = config_map_mount(&pod, "catalog");
+        assert_eq!(catalog_map, CATALOG_CONFIG_MAP);
+        assert_eq!(catalog_key, CATALOG_KEY);
         let env = env_of(worker);
-        assert_eq!(
-            env["KINSIGHT_CATALOG"],
-            "/etc/kinsight/catalog/catalog.yaml"
-        );
+        assert_eq!(env["KINSIGHT_CATALOG"], catalog_file);
+        assert_eq!(catalog_file, "/etc/kinsight/catalog/catalog.yaml");
         assert_eq!(env["KINSIGHT_MODELS_DIR"], "/opt/kinsight/models");
-        assert!(env.contains_key(WORK_ORDER_ENV));
+        // The work order: the Job's own ConfigMap, mounted, named by its file variable;
+        // never inline (a long one would keep the process from starting).
+        let (order_map, order_key, order_file) = config_map_mount(&pod, "work-order");
+        assert_eq!(
+            (order_map.as_str(), order_key.as_str()),
+            ("listing-42-g1", "order.json")
+        );
+        assert_eq!(env["KINSIGHT_WORK_ORDER_FILE"], order_file);
+        assert!(!env.contains_key("KINSIGHT_WORK_ORDER"));
         let hash = hex::encode(Sha256::digest(CATALOG_YAML.as_bytes()));
         assert_eq!(
             annotations
@@ -575,7 +650,7 @@ mod tests {
 
         // The ConfigMap the mount reads holds that very catalog.
         let cm = catalog_config_map("tenant-a", config.worker_catalog.as_ref().expect("catalog"));
-        assert_eq!(cm.metadata.name.as_deref(), Some(source.name.as_str()));
+        assert_eq!(cm.metadata.name.as_deref(), Some(catalog_map.as_str()));
         assert_eq!(cm.metadata.namespace.as_deref(), Some("tenant-a"));
         assert_eq!(
             cm.data
@@ -583,12 +658,6 @@ mod tests {
                 .and_then(|d| d.get(CATALOG_KEY))
                 .map(String::as_str),
             Some(CATALOG_YAML)
-        );
-        let item = &source.items.as_ref().expect("items")[0];
-        assert_eq!(item.key, CATALOG_KEY);
-        assert_eq!(
-            format!("{}/{}", mount.mount_path, item.path),
-            env["KINSIGHT_CATALOG"]
         );
         assert_eq!(
             cm.metadata
@@ -688,8 +757,13 @@ mod tests {
         // Without a published catalog the worker uses its image's, and nothing is a GPU model.
         config.worker_catalog = None;
         let (pod, annotations) = job_for(&["big_detector"], &config);
-        assert_eq!(pod.volumes, None);
-        assert_eq!(pod.containers[0].volume_mounts, None);
+        let volumes: Vec<&str> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(volumes, ["work-order"]);
         assert!(!env_of(&pod.containers[0]).contains_key("KINSIGHT_CATALOG"));
         assert_eq!(annotations, None);
         assert_eq!(pod.runtime_class_name, None);

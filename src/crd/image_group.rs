@@ -14,6 +14,9 @@ pub const MAX_METADATA_KEYS: usize = 50;
 pub const MAX_METADATA_KEY_LEN: usize = 40;
 pub const MAX_METADATA_VALUE_LEN: usize = 500;
 pub const MAX_URL_LEN: usize = 2048;
+/// All of a group's image URLs together, at most: the worker Job's work order (a ConfigMap,
+/// at most 1 MiB) carries them, with ids and model names.
+pub const MAX_GROUP_URL_BYTES: usize = 768 * 1024;
 
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -289,6 +292,14 @@ impl ImageGroupSpec {
             validate_http_url(&format!("images[{i}].url"), &image.url)?;
             validate_metadata(&format!("images[{i}].metadata"), &image.metadata)?;
         }
+        let url_bytes: usize = self.images.iter().map(|i| i.url.len()).sum();
+        if url_bytes > MAX_GROUP_URL_BYTES {
+            return Err(format!(
+                "images: the URLs add up to {} KiB, at most {} KiB per group; split the images into several groups",
+                url_bytes.div_ceil(1024),
+                MAX_GROUP_URL_BYTES / 1024
+            ));
+        }
         if let Some(webhook) = &self.webhook {
             validate_http_url("webhook.url", &webhook.url)?;
         }
@@ -448,5 +459,18 @@ mod tests {
         assert!(spec(&[]).validate(&known()).is_err());
         s = spec(&["not a url"]);
         assert!(s.validate(&known()).is_err());
+    }
+
+    #[test]
+    fn a_group_whose_urls_would_not_fit_its_work_order_is_refused() {
+        let long = format!("https://cdn.example/photo.jpg?sig={}", "s".repeat(1990));
+        let fits = vec![long.as_str(); MAX_GROUP_URL_BYTES / long.len()];
+        assert_eq!(spec(&fits).validate(&known()), Ok(()));
+        let too_many = vec![long.as_str(); MAX_GROUP_URL_BYTES / long.len() + 1];
+        let err = spec(&too_many).validate(&known()).unwrap_err();
+        assert!(
+            err.starts_with("images: the URLs add up to 769 KiB, at most 768 KiB"),
+            "{err}"
+        );
     }
 }

@@ -7,7 +7,9 @@ mod fetch;
 mod order;
 
 pub use fetch::{FetchConfig, FetchError, Fetcher};
-pub use order::{WORK_ORDER_ENV, WorkItem, WorkOrder};
+pub use order::{
+    WORK_ORDER_ENV, WORK_ORDER_FILE_ENV, WORK_ORDER_KEY, WORK_ORDER_MOUNT_PATH, WorkItem, WorkOrder,
+};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -67,13 +69,9 @@ pub struct WorkerReport {
     pub failed: usize,
 }
 
-/// Reads the work order from `KINSIGHT_WORK_ORDER`.
+/// Reads the work order the Job's pod was given.
 pub fn order_from_env() -> Result<WorkOrder, WorkerError> {
-    let text = std::env::var(WORK_ORDER_ENV)
-        .map_err(|_| WorkerError::WorkOrder(format!("{WORK_ORDER_ENV} is not set")))?;
-    serde_json::from_str(&text).map_err(|e| {
-        WorkerError::WorkOrder(format!("{WORK_ORDER_ENV} is not a valid work order: {e}"))
-    })
+    WorkOrder::from_env().map_err(WorkerError::WorkOrder)
 }
 
 pub async fn run(
