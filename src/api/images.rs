@@ -298,16 +298,40 @@ async fn load(
 ) -> Result<(ImageGroup, HashMap<String, ImageResultSpec>), ApiError> {
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
     let group = find_group(&api, id, what).await?;
-    // Latest: a client polling after a webhook must find every result the group's
-    // (quorum-read) status counts.
-    let results = ResultStore::new(state.client.clone())
-        .list(&tenant.namespace, &group.name_any(), Freshness::Latest)
+    // Polls are frequent: results come from the API server's watch cache, unless that
+    // view lacks results the group's (quorum-read) status already counts, so a client
+    // polling after a webhook always finds what it was told about.
+    let store = ResultStore::new(state.client.clone());
+    let name = group.name_any();
+    let mut results = list_results(&store, &tenant.namespace, &name, Freshness::Cached).await?;
+    if lags_status(&group, &results) {
+        results = list_results(&store, &tenant.namespace, &name, Freshness::Latest).await?;
+    }
+    Ok((group, results))
+}
+
+/// Whether fewer images are finished in `results` than the group's status counts.
+fn lags_status(group: &ImageGroup, results: &HashMap<String, ImageResultSpec>) -> bool {
+    let counted = group.status.as_ref().map_or(0, |s| s.images_done);
+    let models = &group.spec.models;
+    let in_view = results.values().filter(|r| r.covers(models)).count();
+    u32::try_from(in_view).unwrap_or(u32::MAX) < counted
+}
+
+async fn list_results(
+    store: &ResultStore,
+    namespace: &str,
+    group: &str,
+    freshness: Freshness,
+) -> Result<HashMap<String, ImageResultSpec>, ApiError> {
+    let results = store
+        .list(namespace, group, freshness)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(results
         .into_iter()
         .map(|r| (r.image_id.clone(), r))
-        .collect();
-    Ok((group, results))
+        .collect())
 }
 
 fn phase(group: &ImageGroup) -> &'static str {
@@ -346,4 +370,46 @@ fn images_out(group: &ImageGroup, results: &HashMap<String, ImageResultSpec>) ->
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ImageFailure, ImageGroupStatus};
+
+    fn failed(id: &str) -> (String, ImageResultSpec) {
+        let result = ImageResultSpec {
+            group: "g".into(),
+            image_id: id.into(),
+            failure: Some(ImageFailure {
+                reason: "DownloadFailed".into(),
+                message: "HTTP 404".into(),
+            }),
+            width: None,
+            height: None,
+            outputs: Default::default(),
+            timings: Default::default(),
+        };
+        (id.to_owned(), result)
+    }
+
+    #[test]
+    fn a_cached_view_with_fewer_finished_images_than_the_status_counts_lags() {
+        let spec = ImageGroupSpec {
+            images: Vec::new(),
+            models: vec!["object_detection".into()],
+            webhook: None,
+            metadata: BTreeMap::new(),
+        };
+        let mut group = ImageGroup::new("g", spec);
+        let view: HashMap<_, _> = [failed("a")].into_iter().collect();
+        assert!(!lags_status(&group, &view), "no status yet");
+        group.status = Some(ImageGroupStatus {
+            images_done: 2,
+            ..ImageGroupStatus::default()
+        });
+        assert!(lags_status(&group, &view));
+        let view: HashMap<_, _> = [failed("a"), failed("b")].into_iter().collect();
+        assert!(!lags_status(&group, &view));
+    }
 }
