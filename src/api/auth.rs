@@ -3,6 +3,9 @@
 //! namespace its groups live in (`tenant-namespace`). The API never stores keys in clear and
 //! watches those Secrets, so keys can be added or revoked with kubectl without a restart.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum::http::HeaderMap;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::Store;
@@ -28,7 +31,16 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-pub fn authenticate(keys: &Store<Secret>, headers: &HeaderMap) -> Result<Tenant, ApiError> {
+/// The tenants' API-key Secrets as the API's watch has them.
+#[derive(Clone)]
+pub struct ApiKeys {
+    pub store: Store<Secret>,
+    /// Whether they have been listed once: until then an unknown key may just not be
+    /// loaded yet, and is answered 503, not 401.
+    pub loaded: Arc<AtomicBool>,
+}
+
+pub fn authenticate(keys: &ApiKeys, headers: &HeaderMap) -> Result<Tenant, ApiError> {
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -37,7 +49,7 @@ pub fn authenticate(keys: &Store<Secret>, headers: &HeaderMap) -> Result<Tenant,
         .filter(|k| !k.is_empty())
         .ok_or(ApiError::Unauthorized)?;
     let digest = hash_key(presented);
-    for secret in keys.state() {
+    for secret in keys.store.state() {
         let Some(data) = secret.data.as_ref() else {
             continue;
         };
@@ -53,6 +65,11 @@ pub fn authenticate(keys: &Store<Secret>, headers: &HeaderMap) -> Result<Tenant,
                 namespace: namespace.trim().to_owned(),
             });
         }
+    }
+    if !keys.loaded.load(Ordering::Acquire) {
+        return Err(ApiError::Unavailable(
+            "API keys are still loading; retry shortly".to_owned(),
+        ));
     }
     Err(ApiError::Unauthorized)
 }

@@ -8,19 +8,20 @@ mod images;
 mod problem;
 
 pub use auth::{
-    API_KEY_LABEL, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, TENANT_NAMESPACE_FIELD,
-    hash_key,
+    API_KEY_LABEL, ApiKeys, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME,
+    TENANT_NAMESPACE_FIELD, hash_key,
 };
 pub use problem::ApiError;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
@@ -38,18 +39,23 @@ pub struct ApiConfig {
 pub struct AppState {
     pub client: Client,
     pub config: ApiConfig,
-    pub keys: Store<Secret>,
+    pub keys: ApiKeys,
 }
 
 /// Builds the router and starts watching the API-key Secrets; the returned future keeps
-/// the watch running and must be polled (spawned) alongside the server.
+/// the watch running and must be polled (spawned) alongside the server, and the keys are
+/// for [`wait_for_keys`].
 pub fn router(
     client: Client,
     config: ApiConfig,
-) -> (Router, impl Future<Output = ()> + Send + 'static) {
+) -> (Router, impl Future<Output = ()> + Send + 'static, ApiKeys) {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.keys_namespace);
-    let (keys, writer) = reflector::store();
-    let watch = reflector::reflector(
+    let (store, writer) = reflector::store();
+    let keys = ApiKeys {
+        store: store.clone(),
+        loaded: Arc::default(),
+    };
+    let stream = reflector::reflector(
         writer,
         watcher(
             secrets,
@@ -63,10 +69,19 @@ pub fn router(
             tracing::warn!(error = %e, "watching API keys");
         }
     });
+    let loaded = keys.loaded.clone();
+    let mark_loaded = async move {
+        if store.wait_until_ready().await.is_ok() {
+            loaded.store(true, Ordering::Release);
+        }
+    };
+    let watch = async move {
+        futures::join!(stream, mark_loaded);
+    };
     let state = Arc::new(AppState {
         client,
         config,
-        keys,
+        keys: keys.clone(),
     });
     let router = Router::new()
         .route("/v1/images", post(images::create_image))
@@ -90,11 +105,20 @@ pub fn router(
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
-    (router, watch)
+    (router, watch, keys)
 }
 
-/// Waits until the API-key Secrets have been listed once, so the first request is not
-/// refused only because the watch has not caught up.
-pub async fn wait_for_keys(keys: &Store<Secret>) {
-    let _ = keys.wait_until_ready().await;
+/// How long a starting API waits for its first list of API keys.
+const KEYS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits until the API-key Secrets have been listed once (at most 30 s), so the first
+/// requests are not refused only because the watch has not caught up. Returns whether
+/// they were.
+pub async fn wait_for_keys(keys: &ApiKeys) -> bool {
+    let ready = tokio::time::timeout(KEYS_WAIT, keys.store.wait_until_ready()).await;
+    let loaded = matches!(ready, Ok(Ok(())));
+    if !loaded {
+        tracing::warn!("API keys not listed yet; requests get 503 until they are");
+    }
+    loaded
 }

@@ -65,7 +65,7 @@ pub async fn reconcile(
             now,
         );
         status.phase = GroupPhase::Failed;
-        write_status(&ctx, &namespace, &name, &original, &status).await?;
+        write_status(&ctx, &group, &original, &status).await?;
         return Ok(Action::await_change());
     }
     set_condition(
@@ -169,7 +169,7 @@ pub async fn reconcile(
     let endpoints = events::endpoints(&ctx, &group, &namespace).await?;
     events::plan(&group, &mut status, &results, &endpoints, all_done, now);
     events::set_delivery_condition(&mut status, generation, now);
-    write_status(&ctx, &namespace, &name, &original, &status).await?;
+    write_status(&ctx, &group, &original, &status).await?;
 
     // What was just written: a carried-out replay must be saved even when no attempt
     // changes anything else.
@@ -187,7 +187,7 @@ pub async fn reconcile(
         jiff::Timestamp::now(),
     );
     events::set_delivery_condition(&mut status, generation, jiff::Timestamp::now());
-    write_status(&ctx, &namespace, &name, &before_send, &status).await?;
+    write_status(&ctx, &group, &before_send, &status).await?;
 
     let pending = status
         .deliveries
@@ -365,27 +365,58 @@ async fn ensure_worker_setup(ctx: &Context, namespace: &str) -> Result<(), Contr
 
 async fn write_status(
     ctx: &Context,
-    namespace: &str,
-    name: &str,
+    group: &ImageGroup,
     before: &ImageGroupStatus,
     after: &ImageGroupStatus,
 ) -> Result<(), ControllerError> {
     if before == after {
         return Ok(());
     }
-    let api: Api<ImageGroup> = Api::namespaced(ctx.client.clone(), namespace);
+    let namespace = group.namespace().unwrap_or_default();
+    let api: Api<ImageGroup> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = json!({
         "apiVersion": ImageGroup::api_version(&()),
         "kind": ImageGroup::kind(&()),
         "status": after,
     });
-    api.patch_status(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    let written = api
+        .patch_status(
+            &group.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await;
+    match written {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if is_too_large(&s) => {
+            let bytes = serde_json::to_vec(after).map_or(0, |b| b.len());
+            let note = format!(
+                "status not saved: {} KiB with {} webhook deliveries, plus the spec, is more than \
+                 the API server keeps in one object ({}); fewer endpoints for this group \
+                 (its own URL and the subscriptions selecting it) or smaller groups stay within",
+                bytes.div_ceil(1024),
+                after.deliveries.len(),
+                s.message
+            );
+            let event = kube::runtime::events::Event {
+                type_: kube::runtime::events::EventType::Warning,
+                reason: "StatusTooLarge".to_owned(),
+                note: Some(note.chars().take(1000).collect()),
+                action: "RecordStatus".to_owned(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &group.object_ref(&())).await {
+                tracing::warn!(error = %e, "could not record a Kubernetes Event");
+            }
+            Err(ControllerError::StatusTooLarge(note))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// etcd's request limit (1.5 MiB by default) or the API server's body limit.
+fn is_too_large(status: &kube::core::Status) -> bool {
+    status.code == 413 || status.message.contains("too large")
 }
 
 /// Deletes a finished group (its results and Jobs go with it) once its retention is over.

@@ -115,6 +115,8 @@ pub enum ControllerError {
     Config(String),
     #[error("leader election: {0}")]
     Leadership(String),
+    #[error("{0}")]
+    StatusTooLarge(String),
 }
 
 impl ControllerError {
@@ -128,6 +130,7 @@ impl ControllerError {
             Self::Http(_) => "http_client",
             Self::Config(_) => "configuration",
             Self::Leadership(_) => "leader_election",
+            Self::StatusTooLarge(_) => "status_too_large",
         }
     }
 }

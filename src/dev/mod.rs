@@ -148,7 +148,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     let addr = listener
         .local_addr()
         .map_err(|e| DevError::Other(e.to_string()))?;
-    let (app, key_watch) = router(
+    let (app, key_watch, keys) = router(
         client.clone(),
         ApiConfig {
             keys_namespace: KEYS_NAMESPACE.to_owned(),
@@ -156,6 +156,12 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         },
     );
     tasks.spawn(key_watch);
+    // The demo's first request comes right away: the key just made must be known by then.
+    if !crate::api::wait_for_keys(&keys).await {
+        return Err(DevError::Other(
+            "the API could not list its API keys within 30 s".to_owned(),
+        ));
+    }
     // One process, one port: the controller's metrics are served beside the API.
     let app = app.merge(metrics.router());
     tasks.spawn(async move {

@@ -105,7 +105,7 @@ impl Harness {
             }
         }));
 
-        let (app, key_watch) = kinsight::api::router(
+        let (app, key_watch, _keys) = kinsight::api::router(
             client.clone(),
             kinsight::api::ApiConfig {
                 keys_namespace: KEYS_NAMESPACE.into(),
