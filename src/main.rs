@@ -330,10 +330,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 keys_namespace: args.keys_namespace,
                 models: catalog.names().map(str::to_owned).collect(),
             };
-            let (app, watch, keys) = kinsight::api::router(client, config);
+            // Until the API keys are listed, /readyz says 503 and so does every request.
+            let (app, watch, _keys) = kinsight::api::router(client, config);
             tokio::spawn(watch);
-            // Serve once keys are known: a first request would otherwise get a false 401.
-            kinsight::api::wait_for_keys(&keys).await;
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             tracing::info!(listen = %args.listen, "API listening");
             axum::serve(listener, app).await?;

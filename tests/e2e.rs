@@ -629,6 +629,19 @@ async fn an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthoriz
     let (status, body) = get_status(&url, "some-key").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "unavailable", "{body}");
+    let probe = |path: &'static str| {
+        let url = format!("{url}{path}");
+        async move {
+            reqwest::get(url)
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(
+        (probe("/healthz").await, probe("/readyz").await),
+        (200, 503)
+    );
     watch.abort();
 
     // A real one: once listed, a known key works and an unknown one is refused.
@@ -656,6 +669,8 @@ async fn an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthoriz
         "authenticated; no such group"
     );
     assert_eq!(get_status(&url, "wrong-key").await.0, 401);
+    let ready = reqwest::get(format!("{url}/readyz")).await.expect("GET");
+    assert_eq!(ready.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,10 +102,25 @@ pub fn router(
         .route("/v1/deliveries", get(deliveries::list_undelivered))
         .route("/v1/deliveries/replay", post(deliveries::replay_since))
         .route("/healthz", get(|| async { "ok" }))
+        // Ready once the API keys are listed: before, every key would get 503.
+        .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
     (router, watch, keys)
+}
+
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+) -> (axum::http::StatusCode, &'static str) {
+    if state.keys.loaded.load(Ordering::Acquire) {
+        (axum::http::StatusCode::OK, "ok")
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "API keys not listed yet",
+        )
+    }
 }
 
 /// How long a starting API waits for its first list of API keys.
