@@ -840,15 +840,20 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_added_while_a_job_runs_go_to_one_new_job_that_supersedes_it() {
     let mut h = Harness::start("tenant-supersede").await;
-    // A photo that takes 4 s to arrive keeps the first Job busy.
+    // A photo whose first download takes 20 s keeps the first Job busy however slow this
+    // machine is; later downloads (the new Job's) are immediate.
     let photo =
         std::fs::read(common::repo_path("tests/fixtures/images/coffee.png")).expect("photo");
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let slow = axum::Router::new().route(
         "/slow.png",
         axum::routing::get(move || {
             let photo = photo.clone();
+            let first = requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
             async move {
-                tokio::time::sleep(Duration::from_secs(4)).await;
+                if first {
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                }
                 ([("content-type", "image/png")], photo)
             }
         }),
