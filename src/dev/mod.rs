@@ -265,11 +265,36 @@ pub async fn demo(options: DevOptions, photos: PathBuf, timeout: Duration) -> Re
                 );
                 if kind == "image_group.completed" {
                     println!("\ngroup completed in {:.2}s", submitted.elapsed().as_secs_f64());
+                    let group = event.payload["data"]["groupId"].as_str().unwrap_or_default();
+                    wait_until_recorded(&http, &env, group).await;
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// Waits (at most 10 s) until the group's status records every delivery as done. The
+/// controller runs in this process: exiting before it has recorded the last one would make
+/// the next `kinsight dev` send that event again, to a receiver that is gone.
+async fn wait_until_recorded(http: &reqwest::Client, env: &DevEnvironment, group: &str) {
+    let url = format!("{}/v1/image-groups/{group}/deliveries", env.api_url);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let listed = http.get(&url).bearer_auth(&env.api_key).send().await;
+        let body: serde_json::Value = match listed {
+            Ok(response) => response.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        let pending = body["deliveries"]
+            .as_array()
+            .is_none_or(|all| all.iter().any(|d| d["state"] == "pending"));
+        if !pending {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("warning: the group's last deliveries were not recorded within 10 s");
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, DevError> {

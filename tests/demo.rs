@@ -1,0 +1,54 @@
+//! `kinsight demo`, the README's first command, as a user runs it (the real binary, its own
+//! local control plane in a fresh state folder), then that control plane started again from
+//! its state to see what the demo left behind.
+
+use std::process::Command;
+use std::time::Duration;
+
+use kinsight::crd::{DeliveryState, ImageGroup};
+use kinsight::testbed::ControlPlane;
+use kube::Api;
+use kube::api::ListParams;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_completes_and_leaves_no_delivery_to_send_again() {
+    kinsight::install_crypto_provider();
+    let state = tempfile::tempdir().expect("state folder");
+    let output = Command::new(env!("CARGO_BIN_EXE_kinsight"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["demo", "--listen", "127.0.0.1:0", "--timeout", "120s"])
+        .arg("--state-dir")
+        .arg(state.path())
+        .output()
+        .expect("run kinsight demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("group completed in"), "{stdout}");
+    assert_eq!(stdout.matches("(image.completed)").count(), 4, "{stdout}");
+
+    // The demo stopped its control plane on exit; its state says what a next
+    // `kinsight dev` would still send.
+    let cp = tokio::time::timeout(
+        Duration::from_secs(120),
+        ControlPlane::start_or_reuse(state.path()),
+    )
+    .await
+    .expect("in time")
+    .expect("control plane from the demo's state");
+    let groups: Api<ImageGroup> = Api::all(cp.client().await.expect("client"));
+    let groups = groups.list(&ListParams::default()).await.expect("groups");
+    assert_eq!(groups.items.len(), 1);
+    let deliveries = groups.items[0]
+        .status
+        .as_ref()
+        .map(|s| s.deliveries.clone())
+        .unwrap_or_default();
+    assert_eq!(deliveries.len(), 5, "{deliveries:#?}");
+    assert!(
+        deliveries
+            .iter()
+            .all(|d| d.state == DeliveryState::Delivered),
+        "nothing left to send again: {deliveries:#?}"
+    );
+}
