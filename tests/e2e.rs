@@ -28,6 +28,18 @@ async fn work_order(h: &Harness, job: &str) -> serde_json::Value {
     serde_json::from_str(text).expect("JSON")
 }
 
+/// The ids of the images that got an `image.completed` event, sorted, each once
+/// (delivery is at least once).
+fn completed_images(events: &[kinsight::dev::ReceivedWebhook]) -> Vec<&str> {
+    let mut ids: Vec<&str> = of_type(events, "image.completed")
+        .iter()
+        .filter_map(|e| e.payload["data"]["imageId"].as_str())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// Creates a group through the REST API with the harness's webhook URL; returns its id.
 async fn post_group(h: &Harness, images: serde_json::Value, models: &[&str]) -> String {
     let (status, body) = h
@@ -580,12 +592,7 @@ async fn a_group_whose_work_order_is_larger_than_an_environment_variable_runs() 
         (Some(80), Some(0)),
         "{group}"
     );
-    let mut done: Vec<&str> = of_type(&events, "image.completed")
-        .iter()
-        .filter_map(|e| e.payload["data"]["imageId"].as_str())
-        .collect();
-    done.sort_unstable();
-    done.dedup();
+    let done = completed_images(&events);
     assert_eq!(done.len(), 80);
 }
 
@@ -765,12 +772,7 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
     let updated = &of_type(&second, "image_group.updated")[0].payload["data"];
     assert_eq!(updated["imagesDone"], 3);
     assert!(updated["sequence"].as_u64().expect("sequence") > first_group_seq);
-    let mut images: Vec<&str> = of_type(&second, "image.completed")
-        .iter()
-        .filter_map(|e| e.payload["data"]["imageId"].as_str())
-        .collect();
-    images.sort_unstable();
-    images.dedup();
+    let images = completed_images(&second);
     assert_eq!(
         images,
         ["cat", "coffee", "rocket"],
@@ -891,12 +893,7 @@ async fn images_added_while_a_job_runs_go_to_one_new_job_that_supersedes_it() {
         h.collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
             .await,
     );
-    let mut images: Vec<&str> = of_type(&events, "image.completed")
-        .iter()
-        .filter_map(|e| e.payload["data"]["imageId"].as_str())
-        .collect();
-    images.sort_unstable();
-    images.dedup();
+    let images = completed_images(&events);
     assert_eq!(images, ["added", "quick", "slow"], "every image once done");
     let jobs = common::jobs_of(&h.client, &h.namespace, &group_id).await;
     let names: Vec<&str> = jobs

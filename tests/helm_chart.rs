@@ -243,110 +243,56 @@ async fn chart_installs_into_a_real_cluster() {
 
     // What each component does with the API, asked of the API server's own RBAC
     // authorizer for the chart's ServiceAccounts.
-    let controller_needs = [
-        ("kinsight.io", "imagegroups", "", "watch"),
-        ("kinsight.io", "imagegroups", "", "delete"),
-        ("kinsight.io", "imagegroups", "status", "patch"),
-        ("kinsight.io", "webhooksubscriptions", "", "watch"),
-        ("kinsight.io", "webhooksubscriptions", "status", "patch"),
-        ("kinsight.io", "imageresults", "", "list"),
-        ("kinsight.io", "imageresults", "", "create"),
-        ("batch", "jobs", "", "create"),
-        ("batch", "jobs", "", "watch"),
-        ("batch", "jobs", "", "delete"),
-        ("", "secrets", "", "get"),
-        ("", "configmaps", "", "patch"),
-        ("", "serviceaccounts", "", "patch"),
-        ("rbac.authorization.k8s.io", "roles", "", "patch"),
-        ("rbac.authorization.k8s.io", "rolebindings", "", "patch"),
-        ("events.k8s.io", "events", "", "create"),
+    // (account, namespace, API group, resource, subresource, verb, allowed?)
+    const CONTROLLER: &str = "kinsight-controller";
+    const API: &str = "kinsight-api";
+    // One line per check: a table reads better than rustfmt's seven lines per tuple.
+    #[rustfmt::skip]
+    let checks = [
+        (CONTROLLER, "tenant-a", "kinsight.io", "imagegroups", "", "watch", true),
+        (CONTROLLER, "tenant-a", "kinsight.io", "imagegroups", "", "delete", true),
+        (CONTROLLER, "tenant-a", "kinsight.io", "imagegroups", "status", "patch", true),
+        (CONTROLLER, "tenant-a", "kinsight.io", "webhooksubscriptions", "", "watch", true),
+        (CONTROLLER, "tenant-a", "kinsight.io", "webhooksubscriptions", "status", "patch", true),
+        (CONTROLLER, "tenant-a", "kinsight.io", "imageresults", "", "list", true),
+        (CONTROLLER, "tenant-a", "kinsight.io", "imageresults", "", "create", true),
+        (CONTROLLER, "tenant-a", "batch", "jobs", "", "create", true),
+        (CONTROLLER, "tenant-a", "batch", "jobs", "", "watch", true),
+        (CONTROLLER, "tenant-a", "batch", "jobs", "", "delete", true),
+        (CONTROLLER, "tenant-a", "", "secrets", "", "get", true),
+        (CONTROLLER, "tenant-a", "", "configmaps", "", "patch", true),
+        (CONTROLLER, "tenant-a", "", "serviceaccounts", "", "patch", true),
+        (CONTROLLER, "tenant-a", "rbac.authorization.k8s.io", "roles", "", "patch", true),
+        (CONTROLLER, "tenant-a", "rbac.authorization.k8s.io", "rolebindings", "", "patch", true),
+        (CONTROLLER, "tenant-a", "events.k8s.io", "events", "", "create", true),
+        // Its Lease, for leader election.
+        (CONTROLLER, "kinsight-system", "coordination.k8s.io", "leases", "", "update", true),
+        (API, "tenant-a", "kinsight.io", "imagegroups", "", "create", true),
+        (API, "tenant-a", "kinsight.io", "imagegroups", "", "patch", true),
+        (API, "tenant-a", "kinsight.io", "imagegroups", "", "list", true),
+        (API, "tenant-a", "kinsight.io", "imageresults", "", "list", true),
+        // The API-key Secrets.
+        (API, "kinsight-system", "", "secrets", "", "watch", true),
+        // And no more than that: the API reads no tenant's Secrets, the controller writes none.
+        (API, "tenant-a", "", "secrets", "", "get", false),
+        (CONTROLLER, "tenant-a", "", "secrets", "", "create", false),
     ];
-    for (group, resource, subresource, verb) in controller_needs {
-        assert!(
+    for (account, namespace, group, resource, subresource, verb, expected) in checks {
+        assert_eq!(
             allowed(
                 &client,
-                "kinsight-controller",
-                "tenant-a",
+                account,
+                namespace,
                 group,
                 resource,
                 subresource,
                 verb
             )
             .await,
-            "the controller may {verb} {group}/{resource}/{subresource}"
+            expected,
+            "{account} may {verb} {group}/{resource}/{subresource} in {namespace}: {expected}"
         );
     }
-    assert!(
-        allowed(
-            &client,
-            "kinsight-controller",
-            "kinsight-system",
-            "coordination.k8s.io",
-            "leases",
-            "",
-            "update"
-        )
-        .await,
-        "the controller may renew its Lease"
-    );
-    let api_needs = [
-        ("kinsight.io", "imagegroups", "", "create"),
-        ("kinsight.io", "imagegroups", "", "patch"),
-        ("kinsight.io", "imagegroups", "", "list"),
-        ("kinsight.io", "imageresults", "", "list"),
-    ];
-    for (group, resource, subresource, verb) in api_needs {
-        assert!(
-            allowed(
-                &client,
-                "kinsight-api",
-                "tenant-a",
-                group,
-                resource,
-                subresource,
-                verb
-            )
-            .await,
-            "the API may {verb} {group}/{resource}"
-        );
-    }
-    assert!(
-        allowed(
-            &client,
-            "kinsight-api",
-            "kinsight-system",
-            "",
-            "secrets",
-            "",
-            "watch"
-        )
-        .await
-    );
-    // And no more than that: the API reads no tenant's Secrets, the controller writes none.
-    assert!(
-        !allowed(
-            &client,
-            "kinsight-api",
-            "tenant-a",
-            "",
-            "secrets",
-            "",
-            "get"
-        )
-        .await
-    );
-    assert!(
-        !allowed(
-            &client,
-            "kinsight-controller",
-            "tenant-a",
-            "",
-            "secrets",
-            "",
-            "create"
-        )
-        .await
-    );
 }
 
 /// Whether the API server's authorizer lets the chart's ServiceAccount `account` (in

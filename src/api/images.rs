@@ -303,9 +303,13 @@ async fn load(
     // polling after a webhook always finds what it was told about.
     let store = ResultStore::new(state.client.clone());
     let name = group.name_any();
-    let mut results = list_results(&store, &tenant.namespace, &name, Freshness::Cached).await?;
+    let mut results = store
+        .list(&tenant.namespace, &name, Freshness::Cached)
+        .await?;
     if lags_status(&group, &results) {
-        results = list_results(&store, &tenant.namespace, &name, Freshness::Latest).await?;
+        results = store
+            .list(&tenant.namespace, &name, Freshness::Latest)
+            .await?;
     }
     Ok((group, results))
 }
@@ -316,22 +320,6 @@ fn lags_status(group: &ImageGroup, results: &HashMap<String, ImageResultSpec>) -
     let models = &group.spec.models;
     let in_view = results.values().filter(|r| r.covers(models)).count();
     u32::try_from(in_view).unwrap_or(u32::MAX) < counted
-}
-
-async fn list_results(
-    store: &ResultStore,
-    namespace: &str,
-    group: &str,
-    freshness: Freshness,
-) -> Result<HashMap<String, ImageResultSpec>, ApiError> {
-    let results = store
-        .list(namespace, group, freshness)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    Ok(results
-        .into_iter()
-        .map(|r| (r.image_id.clone(), r))
-        .collect())
 }
 
 fn phase(group: &ImageGroup) -> &'static str {
@@ -375,21 +363,10 @@ fn images_out(group: &ImageGroup, results: &HashMap<String, ImageResultSpec>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{ImageFailure, ImageGroupStatus};
+    use crate::crd::ImageGroupStatus;
 
     fn failed(id: &str) -> (String, ImageResultSpec) {
-        let result = ImageResultSpec {
-            group: "g".into(),
-            image_id: id.into(),
-            failure: Some(ImageFailure {
-                reason: "DownloadFailed".into(),
-                message: "HTTP 404".into(),
-            }),
-            width: None,
-            height: None,
-            outputs: Default::default(),
-            timings: Default::default(),
-        };
+        let result = ImageResultSpec::failed("g", id, "DownloadFailed", "HTTP 404".into());
         (id.to_owned(), result)
     }
 

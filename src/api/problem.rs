@@ -49,6 +49,12 @@ impl ApiError {
     }
 }
 
+impl From<crate::results::ResultsError> for ApiError {
+    fn from(e: crate::results::ResultsError) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
 impl From<kube::Error> for ApiError {
     /// The API server's answers that concern the request keep their meaning (a group
     /// deleted meanwhile, a concurrent change, an object it refuses); the rest is the

@@ -12,7 +12,7 @@ use kube::api::ListParams;
 use kube::{Api, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use super::{Context, ControllerError};
+use super::{Context, ControllerError, publish_event};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::EventType;
 
@@ -337,6 +337,9 @@ enum Attempted {
     NextRound,
 }
 
+/// The action of this module's Kubernetes Events.
+const ACTION: &str = "DeliverWebhook";
+
 /// How long an image event whose results this reconcile cannot see waits to look again.
 const STALE_RESULTS_WAIT: jiff::SignedDuration = jiff::SignedDuration::from_secs(1);
 
@@ -493,9 +496,7 @@ pub async fn deliver_due(
             }
         }
     }
-    let tracked = ctx.circuits.forget_idle();
-    let (open, disabled) = ctx.circuits.counts();
-    ctx.config.metrics.set_circuits(open, disabled, tracked);
+    ctx.config.metrics.set_circuits(ctx.circuits.sweep());
     for (transition, endpoint) in transitions {
         announce(ctx, endpoint, transition).await;
     }
@@ -516,11 +517,13 @@ pub async fn deliver_due(
             delivery.attempts,
             delivery.last_error.as_deref().unwrap_or("unknown error")
         );
-        publish(
+        let object = group.object_ref(&());
+        publish_event(
             ctx,
-            &group.object_ref(&()),
+            &object,
             EventType::Warning,
             "WebhookDeliveryFailed",
+            ACTION,
             note,
         )
         .await;
@@ -587,27 +590,7 @@ async fn announce(ctx: &Context, endpoint: &Endpoint, transition: Transition) {
         ),
     };
     tracing::warn!(endpoint = %endpoint.circuit_key, reason, %note, "webhook endpoint health changed");
-    publish(ctx, &endpoint.object, kind, reason, note).await;
-}
-
-/// A Kubernetes Event on an object (`kubectl describe` shows it).
-async fn publish(
-    ctx: &Context,
-    object: &ObjectReference,
-    kind: EventType,
-    reason: &str,
-    note: String,
-) {
-    let event = kube::runtime::events::Event {
-        type_: kind,
-        reason: reason.to_owned(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "DeliverWebhook".to_owned(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, object).await {
-        tracing::warn!(error = %e, "could not record a Kubernetes Event");
-    }
+    publish_event(ctx, &endpoint.object, kind, reason, ACTION, note).await;
 }
 
 fn apply_outcome(
@@ -833,19 +816,9 @@ mod tests {
     fn results(images: usize) -> HashMap<String, ImageResultSpec> {
         (0..images)
             .map(|i| {
-                let result = ImageResultSpec {
-                    group: "g".to_owned(),
-                    image_id: format!("img-{i}"),
-                    failure: Some(crate::crd::ImageFailure {
-                        reason: "DownloadFailed".to_owned(),
-                        message: "HTTP 404".to_owned(),
-                    }),
-                    width: None,
-                    height: None,
-                    outputs: Default::default(),
-                    timings: Default::default(),
-                };
-                (format!("img-{i}"), result)
+                let id = format!("img-{i}");
+                let result = ImageResultSpec::failed("g", &id, "DownloadFailed", "HTTP 404".into());
+                (id, result)
             })
             .collect()
     }

@@ -1,7 +1,6 @@
 //! Reconciling one ImageGroup: validate, start the worker Job for what has no result yet,
 //! fold results into status and the aggregate, then plan and drive webhook deliveries.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,10 +16,10 @@ use serde_json::json;
 use super::job::{
     build_job, catalog_config_map, finished, job_name, work_order_config_map, worker_rbac,
 };
-use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events};
+use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
 use crate::crd::{
-    ConditionStatus, DeliveryState, GroupPhase, ImageFailure, ImageGroup, ImageGroupStatus,
-    ImageResultSpec, Timings, set_condition,
+    ConditionStatus, DeliveryState, GroupPhase, ImageGroup, ImageGroupStatus, ImageResultSpec,
+    set_condition,
 };
 use crate::results::{Freshness, GroupRef};
 use crate::worker::{WorkItem, WorkOrder};
@@ -83,7 +82,10 @@ pub async fn reconcile(
         name: name.clone(),
         uid,
     };
-    let results = results_by_image(&ctx, &group_ref, Freshness::Cached).await?;
+    let results = ctx
+        .results
+        .list(&namespace, &name, Freshness::Cached)
+        .await?;
     let models = &group.spec.models;
     // Only what is new runs: images without a result, and models an image has not seen.
     let pending: Vec<WorkItem> = group
@@ -263,7 +265,10 @@ async fn ensure_worker_job(
     if let Some(succeeded) = finished(&job) {
         // The watch cache may not have the worker's last writes yet: a quorum read decides
         // which images really have no result, so none is ever overwritten by a failure.
-        let stored = results_by_image(ctx, group_ref, Freshness::Latest).await?;
+        let stored = ctx
+            .results
+            .list(&group_ref.namespace, &group_ref.name, Freshness::Latest)
+            .await?;
         let models = &group.spec.models;
         let missing = pending
             .iter()
@@ -280,18 +285,8 @@ async fn ensure_worker_job(
             )
         };
         for item in missing {
-            let failure = ImageResultSpec {
-                group: group_ref.name.clone(),
-                image_id: item.id.clone(),
-                failure: Some(ImageFailure {
-                    reason: reason.to_owned(),
-                    message: message.to_owned(),
-                }),
-                width: None,
-                height: None,
-                outputs: Default::default(),
-                timings: Timings::default(),
-            };
+            let failure =
+                ImageResultSpec::failed(&group_ref.name, &item.id, reason, message.to_owned());
             ctx.results.write(group_ref, &failure).await?;
         }
     }
@@ -317,22 +312,6 @@ async fn stop_superseded_jobs(jobs: &Api<Job>, earlier: &[String]) -> Result<(),
         }
     }
     Ok(())
-}
-
-/// The group's stored results, by image id.
-async fn results_by_image(
-    ctx: &Context,
-    group: &GroupRef,
-    freshness: Freshness,
-) -> Result<HashMap<String, ImageResultSpec>, ControllerError> {
-    let results = ctx
-        .results
-        .list(&group.namespace, &group.name, freshness)
-        .await?;
-    Ok(results
-        .into_iter()
-        .map(|r| (r.image_id.clone(), r))
-        .collect())
 }
 
 /// The worker's identity and the catalog it reads, in the group's namespace.
@@ -398,16 +377,17 @@ async fn write_status(
                 after.deliveries.len(),
                 s.message
             );
-            let event = kube::runtime::events::Event {
-                type_: kube::runtime::events::EventType::Warning,
-                reason: "StatusTooLarge".to_owned(),
-                note: Some(note.chars().take(1000).collect()),
-                action: "RecordStatus".to_owned(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&event, &group.object_ref(&())).await {
-                tracing::warn!(error = %e, "could not record a Kubernetes Event");
-            }
+            let object = group.object_ref(&());
+            let warning = kube::runtime::events::EventType::Warning;
+            publish_event(
+                ctx,
+                &object,
+                warning,
+                "StatusTooLarge",
+                "RecordStatus",
+                note.clone(),
+            )
+            .await;
             Err(ControllerError::StatusTooLarge(note))
         }
         Err(e) => Err(e.into()),

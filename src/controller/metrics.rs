@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::webhook::CircuitCounts;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// `delivered`, `failed` (will retry), `exhausted` (failed for good), `gone` (410),
@@ -112,11 +114,11 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_circuits(&self, open: usize, disabled: usize, tracked: usize) {
+    pub fn set_circuits(&self, counts: CircuitCounts) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        self.open_circuits.set(gauge(open));
-        self.disabled_endpoints.set(gauge(disabled));
-        self.tracked_endpoints.set(gauge(tracked));
+        self.open_circuits.set(gauge(counts.open));
+        self.disabled_endpoints.set(gauge(counts.disabled));
+        self.tracked_endpoints.set(gauge(counts.tracked));
     }
 
     /// Records how many events of one group wait; the gauge is the sum over groups.

@@ -175,6 +175,28 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
     Ok(())
 }
 
+/// A Kubernetes Event on an object (`kubectl describe` shows it); failing to record one
+/// is logged, never an error of the reconcile.
+pub(crate) async fn publish_event(
+    ctx: &Context,
+    object: &k8s_openapi::api::core::v1::ObjectReference,
+    kind: kube::runtime::events::EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = kube::runtime::events::Event {
+        type_: kind,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, object).await {
+        tracing::warn!(error = %e, "could not record a Kubernetes Event");
+    }
+}
+
 fn retry_after_error(error: &ControllerError, ctx: &Context) -> Action {
     ctx.config
         .metrics

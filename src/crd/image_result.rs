@@ -70,6 +70,22 @@ pub struct Timings {
 }
 
 impl ImageResultSpec {
+    /// The result of an image that could not be processed at all.
+    pub fn failed(group: &str, image_id: &str, reason: &str, message: String) -> Self {
+        ImageResultSpec {
+            group: group.to_owned(),
+            image_id: image_id.to_owned(),
+            failure: Some(ImageFailure {
+                reason: reason.to_owned(),
+                message,
+            }),
+            width: None,
+            height: None,
+            outputs: BTreeMap::new(),
+            timings: Timings::default(),
+        }
+    }
+
     /// The image is finished for `models` when it failed as a whole or every model ran.
     pub fn covers(&self, models: &[String]) -> bool {
         self.failure.is_some() || models.iter().all(|m| self.outputs.contains_key(m))

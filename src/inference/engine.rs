@@ -557,9 +557,7 @@ fn create_session(
         (Ok(session), _) => Ok((session, chosen)),
         // `auto` settles for the CPU when the GPU cannot be used after all.
         (Err(e), ExecutionProvider::Auto) if chosen.provider != ExecutionProvider::Cpu => {
-            // ONNX Runtime's messages can end in a newline; the log keeps one line each.
-            let error = e.to_string();
-            let error = error.trim_end();
+            let error = one_line(&e);
             tracing::warn!(model = %spec.name, error, "CUDA is unusable; using the CPU");
             chosen.provider = ExecutionProvider::Cpu;
             chosen.fallback = Some(format!("CUDA failed in {}: {error}", runtime_library()));
@@ -571,20 +569,20 @@ fn create_session(
                 spin,
             )
             .map(|session| (session, chosen))
-            .map_err(|e| {
-                load_error(format!(
-                    "{}: {}",
-                    spec.model_path.display(),
-                    e.to_string().trim_end()
-                ))
-            })
+            .map_err(|e| load_error(format!("{}: {}", spec.model_path.display(), one_line(&e))))
         }
         (Err(e), _) => Err(load_error(format!(
             "{}: {}",
             spec.model_path.display(),
-            e.to_string().trim_end()
+            one_line(&e)
         ))),
     }
+}
+
+/// An ONNX Runtime error as one line: its messages can end in a newline, which would split
+/// the log line they go into.
+fn one_line(error: &ort::Error) -> String {
+    error.to_string().trim_end().to_owned()
 }
 
 /// Whether ort's CUDA provider is compiled in (the `cuda` cargo feature).

@@ -4,7 +4,7 @@
 //! store replaces this module, and nothing outside it names `ImageResult` but the
 //! controller's watch on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -107,13 +107,13 @@ impl ResultStore {
         }
     }
 
-    /// Every stored result of a group.
+    /// Every stored result of a group, by image id.
     pub async fn list(
         &self,
         namespace: &str,
         group: &str,
         freshness: Freshness,
-    ) -> Result<Vec<ImageResultSpec>, ResultsError> {
+    ) -> Result<HashMap<String, ImageResultSpec>, ResultsError> {
         let api: Api<ImageResult> = Api::namespaced(self.client.clone(), namespace);
         let selector = format!("{GROUP_LABEL}={}", label_value(group));
         let params = ListParams::default().labels(&selector);
@@ -127,6 +127,7 @@ impl ResultStore {
             .into_iter()
             .map(|r| r.spec)
             .filter(|spec| spec.group == group)
+            .map(|spec| (spec.image_id.clone(), spec))
             .collect())
     }
 }

@@ -35,6 +35,14 @@ pub struct Endpoint {
     changed: Notify,
 }
 
+/// Circuits held, and how many of them are open (or probing) or disabled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CircuitCounts {
+    pub tracked: usize,
+    pub open: usize,
+    pub disabled: usize,
+}
+
 /// Why no attempt may go now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Blocked {
@@ -97,36 +105,35 @@ impl Circuits {
     /// per URL ever seen does not pile up (request URLs often differ per request); such a
     /// URL gets a fresh, identical circuit when it is used again. A subscription's circuit
     /// stays: one made again would resume from its status, which can be up to a health
-    /// sync older than the circuit. Returns how many are left.
-    pub fn forget_idle(&self) -> usize {
+    /// sync older than the circuit. Then counts what is left, in the same pass.
+    pub fn sweep(&self) -> CircuitCounts {
         let now = Timestamp::now();
         let mut entries = lock(&self.entries);
+        let mut counts = CircuitCounts::default();
         // Under the map's lock a count of 1 means no reconcile or permit holds the
         // circuit, and none can get it before the lock is released.
         entries.retain(|_, e| {
-            e.generation != MEMORY_ONLY
-                || Arc::strong_count(e) > 1
-                || !e.circuit().is_as_new(&self.config, now)
+            let circuit = e.circuit();
+            let forget = e.generation == MEMORY_ONLY
+                && Arc::strong_count(e) == 1
+                && circuit.is_as_new(&self.config, now);
+            if !forget {
+                counts.tracked += 1;
+                match circuit.health().circuit {
+                    CircuitState::Open | CircuitState::HalfOpen => counts.open += 1,
+                    CircuitState::Disabled => counts.disabled += 1,
+                    CircuitState::Closed => {}
+                }
+            }
+            !forget
         });
-        entries.len()
+        counts
     }
 
     /// The endpoint's health as of now, if it has a circuit.
     pub fn health(&self, key: &str) -> Option<EndpointHealth> {
         let entries = lock(&self.entries);
         entries.get(key).map(|e| e.health())
-    }
-
-    /// How many circuits are open (or probing), and how many endpoints are disabled.
-    pub fn counts(&self) -> (usize, usize) {
-        let entries = lock(&self.entries);
-        entries.values().fold((0, 0), |(open, disabled), e| {
-            match e.circuit().health().circuit {
-                CircuitState::Open | CircuitState::HalfOpen => (open + 1, disabled),
-                CircuitState::Disabled => (open, disabled + 1),
-                CircuitState::Closed => (open, disabled),
-            }
-        })
     }
 
     /// Waits for a free slot, or says why none will be free for now.
@@ -267,7 +274,8 @@ mod tests {
         }
         assert!(matches!(c.acquire(&sick).await, Err(Blocked::Until(_))));
         assert!(c.acquire(&fine).await.is_ok());
-        assert_eq!(c.counts(), (1, 0));
+        let counts = c.sweep();
+        assert_eq!((counts.open, counts.disabled), (1, 0));
         assert_eq!(c.health("ns/sick").map(|h| h.consecutive_failures), Some(2));
     }
 
@@ -291,7 +299,7 @@ mod tests {
 
         // Left: the failing URL (its count matters), the one with an attempt in flight,
         // and the subscription's (resumed from its status, which may lag behind).
-        assert_eq!(c.forget_idle(), 3);
+        assert_eq!(c.sweep().tracked, 3);
         assert!(c.health("ns/url/https://a.example/1").is_none());
         assert_eq!(
             c.health("ns/url/https://b.example")
@@ -299,14 +307,14 @@ mod tests {
             Some(1)
         );
         permit.finish(&AttemptOutcome::Delivered { status: 200 });
-        assert_eq!(c.forget_idle(), 2);
+        assert_eq!(c.sweep().tracked, 2);
         assert!(c.health("ns/url/https://c.example").is_none());
 
         // A circuit someone holds is never forgotten, whatever its state.
         let held = c.endpoint("ns/url/https://d.example", MEMORY_ONLY, None);
-        assert_eq!(c.forget_idle(), 3);
+        assert_eq!(c.sweep().tracked, 3);
         drop(held);
-        assert_eq!(c.forget_idle(), 2);
+        assert_eq!(c.sweep().tracked, 2);
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod sender;
 mod signing;
 
 pub use circuit::{Admission, Circuit, CircuitConfig, Transition};
-pub use circuits::{Blocked, Circuits, MEMORY_ONLY, Permit};
+pub use circuits::{Blocked, CircuitCounts, Circuits, MEMORY_ONLY, Permit};
 pub use payload::{EventPayload, group_event, image_event};
 pub use sender::{AttemptOutcome, EndpointOptions, Sender, SenderConfig};
 pub use signing::{SigningError, generate_secret, sign};

@@ -195,21 +195,9 @@ fn failed(
     message: String,
     download_ms: f64,
 ) -> ImageResultSpec {
-    ImageResultSpec {
-        group: order.group.name.clone(),
-        image_id: item.id.clone(),
-        failure: Some(ImageFailure {
-            reason: reason.to_owned(),
-            message,
-        }),
-        width: None,
-        height: None,
-        outputs: BTreeMap::new(),
-        timings: Timings {
-            download_ms: round_ms(download_ms),
-            decode_ms: 0.0,
-        },
-    }
+    let mut result = ImageResultSpec::failed(&order.group.name, &item.id, reason, message);
+    result.timings.download_ms = round_ms(download_ms);
+    result
 }
 
 fn record(report: &mut WorkerReport, order: &WorkOrder, item: &WorkItem, spec: &ImageResultSpec) {
