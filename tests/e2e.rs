@@ -11,7 +11,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kinsight::crd::{GroupPhase, ImageGroup, ImageResult};
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -754,14 +754,52 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
         .expect("coffee result")
         .spec;
 
-    let response = reqwest::Client::new()
-        .patch(format!("{}/v1/image-groups/{group_id}", h.api_url))
-        .bearer_auth(&h.api_key)
-        .json(&json!({ "addImages": [{ "id": "cat", "url": h.photo_url("chelsea.png") }], "addModels": ["image_classification"] }))
-        .send()
+    // Any write to the group moves its resourceVersion, and the controller writes its
+    // status as deliveries are recorded: a PATCH must not answer 409 for that. Another
+    // writer touches an annotation 20 times a second meanwhile, while no-op PATCHes (a model
+    // the group has) and then the real one are sent; each must be accepted.
+    let patch = |body: serde_json::Value| {
+        reqwest::Client::new()
+            .patch(format!("{}/v1/image-groups/{group_id}", h.api_url))
+            .bearer_auth(&h.api_key)
+            .json(&body)
+            .send()
+    };
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    let touching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let toucher = tokio::spawn({
+        let (groups, group_id, touching) = (groups.clone(), group_id.clone(), touching.clone());
+        async move {
+            let mut writes = 0_u32;
+            while touching.load(std::sync::atomic::Ordering::Relaxed) {
+                let touch = json!({ "metadata": { "annotations": { "test.kinsight.io/touch": writes.to_string() } } });
+                groups
+                    .patch(&group_id, &PatchParams::default(), &Patch::Merge(&touch))
+                    .await
+                    .expect("touch the group");
+                writes += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            writes
+        }
+    });
+    for _ in 0..20 {
+        let response = patch(json!({ "addModels": ["object_detection"] }))
+            .await
+            .expect("PATCH");
+        assert_eq!(
+            response.status(),
+            202,
+            "a no-op PATCH while the group is written"
+        );
+    }
+    let response = patch(json!({ "addImages": [{ "id": "cat", "url": h.photo_url("chelsea.png") }], "addModels": ["image_classification"] }))
         .await
         .expect("PATCH");
     assert_eq!(response.status(), 202);
+    touching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let writes = toucher.await.expect("toucher");
+    assert!(writes >= 5, "the other writer wrote {writes} times");
     let second = h
         .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.updated").is_empty())
         .await;
@@ -811,7 +849,6 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
 
     // The status keeps one record per image (the newest event, all delivered) plus both
     // group events: updates do not pile copies of every image's record into it.
-    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
     let recorded = groups
         .get(&group_id)
         .await

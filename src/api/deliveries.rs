@@ -20,6 +20,7 @@ use super::AppState;
 use super::auth::authenticate;
 use super::images::{find_group, parse_json};
 use super::problem::ApiError;
+use super::retry;
 use crate::crd::{Delivery, DeliveryState, ImageGroup, REPLAY_ANNOTATION, ReplayRequest};
 
 fn delivery_out(group: &str, d: &Delivery) -> Value {
@@ -192,8 +193,7 @@ async fn request_replay(
     name: &str,
     request: ReplayRequest,
 ) -> Result<(), ApiError> {
-    const TRIES: usize = 5;
-    for _ in 0..TRIES {
+    retry::on_conflict(|| async {
         let group = find_group(api, name, "image group").await?;
         let last_carried_out = group.status.as_ref().and_then(|s| s.last_replay.as_deref());
         let waiting = group
@@ -211,15 +211,9 @@ async fn request_replay(
             "resourceVersion": group.resource_version(),
             "annotations": { REPLAY_ANNOTATION: value },
         } });
-        match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => return Ok(()),
-            // Changed since it was read (the controller's status, another request): again.
-            Err(kube::Error::Api(answer)) if answer.code == 409 => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::Conflict)
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    })
+    .await
 }

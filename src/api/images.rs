@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use super::auth::{SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, Tenant, authenticate};
 use super::problem::ApiError;
+use super::retry;
 use super::{AppState, MAX_BODY_BYTES};
 use crate::crd::{
     ImageEntry, ImageGroup, ImageGroupSpec, ImageResultSpec, SecretKeyRef, WebhookTarget,
@@ -129,29 +130,43 @@ pub async fn update_group(
         ));
     }
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
-    let mut group = find_group(&api, &id, "image group").await?;
+    retry::on_conflict(|| add_to_group(&api, &id, &input, &state.config.models)).await?;
+    Ok(accepted(&format!("/v1/image-groups/{id}"), &id))
+}
+
+/// One attempt at adding `input` to the group as read now. The replace carries the
+/// resourceVersion read, so a concurrent change makes it a conflict, never a lost update.
+async fn add_to_group(
+    api: &Api<ImageGroup>,
+    id: &str,
+    input: &ImageGroupPatchIn,
+    models: &[String],
+) -> Result<(), ApiError> {
+    let mut group = find_group(api, id, "image group").await?;
     let first_new = group.spec.images.len();
-    for (offset, image) in input.add_images.into_iter().enumerate() {
+    for (offset, image) in input.add_images.iter().enumerate() {
         // Positional ids stay stable: a new image without an id gets its own position.
-        let id = image.id.unwrap_or_else(|| (first_new + offset).to_string());
+        let id = image
+            .id
+            .clone()
+            .unwrap_or_else(|| (first_new + offset).to_string());
         group.spec.images.push(ImageEntry {
             id: Some(id),
-            url: image.url,
-            metadata: image.metadata,
+            url: image.url.clone(),
+            metadata: image.metadata.clone(),
         });
     }
-    for model in input.add_models {
-        if !group.spec.models.contains(&model) {
-            group.spec.models.push(model);
+    for model in &input.add_models {
+        if !group.spec.models.contains(model) {
+            group.spec.models.push(model.clone());
         }
     }
     group
         .spec
-        .validate(&state.config.models)
+        .validate(models)
         .map_err(ApiError::InvalidRequest)?;
-    // The object carries its resourceVersion: a concurrent change makes this a 409, not a lost update.
-    api.replace(&id, &PostParams::default(), &group).await?;
-    Ok(accepted(&format!("/v1/image-groups/{id}"), &id))
+    api.replace(id, &PostParams::default(), &group).await?;
+    Ok(())
 }
 
 pub async fn get_image(

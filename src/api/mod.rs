@@ -6,6 +6,7 @@ mod auth;
 mod deliveries;
 mod images;
 mod problem;
+mod retry;
 
 pub use auth::{
     API_KEY_LABEL, ApiKeys, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME,
