@@ -942,6 +942,27 @@ async fn images_added_while_a_job_runs_go_to_one_new_job_that_supersedes_it() {
         [format!("{group_id}-g2")],
         "only the new Job is left"
     );
+    // Each work order is its Job's and goes with it.
+    let maps: Api<ConfigMap> = Api::namespaced(h.client.clone(), &h.namespace);
+    eventually(
+        "the stopped Job's work order goes with it",
+        LIMIT,
+        async || maps.get_opt(&first_job).await.expect("read").is_none(),
+    )
+    .await;
+    let kept = maps
+        .get(&format!("{group_id}-g2"))
+        .await
+        .expect("the running Job's order");
+    let owners: Vec<(&str, &str)> = kept
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .map(|o| (o.kind.as_str(), o.uid.as_str()))
+        .collect();
+    let job_uid = jobs[0].metadata.uid.as_deref().expect("uid");
+    assert_eq!(owners, [("Job", job_uid)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

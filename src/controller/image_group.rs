@@ -14,7 +14,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::job::{
-    build_job, catalog_config_map, finished, job_name, work_order_config_map, worker_rbac,
+    build_job, catalog_config_map, finished, job_name, job_owner, work_order_config_map,
+    worker_rbac,
 };
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
 use crate::crd::{
@@ -247,13 +248,22 @@ async fn ensure_worker_job(
             )
             .await?;
         let job = build_job(group, &name, &order, &ctx.config)?;
-        match jobs.create(&PostParams::default(), &job).await {
-            Ok(_) => {
-                tracing::info!(job = %name, namespace = %namespace, images = pending.len(), "created worker job")
+        let job = match jobs.create(&PostParams::default(), &job).await {
+            Ok(job) => {
+                tracing::info!(job = %name, namespace = %namespace, images = pending.len(), "created worker job");
+                job
             }
             // Created before a restart: the deterministic name makes this a no-op.
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => jobs.get(&name).await?,
             Err(e) => return Err(e.into()),
+        };
+        // Then the order is the Job's: it goes with it (its TTL, or being superseded)
+        // rather than piling up, up to 768 KiB each, for as long as the group lives.
+        if let Some(owner) = job_owner(&job) {
+            let handover = json!({ "metadata": { "ownerReferences": [owner] } });
+            Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&handover))
+                .await?;
         }
         stop_superseded_jobs(&jobs, &status.jobs).await?;
         status.jobs.push(name);

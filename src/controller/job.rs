@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
@@ -339,7 +340,8 @@ fn config_map_volume(volume: &str, config_map: &str, key: &str) -> Volume {
 }
 
 /// The work order of the Job `name`, under the same name: made before the Job (its pod
-/// mounts it) and owned by the group, so it goes when the group goes.
+/// mounts it) and owned by the group until the Job exists and takes it over
+/// ([`job_owner`]), so it never outlives both.
 pub fn work_order_config_map(
     group: &ImageGroup,
     name: &str,
@@ -359,6 +361,14 @@ pub fn work_order_config_map(
         )])),
         ..ConfigMap::default()
     })
+}
+
+/// `job` as the owner of its work order. Not blocking the Job's deletion: that would ask
+/// for rights on the Job's finalizers, and the order is of no use once the Job is gone.
+pub fn job_owner(job: &Job) -> Option<OwnerReference> {
+    let mut owner = job.controller_owner_ref(&())?;
+    owner.block_owner_deletion = None;
+    Some(owner)
 }
 
 /// The catalog's ConfigMap in a tenant namespace, mounted by every worker Job there.
@@ -558,6 +568,31 @@ mod tests {
         let text = &map.data.as_ref().expect("data")["order.json"];
         let read: WorkOrder = serde_json::from_str(text).expect("an order");
         assert_eq!(read, order);
+    }
+
+    #[test]
+    fn a_job_owns_its_work_order_without_blocking_its_deletion() {
+        let job = Job {
+            metadata: ObjectMeta {
+                name: Some("listing-42-g1".into()),
+                namespace: Some("tenant-a".into()),
+                uid: Some("uid-job".into()),
+                ..ObjectMeta::default()
+            },
+            ..Job::default()
+        };
+        let owner = job_owner(&job).expect("an owner");
+        assert_eq!(
+            (
+                owner.api_version.as_str(),
+                owner.kind.as_str(),
+                owner.name.as_str(),
+                owner.uid.as_str()
+            ),
+            ("batch/v1", "Job", "listing-42-g1", "uid-job")
+        );
+        assert_eq!(owner.block_owner_deletion, None);
+        assert_eq!(job_owner(&Job::default()), None, "no uid, no owner");
     }
 
     fn env_of(container: &Container) -> BTreeMap<String, String> {
