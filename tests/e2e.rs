@@ -756,8 +756,10 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
 
     // Any write to the group moves its resourceVersion, and the controller writes its
     // status as deliveries are recorded: a PATCH must not answer 409 for that. Another
-    // writer touches an annotation 20 times a second meanwhile, while no-op PATCHes (a model
-    // the group has) and then the real one are sent; each must be accepted.
+    // writer touches an annotation 5 times a second meanwhile, while 40 no-op PATCHes (a model
+    // the group has) and then the real one are sent; each must be accepted. (Slower touches
+    // would rarely meet a PATCH; faster ones would leave too little room for its retries
+    // on a loaded machine.)
     let patch = |body: serde_json::Value| {
         reqwest::Client::new()
             .patch(format!("{}/v1/image-groups/{group_id}", h.api_url))
@@ -778,28 +780,31 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
                     .await
                     .expect("touch the group");
                 writes += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             writes
         }
     });
-    for _ in 0..20 {
+    let mut refused = Vec::new();
+    for n in 0..40 {
         let response = patch(json!({ "addModels": ["object_detection"] }))
             .await
             .expect("PATCH");
-        assert_eq!(
-            response.status(),
-            202,
-            "a no-op PATCH while the group is written"
-        );
+        if response.status() != 202 {
+            refused.push((n, response.status().as_u16()));
+        }
     }
+    assert!(
+        refused.is_empty(),
+        "no-op PATCHes refused while the group is written: {refused:?}"
+    );
     let response = patch(json!({ "addImages": [{ "id": "cat", "url": h.photo_url("chelsea.png") }], "addModels": ["image_classification"] }))
         .await
         .expect("PATCH");
     assert_eq!(response.status(), 202);
     touching.store(false, std::sync::atomic::Ordering::Relaxed);
     let writes = toucher.await.expect("toucher");
-    assert!(writes >= 5, "the other writer wrote {writes} times");
+    assert!(writes >= 3, "the other writer wrote {writes} times");
     let second = h
         .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.updated").is_empty())
         .await;
