@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, EnvVar, KeyToPath, PodSpec, PodTemplateSpec,
-    ResourceRequirements, ServiceAccount, Toleration, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
+    KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
+    SecurityContext, ServiceAccount, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -42,6 +43,11 @@ pub const CATALOG_HASH_ANNOTATION: &str = "kinsight.io/catalog-sha256";
 const CATALOG_VOLUME: &str = "catalog";
 const WORK_ORDER_VOLUME: &str = "work-order";
 const MODELS_VOLUME: &str = "models";
+/// Writable scratch space (an `emptyDir`) under a read-only root filesystem.
+const SCRATCH_VOLUME: &str = "scratch";
+const SCRATCH_PATH: &str = "/tmp";
+/// The image's `nonroot` user, as the chart runs the controller and the API.
+const WORKER_UID: i64 = 65532;
 
 /// The catalog the controller hands to its workers.
 #[derive(Clone, Debug, PartialEq)]
@@ -212,6 +218,10 @@ pub fn build_job(
     if !config.egress.allow.is_empty() {
         default_env(EGRESS_ENV, config.egress.to_string());
     }
+    // CUDA keeps its compiled kernels under $HOME, which is read-only here.
+    if wants_gpu {
+        default_env("CUDA_CACHE_PATH", format!("{SCRATCH_PATH}/cuda-cache"));
+    }
     if let Some(catalog) = catalog {
         default_env(CATALOG_ENV, format!("{CATALOG_MOUNT_PATH}/{CATALOG_KEY}"));
         default_env(MODELS_DIR_ENV, catalog.models_dir.clone());
@@ -243,13 +253,31 @@ pub fn build_job(
     } else {
         ExecutionProvider::Cpu
     };
-    let mut volumes = vec![config_map_volume(WORK_ORDER_VOLUME, name, WORK_ORDER_KEY)];
-    let mut mounts = vec![VolumeMount {
-        name: WORK_ORDER_VOLUME.to_owned(),
-        mount_path: WORK_ORDER_MOUNT_PATH.to_owned(),
-        read_only: Some(true),
-        ..VolumeMount::default()
-    }];
+    let mut volumes = vec![
+        config_map_volume(WORK_ORDER_VOLUME, name, WORK_ORDER_KEY),
+        // The root filesystem is read-only; what libraries write (a CUDA cache) goes here.
+        Volume {
+            name: SCRATCH_VOLUME.to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("256Mi".to_owned())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    let mut mounts = vec![
+        VolumeMount {
+            name: WORK_ORDER_VOLUME.to_owned(),
+            mount_path: WORK_ORDER_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: SCRATCH_VOLUME.to_owned(),
+            mount_path: SCRATCH_PATH.to_owned(),
+            ..VolumeMount::default()
+        },
+    ];
     if let Some(catalog) = catalog {
         volumes.push(config_map_volume(
             CATALOG_VOLUME,
@@ -306,8 +334,10 @@ pub fn build_job(
                         env: Some(env),
                         resources: Some(resources),
                         volume_mounts: Some(mounts),
+                        security_context: Some(worker_container_security()),
                         ..Container::default()
                     }],
+                    security_context: Some(worker_pod_security()),
                     volumes: Some(volumes),
                     node_selector: wants_gpu.then(|| non_empty(&gpu.node_selector)).flatten(),
                     tolerations: (wants_gpu && !gpu.tolerations.is_empty())
@@ -320,6 +350,35 @@ pub fn build_job(
         }),
         status: None,
     })
+}
+
+/// The worker fetches and decodes what customers point it at, so it runs with nothing to
+/// spare: not root (the image's `nonroot` user, as the controller and API run), the
+/// runtime's default seccomp profile, no capabilities, no privilege escalation and a
+/// read-only root filesystem (the "restricted" Pod Security Standard).
+fn worker_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(WORKER_UID),
+        run_as_group: Some(WORKER_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+fn worker_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
 }
 
 /// A volume of one key of a ConfigMap.
@@ -705,6 +764,65 @@ mod tests {
     }
 
     #[test]
+    fn worker_pods_run_restricted_with_a_writable_tmp() {
+        let config = config();
+        for (models, gpu) in [
+            (&["object_detection"][..], false),
+            (&["big_detector"][..], true),
+        ] {
+            let (pod, _) = job_for(models, &config);
+            let pod_security = pod.security_context.as_ref().expect("pod securityContext");
+            assert_eq!(pod_security.run_as_non_root, Some(true));
+            assert!(pod_security.run_as_user.is_some_and(|uid| uid > 0));
+            assert_eq!(
+                pod_security
+                    .seccomp_profile
+                    .as_ref()
+                    .map(|p| p.type_.as_str()),
+                Some("RuntimeDefault")
+            );
+            let worker = &pod.containers[0];
+            let security = worker
+                .security_context
+                .as_ref()
+                .expect("container securityContext");
+            assert_eq!(security.allow_privilege_escalation, Some(false));
+            assert_eq!(security.read_only_root_filesystem, Some(true));
+            assert_eq!(security.privileged, None);
+            let dropped = security.capabilities.as_ref().and_then(|c| c.drop.clone());
+            assert_eq!(dropped, Some(vec!["ALL".to_owned()]));
+            assert_eq!(
+                security.capabilities.as_ref().and_then(|c| c.add.as_ref()),
+                None
+            );
+
+            // /tmp is the one writable place: an emptyDir of bounded size.
+            let tmp = worker
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.mount_path == "/tmp")
+                .expect("/tmp mounted");
+            assert_ne!(tmp.read_only, Some(true));
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == tmp.name)
+                .expect("its volume");
+            let scratch = volume.empty_dir.as_ref().expect("an emptyDir");
+            assert!(scratch.size_limit.is_some());
+            // On a GPU, CUDA's kernel cache goes there rather than to the read-only $HOME.
+            let cache = env_of(worker).get("CUDA_CACHE_PATH").cloned();
+            assert_eq!(
+                cache.is_some_and(|path| path.starts_with("/tmp/")),
+                gpu,
+                "{models:?}"
+            );
+        }
+    }
+
+    #[test]
     fn gpu_jobs_request_a_gpu_on_gpu_nodes() {
         let config = config();
         // One GPU model among CPU ones is enough.
@@ -798,7 +916,7 @@ mod tests {
             .flatten()
             .map(|v| v.name.as_str())
             .collect();
-        assert_eq!(volumes, ["work-order"]);
+        assert_eq!(volumes, ["work-order", "scratch"]);
         assert!(!env_of(&pod.containers[0]).contains_key("KINSIGHT_CATALOG"));
         assert_eq!(annotations, None);
         assert_eq!(pod.runtime_class_name, None);
