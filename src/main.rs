@@ -25,7 +25,7 @@ enum Command {
     /// Print every CRD as YAML (the copies under crds/ equal this).
     Crd,
     /// Run the operator (reconciles ImageGroups and WebhookSubscriptions).
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Run the REST API.
     Api(ApiArgs),
     /// Process a work order (what a worker Job's pod runs).
@@ -80,6 +80,10 @@ struct ControllerArgs {
     /// How long finished groups are kept, e.g. `7d`.
     #[arg(long, env = "KINSIGHT_GROUP_TTL", value_parser = parse_duration, default_value = "7d")]
     group_ttl: Duration,
+    /// How long a worker Job may run before Kubernetes fails it (its unfinished images
+    /// then fail with `WorkerFailed`), e.g. `1h`.
+    #[arg(long, env = "KINSIGHT_WORKER_DEADLINE", value_parser = parse_duration, default_value = "1h")]
+    worker_deadline: Duration,
     #[command(flatten)]
     egress: EgressArg,
     /// Where Prometheus scrapes `/metrics`.
@@ -295,6 +299,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 worker_env: args.worker_env,
                 retry: args.retry_schedule.unwrap_or_default(),
                 group_ttl: args.group_ttl,
+                worker_deadline: args.worker_deadline,
                 egress: args.egress.allow_egress.unwrap_or_default(),
                 circuit: args.endpoints.circuit(),
                 ..defaults

@@ -568,6 +568,45 @@ async fn a_failed_worker_job_fails_its_images_with_a_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_past_its_deadline_fails_its_images_and_the_group_completes() {
+    let mut h = Harness::start_configured("tenant-deadline", |c| {
+        c.worker_deadline = Duration::from_secs(5);
+        c.worker_backoff_limit = 0;
+    })
+    .await;
+    // A server that accepts the download and then sends nothing for two minutes.
+    let stuck = axum::Router::new().route(
+        "/stuck.png",
+        axum::routing::get(|| async {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            ""
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let stuck_url = format!("http://{}/stuck.png", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, stuck).await });
+
+    let images = json!([{ "id": "stuck", "url": stuck_url }]);
+    let group_id = post_group(&h, images, &["image_classification"]).await;
+    let events = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+        .await;
+    let failed = of_type(&events, "image.failed");
+    let failure = &failed.first().expect("an image.failed event").payload["data"]["failure"];
+    assert_eq!(failure["reason"], "WorkerFailed", "{failure}");
+    let message = failure["message"].as_str().unwrap_or_default();
+    assert!(message.contains("DeadlineExceeded"), "{message}");
+    let jobs = common::jobs_of(&h.client, &h.namespace, &group_id).await;
+    let deadline = jobs[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.active_deadline_seconds);
+    assert_eq!(deadline, Some(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_whose_work_order_is_larger_than_an_environment_variable_runs() {
     let mut h = Harness::start("tenant-long-urls").await;
     // Signed URLs of CDNs and object stores are long: 80 of 2000 characters make a work

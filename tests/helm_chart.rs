@@ -118,7 +118,7 @@ async fn chart_installs_into_a_real_cluster() {
         .into_owned();
     let values = serde_json::json!({
         "image": { "tag": "test" },
-        "worker": { "env": { "RUST_LOG": "info,kinsight=debug # not: a comment" }, "gpu": {
+        "worker": { "env": { "RUST_LOG": "info,kinsight=debug # not: a comment" }, "deadline": "90m", "gpu": {
             "nodeSelector": { "nvidia.com/gpu.present": "true" },
             "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }],
             "runtimeClassName": "nvidia"
@@ -170,6 +170,11 @@ async fn chart_installs_into_a_real_cluster() {
             .contains(&"--worker-env=RUST_LOG=info,kinsight=debug # not: a comment".to_owned())),
         "{:?}",
         container.args
+    );
+
+    assert_eq!(
+        env_value(container, "KINSIGHT_WORKER_DEADLINE"),
+        Some("90m")
     );
 
     // The catalog: the bundled one by default, in a ConfigMap both Deployments mount.

@@ -14,8 +14,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::job::{
-    build_job, catalog_config_map, finished, job_name, job_owner, work_order_config_map,
-    worker_rbac,
+    build_job, catalog_config_map, failure_reason, finished, job_name, job_owner,
+    work_order_config_map, worker_rbac,
 };
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
 use crate::crd::{
@@ -286,17 +286,18 @@ async fn ensure_worker_job(
         let (reason, message) = if succeeded {
             (
                 "NoResult",
-                "the worker finished without a result for this image",
+                "the worker finished without a result for this image".to_owned(),
             )
         } else {
-            (
-                "WorkerFailed",
-                "the worker job failed before processing this image",
-            )
+            let mut message = "the worker job failed before processing this image".to_owned();
+            if let Some(why) = failure_reason(&job) {
+                message = format!("{message} ({why})");
+            }
+            ("WorkerFailed", message)
         };
         for item in missing {
             let failure =
-                ImageResultSpec::failed(&group_ref.name, &item.id, reason, message.to_owned());
+                ImageResultSpec::failed(&group_ref.name, &item.id, reason, message.clone());
             ctx.results.write(group_ref, &failure).await?;
         }
     }

@@ -313,6 +313,11 @@ pub fn build_job(
         },
         spec: Some(JobSpec {
             backoff_limit: Some(config.worker_backoff_limit),
+            // A worker that hangs must not hold its group for ever: past this the Job
+            // fails, and the images it left get `WorkerFailed` with the reason.
+            active_deadline_seconds: Some(
+                i64::try_from(config.worker_deadline.as_secs().max(1)).unwrap_or(i64::MAX),
+            ),
             ttl_seconds_after_finished: Some(3600),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -516,6 +521,20 @@ pub fn finished(job: &Job) -> Option<bool> {
         })
 }
 
+/// Why a failed Job failed, as its `Failed` condition says (e.g. `DeadlineExceeded: Job was
+/// active longer than specified deadline`).
+pub fn failure_reason(job: &Job) -> Option<String> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    let failed = conditions
+        .iter()
+        .find(|c| c.type_ == "Failed" && c.status == "True")?;
+    match (failed.reason.as_deref(), failed.message.as_deref()) {
+        (Some(reason), Some(message)) => Some(format!("{reason}: {message}")),
+        (Some(text), None) | (None, Some(text)) => Some(text.to_owned()),
+        (None, None) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -627,6 +646,59 @@ mod tests {
         let text = &map.data.as_ref().expect("data")["order.json"];
         let read: WorkOrder = serde_json::from_str(text).expect("an order");
         assert_eq!(read, order);
+    }
+
+    #[test]
+    fn a_failed_job_says_why_and_every_job_has_a_deadline() {
+        use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+        let condition = |type_: &str, reason: Option<&str>, message: Option<&str>| JobCondition {
+            type_: type_.into(),
+            status: "True".into(),
+            reason: reason.map(str::to_owned),
+            message: message.map(str::to_owned),
+            ..JobCondition::default()
+        };
+        let job = |conditions: Vec<JobCondition>| Job {
+            status: Some(JobStatus {
+                conditions: Some(conditions),
+                ..JobStatus::default()
+            }),
+            ..Job::default()
+        };
+        let deadline = job(vec![condition(
+            "Failed",
+            Some("DeadlineExceeded"),
+            Some("Job was active longer than specified deadline"),
+        )]);
+        assert_eq!(
+            failure_reason(&deadline).as_deref(),
+            Some("DeadlineExceeded: Job was active longer than specified deadline")
+        );
+        let bare = job(vec![condition(
+            "Failed",
+            Some("BackoffLimitExceeded"),
+            None,
+        )]);
+        assert_eq!(
+            failure_reason(&bare).as_deref(),
+            Some("BackoffLimitExceeded")
+        );
+        let complete = job(vec![condition("Complete", Some("Done"), None)]);
+        assert_eq!(failure_reason(&complete), None);
+
+        let mut config = config();
+        config.worker_deadline = std::time::Duration::from_secs(1800);
+        let built = build_job(
+            &group(&["object_detection"]),
+            "listing-42-g1",
+            &order(&["object_detection"]),
+            &config,
+        )
+        .expect("job");
+        assert_eq!(
+            built.spec.and_then(|s| s.active_deadline_seconds),
+            Some(1800)
+        );
     }
 
     #[test]

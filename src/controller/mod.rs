@@ -45,6 +45,8 @@ pub struct ControllerConfig {
     pub worker_cpu: String,
     pub worker_memory: String,
     pub worker_backoff_limit: i32,
+    /// How long a worker Job may run before it is failed (`activeDeadlineSeconds`).
+    pub worker_deadline: Duration,
     pub retry: RetrySchedule,
     pub sender: SenderConfig,
     /// Private destinations webhooks may reach anyway (default: none).
@@ -75,6 +77,7 @@ impl Default for ControllerConfig {
             worker_cpu: "1".to_owned(),
             worker_memory: "1Gi".to_owned(),
             worker_backoff_limit: 2,
+            worker_deadline: Duration::from_secs(3600),
             retry: RetrySchedule::default(),
             sender: SenderConfig::default(),
             egress: EgressPolicy::default(),
