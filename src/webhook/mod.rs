@@ -64,19 +64,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("invalid duration {text:?}"))?;
-    let secs = match unit {
+    let unit_secs = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
         _ => {
             return Err(format!(
                 "invalid duration unit in {text:?} (use ms, s, m, h or d)"
             ));
         }
     };
-    Ok(Duration::from_secs(secs))
+    n.checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("duration {text:?} is too long"))
 }
 
 #[cfg(test)]
@@ -100,5 +102,15 @@ mod tests {
         assert!(s.next_delay(0).is_none());
         assert!(RetrySchedule::parse("5x").is_err());
         assert!(RetrySchedule::parse("").is_err());
+    }
+
+    #[test]
+    fn durations_too_long_to_count_are_errors_not_wraps() {
+        // 400000000000000000 minutes overflow u64 seconds: an error, not a panic or a
+        // wrapped (short) wait.
+        let error = parse_duration("400000000000000000m").expect_err("too long");
+        assert!(error.contains("too long"), "{error}");
+        assert!(RetrySchedule::parse("5s,400000000000000000d").is_err());
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
     }
 }
