@@ -333,6 +333,10 @@ enum Attempted {
     Deferred(jiff::Timestamp),
     /// The endpoint is disabled: the event fails for good.
     Disabled(String),
+    /// The endpoint is no longer this group's (its subscription was deleted or no longer
+    /// selects the group): the event fails for good at once rather than retrying for a
+    /// day and holding the group's completion back meanwhile.
+    EndpointGone,
     /// The round's time ran out first; still due, it goes in the next round.
     NextRound,
 }
@@ -382,12 +386,7 @@ pub async fn deliver_due(
             continue;
         }
         let Some(e) = endpoints.iter().position(|e| e.key == delivery.endpoint) else {
-            let error = "endpoint no longer exists".to_owned();
-            outcomes.push((
-                index,
-                Attempted::Tried(AttemptOutcome::NotSent { error }),
-                None,
-            ));
+            outcomes.push((index, Attempted::EndpointGone, None));
             continue;
         };
         let keys = match secrets.entry(e) {
@@ -493,6 +492,16 @@ pub async fn deliver_due(
                 delivery.next_attempt_at = None;
                 delivery.last_error = Some(format!("endpoint disabled: {reason}"));
                 ctx.config.metrics.attempt("disabled");
+            }
+            Attempted::EndpointGone => {
+                delivery.state = DeliveryState::Failed;
+                delivery.next_attempt_at = None;
+                delivery.last_error = Some(
+                    "the endpoint no longer exists: its subscription was deleted or no \
+                     longer selects this group"
+                        .to_owned(),
+                );
+                ctx.config.metrics.attempt("endpoint_gone");
             }
         }
     }
@@ -967,6 +976,38 @@ mod tests {
         status.deliveries[0].next_attempt_at = None;
         deliver_due(&ctx, &g, &mut status, &results(1), &endpoints).await;
         assert_eq!(status.deliveries[0].attempts, 1, "{:#?}", status.deliveries);
+    }
+
+    #[tokio::test]
+    async fn events_for_an_endpoint_that_went_away_fail_at_once_and_the_group_completes() {
+        let ctx = offline_context();
+        let both = [endpoint("request"), endpoint("subscription/s")];
+        let g = group(2, &["a"], 1);
+        let mut status = ImageGroupStatus::default();
+        let now = jiff::Timestamp::now();
+        plan(&g, &mut status, &results(2), &both, true, now);
+        for d in &mut status.deliveries {
+            if d.endpoint == "request" {
+                d.state = DeliveryState::Delivered;
+            }
+        }
+
+        // The subscription is deleted before its events went out.
+        let left = [endpoint("request")];
+        deliver_due(&ctx, &g, &mut status, &results(2), &left).await;
+        for d in status.deliveries.iter().filter(|d| d.endpoint != "request") {
+            assert_eq!((d.state, d.attempts), (DeliveryState::Failed, 0), "{d:?}");
+            let error = d.last_error.as_deref().unwrap_or_default();
+            assert!(error.contains("no longer exists"), "{error}");
+        }
+        // Nothing holds the group's own event back any more.
+        plan(&g, &mut status, &results(2), &left, true, now);
+        let completed = status
+            .deliveries
+            .iter()
+            .filter(|d| d.event == GROUP_COMPLETED)
+            .count();
+        assert_eq!(completed, 1, "{:#?}", status.deliveries);
     }
 
     #[test]
