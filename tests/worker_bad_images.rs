@@ -97,6 +97,62 @@ fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     bytes
 }
 
+/// A zlib stream of `n` zero bytes, `n - 1` a multiple of 258, written by hand with
+/// deflate's fixed Huffman codes (RFC 1951 3.2.6): one literal 0, then "copy 258 bytes
+/// from 1 back" until done, about 160:1.
+fn zlib_zeros(n: usize) -> Vec<u8> {
+    struct Bits {
+        out: Vec<u8>,
+        bit: u32,
+    }
+    impl Bits {
+        /// A Huffman code: its most significant bit goes first.
+        fn code(&mut self, code: u32, len: u32) {
+            for i in (0..len).rev() {
+                if self.bit == 0 {
+                    self.out.push(0);
+                }
+                let last = self.out.len() - 1;
+                self.out[last] |= (((code >> i) & 1) as u8) << self.bit;
+                self.bit = (self.bit + 1) % 8;
+            }
+        }
+    }
+    let mut bits = Bits {
+        out: vec![0x78, 0x01],
+        bit: 0,
+    };
+    bits.code(0b110, 3); // in stream order: BFINAL = 1, then BTYPE = 01 (fixed) low bit first
+    bits.code(0x30, 8); // literal 0
+    for _ in 0..(n - 1) / 258 {
+        bits.code(0xC5, 8); // length code 285: 258 bytes
+        bits.code(0, 5); // distance code 0: 1 back
+    }
+    bits.code(0, 7); // end of block
+    let mut out = bits.out;
+    // Adler-32 of zeros: a stays 1, b grows by 1 per byte.
+    let adler = (((n % 65521) as u32) << 16) | 1;
+    out.extend_from_slice(&adler.to_be_bytes());
+    out
+}
+
+/// A 4x4 PNG with a colour-profile (iCCP) chunk of about 1.7 MB that inflates to 256 MiB.
+fn png_with_profile_bomb() -> Vec<u8> {
+    let bytes = png(4, 4);
+    let mut data = b"bomb\0\0".to_vec(); // profile name, then compression method 0
+    data.extend(zlib_zeros(1 + 258 * ((256 << 20) / 258)));
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(b"iCCP");
+    chunk.extend_from_slice(&data);
+    let crc = crc32(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    // Right after the signature (8 bytes) and IHDR (25): before the image data.
+    let mut out = bytes[..33].to_vec();
+    out.extend(chunk);
+    out.extend_from_slice(&bytes[33..]);
+    out
+}
+
 /// A JPEG cut inside its header (quantization and Huffman tables): no decoder can fill that in.
 fn truncated_jpeg() -> Vec<u8> {
     let mut bytes = jpeg(64, 64);
@@ -134,6 +190,7 @@ async fn serve_corpus() -> SocketAddr {
         .route("/wrong-magic.png", get(|| async { respond("image/png", wrong_magic_png()) }))
         .route("/empty.png", get(|| async { respond("image/png", Vec::new()) }))
         .route("/bomb.png", get(|| async { respond("image/png", png_claiming(30_000, 30_000)) }))
+        .route("/profile-bomb.png", get(|| async { respond("image/png", png_with_profile_bomb()) }))
         .route("/zero-width.png", get(|| async { respond("image/png", png_claiming(0, 10)) }))
         .route("/anim.gif", get(|| async { respond("image/gif", b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;".to_vec()) }))
         .route("/page.jpg", get(|| async { respond("image/jpeg", b"<!doctype html><title>Login</title><form>...</form>".to_vec()) }))
@@ -304,10 +361,14 @@ async fn memory_stays_bounded_on_a_bomb_and_an_endless_body() {
         assert_eq!(bomb.map_err(|(reason, _)| reason), Err("ImageTooLarge"));
         let endless = process(&fetcher, &format!("http://{addr}/endless.png")).await;
         assert_eq!(endless.map_err(|(reason, _)| reason), Err("ImageTooLarge"));
+        // The profile is too big to keep; the image itself is fine.
+        let profile = process(&fetcher, &format!("http://{addr}/profile-bomb.png")).await;
+        assert_eq!(profile, Ok((4, 4)));
     }
     let after = peak_rss_bytes().unwrap_or(u64::MAX);
     let growth = after.saturating_sub(before);
-    // A 30000x30000 RGB image would be 2.5 GiB; the endless body stops at 20 MiB.
+    // A 30000x30000 RGB image would be 2.5 GiB, the profile 256 MiB; the endless body
+    // stops at 20 MiB.
     assert!(
         growth < 64 << 20,
         "peak memory grew by {} MiB",

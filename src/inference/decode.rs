@@ -30,6 +30,10 @@ impl Default for DecodeLimits {
     }
 }
 
+/// What the PNG decoder may allocate besides the pixels: chunks it buffers and the colour
+/// profile it inflates (real profiles are a few KiB, rarely 1 MiB).
+const PNG_METADATA_BYTES: u64 = 16 << 20;
+
 /// Decodes a JPEG, PNG or WebP image, applying its EXIF orientation (so the result, and
 /// boxes found in it, are upright as viewers display it).
 pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, InferenceError> {
@@ -61,6 +65,14 @@ fn decode_unchecked(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
     // Some decoders check their allocation limit while reading the header, which would
     // hide the dimensions; our own pixel check below runs first, then the limits are set.
     reader.no_limits();
+    if format == ImageFormat::Png {
+        // ...except PNG's, which takes its limit when it is made, never later, and spends
+        // it on what it inflates and buffers besides the pixels (a colour profile, text)
+        // while reading the header: a 1 MiB profile chunk can inflate to gigabytes.
+        let mut metadata = Limits::no_limits();
+        metadata.max_alloc = Some(PNG_METADATA_BYTES);
+        reader.limits(metadata);
+    }
     let mut decoder = reader.into_decoder().map_err(|e| map_error(e, None))?;
 
     let (width, height) = decoder.dimensions();
@@ -184,6 +196,15 @@ mod tests {
             .write_image(rgba.as_raw(), 7, 3, image::ExtendedColorType::Rgba8)
             .unwrap();
         assert_eq!(decode(&webp).unwrap().to_rgba8(), rgba);
+    }
+
+    #[test]
+    fn png_pixels_are_not_counted_against_its_metadata_budget() {
+        // 2400 x 2400 RGB is 16.5 MiB of pixels, more than PNG_METADATA_BYTES.
+        let image = gradient(2400, 2400);
+        assert!(image.as_raw().len() as u64 > PNG_METADATA_BYTES);
+        let decoded = decode(&png(&image)).expect("a large PNG decodes");
+        assert_eq!((decoded.width(), decoded.height()), (2400, 2400));
     }
 
     #[test]
