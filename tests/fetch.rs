@@ -282,7 +282,7 @@ async fn loopback_is_refused_by_default_without_a_request() {
     );
     assert_eq!(
         err.to_string(),
-        "destination not allowed: address 127.0.0.1 of host good.test is not allowed (loopback)"
+        "destination not allowed: host good.test resolves to an address that is not allowed (loopback)"
     );
     assert_eq!(server.hits(), 0, "a refused request reached the server");
     // The testbed's policy lets the same request through.
@@ -304,7 +304,7 @@ async fn names_resolving_to_private_addresses_are_refused_before_connecting() {
         .expect_err("evil.test is refused");
     assert_eq!(
         refusal.to_string(),
-        "address 10.0.0.1 of host evil.test is not allowed (private network)"
+        "host evil.test resolves to an address that is not allowed (private network)"
     );
     assert!(guard.resolve("metadata.test").await.is_err());
 
@@ -387,7 +387,7 @@ async fn every_redirect_target_is_checked() {
         ),
         (
             "/to-evil",
-            "address 10.0.0.1 of host evil.test is not allowed (private network)",
+            "host evil.test resolves to an address that is not allowed (private network)",
         ),
     ] {
         let err = assert_reason(
@@ -501,6 +501,34 @@ async fn a_closed_port_is_a_download_failure() {
         "DownloadFailed",
     );
     assert!(matches!(err, FetchError::Connect(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn failure_texts_never_repeat_a_signed_url() {
+    // A server that answers with something that is not HTTP, so the request fails after
+    // connecting, in the error reqwest describes with its URL.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = socket.write_all(b"this is not HTTP\r\n\r\n").await;
+        }
+    });
+    let (fetcher, _) = loopback_fetcher();
+    let url = format!("http://user:hunter2@{addr}/photo.png?X-Amz-Signature=s3cr3t");
+    let err = fetch(&fetcher, &url).await.expect_err("not HTTP");
+    let text = err.to_string();
+    assert!(
+        !text.contains("s3cr3t") && !text.contains("hunter2") && !text.contains("photo.png"),
+        "{text}"
+    );
+    assert!(
+        text.starts_with("download failed: error sending request"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -18,8 +18,10 @@ use super::policy::{BlockReason, EgressPolicy};
 /// Why a request was not made.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EgressError {
-    /// The host name resolved only to refused addresses (the first one is named).
-    #[error("address {addr} of host {host} is not allowed ({reason})")]
+    /// The host name resolved only to refused addresses. The message does not name the
+    /// address: it reaches customers (image failures, delivery errors), and a cluster's
+    /// internal addresses are not theirs to map; `addr` is there for logs.
+    #[error("host {host} resolves to an address that is not allowed ({reason})")]
     Blocked {
         host: String,
         addr: IpAddr,
@@ -355,7 +357,7 @@ mod tests {
         let err = g.resolve("evil.test").await.unwrap_err();
         assert_eq!(
             err.to_string(),
-            "address 10.0.0.1 of host evil.test is not allowed (private network)"
+            "host evil.test resolves to an address that is not allowed (private network)"
         );
         assert!(err.is_refusal());
         let err = g.resolve("meta.test").await.unwrap_err();

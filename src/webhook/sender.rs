@@ -132,7 +132,7 @@ impl Sender {
                 }
                 return AttemptOutcome::Failed {
                     status: None,
-                    error: describe(&e),
+                    error: describe(e),
                     retry_after: None,
                     gone: false,
                 };
@@ -173,15 +173,17 @@ fn not_sent(error: String) -> AttemptOutcome {
     AttemptOutcome::NotSent { error }
 }
 
-fn describe(e: &reqwest::Error) -> String {
-    if let Some(egress) = find_cause::<EgressError>(e) {
+/// The error without the URL: it may carry a token (in its path, query or user info),
+/// and this text is stored in the group's status and shown to whoever reads it.
+fn describe(e: reqwest::Error) -> String {
+    if let Some(egress) = find_cause::<EgressError>(&e) {
         egress.to_string()
     } else if e.is_timeout() {
         "timed out".to_owned()
     } else if e.is_connect() {
         "connection failed".to_owned()
     } else {
-        format!("request failed: {e}")
+        format!("request failed: {}", e.without_url())
     }
 }
 
@@ -208,7 +210,7 @@ mod tests {
             (
                 "http://internal.test:9/hook",
                 key.clone(),
-                "address 10.1.2.3 of host internal.test",
+                "host internal.test resolves to an address that is not allowed",
             ),
             ("not a url", key.clone(), "invalid URL"),
             (

@@ -202,6 +202,9 @@ fn classify(e: reqwest::Error) -> FetchError {
     if let Some(too_many) = find_cause::<TooManyRedirects>(&e) {
         return FetchError::TooManyRedirects(*too_many);
     }
+    // Image URLs are often signed (a token in the query): failure texts reach the
+    // customer's results and webhooks, so they never repeat the URL.
+    let e = e.without_url();
     if e.is_timeout() {
         FetchError::Timeout
     } else if e.is_connect() {
