@@ -292,7 +292,9 @@ impl ImageGroupSpec {
             validate_http_url(&format!("images[{i}].url"), &image.url)?;
             validate_metadata(&format!("images[{i}].metadata"), &image.metadata)?;
         }
-        let url_bytes: usize = self.images.iter().map(|i| i.url.len()).sum();
+        // As the work order will hold them: JSON escapes `\`, `"` and control characters,
+        // which URL parsing lets through, to two or six bytes each.
+        let url_bytes: usize = self.images.iter().map(|i| json_len(&i.url)).sum();
         if url_bytes > MAX_GROUP_URL_BYTES {
             return Err(format!(
                 "images: the URLs add up to {} KiB, at most {} KiB per group; split the images into several groups",
@@ -305,6 +307,17 @@ impl ImageGroupSpec {
         }
         Ok(())
     }
+}
+
+/// Bytes of `text` inside a JSON string.
+fn json_len(text: &str) -> usize {
+    text.chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum()
 }
 
 fn is_image_id(id: &str) -> bool {
@@ -472,5 +485,27 @@ mod tests {
             err.starts_with("images: the URLs add up to 769 KiB, at most 768 KiB"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn urls_count_as_the_work_order_will_hold_them() {
+        // Backslashes pass URL parsing and double in JSON: 1000 such URLs are 525 KB
+        // as sent and 1 MB in the work order.
+        let url = format!("http://a.example/{}", "\\".repeat(508));
+        assert_eq!(validate_http_url("url", &url), Ok(()));
+        let urls = vec![url.as_str(); 1000];
+        let err = spec(&urls).validate(&known()).unwrap_err();
+        assert!(
+            err.starts_with("images: the URLs add up to 1009 KiB"),
+            "{err}"
+        );
+        for (text, json) in [("a\"b", 4), ("\u{1}", 6), ("\n", 2), ("é", 2), ("ab", 2)] {
+            assert_eq!(json_len(text), json, "{text:?}");
+            assert_eq!(
+                json_len(text),
+                serde_json::to_string(text).map_or(0, |s| s.len() - 2),
+                "{text:?}"
+            );
+        }
     }
 }
