@@ -337,10 +337,14 @@ async fn slow_and_throttling_endpoints_are_bounded_without_holding_up_the_others
             ..CircuitConfig::default()
         };
         c.retry = RetrySchedule(vec![Duration::from_secs(1); 5]);
+        // The bound is counted by the receiver: an attempt the sender gave up on would
+        // free its slot while the receiver still held it, so none may time out here,
+        // however loaded the machine.
+        c.sender.timeout = Duration::from_secs(10);
     })
     .await;
     let (scripted, base, _server) = Scripted::start().await;
-    // Slow but successful (well inside the 2 s timeout).
+    // Slow but successful (well inside the timeout).
     scripted.fallback("/slow", Reply::Hang(Duration::from_millis(1000)));
     scripted.script("/throttled", vec![Reply::RetryAfter(429, 2)]);
     scripted.fallback("/throttled", Reply::Hang(Duration::from_millis(100)));
