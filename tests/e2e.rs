@@ -28,6 +28,35 @@ async fn work_order(h: &Harness, job: &str) -> serde_json::Value {
     serde_json::from_str(text).expect("JSON")
 }
 
+/// The URL of an image whose server accepts the download and then sends nothing for two
+/// minutes.
+async fn serve_stuck_image() -> String {
+    let stuck = axum::Router::new().route(
+        "/stuck.png",
+        axum::routing::get(|| async {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            ""
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/stuck.png", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, stuck).await });
+    url
+}
+
+/// The reason and message of the first `image.failed` event, once the group completed.
+async fn failure_once_complete(h: &mut Harness) -> (String, String) {
+    let events = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+        .await;
+    let failed = of_type(&events, "image.failed");
+    let failure = &failed.first().expect("an image.failed event").payload["data"]["failure"];
+    let text = |field: &str| failure[field].as_str().unwrap_or_default().to_owned();
+    (text("reason"), text("message"))
+}
+
 /// The ids of the images that got an `image.completed` event, sorted, each once
 /// (delivery is at least once).
 fn completed_images(events: &[kinsight::dev::ReceivedWebhook]) -> Vec<&str> {
@@ -362,6 +391,16 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
     let (status, body) = h.get("/v1/images/img-doesnotexist").await;
     assert_eq!(status, 404);
     problem(404, &body, "not_found");
+    // Ids that would be more than a name in the API server's URL name nothing.
+    for path in [
+        "/v1/image-groups/grp-x%2Fstatus",
+        "/v1/image-groups/grp-x%2F..%2F..%2Fkinsight-system%2Fimagegroups%2Fother",
+        "/v1/image-groups/a%20b/deliveries",
+    ] {
+        let (status, body) = h.get(path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        problem(404, &body, "not_found");
+    }
 
     // Nothing of the refused requests became a group.
     let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
@@ -574,29 +613,12 @@ async fn a_worker_past_its_deadline_fails_its_images_and_the_group_completes() {
         c.worker_backoff_limit = 0;
     })
     .await;
-    // A server that accepts the download and then sends nothing for two minutes.
-    let stuck = axum::Router::new().route(
-        "/stuck.png",
-        axum::routing::get(|| async {
-            tokio::time::sleep(Duration::from_secs(120)).await;
-            ""
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let stuck_url = format!("http://{}/stuck.png", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, stuck).await });
+    let stuck_url = serve_stuck_image().await;
 
     let images = json!([{ "id": "stuck", "url": stuck_url }]);
     let group_id = post_group(&h, images, &["image_classification"]).await;
-    let events = h
-        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
-        .await;
-    let failed = of_type(&events, "image.failed");
-    let failure = &failed.first().expect("an image.failed event").payload["data"]["failure"];
-    assert_eq!(failure["reason"], "WorkerFailed", "{failure}");
-    let message = failure["message"].as_str().unwrap_or_default();
+    let (reason, message) = failure_once_complete(&mut h).await;
+    assert_eq!(reason, "WorkerFailed", "{message}");
     assert!(message.contains("DeadlineExceeded"), "{message}");
     let jobs = common::jobs_of(&h.client, &h.namespace, &group_id).await;
     let deadline = jobs[0]
@@ -604,6 +626,30 @@ async fn a_worker_past_its_deadline_fails_its_images_and_the_group_completes() {
         .as_ref()
         .and_then(|s| s.active_deadline_seconds);
     assert_eq!(deadline, Some(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_job_deleted_by_hand_fails_its_images_and_the_group_completes() {
+    let mut h = Harness::start("tenant-deleted-job").await;
+    // The download hangs (until the 30 s fetch timeout), so the Job is surely running.
+    let stuck_url = serve_stuck_image().await;
+    let images = json!([{ "id": "stuck", "url": stuck_url }]);
+    let group_id = post_group(&h, images, &["image_classification"]).await;
+    let job = format!("{group_id}-g1");
+    eventually("the worker Job exists", LIMIT, async || {
+        !common::jobs_of(&h.client, &h.namespace, &group_id)
+            .await
+            .is_empty()
+    })
+    .await;
+    let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
+    jobs.delete(&job, &kube::api::DeleteParams::background())
+        .await
+        .expect("delete the Job");
+
+    let (reason, message) = failure_once_complete(&mut h).await;
+    assert_eq!(reason, "WorkerFailed", "{message}");
+    assert!(message.contains("deleted"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

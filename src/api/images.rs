@@ -10,8 +10,8 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
-use kube::{Api, ResourceExt};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -23,7 +23,7 @@ use super::{AppState, MAX_BODY_BYTES};
 use crate::crd::{
     ImageEntry, ImageGroup, ImageGroupSpec, ImageResultSpec, SecretKeyRef, WebhookTarget,
 };
-use crate::results::{Freshness, ResultStore};
+use crate::results::ResultStore;
 
 const SINGLE_IMAGE_ID: &str = "image";
 
@@ -300,9 +300,28 @@ pub(super) async fn find_group(
     id: &str,
     what: &str,
 ) -> Result<ImageGroup, ApiError> {
+    // The id becomes a segment of the API server's URL: one that is no object name
+    // (`grp-x/status`, `..`) names nothing here, and must not name anything there.
+    if !is_object_name(id) {
+        return Err(ApiError::NotFound(format!("{what} {id}")));
+    }
     api.get_opt(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{what} {id}")))
+}
+
+/// A Kubernetes object name (RFC 1123 subdomain): ids the API makes (`grp-…`) and
+/// names of groups applied with kubectl.
+fn is_object_name(id: &str) -> bool {
+    id.len() <= 253
+        && id.split('.').all(|label| {
+            let bytes = label.as_bytes();
+            bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+                && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        })
 }
 
 async fn load(
@@ -313,28 +332,11 @@ async fn load(
 ) -> Result<(ImageGroup, HashMap<String, ImageResultSpec>), ApiError> {
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
     let group = find_group(&api, id, what).await?;
-    // Polls are frequent: results come from the API server's watch cache, unless that
-    // view lacks results the group's (quorum-read) status already counts, so a client
-    // polling after a webhook always finds what it was told about.
-    let store = ResultStore::new(state.client.clone());
-    let name = group.name_any();
-    let mut results = store
-        .list(&tenant.namespace, &name, Freshness::Cached)
+    // A client polling after a webhook always finds what it was told about.
+    let results = ResultStore::new(state.client.clone())
+        .list_not_behind(&group)
         .await?;
-    if lags_status(&group, &results) {
-        results = store
-            .list(&tenant.namespace, &name, Freshness::Latest)
-            .await?;
-    }
     Ok((group, results))
-}
-
-/// Whether fewer images are finished in `results` than the group's status counts.
-fn lags_status(group: &ImageGroup, results: &HashMap<String, ImageResultSpec>) -> bool {
-    let counted = group.status.as_ref().map_or(0, |s| s.images_done);
-    let models = &group.spec.models;
-    let in_view = results.values().filter(|r| r.covers(models)).count();
-    u32::try_from(in_view).unwrap_or(u32::MAX) < counted
 }
 
 fn phase(group: &ImageGroup) -> &'static str {
@@ -378,30 +380,33 @@ fn images_out(group: &ImageGroup, results: &HashMap<String, ImageResultSpec>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::ImageGroupStatus;
-
-    fn failed(id: &str) -> (String, ImageResultSpec) {
-        let result = ImageResultSpec::failed("g", id, "DownloadFailed", "HTTP 404".into());
-        (id.to_owned(), result)
-    }
 
     #[test]
-    fn a_cached_view_with_fewer_finished_images_than_the_status_counts_lags() {
-        let spec = ImageGroupSpec {
-            images: Vec::new(),
-            models: vec!["object_detection".into()],
-            webhook: None,
-            metadata: BTreeMap::new(),
-        };
-        let mut group = ImageGroup::new("g", spec);
-        let view: HashMap<_, _> = [failed("a")].into_iter().collect();
-        assert!(!lags_status(&group, &view), "no status yet");
-        group.status = Some(ImageGroupStatus {
-            images_done: 2,
-            ..ImageGroupStatus::default()
-        });
-        assert!(lags_status(&group, &view));
-        let view: HashMap<_, _> = [failed("a"), failed("b")].into_iter().collect();
-        assert!(!lags_status(&group, &view));
+    fn only_object_names_are_looked_up() {
+        for good in [
+            "grp-0123456789abcdef",
+            "listing-42",
+            "a",
+            "a.b-c",
+            &"x".repeat(253),
+        ] {
+            assert!(is_object_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "grp-x/status",
+            "..",
+            ".",
+            "a..b",
+            "-a",
+            "a-",
+            "A",
+            "a b",
+            "a%2Fb",
+            "grp_x",
+            &"x".repeat(254),
+        ] {
+            assert!(!is_object_name(bad), "{bad}");
+        }
     }
 }

@@ -83,10 +83,8 @@ pub async fn reconcile(
         name: name.clone(),
         uid,
     };
-    let results = ctx
-        .results
-        .list(&namespace, &name, Freshness::Cached)
-        .await?;
+    // Counts, phase and event payloads must not go back to what a trailing cache shows.
+    let results = ctx.results.list_not_behind(&group).await?;
     let models = &group.spec.models;
     // Only what is new runs: images without a result, and models an image has not seen.
     let pending: Vec<WorkItem> = group
@@ -269,10 +267,29 @@ async fn ensure_worker_job(
         status.jobs.push(name);
         return Ok(());
     }
-    let Some(job) = jobs.get_opt(&name).await? else {
-        return Ok(());
+    // A Job gone before it was seen to finish (deleted by hand, or by its TTL while no
+    // controller ran) has ended too: its images fail rather than wait for ever.
+    let ended = match jobs.get_opt(&name).await? {
+        None => Some((
+            "WorkerFailed",
+            "the worker job was deleted before processing this image".to_owned(),
+        )),
+        Some(job) => finished(&job).map(|succeeded| {
+            if succeeded {
+                (
+                    "NoResult",
+                    "the worker finished without a result for this image".to_owned(),
+                )
+            } else {
+                let mut message = "the worker job failed before processing this image".to_owned();
+                if let Some(why) = failure_reason(&job) {
+                    message = format!("{message} ({why})");
+                }
+                ("WorkerFailed", message)
+            }
+        }),
     };
-    if let Some(succeeded) = finished(&job) {
+    if let Some((reason, message)) = ended {
         // The watch cache may not have the worker's last writes yet: a quorum read decides
         // which images really have no result, so none is ever overwritten by a failure.
         let stored = ctx
@@ -283,18 +300,6 @@ async fn ensure_worker_job(
         let missing = pending
             .iter()
             .filter(|item| !stored.get(&item.id).is_some_and(|r| r.covers(models)));
-        let (reason, message) = if succeeded {
-            (
-                "NoResult",
-                "the worker finished without a result for this image".to_owned(),
-            )
-        } else {
-            let mut message = "the worker job failed before processing this image".to_owned();
-            if let Some(why) = failure_reason(&job) {
-                message = format!("{message} ({why})");
-            }
-            ("WorkerFailed", message)
-        };
         for item in missing {
             let failure =
                 ImageResultSpec::failed(&group_ref.name, &item.id, reason, message.clone());

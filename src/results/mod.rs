@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::crd::{GROUP_LABEL, ImageGroup, ImageResult, ImageResultSpec};
@@ -130,6 +130,38 @@ impl ResultStore {
             .map(|spec| (spec.image_id.clone(), spec))
             .collect())
     }
+
+    /// A group's results, for reads as frequent as polls and reconciles: from the watch
+    /// cache, unless that view has fewer finished images than the group's status (read
+    /// from etcd) already counts for this generation, as a cache that trails (another API
+    /// server, a new leader) would; then from etcd. So what was counted or announced never
+    /// goes missing from a later read, and counts never go back.
+    pub async fn list_not_behind(
+        &self,
+        group: &ImageGroup,
+    ) -> Result<HashMap<String, ImageResultSpec>, ResultsError> {
+        let namespace = group.namespace().unwrap_or_default();
+        let name = group.name_any();
+        let results = self.list(&namespace, &name, Freshness::Cached).await?;
+        if !lags_status(group, &results) {
+            return Ok(results);
+        }
+        self.list(&namespace, &name, Freshness::Latest).await
+    }
+}
+
+/// Whether fewer images are finished in `results` than the group's status counts for the
+/// group's current generation (a status of an earlier one counted with other models).
+fn lags_status(group: &ImageGroup, results: &HashMap<String, ImageResultSpec>) -> bool {
+    let Some(status) = &group.status else {
+        return false;
+    };
+    if status.observed_generation != group.metadata.generation {
+        return false;
+    }
+    let models = &group.spec.models;
+    let in_view = results.values().filter(|r| r.covers(models)).count();
+    u32::try_from(in_view).unwrap_or(u32::MAX) < status.images_done
 }
 
 /// Object name of an image's result: readable when it fits, hashed when it would not.
@@ -154,6 +186,38 @@ pub fn label_value(group: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::{ImageGroupSpec, ImageGroupStatus};
+
+    fn failed(id: &str) -> (String, ImageResultSpec) {
+        let result = ImageResultSpec::failed("g", id, "DownloadFailed", "HTTP 404".into());
+        (id.to_owned(), result)
+    }
+
+    #[test]
+    fn a_cached_view_with_fewer_finished_images_than_the_status_counts_lags() {
+        let spec = ImageGroupSpec {
+            images: Vec::new(),
+            models: vec!["object_detection".into()],
+            webhook: None,
+            metadata: BTreeMap::new(),
+        };
+        let mut group = ImageGroup::new("g", spec);
+        group.metadata.generation = Some(2);
+        let view: HashMap<_, _> = [failed("a")].into_iter().collect();
+        assert!(!lags_status(&group, &view), "no status yet");
+        group.status = Some(ImageGroupStatus {
+            images_done: 2,
+            observed_generation: Some(2),
+            ..ImageGroupStatus::default()
+        });
+        assert!(lags_status(&group, &view));
+        let view: HashMap<_, _> = [failed("a"), failed("b")].into_iter().collect();
+        assert!(!lags_status(&group, &view));
+        // Counted for generation 1, with other models: no measure of this view.
+        let view: HashMap<_, _> = [failed("a")].into_iter().collect();
+        group.metadata.generation = Some(3);
+        assert!(!lags_status(&group, &view));
+    }
 
     #[test]
     fn names_fit_kubernetes_limits() {
