@@ -61,6 +61,15 @@ impl From<kube::Error> for ApiError {
     /// cluster being unavailable.
     fn from(e: kube::Error) -> Self {
         if let kube::Error::Api(answer) = &e {
+            // An object over the API server's or etcd's size limit: retrying cannot help,
+            // a smaller request can.
+            if answer.code == 413 || answer.message.contains("too large") {
+                return Self::InvalidRequest(format!(
+                    "the image group would be larger than the cluster stores in one object \
+                     ({}); split the images into several groups",
+                    answer.message
+                ));
+            }
             match answer.code {
                 404 => return Self::NotFound(answer.message.clone()),
                 409 => return Self::Conflict,
@@ -117,5 +126,14 @@ mod tests {
         assert_eq!(mapped(422).status(), StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(mapped(500).status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(mapped(403).code(), "unavailable");
+        // Too large is the request's fault, not the cluster's: no "try again".
+        assert_eq!(mapped(413).status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let etcd = serde_json::from_value(json!({
+            "status": "Failure", "message": "etcdserver: request is too large", "code": 500
+        }))
+        .expect("a Status");
+        let error = ApiError::from(kube::Error::Api(etcd));
+        assert_eq!(error.code(), "invalid_request");
+        assert!(error.to_string().contains("split the images"), "{error}");
     }
 }
