@@ -1,7 +1,7 @@
 //! Handlers for images and image groups. DTOs are `...In` (requests) and built JSON
 //! (responses); ids are prefixed by kind: `img-...` for single images, `grp-...` for groups.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::Json;
@@ -143,19 +143,8 @@ async fn add_to_group(
     models: &[String],
 ) -> Result<(), ApiError> {
     let mut group = find_group(api, id, "image group").await?;
-    let first_new = group.spec.images.len();
-    for (offset, image) in input.add_images.iter().enumerate() {
-        // Positional ids stay stable: a new image without an id gets its own position.
-        let id = image
-            .id
-            .clone()
-            .unwrap_or_else(|| (first_new + offset).to_string());
-        group.spec.images.push(ImageEntry {
-            id: Some(id),
-            url: image.url.clone(),
-            metadata: image.metadata.clone(),
-        });
-    }
+    let added = new_entries(&group.spec.images, &input.add_images);
+    group.spec.images.extend(added);
     for model in &input.add_models {
         if !group.spec.models.contains(model) {
             group.spec.models.push(model.clone());
@@ -167,6 +156,38 @@ async fn add_to_group(
         .map_err(ApiError::InvalidRequest)?;
     api.replace(id, &PostParams::default(), &group).await?;
     Ok(())
+}
+
+/// The entries for `added`, after `existing`. An image without an id gets its position,
+/// as at creation, or when that is taken (an explicit id may be a number) the next number
+/// no image has: the client is never refused for an id it did not send.
+fn new_entries(existing: &[ImageEntry], added: &[GroupImageIn]) -> Vec<ImageEntry> {
+    let mut used: HashSet<String> = existing
+        .iter()
+        .enumerate()
+        .map(|(i, image)| image.key(i))
+        .chain(added.iter().filter_map(|image| image.id.clone()))
+        .collect();
+    added
+        .iter()
+        .enumerate()
+        .map(|(offset, image)| {
+            let id = image.id.clone().unwrap_or_else(|| {
+                let mut number = existing.len() + offset;
+                while used.contains(&number.to_string()) {
+                    number += 1;
+                }
+                let id = number.to_string();
+                used.insert(id.clone());
+                id
+            });
+            ImageEntry {
+                id: Some(id),
+                url: image.url.clone(),
+                metadata: image.metadata.clone(),
+            }
+        })
+        .collect()
 }
 
 pub async fn get_image(
@@ -380,6 +401,42 @@ fn images_out(group: &ImageGroup, results: &HashMap<String, ImageResultSpec>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn added_images_without_ids_never_take_one_in_use() {
+        let entry = |id: Option<&str>| ImageEntry {
+            id: id.map(str::to_owned),
+            url: "https://photos.example/a.jpg".into(),
+            metadata: BTreeMap::new(),
+        };
+        let input = |id: Option<&str>| GroupImageIn {
+            id: id.map(str::to_owned),
+            url: "https://photos.example/b.jpg".into(),
+            metadata: BTreeMap::new(),
+        };
+        // Created as [no id, "5"]: positions 0 and the explicit 5 are taken.
+        let existing = [entry(None), entry(Some("5"))];
+        let added = [
+            input(None),
+            input(None),
+            input(None),
+            input(Some("4")),
+            input(None),
+        ];
+        let ids: Vec<String> = new_entries(&existing, &added)
+            .into_iter()
+            .filter_map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["2", "3", "6", "4", "7"]);
+        let mut group = ImageGroupSpec {
+            images: existing.to_vec(),
+            models: vec!["object_detection".into()],
+            webhook: None,
+            metadata: BTreeMap::new(),
+        };
+        group.images.extend(new_entries(&existing, &added));
+        assert_eq!(group.validate(&["object_detection".to_owned()]), Ok(()));
+    }
 
     #[test]
     fn only_object_names_are_looked_up() {
