@@ -2,8 +2,8 @@
 //! stable ids and per-group sequence numbers) and driving their delivery attempts.
 //! Waiting between attempts is a requeue of the reconciler, never a sleeping task.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -179,7 +179,15 @@ pub fn plan(
         .all(|d| is_group_event(d) || d.state != DeliveryState::Pending);
     if all_done && images_settled {
         let generation = group.metadata.generation.unwrap_or(1).to_string();
-        let this_generation = group_event_ids(&uid, &generation, endpoints);
+        // Endpoints that have gone since keep their records: theirs count as this
+        // generation's too, or losing a subscription would announce an update.
+        let recorded = status.deliveries.iter().map(|d| d.endpoint.as_str());
+        let keys: HashSet<&str> = endpoints
+            .iter()
+            .map(|e| e.key.as_str())
+            .chain(recorded)
+            .collect();
+        let this_generation = group_event_ids(&uid, &generation, keys);
         let completed_before = status
             .deliveries
             .iter()
@@ -229,11 +237,15 @@ fn prune_superseded(status: &mut ImageGroupStatus) {
 
 /// The ids the group event of `generation` has (or would have), for every endpoint and
 /// both event types.
-fn group_event_ids(uid: &str, generation: &str, endpoints: &[Endpoint]) -> Vec<String> {
-    endpoints
-        .iter()
-        .flat_map(|e| {
-            [GROUP_COMPLETED, GROUP_UPDATED].map(|event| event_id(uid, event, generation, &e.key))
+fn group_event_ids<'a>(
+    uid: &str,
+    generation: &str,
+    endpoint_keys: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    endpoint_keys
+        .into_iter()
+        .flat_map(|key| {
+            [GROUP_COMPLETED, GROUP_UPDATED].map(|event| event_id(uid, event, generation, key))
         })
         .collect()
 }
@@ -1008,6 +1020,31 @@ mod tests {
             .filter(|d| d.event == GROUP_COMPLETED)
             .count();
         assert_eq!(completed, 1, "{:#?}", status.deliveries);
+    }
+
+    #[test]
+    fn losing_an_endpoint_announces_no_update() {
+        let both = [endpoint("request"), endpoint("subscription/a")];
+        let g = group(2, &["m"], 1);
+        let now = jiff::Timestamp::now();
+        let mut status = ImageGroupStatus::default();
+        plan(&g, &mut status, &results(2), &both, true, now);
+        settle(&mut status, DeliveryState::Delivered);
+        plan(&g, &mut status, &results(2), &both, true, now);
+        settle(&mut status, DeliveryState::Delivered);
+        let recorded = status.deliveries.clone();
+        assert_eq!(recorded.len(), 2 * 2 + 2, "{recorded:#?}");
+
+        // The subscription is deleted; nothing about the group changed.
+        plan(
+            &g,
+            &mut status,
+            &results(2),
+            &[endpoint("request")],
+            true,
+            now,
+        );
+        assert_eq!(status.deliveries, recorded);
     }
 
     #[test]
