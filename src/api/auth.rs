@@ -41,11 +41,13 @@ pub struct ApiKeys {
 }
 
 pub fn authenticate(keys: &ApiKeys, headers: &HeaderMap) -> Result<Tenant, ApiError> {
+    // `Bearer <key>`; the scheme's case does not matter (RFC 9110 11.1).
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim())
         .filter(|k| !k.is_empty())
         .ok_or(ApiError::Unauthorized)?;
     let digest = hash_key(presented);
@@ -59,10 +61,22 @@ pub fn authenticate(keys: &ApiKeys, headers: &HeaderMap) -> Result<Tenant, ApiEr
             continue;
         };
         if bool::from(hash.0.trim_ascii().ct_eq(digest.as_bytes())) {
-            let namespace =
-                String::from_utf8(namespace.0.clone()).map_err(|_| ApiError::Unauthorized)?;
+            // A blank or malformed namespace would put the tenant's requests somewhere
+            // else than one namespace (an empty one reads as all of them): an operator's
+            // mistake, refused and logged rather than followed.
+            let namespace = std::str::from_utf8(&namespace.0)
+                .map(str::trim)
+                .ok()
+                .filter(|n| is_namespace_name(n));
+            let Some(namespace) = namespace else {
+                tracing::warn!(
+                    secret = %secret.metadata.name.as_deref().unwrap_or_default(),
+                    "API key Secret has no valid {TENANT_NAMESPACE_FIELD}; its key is refused"
+                );
+                return Err(ApiError::Unauthorized);
+            };
             return Ok(Tenant {
-                namespace: namespace.trim().to_owned(),
+                namespace: namespace.to_owned(),
             });
         }
     }
@@ -72,4 +86,92 @@ pub fn authenticate(keys: &ApiKeys, headers: &HeaderMap) -> Result<Tenant, ApiEr
         ));
     }
     Err(ApiError::Unauthorized)
+}
+
+/// A namespace name: an RFC 1123 label (at most 63 characters, no dots).
+fn is_namespace_name(name: &str) -> bool {
+    name.len() <= 63 && !name.contains('.') && super::images::is_object_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use axum::http::HeaderValue;
+    use k8s_openapi::ByteString;
+    use kube::api::ObjectMeta;
+    use kube::runtime::{reflector, watcher};
+
+    use super::*;
+
+    fn keys(tenants: &[(&str, &str)]) -> ApiKeys {
+        let (store, mut writer) = reflector::store();
+        for (i, (key, namespace)) in tenants.iter().enumerate() {
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(format!("key-{i}")),
+                    namespace: Some("kinsight-system".into()),
+                    ..ObjectMeta::default()
+                },
+                data: Some(BTreeMap::from([
+                    (
+                        KEY_HASH_FIELD.to_owned(),
+                        ByteString(hash_key(key).into_bytes()),
+                    ),
+                    (
+                        TENANT_NAMESPACE_FIELD.to_owned(),
+                        ByteString(namespace.as_bytes().to_vec()),
+                    ),
+                ])),
+                ..Secret::default()
+            };
+            writer.apply_watcher_event(&watcher::Event::Apply(secret));
+        }
+        ApiKeys {
+            store,
+            loaded: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    fn with(authorization: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_str(authorization) {
+            headers.insert(axum::http::header::AUTHORIZATION, value);
+        }
+        headers
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let keys = keys(&[("k1", "tenant-a")]);
+        for header in ["Bearer k1", "bearer k1", "BEARER  k1 "] {
+            let tenant = authenticate(&keys, &with(header)).expect(header);
+            assert_eq!(tenant.namespace, "tenant-a");
+        }
+        for header in ["Basic k1", "Bearer", "k1", "Bearer k2"] {
+            assert!(
+                matches!(
+                    authenticate(&keys, &with(header)),
+                    Err(ApiError::Unauthorized)
+                ),
+                "{header}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_whose_tenant_namespace_is_blank_or_malformed_is_refused() {
+        let keys = keys(&[
+            ("blank", "  "),
+            ("path", "a/b"),
+            ("dotted", "a.b"),
+            ("ok", " tenant-b\n"),
+        ]);
+        for key in ["blank", "path", "dotted"] {
+            let result = authenticate(&keys, &with(&format!("Bearer {key}")));
+            assert!(matches!(result, Err(ApiError::Unauthorized)), "{key}");
+        }
+        let tenant = authenticate(&keys, &with("Bearer ok")).expect("ok");
+        assert_eq!(tenant.namespace, "tenant-b");
+    }
 }

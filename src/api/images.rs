@@ -333,7 +333,7 @@ pub(super) async fn find_group(
 
 /// A Kubernetes object name (RFC 1123 subdomain): ids the API makes (`grp-…`) and
 /// names of groups applied with kubectl.
-fn is_object_name(id: &str) -> bool {
+pub(super) fn is_object_name(id: &str) -> bool {
     id.len() <= 253
         && id.split('.').all(|label| {
             let bytes = label.as_bytes();
