@@ -76,6 +76,18 @@ impl Circuits {
         &self.config
     }
 
+    /// The rules for `endpoint`. A memory-only circuit (a URL given per request) is never
+    /// disabled: nothing could enable it again but a restart, so every later group sending
+    /// there would fail at once; it keeps probing at the longest cool-down instead, and
+    /// each event still fails when its own retries run out.
+    fn config_for(&self, endpoint: &Endpoint) -> CircuitConfig {
+        let mut config = self.config.clone();
+        if endpoint.generation == MEMORY_ONLY {
+            config.disable_after = Duration::MAX;
+        }
+        config
+    }
+
     /// The endpoint's circuit; a new one resumes from `recorded` (what the subscription's
     /// status says) when that was recorded for this generation.
     pub fn endpoint(
@@ -142,12 +154,13 @@ impl Circuits {
             let notified = endpoint.changed.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            let admission = endpoint.circuit().admit(&self.config, Timestamp::now());
+            let config = self.config_for(endpoint);
+            let admission = endpoint.circuit().admit(&config, Timestamp::now());
             match admission {
                 Admission::Go { probe } => {
                     return Ok(Permit {
                         endpoint: endpoint.clone(),
-                        config: self.config.clone(),
+                        config,
                         probe,
                         finished: false,
                     });
@@ -236,6 +249,33 @@ mod tests {
             max_concurrency,
             ..CircuitConfig::default()
         })
+    }
+
+    #[tokio::test]
+    async fn only_subscriptions_are_disabled_a_url_given_per_request_keeps_probing() {
+        let c = Circuits::new(CircuitConfig {
+            failure_threshold: 1,
+            cool_down: Duration::ZERO,
+            disable_after: Duration::ZERO,
+            ..CircuitConfig::default()
+        });
+        let subscription = c.endpoint("ns/sub", 1, None);
+        let request_url = c.endpoint("ns/https://hooks.example/in", MEMORY_ONLY, None);
+        for endpoint in [&subscription, &request_url] {
+            let permit = c.acquire(endpoint).await.expect("a first attempt");
+            permit.finish(&failed(500));
+        }
+        // Failing for the whole (here empty) window: the subscription is disabled...
+        assert!(
+            matches!(
+                c.acquire(&subscription).await,
+                Err(Blocked::Disabled { .. })
+            ),
+            "the subscription is disabled"
+        );
+        // ...the request URL only open, and its probe goes.
+        let probe = c.acquire(&request_url).await.expect("a probe");
+        assert!(probe.is_probe());
     }
 
     #[tokio::test]
