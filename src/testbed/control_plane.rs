@@ -93,6 +93,24 @@ impl ControlPlane {
     /// until the API server answers `/readyz`.
     pub async fn start(opts: ControlPlaneOptions) -> Result<ControlPlane, TestbedError> {
         let binaries = find_binaries(&opts)?;
+        // Free ports are picked, released, then bound by the components: another process
+        // (a parallel test's server) can take one in between. Then start again, on others.
+        let mut tries = PORT_RACE_TRIES;
+        loop {
+            match ControlPlane::start_once(&binaries, &opts).await {
+                Err(e) if tries > 1 && lost_a_port(&e) => {
+                    tries -= 1;
+                    tracing::warn!(error = %e, "a control-plane port was taken meanwhile; starting again");
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn start_once(
+        binaries: &Binaries,
+        opts: &ControlPlaneOptions,
+    ) -> Result<ControlPlane, TestbedError> {
         let (state_dir, temp_dir) = match &opts.state_dir {
             Some(dir) => (dir.clone(), None),
             None => {
@@ -111,7 +129,7 @@ impl ControlPlane {
             _temp_dir: temp_dir,
         };
         // On any error below, dropping `plane` stops what was started.
-        plane.boot(&binaries, &opts).await?;
+        plane.boot(binaries, opts).await?;
         Ok(plane)
     }
 
@@ -494,6 +512,20 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Starts of a control plane tried when a port it picked was taken before it was bound.
+const PORT_RACE_TRIES: u32 = 3;
+
+/// Whether a component could not start because its port was taken.
+fn lost_a_port(error: &TestbedError) -> bool {
+    match error {
+        TestbedError::ProcessExited { log_tail, .. }
+        | TestbedError::StartTimeout { log_tail, .. } => {
+            log_tail.contains("address already in use")
+        }
+        _ => false,
+    }
+}
+
 /// Reuses the ports remembered in `file` when they are all free, else picks new free ones.
 fn choose_ports(file: &Path) -> Result<Ports, TestbedError> {
     if let Ok(text) = std::fs::read_to_string(file)
@@ -707,6 +739,22 @@ mod tests {
         opts.controller_manager = false;
         let bins = find_binaries(&opts).expect("found");
         assert!(bins.controller_manager.is_none());
+    }
+
+    #[test]
+    fn a_port_taken_before_it_was_bound_is_told_apart() {
+        let exited = |tail: &str| TestbedError::ProcessExited {
+            component: "kube-apiserver".into(),
+            status: "exit status: 1".into(),
+            log: PathBuf::from("kube-apiserver.log"),
+            log_tail: tail.into(),
+        };
+        assert!(lost_a_port(&exited(
+            "Error: failed to create listener: failed to listen on 127.0.0.1:46079: \
+             listen tcp 127.0.0.1:46079: bind: address already in use"
+        )));
+        assert!(!lost_a_port(&exited("Error: unknown flag: --nope")));
+        assert!(!lost_a_port(&TestbedError::Config("no binaries".into())));
     }
 
     #[test]
