@@ -184,6 +184,9 @@ struct WorkerArgs {
     prefetch: usize,
     #[command(flatten)]
     egress: EgressArg,
+    /// How long one image's download may take in all, e.g. `30s`.
+    #[arg(long, env = "KINSIGHT_DOWNLOAD_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    download_timeout: Duration,
     /// Where the models run: `cpu`, `cuda` (GPU 0), `cuda:<gpu>` or `auto` (CUDA when this
     /// ONNX Runtime and machine have it, else the CPU). The log says which ran.
     #[arg(long, env = "KINSIGHT_EXECUTION_PROVIDER", default_value = "cpu")]
@@ -352,6 +355,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 models_dir: args.catalog.models_dir,
                 fetch: FetchConfig {
                     egress: args.egress.allow_egress.unwrap_or_default(),
+                    total_timeout: args.download_timeout,
                     ..FetchConfig::default()
                 },
                 prefetch: args.prefetch,

@@ -611,6 +611,10 @@ async fn a_worker_past_its_deadline_fails_its_images_and_the_group_completes() {
     let mut h = Harness::start_configured("tenant-deadline", |c| {
         c.worker_deadline = Duration::from_secs(5);
         c.worker_backoff_limit = 0;
+        // Only the deadline may end this download, however slowly the Job controller
+        // of a loaded machine gets to it (the default timeout is 30 s).
+        c.worker_env
+            .push(("KINSIGHT_DOWNLOAD_TIMEOUT".into(), "110s".into()));
     })
     .await;
     let stuck_url = serve_stuck_image().await;
@@ -630,8 +634,12 @@ async fn a_worker_past_its_deadline_fails_its_images_and_the_group_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_job_deleted_by_hand_fails_its_images_and_the_group_completes() {
-    let mut h = Harness::start("tenant-deleted-job").await;
-    // The download hangs (until the 30 s fetch timeout), so the Job is surely running.
+    let mut h = Harness::start_configured("tenant-deleted-job", |c| {
+        c.worker_env
+            .push(("KINSIGHT_DOWNLOAD_TIMEOUT".into(), "110s".into()));
+    })
+    .await;
+    // The download hangs (for longer than the test waits), so the Job is surely running.
     let stuck_url = serve_stuck_image().await;
     let images = json!([{ "id": "stuck", "url": stuck_url }]);
     let group_id = post_group(&h, images, &["image_classification"]).await;
