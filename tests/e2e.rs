@@ -28,9 +28,18 @@ async fn work_order(h: &Harness, job: &str) -> serde_json::Value {
     serde_json::from_str(text).expect("JSON")
 }
 
-/// The URL of an image whose server accepts the download and then sends nothing for two
-/// minutes.
-async fn serve_stuck_image() -> String {
+/// Worker downloads may take 110 s: only the path under test (a deadline, a deletion)
+/// ends a stuck one, however slowly a loaded machine's Job controller gets to it (the
+/// default timeout is 30 s).
+fn let_downloads_hang(config: &mut kinsight::controller::ControllerConfig) {
+    config
+        .worker_env
+        .push(("KINSIGHT_DOWNLOAD_TIMEOUT".into(), "110s".into()));
+}
+
+/// Posts a group of one image whose server accepts the download and then sends nothing
+/// for two minutes; returns the group's id.
+async fn post_stuck_group(h: &Harness) -> String {
     let stuck = axum::Router::new().route(
         "/stuck.png",
         axum::routing::get(|| async {
@@ -43,7 +52,8 @@ async fn serve_stuck_image() -> String {
         .expect("bind");
     let url = format!("http://{}/stuck.png", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, stuck).await });
-    url
+    let images = json!([{ "id": "stuck", "url": url }]);
+    post_group(h, images, &["image_classification"]).await
 }
 
 /// The reason and message of the first `image.failed` event, once the group completed.
@@ -611,16 +621,10 @@ async fn a_worker_past_its_deadline_fails_its_images_and_the_group_completes() {
     let mut h = Harness::start_configured("tenant-deadline", |c| {
         c.worker_deadline = Duration::from_secs(5);
         c.worker_backoff_limit = 0;
-        // Only the deadline may end this download, however slowly the Job controller
-        // of a loaded machine gets to it (the default timeout is 30 s).
-        c.worker_env
-            .push(("KINSIGHT_DOWNLOAD_TIMEOUT".into(), "110s".into()));
+        let_downloads_hang(c);
     })
     .await;
-    let stuck_url = serve_stuck_image().await;
-
-    let images = json!([{ "id": "stuck", "url": stuck_url }]);
-    let group_id = post_group(&h, images, &["image_classification"]).await;
+    let group_id = post_stuck_group(&h).await;
     let (reason, message) = failure_once_complete(&mut h).await;
     assert_eq!(reason, "WorkerFailed", "{message}");
     assert!(message.contains("DeadlineExceeded"), "{message}");
@@ -634,15 +638,9 @@ async fn a_worker_past_its_deadline_fails_its_images_and_the_group_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_job_deleted_by_hand_fails_its_images_and_the_group_completes() {
-    let mut h = Harness::start_configured("tenant-deleted-job", |c| {
-        c.worker_env
-            .push(("KINSIGHT_DOWNLOAD_TIMEOUT".into(), "110s".into()));
-    })
-    .await;
+    let mut h = Harness::start_configured("tenant-deleted-job", let_downloads_hang).await;
     // The download hangs (for longer than the test waits), so the Job is surely running.
-    let stuck_url = serve_stuck_image().await;
-    let images = json!([{ "id": "stuck", "url": stuck_url }]);
-    let group_id = post_group(&h, images, &["image_classification"]).await;
+    let group_id = post_stuck_group(&h).await;
     let job = format!("{group_id}-g1");
     eventually("the worker Job exists", LIMIT, async || {
         !common::jobs_of(&h.client, &h.namespace, &group_id)

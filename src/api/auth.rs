@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::problem::ApiError;
+use crate::crd::is_dns_label;
 
 pub const API_KEY_LABEL: &str = "kinsight.io/api-key";
 pub const KEY_HASH_FIELD: &str = "key-sha256";
@@ -67,7 +68,7 @@ pub fn authenticate(keys: &ApiKeys, headers: &HeaderMap) -> Result<Tenant, ApiEr
             let namespace = std::str::from_utf8(&namespace.0)
                 .map(str::trim)
                 .ok()
-                .filter(|n| is_namespace_name(n));
+                .filter(|n| is_dns_label(n, 63));
             let Some(namespace) = namespace else {
                 tracing::warn!(
                     secret = %secret.metadata.name.as_deref().unwrap_or_default(),
@@ -86,11 +87,6 @@ pub fn authenticate(keys: &ApiKeys, headers: &HeaderMap) -> Result<Tenant, ApiEr
         ));
     }
     Err(ApiError::Unauthorized)
-}
-
-/// A namespace name: an RFC 1123 label (at most 63 characters, no dots).
-fn is_namespace_name(name: &str) -> bool {
-    name.len() <= 63 && !name.contains('.') && super::images::is_object_name(name)
 }
 
 #[cfg(test)]

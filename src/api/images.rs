@@ -22,6 +22,7 @@ use super::retry;
 use super::{AppState, MAX_BODY_BYTES};
 use crate::crd::{
     ImageEntry, ImageGroup, ImageGroupSpec, ImageResultSpec, SecretKeyRef, WebhookTarget,
+    is_object_name,
 };
 use crate::results::ResultStore;
 
@@ -323,26 +324,13 @@ pub(super) async fn find_group(
 ) -> Result<ImageGroup, ApiError> {
     // The id becomes a segment of the API server's URL: one that is no object name
     // (`grp-x/status`, `..`) names nothing here, and must not name anything there.
+    // Ids the API makes (`grp-…`) and names of groups applied with kubectl pass.
     if !is_object_name(id) {
         return Err(ApiError::NotFound(format!("{what} {id}")));
     }
     api.get_opt(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{what} {id}")))
-}
-
-/// A Kubernetes object name (RFC 1123 subdomain): ids the API makes (`grp-…`) and
-/// names of groups applied with kubectl.
-pub(super) fn is_object_name(id: &str) -> bool {
-    id.len() <= 253
-        && id.split('.').all(|label| {
-            let bytes = label.as_bytes();
-            bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-                && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-                && bytes
-                    .iter()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        })
 }
 
 async fn load(
@@ -436,34 +424,5 @@ mod tests {
         };
         group.images.extend(new_entries(&existing, &added));
         assert_eq!(group.validate(&["object_detection".to_owned()]), Ok(()));
-    }
-
-    #[test]
-    fn only_object_names_are_looked_up() {
-        for good in [
-            "grp-0123456789abcdef",
-            "listing-42",
-            "a",
-            "a.b-c",
-            &"x".repeat(253),
-        ] {
-            assert!(is_object_name(good), "{good}");
-        }
-        for bad in [
-            "",
-            "grp-x/status",
-            "..",
-            ".",
-            "a..b",
-            "-a",
-            "a-",
-            "A",
-            "a b",
-            "a%2Fb",
-            "grp_x",
-            &"x".repeat(254),
-        ] {
-            assert!(!is_object_name(bad), "{bad}");
-        }
     }
 }

@@ -14,7 +14,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::job::{
-    build_job, catalog_config_map, failure_reason, finished, job_name, job_owner,
+    build_job, catalog_config_map, finished, job_name, job_owner, left_images_failure,
     work_order_config_map, worker_rbac,
 };
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
@@ -267,29 +267,8 @@ async fn ensure_worker_job(
         status.jobs.push(name);
         return Ok(());
     }
-    // A Job gone before it was seen to finish (deleted by hand, or by its TTL while no
-    // controller ran) has ended too: its images fail rather than wait for ever.
-    let ended = match jobs.get_opt(&name).await? {
-        None => Some((
-            "WorkerFailed",
-            "the worker job was deleted before processing this image".to_owned(),
-        )),
-        Some(job) => finished(&job).map(|succeeded| {
-            if succeeded {
-                (
-                    "NoResult",
-                    "the worker finished without a result for this image".to_owned(),
-                )
-            } else {
-                let mut message = "the worker job failed before processing this image".to_owned();
-                if let Some(why) = failure_reason(&job) {
-                    message = format!("{message} ({why})");
-                }
-                ("WorkerFailed", message)
-            }
-        }),
-    };
-    if let Some((reason, message)) = ended {
+    let job = jobs.get_opt(&name).await?;
+    if let Some((reason, message)) = left_images_failure(job.as_ref()) {
         // The watch cache may not have the worker's last writes yet: a quorum read decides
         // which images really have no result, so none is ever overwritten by a failure.
         let stored = ctx

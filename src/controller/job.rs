@@ -521,9 +521,35 @@ pub fn finished(job: &Job) -> Option<bool> {
         })
 }
 
+/// The failure (reason, message) for the images a worker Job left without a result, once
+/// it has ended: finished, failed, or gone before it was seen to finish (deleted by hand,
+/// or by its TTL while no controller ran). `None` while it runs.
+pub fn left_images_failure(job: Option<&Job>) -> Option<(&'static str, String)> {
+    let Some(job) = job else {
+        return Some((
+            "WorkerFailed",
+            "the worker job was deleted before processing this image".to_owned(),
+        ));
+    };
+    if finished(job)? {
+        return Some((
+            "NoResult",
+            "the worker finished without a result for this image".to_owned(),
+        ));
+    }
+    let message = "the worker job failed before processing this image";
+    Some((
+        "WorkerFailed",
+        match failure_reason(job) {
+            Some(why) => format!("{message} ({why})"),
+            None => message.to_owned(),
+        },
+    ))
+}
+
 /// Why a failed Job failed, as its `Failed` condition says (e.g. `DeadlineExceeded: Job was
 /// active longer than specified deadline`).
-pub fn failure_reason(job: &Job) -> Option<String> {
+fn failure_reason(job: &Job) -> Option<String> {
     let conditions = job.status.as_ref()?.conditions.as_ref()?;
     let failed = conditions
         .iter()
@@ -685,6 +711,20 @@ mod tests {
         );
         let complete = job(vec![condition("Complete", Some("Done"), None)]);
         assert_eq!(failure_reason(&complete), None);
+
+        // What the images a Job left get: by how it ended; nothing while it runs.
+        let reason = left_images_failure;
+        assert_eq!(reason(Some(&job(Vec::new()))), None);
+        let (why, message) = reason(Some(&deadline)).expect("failed");
+        assert_eq!(why, "WorkerFailed");
+        assert!(
+            message.ends_with("(DeadlineExceeded: Job was active longer than specified deadline)"),
+            "{message}"
+        );
+        assert_eq!(reason(Some(&complete)).map(|(r, _)| r), Some("NoResult"));
+        let (why, message) = reason(None).expect("gone");
+        assert_eq!(why, "WorkerFailed");
+        assert!(message.contains("deleted"), "{message}");
 
         let mut config = config();
         config.worker_deadline = std::time::Duration::from_secs(1800);

@@ -321,13 +321,7 @@ fn json_len(text: &str) -> usize {
 }
 
 fn is_image_id(id: &str) -> bool {
-    let bytes = id.as_bytes();
-    let ok_char = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
-    !bytes.is_empty()
-        && bytes.len() <= 40
-        && bytes.iter().all(ok_char)
-        && bytes.first() != Some(&b'-')
-        && bytes.last() != Some(&b'-')
+    super::is_dns_label(id, 40)
 }
 
 /// An absolute http(s) URL with a host; anything else would fail later, far from the caller.

@@ -5,6 +5,7 @@
 mod conditions;
 mod image_group;
 mod image_result;
+mod names;
 mod webhook_subscription;
 
 pub use conditions::{ConditionStatus, set_condition};
@@ -14,6 +15,7 @@ pub use image_group::{
     WebhookTarget,
 };
 pub use image_result::{ImageFailure, ImageResult, ImageResultSpec, ModelResult, Timings};
+pub use names::{is_dns_label, is_object_name};
 pub use webhook_subscription::{
     CircuitState, EndpointHealth, LastDelivery, RetryPolicy, WebhookSubscription,
     WebhookSubscriptionSpec, WebhookSubscriptionStatus,

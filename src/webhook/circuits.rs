@@ -150,11 +150,11 @@ impl Circuits {
 
     /// Waits for a free slot, or says why none will be free for now.
     pub async fn acquire(&self, endpoint: &Arc<Endpoint>) -> Result<Permit, Blocked> {
+        let config = self.config_for(endpoint);
         loop {
             let notified = endpoint.changed.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            let config = self.config_for(endpoint);
             let admission = endpoint.circuit().admit(&config, Timestamp::now());
             match admission {
                 Admission::Go { probe } => {
