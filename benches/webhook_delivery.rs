@@ -2,7 +2,8 @@
 //! plane: `cargo bench --bench webhook_delivery` (a command, not a test; `harness = false`).
 //!
 //! ImageGroups are created through the kube API (as the REST API does) and each image's result
-//! is written through the worker's writer (`ResultStore::write`) right after its group exists;
+//! is stored as the result ingest stores it (`Store::write_results`, one image a call) right
+//! after its group exists;
 //! no worker runs (Jobs stay pending: there is no node agent). The controller runs in this
 //! process on its own runtime, and a fast receiver on 127.0.0.1 records each `webhook-id` and
 //! when it arrived (no signature check: that is the receiver's cost, not the controller's).
@@ -31,12 +32,10 @@ use axum::routing::post;
 use futures::StreamExt;
 use kinsight::api::{SIGNING_SECRET_KEY, SIGNING_SECRET_NAME};
 use kinsight::controller::ControllerConfig;
-use kinsight::crd::{
-    ImageEntry, ImageGroup, ImageGroupSpec, ImageResultSpec, ModelResult, SecretKeyRef, Timings,
-    WebhookTarget,
-};
+use kinsight::crd::{ImageEntry, ImageGroup, ImageGroupSpec, SecretKeyRef, WebhookTarget};
 use kinsight::inference::{Catalog, ClassScore, ModelOutput};
-use kinsight::results::{GroupRef, ResultStore};
+use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
+use kinsight::store::Store;
 use kinsight::testbed::TestCluster;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, ResourceExt};
@@ -181,8 +180,8 @@ fn group_spec(images: usize, hook: &str) -> ImageGroupSpec {
 }
 
 /// A tiny result, as a worker would write it for one classified image.
-fn result_spec(group: &str, image: &str) -> ImageResultSpec {
-    ImageResultSpec {
+fn result_spec(group: &str, image: &str) -> ImageResult {
+    ImageResult {
         group: group.to_owned(),
         image_id: image.to_owned(),
         failure: None,
@@ -215,11 +214,11 @@ fn namespace(k: usize) -> String {
 async fn produce(
     client: kube::Client,
     settings: Arc<Settings>,
+    store: Store,
     hook: String,
     written: Shared<Written>,
 ) {
     let (groups, images, writers) = (settings.groups, settings.images, settings.writers);
-    let store = ResultStore::new(client.clone());
     for g in 0..groups {
         let name = format!("bench-g{g:02}");
         let ns = namespace(g % settings.namespaces);
@@ -251,7 +250,10 @@ async fn produce(
                 let started = Instant::now();
                 // Transient API errors are retried; a lasting one ends the run.
                 let mut tries = 0;
-                while let Err(e) = store.write(group, &spec).await {
+                while let Err(e) = store
+                    .write_results(group, 1, std::slice::from_ref(&spec))
+                    .await
+                {
                     tries += 1;
                     assert!(tries < 5, "writing result {}/{image}: {e}", group.name);
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -415,6 +417,9 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
     let setup_started = Instant::now();
     let cluster = TestCluster::start().await.expect("control plane starts");
     let client = cluster.client();
+    let store = Store::connect(&cluster.database_url(), Duration::from_secs(60))
+        .await
+        .expect("the testbed's PostgreSQL");
     kinsight::dev::install_crds(&client)
         .await
         .expect("CRDs install");
@@ -449,6 +454,8 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
     let config = ControllerConfig {
         models: catalog.names().map(str::to_owned).collect(),
         egress: kinsight::net::EgressPolicy::allow_loopback(),
+        // No worker runs here.
+        results_url: "http://127.0.0.1:9/unused".to_owned(),
         retry: kinsight::webhook::RetrySchedule(vec![
             Duration::from_secs(1),
             Duration::from_secs(2),
@@ -458,6 +465,7 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
     let kubeconfig = cluster
         .control_plane()
         .map(|cp| cp.kubeconfig_path().to_path_buf());
+    let controller_store = store.clone();
     let controller = controller_rt.spawn(async move {
         let client = match kubeconfig {
             Some(path) => kinsight::testbed::client_from_kubeconfig(&path)
@@ -465,7 +473,7 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
                 .expect("client"),
             None => kube::Client::try_default().await.expect("client"),
         };
-        if let Err(e) = kinsight::controller::run(client, config).await {
+        if let Err(e) = kinsight::controller::run(client, controller_store, config).await {
             eprintln!("controller stopped: {e}");
         }
     });
@@ -493,6 +501,7 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
     let producer = tokio::spawn(produce(
         client.clone(),
         settings.clone(),
+        store.clone(),
         hook,
         written.clone(),
     ));

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, and the integration tests against a real local
-# control plane (etcd + kube-apiserver + kube-controller-manager, built once and cached)
-# with ONNX Runtime from PyPI. Set USE_EXISTING_CLUSTER=true to use your kubeconfig's
-# cluster instead, or KUBEBUILDER_ASSETS to bring your own control-plane binaries.
+# control plane (etcd + kube-apiserver + kube-controller-manager, built once and cached) and
+# PostgreSQL, with ONNX Runtime from PyPI. Set USE_EXISTING_CLUSTER=true to use your
+# kubeconfig's cluster instead (and KINSIGHT_DATABASE_URL for its database), or
+# KUBEBUILDER_ASSETS / KINSIGHT_POSTGRES_BIN to bring your own binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${USE_EXISTING_CLUSTER:-}" != "true" ] && [ -z "${KUBEBUILDER_ASSETS:-}" ]; then
   KUBEBUILDER_ASSETS="$(scripts/build-kubernetes.sh)"
   export KUBEBUILDER_ASSETS
+fi
+# PostgreSQL binaries for the testbed's own database server (Debian's cluster service, which
+# the package may start, is never used).
+if [ -z "${KINSIGHT_POSTGRES_BIN:-}" ] && ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends postgresql >&2
 fi
 # Always run: it also installs the Python verifiers and Helm library the tests use.
 ORT_LIB="$(scripts/setup-onnxruntime.sh)"

@@ -6,7 +6,8 @@
 //! - [`controller`]: reconciles ImageGroups (Jobs, status, aggregate, webhooks) and subscriptions;
 //! - [`worker`]: the Job's process: fetch, decode, infer, write results;
 //! - [`inference`]: the model catalog and ONNX Runtime sessions;
-//! - [`results`]: where results live (the worker's writer, the controller's reader);
+//! - [`results`]: the result path (the worker's uploader, the records it carries);
+//! - [`store`]: PostgreSQL, where high-volume state lives (the only code speaking SQL);
 //! - [`webhook`]: signing and sending events;
 //! - [`net`]: outbound-request safety (SSRF guard) for image downloads and webhooks;
 //! - [`testbed`]: a local control plane and node agent for tests and `kinsight dev`;
@@ -20,6 +21,7 @@ pub mod dev;
 pub mod inference;
 pub mod net;
 pub mod results;
+pub mod store;
 pub mod testbed;
 pub mod webhook;
 pub mod worker;

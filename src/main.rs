@@ -68,6 +68,12 @@ impl CatalogArg {
 struct ControllerArgs {
     #[command(flatten)]
     catalog: CatalogArg,
+    #[command(flatten)]
+    database: DatabaseArg,
+    /// Where workers send their results: the API's internal ingest, e.g.
+    /// `http://kinsight-api.kinsight-system.svc/internal/v1/results`.
+    #[arg(long, env = "KINSIGHT_RESULTS_URL")]
+    results_url: String,
     /// Container image of worker pods.
     #[arg(long, env = "KINSIGHT_WORKER_IMAGE")]
     worker_image: Option<String>,
@@ -149,6 +155,25 @@ impl EndpointHealthArgs {
     }
 }
 
+/// The PostgreSQL database that holds results and deliveries.
+#[derive(Args)]
+struct DatabaseArg {
+    /// `postgres://user:password@host:port/database` (the chart takes it from a Secret).
+    #[arg(
+        long = "database-url",
+        env = "KINSIGHT_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: String,
+}
+
+impl DatabaseArg {
+    /// Connects and applies the schema migrations (waits up to a minute for the database).
+    async fn connect(&self) -> anyhow::Result<kinsight::store::Store> {
+        Ok(kinsight::store::Store::connect(&self.database_url, Duration::from_secs(60)).await?)
+    }
+}
+
 #[derive(Args)]
 struct EgressArg {
     /// Private ranges outbound requests may reach anyway, e.g. `10.1.0.0/16,fd00::/8`
@@ -161,6 +186,8 @@ struct EgressArg {
 struct ApiArgs {
     #[command(flatten)]
     catalog: CatalogArg,
+    #[command(flatten)]
+    database: DatabaseArg,
     #[arg(long, env = "KINSIGHT_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
     /// Namespace holding the tenants' API-key Secrets.
@@ -187,6 +214,9 @@ struct WorkerArgs {
     /// How long one image's download may take in all, e.g. `30s`.
     #[arg(long, env = "KINSIGHT_DOWNLOAD_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
     download_timeout: Duration,
+    /// The result ingest to send results to (set by the controller on worker Jobs).
+    #[arg(long, env = "KINSIGHT_RESULTS_URL")]
+    results_url: String,
     /// Where the models run: `cpu`, `cuda` (GPU 0), `cuda:<gpu>` or `auto` (CUDA when this
     /// ONNX Runtime and machine have it, else the CPU). The log says which ran.
     #[arg(long, env = "KINSIGHT_EXECUTION_PROVIDER", default_value = "cpu")]
@@ -232,6 +262,13 @@ struct DevArgs {
     /// Use the cluster of this kubeconfig instead of a local control plane.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Use this PostgreSQL instead of the testbed's (which runs beside its etcd).
+    #[arg(
+        long = "database-url",
+        env = "KINSIGHT_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
     #[arg(long, value_parser = RetrySchedule::parse)]
     retry_schedule: Option<RetrySchedule>,
 }
@@ -299,6 +336,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 gpu: args.worker_gpu.unwrap_or_default(),
                 models: catalog.names().map(str::to_owned).collect(),
                 worker_image: args.worker_image.unwrap_or(defaults.worker_image.clone()),
+                results_url: args.results_url,
                 worker_env: args.worker_env,
                 retry: args.retry_schedule.unwrap_or_default(),
                 group_ttl: args.group_ttl,
@@ -308,6 +346,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ..defaults
             };
             let client = kube::Client::try_default().await?;
+            let store = args.database.connect().await?;
             let metrics_app = config.metrics.clone().router();
             let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen).await?;
             tokio::spawn(async move {
@@ -316,7 +355,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             });
             if args.no_leader_election {
-                kinsight::controller::run(client, config).await?;
+                kinsight::controller::run(client, store, config).await?;
             } else {
                 let identity = args
                     .identity
@@ -328,18 +367,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     lease: Duration::from_secs(15),
                     grace: Duration::from_secs(5),
                 };
-                kinsight::controller::run_as_leader(client, config, election).await?;
+                kinsight::controller::run_as_leader(client, store, config, election).await?;
             }
         }
         Command::Api(args) => {
             let catalog = args.catalog.load()?;
             let client = kube::Client::try_default().await?;
+            let store = args.database.connect().await?;
             let config = kinsight::api::ApiConfig {
                 keys_namespace: args.keys_namespace,
                 models: catalog.names().map(str::to_owned).collect(),
             };
             // Until the API keys are listed, /readyz says 503 and so does every request.
-            let (app, watch, _keys) = kinsight::api::router(client, config);
+            let (app, watch, _keys) = kinsight::api::router(client, store, config);
             tokio::spawn(watch);
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             tracing::info!(listen = %args.listen, "API listening");
@@ -347,7 +387,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Worker(args) => {
             let order = kinsight::worker::order_from_env()?;
-            let client = kube::Client::try_default().await?;
+            // The pod's ServiceAccount token proves to the ingest whose worker this is.
+            let token = kinsight::results::TokenSource::infer().await?;
+            let uploader = kinsight::results::ResultUploader::start(
+                args.results_url,
+                token,
+                order.group.clone(),
+                order.generation,
+            )?;
             // 0: as many as the pod's CPU limit (cgroup quota) allows.
             let threads = args.threads.unwrap_or(0);
             let options = WorkerOptions {
@@ -365,8 +412,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     ..EngineOptions::default()
                 },
             };
-            let store = kinsight::results::ResultStore::new(client);
-            kinsight::worker::run(order, store, options).await?;
+            kinsight::worker::run(order, uploader, options).await?;
         }
         Command::NodeAgent(args) => {
             let client = kube::Client::try_default().await?;
@@ -414,6 +460,7 @@ fn dev_options(args: DevArgs) -> anyhow::Result<DevOptions> {
         ort_dylib: args.ort_dylib,
         state_dir,
         kubeconfig: args.kubeconfig,
+        database_url: args.database_url,
         retry: args.retry_schedule.unwrap_or_default(),
     })
 }

@@ -1,5 +1,5 @@
 //! The whole path against a real control plane: REST -> ImageGroup -> Job -> node agent ->
-//! `kinsight worker` (ONNX Runtime) -> ImageResults -> status, aggregate -> signed webhooks.
+//! `kinsight worker` (ONNX Runtime) -> result ingest -> PostgreSQL -> status, aggregate -> signed webhooks.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{Harness, eventually, of_type};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kinsight::crd::{GroupPhase, ImageGroup, ImageResult};
+use kinsight::crd::{GroupPhase, ImageGroup};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -278,12 +278,8 @@ async fn single_image_and_group_end_to_end() {
     let owner = &job.metadata.owner_references.as_ref().expect("owner")[0];
     assert_eq!(owner.kind, "ImageGroup");
     assert_eq!(owner.name, group_id);
-    let results: Api<ImageResult> = Api::namespaced(h.client.clone(), &h.namespace);
-    let owned = results
-        .list(&ListParams::default().labels(&format!("kinsight.io/group={group_id}")))
-        .await
-        .expect("results");
-    assert_eq!(owned.items.len(), 4);
+    // Results are in the database, none in the API server.
+    assert_eq!(h.stored_results(&group_id).await.len(), 4);
 
     // `kubectl get imagegroups` shows useful printer columns (kubectl is on the machine image).
     if let Some(cp) = h.cluster.control_plane() {
@@ -721,7 +717,9 @@ async fn an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthoriz
         "http://127.0.0.1:1".parse().expect("URL"),
     ))
     .expect("client");
-    let (app, watch, _keys) = kinsight::api::router(offline, config());
+    let nowhere = kinsight::store::Store::lazy("postgres://kinsight@127.0.0.1:1/kinsight")
+        .expect("a database URL");
+    let (app, watch, _keys) = kinsight::api::router(offline, nowhere, config());
     let watch = tokio::spawn(watch);
     let url = serve_api(app).await;
     let (status, body) = get_status(&url, "some-key").await;
@@ -757,7 +755,10 @@ async fn an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthoriz
     )
     .await
     .expect("tenant");
-    let (app, watch, keys) = kinsight::api::router(client, config());
+    let store = kinsight::store::Store::connect(&cluster.database_url(), Duration::from_secs(60))
+        .await
+        .expect("the testbed's PostgreSQL");
+    let (app, watch, keys) = kinsight::api::router(client, store, config());
     tokio::spawn(watch);
     assert!(kinsight::api::wait_for_keys(&keys).await);
     let url = serve_api(app).await;
@@ -838,12 +839,7 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
     let first_group_seq = of_type(&first, "image_group.completed")[0].payload["data"]["sequence"]
         .as_u64()
         .expect("seq");
-    let results: Api<ImageResult> = Api::namespaced(h.client.clone(), &h.namespace);
-    let coffee_before = results
-        .get(&format!("{group_id}-coffee"))
-        .await
-        .expect("coffee result")
-        .spec;
+    let coffee_before = h.stored_results(&group_id).await["coffee"].clone();
 
     // Any write to the group moves its resourceVersion, and the controller writes its
     // status as deliveries are recorded: a PATCH must not answer 409 for that. Another
@@ -932,11 +928,7 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
             _ => assert_eq!(item["models"], json!(["image_classification"]), "{item}"),
         }
     }
-    let coffee_after = results
-        .get(&format!("{group_id}-coffee"))
-        .await
-        .expect("coffee result")
-        .spec;
+    let coffee_after = h.stored_results(&group_id).await["coffee"].clone();
     assert_eq!(
         coffee_after.outputs["object_detection"], coffee_before.outputs["object_detection"],
         "the old model's output was kept, not recomputed"
@@ -1152,7 +1144,7 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
 
     // After its retention the group is deleted, and the garbage collector takes its
     // results and Job with it (owner references).
-    let results: Api<ImageResult> = Api::namespaced(h.client.clone(), &h.namespace);
+    let stored = common::group_ref(&groups.get(&group_id).await.expect("the group"));
     let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
     let selector = ListParams::default().labels(&format!("kinsight.io/group={group_id}"));
     // Three lists a round: every 500 ms, not the default interval.
@@ -1161,11 +1153,11 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
         Duration::from_secs(60),
         async || {
             let group_left = groups.get_opt(&group_id).await.expect("get").is_some();
-            let results_left = !results
-                .list(&selector)
+            let results_left = !h
+                .store
+                .group_results(&stored)
                 .await
-                .expect("list")
-                .items
+                .expect("stored results")
                 .is_empty();
             let jobs_left = !jobs.list(&selector).await.expect("list").items.is_empty();
             !group_left && !results_left && !jobs_left

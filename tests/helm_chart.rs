@@ -118,6 +118,7 @@ async fn chart_installs_into_a_real_cluster() {
         .into_owned();
     let values = serde_json::json!({
         "image": { "tag": "test" },
+        "database": { "secretName": "pg-app" },
         "worker": { "env": { "RUST_LOG": "info,kinsight=debug # not: a comment" }, "deadline": "90m", "gpu": {
             "nodeSelector": { "nvidia.com/gpu.present": "true" },
             "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }],
@@ -138,7 +139,6 @@ async fn chart_installs_into_a_real_cluster() {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for name in [
         "imagegroups.kinsight.io",
-        "imageresults.kinsight.io",
         "webhooksubscriptions.kinsight.io",
     ] {
         assert!(
@@ -176,6 +176,11 @@ async fn chart_installs_into_a_real_cluster() {
         env_value(container, "KINSIGHT_WORKER_DEADLINE"),
         Some("90m")
     );
+    // Workers reach the API's result ingest through its Service.
+    assert_eq!(
+        env_value(container, "KINSIGHT_RESULTS_URL"),
+        Some("http://kinsight-api.kinsight-system.svc/internal/v1/results")
+    );
 
     // The catalog: the bundled one by default, in a ConfigMap both Deployments mount.
     let catalog = Api::<ConfigMap>::namespaced(client.clone(), "kinsight-system")
@@ -198,6 +203,18 @@ async fn chart_installs_into_a_real_cluster() {
         .expect("api deployment");
     let api_pod = api.spec.expect("spec").template.spec.expect("pod");
     assert_reads_the_catalog_config_map(&api_pod, &api_pod.containers[0]);
+    // Both read the database URL from the Secret the values name (CloudNativePG's key).
+    for container in [container, &api_pod.containers[0]] {
+        let from = container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "KINSIGHT_DATABASE_URL")
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .expect("KINSIGHT_DATABASE_URL from a Secret");
+        assert_eq!((from.name.as_str(), from.key.as_str()), ("pg-app", "uri"));
+    }
 
     // The GPU values reach the controller in a form its own parser takes.
     let gpu = GpuSettings::parse(env_value(container, "KINSIGHT_WORKER_GPU").expect("GPU env"))
@@ -259,23 +276,22 @@ async fn chart_installs_into_a_real_cluster() {
         (CONTROLLER, "tenant-a", "kinsight.io", "imagegroups", "status", "patch", true),
         (CONTROLLER, "tenant-a", "kinsight.io", "webhooksubscriptions", "", "watch", true),
         (CONTROLLER, "tenant-a", "kinsight.io", "webhooksubscriptions", "status", "patch", true),
-        (CONTROLLER, "tenant-a", "kinsight.io", "imageresults", "", "list", true),
-        (CONTROLLER, "tenant-a", "kinsight.io", "imageresults", "", "create", true),
         (CONTROLLER, "tenant-a", "batch", "jobs", "", "create", true),
         (CONTROLLER, "tenant-a", "batch", "jobs", "", "watch", true),
         (CONTROLLER, "tenant-a", "batch", "jobs", "", "delete", true),
         (CONTROLLER, "tenant-a", "", "secrets", "", "get", true),
         (CONTROLLER, "tenant-a", "", "configmaps", "", "patch", true),
         (CONTROLLER, "tenant-a", "", "serviceaccounts", "", "patch", true),
-        (CONTROLLER, "tenant-a", "rbac.authorization.k8s.io", "roles", "", "patch", true),
-        (CONTROLLER, "tenant-a", "rbac.authorization.k8s.io", "rolebindings", "", "patch", true),
+        // Workers get a ServiceAccount with no rights: no Roles to hand out.
+        (CONTROLLER, "tenant-a", "rbac.authorization.k8s.io", "roles", "", "patch", false),
         (CONTROLLER, "tenant-a", "events.k8s.io", "events", "", "create", true),
         // Its Lease, for leader election.
         (CONTROLLER, "kinsight-system", "coordination.k8s.io", "leases", "", "update", true),
         (API, "tenant-a", "kinsight.io", "imagegroups", "", "create", true),
         (API, "tenant-a", "kinsight.io", "imagegroups", "", "patch", true),
         (API, "tenant-a", "kinsight.io", "imagegroups", "", "list", true),
-        (API, "tenant-a", "kinsight.io", "imageresults", "", "list", true),
+        // Workers' tokens, when they send results.
+        (API, "", "authentication.k8s.io", "tokenreviews", "", "create", true),
         // The API-key Secrets.
         (API, "kinsight-system", "", "secrets", "", "watch", true),
         // And no more than that: the API reads no tenant's Secrets, the controller writes none.

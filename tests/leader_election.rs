@@ -38,6 +38,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let config = h.controller_config();
     let first = tokio::spawn(run_as_leader(
         h.client.clone(),
+        h.store.clone(),
         config.clone(),
         election("replica-a"),
     ));
@@ -49,6 +50,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     assert_eq!(leader, "replica-a");
     let second = tokio::spawn(run_as_leader(
         h.client.clone(),
+        h.store.clone(),
         config,
         election("replica-b"),
     ));
@@ -90,8 +92,11 @@ async fn nonsensical_lease_timings_are_refused_not_panicked_on() {
     .expect("client");
     let mut bad = election("x");
     bad.grace = Duration::from_secs(5);
+    let nowhere = kinsight::store::Store::lazy("postgres://kinsight@127.0.0.1:1/kinsight")
+        .expect("a database URL");
     let err = run_as_leader(
         client,
+        nowhere,
         kinsight::controller::ControllerConfig::default(),
         bad,
     )

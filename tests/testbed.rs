@@ -15,7 +15,7 @@ use common::eventually;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kinsight::testbed::{ControlPlane, ControlPlaneOptions, TestCluster, node_agent};
+use kinsight::testbed::{ControlPlane, ControlPlaneOptions, Postgres, TestCluster, node_agent};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
@@ -541,6 +541,94 @@ async fn dropping_stops_processes_and_a_state_dir_keeps_data() {
         assert!(temp_dir.join("kubeconfig").is_file());
         drop(temp);
         assert!(!temp_dir.exists());
+    })
+    .await;
+}
+
+/// `SELECT 1` on `url` (a fresh connection each time).
+async fn select_one(url: &str) -> Result<i32, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client.query_one("SELECT 1", &[]).await?.try_get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_runs_with_the_control_plane_and_survives_a_restart() {
+    init_tracing();
+    bounded(async {
+        // The control plane's database.
+        let cp = start_control_plane(None).await;
+        let url = cp.database_url().expect("a database by default");
+        assert!(url.starts_with("postgres://kinsight:"), "{url}");
+        assert!(url.ends_with("/kinsight"), "{url}");
+        assert_eq!(select_one(&url).await.expect("SELECT 1"), 1);
+        let cp_pg = cp.postgres().expect("postgres").pid();
+        assert!(alive(cp_pg));
+        drop(cp);
+        assert!(
+            !alive(cp_pg),
+            "the control plane's postgres survived the drop"
+        );
+
+        // A standalone server: restarted on the same URL with its data.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut pg = Postgres::start(dir.path()).await.expect("start postgres");
+        assert!(pg.owns_process());
+        let url = pg.url();
+        let first_pid = pg.pid();
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        client
+            .batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)")
+            .await
+            .expect("write");
+
+        // A second handle on the folder reuses the running server and owns nothing.
+        let reused = Postgres::start_or_reuse(dir.path()).await.expect("reuse");
+        assert!(!reused.owns_process());
+        assert_eq!(reused.url(), url);
+        assert_eq!(reused.pid(), first_pid);
+        drop(reused);
+        assert!(alive(first_pid), "a reused handle stops nothing");
+
+        pg.restart().await.expect("restart");
+        assert_eq!(pg.url(), url);
+        assert_ne!(pg.pid(), first_pid);
+        assert!(!alive(first_pid));
+        assert!(
+            client.query_one("SELECT 1", &[]).await.is_err(),
+            "a restart ends open sessions"
+        );
+        assert_eq!(select_one(&url).await.expect("SELECT 1 after restart"), 1);
+
+        let pid = pg.pid();
+        drop(pg);
+        eventually(
+            &format!("postgres {pid} to end"),
+            Duration::from_secs(15),
+            || async move { (!alive(pid)).then_some(()) },
+        )
+        .await;
+        assert!(
+            select_one(&url).await.is_err(),
+            "nothing answers after the drop"
+        );
+
+        // Started again in the folder: same URL, same rows.
+        let again = Postgres::start(dir.path()).await.expect("start again");
+        assert_eq!(again.url(), url);
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        let v: i32 = client
+            .query_one("SELECT v FROM kept", &[])
+            .await
+            .expect("kept across restarts")
+            .get(0);
+        assert_eq!(v, 7);
     })
     .await;
 }

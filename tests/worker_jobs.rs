@@ -21,9 +21,10 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kinsight::controller::{
     CATALOG_CONFIG_MAP, CATALOG_HASH_ANNOTATION, CATALOG_KEY, GpuSettings, WorkerCatalog,
 };
-use kinsight::crd::{GroupPhase, ImageGroup, ImageResult};
+use kinsight::crd::{GroupPhase, ImageGroup};
 use kinsight::inference::Catalog;
 use kinsight::inference::catalog::CatalogFile;
+use kinsight::results::ImageResult;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
@@ -160,24 +161,16 @@ async fn gpu_job_end_to_end() {
     assert_eq!(status.images_failed, 0, "{status:?}");
 
     // Correct results from the model only the mounted catalog names.
-    let results: Api<ImageResult> = Api::namespaced(h.client.clone(), &h.namespace);
+    let results = h.stored_results("gpu-group").await;
     let top_class = |result: &ImageResult| {
-        result.spec.outputs[MODEL]
+        result.outputs[MODEL]
             .output
             .classes
             .first()
             .map(|c| c.label.clone())
     };
-    let coffee = results
-        .get("gpu-group-coffee")
-        .await
-        .expect("coffee result");
-    assert_eq!(top_class(&coffee).as_deref(), Some("espresso"));
-    let rocket = results
-        .get("gpu-group-rocket")
-        .await
-        .expect("rocket result");
-    assert_eq!(top_class(&rocket).as_deref(), Some("missile"));
+    assert_eq!(top_class(&results["coffee"]).as_deref(), Some("espresso"));
+    assert_eq!(top_class(&results["rocket"]).as_deref(), Some("missile"));
 
     // The tenant namespace holds the catalog, as the controller loaded it.
     let config_map = Api::<ConfigMap>::namespaced(h.client.clone(), &h.namespace)

@@ -10,8 +10,8 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, ResourceExt};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -21,10 +21,9 @@ use super::problem::ApiError;
 use super::retry;
 use super::{AppState, MAX_BODY_BYTES};
 use crate::crd::{
-    ImageEntry, ImageGroup, ImageGroupSpec, ImageResultSpec, SecretKeyRef, WebhookTarget,
-    is_object_name,
+    ImageEntry, ImageGroup, ImageGroupSpec, SecretKeyRef, WebhookTarget, is_object_name,
 };
-use crate::results::ResultStore;
+use crate::results::{GroupRef, ImageResult};
 
 const SINGLE_IMAGE_ID: &str = "image";
 
@@ -338,13 +337,17 @@ async fn load(
     tenant: &Tenant,
     id: &str,
     what: &str,
-) -> Result<(ImageGroup, HashMap<String, ImageResultSpec>), ApiError> {
+) -> Result<(ImageGroup, HashMap<String, ImageResult>), ApiError> {
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
     let group = find_group(&api, id, what).await?;
-    // A client polling after a webhook always finds what it was told about.
-    let results = ResultStore::new(state.client.clone())
-        .list_not_behind(&group)
-        .await?;
+    // The store is written before the controller counts or announces a result, so a
+    // client polling after a webhook always finds what it was told about.
+    let group_ref = GroupRef {
+        namespace: tenant.namespace.clone(),
+        name: group.name_any(),
+        uid: group.uid().unwrap_or_default(),
+    };
+    let results = state.store.group_results(&group_ref).await?;
     Ok((group, results))
 }
 
@@ -357,7 +360,7 @@ fn phase(group: &ImageGroup) -> &'static str {
     }
 }
 
-fn images_out(group: &ImageGroup, results: &HashMap<String, ImageResultSpec>) -> Vec<Value> {
+fn images_out(group: &ImageGroup, results: &HashMap<String, ImageResult>) -> Vec<Value> {
     let models = &group.spec.models;
     group
         .spec

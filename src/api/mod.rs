@@ -5,6 +5,7 @@
 mod auth;
 mod deliveries;
 mod images;
+mod ingest;
 mod problem;
 mod retry;
 
@@ -26,8 +27,13 @@ use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
+use crate::results::INGEST_PATH;
+use crate::store::Store;
+
 /// Largest request body accepted (a 1000-image group fits comfortably).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest batch of results a worker may send at once.
+pub const INGEST_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
@@ -41,6 +47,10 @@ pub struct AppState {
     pub client: Client,
     pub config: ApiConfig,
     pub keys: ApiKeys,
+    /// Results (and, through the controller, everything high-volume) live here.
+    pub store: Store,
+    /// Workers' ServiceAccount tokens recently checked by the result ingest.
+    pub reviews: ingest::TokenReviews,
 }
 
 /// Builds the router and starts watching the API-key Secrets; the returned future keeps
@@ -48,6 +58,7 @@ pub struct AppState {
 /// for [`wait_for_keys`].
 pub fn router(
     client: Client,
+    database: Store,
     config: ApiConfig,
 ) -> (Router, impl Future<Output = ()> + Send + 'static, ApiKeys) {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.keys_namespace);
@@ -83,7 +94,13 @@ pub fn router(
         client,
         config,
         keys: keys.clone(),
+        store: database,
+        reviews: ingest::TokenReviews::default(),
     });
+    // Workers' result batches: larger bodies than customers' requests.
+    let internal = Router::new()
+        .route(INGEST_PATH, post(ingest::store_results))
+        .layer(DefaultBodyLimit::max(INGEST_BODY_BYTES));
     let router = Router::new()
         .route("/v1/images", post(images::create_image))
         .route("/v1/images/{id}", get(images::get_image))
@@ -107,6 +124,7 @@ pub fn router(
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .merge(internal)
         .with_state(state);
     (router, watch, keys)
 }

@@ -14,8 +14,12 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("{0}")]
+    Gone(String),
     #[error("the resource changed meanwhile; read it again and retry")]
     Conflict,
     #[error("the cluster is unavailable; try again")]
@@ -30,7 +34,9 @@ impl ApiError {
             Self::InvalidRequest(_) => "invalid_request",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not_found",
+            Self::Gone(_) => "gone",
             Self::Conflict => "conflict",
             Self::Unavailable(_) => "unavailable",
         }
@@ -42,16 +48,22 @@ impl ApiError {
             Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Gone(_) => StatusCode::GONE,
             Self::Conflict => StatusCode::CONFLICT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
 
-impl From<crate::results::ResultsError> for ApiError {
-    fn from(e: crate::results::ResultsError) -> Self {
-        Self::Unavailable(e.to_string())
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::warn!(category = e.category(), error = %e, "result store call failed");
+        Self::Unavailable(format!(
+            "the result store is unavailable ({})",
+            e.category()
+        ))
     }
 }
 

@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::crd::{Aggregate, ClassCount, ImageResultSpec, ObjectCount};
+use crate::crd::{Aggregate, ClassCount, ObjectCount};
+use crate::results::ImageResult;
 
-pub fn aggregate<'a>(results: impl IntoIterator<Item = &'a ImageResultSpec>) -> Aggregate {
+pub fn aggregate<'a>(results: impl IntoIterator<Item = &'a ImageResult>) -> Aggregate {
     let mut objects: BTreeMap<String, ObjectCount> = BTreeMap::new();
     let mut classes: BTreeMap<(String, String), ClassCount> = BTreeMap::new();
     for result in results {
@@ -51,8 +52,8 @@ pub fn aggregate<'a>(results: impl IntoIterator<Item = &'a ImageResultSpec>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{ModelResult, Timings};
     use crate::inference::output::{BoundingBox, ClassScore, Detection, ModelOutput};
+    use crate::results::{ModelResult, Timings};
 
     fn det(label: &str, confidence: f32) -> Detection {
         Detection {
@@ -67,7 +68,7 @@ mod tests {
         }
     }
 
-    fn result(id: &str, dets: Vec<Detection>, top: Option<(&str, f32)>) -> ImageResultSpec {
+    fn result(id: &str, dets: Vec<Detection>, top: Option<(&str, f32)>) -> ImageResult {
         let mut outputs = BTreeMap::new();
         outputs.insert(
             "object_detection".to_owned(),
@@ -98,7 +99,7 @@ mod tests {
                 },
             );
         }
-        ImageResultSpec {
+        ImageResult {
             group: "g".into(),
             image_id: id.into(),
             failure: None,

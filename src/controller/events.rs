@@ -18,9 +18,9 @@ use kube::runtime::events::EventType;
 
 use crate::crd::{
     ConditionStatus, Delivery, DeliveryState, EndpointHealth, ImageGroup, ImageGroupStatus,
-    ImageResultSpec, REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef, WebhookSubscription,
-    set_condition,
+    REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef, WebhookSubscription, set_condition,
 };
+use crate::results::ImageResult;
 use crate::webhook::{
     AttemptOutcome, Blocked, EndpointOptions, EventPayload, MEMORY_ONLY, RetrySchedule, Transition,
     group_event, image_event,
@@ -137,7 +137,7 @@ fn event_id(group_uid: &str, event: &str, subject: &str, endpoint: &str) -> Stri
 pub fn plan(
     group: &ImageGroup,
     status: &mut ImageGroupStatus,
-    results: &HashMap<String, ImageResultSpec>,
+    results: &HashMap<String, ImageResult>,
     endpoints: &[Endpoint],
     all_done: bool,
     now: jiff::Timestamp,
@@ -371,7 +371,7 @@ pub async fn deliver_due(
     ctx: &Context,
     group: &ImageGroup,
     status: &mut ImageGroupStatus,
-    results: &HashMap<String, ImageResultSpec>,
+    results: &HashMap<String, ImageResult>,
     endpoints: &[Endpoint],
 ) {
     let now = jiff::Timestamp::now();
@@ -675,7 +675,7 @@ fn apply_outcome(
 fn payload_for(
     group: &ImageGroup,
     delivery: &Delivery,
-    results: &HashMap<String, ImageResultSpec>,
+    results: &HashMap<String, ImageResult>,
 ) -> EventPayload {
     let created = delivery.created_at;
     match &delivery.image_id {
@@ -834,11 +834,11 @@ mod tests {
     }
 
     /// Every image failed to download: a result that covers any set of models.
-    fn results(images: usize) -> HashMap<String, ImageResultSpec> {
+    fn results(images: usize) -> HashMap<String, ImageResult> {
         (0..images)
             .map(|i| {
                 let id = format!("img-{i}");
-                let result = ImageResultSpec::failed("g", &id, "DownloadFailed", "HTTP 404".into());
+                let result = ImageResult::failed("g", &id, "DownloadFailed", "HTTP 404".into());
                 (id, result)
             })
             .collect()
@@ -950,7 +950,8 @@ mod tests {
         let controller = super::super::ControllerConfig::default();
         Context {
             recorder: kube::runtime::events::Recorder::new(client.clone(), "test".into()),
-            results: crate::results::ResultStore::new(client.clone()),
+            store: crate::store::Store::lazy("postgres://kinsight@127.0.0.1:1/kinsight")
+                .expect("a database URL"),
             sender: crate::webhook::Sender::new(
                 &controller.sender,
                 crate::net::EgressGuard::new(controller.egress.clone()),

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -15,14 +14,13 @@ use serde_json::json;
 
 use super::job::{
     build_job, catalog_config_map, finished, job_name, job_owner, left_images_failure,
-    work_order_config_map, worker_rbac,
+    work_order_config_map, worker_account,
 };
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
 use crate::crd::{
-    ConditionStatus, DeliveryState, GroupPhase, ImageGroup, ImageGroupStatus, ImageResultSpec,
-    set_condition,
+    ConditionStatus, DeliveryState, GroupPhase, ImageGroup, ImageGroupStatus, set_condition,
 };
-use crate::results::{Freshness, GroupRef};
+use crate::results::{GroupRef, ImageResult, MAX_BATCH};
 use crate::worker::{WorkItem, WorkOrder};
 
 pub async fn reconcile(
@@ -39,10 +37,14 @@ pub async fn reconcile(
         .get_opt(&name)
         .await?;
     let Some(group) = group.filter(|g| g.metadata.deletion_timestamp.is_none()) else {
-        // Gone (or going): its events no longer wait.
+        // Gone (or going): its events no longer wait, and its stored results go.
         ctx.config
             .metrics
             .set_pending(&format!("{namespace}/{name}"), 0);
+        if let Some(uid) = cached.uid() {
+            ctx.store.forget_group(&uid).await?;
+            ctx.store.purge_group(&uid, super::PURGE_BATCH).await?;
+        }
         return Ok(Action::await_change());
     };
     let uid = group
@@ -83,8 +85,7 @@ pub async fn reconcile(
         name: name.clone(),
         uid,
     };
-    // Counts, phase and event payloads must not go back to what a trailing cache shows.
-    let results = ctx.results.list_not_behind(&group).await?;
+    let results = ctx.store.group_results(&group_ref).await?;
     let models = &group.spec.models;
     // Only what is new runs: images without a result, and models an image has not seen.
     let pending: Vec<WorkItem> = group
@@ -116,7 +117,7 @@ pub async fn reconcile(
     }
 
     status.images_total = u32::try_from(group.spec.images.len()).unwrap_or(u32::MAX);
-    let finished_results: Vec<&ImageResultSpec> =
+    let finished_results: Vec<&ImageResult> =
         results.values().filter(|r| r.covers(models)).collect();
     status.images_done = count(finished_results.len());
     status.images_failed = count(
@@ -202,9 +203,10 @@ pub async fn reconcile(
         return Ok(Action::requeue(wait));
     }
     if all_done {
-        return expire_when_due(&ctx, &namespace, &name, &status).await;
+        return expire_when_due(&ctx, &group_ref, &status).await;
     }
-    // Jobs and ImageResults are watched; the periodic requeue only guards against missed events.
+    // Jobs are watched and stored results notify; the periodic requeue only guards against
+    // missed events.
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -233,6 +235,7 @@ async fn ensure_worker_job(
         ensure_worker_setup(ctx, namespace).await?;
         let order = WorkOrder {
             group: group_ref.clone(),
+            generation,
             models: group.spec.models.clone(),
             images: pending.to_vec(),
         };
@@ -269,20 +272,19 @@ async fn ensure_worker_job(
     }
     let job = jobs.get_opt(&name).await?;
     if let Some((reason, message)) = left_images_failure(job.as_ref()) {
-        // The watch cache may not have the worker's last writes yet: a quorum read decides
-        // which images really have no result, so none is ever overwritten by a failure.
-        let stored = ctx
-            .results
-            .list(&group_ref.namespace, &group_ref.name, Freshness::Latest)
-            .await?;
+        // A worker's results are stored before it exits, so a fresh read decides which
+        // images really have no result, and none is ever overwritten by a failure.
+        let stored = ctx.store.group_results(group_ref).await?;
         let models = &group.spec.models;
-        let missing = pending
+        let failures: Vec<ImageResult> = pending
             .iter()
-            .filter(|item| !stored.get(&item.id).is_some_and(|r| r.covers(models)));
-        for item in missing {
-            let failure =
-                ImageResultSpec::failed(&group_ref.name, &item.id, reason, message.clone());
-            ctx.results.write(group_ref, &failure).await?;
+            .filter(|item| !stored.get(&item.id).is_some_and(|r| r.covers(models)))
+            .map(|item| ImageResult::failed(&group_ref.name, &item.id, reason, message.clone()))
+            .collect();
+        for chunk in failures.chunks(MAX_BATCH) {
+            ctx.store
+                .write_results(group_ref, generation, chunk)
+                .await?;
         }
     }
     Ok(())
@@ -311,17 +313,13 @@ async fn stop_superseded_jobs(jobs: &Api<Job>, earlier: &[String]) -> Result<(),
 
 /// The worker's identity and the catalog it reads, in the group's namespace.
 async fn ensure_worker_setup(ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
-    let (account, role, binding) = worker_rbac(namespace);
     let params = PatchParams::apply(MANAGER).force();
-    let name = super::WORKER_ACCOUNT;
     Api::<ServiceAccount>::namespaced(ctx.client.clone(), namespace)
-        .patch(name, &params, &Patch::Apply(&account))
-        .await?;
-    Api::<Role>::namespaced(ctx.client.clone(), namespace)
-        .patch(name, &params, &Patch::Apply(&role))
-        .await?;
-    Api::<RoleBinding>::namespaced(ctx.client.clone(), namespace)
-        .patch(name, &params, &Patch::Apply(&binding))
+        .patch(
+            super::WORKER_ACCOUNT,
+            &params,
+            &Patch::Apply(&worker_account(namespace)),
+        )
         .await?;
     // The catalog the Job's pod mounts, as this controller knows it.
     if let Some(catalog) = &ctx.config.worker_catalog {
@@ -394,13 +392,14 @@ fn is_too_large(status: &kube::core::Status) -> bool {
     status.code == 413 || status.message.contains("too large")
 }
 
-/// Deletes a finished group (its results and Jobs go with it) once its retention is over.
+/// Deletes a finished group once its retention is over: its Jobs go with it (owner
+/// references), its stored results right after.
 async fn expire_when_due(
     ctx: &Context,
-    namespace: &str,
-    name: &str,
+    group: &GroupRef,
     status: &ImageGroupStatus,
 ) -> Result<Action, ControllerError> {
+    let (namespace, name) = (&group.namespace, &group.name);
     let Some(completed) = &status.completed_at else {
         return Ok(Action::await_change());
     };
@@ -420,5 +419,9 @@ async fn expire_when_due(
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => return Err(e.into()),
     }
+    ctx.store.forget_group(&group.uid).await?;
+    ctx.store
+        .purge_group(&group.uid, super::PURGE_BATCH)
+        .await?;
     Ok(Action::await_change())
 }

@@ -13,7 +13,6 @@ use k8s_openapi::api::core::v1::{
     KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
     SecurityContext, ServiceAccount, Toleration, Volume, VolumeMount,
 };
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
@@ -22,12 +21,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ControllerConfig;
-use crate::crd::{GROUP, GROUP_LABEL, ImageGroup};
+use crate::crd::{GROUP_LABEL, ImageGroup, label_value};
 use crate::inference::{Catalog, ExecutionProvider};
-use crate::results::label_value;
 use crate::worker::{WORK_ORDER_FILE_ENV, WORK_ORDER_KEY, WORK_ORDER_MOUNT_PATH, WorkOrder};
 
 const EGRESS_ENV: &str = "KINSIGHT_ALLOW_EGRESS";
+/// The result ingest's URL, read by `kinsight worker --results-url`.
+pub const RESULTS_URL_ENV: &str = "KINSIGHT_RESULTS_URL";
 const CATALOG_ENV: &str = "KINSIGHT_CATALOG";
 const MODELS_DIR_ENV: &str = "KINSIGHT_MODELS_DIR";
 
@@ -214,6 +214,8 @@ pub fn build_job(
             });
         }
     };
+    // Where the worker hands its results.
+    default_env(RESULTS_URL_ENV, config.results_url.clone());
     // Workers download images under the same egress rules the controller sends webhooks with.
     if !config.egress.allow.is_empty() {
         default_env(EGRESS_ENV, config.egress.to_string());
@@ -466,47 +468,23 @@ fn managed_labels() -> BTreeMap<String, String> {
     ])
 }
 
-/// The worker's identity in a tenant namespace; it may only write ImageResults.
+/// The worker's identity in a tenant namespace. It may do nothing in the API server: its
+/// token only proves to kinsight's result ingest which namespace's worker is calling.
 pub const WORKER_ACCOUNT: &str = "kinsight-worker";
 
-pub fn worker_rbac(namespace: &str) -> (ServiceAccount, Role, RoleBinding) {
-    let meta = || ObjectMeta {
-        name: Some(WORKER_ACCOUNT.to_owned()),
-        namespace: Some(namespace.to_owned()),
-        labels: Some(BTreeMap::from([(
-            "app.kubernetes.io/managed-by".to_owned(),
-            "kinsight-controller".to_owned(),
-        )])),
-        ..ObjectMeta::default()
-    };
-    let account = ServiceAccount {
-        metadata: meta(),
-        ..ServiceAccount::default()
-    };
-    let role = Role {
-        metadata: meta(),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec![GROUP.to_owned()]),
-            resources: Some(vec!["imageresults".to_owned()]),
-            verbs: vec!["create".to_owned(), "get".to_owned(), "patch".to_owned()],
-            ..PolicyRule::default()
-        }]),
-    };
-    let binding = RoleBinding {
-        metadata: meta(),
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".to_owned(),
-            kind: "Role".to_owned(),
-            name: WORKER_ACCOUNT.to_owned(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".to_owned(),
-            name: WORKER_ACCOUNT.to_owned(),
+pub fn worker_account(namespace: &str) -> ServiceAccount {
+    ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(WORKER_ACCOUNT.to_owned()),
             namespace: Some(namespace.to_owned()),
-            ..Subject::default()
-        }]),
-    };
-    (account, role, binding)
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                "kinsight-controller".to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        ..ServiceAccount::default()
+    }
 }
 
 /// Whether the Job has finished, and how.
@@ -594,6 +572,7 @@ mod tests {
                 name: "listing-42".into(),
                 uid: "uid-1".into(),
             },
+            generation: 1,
             models: models.iter().map(|m| m.to_string()).collect(),
             images: vec![WorkItem {
                 id: "0".into(),

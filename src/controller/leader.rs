@@ -39,6 +39,7 @@ impl LeaderElection {
 /// Waits for the lease, then runs the controllers until the lease is lost.
 pub async fn run_as_leader(
     client: Client,
+    store: crate::store::Store,
     config: ControllerConfig,
     election: LeaderElection,
 ) -> Result<(), ControllerError> {
@@ -68,7 +69,7 @@ pub async fn run_as_leader(
         }
     };
     tokio::select! {
-        result = super::run(client, config) => result,
+        result = super::run(client, store, config) => result,
         () = lost => Err(ControllerError::Leadership("lost the lease".into())),
     }
 }

@@ -8,13 +8,14 @@ mod image_group;
 mod job;
 mod leader;
 mod metrics;
+mod retention;
 mod subscription;
 
 pub use job::{
     CATALOG_CONFIG_MAP, CATALOG_HASH_ANNOTATION, CATALOG_KEY, CATALOG_MOUNT_PATH, GpuSettings,
     WorkerCatalog,
 };
-pub use job::{WORKER_ACCOUNT, job_name};
+pub use job::{RESULTS_URL_ENV, WORKER_ACCOUNT, job_name};
 pub use leader::{LEASE_NAME, LeaderElection, run_as_leader};
 pub use metrics::Metrics;
 
@@ -24,13 +25,17 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 
-use crate::crd::{ImageGroup, ImageResult, WebhookSubscription};
+use crate::crd::{ImageGroup, WebhookSubscription};
 use crate::net::{EgressGuard, EgressPolicy};
-use crate::results::ResultStore;
+use crate::store::{RESULTS_CHANNEL, Store, StoreNotice};
 use crate::webhook::{CircuitConfig, Circuits, RetrySchedule, Sender, SenderConfig};
+
+/// Stored rows deleted per statement when a group's results go.
+const PURGE_BATCH: i64 = 5_000;
 
 /// Field manager for everything the controller writes.
 pub const MANAGER: &str = "kinsight-controller";
@@ -40,6 +45,8 @@ pub struct ControllerConfig {
     /// Model names the catalog offers; groups asking for others are rejected.
     pub models: Vec<String>,
     pub worker_image: String,
+    /// The URL workers send their results to (the API's result ingest).
+    pub results_url: String,
     /// Extra environment for worker pods (models folder, ONNX Runtime path, ...).
     pub worker_env: Vec<(String, String)>,
     pub worker_cpu: String,
@@ -73,6 +80,7 @@ impl Default for ControllerConfig {
         Self {
             models: Vec::new(),
             worker_image: concat!("kinsight:", env!("CARGO_PKG_VERSION")).to_owned(),
+            results_url: String::new(),
             worker_env: Vec::new(),
             worker_cpu: "1".to_owned(),
             worker_memory: "1Gi".to_owned(),
@@ -96,7 +104,8 @@ pub struct Context {
     pub recorder: kube::runtime::events::Recorder,
     pub client: Client,
     pub config: ControllerConfig,
-    pub results: ResultStore,
+    /// Results (and everything else high-volume) live here.
+    pub store: Store,
     pub sender: Sender,
     /// Every endpoint's circuit breaker, shared by all reconciles.
     pub circuits: Circuits,
@@ -107,7 +116,7 @@ pub enum ControllerError {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error(transparent)]
-    Results(#[from] crate::results::ResultsError),
+    Store(#[from] crate::store::StoreError),
     #[error("building the worker Job: {0}")]
     Serialize(#[from] serde_json::Error),
     #[error("object has no {0}")]
@@ -127,7 +136,7 @@ impl ControllerError {
     pub fn category(&self) -> &'static str {
         match self {
             Self::Kube(_) => "kubernetes_api",
-            Self::Results(e) => e.category(),
+            Self::Store(e) => e.category(),
             Self::Serialize(_) => "serialize",
             Self::MissingField(_) => "invalid_object",
             Self::Http(_) => "http_client",
@@ -139,11 +148,40 @@ impl ControllerError {
 }
 
 /// Runs both controllers until the process is stopped.
-pub async fn run(client: Client, config: ControllerConfig) -> Result<(), ControllerError> {
+pub async fn run(
+    client: Client,
+    store: Store,
+    config: ControllerConfig,
+) -> Result<(), ControllerError> {
+    if config.results_url.is_empty() {
+        return Err(ControllerError::Config(
+            "no results URL: workers would have nowhere to send their results".into(),
+        ));
+    }
+    // A stored batch of results names its group: reconcile it at once. After a
+    // (re)connection, notifications may have been missed: look at every group.
+    let notices = crate::store::listen(store.url().to_owned(), &[RESULTS_CHANNEL]);
+    let (wake_all_tx, wake_all) = futures::channel::mpsc::unbounded::<()>();
+    let wake_groups = notices.filter_map(move |notice| {
+        let wake_all_tx = wake_all_tx.clone();
+        async move {
+            match notice {
+                StoreNotice::Connected => {
+                    let _ = wake_all_tx.unbounded_send(());
+                    None
+                }
+                StoreNotice::Notification { payload, .. } => {
+                    let (namespace, name) = payload.split_once('/')?;
+                    Some(ObjectRef::<ImageGroup>::new(name).within(namespace))
+                }
+            }
+        }
+    });
+    let ctx_store = store.clone();
     let ctx = Arc::new(Context {
         client: client.clone(),
         sender: Sender::new(&config.sender, EgressGuard::new(config.egress.clone()))?,
-        results: ResultStore::new(client.clone()),
+        store,
         recorder: kube::runtime::events::Recorder::new(client.clone(), MANAGER.into()),
         circuits: Circuits::new(config.circuit.clone()),
         config,
@@ -152,10 +190,8 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
     let subscriptions: Api<WebhookSubscription> = Api::all(client.clone());
     let group_controller = Controller::new(groups, watcher::Config::default())
         .owns(Api::<Job>::all(client.clone()), watcher::Config::default())
-        .owns(
-            Api::<ImageResult>::all(client.clone()),
-            watcher::Config::default(),
-        )
+        .reconcile_on(wake_groups)
+        .reconcile_all_on(wake_all)
         .run(
             image_group::reconcile,
             image_group::error_policy,
@@ -173,8 +209,9 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Control
                 tracing::debug!(error = %e, "subscription reconcile");
             }
         });
+    let retention = retention::run(client, ctx_store);
     tracing::info!("controller started");
-    futures::join!(group_controller, subscription_controller);
+    futures::join!(group_controller, subscription_controller, retention);
     Ok(())
 }
 

@@ -1,10 +1,9 @@
 //! The custom resources kinsight serves: what users and the API create (`ImageGroup`,
-//! `WebhookSubscription`) and the internal per-image result record (`ImageResult`).
+//! `WebhookSubscription`). Per-image results live in the database, not here.
 //! `kinsight crd` prints them; `crds/` holds the same YAML (a test keeps them equal).
 
 mod conditions;
 mod image_group;
-mod image_result;
 mod names;
 mod webhook_subscription;
 
@@ -14,8 +13,7 @@ pub use image_group::{
     ImageGroupSpec, ImageGroupStatus, ObjectCount, REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef,
     WebhookTarget,
 };
-pub use image_result::{ImageFailure, ImageResult, ImageResultSpec, ModelResult, Timings};
-pub use names::{is_dns_label, is_object_name};
+pub use names::{is_dns_label, is_object_name, label_value};
 pub use webhook_subscription::{
     CircuitState, EndpointHealth, LastDelivery, RetryPolicy, WebhookSubscription,
     WebhookSubscriptionSpec, WebhookSubscriptionStatus,
@@ -26,16 +24,12 @@ use kube::CustomResourceExt;
 /// The API group of every kinsight resource.
 pub const GROUP: &str = "kinsight.io";
 
-/// Label put on everything kinsight creates for a group (Jobs, ImageResults).
+/// Label put on everything kinsight creates for a group (Jobs, work orders).
 pub const GROUP_LABEL: &str = "kinsight.io/group";
 
 /// Every CRD as one multi-document YAML stream, in a stable order.
 pub fn all_crds_yaml() -> Result<String, serde_yaml::Error> {
-    let crds = [
-        ImageGroup::crd(),
-        ImageResult::crd(),
-        WebhookSubscription::crd(),
-    ];
+    let crds = [ImageGroup::crd(), WebhookSubscription::crd()];
     let mut out = String::new();
     for crd in crds {
         out.push_str("---\n");
@@ -48,9 +42,5 @@ pub fn all_crds_yaml() -> Result<String, serde_yaml::Error> {
 pub fn all_crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![
-        ImageGroup::crd(),
-        ImageResult::crd(),
-        WebhookSubscription::crd(),
-    ]
+    vec![ImageGroup::crd(), WebhookSubscription::crd()]
 }

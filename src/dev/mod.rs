@@ -17,7 +17,9 @@ use tokio::task::JoinSet;
 use crate::api::{ApiConfig, router};
 use crate::controller::ControllerConfig;
 use crate::inference::Catalog;
-use crate::testbed::ControlPlane;
+use crate::results::INGEST_PATH;
+use crate::store::Store;
+use crate::testbed::{ControlPlane, Postgres};
 use crate::webhook::{RetrySchedule, generate_secret};
 
 pub const KEYS_NAMESPACE: &str = "kinsight-system";
@@ -34,6 +36,8 @@ pub struct DevOptions {
     pub state_dir: PathBuf,
     /// Use this cluster instead of starting a local control plane.
     pub kubeconfig: Option<PathBuf>,
+    /// Use this database instead of the testbed's PostgreSQL.
+    pub database_url: Option<String>,
     pub retry: RetrySchedule,
 }
 
@@ -45,6 +49,7 @@ pub struct DevEnvironment {
     pub kubeconfig: Option<PathBuf>,
     tasks: JoinSet<()>,
     _control_plane: Option<ControlPlane>,
+    _database: Option<Postgres>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +60,8 @@ pub enum DevError {
     Setup(#[from] SetupError),
     #[error(transparent)]
     Inference(#[from] crate::inference::InferenceError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("kubernetes client: {0}")]
     Kube(#[from] kube::Error),
     #[error("{0}")]
@@ -77,6 +84,23 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
             (Some(cp), client, Some(path))
         }
     };
+    // The testbed's PostgreSQL runs beside its etcd; with a cluster of one's own, a URL
+    // given or a PostgreSQL started in the state folder.
+    let mut database = None;
+    let database_url = match (
+        &options.database_url,
+        control_plane.as_ref().and_then(ControlPlane::database_url),
+    ) {
+        (Some(url), _) => url.clone(),
+        (None, Some(url)) => url,
+        (None, None) => {
+            let postgres = Postgres::start(&options.state_dir).await?;
+            let url = postgres.url();
+            database = Some(postgres);
+            url
+        }
+    };
+    let store = Store::connect(&database_url, Duration::from_secs(60)).await?;
     install_crds(&client).await?;
     let api_key = options
         .api_key
@@ -113,7 +137,15 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     let models_dir = Catalog::default_models_dir(&catalog_path)
         .display()
         .to_string();
+    // Workers on this machine reach the API's result ingest on loopback.
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .map_err(|e| DevError::Other(format!("cannot listen on {}: {e}", options.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| DevError::Other(e.to_string()))?;
     let controller_config = ControllerConfig {
+        results_url: format!("http://{addr}{INGEST_PATH}"),
         worker_catalog: Some(crate::controller::WorkerCatalog::new(&catalog, models_dir)),
         metrics: metrics.clone(),
         models: models.clone(),
@@ -124,8 +156,11 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     };
     let mut tasks = JoinSet::new();
     let controller_client = client.clone();
+    let controller_store = store.clone();
     tasks.spawn(async move {
-        if let Err(e) = crate::controller::run(controller_client, controller_config).await {
+        if let Err(e) =
+            crate::controller::run(controller_client, controller_store, controller_config).await
+        {
             tracing::error!(error = %e, "controller stopped");
         }
     });
@@ -142,14 +177,9 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
             }
         });
     }
-    let listener = TcpListener::bind(options.listen)
-        .await
-        .map_err(|e| DevError::Other(format!("cannot listen on {}: {e}", options.listen)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| DevError::Other(e.to_string()))?;
     let (app, key_watch, keys) = router(
         client.clone(),
+        store,
         ApiConfig {
             keys_namespace: KEYS_NAMESPACE.to_owned(),
             models,
@@ -176,6 +206,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         kubeconfig,
         tasks,
         _control_plane: control_plane,
+        _database: database,
     })
 }
 

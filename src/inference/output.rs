@@ -1,6 +1,6 @@
 //! Results of one model on one image.
 //!
-//! These types are embedded in the `ImageResult` custom resource, so they derive
+//! These types are stored with each image's result and sent in webhooks, so they derive
 //! `JsonSchema` and use camelCase on the wire. Values are rounded (confidences to 4
 //! decimals, box coordinates to 0.1 px) so stored results stay small and stable.
 

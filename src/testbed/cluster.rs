@@ -2,17 +2,30 @@
 
 use std::path::PathBuf;
 
+use tempfile::TempDir;
+
 use super::control_plane::{ControlPlane, ControlPlaneOptions};
 use super::node_agent::NodeAgentOptions;
+use super::postgres::Postgres;
 use super::{TestbedError, install_crypto_provider};
 
-/// A cluster to test against: the ambient one when `USE_EXISTING_CLUSTER=true` (nothing is
-/// started), otherwise a local [`ControlPlane`] that is stopped when this is dropped.
+/// The database an existing cluster's tests use, instead of a local PostgreSQL.
+pub const DATABASE_URL_ENV: &str = "KINSIGHT_DATABASE_URL";
+
+/// A cluster to test against: the ambient one when `USE_EXISTING_CLUSTER=true` (no Kubernetes
+/// is started), otherwise a local [`ControlPlane`] that is stopped when this is dropped. Either
+/// way it has a database ([`TestCluster::database_url`]).
 pub struct TestCluster {
     client: kube::Client,
     server_url: String,
     server_ca_pem: Option<Vec<u8>>,
     control_plane: Option<ControlPlane>,
+    /// `KINSIGHT_DATABASE_URL`, for an existing cluster.
+    external_database_url: Option<String>,
+    /// A local PostgreSQL for an existing cluster without `KINSIGHT_DATABASE_URL`.
+    postgres: Option<Postgres>,
+    // After `postgres`, so that the server is stopped before its folder goes.
+    _postgres_dir: Option<TempDir>,
 }
 
 /// `USE_EXISTING_CLUSTER` is `true` (or `1`/`yes`, any case).
@@ -29,9 +42,14 @@ impl TestCluster {
     }
 
     /// Connects to the ambient cluster (`USE_EXISTING_CLUSTER=true`) or starts a control plane.
+    /// `opts.postgres` says whether the cluster gets a database.
     pub async fn start_with(opts: ControlPlaneOptions) -> Result<TestCluster, TestbedError> {
         if use_existing_cluster() {
-            return TestCluster::connect_existing().await;
+            let mut cluster = TestCluster::connect_existing_without_database().await?;
+            if opts.postgres {
+                cluster.attach_database().await?;
+            }
+            return Ok(cluster);
         }
         let control_plane = ControlPlane::start(opts).await?;
         Ok(TestCluster {
@@ -39,11 +57,39 @@ impl TestCluster {
             server_url: control_plane.server_url().to_string(),
             server_ca_pem: None,
             control_plane: Some(control_plane),
+            external_database_url: None,
+            postgres: None,
+            _postgres_dir: None,
         })
     }
 
-    /// The ambient cluster (`KUBECONFIG`, `~/.kube/config` or in-cluster); starts nothing.
+    /// The ambient cluster (`KUBECONFIG`, `~/.kube/config` or in-cluster); starts no
+    /// Kubernetes. The database is `KINSIGHT_DATABASE_URL`, else a local PostgreSQL in a
+    /// temporary folder.
     pub async fn connect_existing() -> Result<TestCluster, TestbedError> {
+        let mut cluster = TestCluster::connect_existing_without_database().await?;
+        cluster.attach_database().await?;
+        Ok(cluster)
+    }
+
+    async fn attach_database(&mut self) -> Result<(), TestbedError> {
+        if let Some(url) = std::env::var(DATABASE_URL_ENV)
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+        {
+            self.external_database_url = Some(url);
+            return Ok(());
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("kinsight-postgres-")
+            .tempdir()
+            .map_err(|e| TestbedError::io("creating a temporary database folder", e))?;
+        self.postgres = Some(Postgres::start(dir.path()).await?);
+        self._postgres_dir = Some(dir);
+        Ok(())
+    }
+
+    async fn connect_existing_without_database() -> Result<TestCluster, TestbedError> {
         install_crypto_provider();
         let config = kube::Config::infer()
             .await
@@ -64,6 +110,9 @@ impl TestCluster {
             server_url,
             server_ca_pem,
             control_plane: None,
+            external_database_url: None,
+            postgres: None,
+            _postgres_dir: None,
         })
     }
 
@@ -80,6 +129,34 @@ impl TestCluster {
     /// The local control plane, `None` for an existing cluster.
     pub fn control_plane(&self) -> Option<&ControlPlane> {
         self.control_plane.as_ref()
+    }
+
+    /// The database's URL. Empty only for a cluster started with `postgres: false`.
+    pub fn database_url(&self) -> String {
+        if let Some(url) = &self.external_database_url {
+            return url.clone();
+        }
+        self.postgres
+            .as_ref()
+            .map(Postgres::url)
+            .or_else(|| {
+                self.control_plane
+                    .as_ref()
+                    .and_then(ControlPlane::database_url)
+            })
+            .unwrap_or_default()
+    }
+
+    /// The local PostgreSQL, to restart it in chaos tests; `None` for `KINSIGHT_DATABASE_URL`
+    /// or `postgres: false`.
+    pub fn postgres_mut(&mut self) -> Option<&mut Postgres> {
+        match &mut self.postgres {
+            Some(pg) => Some(pg),
+            None => self
+                .control_plane
+                .as_mut()
+                .and_then(ControlPlane::postgres_mut),
+        }
     }
 
     /// Node-agent options whose workers reach this cluster.

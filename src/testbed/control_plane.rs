@@ -1,4 +1,5 @@
-//! etcd + kube-apiserver + kube-controller-manager as local processes (`shared/TESTBED.md` §1).
+//! etcd + kube-apiserver + kube-controller-manager as local processes (`shared/TESTBED.md` §1),
+//! with a PostgreSQL beside them.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
 use super::node_agent::NodeAgentOptions;
+use super::postgres::Postgres;
 use super::{ServerTrust, TestbedError, tail_file, write_private_file, write_token_kubeconfig};
 
 /// The binaries a control plane needs, as named in a `KUBEBUILDER_ASSETS` folder.
@@ -41,6 +43,9 @@ pub struct ControlPlaneOptions {
     pub controller_manager: bool,
     /// Appended to kube-apiserver's flags.
     pub extra_apiserver_args: Vec<String>,
+    /// Start a PostgreSQL in the state folder ([`ControlPlane::database_url`]); a test that
+    /// only needs the API server can turn it off.
+    pub postgres: bool,
 }
 
 impl Default for ControlPlaneOptions {
@@ -51,6 +56,7 @@ impl Default for ControlPlaneOptions {
             start_timeout: Duration::from_secs(60),
             controller_manager: true,
             extra_apiserver_args: Vec::new(),
+            postgres: true,
         }
     }
 }
@@ -63,6 +69,8 @@ pub struct ControlPlane {
     state_dir: PathBuf,
     kubeconfig_path: PathBuf,
     server_url: String,
+    // Dropped (so stopped) after the Kubernetes components, which `Drop` stops first.
+    postgres: Option<Postgres>,
     // Declared last so that it is removed after the processes are gone.
     _temp_dir: Option<TempDir>,
 }
@@ -126,6 +134,7 @@ impl ControlPlane {
             kubeconfig_path: state_dir.join("kubeconfig"),
             state_dir,
             server_url: String::new(),
+            postgres: None,
             _temp_dir: temp_dir,
         };
         // On any error below, dropping `plane` stops what was started.
@@ -134,8 +143,9 @@ impl ControlPlane {
     }
 
     /// For `kinsight dev`: if `state_dir/kubeconfig` exists and its API server is ready, returns
-    /// a handle that owns no processes (dropping it stops nothing); otherwise starts a control
-    /// plane that keeps its etcd data, keys and ports in `state_dir`, so objects survive restarts.
+    /// a handle that owns no processes (dropping it stops nothing) and reuses the database the
+    /// same way; otherwise starts a control plane that keeps its etcd data, keys, ports and
+    /// database in `state_dir`, so objects and rows survive restarts.
     pub async fn start_or_reuse(state_dir: impl AsRef<Path>) -> Result<ControlPlane, TestbedError> {
         ControlPlane::start_or_reuse_with(ControlPlaneOptions {
             state_dir: Some(state_dir.as_ref().to_path_buf()),
@@ -160,11 +170,18 @@ impl ControlPlane {
             && readyz(&client, Duration::from_secs(5)).await.is_ok()
         {
             tracing::info!(%server_url, "reusing the running control plane");
+            // Owns no process unless the database was down and had to be started.
+            let postgres = if opts.postgres {
+                Some(Postgres::start_or_reuse_with_timeout(&state_dir, opts.start_timeout).await?)
+            } else {
+                None
+            };
             return Ok(ControlPlane {
                 components: Vec::new(),
                 state_dir,
                 kubeconfig_path,
                 server_url,
+                postgres,
                 _temp_dir: None,
             });
         }
@@ -193,12 +210,29 @@ impl ControlPlane {
 
     /// Whether this handle started (and so stops) the processes; `false` for a reused one.
     pub fn owns_processes(&self) -> bool {
-        !self.components.is_empty()
+        !self.components.is_empty() || self.postgres.as_ref().is_some_and(Postgres::owns_process)
     }
 
-    /// Process ids of the components this handle started, in start order.
+    /// Process ids of the Kubernetes components this handle started, in start order (the
+    /// database's is [`Postgres::pid`]).
     pub fn pids(&self) -> Vec<u32> {
         self.components.iter().map(|c| c.child.id()).collect()
+    }
+
+    /// The database's URL (`postgres://kinsight:...@127.0.0.1:PORT/kinsight`); `None` when
+    /// started with `postgres: false`.
+    pub fn database_url(&self) -> Option<String> {
+        self.postgres.as_ref().map(Postgres::url)
+    }
+
+    /// The database server, `None` when started with `postgres: false`.
+    pub fn postgres(&self) -> Option<&Postgres> {
+        self.postgres.as_ref()
+    }
+
+    /// The database server, to restart it in chaos tests.
+    pub fn postgres_mut(&mut self) -> Option<&mut Postgres> {
+        self.postgres.as_mut()
     }
 
     /// An admin client, built from [`ControlPlane::kubeconfig_path`].
@@ -278,7 +312,17 @@ impl ControlPlane {
             &token,
             "default",
         )?;
-        self.wait_for_readyz(opts.start_timeout).await?;
+        // initdb and the database start take seconds: overlap them with the API server's.
+        if opts.postgres {
+            let (postgres, ready) = tokio::join!(
+                Postgres::start_with_timeout(&dir, opts.start_timeout),
+                self.wait_for_readyz(opts.start_timeout)
+            );
+            ready?;
+            self.postgres = Some(postgres?);
+        } else {
+            self.wait_for_readyz(opts.start_timeout).await?;
+        }
         publish_cluster_info(&self.client().await?, &self.server_url).await?;
         tracing::info!(
             server = %self.server_url,
@@ -446,6 +490,7 @@ impl std::fmt::Debug for ControlPlane {
             .field("server_url", &self.server_url)
             .field("state_dir", &self.state_dir)
             .field("pids", &self.pids())
+            .field("postgres", &self.postgres)
             .finish()
     }
 }
@@ -505,7 +550,7 @@ fn find_binaries(opts: &ControlPlaneOptions) -> Result<Binaries, TestbedError> {
     }
 }
 
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path)
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

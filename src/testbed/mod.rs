@@ -4,6 +4,8 @@
 //!   processes (the real Job controller and garbage collector), torn down on drop.
 //! - [`TestCluster`]: the envtest conventions: `USE_EXISTING_CLUSTER=true` uses the ambient
 //!   kubeconfig, otherwise a [`ControlPlane`] is started.
+//! - [`Postgres`]: a real PostgreSQL (Debian's package) in a state folder, started with the
+//!   control plane (and for [`TestCluster`]s on an existing cluster).
 //! - [`node_agent`]: plays the kubelet (like kwok): binds pending pods to a Node object it
 //!   owns, runs their first container's `kinsight ...` command as a local process with a real
 //!   ServiceAccount token, and reports Running/Succeeded/Failed with exit codes.
@@ -14,12 +16,14 @@
 mod cluster;
 pub mod control_plane;
 pub mod node_agent;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 
 pub use cluster::{TestCluster, use_existing_cluster};
 pub use control_plane::{ControlPlane, ControlPlaneOptions};
 pub use node_agent::NodeAgentOptions;
+pub use postgres::Postgres;
 
 /// Everything that can go wrong while starting or driving the testbed.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +86,18 @@ pub enum TestbedError {
     /// Options or environment are inconsistent.
     #[error("invalid testbed configuration: {0}")]
     Config(String),
+
+    /// PostgreSQL's binaries (or, as root, its `postgres` system user) are missing.
+    #[error(
+        "PostgreSQL unavailable: {0}; install Debian's postgresql package (scripts/setup.sh \
+         runs apt-get install postgresql) or point KINSIGHT_POSTGRES_BIN at a folder holding \
+         initdb and postgres"
+    )]
+    MissingPostgres(String),
+
+    /// The testbed's PostgreSQL answered with an error.
+    #[error("{context}: {detail}")]
+    Database { context: String, detail: String },
 }
 
 impl TestbedError {
@@ -96,6 +112,8 @@ impl TestbedError {
             TestbedError::Kubeconfig { .. } => "kubeconfig",
             TestbedError::Kube { .. } => "kube_api",
             TestbedError::Config(_) => "config",
+            TestbedError::MissingPostgres(_) => "missing_postgres",
+            TestbedError::Database { .. } => "database",
         }
     }
 
@@ -103,6 +121,13 @@ impl TestbedError {
         TestbedError::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    pub(crate) fn database(context: impl Into<String>, detail: impl Into<String>) -> Self {
+        TestbedError::Database {
+            context: context.into(),
+            detail: detail.into(),
         }
     }
 
@@ -226,6 +251,11 @@ mod tests {
         assert!(e.to_string().contains("scripts/build-kubernetes.sh"));
         assert!(e.to_string().contains("etcd"));
         assert_eq!(TestbedError::Config("x".into()).category(), "config");
+        assert_eq!(
+            TestbedError::MissingPostgres("x".into()).category(),
+            "missing_postgres"
+        );
+        assert_eq!(TestbedError::database("a", "b").category(), "database");
         let e = TestbedError::io("doing", std::io::Error::other("boom"));
         assert_eq!(e.category(), "io");
         assert_eq!(e.to_string(), "doing: boom");

@@ -4,7 +4,8 @@
 use serde::Serialize;
 use serde_json::json;
 
-use crate::crd::{ImageEntry, ImageGroup, ImageResultSpec};
+use crate::crd::{ImageEntry, ImageGroup};
+use crate::results::ImageResult;
 
 /// Version of the `data` layout, so receivers can tell payload revisions apart.
 pub const PAYLOAD_VERSION: &str = "v1alpha1";
@@ -23,7 +24,7 @@ pub fn image_event(
     group: &ImageGroup,
     image_id: &str,
     entry: Option<&ImageEntry>,
-    result: Option<&ImageResultSpec>,
+    result: Option<&ImageResult>,
     sequence: u64,
     created_at: jiff::Timestamp,
 ) -> EventPayload {

@@ -1,7 +1,8 @@
 //! `kinsight worker`: the process a worker Job's pod runs. It reads its work order from
-//! the environment, downloads and decodes each image, runs the requested models and writes
-//! one result per image the moment it is ready. A bad image fails alone; the process fails
-//! only when it cannot work at all (models, runtime, result store).
+//! the environment, downloads and decodes each image, runs the requested models and hands
+//! each image's result to the result ingest the moment it is ready. A bad image fails
+//! alone; the process fails only when it cannot work at all (models, runtime, the ingest),
+//! and succeeds only once every result is stored.
 
 mod fetch;
 mod order;
@@ -18,10 +19,10 @@ use std::time::Instant;
 
 use futures::StreamExt;
 
-use crate::crd::{ImageFailure, ImageResultSpec, ModelResult, Timings};
 use crate::inference::pipeline::{ImageAnalysis, Pipeline, PipelineOptions};
 use crate::inference::{Catalog, Engine, EngineOptions, InferenceError, ms};
-use crate::results::{ResultStore, ResultsError};
+use crate::results::{ImageFailure, ImageResult, ModelResult, Timings};
+use crate::results::{ResultUploader, UploadError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -30,7 +31,7 @@ pub enum WorkerError {
     #[error(transparent)]
     Inference(#[from] InferenceError),
     #[error(transparent)]
-    Results(#[from] ResultsError),
+    Results(#[from] UploadError),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
     #[error("inference thread: {0}")]
@@ -76,7 +77,7 @@ pub fn order_from_env() -> Result<WorkOrder, WorkerError> {
 
 pub async fn run(
     order: WorkOrder,
-    store: ResultStore,
+    store: ResultUploader,
     options: WorkerOptions,
 ) -> Result<WorkerReport, WorkerError> {
     let catalog = Catalog::load_with_models_dir(&options.catalog, options.models_dir.as_deref())?;
@@ -108,7 +109,7 @@ pub async fn run(
         })
         .buffered(options.prefetch.max(1));
     let order = &order;
-    let store = &store;
+    let queue = &store;
     let feed = async move {
         let mut report = WorkerReport::default();
         let mut submitted = 0_usize;
@@ -119,7 +120,7 @@ pub async fn run(
                 Err(e) => {
                     let spec = failed(order, &item, e.reason(), e.to_string(), download_ms);
                     record(&mut report, order, &item, &spec);
-                    store.write(&order.group, &spec).await?;
+                    queue.push(spec)?;
                 }
                 Ok(bytes) => {
                     let models = item.models(order).to_vec();
@@ -146,12 +147,14 @@ pub async fn run(
             spec.image_id = item.id.clone();
             spec.timings.download_ms = round_ms(download_ms);
             record(&mut report, order, &item, &spec);
-            store.write(&order.group, &spec).await?;
+            queue.push(spec)?;
         }
         Ok::<_, WorkerError>((report, returned, results.panicked()))
     };
     let ((fed, submitted, stopped), (collected, returned, panicked)) =
         tokio::try_join!(feed, collect)?;
+    // What came out is stored even when images were lost; then the worker fails.
+    let stored = store.finish().await?;
     check_pipeline(submitted, returned, panicked, stopped)?;
     let report = WorkerReport {
         succeeded: fed.succeeded + collected.succeeded,
@@ -160,6 +163,7 @@ pub async fn run(
     tracing::info!(
         succeeded = report.succeeded,
         failed = report.failed,
+        stored,
         "worker finished"
     );
     Ok(report)
@@ -194,13 +198,13 @@ fn failed(
     reason: &str,
     message: String,
     download_ms: f64,
-) -> ImageResultSpec {
-    let mut result = ImageResultSpec::failed(&order.group.name, &item.id, reason, message);
+) -> ImageResult {
+    let mut result = ImageResult::failed(&order.group.name, &item.id, reason, message);
     result.timings.download_ms = round_ms(download_ms);
     result
 }
 
-fn record(report: &mut WorkerReport, order: &WorkOrder, item: &WorkItem, spec: &ImageResultSpec) {
+fn record(report: &mut WorkerReport, order: &WorkOrder, item: &WorkItem, spec: &ImageResult) {
     if spec.is_failure(item.models(order)) {
         report.failed += 1;
         tracing::warn!(image = %item.id, failure = ?spec.failure, "image failed");
@@ -210,8 +214,8 @@ fn record(report: &mut WorkerReport, order: &WorkOrder, item: &WorkItem, spec: &
 }
 
 /// The pipeline's outcome as a result; a model's error is recorded beside the others' outputs.
-fn result_spec(outcome: Result<ImageAnalysis, InferenceError>) -> ImageResultSpec {
-    let mut spec = ImageResultSpec {
+fn result_spec(outcome: Result<ImageAnalysis, InferenceError>) -> ImageResult {
+    let mut spec = ImageResult {
         group: String::new(),
         image_id: String::new(),
         failure: None,

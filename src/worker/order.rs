@@ -1,6 +1,6 @@
 //! The work order the controller hands a worker Job: a ConfigMap per Job, mounted into its
-//! pod, so the worker needs no read access to ImageGroups: only the image URLs and
-//! ImageResult writes. (Not the environment: Linux refuses to start a process with one
+//! pod, so the worker needs no access to the API server at all: it reads the image URLs
+//! here and hands its results to the result ingest. (Not the environment: Linux refuses to start a process with one
 //! variable over 128 KiB, which a group of 1000 images with long URLs exceeds.)
 
 use std::path::Path;
@@ -23,6 +23,9 @@ pub const WORK_ORDER_MOUNT_PATH: &str = "/etc/kinsight/work-order";
 #[serde(rename_all = "camelCase")]
 pub struct WorkOrder {
     pub group: GroupRef,
+    /// The group's generation this order's Job was made for; stored with each result.
+    #[serde(default = "first_generation")]
+    pub generation: i64,
     pub models: Vec<String>,
     pub images: Vec<WorkItem>,
 }
@@ -36,6 +39,10 @@ pub struct WorkItem {
     /// group later run alone on the images that already have results).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
+}
+
+fn first_generation() -> i64 {
+    1
 }
 
 impl WorkOrder {

@@ -15,6 +15,8 @@ use std::time::Duration;
 use kinsight::controller::{ControllerConfig, WorkerCatalog};
 use kinsight::dev::{ReceivedWebhook, create_tenant, install_crds, serve_folder, webhook_receiver};
 use kinsight::inference::Catalog;
+use kinsight::results::INGEST_PATH;
+use kinsight::store::Store;
 use kinsight::testbed::{NodeAgentOptions, TestCluster};
 use kinsight::webhook::{RetrySchedule, generate_secret};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -33,6 +35,8 @@ pub struct Harness {
     pub hook_url: String,
     pub webhooks: UnboundedReceiver<ReceivedWebhook>,
     pub models: Vec<String>,
+    /// The database (the testbed's PostgreSQL) the controller and the API share.
+    pub store: Store,
     /// The controller's metrics, kept across controller restarts.
     pub metrics: std::sync::Arc<kinsight::controller::Metrics>,
     controller: Option<JoinHandle<()>>,
@@ -74,6 +78,9 @@ impl Harness {
         kinsight::install_crypto_provider();
         let cluster = TestCluster::start().await.expect("control plane starts");
         let client = cluster.client();
+        let store = Store::connect(&cluster.database_url(), Duration::from_secs(60))
+            .await
+            .expect("the testbed's PostgreSQL");
         install_crds(&client).await.expect("CRDs install");
         let api_key = format!("test-key-{namespace}");
         let webhook_secret = generate_secret();
@@ -107,6 +114,7 @@ impl Harness {
 
         let (app, key_watch, _keys) = kinsight::api::router(
             client.clone(),
+            store.clone(),
             kinsight::api::ApiConfig {
                 keys_namespace: KEYS_NAMESPACE.into(),
                 models: models.clone(),
@@ -139,6 +147,7 @@ impl Harness {
             hook_url: format!("http://{hook_addr}/hook"),
             webhooks,
             models,
+            store,
             metrics: Default::default(),
             controller: None,
             tasks,
@@ -165,6 +174,8 @@ impl Harness {
         let models_dir = repo_path("models").display().to_string();
         ControllerConfig {
             models: self.models.clone(),
+            // Workers on this machine reach the API's result ingest on loopback.
+            results_url: format!("{}{INGEST_PATH}", self.api_url),
             worker_catalog: Some(WorkerCatalog::new(&catalog, models_dir)),
             worker_env: vec![("ORT_DYLIB_PATH".into(), ort.display().to_string())],
             egress,
@@ -186,8 +197,9 @@ impl Harness {
 
     pub fn start_controller_with(&mut self, config: ControllerConfig) {
         let client = self.client.clone();
+        let store = self.store.clone();
         self.controller = Some(tokio::spawn(async move {
-            if let Err(e) = kinsight::controller::run(client, config).await {
+            if let Err(e) = kinsight::controller::run(client, store, config).await {
                 eprintln!("controller stopped: {e}");
             }
         }));
@@ -225,6 +237,22 @@ impl Harness {
             .path()
             .join(format!("{}_{pod}.log", self.namespace));
         std::fs::read_to_string(file).unwrap_or_default()
+    }
+
+    /// The group's results as the database holds them, by image id.
+    pub async fn stored_results(
+        &self,
+        group: &str,
+    ) -> std::collections::HashMap<String, kinsight::results::ImageResult> {
+        let found: kinsight::crd::ImageGroup =
+            kube::Api::namespaced(self.client.clone(), &self.namespace)
+                .get(group)
+                .await
+                .expect("the group");
+        self.store
+            .group_results(&group_ref(&found))
+            .await
+            .expect("stored results")
     }
 
     pub fn photo_url(&self, name: &str) -> String {
@@ -539,4 +567,14 @@ pub fn of_type<'a>(events: &'a [ReceivedWebhook], kind: &str) -> Vec<&'a Receive
         .iter()
         .filter(|e| e.payload["type"] == kind)
         .collect()
+}
+
+/// Names a group for the store.
+pub fn group_ref(group: &kinsight::crd::ImageGroup) -> kinsight::results::GroupRef {
+    use kube::ResourceExt;
+    kinsight::results::GroupRef {
+        namespace: group.namespace().expect("namespaced"),
+        name: group.name_any(),
+        uid: group.uid().expect("uid"),
+    }
 }

@@ -28,3 +28,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end -}}
+
+{{/* The database URL, from the Secret the operator names (values: database). */}}
+{{- define "kinsight.databaseEnv" -}}
+- name: KINSIGHT_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.secretName | quote }}
+      key: {{ .Values.database.secretKey | quote }}
+{{- end }}

@@ -1,30 +1,17 @@
-//! `ImageResult`: one image's model outputs, written by the worker, read by the controller.
-//! Internal and small (outputs only, never image bytes); owned by its ImageGroup so it goes
-//! when the group goes. Only `crate::results` touches these objects.
+//! One image's result: the outputs of the models run on it, or why it failed. Small
+//! (outputs only, never image bytes).
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::inference::output::ModelOutput;
 
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[kube(
-    group = "kinsight.io",
-    version = "v1alpha1",
-    kind = "ImageResult",
-    namespaced,
-    category = "kinsight",
-    printcolumn = r#"{"name":"Group","type":"string","jsonPath":".spec.group"}"#,
-    printcolumn = r#"{"name":"Image","type":"string","jsonPath":".spec.imageId"}"#,
-    printcolumn = r#"{"name":"Error","type":"string","jsonPath":".spec.failure.reason"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
-)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct ImageResultSpec {
-    /// Name of the owning ImageGroup.
+pub struct ImageResult {
+    /// Name of the ImageGroup it belongs to.
     pub group: String,
     pub image_id: String,
     /// Set when the image itself could not be processed (download, decode).
@@ -69,10 +56,10 @@ pub struct Timings {
     pub decode_ms: f64,
 }
 
-impl ImageResultSpec {
+impl ImageResult {
     /// The result of an image that could not be processed at all.
     pub fn failed(group: &str, image_id: &str, reason: &str, message: String) -> Self {
-        ImageResultSpec {
+        ImageResult {
             group: group.to_owned(),
             image_id: image_id.to_owned(),
             failure: Some(ImageFailure {

@@ -1,0 +1,49 @@
+//! Stored results go with their group: a deleted group's rows are marked by its last
+//! reconcile (or, for groups deleted while no controller ran, by a periodic comparison with
+//! the cluster's groups) and deleted here in bounded batches, never by one giant DELETE.
+
+use std::time::Duration;
+
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+use super::PURGE_BATCH;
+use crate::crd::ImageGroup;
+use crate::store::Store;
+
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How often the store's groups are compared with the cluster's.
+const SWEEP_EVERY: u32 = 10;
+
+pub async fn run(client: Client, store: Store) {
+    let groups: Api<ImageGroup> = Api::all(client);
+    let mut round = 0_u32;
+    let mut tick = tokio::time::interval(PURGE_EVERY);
+    loop {
+        tick.tick().await;
+        if round.is_multiple_of(SWEEP_EVERY) {
+            match groups.list_metadata(&ListParams::default()).await {
+                Ok(list) => {
+                    let live: Vec<String> = list.items.iter().filter_map(|g| g.uid()).collect();
+                    match store.forget_groups_except(&live).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            groups = n,
+                            "groups gone from the cluster; their results go"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "comparing stored groups with the cluster's")
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "listing groups for retention"),
+            }
+        }
+        round = round.wrapping_add(1);
+        match store.purge_forgotten(PURGE_BATCH).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(results = n, "results of deleted groups removed"),
+            Err(e) => tracing::warn!(error = %e, "removing results of deleted groups"),
+        }
+    }
+}

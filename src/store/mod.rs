@@ -1,0 +1,131 @@
+//! The state plane's database: PostgreSQL holds the high-volume records (per-image results
+//! today) so that Kubernetes objects keep only intent and bounded summaries. This module is
+//! the only code that speaks SQL. Migrations are embedded and applied at start.
+
+mod migrations;
+mod notify;
+mod results;
+
+pub use notify::{RESULTS_CHANNEL, StoreNotice, listen};
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+/// Connections per process: API handlers, reconciles and the ingest share them.
+const POOL_SIZE: usize = 16;
+/// How long a caller waits for a free connection before the store counts as unavailable.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database URL: {0}")]
+    Config(String),
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("stored record unreadable: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Stable category for logs and metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Config(_) => "store_configuration",
+            Self::Unavailable(_) => "store_unavailable",
+            Self::Query(e) if e.is_closed() || e.as_db_error().is_none() => "store_unavailable",
+            Self::Query(_) => "store_query",
+            Self::Corrupt(_) => "store_corrupt",
+        }
+    }
+
+    /// Whether trying again later may succeed (the database is restarting or unreachable).
+    pub fn is_transient(&self) -> bool {
+        self.category() == "store_unavailable"
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::Query(e),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// A pool of connections to the kinsight database.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    url: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Connects to `url` (`postgres://user:password@host:port/db`) and applies every
+    /// migration not applied yet. Waits up to `wait` for a database that is still starting.
+    pub async fn connect(url: &str, wait: Duration) -> Result<Store, StoreError> {
+        let store = Store::lazy(url)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match store.migrate().await {
+                Ok(()) => return Ok(store),
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "database not reachable yet");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A store whose connections are made when first used; nothing is checked or migrated.
+    pub fn lazy(url: &str) -> Result<Store, StoreError> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                // A connection that broke (a database restart) is found out before use.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Config(e.to_string()))?;
+        Ok(Store {
+            pool,
+            url: url.to_owned(),
+        })
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await?;
+        migrations::apply(&mut client).await
+    }
+
+    /// The URL this store connects to (for a LISTEN connection of its own).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+}

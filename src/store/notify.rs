@@ -1,0 +1,99 @@
+//! Wake-ups from the database (LISTEN/NOTIFY): a stored batch of results names its group on
+//! [`RESULTS_CHANNEL`], and the controller reconciles that group at once instead of waiting
+//! for a periodic look. The listening connection is its own (a pooled one would be handed to
+//! others) and is made again whenever it breaks; each new connection is announced, since
+//! notifications sent while it was down are lost and listeners must look again.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+/// Channel of result writes; the payload is `namespace/name` of the group.
+pub const RESULTS_CHANNEL: &str = "kinsight_results";
+
+/// What a listener is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreNotice {
+    /// (Re)connected: anything may have happened while not listening.
+    Connected,
+    /// A notification on one of the channels.
+    Notification { channel: String, payload: String },
+}
+
+/// Listens on `channels` for as long as the stream is polled, reconnecting with a growing
+/// pause (up to 5 s) while the database is unreachable.
+pub fn listen(url: String, channels: &[&str]) -> impl Stream<Item = StoreNotice> + Send + 'static {
+    let statement: String = channels
+        .iter()
+        .map(|c| format!("LISTEN \"{}\";", c.replace('"', "")))
+        .collect();
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        let mut pause = Duration::from_millis(100);
+        while !tx.is_closed() {
+            match listen_once(&url, &statement, &tx).await {
+                Ok(()) => pause = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, "database notifications interrupted; reconnecting")
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    });
+    tokio_stream_from(rx)
+}
+
+async fn listen_once(
+    url: &str,
+    statement: &str,
+    tx: &mpsc::Sender<StoreNotice>,
+) -> Result<(), tokio_postgres::Error> {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+    let (messages_tx, mut messages) = mpsc::unbounded_channel();
+    // The connection yields notifications only while it is polled.
+    let driver = tokio::spawn(async move {
+        let mut stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = stream.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let notice = StoreNotice::Notification {
+                        channel: n.channel().to_owned(),
+                        payload: n.payload().to_owned(),
+                    };
+                    if messages_tx.send(Ok(notice)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = messages_tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    let result = async {
+        client.batch_execute(statement).await?;
+        if tx.send(StoreNotice::Connected).await.is_err() {
+            return Ok(());
+        }
+        while let Some(message) = messages.recv().await {
+            if tx.send(message?).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

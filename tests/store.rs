@@ -1,0 +1,190 @@
+//! The result store against a real PostgreSQL (Debian's, started by the testbed): batches are
+//! idempotent, outputs of later models join earlier ones, failures stay, a write wakes
+//! listeners, and a deleted group's rows go in bounded batches.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kinsight::inference::{ClassScore, ModelOutput};
+use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
+use kinsight::store::{RESULTS_CHANNEL, Store, StoreNotice};
+use kinsight::testbed::Postgres;
+
+fn group(uid: &str) -> GroupRef {
+    GroupRef {
+        namespace: "tenant-a".into(),
+        name: format!("grp-{uid}"),
+        uid: uid.into(),
+    }
+}
+
+fn classified(image: &str, model: &str, label: &str) -> ImageResult {
+    let output = ModelOutput {
+        classes: vec![ClassScore {
+            label: label.into(),
+            confidence: 0.9,
+        }],
+        ..ModelOutput::default()
+    };
+    ImageResult {
+        group: String::new(),
+        image_id: image.into(),
+        failure: None,
+        width: Some(640),
+        height: Some(480),
+        outputs: BTreeMap::from([(
+            model.to_owned(),
+            ModelResult {
+                output,
+                error: None,
+                inference_ms: 3.5,
+            },
+        )]),
+        timings: Timings::default(),
+    }
+}
+
+async fn database() -> (Postgres, Store, tempfile::TempDir) {
+    kinsight::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let postgres = Postgres::start(dir.path())
+        .await
+        .expect("PostgreSQL starts");
+    let store = Store::connect(&postgres.url(), Duration::from_secs(30))
+        .await
+        .expect("connects and migrates");
+    (postgres, store, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_merge_per_image_and_a_batch_written_twice_changes_nothing() {
+    let (postgres, store, _dir) = database().await;
+    // A second process migrating the same database finds nothing to do.
+    Store::connect(&postgres.url(), Duration::from_secs(10))
+        .await
+        .expect("migrations are applied once");
+
+    let g = group("u1");
+    let batch = vec![
+        classified("a", "image_classification", "espresso"),
+        ImageResult::failed(&g.name, "b", "DownloadFailed", "HTTP 404".into()),
+    ];
+    store.write_results(&g, 1, &batch).await.expect("stored");
+    store
+        .write_results(&g, 1, &batch)
+        .await
+        .expect("stored again");
+    let first = store.group_results(&g).await.expect("read");
+    assert_eq!(first.len(), 2);
+    assert_eq!(first["a"].group, g.name);
+    assert_eq!(first["a"].outputs, batch[0].outputs);
+    assert_eq!(first["a"].width, Some(640));
+    assert_eq!(
+        first["b"].failure.as_ref().map(|f| f.reason.as_str()),
+        Some("DownloadFailed")
+    );
+
+    // A later generation adds a model: its output joins the first one's.
+    let later = classified("a", "object_detection", "cup");
+    store.write_results(&g, 2, &[later]).await.expect("stored");
+    let a = store.image_result(&g, "a").await.expect("read").expect("a");
+    assert_eq!(
+        a.outputs.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["image_classification", "object_detection"]
+    );
+    assert_eq!(
+        a.outputs["image_classification"].output.classes[0].label,
+        "espresso"
+    );
+    // A failure once recorded is not erased by a write without one.
+    let mut b = classified("b", "object_detection", "cup");
+    b.width = None;
+    store.write_results(&g, 2, &[b]).await.expect("stored");
+    let b = store.image_result(&g, "b").await.expect("read").expect("b");
+    assert!(b.failure.is_some());
+    assert!(store.image_result(&g, "zzz").await.expect("read").is_none());
+    // Another group's results are its own.
+    assert!(
+        store
+            .group_results(&group("u2"))
+            .await
+            .expect("read")
+            .is_empty()
+    );
+}
+
+async fn next(notices: &mut (impl futures::Stream<Item = StoreNotice> + Unpin)) -> StoreNotice {
+    tokio::time::timeout(Duration::from_secs(30), notices.next())
+        .await
+        .expect("a notice in time")
+        .expect("the stream goes on")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_wakes_listeners_and_a_restart_of_the_database_is_survived() {
+    let (mut postgres, store, _dir) = database().await;
+    let mut notices = Box::pin(kinsight::store::listen(
+        store.url().to_owned(),
+        &[RESULTS_CHANNEL],
+    ));
+    assert_eq!(next(&mut notices).await, StoreNotice::Connected);
+    let g = group("u3");
+    store
+        .write_results(&g, 1, &[classified("a", "m", "x")])
+        .await
+        .expect("stored");
+    assert_eq!(
+        next(&mut notices).await,
+        StoreNotice::Notification {
+            channel: RESULTS_CHANNEL.into(),
+            payload: "tenant-a/grp-u3".into()
+        }
+    );
+
+    postgres.restart().await.expect("PostgreSQL restarts");
+    // The listener says it reconnected (notifications in between may be lost) ...
+    assert_eq!(next(&mut notices).await, StoreNotice::Connected);
+    // ... and the pool's broken connections are replaced: writes go on.
+    let mut stored = false;
+    for _ in 0..50 {
+        if store
+            .write_results(&g, 1, &[classified("b", "m", "y")])
+            .await
+            .is_ok()
+        {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(stored, "writes succeed again after the restart");
+    assert_eq!(store.group_results(&g).await.expect("read").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_group_is_purged_in_batches_and_only_it() {
+    let (_postgres, store, _dir) = database().await;
+    let (gone, kept) = (group("gone"), group("kept"));
+    let many: Vec<ImageResult> = (0..250)
+        .map(|i| classified(&format!("i{i}"), "m", "x"))
+        .collect();
+    store.write_results(&gone, 1, &many).await.expect("stored");
+    store
+        .write_results(&kept, 1, &many[..3])
+        .await
+        .expect("stored");
+
+    // Not forgotten: nothing is purged.
+    assert_eq!(store.purge_group(&gone.uid, 100).await.expect("purge"), 0);
+    store.forget_group(&gone.uid).await.expect("forget");
+    // 100 rows per statement: three statements' worth, all of it.
+    assert_eq!(store.purge_forgotten(100).await.expect("purge"), 250);
+    assert!(store.group_results(&gone).await.expect("read").is_empty());
+    assert_eq!(store.group_results(&kept).await.expect("read").len(), 3);
+    // Groups stored moments ago are never taken for deleted ones: the list of live groups
+    // may be older than them.
+    assert_eq!(store.forget_groups_except(&[]).await.expect("sweep"), 0);
+    assert_eq!(store.purge_forgotten(100).await.expect("purge"), 0);
+    assert_eq!(store.group_results(&kept).await.expect("read").len(), 3);
+}
