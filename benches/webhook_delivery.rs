@@ -634,7 +634,7 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         let status = group.status.clone().unwrap_or_default();
         let bytes = serde_json::to_vec(group).map(|b| b.len()).unwrap_or(0);
         println!(
-            "| one group object (bench-g00) | {} KiB, {} deliveries in status |",
+            "| one group object (bench-g00) | {} KiB, its status counting {} endpoints |",
             bytes / 1024,
             status.deliveries.len()
         );

@@ -8,6 +8,7 @@
 //! - [`inference`]: the model catalog and ONNX Runtime sessions;
 //! - [`results`]: the result path (the worker's uploader, the records it carries);
 //! - [`store`]: PostgreSQL, where high-volume state lives (the only code speaking SQL);
+//! - [`delivery`]: webhook deliveries (one per event and endpoint) and their attempts;
 //! - [`webhook`]: signing and sending events;
 //! - [`net`]: outbound-request safety (SSRF guard) for image downloads and webhooks;
 //! - [`testbed`]: a local control plane and node agent for tests and `kinsight dev`;
@@ -17,6 +18,7 @@ pub mod api;
 pub mod bench;
 pub mod controller;
 pub mod crd;
+pub mod delivery;
 pub mod dev;
 pub mod inference;
 pub mod net;

@@ -40,7 +40,7 @@ struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    fn spawn(kubeconfig: &Path, worker_env: &[(String, String)], log: &Path) -> Self {
+    fn spawn(h: &Harness, kubeconfig: &Path, worker_env: &[(String, String)], log: &Path) -> Self {
         let log_file = || {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -55,12 +55,15 @@ impl ControllerProcess {
             .arg("--catalog")
             .arg(repo_path("models/catalog.yaml"))
             .args(["--retry-schedule", "1s,2s"])
-            .args(["--allow-egress", "127.0.0.0/8"]);
+            .args(["--allow-egress", "127.0.0.0/8"])
+            .arg("--results-url")
+            .arg(format!("{}{}", h.api_url, kinsight::results::INGEST_PATH));
         for (name, value) in worker_env {
             command.arg("--worker-env").arg(format!("{name}={value}"));
         }
         command
             .env("KUBECONFIG", kubeconfig)
+            .env("KINSIGHT_DATABASE_URL", h.cluster.database_url())
             .env("RUST_LOG", "info,kube=warn,tower=warn")
             // Flags above are the whole configuration; nothing leaks in from the test's env.
             .env_remove("KINSIGHT_CATALOG")
@@ -214,7 +217,7 @@ async fn sigkilled_controller_loses_no_event() {
 
     let (hook_url, proxy) = slow_answering_proxy(h.hook_url.clone()).await;
     let _proxy = AbortOnDrop(proxy);
-    let mut controller = ControllerProcess::spawn(&kubeconfig, &worker_env, &log);
+    let mut controller = ControllerProcess::spawn(&h, &kubeconfig, &worker_env, &log);
     let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
     let images: Vec<_> = (0..IMAGES)
         .map(|i| json!({ "id": format!("i{i}"), "url": h.photo_url(names[i % names.len()]) }))
@@ -269,7 +272,7 @@ async fn sigkilled_controller_loses_no_event() {
             events.len(),
             distinct.len()
         );
-        controller = ControllerProcess::spawn(&kubeconfig, &worker_env, &log);
+        controller = ControllerProcess::spawn(&h, &kubeconfig, &worker_env, &log);
     }
     assert!(
         mid_delivery_kills > 0,

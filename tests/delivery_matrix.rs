@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::Harness;
 use common::scripted_receiver::{Reply, Scripted, flapping};
-use kinsight::crd::{Delivery, DeliveryState, ImageGroup};
+use kinsight::crd::ImageGroup;
+use kinsight::delivery::{Delivery, DeliveryState};
 use kube::Api;
 use serde_json::json;
 
@@ -67,13 +68,11 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
                 .conditions
                 .iter()
                 .any(|c| c.type_ == "WebhooksDelivered" && c.status == "True");
-            let group_event_planned = status
-                .deliveries
-                .iter()
-                .any(|d| d.event != "image.completed");
+            let deliveries = h.deliveries(&groups[case]).await;
+            let group_event_planned = deliveries.iter().any(|d| d.event != "image.completed");
             let gone_stopped = case == "gone" && status.stopped_endpoints == ["request"];
             if status.images_done == 1 && delivered && (group_event_planned || gone_stopped) {
-                settled.insert(case, status.deliveries);
+                settled.insert(case, deliveries);
             }
         }
         settled.len() == cases.len()
@@ -267,17 +266,11 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
         "the replayed event to be delivered",
         Duration::from_secs(30),
         async || {
-            let status = api
-                .get(&groups["redirect"])
+            let d = h
+                .deliveries(&groups["redirect"])
                 .await
-                .expect("group")
-                .status
-                .expect("status");
-            let d = status
-                .deliveries
-                .iter()
+                .into_iter()
                 .find(|d| d.id == redirect_failed.id)
-                .cloned()
                 .expect("same delivery");
             (d.state == DeliveryState::Delivered).then_some(d)
         },
@@ -295,6 +288,26 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
         ids.iter().all(|i| *i == redirect_failed.id),
         "a replay keeps the webhook-id"
     );
+    // ... and the attempt history: every attempt before the replay, then the one after.
+    let (status, history) = h
+        .get(&format!(
+            "/v1/image-groups/{}/deliveries/{}",
+            groups["redirect"], redirect_failed.id
+        ))
+        .await;
+    assert_eq!(status, 200, "{history}");
+    let outcomes: Vec<&str> = history["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|a| a["outcome"].as_str())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["failed", "failed", "failed", "delivered"],
+        "{history}"
+    );
+    assert_eq!(history["attempts"][0]["statusCode"], 302, "{history}");
 
     // Every receiver that accepted anything got each of its events, with stable ids.
     for case in ["flaky", "throttled", "slow", "reset", "huge", "flapping"] {

@@ -5,7 +5,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use kinsight::crd::{DeliveryState, ImageGroup};
+use kinsight::crd::ImageGroup;
+use kinsight::delivery::DeliveryState;
 use kinsight::testbed::ControlPlane;
 use kube::Api;
 use kube::api::ListParams;
@@ -39,11 +40,12 @@ async fn the_demo_completes_and_leaves_no_delivery_to_send_again() {
     let groups: Api<ImageGroup> = Api::all(cp.client().await.expect("client"));
     let groups = groups.list(&ListParams::default()).await.expect("groups");
     assert_eq!(groups.items.len(), 1);
-    let deliveries = groups.items[0]
-        .status
-        .as_ref()
-        .map(|s| s.deliveries.clone())
-        .unwrap_or_default();
+    let database = cp.database_url().expect("the demo's PostgreSQL");
+    let store = kinsight::store::Store::connect(&database, Duration::from_secs(60))
+        .await
+        .expect("the demo's database");
+    let uid = groups.items[0].metadata.uid.clone().expect("uid");
+    let deliveries = store.group_deliveries(&uid).await.expect("deliveries");
     assert_eq!(deliveries.len(), 5, "{deliveries:#?}");
     assert!(
         deliveries

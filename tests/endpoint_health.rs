@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::scripted_receiver::{Attempt, Reply, Scripted};
 use common::{Harness, eventually};
-use kinsight::crd::{CircuitState, DeliveryState, EndpointHealth, ImageGroup, WebhookSubscription};
+use kinsight::crd::{CircuitState, EndpointHealth, ImageGroup, WebhookSubscription};
+use kinsight::delivery::DeliveryState;
 use kinsight::webhook::{CircuitConfig, RetrySchedule};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -131,11 +132,9 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
         (1..=4).contains(&during),
         "{during} requests in 6 s while open"
     );
-    let g = group(&h, &name).await;
-    let sick: Vec<_> = g
-        .status
+    let deliveries = h.deliveries(&name).await;
+    let sick: Vec<_> = deliveries
         .iter()
-        .flat_map(|s| s.deliveries.iter())
         .filter(|d| d.endpoint == "subscription/sick")
         .collect();
     assert_eq!(sick.len(), 4, "{sick:#?}");
@@ -159,14 +158,22 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
     // followed by the group event to both endpoints.
     scripted.fallback("/sick", Reply::Status(204));
     eventually("every delivery succeeds", LIMIT, async || {
-        group(&h, &name).await.status.is_some_and(|s| {
-            s.deliveries.len() == 10
-                && s.deliveries
-                    .iter()
-                    .all(|d| d.state == DeliveryState::Delivered)
-        })
+        let deliveries = h.deliveries(&name).await;
+        deliveries.len() == 10
+            && deliveries
+                .iter()
+                .all(|d| d.state == DeliveryState::Delivered)
     })
     .await;
+    // The status counts them per endpoint, and lists no delivery of its own.
+    let counted = group(&h, &name).await.status.expect("status").deliveries;
+    assert_eq!(counted.len(), 2, "{counted:?}");
+    assert!(
+        counted
+            .iter()
+            .all(|c| (c.delivered, c.pending, c.failed) == (5, 0, 0)),
+        "{counted:?}"
+    );
     eventually("the subscription is healthy again", LIMIT, async || {
         condition_with_reason(&h, "sick", "Healthy").await == "True/Delivering"
     })
@@ -258,8 +265,7 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_until_its_spec_cha
         })
     })
     .await;
-    let g = group(&h, &name).await;
-    let deliveries = g.status.map(|s| s.deliveries).unwrap_or_default();
+    let deliveries = h.deliveries(&name).await;
     let dead: Vec<_> = deliveries
         .iter()
         .filter(|d| d.endpoint == "subscription/dead")
@@ -360,12 +366,11 @@ async fn slow_and_throttling_endpoints_are_bounded_without_holding_up_the_others
     let images = 10;
     let name = post_group(&h, images).await;
     eventually("every delivery succeeds", LIMIT, async || {
-        group(&h, &name).await.status.is_some_and(|s| {
-            s.deliveries.len() == 3 * (images + 1)
-                && s.deliveries
-                    .iter()
-                    .all(|d| d.state == DeliveryState::Delivered)
-        })
+        let deliveries = h.deliveries(&name).await;
+        deliveries.len() == 3 * (images + 1)
+            && deliveries
+                .iter()
+                .all(|d| d.state == DeliveryState::Delivered)
     })
     .await;
 

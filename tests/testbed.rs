@@ -572,8 +572,19 @@ async fn postgres_runs_with_the_control_plane_and_survives_a_restart() {
 
         // A standalone server: restarted on the same URL with its data.
         let dir = tempfile::tempdir().expect("tempdir");
+        // A private folder, as root: the server (run as `postgres`) may only traverse it.
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
         let mut pg = Postgres::start(dir.path()).await.expect("start postgres");
         assert!(pg.owns_process());
+        let as_root = std::fs::metadata("/proc/self").expect("proc").uid() == 0;
+        let mode = std::fs::metadata(dir.path()).expect("meta").mode() & 0o777;
+        assert_eq!(mode, if as_root { 0o701 } else { 0o700 }, "{mode:o}");
+        let password_mode = std::fs::metadata(dir.path().join("postgres-password"))
+            .expect("password file")
+            .mode();
+        assert_eq!(password_mode & 0o777, 0o600);
         let url = pg.url();
         let first_pid = pg.pid();
         let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)

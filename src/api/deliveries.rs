@@ -1,17 +1,18 @@
-//! Webhook deliveries over REST: a group's deliveries, what was not delivered across the
-//! tenant, and replays. Replays are requests to the controller (an annotation on the group),
-//! which owns delivery state; they are carried out within a reconcile.
+//! Webhook deliveries over REST: a group's deliveries (paged), one delivery with its
+//! attempts, what was not delivered across the tenant (paged), and replays. Deliveries are
+//! read from the database. Replays are requests to the controller (an annotation on the
+//! group), which owns delivery state; they are carried out within a reconcile.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -21,7 +22,51 @@ use super::auth::authenticate;
 use super::images::{find_group, parse_json};
 use super::problem::ApiError;
 use super::retry;
-use crate::crd::{Delivery, DeliveryState, ImageGroup, REPLAY_ANNOTATION, ReplayRequest};
+use crate::crd::{ImageGroup, REPLAY_ANNOTATION, ReplayRequest};
+use crate::delivery::{Delivery, DeliveryState};
+use crate::store::Cursor;
+
+/// Deliveries per page unless `limit` says otherwise, and at most.
+const DEFAULT_LIMIT: i64 = 100;
+const MAX_LIMIT: i64 = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+    /// Only for `GET /v1/deliveries`.
+    state: Option<String>,
+}
+
+impl PageQuery {
+    fn limit(&self) -> Result<i64, ApiError> {
+        match self.limit {
+            None => Ok(DEFAULT_LIMIT),
+            Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            Some(n) => Err(ApiError::InvalidRequest(format!(
+                "limit: {n} is not between 1 and {MAX_LIMIT}"
+            ))),
+        }
+    }
+
+    fn cursor(&self) -> Result<Option<Cursor>, ApiError> {
+        self.cursor
+            .as_deref()
+            .map(|text| {
+                Cursor::decode(text).ok_or_else(|| {
+                    ApiError::InvalidRequest(format!(
+                        "cursor: {text:?} is not a cursor this API handed out"
+                    ))
+                })
+            })
+            .transpose()
+    }
+}
+
+fn uid_of(group: &ImageGroup) -> String {
+    group.uid().unwrap_or_default()
+}
 
 fn delivery_out(group: &str, d: &Delivery) -> Value {
     json!({
@@ -31,11 +76,7 @@ fn delivery_out(group: &str, d: &Delivery) -> Value {
         "imageId": d.image_id,
         "endpoint": d.endpoint,
         "sequence": d.sequence,
-        "state": match d.state {
-            DeliveryState::Pending => "pending",
-            DeliveryState::Delivered => "delivered",
-            DeliveryState::Failed => "failed",
-        },
+        "state": d.state.as_str().to_ascii_lowercase(),
         "attempts": d.attempts,
         "createdAt": d.created_at.to_string(),
         "nextAttemptAt": d.next_attempt_at.map(|t| t.to_string()),
@@ -44,37 +85,78 @@ fn delivery_out(group: &str, d: &Delivery) -> Value {
     })
 }
 
-/// `GET /v1/image-groups/{id}/deliveries`
+/// `GET /v1/image-groups/{id}/deliveries?limit=&cursor=`: in sequence order.
 pub async fn list_group(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = authenticate(&state.keys, &headers)?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let (limit, cursor) = (query.limit()?, query.cursor()?);
+    let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
+    let group = find_group(&api, &id, "image group").await?;
+    let page = state
+        .store
+        .group_deliveries_page(&uid_of(&group), cursor.as_ref(), limit)
+        .await?;
+    let next = (page.len() as i64 == limit)
+        .then(|| page.last())
+        .flatten()
+        .map(|d| {
+            Cursor {
+                after_key: i64::try_from(d.sequence).unwrap_or(i64::MAX),
+                after_id: d.id.clone(),
+            }
+            .encode()
+        });
+    let deliveries: Vec<Value> = page.iter().map(|d| delivery_out(&id, d)).collect();
+    Ok(Json(
+        json!({ "deliveries": deliveries, "nextCursor": next }),
+    ))
+}
+
+/// `GET /v1/image-groups/{id}/deliveries/{delivery}`: one delivery and every attempt.
+pub async fn get_one(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((id, delivery)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = authenticate(&state.keys, &headers)?;
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
     let group = find_group(&api, &id, "image group").await?;
-    let deliveries: Vec<Value> = group
-        .status
-        .iter()
-        .flat_map(|s| s.deliveries.iter())
-        .map(|d| delivery_out(&id, d))
-        .collect();
-    Ok(Json(json!({ "deliveries": deliveries })))
+    let (found, attempts) = state
+        .store
+        .delivery_with_attempts(&uid_of(&group), &delivery)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("delivery {delivery}")))?;
+    let mut out = delivery_out(&id, &found);
+    out["attempts"] = json!(
+        attempts
+            .iter()
+            .map(|a| json!({
+                "at": a.attempted_at.to_string(),
+                "outcome": a.outcome,
+                "statusCode": a.status_code,
+                "durationMs": a.duration_ms,
+                "error": a.error,
+            }))
+            .collect::<Vec<_>>()
+    );
+    Ok(Json(out))
 }
 
-#[derive(Deserialize)]
-pub struct ListQuery {
-    /// `failed` (default: not delivered, i.e. failed and pending), `pending`, `failed`.
-    state: Option<String>,
-}
-
-/// `GET /v1/deliveries?state=failed|pending`: what was not delivered, across the tenant's groups.
+/// `GET /v1/deliveries?state=failed|pending&limit=&cursor=`: what was not delivered, across
+/// the tenant's groups, oldest event first.
 pub async fn list_undelivered(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = authenticate(&state.keys, &headers)?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let (limit, cursor) = (query.limit()?, query.cursor()?);
     let wanted: Vec<DeliveryState> = match query.state.as_deref() {
         None => vec![DeliveryState::Failed, DeliveryState::Pending],
         Some("failed") => vec![DeliveryState::Failed],
@@ -85,20 +167,22 @@ pub async fn list_undelivered(
             )));
         }
     };
-    let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
-    let mut out = Vec::new();
-    for group in api.list(&ListParams::default()).await? {
-        let name = group.name_any();
-        for d in group
-            .status
-            .iter()
-            .flat_map(|s| s.deliveries.iter())
-            .filter(|d| wanted.contains(&d.state))
-        {
-            out.push(delivery_out(&name, d));
-        }
-    }
-    Ok(Json(json!({ "deliveries": out })))
+    let page = state
+        .store
+        .namespace_deliveries_page(&tenant.namespace, &wanted, cursor.as_ref(), limit)
+        .await?;
+    let next = (page.len() as i64 == limit)
+        .then(|| page.last())
+        .flatten()
+        .map(|(_, d)| {
+            Cursor {
+                after_key: d.created_at.as_microsecond(),
+                after_id: d.id.clone(),
+            }
+            .encode()
+        });
+    let out: Vec<Value> = page.iter().map(|(g, d)| delivery_out(g, d)).collect();
+    Ok(Json(json!({ "deliveries": out, "nextCursor": next })))
 }
 
 /// `POST /v1/image-groups/{id}/deliveries/{delivery}/replay`
@@ -110,14 +194,13 @@ pub async fn replay_one(
     let tenant = authenticate(&state.keys, &headers)?;
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
     let group = find_group(&api, &id, "image group").await?;
-    let known = group
-        .status
-        .iter()
-        .flat_map(|s| s.deliveries.iter())
-        .find(|d| d.id == delivery);
+    let known = state
+        .store
+        .delivery_with_attempts(&uid_of(&group), &delivery)
+        .await?;
     match known {
         None => return Err(ApiError::NotFound(format!("delivery {delivery}"))),
-        Some(d) if d.state != DeliveryState::Failed => {
+        Some((d, _)) if d.state != DeliveryState::Failed => {
             return Err(ApiError::InvalidRequest(format!(
                 "delivery {delivery} has not failed; only failed deliveries are replayed"
             )));
@@ -158,18 +241,10 @@ pub async fn replay_since(
         ids: Vec::new(),
         since: Some(input.since),
     };
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for group in api.list(&ListParams::default()).await? {
-        let n = group
-            .status
-            .iter()
-            .flat_map(|s| s.deliveries.iter())
-            .filter(|d| replay.selects(d))
-            .count();
-        if n > 0 {
-            counts.insert(group.name_any(), n);
-        }
-    }
+    let counts = state
+        .store
+        .failed_since(&tenant.namespace, input.since)
+        .await?;
     for name in counts.keys() {
         request_replay(&api, name, replay.clone()).await?;
     }

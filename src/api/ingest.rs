@@ -25,10 +25,13 @@ const REVIEW_TTL: Duration = Duration::from_secs(60);
 /// Reviewed tokens remembered at most (each worker pod has one).
 const REVIEW_CACHE_MAX: usize = 10_000;
 
-/// Identities of recently reviewed tokens, by the token's SHA-256.
+/// A reviewed token's user (`None`: refused) and when it was reviewed, by its SHA-256.
+type Reviewed = HashMap<[u8; 32], (Option<String>, Instant)>;
+
+/// Identities of recently reviewed tokens.
 #[derive(Default)]
 pub struct TokenReviews {
-    seen: Mutex<HashMap<[u8; 32], (Option<String>, Instant)>>,
+    seen: Mutex<Reviewed>,
 }
 
 impl TokenReviews {
@@ -66,7 +69,7 @@ impl TokenReviews {
         Ok(user)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Option<String>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Reviewed> {
         self.seen
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

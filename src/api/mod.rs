@@ -114,6 +114,10 @@ pub fn router(
             get(deliveries::list_group),
         )
         .route(
+            "/v1/image-groups/{id}/deliveries/{delivery}",
+            get(deliveries::get_one),
+        )
+        .route(
             "/v1/image-groups/{id}/deliveries/{delivery}/replay",
             post(deliveries::replay_one),
         )

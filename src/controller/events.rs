@@ -17,9 +17,11 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::EventType;
 
 use crate::crd::{
-    ConditionStatus, Delivery, DeliveryState, EndpointHealth, ImageGroup, ImageGroupStatus,
-    REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef, WebhookSubscription, set_condition,
+    ConditionStatus, EndpointDeliveries, EndpointHealth, FailedDelivery, ImageGroup,
+    ImageGroupStatus, MAX_RECENT_FAILURES, REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef,
+    WebhookSubscription, set_condition,
 };
+use crate::delivery::{Attempt, Delivery, DeliveryState};
 use crate::results::ImageResult;
 use crate::webhook::{
     AttemptOutcome, Blocked, EndpointOptions, EventPayload, MEMORY_ONLY, RetrySchedule, Transition,
@@ -133,10 +135,11 @@ fn event_id(group_uid: &str, event: &str, subject: &str, endpoint: &str) -> Stri
     format!("msg_{}", &hex::encode(digest)[..26])
 }
 
-/// Adds the events that are due to `status.deliveries` (idempotent).
+/// Adds the events that are due to `deliveries` (idempotent).
 pub fn plan(
     group: &ImageGroup,
     status: &mut ImageGroupStatus,
+    deliveries: &mut Vec<Delivery>,
     results: &HashMap<String, ImageResult>,
     endpoints: &[Endpoint],
     all_done: bool,
@@ -144,10 +147,12 @@ pub fn plan(
 ) {
     let uid = group.uid().unwrap_or_default();
     let models = &group.spec.models;
+    // The ledger is saved before the status: its numbers are never handed out twice.
+    let recorded_max = deliveries.iter().map(|d| d.sequence).max().unwrap_or(0);
+    status.sequence = status.sequence.max(recorded_max);
     // Each recorded event's sequence, by id: thousands of deliveries are looked up here
     // on every reconcile.
-    let mut known: HashMap<String, u64> = status
-        .deliveries
+    let mut known: HashMap<String, u64> = deliveries
         .iter()
         .map(|d| (d.id.clone(), d.sequence))
         .collect();
@@ -170,26 +175,24 @@ pub fn plan(
             image_id: Some(&key),
             subject: &subject,
         };
-        add_event(status, &mut known, &uid, &event, endpoints, now);
+        add_event(status, deliveries, &mut known, &uid, &event, endpoints, now);
     }
     let is_group_event = |d: &Delivery| d.event == GROUP_COMPLETED || d.event == GROUP_UPDATED;
-    let images_settled = status
-        .deliveries
+    let images_settled = deliveries
         .iter()
         .all(|d| is_group_event(d) || d.state != DeliveryState::Pending);
     if all_done && images_settled {
         let generation = group.metadata.generation.unwrap_or(1).to_string();
         // Endpoints that have gone since keep their records: theirs count as this
         // generation's too, or losing a subscription would announce an update.
-        let recorded = status.deliveries.iter().map(|d| d.endpoint.as_str());
+        let recorded = deliveries.iter().map(|d| d.endpoint.as_str());
         let keys: HashSet<&str> = endpoints
             .iter()
             .map(|e| e.key.as_str())
             .chain(recorded)
             .collect();
         let this_generation = group_event_ids(&uid, &generation, keys);
-        let completed_before = status
-            .deliveries
+        let completed_before = deliveries
             .iter()
             .any(|d| is_group_event(d) && !this_generation.contains(&d.id));
         let event = if completed_before {
@@ -202,9 +205,9 @@ pub fn plan(
             image_id: None,
             subject: &generation,
         };
-        add_event(status, &mut known, &uid, &event, endpoints, now);
+        add_event(status, deliveries, &mut known, &uid, &event, endpoints, now);
     }
-    prune_superseded(status);
+    prune_superseded(deliveries);
 }
 
 /// Drops the image events that a newer event about the same image supersedes at the same
@@ -213,16 +216,15 @@ pub fn plan(
 /// every image's record to a status that etcd caps at 1.5 MiB. Pending ones still go out:
 /// delivery is at least once. Models are only ever added, so a superseded event is never
 /// planned again.
-fn prune_superseded(status: &mut ImageGroupStatus) {
+fn prune_superseded(deliveries: &mut Vec<Delivery>) {
     let mut newest: HashMap<(&str, &str), u64> = HashMap::new();
-    for d in &status.deliveries {
+    for d in deliveries.iter() {
         if let Some(image) = d.image_id.as_deref() {
             let seq = newest.entry((image, d.endpoint.as_str())).or_insert(0);
             *seq = (*seq).max(d.sequence);
         }
     }
-    let keep: Vec<bool> = status
-        .deliveries
+    let keep: Vec<bool> = deliveries
         .iter()
         .map(|d| {
             d.state == DeliveryState::Pending
@@ -232,7 +234,7 @@ fn prune_superseded(status: &mut ImageGroupStatus) {
         })
         .collect();
     let mut keep = keep.into_iter();
-    status.deliveries.retain(|_| keep.next().unwrap_or(true));
+    deliveries.retain(|_| keep.next().unwrap_or(true));
 }
 
 /// The ids the group event of `generation` has (or would have), for every endpoint and
@@ -265,6 +267,7 @@ struct NewEvent<'a> {
 
 fn add_event(
     status: &mut ImageGroupStatus,
+    deliveries: &mut Vec<Delivery>,
     known: &mut HashMap<String, u64>,
     uid: &str,
     new: &NewEvent<'_>,
@@ -289,7 +292,7 @@ fn add_event(
             status.sequence
         });
         known.insert(id.clone(), seq);
-        status.deliveries.push(Delivery {
+        deliveries.push(Delivery {
             id,
             event: new.event.to_owned(),
             image_id: new.image_id.map(str::to_owned),
@@ -308,7 +311,11 @@ fn add_event(
 /// Carries out a replay request found in the group's annotation, once: the deliveries it
 /// names go back to pending with a fresh retry schedule (and their endpoint is no longer
 /// stopped). Their `webhook-id` stays, so receivers can still dedupe.
-pub fn apply_replay(group: &ImageGroup, status: &mut ImageGroupStatus) {
+pub fn apply_replay(
+    group: &ImageGroup,
+    status: &mut ImageGroupStatus,
+    deliveries: &mut [Delivery],
+) {
     let Some(text) = group.annotations().get(REPLAY_ANNOTATION) else {
         return;
     };
@@ -323,7 +330,7 @@ pub fn apply_replay(group: &ImageGroup, status: &mut ImageGroupStatus) {
         return;
     }
     let mut replayed = 0;
-    for delivery in status.deliveries.iter_mut().filter(|d| request.selects(d)) {
+    for delivery in deliveries.iter_mut().filter(|d| request.selects(d)) {
         delivery.state = DeliveryState::Pending;
         delivery.attempts = 0;
         delivery.next_attempt_at = None;
@@ -339,8 +346,9 @@ const ROUND_BUDGET: Duration = Duration::from_secs(2);
 
 /// What became of one due delivery in a round.
 enum Attempted {
-    /// An attempt was made (or could not be, for a reason of ours: `NotSent`).
-    Tried(AttemptOutcome),
+    /// An attempt was made (or could not be, for a reason of ours: `NotSent`), when and
+    /// how long it took (ms).
+    Tried(AttemptOutcome, jiff::Timestamp, f64),
     /// The endpoint's circuit holds events back until then; no attempt is used up.
     Deferred(jiff::Timestamp),
     /// The endpoint is disabled: the event fails for good.
@@ -367,20 +375,23 @@ type RoundOutcome = (usize, Attempted, Option<Transition>);
 /// Makes one attempt for every pending delivery whose time has come, through each
 /// endpoint's circuit: endpoints are served side by side, each with its own bound on
 /// attempts in flight, so a slow or sick receiver holds up only its own events.
+///
+/// Returns every attempt made, for the deliveries' history.
 pub async fn deliver_due(
     ctx: &Context,
     group: &ImageGroup,
     status: &mut ImageGroupStatus,
+    deliveries: &mut [Delivery],
     results: &HashMap<String, ImageResult>,
     endpoints: &[Endpoint],
-) {
+) -> Vec<Attempt> {
     let now = jiff::Timestamp::now();
     let namespace = group.namespace().unwrap_or_default();
     // Per endpoint (by its index in `endpoints`): its signing keys and its due deliveries.
     let mut secrets: HashMap<usize, Result<Vec<String>, String>> = HashMap::new();
     let mut due: HashMap<usize, Vec<(usize, String, Prepared)>> = HashMap::new();
     let mut outcomes: Vec<RoundOutcome> = Vec::new();
-    for (index, delivery) in status.deliveries.iter().enumerate() {
+    for (index, delivery) in deliveries.iter().enumerate() {
         let is_due = delivery.state == DeliveryState::Pending
             && delivery.next_attempt_at.as_ref().is_none_or(|t| *t <= now);
         if !is_due {
@@ -437,7 +448,8 @@ pub async fn deliver_due(
                         Ok(p) => p,
                         Err(error) => {
                             let outcome = AttemptOutcome::NotSent { error };
-                            return (index, Attempted::Tried(outcome), None);
+                            let tried = Attempted::Tried(outcome, jiff::Timestamp::now(), 0.0);
+                            return (index, tried, None);
                         }
                     };
                     // `timeout_at` would still take a free slot once the round is over.
@@ -457,12 +469,14 @@ pub async fn deliver_due(
                             return (index, Attempted::Disabled(reason), told);
                         }
                     };
+                    let (at, started) = (jiff::Timestamp::now(), tokio::time::Instant::now());
                     let outcome = ctx
                         .sender
                         .attempt_with(&endpoint.url, &id, &body, &keys, &endpoint.options)
                         .await;
                     let transition = permit.finish(&outcome);
-                    (index, Attempted::Tried(outcome), transition)
+                    let took = started.elapsed().as_secs_f64() * 1000.0;
+                    (index, Attempted::Tried(outcome, at, took), transition)
                 }
             })
             .buffer_unordered(slots)
@@ -477,9 +491,10 @@ pub async fn deliver_due(
     let now = jiff::Timestamp::now();
     let mut gone = Vec::new();
     let mut attempted = Vec::new();
+    let mut history = Vec::new();
     let mut transitions = Vec::new();
     for (index, outcome, transition) in outcomes {
-        let Some(delivery) = status.deliveries.get_mut(index) else {
+        let Some(delivery) = deliveries.get_mut(index) else {
             continue;
         };
         let endpoint = endpoints.iter().find(|e| e.key == delivery.endpoint);
@@ -490,8 +505,9 @@ pub async fn deliver_due(
             .and_then(|e| e.retry.as_ref())
             .unwrap_or(&ctx.config.retry);
         match outcome {
-            Attempted::Tried(outcome) => {
+            Attempted::Tried(outcome, at, took) => {
                 attempted.push(delivery.id.clone());
+                history.push(attempt_record(&delivery.id, &outcome, at, took));
                 if matches!(outcome, AttemptOutcome::Failed { gone: true, .. }) {
                     gone.push(delivery.endpoint.clone());
                 }
@@ -521,8 +537,7 @@ pub async fn deliver_due(
     for (transition, endpoint) in transitions {
         announce(ctx, endpoint, transition).await;
     }
-    let failed_now: Vec<&Delivery> = status
-        .deliveries
+    let failed_now: Vec<&Delivery> = deliveries
         .iter()
         .filter(|d| {
             d.state == DeliveryState::Failed
@@ -555,12 +570,30 @@ pub async fn deliver_due(
             status.stopped_endpoints.push(endpoint.clone());
         }
     }
-    for delivery in status.deliveries.iter_mut() {
+    for delivery in deliveries.iter_mut() {
         if delivery.state == DeliveryState::Pending && gone.contains(&delivery.endpoint) {
             delivery.state = DeliveryState::Failed;
             delivery.next_attempt_at = None;
             delivery.last_error = Some("endpoint answered 410 Gone; deliveries stopped".to_owned());
         }
+    }
+    history
+}
+
+/// An attempt as the delivery's history keeps it.
+fn attempt_record(id: &str, outcome: &AttemptOutcome, at: jiff::Timestamp, took: f64) -> Attempt {
+    let (status_code, outcome, error) = match outcome {
+        AttemptOutcome::Delivered { status } => (Some(*status), "delivered", None),
+        AttemptOutcome::Failed { status, error, .. } => (*status, "failed", Some(error.clone())),
+        AttemptOutcome::NotSent { error } => (None, "not_sent", Some(error.clone())),
+    };
+    Attempt {
+        delivery_id: id.to_owned(),
+        attempted_at: at,
+        status_code,
+        duration_ms: (took * 10.0).round() / 10.0,
+        outcome: outcome.to_owned(),
+        error,
     }
 }
 
@@ -734,10 +767,9 @@ async fn load_secret(
 }
 
 /// How long until the next pending delivery is due (zero-ish when one is due now).
-pub fn next_due(status: &ImageGroupStatus) -> Option<Duration> {
+pub fn next_due(deliveries: &[Delivery]) -> Option<Duration> {
     let now = jiff::Timestamp::now();
-    status
-        .deliveries
+    deliveries
         .iter()
         .filter(|d| d.state == DeliveryState::Pending)
         .map(|d| {
@@ -752,26 +784,59 @@ pub fn next_due(status: &ImageGroupStatus) -> Option<Duration> {
 
 pub fn set_delivery_condition(
     status: &mut ImageGroupStatus,
+    deliveries: &[Delivery],
     generation: i64,
     now: jiff::Timestamp,
 ) {
-    let pending = status
-        .deliveries
+    let pending = deliveries
         .iter()
         .filter(|d| d.state == DeliveryState::Pending)
         .count();
-    let failed = status
-        .deliveries
+    let failed = deliveries
         .iter()
         .filter(|d| d.state == DeliveryState::Failed)
         .count();
-    let delivered = status.deliveries.len() - pending - failed;
+    let delivered = deliveries.len() - pending - failed;
     let (state, reason) = match (pending, failed) {
         (0, 0) => (ConditionStatus::True, "AllDelivered"),
         (0, _) => (ConditionStatus::True, "SomeFailed"),
         _ => (ConditionStatus::False, "Delivering"),
     };
     let message = format!("{delivered} delivered, {pending} pending, {failed} failed");
+    let mut per_endpoint: std::collections::BTreeMap<&str, EndpointDeliveries> =
+        std::collections::BTreeMap::new();
+    for d in deliveries {
+        let counts =
+            per_endpoint
+                .entry(d.endpoint.as_str())
+                .or_insert_with(|| EndpointDeliveries {
+                    endpoint: d.endpoint.clone(),
+                    ..EndpointDeliveries::default()
+                });
+        match d.state {
+            DeliveryState::Pending => counts.pending += 1,
+            DeliveryState::Delivered => counts.delivered += 1,
+            DeliveryState::Failed => counts.failed += 1,
+        }
+    }
+    status.deliveries = per_endpoint.into_values().collect();
+    let mut failures: Vec<&Delivery> = deliveries
+        .iter()
+        .filter(|d| d.state == DeliveryState::Failed)
+        .collect();
+    failures.sort_by(|a, b| b.sequence.cmp(&a.sequence).then_with(|| a.id.cmp(&b.id)));
+    status.recent_failures = failures
+        .into_iter()
+        .take(MAX_RECENT_FAILURES)
+        .map(|d| FailedDelivery {
+            id: d.id.clone(),
+            event: d.event.clone(),
+            image_id: d.image_id.clone(),
+            endpoint: d.endpoint.clone(),
+            attempts: d.attempts,
+            last_error: d.last_error.clone(),
+        })
+        .collect();
     set_condition(
         &mut status.conditions,
         "WebhooksDelivered",
@@ -844,8 +909,8 @@ mod tests {
             .collect()
     }
 
-    fn settle(status: &mut ImageGroupStatus, state: DeliveryState) {
-        for d in &mut status.deliveries {
+    fn settle(deliveries: &mut [Delivery], state: DeliveryState) {
+        for d in deliveries.iter_mut() {
             if d.state == DeliveryState::Pending {
                 d.state = state;
             }
@@ -858,11 +923,20 @@ mod tests {
         let results = results(2);
         let now = jiff::Timestamp::now();
         let mut status = ImageGroupStatus::default();
+        let mut deliveries: Vec<Delivery> = Vec::new();
         let before = group(2, &["a"], 1);
-        plan(&before, &mut status, &results, &endpoints, false, now);
-        assert_eq!(status.deliveries.len(), 4);
+        plan(
+            &before,
+            &mut status,
+            &mut deliveries,
+            &results,
+            &endpoints,
+            false,
+            now,
+        );
+        assert_eq!(deliveries.len(), 4);
         // img-0 is done with at both endpoints (delivered, failed for good); img-1 waits.
-        for d in &mut status.deliveries {
+        for d in &mut deliveries {
             if d.image_id.as_deref() == Some("img-0") {
                 d.state = if d.endpoint == "request" {
                     DeliveryState::Delivered
@@ -871,23 +945,29 @@ mod tests {
                 };
             }
         }
-        let old_pending: Vec<String> = status
-            .deliveries
+        let old_pending: Vec<String> = deliveries
             .iter()
             .filter(|d| d.state == DeliveryState::Pending)
             .map(|d| d.id.clone())
             .collect();
 
         let after = group(2, &["a", "b"], 2);
-        plan(&after, &mut status, &results, &endpoints, false, now);
+        plan(
+            &after,
+            &mut status,
+            &mut deliveries,
+            &results,
+            &endpoints,
+            false,
+            now,
+        );
         // Two new events (one per image) to two endpoints, plus img-1's two old ones,
         // still pending; img-0's old records are gone.
-        assert_eq!(status.deliveries.len(), 6, "{:#?}", status.deliveries);
+        assert_eq!(deliveries.len(), 6, "{:#?}", deliveries);
         for id in &old_pending {
-            assert!(status.deliveries.iter().any(|d| &d.id == id), "{id} kept");
+            assert!(deliveries.iter().any(|d| &d.id == id), "{id} kept");
         }
-        let new: Vec<&Delivery> = status
-            .deliveries
+        let new: Vec<&Delivery> = deliveries
             .iter()
             .filter(|d| !old_pending.contains(&d.id))
             .collect();
@@ -906,9 +986,17 @@ mod tests {
         }
 
         // Planning again adds and drops nothing.
-        let planned = status.clone();
-        plan(&after, &mut status, &results, &endpoints, false, now);
-        assert_eq!(status, planned);
+        let planned = (status.clone(), deliveries.clone());
+        plan(
+            &after,
+            &mut status,
+            &mut deliveries,
+            &results,
+            &endpoints,
+            false,
+            now,
+        );
+        assert_eq!((status, deliveries), planned);
     }
 
     #[test]
@@ -917,29 +1005,55 @@ mod tests {
         let results = results(3);
         let now = jiff::Timestamp::now();
         let mut status = ImageGroupStatus::default();
+        let mut deliveries: Vec<Delivery> = Vec::new();
         let first = group(3, &["a"], 1);
-        plan(&first, &mut status, &results, &endpoints, true, now);
-        settle(&mut status, DeliveryState::Delivered);
-        plan(&first, &mut status, &results, &endpoints, true, now);
-        let events = |s: &ImageGroupStatus, name: &str| {
-            s.deliveries.iter().filter(|d| d.event == name).count()
-        };
-        assert_eq!(events(&status, GROUP_COMPLETED), 1);
-        settle(&mut status, DeliveryState::Delivered);
+        plan(
+            &first,
+            &mut status,
+            &mut deliveries,
+            &results,
+            &endpoints,
+            true,
+            now,
+        );
+        settle(&mut deliveries, DeliveryState::Delivered);
+        plan(
+            &first,
+            &mut status,
+            &mut deliveries,
+            &results,
+            &endpoints,
+            true,
+            now,
+        );
+        let events = |d: &[Delivery], name: &str| d.iter().filter(|d| d.event == name).count();
+        assert_eq!(events(&deliveries, GROUP_COMPLETED), 1);
+        settle(&mut deliveries, DeliveryState::Delivered);
 
         let second = group(3, &["a", "b"], 2);
-        plan(&second, &mut status, &results, &endpoints, true, now);
-        settle(&mut status, DeliveryState::Delivered);
-        plan(&second, &mut status, &results, &endpoints, true, now);
-        // Only the newest event per image is left; both group events are.
-        assert_eq!(
-            events(&status, "image.failed"),
-            3,
-            "{:#?}",
-            status.deliveries
+        plan(
+            &second,
+            &mut status,
+            &mut deliveries,
+            &results,
+            &endpoints,
+            true,
+            now,
         );
-        assert_eq!(events(&status, GROUP_COMPLETED), 1);
-        assert_eq!(events(&status, GROUP_UPDATED), 1);
+        settle(&mut deliveries, DeliveryState::Delivered);
+        plan(
+            &second,
+            &mut status,
+            &mut deliveries,
+            &results,
+            &endpoints,
+            true,
+            now,
+        );
+        // Only the newest event per image is left; both group events are.
+        assert_eq!(events(&deliveries, "image.failed"), 3, "{:#?}", deliveries);
+        assert_eq!(events(&deliveries, GROUP_COMPLETED), 1);
+        assert_eq!(events(&deliveries, GROUP_UPDATED), 1);
     }
 
     /// A context whose API server refuses every connection (nothing listens on port 1).
@@ -969,13 +1083,30 @@ mod tests {
         let endpoints = [endpoint("request")];
         let g = group(1, &["a"], 1);
         let mut status = ImageGroupStatus::default();
+        let mut deliveries: Vec<Delivery> = Vec::new();
         let now = jiff::Timestamp::now();
-        plan(&g, &mut status, &results(1), &endpoints, false, now);
-        assert_eq!(status.deliveries.len(), 1);
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(1),
+            &endpoints,
+            false,
+            now,
+        );
+        assert_eq!(deliveries.len(), 1);
 
         // A read that trails the one the event was planned from: no result for img-0.
-        deliver_due(&ctx, &g, &mut status, &HashMap::new(), &endpoints).await;
-        let d = &status.deliveries[0];
+        deliver_due(
+            &ctx,
+            &g,
+            &mut status,
+            &mut deliveries,
+            &HashMap::new(),
+            &endpoints,
+        )
+        .await;
+        let d = &deliveries[0];
         assert_eq!((d.state, d.attempts), (DeliveryState::Pending, 0));
         let wait = d
             .next_attempt_at
@@ -986,9 +1117,17 @@ mod tests {
 
         // With its result in view it goes (and fails here: the signing secret cannot be
         // read), counting an attempt.
-        status.deliveries[0].next_attempt_at = None;
-        deliver_due(&ctx, &g, &mut status, &results(1), &endpoints).await;
-        assert_eq!(status.deliveries[0].attempts, 1, "{:#?}", status.deliveries);
+        deliveries[0].next_attempt_at = None;
+        deliver_due(
+            &ctx,
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(1),
+            &endpoints,
+        )
+        .await;
+        assert_eq!(deliveries[0].attempts, 1, "{:#?}", deliveries);
     }
 
     #[tokio::test]
@@ -997,9 +1136,18 @@ mod tests {
         let both = [endpoint("request"), endpoint("subscription/s")];
         let g = group(2, &["a"], 1);
         let mut status = ImageGroupStatus::default();
+        let mut deliveries: Vec<Delivery> = Vec::new();
         let now = jiff::Timestamp::now();
-        plan(&g, &mut status, &results(2), &both, true, now);
-        for d in &mut status.deliveries {
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(2),
+            &both,
+            true,
+            now,
+        );
+        for d in &mut deliveries {
             if d.endpoint == "request" {
                 d.state = DeliveryState::Delivered;
             }
@@ -1007,20 +1155,27 @@ mod tests {
 
         // The subscription is deleted before its events went out.
         let left = [endpoint("request")];
-        deliver_due(&ctx, &g, &mut status, &results(2), &left).await;
-        for d in status.deliveries.iter().filter(|d| d.endpoint != "request") {
+        deliver_due(&ctx, &g, &mut status, &mut deliveries, &results(2), &left).await;
+        for d in deliveries.iter().filter(|d| d.endpoint != "request") {
             assert_eq!((d.state, d.attempts), (DeliveryState::Failed, 0), "{d:?}");
             let error = d.last_error.as_deref().unwrap_or_default();
             assert!(error.contains("no longer exists"), "{error}");
         }
         // Nothing holds the group's own event back any more.
-        plan(&g, &mut status, &results(2), &left, true, now);
-        let completed = status
-            .deliveries
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(2),
+            &left,
+            true,
+            now,
+        );
+        let completed = deliveries
             .iter()
             .filter(|d| d.event == GROUP_COMPLETED)
             .count();
-        assert_eq!(completed, 1, "{:#?}", status.deliveries);
+        assert_eq!(completed, 1, "{:#?}", deliveries);
     }
 
     #[test]
@@ -1029,23 +1184,94 @@ mod tests {
         let g = group(2, &["m"], 1);
         let now = jiff::Timestamp::now();
         let mut status = ImageGroupStatus::default();
-        plan(&g, &mut status, &results(2), &both, true, now);
-        settle(&mut status, DeliveryState::Delivered);
-        plan(&g, &mut status, &results(2), &both, true, now);
-        settle(&mut status, DeliveryState::Delivered);
-        let recorded = status.deliveries.clone();
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(2),
+            &both,
+            true,
+            now,
+        );
+        settle(&mut deliveries, DeliveryState::Delivered);
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(2),
+            &both,
+            true,
+            now,
+        );
+        settle(&mut deliveries, DeliveryState::Delivered);
+        let recorded = deliveries.clone();
         assert_eq!(recorded.len(), 2 * 2 + 2, "{recorded:#?}");
 
         // The subscription is deleted; nothing about the group changed.
         plan(
             &g,
             &mut status,
+            &mut deliveries,
             &results(2),
             &[endpoint("request")],
             true,
             now,
         );
-        assert_eq!(status.deliveries, recorded);
+        assert_eq!(deliveries, recorded);
+    }
+
+    #[test]
+    fn the_status_counts_deliveries_per_endpoint_and_lists_the_newest_failures() {
+        let endpoints = [endpoint("request"), endpoint("subscription/s")];
+        let g = group(30, &["a"], 1);
+        let now = jiff::Timestamp::now();
+        let mut status = ImageGroupStatus::default();
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(30),
+            &endpoints,
+            false,
+            now,
+        );
+        for d in deliveries.iter_mut() {
+            d.state = match (d.endpoint.as_str(), d.sequence % 3) {
+                ("request", _) => DeliveryState::Delivered,
+                (_, 0) => DeliveryState::Pending,
+                _ => DeliveryState::Failed,
+            };
+        }
+        set_delivery_condition(&mut status, &deliveries, 1, now);
+        let counts: Vec<_> = status
+            .deliveries
+            .iter()
+            .map(|c| (c.endpoint.as_str(), c.delivered, c.pending, c.failed))
+            .collect();
+        assert_eq!(
+            counts,
+            [("request", 30, 0, 0), ("subscription/s", 0, 10, 20)]
+        );
+        assert_eq!(status.recent_failures.len(), MAX_RECENT_FAILURES);
+        let newest = deliveries
+            .iter()
+            .filter(|d| d.state == DeliveryState::Failed)
+            .map(|d| d.sequence)
+            .max();
+        let first = &status.recent_failures[0];
+        let first_seq = deliveries
+            .iter()
+            .find(|d| d.id == first.id)
+            .map(|d| d.sequence);
+        assert_eq!(first_seq, newest, "newest first");
+        let condition = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "WebhooksDelivered")
+            .expect("condition");
+        assert_eq!(condition.message, "30 delivered, 10 pending, 20 failed");
     }
 
     #[test]
@@ -1054,17 +1280,34 @@ mod tests {
         let results = results(200);
         let now = jiff::Timestamp::now();
         let mut status = ImageGroupStatus::default();
+        let mut deliveries: Vec<Delivery> = Vec::new();
         let mut models = vec!["m0".to_owned()];
         for generation in 1..=5 {
             let refs: Vec<&str> = models.iter().map(String::as_str).collect();
             let g = group(200, &refs, generation);
-            plan(&g, &mut status, &results, &endpoints, true, now);
-            settle(&mut status, DeliveryState::Delivered);
-            plan(&g, &mut status, &results, &endpoints, true, now);
-            settle(&mut status, DeliveryState::Delivered);
+            plan(
+                &g,
+                &mut status,
+                &mut deliveries,
+                &results,
+                &endpoints,
+                true,
+                now,
+            );
+            settle(&mut deliveries, DeliveryState::Delivered);
+            plan(
+                &g,
+                &mut status,
+                &mut deliveries,
+                &results,
+                &endpoints,
+                true,
+                now,
+            );
+            settle(&mut deliveries, DeliveryState::Delivered);
             models.push(format!("m{generation}"));
         }
         // 200 images x 2 endpoints, plus one group event per generation and endpoint.
-        assert_eq!(status.deliveries.len(), 200 * 2 + 5 * 2);
+        assert_eq!(deliveries.len(), 200 * 2 + 5 * 2);
     }
 }

@@ -17,9 +17,8 @@ use super::job::{
     work_order_config_map, worker_account,
 };
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
-use crate::crd::{
-    ConditionStatus, DeliveryState, GroupPhase, ImageGroup, ImageGroupStatus, set_condition,
-};
+use crate::crd::{ConditionStatus, GroupPhase, ImageGroup, ImageGroupStatus, set_condition};
+use crate::delivery::DeliveryState;
 use crate::results::{GroupRef, ImageResult, MAX_BATCH};
 use crate::worker::{WorkItem, WorkOrder};
 
@@ -167,39 +166,65 @@ pub async fn reconcile(
         );
     }
 
-    // Record every event before sending any, so a restart resumes from status alone.
+    // Record every event before sending any (the ledger first, then the status that counts
+    // it), so a restart neither loses nor re-invents one.
     let endpoints = events::endpoints(&ctx, &group, &namespace).await?;
-    events::plan(&group, &mut status, &results, &endpoints, all_done, now);
-    events::set_delivery_condition(&mut status, generation, now);
+    let recorded = ctx.store.group_deliveries(&group_ref.uid).await?;
+    let mut deliveries = recorded.clone();
+    events::plan(
+        &group,
+        &mut status,
+        &mut deliveries,
+        &results,
+        &endpoints,
+        all_done,
+        now,
+    );
+    events::set_delivery_condition(&mut status, &deliveries, generation, now);
+    ctx.store
+        .save_deliveries(&group_ref, &recorded, &deliveries, &[])
+        .await?;
     write_status(&ctx, &group, &original, &status).await?;
 
     // What was just written: a carried-out replay must be saved even when no attempt
     // changes anything else.
-    let before_send = status.clone();
-    events::apply_replay(&group, &mut status);
+    let (before_send, recorded) = (status.clone(), deliveries.clone());
+    events::apply_replay(&group, &mut status, &mut deliveries);
     let mut group_now = group.clone();
     group_now.status = Some(status.clone());
-    events::deliver_due(&ctx, &group_now, &mut status, &results, &endpoints).await;
+    let attempts = events::deliver_due(
+        &ctx,
+        &group_now,
+        &mut status,
+        &mut deliveries,
+        &results,
+        &endpoints,
+    )
+    .await;
+    let now = jiff::Timestamp::now();
     events::plan(
         &group,
         &mut status,
+        &mut deliveries,
         &results,
         &endpoints,
         all_done,
-        jiff::Timestamp::now(),
+        now,
     );
-    events::set_delivery_condition(&mut status, generation, jiff::Timestamp::now());
+    events::set_delivery_condition(&mut status, &deliveries, generation, now);
+    ctx.store
+        .save_deliveries(&group_ref, &recorded, &deliveries, &attempts)
+        .await?;
     write_status(&ctx, &group, &before_send, &status).await?;
 
-    let pending = status
-        .deliveries
+    let pending = deliveries
         .iter()
         .filter(|d| d.state == DeliveryState::Pending)
         .count();
     ctx.config
         .metrics
         .set_pending(&format!("{namespace}/{name}"), pending);
-    if let Some(wait) = events::next_due(&status) {
+    if let Some(wait) = events::next_due(&deliveries) {
         return Ok(Action::requeue(wait));
     }
     if all_done {
@@ -363,11 +388,9 @@ async fn write_status(
         Err(kube::Error::Api(s)) if is_too_large(&s) => {
             let bytes = serde_json::to_vec(after).map_or(0, |b| b.len());
             let note = format!(
-                "status not saved: {} KiB with {} webhook deliveries, plus the spec, is more than \
-                 the API server keeps in one object ({}); fewer endpoints for this group \
-                 (its own URL and the subscriptions selecting it) or smaller groups stay within",
+                "status not saved: {} KiB, plus the spec, is more than the API server keeps \
+                 in one object ({}); smaller groups stay within",
                 bytes.div_ceil(1024),
-                after.deliveries.len(),
                 s.message
             );
             let object = group.object_ref(&());

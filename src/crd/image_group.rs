@@ -7,6 +7,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::{Delivery, DeliveryState};
+
 /// Bounds that keep one group (and its status) well inside etcd's object size limit.
 pub const MAX_IMAGES: usize = 1000;
 pub const MAX_MODELS: usize = 16;
@@ -17,6 +19,8 @@ pub const MAX_URL_LEN: usize = 2048;
 /// All of a group's image URLs together, at most: the worker Job's work order (a ConfigMap,
 /// at most 1 MiB) carries them, with ids and model names.
 pub const MAX_GROUP_URL_BYTES: usize = 768 * 1024;
+/// Failed deliveries a group's status lists, at most.
+pub const MAX_RECENT_FAILURES: usize = 10;
 
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -96,10 +100,14 @@ pub struct ImageGroupStatus {
     pub jobs: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate: Option<Aggregate>,
-    /// Every webhook event of this group and its delivery state; kept here so that a
-    /// controller restart neither loses nor re-invents an event.
+    /// Webhook deliveries per endpoint, counted (each delivery, with its attempts, is a
+    /// row in the database: `GET /v1/image-groups/{id}/deliveries`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deliveries: Vec<Delivery>,
+    pub deliveries: Vec<EndpointDeliveries>,
+    /// The last few deliveries that failed for good (at most
+    /// [`MAX_RECENT_FAILURES`]), newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_failures: Vec<FailedDelivery>,
     /// Endpoints that answered 410 Gone: nothing more is sent there for this group.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stopped_endpoints: Vec<String>,
@@ -165,37 +173,31 @@ pub struct ClassCount {
     pub best_confidence: f32,
 }
 
+/// Where a group's webhook deliveries stand at one endpoint (the deliveries themselves and
+/// their attempts are in the database).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointDeliveries {
+    /// `request` (the group's own webhook) or `subscription/<name>`.
+    pub endpoint: String,
+    pub pending: u32,
+    pub delivered: u32,
+    pub failed: u32,
+}
+
+/// A delivery that failed for good, as `kubectl describe` shows it.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct Delivery {
-    /// The `webhook-id`: stable per event and endpoint across retries and restarts.
+pub struct FailedDelivery {
+    /// The `webhook-id`, for a replay.
     pub id: String,
-    /// Event type, e.g. `image.completed`.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
-    /// `request` (the group's own webhook) or `subscription/<name>`.
     pub endpoint: String,
-    pub sequence: u64,
-    /// Timestamps of deliveries keep sub-second precision (metav1.Time would round to
-    /// seconds, which distorts short retry waits).
-    pub created_at: jiff::Timestamp,
-    pub state: DeliveryState,
-    #[serde(default)]
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_attempt_at: Option<jiff::Timestamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delivered_at: Option<jiff::Timestamp>,
-}
-
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum DeliveryState {
-    Pending,
-    Delivered,
-    Failed,
 }
 
 /// Annotation through which the API (or a user with kubectl) asks the controller to send

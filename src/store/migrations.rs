@@ -5,7 +5,10 @@
 use super::StoreError;
 
 /// `(version, SQL)`, in order. Never edit one that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/0001_results.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("migrations/0001_results.sql")),
+    (2, include_str!("migrations/0002_deliveries.sql")),
+];
 
 /// Any fixed number: the key of the lock that serialises migrations across processes.
 const MIGRATION_LOCK: i64 = 0x6b69_6e73_6967_6874;

@@ -1,11 +1,13 @@
-//! The state plane's database: PostgreSQL holds the high-volume records (per-image results
-//! today) so that Kubernetes objects keep only intent and bounded summaries. This module is
+//! The state plane's database: PostgreSQL holds the high-volume records (per-image results,
+//! webhook deliveries and their attempts) so that Kubernetes objects keep only intent and bounded summaries. This module is
 //! the only code that speaks SQL. Migrations are embedded and applied at start.
 
+mod deliveries;
 mod migrations;
 mod notify;
 mod results;
 
+pub use deliveries::Cursor;
 pub use notify::{RESULTS_CHANNEL, StoreNotice, listen};
 
 use std::time::Duration;

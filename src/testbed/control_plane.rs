@@ -747,6 +747,15 @@ pub(crate) async fn readyz(client: &kube::Client, timeout: Duration) -> Result<(
     }
 }
 
+/// Serialises the unit tests that bind and release loopback ports: a port one of them just
+/// released can be handed to another's `bind(0)`, failing the "remembered while free" checks.
+#[cfg(test)]
+pub(crate) fn port_test_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,6 +813,7 @@ mod tests {
 
     #[test]
     fn free_ports_are_distinct() {
+        let _lock = port_test_lock();
         let ports = free_ports::<4>().expect("ports");
         let mut sorted = ports.to_vec();
         sorted.sort_unstable();
@@ -814,6 +824,7 @@ mod tests {
 
     #[test]
     fn ports_are_remembered_when_free() {
+        let _lock = port_test_lock();
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("ports.json");
         let first = choose_ports(&file).expect("ports");

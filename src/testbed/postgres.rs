@@ -252,8 +252,24 @@ impl Postgres {
         let deadline = Instant::now() + timeout;
         loop {
             self.check_alive()?;
-            if connect(&url, Duration::from_secs(2)).await.is_ok() {
-                return Ok(());
+            match connect(&url, Duration::from_secs(2)).await {
+                Ok(_) => return Ok(()),
+                // The cluster was made with another password (its password file was lost):
+                // waiting cannot help.
+                Err(ConnectFailure {
+                    code: Some(code),
+                    text,
+                }) if code == tokio_postgres::error::SqlState::INVALID_PASSWORD => {
+                    return Err(TestbedError::database(
+                        format!(
+                            "postgres in {} refuses the password in {}",
+                            self.data_dir.display(),
+                            self.port_file.with_file_name(PASSWORD_FILE).display()
+                        ),
+                        text,
+                    ));
+                }
+                Err(_) => {}
             }
             if Instant::now() >= deadline {
                 return Err(TestbedError::StartTimeout {
@@ -290,7 +306,7 @@ impl Postgres {
     async fn create_database(&self) -> Result<(), TestbedError> {
         let client = connect(&self.url_for("postgres"), Duration::from_secs(10))
             .await
-            .map_err(|e| TestbedError::database("connecting to postgres", e))?;
+            .map_err(|e| TestbedError::database("connecting to postgres", e.text))?;
         match client
             .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
             .await
@@ -337,13 +353,24 @@ impl std::fmt::Debug for Postgres {
     }
 }
 
+struct ConnectFailure {
+    code: Option<tokio_postgres::error::SqlState>,
+    text: String,
+}
+
 /// Connects (with a bound on the whole handshake) and keeps the connection driven.
-async fn connect(url: &str, timeout: Duration) -> Result<tokio_postgres::Client, String> {
+async fn connect(url: &str, timeout: Duration) -> Result<tokio_postgres::Client, ConnectFailure> {
     let (client, connection) =
         tokio::time::timeout(timeout, tokio_postgres::connect(url, tokio_postgres::NoTls))
             .await
-            .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
-            .map_err(|e| describe(&e))?;
+            .map_err(|_| ConnectFailure {
+                code: None,
+                text: format!("no answer within {} s", timeout.as_secs()),
+            })?
+            .map_err(|e| ConnectFailure {
+                code: e.code().cloned(),
+                text: describe(&e),
+            })?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -488,7 +515,13 @@ fn make_traversable(dir: &Path, user: SystemUser) -> Result<(), TestbedError> {
             std::fs::set_permissions(folder, std::fs::Permissions::from_mode(new_mode)).map_err(
                 |e| TestbedError::io(format!("letting postgres into {}", folder.display()), e),
             )?;
-            tracing::info!(folder = %folder.display(), mode = format!("{new_mode:o}"), "made traversable for postgres");
+            let mode = format!("{new_mode:o}");
+            if folder == dir {
+                tracing::info!(folder = %folder.display(), mode, "made traversable for postgres");
+            } else {
+                // Above the folder we were given (such as a 0700 home): worth telling.
+                tracing::warn!(folder = %folder.display(), mode, "made traversable for postgres");
+            }
         }
     }
     Ok(())
@@ -681,6 +714,7 @@ mod tests {
 
     #[test]
     fn port_is_remembered_while_free() {
+        let _lock = crate::testbed::control_plane::port_test_lock();
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join(PORT_FILE);
         let first = choose_port(&file).expect("port");

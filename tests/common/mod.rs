@@ -255,6 +255,19 @@ impl Harness {
             .expect("stored results")
     }
 
+    /// The group's webhook deliveries as the database holds them, in sequence order.
+    pub async fn deliveries(&self, group: &str) -> Vec<kinsight::delivery::Delivery> {
+        let found: kinsight::crd::ImageGroup =
+            kube::Api::namespaced(self.client.clone(), &self.namespace)
+                .get(group)
+                .await
+                .expect("the group");
+        self.store
+            .group_deliveries(&group_ref(&found).uid)
+            .await
+            .expect("stored deliveries")
+    }
+
     pub fn photo_url(&self, name: &str) -> String {
         format!("http://{}/{name}", self.photos)
     }

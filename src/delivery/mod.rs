@@ -1,0 +1,73 @@
+//! Webhook deliveries: one per event and endpoint, each with its `webhook-id` and state.
+//! They are rows in the database (`crate::store`), never arrays in a Kubernetes object;
+//! the controller plans and drives them, the group's status counts them.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// The `webhook-id`: stable per event and endpoint across retries and restarts.
+    pub id: String,
+    /// Event type, e.g. `image.completed`.
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// `request` (the group's own webhook) or `subscription/<name>`.
+    pub endpoint: String,
+    pub sequence: u64,
+    /// Timestamps of deliveries keep sub-second precision (metav1.Time would round to
+    /// seconds, which distorts short retry waits).
+    pub created_at: jiff::Timestamp,
+    pub state: DeliveryState,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<jiff::Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<jiff::Timestamp>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryState {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl DeliveryState {
+    /// The name stored in the database and shown by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Delivered => "Delivered",
+            Self::Failed => "Failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<DeliveryState> {
+        match text {
+            "Pending" => Some(Self::Pending),
+            "Delivered" => Some(Self::Delivered),
+            "Failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One attempt of a delivery, as it is kept for the delivery's history.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    pub delivery_id: String,
+    pub attempted_at: jiff::Timestamp,
+    /// The receiver's HTTP status, when it answered.
+    pub status_code: Option<u16>,
+    pub duration_ms: f64,
+    /// `delivered`, `failed` or `not_sent` (nothing reached the receiver, for a reason of
+    /// ours: the secret, the URL, the egress policy).
+    pub outcome: String,
+    pub error: Option<String>,
+}

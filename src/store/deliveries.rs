@@ -1,0 +1,279 @@
+//! Webhook deliveries and their attempts. The controller loads a group's deliveries, plans
+//! and drives them, and saves what changed (before it sends anything, so a restart neither
+//! loses nor re-invents an event); the REST API pages through them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tokio_postgres::Row;
+use tokio_postgres::types::Json;
+
+use super::{Store, StoreError};
+use crate::delivery::{Attempt, Delivery, DeliveryState};
+use crate::results::GroupRef;
+
+const COLUMNS: &str = "d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at, d.state, \
+                       d.attempts, d.next_attempt_at, d.last_error, d.delivered_at";
+
+/// Where a page of deliveries starts: after this (sequence or time, id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub after_key: i64,
+    pub after_id: String,
+}
+
+impl Cursor {
+    /// `key.id`, as the API hands it out.
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.after_key, self.after_id)
+    }
+
+    pub fn decode(text: &str) -> Option<Cursor> {
+        let (key, id) = text.split_once('.')?;
+        Some(Cursor {
+            after_key: key.parse().ok()?,
+            after_id: id.to_owned(),
+        })
+    }
+}
+
+impl Store {
+    /// Every delivery of a group, in sequence order.
+    pub async fn group_deliveries(&self, group_uid: &str) -> Result<Vec<Delivery>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM deliveries d WHERE d.group_uid = $1
+                     ORDER BY d.sequence, d.id"
+                ),
+                &[&group_uid],
+            )
+            .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Saves what changed from `before` to `after` (new and changed deliveries, and those
+    /// `after` no longer has), plus `attempts`, in one transaction.
+    pub async fn save_deliveries(
+        &self,
+        group: &GroupRef,
+        before: &[Delivery],
+        after: &[Delivery],
+        attempts: &[Attempt],
+    ) -> Result<(), StoreError> {
+        let old: HashMap<&str, &Delivery> = before.iter().map(|d| (d.id.as_str(), d)).collect();
+        let changed: Vec<&Delivery> = after
+            .iter()
+            .filter(|d| old.get(d.id.as_str()) != Some(d))
+            .collect();
+        let kept: std::collections::HashSet<&str> = after.iter().map(|d| d.id.as_str()).collect();
+        let removed: Vec<&str> = before
+            .iter()
+            .map(|d| d.id.as_str())
+            .filter(|id| !kept.contains(id))
+            .collect();
+        if changed.is_empty() && removed.is_empty() && attempts.is_empty() {
+            return Ok(());
+        }
+        let records = serde_json::to_value(&changed)
+            .map_err(|e| StoreError::Corrupt(format!("serialising deliveries: {e}")))?;
+        let attempt_records = serde_json::to_value(attempts)
+            .map_err(|e| StoreError::Corrupt(format!("serialising attempts: {e}")))?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO groups (uid, namespace, name) VALUES ($1, $2, $3)
+             ON CONFLICT (uid) DO NOTHING",
+            &[&group.uid, &group.namespace, &group.name],
+        )
+        .await?;
+        if !changed.is_empty() {
+            tx.execute(
+                r#"INSERT INTO deliveries (id, group_uid, event, image_id, endpoint, sequence,
+                       created_at, state, attempts, next_attempt_at, last_error, delivered_at)
+                   SELECT r.id, $1, r.event, r."imageId", r.endpoint, r.sequence,
+                          r."createdAt", r.state, COALESCE(r.attempts, 0), r."nextAttemptAt",
+                          r."lastError", r."deliveredAt"
+                   FROM jsonb_to_recordset($2::jsonb) AS r(
+                       id text, event text, "imageId" text, endpoint text, sequence bigint,
+                       "createdAt" timestamptz, state text, attempts integer,
+                       "nextAttemptAt" timestamptz, "lastError" text, "deliveredAt" timestamptz)
+                   ON CONFLICT (id) DO UPDATE SET
+                       state = EXCLUDED.state,
+                       attempts = EXCLUDED.attempts,
+                       next_attempt_at = EXCLUDED.next_attempt_at,
+                       last_error = EXCLUDED.last_error,
+                       delivered_at = EXCLUDED.delivered_at"#,
+                &[&group.uid, &Json(&records)],
+            )
+            .await?;
+        }
+        if !removed.is_empty() {
+            tx.execute(
+                "DELETE FROM deliveries WHERE group_uid = $1 AND id = ANY($2)",
+                &[&group.uid, &removed],
+            )
+            .await?;
+        }
+        if !attempts.is_empty() {
+            // Attempts of deliveries removed meanwhile have nothing to belong to.
+            tx.execute(
+                r#"INSERT INTO delivery_attempts
+                       (delivery_id, attempted_at, status_code, duration_ms, outcome, error)
+                   SELECT r."deliveryId", r."attemptedAt", r."statusCode", r."durationMs",
+                          r.outcome, r.error
+                   FROM jsonb_to_recordset($1::jsonb) AS r(
+                       "deliveryId" text, "attemptedAt" timestamptz, "statusCode" integer,
+                       "durationMs" double precision, outcome text, error text)
+                   WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.id = r."deliveryId")"#,
+                &[&Json(&attempt_records)],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A page of a group's deliveries in sequence order.
+    pub async fn group_deliveries_page(
+        &self,
+        group_uid: &str,
+        after: Option<&Cursor>,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let (key, id) = after.map_or((-1, ""), |c| (c.after_key, c.after_id.as_str()));
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM deliveries d WHERE d.group_uid = $1
+                       AND (d.sequence, d.id) > ($2, $3)
+                     ORDER BY d.sequence, d.id LIMIT $4"
+                ),
+                &[&group_uid, &key, &id, &limit],
+            )
+            .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// A page of a namespace's deliveries in `states`, oldest event first, with the name of
+    /// each one's group. The cursor's key is the event's time in microseconds.
+    pub async fn namespace_deliveries_page(
+        &self,
+        namespace: &str,
+        states: &[DeliveryState],
+        after: Option<&Cursor>,
+        limit: i64,
+    ) -> Result<Vec<(String, Delivery)>, StoreError> {
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        // Every event is younger than 1970: the start of the first page.
+        let (key, id) = after.map_or((0, ""), |c| (c.after_key, c.after_id.as_str()));
+        let after_time =
+            jiff::Timestamp::from_microsecond(key).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {COLUMNS}, g.name AS group_name FROM deliveries d
+                     JOIN groups g ON g.uid = d.group_uid
+                     WHERE g.namespace = $1 AND g.deleted_at IS NULL AND d.state = ANY($2)
+                       AND (d.created_at, d.id) > ($3, $4)
+                     ORDER BY d.created_at, d.id LIMIT $5"
+                ),
+                &[&namespace, &states, &after_time, &id, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("group_name")?, from_row(row)?)))
+            .collect()
+    }
+
+    /// One delivery of a group with its attempts, oldest first.
+    pub async fn delivery_with_attempts(
+        &self,
+        group_uid: &str,
+        id: &str,
+    ) -> Result<Option<(Delivery, Vec<Attempt>)>, StoreError> {
+        let client = self.client().await?;
+        let Some(row) = client
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM deliveries d WHERE d.group_uid = $1 AND d.id = $2"),
+                &[&group_uid, &id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let delivery = from_row(&row)?;
+        let attempts = client
+            .query(
+                "SELECT attempted_at, status_code, duration_ms, outcome, error
+                 FROM delivery_attempts WHERE delivery_id = $1 ORDER BY attempted_at",
+                &[&id],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                let status: Option<i32> = row.try_get("status_code")?;
+                Ok(Attempt {
+                    delivery_id: id.to_owned(),
+                    attempted_at: row.try_get("attempted_at")?,
+                    status_code: status.and_then(|s| u16::try_from(s).ok()),
+                    duration_ms: row.try_get("duration_ms")?,
+                    outcome: row.try_get("outcome")?,
+                    error: row.try_get("error")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Some((delivery, attempts)))
+    }
+
+    /// How many failed deliveries of events recorded since `since` each group of a
+    /// namespace has (the groups a replay of them concerns).
+    pub async fn failed_since(
+        &self,
+        namespace: &str,
+        since: jiff::Timestamp,
+    ) -> Result<BTreeMap<String, usize>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT g.name, count(*) FROM deliveries d JOIN groups g ON g.uid = d.group_uid
+                 WHERE g.namespace = $1 AND g.deleted_at IS NULL
+                   AND d.state = 'Failed' AND d.created_at >= $2
+                 GROUP BY g.name",
+                &[&namespace, &since],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let n: i64 = row.try_get(1)?;
+                Ok((row.try_get(0)?, usize::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+    }
+}
+
+fn from_row(row: &Row) -> Result<Delivery, StoreError> {
+    let state: String = row.try_get("state")?;
+    let sequence: i64 = row.try_get("sequence")?;
+    let attempts: i32 = row.try_get("attempts")?;
+    Ok(Delivery {
+        id: row.try_get("id")?,
+        event: row.try_get("event")?,
+        image_id: row.try_get("image_id")?,
+        endpoint: row.try_get("endpoint")?,
+        sequence: u64::try_from(sequence).unwrap_or(0),
+        created_at: row.try_get("created_at")?,
+        state: DeliveryState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("delivery state {state:?}")))?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_error: row.try_get("last_error")?,
+        delivered_at: row.try_get("delivered_at")?,
+    })
+}
