@@ -1,6 +1,7 @@
 //! Reconciling one ImageGroup: validate, start the worker Job for what has no result yet,
 //! fold results into status and the aggregate, then plan and drive webhook deliveries.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use super::job::{
 };
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
 use crate::crd::{ConditionStatus, GroupPhase, ImageGroup, ImageGroupStatus, set_condition};
-use crate::delivery::DeliveryState;
+use crate::delivery::{Attempt, Delivery, DeliveryState};
 use crate::results::{GroupRef, ImageResult, MAX_BATCH};
 use crate::worker::{WorkItem, WorkOrder};
 
@@ -169,22 +170,19 @@ pub async fn reconcile(
     // Record every event before sending any (the ledger first, then the status that counts
     // it), so a restart neither loses nor re-invents one.
     let endpoints = events::endpoints(&ctx, &group, &namespace).await?;
+    let planning = Planning {
+        ctx: &ctx,
+        group: &group,
+        group_ref: &group_ref,
+        results: &results,
+        endpoints: &endpoints,
+        all_done,
+    };
     let recorded = ctx.store.group_deliveries(&group_ref.uid).await?;
     let mut deliveries = recorded.clone();
-    events::plan(
-        &group,
-        &mut status,
-        &mut deliveries,
-        &results,
-        &endpoints,
-        all_done,
-        now,
-    );
-    events::set_delivery_condition(&mut status, &deliveries, generation, now);
-    ctx.store
-        .save_deliveries(&group_ref, &recorded, &deliveries, &[])
+    planning
+        .record(&original, &mut status, &recorded, &mut deliveries, &[])
         .await?;
-    write_status(&ctx, &group, &original, &status).await?;
 
     // What was just written: a carried-out replay must be saved even when no attempt
     // changes anything else.
@@ -201,21 +199,15 @@ pub async fn reconcile(
         &endpoints,
     )
     .await;
-    let now = jiff::Timestamp::now();
-    events::plan(
-        &group,
-        &mut status,
-        &mut deliveries,
-        &results,
-        &endpoints,
-        all_done,
-        now,
-    );
-    events::set_delivery_condition(&mut status, &deliveries, generation, now);
-    ctx.store
-        .save_deliveries(&group_ref, &recorded, &deliveries, &attempts)
+    planning
+        .record(
+            &before_send,
+            &mut status,
+            &recorded,
+            &mut deliveries,
+            &attempts,
+        )
         .await?;
-    write_status(&ctx, &group, &before_send, &status).await?;
 
     let pending = deliveries
         .iter()
@@ -233,6 +225,47 @@ pub async fn reconcile(
     // Jobs are watched and stored results notify; the periodic requeue only guards against
     // missed events.
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// What planning a group's events needs, for both rounds of a reconcile.
+struct Planning<'a> {
+    ctx: &'a Context,
+    group: &'a ImageGroup,
+    group_ref: &'a GroupRef,
+    results: &'a HashMap<String, ImageResult>,
+    endpoints: &'a [events::Endpoint],
+    all_done: bool,
+}
+
+impl Planning<'_> {
+    /// Adds the events due now, counts the deliveries into the status and saves both: the
+    /// deliveries (and `attempts`) first, then the status that counts them.
+    async fn record(
+        &self,
+        status_before: &ImageGroupStatus,
+        status: &mut ImageGroupStatus,
+        recorded: &[Delivery],
+        deliveries: &mut Vec<Delivery>,
+        attempts: &[Attempt],
+    ) -> Result<(), ControllerError> {
+        let now = jiff::Timestamp::now();
+        let generation = self.group.metadata.generation.unwrap_or(1);
+        events::plan(
+            self.group,
+            status,
+            deliveries,
+            self.results,
+            self.endpoints,
+            self.all_done,
+            now,
+        );
+        events::set_delivery_condition(status, deliveries, generation, now);
+        self.ctx
+            .store
+            .save_deliveries(self.group_ref, recorded, deliveries, attempts)
+            .await?;
+        write_status(self.ctx, self.group, status_before, status).await
+    }
 }
 
 pub fn error_policy(_group: Arc<ImageGroup>, error: &ControllerError, ctx: Arc<Context>) -> Action {

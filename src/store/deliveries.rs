@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, record_group};
 use crate::delivery::{Attempt, Delivery, DeliveryState};
 use crate::results::GroupRef;
 
@@ -82,12 +82,7 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(format!("serialising attempts: {e}")))?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO groups (uid, namespace, name) VALUES ($1, $2, $3)
-             ON CONFLICT (uid) DO NOTHING",
-            &[&group.uid, &group.namespace, &group.name],
-        )
-        .await?;
+        record_group(&tx, group).await?;
         if !changed.is_empty() {
             tx.execute(
                 r#"INSERT INTO deliveries (id, group_uid, event, image_id, endpoint, sequence,

@@ -50,6 +50,20 @@ impl StoreError {
     }
 }
 
+/// Makes sure the group has its row (what retention deletes by), inside `tx`.
+async fn record_group(
+    tx: &deadpool_postgres::Transaction<'_>,
+    group: &crate::results::GroupRef,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO groups (uid, namespace, name) VALUES ($1, $2, $3)
+         ON CONFLICT (uid) DO NOTHING",
+        &[&group.uid, &group.namespace, &group.name],
+    )
+    .await?;
+    Ok(())
+}
+
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {

@@ -7,7 +7,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 
 use super::notify::RESULTS_CHANNEL;
-use super::{Store, StoreError};
+use super::{Store, StoreError, record_group};
 use crate::results::{GroupRef, ImageFailure, ImageResult, ModelResult, Timings};
 
 /// Columns of `image_results`, in the order [`from_row`] reads them.
@@ -27,12 +27,7 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(format!("serialising results: {e}")))?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO groups (uid, namespace, name) VALUES ($1, $2, $3)
-             ON CONFLICT (uid) DO NOTHING",
-            &[&group.uid, &group.namespace, &group.name],
-        )
-        .await?;
+        record_group(&tx, group).await?;
         tx.execute(
             r#"INSERT INTO image_results
                    (group_uid, image_id, generation, failure, width, height, outputs, timings)

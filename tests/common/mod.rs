@@ -239,31 +239,31 @@ impl Harness {
         std::fs::read_to_string(file).unwrap_or_default()
     }
 
-    /// The group's results as the database holds them, by image id.
-    pub async fn stored_results(
-        &self,
-        group: &str,
-    ) -> std::collections::HashMap<String, kinsight::results::ImageResult> {
+    /// How the store names one of the harness namespace's groups.
+    pub async fn group_ref(&self, group: &str) -> kinsight::results::GroupRef {
         let found: kinsight::crd::ImageGroup =
             kube::Api::namespaced(self.client.clone(), &self.namespace)
                 .get(group)
                 .await
                 .expect("the group");
+        group_ref(&found)
+    }
+
+    /// The group's results as the database holds them, by image id.
+    pub async fn stored_results(
+        &self,
+        group: &str,
+    ) -> std::collections::HashMap<String, kinsight::results::ImageResult> {
         self.store
-            .group_results(&group_ref(&found))
+            .group_results(&self.group_ref(group).await)
             .await
             .expect("stored results")
     }
 
     /// The group's webhook deliveries as the database holds them, in sequence order.
     pub async fn deliveries(&self, group: &str) -> Vec<kinsight::delivery::Delivery> {
-        let found: kinsight::crd::ImageGroup =
-            kube::Api::namespaced(self.client.clone(), &self.namespace)
-                .get(group)
-                .await
-                .expect("the group");
         self.store
-            .group_deliveries(&group_ref(&found).uid)
+            .group_deliveries(&self.group_ref(group).await.uid)
             .await
             .expect("stored deliveries")
     }

@@ -1,0 +1,79 @@
+//! Chaos on the state plane's database: PostgreSQL (the testbed's real server) restarts
+//! while a group's results are being stored and its events delivered. Workers retry their
+//! batches, the controller's pool and its LISTEN connection come back by themselves, and
+//! nothing is lost: every result is stored and every event arrives (with the same
+//! `webhook-id` if it arrives twice).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{Harness, of_type};
+use kinsight::crd::{GroupPhase, ImageGroup};
+use kube::Api;
+use serde_json::json;
+
+/// Enough that the worker is still storing results when the restart comes.
+const IMAGES: usize = 40;
+const LIMIT: Duration = Duration::from_secs(240);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_mid_delivery_loses_no_result_and_no_event() {
+    let mut h = Harness::start("tenant-pg-restart").await;
+    let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
+    let images: Vec<_> = (0..IMAGES)
+        .map(|i| json!({ "id": format!("i{i}"), "url": h.photo_url(names[i % names.len()]) }))
+        .collect();
+    let (status, body) = h
+        .post(
+            "/v1/image-groups",
+            json!({ "images": images, "models": ["image_classification"], "webhookUrl": h.hook_url }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let group_id = body["id"].as_str().expect("id").to_owned();
+
+    // The restart lands once results flow: the first image event is in.
+    let mut events = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image.completed").is_empty())
+        .await;
+    let before = events.len();
+    h.cluster
+        .postgres_mut()
+        .expect("the testbed's PostgreSQL")
+        .restart()
+        .await
+        .expect("PostgreSQL restarts");
+
+    let after = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+        .await;
+    // The test shows what it claims only if images were still under way.
+    let images_after = of_type(&after, "image.completed").len();
+    assert!(
+        images_after > 0,
+        "every image event came before the restart ({before} in)"
+    );
+    events.extend(after);
+    // Every image's event, each under one id (a repeat after the restart keeps it).
+    let image_events = of_type(&events, "image.completed");
+    let ids: HashSet<&str> = image_events.iter().map(|e| e.id.as_str()).collect();
+    let images_announced: HashSet<&str> = image_events
+        .iter()
+        .filter_map(|e| e.payload["data"]["imageId"].as_str())
+        .collect();
+    assert_eq!(images_announced.len(), IMAGES, "{images_announced:?}");
+    assert_eq!(ids.len(), IMAGES, "one webhook-id per image event");
+    assert_eq!(of_type(&events, "image_group.completed").len(), 1);
+
+    assert_eq!(h.stored_results(&group_id).await.len(), IMAGES);
+    let group = Api::<ImageGroup>::namespaced(h.client.clone(), &h.namespace)
+        .get(&group_id)
+        .await
+        .expect("group");
+    let status = group.status.expect("status");
+    assert_eq!(status.phase, GroupPhase::Completed);
+    assert_eq!(status.images_done as usize, IMAGES);
+    assert_eq!(status.images_failed, 0, "{status:?}");
+}
