@@ -175,13 +175,26 @@ pub fn plan(
             image_id: Some(&key),
             subject: &subject,
         };
-        add_event(status, deliveries, &mut known, &uid, &event, endpoints, now);
+        add_event(
+            status,
+            deliveries,
+            &mut known,
+            &uid,
+            &event,
+            endpoints,
+            now,
+            &|_| true,
+        );
     }
     let is_group_event = |d: &Delivery| d.event == GROUP_COMPLETED || d.event == GROUP_UPDATED;
-    let images_settled = deliveries
+    // The group event goes to an endpoint once that endpoint's image events are settled:
+    // events are ordered per endpoint, so a sick one holds back only its own.
+    let unsettled: HashSet<String> = deliveries
         .iter()
-        .all(|d| is_group_event(d) || d.state != DeliveryState::Pending);
-    if all_done && images_settled {
+        .filter(|d| !is_group_event(d) && d.state == DeliveryState::Pending)
+        .map(|d| d.endpoint.clone())
+        .collect();
+    if all_done {
         let generation = group.metadata.generation.unwrap_or(1).to_string();
         // Endpoints that have gone since keep their records: theirs count as this
         // generation's too, or losing a subscription would announce an update.
@@ -205,7 +218,10 @@ pub fn plan(
             image_id: None,
             subject: &generation,
         };
-        add_event(status, deliveries, &mut known, &uid, &event, endpoints, now);
+        let settled = |e: &Endpoint| !unsettled.contains(&e.key);
+        add_event(
+            status, deliveries, &mut known, &uid, &event, endpoints, now, &settled,
+        );
     }
     prune_superseded(deliveries);
 }
@@ -265,6 +281,9 @@ struct NewEvent<'a> {
     subject: &'a str,
 }
 
+/// Records `new` for every endpoint that wants it and is `ready` for it; the event has one
+/// sequence number whichever endpoints it goes to, and whenever.
+#[allow(clippy::too_many_arguments)]
 fn add_event(
     status: &mut ImageGroupStatus,
     deliveries: &mut Vec<Delivery>,
@@ -273,6 +292,7 @@ fn add_event(
     new: &NewEvent<'_>,
     endpoints: &[Endpoint],
     now: jiff::Timestamp,
+    ready: &dyn Fn(&Endpoint) -> bool,
 ) {
     let ids: Vec<String> = endpoints
         .iter()
@@ -282,6 +302,7 @@ fn add_event(
     let mut sequence = ids.iter().find_map(|id| known.get(id).copied());
     for (endpoint, id) in endpoints.iter().zip(ids) {
         if !endpoint.wants(new.event)
+            || !ready(endpoint)
             || status.stopped_endpoints.contains(&endpoint.key)
             || known.contains_key(&id)
         {
@@ -1272,6 +1293,66 @@ mod tests {
             .find(|c| c.type_ == "WebhooksDelivered")
             .expect("condition");
         assert_eq!(condition.message, "30 delivered, 10 pending, 20 failed");
+    }
+
+    #[test]
+    fn a_sick_endpoint_holds_back_only_its_own_group_event() {
+        let endpoints = [endpoint("request"), endpoint("subscription/sick")];
+        let g = group(2, &["a"], 1);
+        let now = jiff::Timestamp::now();
+        let mut status = ImageGroupStatus::default();
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(2),
+            &endpoints,
+            true,
+            now,
+        );
+        for d in deliveries.iter_mut().filter(|d| d.endpoint == "request") {
+            d.state = DeliveryState::Delivered;
+        }
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(2),
+            &endpoints,
+            true,
+            now,
+        );
+        let group_events = |d: &[Delivery]| -> Vec<(String, u64)> {
+            d.iter()
+                .filter(|d| d.event == GROUP_COMPLETED)
+                .map(|d| (d.endpoint.clone(), d.sequence))
+                .collect()
+        };
+        let first = group_events(&deliveries);
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert_eq!(first[0].0, "request");
+
+        // The sick endpoint's image events settle (failed for good): its group event
+        // follows, as the same event (one sequence number).
+        for d in deliveries
+            .iter_mut()
+            .filter(|d| d.state == DeliveryState::Pending)
+        {
+            d.state = DeliveryState::Failed;
+        }
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(2),
+            &endpoints,
+            true,
+            now,
+        );
+        let both = group_events(&deliveries);
+        assert_eq!(both.len(), 2, "{both:?}");
+        assert_eq!(both[0].1, both[1].1);
     }
 
     #[test]
