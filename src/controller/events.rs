@@ -72,6 +72,12 @@ fn request_circuit(namespace: &str, url: &str) -> String {
 }
 
 impl Endpoint {
+    /// How a 410 Gone from this endpoint is remembered: its key with the URL that answered,
+    /// so an endpoint whose URL is corrected afterwards is sent to again.
+    fn stop_mark(&self) -> String {
+        format!("{} {}", self.key, self.url)
+    }
+
     fn wants(&self, event: &str) -> bool {
         self.event_types.is_empty() || self.event_types.iter().any(|e| e == event)
     }
@@ -303,7 +309,7 @@ fn add_event(
     for (endpoint, id) in endpoints.iter().zip(ids) {
         if !endpoint.wants(new.event)
             || !ready(endpoint)
-            || status.stopped_endpoints.contains(&endpoint.key)
+            || status.stopped_endpoints.contains(&endpoint.stop_mark())
             || known.contains_key(&id)
         {
             continue;
@@ -355,7 +361,8 @@ pub fn apply_replay(
         delivery.state = DeliveryState::Pending;
         delivery.attempts = 0;
         delivery.next_attempt_at = None;
-        status.stopped_endpoints.retain(|e| *e != delivery.endpoint);
+        let prefix = format!("{} ", delivery.endpoint);
+        status.stopped_endpoints.retain(|e| !e.starts_with(&prefix));
         replayed += 1;
     }
     tracing::info!(request = %request.request, replayed, "replay request carried out");
@@ -529,8 +536,10 @@ pub async fn deliver_due(
             Attempted::Tried(outcome, at, took) => {
                 attempted.push(delivery.id.clone());
                 history.push(attempt_record(&delivery.id, &outcome, at, took));
-                if matches!(outcome, AttemptOutcome::Failed { gone: true, .. }) {
-                    gone.push(delivery.endpoint.clone());
+                if let (AttemptOutcome::Failed { gone: true, .. }, Some(endpoint)) =
+                    (&outcome, endpoint)
+                {
+                    gone.push((endpoint.key.clone(), endpoint.stop_mark()));
                 }
                 apply_outcome(ctx, delivery, outcome, retry, now);
             }
@@ -586,13 +595,14 @@ pub async fn deliver_due(
         .await;
     }
     // 410 Gone: the receiver asks us to stop; nothing more goes to that endpoint.
-    for endpoint in &gone {
-        if !status.stopped_endpoints.contains(endpoint) {
-            status.stopped_endpoints.push(endpoint.clone());
+    for (_, mark) in &gone {
+        if !status.stopped_endpoints.contains(mark) {
+            status.stopped_endpoints.push(mark.clone());
         }
     }
     for delivery in deliveries.iter_mut() {
-        if delivery.state == DeliveryState::Pending && gone.contains(&delivery.endpoint) {
+        let stopped = gone.iter().any(|(key, _)| *key == delivery.endpoint);
+        if delivery.state == DeliveryState::Pending && stopped {
             delivery.state = DeliveryState::Failed;
             delivery.next_attempt_at = None;
             delivery.last_error = Some("endpoint answered 410 Gone; deliveries stopped".to_owned());
@@ -1353,6 +1363,43 @@ mod tests {
         let both = group_events(&deliveries);
         assert_eq!(both.len(), 2, "{both:?}");
         assert_eq!(both[0].1, both[1].1);
+    }
+
+    #[test]
+    fn a_410_stops_the_endpoint_at_its_url_only() {
+        let g = group(1, &["a"], 1);
+        let now = jiff::Timestamp::now();
+        let gone = endpoint("subscription/s");
+        let mut status = ImageGroupStatus {
+            stopped_endpoints: vec![gone.stop_mark()],
+            ..ImageGroupStatus::default()
+        };
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(1),
+            &[gone.clone()],
+            false,
+            now,
+        );
+        assert!(deliveries.is_empty(), "{deliveries:#?}");
+        // The subscription's URL is corrected: it is sent to again.
+        let corrected = Endpoint {
+            url: "https://hooks.example/v2".to_owned(),
+            ..gone
+        };
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &results(1),
+            &[corrected],
+            false,
+            now,
+        );
+        assert_eq!(deliveries.len(), 1, "{deliveries:#?}");
     }
 
     #[test]

@@ -108,7 +108,8 @@ pub struct ImageGroupStatus {
     /// [`MAX_RECENT_FAILURES`]), newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_failures: Vec<FailedDelivery>,
-    /// Endpoints that answered 410 Gone: nothing more is sent there for this group.
+    /// Endpoints that answered 410 Gone (`<endpoint> <URL>`): nothing more is sent there
+    /// for this group while the endpoint has that URL.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stopped_endpoints: Vec<String>,
     /// The last replay request (annotation `kinsight.io/replay`) carried out.
