@@ -153,6 +153,7 @@ pub fn plan(
 ) {
     let uid = group.uid().unwrap_or_default();
     let models = &group.spec.models;
+    let first_new = deliveries.len();
     // The ledger is saved before the status: its numbers are never handed out twice.
     let recorded_max = deliveries.iter().map(|d| d.sequence).max().unwrap_or(0);
     status.sequence = status.sequence.max(recorded_max);
@@ -228,6 +229,10 @@ pub fn plan(
         add_event(
             status, deliveries, &mut known, &uid, &event, endpoints, now, &settled,
         );
+    }
+    // Each new event's body is fixed now, with the results it announces.
+    for delivery in &mut deliveries[first_new..] {
+        delivery.payload = serde_json::to_value(payload_for(group, delivery, results)).ok();
     }
     prune_superseded(deliveries);
 }
@@ -331,6 +336,7 @@ fn add_event(
             next_attempt_at: None,
             last_error: None,
             delivered_at: None,
+            payload: None,
         });
     }
 }
@@ -419,10 +425,22 @@ pub async fn deliver_due(
     let mut secrets: HashMap<usize, Result<Vec<String>, String>> = HashMap::new();
     let mut due: HashMap<usize, Vec<(usize, String, Prepared)>> = HashMap::new();
     let mut outcomes: Vec<RoundOutcome> = Vec::new();
+    // Bodies recorded earlier, for the deliveries due now.
+    let stored: Vec<&str> = deliveries
+        .iter()
+        .filter(|d| d.payload.is_none() && is_due(d, now))
+        .map(|d| d.id.as_str())
+        .collect();
+    let stored = match ctx.store.delivery_payloads(&stored).await {
+        Ok(bodies) => bodies,
+        Err(e) => {
+            // Sent later, with their recorded bodies: never with one made up now.
+            tracing::warn!(error = %e, "reading due deliveries' bodies; trying again later");
+            return Vec::new();
+        }
+    };
     for (index, delivery) in deliveries.iter().enumerate() {
-        let is_due = delivery.state == DeliveryState::Pending
-            && delivery.next_attempt_at.as_ref().is_none_or(|t| *t <= now);
-        if !is_due {
+        if !is_due(delivery, now) {
             continue;
         }
         // A cached read of results may trail the one the event was planned from (another
@@ -448,8 +466,12 @@ pub async fn deliver_due(
             }
         };
         let prepared = keys.and_then(|keys| {
-            serde_json::to_string(&payload_for(group, delivery, results))
-                .map(|body| (keys, body))
+            let body = match (&delivery.payload, stored.get(&delivery.id)) {
+                (Some(body), _) | (None, Some(body)) => serde_json::to_string(body),
+                // Recorded before bodies were kept.
+                (None, None) => serde_json::to_string(&payload_for(group, delivery, results)),
+            };
+            body.map(|body| (keys, body))
                 .map_err(|e| format!("payload: {e}"))
         });
         due.entry(e)
@@ -609,6 +631,12 @@ pub async fn deliver_due(
         }
     }
     history
+}
+
+/// Pending, and its next attempt's time has come.
+fn is_due(delivery: &Delivery, now: jiff::Timestamp) -> bool {
+    delivery.state == DeliveryState::Pending
+        && delivery.next_attempt_at.as_ref().is_none_or(|t| *t <= now)
 }
 
 /// An attempt as the delivery's history keeps it.
@@ -1400,6 +1428,52 @@ mod tests {
             now,
         );
         assert_eq!(deliveries.len(), 1, "{deliveries:#?}");
+    }
+
+    #[test]
+    fn an_events_body_is_fixed_when_it_is_recorded() {
+        let endpoints = [endpoint("request")];
+        let g = group(1, &["a"], 1);
+        let now = jiff::Timestamp::now();
+        let mut status = ImageGroupStatus::default();
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        let before = results(1);
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &before,
+            &endpoints,
+            false,
+            now,
+        );
+        let body = deliveries[0].payload.clone().expect("a body");
+        assert_eq!(
+            body["data"]["failure"]["reason"], "DownloadFailed",
+            "{body}"
+        );
+        assert_eq!(body["data"]["sequence"], deliveries[0].sequence);
+
+        // The stored result changes later (say, a later Job's write): the recorded event
+        // keeps the body it was recorded with, and planning again changes nothing.
+        let mut after = results(1);
+        if let Some(r) = after.get_mut("img-0") {
+            r.failure = Some(crate::results::ImageFailure {
+                reason: "Other".into(),
+                message: "changed".into(),
+            });
+        }
+        plan(
+            &g,
+            &mut status,
+            &mut deliveries,
+            &after,
+            &endpoints,
+            false,
+            now,
+        );
+        assert_eq!(deliveries.len(), 1);
+        assert_eq!(deliveries[0].payload.as_ref(), Some(&body));
     }
 
     #[test]

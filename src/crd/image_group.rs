@@ -382,6 +382,7 @@ mod tests {
             next_attempt_at: None,
             last_error: None,
             delivered_at: None,
+            payload: None,
         }
     }
 

@@ -28,6 +28,10 @@ pub struct Delivery {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered_at: Option<jiff::Timestamp>,
+    /// The event's body, fixed when the event was recorded. Only deliveries planned in this
+    /// reconcile carry it; the stored ones are read when they are due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]

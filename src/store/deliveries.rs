@@ -86,14 +86,16 @@ impl Store {
         if !changed.is_empty() {
             tx.execute(
                 r#"INSERT INTO deliveries (id, group_uid, event, image_id, endpoint, sequence,
-                       created_at, state, attempts, next_attempt_at, last_error, delivered_at)
+                       created_at, state, attempts, next_attempt_at, last_error, delivered_at,
+                       payload)
                    SELECT r.id, $1, r.event, r."imageId", r.endpoint, r.sequence,
                           r."createdAt", r.state, COALESCE(r.attempts, 0), r."nextAttemptAt",
-                          r."lastError", r."deliveredAt"
+                          r."lastError", r."deliveredAt", r.payload
                    FROM jsonb_to_recordset($2::jsonb) AS r(
                        id text, event text, "imageId" text, endpoint text, sequence bigint,
                        "createdAt" timestamptz, state text, attempts integer,
-                       "nextAttemptAt" timestamptz, "lastError" text, "deliveredAt" timestamptz)
+                       "nextAttemptAt" timestamptz, "lastError" text, "deliveredAt" timestamptz,
+                       payload jsonb)
                    ON CONFLICT (id) DO UPDATE SET
                        state = EXCLUDED.state,
                        attempts = EXCLUDED.attempts,
@@ -128,6 +130,31 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The bodies recorded with these deliveries, by id (deliveries recorded before bodies
+    /// were kept have none).
+    pub async fn delivery_payloads(
+        &self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, serde_json::Value>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, payload FROM deliveries WHERE id = ANY($1) AND payload IS NOT NULL",
+                &[&ids],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let Json(payload): Json<serde_json::Value> = row.try_get(1)?;
+                Ok((row.try_get(0)?, payload))
+            })
+            .collect()
     }
 
     /// A page of a group's deliveries in sequence order.
@@ -270,5 +297,6 @@ fn from_row(row: &Row) -> Result<Delivery, StoreError> {
         next_attempt_at: row.try_get("next_attempt_at")?,
         last_error: row.try_get("last_error")?,
         delivered_at: row.try_get("delivered_at")?,
+        payload: None,
     })
 }

@@ -8,6 +8,7 @@ use super::StoreError;
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_results.sql")),
     (2, include_str!("migrations/0002_deliveries.sql")),
+    (3, include_str!("migrations/0003_delivery_payloads.sql")),
 ];
 
 /// Any fixed number: the key of the lock that serialises migrations across processes.
