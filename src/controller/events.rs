@@ -232,7 +232,8 @@ pub fn plan(
     }
     // Each new event's body is fixed now, with the results it announces.
     for delivery in &mut deliveries[first_new..] {
-        delivery.payload = serde_json::to_value(payload_for(group, delivery, results)).ok();
+        let body = payload_for(group, status, delivery, results);
+        delivery.payload = serde_json::to_value(body).ok();
     }
     prune_superseded(deliveries);
 }
@@ -469,7 +470,9 @@ pub async fn deliver_due(
             let body = match (&delivery.payload, stored.get(&delivery.id)) {
                 (Some(body), _) | (None, Some(body)) => serde_json::to_string(body),
                 // Recorded before bodies were kept.
-                (None, None) => serde_json::to_string(&payload_for(group, delivery, results)),
+                (None, None) => {
+                    serde_json::to_string(&payload_for(group, status, delivery, results))
+                }
             };
             body.map(|body| (keys, body))
                 .map_err(|e| format!("payload: {e}"))
@@ -766,6 +769,7 @@ fn apply_outcome(
 
 fn payload_for(
     group: &ImageGroup,
+    status: &ImageGroupStatus,
     delivery: &Delivery,
     results: &HashMap<String, ImageResult>,
 ) -> EventPayload {
@@ -789,7 +793,7 @@ fn payload_for(
                 created,
             )
         }
-        None => group_event(&delivery.event, group, delivery.sequence, created),
+        None => group_event(&delivery.event, group, status, delivery.sequence, created),
     }
 }
 

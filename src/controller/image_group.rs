@@ -188,11 +188,9 @@ pub async fn reconcile(
     // changes anything else.
     let (before_send, recorded) = (status.clone(), deliveries.clone());
     events::apply_replay(&group, &mut status, &mut deliveries);
-    let mut group_now = group.clone();
-    group_now.status = Some(status.clone());
     let attempts = events::deliver_due(
         &ctx,
-        &group_now,
+        &group,
         &mut status,
         &mut deliveries,
         &results,

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use serde_json::json;
 
-use crate::crd::{ImageEntry, ImageGroup};
+use crate::crd::{ImageEntry, ImageGroup, ImageGroupStatus};
 use crate::results::ImageResult;
 
 /// Version of the `data` layout, so receivers can tell payload revisions apart.
@@ -54,15 +54,15 @@ pub fn image_event(
     }
 }
 
-/// `image_group.completed` / `image_group.updated`: counts and aggregate, not the
-/// per-image data.
+/// `image_group.completed` / `image_group.updated`: counts and aggregate (of `status`, the
+/// group's as it is being written), not the per-image data.
 pub fn group_event(
     event_type: &str,
     group: &ImageGroup,
+    status: &ImageGroupStatus,
     sequence: u64,
     created_at: jiff::Timestamp,
 ) -> EventPayload {
-    let status = group.status.clone().unwrap_or_default();
     EventPayload {
         event_type: event_type.to_owned(),
         timestamp: created_at.to_string(),
@@ -75,7 +75,7 @@ pub fn group_event(
             "imagesTotal": status.images_total,
             "imagesDone": status.images_done,
             "imagesFailed": status.images_failed,
-            "aggregate": status.aggregate.unwrap_or_default(),
+            "aggregate": status.aggregate.clone().unwrap_or_default(),
         }),
     }
 }
