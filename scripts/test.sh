@@ -10,13 +10,7 @@ if [ "${USE_EXISTING_CLUSTER:-}" != "true" ] && [ -z "${KUBEBUILDER_ASSETS:-}" ]
   KUBEBUILDER_ASSETS="$(scripts/build-kubernetes.sh)"
   export KUBEBUILDER_ASSETS
 fi
-# PostgreSQL binaries for the testbed's own database server (Debian's cluster service, which
-# the package may start, is never used).
-if [ -z "${KINSIGHT_POSTGRES_BIN:-}" ] && ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2
-  apt-get install -y -qq --no-install-recommends postgresql >&2
-fi
+scripts/install-postgresql.sh
 # Always run: it also installs the Python verifiers and Helm library the tests use.
 ORT_LIB="$(scripts/setup-onnxruntime.sh)"
 ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(realpath "$ORT_LIB")}"
