@@ -1,0 +1,344 @@
+//! The whole pipeline through `kinsight dev`, as a user drives it: `cargo bench --bench
+//! pipeline` (a command, not a test; `harness = false`).
+//!
+//! It starts `kinsight dev` (control plane, PostgreSQL, controller, API, node agent) as its
+//! own process with a tiny test model (`quality_grade` of `tests/fixtures/catalog-tasks.yaml`:
+//! an 8x8 classifier, so inference costs next to nothing and the pipeline itself is measured),
+//! serves small PNGs on 127.0.0.1, posts the groups through the REST API one after the other
+//! and receives the webhooks on 127.0.0.1 (recording each `webhook-id` and when it arrived;
+//! signatures are not checked: that cost is the receiver's).
+//!
+//! Printed: image events per second from the first POST to the last image event, latency from
+//! each group's POST to each of its image events (p50/p90/p99/max), the time to the last
+//! `image_group.completed`, and duplicates (receipts of a `webhook-id` already received).
+//!
+//! Settings (environment): `GROUPS` (20), `IMAGES` per group (1000, at most 1000),
+//! `MAX_SECS` for the measured part (900), `KINSIGHT_BIN` (the `kinsight` binary of this
+//! build), `ORT_DYLIB_PATH` (else `./.venv`'s ONNX Runtime).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+
+const MODEL: &str = "quality_grade";
+const API_KEY: &str = "bench-pipeline-key";
+/// Distinct images served (the URLs differ per image; the bytes repeat).
+const VARIANTS: usize = 16;
+
+fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn repo(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+#[derive(Default)]
+struct Received {
+    /// First receipt of each image event, by (group, image).
+    images: HashMap<(String, String), Instant>,
+    ids: HashSet<String>,
+    requests: usize,
+    duplicates: usize,
+    group_events: usize,
+    last_group_event: Option<Instant>,
+    last_image_event: Option<Instant>,
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: String,
+    data: EventData,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EventData {
+    group_id: Option<String>,
+    image_id: Option<String>,
+}
+
+async fn receive(
+    State(received): State<Shared<Received>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let at = Instant::now();
+    let id = headers
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let Ok(event) = serde_json::from_slice::<Envelope>(&body) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    let mut r = received.lock().expect("receiver state");
+    r.requests += 1;
+    if !r.ids.insert(id) {
+        r.duplicates += 1;
+        return StatusCode::NO_CONTENT;
+    }
+    match (event.kind.as_str(), event.data.group_id, event.data.image_id) {
+        ("image.completed" | "image.failed", Some(group), Some(image)) => {
+            r.images.entry((group, image)).or_insert(at);
+            r.last_image_event = Some(at);
+        }
+        ("image_group.completed", _, _) => {
+            r.group_events += 1;
+            r.last_group_event = Some(at);
+        }
+        _ => {}
+    }
+    StatusCode::NO_CONTENT
+}
+
+/// Small PNGs of a few grey levels: decoding them costs little, as the model does.
+fn photos() -> Vec<Vec<u8>> {
+    (0..VARIANTS)
+        .map(|v| {
+            let grey = u8::try_from(v * 255 / (VARIANTS - 1)).unwrap_or(u8::MAX);
+            let image = image::RgbImage::from_pixel(32, 32, image::Rgb([grey, grey, grey]));
+            let mut png = std::io::Cursor::new(Vec::new());
+            image
+                .write_to(&mut png, image::ImageFormat::Png)
+                .expect("encode PNG");
+            png.into_inner()
+        })
+        .collect()
+}
+
+async fn serve_photo(
+    State(photos): State<Arc<Vec<Vec<u8>>>>,
+    Path(name): Path<String>,
+) -> impl IntoResponse {
+    let n: usize = name
+        .trim_end_matches(".png")
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (
+        [(header::CONTENT_TYPE, "image/png")],
+        photos[n % photos.len()].clone(),
+    )
+}
+
+async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn main() {
+    // `cargo test --all-targets` runs bench targets too, without `--bench`: this one takes
+    // minutes, so it runs only under `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("pipeline: a benchmark; run it with `cargo bench --bench pipeline`");
+        return;
+    }
+    kinsight::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let groups: usize = setting("GROUPS", 20);
+    let images: usize = setting("IMAGES", 1000).min(1000);
+    let max = Duration::from_secs(setting("MAX_SECS", 900));
+    let binary = std::env::var("KINSIGHT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_kinsight")));
+    let state = tempfile::tempdir().expect("state dir");
+
+    let received: Shared<Received> = Shared::default();
+    let hook = serve(
+        Router::new()
+            .route("/hook", post(receive))
+            .with_state(received.clone()),
+    )
+    .await;
+    let photo_host = serve(
+        Router::new()
+            .route("/img/{name}", get(serve_photo))
+            .with_state(Arc::new(photos())),
+    )
+    .await;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let api = format!("http://127.0.0.1:{port}");
+    let log_path = state.path().join("kinsight-dev.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let setup_started = Instant::now();
+    let mut dev = tokio::process::Command::new(&binary);
+    dev.arg("dev")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--catalog")
+        .arg(repo("tests/fixtures/catalog-tasks.yaml"))
+        .arg("--state-dir")
+        .arg(state.path().join("dev"))
+        .env("KINSIGHT_DEV_API_KEY", API_KEY)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("warn".into()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .kill_on_drop(true);
+    if std::env::var_os("ORT_DYLIB_PATH").is_none()
+        && let Some(ort) = kinsight::inference::default_runtime_path()
+    {
+        dev.env("ORT_DYLIB_PATH", ort);
+    }
+    let mut dev = dev.spawn().expect("kinsight dev starts");
+    let http = reqwest::Client::new();
+    let ready = async {
+        loop {
+            if let Ok(r) = http.get(format!("{api}/readyz")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(300), ready)
+        .await
+        .is_err()
+    {
+        let _ = dev.start_kill();
+        panic!(
+            "kinsight dev not ready in 300 s; its log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+    eprintln!(
+        "kinsight dev ready in {:.1} s; posting {groups} groups x {images} images",
+        setup_started.elapsed().as_secs_f64()
+    );
+
+    let started = Instant::now();
+    let mut posted: HashMap<String, Instant> = HashMap::new();
+    for g in 0..groups {
+        let list: Vec<_> = (0..images)
+            .map(|i| json!({ "id": format!("i{i}"), "url": format!("{photo_host}/img/g{g}-{i}.png") }))
+            .collect();
+        let at = Instant::now();
+        let response = http
+            .post(format!("{api}/v1/image-groups"))
+            .bearer_auth(API_KEY)
+            .json(&json!({ "images": list, "models": [MODEL], "webhookUrl": format!("{hook}/hook") }))
+            .send()
+            .await
+            .expect("POST a group");
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        assert_eq!(status, 202, "POST /v1/image-groups: {body}");
+        let id = body["id"].as_str().expect("an id").to_owned();
+        posted.insert(id, at);
+    }
+    let posting = started.elapsed();
+
+    let expected = groups * images;
+    let mut last_report = Instant::now();
+    loop {
+        let (events, group_events) = {
+            let r = received.lock().expect("received");
+            (r.images.len(), r.group_events)
+        };
+        if events >= expected && group_events >= groups {
+            break;
+        }
+        if started.elapsed() > max {
+            eprintln!("stopped after {max:?}: {events} of {expected} image events");
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "{:.0} s: {events}/{expected} image events, {group_events}/{groups} groups complete",
+                started.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A moment for duplicates (a retry of something already received) to show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = dev.start_kill();
+
+    let r = received.lock().expect("received");
+    let mut latencies: Vec<Duration> = r
+        .images
+        .iter()
+        .filter_map(|((group, _), at)| posted.get(group).map(|p| at.saturating_duration_since(*p)))
+        .collect();
+    latencies.sort_unstable();
+    let span = r
+        .last_image_event
+        .map(|t| t.saturating_duration_since(started))
+        .unwrap_or_default();
+    let rate = r.images.len() as f64 / span.as_secs_f64().max(1e-9);
+    println!();
+    println!("pipeline through `kinsight dev`: {groups} groups x {images} images, model {MODEL}");
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!("| image events received | {} of {expected} |", r.images.len());
+    println!("| image events/s (first POST -> last image event) | {rate:.1} |");
+    println!("| posting the {groups} groups took | {} |", ms(posting));
+    println!("| latency POST -> event p50 | {} |", ms(percentile(&latencies, 50.0)));
+    println!("| latency p90 | {} |", ms(percentile(&latencies, 90.0)));
+    println!("| latency p99 | {} |", ms(percentile(&latencies, 99.0)));
+    println!(
+        "| latency max | {} |",
+        ms(latencies.last().copied().unwrap_or_default())
+    );
+    println!(
+        "| last image_group.completed after the first POST | {} ({} of {groups}) |",
+        ms(r.last_group_event
+            .map(|t| t.saturating_duration_since(started))
+            .unwrap_or_default()),
+        r.group_events
+    );
+    println!(
+        "| webhook requests / duplicates | {} / {} |",
+        r.requests, r.duplicates
+    );
+}
