@@ -95,7 +95,11 @@ async fn receive(
         r.duplicates += 1;
         return StatusCode::NO_CONTENT;
     }
-    match (event.kind.as_str(), event.data.group_id, event.data.image_id) {
+    match (
+        event.kind.as_str(),
+        event.data.group_id,
+        event.data.image_id,
+    ) {
         ("image.completed" | "image.failed", Some(group), Some(image)) => {
             r.images.entry((group, image)).or_insert(at);
             r.last_image_event = Some(at);
@@ -218,7 +222,10 @@ async fn run() {
         .arg("--state-dir")
         .arg(state.path().join("dev"))
         .env("KINSIGHT_DEV_API_KEY", API_KEY)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or("warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
@@ -265,7 +272,9 @@ async fn run() {
         let response = http
             .post(format!("{api}/v1/image-groups"))
             .bearer_auth(API_KEY)
-            .json(&json!({ "images": list, "models": [MODEL], "webhookUrl": format!("{hook}/hook") }))
+            .json(
+                &json!({ "images": list, "models": [MODEL], "webhookUrl": format!("{hook}/hook") }),
+            )
             .send()
             .await
             .expect("POST a group");
@@ -320,10 +329,16 @@ async fn run() {
     println!("pipeline through `kinsight dev`: {groups} groups x {images} images, model {MODEL}");
     println!("| figure | value |");
     println!("|---|---|");
-    println!("| image events received | {} of {expected} |", r.images.len());
+    println!(
+        "| image events received | {} of {expected} |",
+        r.images.len()
+    );
     println!("| image events/s (first POST -> last image event) | {rate:.1} |");
     println!("| posting the {groups} groups took | {} |", ms(posting));
-    println!("| latency POST -> event p50 | {} |", ms(percentile(&latencies, 50.0)));
+    println!(
+        "| latency POST -> event p50 | {} |",
+        ms(percentile(&latencies, 50.0))
+    );
     println!("| latency p90 | {} |", ms(percentile(&latencies, 90.0)));
     println!("| latency p99 | {} |", ms(percentile(&latencies, 99.0)));
     println!(

@@ -277,6 +277,29 @@ fn cpu_seconds(stat_path: &Path, ticks: f64) -> Option<f64> {
     Some((utime + stime) / ticks)
 }
 
+/// CPU seconds of PostgreSQL: the postmaster with the backends it has reaped, plus every
+/// backend alive now (one process per connection).
+fn postgres_cpu_seconds(postmaster: u32, ticks: f64) -> f64 {
+    let stat = |pid: &str| -> Option<Vec<f64>> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields = text.rsplit_once(')')?.1.split_whitespace();
+        Some(fields.map(|f| f.parse().unwrap_or(0.0)).collect())
+    };
+    // After the command: state, ppid, ..., utime (11), stime (12), cutime (13), cstime (14).
+    let own = stat(&postmaster.to_string())
+        .map(|f| f.iter().skip(11).take(4).sum::<f64>())
+        .unwrap_or(0.0);
+    let children: f64 = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| stat(&entry.file_name().to_string_lossy()))
+        .filter(|f| f.get(1).copied() == Some(f64::from(postmaster)))
+        .map(|f| f.iter().skip(11).take(2).sum::<f64>())
+        .sum();
+    (own + children) / ticks
+}
+
 fn clock_ticks() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -483,6 +506,12 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         .map(|cp| cp.pids())
         .unwrap_or_default();
     let ticks = clock_ticks();
+    let postmaster = cluster
+        .control_plane()
+        .and_then(|cp| cp.postgres())
+        .map(|p| p.pid());
+    let postgres_cpu = || postmaster.map(|pid| postgres_cpu_seconds(pid, ticks));
+    let postgres_before = postgres_cpu();
     let cpu_before = cpu_snapshot(&pids, ticks);
     let api_before = api_metrics(&client).await;
     eprintln!(
@@ -543,7 +572,11 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
             last_report = (Instant::now(), events);
         }
     };
-    let cpu_after = cpu_snapshot(&pids, ticks);
+    let mut cpu_after = cpu_snapshot(&pids, ticks);
+    if let (Some(before), Some(after)) = (postgres_before, postgres_cpu()) {
+        // Reported as a difference like the others: the before snapshot gets a zero.
+        cpu_after.insert("postgres (all backends)".to_owned(), after - before);
+    }
     let api_after = api_metrics(&client).await;
     let measured = started.elapsed();
     producer.abort();
