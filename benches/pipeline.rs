@@ -55,6 +55,8 @@ struct Received {
     requests: usize,
     duplicates: usize,
     group_events: usize,
+    /// Image events that say the image failed (a healthy run has none).
+    failed: usize,
     last_group_event: Option<Instant>,
     last_image_event: Option<Instant>,
 }
@@ -101,6 +103,9 @@ async fn receive(
         event.data.image_id,
     ) {
         ("image.completed" | "image.failed", Some(group), Some(image)) => {
+            if event.kind == "image.failed" {
+                r.failed += 1;
+            }
             r.images.entry((group, image)).or_insert(at);
             r.last_image_event = Some(at);
         }
@@ -330,8 +335,9 @@ async fn run() {
     println!("| figure | value |");
     println!("|---|---|");
     println!(
-        "| image events received | {} of {expected} |",
-        r.images.len()
+        "| image events received (of them image.failed) | {} of {expected} ({}) |",
+        r.images.len(),
+        r.failed
     );
     println!("| image events/s (first POST -> last image event) | {rate:.1} |");
     println!("| posting the {groups} groups took | {} |", ms(posting));
