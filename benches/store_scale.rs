@@ -143,7 +143,9 @@ async fn run() {
         .expect("store");
     let client = tokio_postgres_size_client(&postgres.url()).await;
 
-    println!("| stored results | fill rate | group's results | one image | deliveries page | failed page (namespace) | failed since T (namespace) | database |");
+    println!(
+        "| stored results | fill rate | group's results | one image | deliveries page | failed page (namespace) | failed since T (namespace) | database |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let mut groups = 0_usize;
     for target in steps {
@@ -153,10 +155,7 @@ async fn run() {
         while groups * IMAGES < target {
             let g = group(groups);
             let at = jiff::Timestamp::now();
-            store
-                .write_results(&g, 1, &results)
-                .await
-                .expect("results");
+            store.write_results(&g, 1, &results).await.expect("results");
             let deliveries: Vec<Delivery> = (0..IMAGES).map(|i| delivery(&g, i, at)).collect();
             store
                 .save_deliveries(&g, &[], &deliveries, &[])
@@ -182,7 +181,11 @@ async fn run() {
             let g = pick();
             let store = &store;
             async move {
-                store.image_result(&g, "i500").await.expect("one").expect("found");
+                store
+                    .image_result(&g, "i500")
+                    .await
+                    .expect("one")
+                    .expect("found");
             }
         })
         .await;

@@ -1,0 +1,154 @@
+//! The result ingest (`POST /internal/v1/results`) against the real API server's
+//! TokenReview: only the worker ServiceAccount of the group's own namespace may store
+//! results, only for images of a group that exists with the uid its work order named; every
+//! refusal is a clear problem+json, and nothing is stored by a refused batch.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Harness;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kinsight::controller::WORKER_ACCOUNT;
+use kinsight::results::{INGEST_PATH, ImageResult};
+use kube::Api;
+use kube::api::{ObjectMeta, PostParams};
+use serde_json::json;
+
+/// A token of ServiceAccount `namespace/name` (made if missing), as a kubelet would mount.
+async fn token_of(client: &kube::Client, namespace: &str, name: &str) -> String {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(namespace.to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    let _ = namespaces.create(&PostParams::default(), &ns).await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let account = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..ServiceAccount::default()
+    };
+    let _ = accounts.create(&PostParams::default(), &account).await;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: Vec::new(),
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..TokenRequest::default()
+    };
+    accounts
+        .create_subresource::<_, TokenRequest>("token", name, &PostParams::default(), &request)
+        .await
+        .expect("a token")
+        .status
+        .expect("status")
+        .token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_namespaces_worker_stores_results_of_its_groups() {
+    let h = Harness::start("tenant-ingest").await;
+    // A group whose one image cannot be fetched (nothing listens on port 9): its worker
+    // stores a failure for "a"; image "b" is this test's.
+    let (status, body) = h
+        .post(
+            "/v1/image-groups",
+            json!({ "images": [{ "id": "a", "url": "http://127.0.0.1:9/a.jpg" }, { "id": "b", "url": "http://127.0.0.1:9/b.jpg" }],
+                    "models": ["image_classification"] }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let group = h.group_ref(&id).await;
+    let url = format!("{}{INGEST_PATH}", h.api_url);
+    let http = reqwest::Client::new();
+    let send = async |token: Option<&str>, body: serde_json::Value| {
+        let mut request = http.post(&url).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("POST");
+        let status = response.status().as_u16();
+        let kind = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let text = response.text().await.unwrap_or_default();
+        if status >= 400 {
+            assert_eq!(kind, "application/problem+json", "{status} {text}");
+        }
+        (status, text)
+    };
+    let result = |image: &str| {
+        serde_json::to_value(ImageResult::failed(
+            &id,
+            image,
+            "DownloadFailed",
+            "test".into(),
+        ))
+        .expect("JSON")
+    };
+    let batch = |group: serde_json::Value, results: Vec<serde_json::Value>| json!({ "group": group, "generation": 1, "results": results });
+    let ours = serde_json::to_value(&group).expect("JSON");
+
+    let worker = token_of(&h.client, &h.namespace, WORKER_ACCOUNT).await;
+    let intruder = token_of(&h.client, &h.namespace, "intruder").await;
+    let elsewhere = token_of(&h.client, "tenant-ingest-other", WORKER_ACCOUNT).await;
+
+    let (status, text) = send(None, batch(ours.clone(), vec![result("b")])).await;
+    assert_eq!(status, 401, "{text}");
+    let (status, text) = send(Some("not-a-token"), batch(ours.clone(), vec![result("b")])).await;
+    assert_eq!(status, 401, "{text}");
+    let (status, text) = send(Some(&intruder), batch(ours.clone(), vec![result("b")])).await;
+    assert_eq!(status, 403, "another account of the namespace: {text}");
+    let (status, text) = send(Some(&elsewhere), batch(ours.clone(), vec![result("b")])).await;
+    assert_eq!(status, 403, "the worker of another namespace: {text}");
+    let stale =
+        json!({ "namespace": group.namespace, "name": group.name, "uid": "an-earlier-group" });
+    let (status, text) = send(Some(&worker), batch(stale, vec![result("b")])).await;
+    assert_eq!(
+        status, 410,
+        "a group of that name, but not the one the order named: {text}"
+    );
+    let (status, text) = send(Some(&worker), batch(ours.clone(), vec![result("zzz")])).await;
+    assert_eq!(status, 422, "an image the group does not have: {text}");
+    assert!(text.contains("zzz"), "{text}");
+    let (status, text) = send(
+        Some(&worker),
+        batch(ours.clone(), vec![result("b"), result("b")]),
+    )
+    .await;
+    assert_eq!(status, 422, "{text}");
+    let (status, text) = send(Some(&worker), batch(ours.clone(), vec![])).await;
+    assert_eq!(status, 422, "{text}");
+    let (status, text) = send(Some(&worker), json!({ "group": ours, "results": "nope" })).await;
+    assert_eq!(status, 422, "{text}");
+    assert!(
+        !h.stored_results(&id).await.contains_key("b"),
+        "no refused batch stored anything"
+    );
+
+    let (status, text) = send(Some(&worker), batch(ours.clone(), vec![result("b")])).await;
+    assert_eq!(status, 204, "{text}");
+    // The same batch again (a worker retrying after a lost answer) changes nothing.
+    let (status, text) = send(Some(&worker), batch(ours, vec![result("b")])).await;
+    assert_eq!(status, 204, "{text}");
+    let stored = common::eventually("b stored", Duration::from_secs(10), async || {
+        h.stored_results(&id).await.remove("b")
+    })
+    .await;
+    assert_eq!(
+        stored.failure.map(|f| f.reason).as_deref(),
+        Some("DownloadFailed")
+    );
+}
