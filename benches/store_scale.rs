@@ -67,7 +67,7 @@ fn result(image: usize) -> ImageResult {
 }
 
 fn delivery(g: &GroupRef, image: usize, at: jiff::Timestamp) -> Delivery {
-    let failed = image % 10 == 0;
+    let failed = image.is_multiple_of(10);
     Delivery {
         id: format!("msg_{}_{image}", g.uid),
         event: "image.completed".into(),

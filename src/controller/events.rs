@@ -1412,7 +1412,7 @@ mod tests {
             &mut status,
             &mut deliveries,
             &results(1),
-            &[gone.clone()],
+            std::slice::from_ref(&gone),
             false,
             now,
         );
