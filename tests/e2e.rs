@@ -1090,12 +1090,18 @@ async fn images_added_while_a_job_runs_go_to_one_new_job_that_supersedes_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
-    let mut h = Harness::start("tenant-subs").await;
-    // Finished groups are kept for 3 s in this test.
-    h.kill_controller().await;
-    let mut config = h.controller_config();
-    config.group_ttl = Duration::from_secs(3);
-    h.start_controller_with(config);
+    let h = Harness::start("tenant-subs").await;
+    // This tenant keeps finished groups for 3 s (the controller's default: 7 days).
+    let retention =
+        json!({ "metadata": { "annotations": { kinsight::crd::RETENTION_ANNOTATION: "3s" } } });
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(h.client.clone())
+        .patch(
+            &h.namespace,
+            &PatchParams::default(),
+            &Patch::Merge(&retention),
+        )
+        .await
+        .expect("annotate the tenant's namespace");
 
     // A namespace-wide subscription with its own signing key, for image events only.
     let secret = kinsight::webhook::generate_secret();

@@ -285,6 +285,8 @@ async fn chart_installs_into_a_real_cluster() {
         // Workers get a ServiceAccount with no rights: no Roles to hand out.
         (CONTROLLER, "tenant-a", "rbac.authorization.k8s.io", "roles", "", "patch", false),
         (CONTROLLER, "tenant-a", "events.k8s.io", "events", "", "create", true),
+        // A tenant's retention is an annotation on its namespace.
+        (CONTROLLER, "", "", "namespaces", "", "get", true),
         // Its Lease, for leader election.
         (CONTROLLER, "kinsight-system", "coordination.k8s.io", "leases", "", "update", true),
         (API, "tenant-a", "kinsight.io", "imagegroups", "", "create", true),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -18,7 +18,9 @@ use super::job::{
     work_order_config_map, worker_account,
 };
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
-use crate::crd::{ConditionStatus, GroupPhase, ImageGroup, ImageGroupStatus, set_condition};
+use crate::crd::{
+    ConditionStatus, GroupPhase, ImageGroup, ImageGroupStatus, RETENTION_ANNOTATION, set_condition,
+};
 use crate::delivery::{Attempt, Delivery, DeliveryState};
 use crate::results::{GroupRef, ImageResult, MAX_BATCH};
 use crate::worker::{WorkItem, WorkOrder};
@@ -446,6 +448,31 @@ fn is_too_large(status: &kube::core::Status) -> bool {
     status.code == 413 || status.message.contains("too large")
 }
 
+/// The tenant's own retention: the annotation [`RETENTION_ANNOTATION`] on its namespace
+/// (`kubectl annotate namespace tenant-a kinsight.io/group-ttl=30d`). One that does not parse
+/// is reported and the controller's `--group-ttl` applies.
+async fn tenant_retention(
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Option<Duration>, ControllerError> {
+    let found = Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(namespace)
+        .await?;
+    let Some(text) = found
+        .as_ref()
+        .and_then(|ns| ns.annotations().get(RETENTION_ANNOTATION))
+    else {
+        return Ok(None);
+    };
+    match crate::webhook::parse_duration(text) {
+        Ok(ttl) => Ok(Some(ttl)),
+        Err(e) => {
+            tracing::warn!(namespace, value = %text, error = %e, "ignoring the namespace's retention annotation");
+            Ok(None)
+        }
+    }
+}
+
 /// Deletes a finished group once its retention is over: its Jobs go with it (owner
 /// references), its stored results right after.
 async fn expire_when_due(
@@ -457,8 +484,10 @@ async fn expire_when_due(
     let Some(completed) = &status.completed_at else {
         return Ok(Action::await_change());
     };
-    let ttl =
-        jiff::SignedDuration::try_from(ctx.config.group_ttl).unwrap_or(jiff::SignedDuration::MAX);
+    let ttl = tenant_retention(ctx, namespace)
+        .await?
+        .unwrap_or(ctx.config.group_ttl);
+    let ttl = jiff::SignedDuration::try_from(ttl).unwrap_or(jiff::SignedDuration::MAX);
     let expires = completed.0.checked_add(ttl).unwrap_or(jiff::Timestamp::MAX);
     let left = jiff::Timestamp::now().duration_until(expires);
     if left.is_positive() {

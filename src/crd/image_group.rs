@@ -201,6 +201,10 @@ pub struct FailedDelivery {
     pub last_error: Option<String>,
 }
 
+/// Annotation on a tenant's namespace: how long its finished groups (their results,
+/// deliveries and attempts) are kept, e.g. `30d`, instead of the controller's `--group-ttl`.
+pub const RETENTION_ANNOTATION: &str = "kinsight.io/group-ttl";
+
 /// Annotation through which the API (or a user with kubectl) asks the controller to send
 /// failed events again; the controller owns status, so requests travel in metadata.
 pub const REPLAY_ANNOTATION: &str = "kinsight.io/replay";

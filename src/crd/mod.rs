@@ -11,7 +11,7 @@ pub use conditions::{ConditionStatus, set_condition};
 pub use image_group::{
     Aggregate, ClassCount, EndpointDeliveries, FailedDelivery, GroupPhase, ImageEntry, ImageGroup,
     ImageGroupSpec, ImageGroupStatus, MAX_RECENT_FAILURES, ObjectCount, REPLAY_ANNOTATION,
-    ReplayRequest, SecretKeyRef, WebhookTarget,
+    RETENTION_ANNOTATION, ReplayRequest, SecretKeyRef, WebhookTarget,
 };
 pub use names::{is_dns_label, is_object_name, label_value};
 pub use webhook_subscription::{
