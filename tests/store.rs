@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
+use kinsight::delivery::{Attempt, Delivery, DeliveryState};
 use kinsight::inference::{ClassScore, ModelOutput};
 use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
 use kinsight::store::{RESULTS_CHANNEL, Store, StoreNotice};
@@ -174,14 +175,67 @@ async fn a_forgotten_group_is_purged_in_batches_and_only_it() {
         .write_results(&kept, 1, &many[..3])
         .await
         .expect("stored");
+    let now = jiff::Timestamp::now();
+    let sent = |g: &GroupRef, n: usize| -> Vec<Delivery> {
+        (0..n)
+            .map(|i| Delivery {
+                id: format!("msg_{}_{i}", g.uid),
+                event: "image.completed".into(),
+                image_id: Some(format!("i{i}")),
+                endpoint: "request".into(),
+                sequence: i as u64 + 1,
+                created_at: now,
+                state: DeliveryState::Delivered,
+                attempts: 1,
+                next_attempt_at: None,
+                last_error: None,
+                delivered_at: Some(now),
+                payload: None,
+            })
+            .collect()
+    };
+    let attempt = |g: &GroupRef| Attempt {
+        delivery_id: format!("msg_{}_0", g.uid),
+        attempted_at: now,
+        status_code: Some(204),
+        duration_ms: 3.0,
+        outcome: "delivered".into(),
+        error: None,
+    };
+    store
+        .save_deliveries(&gone, &[], &sent(&gone, 150), &[attempt(&gone)])
+        .await
+        .expect("deliveries");
+    store
+        .save_deliveries(&kept, &[], &sent(&kept, 3), &[attempt(&kept)])
+        .await
+        .expect("deliveries");
 
     // Not forgotten: nothing is purged.
     assert_eq!(store.purge_group(&gone.uid, 100).await.expect("purge"), 0);
     store.forget_group(&gone.uid).await.expect("forget");
-    // 100 rows per statement: three statements' worth, all of it.
-    assert_eq!(store.purge_forgotten(100).await.expect("purge"), 250);
+    // 100 rows per statement: 250 results and 150 deliveries, all of them.
+    assert_eq!(store.purge_forgotten(100).await.expect("purge"), 250 + 150);
     assert!(store.group_results(&gone).await.expect("read").is_empty());
+    assert!(
+        store
+            .group_deliveries(&gone.uid)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    let gone_history = store
+        .delivery_with_attempts(&gone.uid, &format!("msg_{}_0", gone.uid))
+        .await
+        .expect("read");
+    assert!(gone_history.is_none());
     assert_eq!(store.group_results(&kept).await.expect("read").len(), 3);
+    let (_, attempts) = store
+        .delivery_with_attempts(&kept.uid, &format!("msg_{}_0", kept.uid))
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(attempts.len(), 1);
     // Groups stored moments ago are never taken for deleted ones: the list of live groups
     // may be older than them.
     assert_eq!(store.forget_groups_except(&[]).await.expect("sweep"), 0);

@@ -138,24 +138,26 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Deletes a forgotten group's results at most `batch` rows per statement, so that no
-    /// single DELETE holds locks or bloats the log for long, then the group's own row.
+    /// Deletes a forgotten group's results and deliveries (with their attempts) at most
+    /// `batch` rows per statement, so that no single DELETE holds locks or bloats the log for
+    /// long, then the group's own row. Returns the results and deliveries deleted.
     pub async fn purge_group(&self, uid: &str, batch: i64) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let mut deleted = 0;
-        loop {
-            let n = client
-                .execute(
-                    "DELETE FROM image_results WHERE group_uid = $1 AND image_id IN (
-                         SELECT image_id FROM image_results WHERE group_uid = $1 LIMIT $2)
-                     AND EXISTS (SELECT 1 FROM groups
-                                 WHERE uid = $1 AND deleted_at IS NOT NULL)",
-                    &[&uid, &batch],
-                )
-                .await?;
-            deleted += n;
-            if n == 0 {
-                break;
+        for statement in [
+            "DELETE FROM image_results WHERE group_uid = $1 AND image_id IN (
+                 SELECT image_id FROM image_results WHERE group_uid = $1 LIMIT $2)
+             AND EXISTS (SELECT 1 FROM groups WHERE uid = $1 AND deleted_at IS NOT NULL)",
+            "DELETE FROM deliveries WHERE group_uid = $1 AND id IN (
+                 SELECT id FROM deliveries WHERE group_uid = $1 LIMIT $2)
+             AND EXISTS (SELECT 1 FROM groups WHERE uid = $1 AND deleted_at IS NOT NULL)",
+        ] {
+            loop {
+                let n = client.execute(statement, &[&uid, &batch]).await?;
+                deleted += n;
+                if n == 0 {
+                    break;
+                }
             }
         }
         client
