@@ -85,10 +85,10 @@ impl Store {
         record_group(&tx, group).await?;
         if !changed.is_empty() {
             tx.execute(
-                r#"INSERT INTO deliveries (id, group_uid, event, image_id, endpoint, sequence,
-                       created_at, state, attempts, next_attempt_at, last_error, delivered_at,
-                       payload)
-                   SELECT r.id, $1, r.event, r."imageId", r.endpoint, r.sequence,
+                r#"INSERT INTO deliveries (id, group_uid, namespace, event, image_id, endpoint,
+                       sequence, created_at, state, attempts, next_attempt_at, last_error,
+                       delivered_at, payload)
+                   SELECT r.id, $1, $3, r.event, r."imageId", r.endpoint, r.sequence,
                           r."createdAt", r.state, COALESCE(r.attempts, 0), r."nextAttemptAt",
                           r."lastError", r."deliveredAt", r.payload
                    FROM jsonb_to_recordset($2::jsonb) AS r(
@@ -102,7 +102,7 @@ impl Store {
                        next_attempt_at = EXCLUDED.next_attempt_at,
                        last_error = EXCLUDED.last_error,
                        delivered_at = EXCLUDED.delivered_at"#,
-                &[&group.uid, &Json(&records)],
+                &[&group.uid, &Json(&records), &group.namespace],
             )
             .await?;
         }
@@ -201,8 +201,8 @@ impl Store {
                 &format!(
                     "SELECT {COLUMNS}, g.name AS group_name FROM deliveries d
                      JOIN groups g ON g.uid = d.group_uid
-                     WHERE g.namespace = $1 AND g.deleted_at IS NULL AND d.state = ANY($2)
-                       AND (d.created_at, d.id) > ($3, $4)
+                     WHERE d.namespace = $1 AND d.state <> 'Delivered' AND d.state = ANY($2)
+                       AND g.deleted_at IS NULL AND (d.created_at, d.id) > ($3, $4)
                      ORDER BY d.created_at, d.id LIMIT $5"
                 ),
                 &[&namespace, &states, &after_time, &id, &limit],
@@ -264,10 +264,12 @@ impl Store {
             .client()
             .await?
             .query(
-                "SELECT g.name, count(*) FROM deliveries d JOIN groups g ON g.uid = d.group_uid
-                 WHERE g.namespace = $1 AND g.deleted_at IS NULL
-                   AND d.state = 'Failed' AND d.created_at >= $2
-                 GROUP BY g.name",
+                "SELECT g.name, f.n FROM (
+                     SELECT group_uid, count(*) AS n FROM deliveries
+                     WHERE namespace = $1 AND state <> 'Delivered' AND state = 'Failed'
+                       AND created_at >= $2
+                     GROUP BY group_uid
+                 ) f JOIN groups g ON g.uid = f.group_uid WHERE g.deleted_at IS NULL",
                 &[&namespace, &since],
             )
             .await?;

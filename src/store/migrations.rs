@@ -9,6 +9,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_results.sql")),
     (2, include_str!("migrations/0002_deliveries.sql")),
     (3, include_str!("migrations/0003_delivery_payloads.sql")),
+    (4, include_str!("migrations/0004_delivery_namespaces.sql")),
 ];
 
 /// Any fixed number: the key of the lock that serialises migrations across processes.
