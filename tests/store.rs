@@ -242,3 +242,107 @@ async fn a_forgotten_group_is_purged_in_batches_and_only_it() {
     assert_eq!(store.purge_forgotten(100).await.expect("purge"), 0);
     assert_eq!(store.group_results(&kept).await.expect("read").len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_not_delivered_pages_through_one_namespace() {
+    let (_postgres, store, _dir) = database().await;
+    let start = jiff::Timestamp::now();
+    let record = |g: &GroupRef, i: usize, state: DeliveryState| Delivery {
+        id: format!("msg_{}_{i}", g.uid),
+        event: "image.completed".into(),
+        image_id: Some(format!("i{i}")),
+        endpoint: "request".into(),
+        sequence: i as u64 + 1,
+        // Several share a time: the id orders them.
+        created_at: start + jiff::SignedDuration::from_millis((i / 7) as i64),
+        state,
+        attempts: 1,
+        next_attempt_at: None,
+        last_error: None,
+        delivered_at: None,
+        payload: None,
+    };
+    let mut ours = Vec::new();
+    for uid in ["a1", "a2"] {
+        let g = group(uid);
+        let deliveries: Vec<Delivery> = (0..200)
+            .map(|i| {
+                let state = match i % 4 {
+                    0 => DeliveryState::Delivered,
+                    1 => DeliveryState::Pending,
+                    _ => DeliveryState::Failed,
+                };
+                record(&g, i, state)
+            })
+            .collect();
+        store
+            .save_deliveries(&g, &[], &deliveries, &[])
+            .await
+            .expect("saved");
+        ours.extend(
+            deliveries
+                .into_iter()
+                .filter(|d| d.state == DeliveryState::Failed)
+                .map(|d| d.id),
+        );
+    }
+    let other = GroupRef {
+        namespace: "tenant-b".into(),
+        ..group("b1")
+    };
+    let theirs: Vec<Delivery> = (0..50)
+        .map(|i| record(&other, i, DeliveryState::Failed))
+        .collect();
+    store
+        .save_deliveries(&other, &[], &theirs, &[])
+        .await
+        .expect("saved");
+
+    // 200 failed in tenant-a, by pages of 90: 90, 90, 20, no repeats, none of tenant-b's.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .namespace_deliveries_page("tenant-a", &[DeliveryState::Failed], cursor.as_ref(), 90)
+            .await
+            .expect("page");
+        seen.extend(page.iter().map(|(_, d)| d.id.clone()));
+        let Some((_, last)) = page.last() else { break };
+        if page.len() < 90 {
+            break;
+        }
+        cursor = Some(kinsight::store::Cursor {
+            after_key: last.created_at.as_microsecond(),
+            after_id: last.id.clone(),
+        });
+    }
+    let unique: std::collections::HashSet<&String> = seen.iter().collect();
+    assert_eq!((seen.len(), unique.len()), (200, 200));
+    ours.sort();
+    seen.sort();
+    assert_eq!(seen, ours);
+    let pending = store
+        .namespace_deliveries_page("tenant-a", &[DeliveryState::Pending], None, 1000)
+        .await
+        .expect("page");
+    assert_eq!(pending.len(), 100);
+    assert!(
+        pending
+            .iter()
+            .all(|(_, d)| d.state == DeliveryState::Pending)
+    );
+    // Per group, for a replay of what failed since then.
+    let counts = store.failed_since("tenant-a", start).await.expect("counts");
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        [("grp-a1".to_owned(), 100), ("grp-a2".to_owned(), 100)]
+    );
+    let later = start + jiff::SignedDuration::from_secs(60);
+    assert!(
+        store
+            .failed_since("tenant-a", later)
+            .await
+            .expect("counts")
+            .is_empty()
+    );
+}

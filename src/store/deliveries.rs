@@ -202,8 +202,9 @@ impl Store {
                     "SELECT {COLUMNS}, g.name AS group_name FROM deliveries d
                      JOIN groups g ON g.uid = d.group_uid
                      WHERE d.namespace = $1 AND d.state <> 'Delivered' AND d.state = ANY($2)
-                       AND g.deleted_at IS NULL AND (d.created_at, d.id) > ($3, $4)
-                     ORDER BY d.created_at, d.id LIMIT $5"
+                       AND (d.namespace, d.created_at, d.id) > ($1, $3, $4)
+                       AND g.deleted_at IS NULL
+                     ORDER BY d.namespace, d.created_at, d.id LIMIT $5"
                 ),
                 &[&namespace, &states, &after_time, &id, &limit],
             )
