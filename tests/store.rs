@@ -199,8 +199,9 @@ async fn a_forgotten_group_is_purged_in_batches_and_only_it() {
         attempted_at: now,
         status_code: Some(204),
         duration_ms: 3.0,
-        outcome: "delivered".into(),
-        error: None,
+        outcome: "failed".into(),
+        error: Some("receiver answered 429 Too Many Requests".into()),
+        response: Some("quota exceeded".into()),
     };
     store
         .save_deliveries(&gone, &[], &sent(&gone, 150), &[attempt(&gone)])
@@ -236,6 +237,8 @@ async fn a_forgotten_group_is_purged_in_batches_and_only_it() {
         .expect("read")
         .expect("kept");
     assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status_code, Some(204));
+    assert_eq!(attempts[0].response.as_deref(), Some("quota exceeded"));
     // Groups stored moments ago are never taken for deleted ones: the list of live groups
     // may be older than them.
     assert_eq!(store.forget_groups_except(&[]).await.expect("sweep"), 0);

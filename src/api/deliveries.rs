@@ -141,6 +141,7 @@ pub async fn get_one(
                 "statusCode": a.status_code,
                 "durationMs": a.duration_ms,
                 "error": a.error,
+                "response": a.response,
             }))
             .collect::<Vec<_>>()
     );

@@ -644,10 +644,15 @@ fn is_due(delivery: &Delivery, now: jiff::Timestamp) -> bool {
 
 /// An attempt as the delivery's history keeps it.
 fn attempt_record(id: &str, outcome: &AttemptOutcome, at: jiff::Timestamp, took: f64) -> Attempt {
-    let (status_code, outcome, error) = match outcome {
-        AttemptOutcome::Delivered { status } => (Some(*status), "delivered", None),
-        AttemptOutcome::Failed { status, error, .. } => (*status, "failed", Some(error.clone())),
-        AttemptOutcome::NotSent { error } => (None, "not_sent", Some(error.clone())),
+    let (status_code, outcome, error, response) = match outcome {
+        AttemptOutcome::Delivered { status } => (Some(*status), "delivered", None, None),
+        AttemptOutcome::Failed {
+            status,
+            error,
+            response,
+            ..
+        } => (*status, "failed", Some(error.clone()), response.clone()),
+        AttemptOutcome::NotSent { error } => (None, "not_sent", Some(error.clone()), None),
     };
     Attempt {
         delivery_id: id.to_owned(),
@@ -656,6 +661,7 @@ fn attempt_record(id: &str, outcome: &AttemptOutcome, at: jiff::Timestamp, took:
         duration_ms: (took * 10.0).round() / 10.0,
         outcome: outcome.to_owned(),
         error,
+        response,
     }
 }
 

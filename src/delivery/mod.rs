@@ -74,4 +74,6 @@ pub struct Attempt {
     /// ours: the secret, the URL, the egress policy).
     pub outcome: String,
     pub error: Option<String>,
+    /// The start of the receiver's answer to a failed attempt.
+    pub response: Option<String>,
 }

@@ -117,12 +117,13 @@ impl Store {
             // Attempts of deliveries removed meanwhile have nothing to belong to.
             tx.execute(
                 r#"INSERT INTO delivery_attempts
-                       (delivery_id, attempted_at, status_code, duration_ms, outcome, error)
+                       (delivery_id, attempted_at, status_code, duration_ms, outcome, error,
+                        response)
                    SELECT r."deliveryId", r."attemptedAt", r."statusCode", r."durationMs",
-                          r.outcome, r.error
+                          r.outcome, r.error, r.response
                    FROM jsonb_to_recordset($1::jsonb) AS r(
                        "deliveryId" text, "attemptedAt" timestamptz, "statusCode" integer,
-                       "durationMs" double precision, outcome text, error text)
+                       "durationMs" double precision, outcome text, error text, response text)
                    WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.id = r."deliveryId")"#,
                 &[&Json(&attempt_records)],
             )
@@ -233,7 +234,7 @@ impl Store {
         let delivery = from_row(&row)?;
         let attempts = client
             .query(
-                "SELECT attempted_at, status_code, duration_ms, outcome, error
+                "SELECT attempted_at, status_code, duration_ms, outcome, error, response
                  FROM delivery_attempts WHERE delivery_id = $1 ORDER BY attempted_at",
                 &[&id],
             )
@@ -248,6 +249,7 @@ impl Store {
                     duration_ms: row.try_get("duration_ms")?,
                     outcome: row.try_get("outcome")?,
                     error: row.try_get("error")?,
+                    response: row.try_get("response")?,
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;

@@ -10,6 +10,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("migrations/0002_deliveries.sql")),
     (3, include_str!("migrations/0003_delivery_payloads.sql")),
     (4, include_str!("migrations/0004_delivery_namespaces.sql")),
+    (5, include_str!("migrations/0005_attempt_responses.sql")),
 ];
 
 /// Any fixed number: the key of the lock that serialises migrations across processes.

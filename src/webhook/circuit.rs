@@ -334,6 +334,7 @@ mod tests {
             error: "HTTP error".into(),
             retry_after: retry_after.map(Duration::from_secs),
             gone: false,
+            response: None,
         }
     }
 

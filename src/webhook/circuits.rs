@@ -240,6 +240,7 @@ mod tests {
             error: format!("HTTP {status}"),
             retry_after: None,
             gone: false,
+            response: None,
         }
     }
 
@@ -310,6 +311,7 @@ mod tests {
                 error: "HTTP 500".into(),
                 retry_after: None,
                 gone: false,
+                response: None,
             });
         }
         assert!(matches!(c.acquire(&sick).await, Err(Blocked::Until(_))));

@@ -43,6 +43,9 @@ pub enum AttemptOutcome {
         error: String,
         retry_after: Option<Duration>,
         gone: bool,
+        /// The start of what the receiver answered (at most [`RESPONSE_EXCERPT_BYTES`]),
+        /// kept with the attempt to tell why it refused.
+        response: Option<String>,
     },
     /// Nothing reached the receiver, for a reason of ours (the signing secret, the URL,
     /// the egress policy): a failed attempt of the event that says nothing of the
@@ -59,6 +62,8 @@ pub struct Sender {
 }
 
 const MAX_RESPONSE_BYTES: usize = 4096;
+/// Bytes of a refusal's body kept with the attempt.
+pub const RESPONSE_EXCERPT_BYTES: usize = 512;
 
 impl Sender {
     /// Every attempt's destination passes `guard` (see [`crate::net`]).
@@ -135,6 +140,7 @@ impl Sender {
                     error: describe(e),
                     retry_after: None,
                     gone: false,
+                    response: None,
                 };
             }
         };
@@ -145,12 +151,18 @@ impl Sender {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        // Drain a little of the body so the connection can be reused, no more.
+        // Drain a little of the body so the connection can be reused, no more; its start is
+        // kept for the attempt's history.
         let mut stream = response.bytes_stream();
         let mut read = 0usize;
+        let mut excerpt = Vec::new();
         while read < MAX_RESPONSE_BYTES {
             match stream.next().await {
-                Some(Ok(chunk)) => read += chunk.len(),
+                Some(Ok(chunk)) => {
+                    let room = RESPONSE_EXCERPT_BYTES.saturating_sub(excerpt.len());
+                    excerpt.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    read += chunk.len();
+                }
                 _ => break,
             }
         }
@@ -164,9 +176,20 @@ impl Sender {
                 error: format!("receiver answered {status}"),
                 retry_after,
                 gone: status == reqwest::StatusCode::GONE,
+                response: response_excerpt(&excerpt),
             }
         }
     }
+}
+
+/// What of a refusal's body is kept: its start, as text, without control characters.
+fn response_excerpt(bytes: &[u8]) -> Option<String> {
+    let text: String = String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
 }
 
 fn not_sent(error: String) -> AttemptOutcome {
@@ -227,5 +250,43 @@ mod tests {
                 other => panic!("{url}: {other:?}"),
             }
         }
+    }
+
+    /// A refusal's answer is kept, its start only, as one line of text.
+    #[tokio::test]
+    async fn a_refusals_answer_is_kept_short() {
+        crate::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let body = format!("quota exceeded\nfor tenant 42 {}", "x".repeat(5000));
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                let body = body.clone();
+                async move { (axum::http::StatusCode::TOO_MANY_REQUESTS, body) }
+            }),
+        );
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let guard = EgressGuard::new(EgressPolicy::allow_loopback());
+        let sender = Sender::new(&SenderConfig::default(), guard).expect("sender");
+        let key = vec![super::super::generate_secret()];
+        let outcome = sender.attempt(&url, "msg_1", "{}", &key).await;
+        server.abort();
+        let AttemptOutcome::Failed {
+            status, response, ..
+        } = outcome
+        else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(status, Some(429));
+        let response = response.expect("an excerpt");
+        assert!(
+            response.starts_with("quota exceeded for tenant 42 xxx"),
+            "{response}"
+        );
+        assert_eq!(response.len(), RESPONSE_EXCERPT_BYTES);
+        assert_eq!(response_excerpt(b" \n "), None);
     }
 }
