@@ -16,6 +16,10 @@
 //! `MAX_SECS` for the measured part (900), `KINSIGHT_BIN` (the `kinsight` binary of this
 //! build), `ORT_DYLIB_PATH` (else `./.venv`'s ONNX Runtime).
 
+mod common;
+
+use common::{Envelope, ms, percentile};
+
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -28,7 +32,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use serde::Deserialize;
 use serde_json::json;
 
 const MODEL: &str = "quality_grade";
@@ -62,20 +65,6 @@ struct Received {
 }
 
 type Shared<T> = Arc<Mutex<T>>;
-
-#[derive(Deserialize)]
-struct Envelope {
-    #[serde(rename = "type")]
-    kind: String,
-    data: EventData,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EventData {
-    group_id: Option<String>,
-    image_id: Option<String>,
-}
 
 async fn receive(
     State(received): State<Shared<Received>>,
@@ -158,18 +147,6 @@ async fn serve(app: Router) -> String {
         let _ = axum::serve(listener, app).await;
     });
     format!("http://{addr}")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn main() {

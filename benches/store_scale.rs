@@ -17,6 +17,10 @@
 //! within a minute of such a fill), printing p50/p99 and the database's size.
 //! Settings: `STEPS` (comma-separated totals), `SAMPLES`.
 
+mod common;
+
+use common::percentile;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -87,14 +91,6 @@ fn delivery(g: &GroupRef, image: usize, at: jiff::Timestamp) -> Delivery {
         delivered_at: (!failed).then_some(at),
         payload: None,
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 async fn timed<F: Future<Output = ()>>(samples: usize, mut f: impl FnMut() -> F) -> String {

@@ -18,6 +18,10 @@
 //! groups are spread over (1; each is a tenant), `MAX_SECS` for the measured part (900),
 //! `RUST_LOG` (warn).
 
+mod common;
+
+use common::{Envelope, ms, percentile};
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
@@ -39,7 +43,6 @@ use kinsight::store::Store;
 use kinsight::testbed::TestCluster;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, ResourceExt};
-use serde::Deserialize;
 
 const NAMESPACE_PREFIX: &str = "bench-webhooks";
 const KEYS_NAMESPACE: &str = "kinsight-system";
@@ -98,20 +101,6 @@ struct Received {
 }
 
 type Shared<T> = Arc<Mutex<T>>;
-
-#[derive(Deserialize)]
-struct Envelope {
-    #[serde(rename = "type")]
-    kind: String,
-    data: EventData,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EventData {
-    group_id: Option<String>,
-    image_id: Option<String>,
-}
 
 async fn receive(
     State(received): State<Shared<Received>>,
@@ -388,18 +377,6 @@ async fn api_metrics(client: &kube::Client) -> Option<ApiStats> {
         }
     }
     Some(out)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn main() {
