@@ -25,7 +25,6 @@ use kinsight::dev::ReceivedWebhook;
 use kube::Api;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -218,18 +217,9 @@ async fn sigkilled_controller_loses_no_event() {
     let (hook_url, proxy) = slow_answering_proxy(h.hook_url.clone()).await;
     let _proxy = AbortOnDrop(proxy);
     let mut controller = ControllerProcess::spawn(&h, &kubeconfig, &worker_env, &log);
-    let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
-    let images: Vec<_> = (0..IMAGES)
-        .map(|i| json!({ "id": format!("i{i}"), "url": h.photo_url(names[i % names.len()]) }))
-        .collect();
-    let (status, body) = h
-        .post(
-            "/v1/image-groups",
-            json!({ "images": images, "models": ["image_classification"], "webhookUrl": hook_url }),
-        )
+    let group_id = h
+        .post_photo_group(IMAGES, &["image_classification"], &hook_url)
         .await;
-    assert_eq!(status, 202, "{body}");
-    let group_id = body["id"].as_str().expect("id").to_owned();
     let started = Instant::now();
     let deadline = started + LIMIT;
 

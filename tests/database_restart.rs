@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::{Harness, of_type};
 use kinsight::crd::{GroupPhase, ImageGroup};
 use kube::Api;
-use serde_json::json;
 
 /// Enough that the worker is still storing results when the restart comes.
 const IMAGES: usize = 40;
@@ -21,18 +20,9 @@ const LIMIT: Duration = Duration::from_secs(240);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_restart_mid_delivery_loses_no_result_and_no_event() {
     let mut h = Harness::start("tenant-pg-restart").await;
-    let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
-    let images: Vec<_> = (0..IMAGES)
-        .map(|i| json!({ "id": format!("i{i}"), "url": h.photo_url(names[i % names.len()]) }))
-        .collect();
-    let (status, body) = h
-        .post(
-            "/v1/image-groups",
-            json!({ "images": images, "models": ["image_classification"], "webhookUrl": h.hook_url }),
-        )
+    let group_id = h
+        .post_photo_group(IMAGES, &["image_classification"], &h.hook_url)
         .await;
-    assert_eq!(status, 202, "{body}");
-    let group_id = body["id"].as_str().expect("id").to_owned();
 
     // The restart lands once results flow: the first image event is in.
     let mut events = h

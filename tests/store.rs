@@ -314,10 +314,7 @@ async fn what_was_not_delivered_pages_through_one_namespace() {
         if page.len() < 90 {
             break;
         }
-        cursor = Some(kinsight::store::Cursor {
-            after_key: last.created_at.as_microsecond(),
-            after_id: last.id.clone(),
-        });
+        cursor = Some(kinsight::store::Cursor::after_time(last));
     }
     let unique: std::collections::HashSet<&String> = seen.iter().collect();
     assert_eq!((seen.len(), unique.len()), (200, 200));

@@ -41,17 +41,21 @@ pub struct ApiKeys {
     pub loaded: Arc<AtomicBool>,
 }
 
-pub fn authenticate(keys: &ApiKeys, headers: &HeaderMap) -> Result<Tenant, ApiError> {
-    // `Bearer <key>`; the scheme's case does not matter (RFC 9110 11.1).
-    let presented = headers
+/// The credential of `Authorization: Bearer <credential>`; the scheme's case does not matter
+/// (RFC 9110 11.1).
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, key)| key.trim())
-        .filter(|k| !k.is_empty())
-        .ok_or(ApiError::Unauthorized)?;
-    let digest = hash_key(presented);
+        .map(|(_, credential)| credential.trim())
+        .filter(|c| !c.is_empty())
+        .ok_or(ApiError::Unauthorized)
+}
+
+pub fn authenticate(keys: &ApiKeys, headers: &HeaderMap) -> Result<Tenant, ApiError> {
+    let digest = hash_key(bearer_token(headers)?);
     for secret in keys.store.state() {
         let Some(data) = secret.data.as_ref() else {
             continue;

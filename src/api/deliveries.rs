@@ -104,13 +104,7 @@ pub async fn list_group(
     let next = (page.len() as i64 == limit)
         .then(|| page.last())
         .flatten()
-        .map(|d| {
-            Cursor {
-                after_key: i64::try_from(d.sequence).unwrap_or(i64::MAX),
-                after_id: d.id.clone(),
-            }
-            .encode()
-        });
+        .map(|d| Cursor::after_sequence(d).encode());
     let deliveries: Vec<Value> = page.iter().map(|d| delivery_out(&id, d)).collect();
     Ok(Json(
         json!({ "deliveries": deliveries, "nextCursor": next }),
@@ -175,13 +169,7 @@ pub async fn list_undelivered(
     let next = (page.len() as i64 == limit)
         .then(|| page.last())
         .flatten()
-        .map(|(_, d)| {
-            Cursor {
-                after_key: d.created_at.as_microsecond(),
-                after_id: d.id.clone(),
-            }
-            .encode()
-        });
+        .map(|(_, d)| Cursor::after_time(d).encode());
     let out: Vec<Value> = page.iter().map(|(g, d)| delivery_out(g, d)).collect();
     Ok(Json(json!({ "deliveries": out, "nextCursor": next })))
 }

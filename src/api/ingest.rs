@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
 
+use super::auth::bearer_token;
 use super::{ApiError, AppState};
 use crate::controller::WORKER_ACCOUNT;
 use crate::crd::ImageGroup;
@@ -81,14 +82,7 @@ pub async fn store_results(
     headers: HeaderMap,
     body: Result<Json<ResultBatch>, axum::extract::rejection::JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
-        .filter(|t| !t.is_empty())
-        .ok_or(ApiError::Unauthorized)?;
+    let token = bearer_token(&headers)?;
     let user = state
         .reviews
         .user(&state.client, token)

@@ -44,8 +44,7 @@ pub async fn reconcile(
             .metrics
             .set_pending(&format!("{namespace}/{name}"), 0);
         if let Some(uid) = cached.uid() {
-            ctx.store.forget_group(&uid).await?;
-            ctx.store.purge_group(&uid, super::PURGE_BATCH).await?;
+            ctx.store.remove_group(&uid, super::PURGE_BATCH).await?;
         }
         return Ok(Action::await_change());
     };
@@ -502,9 +501,8 @@ async fn expire_when_due(
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => return Err(e.into()),
     }
-    ctx.store.forget_group(&group.uid).await?;
     ctx.store
-        .purge_group(&group.uid, super::PURGE_BATCH)
+        .remove_group(&group.uid, super::PURGE_BATCH)
         .await?;
     Ok(Action::await_change())
 }

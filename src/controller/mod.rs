@@ -177,7 +177,6 @@ pub async fn run(
             }
         }
     });
-    let ctx_store = store.clone();
     let ctx = Arc::new(Context {
         client: client.clone(),
         sender: Sender::new(&config.sender, EgressGuard::new(config.egress.clone()))?,
@@ -186,6 +185,7 @@ pub async fn run(
         circuits: Circuits::new(config.circuit.clone()),
         config,
     });
+    let retention = retention::run(client.clone(), ctx.store.clone());
     let groups: Api<ImageGroup> = Api::all(client.clone());
     let subscriptions: Api<WebhookSubscription> = Api::all(client.clone());
     let group_controller = Controller::new(groups, watcher::Config::default())
@@ -209,7 +209,6 @@ pub async fn run(
                 tracing::debug!(error = %e, "subscription reconcile");
             }
         });
-    let retention = retention::run(client, ctx_store);
     tracing::info!("controller started");
     futures::join!(group_controller, subscription_controller, retention);
     Ok(())

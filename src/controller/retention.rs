@@ -42,8 +42,8 @@ pub async fn run(client: Client, store: Store) {
         round = round.wrapping_add(1);
         match store.purge_forgotten(PURGE_BATCH).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(results = n, "results of deleted groups removed"),
-            Err(e) => tracing::warn!(error = %e, "removing results of deleted groups"),
+            Ok(n) => tracing::info!(rows = n, "results and deliveries of deleted groups removed"),
+            Err(e) => tracing::warn!(error = %e, "removing the rows of deleted groups"),
         }
     }
 }

@@ -22,6 +22,23 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// The next page of a group's deliveries starts after `last` (they go by sequence).
+    pub fn after_sequence(last: &Delivery) -> Cursor {
+        Cursor {
+            after_key: i64::try_from(last.sequence).unwrap_or(i64::MAX),
+            after_id: last.id.clone(),
+        }
+    }
+
+    /// The next page of a namespace's deliveries starts after `last` (they go by the time
+    /// their event was recorded).
+    pub fn after_time(last: &Delivery) -> Cursor {
+        Cursor {
+            after_key: last.created_at.as_microsecond(),
+            after_id: last.id.clone(),
+        }
+    }
+
     /// `key.id`, as the API hands it out.
     pub fn encode(&self) -> String {
         format!("{}.{}", self.after_key, self.after_id)
@@ -39,18 +56,7 @@ impl Cursor {
 impl Store {
     /// Every delivery of a group, in sequence order.
     pub async fn group_deliveries(&self, group_uid: &str) -> Result<Vec<Delivery>, StoreError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                &format!(
-                    "SELECT {COLUMNS} FROM deliveries d WHERE d.group_uid = $1
-                     ORDER BY d.sequence, d.id"
-                ),
-                &[&group_uid],
-            )
-            .await?;
-        rows.iter().map(from_row).collect()
+        self.group_deliveries_page(group_uid, None, i64::MAX).await
     }
 
     /// Saves what changed from `before` to `after` (new and changed deliveries, and those

@@ -89,6 +89,14 @@ impl Store {
         row.map(|row| from_row(&group.name, &row)).transpose()
     }
 
+    /// Deletes a group that is gone from the cluster: marks it, then purges its rows in
+    /// batches (see [`Store::purge_group`]); a purge cut short is finished by
+    /// [`Store::purge_forgotten`].
+    pub async fn remove_group(&self, uid: &str, batch: i64) -> Result<u64, StoreError> {
+        self.forget_group(uid).await?;
+        self.purge_group(uid, batch).await
+    }
+
     /// Marks groups gone from the cluster; their rows are deleted by [`Store::purge_forgotten`].
     pub async fn forget_group(&self, uid: &str) -> Result<(), StoreError> {
         let client = self.client().await?;

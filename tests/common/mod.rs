@@ -268,6 +268,28 @@ impl Harness {
             .expect("stored deliveries")
     }
 
+    /// Posts a group of `count` images (`i0`, `i1`, ...: the sample photos in turn) through
+    /// the REST API, its events to `webhook_url`; returns the group's id.
+    pub async fn post_photo_group(
+        &self,
+        count: usize,
+        models: &[&str],
+        webhook_url: &str,
+    ) -> String {
+        let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
+        let images: Vec<_> = (0..count)
+            .map(|i| serde_json::json!({ "id": format!("i{i}"), "url": self.photo_url(names[i % names.len()]) }))
+            .collect();
+        let (status, body) = self
+            .post(
+                "/v1/image-groups",
+                serde_json::json!({ "images": images, "models": models, "webhookUrl": webhook_url }),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["id"].as_str().expect("id").to_owned()
+    }
+
     pub fn photo_url(&self, name: &str) -> String {
         format!("http://{}/{name}", self.photos)
     }
