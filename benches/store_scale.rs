@@ -155,7 +155,7 @@ async fn run() {
             store.write_results(&g, 1, &results).await.expect("results");
             let deliveries: Vec<Delivery> = (0..IMAGES).map(|i| delivery(&g, i, at)).collect();
             store
-                .save_deliveries(&g, &[], &deliveries, &[])
+                .record_deliveries(&g, &deliveries, &[])
                 .await
                 .expect("deliveries");
             groups += 1;

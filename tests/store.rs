@@ -1,6 +1,7 @@
 //! The result store against a real PostgreSQL (Debian's, started by the testbed): batches are
 //! idempotent, outputs of later models join earlier ones, failures stay, a write wakes
-//! listeners, and a deleted group's rows go in bounded batches.
+//! listeners, a deleted group's rows go in bounded batches, and dispatchers claim each due
+//! delivery once.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use futures::StreamExt;
 use kinsight::delivery::{Attempt, Delivery, DeliveryState};
 use kinsight::inference::{ClassScore, ModelOutput};
 use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
-use kinsight::store::{RESULTS_CHANNEL, Store, StoreNotice};
+use kinsight::store::{Claimed, GROUPS_CHANNEL, Outcomes, Settled, Stop, Store, StoreNotice};
 use kinsight::testbed::Postgres;
 
 fn group(uid: &str) -> GroupRef {
@@ -127,7 +128,7 @@ async fn a_write_wakes_listeners_and_a_restart_of_the_database_is_survived() {
     let (mut postgres, store, _dir) = database().await;
     let mut notices = Box::pin(kinsight::store::listen(
         store.url().to_owned(),
-        &[RESULTS_CHANNEL],
+        &[GROUPS_CHANNEL],
     ));
     assert_eq!(next(&mut notices).await, StoreNotice::Connected);
     let g = group("u3");
@@ -138,7 +139,7 @@ async fn a_write_wakes_listeners_and_a_restart_of_the_database_is_survived() {
     assert_eq!(
         next(&mut notices).await,
         StoreNotice::Notification {
-            channel: RESULTS_CHANNEL.into(),
+            channel: GROUPS_CHANNEL.into(),
             payload: "tenant-a/grp-u3".into()
         }
     );
@@ -204,11 +205,11 @@ async fn a_forgotten_group_is_purged_in_batches_and_only_it() {
         response: Some("quota exceeded".into()),
     };
     store
-        .save_deliveries(&gone, &[], &sent(&gone, 150), &[attempt(&gone)])
+        .record_deliveries(&gone, &sent(&gone, 150), &[attempt(&gone)])
         .await
         .expect("deliveries");
     store
-        .save_deliveries(&kept, &[], &sent(&kept, 3), &[attempt(&kept)])
+        .record_deliveries(&kept, &sent(&kept, 3), &[attempt(&kept)])
         .await
         .expect("deliveries");
 
@@ -279,7 +280,7 @@ async fn what_was_not_delivered_pages_through_one_namespace() {
             })
             .collect();
         store
-            .save_deliveries(&g, &[], &deliveries, &[])
+            .record_deliveries(&g, &deliveries, &[])
             .await
             .expect("saved");
         ours.extend(
@@ -297,7 +298,7 @@ async fn what_was_not_delivered_pages_through_one_namespace() {
         .map(|i| record(&other, i, DeliveryState::Failed))
         .collect();
     store
-        .save_deliveries(&other, &[], &theirs, &[])
+        .record_deliveries(&other, &theirs, &[])
         .await
         .expect("saved");
 
@@ -344,5 +345,222 @@ async fn what_was_not_delivered_pages_through_one_namespace() {
             .await
             .expect("counts")
             .is_empty()
+    );
+}
+
+fn pending(g: &GroupRef, i: usize, endpoint: &str) -> Delivery {
+    Delivery {
+        id: format!("msg_{}_{endpoint}_{i}", g.uid),
+        event: "image.completed".into(),
+        image_id: Some(format!("i{i}")),
+        endpoint: endpoint.into(),
+        sequence: i as u64 + 1,
+        created_at: jiff::Timestamp::now(),
+        state: DeliveryState::Pending,
+        attempts: 0,
+        next_attempt_at: None,
+        last_error: None,
+        delivered_at: None,
+        payload: Some(serde_json::json!({ "type": "image.completed", "n": i })),
+    }
+}
+
+fn settled(claim: &Claimed, state: DeliveryState) -> Settled {
+    Settled {
+        id: claim.delivery.id.clone(),
+        group: claim.group.clone(),
+        state,
+        attempts: claim.delivery.attempts + 1,
+        next_attempt_at: None,
+        last_error: None,
+        delivered_at: Some(jiff::Timestamp::now()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatchers_claim_each_due_delivery_once_and_a_dead_ones_claims_come_back() {
+    let (_postgres, store, _dir) = database().await;
+    let g = group("d1");
+    let due: Vec<Delivery> = (0..2000).map(|i| pending(&g, i, "request")).collect();
+    store.record_deliveries(&g, &due, &[]).await.expect("saved");
+
+    // Four dispatchers claim side by side, 50 at a time, until nothing is due.
+    let claimers = (0..4).map(|n| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let owner = format!("dispatcher-{n}");
+            let mut mine = Vec::new();
+            loop {
+                let claimed = store
+                    .claim_due(&owner, 50, Duration::from_secs(30))
+                    .await
+                    .expect("claim");
+                if claimed.is_empty() {
+                    return mine;
+                }
+                mine.extend(claimed);
+            }
+        })
+    });
+    let claims: Vec<Vec<Claimed>> = futures::future::join_all(claimers)
+        .await
+        .into_iter()
+        .map(|r| r.expect("claimer"))
+        .collect();
+    let all: Vec<&Claimed> = claims.iter().flatten().collect();
+    let ids: std::collections::HashSet<&str> =
+        all.iter().map(|c| c.delivery.id.as_str()).collect();
+    assert_eq!(all.len(), 2000, "every due delivery is claimed");
+    assert_eq!(ids.len(), 2000, "and none twice");
+    let busy = claims.iter().filter(|c| !c.is_empty()).count();
+    assert!(busy >= 2, "the claimers shared the work: {busy} of 4 got some");
+    let first = all[0];
+    assert_eq!(first.delivery.state, DeliveryState::Sending);
+    assert_eq!(first.group, g);
+    assert!(first.delivery.payload.is_some(), "a claim carries the body");
+
+    // A claim is written back only by its holder.
+    let holder = claims.iter().position(|c| !c.is_empty()).expect("a holder");
+    let theirs = &claims[holder];
+    let outcome = |owner: &str, state| {
+        let outcomes = Outcomes {
+            settled: theirs.iter().map(|c| settled(c, state)).collect(),
+            ..Outcomes::default()
+        };
+        let (store, owner) = (store.clone(), owner.to_owned());
+        async move { store.record_outcomes(&owner, &outcomes).await }
+    };
+    outcome("someone-else", DeliveryState::Delivered)
+        .await
+        .expect("written");
+    let stored = store.group_deliveries(&g.uid).await.expect("read");
+    let delivered = |stored: &[Delivery]| {
+        stored
+            .iter()
+            .filter(|d| d.state == DeliveryState::Delivered)
+            .count()
+    };
+    assert_eq!(delivered(&stored), 0);
+    outcome(&format!("dispatcher-{holder}"), DeliveryState::Delivered)
+        .await
+        .expect("written");
+    let stored = store.group_deliveries(&g.uid).await.expect("read");
+    assert_eq!(delivered(&stored), theirs.len());
+
+    // Nothing is due while the others' claims last; a renewed claim lasts on.
+    assert!(
+        store
+            .claim_due("late", 5000, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let waiting = store.next_due_in().await.expect("read").expect("open ones");
+    assert!(waiting > Duration::from_secs(20), "{waiting:?}");
+
+    // A dispatcher that died: its claims are due once its lease runs out.
+    let g2 = group("d2");
+    store
+        .record_deliveries(&g2, &[pending(&g2, 0, "request")], &[])
+        .await
+        .expect("saved");
+    let dead = store
+        .claim_due("dead", 10, Duration::from_millis(300))
+        .await
+        .expect("claim");
+    assert_eq!(dead.len(), 1);
+    let renewed = store
+        .claim_due("renewing", 10, Duration::from_millis(300))
+        .await
+        .expect("claim");
+    assert!(renewed.is_empty());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = store
+        .claim_due("renewing", 10, Duration::from_millis(300))
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].delivery.id, dead[0].delivery.id, "the same webhook-id");
+    store
+        .renew_claims("renewing", Duration::from_secs(30))
+        .await
+        .expect("renewed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        store
+            .claim_due("other", 10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "a renewed claim is still held"
+    );
+    // A replica restarting under its name takes its claims back at once.
+    assert_eq!(
+        store.release_claims(Some("renewing")).await.expect("released"),
+        1
+    );
+    assert_eq!(
+        store
+            .claim_due("renewing", 10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_fails_the_endpoints_open_deliveries_of_the_group_and_is_remembered() {
+    let (_postgres, store, _dir) = database().await;
+    let g = group("s1");
+    let mut deliveries: Vec<Delivery> = (0..3).map(|i| pending(&g, i, "request")).collect();
+    deliveries.extend((0..3).map(|i| pending(&g, i, "subscription/other")));
+    store
+        .record_deliveries(&g, &deliveries, &[])
+        .await
+        .expect("saved");
+    let mut notices = Box::pin(kinsight::store::listen(
+        store.url().to_owned(),
+        &[GROUPS_CHANNEL],
+    ));
+    assert_eq!(next(&mut notices).await, StoreNotice::Connected);
+    let claimed = store
+        .claim_due("d", 1, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    let gone = claimed.first().expect("one claimed");
+    let outcomes = Outcomes {
+        settled: vec![Settled {
+            last_error: Some("receiver answered 410 Gone".into()),
+            ..settled(gone, DeliveryState::Failed)
+        }],
+        stops: vec![Stop {
+            group: g.clone(),
+            endpoint: gone.delivery.endpoint.clone(),
+            mark: format!("{} http://gone.example/", gone.delivery.endpoint),
+        }],
+        ..Outcomes::default()
+    };
+    store.record_outcomes("d", &outcomes).await.expect("written");
+    let stored = store.group_deliveries(&g.uid).await.expect("read");
+    for d in &stored {
+        let expected = if d.endpoint == gone.delivery.endpoint {
+            DeliveryState::Failed
+        } else {
+            DeliveryState::Pending
+        };
+        assert_eq!(d.state, expected, "{d:?}");
+    }
+    assert_eq!(
+        store.stopped_endpoints(&g.uid).await.expect("read"),
+        vec![format!("{} http://gone.example/", gone.delivery.endpoint)]
+    );
+    // The controller is told to look at the group again.
+    assert_eq!(
+        next(&mut notices).await,
+        StoreNotice::Notification {
+            channel: GROUPS_CHANNEL.into(),
+            payload: "tenant-a/grp-s1".into()
+        }
     );
 }

@@ -153,9 +153,14 @@ pub async fn list_undelivered(
     let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let (limit, cursor) = (query.limit()?, query.cursor()?);
     let wanted: Vec<DeliveryState> = match query.state.as_deref() {
-        None => vec![DeliveryState::Failed, DeliveryState::Pending],
+        None => vec![
+            DeliveryState::Failed,
+            DeliveryState::Pending,
+            DeliveryState::Sending,
+        ],
         Some("failed") => vec![DeliveryState::Failed],
-        Some("pending") => vec![DeliveryState::Pending],
+        // Being sent right now is still pending to the customer.
+        Some("pending") => vec![DeliveryState::Pending, DeliveryState::Sending],
         Some(other) => {
             return Err(ApiError::InvalidRequest(format!(
                 "state: {other:?} is not one of failed, pending"

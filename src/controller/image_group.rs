@@ -1,7 +1,8 @@
 //! Reconciling one ImageGroup: validate, start the worker Job for what has no result yet,
-//! fold results into status and the aggregate, then plan and drive webhook deliveries.
+//! fold results into status and the aggregate, then plan webhook deliveries for the
+//! dispatchers.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,8 @@ use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, pub
 use crate::crd::{
     ConditionStatus, GroupPhase, ImageGroup, ImageGroupStatus, RETENTION_ANNOTATION, set_condition,
 };
-use crate::delivery::{Attempt, Delivery, DeliveryState};
+use crate::delivery::Delivery;
+use crate::store::Plan;
 use crate::results::{GroupRef, ImageResult, MAX_BATCH};
 use crate::worker::{WorkItem, WorkOrder};
 
@@ -168,103 +170,72 @@ pub async fn reconcile(
         );
     }
 
-    // Record every event before sending any (the ledger first, then the status that counts
-    // it), so a restart neither loses nor re-invents one.
+    // Plan the events due now and save them (the dispatchers send them), then the status
+    // that counts them: the ledger first, so a restart neither loses nor re-invents one.
     let endpoints = events::endpoints(&ctx, &group, &namespace).await?;
-    let planning = Planning {
-        ctx: &ctx,
-        group: &group,
-        group_ref: &group_ref,
-        results: &results,
-        endpoints: &endpoints,
-        all_done,
-    };
     let recorded = ctx.store.group_deliveries(&group_ref.uid).await?;
+    // Dispatchers record the endpoints that answered 410 Gone; the status lists them.
+    for mark in ctx.store.stopped_endpoints(&group_ref.uid).await? {
+        if !status.stopped_endpoints.contains(&mark) {
+            status.stopped_endpoints.push(mark);
+        }
+    }
     let mut deliveries = recorded.clone();
-    planning
-        .record(&original, &mut status, &recorded, &mut deliveries, &[])
-        .await?;
-
-    // What was just written: a carried-out replay must be saved even when no attempt
-    // changes anything else.
-    let (before_send, recorded) = (status.clone(), deliveries.clone());
-    events::apply_replay(&group, &mut status, &mut deliveries);
-    let attempts = events::deliver_due(
-        &ctx,
+    let replayed = events::apply_replay(&group, &mut status, &mut deliveries);
+    let now = jiff::Timestamp::now();
+    events::plan(
         &group,
         &mut status,
         &mut deliveries,
         &results,
         &endpoints,
-    )
-    .await;
-    planning
-        .record(
-            &before_send,
-            &mut status,
-            &recorded,
-            &mut deliveries,
-            &attempts,
-        )
-        .await?;
-
-    let pending = deliveries
+        all_done,
+        now,
+    );
+    events::set_delivery_condition(&mut status, &deliveries, generation, now);
+    let before: HashSet<&str> = recorded.iter().map(|d| d.id.as_str()).collect();
+    let after: HashSet<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
+    let new: Vec<Delivery> = deliveries
         .iter()
-        .filter(|d| d.state == DeliveryState::Pending)
-        .count();
+        .filter(|d| !before.contains(d.id.as_str()))
+        .cloned()
+        .collect();
+    let pruned: Vec<String> = before
+        .difference(&after)
+        .map(|id| (*id).to_owned())
+        .collect();
+    let endpoint_records = serde_json::to_value(&endpoints)?;
+    let plan = Plan {
+        new: &new,
+        replayed: &replayed.deliveries,
+        unstopped: &replayed.unstopped,
+        pruned: &pruned,
+        endpoints: &endpoint_records,
+    };
+    ctx.store.save_plan(&group_ref, &plan).await?;
+    write_status(&ctx, &group, &original, &status).await?;
+
+    let open = deliveries.iter().filter(|d| d.state.is_open()).count();
     ctx.config
         .metrics
-        .set_pending(&format!("{namespace}/{name}"), pending);
-    if let Some(wait) = events::next_due(&deliveries) {
-        return Ok(Action::requeue(wait));
-    }
-    if all_done {
+        .set_pending(&format!("{namespace}/{name}"), open);
+    if all_done && open == 0 {
         return expire_when_due(&ctx, &group_ref, &status).await;
     }
-    // Jobs are watched and stored results notify; the periodic requeue only guards against
-    // missed events.
+    // Jobs are watched, and stored results and settled deliveries notify; the periodic
+    // requeue only guards against missed events.
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-/// What planning a group's events needs, for both rounds of a reconcile.
-struct Planning<'a> {
-    ctx: &'a Context,
-    group: &'a ImageGroup,
-    group_ref: &'a GroupRef,
-    results: &'a HashMap<String, ImageResult>,
-    endpoints: &'a [events::Endpoint],
-    all_done: bool,
-}
-
-impl Planning<'_> {
-    /// Adds the events due now, counts the deliveries into the status and saves both: the
-    /// deliveries (and `attempts`) first, then the status that counts them.
-    async fn record(
-        &self,
-        status_before: &ImageGroupStatus,
-        status: &mut ImageGroupStatus,
-        recorded: &[Delivery],
-        deliveries: &mut Vec<Delivery>,
-        attempts: &[Attempt],
-    ) -> Result<(), ControllerError> {
-        let now = jiff::Timestamp::now();
-        let generation = self.group.metadata.generation.unwrap_or(1);
-        events::plan(
-            self.group,
-            status,
-            deliveries,
-            self.results,
-            self.endpoints,
-            self.all_done,
-            now,
-        );
-        events::set_delivery_condition(status, deliveries, generation, now);
-        self.ctx
-            .store
-            .save_deliveries(self.group_ref, recorded, deliveries, attempts)
-            .await?;
-        write_status(self.ctx, self.group, status_before, status).await
-    }
+/// Still processing images or delivering events: where its events go still matters.
+pub fn is_delivering(group: &ImageGroup) -> bool {
+    group.status.as_ref().is_none_or(|s| {
+        s.phase != GroupPhase::Completed
+            || !s
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "WebhooksDelivered" && c.status == "True")
+    })
 }
 
 pub fn error_policy(_group: Arc<ImageGroup>, error: &ControllerError, ctx: Arc<Context>) -> Action {

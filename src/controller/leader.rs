@@ -1,4 +1,5 @@
-//! Leader election: several controller replicas may run, one reconciles. Uses a
+//! Leader election: several controller replicas may run, one reconciles (every one sends
+//! webhooks). Uses a
 //! `coordination.k8s.io` Lease through kube-lease-manager; a replica that loses the lease
 //! stops (its pod restarts and queues up again), so two never reconcile at once.
 
@@ -36,7 +37,8 @@ impl LeaderElection {
     }
 }
 
-/// Waits for the lease, then runs the controllers until the lease is lost.
+/// Dispatches webhooks at once; waits for the lease, then runs the controllers until the
+/// lease is lost.
 pub async fn run_as_leader(
     client: Client,
     store: crate::store::Store,
@@ -44,6 +46,23 @@ pub async fn run_as_leader(
     election: LeaderElection,
 ) -> Result<(), ControllerError> {
     let (lease, grace) = election.validate()?;
+    let ctx = super::context(client.clone(), store, config)?;
+    // Every replica sends; its claims are named after it, so a restarted pod takes back
+    // its own at once.
+    let dispatcher = super::dispatch::run(ctx.clone(), election.identity.clone(), false);
+    tokio::select! {
+        result = lead(client, ctx, election, lease, grace) => result,
+        () = dispatcher => Err(ControllerError::Config("the webhook dispatcher stopped".into())),
+    }
+}
+
+async fn lead(
+    client: Client,
+    ctx: std::sync::Arc<super::Context>,
+    election: LeaderElection,
+    lease: u64,
+    grace: u64,
+) -> Result<(), ControllerError> {
     let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
         .with_namespace(&election.namespace)
         .with_identity(&election.identity)
@@ -69,7 +88,7 @@ pub async fn run_as_leader(
         }
     };
     tokio::select! {
-        result = super::run(client, store, config) => result,
+        result = super::reconcile(ctx) => result,
         () = lost => Err(ControllerError::Leadership("lost the lease".into())),
     }
 }

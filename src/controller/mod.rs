@@ -1,8 +1,10 @@
-//! The operator: reconciles ImageGroups (worker Jobs, progress, aggregate, webhook
-//! delivery) and WebhookSubscriptions (validation, readiness), reporting through status
-//! conditions. One `Context` is shared by every reconcile.
+//! The operator: reconciles ImageGroups (worker Jobs, progress, aggregate, planning webhook
+//! events) and WebhookSubscriptions (validation, readiness), reporting through status
+//! conditions, on the elected leader; every replica's dispatcher sends the events. One
+//! `Context` is shared by every reconcile and the dispatcher.
 
 mod aggregate;
+mod dispatch;
 mod events;
 mod image_group;
 mod job;
@@ -27,11 +29,11 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
 use crate::crd::{ImageGroup, WebhookSubscription};
 use crate::net::{EgressGuard, EgressPolicy};
-use crate::store::{RESULTS_CHANNEL, Store, StoreNotice};
+use crate::store::{GROUPS_CHANNEL, Store, StoreNotice};
 use crate::webhook::{CircuitConfig, Circuits, RetrySchedule, Sender, SenderConfig};
 
 /// Stored rows deleted per statement when a group's results go.
@@ -147,20 +149,52 @@ impl ControllerError {
     }
 }
 
-/// Runs both controllers until the process is stopped.
+/// Runs both controllers and a webhook dispatcher until the process is stopped: the only
+/// replica (no leader election).
 pub async fn run(
     client: Client,
     store: Store,
     config: ControllerConfig,
 ) -> Result<(), ControllerError> {
+    let ctx = context(client, store, config)?;
+    let owner = format!(
+        "{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "kinsight".into()),
+        std::process::id()
+    );
+    tokio::select! {
+        result = reconcile(ctx.clone()) => result,
+        () = dispatch::run(ctx, owner, true) => Err(ControllerError::Config("the webhook dispatcher stopped".into())),
+    }
+}
+
+/// Everything a controller process shares: clients, the store, every endpoint's circuit.
+fn context(
+    client: Client,
+    store: Store,
+    config: ControllerConfig,
+) -> Result<Arc<Context>, ControllerError> {
     if config.results_url.is_empty() {
         return Err(ControllerError::Config(
             "no results URL: workers would have nowhere to send their results".into(),
         ));
     }
-    // A stored batch of results names its group: reconcile it at once. After a
-    // (re)connection, notifications may have been missed: look at every group.
-    let notices = crate::store::listen(store.url().to_owned(), &[RESULTS_CHANNEL]);
+    Ok(Arc::new(Context {
+        client: client.clone(),
+        sender: Sender::new(&config.sender, EgressGuard::new(config.egress.clone()))?,
+        store,
+        recorder: kube::runtime::events::Recorder::new(client, MANAGER.into()),
+        circuits: Circuits::new(config.circuit.clone()),
+        config,
+    }))
+}
+
+/// Runs both controllers (the leader's work) until the process is stopped.
+async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
+    let client = ctx.client.clone();
+    // A stored batch of results or a settled delivery names its group: reconcile it at
+    // once. After a (re)connection, notifications may have been missed: look at every group.
+    let notices = crate::store::listen(ctx.store.url().to_owned(), &[GROUPS_CHANNEL]);
     let (wake_all_tx, wake_all) = futures::channel::mpsc::unbounded::<()>();
     let wake_groups = notices.filter_map(move |notice| {
         let wake_all_tx = wake_all_tx.clone();
@@ -177,19 +211,29 @@ pub async fn run(
             }
         }
     });
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        sender: Sender::new(&config.sender, EgressGuard::new(config.egress.clone()))?,
-        store,
-        recorder: kube::runtime::events::Recorder::new(client.clone(), MANAGER.into()),
-        circuits: Circuits::new(config.circuit.clone()),
-        config,
-    });
     let retention = retention::run(client.clone(), ctx.store.clone());
     let groups: Api<ImageGroup> = Api::all(client.clone());
     let subscriptions: Api<WebhookSubscription> = Api::all(client.clone());
-    let group_controller = Controller::new(groups, watcher::Config::default())
+    let group_controller = Controller::new(groups, watcher::Config::default());
+    let cached = group_controller.store();
+    // A subscription that changes (a corrected URL, new headers) or goes changes where the
+    // events of the groups still delivering in its namespace go.
+    let delivering_groups = move |sub: WebhookSubscription| {
+        let namespace = sub.namespace();
+        cached
+            .state()
+            .into_iter()
+            .filter(|g| g.namespace() == namespace && image_group::is_delivering(g))
+            .map(|g| ObjectRef::from_obj(&*g))
+            .collect::<Vec<_>>()
+    };
+    let group_controller = group_controller
         .owns(Api::<Job>::all(client.clone()), watcher::Config::default())
+        .watches(
+            subscriptions.clone(),
+            watcher::Config::default(),
+            delivering_groups,
+        )
         .reconcile_on(wake_groups)
         .reconcile_all_on(wake_all)
         .run(

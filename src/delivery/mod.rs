@@ -1,6 +1,7 @@
 //! Webhook deliveries: one per event and endpoint, each with its `webhook-id` and state.
 //! They are rows in the database (`crate::store`), never arrays in a Kubernetes object;
-//! the controller plans and drives them, the group's status counts them.
+//! the controller plans them, dispatchers (in every controller replica) claim and send
+//! them, the group's status counts them.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +37,10 @@ pub struct Delivery {
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeliveryState {
+    /// Waiting for its next attempt (`next_attempt_at`).
     Pending,
+    /// Claimed by a dispatcher, which is making an attempt.
+    Sending,
     Delivered,
     Failed,
 }
@@ -46,14 +50,21 @@ impl DeliveryState {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "Pending",
+            Self::Sending => "Sending",
             Self::Delivered => "Delivered",
             Self::Failed => "Failed",
         }
     }
 
+    /// Not settled yet: it will be attempted (again).
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Pending | Self::Sending)
+    }
+
     pub fn parse(text: &str) -> Option<DeliveryState> {
         match text {
             "Pending" => Some(Self::Pending),
+            "Sending" => Some(Self::Sending),
             "Delivered" => Some(Self::Delivered),
             "Failed" => Some(Self::Failed),
             _ => None,

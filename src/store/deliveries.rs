@@ -1,12 +1,13 @@
 //! Webhook deliveries and their attempts. The controller loads a group's deliveries, plans
-//! and drives them, and saves what changed (before it sends anything, so a restart neither
-//! loses nor re-invents an event); the REST API pages through them.
+//! new events and saves them (the dispatchers, `dispatch.rs`, send them); the REST API
+//! pages through them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 
+use super::notify::DISPATCH_CHANNEL;
 use super::{Store, StoreError, record_group};
 use crate::delivery::{Attempt, Delivery, DeliveryState};
 use crate::results::GroupRef;
@@ -53,115 +54,110 @@ impl Cursor {
     }
 }
 
+/// What one reconcile planned for a group's deliveries.
+#[derive(Debug)]
+pub struct Plan<'a> {
+    /// Events recorded now (pending, each with its body).
+    pub new: &'a [Delivery],
+    /// Deliveries a replay sends again from the start.
+    pub replayed: &'a [String],
+    /// Endpoint keys a replay lifts a 410 stop from.
+    pub unstopped: &'a [String],
+    /// Settled deliveries that a newer event about the same image supersedes.
+    pub pruned: &'a [String],
+    /// Where the group's events go (the controller's endpoint records).
+    pub endpoints: &'a serde_json::Value,
+}
+
 impl Store {
     /// Every delivery of a group, in sequence order.
     pub async fn group_deliveries(&self, group_uid: &str) -> Result<Vec<Delivery>, StoreError> {
         self.group_deliveries_page(group_uid, None, i64::MAX).await
     }
 
-    /// Saves what changed from `before` to `after` (new and changed deliveries, and those
-    /// `after` no longer has), plus `attempts`, in one transaction.
-    pub async fn save_deliveries(
+    /// Records deliveries as they are (new ones; one already recorded is left as it is),
+    /// plus `attempts`, in one transaction.
+    pub async fn record_deliveries(
         &self,
         group: &GroupRef,
-        before: &[Delivery],
-        after: &[Delivery],
+        deliveries: &[Delivery],
         attempts: &[Attempt],
     ) -> Result<(), StoreError> {
-        let old: HashMap<&str, &Delivery> = before.iter().map(|d| (d.id.as_str(), d)).collect();
-        let changed: Vec<&Delivery> = after
-            .iter()
-            .filter(|d| old.get(d.id.as_str()) != Some(d))
-            .collect();
-        let kept: std::collections::HashSet<&str> = after.iter().map(|d| d.id.as_str()).collect();
-        let removed: Vec<&str> = before
-            .iter()
-            .map(|d| d.id.as_str())
-            .filter(|id| !kept.contains(id))
-            .collect();
-        if changed.is_empty() && removed.is_empty() && attempts.is_empty() {
-            return Ok(());
-        }
-        let records = serde_json::to_value(&changed)
-            .map_err(|e| StoreError::Corrupt(format!("serialising deliveries: {e}")))?;
-        let attempt_records = serde_json::to_value(attempts)
-            .map_err(|e| StoreError::Corrupt(format!("serialising attempts: {e}")))?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         record_group(&tx, group).await?;
-        if !changed.is_empty() {
+        insert_deliveries(&tx, group, deliveries).await?;
+        insert_attempts(&tx, attempts).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Saves what a reconcile planned, in one transaction, and wakes the dispatchers when
+    /// something became due. Only the reconcile adds, replays and prunes deliveries; the
+    /// dispatchers only move them on, so the two never overwrite each other.
+    pub async fn save_plan(&self, group: &GroupRef, plan: &Plan<'_>) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        record_group(&tx, group).await?;
+        // The endpoints first: a dispatcher that claims a new delivery finds where it goes.
+        tx.execute(
+            "UPDATE groups SET endpoints = $2, endpoints_version = endpoints_version + 1
+             WHERE uid = $1 AND endpoints IS DISTINCT FROM $2",
+            &[&group.uid, &Json(plan.endpoints)],
+        )
+        .await?;
+        insert_deliveries(&tx, group, plan.new).await?;
+        if !plan.replayed.is_empty() {
+            // A delivery being sent right now is taken back from its dispatcher: what that
+            // attempt brings is still kept in the history, the delivery starts afresh.
             tx.execute(
-                r#"INSERT INTO deliveries (id, group_uid, namespace, event, image_id, endpoint,
-                       sequence, created_at, state, attempts, next_attempt_at, last_error,
-                       delivered_at, payload)
-                   SELECT r.id, $1, $3, r.event, r."imageId", r.endpoint, r.sequence,
-                          r."createdAt", r.state, COALESCE(r.attempts, 0), r."nextAttemptAt",
-                          r."lastError", r."deliveredAt", r.payload
-                   FROM jsonb_to_recordset($2::jsonb) AS r(
-                       id text, event text, "imageId" text, endpoint text, sequence bigint,
-                       "createdAt" timestamptz, state text, attempts integer,
-                       "nextAttemptAt" timestamptz, "lastError" text, "deliveredAt" timestamptz,
-                       payload jsonb)
-                   ON CONFLICT (id) DO UPDATE SET
-                       state = EXCLUDED.state,
-                       attempts = EXCLUDED.attempts,
-                       next_attempt_at = EXCLUDED.next_attempt_at,
-                       last_error = EXCLUDED.last_error,
-                       delivered_at = EXCLUDED.delivered_at"#,
-                &[&group.uid, &Json(&records), &group.namespace],
+                "UPDATE deliveries SET state = 'Pending', attempts = 0, next_attempt_at = now(),
+                     lease_owner = NULL
+                 WHERE group_uid = $1 AND id = ANY($2)",
+                &[&group.uid, &plan.replayed],
             )
             .await?;
         }
-        if !removed.is_empty() {
+        if !plan.unstopped.is_empty() {
             tx.execute(
-                "DELETE FROM deliveries WHERE group_uid = $1 AND id = ANY($2)",
-                &[&group.uid, &removed],
+                "UPDATE groups SET stopped_endpoints = ARRAY(
+                     SELECT m FROM unnest(stopped_endpoints) m
+                     WHERE NOT (split_part(m, ' ', 1) = ANY($2)))
+                 WHERE uid = $1",
+                &[&group.uid, &plan.unstopped],
             )
             .await?;
         }
-        if !attempts.is_empty() {
-            // Attempts of deliveries removed meanwhile have nothing to belong to.
+        if !plan.pruned.is_empty() {
             tx.execute(
-                r#"INSERT INTO delivery_attempts
-                       (delivery_id, attempted_at, status_code, duration_ms, outcome, error,
-                        response)
-                   SELECT r."deliveryId", r."attemptedAt", r."statusCode", r."durationMs",
-                          r.outcome, r.error, r.response
-                   FROM jsonb_to_recordset($1::jsonb) AS r(
-                       "deliveryId" text, "attemptedAt" timestamptz, "statusCode" integer,
-                       "durationMs" double precision, outcome text, error text, response text)
-                   WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.id = r."deliveryId")"#,
-                &[&Json(&attempt_records)],
+                "DELETE FROM deliveries WHERE group_uid = $1 AND id = ANY($2)
+                   AND state IN ('Delivered', 'Failed')",
+                &[&group.uid, &plan.pruned],
             )
             .await?;
+        }
+        if !plan.new.is_empty() || !plan.replayed.is_empty() {
+            tx.execute("SELECT pg_notify($1, '')", &[&DISPATCH_CHANNEL])
+                .await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    /// The bodies recorded with these deliveries, by id (deliveries recorded before bodies
-    /// were kept have none).
-    pub async fn delivery_payloads(
-        &self,
-        ids: &[&str],
-    ) -> Result<HashMap<String, serde_json::Value>, StoreError> {
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let rows = self
+    /// The endpoints of a group that answered 410 Gone, as `<key> <url>`.
+    pub async fn stopped_endpoints(&self, group_uid: &str) -> Result<Vec<String>, StoreError> {
+        let row = self
             .client()
             .await?
-            .query(
-                "SELECT id, payload FROM deliveries WHERE id = ANY($1) AND payload IS NOT NULL",
-                &[&ids],
+            .query_opt(
+                "SELECT stopped_endpoints FROM groups WHERE uid = $1",
+                &[&group_uid],
             )
             .await?;
-        rows.iter()
-            .map(|row| {
-                let Json(payload): Json<serde_json::Value> = row.try_get(1)?;
-                Ok((row.try_get(0)?, payload))
-            })
-            .collect()
+        Ok(match row {
+            Some(row) => row.try_get(0)?,
+            None => Vec::new(),
+        })
     }
 
     /// A page of a group's deliveries in sequence order.
@@ -291,7 +287,63 @@ impl Store {
     }
 }
 
-fn from_row(row: &Row) -> Result<Delivery, StoreError> {
+async fn insert_deliveries(
+    tx: &deadpool_postgres::Transaction<'_>,
+    group: &GroupRef,
+    deliveries: &[Delivery],
+) -> Result<(), StoreError> {
+    if deliveries.is_empty() {
+        return Ok(());
+    }
+    let records = serde_json::to_value(deliveries)
+        .map_err(|e| StoreError::Corrupt(format!("serialising deliveries: {e}")))?;
+    tx.execute(
+        r#"INSERT INTO deliveries (id, group_uid, namespace, event, image_id, endpoint,
+               sequence, created_at, state, attempts, next_attempt_at, last_error,
+               delivered_at, payload)
+           SELECT r.id, $1, $3, r.event, r."imageId", r.endpoint, r.sequence,
+                  r."createdAt", r.state, COALESCE(r.attempts, 0),
+                  CASE WHEN r.state IN ('Pending', 'Sending')
+                       THEN COALESCE(r."nextAttemptAt", r."createdAt") END,
+                  r."lastError", r."deliveredAt", r.payload
+           FROM jsonb_to_recordset($2::jsonb) AS r(
+               id text, event text, "imageId" text, endpoint text, sequence bigint,
+               "createdAt" timestamptz, state text, attempts integer,
+               "nextAttemptAt" timestamptz, "lastError" text, "deliveredAt" timestamptz,
+               payload jsonb)
+           ON CONFLICT (id) DO NOTHING"#,
+        &[&group.uid, &Json(&records), &group.namespace],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Attempts of deliveries removed meanwhile have nothing to belong to and are dropped.
+pub(super) async fn insert_attempts(
+    tx: &deadpool_postgres::Transaction<'_>,
+    attempts: &[Attempt],
+) -> Result<(), StoreError> {
+    if attempts.is_empty() {
+        return Ok(());
+    }
+    let records = serde_json::to_value(attempts)
+        .map_err(|e| StoreError::Corrupt(format!("serialising attempts: {e}")))?;
+    tx.execute(
+        r#"INSERT INTO delivery_attempts
+               (delivery_id, attempted_at, status_code, duration_ms, outcome, error, response)
+           SELECT r."deliveryId", r."attemptedAt", r."statusCode", r."durationMs",
+                  r.outcome, r.error, r.response
+           FROM jsonb_to_recordset($1::jsonb) AS r(
+               "deliveryId" text, "attemptedAt" timestamptz, "statusCode" integer,
+               "durationMs" double precision, outcome text, error text, response text)
+           WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.id = r."deliveryId")"#,
+        &[&Json(&records)],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) fn from_row(row: &Row) -> Result<Delivery, StoreError> {
     let state: String = row.try_get("state")?;
     let sequence: i64 = row.try_get("sequence")?;
     let attempts: i32 = row.try_get("attempts")?;

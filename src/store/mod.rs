@@ -3,12 +3,14 @@
 //! the only code that speaks SQL. Migrations are embedded and applied at start.
 
 mod deliveries;
+mod dispatch;
 mod migrations;
 mod notify;
 mod results;
 
-pub use deliveries::Cursor;
-pub use notify::{RESULTS_CHANNEL, StoreNotice, listen};
+pub use deliveries::{Cursor, Plan};
+pub use dispatch::{Claimed, GONE_ERROR, Outcomes, Settled, Stop};
+pub use notify::{DISPATCH_CHANNEL, GROUPS_CHANNEL, StoreNotice, listen};
 
 use std::time::Duration;
 

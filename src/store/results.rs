@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 
-use super::notify::RESULTS_CHANNEL;
+use super::notify::GROUPS_CHANNEL;
 use super::{Store, StoreError, record_group};
 use crate::results::{GroupRef, ImageFailure, ImageResult, ModelResult, Timings};
 
@@ -48,7 +48,7 @@ impl Store {
         )
         .await?;
         let key = format!("{}/{}", group.namespace, group.name);
-        tx.execute("SELECT pg_notify($1, $2)", &[&RESULTS_CHANNEL, &key])
+        tx.execute("SELECT pg_notify($1, $2)", &[&GROUPS_CHANNEL, &key])
             .await?;
         tx.commit().await?;
         Ok(())

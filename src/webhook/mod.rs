@@ -18,7 +18,7 @@ use std::time::Duration;
 
 /// Waits before each retry: the first attempt is immediate, then the schedule in order.
 /// Default: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RetrySchedule(pub Vec<Duration>);
 
 impl Default for RetrySchedule {

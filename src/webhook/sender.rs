@@ -26,7 +26,7 @@ impl Default for SenderConfig {
 
 /// What an endpoint adds to each request: custom headers (never the signature or content
 /// headers, which are set after them) and its own timeout.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EndpointOptions {
     pub headers: Vec<(String, String)>,
     pub timeout: Option<Duration>,

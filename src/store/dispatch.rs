@@ -1,0 +1,258 @@
+//! The dispatchers' side of the deliveries table. Any number of controller replicas claim
+//! due deliveries (`FOR UPDATE SKIP LOCKED`, so no two claim the same one); a claim is a
+//! lease: the delivery is `Sending` until its `next_attempt_at`, when it is due again should
+//! its dispatcher have died. What became of each attempt is written back in batches.
+
+use std::time::Duration;
+
+use tokio_postgres::types::Json;
+
+use super::deliveries::{from_row, insert_attempts};
+use super::notify::GROUPS_CHANNEL;
+use super::{Store, StoreError};
+use crate::delivery::{Attempt, Delivery, DeliveryState};
+use crate::results::GroupRef;
+
+/// A delivery a dispatcher claimed, with its body and what finding its endpoint needs.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    /// As claimed: `Sending`, with the attempts made before this one.
+    pub delivery: Delivery,
+    pub group: GroupRef,
+    /// The group's ImageGroup is gone: its events are no longer sent.
+    pub group_deleted: bool,
+    /// Which version of the group's endpoint records is current.
+    pub endpoints_version: i64,
+}
+
+/// Where a claimed delivery stands after its dispatcher is done with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settled {
+    pub id: String,
+    pub group: GroupRef,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub next_attempt_at: Option<jiff::Timestamp>,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<jiff::Timestamp>,
+}
+
+impl Settled {
+    /// Whether the group's counts change (delivered or failed for good), so that its
+    /// reconcile must look again.
+    fn is_final(&self) -> bool {
+        !self.state.is_open()
+    }
+}
+
+/// A 410 Gone: nothing more of the group goes to this endpoint at this URL.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stop {
+    pub group: GroupRef,
+    /// The endpoint's key in the group (`request`, `subscription/<name>`).
+    pub endpoint: String,
+    /// `<key> <url>`, as the group's status lists it.
+    pub mark: String,
+}
+
+/// The record of a batch of finished claims, written in one transaction.
+#[derive(Clone, Debug, Default)]
+pub struct Outcomes {
+    pub settled: Vec<Settled>,
+    pub attempts: Vec<Attempt>,
+    pub stops: Vec<Stop>,
+}
+
+impl Outcomes {
+    pub fn is_empty(&self) -> bool {
+        self.settled.is_empty() && self.attempts.is_empty() && self.stops.is_empty()
+    }
+}
+
+/// The stop reason of deliveries an endpoint's 410 ended.
+pub const GONE_ERROR: &str = "endpoint answered 410 Gone; deliveries stopped";
+
+impl Store {
+    /// Claims up to `limit` due deliveries for `owner`, oldest due first, for `lease`.
+    pub async fn claim_due(
+        &self,
+        owner: &str,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "WITH due AS (
+                     SELECT id FROM deliveries
+                     WHERE state IN ('Pending', 'Sending') AND next_attempt_at <= now()
+                     ORDER BY next_attempt_at
+                     LIMIT $1
+                     FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE deliveries d SET state = 'Sending', lease_owner = $2,
+                     next_attempt_at = now() + $3 * interval '1 second'
+                 FROM due, groups g
+                 WHERE d.id = due.id AND g.uid = d.group_uid
+                 RETURNING d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at,
+                     d.state, d.attempts, d.next_attempt_at, d.last_error, d.delivered_at,
+                     d.payload, d.group_uid, g.namespace, g.name,
+                     g.deleted_at IS NOT NULL AS group_deleted, g.endpoints_version",
+                &[&limit, &owner, &lease.as_secs_f64()],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let mut delivery = from_row(row)?;
+                let payload: Option<Json<serde_json::Value>> = row.try_get("payload")?;
+                delivery.payload = payload.map(|Json(p)| p);
+                Ok(Claimed {
+                    delivery,
+                    group: GroupRef {
+                        namespace: row.try_get("namespace")?,
+                        name: row.try_get("name")?,
+                        uid: row.try_get("group_uid")?,
+                    },
+                    group_deleted: row.try_get("group_deleted")?,
+                    endpoints_version: row.try_get("endpoints_version")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes what became of finished claims: each delivery's new state (only while `owner`
+    /// still holds it: a replay or an expired lease took it back), its attempt, the 410
+    /// stops; then tells the controller which groups' counts changed.
+    pub async fn record_outcomes(&self, owner: &str, outcomes: &Outcomes) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<serde_json::Value> = outcomes
+            .settled
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id,
+                    "state": s.state.as_str(),
+                    "attempts": s.attempts,
+                    "nextAttemptAt": s.next_attempt_at,
+                    "lastError": s.last_error,
+                    "deliveredAt": s.delivered_at,
+                })
+            })
+            .collect();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            r#"UPDATE deliveries d SET state = r.state, attempts = r.attempts,
+                   next_attempt_at = r."nextAttemptAt", last_error = r."lastError",
+                   delivered_at = r."deliveredAt", lease_owner = NULL
+               FROM jsonb_to_recordset($1::jsonb) AS r(
+                   id text, state text, attempts integer, "nextAttemptAt" timestamptz,
+                   "lastError" text, "deliveredAt" timestamptz)
+               WHERE d.id = r.id AND d.state = 'Sending' AND d.lease_owner = $2"#,
+            &[&Json(&records), &owner],
+        )
+        .await?;
+        insert_attempts(&tx, &outcomes.attempts).await?;
+        for stop in &outcomes.stops {
+            tx.execute(
+                "UPDATE deliveries SET state = 'Failed', next_attempt_at = NULL,
+                     lease_owner = NULL, last_error = $3
+                 WHERE group_uid = $1 AND endpoint = $2 AND state IN ('Pending', 'Sending')",
+                &[&stop.group.uid, &stop.endpoint, &GONE_ERROR],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE groups SET stopped_endpoints = array_append(stopped_endpoints, $2)
+                 WHERE uid = $1 AND NOT ($2 = ANY(stopped_endpoints))",
+                &[&stop.group.uid, &stop.mark],
+            )
+            .await?;
+        }
+        let mut changed: Vec<String> = outcomes
+            .settled
+            .iter()
+            .filter(|s| s.is_final())
+            .map(|s| &s.group)
+            .chain(outcomes.stops.iter().map(|s| &s.group))
+            .map(|g| format!("{}/{}", g.namespace, g.name))
+            .collect();
+        changed.sort_unstable();
+        changed.dedup();
+        if !changed.is_empty() {
+            tx.execute(
+                "SELECT pg_notify($1, key) FROM unnest($2::text[]) AS key",
+                &[&GROUPS_CHANNEL, &changed],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Hands back the claims `owner` holds (a dispatcher starting again under the same
+    /// name, or the only one: `None` takes back every claim), so they are due at once
+    /// rather than when their leases run out.
+    pub async fn release_claims(&self, owner: Option<&str>) -> Result<u64, StoreError> {
+        Ok(self
+            .client()
+            .await?
+            .execute(
+                "UPDATE deliveries SET state = 'Pending', next_attempt_at = now(),
+                     lease_owner = NULL
+                 WHERE state = 'Sending' AND ($1::text IS NULL OR lease_owner = $1)",
+                &[&owner],
+            )
+            .await?)
+    }
+
+    /// Extends the claims `owner` holds by `lease` from now.
+    pub async fn renew_claims(&self, owner: &str, lease: Duration) -> Result<u64, StoreError> {
+        Ok(self
+            .client()
+            .await?
+            .execute(
+                "UPDATE deliveries SET next_attempt_at = now() + $2 * interval '1 second'
+                 WHERE state = 'Sending' AND lease_owner = $1",
+                &[&owner, &lease.as_secs_f64()],
+            )
+            .await?)
+    }
+
+    /// How long until the next delivery is due (zero when one is due now), if any waits.
+    pub async fn next_due_in(&self) -> Result<Option<Duration>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT EXTRACT(EPOCH FROM (min(next_attempt_at) - now()))::float8
+                 FROM deliveries WHERE state IN ('Pending', 'Sending')",
+                &[],
+            )
+            .await?;
+        let seconds: Option<f64> = row.try_get(0)?;
+        Ok(seconds.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)))
+    }
+
+    /// A group's endpoint records as its last reconcile saved them, with their version.
+    pub async fn group_endpoints(
+        &self,
+        group_uid: &str,
+    ) -> Result<Option<(i64, serde_json::Value)>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT endpoints_version, endpoints FROM groups WHERE uid = $1",
+                &[&group_uid],
+            )
+            .await?;
+        row.map(|row| {
+            let Json(endpoints): Json<serde_json::Value> = row.try_get(1)?;
+            Ok((row.try_get(0)?, endpoints))
+        })
+        .transpose()
+    }
+}

@@ -1,0 +1,19 @@
+-- Deliveries are claimed by dispatchers (any controller replica, FOR UPDATE SKIP LOCKED): a
+-- claimed delivery is 'Sending', held by `lease_owner` until `next_attempt_at`, when it is
+-- due again should its dispatcher have died. A pending one is due at `next_attempt_at`.
+ALTER TABLE deliveries DROP CONSTRAINT deliveries_state_check;
+ALTER TABLE deliveries ADD CONSTRAINT deliveries_state_check
+    CHECK (state IN ('Pending', 'Sending', 'Delivered', 'Failed'));
+ALTER TABLE deliveries ADD COLUMN lease_owner text;
+UPDATE deliveries SET next_attempt_at = created_at
+    WHERE state = 'Pending' AND next_attempt_at IS NULL;
+CREATE INDEX deliveries_due ON deliveries (next_attempt_at)
+    WHERE state IN ('Pending', 'Sending');
+
+-- Where a group's events go, as its last reconcile saw them (URLs, signing secrets, retry
+-- schedules), so that any replica's dispatcher can send them; the version tells a
+-- dispatcher's cache that they changed. Endpoints that answered 410 Gone, by "<key> <url>".
+ALTER TABLE groups
+    ADD COLUMN endpoints jsonb NOT NULL DEFAULT '[]'::jsonb,
+    ADD COLUMN endpoints_version bigint NOT NULL DEFAULT 0,
+    ADD COLUMN stopped_endpoints text[] NOT NULL DEFAULT '{}';
