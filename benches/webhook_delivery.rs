@@ -14,9 +14,11 @@
 //! API server's own request counts, durations and bytes per verb and resource.
 //!
 //! Settings (environment): `GROUPS` (10), `IMAGES` per group (1000, at most 1000), `EVENTS`
-//! to wait for (GROUPS x IMAGES), `WRITERS` concurrent result writes (8), `NAMESPACES` the
-//! groups are spread over (1; each is a tenant), `MAX_SECS` for the measured part (900),
-//! `RUST_LOG` (warn).
+//! to wait for (GROUPS x IMAGES), `WRITERS` concurrent result writes (8), `BATCH` results per
+//! write (1; a worker's upload stores up to 500 in one), `QUEUED_FIRST=1` to store every
+//! result before the controller starts (the delivery path alone; rate and latency then count
+//! from its start), `NAMESPACES` the groups are spread over (1; each is a tenant),
+//! `MAX_SECS` for the measured part (900), `RUST_LOG` (warn).
 
 mod common;
 
@@ -58,6 +60,10 @@ struct Settings {
     writers: usize,
     namespaces: usize,
     max: Duration,
+    /// Results per write (the ingest stores a worker's batch in one).
+    batch: usize,
+    /// Store every result before the controller starts: the delivery path alone.
+    queued_first: bool,
 }
 
 fn setting<T: FromStr>(name: &str, default: T) -> T {
@@ -82,6 +88,8 @@ impl Settings {
             writers: setting("WRITERS", 8usize).max(1),
             namespaces: setting("NAMESPACES", 1usize).clamp(1, groups),
             max: Duration::from_secs(setting("MAX_SECS", 900u64)),
+            batch: setting("BATCH", 1usize).clamp(1, kinsight::results::MAX_BATCH),
+            queued_first: setting("QUEUED_FIRST", 0u8) == 1,
         }
     }
 }
@@ -232,26 +240,32 @@ async fn produce(
         };
         written.lock().expect("written").groups_created += 1;
         let (group, store, written_ref) = (&group, &store, &written);
-        futures::stream::iter(0..images)
-            .for_each_concurrent(writers, |i| async move {
-                let image = format!("i{i}");
-                let spec = result_spec(&group.name, &image);
+        let batches: Vec<Vec<usize>> = (0..images)
+            .collect::<Vec<_>>()
+            .chunks(settings.batch)
+            .map(<[usize]>::to_vec)
+            .collect();
+        futures::stream::iter(batches)
+            .for_each_concurrent(writers, |batch| async move {
+                let specs: Vec<ImageResult> = batch
+                    .iter()
+                    .map(|i| result_spec(&group.name, &format!("i{i}")))
+                    .collect();
                 let started = Instant::now();
                 // Transient API errors are retried; a lasting one ends the run.
                 let mut tries = 0;
-                while let Err(e) = store
-                    .write_results(group, 1, std::slice::from_ref(&spec))
-                    .await
-                {
+                while let Err(e) = store.write_results(group, 1, &specs).await {
                     tries += 1;
-                    assert!(tries < 5, "writing result {}/{image}: {e}", group.name);
+                    assert!(tries < 5, "writing results of {}: {e}", group.name);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 let done = Instant::now();
                 let mut w = written_ref.lock().expect("written");
                 w.first.get_or_insert(started);
                 w.last = Some(done);
-                w.at.insert((group.name.clone(), image), done);
+                for i in batch {
+                    w.at.insert((group.name.clone(), format!("i{i}")), done);
+                }
             })
             .await;
     }
@@ -466,17 +480,42 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         .control_plane()
         .map(|cp| cp.kubeconfig_path().to_path_buf());
     let controller_store = store.clone();
-    let controller = controller_rt.spawn(async move {
-        let client = match kubeconfig {
-            Some(path) => kinsight::testbed::client_from_kubeconfig(&path)
-                .await
-                .expect("client"),
-            None => kube::Client::try_default().await.expect("client"),
-        };
-        if let Err(e) = kinsight::controller::run(client, controller_store, config).await {
-            eprintln!("controller stopped: {e}");
-        }
-    });
+    let start_controller = move || {
+        controller_rt.spawn(async move {
+            let client = match kubeconfig {
+                Some(path) => kinsight::testbed::client_from_kubeconfig(&path)
+                    .await
+                    .expect("client"),
+                None => kube::Client::try_default().await.expect("client"),
+            };
+            if let Err(e) = kinsight::controller::run(client, controller_store, config).await {
+                eprintln!("controller stopped: {e}");
+            }
+        })
+    };
+    let written: Shared<Written> = Shared::default();
+    let produce_all = || {
+        tokio::spawn(produce(
+            client.clone(),
+            settings.clone(),
+            store.clone(),
+            hook.clone(),
+            written.clone(),
+        ))
+    };
+    // The delivery path alone: every result is stored before a controller runs.
+    let queued = if settings.queued_first {
+        let producer = produce_all();
+        producer.await.expect("every result stored first");
+        eprintln!(
+            "{} results stored before the controller starts",
+            written.lock().expect("written").at.len()
+        );
+        true
+    } else {
+        false
+    };
+    let controller = start_controller();
 
     let pids = cluster
         .control_plane()
@@ -502,15 +541,12 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         settings.max.as_secs()
     );
 
-    let written: Shared<Written> = Shared::default();
     let started = Instant::now();
-    let producer = tokio::spawn(produce(
-        client.clone(),
-        settings.clone(),
-        store.clone(),
-        hook,
-        written.clone(),
-    ));
+    let producer = if queued {
+        tokio::spawn(async {})
+    } else {
+        produce_all()
+    };
     let mut last_report = (Instant::now(), 0usize);
     let mut target_reached_at: Option<Instant> = None;
     let outcome = loop {
@@ -577,11 +613,17 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
             if at < wrote {
                 early += 1;
             }
-            latencies.push(at.saturating_duration_since(*wrote));
+            // Queued first: from when a controller could first send it.
+            latencies.push(at.saturating_duration_since((*wrote).max(started)));
         }
     }
     latencies.sort_unstable();
-    let first_write = w.first.unwrap_or(started);
+    // Queued first: the rate is over the controller's run.
+    let first_write = if queued {
+        started
+    } else {
+        w.first.unwrap_or(started)
+    };
     let window = r
         .last_image_event
         .map_or(Duration::ZERO, |t| t.saturating_duration_since(first_write));
@@ -602,8 +644,17 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         measured.as_secs_f64()
     );
     println!(
-        "  {} groups x {} images in {} namespace(s), model {MODEL}, {} concurrent result writers",
-        settings.groups, settings.images, settings.namespaces, settings.writers
+        "  {} groups x {} images in {} namespace(s), model {MODEL}, {} concurrent result writers of {} results each{}",
+        settings.groups,
+        settings.images,
+        settings.namespaces,
+        settings.writers,
+        settings.batch,
+        if queued {
+            "; every result stored before the controller started (rate and latency from its start)"
+        } else {
+            ""
+        }
     );
     println!();
     println!("| measure | value |");

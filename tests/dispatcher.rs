@@ -189,7 +189,10 @@ async fn replicas_share_deliveries_and_survive_being_killed_with_a_database_rest
         "one replica did all the work after the restart: {delivered:?}"
     );
     // Attempts whose answer was still on its way at the kill are made again.
-    assert!(delivered.iter().sum::<f64>() >= total as f64, "{delivered:?}");
+    assert!(
+        delivered.iter().sum::<f64>() >= total as f64,
+        "{delivered:?}"
+    );
 
     // The store agrees; one Job did the images; every result is kept.
     let stored = eventually("every delivery settled", LIMIT, async || {
@@ -205,7 +208,11 @@ async fn replicas_share_deliveries_and_survive_being_killed_with_a_database_rest
         .list(&ListParams::default())
         .await
         .expect("jobs");
-    assert_eq!(jobs.items.len(), 1, "one Job for the group's one generation");
+    assert_eq!(
+        jobs.items.len(),
+        1,
+        "one Job for the group's one generation"
+    );
     assert_eq!(h.stored_results("shared").await.len(), IMAGES);
     let status = eventually("the group's final status", LIMIT, async || {
         let status = groups.get("shared").await.ok()?.status?;

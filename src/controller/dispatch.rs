@@ -4,7 +4,7 @@
 //! and writes back what became of it in batches. It wakes when deliveries are planned
 //! (LISTEN/NOTIFY), when the next retry is due, and every few seconds in any case.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +41,10 @@ const WAITING_PER_SLOT: usize = 4;
 const BACKSTOP: Duration = Duration::from_secs(5);
 /// Outcomes written per transaction at most.
 const RECORD_BATCH: usize = 1_000;
+/// How often at most the leader is told of groups whose deliveries failed or whose
+/// endpoints have nothing left to send, and of groups that only made progress.
+const TELL_EVERY: Duration = Duration::from_millis(250);
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// How long a loaded signing secret is used before it is read again (rotations apply
 /// within this), and how long a failure to load one is.
 const SECRET_TTL: Duration = Duration::from_secs(5);
@@ -57,7 +61,10 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool) {
         match ctx.store.release_claims((!sole).then_some(&owner)).await {
             Ok(n) => {
                 if n > 0 {
-                    tracing::info!(released = n, "deliveries claimed before a restart are due again");
+                    tracing::info!(
+                        released = n,
+                        "deliveries claimed before a restart are due again"
+                    );
                 }
                 break;
             }
@@ -69,8 +76,8 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool) {
     }
     let dispatcher = Arc::new(Dispatcher {
         ctx: ctx.clone(),
-        endpoints: Mutex::default(),
-        secrets: Mutex::default(),
+        endpoints: Cache::default(),
+        secrets: Cache::default(),
         waiting: Mutex::default(),
     });
     let (done, finished) = mpsc::unbounded_channel();
@@ -145,15 +152,13 @@ async fn renew(ctx: Arc<Context>, owner: String) {
 
 /// A group's endpoint records at a version.
 type Versioned = (i64, Arc<Vec<Endpoint>>);
-/// Signing keys (or why there are none), with when they were loaded.
-type Loaded = (Instant, Result<Vec<String>, String>);
 
 struct Dispatcher {
     ctx: Arc<Context>,
     /// Each group's endpoint records, by group uid.
-    endpoints: Mutex<HashMap<String, Versioned>>,
-    /// Signing keys by (namespace, secret, key).
-    secrets: Mutex<HashMap<(String, String, String), Loaded>>,
+    endpoints: Cache<String, Result<Versioned, String>>,
+    /// Signing keys (or why there are none) by (namespace, secret, key).
+    secrets: Cache<(String, String, String), Result<Vec<String>, String>>,
     /// Per circuit: claimed deliveries waiting for a slot here, and how long attempts
     /// there take (a moving average, ms).
     waiting: Mutex<HashMap<String, Queue>>,
@@ -201,6 +206,7 @@ impl Dispatcher {
         let mut settled = Settled {
             id: delivery.id.clone(),
             group: group.clone(),
+            endpoint: delivery.endpoint.clone(),
             state: DeliveryState::Pending,
             attempts: delivery.attempts,
             next_attempt_at: Some(now),
@@ -363,32 +369,22 @@ impl Dispatcher {
     }
 
     /// The group's endpoint records at `version` (or newer).
-    async fn endpoints_of(
-        &self,
-        uid: &str,
-        version: i64,
-    ) -> Result<Arc<Vec<Endpoint>>, crate::store::StoreError> {
-        if let Some((known, endpoints)) = lock(&self.endpoints).get(uid)
-            && *known >= version
-        {
-            return Ok(endpoints.clone());
-        }
-        let (version, records) = self
-            .ctx
-            .store
-            .group_endpoints(uid)
-            .await?
-            .unwrap_or((version, serde_json::Value::Array(Vec::new())));
-        let endpoints: Vec<Endpoint> = serde_json::from_value(records).map_err(|e| {
-            crate::store::StoreError::Corrupt(format!("the group's endpoint records: {e}"))
-        })?;
-        let endpoints = Arc::new(endpoints);
-        let mut cache = lock(&self.endpoints);
-        // Groups come and go; forgetting all now and then keeps this bounded.
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(uid.to_owned(), (version, endpoints.clone()));
+    async fn endpoints_of(&self, uid: &str, version: i64) -> Result<Arc<Vec<Endpoint>>, String> {
+        let fresh = |(_, cached): &(Instant, Result<Versioned, String>)| matches!(cached, Ok((known, _)) if *known >= version);
+        let load = || async {
+            let (version, records) = self
+                .ctx
+                .store
+                .group_endpoints(uid)
+                .await
+                .map_err(|e| e.to_string())?
+                .unwrap_or((version, serde_json::Value::Array(Vec::new())));
+            let endpoints: Vec<Endpoint> = serde_json::from_value(records)
+                .map_err(|e| format!("the group's endpoint records: {e}"))?;
+            Ok((version, Arc::new(endpoints)))
+        };
+        let key = uid.to_owned();
+        let (_, endpoints) = self.endpoints.get_or_load(&key, fresh, load).await?;
         Ok(endpoints)
     }
 
@@ -404,23 +400,63 @@ impl Dispatcher {
             reference.name.clone(),
             reference.key.clone(),
         );
-        if let Some((at, keys)) = lock(&self.secrets).get(&key) {
+        let fresh = |(at, keys): &(Instant, Result<Vec<String>, String>)| {
             let ttl = if keys.is_ok() {
                 SECRET_TTL
             } else {
                 SECRET_ERROR_TTL
             };
-            if at.elapsed() < ttl {
-                return keys.clone();
+            at.elapsed() < ttl
+        };
+        let load = || load_secret(&self.ctx, namespace, reference);
+        self.secrets.get_or_load(&key, fresh, load).await
+    }
+}
+
+/// A cache whose misses load once: callers asking for a key while it loads wait for that
+/// load rather than each making their own (the 500 deliveries of one claim would otherwise
+/// read their group's signing secret 500 times at once).
+struct Cache<K, V> {
+    entries: Mutex<HashMap<K, Slot<V>>>,
+}
+
+/// One key's value and when it was loaded; locked while it loads.
+type Slot<V> = Arc<tokio::sync::Mutex<Option<(Instant, V)>>>;
+
+impl<K, V> Default for Cache<K, V> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+        }
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Clone, V: Clone> Cache<K, V> {
+    async fn get_or_load<F, Fut>(
+        &self,
+        key: &K,
+        fresh: impl Fn(&(Instant, V)) -> bool,
+        load: F,
+    ) -> V
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = V>,
+    {
+        let slot = {
+            let mut entries = lock(&self.entries);
+            // Groups and secrets come and go; forgetting all now and then keeps it bounded.
+            if entries.len() > 10_000 {
+                entries.clear();
             }
+            entries.entry(key.clone()).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(entry) = slot.as_ref().filter(|e| fresh(e)) {
+            return entry.1.clone();
         }
-        let keys = load_secret(&self.ctx, namespace, reference).await;
-        let mut cache = lock(&self.secrets);
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(key, (Instant::now(), keys.clone()));
-        keys
+        let value = load().await;
+        *slot = Some((Instant::now(), value.clone()));
+        value
     }
 }
 
@@ -428,20 +464,71 @@ impl Dispatcher {
 /// being written), retrying while the database is away: an outcome is never dropped
 /// for that (a dispatcher that dies with some unwritten has its claims run out, and those
 /// deliveries go again under the same `webhook-id`).
+///
+/// The leader is told which groups to look at again: within [`TELL_EVERY`] when one of
+/// their deliveries failed for good or an endpoint has nothing left to send (its group
+/// event may be due), and every [`PROGRESS_EVERY`] for progress alone, so a group's
+/// reconcile runs per round of progress, not per event.
 async fn record(ctx: Arc<Context>, owner: String, mut finished: mpsc::UnboundedReceiver<Finished>) {
     let mut buffer = Vec::new();
-    while finished.recv_many(&mut buffer, RECORD_BATCH).await > 0 {
-        let mut outcomes = Outcomes::default();
-        for f in buffer.drain(..) {
-            outcomes.settled.push(f.settled);
-            outcomes.attempts.extend(f.attempt);
-            outcomes.stops.extend(f.stop);
+    let (mut urgent, mut progress) = (BTreeSet::new(), BTreeSet::new());
+    let (mut told, mut told_progress) = (Instant::now(), Instant::now());
+    loop {
+        let received = if urgent.is_empty() && progress.is_empty() {
+            finished.recv_many(&mut buffer, RECORD_BATCH).await
+        } else {
+            let left = if urgent.is_empty() {
+                PROGRESS_EVERY.saturating_sub(told_progress.elapsed())
+            } else {
+                TELL_EVERY.saturating_sub(told.elapsed())
+            };
+            let next = finished.recv_many(&mut buffer, RECORD_BATCH);
+            tokio::time::timeout(left, next).await.unwrap_or(usize::MAX)
+        };
+        if received == 0 {
+            return;
         }
-        let mut pause = Duration::from_millis(100);
-        while let Err(e) = ctx.store.record_outcomes(&owner, &outcomes).await {
-            tracing::warn!(error = %e, outcomes = outcomes.settled.len(), "recording delivery outcomes; trying again");
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
+        if !buffer.is_empty() {
+            let mut outcomes = Outcomes::default();
+            for f in buffer.drain(..) {
+                let key = || format!("{}/{}", f.settled.group.namespace, f.settled.group.name);
+                if f.settled.state == DeliveryState::Failed || f.stop.is_some() {
+                    urgent.insert(key());
+                } else if f.settled.state == DeliveryState::Delivered {
+                    progress.insert(key());
+                }
+                outcomes.settled.push(f.settled);
+                outcomes.attempts.extend(f.attempt);
+                outcomes.stops.extend(f.stop);
+            }
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match ctx.store.record_outcomes(&owner, &outcomes).await {
+                    Ok(drained) => {
+                        urgent.extend(drained);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, outcomes = outcomes.settled.len(), "recording delivery outcomes; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        let progress_due = !progress.is_empty() && told_progress.elapsed() >= PROGRESS_EVERY;
+        if (!urgent.is_empty() && told.elapsed() >= TELL_EVERY) || progress_due {
+            let mut groups: BTreeSet<String> = std::mem::take(&mut urgent);
+            if progress_due {
+                groups.append(&mut progress);
+                told_progress = Instant::now();
+            }
+            let groups: Vec<String> = groups.into_iter().collect();
+            if let Err(e) = ctx.store.notify_groups(&groups).await {
+                tracing::warn!(error = %e, "telling the leader which groups changed");
+                urgent.extend(groups);
+            }
+            told = Instant::now();
         }
     }
 }

@@ -23,8 +23,8 @@ use crate::crd::{
     ConditionStatus, GroupPhase, ImageGroup, ImageGroupStatus, RETENTION_ANNOTATION, set_condition,
 };
 use crate::delivery::Delivery;
-use crate::store::Plan;
 use crate::results::{GroupRef, ImageResult, MAX_BATCH};
+use crate::store::Plan;
 use crate::worker::{WorkItem, WorkOrder};
 
 pub async fn reconcile(
@@ -213,7 +213,14 @@ pub async fn reconcile(
         endpoints: &endpoint_records,
     };
     ctx.store.save_plan(&group_ref, &plan).await?;
+    if let Some(wait) = progress_wait(&ctx, &group_ref.uid, &original, &status) {
+        // Only progress moved, and it was written moments ago: the next round writes it.
+        return Ok(Action::requeue(wait));
+    }
     write_status(&ctx, &group, &original, &status).await?;
+    if original != status {
+        lock(&ctx.progress_written).insert(group_ref.uid.clone(), std::time::Instant::now());
+    }
 
     let open = deliveries.iter().filter(|d| d.state.is_open()).count();
     ctx.config
@@ -225,6 +232,49 @@ pub async fn reconcile(
     // Jobs are watched, and stored results and settled deliveries notify; the periodic
     // requeue only guards against missed events.
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Status changes that only move progress (counts, the aggregate, delivery counts and the
+/// conditions' messages) are written at most this often per group; a new phase, condition
+/// state, Job or replay at once. The API server's cost is per write (a server-side apply of
+/// the whole object), not per event.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// How long to hold back writing `after` over `before`, when that is only progress.
+fn progress_wait(
+    ctx: &Context,
+    uid: &str,
+    before: &ImageGroupStatus,
+    after: &ImageGroupStatus,
+) -> Option<Duration> {
+    let states = |s: &ImageGroupStatus| {
+        s.conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect::<Vec<_>>()
+    };
+    let only_progress = before != after
+        && before.phase == after.phase
+        && before.observed_generation == after.observed_generation
+        && before.jobs == after.jobs
+        && before.last_replay == after.last_replay
+        && before.stopped_endpoints == after.stopped_endpoints
+        && before.completed_at == after.completed_at
+        && states(before) == states(after);
+    if !only_progress {
+        return None;
+    }
+    let mut written = lock(&ctx.progress_written);
+    // Groups come and go; forgetting all now and then keeps this bounded.
+    if written.len() > 10_000 {
+        written.clear();
+    }
+    let since = written.get(uid)?.elapsed();
+    PROGRESS_EVERY.checked_sub(since)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Still processing images or delivering events: where its events go still matters.

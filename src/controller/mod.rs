@@ -111,6 +111,8 @@ pub struct Context {
     pub sender: Sender,
     /// Every endpoint's circuit breaker, shared by all reconciles.
     pub circuits: Circuits,
+    /// When each group's status was last written (by uid), to space out progress writes.
+    pub progress_written: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +187,7 @@ fn context(
         store,
         recorder: kube::runtime::events::Recorder::new(client, MANAGER.into()),
         circuits: Circuits::new(config.circuit.clone()),
+        progress_written: std::sync::Mutex::default(),
         config,
     }))
 }

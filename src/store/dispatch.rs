@@ -30,19 +30,13 @@ pub struct Claimed {
 pub struct Settled {
     pub id: String,
     pub group: GroupRef,
+    /// The endpoint's key in the group.
+    pub endpoint: String,
     pub state: DeliveryState,
     pub attempts: u32,
     pub next_attempt_at: Option<jiff::Timestamp>,
     pub last_error: Option<String>,
     pub delivered_at: Option<jiff::Timestamp>,
-}
-
-impl Settled {
-    /// Whether the group's counts change (delivered or failed for good), so that its
-    /// reconcile must look again.
-    fn is_final(&self) -> bool {
-        !self.state.is_open()
-    }
 }
 
 /// A 410 Gone: nothing more of the group goes to this endpoint at this URL.
@@ -123,10 +117,15 @@ impl Store {
 
     /// Writes what became of finished claims: each delivery's new state (only while `owner`
     /// still holds it: a replay or an expired lease took it back), its attempt, the 410
-    /// stops; then tells the controller which groups' counts changed.
-    pub async fn record_outcomes(&self, owner: &str, outcomes: &Outcomes) -> Result<(), StoreError> {
+    /// stops. Returns the groups (`namespace/name`) where an endpoint that had a delivery
+    /// settled here has nothing left to send: their group event may be due.
+    pub async fn record_outcomes(
+        &self,
+        owner: &str,
+        outcomes: &Outcomes,
+    ) -> Result<Vec<String>, StoreError> {
         if outcomes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let records: Vec<serde_json::Value> = outcomes
             .settled
@@ -171,24 +170,49 @@ impl Store {
             )
             .await?;
         }
-        let mut changed: Vec<String> = outcomes
+        let mut settled: Vec<(&str, &str)> = outcomes
             .settled
             .iter()
-            .filter(|s| s.is_final())
-            .map(|s| &s.group)
-            .chain(outcomes.stops.iter().map(|s| &s.group))
-            .map(|g| format!("{}/{}", g.namespace, g.name))
+            .filter(|s| !s.state.is_open())
+            .map(|s| (s.group.uid.as_str(), s.endpoint.as_str()))
+            .chain(
+                outcomes
+                    .stops
+                    .iter()
+                    .map(|s| (s.group.uid.as_str(), s.endpoint.as_str())),
+            )
             .collect();
-        changed.sort_unstable();
-        changed.dedup();
-        if !changed.is_empty() {
-            tx.execute(
+        settled.sort_unstable();
+        settled.dedup();
+        let (uids, endpoints): (Vec<&str>, Vec<&str>) = settled.into_iter().unzip();
+        let drained = tx
+            .query(
+                "SELECT DISTINCT g.namespace || '/' || g.name
+                 FROM unnest($1::text[], $2::text[]) AS p(group_uid, endpoint)
+                 JOIN groups g ON g.uid = p.group_uid
+                 WHERE NOT EXISTS (
+                     SELECT 1 FROM deliveries d
+                     WHERE d.group_uid = p.group_uid AND d.endpoint = p.endpoint
+                       AND d.state IN ('Pending', 'Sending'))",
+                &[&uids, &endpoints],
+            )
+            .await?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<Vec<String>, _>>()?;
+        tx.commit().await?;
+        Ok(drained)
+    }
+
+    /// Tells the controller that these groups (`namespace/name`) changed.
+    pub async fn notify_groups(&self, groups: &[String]) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute(
                 "SELECT pg_notify($1, key) FROM unnest($2::text[]) AS key",
-                &[&GROUPS_CHANNEL, &changed],
+                &[&GROUPS_CHANNEL, &groups],
             )
             .await?;
-        }
-        tx.commit().await?;
         Ok(())
     }
 

@@ -9,6 +9,9 @@ UPDATE deliveries SET next_attempt_at = created_at
     WHERE state = 'Pending' AND next_attempt_at IS NULL;
 CREATE INDEX deliveries_due ON deliveries (next_attempt_at)
     WHERE state IN ('Pending', 'Sending');
+-- "Has this endpoint of the group anything left to send?" (its group event waits for that).
+CREATE INDEX deliveries_open_by_endpoint ON deliveries (group_uid, endpoint)
+    WHERE state IN ('Pending', 'Sending');
 
 -- Where a group's events go, as its last reconcile saw them (URLs, signing secrets, retry
 -- schedules), so that any replica's dispatcher can send them; the version tells a
