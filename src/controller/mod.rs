@@ -28,7 +28,8 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::utils::PredicateConfig;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::crd::{ImageGroup, WebhookSubscription};
@@ -217,8 +218,16 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     let retention = retention::run(client.clone(), ctx.store.clone());
     let groups: Api<ImageGroup> = Api::all(client.clone());
     let subscriptions: Api<WebhookSubscription> = Api::all(client.clone());
-    let group_controller = Controller::new(groups, watcher::Config::default());
-    let cached = group_controller.store();
+    let (cached, writer) = kube::runtime::reflector::store();
+    // A group is looked at again when its intent changes (spec, labels, annotations such
+    // as a replay request, deletion), not when its status does: the status is this
+    // controller's own writing.
+    let group_changes = watcher(groups, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(intent_of, PredicateConfig::default());
+    let group_controller = Controller::for_stream(group_changes, cached.clone());
     // A subscription that changes (a corrected URL, new headers) or goes changes where the
     // events of the groups still delivering in its namespace go.
     let delivering_groups = move |sub: WebhookSubscription| {
@@ -259,6 +268,18 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     tracing::info!("controller started");
     futures::join!(group_controller, subscription_controller, retention);
     Ok(())
+}
+
+/// What a group asks for, as a hash: a status write leaves it as it is.
+fn intent_of(group: &ImageGroup) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = &group.metadata;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut hasher);
+    meta.labels.hash(&mut hasher);
+    meta.annotations.hash(&mut hasher);
+    meta.deletion_timestamp.is_some().hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// A Kubernetes Event on an object (`kubectl describe` shows it); failing to record one

@@ -300,19 +300,27 @@ async fn insert_deliveries(
     tx.execute(
         r#"INSERT INTO deliveries (id, group_uid, namespace, event, image_id, endpoint,
                sequence, created_at, state, attempts, next_attempt_at, last_error,
-               delivered_at, payload)
+               delivered_at)
            SELECT r.id, $1, $3, r.event, r."imageId", r.endpoint, r.sequence,
                   r."createdAt", r.state, COALESCE(r.attempts, 0),
                   CASE WHEN r.state IN ('Pending', 'Sending')
                        THEN COALESCE(r."nextAttemptAt", r."createdAt") END,
-                  r."lastError", r."deliveredAt", r.payload
+                  r."lastError", r."deliveredAt"
            FROM jsonb_to_recordset($2::jsonb) AS r(
                id text, event text, "imageId" text, endpoint text, sequence bigint,
                "createdAt" timestamptz, state text, attempts integer,
-               "nextAttemptAt" timestamptz, "lastError" text, "deliveredAt" timestamptz,
-               payload jsonb)
+               "nextAttemptAt" timestamptz, "lastError" text, "deliveredAt" timestamptz)
            ON CONFLICT (id) DO NOTHING"#,
         &[&group.uid, &Json(&records), &group.namespace],
+    )
+    .await?;
+    tx.execute(
+        r#"INSERT INTO delivery_bodies (delivery_id, payload)
+           SELECT r.id, r.payload
+           FROM jsonb_to_recordset($1::jsonb) AS r(id text, payload jsonb)
+           WHERE r.payload IS NOT NULL
+           ON CONFLICT (delivery_id) DO NOTHING"#,
+        &[&Json(&records)],
     )
     .await?;
     Ok(())

@@ -79,7 +79,7 @@ impl Store {
             .await?
             .query(
                 "WITH due AS (
-                     SELECT id FROM deliveries
+                     SELECT id, group_uid FROM deliveries
                      WHERE state IN ('Pending', 'Sending') AND next_attempt_at <= now()
                      ORDER BY next_attempt_at
                      LIMIT $1
@@ -87,11 +87,13 @@ impl Store {
                  )
                  UPDATE deliveries d SET state = 'Sending', lease_owner = $2,
                      next_attempt_at = now() + $3 * interval '1 second'
-                 FROM due, groups g
-                 WHERE d.id = due.id AND g.uid = d.group_uid
+                 FROM due
+                 JOIN groups g ON g.uid = due.group_uid
+                 LEFT JOIN delivery_bodies b ON b.delivery_id = due.id
+                 WHERE d.id = due.id
                  RETURNING d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at,
                      d.state, d.attempts, d.next_attempt_at, d.last_error, d.delivered_at,
-                     d.payload, d.group_uid, g.namespace, g.name,
+                     b.payload, d.group_uid, g.namespace, g.name,
                      g.deleted_at IS NOT NULL AS group_deleted, g.endpoints_version",
                 &[&limit, &owner, &lease.as_secs_f64()],
             )

@@ -13,6 +13,16 @@ CREATE INDEX deliveries_due ON deliveries (next_attempt_at)
 CREATE INDEX deliveries_open_by_endpoint ON deliveries (group_uid, endpoint)
     WHERE state IN ('Pending', 'Sending');
 
+-- An event's body is written once and read once per attempt: in a table of its own, the
+-- claims and outcomes that rewrite a delivery's row (twice per attempt) copy a small row.
+CREATE TABLE delivery_bodies (
+    delivery_id text PRIMARY KEY REFERENCES deliveries (id) ON DELETE CASCADE,
+    payload     jsonb NOT NULL
+);
+INSERT INTO delivery_bodies (delivery_id, payload)
+    SELECT id, payload FROM deliveries WHERE payload IS NOT NULL;
+ALTER TABLE deliveries DROP COLUMN payload;
+
 -- Where a group's events go, as its last reconcile saw them (URLs, signing secrets, retry
 -- schedules), so that any replica's dispatcher can send them; the version tells a
 -- dispatcher's cache that they changed. Endpoints that answered 410 Gone, by "<key> <url>".
