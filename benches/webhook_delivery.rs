@@ -528,6 +528,7 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         .map(|p| p.pid());
     let postgres_cpu = || postmaster.map(|pid| postgres_cpu_seconds(pid, ticks));
     let postgres_before = postgres_cpu();
+    let statements = statements_reset(&store).await;
     let cpu_before = cpu_snapshot(&pids, ticks);
     let api_before = api_metrics(&client).await;
     eprintln!(
@@ -591,6 +592,11 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         cpu_after.insert("postgres (all backends)".to_owned(), after - before);
     }
     let api_after = api_metrics(&client).await;
+    let statement_rows = if statements {
+        read_statements(&store).await
+    } else {
+        None
+    };
     let measured = started.elapsed();
     producer.abort();
     let _ = producer.await;
@@ -741,5 +747,47 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
             );
         }
     }
+    if let Some(rows) = statement_rows {
+        print_statements(&rows);
+    }
     drop(cluster);
+}
+
+/// With `KINSIGHT_POSTGRES_STATEMENTS=1`, PostgreSQL keeps per-statement figures: start
+/// them afresh for the measured part.
+async fn statements_reset(store: &Store) -> bool {
+    if std::env::var(kinsight::testbed::postgres::STATEMENTS_ENV).as_deref() != Ok("1") {
+        return false;
+    }
+    let sql = "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset();";
+    match store.execute_batch(sql).await {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("pg_stat_statements unavailable: {e}");
+            false
+        }
+    }
+}
+
+/// The statements that took the database's time during the measured part.
+async fn read_statements(store: &Store) -> Option<Vec<Vec<String>>> {
+    let rows = store
+        .query_text(
+            r"SELECT round(total_exec_time)::text || ' ms', calls::text,
+                    round((total_exec_time / calls)::numeric, 3)::text || ' ms',
+                    regexp_replace(left(query, 110), '\s+', ' ', 'g')
+             FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12",
+        )
+        .await;
+    rows.map_err(|e| eprintln!("reading pg_stat_statements: {e}")).ok()
+}
+
+fn print_statements(rows: &[Vec<String>]) {
+    println!();
+    println!("Database statements by time (pg_stat_statements):");
+    println!("| total | calls | mean | statement |");
+    println!("|---|---|---|---|");
+    for row in rows {
+        println!("| {} |", row.join(" | "));
+    }
 }

@@ -143,6 +143,25 @@ impl Store {
         &self.url
     }
 
+    /// Runs statements as they are: for diagnostics (benchmarks reading
+    /// `pg_stat_statements`), never for kinsight's own records.
+    pub async fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.client().await?.batch_execute(sql).await?)
+    }
+
+    /// The rows of a diagnostic query whose columns are all text.
+    pub async fn query_text(&self, sql: &str) -> Result<Vec<Vec<String>>, StoreError> {
+        let rows = self.client().await?.query(sql, &[]).await?;
+        rows.iter()
+            .map(|row| {
+                (0..row.len())
+                    .map(|i| row.try_get::<_, Option<String>>(i).map(Option::unwrap_or_default))
+                    .collect::<Result<Vec<String>, _>>()
+                    .map_err(StoreError::from)
+            })
+            .collect()
+    }
+
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         Ok(self.pool.get().await?)
     }

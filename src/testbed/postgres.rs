@@ -16,6 +16,9 @@ pub const USER: &str = "kinsight";
 pub const DATABASE: &str = "kinsight";
 /// A folder holding `initdb` and `postgres`, overriding the search.
 pub const BIN_ENV: &str = "KINSIGHT_POSTGRES_BIN";
+/// `1`: the server loads `pg_stat_statements`, so a benchmark can say which statements
+/// took its time (`CREATE EXTENSION pg_stat_statements` then reads them).
+pub const STATEMENTS_ENV: &str = "KINSIGHT_POSTGRES_STATEMENTS";
 
 const DATA_SUBDIR: &str = "postgres";
 const PASSWORD_FILE: &str = "postgres-password";
@@ -235,6 +238,10 @@ impl Postgres {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
+        // Benchmarks ask where the database's time goes (`pg_stat_statements`).
+        if std::env::var_os(STATEMENTS_ENV).is_some_and(|v| v == "1") {
+            cmd.args(["-c", "shared_preload_libraries=pg_stat_statements"]);
+        }
         if let Some(user) = self.run_as {
             use std::os::unix::process::CommandExt as _;
             cmd.uid(user.uid).gid(user.gid);
