@@ -33,9 +33,9 @@ const LEASE: Duration = Duration::from_secs(30);
 const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// The longest a claimed delivery waits for its endpoint's slot before it goes back.
 const SLOT_WAIT: Duration = Duration::from_secs(20);
-/// Claimed deliveries of one endpoint that may wait for its slots here, per slot; more
-/// go back to the table, due when a slot should be free (a slow endpoint's backlog then
-/// waits in the table, not in this replica's memory and capacity).
+/// Claimed deliveries of one endpoint that may wait for its slots here, per slot, at the
+/// least; more go back to the table, due when a slot should be free (a slow endpoint's
+/// backlog then waits in the table, not in this replica's memory and capacity).
 const WAITING_PER_SLOT: usize = 4;
 /// The poll backstop: a dispatcher looks for due deliveries at least this often.
 const BACKSTOP: Duration = Duration::from_secs(5);
@@ -334,19 +334,27 @@ impl Dispatcher {
     }
 
     /// Counts a delivery as waiting for the circuit's slots, or says how long it should
-    /// wait in the table instead when enough already wait here.
+    /// wait in the table instead when more already wait here than the endpoint can take
+    /// within half of [`SLOT_WAIT`] (at its recent pace; at least [`WAITING_PER_SLOT`]
+    /// per slot).
     fn join_queue(&self, circuit: &str) -> Option<jiff::SignedDuration> {
         let slots = usize::try_from(self.ctx.circuits.config().max_concurrency.max(1)).unwrap_or(1);
         let mut queues = lock(&self.waiting);
         let queue = queues.entry(circuit.to_owned()).or_default();
-        if queue.waiting < slots * WAITING_PER_SLOT {
+        // Not measured yet: as if an attempt took 50 ms.
+        let attempt_ms = if queue.attempt_ms > 0.0 {
+            queue.attempt_ms
+        } else {
+            50.0
+        };
+        let per_slot = (SLOT_WAIT.as_secs_f64() * 1000.0 / 2.0 / attempt_ms) as usize;
+        if queue.waiting < slots * per_slot.max(WAITING_PER_SLOT) {
             queue.waiting += 1;
             return None;
         }
         // When the ones waiting here should be through, give or take.
         let rounds = (queue.waiting / slots) as f64;
-        let ms = (rounds * queue.attempt_ms.max(50.0) * rand::random_range(0.8..1.2))
-            .clamp(100.0, 30_000.0);
+        let ms = (rounds * attempt_ms * rand::random_range(0.8..1.2)).clamp(100.0, 30_000.0);
         Some(jiff::SignedDuration::from_millis(ms as i64))
     }
 

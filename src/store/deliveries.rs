@@ -334,18 +334,25 @@ pub(super) async fn insert_attempts(
     if attempts.is_empty() {
         return Ok(());
     }
-    let records = serde_json::to_value(attempts)
-        .map_err(|e| StoreError::Corrupt(format!("serialising attempts: {e}")))?;
+    // Parallel arrays: each delivery is looked up by its key.
+    let ids: Vec<&str> = attempts.iter().map(|a| a.delivery_id.as_str()).collect();
+    let at: Vec<jiff::Timestamp> = attempts.iter().map(|a| a.attempted_at).collect();
+    let codes: Vec<Option<i32>> = attempts
+        .iter()
+        .map(|a| a.status_code.map(i32::from))
+        .collect();
+    let took: Vec<f64> = attempts.iter().map(|a| a.duration_ms).collect();
+    let outcomes: Vec<&str> = attempts.iter().map(|a| a.outcome.as_str()).collect();
+    let errors: Vec<Option<&str>> = attempts.iter().map(|a| a.error.as_deref()).collect();
+    let responses: Vec<Option<&str>> = attempts.iter().map(|a| a.response.as_deref()).collect();
     tx.execute(
-        r#"INSERT INTO delivery_attempts
-               (delivery_id, attempted_at, status_code, duration_ms, outcome, error, response)
-           SELECT r."deliveryId", r."attemptedAt", r."statusCode", r."durationMs",
-                  r.outcome, r.error, r.response
-           FROM jsonb_to_recordset($1::jsonb) AS r(
-               "deliveryId" text, "attemptedAt" timestamptz, "statusCode" integer,
-               "durationMs" double precision, outcome text, error text, response text)
-           WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.id = r."deliveryId")"#,
-        &[&Json(&records)],
+        "INSERT INTO delivery_attempts
+             (delivery_id, attempted_at, status_code, duration_ms, outcome, error, response)
+         SELECT r.* FROM unnest($1::text[], $2::timestamptz[], $3::integer[],
+                                $4::float8[], $5::text[], $6::text[], $7::text[])
+             AS r(delivery_id, attempted_at, status_code, duration_ms, outcome, error, response)
+         WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.id = r.delivery_id)",
+        &[&ids, &at, &codes, &took, &outcomes, &errors, &responses],
     )
     .await?;
     Ok(())
