@@ -759,7 +759,8 @@ async fn statements_reset(store: &Store) -> bool {
     if std::env::var(kinsight::testbed::postgres::STATEMENTS_ENV).as_deref() != Ok("1") {
         return false;
     }
-    let sql = "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset();";
+    let sql =
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset();";
     match store.execute_batch(sql).await {
         Ok(()) => true,
         Err(e) => {
@@ -779,7 +780,8 @@ async fn read_statements(store: &Store) -> Option<Vec<Vec<String>>> {
              FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12",
         )
         .await;
-    rows.map_err(|e| eprintln!("reading pg_stat_statements: {e}")).ok()
+    rows.map_err(|e| eprintln!("reading pg_stat_statements: {e}"))
+        .ok()
 }
 
 fn print_statements(rows: &[Vec<String>]) {

@@ -13,11 +13,11 @@ use std::time::Duration;
 use common::{Harness, eventually, metric};
 use k8s_openapi::api::batch::v1::Job;
 use kinsight::controller::{ControllerConfig, LeaderElection, Metrics, run_as_leader};
-use kinsight::crd::{GroupPhase, ImageGroup};
+use kinsight::crd::GroupPhase;
 use kinsight::delivery::DeliveryState;
 use kinsight::dev::ReceivedWebhook;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use serde_json::json;
 
 const IMAGES: usize = 150;
@@ -98,26 +98,9 @@ async fn replicas_share_deliveries_and_survive_being_killed_with_a_database_rest
         LIMIT,
     )
     .await;
-    // Nothing listens on port 9: each image fails at once, so events come fast.
-    let images: Vec<_> = (0..IMAGES)
-        .map(|i| json!({ "id": format!("i{i}"), "url": format!("http://127.0.0.1:9/{i}.jpg") }))
-        .collect();
-    let group: ImageGroup = serde_json::from_value(json!({
-        "apiVersion": "kinsight.io/v1alpha1",
-        "kind": "ImageGroup",
-        "metadata": { "name": "shared" },
-        "spec": {
-            "images": images,
-            "models": ["image_classification"],
-            "webhook": { "url": h.hook_url, "secretRef": { "name": "kinsight-webhook-signing", "key": "secret" } }
-        }
-    }))
-    .expect("group");
-    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
-    groups
-        .create(&PostParams::default(), &group)
-        .await
-        .expect("group created");
+    let groups = h
+        .create_unreachable_group("shared", IMAGES, json!({}))
+        .await;
     let total = ENDPOINTS * (IMAGES + 1);
 
     // Both replicas dispatch while delivery runs; none sends an event twice.

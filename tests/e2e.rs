@@ -790,25 +790,9 @@ async fn a_large_group_with_many_endpoints_delivers_everything_with_a_small_stat
     let metadata: serde_json::Map<String, serde_json::Value> = (0..28)
         .map(|k| (format!("note-{k:02}"), json!("m".repeat(500))))
         .collect();
-    let images: Vec<_> = (0..100)
-        .map(|i| json!({ "id": format!("i{i}"), "url": format!("http://127.0.0.1:9/{i}.jpg"), "metadata": metadata }))
-        .collect();
-    let group: ImageGroup = serde_json::from_value(json!({
-        "apiVersion": "kinsight.io/v1alpha1",
-        "kind": "ImageGroup",
-        "metadata": { "name": "huge" },
-        "spec": {
-            "images": images,
-            "models": ["image_classification"],
-            "webhook": { "url": h.hook_url, "secretRef": { "name": "kinsight-webhook-signing", "key": "secret" } }
-        }
-    }))
-    .expect("group");
-    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
-    groups
-        .create(&PostParams::default(), &group)
-        .await
-        .expect("a 1.5 MB group is stored");
+    let groups = h
+        .create_unreachable_group("huge", 100, json!(metadata))
+        .await;
 
     let status = eventually("every delivery of the group is made", LIMIT, async || {
         let status = groups.get("huge").await.expect("get").status?;

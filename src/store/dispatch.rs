@@ -154,9 +154,7 @@ impl Store {
                          $5::text[], $6::timestamptz[])
                  AS r(id, state, attempts, next_attempt_at, last_error, delivered_at)
              WHERE d.id = r.id AND d.state = 'Sending' AND d.lease_owner = $7",
-            &[
-                &ids, &states, &attempts, &next, &errors, &delivered, &owner,
-            ],
+            &[&ids, &states, &attempts, &next, &errors, &delivered, &owner],
         )
         .await?;
         insert_attempts(&tx, &outcomes.attempts).await?;

@@ -155,7 +155,10 @@ impl Store {
         rows.iter()
             .map(|row| {
                 (0..row.len())
-                    .map(|i| row.try_get::<_, Option<String>>(i).map(Option::unwrap_or_default))
+                    .map(|i| {
+                        row.try_get::<_, Option<String>>(i)
+                            .map(Option::unwrap_or_default)
+                    })
                     .collect::<Result<Vec<String>, _>>()
                     .map_err(StoreError::from)
             })

@@ -386,6 +386,37 @@ impl Harness {
         metric(&self.metrics.encode(), sample)
     }
 
+    /// Creates (through the kube API, as `kubectl apply` would) a group `name` of `count`
+    /// images that nothing serves (port 9): each fails at once, so its events come fast.
+    /// Each image carries `metadata`; the group's own webhook is the harness' receiver.
+    pub async fn create_unreachable_group(
+        &self,
+        name: &str,
+        count: usize,
+        metadata: serde_json::Value,
+    ) -> kube::Api<kinsight::crd::ImageGroup> {
+        let images: Vec<_> = (0..count)
+            .map(|i| serde_json::json!({ "id": format!("i{i}"), "url": format!("http://127.0.0.1:9/{i}.jpg"), "metadata": metadata }))
+            .collect();
+        let group: kinsight::crd::ImageGroup = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kinsight.io/v1alpha1",
+            "kind": "ImageGroup",
+            "metadata": { "name": name },
+            "spec": {
+                "images": images,
+                "models": ["image_classification"],
+                "webhook": { "url": self.hook_url, "secretRef": { "name": "kinsight-webhook-signing", "key": "secret" } }
+            }
+        }))
+        .expect("group");
+        let groups = kube::Api::namespaced(self.client.clone(), &self.namespace);
+        groups
+            .create(&kube::api::PostParams::default(), &group)
+            .await
+            .expect("group created");
+        groups
+    }
+
     /// Creates the Secret `secret_name` holding `secret` under `key`, and one
     /// WebhookSubscription per (name, url, more of its spec) signing with it, then waits up
     /// to `ready_within` for each to report `Ready=True`.
