@@ -98,6 +98,10 @@ struct ControllerArgs {
     /// Run without leader election (only when a single replica runs).
     #[arg(long)]
     no_leader_election: bool,
+    /// Claimed webhook deliveries this replica works on at once (waiting for an
+    /// endpoint's slot or in flight); more replicas deliver more at once.
+    #[arg(long, env = "KINSIGHT_DISPATCH_IN_FLIGHT", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    dispatch_in_flight: u32,
     /// Namespace of the leader-election Lease (the controller's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kinsight-system")]
     lease_namespace: String,
@@ -343,6 +347,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 worker_deadline: args.worker_deadline,
                 egress: args.egress.allow_egress.unwrap_or_default(),
                 circuit: args.endpoints.circuit(),
+                dispatch_in_flight: args.dispatch_in_flight as usize,
                 ..defaults
             };
             let client = kube::Client::try_default().await?;

@@ -23,6 +23,8 @@ use serde_json::json;
 const IMAGES: usize = 150;
 /// The group's own webhook and two subscriptions.
 const ENDPOINTS: usize = 3;
+/// Claimed deliveries each replica works on at once.
+const IN_FLIGHT: usize = 25;
 const LIMIT: Duration = Duration::from_secs(240);
 
 /// A replica's task: aborting it is the replica dying (its dispatcher's tasks go with it).
@@ -36,6 +38,9 @@ impl Replica {
         let metrics = Arc::new(Metrics::default());
         let config = ControllerConfig {
             metrics: metrics.clone(),
+            // A replica holds at most this many claims: the backlog is left for the other
+            // one (by default one replica could take a few hundred at once on its own).
+            dispatch_in_flight: IN_FLIGHT,
             ..h.controller_config()
         };
         let election = LeaderElection {

@@ -25,8 +25,6 @@ use crate::webhook::{AttemptOutcome, Blocked, RetrySchedule, Transition};
 
 /// Deliveries claimed per query.
 const CLAIM_BATCH: usize = 500;
-/// Claimed deliveries a replica works on at once (waiting for a slot or in flight).
-const MAX_IN_FLIGHT: usize = 2_000;
 /// How long a claim lasts unless renewed: a dead dispatcher's claims are due again after
 /// at most this long. A live one renews its claims every [`RENEW_EVERY`].
 const LEASE: Duration = Duration::from_secs(30);
@@ -88,7 +86,7 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool) {
     tasks.spawn(renew(ctx.clone(), owner.clone()));
     let wake = crate::store::listen(ctx.store.url().to_owned(), &[DISPATCH_CHANNEL]);
     futures::pin_mut!(wake);
-    let capacity = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let capacity = Arc::new(Semaphore::new(ctx.config.dispatch_in_flight.max(1)));
     let mut swept = Instant::now();
     tracing::info!(%owner, "webhook dispatcher started");
     loop {

@@ -69,6 +69,9 @@ pub struct ControllerConfig {
     pub circuit: CircuitConfig,
     /// How often a subscription's status catches up with its endpoint's health.
     pub health_sync: Duration,
+    /// Claimed deliveries one replica's dispatcher works on at once (waiting for an
+    /// endpoint's slot or in flight); the rest stay in the table for other replicas.
+    pub dispatch_in_flight: usize,
 
     // Worker catalog and GPUs.
     /// The catalog published into each tenant namespace and mounted by worker pods, with
@@ -96,6 +99,7 @@ impl Default for ControllerConfig {
             group_ttl: Duration::from_secs(7 * 24 * 3600),
             circuit: CircuitConfig::default(),
             health_sync: Duration::from_secs(10),
+            dispatch_in_flight: 2_000,
             worker_catalog: None,
             gpu: GpuSettings::default(),
         }
