@@ -13,8 +13,10 @@
 //! CPU seconds of kube-apiserver, etcd, the controller's runtime and this harness, and the
 //! API server's own request counts, durations and bytes per verb and resource.
 //!
-//! Settings (environment): `GROUPS` (10), `IMAGES` per group (1000, at most 1000), `EVENTS`
-//! to wait for (GROUPS x IMAGES), `WRITERS` concurrent result writes (8), `BATCH` results per
+//! Settings (environment): `GROUPS` (10), `IMAGES` per group (1000, at most 10,000),
+//! `SUBSCRIPTIONS` per namespace besides each group's own webhook (0; each its own URL on
+//! the receiver), `VERIFY=1` to check every request's Standard Webhooks signature, `EVENTS`
+//! to wait for (GROUPS x IMAGES x endpoints), `WRITERS` concurrent result writes (8), `BATCH` results per
 //! write (1; a worker's upload stores up to 500 in one), `QUEUED_FIRST=1` to store every
 //! result before the controller starts (the delivery path alone; rate and latency then count
 //! from its start), `NAMESPACES` the groups are spread over (1; each is a tenant),
@@ -32,13 +34,15 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use futures::StreamExt;
 use kinsight::api::{SIGNING_SECRET_KEY, SIGNING_SECRET_NAME};
 use kinsight::controller::ControllerConfig;
-use kinsight::crd::{ImageEntry, ImageGroup, ImageGroupSpec, SecretKeyRef, WebhookTarget};
+use kinsight::crd::{
+    ImageEntry, ImageGroup, ImageGroupSpec, SecretKeyRef, WebhookSubscription, WebhookTarget,
+};
 use kinsight::inference::{Catalog, ClassScore, ModelOutput};
 use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
 use kinsight::store::Store;
@@ -56,6 +60,10 @@ const HARNESS_THREADS: &str = "bench-harness";
 struct Settings {
     groups: usize,
     images: usize,
+    /// WebhookSubscriptions per namespace, besides each group's own webhook.
+    subscriptions: usize,
+    /// Check each request's signature at the receiver.
+    verify: bool,
     events: usize,
     writers: usize,
     namespaces: usize,
@@ -79,11 +87,15 @@ fn setting<T: FromStr>(name: &str, default: T) -> T {
 impl Settings {
     fn from_env() -> Settings {
         let groups = setting("GROUPS", 10usize).max(1);
-        let images = setting("IMAGES", 1000usize).clamp(1, 1000);
-        let events = setting("EVENTS", groups * images).clamp(1, groups * images);
+        let images = setting("IMAGES", 1000usize).clamp(1, kinsight::crd::MAX_IMAGES);
+        let subscriptions = setting("SUBSCRIPTIONS", 0usize).min(50);
+        let all = groups * images * (subscriptions + 1);
+        let events = setting("EVENTS", all).clamp(1, all);
         Settings {
             groups,
             images,
+            subscriptions,
+            verify: setting("VERIFY", 0u8) == 1,
             events,
             writers: setting("WRITERS", 8usize).max(1),
             namespaces: setting("NAMESPACES", 1usize).clamp(1, groups),
@@ -101,8 +113,10 @@ struct Received {
     /// Requests whose `webhook-id` had been received before.
     duplicates: u64,
     ids: HashSet<String>,
-    /// First receipt of each image's `image.completed`, by (group, image).
-    images: HashMap<(String, String), Instant>,
+    /// First receipt of each image's `image.completed`, by (endpoint, group, image).
+    images: HashMap<(String, String, String), Instant>,
+    /// Requests whose signature did not verify (with `VERIFY=1`).
+    bad_signatures: u64,
     group_events: u64,
     other_events: u64,
     last_image_event: Option<Instant>,
@@ -110,12 +124,27 @@ struct Received {
 
 type Shared<T> = Arc<Mutex<T>>;
 
+/// The receiver's state: what it saw, and the verifier of signatures (with `VERIFY=1`).
+#[derive(Clone)]
+struct Receiver {
+    received: Shared<Received>,
+    verifier: Option<Arc<standardwebhooks::Webhook>>,
+}
+
 async fn receive(
-    State(received): State<Shared<Received>>,
+    State(receiver): State<Receiver>,
+    UrlPath(endpoint): UrlPath<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
     let at = Instant::now();
+    let received = receiver.received;
+    if let Some(verifier) = &receiver.verifier
+        && verifier.verify(&body, &headers).is_err()
+    {
+        received.lock().expect("receiver state").bad_signatures += 1;
+        return StatusCode::BAD_REQUEST;
+    }
     let id = headers
         .get("webhook-id")
         .and_then(|v| v.to_str().ok())
@@ -136,13 +165,34 @@ async fn receive(
         event.data.image_id,
     ) {
         ("image.completed", Some(group), Some(image)) => {
-            r.images.entry((group, image)).or_insert(at);
+            r.images.entry((endpoint, group, image)).or_insert(at);
             r.last_image_event = Some(at);
         }
         ("image_group.completed", _, _) => r.group_events += 1,
         _ => r.other_events += 1,
     }
     StatusCode::NO_CONTENT
+}
+
+/// `count` WebhookSubscriptions in `namespace`, each to its own URL under `hooks`, signed
+/// with the tenant's secret.
+async fn subscribe(client: &kube::Client, namespace: &str, hooks: &str, count: usize) {
+    let api: Api<WebhookSubscription> = Api::namespaced(client.clone(), namespace);
+    for k in 0..count {
+        let subscription: WebhookSubscription = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kinsight.io/v1alpha1",
+            "kind": "WebhookSubscription",
+            "metadata": { "name": format!("sub-{k}") },
+            "spec": {
+                "url": format!("{hooks}/sub-{k}"),
+                "secretRef": { "name": SIGNING_SECRET_NAME, "key": SIGNING_SECRET_KEY },
+            },
+        }))
+        .expect("subscription");
+        api.create(&PostParams::default(), &subscription)
+            .await
+            .expect("create WebhookSubscription");
+    }
 }
 
 /// When each result's write returned, by (group, image).
@@ -437,13 +487,15 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
     kinsight::dev::install_crds(&client)
         .await
         .expect("CRDs install");
+    // Every tenant signs with the same secret here, so one verifier checks them all.
+    let secret = kinsight::webhook::generate_secret();
     for k in 0..settings.namespaces {
         kinsight::dev::create_tenant(
             &client,
             KEYS_NAMESPACE,
             &namespace(k),
             &format!("bench-api-key-{k}"),
-            &kinsight::webhook::generate_secret(),
+            &secret,
         )
         .await
         .expect("tenant");
@@ -455,10 +507,20 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind receiver");
-    let hook = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let hooks = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let hook = format!("{hooks}/request");
+    let verifier = settings
+        .verify
+        .then(|| Arc::new(standardwebhooks::Webhook::new(&secret).expect("the signing secret")));
     let app = Router::new()
-        .route("/hook", post(receive))
-        .with_state(received.clone());
+        .route("/hook/{endpoint}", post(receive))
+        .with_state(Receiver {
+            received: received.clone(),
+            verifier,
+        });
+    for k in 0..settings.namespaces {
+        subscribe(&client, &namespace(k), &hooks, settings.subscriptions).await;
+    }
     let receiver = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -532,11 +594,12 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
     let cpu_before = cpu_snapshot(&pids, ticks);
     let api_before = api_metrics(&client).await;
     eprintln!(
-        "setup {:.1}s; {} groups x {} images in {} namespace(s), waiting for {} image.completed, {} writers, limit {}s",
+        "setup {:.1}s; {} groups x {} images in {} namespace(s), {} endpoint(s) each, waiting for {} image.completed, {} writers, limit {}s",
         setup_started.elapsed().as_secs_f64(),
         settings.groups,
         settings.images,
         settings.namespaces,
+        settings.subscriptions + 1,
         settings.events,
         settings.writers,
         settings.max.as_secs()
@@ -561,7 +624,8 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         }
         // After the target, a short wait for the group events (informational).
         if let Some(at) = target_reached_at
-            && (group_events as usize >= settings.groups || at.elapsed() > Duration::from_secs(30))
+            && (group_events as usize >= settings.groups * (settings.subscriptions + 1)
+                || at.elapsed() > Duration::from_secs(30))
         {
             break "complete";
         }
@@ -614,8 +678,8 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
     let r = received.lock().expect("received");
     let mut latencies: Vec<Duration> = Vec::new();
     let mut early = 0;
-    for (key, at) in &r.images {
-        if let Some(wrote) = w.at.get(key) {
+    for ((_, group, image), at) in &r.images {
+        if let Some(wrote) = w.at.get(&(group.clone(), image.clone())) {
             if at < wrote {
                 early += 1;
             }
@@ -650,10 +714,16 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         measured.as_secs_f64()
     );
     println!(
-        "  {} groups x {} images in {} namespace(s), model {MODEL}, {} concurrent result writers of {} results each{}",
+        "  {} groups x {} images in {} namespace(s), {} endpoint(s) per group{}, model {MODEL}, {} concurrent result writers of {} results each{}",
         settings.groups,
         settings.images,
         settings.namespaces,
+        settings.subscriptions + 1,
+        if settings.verify {
+            " (every signature checked)"
+        } else {
+            ""
+        },
         settings.writers,
         settings.batch,
         if queued {
@@ -684,6 +754,12 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         r.requests, r.duplicates
     );
     println!("| image_group.completed received | {} |", r.group_events);
+    if settings.verify {
+        println!(
+            "| requests whose signature did not verify | {} |",
+            r.bad_signatures
+        );
+    }
     println!(
         "| latency write -> receipt p50 | {} |",
         ms(percentile(&latencies, 50.0))

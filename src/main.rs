@@ -98,6 +98,10 @@ struct ControllerArgs {
     /// Run without leader election (only when a single replica runs).
     #[arg(long)]
     no_leader_election: bool,
+    /// Images one worker Job takes at most (a bigger group runs as several Jobs, on
+    /// several pods at once).
+    #[arg(long, env = "KINSIGHT_IMAGES_PER_JOB", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    images_per_job: u16,
     /// Claimed webhook deliveries this replica works on at once (waiting for an
     /// endpoint's slot or in flight); more replicas deliver more at once.
     #[arg(long, env = "KINSIGHT_DISPATCH_IN_FLIGHT", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -348,6 +352,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 egress: args.egress.allow_egress.unwrap_or_default(),
                 circuit: args.endpoints.circuit(),
                 dispatch_in_flight: args.dispatch_in_flight as usize,
+                images_per_job: usize::from(args.images_per_job),
                 ..defaults
             };
             let client = kube::Client::try_default().await?;

@@ -379,6 +379,38 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
         )
         .await;
     assert_eq!(status, 422, "{body}");
+    // A group too big to keep is refused with the bound it passes.
+    let many: Vec<_> = (0..=10_000)
+        .map(|i| json!({ "url": format!("https://cdn.example/{i}.jpg") }))
+        .collect();
+    let (status, body) = h
+        .post(
+            "/v1/image-groups",
+            json!({ "images": many, "models": ["object_detection"] }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["detail"],
+        "images: at most 10000 images per group, got 10001"
+    );
+    let heavy: Vec<_> = (0..3000)
+        .map(|i| json!({ "url": format!("https://cdn.example/{i}.jpg"), "metadata": { "notes": "n".repeat(500) } }))
+        .collect();
+    let (status, body) = h
+        .post(
+            "/v1/image-groups",
+            json!({ "images": heavy, "models": ["object_detection"] }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("KiB as JSON, at most 1280 KiB"),
+        "{body}"
+    );
     let (status, body) = h.post("/v1/images", json!({ "url": h.photo_url("coffee.png"), "models": ["object_detection"], "surprise": 1 })).await;
     assert_eq!(status, 422, "unknown fields are refused: {body}");
 
@@ -404,7 +436,7 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
         .post(&url)
         .bearer_auth(&h.api_key)
         .header("content-type", "application/json")
-        .body(vec![b' '; 2 * 1024 * 1024])
+        .body(vec![b' '; 2 * 1024 * 1024 + 1])
         .send()
         .await
         .expect("send");
@@ -696,6 +728,57 @@ async fn a_group_whose_work_order_is_larger_than_an_environment_variable_runs() 
     assert_eq!(done.len(), 80);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_bigger_than_one_job_runs_as_several_jobs_at_once() {
+    let mut h = Harness::start_configured("tenant-shards", |c| c.images_per_job = 3).await;
+    let hook = h.hook_url.clone();
+    let group_id = h
+        .post_photo_group(7, &["image_classification"], &hook)
+        .await;
+    let events = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+        .await;
+    assert_eq!(
+        completed_images(&events),
+        ["i0", "i1", "i2", "i3", "i4", "i5", "i6"]
+    );
+    let group = &of_type(&events, "image_group.completed")[0].payload["data"];
+    assert_eq!(
+        (group["imagesDone"].as_u64(), group["imagesFailed"].as_u64()),
+        (Some(7), Some(0)),
+        "{group}"
+    );
+    // Three Jobs of the one generation, the spec's images in runs of three, each with its
+    // own work order.
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    let status = groups
+        .get(&group_id)
+        .await
+        .expect("group")
+        .status
+        .expect("status");
+    let names: Vec<String> = ["g1", "g1-1", "g1-2"]
+        .iter()
+        .map(|s| format!("{group_id}-{s}"))
+        .collect();
+    assert_eq!(status.jobs, names);
+    let mut ordered = Vec::new();
+    for name in &names {
+        let order = work_order(&h, name).await;
+        let ids: Vec<String> = order["images"]
+            .as_array()
+            .expect("images")
+            .iter()
+            .filter_map(|i| i["id"].as_str().map(str::to_owned))
+            .collect();
+        ordered.push(ids);
+    }
+    assert_eq!(
+        ordered,
+        [vec!["i0", "i1", "i2"], vec!["i3", "i4", "i5"], vec!["i6"]]
+    );
+}
+
 /// Serves `app` on 127.0.0.1; returns its base URL.
 async fn serve_api(app: axum::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -799,7 +882,7 @@ async fn a_large_group_with_many_endpoints_delivers_everything_with_a_small_stat
         .collect();
     h.subscribe("hook-key", &secret, &subscriptions, LIMIT)
         .await;
-    // A spec of about 1.5 MB (as kubectl can make; the REST API takes 1 MiB bodies), whose
+    // A spec of about 1.5 MB (as kubectl can make; the REST API takes up to 1.25 MiB), whose
     // 100 images fail at once (nothing listens on port 9). With deliveries in the status,
     // its 700 records pushed the object past etcd's 1.5 MiB and the group never completed.
     let metadata: serde_json::Map<String, serde_json::Value> = (0..28)

@@ -153,6 +153,7 @@ async fn add_to_group(
     group
         .spec
         .validate(models)
+        .and_then(|()| group.spec.check_size())
         .map_err(ApiError::InvalidRequest)?;
     api.replace(id, &PostParams::default(), &group).await?;
     Ok(())
@@ -283,6 +284,7 @@ async fn create(
     spec: ImageGroupSpec,
 ) -> Result<String, ApiError> {
     spec.validate(&state.config.models)
+        .and_then(|()| spec.check_size())
         .map_err(ApiError::InvalidRequest)?;
     let id = format!("{prefix}-{}", hex::encode(rand::random::<[u8; 8]>()));
     let group = ImageGroup {

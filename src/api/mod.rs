@@ -30,8 +30,9 @@ use kube::{Api, Client};
 use crate::results::INGEST_PATH;
 use crate::store::Store;
 
-/// Largest request body accepted (a 1000-image group fits comfortably).
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest request body accepted: a 10,000-image group fits, and one whose spec would be
+/// over its 1 MiB ([`crate::crd::MAX_SPEC_BYTES`]) gets that bound's own message.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// Largest batch of results a worker may send at once.
 pub const INGEST_BODY_BYTES: usize = 32 * 1024 * 1024;
 

@@ -2,7 +2,7 @@
 //! fold results into status and the aggregate, then plan webhook deliveries for the
 //! dispatchers.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +15,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::job::{
-    build_job, catalog_config_map, finished, job_name, job_owner, left_images_failure,
-    work_order_config_map, worker_account,
+    MAX_IMAGES_PER_JOB, build_job, catalog_config_map, finished, job_name, job_owner,
+    left_images_failure, work_order_config_map, worker_account,
 };
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
 use crate::crd::{
@@ -91,7 +91,8 @@ pub async fn reconcile(
     let results = ctx.store.group_results(&group_ref).await?;
     let models = &group.spec.models;
     // Only what is new runs: images without a result, and models an image has not seen.
-    let pending: Vec<WorkItem> = group
+    // Each keeps its place in the spec, which decides its Job.
+    let pending: Vec<(usize, WorkItem)> = group
         .spec
         .images
         .iter()
@@ -107,16 +108,19 @@ pub async fn reconcile(
                     .collect(),
                 None => Vec::new(),
             };
-            Some(WorkItem {
-                id,
-                url: image.url.clone(),
-                models: missing,
-            })
+            Some((
+                i,
+                WorkItem {
+                    id,
+                    url: image.url.clone(),
+                    models: missing,
+                },
+            ))
         })
         .collect();
 
     if !pending.is_empty() {
-        ensure_worker_job(&ctx, &group, &group_ref, generation, &pending, &mut status).await?;
+        ensure_worker_jobs(&ctx, &group, &group_ref, generation, &pending, &mut status).await?;
     }
 
     status.images_total = u32::try_from(group.spec.images.len()).unwrap_or(u32::MAX);
@@ -296,65 +300,65 @@ fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Creates this generation's worker Job for the images without results, or, when that Job
-/// has finished without writing some of them, records those images as failed.
-async fn ensure_worker_job(
+/// The Jobs of a generation, by name, with the images each takes: the spec's images in
+/// runs of `per_job` by their place, so that an image's Job does not depend on which
+/// others are pending (a restart half-way through making them makes the same ones).
+fn shards(
+    group: &str,
+    generation: i64,
+    pending: &[(usize, WorkItem)],
+    per_job: usize,
+) -> BTreeMap<String, Vec<WorkItem>> {
+    let per_job = per_job.clamp(1, MAX_IMAGES_PER_JOB);
+    let mut out: BTreeMap<usize, Vec<WorkItem>> = BTreeMap::new();
+    for (index, item) in pending {
+        out.entry(index / per_job).or_default().push(item.clone());
+    }
+    out.into_iter()
+        .map(|(shard, items)| (job_name(group, generation, shard), items))
+        .collect()
+}
+
+/// Creates this generation's worker Jobs for the images without results, or, when one of
+/// them has finished without writing some of its images, records those images as failed.
+async fn ensure_worker_jobs(
     ctx: &Context,
     group: &ImageGroup,
     group_ref: &GroupRef,
     generation: i64,
-    pending: &[WorkItem],
+    pending: &[(usize, WorkItem)],
     status: &mut ImageGroupStatus,
 ) -> Result<(), ControllerError> {
     let namespace = &group_ref.namespace;
-    let name = job_name(&group_ref.name, generation);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
-    if !status.jobs.contains(&name) {
+    let shards = shards(
+        &group_ref.name,
+        generation,
+        pending,
+        ctx.config.images_per_job,
+    );
+    if !shards.keys().any(|name| status.jobs.contains(name)) {
         ensure_worker_setup(ctx, namespace).await?;
-        let order = WorkOrder {
-            group: group_ref.clone(),
-            generation,
-            models: group.spec.models.clone(),
-            images: pending.to_vec(),
-        };
-        // The order first: the Job's pod mounts it.
-        let config_map = work_order_config_map(group, &name, &order)?;
-        Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
-            .patch(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&config_map),
-            )
-            .await?;
-        let job = build_job(group, &name, &order, &ctx.config)?;
-        let job = match jobs.create(&PostParams::default(), &job).await {
-            Ok(job) => {
-                tracing::info!(job = %name, namespace = %namespace, images = pending.len(), "created worker job");
-                job
-            }
-            // Created before a restart: the deterministic name makes this a no-op.
-            Err(kube::Error::Api(s)) if s.code == 409 => jobs.get(&name).await?,
-            Err(e) => return Err(e.into()),
-        };
-        // Then the order is the Job's: it goes with it (its TTL, or being superseded)
-        // rather than piling up, up to 768 KiB each, for as long as the group lives.
-        if let Some(owner) = job_owner(&job) {
-            let handover = json!({ "metadata": { "ownerReferences": [owner] } });
-            Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&handover))
-                .await?;
+        for (name, images) in &shards {
+            start_job(ctx, group, group_ref, generation, name, images).await?;
         }
         stop_superseded_jobs(&jobs, &status.jobs).await?;
-        status.jobs.push(name);
+        status.jobs.extend(shards.into_keys());
         return Ok(());
     }
-    let job = jobs.get_opt(&name).await?;
-    if let Some((reason, message)) = left_images_failure(job.as_ref()) {
+    for (name, images) in &shards {
+        if !status.jobs.contains(name) {
+            continue;
+        }
+        let job = jobs.get_opt(name).await?;
+        let Some((reason, message)) = left_images_failure(job.as_ref()) else {
+            continue;
+        };
         // A worker's results are stored before it exits, so a fresh read decides which
         // images really have no result, and none is ever overwritten by a failure.
         let stored = ctx.store.group_results(group_ref).await?;
         let models = &group.spec.models;
-        let failures: Vec<ImageResult> = pending
+        let failures: Vec<ImageResult> = images
             .iter()
             .filter(|item| !stored.get(&item.id).is_some_and(|r| r.covers(models)))
             .map(|item| ImageResult::failed(&group_ref.name, &item.id, reason, message.clone()))
@@ -364,6 +368,53 @@ async fn ensure_worker_job(
                 .write_results(group_ref, generation, chunk)
                 .await?;
         }
+    }
+    Ok(())
+}
+
+/// Creates the Job `name` for `images`, with its work order.
+async fn start_job(
+    ctx: &Context,
+    group: &ImageGroup,
+    group_ref: &GroupRef,
+    generation: i64,
+    name: &str,
+    images: &[WorkItem],
+) -> Result<(), ControllerError> {
+    let namespace = &group_ref.namespace;
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    let order = WorkOrder {
+        group: group_ref.clone(),
+        generation,
+        models: group.spec.models.clone(),
+        images: images.to_vec(),
+    };
+    // The order first: the Job's pod mounts it.
+    let config_map = work_order_config_map(group, name, &order)?;
+    Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&config_map),
+        )
+        .await?;
+    let job = build_job(group, name, &order, &ctx.config)?;
+    let job = match jobs.create(&PostParams::default(), &job).await {
+        Ok(job) => {
+            tracing::info!(job = %name, namespace = %namespace, images = images.len(), "created worker job");
+            job
+        }
+        // Created before a restart: the deterministic name makes this a no-op.
+        Err(kube::Error::Api(s)) if s.code == 409 => jobs.get(name).await?,
+        Err(e) => return Err(e.into()),
+    };
+    // Then the order is the Job's: it goes with it (its TTL, or being superseded)
+    // rather than piling up, up to 768 KiB each, for as long as the group lives.
+    if let Some(owner) = job_owner(&job) {
+        let handover = json!({ "metadata": { "ownerReferences": [owner] } });
+        Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
+            .patch(name, &PatchParams::default(), &Patch::Merge(&handover))
+            .await?;
     }
     Ok(())
 }
@@ -526,4 +577,48 @@ async fn expire_when_due(
         .remove_group(&group.uid, super::PURGE_BATCH)
         .await?;
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(index: usize) -> (usize, WorkItem) {
+        let id = format!("i{index}");
+        let url = format!("https://photos.example/{index}.jpg");
+        (
+            index,
+            WorkItem {
+                id,
+                url,
+                models: Vec::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn an_image_goes_to_the_job_of_its_place_whichever_others_are_pending() {
+        let ids = |items: &[WorkItem]| items.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+        let all: Vec<_> = (0..7).map(item).collect();
+        let jobs = shards("grp", 2, &all, 3);
+        let named: Vec<(&str, Vec<String>)> = jobs
+            .iter()
+            .map(|(n, items)| (n.as_str(), ids(items)))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("grp-g2", vec!["i0".into(), "i1".into(), "i2".into()]),
+                ("grp-g2-1", vec!["i3".into(), "i4".into(), "i5".into()]),
+                ("grp-g2-2", vec!["i6".into()]),
+            ]
+        );
+        // Later, with some done: the same Jobs for the rest, none for a finished run.
+        let rest: Vec<_> = [1, 2, 6].into_iter().map(item).collect();
+        let jobs = shards("grp", 2, &rest, 3);
+        assert_eq!(jobs.keys().collect::<Vec<_>>(), ["grp-g2", "grp-g2-2"]);
+        // A nonsensical size is bounded, never a division by zero.
+        assert_eq!(shards("grp", 2, &all, 0).len(), 7);
+        assert_eq!(shards("grp", 2, &all, 5000).len(), 1);
+    }
 }

@@ -151,9 +151,19 @@ impl GpuSettings {
     }
 }
 
-/// Job names end up in the pods' `job-name` label: at most 63 characters.
-pub fn job_name(group: &str, generation: i64) -> String {
-    let suffix = format!("-g{generation}");
+/// Images one worker Job takes at most ([`ControllerConfig::images_per_job`] may say
+/// fewer): a bigger group runs as several Jobs at once (more pods, on more nodes), and each
+/// Job's work order stays well under a ConfigMap's 1 MiB (the group's URLs are bounded by
+/// [`crate::crd::MAX_GROUP_URL_BYTES`] together).
+pub const MAX_IMAGES_PER_JOB: usize = 1000;
+
+/// The name of a generation's `shard`-th Job (the first has no shard suffix). Job names
+/// end up in the pods' `job-name` label: at most 63 characters.
+pub fn job_name(group: &str, generation: i64, shard: usize) -> String {
+    let suffix = match shard {
+        0 => format!("-g{generation}"),
+        k => format!("-g{generation}-{k}"),
+    };
     if group.len() + suffix.len() <= 63 {
         return format!("{group}{suffix}");
     }
@@ -1041,12 +1051,15 @@ mod tests {
 
     #[test]
     fn job_names_are_deterministic_and_fit_labels() {
-        assert_eq!(job_name("grp-abc", 3), "grp-abc-g3");
+        assert_eq!(job_name("grp-abc", 3, 0), "grp-abc-g3");
+        assert_eq!(job_name("grp-abc", 3, 4), "grp-abc-g3-4");
         let long = "x".repeat(80);
-        let name = job_name(&long, 12);
+        let name = job_name(&long, 12, 0);
         assert!(name.len() <= 63, "{name}");
         assert!(name.ends_with("-g12"));
-        assert_eq!(name, job_name(&long, 12));
-        assert_ne!(job_name(&"y".repeat(80), 12), name);
+        assert_eq!(name, job_name(&long, 12, 0));
+        assert_ne!(job_name(&"y".repeat(80), 12, 0), name);
+        let shard = job_name(&long, 12, 9);
+        assert!(shard.len() <= 63 && shard.ends_with("-g12-9"), "{shard}");
     }
 }

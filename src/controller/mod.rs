@@ -17,7 +17,7 @@ pub use job::{
     CATALOG_CONFIG_MAP, CATALOG_HASH_ANNOTATION, CATALOG_KEY, CATALOG_MOUNT_PATH, GpuSettings,
     WorkerCatalog,
 };
-pub use job::{RESULTS_URL_ENV, WORKER_ACCOUNT, job_name};
+pub use job::{MAX_IMAGES_PER_JOB, RESULTS_URL_ENV, WORKER_ACCOUNT, job_name};
 pub use leader::{LEASE_NAME, LeaderElection, run_as_leader};
 pub use metrics::Metrics;
 
@@ -55,6 +55,9 @@ pub struct ControllerConfig {
     pub worker_cpu: String,
     pub worker_memory: String,
     pub worker_backoff_limit: i32,
+    /// Images one worker Job takes at most (1 to [`job::MAX_IMAGES_PER_JOB`]); a bigger
+    /// group (or update) runs as several Jobs at once.
+    pub images_per_job: usize,
     /// How long a worker Job may run before it is failed (`activeDeadlineSeconds`).
     pub worker_deadline: Duration,
     pub retry: RetrySchedule,
@@ -91,6 +94,7 @@ impl Default for ControllerConfig {
             worker_cpu: "1".to_owned(),
             worker_memory: "1Gi".to_owned(),
             worker_backoff_limit: 2,
+            images_per_job: job::MAX_IMAGES_PER_JOB,
             worker_deadline: Duration::from_secs(3600),
             retry: RetrySchedule::default(),
             sender: SenderConfig::default(),

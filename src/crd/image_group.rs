@@ -10,15 +10,19 @@ use serde::{Deserialize, Serialize};
 use crate::delivery::{Delivery, DeliveryState};
 
 /// Bounds that keep one group (and its status) well inside etcd's object size limit.
-pub const MAX_IMAGES: usize = 1000;
+pub const MAX_IMAGES: usize = 10_000;
 pub const MAX_MODELS: usize = 16;
 pub const MAX_METADATA_KEYS: usize = 50;
 pub const MAX_METADATA_KEY_LEN: usize = 40;
 pub const MAX_METADATA_VALUE_LEN: usize = 500;
 pub const MAX_URL_LEN: usize = 2048;
-/// All of a group's image URLs together, at most: the worker Job's work order (a ConfigMap,
-/// at most 1 MiB) carries them, with ids and model names.
+/// All of a group's image URLs together, at most: the group's object holds them, and so do
+/// its worker Jobs' work orders (ConfigMaps, at most 1 MiB each).
 pub const MAX_GROUP_URL_BYTES: usize = 768 * 1024;
+/// The whole spec as JSON, at most, as the REST API takes it: the object (spec, status and
+/// metadata) must stay within etcd's 1.5 MiB (the API server refuses bigger ones), with room
+/// for the status.
+pub const MAX_SPEC_BYTES: usize = 1280 * 1024;
 /// Failed deliveries a group's status lists, at most.
 pub const MAX_RECENT_FAILURES: usize = 10;
 
@@ -40,7 +44,7 @@ pub const MAX_RECENT_FAILURES: usize = 10;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ImageGroupSpec {
-    /// The images to analyse (at most 1000).
+    /// The images to analyse (at most 10,000; the whole spec at most 1 MiB).
     pub images: Vec<ImageEntry>,
     /// Catalog names of the models to run on every image, e.g. `object_detection`.
     pub models: Vec<String>,
@@ -314,6 +318,40 @@ impl ImageGroupSpec {
         }
         Ok(())
     }
+
+    /// Refuses a spec too big to be stored with room for its status (see
+    /// [`MAX_SPEC_BYTES`]); the REST API checks it before making the group.
+    pub fn check_size(&self) -> Result<(), String> {
+        let spec_bytes = json_size(self);
+        if spec_bytes > MAX_SPEC_BYTES {
+            return Err(format!(
+                "the group is {} KiB as JSON, at most {} KiB (its images' URLs and metadata); split the images into several groups",
+                spec_bytes.div_ceil(1024),
+                MAX_SPEC_BYTES / 1024
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of `value` as compact JSON, counted without keeping them.
+fn json_size(value: &impl Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing into a counter cannot fail; a value that cannot be written counts as too big.
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// Bytes of `text` inside a JSON string.
@@ -509,5 +547,34 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[test]
+    fn ten_thousand_images_are_one_group_and_the_spec_stays_within_its_bytes() {
+        let urls: Vec<String> = (0..MAX_IMAGES)
+            .map(|i| format!("https://cdn.example/listing/{i}.jpg"))
+            .collect();
+        let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
+        assert_eq!(spec(&refs).validate(&known()), Ok(()));
+        let mut more = refs.clone();
+        more.push("https://cdn.example/one-more.jpg");
+        let err = spec(&more).validate(&known()).unwrap_err();
+        assert_eq!(err, "images: at most 10000 images per group, got 10001");
+        assert_eq!(spec(&refs).check_size(), Ok(()));
+        // Metadata counts too: 3,000 images with 500 bytes each are over 1.25 MiB.
+        let mut heavy = spec(&refs[..3000]);
+        for image in &mut heavy.images {
+            image.metadata.insert("notes".into(), "n".repeat(500));
+        }
+        assert_eq!(heavy.validate(&known()), Ok(()));
+        let err = heavy.check_size().unwrap_err();
+        assert!(
+            err.starts_with("the group is 16") && err.contains("KiB as JSON, at most 1280 KiB"),
+            "{err}"
+        );
+        assert_eq!(
+            json_size(&heavy),
+            serde_json::to_vec(&heavy).map_or(0, |b| b.len())
+        );
     }
 }

@@ -317,9 +317,11 @@ async fn wait_until_recorded(http: &reqwest::Client, env: &DevEnvironment, group
             Ok(response) => response.json().await.unwrap_or_default(),
             Err(_) => serde_json::Value::Null,
         };
+        // Pending or being sent (claimed by the dispatcher, its outcome not recorded yet).
+        let open = |d: &serde_json::Value| d["state"] != "delivered" && d["state"] != "failed";
         let pending = body["deliveries"]
             .as_array()
-            .is_none_or(|all| all.iter().any(|d| d["state"] == "pending"));
+            .is_none_or(|all| all.iter().any(open));
         if !pending {
             return;
         }
