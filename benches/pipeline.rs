@@ -12,7 +12,7 @@
 //! each group's POST to each of its image events (p50/p90/p99/max), the time to the last
 //! `image_group.completed`, and duplicates (receipts of a `webhook-id` already received).
 //!
-//! Settings (environment): `GROUPS` (20), `IMAGES` per group (1000, at most 1000),
+//! Settings (environment): `GROUP_COUNT` (20; not `GROUPS`, which bash keeps for itself), `IMAGES` per group (1000, at most 1000),
 //! `MAX_SECS` for the measured part (900), `KINSIGHT_BIN` (the `kinsight` binary of this
 //! build), `ORT_DYLIB_PATH` (else `./.venv`'s ONNX Runtime).
 
@@ -166,7 +166,7 @@ fn main() {
 }
 
 async fn run() {
-    let groups: usize = setting("GROUPS", 20);
+    let groups: usize = setting("GROUP_COUNT", 20);
     let images: usize = setting("IMAGES", 1000).min(1000);
     let max = Duration::from_secs(setting("MAX_SECS", 900));
     let binary = std::env::var("KINSIGHT_BIN")

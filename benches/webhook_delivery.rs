@@ -13,10 +13,10 @@
 //! CPU seconds of kube-apiserver, etcd, the controller's runtime and this harness, and the
 //! API server's own request counts, durations and bytes per verb and resource.
 //!
-//! Settings (environment): `GROUPS` (10), `IMAGES` per group (1000, at most 10,000),
+//! Settings (environment): `GROUP_COUNT` (10; not `GROUPS`, which bash keeps for itself), `IMAGES` per group (1000, at most 10,000),
 //! `SUBSCRIPTIONS` per namespace besides each group's own webhook (0; each its own URL on
 //! the receiver), `VERIFY=1` to check every request's Standard Webhooks signature, `EVENTS`
-//! to wait for (GROUPS x IMAGES x endpoints), `WRITERS` concurrent result writes (8), `BATCH` results per
+//! to wait for (GROUP_COUNT x IMAGES x endpoints), `WRITERS` concurrent result writes (8), `BATCH` results per
 //! write (1; a worker's upload stores up to 500 in one), `QUEUED_FIRST=1` to store every
 //! result before the controller starts (the delivery path alone; rate and latency then count
 //! from its start), `NAMESPACES` the groups are spread over (1; each is a tenant),
@@ -86,7 +86,7 @@ fn setting<T: FromStr>(name: &str, default: T) -> T {
 
 impl Settings {
     fn from_env() -> Settings {
-        let groups = setting("GROUPS", 10usize).max(1);
+        let groups = setting("GROUP_COUNT", 10usize).max(1);
         let images = setting("IMAGES", 1000usize).clamp(1, kinsight::crd::MAX_IMAGES);
         let subscriptions = setting("SUBSCRIPTIONS", 0usize).min(50);
         let all = groups * images * (subscriptions + 1);

@@ -191,7 +191,7 @@ async fn a_forgotten_group_is_purged_in_batches_and_only_it() {
                 next_attempt_at: None,
                 last_error: None,
                 delivered_at: Some(now),
-                payload: None,
+                payload: Some(serde_json::json!({ "type": "image.completed", "n": i })),
             })
             .collect()
     };
@@ -232,6 +232,14 @@ async fn a_forgotten_group_is_purged_in_batches_and_only_it() {
         .expect("read");
     assert!(gone_history.is_none());
     assert_eq!(store.group_results(&kept).await.expect("read").len(), 3);
+    // Event bodies go with their group, in batches too.
+    let bodies = |uid: &str| {
+        let sql = format!("SELECT count(*)::text FROM event_bodies WHERE group_uid = '{uid}'");
+        let store = store.clone();
+        async move { store.query_text(&sql).await.expect("count")[0][0].clone() }
+    };
+    assert_eq!(bodies(&gone.uid).await, "0");
+    assert_eq!(bodies(&kept.uid).await, "3");
     let (_, attempts) = store
         .delivery_with_attempts(&kept.uid, &format!("msg_{}_0", kept.uid))
         .await

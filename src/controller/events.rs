@@ -13,11 +13,11 @@ use sha2::{Digest, Sha256};
 
 use super::{Context, ControllerError};
 use crate::crd::{
-    ConditionStatus, EndpointDeliveries, EndpointHealth, FailedDelivery, ImageGroup,
+    ConditionStatus, EndpointDeliveries, EndpointHealth, FailedDelivery, ImageEntry, ImageGroup,
     ImageGroupStatus, MAX_RECENT_FAILURES, REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef,
     WebhookSubscription, set_condition,
 };
-use crate::delivery::{Delivery, DeliveryState};
+use crate::delivery::{Delivery, DeliveryState, EventBodies};
 use crate::results::ImageResult;
 use crate::webhook::{
     EndpointOptions, EventPayload, MEMORY_ONLY, RetrySchedule, group_event, image_event,
@@ -138,7 +138,8 @@ fn event_id(group_uid: &str, event: &str, subject: &str, endpoint: &str) -> Stri
     format!("msg_{}", &hex::encode(digest)[..26])
 }
 
-/// Adds the events that are due to `deliveries` (idempotent).
+/// Adds the events that are due to `deliveries` (idempotent); returns the bodies of the
+/// events added, fixed now, by sequence number.
 pub fn plan(
     group: &ImageGroup,
     status: &mut ImageGroupStatus,
@@ -147,7 +148,7 @@ pub fn plan(
     endpoints: &[Endpoint],
     all_done: bool,
     now: jiff::Timestamp,
-) {
+) -> EventBodies {
     let uid = group.uid().unwrap_or_default();
     let models = &group.spec.models;
     let first_new = deliveries.len();
@@ -227,12 +228,30 @@ pub fn plan(
             status, deliveries, &mut known, &uid, &event, endpoints, now, &settled,
         );
     }
-    // Each new event's body is fixed now, with the results it announces.
-    for delivery in &mut deliveries[first_new..] {
-        let body = payload_for(group, status, delivery, results);
-        delivery.payload = serde_json::to_value(body).ok();
+    // Each new event's body is fixed now, with the results it announces: once per event,
+    // whichever endpoints it goes to.
+    let entries: HashMap<String, &ImageEntry> = if deliveries.len() > first_new {
+        group
+            .spec
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.key(i), e))
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    let mut bodies = EventBodies::new();
+    for delivery in &deliveries[first_new..] {
+        if let std::collections::btree_map::Entry::Vacant(slot) = bodies.entry(delivery.sequence) {
+            let body = payload_for(group, status, delivery, results, &entries);
+            if let Ok(value) = serde_json::to_value(body) {
+                slot.insert(value);
+            }
+        }
     }
     prune_superseded(deliveries);
+    bodies
 }
 
 /// Drops the image events that a newer event about the same image supersedes at the same
@@ -391,17 +410,12 @@ fn payload_for(
     status: &ImageGroupStatus,
     delivery: &Delivery,
     results: &HashMap<String, ImageResult>,
+    entries: &HashMap<String, &ImageEntry>,
 ) -> EventPayload {
     let created = delivery.created_at;
     match &delivery.image_id {
         Some(image_id) => {
-            let entry = group
-                .spec
-                .images
-                .iter()
-                .enumerate()
-                .find(|(i, e)| e.key(*i) == *image_id)
-                .map(|(_, e)| e);
+            let entry = entries.get(image_id).copied();
             image_event(
                 &delivery.event,
                 group,
@@ -923,14 +937,18 @@ mod tests {
     }
 
     #[test]
-    fn an_events_body_is_fixed_when_it_is_recorded() {
-        let endpoints = [endpoint("request")];
+    fn an_events_body_is_fixed_when_it_is_recorded_once_for_all_its_endpoints() {
+        let endpoints = [
+            endpoint("request"),
+            endpoint("subscription/a"),
+            endpoint("subscription/b"),
+        ];
         let g = group(1, &["a"], 1);
         let now = jiff::Timestamp::now();
         let mut status = ImageGroupStatus::default();
         let mut deliveries: Vec<Delivery> = Vec::new();
         let before = results(1);
-        plan(
+        let bodies = plan(
             &g,
             &mut status,
             &mut deliveries,
@@ -939,7 +957,15 @@ mod tests {
             false,
             now,
         );
-        let body = deliveries[0].payload.clone().expect("a body");
+        // One event to three endpoints: three deliveries, one sequence, one body.
+        assert_eq!(deliveries.len(), 3);
+        assert!(
+            deliveries
+                .iter()
+                .all(|d| d.sequence == deliveries[0].sequence)
+        );
+        assert_eq!(bodies.len(), 1);
+        let body = bodies[&deliveries[0].sequence].clone();
         assert_eq!(
             body["data"]["failure"]["reason"], "DownloadFailed",
             "{body}"
@@ -955,7 +981,7 @@ mod tests {
                 message: "changed".into(),
             });
         }
-        plan(
+        let again = plan(
             &g,
             &mut status,
             &mut deliveries,
@@ -964,8 +990,8 @@ mod tests {
             false,
             now,
         );
-        assert_eq!(deliveries.len(), 1);
-        assert_eq!(deliveries[0].payload.as_ref(), Some(&body));
+        assert_eq!(deliveries.len(), 3);
+        assert!(again.is_empty(), "{again:?}");
     }
 
     #[test]

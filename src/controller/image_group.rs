@@ -187,7 +187,7 @@ pub async fn reconcile(
     let mut deliveries = recorded.clone();
     let replayed = events::apply_replay(&group, &mut status, &mut deliveries);
     let now = jiff::Timestamp::now();
-    events::plan(
+    let bodies = events::plan(
         &group,
         &mut status,
         &mut deliveries,
@@ -211,6 +211,7 @@ pub async fn reconcile(
     let endpoint_records = serde_json::to_value(&endpoints)?;
     let plan = Plan {
         new: &new,
+        bodies: &bodies,
         replayed: &replayed.deliveries,
         unstopped: &replayed.unstopped,
         pruned: &pruned,

@@ -29,11 +29,15 @@ pub struct Delivery {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered_at: Option<jiff::Timestamp>,
-    /// The event's body, fixed when the event was recorded. Only deliveries planned in this
-    /// reconcile carry it; the stored ones are read when they are due.
+    /// The event's body, fixed when the event was recorded: read with a claimed delivery
+    /// (the store keeps one per event), or given with one to record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<serde_json::Value>,
 }
+
+/// Bodies of events, by their sequence number in the group: one per event, whichever
+/// endpoints it goes to.
+pub type EventBodies = std::collections::BTreeMap<u64, serde_json::Value>;
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeliveryState {

@@ -9,7 +9,7 @@ use tokio_postgres::types::Json;
 
 use super::notify::DISPATCH_CHANNEL;
 use super::{Store, StoreError, record_group};
-use crate::delivery::{Attempt, Delivery, DeliveryState};
+use crate::delivery::{Attempt, Delivery, DeliveryState, EventBodies};
 use crate::results::GroupRef;
 
 const COLUMNS: &str = "d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at, d.state, \
@@ -57,8 +57,11 @@ impl Cursor {
 /// What one reconcile planned for a group's deliveries.
 #[derive(Debug)]
 pub struct Plan<'a> {
-    /// Events recorded now (pending, each with its body).
+    /// Deliveries recorded now (pending).
     pub new: &'a [Delivery],
+    /// The bodies of the events recorded now, by sequence number (one per event, whichever
+    /// endpoints it goes to); an event that has one already keeps it.
+    pub bodies: &'a EventBodies,
     /// Deliveries a replay sends again from the start.
     pub replayed: &'a [String],
     /// Endpoint keys a replay lifts a 410 stop from.
@@ -87,6 +90,11 @@ impl Store {
         let tx = client.transaction().await?;
         record_group(&tx, group).await?;
         insert_deliveries(&tx, group, deliveries).await?;
+        let bodies: EventBodies = deliveries
+            .iter()
+            .filter_map(|d| Some((d.sequence, d.payload.clone()?)))
+            .collect();
+        insert_bodies(&tx, group, &bodies).await?;
         insert_attempts(&tx, attempts).await?;
         tx.commit().await?;
         Ok(())
@@ -107,6 +115,7 @@ impl Store {
         )
         .await?;
         insert_deliveries(&tx, group, plan.new).await?;
+        insert_bodies(&tx, group, plan.bodies).await?;
         if !plan.replayed.is_empty() {
             // A delivery being sent right now is taken back from its dispatcher: what that
             // attempt brings is still kept in the history, the delivery starts afresh.
@@ -295,32 +304,82 @@ async fn insert_deliveries(
     if deliveries.is_empty() {
         return Ok(());
     }
-    let records = serde_json::to_value(deliveries)
-        .map_err(|e| StoreError::Corrupt(format!("serialising deliveries: {e}")))?;
+    // Parallel arrays, one per column: a 10,000-image group with 21 endpoints plans
+    // 210,000 rows in one reconcile.
+    let column = |f: fn(&Delivery) -> Option<&str>| -> Vec<Option<&str>> {
+        deliveries.iter().map(f).collect()
+    };
+    let ids = column(|d| Some(d.id.as_str()));
+    let events = column(|d| Some(d.event.as_str()));
+    let images = column(|d| d.image_id.as_deref());
+    let endpoints = column(|d| Some(d.endpoint.as_str()));
+    let states = column(|d| Some(d.state.as_str()));
+    let errors = column(|d| d.last_error.as_deref());
+    let sequences: Vec<i64> = deliveries
+        .iter()
+        .map(|d| i64::try_from(d.sequence).unwrap_or(i64::MAX))
+        .collect();
+    let created: Vec<jiff::Timestamp> = deliveries.iter().map(|d| d.created_at).collect();
+    let attempts: Vec<i32> = deliveries
+        .iter()
+        .map(|d| i32::try_from(d.attempts).unwrap_or(i32::MAX))
+        .collect();
+    let next: Vec<Option<jiff::Timestamp>> = deliveries.iter().map(|d| d.next_attempt_at).collect();
+    let delivered: Vec<Option<jiff::Timestamp>> =
+        deliveries.iter().map(|d| d.delivered_at).collect();
     tx.execute(
-        r#"INSERT INTO deliveries (id, group_uid, namespace, event, image_id, endpoint,
-               sequence, created_at, state, attempts, next_attempt_at, last_error,
-               delivered_at)
-           SELECT r.id, $1, $3, r.event, r."imageId", r.endpoint, r.sequence,
-                  r."createdAt", r.state, COALESCE(r.attempts, 0),
-                  CASE WHEN r.state IN ('Pending', 'Sending')
-                       THEN COALESCE(r."nextAttemptAt", r."createdAt") END,
-                  r."lastError", r."deliveredAt"
-           FROM jsonb_to_recordset($2::jsonb) AS r(
-               id text, event text, "imageId" text, endpoint text, sequence bigint,
-               "createdAt" timestamptz, state text, attempts integer,
-               "nextAttemptAt" timestamptz, "lastError" text, "deliveredAt" timestamptz)
-           ON CONFLICT (id) DO NOTHING"#,
-        &[&group.uid, &Json(&records), &group.namespace],
+        "INSERT INTO deliveries (id, group_uid, namespace, event, image_id, endpoint,
+             sequence, created_at, state, attempts, next_attempt_at, last_error, delivered_at)
+         SELECT r.id, $1, $2, r.event, r.image_id, r.endpoint, r.sequence, r.created_at,
+                r.state, r.attempts,
+                CASE WHEN r.state IN ('Pending', 'Sending')
+                     THEN COALESCE(r.next_attempt_at, r.created_at) END,
+                r.last_error, r.delivered_at
+         FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
+                     $8::timestamptz[], $9::text[], $10::integer[], $11::timestamptz[],
+                     $12::text[], $13::timestamptz[])
+              AS r(id, event, image_id, endpoint, sequence, created_at, state, attempts,
+                   next_attempt_at, last_error, delivered_at)
+         ON CONFLICT (id) DO NOTHING",
+        &[
+            &group.uid,
+            &group.namespace,
+            &ids,
+            &events,
+            &images,
+            &endpoints,
+            &sequences,
+            &created,
+            &states,
+            &attempts,
+            &next,
+            &errors,
+            &delivered,
+        ],
     )
     .await?;
+    Ok(())
+}
+
+/// Bodies of events by their sequence number; the first one recorded for an event stays.
+async fn insert_bodies(
+    tx: &deadpool_postgres::Transaction<'_>,
+    group: &GroupRef,
+    bodies: &EventBodies,
+) -> Result<(), StoreError> {
+    if bodies.is_empty() {
+        return Ok(());
+    }
+    let sequences: Vec<i64> = bodies
+        .keys()
+        .map(|s| i64::try_from(*s).unwrap_or(i64::MAX))
+        .collect();
+    let payloads: Vec<Json<&serde_json::Value>> = bodies.values().map(Json).collect();
     tx.execute(
-        r#"INSERT INTO delivery_bodies (delivery_id, payload)
-           SELECT r.id, r.payload
-           FROM jsonb_to_recordset($1::jsonb) AS r(id text, payload jsonb)
-           WHERE r.payload IS NOT NULL
-           ON CONFLICT (delivery_id) DO NOTHING"#,
-        &[&Json(&records)],
+        "INSERT INTO event_bodies (group_uid, sequence, payload)
+         SELECT $1, s, p FROM unnest($2::bigint[], $3::jsonb[]) AS b(s, p)
+         ON CONFLICT (group_uid, sequence) DO NOTHING",
+        &[&group.uid, &sequences, &payloads],
     )
     .await?;
     Ok(())

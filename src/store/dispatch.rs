@@ -92,8 +92,8 @@ impl Store {
                  WHERE d.id = due.id
                  RETURNING d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at,
                      d.state, d.attempts, d.next_attempt_at, d.last_error, d.delivered_at,
-                     (SELECT b.payload FROM delivery_bodies b WHERE b.delivery_id = d.id)
-                         AS payload,
+                     (SELECT b.payload FROM event_bodies b
+                      WHERE b.group_uid = d.group_uid AND b.sequence = d.sequence) AS payload,
                      d.group_uid, g.namespace, g.name,
                      g.deleted_at IS NOT NULL AS group_deleted, g.endpoints_version",
                 &[&limit, &owner, &lease.as_secs_f64()],

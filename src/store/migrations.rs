@@ -12,6 +12,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("migrations/0004_delivery_namespaces.sql")),
     (5, include_str!("migrations/0005_attempt_responses.sql")),
     (6, include_str!("migrations/0006_dispatcher.sql")),
+    (7, include_str!("migrations/0007_event_bodies.sql")),
 ];
 
 /// Any fixed number: the key of the lock that serialises migrations across processes.

@@ -152,17 +152,32 @@ impl Store {
     pub async fn purge_group(&self, uid: &str, batch: i64) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let mut deleted = 0;
-        for statement in [
-            "DELETE FROM image_results WHERE group_uid = $1 AND image_id IN (
-                 SELECT image_id FROM image_results WHERE group_uid = $1 LIMIT $2)
-             AND EXISTS (SELECT 1 FROM groups WHERE uid = $1 AND deleted_at IS NOT NULL)",
-            "DELETE FROM deliveries WHERE group_uid = $1 AND id IN (
-                 SELECT id FROM deliveries WHERE group_uid = $1 LIMIT $2)
-             AND EXISTS (SELECT 1 FROM groups WHERE uid = $1 AND deleted_at IS NOT NULL)",
+        // (statement, whether its rows count): event bodies (one per event) do not.
+        for (statement, counted) in [
+            (
+                "DELETE FROM image_results WHERE group_uid = $1 AND image_id IN (
+                     SELECT image_id FROM image_results WHERE group_uid = $1 LIMIT $2)
+                 AND EXISTS (SELECT 1 FROM groups WHERE uid = $1 AND deleted_at IS NOT NULL)",
+                true,
+            ),
+            (
+                "DELETE FROM deliveries WHERE group_uid = $1 AND id IN (
+                     SELECT id FROM deliveries WHERE group_uid = $1 LIMIT $2)
+                 AND EXISTS (SELECT 1 FROM groups WHERE uid = $1 AND deleted_at IS NOT NULL)",
+                true,
+            ),
+            (
+                "DELETE FROM event_bodies WHERE group_uid = $1 AND sequence IN (
+                     SELECT sequence FROM event_bodies WHERE group_uid = $1 LIMIT $2)
+                 AND EXISTS (SELECT 1 FROM groups WHERE uid = $1 AND deleted_at IS NOT NULL)",
+                false,
+            ),
         ] {
             loop {
                 let n = client.execute(statement, &[&uid, &batch]).await?;
-                deleted += n;
+                if counted {
+                    deleted += n;
+                }
                 if n == 0 {
                     break;
                 }
