@@ -573,3 +573,81 @@ async fn a_410_fails_the_endpoints_open_deliveries_of_the_group_and_is_remembere
         vec![format!("{} http://gone.example/", gone.delivery.endpoint)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_counts_open_endpoints_and_last_failures_come_from_the_table() {
+    let (_postgres, store, _dir) = database().await;
+    let (g, other) = (group("counted"), group("elsewhere"));
+    let with = |mut d: Delivery, state: DeliveryState, error: Option<&str>| {
+        d.state = state;
+        d.last_error = error.map(str::to_owned);
+        d
+    };
+    let mut deliveries = Vec::new();
+    for i in 0..30 {
+        deliveries.push(with(
+            pending(&g, i, "request"),
+            DeliveryState::Delivered,
+            None,
+        ));
+        let failed = with(
+            pending(&g, i, "subscription/a"),
+            DeliveryState::Failed,
+            Some("500"),
+        );
+        deliveries.push(if i < 25 {
+            failed
+        } else {
+            pending(&g, i, "subscription/a")
+        });
+        if i < 3 {
+            deliveries.push(pending(&g, i, "subscription/b"));
+        }
+    }
+    store
+        .record_deliveries(&g, &deliveries, &[])
+        .await
+        .expect("saved");
+    store
+        .record_deliveries(&other, &[pending(&other, 0, "subscription/z")], &[])
+        .await
+        .expect("saved");
+
+    assert_eq!(
+        store.open_endpoints(&g.uid).await.expect("open"),
+        ["subscription/a", "subscription/b"]
+    );
+    let counts: Vec<(String, DeliveryState, u64)> = store
+        .delivery_counts(&g.uid)
+        .await
+        .expect("counts")
+        .into_iter()
+        .map(|c| (c.endpoint, c.state, c.count))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("request".to_owned(), DeliveryState::Delivered, 30),
+            ("subscription/a".to_owned(), DeliveryState::Failed, 25),
+            ("subscription/a".to_owned(), DeliveryState::Pending, 5),
+            ("subscription/b".to_owned(), DeliveryState::Pending, 3),
+        ]
+    );
+    // The newest failed events first, as the status lists them.
+    let failures = store.recent_failures(&g.uid, 10).await.expect("failures");
+    let sequences: Vec<u64> = failures.iter().map(|d| d.sequence).collect();
+    assert_eq!(sequences, (16..=25).rev().collect::<Vec<u64>>());
+    assert!(
+        failures
+            .iter()
+            .all(|d| d.last_error.as_deref() == Some("500"))
+    );
+    // A group with nothing recorded has no open endpoint.
+    assert!(
+        store
+            .open_endpoints("no-such-group")
+            .await
+            .expect("open")
+            .is_empty()
+    );
+}

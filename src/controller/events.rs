@@ -19,6 +19,7 @@ use crate::crd::{
 };
 use crate::delivery::{Delivery, DeliveryState, EventBodies};
 use crate::results::ImageResult;
+use crate::store::DeliveryCount;
 use crate::webhook::{
     EndpointOptions, EventPayload, MEMORY_ONLY, RetrySchedule, group_event, image_event,
 };
@@ -436,12 +437,54 @@ pub fn set_delivery_condition(
     generation: i64,
     now: jiff::Timestamp,
 ) {
-    let pending = deliveries.iter().filter(|d| d.state.is_open()).count();
-    let failed = deliveries
+    let mut counts: std::collections::BTreeMap<(&str, &str), DeliveryCount> =
+        std::collections::BTreeMap::new();
+    for d in deliveries {
+        counts
+            .entry((d.endpoint.as_str(), d.state.as_str()))
+            .or_insert_with(|| DeliveryCount {
+                endpoint: d.endpoint.clone(),
+                state: d.state,
+                count: 0,
+            })
+            .count += 1;
+    }
+    let counts: Vec<DeliveryCount> = counts.into_values().collect();
+    let mut failures: Vec<&Delivery> = deliveries
         .iter()
         .filter(|d| d.state == DeliveryState::Failed)
-        .count();
-    let delivered = deliveries.len() - pending - failed;
+        .collect();
+    failures.sort_by(|a, b| b.sequence.cmp(&a.sequence).then_with(|| a.id.cmp(&b.id)));
+    let failures: Vec<Delivery> = failures
+        .into_iter()
+        .take(MAX_RECENT_FAILURES)
+        .cloned()
+        .collect();
+    set_delivery_counts(status, &counts, &failures, generation, now);
+}
+
+/// The status's delivery counts, recent failures (newest first) and `WebhooksDelivered`
+/// condition, from counts per endpoint and state.
+pub fn set_delivery_counts(
+    status: &mut ImageGroupStatus,
+    counts: &[DeliveryCount],
+    recent_failures: &[Delivery],
+    generation: i64,
+    now: jiff::Timestamp,
+) {
+    let total = |open: bool, state: Option<DeliveryState>| -> u64 {
+        counts
+            .iter()
+            .filter(|c| match state {
+                Some(s) => c.state == s,
+                None => c.state.is_open() == open,
+            })
+            .map(|c| c.count)
+            .sum()
+    };
+    let pending = total(true, None);
+    let failed = total(false, Some(DeliveryState::Failed));
+    let delivered = total(false, Some(DeliveryState::Delivered));
     let (state, reason) = match (pending, failed) {
         (0, 0) => (ConditionStatus::True, "AllDelivered"),
         (0, _) => (ConditionStatus::True, "SomeFailed"),
@@ -450,28 +493,23 @@ pub fn set_delivery_condition(
     let message = format!("{delivered} delivered, {pending} pending, {failed} failed");
     let mut per_endpoint: std::collections::BTreeMap<&str, EndpointDeliveries> =
         std::collections::BTreeMap::new();
-    for d in deliveries {
-        let counts =
-            per_endpoint
-                .entry(d.endpoint.as_str())
-                .or_insert_with(|| EndpointDeliveries {
-                    endpoint: d.endpoint.clone(),
-                    ..EndpointDeliveries::default()
-                });
-        match d.state {
-            DeliveryState::Pending | DeliveryState::Sending => counts.pending += 1,
-            DeliveryState::Delivered => counts.delivered += 1,
-            DeliveryState::Failed => counts.failed += 1,
+    for c in counts {
+        let entry = per_endpoint
+            .entry(c.endpoint.as_str())
+            .or_insert_with(|| EndpointDeliveries {
+                endpoint: c.endpoint.clone(),
+                ..EndpointDeliveries::default()
+            });
+        let n = u32::try_from(c.count).unwrap_or(u32::MAX);
+        match c.state {
+            DeliveryState::Pending | DeliveryState::Sending => entry.pending += n,
+            DeliveryState::Delivered => entry.delivered += n,
+            DeliveryState::Failed => entry.failed += n,
         }
     }
     status.deliveries = per_endpoint.into_values().collect();
-    let mut failures: Vec<&Delivery> = deliveries
+    status.recent_failures = recent_failures
         .iter()
-        .filter(|d| d.state == DeliveryState::Failed)
-        .collect();
-    failures.sort_by(|a, b| b.sequence.cmp(&a.sequence).then_with(|| a.id.cmp(&b.id)));
-    status.recent_failures = failures
-        .into_iter()
         .take(MAX_RECENT_FAILURES)
         .map(|d| FailedDelivery {
             id: d.id.clone(),

@@ -20,7 +20,8 @@ use super::job::{
 };
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
 use crate::crd::{
-    ConditionStatus, GroupPhase, ImageGroup, ImageGroupStatus, RETENTION_ANNOTATION, set_condition,
+    ConditionStatus, GroupPhase, ImageGroup, ImageGroupStatus, MAX_RECENT_FAILURES,
+    REPLAY_ANNOTATION, RETENTION_ANNOTATION, set_condition,
 };
 use crate::delivery::Delivery;
 use crate::results::{GroupRef, ImageResult, MAX_BATCH};
@@ -177,47 +178,85 @@ pub async fn reconcile(
     // Plan the events due now and save them (the dispatchers send them), then the status
     // that counts them: the ledger first, so a restart neither loses nor re-invents one.
     let endpoints = events::endpoints(&ctx, &group, &namespace).await?;
-    let recorded = ctx.store.group_deliveries(&group_ref.uid).await?;
     // Dispatchers record the endpoints that answered 410 Gone; the status lists them.
     for mark in ctx.store.stopped_endpoints(&group_ref.uid).await? {
         if !status.stopped_endpoints.contains(&mark) {
             status.stopped_endpoints.push(mark);
         }
     }
-    let mut deliveries = recorded.clone();
-    let replayed = events::apply_replay(&group, &mut status, &mut deliveries);
-    let now = jiff::Timestamp::now();
-    let bodies = events::plan(
-        &group,
-        &mut status,
-        &mut deliveries,
-        &results,
-        &endpoints,
-        all_done,
-        now,
-    );
-    events::set_delivery_condition(&mut status, &deliveries, generation, now);
-    let before: HashSet<&str> = recorded.iter().map(|d| d.id.as_str()).collect();
-    let after: HashSet<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
-    let new: Vec<Delivery> = deliveries
-        .iter()
-        .filter(|d| !before.contains(d.id.as_str()))
-        .cloned()
-        .collect();
-    let pruned: Vec<String> = before
-        .difference(&after)
-        .map(|id| (*id).to_owned())
-        .collect();
     let endpoint_records = serde_json::to_value(&endpoints)?;
-    let plan = Plan {
-        new: &new,
-        bodies: &bodies,
-        replayed: &replayed.deliveries,
-        unstopped: &replayed.unstopped,
-        pruned: &pruned,
-        endpoints: &endpoint_records,
+    // Everything planning depends on. When none of it moved since this replica last
+    // planned, only the dispatchers' progress did: the counts come from the database, and
+    // the group's deliveries (210,000 rows for 10,000 images and 21 endpoints) stay there.
+    let key = PlanKey {
+        generation,
+        covered: finished_results.len(),
+        all_done,
+        endpoints: endpoint_records.to_string(),
+        replay: group.annotations().get(REPLAY_ANNOTATION).cloned(),
+        stopped: status.stopped_endpoints.clone(),
+        open: ctx.store.open_endpoints(&group_ref.uid).await?,
     };
-    ctx.store.save_plan(&group_ref, &plan).await?;
+    let planned = lock(&ctx.planned).get(&group_ref.uid) == Some(&key);
+    let open = if planned {
+        let counts = ctx.store.delivery_counts(&group_ref.uid).await?;
+        let limit = i64::try_from(MAX_RECENT_FAILURES).unwrap_or(10);
+        let failures = ctx.store.recent_failures(&group_ref.uid, limit).await?;
+        events::set_delivery_counts(&mut status, &counts, &failures, generation, now);
+        counts
+            .iter()
+            .filter(|c| c.state.is_open())
+            .map(|c| usize::try_from(c.count).unwrap_or(usize::MAX))
+            .sum()
+    } else {
+        let recorded = ctx.store.group_deliveries(&group_ref.uid).await?;
+        let mut deliveries = recorded.clone();
+        let replayed = events::apply_replay(&group, &mut status, &mut deliveries);
+        let now = jiff::Timestamp::now();
+        let bodies = events::plan(
+            &group,
+            &mut status,
+            &mut deliveries,
+            &results,
+            &endpoints,
+            all_done,
+            now,
+        );
+        events::set_delivery_condition(&mut status, &deliveries, generation, now);
+        let before: HashSet<&str> = recorded.iter().map(|d| d.id.as_str()).collect();
+        let after: HashSet<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
+        let new: Vec<Delivery> = deliveries
+            .iter()
+            .filter(|d| !before.contains(d.id.as_str()))
+            .cloned()
+            .collect();
+        let pruned: Vec<String> = before
+            .difference(&after)
+            .map(|id| (*id).to_owned())
+            .collect();
+        let plan = Plan {
+            new: &new,
+            bodies: &bodies,
+            replayed: &replayed.deliveries,
+            unstopped: &replayed.unstopped,
+            pruned: &pruned,
+            endpoints: &endpoint_records,
+        };
+        ctx.store.save_plan(&group_ref, &plan).await?;
+        // As it stands after this plan: what the next reconcile will compare.
+        let open: std::collections::BTreeSet<&str> = deliveries
+            .iter()
+            .filter(|d| d.state.is_open())
+            .map(|d| d.endpoint.as_str())
+            .collect();
+        let planned_key = PlanKey {
+            stopped: status.stopped_endpoints.clone(),
+            open: open.into_iter().map(str::to_owned).collect(),
+            ..key
+        };
+        remember_plan(&ctx, &group_ref.uid, planned_key);
+        deliveries.iter().filter(|d| d.state.is_open()).count()
+    };
     if let Some(wait) = progress_wait(&ctx, &group_ref.uid, &original, &status) {
         // Only progress moved, and it was written moments ago: the next round writes it.
         return Ok(Action::requeue(wait));
@@ -227,7 +266,6 @@ pub async fn reconcile(
         lock(&ctx.progress_written).insert(group_ref.uid.clone(), std::time::Instant::now());
     }
 
-    let open = deliveries.iter().filter(|d| d.state.is_open()).count();
     ctx.config
         .metrics
         .set_pending(&format!("{namespace}/{name}"), open);
@@ -237,6 +275,31 @@ pub async fn reconcile(
     // Jobs are watched, and stored results and settled deliveries notify; the periodic
     // requeue only guards against missed events.
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// What planning a group's events depends on, as a replica last planned them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanKey {
+    generation: i64,
+    /// Images with a result for every model.
+    covered: usize,
+    all_done: bool,
+    /// The endpoint records, as saved for the dispatchers.
+    endpoints: String,
+    replay: Option<String>,
+    stopped: Vec<String>,
+    /// Endpoints with deliveries still open (when one drains, its group event may be due).
+    open: Vec<String>,
+}
+
+fn remember_plan(ctx: &Context, uid: &str, key: PlanKey) {
+    let mut planned = lock(&ctx.planned);
+    // Groups come and go; forgetting all now and then keeps this bounded (the next
+    // reconcile of each plans in full).
+    if planned.len() > 10_000 {
+        planned.clear();
+    }
+    planned.insert(uid.to_owned(), key);
 }
 
 /// Status changes that only move progress (counts, the aggregate, delivery counts and the

@@ -122,6 +122,9 @@ pub struct Context {
     pub circuits: Circuits,
     /// When each group's status was last written (by uid), to space out progress writes.
     pub progress_written: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// What each group's events were last planned from (by uid): a reconcile that finds
+    /// the same only counts.
+    pub planned: std::sync::Mutex<std::collections::HashMap<String, image_group::PlanKey>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +200,7 @@ fn context(
         recorder: kube::runtime::events::Recorder::new(client, MANAGER.into()),
         circuits: Circuits::new(config.circuit.clone()),
         progress_written: std::sync::Mutex::default(),
+        planned: std::sync::Mutex::default(),
         config,
     }))
 }

@@ -44,7 +44,7 @@ pub const MAX_RECENT_FAILURES: usize = 10;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ImageGroupSpec {
-    /// The images to analyse (at most 10,000; the whole spec at most 1 MiB).
+    /// The images to analyse (at most 10,000; the REST API takes a spec of at most 1.25 MiB).
     pub images: Vec<ImageEntry>,
     /// Catalog names of the models to run on every image, e.g. `object_detection`.
     pub models: Vec<String>,

@@ -54,6 +54,14 @@ impl Cursor {
     }
 }
 
+/// Deliveries of one endpoint in one state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryCount {
+    pub endpoint: String,
+    pub state: DeliveryState,
+    pub count: u64,
+}
+
 /// What one reconcile planned for a group's deliveries.
 #[derive(Debug)]
 pub struct Plan<'a> {
@@ -167,6 +175,79 @@ impl Store {
             Some(row) => row.try_get(0)?,
             None => Vec::new(),
         })
+    }
+
+    /// The endpoints of a group with a delivery pending or being sent, in order: one index
+    /// probe per endpoint (a loose index scan), however many deliveries are open.
+    pub async fn open_endpoints(&self, group_uid: &str) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "WITH RECURSIVE open AS (
+                     (SELECT endpoint FROM deliveries
+                      WHERE group_uid = $1 AND state IN ('Pending', 'Sending')
+                      ORDER BY endpoint LIMIT 1)
+                     UNION ALL
+                     SELECT (SELECT d.endpoint FROM deliveries d
+                             WHERE d.group_uid = $1 AND d.state IN ('Pending', 'Sending')
+                               AND d.endpoint > open.endpoint
+                             ORDER BY d.endpoint LIMIT 1)
+                     FROM open WHERE open.endpoint IS NOT NULL
+                 )
+                 SELECT endpoint FROM open WHERE endpoint IS NOT NULL",
+                &[&group_uid],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// How many of a group's deliveries each endpoint has in each state.
+    pub async fn delivery_counts(&self, group_uid: &str) -> Result<Vec<DeliveryCount>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT endpoint, state, count(*) FROM deliveries WHERE group_uid = $1
+                 GROUP BY endpoint, state ORDER BY endpoint, state",
+                &[&group_uid],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let state: String = row.try_get(1)?;
+                let count: i64 = row.try_get(2)?;
+                Ok(DeliveryCount {
+                    endpoint: row.try_get(0)?,
+                    state: DeliveryState::parse(&state)
+                        .ok_or_else(|| StoreError::Corrupt(format!("delivery state {state:?}")))?,
+                    count: u64::try_from(count).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// A group's last `limit` deliveries that failed for good, newest event first.
+    pub async fn recent_failures(
+        &self,
+        group_uid: &str,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM deliveries d
+                     WHERE d.group_uid = $1 AND d.state = 'Failed'
+                     ORDER BY d.sequence DESC, d.id LIMIT $2"
+                ),
+                &[&group_uid, &limit],
+            )
+            .await?;
+        rows.iter().map(from_row).collect()
     }
 
     /// A page of a group's deliveries in sequence order.

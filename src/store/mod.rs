@@ -8,7 +8,7 @@ mod migrations;
 mod notify;
 mod results;
 
-pub use deliveries::{Cursor, Plan};
+pub use deliveries::{Cursor, DeliveryCount, Plan};
 pub use dispatch::{Claimed, GONE_ERROR, Outcomes, Settled, Stop};
 pub use notify::{DISPATCH_CHANNEL, GROUPS_CHANNEL, StoreNotice, listen};
 
