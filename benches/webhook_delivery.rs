@@ -17,7 +17,9 @@
 //! `SUBSCRIPTIONS` per namespace besides each group's own webhook (0; each its own URL on
 //! the receiver), `VERIFY=1` to check every request's Standard Webhooks signature, `EVENTS`
 //! to wait for (GROUP_COUNT x IMAGES x endpoints), `WRITERS` concurrent result writes (8), `BATCH` results per
-//! write (1; a worker's upload stores up to 500 in one), `QUEUED_FIRST=1` to store every
+//! write (1; a worker's upload stores up to 500 in one), `RATE` results stored per second at
+//! most (0: as fast as the writers go; an offered load below capacity shows the latency of
+//! the path itself rather than of a backlog), `QUEUED_FIRST=1` to store every
 //! result before the controller starts (the delivery path alone; rate and latency then count
 //! from its start), `NAMESPACES` the groups are spread over (1; each is a tenant),
 //! `MAX_SECS` for the measured part (900), `RUST_LOG` (warn).
@@ -70,6 +72,8 @@ struct Settings {
     max: Duration,
     /// Results per write (the ingest stores a worker's batch in one).
     batch: usize,
+    /// Results stored per second at most (0: as fast as the writers go).
+    rate: f64,
     /// Store every result before the controller starts: the delivery path alone.
     queued_first: bool,
 }
@@ -102,6 +106,7 @@ impl Settings {
             max: Duration::from_secs(setting("MAX_SECS", 900u64)),
             batch: setting("BATCH", 1usize).clamp(1, kinsight::results::MAX_BATCH),
             queued_first: setting("QUEUED_FIRST", 0u8) == 1,
+            rate: setting("RATE", 0.0f64).max(0.0),
         }
     }
 }
@@ -266,6 +271,10 @@ async fn produce(
     written: Shared<Written>,
 ) {
     let (groups, images, writers) = (settings.groups, settings.images, settings.writers);
+    // With a rate, result n (counted over all groups) is stored no sooner than n / rate
+    // after the first group was made.
+    let paced_from = Instant::now();
+    let mut scheduled = 0usize;
     for g in 0..groups {
         let name = format!("bench-g{g:02}");
         let ns = namespace(g % settings.namespaces);
@@ -290,13 +299,22 @@ async fn produce(
         };
         written.lock().expect("written").groups_created += 1;
         let (group, store, written_ref) = (&group, &store, &written);
-        let batches: Vec<Vec<usize>> = (0..images)
+        let batches: Vec<(Vec<usize>, Option<Instant>)> = (0..images)
             .collect::<Vec<_>>()
             .chunks(settings.batch)
-            .map(<[usize]>::to_vec)
+            .map(|chunk| {
+                let due = (settings.rate > 0.0).then(|| {
+                    paced_from + Duration::from_secs_f64(scheduled as f64 / settings.rate)
+                });
+                scheduled += chunk.len();
+                (chunk.to_vec(), due)
+            })
             .collect();
         futures::stream::iter(batches)
-            .for_each_concurrent(writers, |batch| async move {
+            .for_each_concurrent(writers, |(batch, due)| async move {
+                if let Some(due) = due {
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 let specs: Vec<ImageResult> = batch
                     .iter()
                     .map(|i| result_spec(&group.name, &format!("i{i}")))
