@@ -79,6 +79,12 @@ fn completed_images(events: &[kinsight::dev::ReceivedWebhook]) -> Vec<&str> {
     ids
 }
 
+/// The status of the group `id`, as the API server has it now.
+async fn group_status(h: &Harness, id: &str) -> kinsight::crd::ImageGroupStatus {
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    groups.get(id).await.expect("group").status.expect("status")
+}
+
 /// Creates a group through the REST API with the harness's webhook URL; returns its id.
 async fn post_group(h: &Harness, images: serde_json::Value, models: &[&str]) -> String {
     let (status, body) = h
@@ -380,37 +386,24 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
         .await;
     assert_eq!(status, 422, "{body}");
     // A group too big to keep is refused with the bound it passes.
-    let many: Vec<_> = (0..=10_000)
+    let refused = async |images: Vec<serde_json::Value>| {
+        let body = json!({ "images": images, "models": ["object_detection"] });
+        let (status, body) = h.post("/v1/image-groups", body).await;
+        assert_eq!(status, 422, "{body}");
+        body["detail"].as_str().unwrap_or_default().to_owned()
+    };
+    let many = (0..=10_000)
         .map(|i| json!({ "url": format!("https://cdn.example/{i}.jpg") }))
         .collect();
-    let (status, body) = h
-        .post(
-            "/v1/image-groups",
-            json!({ "images": many, "models": ["object_detection"] }),
-        )
-        .await;
-    assert_eq!(status, 422, "{body}");
     assert_eq!(
-        body["detail"],
+        refused(many).await,
         "images: at most 10000 images per group, got 10001"
     );
-    let heavy: Vec<_> = (0..3000)
+    let heavy = (0..3000)
         .map(|i| json!({ "url": format!("https://cdn.example/{i}.jpg"), "metadata": { "notes": "n".repeat(500) } }))
         .collect();
-    let (status, body) = h
-        .post(
-            "/v1/image-groups",
-            json!({ "images": heavy, "models": ["object_detection"] }),
-        )
-        .await;
-    assert_eq!(status, 422, "{body}");
-    assert!(
-        body["detail"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("KiB as JSON, at most 1280 KiB"),
-        "{body}"
-    );
+    let detail = refused(heavy).await;
+    assert!(detail.contains("KiB as JSON, at most 1280 KiB"), "{detail}");
     let (status, body) = h.post("/v1/images", json!({ "url": h.photo_url("coffee.png"), "models": ["object_detection"], "surprise": 1 })).await;
     assert_eq!(status, 422, "unknown fields are refused: {body}");
 
@@ -587,13 +580,7 @@ async fn controller_restart_loses_no_event_and_duplicates_no_job() {
 
     let jobs = common::jobs_of(&h.client, &h.namespace, &group_id).await;
     assert_eq!(jobs.len(), 1, "exactly one Job for the group");
-    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
-    let status = groups
-        .get(&group_id)
-        .await
-        .expect("group")
-        .status
-        .expect("status");
+    let status = group_status(&h, &group_id).await;
     assert_eq!(status.images_done, 8);
     assert_eq!(status.jobs.len(), 1);
 }
@@ -750,13 +737,7 @@ async fn a_group_bigger_than_one_job_runs_as_several_jobs_at_once() {
     );
     // Three Jobs of the one generation, the spec's images in runs of three, each with its
     // own work order.
-    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
-    let status = groups
-        .get(&group_id)
-        .await
-        .expect("group")
-        .status
-        .expect("status");
+    let status = group_status(&h, &group_id).await;
     let names: Vec<String> = ["g1", "g1-1", "g1-2"]
         .iter()
         .map(|s| format!("{group_id}-{s}"))
