@@ -2,7 +2,7 @@
 //! fold results into status and the aggregate, then plan webhook deliveries for the
 //! dispatchers.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -197,65 +197,17 @@ pub async fn reconcile(
         stopped: status.stopped_endpoints.clone(),
         open: ctx.store.open_endpoints(&group_ref.uid).await?,
     };
-    let planned = lock(&ctx.planned).get(&group_ref.uid) == Some(&key);
-    let open = if planned {
-        let counts = ctx.store.delivery_counts(&group_ref.uid).await?;
-        let limit = i64::try_from(MAX_RECENT_FAILURES).unwrap_or(10);
-        let failures = ctx.store.recent_failures(&group_ref.uid, limit).await?;
-        events::set_delivery_counts(&mut status, &counts, &failures, generation, now);
-        counts
-            .iter()
-            .filter(|c| c.state.is_open())
-            .map(|c| usize::try_from(c.count).unwrap_or(usize::MAX))
-            .sum()
+    let open = if lock(&ctx.planned).get(&group_ref.uid) == Some(&key) {
+        count_deliveries(&ctx, &group_ref.uid, &mut status, generation, now).await?
     } else {
-        let recorded = ctx.store.group_deliveries(&group_ref.uid).await?;
-        let mut deliveries = recorded.clone();
-        let replayed = events::apply_replay(&group, &mut status, &mut deliveries);
-        let now = jiff::Timestamp::now();
-        let bodies = events::plan(
-            &group,
-            &mut status,
-            &mut deliveries,
-            &results,
-            &endpoints,
-            all_done,
-            now,
-        );
-        events::set_delivery_condition(&mut status, &deliveries, generation, now);
-        let before: HashSet<&str> = recorded.iter().map(|d| d.id.as_str()).collect();
-        let after: HashSet<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
-        let new: Vec<Delivery> = deliveries
-            .iter()
-            .filter(|d| !before.contains(d.id.as_str()))
-            .cloned()
-            .collect();
-        let pruned: Vec<String> = before
-            .difference(&after)
-            .map(|id| (*id).to_owned())
-            .collect();
-        let plan = Plan {
-            new: &new,
-            bodies: &bodies,
-            replayed: &replayed.deliveries,
-            unstopped: &replayed.unstopped,
-            pruned: &pruned,
-            endpoints: &endpoint_records,
+        let planning = Planning {
+            group: &group,
+            group_ref: &group_ref,
+            results: &results,
+            endpoints: &endpoints,
+            endpoint_records: &endpoint_records,
         };
-        ctx.store.save_plan(&group_ref, &plan).await?;
-        // As it stands after this plan: what the next reconcile will compare.
-        let open: std::collections::BTreeSet<&str> = deliveries
-            .iter()
-            .filter(|d| d.state.is_open())
-            .map(|d| d.endpoint.as_str())
-            .collect();
-        let planned_key = PlanKey {
-            stopped: status.stopped_endpoints.clone(),
-            open: open.into_iter().map(str::to_owned).collect(),
-            ..key
-        };
-        remember_plan(&ctx, &group_ref.uid, planned_key);
-        deliveries.iter().filter(|d| d.state.is_open()).count()
+        plan_deliveries(&ctx, &planning, &mut status, key).await?
     };
     if let Some(wait) = progress_wait(&ctx, &group_ref.uid, &original, &status) {
         // Only progress moved, and it was written moments ago: the next round writes it.
@@ -275,6 +227,94 @@ pub async fn reconcile(
     // Jobs are watched, and stored results and settled deliveries notify; the periodic
     // requeue only guards against missed events.
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// The status's delivery counts from the database alone (nothing to plan); returns how
+/// many deliveries are open.
+async fn count_deliveries(
+    ctx: &Context,
+    uid: &str,
+    status: &mut ImageGroupStatus,
+    generation: i64,
+    now: jiff::Timestamp,
+) -> Result<usize, ControllerError> {
+    let counts = ctx.store.delivery_counts(uid).await?;
+    let limit = i64::try_from(MAX_RECENT_FAILURES).unwrap_or(10);
+    let failures = ctx.store.recent_failures(uid, limit).await?;
+    events::set_delivery_counts(status, &counts, &failures, generation, now);
+    Ok(counts
+        .iter()
+        .filter(|c| c.state.is_open())
+        .map(|c| usize::try_from(c.count).unwrap_or(usize::MAX))
+        .sum())
+}
+
+/// What a full plan of a group's events reads.
+struct Planning<'a> {
+    group: &'a ImageGroup,
+    group_ref: &'a GroupRef,
+    results: &'a HashMap<String, ImageResult>,
+    endpoints: &'a [events::Endpoint],
+    /// `endpoints` as saved for the dispatchers.
+    endpoint_records: &'a serde_json::Value,
+}
+
+/// Reads the group's deliveries, carries out a replay, plans the events due now and saves
+/// them with the status's counts; remembers `key` as it stands after. Returns how many
+/// deliveries are open.
+async fn plan_deliveries(
+    ctx: &Context,
+    planning: &Planning<'_>,
+    status: &mut ImageGroupStatus,
+    key: PlanKey,
+) -> Result<usize, ControllerError> {
+    let uid = &planning.group_ref.uid;
+    let recorded = ctx.store.group_deliveries(uid).await?;
+    let mut deliveries = recorded.clone();
+    let replayed = events::apply_replay(planning.group, status, &mut deliveries);
+    let now = jiff::Timestamp::now();
+    let bodies = events::plan(
+        planning.group,
+        status,
+        &mut deliveries,
+        planning.results,
+        planning.endpoints,
+        key.all_done,
+        now,
+    );
+    events::set_delivery_condition(status, &deliveries, key.generation, now);
+    let before: HashSet<&str> = recorded.iter().map(|d| d.id.as_str()).collect();
+    let after: HashSet<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
+    let new: Vec<Delivery> = deliveries
+        .iter()
+        .filter(|d| !before.contains(d.id.as_str()))
+        .cloned()
+        .collect();
+    let pruned: Vec<String> = before
+        .difference(&after)
+        .map(|id| (*id).to_owned())
+        .collect();
+    let plan = Plan {
+        new: &new,
+        bodies: &bodies,
+        replayed: &replayed.deliveries,
+        unstopped: &replayed.unstopped,
+        pruned: &pruned,
+        endpoints: planning.endpoint_records,
+    };
+    ctx.store.save_plan(planning.group_ref, &plan).await?;
+    let open: std::collections::BTreeSet<&str> = deliveries
+        .iter()
+        .filter(|d| d.state.is_open())
+        .map(|d| d.endpoint.as_str())
+        .collect();
+    let planned = PlanKey {
+        stopped: status.stopped_endpoints.clone(),
+        open: open.iter().map(|e| (*e).to_owned()).collect(),
+        ..key
+    };
+    remember_plan(ctx, uid, planned);
+    Ok(deliveries.iter().filter(|d| d.state.is_open()).count())
 }
 
 /// What planning a group's events depends on, as a replica last planned them.
