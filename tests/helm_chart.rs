@@ -118,7 +118,7 @@ async fn chart_installs_into_a_real_cluster() {
         .into_owned();
     let values = serde_json::json!({
         "image": { "tag": "test" },
-        "database": { "secretName": "pg-app" },
+        "database": { "secretName": "pg-app", "caSecretName": "pg-ca" },
         "worker": { "env": { "RUST_LOG": "info,kinsight=debug # not: a comment" }, "deadline": "90m", "gpu": {
             "nodeSelector": { "nvidia.com/gpu.present": "true" },
             "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }],
@@ -214,6 +214,36 @@ async fn chart_installs_into_a_real_cluster() {
             .and_then(|v| v.secret_key_ref.as_ref())
             .expect("KINSIGHT_DATABASE_URL from a Secret");
         assert_eq!((from.name.as_str(), from.key.as_str()), ("pg-app", "uri"));
+        // With the database's CA given, the store verifies the server with it (libpq's
+        // variables, which `src/store/connection.rs` reads).
+        assert_eq!(env_value(container, "PGSSLMODE"), Some("verify-full"));
+        assert_eq!(
+            env_value(container, "PGSSLROOTCERT"),
+            Some("/etc/kinsight/database-ca/ca.crt")
+        );
+    }
+    for pod in [&controller_pod, &api_pod] {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "database-ca")
+            .expect("the CA volume");
+        let secret = volume.secret.as_ref().expect("from a Secret");
+        assert_eq!(secret.secret_name.as_deref(), Some("pg-ca"));
+        let item = &secret.items.as_ref().expect("one key")[0];
+        assert_eq!(
+            (item.key.as_str(), item.path.as_str()),
+            ("ca.crt", "ca.crt")
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "database-ca")
+            .expect("the CA mount");
+        assert_eq!(mount.mount_path, "/etc/kinsight/database-ca");
+        assert_eq!(mount.read_only, Some(true));
     }
 
     // The GPU values reach the controller in a form its own parser takes.

@@ -651,3 +651,51 @@ async fn a_groups_counts_open_endpoints_and_last_failures_come_from_the_table() 
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_requires_tls_is_reached_over_it_with_its_certificate_checked() {
+    let (mut postgres, _store, _dir) = database().await;
+    let ca = postgres.require_tls().await.expect("TLS on");
+    let url = postgres.url();
+
+    // Plain connections are refused by the server, with its reason.
+    let plain = format!("{url}?sslmode=disable");
+    let Err(err) = Store::connect(&plain, Duration::from_secs(2)).await else {
+        panic!("refused without TLS");
+    };
+    assert!(err.to_string().contains("pg_hba.conf"), "{err}");
+    // TLS to a server whose CA the client was not given: its certificate is not trusted.
+    let unverified = format!("{url}?sslmode=require");
+    let Err(err) = Store::connect(&unverified, Duration::from_secs(2)).await else {
+        panic!("refused: unknown issuer");
+    };
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+
+    // With the CA (libpq's `sslrootcert`), over TLS: stored and read back, and the
+    // notifications' own connection is made the same way.
+    let trusted = format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let store = Store::connect(&trusted, Duration::from_secs(10))
+        .await
+        .expect("connects over TLS");
+    let mut notices = Box::pin(kinsight::store::listen(trusted.clone(), &[GROUPS_CHANNEL]));
+    let ready = tokio::time::timeout(Duration::from_secs(10), notices.next())
+        .await
+        .expect("listening in time");
+    assert!(matches!(ready, Some(StoreNotice::Connected)), "{ready:?}");
+    let g = group("over-tls");
+    store
+        .write_results(&g, 1, &[classified("a", "m", "espresso")])
+        .await
+        .expect("stored");
+    assert_eq!(store.group_results(&g).await.expect("read").len(), 1);
+    let heard = tokio::time::timeout(Duration::from_secs(10), notices.next())
+        .await
+        .expect("notified in time");
+    assert!(
+        matches!(&heard, Some(StoreNotice::Notification { payload, .. }) if payload == "tenant-a/grp-over-tls"),
+        "{heard:?}"
+    );
+}

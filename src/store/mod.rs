@@ -2,6 +2,7 @@
 //! webhook deliveries and their attempts) so that Kubernetes objects keep only intent and bounded summaries. This module is
 //! the only code that speaks SQL. Migrations are embedded and applied at start.
 
+mod connection;
 mod deliveries;
 mod dispatch;
 mod migrations;
@@ -15,7 +16,6 @@ pub use notify::{DISPATCH_CHANNEL, GROUPS_CHANNEL, StoreNotice, listen};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 
 /// Connections per process: API handlers, reconciles and the ingest share them.
 const POOL_SIZE: usize = 16;
@@ -28,10 +28,27 @@ pub enum StoreError {
     Config(String),
     #[error("database unavailable: {0}")]
     Unavailable(String),
-    #[error("database: {0}")]
+    #[error("database: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("stored record unreadable: {0}")]
     Corrupt(String),
+}
+
+/// The server's own message (`FATAL: no pg_hba.conf entry ...`), or the error with its
+/// causes (`error performing TLS handshake: invalid peer certificate: UnknownIssuer`):
+/// tokio-postgres alone says only "db error".
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 impl StoreError {
@@ -109,12 +126,10 @@ impl Store {
 
     /// A store whose connections are made when first used; nothing is checked or migrated.
     pub fn lazy(url: &str) -> Result<Store, StoreError> {
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
+        let connection::Connection { config, tls } = connection::parse(url)?;
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 // A connection that broke (a database restart) is found out before use.
                 recycling_method: RecyclingMethod::Fast,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 /// A group's results or deliveries changed; the payload is `namespace/name` of the group.
 pub const GROUPS_CHANNEL: &str = "kinsight_groups";
@@ -53,8 +53,9 @@ async fn listen_once(
     url: &str,
     statement: &str,
     tx: &mpsc::Sender<StoreNotice>,
-) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+) -> Result<(), super::StoreError> {
+    let super::connection::Connection { config, tls } = super::connection::parse(url)?;
+    let (client, mut connection) = config.connect(tls).await?;
     let (messages_tx, mut messages) = mpsc::unbounded_channel();
     // The connection yields notifications only while it is polled.
     let driver = tokio::spawn(async move {

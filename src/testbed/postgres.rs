@@ -43,6 +43,8 @@ pub struct Postgres {
     port: u16,
     password: String,
     child: Option<Child>,
+    /// The server's certificate and key, once [`Postgres::require_tls`] made them.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +94,7 @@ impl Postgres {
             port: 0,
             password,
             child: None,
+            tls: None,
         };
         // As for the control plane: a port picked free may be taken before the server binds it.
         let mut tries = PORT_RACE_TRIES;
@@ -143,6 +146,7 @@ impl Postgres {
             port,
             password,
             child: None,
+            tls: None,
         };
         connect(&pg.url(), Duration::from_secs(5)).await.ok()?;
         Some(pg)
@@ -212,6 +216,106 @@ impl Postgres {
         self.boot(DEFAULT_START_TIMEOUT).await
     }
 
+    /// Makes the server take database `kinsight` over TLS only, as a managed PostgreSQL
+    /// does: a CA and a certificate for 127.0.0.1 signed by it (OpenSSL's command line),
+    /// `hostssl` in `pg_hba.conf` (plain connections to it are rejected), then a restart.
+    /// Returns the CA's PEM file, for clients' `sslrootcert`.
+    pub async fn require_tls(&mut self) -> Result<PathBuf, TestbedError> {
+        let dir = self.data_dir.clone();
+        let path = |name: &str| dir.join(name);
+        let ext = path("server.ext");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .map_err(|e| TestbedError::io("writing the certificate's extensions", e))?;
+        let openssl = |args: &[&str]| -> Result<(), TestbedError> {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .map_err(|e| TestbedError::io("running openssl", e))?;
+            if !out.status.success() {
+                return Err(TestbedError::Config(format!(
+                    "openssl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            Ok(())
+        };
+        let days = "2";
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            days,
+            "-subj",
+            "/CN=kinsight testbed CA",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            days,
+            "-extfile",
+            "server.ext",
+        ])?;
+        let key = path("server.key");
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| TestbedError::io("restricting the server key", e))?;
+        }
+        if let Some(user) = self.run_as {
+            for file in ["server.key", "server.crt"] {
+                std::os::unix::fs::chown(path(file), Some(user.uid), Some(user.gid))
+                    .map_err(|e| TestbedError::io("handing the certificate to postgres", e))?;
+            }
+        }
+        // First match wins: database `kinsight` over TLS only; the rest as before (the
+        // readiness check connects to `postgres` without TLS).
+        let hba = path("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba)
+            .map_err(|e| TestbedError::io("reading pg_hba.conf", e))?;
+        let tls_rules = format!(
+            "hostssl {DATABASE} all 127.0.0.1/32 scram-sha-256\nhostnossl {DATABASE} all 127.0.0.1/32 reject\n"
+        );
+        std::fs::write(&hba, format!("{tls_rules}{rules}"))
+            .map_err(|e| TestbedError::io("writing pg_hba.conf", e))?;
+        self.tls = Some((path("server.crt"), key));
+        self.restart().await?;
+        Ok(path("ca.crt"))
+    }
+
     /// Spawns the server on `self.port` and waits until it accepts connections.
     async fn boot(&mut self, timeout: Duration) -> Result<(), TestbedError> {
         let Some(bin_dir) = &self.bin_dir else {
@@ -238,6 +342,12 @@ impl Postgres {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
+        if let Some((cert, key)) = &self.tls {
+            cmd.args(["-c", "ssl=on", "-c"])
+                .arg(format!("ssl_cert_file={}", cert.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", key.display()));
+        }
         // Benchmarks ask where the database's time goes (`pg_stat_statements`).
         if std::env::var_os(STATEMENTS_ENV).is_some_and(|v| v == "1") {
             cmd.args(["-c", "shared_preload_libraries=pg_stat_statements"]);

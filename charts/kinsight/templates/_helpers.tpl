@@ -5,6 +5,12 @@
 {{- define "kinsight.catalogVolume" -}}
 - name: catalog
   configMap: {name: {{ .Release.Name }}-catalog}
+{{- with .Values.database.caSecretName }}
+- name: database-ca
+  secret:
+    secretName: {{ . | quote }}
+    items: [{key: {{ $.Values.database.caSecretKey | quote }}, path: ca.crt}]
+{{- end }}
 {{- with .Values.modelsVolume }}
 - {{ merge (dict "name" "models") . | toJson }}
 {{- end }}
@@ -12,6 +18,9 @@
 
 {{- define "kinsight.catalogMounts" -}}
 - {name: catalog, mountPath: /etc/kinsight/catalog, readOnly: true}
+{{- if .Values.database.caSecretName }}
+- {name: database-ca, mountPath: /etc/kinsight/database-ca, readOnly: true}
+{{- end }}
 {{- if .Values.modelsVolume }}
 - {name: models, mountPath: {{ .Values.modelsDir | quote }}, readOnly: true}
 {{- end }}
@@ -36,4 +45,8 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
     secretKeyRef:
       name: {{ .Values.database.secretName | quote }}
       key: {{ .Values.database.secretKey | quote }}
+{{- if .Values.database.caSecretName }}
+- {name: PGSSLMODE, value: verify-full}
+- {name: PGSSLROOTCERT, value: /etc/kinsight/database-ca/ca.crt}
+{{- end }}
 {{- end }}
