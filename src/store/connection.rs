@@ -1,13 +1,14 @@
 //! How the store reaches PostgreSQL: a libpq-style URL, with TLS through rustls.
 //!
-//! tokio-postgres reads `sslmode` as `disable`, `prefer` (its default: TLS when the server
-//! offers it) or `require`. With TLS the server's certificate is always checked, against the
-//! system's roots plus the CAs in `sslrootcert` (libpq's own parameter: a PEM file, e.g.
-//! CloudNativePG's `<cluster>-ca` Secret mounted into the pod). So libpq's `verify-ca` and
-//! `verify-full` mean `require` here, and `sslrootcert` is read here: tokio-postgres knows
-//! neither. As with libpq, `PGSSLMODE` and `PGSSLROOTCERT` apply when the URL names neither
-//! (the chart sets them when given the database's CA, so that CloudNativePG's own URL Secret
-//! can be used as it is).
+//! `sslmode` means what it means to libpq: `disable`; `prefer` (the default: TLS when the
+//! server offers it) and `require` encrypt without checking who answers, unless CAs are
+//! given in `sslrootcert` (libpq's own parameter: a PEM file, e.g. CloudNativePG's
+//! `<cluster>-ca` Secret mounted into the pod); `verify-ca` and `verify-full` check the
+//! server's certificate and name against those CAs and the system's roots. tokio-postgres
+//! knows only the first three modes and not `sslrootcert`, so both are read here. As with
+//! libpq, `PGSSLMODE` and `PGSSLROOTCERT` apply when the URL names neither (the chart sets
+//! them when given the database's CA, so that CloudNativePG's own URL Secret is used as it
+//! is).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,7 +38,7 @@ fn parse_with(url: &str, env: impl Fn(&str) -> Option<String>) -> Result<Connect
     };
     let mut kept: Vec<String> = Vec::new();
     let mut ca_file: Option<PathBuf> = None;
-    let mut mode_given = false;
+    let mut mode: Option<String> = None;
     // Each parameter is kept as written (its encoding is tokio-postgres's to read), except
     // the two it does not know.
     for raw in query.split('&').filter(|p| !p.is_empty()) {
@@ -50,18 +51,17 @@ fn parse_with(url: &str, env: impl Fn(&str) -> Option<String>) -> Result<Connect
         };
         match key {
             "sslrootcert" => ca_file = Some(PathBuf::from(decoded()?)),
-            "sslmode" => {
-                mode_given = true;
-                kept.push(ssl_mode(&decoded()?));
-            }
+            "sslmode" => mode = Some(decoded()?),
             _ => kept.push(raw.to_owned()),
         }
     }
-    if !mode_given && let Some(mode) = env("PGSSLMODE") {
-        kept.push(ssl_mode(&mode));
-    }
+    let mode = mode.or_else(|| env("PGSSLMODE"));
     if ca_file.is_none() {
         ca_file = env("PGSSLROOTCERT").map(PathBuf::from);
+    }
+    let verify = ca_file.is_some() || matches!(mode.as_deref(), Some("verify-ca" | "verify-full"));
+    if let Some(mode) = &mode {
+        kept.push(ssl_mode(mode));
     }
     let rebuilt = if kept.is_empty() {
         base.to_owned()
@@ -71,11 +71,11 @@ fn parse_with(url: &str, env: impl Fn(&str) -> Option<String>) -> Result<Connect
     let config: tokio_postgres::Config = rebuilt
         .parse()
         .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
-    let tls = MakeRustlsConnect::new(client_config(ca_file.as_deref())?);
+    let tls = MakeRustlsConnect::new(client_config(verify, ca_file.as_deref())?);
     Ok(Connection { config, tls })
 }
 
-/// libpq's `sslmode` as tokio-postgres takes it (it always verifies).
+/// libpq's `sslmode` as tokio-postgres takes it (whether to verify is the connector's).
 fn ssl_mode(mode: &str) -> String {
     let mode = match mode {
         "verify-ca" | "verify-full" => "require",
@@ -87,8 +87,19 @@ fn ssl_mode(mode: &str) -> String {
     )
 }
 
-/// Trusts the system's roots and, when given, the CAs in `ca_file`.
-fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, StoreError> {
+/// Trusts the system's roots and, when given, the CAs in `ca_file`; or, without `verify`,
+/// any certificate (encryption only, as libpq's `prefer` and `require`).
+fn client_config(verify: bool, ca_file: Option<&Path>) -> Result<rustls::ClientConfig, StoreError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Config(format!("TLS: {e}")))?;
+    if !verify {
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+            .with_no_client_auth());
+    }
     let mut roots = rustls::RootCertStore::empty();
     // A system certificate that cannot be used is skipped, as every TLS client does.
     let _ = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
@@ -107,12 +118,57 @@ fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, StoreEr
             roots.add(cert).map_err(|e| unreadable(&e))?;
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Config(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// libpq's `prefer` and `require` without CAs: the server's certificate is not checked
+/// (its handshake signatures are, so the session is encrypted with the key that answered).
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 #[cfg(test)]
