@@ -37,7 +37,7 @@ pub enum StoreError {
 /// The server's own message (`FATAL: no pg_hba.conf entry ...`), or the error with its
 /// causes (`error performing TLS handshake: invalid peer certificate: UnknownIssuer`):
 /// tokio-postgres alone says only "db error".
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{}: {}", db.severity(), db.message());
     }

@@ -434,7 +434,7 @@ impl Postgres {
             }
             Err(e) => Err(TestbedError::database(
                 format!("creating database {DATABASE}"),
-                describe(&e),
+                crate::store::describe(&e),
             )),
         }
     }
@@ -486,24 +486,12 @@ async fn connect(url: &str, timeout: Duration) -> Result<tokio_postgres::Client,
             })?
             .map_err(|e| ConnectFailure {
                 code: e.code().cloned(),
-                text: describe(&e),
+                text: crate::store::describe(&e),
             })?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
     Ok(client)
-}
-
-/// tokio-postgres' `Display` leaves out the server's message; it is in the source chain.
-fn describe(error: &tokio_postgres::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn signal(pid: u32, name: &str) -> bool {
