@@ -303,18 +303,16 @@ async fn plan_deliveries(
         endpoints: planning.endpoint_records,
     };
     ctx.store.save_plan(planning.group_ref, &plan).await?;
-    let open: std::collections::BTreeSet<&str> = deliveries
-        .iter()
-        .filter(|d| d.state.is_open())
-        .map(|d| d.endpoint.as_str())
-        .collect();
+    let open: Vec<&Delivery> = deliveries.iter().filter(|d| d.state.is_open()).collect();
+    let endpoints: std::collections::BTreeSet<&str> =
+        open.iter().map(|d| d.endpoint.as_str()).collect();
     let planned = PlanKey {
         stopped: status.stopped_endpoints.clone(),
-        open: open.iter().map(|e| (*e).to_owned()).collect(),
+        open: endpoints.into_iter().map(str::to_owned).collect(),
         ..key
     };
     remember_plan(ctx, uid, planned);
-    Ok(deliveries.iter().filter(|d| d.state.is_open()).count())
+    Ok(open.len())
 }
 
 /// What planning a group's events depends on, as a replica last planned them.
@@ -450,18 +448,26 @@ async fn ensure_worker_jobs(
         status.jobs.extend(shards.into_keys());
         return Ok(());
     }
+    // Each finished Job's images, with the reason they have no result (if it left any).
+    let mut left = Vec::new();
     for (name, images) in &shards {
         if !status.jobs.contains(name) {
             continue;
         }
         let job = jobs.get_opt(name).await?;
-        let Some((reason, message)) = left_images_failure(job.as_ref()) else {
-            continue;
-        };
-        // A worker's results are stored before it exits, so a fresh read decides which
-        // images really have no result, and none is ever overwritten by a failure.
-        let stored = ctx.store.group_results(group_ref).await?;
-        let models = &group.spec.models;
+        if let Some((reason, message)) = left_images_failure(job.as_ref()) {
+            left.push((images, reason, message));
+        }
+    }
+    if left.is_empty() {
+        return Ok(());
+    }
+    // A worker's results are stored before it exits, so a fresh read (one for all of
+    // them) decides which images really have no result, and none is ever overwritten by
+    // a failure.
+    let stored = ctx.store.group_results(group_ref).await?;
+    let models = &group.spec.models;
+    for (images, reason, message) in left {
         let failures: Vec<ImageResult> = images
             .iter()
             .filter(|item| !stored.get(&item.id).is_some_and(|r| r.covers(models)))
