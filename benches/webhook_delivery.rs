@@ -2,8 +2,8 @@
 //! plane: `cargo bench --bench webhook_delivery` (a command, not a test; `harness = false`).
 //!
 //! ImageGroups are created through the kube API (as the REST API does) and each image's result
-//! is stored as the result ingest stores it (`Store::write_results`, one image a call) right
-//! after its group exists;
+//! is stored as the result ingest stores it (`Store::store_results`, which records the image
+//! events with the results, `BATCH` images a call) right after its group exists;
 //! no worker runs (Jobs stay pending: there is no node agent). The controller runs in this
 //! process on its own runtime, and a fast receiver on 127.0.0.1 records each `webhook-id` and
 //! when it arrived (no signature check: that is the receiver's cost, not the controller's).
@@ -16,7 +16,9 @@
 //! Settings (environment): `GROUP_COUNT` (10; not `GROUPS`, which bash keeps for itself), `IMAGES` per group (1000, at most 10,000),
 //! `SUBSCRIPTIONS` per namespace besides each group's own webhook (0; each its own URL on
 //! the receiver), `VERIFY=1` to check every request's Standard Webhooks signature, `EVENTS`
-//! to wait for (GROUP_COUNT x IMAGES x endpoints), `WRITERS` concurrent result writes (8), `BATCH` results per
+//! to wait for (GROUP_COUNT x IMAGES x endpoints), `WRITERS` result writers at once at
+//! most (64; there is one per worker Job, 1000 images each, and it has one write in
+//! flight at a time, as a worker's upload does), `BATCH` results per
 //! write (1; a worker's upload stores up to 500 in one), `RATE` results stored per second at
 //! most (0: as fast as the writers go; an offered load below capacity shows the latency of
 //! the path itself rather than of a backlog), `QUEUED_FIRST=1` to store every
@@ -40,8 +42,9 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use kinsight::api::{SIGNING_SECRET_KEY, SIGNING_SECRET_NAME};
-use kinsight::controller::ControllerConfig;
+use kinsight::controller::{ControllerConfig, ImageEvents, MAX_IMAGES_PER_JOB, job_name};
 use kinsight::crd::{
     ImageEntry, ImageGroup, ImageGroupSpec, SecretKeyRef, WebhookSubscription, WebhookTarget,
 };
@@ -101,7 +104,7 @@ impl Settings {
             subscriptions,
             verify: setting("VERIFY", 0u8) == 1,
             events,
-            writers: setting("WRITERS", 8usize).max(1),
+            writers: setting("WRITERS", 64usize).max(1),
             namespaces: setting("NAMESPACES", 1usize).clamp(1, groups),
             max: Duration::from_secs(setting("MAX_SECS", 900u64)),
             batch: setting("BATCH", 1usize).clamp(1, kinsight::results::MAX_BATCH),
@@ -261,8 +264,9 @@ fn namespace(k: usize) -> String {
     format!("{NAMESPACE_PREFIX}-{k}")
 }
 
-/// Creates the groups one after the other (round robin over the namespaces), each followed
-/// at once by its results.
+/// Creates the groups one after the other (round robin over the namespaces), waits for
+/// their Jobs (as a worker would exist only then), then stores their results as their
+/// workers would, all groups at once.
 async fn produce(
     client: kube::Client,
     settings: Arc<Settings>,
@@ -271,10 +275,7 @@ async fn produce(
     written: Shared<Written>,
 ) {
     let (groups, images, writers) = (settings.groups, settings.images, settings.writers);
-    // With a rate, result n (counted over all groups) is stored no sooner than n / rate
-    // after the first group was made.
-    let paced_from = Instant::now();
-    let mut scheduled = 0usize;
+    let mut made = Vec::new();
     for g in 0..groups {
         let name = format!("bench-g{g:02}");
         let ns = namespace(g % settings.namespaces);
@@ -298,21 +299,45 @@ async fn produce(
             uid: created.uid().expect("uid"),
         };
         written.lock().expect("written").groups_created += 1;
-        let (group, store, written_ref) = (&group, &store, &written);
-        let batches: Vec<(Vec<usize>, Option<Instant>)> = (0..images)
-            .collect::<Vec<_>>()
-            .chunks(settings.batch)
-            .map(|chunk| {
-                let due = (settings.rate > 0.0).then(|| {
-                    paced_from + Duration::from_secs_f64(scheduled as f64 / settings.rate)
-                });
-                scheduled += chunk.len();
-                (chunk.to_vec(), due)
-            })
-            .collect();
-        futures::stream::iter(batches)
-            .for_each_concurrent(writers, |(batch, due)| async move {
-                if let Some(due) = due {
+        made.push((group, created));
+    }
+    if !settings.queued_first {
+        // A worker writes results only once the controller has made its Job.
+        for (group, _) in &made {
+            let jobs: Api<Job> = Api::namespaced(client.clone(), &group.namespace);
+            let job = job_name(&group.name, 1, 0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while jobs.get_opt(&job).await.ok().flatten().is_none() {
+                assert!(Instant::now() < deadline, "no Job {job} after 60 s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    // As workers write them: one writer per worker Job (a group's images in runs of
+    // MAX_IMAGES_PER_JOB by place), each with one batch in flight at a time, all at once
+    // (at most WRITERS). With a rate, each writer takes its share of it.
+    let shards: Vec<(&GroupRef, &ImageGroup, Vec<usize>)> = made
+        .iter()
+        .flat_map(|(group, created)| {
+            (0..images)
+                .collect::<Vec<_>>()
+                .chunks(MAX_IMAGES_PER_JOB)
+                .map(|shard| (group, created, shard.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let count = shards.len();
+    let paced_from = Instant::now();
+    let (store, written_ref) = (&store, &written);
+    let settings = &settings;
+    futures::stream::iter(shards.into_iter().enumerate())
+        .for_each_concurrent(writers, |(w, (group, created, shard))| async move {
+            // The ingest's own rules: a batch's image events are recorded with its results.
+            let planner = ImageEvents::new(created);
+            for (k, batch) in shard.chunks(settings.batch).enumerate() {
+                if settings.rate > 0.0 {
+                    let n = (k * count + w) * settings.batch;
+                    let due = paced_from + Duration::from_secs_f64(n as f64 / settings.rate);
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let specs: Vec<ImageResult> = batch
@@ -322,7 +347,7 @@ async fn produce(
                 let started = Instant::now();
                 // Transient API errors are retried; a lasting one ends the run.
                 let mut tries = 0;
-                while let Err(e) = store.write_results(group, 1, &specs).await {
+                while let Err(e) = store.store_results(group, 1, &specs, Some(&planner)).await {
                     tries += 1;
                     assert!(tries < 5, "writing results of {}: {e}", group.name);
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -334,9 +359,9 @@ async fn produce(
                 for i in batch {
                     w.at.insert((group.name.clone(), format!("i{i}")), done);
                 }
-            })
-            .await;
-    }
+            }
+        })
+        .await;
 }
 
 /// CPU seconds (user + system) of a process or thread from its `stat` file.
@@ -732,7 +757,7 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
         measured.as_secs_f64()
     );
     println!(
-        "  {} groups x {} images in {} namespace(s), {} endpoint(s) per group{}, model {MODEL}, {} concurrent result writers of {} results each{}",
+        "  {} groups x {} images in {} namespace(s), {} endpoint(s) per group{}, model {MODEL}, one result writer per worker Job (at most {} at once), {} results a write{}",
         settings.groups,
         settings.images,
         settings.namespaces,

@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kinsight::delivery::{Attempt, Delivery, DeliveryState};
+use kinsight::delivery::{Attempt, Delivery, DeliveryState, DraftEvent, EventLedger, EventPlanner};
 use kinsight::inference::{ClassScore, ModelOutput};
 use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
-use kinsight::store::{Claimed, GROUPS_CHANNEL, Outcomes, Settled, Stop, Store, StoreNotice};
+use kinsight::store::{
+    Claimed, Outcomes, Plan, RESULTS_CHANNEL, Settled, Stop, Store, StoreNotice,
+};
 use kinsight::testbed::Postgres;
 
 fn group(uid: &str) -> GroupRef {
@@ -128,7 +130,7 @@ async fn a_write_wakes_listeners_and_a_restart_of_the_database_is_survived() {
     let (mut postgres, store, _dir) = database().await;
     let mut notices = Box::pin(kinsight::store::listen(
         store.url().to_owned(),
-        &[GROUPS_CHANNEL],
+        &[RESULTS_CHANNEL],
     ));
     assert_eq!(next(&mut notices).await, StoreNotice::Connected);
     let g = group("u3");
@@ -139,7 +141,7 @@ async fn a_write_wakes_listeners_and_a_restart_of_the_database_is_survived() {
     assert_eq!(
         next(&mut notices).await,
         StoreNotice::Notification {
-            channel: GROUPS_CHANNEL.into(),
+            channel: RESULTS_CHANNEL.into(),
             payload: "tenant-a/grp-u3".into()
         }
     );
@@ -689,7 +691,7 @@ async fn a_database_that_requires_tls_is_reached_over_it_with_its_certificate_ch
     let store = Store::connect(&trusted, Duration::from_secs(10))
         .await
         .expect("connects over TLS");
-    let mut notices = Box::pin(kinsight::store::listen(trusted.clone(), &[GROUPS_CHANNEL]));
+    let mut notices = Box::pin(kinsight::store::listen(trusted.clone(), &[RESULTS_CHANNEL]));
     let ready = tokio::time::timeout(Duration::from_secs(10), notices.next())
         .await
         .expect("listening in time");
@@ -707,4 +709,201 @@ async fn a_database_that_requires_tls_is_reached_over_it_with_its_certificate_ch
         matches!(&heard, Some(StoreNotice::Notification { payload, .. }) if payload == "tenant-a/grp-over-tls"),
         "{heard:?}"
     );
+}
+
+/// A stand-in for the controller's event rules (unit-tested where they live): every
+/// stored result makes one event, to each endpoint key listed in the records that is not
+/// stopped; its body names the image and the number it was given.
+struct EveryResult;
+
+impl EventPlanner for EveryResult {
+    fn image_events(&self, stored: &[ImageResult], ledger: &EventLedger) -> Vec<DraftEvent> {
+        let keys: Vec<String> =
+            serde_json::from_value(ledger.endpoints.clone()).unwrap_or_default();
+        stored
+            .iter()
+            .enumerate()
+            .map(|(index, r)| DraftEvent {
+                event: "image.completed".into(),
+                image_id: r.image_id.clone(),
+                deliveries: keys
+                    .iter()
+                    .filter(|k| {
+                        !ledger
+                            .stopped
+                            .iter()
+                            .any(|s| s.starts_with(&format!("{k} ")))
+                    })
+                    .map(|k| (k.clone(), format!("msg_{}_{k}", r.image_id)))
+                    .collect(),
+                result: index,
+            })
+            .collect()
+    }
+
+    fn body(
+        &self,
+        event: &DraftEvent,
+        stored: &ImageResult,
+        sequence: u64,
+        _now: jiff::Timestamp,
+    ) -> Option<serde_json::Value> {
+        let label = stored
+            .outputs
+            .get("m")
+            .and_then(|o| o.output.classes.first());
+        Some(serde_json::json!({
+            "image": event.image_id,
+            "sequence": sequence,
+            "label": label.map(|c| c.label.clone()),
+        }))
+    }
+}
+
+fn endpoint_plan<'a>(
+    records: &'a serde_json::Value,
+    new: &'a [Delivery],
+    numbered: Option<(u64, u64)>,
+) -> Plan<'a> {
+    static NONE: std::sync::LazyLock<kinsight::delivery::EventBodies> =
+        std::sync::LazyLock::new(Default::default);
+    Plan {
+        new,
+        bodies: &NONE,
+        replayed: &[],
+        unstopped: &[],
+        pruned: &[],
+        endpoints: records,
+        numbered,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_of_results_records_its_events_numbered_once_and_a_plan_that_raced_it_is_refused() {
+    let (_postgres, store, _dir) = database().await;
+    let g = group("e1");
+    // The group's plan records where its events go.
+    let two = serde_json::json!(["request", "subscription/a"]);
+    let saved = store
+        .save_plan(&g, &endpoint_plan(&two, &[], None))
+        .await
+        .expect("plan saved");
+    assert!(saved.endpoints_changed);
+
+    // A batch of two results: two events, each numbered once for both its endpoints,
+    // due at once, with the body fixed now.
+    let batch = [
+        classified("a", "m", "espresso"),
+        classified("b", "m", "latte"),
+    ];
+    let added = store
+        .store_results(&g, 1, &batch, Some(&EveryResult))
+        .await
+        .expect("stored");
+    assert_eq!(added, 4);
+    let stored = store.group_deliveries(&g.uid).await.expect("read");
+    let numbers = |image: &str| -> Vec<u64> {
+        stored
+            .iter()
+            .filter(|d| d.image_id.as_deref() == Some(image))
+            .map(|d| d.sequence)
+            .collect()
+    };
+    assert_eq!(numbers("a").len(), 2);
+    assert_eq!(numbers("a")[0], numbers("a")[1], "one event, one number");
+    let mut both = vec![numbers("a")[0], numbers("b")[0]];
+    both.sort_unstable();
+    assert_eq!(both, vec![1, 2]);
+    assert_eq!(store.last_sequence(&g.uid).await.expect("read"), 2);
+    let claimed = store
+        .claim_due("dispatcher", 10, Duration::from_secs(30))
+        .await
+        .expect("claimed");
+    assert_eq!(claimed.len(), 4, "due as soon as the write returns");
+    for claim in &claimed {
+        let body = claim.delivery.payload.as_ref().expect("body");
+        assert_eq!(body["sequence"], claim.delivery.sequence);
+        assert_eq!(
+            body["image"],
+            claim.delivery.image_id.as_deref().unwrap_or("")
+        );
+    }
+
+    // The same batch again (a worker's retry) records nothing and numbers nothing.
+    let again = store
+        .store_results(&g, 1, &batch, Some(&EveryResult))
+        .await
+        .expect("stored");
+    assert_eq!(again, 0);
+    assert_eq!(store.last_sequence(&g.uid).await.expect("read"), 2);
+
+    // A third endpoint, and a 410 stop on the first: a later write sends image a's event
+    // to the new endpoint under a's number, and c's event gets the next one.
+    let three = serde_json::json!(["request", "subscription/a", "subscription/b"]);
+    store
+        .save_plan(&g, &endpoint_plan(&three, &[], None))
+        .await
+        .expect("plan saved");
+    let stop = Stop {
+        group: g.clone(),
+        endpoint: "request".into(),
+        mark: "request https://gone.example/".into(),
+    };
+    store
+        .record_outcomes(
+            "dispatcher",
+            &Outcomes {
+                stops: vec![stop],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("stop recorded");
+    let later = [
+        classified("a", "m", "espresso"),
+        classified("c", "m", "mocha"),
+    ];
+    let added = store
+        .store_results(&g, 1, &later, Some(&EveryResult))
+        .await
+        .expect("stored");
+    assert_eq!(added, 3, "a to b; c to a and b; nothing to the stopped one");
+    let stored = store.group_deliveries(&g.uid).await.expect("read");
+    let a_numbers: std::collections::BTreeSet<u64> = stored
+        .iter()
+        .filter(|d| d.image_id.as_deref() == Some("a"))
+        .map(|d| d.sequence)
+        .collect();
+    assert_eq!(a_numbers.len(), 1, "{stored:#?}");
+    let c: Vec<&Delivery> = stored
+        .iter()
+        .filter(|d| d.image_id.as_deref() == Some("c"))
+        .collect();
+    assert_eq!(c.len(), 2);
+    assert!(c.iter().all(|d| d.sequence == 3 && d.endpoint != "request"));
+    assert_eq!(store.last_sequence(&g.uid).await.expect("read"), 3);
+
+    // A plan that numbered its events from what it read before that write is refused
+    // whole; numbered from the store's last number, it is saved.
+    let mut event = pending(&g, 9, "subscription/a");
+    event.sequence = 3;
+    let refused = store
+        .save_plan(&g, &endpoint_plan(&three, &[event.clone()], Some((2, 3))))
+        .await
+        .expect_err("raced");
+    assert_eq!(refused.category(), "store_conflict", "{refused}");
+    let stored = store.group_deliveries(&g.uid).await.expect("read");
+    assert!(
+        !stored.iter().any(|d| d.id == event.id),
+        "nothing of it saved"
+    );
+    event.sequence = 4;
+    let saved = store
+        .save_plan(&g, &endpoint_plan(&three, &[event.clone()], Some((3, 4))))
+        .await
+        .expect("saved");
+    assert!(!saved.endpoints_changed);
+    assert_eq!(store.last_sequence(&g.uid).await.expect("read"), 4);
+    let stored = store.group_deliveries(&g.uid).await.expect("read");
+    assert!(stored.iter().any(|d| d.id == event.id));
 }

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::auth::bearer_token;
 use super::{ApiError, AppState};
+use crate::controller::ImageEvents;
 use crate::controller::WORKER_ACCOUNT;
 use crate::crd::ImageGroup;
 use crate::results::{MAX_BATCH, ResultBatch};
@@ -108,14 +109,14 @@ pub async fn store_results(
         .await?
         .filter(|g| g.uid().as_deref() == Some(batch.group.uid.as_str()))
         .ok_or_else(|| ApiError::Gone(format!("image group {} is gone", batch.group.name)))?;
-    let ids: HashSet<String> = group
-        .spec
-        .images
+    // The batch's image events are recorded with its results: the dispatchers send them
+    // as soon as they are stored.
+    let planner = ImageEvents::new(&group);
+    if let Some(stranger) = batch
+        .results
         .iter()
-        .enumerate()
-        .map(|(i, image)| image.key(i))
-        .collect();
-    if let Some(stranger) = batch.results.iter().find(|r| !ids.contains(&r.image_id)) {
+        .find(|r| !planner.has_image(&r.image_id))
+    {
         return Err(ApiError::InvalidRequest(format!(
             "image {:?} is not in group {}",
             stranger.image_id, batch.group.name
@@ -123,7 +124,12 @@ pub async fn store_results(
     }
     state
         .store
-        .write_results(&batch.group, batch.generation, &batch.results)
+        .store_results(
+            &batch.group,
+            batch.generation,
+            &batch.results,
+            Some(&planner),
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -17,7 +17,9 @@ use crate::crd::{
     ImageGroupStatus, MAX_RECENT_FAILURES, REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef,
     WebhookSubscription, set_condition,
 };
-use crate::delivery::{Delivery, DeliveryState, EventBodies};
+use crate::delivery::{
+    Delivery, DeliveryState, DraftEvent, EventBodies, EventLedger, EventPlanner,
+};
 use crate::results::ImageResult;
 use crate::store::DeliveryCount;
 use crate::webhook::{
@@ -167,15 +169,12 @@ pub fn plan(
     let fingerprint = models_fingerprint(models);
     for (i, image) in group.spec.images.iter().enumerate() {
         let key = image.key(i);
-        let Some(result) = results.get(&key).filter(|r| r.covers(models)) else {
+        let Some((event, subject)) = results
+            .get(&key)
+            .and_then(|r| image_event_of(r, models, &fingerprint))
+        else {
             continue;
         };
-        let event = if result.is_failure(models) {
-            "image.failed"
-        } else {
-            "image.completed"
-        };
-        let subject = format!("{key}:{fingerprint}");
         let event = NewEvent {
             event,
             image_id: Some(&key),
@@ -295,6 +294,109 @@ fn group_event_ids<'a>(
             [GROUP_COMPLETED, GROUP_UPDATED].map(|event| event_id(uid, event, generation, key))
         })
         .collect()
+}
+
+/// The event an image's result calls for once it covers `models`, and the subject that
+/// makes its id: an image's event is about its results for this set of models.
+fn image_event_of(
+    result: &ImageResult,
+    models: &[String],
+    fingerprint: &str,
+) -> Option<(&'static str, String)> {
+    if !result.covers(models) {
+        return None;
+    }
+    let event = if result.is_failure(models) {
+        "image.failed"
+    } else {
+        "image.completed"
+    };
+    Some((event, format!("{}:{fingerprint}", result.image_id)))
+}
+
+/// The image events of results as they are written ([`EventPlanner`]): the events, ids
+/// and bodies the group's plan would make for them, so that a write of results records
+/// them at once and the plan finds them recorded.
+pub struct ImageEvents<'a> {
+    group: &'a ImageGroup,
+    uid: String,
+    fingerprint: String,
+    entries: HashMap<String, &'a ImageEntry>,
+}
+
+impl<'a> ImageEvents<'a> {
+    pub fn new(group: &'a ImageGroup) -> Self {
+        ImageEvents {
+            group,
+            uid: group.uid().unwrap_or_default(),
+            fingerprint: models_fingerprint(&group.spec.models),
+            entries: group
+                .spec
+                .images
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.key(i), e))
+                .collect(),
+        }
+    }
+
+    /// Whether `image_id` is one of the group's images.
+    pub fn has_image(&self, image_id: &str) -> bool {
+        self.entries.contains_key(image_id)
+    }
+}
+
+impl EventPlanner for ImageEvents<'_> {
+    fn image_events(&self, stored: &[ImageResult], ledger: &EventLedger) -> Vec<DraftEvent> {
+        let endpoints = match Vec::<Endpoint>::deserialize(&ledger.endpoints) {
+            Ok(endpoints) => endpoints,
+            Err(e) => {
+                // The group's plan records them anew; its next reconcile plans these.
+                tracing::warn!(error = %e, "stored endpoint records unreadable");
+                return Vec::new();
+            }
+        };
+        let models = &self.group.spec.models;
+        stored
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| self.has_image(&r.image_id))
+            .filter_map(|(index, result)| {
+                let (event, subject) = image_event_of(result, models, &self.fingerprint)?;
+                let deliveries = endpoints
+                    .iter()
+                    .filter(|e| e.wants(event) && !ledger.stopped.contains(&e.stop_mark()))
+                    .map(|e| (e.key.clone(), event_id(&self.uid, event, &subject, &e.key)))
+                    .collect();
+                Some(DraftEvent {
+                    event: event.to_owned(),
+                    image_id: result.image_id.clone(),
+                    deliveries,
+                    result: index,
+                })
+            })
+            .collect()
+    }
+
+    fn body(
+        &self,
+        event: &DraftEvent,
+        stored: &ImageResult,
+        sequence: u64,
+        now: jiff::Timestamp,
+    ) -> Option<serde_json::Value> {
+        let entry = self.entries.get(&event.image_id).copied();
+        let body = image_event(
+            &event.event,
+            self.group,
+            &event.image_id,
+            entry,
+            Some(stored),
+            sequence,
+            now,
+        );
+        serde_json::to_value(body).ok()
+    }
 }
 
 fn models_fingerprint(models: &[String]) -> String {
@@ -1030,6 +1132,88 @@ mod tests {
         );
         assert_eq!(deliveries.len(), 3);
         assert!(again.is_empty(), "{again:?}");
+    }
+
+    #[test]
+    fn a_write_of_results_drafts_the_events_ids_and_bodies_the_plan_would_make() {
+        let mut only_groups = endpoint("subscription/groups");
+        only_groups.event_types = vec![GROUP_COMPLETED.to_owned()];
+        let stopped = endpoint("subscription/gone");
+        let endpoints = [
+            endpoint("request"),
+            endpoint("subscription/a"),
+            only_groups,
+            stopped.clone(),
+        ];
+        let g = group(3, &["a"], 1);
+        let now = jiff::Timestamp::now();
+        let mut results = results(3);
+        // img-2 has a result, but not for model "a": no event yet.
+        if let Some(r) = results.get_mut("img-2") {
+            r.failure = None;
+        }
+        let mut status = ImageGroupStatus {
+            stopped_endpoints: vec![stopped.stop_mark()],
+            ..ImageGroupStatus::default()
+        };
+        let mut planned: Vec<Delivery> = Vec::new();
+        let bodies = plan(
+            &g,
+            &mut status,
+            &mut planned,
+            &results,
+            &endpoints,
+            false,
+            now,
+        );
+
+        let stored: Vec<ImageResult> = ["img-0", "img-1", "img-2"]
+            .iter()
+            .filter_map(|id| results.get(*id).cloned())
+            .collect();
+        let ledger = EventLedger {
+            endpoints: serde_json::to_value(&endpoints).expect("records"),
+            stopped: status.stopped_endpoints.clone(),
+        };
+        let writer = ImageEvents::new(&g);
+        let drafts = writer.image_events(&stored, &ledger);
+        let drafted: Vec<(String, String, String)> = drafts
+            .iter()
+            .flat_map(|d| {
+                d.deliveries
+                    .iter()
+                    .map(|(endpoint, id)| (d.image_id.clone(), endpoint.clone(), id.clone()))
+            })
+            .collect();
+        let mut expected: Vec<(String, String, String)> = planned
+            .iter()
+            .map(|d| {
+                let image = d.image_id.clone().unwrap_or_default();
+                (image, d.endpoint.clone(), d.id.clone())
+            })
+            .collect();
+        expected.sort();
+        let mut drafted_sorted = drafted.clone();
+        drafted_sorted.sort();
+        // Two images to the two endpoints that take image events and are not stopped.
+        assert_eq!(drafted_sorted, expected);
+        assert_eq!(expected.len(), 4, "{expected:?}");
+        // Numbered the same, an event's body is the plan's to the byte.
+        for draft in &drafts {
+            let sequence = planned
+                .iter()
+                .find(|d| d.image_id.as_deref() == Some(draft.image_id.as_str()))
+                .map(|d| d.sequence)
+                .expect("planned");
+            let body = writer.body(draft, &stored[draft.result], sequence, now);
+            assert_eq!(body.as_ref(), bodies.get(&sequence), "{}", draft.image_id);
+        }
+        // Records it cannot read plan nothing (the group's plan records them again).
+        let unreadable = EventLedger {
+            endpoints: serde_json::json!({"not": "a list"}),
+            stopped: Vec::new(),
+        };
+        assert!(writer.image_events(&stored, &unreadable).is_empty());
     }
 
     #[test]

@@ -120,7 +120,16 @@ pub async fn reconcile(
         })
         .collect();
 
+    // Where the group's events go, recorded before any worker can write a result: each
+    // write of results plans its images' events to these endpoints.
+    let endpoints = events::endpoints(&ctx, &group, &namespace).await?;
+    let endpoint_records = serde_json::to_value(&endpoints)?;
+    let mut endpoints_changed = false;
     if !pending.is_empty() {
+        endpoints_changed = ctx
+            .store
+            .record_endpoints(&group_ref, &endpoint_records)
+            .await?;
         ensure_worker_jobs(&ctx, &group, &group_ref, generation, &pending, &mut status).await?;
     }
 
@@ -177,14 +186,12 @@ pub async fn reconcile(
 
     // Plan the events due now and save them (the dispatchers send them), then the status
     // that counts them: the ledger first, so a restart neither loses nor re-invents one.
-    let endpoints = events::endpoints(&ctx, &group, &namespace).await?;
     // Dispatchers record the endpoints that answered 410 Gone; the status lists them.
     for mark in ctx.store.stopped_endpoints(&group_ref.uid).await? {
         if !status.stopped_endpoints.contains(&mark) {
             status.stopped_endpoints.push(mark);
         }
     }
-    let endpoint_records = serde_json::to_value(&endpoints)?;
     // Everything planning depends on. When none of it moved since this replica last
     // planned, only the dispatchers' progress did: the counts come from the database, and
     // the group's deliveries (210,000 rows for 10,000 images and 21 endpoints) stay there.
@@ -195,9 +202,17 @@ pub async fn reconcile(
         endpoints: endpoint_records.to_string(),
         replay: group.annotations().get(REPLAY_ANNOTATION).cloned(),
         stopped: status.stopped_endpoints.clone(),
-        open: ctx.store.open_endpoints(&group_ref.uid).await?,
+        // A drained endpoint matters to a group event, which waits for all images.
+        open: if all_done {
+            ctx.store.open_endpoints(&group_ref.uid).await?
+        } else {
+            Vec::new()
+        },
     };
-    let open = if lock(&ctx.planned).get(&group_ref.uid) == Some(&key) {
+    let counting = lock(&ctx.planned)
+        .get(&group_ref.uid)
+        .is_some_and(|planned| planned.covers(&key));
+    let open = if counting {
         count_deliveries(&ctx, &group_ref.uid, &mut status, generation, now).await?
     } else {
         let planning = Planning {
@@ -206,6 +221,7 @@ pub async fn reconcile(
             results: &results,
             endpoints: &endpoints,
             endpoint_records: &endpoint_records,
+            endpoints_changed,
         };
         plan_deliveries(&ctx, &planning, &mut status, key).await?
     };
@@ -257,6 +273,8 @@ struct Planning<'a> {
     endpoints: &'a [events::Endpoint],
     /// `endpoints` as saved for the dispatchers.
     endpoint_records: &'a serde_json::Value,
+    /// This reconcile stored changed endpoint records already.
+    endpoints_changed: bool,
 }
 
 /// Reads the group's deliveries, carries out a replay, plans the events due now and saves
@@ -269,10 +287,15 @@ async fn plan_deliveries(
     key: PlanKey,
 ) -> Result<usize, ControllerError> {
     let uid = &planning.group_ref.uid;
+    // Writes of results number their events too: the plan numbers after the last number
+    // handed out, read before the deliveries, and saving checks nobody numbered since.
+    let base = ctx.store.last_sequence(uid).await?;
     let recorded = ctx.store.group_deliveries(uid).await?;
     let mut deliveries = recorded.clone();
     let replayed = events::apply_replay(planning.group, status, &mut deliveries);
     let now = jiff::Timestamp::now();
+    status.sequence = status.sequence.max(base);
+    let first = status.sequence;
     let bodies = events::plan(
         planning.group,
         status,
@@ -301,15 +324,25 @@ async fn plan_deliveries(
         unstopped: &replayed.unstopped,
         pruned: &pruned,
         endpoints: planning.endpoint_records,
+        // `first` may pass `base` in a group numbered before the store kept the count.
+        numbered: (status.sequence > first).then_some((base, status.sequence)),
     };
-    ctx.store.save_plan(planning.group_ref, &plan).await?;
+    let saved = ctx.store.save_plan(planning.group_ref, &plan).await?;
     let open: Vec<&Delivery> = deliveries.iter().filter(|d| d.state.is_open()).collect();
     let endpoints: std::collections::BTreeSet<&str> =
         open.iter().map(|d| d.endpoint.as_str()).collect();
-    let planned = PlanKey {
-        stopped: status.stopped_endpoints.clone(),
-        open: endpoints.into_iter().map(str::to_owned).collect(),
-        ..key
+    let all_done = key.all_done;
+    let planned = Planned {
+        key: PlanKey {
+            stopped: status.stopped_endpoints.clone(),
+            open: if all_done {
+                endpoints.into_iter().map(str::to_owned).collect()
+            } else {
+                Vec::new()
+            },
+            ..key
+        },
+        results_plan_their_events: !(planning.endpoints_changed || saved.endpoints_changed),
     };
     remember_plan(ctx, uid, planned);
     Ok(open.len())
@@ -330,7 +363,31 @@ pub struct PlanKey {
     open: Vec<String>,
 }
 
-fn remember_plan(ctx: &Context, uid: &str, key: PlanKey) {
+/// A replica's last plan of a group's events.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    key: PlanKey,
+    /// The plan found the endpoint records it saved already stored, so every write of
+    /// results since has planned its images' events for these endpoints: images covered
+    /// since need no plan here.
+    results_plan_their_events: bool,
+}
+
+impl Planned {
+    /// Nothing to plan for `now`: the same inputs, or only images covered since, whose
+    /// events their writes recorded.
+    fn covers(&self, now: &PlanKey) -> bool {
+        self.key == *now
+            || (self.results_plan_their_events
+                && self.key
+                    == PlanKey {
+                        covered: self.key.covered,
+                        ..now.clone()
+                    })
+    }
+}
+
+fn remember_plan(ctx: &Context, uid: &str, key: Planned) {
     let mut planned = lock(&ctx.planned);
     // Groups come and go; forgetting all now and then keeps this bounded (the next
     // reconcile of each plans in full).
@@ -473,9 +530,10 @@ async fn ensure_worker_jobs(
             .filter(|item| !stored.get(&item.id).is_some_and(|r| r.covers(models)))
             .map(|item| ImageResult::failed(&group_ref.name, &item.id, reason, message.clone()))
             .collect();
+        let planner = events::ImageEvents::new(group);
         for chunk in failures.chunks(MAX_BATCH) {
             ctx.store
-                .write_results(group_ref, generation, chunk)
+                .store_results(group_ref, generation, chunk, Some(&planner))
                 .await?;
         }
     }

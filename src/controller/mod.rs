@@ -6,12 +6,14 @@
 mod aggregate;
 mod dispatch;
 mod events;
+pub use events::ImageEvents;
 mod image_group;
 mod job;
 mod leader;
 mod metrics;
 mod retention;
 mod subscription;
+mod wake;
 
 pub use job::{
     CATALOG_CONFIG_MAP, CATALOG_HASH_ANNOTATION, CATALOG_KEY, CATALOG_MOUNT_PATH, GpuSettings,
@@ -32,9 +34,9 @@ use kube::runtime::utils::PredicateConfig;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
-use crate::crd::{ImageGroup, WebhookSubscription};
+use crate::crd::{GroupPhase, ImageGroup, WebhookSubscription};
 use crate::net::{EgressGuard, EgressPolicy};
-use crate::store::{GROUPS_CHANNEL, Store, StoreNotice};
+use crate::store::{GROUPS_CHANNEL, RESULTS_CHANNEL, Store, StoreNotice};
 use crate::webhook::{CircuitConfig, Circuits, RetrySchedule, Sender, SenderConfig};
 
 /// Stored rows deleted per statement when a group's results go.
@@ -124,7 +126,7 @@ pub struct Context {
     pub progress_written: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// What each group's events were last planned from (by uid): a reconcile that finds
     /// the same only counts.
-    pub planned: std::sync::Mutex<std::collections::HashMap<String, image_group::PlanKey>>,
+    pub planned: std::sync::Mutex<std::collections::HashMap<String, image_group::Planned>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,29 +210,49 @@ fn context(
 /// Runs both controllers (the leader's work) until the process is stopped.
 async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     let client = ctx.client.clone();
-    // A stored batch of results or a settled delivery names its group: reconcile it at
-    // once. After a (re)connection, notifications may have been missed: look at every group.
-    let notices = crate::store::listen(ctx.store.url().to_owned(), &[GROUPS_CHANNEL]);
+    let (cached, writer) = kube::runtime::reflector::store();
+    // A stored batch of results and a settled delivery name their group. A write of results
+    // records its own events, and a running group's deliveries only move progress, so
+    // those wake the group at most once a second; a completed group's settled deliveries
+    // wake it at once (an endpoint that drained may be due its group event). After a
+    // (re)connection, notifications may have been missed: look at every group.
+    let notices = crate::store::listen(
+        ctx.store.url().to_owned(),
+        &[GROUPS_CHANNEL, RESULTS_CHANNEL],
+    );
     let (wake_all_tx, wake_all) = futures::channel::mpsc::unbounded::<()>();
-    let wake_groups = notices.filter_map(move |notice| {
-        let wake_all_tx = wake_all_tx.clone();
+    let (later_tx, later_rx) = futures::channel::mpsc::unbounded();
+    let known = cached.clone();
+    let at_once = notices.filter_map(move |notice| {
+        let (wake_all_tx, later_tx, known) = (wake_all_tx.clone(), later_tx.clone(), known.clone());
         async move {
             match notice {
                 StoreNotice::Connected => {
                     let _ = wake_all_tx.unbounded_send(());
                     None
                 }
-                StoreNotice::Notification { payload, .. } => {
+                StoreNotice::Notification { channel, payload } => {
                     let (namespace, name) = payload.split_once('/')?;
-                    Some(ObjectRef::<ImageGroup>::new(name).within(namespace))
+                    let group = ObjectRef::<ImageGroup>::new(name).within(namespace);
+                    let completed = known.get(&group).is_some_and(|g| {
+                        g.status
+                            .as_ref()
+                            .is_some_and(|s| s.phase == GroupPhase::Completed)
+                    });
+                    if channel == RESULTS_CHANNEL || !completed {
+                        let _ = later_tx.unbounded_send(group);
+                        return None;
+                    }
+                    Some(group)
                 }
             }
         }
     });
+    let wake_groups =
+        futures::stream::select(at_once, wake::coalesce(later_rx, wake::RESULTS_EVERY));
     let retention = retention::run(client.clone(), ctx.store.clone());
     let groups: Api<ImageGroup> = Api::all(client.clone());
     let subscriptions: Api<WebhookSubscription> = Api::all(client.clone());
-    let (cached, writer) = kube::runtime::reflector::store();
     // A group is looked at again when its intent changes (spec, labels, annotations such
     // as a replay request, deletion), not when its status does: the status is this
     // controller's own writing.
@@ -317,6 +339,11 @@ pub(crate) async fn publish_event(
 }
 
 fn retry_after_error(error: &ControllerError, ctx: &Context) -> Action {
+    if error.category() == "store_conflict" {
+        // A write of results numbered events while the plan was made: plan again at once.
+        tracing::debug!(error = %error, "plan raced a write of results; planning again");
+        return Action::requeue(Duration::from_millis(100));
+    }
     ctx.config
         .metrics
         .reconcile_errors

@@ -92,3 +92,47 @@ pub struct Attempt {
     /// The start of the receiver's answer to a failed attempt.
     pub response: Option<String>,
 }
+
+/// An image event that a write of results calls for: planned in the write's own
+/// transaction, so that the dispatchers can send it as soon as the results are stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DraftEvent {
+    /// Event type, e.g. `image.completed`.
+    pub event: String,
+    pub image_id: String,
+    /// `(endpoint key, webhook-id)` for every endpoint the event goes to.
+    pub deliveries: Vec<(String, String)>,
+    /// Which of the stored results it is about (an index into them).
+    pub result: usize,
+}
+
+/// Where a group's events go, as its last plan recorded them in the store: read under the
+/// group's row lock by a write of results.
+#[derive(Clone, Debug, Default)]
+pub struct EventLedger {
+    /// The controller's endpoint records (`controller::events::Endpoint`, as JSON).
+    pub endpoints: serde_json::Value,
+    /// Endpoints stopped by a 410 Gone, as `<key> <url>`.
+    pub stopped: Vec<String>,
+}
+
+/// The rules that turn stored results into image events (the controller's), for the store,
+/// which knows none of them.
+pub trait EventPlanner: Sync {
+    /// The events that `stored` (each image's result as it stands after the write, with the
+    /// outputs of earlier models merged in) calls for.
+    fn image_events(
+        &self,
+        stored: &[crate::results::ImageResult],
+        ledger: &EventLedger,
+    ) -> Vec<DraftEvent>;
+
+    /// The body of `event`, numbered `sequence` and recorded at `now`.
+    fn body(
+        &self,
+        event: &DraftEvent,
+        stored: &crate::results::ImageResult,
+        sequence: u64,
+        now: jiff::Timestamp,
+    ) -> Option<serde_json::Value>;
+}

@@ -78,6 +78,18 @@ pub struct Plan<'a> {
     pub pruned: &'a [String],
     /// Where the group's events go (the controller's endpoint records).
     pub endpoints: &'a serde_json::Value,
+    /// The sequence numbers the plan handed out to new events: after `.0` (the group's
+    /// last number when the plan read it, [`Store::last_sequence`]) up to `.1`. Saving
+    /// fails with [`StoreError::Conflict`] if anyone numbered events since.
+    pub numbered: Option<(u64, u64)>,
+}
+
+/// What saving a plan changed besides its deliveries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Saved {
+    /// The endpoint records differed from those stored (writes of results that committed
+    /// meanwhile planned with the old ones).
+    pub endpoints_changed: bool,
 }
 
 impl Store {
@@ -111,17 +123,29 @@ impl Store {
     /// Saves what a reconcile planned, in one transaction, and wakes the dispatchers when
     /// something became due. Only the reconcile adds, replays and prunes deliveries; the
     /// dispatchers only move them on, so the two never overwrite each other.
-    pub async fn save_plan(&self, group: &GroupRef, plan: &Plan<'_>) -> Result<(), StoreError> {
+    pub async fn save_plan(&self, group: &GroupRef, plan: &Plan<'_>) -> Result<Saved, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         record_group(&tx, group).await?;
+        if let Some((base, last)) = plan.numbered {
+            let base = i64::try_from(base).unwrap_or(i64::MAX);
+            let last = i64::try_from(last).unwrap_or(i64::MAX);
+            let taken = tx
+                .execute(
+                    "UPDATE groups SET last_sequence = $3 WHERE uid = $1 AND last_sequence = $2",
+                    &[&group.uid, &base, &last],
+                )
+                .await?;
+            if taken == 0 {
+                // Dropping the transaction rolls it back.
+                return Err(StoreError::Conflict(format!(
+                    "events of group {} were numbered since the plan read them",
+                    group.name
+                )));
+            }
+        }
         // The endpoints first: a dispatcher that claims a new delivery finds where it goes.
-        tx.execute(
-            "UPDATE groups SET endpoints = $2, endpoints_version = endpoints_version + 1
-             WHERE uid = $1 AND endpoints IS DISTINCT FROM $2",
-            &[&group.uid, &Json(plan.endpoints)],
-        )
-        .await?;
+        let changed = update_endpoints(&tx, group, plan.endpoints).await?;
         insert_deliveries(&tx, group, plan.new).await?;
         insert_bodies(&tx, group, plan.bodies).await?;
         if !plan.replayed.is_empty() {
@@ -158,7 +182,41 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(Saved {
+            endpoints_changed: changed,
+        })
+    }
+
+    /// Records where a group's events go (the controller's endpoint records), before its
+    /// plan does: a worker's results may arrive first. Returns whether they changed.
+    pub async fn record_endpoints(
+        &self,
+        group: &GroupRef,
+        endpoints: &serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        record_group(&tx, group).await?;
+        let changed = update_endpoints(&tx, group, endpoints).await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// The last sequence number handed out to an event of the group (0: none yet).
+    pub async fn last_sequence(&self, group_uid: &str) -> Result<u64, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT last_sequence FROM groups WHERE uid = $1",
+                &[&group_uid],
+            )
+            .await?;
+        let last: i64 = match row {
+            Some(row) => row.try_get(0)?,
+            None => 0,
+        };
+        Ok(u64::try_from(last).unwrap_or(0))
     }
 
     /// The endpoints of a group that answered 410 Gone, as `<key> <url>`.
@@ -377,7 +435,24 @@ impl Store {
     }
 }
 
-async fn insert_deliveries(
+/// Stores the group's endpoint records (a new version when they differ); returns whether
+/// they did.
+async fn update_endpoints(
+    tx: &deadpool_postgres::Transaction<'_>,
+    group: &GroupRef,
+    endpoints: &serde_json::Value,
+) -> Result<bool, StoreError> {
+    let changed = tx
+        .execute(
+            "UPDATE groups SET endpoints = $2, endpoints_version = endpoints_version + 1
+             WHERE uid = $1 AND endpoints IS DISTINCT FROM $2",
+            &[&group.uid, &Json(endpoints)],
+        )
+        .await?;
+    Ok(changed > 0)
+}
+
+pub(super) async fn insert_deliveries(
     tx: &deadpool_postgres::Transaction<'_>,
     group: &GroupRef,
     deliveries: &[Delivery],
@@ -443,7 +518,7 @@ async fn insert_deliveries(
 }
 
 /// Bodies of events by their sequence number; the first one recorded for an event stays.
-async fn insert_bodies(
+pub(super) async fn insert_bodies(
     tx: &deadpool_postgres::Transaction<'_>,
     group: &GroupRef,
     bodies: &EventBodies,

@@ -9,9 +9,9 @@ mod migrations;
 mod notify;
 mod results;
 
-pub use deliveries::{Cursor, DeliveryCount, Plan};
+pub use deliveries::{Cursor, DeliveryCount, Plan, Saved};
 pub use dispatch::{Claimed, GONE_ERROR, Outcomes, Settled, Stop};
-pub use notify::{DISPATCH_CHANNEL, GROUPS_CHANNEL, StoreNotice, listen};
+pub use notify::{DISPATCH_CHANNEL, GROUPS_CHANNEL, RESULTS_CHANNEL, StoreNotice, listen};
 
 use std::time::Duration;
 
@@ -32,6 +32,9 @@ pub enum StoreError {
     Query(#[from] tokio_postgres::Error),
     #[error("stored record unreadable: {0}")]
     Corrupt(String),
+    /// Someone else changed what a write was based on: read again and retry.
+    #[error("changed meanwhile: {0}")]
+    Conflict(String),
 }
 
 /// The server's own message (`FATAL: no pg_hba.conf entry ...`), or the error with its
@@ -60,6 +63,7 @@ impl StoreError {
             Self::Query(e) if e.is_closed() || e.as_db_error().is_none() => "store_unavailable",
             Self::Query(_) => "store_query",
             Self::Corrupt(_) => "store_corrupt",
+            Self::Conflict(_) => "store_conflict",
         }
     }
 

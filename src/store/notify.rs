@@ -1,6 +1,6 @@
-//! Wake-ups from the database (LISTEN/NOTIFY): a stored batch of results or a settled
-//! delivery names its group on [`GROUPS_CHANNEL`], and the controller reconciles that group
-//! at once instead of waiting for a periodic look; newly due deliveries wake the
+//! Wake-ups from the database (LISTEN/NOTIFY): a stored batch of results names its group
+//! on [`RESULTS_CHANNEL`], a settled delivery on [`GROUPS_CHANNEL`], and the controller
+//! reconciles that group instead of waiting for a periodic look; newly due deliveries wake the
 //! dispatchers on [`DISPATCH_CHANNEL`]. The listening connection is its own (a pooled one would be handed to
 //! others) and is made again whenever it breaks; each new connection is announced, since
 //! notifications sent while it was down are lost and listeners must look again.
@@ -11,8 +11,12 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
-/// A group's results or deliveries changed; the payload is `namespace/name` of the group.
+/// A group's deliveries changed (one failed, or an endpoint has nothing left to send); the
+/// payload is `namespace/name` of the group.
 pub const GROUPS_CHANNEL: &str = "kinsight_groups";
+/// Results of a group were stored (with their image events); the payload is
+/// `namespace/name` of the group.
+pub const RESULTS_CHANNEL: &str = "kinsight_results";
 /// Deliveries became due (planned or replayed); no payload.
 pub const DISPATCH_CHANNEL: &str = "kinsight_dispatch";
 

@@ -6,8 +6,12 @@ use std::collections::HashMap;
 use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 
-use super::notify::GROUPS_CHANNEL;
+use super::deliveries::{insert_bodies, insert_deliveries};
+use super::notify::{DISPATCH_CHANNEL, RESULTS_CHANNEL};
 use super::{Store, StoreError, record_group};
+use crate::delivery::{
+    Delivery, DeliveryState, DraftEvent, EventBodies, EventLedger, EventPlanner,
+};
 use crate::results::{GroupRef, ImageFailure, ImageResult, ModelResult, Timings};
 
 /// Columns of `image_results`, in the order [`from_row`] reads them.
@@ -23,16 +27,47 @@ impl Store {
         generation: i64,
         results: &[ImageResult],
     ) -> Result<(), StoreError> {
+        self.store_results(group, generation, results, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Store::write_results`], and in the same transaction the image events that the
+    /// results call for (by `planner`'s rules, to the endpoints the group's last plan
+    /// recorded), numbered under the group's row lock: the dispatchers can send them as soon
+    /// as this returns, without waiting for a reconcile. An event recorded before keeps its
+    /// number and body (a batch sent twice plans nothing new). Returns the deliveries added.
+    pub async fn store_results(
+        &self,
+        group: &GroupRef,
+        generation: i64,
+        results: &[ImageResult],
+        planner: Option<&dyn EventPlanner>,
+    ) -> Result<usize, StoreError> {
         let records = serde_json::to_value(results)
             .map_err(|e| StoreError::Corrupt(format!("serialising results: {e}")))?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         record_group(&tx, group).await?;
-        tx.execute(
-            r#"INSERT INTO image_results
+        // The group's row first: writes of the group's events take their numbers in turn.
+        let ledger = match planner {
+            Some(_) => Some(
+                tx.query_one(
+                    "SELECT endpoints, stopped_endpoints, last_sequence FROM groups
+                     WHERE uid = $1 FOR UPDATE",
+                    &[&group.uid],
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let rows = tx
+            .query(
+                &format!(
+                    r#"INSERT INTO image_results
                    (group_uid, image_id, generation, failure, width, height, outputs, timings)
                SELECT $1, r."imageId", $2, r.failure, r.width, r.height,
-                      COALESCE(r.outputs, '{}'::jsonb), COALESCE(r.timings, '{}'::jsonb)
+                      COALESCE(r.outputs, '{{}}'::jsonb), COALESCE(r.timings, '{{}}'::jsonb)
                FROM jsonb_to_recordset($3::jsonb) AS r(
                    "imageId" text, failure jsonb, width integer, height integer,
                    outputs jsonb, timings jsonb)
@@ -43,15 +78,36 @@ impl Store {
                    height = COALESCE(EXCLUDED.height, image_results.height),
                    outputs = image_results.outputs || EXCLUDED.outputs,
                    timings = EXCLUDED.timings,
-                   updated_at = now()"#,
-            &[&group.uid, &generation, &Json(&records)],
-        )
-        .await?;
-        let key = format!("{}/{}", group.namespace, group.name);
-        tx.execute("SELECT pg_notify($1, $2)", &[&GROUPS_CHANNEL, &key])
+                   updated_at = now()
+               RETURNING {COLUMNS}"#
+                ),
+                &[&group.uid, &generation, &Json(&records)],
+            )
             .await?;
+        let mut planned = 0;
+        if let (Some(planner), Some(row)) = (planner, ledger) {
+            let stored = rows
+                .iter()
+                .map(|row| from_row(&group.name, row))
+                .collect::<Result<Vec<_>, _>>()?;
+            let Json(endpoints): Json<serde_json::Value> = row.try_get("endpoints")?;
+            let ledger = EventLedger {
+                endpoints,
+                stopped: row.try_get("stopped_endpoints")?,
+            };
+            let last: i64 = row.try_get("last_sequence")?;
+            let drafts = planner.image_events(&stored, &ledger);
+            planned = record_drafts(&tx, group, planner, &stored, &drafts, last).await?;
+        }
+        let key = format!("{}/{}", group.namespace, group.name);
+        tx.execute("SELECT pg_notify($1, $2)", &[&RESULTS_CHANNEL, &key])
+            .await?;
+        if planned > 0 {
+            tx.execute("SELECT pg_notify($1, '')", &[&DISPATCH_CHANNEL])
+                .await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(planned)
     }
 
     /// Every stored result of a group, by image id.
@@ -191,6 +247,89 @@ impl Store {
             .await?;
         Ok(deleted)
     }
+}
+
+/// Records the deliveries of `drafts` not recorded yet. An event takes the number it
+/// already has at any endpoint, or the next after `last` (with its body, fixed now).
+async fn record_drafts(
+    tx: &deadpool_postgres::Transaction<'_>,
+    group: &GroupRef,
+    planner: &dyn EventPlanner,
+    stored: &[ImageResult],
+    drafts: &[DraftEvent],
+    last: i64,
+) -> Result<usize, StoreError> {
+    let ids: Vec<&str> = drafts
+        .iter()
+        .flat_map(|d| d.deliveries.iter().map(|(_, id)| id.as_str()))
+        .collect();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    // Looked up by key: a batch's events, not the group's.
+    let known: HashMap<String, i64> = tx
+        .query(
+            "SELECT id, sequence FROM deliveries WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let now = jiff::Timestamp::now();
+    let start = u64::try_from(last).unwrap_or(0);
+    let mut next = start;
+    let mut deliveries = Vec::new();
+    let mut bodies = EventBodies::new();
+    for draft in drafts {
+        let Some(result) = stored.get(draft.result) else {
+            continue;
+        };
+        let fresh: Vec<&(String, String)> = draft
+            .deliveries
+            .iter()
+            .filter(|(_, id)| !known.contains_key(id))
+            .collect();
+        if fresh.is_empty() {
+            continue;
+        }
+        let recorded = draft.deliveries.iter().find_map(|(_, id)| known.get(id));
+        let sequence = match recorded {
+            Some(s) => u64::try_from(*s).unwrap_or(0),
+            None => {
+                next += 1;
+                if let Some(body) = planner.body(draft, result, next, now) {
+                    bodies.insert(next, body);
+                }
+                next
+            }
+        };
+        deliveries.extend(fresh.into_iter().map(|(endpoint, id)| Delivery {
+            id: id.clone(),
+            event: draft.event.clone(),
+            image_id: Some(draft.image_id.clone()),
+            endpoint: endpoint.clone(),
+            sequence,
+            created_at: now,
+            state: DeliveryState::Pending,
+            attempts: 0,
+            next_attempt_at: Some(now),
+            last_error: None,
+            delivered_at: None,
+            payload: None,
+        }));
+    }
+    insert_deliveries(tx, group, &deliveries).await?;
+    insert_bodies(tx, group, &bodies).await?;
+    if next > start {
+        let next = i64::try_from(next).unwrap_or(i64::MAX);
+        tx.execute(
+            "UPDATE groups SET last_sequence = $2 WHERE uid = $1",
+            &[&group.uid, &next],
+        )
+        .await?;
+    }
+    Ok(deliveries.len())
 }
 
 fn from_row(group: &str, row: &Row) -> Result<ImageResult, StoreError> {
