@@ -12,7 +12,7 @@
 //! each group's POST to each of its image events (p50/p90/p99/max), the time to the last
 //! `image_group.completed`, and duplicates (receipts of a `webhook-id` already received).
 //!
-//! Settings (environment): `GROUP_COUNT` (20; not `GROUPS`, which bash keeps for itself), `IMAGES` per group (1000, at most 1000),
+//! Settings (environment): `GROUP_COUNT` (20; not `GROUPS`, which bash keeps for itself), `IMAGES` per group (1000, at most 1000), `KEEP_LOG` (a path to copy `kinsight dev`'s log to),
 //! `MAX_SECS` for the measured part (900), `KINSIGHT_BIN` (the `kinsight` binary of this
 //! build), `ORT_DYLIB_PATH` (else `./.venv`'s ONNX Runtime).
 
@@ -339,4 +339,10 @@ async fn run() {
         "| webhook requests / duplicates | {} / {} |",
         r.requests, r.duplicates
     );
+    if let Ok(keep) = std::env::var("KEEP_LOG") {
+        match std::fs::copy(&log_path, &keep) {
+            Ok(_) => eprintln!("kinsight dev's log kept at {keep}"),
+            Err(e) => eprintln!("keeping the log at {keep}: {e}"),
+        }
+    }
 }
