@@ -444,20 +444,14 @@ fn add_event(
             status.sequence
         });
         known.insert(id.clone(), seq);
-        deliveries.push(Delivery {
+        deliveries.push(Delivery::pending(
             id,
-            event: new.event.to_owned(),
-            image_id: new.image_id.map(str::to_owned),
-            endpoint: endpoint.key.clone(),
-            sequence: seq,
-            created_at: now,
-            state: DeliveryState::Pending,
-            attempts: 0,
-            next_attempt_at: Some(now),
-            last_error: None,
-            delivered_at: None,
-            payload: None,
-        });
+            new.event,
+            new.image_id,
+            &endpoint.key,
+            seq,
+            now,
+        ));
     }
 }
 

@@ -35,6 +35,33 @@ pub struct Delivery {
     pub payload: Option<serde_json::Value>,
 }
 
+impl Delivery {
+    /// A delivery of an event recorded at `now`, due at once.
+    pub fn pending(
+        id: String,
+        event: &str,
+        image_id: Option<&str>,
+        endpoint: &str,
+        sequence: u64,
+        now: jiff::Timestamp,
+    ) -> Delivery {
+        Delivery {
+            id,
+            event: event.to_owned(),
+            image_id: image_id.map(str::to_owned),
+            endpoint: endpoint.to_owned(),
+            sequence,
+            created_at: now,
+            state: DeliveryState::Pending,
+            attempts: 0,
+            next_attempt_at: Some(now),
+            last_error: None,
+            delivered_at: None,
+            payload: None,
+        }
+    }
+}
+
 /// Bodies of events, by their sequence number in the group: one per event, whichever
 /// endpoints it goes to.
 pub type EventBodies = std::collections::BTreeMap<u64, serde_json::Value>;

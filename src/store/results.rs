@@ -9,9 +9,7 @@ use tokio_postgres::types::Json;
 use super::deliveries::{insert_bodies, insert_deliveries};
 use super::notify::{DISPATCH_CHANNEL, RESULTS_CHANNEL};
 use super::{Store, StoreError, record_group};
-use crate::delivery::{
-    Delivery, DeliveryState, DraftEvent, EventBodies, EventLedger, EventPlanner,
-};
+use crate::delivery::{Delivery, DraftEvent, EventBodies, EventLedger, EventPlanner};
 use crate::results::{GroupRef, ImageFailure, ImageResult, ModelResult, Timings};
 
 /// Columns of `image_results`, in the order [`from_row`] reads them.
@@ -304,19 +302,15 @@ async fn record_drafts(
                 next
             }
         };
-        deliveries.extend(fresh.into_iter().map(|(endpoint, id)| Delivery {
-            id: id.clone(),
-            event: draft.event.clone(),
-            image_id: Some(draft.image_id.clone()),
-            endpoint: endpoint.clone(),
-            sequence,
-            created_at: now,
-            state: DeliveryState::Pending,
-            attempts: 0,
-            next_attempt_at: Some(now),
-            last_error: None,
-            delivered_at: None,
-            payload: None,
+        deliveries.extend(fresh.into_iter().map(|(endpoint, id)| {
+            Delivery::pending(
+                id.clone(),
+                &draft.event,
+                Some(&draft.image_id),
+                endpoint,
+                sequence,
+                now,
+            )
         }));
     }
     insert_deliveries(tx, group, &deliveries).await?;
