@@ -333,7 +333,7 @@ async fn produce(
     futures::stream::iter(shards.into_iter().enumerate())
         .for_each_concurrent(writers, |(w, (group, created, shard))| async move {
             // The ingest's own rules: a batch's image events are recorded with its results.
-            let planner = ImageEvents::new(created);
+            let planner = ImageEvents::new(Arc::new(created.clone()));
             for (k, batch) in shard.chunks(settings.batch).enumerate() {
                 if settings.rate > 0.0 {
                     let n = (k * count + w) * settings.batch;

@@ -143,6 +143,12 @@ async fn only_the_namespaces_worker_stores_results_of_its_groups() {
     // The same batch again (a worker retrying after a lost answer) changes nothing.
     let (status, text) = send(Some(&worker), batch(ours, vec![result("b")])).await;
     assert_eq!(status, 204, "{text}");
+    // The group was just read for those batches: another namespace's worker naming its
+    // uid under its own namespace still finds no such group there.
+    let borrowed =
+        json!({ "namespace": "tenant-ingest-other", "name": group.name, "uid": group.uid });
+    let (status, text) = send(Some(&elsewhere), batch(borrowed, vec![result("a")])).await;
+    assert_eq!(status, 410, "another namespace's group: {text}");
     let stored = common::eventually("b stored", Duration::from_secs(10), async || {
         h.stored_results(&id).await.remove("b")
     })

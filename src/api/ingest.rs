@@ -78,6 +78,63 @@ impl TokenReviews {
     }
 }
 
+/// How long a group read for a batch serves the batches that follow: a worker uploads
+/// many, and every read is the whole spec (55 KiB for 1000 images) from the API server.
+const GROUP_TTL: Duration = Duration::from_secs(2);
+/// Groups remembered at most.
+const GROUP_CACHE_MAX: usize = 10_000;
+
+/// Groups recently read for batches, by uid, each with its event rules and when it was
+/// read. A batch of a newer generation than the one remembered reads the group again; a
+/// group deleted meanwhile is noticed within [`GROUP_TTL`] (its dispatchers then send
+/// nothing of it).
+#[derive(Default)]
+pub struct GroupReads {
+    read: Mutex<HashMap<String, (Arc<ImageEvents>, Instant)>>,
+}
+
+impl GroupReads {
+    async fn planner(
+        &self,
+        client: &kube::Client,
+        batch: &ResultBatch,
+    ) -> Result<Arc<ImageEvents>, ApiError> {
+        let uid = &batch.group.uid;
+        // Only the group of the batch's namespace and name (the caller is that namespace's
+        // worker) with this uid: the same check as the read's.
+        if let Some((events, at)) = self.lock().get(uid)
+            && at.elapsed() < GROUP_TTL
+            && events.group().metadata.generation.unwrap_or(1) >= batch.generation
+            && events.group().namespace().as_deref() == Some(batch.group.namespace.as_str())
+            && events.group().metadata.name.as_deref() == Some(batch.group.name.as_str())
+        {
+            return Ok(events.clone());
+        }
+        let groups: Api<ImageGroup> = Api::namespaced(client.clone(), &batch.group.namespace);
+        let group = groups
+            .get_opt(&batch.group.name)
+            .await?
+            .filter(|g| g.uid().as_deref() == Some(uid.as_str()))
+            .ok_or_else(|| ApiError::Gone(format!("image group {} is gone", batch.group.name)))?;
+        let events = Arc::new(ImageEvents::new(Arc::new(group)));
+        let mut read = self.lock();
+        if read.len() >= GROUP_CACHE_MAX {
+            read.retain(|_, (_, at)| at.elapsed() < GROUP_TTL);
+            if read.len() >= GROUP_CACHE_MAX {
+                read.clear();
+            }
+        }
+        read.insert(uid.clone(), (events.clone(), Instant::now()));
+        Ok(events)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<ImageEvents>, Instant)>> {
+        self.read
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 pub async fn store_results(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -102,16 +159,10 @@ pub async fn store_results(
     }
     check_batch(&batch)?;
     // The group must be the one the work order named: results of a deleted group (or of
-    // an earlier group of the same name) have no reader.
-    let groups: Api<ImageGroup> = Api::namespaced(state.client.clone(), &batch.group.namespace);
-    let group = groups
-        .get_opt(&batch.group.name)
-        .await?
-        .filter(|g| g.uid().as_deref() == Some(batch.group.uid.as_str()))
-        .ok_or_else(|| ApiError::Gone(format!("image group {} is gone", batch.group.name)))?;
-    // The batch's image events are recorded with its results: the dispatchers send them
-    // as soon as they are stored.
-    let planner = ImageEvents::new(&group);
+    // an earlier group of the same name) have no reader. The batch's image events are
+    // recorded with its results, by the group's spec: the dispatchers send them as soon as
+    // they are stored.
+    let planner = state.groups.planner(&state.client, &batch).await?;
     if let Some(stranger) = batch
         .results
         .iter()
@@ -128,7 +179,7 @@ pub async fn store_results(
             &batch.group,
             batch.generation,
             &batch.results,
-            Some(&planner),
+            Some(planner.as_ref()),
         )
         .await?;
     Ok(StatusCode::NO_CONTENT)

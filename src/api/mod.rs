@@ -52,6 +52,8 @@ pub struct AppState {
     pub store: Store,
     /// Workers' ServiceAccount tokens recently checked by the result ingest.
     pub reviews: ingest::TokenReviews,
+    /// Groups recently read by the result ingest.
+    pub groups: ingest::GroupReads,
 }
 
 /// Builds the router and starts watching the API-key Secrets; the returned future keeps
@@ -97,6 +99,7 @@ pub fn router(
         keys: keys.clone(),
         store: database,
         reviews: ingest::TokenReviews::default(),
+        groups: ingest::GroupReads::default(),
     });
     // Workers' result batches: larger bodies than customers' requests.
     let internal = Router::new()

@@ -317,36 +317,42 @@ fn image_event_of(
 /// The image events of results as they are written ([`EventPlanner`]): the events, ids
 /// and bodies the group's plan would make for them, so that a write of results records
 /// them at once and the plan finds them recorded.
-pub struct ImageEvents<'a> {
-    group: &'a ImageGroup,
+pub struct ImageEvents {
+    group: std::sync::Arc<ImageGroup>,
     uid: String,
     fingerprint: String,
-    entries: HashMap<String, &'a ImageEntry>,
+    /// Each image's place in the spec, by id.
+    places: HashMap<String, usize>,
 }
 
-impl<'a> ImageEvents<'a> {
-    pub fn new(group: &'a ImageGroup) -> Self {
+impl ImageEvents {
+    pub fn new(group: std::sync::Arc<ImageGroup>) -> Self {
         ImageEvents {
-            group,
             uid: group.uid().unwrap_or_default(),
             fingerprint: models_fingerprint(&group.spec.models),
-            entries: group
+            places: group
                 .spec
                 .images
                 .iter()
                 .enumerate()
-                .map(|(i, e)| (e.key(i), e))
+                .map(|(i, e)| (e.key(i), i))
                 .collect(),
+            group,
         }
+    }
+
+    /// The group the events are about.
+    pub fn group(&self) -> &ImageGroup {
+        &self.group
     }
 
     /// Whether `image_id` is one of the group's images.
     pub fn has_image(&self, image_id: &str) -> bool {
-        self.entries.contains_key(image_id)
+        self.places.contains_key(image_id)
     }
 }
 
-impl EventPlanner for ImageEvents<'_> {
+impl EventPlanner for ImageEvents {
     fn image_events(&self, stored: &[ImageResult], ledger: &EventLedger) -> Vec<DraftEvent> {
         let endpoints = match Vec::<Endpoint>::deserialize(&ledger.endpoints) {
             Ok(endpoints) => endpoints,
@@ -385,10 +391,13 @@ impl EventPlanner for ImageEvents<'_> {
         sequence: u64,
         now: jiff::Timestamp,
     ) -> Option<serde_json::Value> {
-        let entry = self.entries.get(&event.image_id).copied();
+        let entry = self
+            .places
+            .get(&event.image_id)
+            .and_then(|i| self.group.spec.images.get(*i));
         let body = image_event(
             &event.event,
-            self.group,
+            &self.group,
             &event.image_id,
             entry,
             Some(stored),
@@ -1169,7 +1178,7 @@ mod tests {
             endpoints: serde_json::to_value(&endpoints).expect("records"),
             stopped: status.stopped_endpoints.clone(),
         };
-        let writer = ImageEvents::new(&g);
+        let writer = ImageEvents::new(std::sync::Arc::new(g.clone()));
         let drafts = writer.image_events(&stored, &ledger);
         let drafted: Vec<(String, String, String)> = drafts
             .iter()

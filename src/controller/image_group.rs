@@ -530,7 +530,7 @@ async fn ensure_worker_jobs(
             .filter(|item| !stored.get(&item.id).is_some_and(|r| r.covers(models)))
             .map(|item| ImageResult::failed(&group_ref.name, &item.id, reason, message.clone()))
             .collect();
-        let planner = events::ImageEvents::new(group);
+        let planner = events::ImageEvents::new(Arc::new(group.clone()));
         for chunk in failures.chunks(MAX_BATCH) {
             ctx.store
                 .store_results(group_ref, generation, chunk, Some(&planner))
