@@ -18,7 +18,7 @@
 
 mod common;
 
-use common::{Envelope, ms, percentile};
+use common::{Envelope, api_metrics, ms, percentile, print_api_requests};
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -244,6 +244,20 @@ async fn run() {
         setup_started.elapsed().as_secs_f64()
     );
 
+    // The API server's own counts, read through `kinsight dev`'s kubeconfig.
+    let options = kube::config::KubeConfigOptions::default();
+    let kube = match kube::config::Kubeconfig::read_from(state.path().join("dev/kubeconfig")) {
+        Ok(k) => kube::Config::from_custom_kubeconfig(k, &options)
+            .await
+            .ok()
+            .and_then(|c| kube::Client::try_from(c).ok()),
+        Err(_) => None,
+    };
+    let api_before = match &kube {
+        Some(client) => api_metrics(client).await,
+        None => None,
+    };
+
     let started = Instant::now();
     let mut posted: HashMap<String, Instant> = HashMap::new();
     for g in 0..groups {
@@ -291,6 +305,10 @@ async fn run() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let api_after = match &kube {
+        Some(client) => api_metrics(client).await,
+        None => None,
+    };
     // A moment for duplicates (a retry of something already received) to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = dev.start_kill();
@@ -339,6 +357,9 @@ async fn run() {
         "| webhook requests / duplicates | {} / {} |",
         r.requests, r.duplicates
     );
+    if let (Some(before), Some(after)) = (api_before, api_after) {
+        print_api_requests(&before, &after);
+    }
     if let Ok(keep) = std::env::var("KEEP_LOG") {
         match std::fs::copy(&log_path, &keep) {
             Ok(_) => eprintln!("kinsight dev's log kept at {keep}"),

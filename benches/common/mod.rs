@@ -1,7 +1,8 @@
-//! What the benchmarks share: the webhook envelope they read and their figures.
+//! What the benchmarks share: the webhook envelope they read, their figures and the API server's request counts.
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -32,4 +33,87 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// `(verb, resource/subresource (scope))` -> (requests, seconds, response bytes) from the
+/// API server's `/metrics`. Scope tells callers apart: the controller's watches are
+/// cluster-wide, its reconciler's reads namespaced.
+pub type ApiKey = (String, String);
+pub type ApiStats = BTreeMap<ApiKey, (f64, f64, f64)>;
+
+pub async fn api_metrics(client: &kube::Client) -> Option<ApiStats> {
+    let request = http::Request::get("/metrics").body(Vec::new()).ok()?;
+    let text = client.request_text(request).await.ok()?;
+    let mut out = ApiStats::new();
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some((metric, labels)) = series.split_once('{') else {
+            continue;
+        };
+        let slot = match metric {
+            "apiserver_request_total" => 0,
+            "apiserver_request_duration_seconds_sum" => 1,
+            "apiserver_response_sizes_sum" => 2,
+            _ => continue,
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches(['}', '"']).to_owned())
+                .unwrap_or_default()
+        };
+        let resource = label("resource");
+        if resource.is_empty() {
+            continue;
+        }
+        let subresource = label("subresource");
+        let key = if subresource.is_empty() {
+            format!("{resource} ({})", label("scope"))
+        } else {
+            format!("{resource}/{subresource} ({})", label("scope"))
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let entry = out.entry((label("verb"), key)).or_default();
+        match slot {
+            0 => entry.0 += value,
+            1 => entry.1 += value,
+            _ => entry.2 += value,
+        }
+    }
+    Some(out)
+}
+
+
+/// The API server's requests between two readings of its metrics, by time spent (watches
+/// excluded from time), as a table.
+pub fn print_api_requests(before: &ApiStats, after: &ApiStats) {
+    let mut rows: Vec<(ApiKey, (f64, f64, f64))> = after
+        .iter()
+        .map(|(k, a)| {
+            let b = before.get(k).copied().unwrap_or_default();
+            // A watch's "duration" is how long it stayed open, not work.
+            let seconds = if k.0 == "WATCH" { 0.0 } else { a.1 - b.1 };
+            (k.clone(), (a.0 - b.0, seconds, a.2 - b.2))
+        })
+        .filter(|(_, d)| d.0 >= 1.0)
+        .collect();
+    rows.sort_by(|a, b| (b.1).1.total_cmp(&(a.1).1));
+    println!();
+    println!(
+        "API server requests during the measured part (by time spent; watches excluded from time):"
+    );
+    println!("| verb | resource (scope) | requests | seconds | mean ms | MiB returned |");
+    println!("|---|---|---|---|---|---|");
+    for ((verb, resource), (count, seconds, bytes)) in rows.iter().take(16) {
+        println!(
+            "| {verb} | {resource} | {count:.0} | {seconds:.1} | {:.0} | {:.1} |",
+            seconds * 1000.0 / count,
+            bytes / 1_048_576.0
+        );
+    }
 }
