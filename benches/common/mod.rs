@@ -88,7 +88,6 @@ pub async fn api_metrics(client: &kube::Client) -> Option<ApiStats> {
     Some(out)
 }
 
-
 /// The API server's requests between two readings of its metrics, by time spent (watches
 /// excluded from time), as a table.
 pub fn print_api_requests(before: &ApiStats, after: &ApiStats) {
