@@ -301,6 +301,14 @@ async fn plan_deliveries(
     // handed out, read before the deliveries, and saving checks nobody numbered since.
     let base = ctx.store.last_sequence(uid).await?;
     let recorded = ctx.store.group_deliveries(uid).await?;
+    // A 410 is recorded with the delivery it failed: read after the deliveries, the stops
+    // include every one behind a failure read here (a group event planned now must not go
+    // to an endpoint that answered Gone a moment ago).
+    for mark in ctx.store.stopped_endpoints(uid).await? {
+        if !status.stopped_endpoints.contains(&mark) {
+            status.stopped_endpoints.push(mark);
+        }
+    }
     let mut deliveries = recorded.clone();
     let replayed = events::apply_replay(planning.group, status, &mut deliveries);
     let now = jiff::Timestamp::now();
