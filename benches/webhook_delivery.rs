@@ -299,7 +299,8 @@ async fn produce(
             uid: created.uid().expect("uid"),
         };
         written.lock().expect("written").groups_created += 1;
-        made.push((group, created));
+        // The ingest's own rules: a batch's image events are recorded with its results.
+        made.push((group, Arc::new(ImageEvents::new(Arc::new(created)))));
     }
     if !settings.queued_first {
         // A worker writes results only once the controller has made its Job.
@@ -316,13 +317,13 @@ async fn produce(
     // As workers write them: one writer per worker Job (a group's images in runs of
     // MAX_IMAGES_PER_JOB by place), each with one batch in flight at a time, all at once
     // (at most WRITERS). With a rate, each writer takes its share of it.
-    let shards: Vec<(&GroupRef, &ImageGroup, Vec<usize>)> = made
+    let shards: Vec<(&GroupRef, &ImageEvents, Vec<usize>)> = made
         .iter()
-        .flat_map(|(group, created)| {
+        .flat_map(|(group, planner)| {
             (0..images)
                 .collect::<Vec<_>>()
                 .chunks(MAX_IMAGES_PER_JOB)
-                .map(|shard| (group, created, shard.to_vec()))
+                .map(|shard| (group, planner.as_ref(), shard.to_vec()))
                 .collect::<Vec<_>>()
         })
         .collect();
@@ -331,9 +332,7 @@ async fn produce(
     let (store, written_ref) = (&store, &written);
     let settings = &settings;
     futures::stream::iter(shards.into_iter().enumerate())
-        .for_each_concurrent(writers, |(w, (group, created, shard))| async move {
-            // The ingest's own rules: a batch's image events are recorded with its results.
-            let planner = ImageEvents::new(Arc::new(created.clone()));
+        .for_each_concurrent(writers, |(w, (group, planner, shard))| async move {
             for (k, batch) in shard.chunks(settings.batch).enumerate() {
                 if settings.rate > 0.0 {
                     let n = (k * count + w) * settings.batch;
@@ -347,7 +346,7 @@ async fn produce(
                 let started = Instant::now();
                 // Transient API errors are retried; a lasting one ends the run.
                 let mut tries = 0;
-                while let Err(e) = store.store_results(group, 1, &specs, Some(&planner)).await {
+                while let Err(e) = store.store_results(group, 1, &specs, Some(planner)).await {
                     tries += 1;
                     assert!(tries < 5, "writing results of {}: {e}", group.name);
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod bench;
+mod cache;
 pub mod controller;
 pub mod crd;
 pub mod delivery;

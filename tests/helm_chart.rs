@@ -6,7 +6,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Volume, VolumeMount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kinsight::controller::GpuSettings;
 use kinsight::testbed::TestCluster;
@@ -80,6 +80,25 @@ fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
         .and_then(|e| e.value.as_deref())
 }
 
+/// The pod's volume `name`.
+fn volume<'a>(pod: &'a PodSpec, name: &str) -> &'a Volume {
+    pod.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// Where the pod's first container mounts the volume `name`.
+fn mount<'a>(pod: &'a PodSpec, name: &str) -> &'a VolumeMount {
+    pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == name)
+        .unwrap_or_else(|| panic!("no mount of {name}"))
+}
+
 /// The container reads the catalog from the chart's ConfigMap, mounted where
 /// `KINSIGHT_CATALOG` points, with the models in the image's models folder.
 fn assert_reads_the_catalog_config_map(pod: &PodSpec, container: &Container) {
@@ -90,13 +109,10 @@ fn assert_reads_the_catalog_config_map(pod: &PodSpec, container: &Container) {
         .flatten()
         .find(|m| catalog.starts_with(&format!("{}/", m.mount_path)))
         .unwrap_or_else(|| panic!("{} mounts nothing at {catalog}", container.name));
-    let volume = pod
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == mount.name)
-        .expect("the mounted volume");
-    let source = volume.config_map.as_ref().expect("a configMap volume");
+    let source = volume(pod, &mount.name)
+        .config_map
+        .as_ref()
+        .expect("a configMap volume");
     assert_eq!(source.name, "kinsight-catalog");
     assert_eq!(&catalog[mount.mount_path.len() + 1..], "catalog.yaml");
     assert_eq!(
@@ -223,27 +239,19 @@ async fn chart_installs_into_a_real_cluster() {
         );
     }
     for pod in [&controller_pod, &api_pod] {
-        let volume = pod
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == "database-ca")
-            .expect("the CA volume");
-        let secret = volume.secret.as_ref().expect("from a Secret");
+        let secret = volume(pod, "database-ca")
+            .secret
+            .as_ref()
+            .expect("from a Secret");
         assert_eq!(secret.secret_name.as_deref(), Some("pg-ca"));
         let item = &secret.items.as_ref().expect("one key")[0];
         assert_eq!(
             (item.key.as_str(), item.path.as_str()),
             ("ca.crt", "ca.crt")
         );
-        let mount = pod.containers[0]
-            .volume_mounts
-            .iter()
-            .flatten()
-            .find(|m| m.name == "database-ca")
-            .expect("the CA mount");
-        assert_eq!(mount.mount_path, "/etc/kinsight/database-ca");
-        assert_eq!(mount.read_only, Some(true));
+        let ca = mount(pod, "database-ca");
+        assert_eq!(ca.mount_path, "/etc/kinsight/database-ca");
+        assert_eq!(ca.read_only, Some(true));
     }
 
     // The GPU values reach the controller in a form its own parser takes.
@@ -257,21 +265,12 @@ async fn chart_installs_into_a_real_cluster() {
     assert_eq!(gpu.runtime_class_name.as_deref(), Some("nvidia"));
     // The models volume: mounted where the catalog's files are, and handed to worker Jobs.
     for pod in [&controller_pod, &api_pod] {
-        let volume = pod
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == "models")
-            .expect("models volume");
-        let claim = volume.persistent_volume_claim.as_ref().expect("a PVC");
+        let claim = volume(pod, "models")
+            .persistent_volume_claim
+            .as_ref()
+            .expect("a PVC");
         assert_eq!(claim.claim_name, "shared-models");
-        let mount = pod.containers[0]
-            .volume_mounts
-            .iter()
-            .flatten()
-            .find(|m| m.name == "models")
-            .expect("models mount");
-        assert_eq!(mount.mount_path, "/opt/kinsight/models");
+        assert_eq!(mount(pod, "models").mount_path, "/opt/kinsight/models");
     }
     let workers_volume = kinsight::controller::WorkerCatalog::parse_models_volume(
         env_value(container, "KINSIGHT_WORKER_MODELS_VOLUME").expect("models volume env"),

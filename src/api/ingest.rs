@@ -3,9 +3,9 @@
 //! with its pod's ServiceAccount token, checked by the API server (TokenReview) and
 //! remembered for a minute, so a worker needs no database credentials and no etcd writes.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -14,9 +14,11 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
+use tokio::time::Instant;
 
 use super::auth::bearer_token;
 use super::{ApiError, AppState};
+use crate::cache::Cache;
 use crate::controller::ImageEvents;
 use crate::controller::WORKER_ACCOUNT;
 use crate::crd::ImageGroup;
@@ -24,73 +26,49 @@ use crate::results::{MAX_BATCH, ResultBatch};
 
 /// How long a reviewed token's identity is trusted without asking again.
 const REVIEW_TTL: Duration = Duration::from_secs(60);
-/// Reviewed tokens remembered at most (each worker pod has one).
-const REVIEW_CACHE_MAX: usize = 10_000;
 
-/// A reviewed token's user (`None`: refused) and when it was reviewed, by its SHA-256.
-type Reviewed = HashMap<[u8; 32], (Option<String>, Instant)>;
-
-/// Identities of recently reviewed tokens.
+/// Identities of recently reviewed tokens (`None`: refused), by the token's SHA-256.
 #[derive(Default)]
 pub struct TokenReviews {
-    seen: Mutex<Reviewed>,
+    seen: Cache<[u8; 32], Option<String>>,
 }
 
 impl TokenReviews {
     /// The authenticated user name of `token` (`None`: the API server refused it).
     async fn user(&self, client: &kube::Client, token: &str) -> Result<Option<String>, ApiError> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some((user, at)) = self.lock().get(&key)
-            && at.elapsed() < REVIEW_TTL
-        {
-            return Ok(user.clone());
-        }
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
-                audiences: None,
-            },
-            ..TokenReview::default()
+        let review = || async {
+            let review = TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(token.to_owned()),
+                    audiences: None,
+                },
+                ..TokenReview::default()
+            };
+            let reviewed = Api::<TokenReview>::all(client.clone())
+                .create(&PostParams::default(), &review)
+                .await?;
+            Ok(reviewed
+                .status
+                .filter(|s| s.authenticated == Some(true))
+                .and_then(|s| s.user)
+                .and_then(|u| u.username))
         };
-        let reviewed = Api::<TokenReview>::all(client.clone())
-            .create(&PostParams::default(), &review)
-            .await?;
-        let user = reviewed
-            .status
-            .filter(|s| s.authenticated == Some(true))
-            .and_then(|s| s.user)
-            .and_then(|u| u.username);
-        let mut seen = self.lock();
-        if seen.len() >= REVIEW_CACHE_MAX {
-            seen.retain(|_, (_, at)| at.elapsed() < REVIEW_TTL);
-            if seen.len() >= REVIEW_CACHE_MAX {
-                seen.clear();
-            }
-        }
-        seen.insert(key, (user.clone(), Instant::now()));
-        Ok(user)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Reviewed> {
-        self.seen
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        let fresh = |(at, _): &(Instant, Option<String>)| at.elapsed() < REVIEW_TTL;
+        self.seen.try_get_or_load(&key, fresh, review).await
     }
 }
 
 /// How long a group read for a batch serves the batches that follow: a worker uploads
 /// many, and every read is the whole spec (55 KiB for 1000 images) from the API server.
 const GROUP_TTL: Duration = Duration::from_secs(2);
-/// Groups remembered at most.
-const GROUP_CACHE_MAX: usize = 10_000;
 
-/// Groups recently read for batches, by uid, each with its event rules and when it was
-/// read. A batch of a newer generation than the one remembered reads the group again; a
-/// group deleted meanwhile is noticed within [`GROUP_TTL`] (its dispatchers then send
-/// nothing of it).
+/// Groups recently read for batches, by uid, each with its event rules. A batch of a
+/// newer generation than the one remembered reads the group again; a group deleted
+/// meanwhile is noticed within [`GROUP_TTL`] (its dispatchers then send nothing of it).
 #[derive(Default)]
 pub struct GroupReads {
-    read: Mutex<HashMap<String, (Arc<ImageEvents>, Instant)>>,
+    read: Cache<String, Arc<ImageEvents>>,
 }
 
 impl GroupReads {
@@ -102,36 +80,25 @@ impl GroupReads {
         let uid = &batch.group.uid;
         // Only the group of the batch's namespace and name (the caller is that namespace's
         // worker) with this uid: the same check as the read's.
-        if let Some((events, at)) = self.lock().get(uid)
-            && at.elapsed() < GROUP_TTL
-            && events.group().metadata.generation.unwrap_or(1) >= batch.generation
-            && events.group().namespace().as_deref() == Some(batch.group.namespace.as_str())
-            && events.group().metadata.name.as_deref() == Some(batch.group.name.as_str())
-        {
-            return Ok(events.clone());
-        }
-        let groups: Api<ImageGroup> = Api::namespaced(client.clone(), &batch.group.namespace);
-        let group = groups
-            .get_opt(&batch.group.name)
-            .await?
-            .filter(|g| g.uid().as_deref() == Some(uid.as_str()))
-            .ok_or_else(|| ApiError::Gone(format!("image group {} is gone", batch.group.name)))?;
-        let events = Arc::new(ImageEvents::new(Arc::new(group)));
-        let mut read = self.lock();
-        if read.len() >= GROUP_CACHE_MAX {
-            read.retain(|_, (_, at)| at.elapsed() < GROUP_TTL);
-            if read.len() >= GROUP_CACHE_MAX {
-                read.clear();
-            }
-        }
-        read.insert(uid.clone(), (events.clone(), Instant::now()));
-        Ok(events)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<ImageEvents>, Instant)>> {
-        self.read
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        let fresh = |(at, events): &(Instant, Arc<ImageEvents>)| {
+            let group = events.group();
+            at.elapsed() < GROUP_TTL
+                && group.metadata.generation.unwrap_or(1) >= batch.generation
+                && group.namespace().as_deref() == Some(batch.group.namespace.as_str())
+                && group.metadata.name.as_deref() == Some(batch.group.name.as_str())
+        };
+        let read = || async {
+            let groups: Api<ImageGroup> = Api::namespaced(client.clone(), &batch.group.namespace);
+            let group = groups
+                .get_opt(&batch.group.name)
+                .await?
+                .filter(|g| g.uid().as_deref() == Some(uid.as_str()))
+                .ok_or_else(|| {
+                    ApiError::Gone(format!("image group {} is gone", batch.group.name))
+                })?;
+            Ok(Arc::new(ImageEvents::new(Arc::new(group))))
+        };
+        self.read.try_get_or_load(uid, fresh, read).await
     }
 }
 

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::events::Endpoint;
 use super::{Context, publish_event};
+use crate::cache::Cache;
 use crate::crd::{ImageGroup, SecretKeyRef};
 use crate::delivery::{Attempt, DeliveryState};
 use crate::results::GroupRef;
@@ -416,53 +417,6 @@ impl Dispatcher {
         };
         let load = || load_secret(&self.ctx, namespace, reference);
         self.secrets.get_or_load(&key, fresh, load).await
-    }
-}
-
-/// A cache whose misses load once: callers asking for a key while it loads wait for that
-/// load rather than each making their own (the 500 deliveries of one claim would otherwise
-/// read their group's signing secret 500 times at once).
-struct Cache<K, V> {
-    entries: Mutex<HashMap<K, Slot<V>>>,
-}
-
-/// One key's value and when it was loaded; locked while it loads.
-type Slot<V> = Arc<tokio::sync::Mutex<Option<(Instant, V)>>>;
-
-impl<K, V> Default for Cache<K, V> {
-    fn default() -> Self {
-        Self {
-            entries: Mutex::default(),
-        }
-    }
-}
-
-impl<K: Eq + std::hash::Hash + Clone, V: Clone> Cache<K, V> {
-    async fn get_or_load<F, Fut>(
-        &self,
-        key: &K,
-        fresh: impl Fn(&(Instant, V)) -> bool,
-        load: F,
-    ) -> V
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = V>,
-    {
-        let slot = {
-            let mut entries = lock(&self.entries);
-            // Groups and secrets come and go; forgetting all now and then keeps it bounded.
-            if entries.len() > 10_000 {
-                entries.clear();
-            }
-            entries.entry(key.clone()).or_default().clone()
-        };
-        let mut slot = slot.lock().await;
-        if let Some(entry) = slot.as_ref().filter(|e| fresh(e)) {
-            return entry.1.clone();
-        }
-        let value = load().await;
-        *slot = Some((Instant::now(), value.clone()));
-        value
     }
 }
 

@@ -1180,7 +1180,7 @@ mod tests {
         };
         let writer = ImageEvents::new(std::sync::Arc::new(g.clone()));
         let drafts = writer.image_events(&stored, &ledger);
-        let drafted: Vec<(String, String, String)> = drafts
+        let mut drafted: Vec<(String, String, String)> = drafts
             .iter()
             .flat_map(|d| {
                 d.deliveries
@@ -1196,10 +1196,9 @@ mod tests {
             })
             .collect();
         expected.sort();
-        let mut drafted_sorted = drafted.clone();
-        drafted_sorted.sort();
+        drafted.sort();
         // Two images to the two endpoints that take image events and are not stopped.
-        assert_eq!(drafted_sorted, expected);
+        assert_eq!(drafted, expected);
         assert_eq!(expected.len(), 4, "{expected:?}");
         // Numbered the same, an event's body is the plan's to the byte.
         for draft in &drafts {

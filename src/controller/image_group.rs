@@ -134,12 +134,19 @@ pub async fn reconcile(
     // write of results plans its images' events to these endpoints.
     let endpoints = events::endpoints(&ctx, &group, &namespace).await?;
     let endpoint_records = serde_json::to_value(&endpoints)?;
+    let endpoints_text = endpoint_records.to_string();
+    // This replica's last plan saved these very records (only the leader writes them).
+    let saved_already = lock(&ctx.planned)
+        .get(&group_ref.uid)
+        .is_some_and(|planned| planned.key.endpoints == endpoints_text);
     let mut endpoints_changed = false;
     if !pending.is_empty() {
-        endpoints_changed = ctx
-            .store
-            .record_endpoints(&group_ref, &endpoint_records)
-            .await?;
+        if !saved_already {
+            endpoints_changed = ctx
+                .store
+                .record_endpoints(&group_ref, &endpoint_records)
+                .await?;
+        }
         ensure_worker_jobs(&ctx, &group, &group_ref, generation, &pending, &mut status).await?;
     }
 
@@ -197,11 +204,10 @@ pub async fn reconcile(
     // Plan the events due now and save them (the dispatchers send them), then the status
     // that counts them: the ledger first, so a restart neither loses nor re-invents one.
     // Dispatchers record the endpoints that answered 410 Gone; the status lists them.
-    for mark in ctx.store.stopped_endpoints(&group_ref.uid).await? {
-        if !status.stopped_endpoints.contains(&mark) {
-            status.stopped_endpoints.push(mark);
-        }
-    }
+    add_stops(
+        &mut status,
+        ctx.store.stopped_endpoints(&group_ref.uid).await?,
+    );
     // Everything planning depends on. When none of it moved since this replica last
     // planned, only the dispatchers' progress did: the counts come from the database, and
     // the group's deliveries (210,000 rows for 10,000 images and 21 endpoints) stay there.
@@ -209,7 +215,7 @@ pub async fn reconcile(
         generation,
         covered: finished_results.len(),
         all_done,
-        endpoints: endpoint_records.to_string(),
+        endpoints: endpoints_text,
         replay: group.annotations().get(REPLAY_ANNOTATION).cloned(),
         stopped: status.stopped_endpoints.clone(),
         // A drained endpoint matters to a group event, which waits for all images.
@@ -304,11 +310,7 @@ async fn plan_deliveries(
     // A 410 is recorded with the delivery it failed: read after the deliveries, the stops
     // include every one behind a failure read here (a group event planned now must not go
     // to an endpoint that answered Gone a moment ago).
-    for mark in ctx.store.stopped_endpoints(uid).await? {
-        if !status.stopped_endpoints.contains(&mark) {
-            status.stopped_endpoints.push(mark);
-        }
-    }
+    add_stops(status, ctx.store.stopped_endpoints(uid).await?);
     let mut deliveries = recorded.clone();
     let replayed = events::apply_replay(planning.group, status, &mut deliveries);
     let now = jiff::Timestamp::now();
@@ -364,6 +366,15 @@ async fn plan_deliveries(
     };
     remember_plan(ctx, uid, planned);
     Ok(open.len())
+}
+
+/// Adds the 410 stops the dispatchers recorded (`<key> <url>`) to the status's list.
+fn add_stops(status: &mut ImageGroupStatus, marks: Vec<String>) {
+    for mark in marks {
+        if !status.stopped_endpoints.contains(&mark) {
+            status.stopped_endpoints.push(mark);
+        }
+    }
 }
 
 /// What planning a group's events depends on, as a replica last planned them.
@@ -542,13 +553,13 @@ async fn ensure_worker_jobs(
     // a failure.
     let stored = ctx.store.group_results(group_ref).await?;
     let models = &group.spec.models;
+    let planner = events::ImageEvents::new(Arc::new(group.clone()));
     for (images, reason, message) in left {
         let failures: Vec<ImageResult> = images
             .iter()
             .filter(|item| !stored.get(&item.id).is_some_and(|r| r.covers(models)))
             .map(|item| ImageResult::failed(&group_ref.name, &item.id, reason, message.clone()))
             .collect();
-        let planner = events::ImageEvents::new(Arc::new(group.clone()));
         for chunk in failures.chunks(MAX_BATCH) {
             ctx.store
                 .store_results(group_ref, generation, chunk, Some(&planner))

@@ -234,12 +234,14 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
                 StoreNotice::Notification { channel, payload } => {
                     let (namespace, name) = payload.split_once('/')?;
                     let group = ObjectRef::<ImageGroup>::new(name).within(namespace);
-                    let completed = known.get(&group).is_some_and(|g| {
-                        g.status
-                            .as_ref()
-                            .is_some_and(|s| s.phase == GroupPhase::Completed)
-                    });
-                    if channel == RESULTS_CHANNEL || !completed {
+                    let completed = || {
+                        known.get(&group).is_some_and(|g| {
+                            g.status
+                                .as_ref()
+                                .is_some_and(|s| s.phase == GroupPhase::Completed)
+                        })
+                    };
+                    if channel == RESULTS_CHANNEL || !completed() {
                         let _ = later_tx.unbounded_send(group);
                         return None;
                     }
@@ -339,7 +341,10 @@ pub(crate) async fn publish_event(
 }
 
 fn retry_after_error(error: &ControllerError, ctx: &Context) -> Action {
-    if error.category() == "store_conflict" {
+    if matches!(
+        error,
+        ControllerError::Store(crate::store::StoreError::Conflict(_))
+    ) {
         // A write of results numbered events while the plan was made: plan again at once.
         tracing::debug!(error = %error, "plan raced a write of results; planning again");
         return Action::requeue(Duration::from_millis(100));

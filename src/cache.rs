@@ -1,0 +1,128 @@
+//! A cache whose misses load once: callers asking for a key while it loads wait for that
+//! load rather than each making their own (the 500 deliveries of one claim would otherwise
+//! read their group's signing secret 500 times at once; a worker's uploads, their group).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use tokio::time::Instant;
+
+/// Keys remembered at most: past it, all are forgotten (the next asks load again).
+const MAX_KEYS: usize = 10_000;
+
+pub(crate) struct Cache<K, V> {
+    entries: Mutex<HashMap<K, Slot<V>>>,
+}
+
+/// One key's value and when it was loaded; locked while it loads.
+type Slot<V> = Arc<tokio::sync::Mutex<Option<(Instant, V)>>>;
+
+impl<K, V> Default for Cache<K, V> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+        }
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Clone, V: Clone> Cache<K, V> {
+    /// The value of `key` if `fresh` says the one held still serves, else what `load` gives
+    /// (kept, errors included: `fresh` decides how long each serves).
+    pub(crate) async fn get_or_load<F, Fut>(
+        &self,
+        key: &K,
+        fresh: impl Fn(&(Instant, V)) -> bool,
+        load: F,
+    ) -> V
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let loaded = self
+            .try_get_or_load(key, fresh, || async { Ok::<V, Infallible>(load().await) })
+            .await;
+        match loaded {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
+    /// As [`Cache::get_or_load`], but a failed load is handed back and not kept.
+    pub(crate) async fn try_get_or_load<E, F, Fut>(
+        &self,
+        key: &K,
+        fresh: impl Fn(&(Instant, V)) -> bool,
+        load: F,
+    ) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        let slot = {
+            let mut entries = self
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if entries.len() > MAX_KEYS {
+                entries.clear();
+            }
+            entries.entry(key.clone()).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(entry) = slot.as_ref().filter(|e| fresh(e)) {
+            return Ok(entry.1.clone());
+        }
+        let value = load().await?;
+        *slot = Some((Instant::now(), value.clone()));
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn callers_share_one_load_and_a_failed_load_is_not_kept() {
+        let cache: Arc<Cache<&str, usize>> = Arc::default();
+        let loads = Arc::new(AtomicUsize::new(0));
+        let asks = (0..8).map(|_| {
+            let (cache, loads) = (cache.clone(), loads.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_load(
+                        &"k",
+                        |_| true,
+                        || async {
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            loads.fetch_add(1, Ordering::SeqCst) + 1
+                        },
+                    )
+                    .await
+            })
+        });
+        for ask in futures::future::join_all(asks).await {
+            assert_eq!(
+                ask.expect("ask"),
+                1,
+                "every caller got the one load's value"
+            );
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+
+        let failed: Result<usize, &str> = cache
+            .try_get_or_load(&"e", |_| true, || async { Err("unreachable") })
+            .await;
+        assert_eq!(failed, Err("unreachable"));
+        let next: Result<usize, &str> = cache
+            .try_get_or_load(&"e", |_| true, || async { Ok(7) })
+            .await;
+        assert_eq!(next, Ok(7), "the failure was not kept");
+        // Not fresh: loaded again.
+        let again = cache.get_or_load(&"k", |_| false, || async { 2 }).await;
+        assert_eq!(again, 2);
+    }
+}
