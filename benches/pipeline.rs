@@ -12,7 +12,7 @@
 //! each group's POST to each of its image events (p50/p90/p99/max), the time to the last
 //! `image_group.completed`, and duplicates (receipts of a `webhook-id` already received).
 //!
-//! Settings (environment): `GROUP_COUNT` (20; not `GROUPS`, which bash keeps for itself), `IMAGES` per group (1000, at most 1000), `KEEP_LOG` (a path to copy `kinsight dev`'s log to),
+//! Settings (environment): `GROUP_COUNT` (20; not `GROUPS`, which bash keeps for itself), `IMAGES` per group (1000, at most 1000), `KEEP_LOG` (a path to copy `kinsight dev`'s log to; the workers' logs go to `{KEEP_LOG}.pods/`),
 //! `MAX_SECS` for the measured part (900), `KINSIGHT_BIN` (the `kinsight` binary of this
 //! build), `ORT_DYLIB_PATH` (else `./.venv`'s ONNX Runtime).
 
@@ -62,7 +62,14 @@ struct Received {
     failed: usize,
     last_group_event: Option<Instant>,
     last_image_event: Option<Instant>,
+    /// When each group's `image_group.completed` arrived, by group id.
+    completed: HashMap<String, Instant>,
 }
+
+/// The photo server's view: first and last fetch of each group's images, by the group's
+/// place in the posting order (the URLs say it).
+#[derive(Default)]
+struct Fetches(HashMap<usize, (Instant, Instant)>);
 
 type Shared<T> = Arc<Mutex<T>>;
 
@@ -98,9 +105,12 @@ async fn receive(
             r.images.entry((group, image)).or_insert(at);
             r.last_image_event = Some(at);
         }
-        ("image_group.completed", _, _) => {
+        ("image_group.completed", group, _) => {
             r.group_events += 1;
             r.last_group_event = Some(at);
+            if let Some(group) = group {
+                r.completed.entry(group).or_insert(at);
+            }
         }
         _ => {}
     }
@@ -122,16 +132,26 @@ fn photos() -> Vec<Vec<u8>> {
         .collect()
 }
 
+type Photos = (Vec<Vec<u8>>, Shared<Fetches>);
+
 async fn serve_photo(
-    State(photos): State<Arc<Vec<Vec<u8>>>>,
+    State(photos): State<Arc<Photos>>,
     Path(name): Path<String>,
 ) -> impl IntoResponse {
-    let n: usize = name
+    let at = Instant::now();
+    let (photos, fetches) = &*photos;
+    // `g{group}-{image}.png`
+    let mut parts = name
         .trim_end_matches(".png")
-        .rsplit('-')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+        .trim_start_matches('g')
+        .split('-');
+    let group: usize = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let n: usize = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    if let Ok(mut f) = fetches.lock() {
+        f.0.entry(group)
+            .and_modify(|(_, last)| *last = at)
+            .or_insert((at, at));
+    }
     (
         [(header::CONTENT_TYPE, "image/png")],
         photos[n % photos.len()].clone(),
@@ -175,6 +195,7 @@ async fn run() {
     let state = tempfile::tempdir().expect("state dir");
 
     let received: Shared<Received> = Shared::default();
+    let fetches: Shared<Fetches> = Shared::default();
     let hook = serve(
         Router::new()
             .route("/hook", post(receive))
@@ -184,7 +205,7 @@ async fn run() {
     let photo_host = serve(
         Router::new()
             .route("/img/{name}", get(serve_photo))
-            .with_state(Arc::new(photos())),
+            .with_state(Arc::new((photos(), fetches.clone()))),
     )
     .await;
 
@@ -233,7 +254,7 @@ async fn run() {
         .await
         .is_err()
     {
-        let _ = dev.start_kill();
+        stop(&mut dev).await;
         panic!(
             "kinsight dev not ready in 300 s; its log:\n{}",
             std::fs::read_to_string(&log_path).unwrap_or_default()
@@ -260,6 +281,7 @@ async fn run() {
 
     let started = Instant::now();
     let mut posted: HashMap<String, Instant> = HashMap::new();
+    let mut order: Vec<String> = Vec::new();
     for g in 0..groups {
         let list: Vec<_> = (0..images)
             .map(|i| json!({ "id": format!("i{i}"), "url": format!("{photo_host}/img/g{g}-{i}.png") }))
@@ -278,6 +300,7 @@ async fn run() {
         let body: serde_json::Value = response.json().await.unwrap_or_default();
         assert_eq!(status, 202, "POST /v1/image-groups: {body}");
         let id = body["id"].as_str().expect("an id").to_owned();
+        order.push(id.clone());
         posted.insert(id, at);
     }
     let posting = started.elapsed();
@@ -311,7 +334,7 @@ async fn run() {
     };
     // A moment for duplicates (a retry of something already received) to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let _ = dev.start_kill();
+    stop(&mut dev).await;
 
     let r = received.lock().expect("received");
     let mut latencies: Vec<Duration> = r
@@ -357,6 +380,7 @@ async fn run() {
         "| webhook requests / duplicates | {} / {} |",
         r.requests, r.duplicates
     );
+    print_timeline(&r, &fetches, &order, &posted, started);
     if let (Some(before), Some(after)) = (api_before, api_after) {
         print_api_requests(&before, &after);
     }
@@ -365,5 +389,78 @@ async fn run() {
             Ok(_) => eprintln!("kinsight dev's log kept at {keep}"),
             Err(e) => eprintln!("keeping the log at {keep}: {e}"),
         }
+        // The workers' logs beside it (`{KEEP_LOG}.pods/`).
+        let pods = PathBuf::from(format!("{keep}.pods"));
+        if std::fs::create_dir_all(&pods).is_ok()
+            && let Ok(logs) = std::fs::read_dir(state.path().join("dev/pod-logs"))
+        {
+            for log in logs.flatten() {
+                let _ = std::fs::copy(log.path(), pods.join(log.file_name()));
+            }
+        }
+    }
+}
+
+/// Per group, the times after its own POST: the worker's first and last photo fetch, the
+/// first and last image event, the group event. A slow group shows where it waited (before
+/// its worker fetched, while fetching, or after).
+fn print_timeline(
+    r: &Received,
+    fetches: &Shared<Fetches>,
+    order: &[String],
+    posted: &HashMap<String, Instant>,
+    started: Instant,
+) {
+    let fetches = fetches.lock().expect("fetches");
+    let mut events: HashMap<&str, (Instant, Instant)> = HashMap::new();
+    for ((group, _), at) in &r.images {
+        events
+            .entry(group.as_str())
+            .and_modify(|(first, last)| {
+                *first = (*first).min(*at);
+                *last = (*last).max(*at);
+            })
+            .or_insert((*at, *at));
+    }
+    let after = |t: Option<Instant>, from: Instant| {
+        t.map_or("-".to_owned(), |t| ms(t.saturating_duration_since(from)))
+    };
+    println!();
+    println!("per group, after its POST (the POST itself after the first one):");
+    println!(
+        "| group | POST at | first fetch | last fetch | first event | last event | completed |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (g, id) in order.iter().enumerate() {
+        let Some(&at) = posted.get(id) else { continue };
+        let fetch = fetches.0.get(&g);
+        let event = events.get(id.as_str());
+        println!(
+            "| {g} | {} | {} | {} | {} | {} | {} |",
+            ms(at.saturating_duration_since(started)),
+            after(fetch.map(|f| f.0), at),
+            after(fetch.map(|f| f.1), at),
+            after(event.map(|e| e.0), at),
+            after(event.map(|e| e.1), at),
+            after(r.completed.get(id).copied(), at),
+        );
+    }
+}
+
+/// Stops `kinsight dev` the way a user does (SIGTERM), so it stops the control plane and
+/// PostgreSQL it started; a SIGKILL would leave them running under the next run.
+async fn stop(dev: &mut tokio::process::Child) {
+    if let Some(pid) = dev.id() {
+        let _ = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(Duration::from_secs(30), dev.wait())
+        .await
+        .is_err()
+    {
+        eprintln!("kinsight dev did not stop in 30 s after SIGTERM; killing it");
+        let _ = dev.kill().await;
     }
 }

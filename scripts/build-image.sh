@@ -88,7 +88,7 @@ old="$(scripts/buildah.sh inspect --type image --format '{{.FromImageID}}' "$IMA
 start=$(date +%s.%N)
 scripts/buildah.sh bud --quiet --pull-never --layers=false --isolation chroot \
   --build-arg BASE="$BASE" -f "$PWD/Dockerfile" -t "$IMAGE" "$CONTEXT" >/dev/null
-seconds="$(echo "$(date +%s.%N) - $start" | bc)"
+seconds="$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')"
 new="$(scripts/buildah.sh inspect --type image --format '{{.FromImageID}}' "$IMAGE")"
 if [ -n "$old" ] && [ "$old" != "$new" ]; then scripts/buildah.sh rmi "$old" >/dev/null 2>&1 || true; fi
 if [ -n "$ARCHIVE" ]; then
@@ -98,6 +98,6 @@ if [ -n "$ARCHIVE" ]; then
 fi
 
 size() { du -sh --apparent-size "$@" | cut -f1; }
-echo "$IMAGE: $(scripts/buildah.sh images --noheading --format '{{.Size}}' "$IMAGE"), built in $(printf %.1f "$seconds") s on $BASE"
+echo "$IMAGE: $(scripts/buildah.sh images --noheading --format '{{.Size}}' "$IMAGE"), built in $seconds s on $BASE"
 echo "  payload $(size "$CONTEXT"): kinsight $(size "$CONTEXT/kinsight"), models/ $(size "$CONTEXT/models"), onnxruntime/ $(size "$CONTEXT/onnxruntime")"
 if [ -n "$ARCHIVE" ]; then echo "  OCI archive $ARCHIVE: $(size "$ARCHIVE")"; fi

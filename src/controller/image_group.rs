@@ -38,18 +38,29 @@ pub async fn reconcile(
     let name = cached.name_any();
     // The watch cache may trail our own last status write, and the status must not go
     // back in time (a replay carried out twice, Jobs made again), so the group is the
-    // current one: the cached copy when the API server's version of the object is the
-    // same (a metadata read: the spec of 1000 images is 55 KiB), else read whole.
+    // current one. The cached copy is, when it is the version our last write made (the
+    // common case: a running group changes only by our writes). Else the API server is
+    // asked: the cached copy when its version is the same (a metadata read: the spec of
+    // 1000 images is 55 KiB), else the group read whole.
     let api = Api::<ImageGroup>::namespaced(ctx.client.clone(), &namespace);
-    let group = match api.get_metadata_opt(&name).await? {
-        None => None,
-        Some(current)
-            if current.metadata.resource_version.is_some()
-                && current.metadata.resource_version == cached.metadata.resource_version =>
-        {
-            Some((*cached).clone())
+    let ours = cached.uid().is_some_and(|uid| {
+        lock(&ctx.status_written)
+            .get(&uid)
+            .is_some_and(|w| w.version.is_some() && w.version == cached.metadata.resource_version)
+    });
+    let group = if ours {
+        Some((*cached).clone())
+    } else {
+        match api.get_metadata_opt(&name).await? {
+            None => None,
+            Some(current)
+                if current.metadata.resource_version.is_some()
+                    && current.metadata.resource_version == cached.metadata.resource_version =>
+            {
+                Some((*cached).clone())
+            }
+            Some(_) => api.get_opt(&name).await?,
         }
-        Some(_) => api.get_opt(&name).await?,
     };
     let Some(group) = group.filter(|g| g.metadata.deletion_timestamp.is_none()) else {
         // Gone (or going): its events no longer wait, and its stored results go.
@@ -246,9 +257,6 @@ pub async fn reconcile(
         return Ok(Action::requeue(wait));
     }
     write_status(&ctx, &group, &original, &status).await?;
-    if original != status {
-        lock(&ctx.progress_written).insert(group_ref.uid.clone(), std::time::Instant::now());
-    }
 
     ctx.config
         .metrics
@@ -456,13 +464,33 @@ fn progress_wait(
     if !only_progress {
         return None;
     }
-    let mut written = lock(&ctx.progress_written);
-    // Groups come and go; forgetting all now and then keeps this bounded.
-    if written.len() > 10_000 {
-        written.clear();
-    }
-    let since = written.get(uid)?.elapsed();
+    let since = lock(&ctx.status_written).get(uid)?.at.elapsed();
     PROGRESS_EVERY.checked_sub(since)
+}
+
+/// A replica's last status write of a group.
+#[derive(Clone, Debug)]
+pub struct StatusWrite {
+    pub at: std::time::Instant,
+    /// The group's `resourceVersion` after the write.
+    pub version: Option<String>,
+}
+
+fn remember_status_write(ctx: &Context, group: &ImageGroup, written: &ImageGroup) {
+    let Some(uid) = group.uid() else { return };
+    let mut writes = lock(&ctx.status_written);
+    // Groups come and go; forgetting all now and then keeps this bounded (a forgotten
+    // group's next reconcile asks the API server for its version).
+    if writes.len() > 10_000 {
+        writes.clear();
+    }
+    writes.insert(
+        uid,
+        StatusWrite {
+            at: std::time::Instant::now(),
+            version: written.metadata.resource_version.clone(),
+        },
+    );
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -685,7 +713,10 @@ async fn write_status(
         )
         .await;
     match written {
-        Ok(_) => Ok(()),
+        Ok(written) => {
+            remember_status_write(ctx, group, &written);
+            Ok(())
+        }
         Err(kube::Error::Api(s)) if is_too_large(&s) => {
             let bytes = serde_json::to_vec(after).map_or(0, |b| b.len());
             let note = format!(

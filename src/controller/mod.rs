@@ -122,8 +122,10 @@ pub struct Context {
     pub sender: Sender,
     /// Every endpoint's circuit breaker, shared by all reconciles.
     pub circuits: Circuits,
-    /// When each group's status was last written (by uid), to space out progress writes.
-    pub progress_written: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// This replica's last status write of each group (by uid): when (to space out
+    /// progress writes) and the object's version it made (to trust the watch cache).
+    pub status_written:
+        std::sync::Mutex<std::collections::HashMap<String, image_group::StatusWrite>>,
     /// What each group's events were last planned from (by uid): a reconcile that finds
     /// the same only counts.
     pub planned: std::sync::Mutex<std::collections::HashMap<String, image_group::Planned>>,
@@ -201,7 +203,7 @@ fn context(
         store,
         recorder: kube::runtime::events::Recorder::new(client, MANAGER.into()),
         circuits: Circuits::new(config.circuit.clone()),
-        progress_written: std::sync::Mutex::default(),
+        status_written: std::sync::Mutex::default(),
         planned: std::sync::Mutex::default(),
         config,
     }))

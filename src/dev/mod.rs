@@ -225,10 +225,21 @@ impl DevEnvironment {
         }
     }
 
-    /// Serves until interrupted (Ctrl-C) or a component stops.
+    /// Serves until interrupted (Ctrl-C or SIGTERM) or a component stops; returning drops
+    /// the environment, which stops the control plane and PostgreSQL it started.
     pub async fn serve(mut self) {
+        let terminated = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    term.recv().await;
+                }
+                // Without a handler only Ctrl-C stops it.
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => println!("interrupted; stopping"),
+            _ = terminated => println!("terminated; stopping"),
             _ = self.tasks.join_next() => eprintln!("a component stopped; exiting"),
         }
         self.tasks.shutdown().await;

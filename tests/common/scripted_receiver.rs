@@ -108,7 +108,6 @@ impl Scripted {
         };
         self.track(&path, 1);
         self.answer(stream, &path, &headers, &_body).await;
-        self.track(&path, -1);
     }
 
     async fn answer(
@@ -154,11 +153,13 @@ impl Scripted {
                 status_line(204, None)
             }
             Some(Reply::Reset) => {
+                self.track(path, -1);
                 #[allow(deprecated)] // linger 0 sends RST at once; nothing blocks
             let _ = stream.set_linger(Some(Duration::ZERO));
                 return;
             }
             Some(Reply::HugeBody) => {
+                self.track(path, -1);
                 let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
                 if stream.write_all(head.as_bytes()).await.is_err() {
                     return;
@@ -173,6 +174,9 @@ impl Scripted {
                 return;
             }
         };
+        // Answered from here on: once the sender reads this it may send the next request,
+        // possibly before this task runs again, so it no longer counts as in flight.
+        self.track(path, -1);
         let _ = stream.write_all(response.as_bytes()).await;
         let _ = stream.shutdown().await;
     }
