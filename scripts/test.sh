@@ -10,6 +10,11 @@ if [ "${USE_EXISTING_CLUSTER:-}" != "true" ] && [ -z "${KUBEBUILDER_ASSETS:-}" ]
   KUBEBUILDER_ASSETS="$(scripts/build-kubernetes.sh)"
   export KUBEBUILDER_ASSETS
 fi
+# A real node for tests/real_node.rs: kubelet, kube-scheduler and the pause image (built once
+# into the cache), containerd, runc and the CNI plugins (Debian's packages). The test starts
+# its own control plane, also with USE_EXISTING_CLUSTER=true.
+scripts/build-node.sh >/dev/null
+scripts/install-node-packages.sh
 scripts/install-postgresql.sh
 # Always run: it also installs the Python verifiers and Helm library the tests use.
 ORT_LIB="$(scripts/setup-onnxruntime.sh)"

@@ -17,11 +17,20 @@ use super::{ServerTrust, TestbedError, tail_file, write_private_file, write_toke
 pub const ETCD: &str = "etcd";
 pub const KUBE_APISERVER: &str = "kube-apiserver";
 pub const KUBE_CONTROLLER_MANAGER: &str = "kube-controller-manager";
+/// Started only for a real node ([`ControlPlaneOptions::real_node`]).
+pub const KUBE_SCHEDULER: &str = "kube-scheduler";
 
 /// Where `scripts/build-kubernetes.sh` puts the binaries, below the cache folder.
 const CACHE_SUBDIR: &str = "k8s-1.20.2/bin";
 /// Controllers that matter to kinsight: Jobs make Pods, owner references cascade.
 const CONTROLLERS: &str = "job,garbagecollector,ttl-after-finished";
+/// With a real node: `nodelifecycle` too, the only controller that lifts the
+/// `node.kubernetes.io/not-ready` taint the API server puts on a new Node.
+const CONTROLLERS_WITH_REAL_NODE: &str = "job,garbagecollector,ttl-after-finished,nodelifecycle";
+/// The kubelet's user in the static token file, and the group RBAC's `system:node` role is
+/// bound to (the API server here authorizes with RBAC only, no Node authorizer).
+pub(crate) const NODE_USER: &str = "system:node:127.0.0.1";
+const NODES_GROUP: &str = "system:nodes";
 const LOG_TAIL_LINES: usize = 40;
 /// The kubeadm convention for "where is the API server": a kubeconfig in a ConfigMap.
 pub(crate) const CLUSTER_INFO_NAMESPACE: &str = "kube-public";
@@ -46,6 +55,10 @@ pub struct ControlPlaneOptions {
     /// Start a PostgreSQL in the state folder ([`ControlPlane::database_url`]); a test that
     /// only needs the API server can turn it off.
     pub postgres: bool,
+    /// Prepare for a real node ([`super::RealNode`]): also start kube-scheduler, run the
+    /// `nodelifecycle` controller, and give the kubelet a token of its own
+    /// ([`ControlPlane::node_kubeconfig_path`]) in the `system:nodes` group.
+    pub real_node: bool,
 }
 
 impl Default for ControlPlaneOptions {
@@ -57,6 +70,7 @@ impl Default for ControlPlaneOptions {
             controller_manager: true,
             extra_apiserver_args: Vec::new(),
             postgres: true,
+            real_node: false,
         }
     }
 }
@@ -94,6 +108,7 @@ struct Binaries {
     etcd: PathBuf,
     apiserver: PathBuf,
     controller_manager: Option<PathBuf>,
+    scheduler: Option<PathBuf>,
 }
 
 impl ControlPlane {
@@ -235,6 +250,12 @@ impl ControlPlane {
         self.postgres.as_mut()
     }
 
+    /// The kubelet's kubeconfig (user [`NODE_USER`], group `system:nodes`); written only when
+    /// started with [`ControlPlaneOptions::real_node`].
+    pub fn node_kubeconfig_path(&self) -> PathBuf {
+        self.state_dir.join("node.kubeconfig")
+    }
+
     /// An admin client, built from [`ControlPlane::kubeconfig_path`].
     pub async fn client(&self) -> Result<kube::Client, TestbedError> {
         super::client_from_kubeconfig(&self.kubeconfig_path).await
@@ -267,6 +288,11 @@ impl ControlPlane {
         let ports = choose_ports(&dir.join("ports.json"))?;
         let (sa_key, sa_pub) = ensure_service_account_keys(&dir).await?;
         let token = ensure_admin_token(&dir.join("tokens.csv"))?;
+        let node_token = if opts.real_node {
+            Some(ensure_node_token(&dir.join("tokens.csv"))?)
+        } else {
+            None
+        };
 
         let etcd_url = format!("http://127.0.0.1:{}", ports.etcd_client);
         let peer_url = format!("http://127.0.0.1:{}", ports.etcd_peer);
@@ -324,6 +350,16 @@ impl ControlPlane {
             self.wait_for_readyz(opts.start_timeout).await?;
         }
         publish_cluster_info(&self.client().await?, &self.server_url).await?;
+        if let Some(node_token) = &node_token {
+            write_token_kubeconfig(
+                &self.node_kubeconfig_path(),
+                &self.server_url,
+                &ServerTrust::Insecure,
+                node_token,
+                "default",
+            )?;
+            bind_node_role(&self.client().await?).await?;
+        }
         tracing::info!(
             server = %self.server_url,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -337,7 +373,14 @@ impl ControlPlane {
                 .arg(format!("--authentication-kubeconfig={kubeconfig}"))
                 .arg(format!("--authorization-kubeconfig={kubeconfig}"))
                 .arg("--leader-elect=false")
-                .arg(format!("--controllers={CONTROLLERS}"))
+                .arg(format!(
+                    "--controllers={}",
+                    if opts.real_node {
+                        CONTROLLERS_WITH_REAL_NODE
+                    } else {
+                        CONTROLLERS
+                    }
+                ))
                 .arg(format!(
                     "--service-account-private-key-file={}",
                     sa_key.display()
@@ -354,6 +397,23 @@ impl ControlPlane {
                 opts.start_timeout,
             )
             .await?;
+        }
+        if let Some(scheduler_bin) = &bins.scheduler {
+            let kubeconfig = self.kubeconfig_path.display().to_string();
+            let [port] = free_ports::<1>()?;
+            let mut scheduler = Command::new(scheduler_bin);
+            scheduler
+                .arg(format!("--kubeconfig={kubeconfig}"))
+                .arg(format!("--authentication-kubeconfig={kubeconfig}"))
+                .arg(format!("--authorization-kubeconfig={kubeconfig}"))
+                .arg("--leader-elect=false")
+                .arg("--bind-address=127.0.0.1")
+                // No insecure port (10251 by default in 1.20), as for the controller manager.
+                .arg("--port=0")
+                .arg(format!("--secure-port={port}"));
+            self.spawn(KUBE_SCHEDULER, scheduler, &logs)?;
+            self.wait_for_port(KUBE_SCHEDULER, port, opts.start_timeout)
+                .await?;
         }
         tracing::info!(
             state_dir = %dir.display(),
@@ -535,8 +595,13 @@ fn find_binaries(opts: &ControlPlaneOptions) -> Result<Binaries, TestbedError> {
     };
     let etcd = find(ETCD);
     let apiserver = find(KUBE_APISERVER);
-    let controller_manager = if opts.controller_manager {
+    let controller_manager = if opts.controller_manager || opts.real_node {
         find(KUBE_CONTROLLER_MANAGER)
+    } else {
+        None
+    };
+    let scheduler = if opts.real_node {
+        find(KUBE_SCHEDULER)
     } else {
         None
     };
@@ -545,6 +610,7 @@ fn find_binaries(opts: &ControlPlaneOptions) -> Result<Binaries, TestbedError> {
             etcd,
             apiserver,
             controller_manager,
+            scheduler,
         }),
         _ => Err(TestbedError::MissingBinaries { dir, missing }),
     }
@@ -674,6 +740,52 @@ fn ensure_admin_token(file: &Path) -> Result<String, TestbedError> {
         format!("{token},admin,admin,system:masters\n").as_bytes(),
     )?;
     Ok(token)
+}
+
+/// The kubelet's token from the static token file, appending a line with a random one when
+/// there is none (read by the API server when it starts, so written before).
+fn ensure_node_token(file: &Path) -> Result<String, TestbedError> {
+    let suffix = format!(",{NODE_USER},{NODE_USER},{NODES_GROUP}");
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| TestbedError::io(format!("reading {}", file.display()), e))?;
+    if let Some(token) = text
+        .lines()
+        .find(|l| l.ends_with(&suffix))
+        .and_then(|l| l.split(',').next())
+        .filter(|t| !t.is_empty())
+    {
+        return Ok(token.to_string());
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    write_private_file(file, format!("{text}{token}{suffix}\n").as_bytes())?;
+    Ok(token)
+}
+
+/// Binds RBAC's `system:node` role to the `system:nodes` group, as the Node authorizer would
+/// allow (this API server runs RBAC alone).
+async fn bind_node_role(client: &kube::Client) -> Result<(), TestbedError> {
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    use kube::api::{Api, Patch, PatchParams};
+    let binding = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": { "name": "kinsight-testbed-nodes" },
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node"
+        },
+        "subjects": [{
+            "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": NODES_GROUP
+        }],
+    });
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(
+            "kinsight-testbed-nodes",
+            &PatchParams::apply("kinsight-testbed").force(),
+            &Patch::Apply(&binding),
+        )
+        .await
+        .map_err(|e| TestbedError::kube("binding system:node to system:nodes", e))?;
+    Ok(())
 }
 
 fn server_of_kubeconfig(path: &Path) -> Result<String, TestbedError> {
@@ -843,6 +955,12 @@ mod tests {
         let b = ensure_admin_token(&file).expect("token");
         assert_eq!(a, b);
         assert_eq!(a.len(), 64);
+        let node = ensure_node_token(&file).expect("node token");
+        assert_eq!(node, ensure_node_token(&file).expect("node token"));
+        assert_ne!(node, a);
+        assert_eq!(a, ensure_admin_token(&file).expect("token"));
+        let text = std::fs::read_to_string(&file).expect("read");
+        assert!(text.contains(&format!("{node},{NODE_USER},{NODE_USER},system:nodes")));
     }
 
     #[tokio::test]

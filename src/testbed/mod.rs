@@ -9,12 +9,16 @@
 //! - [`node_agent`]: plays the kubelet (like kwok): binds pending pods to a Node object it
 //!   owns, runs their first container's `kinsight ...` command as a local process with a real
 //!   ServiceAccount token, and reports Running/Succeeded/Failed with exit codes.
+//! - [`RealNode`]: a real node instead: containerd (CRI) + runc + a CNI bridge + kubelet,
+//!   beside a [`ControlPlane`] started with [`ControlPlaneOptions::real_node`] (which adds
+//!   kube-scheduler); one per machine.
 //!
 //! Nothing here is a mock: the binaries are the upstream ones, built by
 //! `scripts/build-kubernetes.sh`.
 
 mod cluster;
 pub mod control_plane;
+pub mod node;
 pub mod node_agent;
 pub mod postgres;
 
@@ -22,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 pub use cluster::{TestCluster, use_existing_cluster};
 pub use control_plane::{ControlPlane, ControlPlaneOptions};
+pub use node::{RealNode, RealNodeOptions};
 pub use node_agent::NodeAgentOptions;
 pub use postgres::Postgres;
 
@@ -31,7 +36,8 @@ pub enum TestbedError {
     /// The control-plane binaries are not where they were looked for.
     #[error(
         "control-plane binaries missing in {}: {}; build them with scripts/build-kubernetes.sh \
-         (or point KUBEBUILDER_ASSETS at a folder holding etcd, kube-apiserver and \
+         and, for a real node's kubelet and kube-scheduler, scripts/build-node.sh (or point \
+         KUBEBUILDER_ASSETS at a folder holding etcd, kube-apiserver and \
          kube-controller-manager)",
         dir.display(),
         missing.join(", ")

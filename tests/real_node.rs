@@ -1,0 +1,502 @@
+//! A real node (containerd + runc + kubelet + kube-scheduler, see `kinsight::testbed::RealNode`)
+//! running kinsight's container image, checked the way a user would, through the API server:
+//!
+//! - a Pod with the worker Jobs' restricted security context (uid 65532, non-root, read-only
+//!   root filesystem, every capability dropped, no privilege escalation, seccomp
+//!   `RuntimeDefault`) runs the image's entrypoint (`kinsight --version`) and a probe that
+//!   prints what the kernel says of it (`/proc/self/status`, `/proc/self/mountinfo`), reads a
+//!   ConfigMap volume and tries to write to the root filesystem; it must reach Succeeded and
+//!   its log (`GET pods/NAME/log`) must show uid 65532, no capabilities, the seccomp filter,
+//!   a read-only root and the ConfigMap's file on a mount of its own;
+//! - a Pod whose memory limit is exceeded is reported `OOMKilled`;
+//! - afterwards no process, mount or bridge of the node is left on the host.
+//!
+//! The image has no shell: the probe is a small static program mounted from the host (as
+//! tests/container_image.rs does). Needs root and what scripts/build-node.sh and
+//! scripts/install-node-packages.sh provide (scripts/test.sh runs both); fails, with what is
+//! missing, otherwise.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kinsight::testbed::{ControlPlane, ControlPlaneOptions, RealNode, RealNodeOptions};
+use kube::api::{Api, LogParams, PostParams};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// The whole test, image build included.
+const TEST_LIMIT: Duration = Duration::from_secs(300);
+const POD_LIMIT: Duration = Duration::from_secs(60);
+
+/// Prints the lines of /proc/self/status about ids, capabilities and seccomp, the mountinfo
+/// lines of `/` and `/config`, whether a file can be made in the image's (non-root user's)
+/// home, and the files named as arguments. With `oom`: allocates until killed; with `sleep`:
+/// sleeps until killed.
+const PROBE_C: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static void cat(const char *path) {
+    FILE *f = fopen(path, "r");
+    char line[1024];
+    if (!f) { printf("cannot read %s: %s\n", path, strerror(errno)); return; }
+    while (fgets(line, sizeof line, f)) fputs(line, stdout);
+    fclose(f);
+}
+
+int main(int argc, char **argv) {
+    char line[1024];
+    if (argc > 1 && strcmp(argv[1], "sleep") == 0)
+        for (;;) pause();
+    if (argc > 1 && strcmp(argv[1], "oom") == 0) {
+        puts("allocating");
+        fflush(stdout);
+        for (;;) {
+            char *p = malloc(1 << 20);
+            if (!p) return 3;
+            memset(p, 1, 1 << 20);
+        }
+    }
+    FILE *f = fopen("/proc/self/status", "r");
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "Uid:", 4) || !strncmp(line, "Gid:", 4) || !strncmp(line, "Cap", 3)
+            || !strncmp(line, "NoNewPrivs:", 11) || !strncmp(line, "Seccomp:", 8))
+            fputs(line, stdout);
+    f = fopen("/proc/self/mountinfo", "r");
+    while (f && fgets(line, sizeof line, f)) {
+        char point[512];
+        if (sscanf(line, "%*s %*s %*s %*s %511s", point) == 1
+            && (!strcmp(point, "/") || !strcmp(point, "/config")))
+            printf("mount: %s", line);
+    }
+    int fd = open("/home/nonroot/probe-write", O_WRONLY | O_CREAT, 0644);
+    if (fd >= 0) puts("rootfs: writable");
+    else printf("rootfs: %s\n", errno == EROFS ? "read-only" : strerror(errno));
+    for (int i = 1; i < argc; i++) { printf("file %s:\n", argv[i]); cat(argv[i]); }
+    return 0;
+}
+"#;
+
+fn run(command: &mut Command, what: &str) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The probe, built static into `dir` (readable by the pods' uid 65532).
+fn build_probe(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(dir.join("probe.c"), PROBE_C).expect("write probe.c");
+    run(
+        Command::new("cc")
+            .args(["-static", "-Os", "-o"])
+            .arg(dir.join("probe"))
+            .arg(dir.join("probe.c")),
+        "cc -static probe.c",
+    );
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// The worker Jobs' security context (src/controller/job.rs), on `container`.
+fn restricted(container: serde_json::Value) -> serde_json::Value {
+    let mut container = container;
+    container["imagePullPolicy"] = "Never".into();
+    container["securityContext"] = serde_json::json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": { "drop": ["ALL"] }
+    });
+    container
+}
+
+fn pod(name: &str, containers: Vec<serde_json::Value>, volumes: serde_json::Value) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name },
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            "securityContext": {
+                "runAsNonRoot": true,
+                "runAsUser": 65532,
+                "runAsGroup": 65532,
+                "seccompProfile": { "type": "RuntimeDefault" }
+            },
+            "containers": containers,
+            "volumes": volumes,
+        }
+    }))
+    .expect("pod")
+}
+
+/// Waits until the pod has finished (Succeeded or Failed); returns it and when its first
+/// container was seen running or done, counted from `created`.
+async fn wait_finished(pods: &Api<Pod>, name: &str, created: Instant) -> (Pod, Duration) {
+    let mut started = None;
+    let deadline = Instant::now() + POD_LIMIT;
+    loop {
+        let pod = pods.get(name).await.expect("get pod");
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        let container_started = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c.state
+                        .as_ref()
+                        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+                })
+            });
+        if container_started && started.is_none() {
+            started = Some(created.elapsed());
+        }
+        if phase == "Succeeded" || phase == "Failed" {
+            return (pod, started.unwrap_or_else(|| created.elapsed()));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod {name} not finished after {POD_LIMIT:?}: {:#?}",
+            pod.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates a pod that sleeps until killed and waits until it runs.
+async fn start_sleeper(pods: &Api<Pod>, name: &str, image: &str, volumes: &serde_json::Value) {
+    let mounts =
+        serde_json::json!([{ "name": "probe", "mountPath": "/kinsight-test", "readOnly": true }]);
+    let sleeper = restricted(serde_json::json!({
+        "name": "sleeper", "image": image,
+        "command": ["/kinsight-test/probe", "sleep"],
+        "volumeMounts": mounts,
+    }));
+    pods.create(
+        &PostParams::default(),
+        &pod(name, vec![sleeper], volumes.clone()),
+    )
+    .await
+    .expect("create a sleeper");
+    let deadline = Instant::now() + POD_LIMIT;
+    loop {
+        let pod = pods.get(name).await.expect("get pod");
+        let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+        if phase.as_deref() == Some("Running") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not running after {POD_LIMIT:?}: {:#?}",
+            pod.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn log_of(pods: &Api<Pod>, pod: &str, container: &str) -> String {
+    pods.logs(
+        pod,
+        &LogParams {
+            container: Some(container.into()),
+            ..LogParams::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("log of {pod}/{container}: {e}"))
+}
+
+/// Processes whose command line names `needle` (the node's state folder): the kubelet,
+/// containerd and the containerd shims (their `-address` is in it).
+fn processes_naming(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) || name == std::process::id().to_string() {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                found.push(format!("{name}: {cmdline}"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_real_node_runs_the_image_restricted_with_config_maps_and_reports_oom() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(TEST_LIMIT, the_test())
+            .await
+            .unwrap_or_else(|_| panic!("the test took over {TEST_LIMIT:?}"))
+    });
+}
+
+async fn the_test() {
+    kinsight::install_crypto_provider();
+    let test_started = Instant::now();
+    let scratch = tempfile::tempdir().expect("temp dir");
+    build_probe(scratch.path());
+
+    // The image (buildah, a minute or so) while the control plane starts.
+    let tag = format!("real-node-{}", std::process::id());
+    let image = format!("localhost/kinsight:{tag}");
+    let archive = scratch.path().join("kinsight.tar");
+    let build = {
+        let (tag, archive) = (tag.clone(), archive.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let out = run(
+                Command::new(format!("{REPO}/scripts/build-image.sh"))
+                    .args(["--binary", env!("CARGO_BIN_EXE_kinsight")])
+                    .args(["--tag", &tag, "--base", "local", "--oci-archive"])
+                    .arg(&archive),
+                "scripts/build-image.sh",
+            );
+            eprintln!("image built in {:.1?}: {}", started.elapsed(), out.trim());
+        })
+    };
+    let stack_started = Instant::now();
+    let plane = ControlPlane::start(ControlPlaneOptions {
+        postgres: false,
+        real_node: true,
+        ..ControlPlaneOptions::default()
+    })
+    .await
+    .expect("control plane with kube-scheduler starts");
+    eprintln!("control plane up in {:.1?}", stack_started.elapsed());
+    build.await.expect("image build");
+    let _image_cleanup = ImageCleanup(image.clone());
+
+    let node_started = Instant::now();
+    let node = RealNode::start(
+        &plane,
+        RealNodeOptions {
+            images: vec![archive.clone()],
+            ..RealNodeOptions::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the real node does not start: {e}"));
+    eprintln!(
+        "node Ready and schedulable {:.1?} after its start ({:.1?} after the control plane's)",
+        node_started.elapsed(),
+        stack_started.elapsed()
+    );
+    let node_dir = plane.state_dir().join("node");
+
+    let client = plane.client().await.expect("client");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    config_maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "probe-config" },
+                "data": { "app.conf": "key=value-from-configmap\n" }
+            }))
+            .expect("config map"),
+        )
+        .await
+        .expect("create config map");
+    let probe_dir = scratch.path().display().to_string();
+    let volumes = serde_json::json!([
+        { "name": "probe", "hostPath": { "path": probe_dir, "type": "Directory" } },
+        { "name": "config", "configMap": { "name": "probe-config" } }
+    ]);
+    let mounts = serde_json::json!([
+        { "name": "probe", "mountPath": "/kinsight-test", "readOnly": true },
+        { "name": "config", "mountPath": "/config", "readOnly": true }
+    ]);
+
+    // (a) + (c): the restricted pod, with the ConfigMap mounted.
+    let created = Instant::now();
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "restricted",
+            vec![
+                restricted(serde_json::json!({
+                    "name": "kinsight", "image": image, "args": ["--version"]
+                })),
+                restricted(serde_json::json!({
+                    "name": "probe", "image": image,
+                    "command": ["/kinsight-test/probe", "/config/app.conf"],
+                    "volumeMounts": mounts,
+                })),
+            ],
+            volumes.clone(),
+        ),
+    )
+    .await
+    .expect("create the restricted pod");
+    let (done, running_after) = wait_finished(&pods, "restricted", created).await;
+    eprintln!(
+        "restricted pod: containers running {running_after:.1?} after creation, finished after {:.1?}",
+        created.elapsed()
+    );
+    let phase = done.status.as_ref().and_then(|s| s.phase.clone());
+    let version = log_of(&pods, "restricted", "kinsight").await;
+    let probe = log_of(&pods, "restricted", "probe").await;
+    assert_eq!(
+        phase.as_deref(),
+        Some("Succeeded"),
+        "{:#?}\nkinsight: {version}\nprobe: {probe}",
+        done.status
+    );
+    assert_eq!(
+        version.trim(),
+        format!("kinsight {}", env!("CARGO_PKG_VERSION"))
+    );
+    let line = |prefix: &str| {
+        probe
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line in the probe's log:\n{probe}"))
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(line("Uid:"), ["65532"; 4], "{probe}");
+    assert_eq!(line("Gid:"), ["65532"; 4], "{probe}");
+    for caps in ["CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(line(caps), ["0000000000000000"], "{caps}\n{probe}");
+    }
+    assert_eq!(line("NoNewPrivs:"), ["1"], "{probe}");
+    assert_eq!(line("Seccomp:"), ["2"], "seccomp filter mode\n{probe}");
+    assert!(probe.contains("rootfs: read-only"), "{probe}");
+    let mount_options = |point: &str| {
+        probe
+            .lines()
+            .filter_map(|l| l.strip_prefix("mount: "))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(4) == Some(&point))
+            .and_then(|f| f.get(5).map(|o| o.to_string()))
+            .unwrap_or_else(|| panic!("no mount at {point} in the probe's log:\n{probe}"))
+    };
+    assert!(
+        mount_options("/").split(',').any(|o| o == "ro"),
+        "/ is not mounted read-only:\n{probe}"
+    );
+    assert!(
+        mount_options("/config").split(',').any(|o| o == "ro"),
+        "/config is not a read-only mount:\n{probe}"
+    );
+    assert!(
+        probe.contains("file /config/app.conf:\nkey=value-from-configmap\n"),
+        "{probe}"
+    );
+
+    // (b): over its memory limit.
+    let created = Instant::now();
+    let mut hog = restricted(serde_json::json!({
+        "name": "hog", "image": image,
+        "command": ["/kinsight-test/probe", "oom"],
+        "volumeMounts": mounts,
+        "resources": { "limits": { "memory": "16Mi", "cpu": "500m" } },
+    }));
+    hog["resources"]["requests"] = hog["resources"]["limits"].clone();
+    pods.create(
+        &PostParams::default(),
+        &pod("memory-hog", vec![hog], volumes.clone()),
+    )
+    .await
+    .expect("create the memory hog");
+    let (done, _) = wait_finished(&pods, "memory-hog", created).await;
+    let terminated = done
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.clone())
+        .unwrap_or_else(|| panic!("memory hog not terminated: {:#?}", done.status));
+    assert_eq!(
+        terminated.reason.as_deref(),
+        Some("OOMKilled"),
+        "{terminated:#?}"
+    );
+    assert_eq!(terminated.exit_code, 137, "{terminated:#?}");
+    eprintln!(
+        "memory hog OOMKilled {:.1?} after creation",
+        created.elapsed()
+    );
+
+    // Teardown, both ways: a running pod removed by the kubelet (remove_pods), then one
+    // still running when the node is dropped (killed and removed through containerd).
+    start_sleeper(&pods, "sleeper-removed", &image, &volumes).await;
+    let removing = Instant::now();
+    let all_gone = node
+        .remove_pods(Duration::from_secs(60))
+        .await
+        .expect("remove pods");
+    assert!(
+        all_gone,
+        "the kubelet did not stop the pods' containers in 60 s"
+    );
+    eprintln!(
+        "running pod removed by the kubelet in {:.1?}",
+        removing.elapsed()
+    );
+    start_sleeper(&pods, "sleeper-dropped", &image, &volumes).await;
+    let teardown = Instant::now();
+    let node_pids = node.pids();
+    drop(node);
+    eprintln!(
+        "node stopped, with a pod running, in {:.1?}",
+        teardown.elapsed()
+    );
+    let needle = node_dir.display().to_string();
+    let left = processes_naming(&needle);
+    assert!(left.is_empty(), "processes left: {left:#?}");
+    for pid in node_pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} still there"
+        );
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    let left: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&needle) || l.contains("/run/netns/cni-"))
+        .collect();
+    assert!(left.is_empty(), "mounts left: {left:#?}");
+    let bridge = Command::new("ip")
+        .args(["link", "show", kinsight::testbed::node::BRIDGE])
+        .output()
+        .expect("ip link");
+    assert!(!bridge.status.success(), "the bridge is still there");
+    drop(plane);
+    eprintln!("whole test: {:.1?}", test_started.elapsed());
+}
+
+/// Removes the test's image from the project's buildah store.
+struct ImageCleanup(String);
+
+impl Drop for ImageCleanup {
+    fn drop(&mut self) {
+        let _ = Command::new(format!("{REPO}/scripts/buildah.sh"))
+            .args(["rmi", &self.0])
+            .output();
+    }
+}
