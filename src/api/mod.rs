@@ -157,8 +157,15 @@ const KEYS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// requests are not refused only because the watch has not caught up. Returns whether
 /// they were.
 pub async fn wait_for_keys(keys: &ApiKeys) -> bool {
-    let ready = tokio::time::timeout(KEYS_WAIT, keys.store.wait_until_ready()).await;
-    let loaded = matches!(ready, Ok(Ok(())));
+    // The flag the key watch sets, not a second wait on the store's ready signal:
+    // kube-runtime's signal wakes only the last of several waiters, and this one waited
+    // out its 30 s every start.
+    let listed = async {
+        while !keys.loaded.load(Ordering::Acquire) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    let loaded = tokio::time::timeout(KEYS_WAIT, listed).await.is_ok();
     if !loaded {
         tracing::warn!("API keys not listed yet; requests get 503 until they are");
     }
