@@ -447,6 +447,21 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
         assert_eq!(status, 404, "{path}: {body}");
         problem(404, &body, "not_found");
     }
+    // A route asked with a method it does not take: a problem too, with the methods it does.
+    let wrong_method = http
+        .delete(format!("{}/v1/image-groups", h.api_url))
+        .bearer_auth(&h.api_key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "POST");
+    assert_eq!(
+        wrong_method.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: serde_json::Value = wrong_method.json().await.expect("a problem");
+    problem(405, &body, "method_not_allowed");
 
     // Nothing of the refused requests became a group.
     let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);

@@ -131,6 +131,8 @@ pub fn router(
         // Ready once the API keys are listed: before, every key would get 503.
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
+        // axum answers a known route's other methods 405 with no body; a problem too.
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .merge(internal)
         .with_state(state);
