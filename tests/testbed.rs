@@ -491,6 +491,13 @@ async fn dropping_stops_processes_and_a_state_dir_keeps_data() {
         );
         assert!(pids.iter().all(|p| alive(*p)));
         let url = cp.server_url().to_string();
+        // The admin kubeconfig trusts the API server's own certificate: clients (kubectl,
+        // kube) verify it instead of skipping verification.
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(cp.kubeconfig_path()).expect("kubeconfig");
+        let cluster = kubeconfig.clusters[0].cluster.as_ref().expect("cluster");
+        assert_ne!(cluster.insecure_skip_tls_verify, Some(true));
+        assert!(cluster.certificate_authority_data.is_some());
 
         // A second handle on the same folder reuses the running control plane.
         let reused = ControlPlane::start_or_reuse(&dir).await.expect("reuse");

@@ -331,23 +331,17 @@ impl ControlPlane {
             .args(&opts.extra_apiserver_args);
         self.spawn(KUBE_APISERVER, apiserver, &logs)?;
         self.server_url = format!("https://127.0.0.1:{}", ports.apiserver);
-        write_token_kubeconfig(
-            &self.kubeconfig_path,
-            &self.server_url,
-            &ServerTrust::Insecure,
-            &token,
-            "default",
-        )?;
         // initdb and the database start take seconds: overlap them with the API server's.
         if opts.postgres {
             let (postgres, ready) = tokio::join!(
                 Postgres::start_with_timeout(&dir, opts.start_timeout),
-                self.wait_for_readyz(opts.start_timeout)
+                self.wait_for_readyz(ports.apiserver, &token, opts.start_timeout)
             );
             ready?;
             self.postgres = Some(postgres?);
         } else {
-            self.wait_for_readyz(opts.start_timeout).await?;
+            self.wait_for_readyz(ports.apiserver, &token, opts.start_timeout)
+                .await?;
         }
         publish_cluster_info(&self.client().await?, &self.server_url).await?;
         if let Some(node_token) = &node_token {
@@ -501,12 +495,38 @@ impl ControlPlane {
         }
     }
 
-    async fn wait_for_readyz(&mut self, timeout: Duration) -> Result<(), TestbedError> {
-        let client = self.client().await?;
+    /// Waits for the API server to listen, writes the admin kubeconfig trusting the
+    /// certificate it made for itself (so clients verify it: no "cert bypassed"), then
+    /// waits for `/readyz`. The probe is a plain HTTPS GET: while the API server boots it
+    /// answers 500, which kube's client would log as errors.
+    async fn wait_for_readyz(
+        &mut self,
+        port: u16,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<(), TestbedError> {
         let deadline = Instant::now() + timeout;
+        // It writes its self-signed certificate (and the CA that signed it) before it
+        // listens, or keeps the one a reused state folder holds.
+        self.wait_for_port(KUBE_APISERVER, port, timeout).await?;
+        let cert_path = self.state_dir.join("certs").join("apiserver.crt");
+        let pem = std::fs::read(&cert_path)
+            .map_err(|e| TestbedError::io(format!("reading {}", cert_path.display()), e))?;
+        write_token_kubeconfig(
+            &self.kubeconfig_path,
+            &self.server_url,
+            &ServerTrust::CaPem(pem.clone()),
+            token,
+            "default",
+        )?;
+        let probe = readyz_probe(&pem)?;
         loop {
             self.check_alive()?;
-            if readyz(&client, Duration::from_secs(2)).await.is_ok() {
+            let answer = probe
+                .get(format!("{}/readyz", self.server_url))
+                .send()
+                .await;
+            if answer.is_ok_and(|a| a.status().is_success()) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -848,6 +868,25 @@ async fn publish_cluster_info(client: &kube::Client, server_url: &str) -> Result
 }
 
 /// `GET /readyz` answered 2xx within `timeout`.
+/// An HTTPS client trusting the certificates of `pem` (the API server's own), for its
+/// `/readyz` (anonymous: no token needed).
+fn readyz_probe(pem: &[u8]) -> Result<reqwest::Client, TestbedError> {
+    super::install_crypto_provider();
+    let certificates = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+        TestbedError::io(
+            "reading the API server's certificate",
+            std::io::Error::other(e),
+        )
+    })?;
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(2));
+    for certificate in certificates {
+        builder = builder.add_root_certificate(certificate);
+    }
+    builder
+        .build()
+        .map_err(|e| TestbedError::io("making the /readyz probe", std::io::Error::other(e)))
+}
+
 pub(crate) async fn readyz(client: &kube::Client, timeout: Duration) -> Result<(), String> {
     let req = kube::core::Request::new("")
         .get("readyz", &Default::default())
