@@ -3,15 +3,18 @@
 //!
 //! The pod reads the model catalog from a ConfigMap the controller keeps in the group's
 //! namespace ([`catalog_config_map`]) and the model files from its image, and
-//! asks for a GPU when one of its models wants one ([`GpuSettings`]).
+//! asks for a GPU when one of its models wants one ([`GpuSettings`]). It projects its own
+//! ServiceAccount token, the one credential the worker needs ([`service_account_volume`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
-    KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
-    SecurityContext, ServiceAccount, Toleration, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapProjection, ConfigMapVolumeSource, Container,
+    DownwardAPIProjection, DownwardAPIVolumeFile, EmptyDirVolumeSource, EnvVar, KeyToPath,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccount,
+    ServiceAccountTokenProjection, Toleration, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -46,6 +49,13 @@ const MODELS_VOLUME: &str = "models";
 /// Writable scratch space (an `emptyDir`) under a read-only root filesystem.
 const SCRATCH_VOLUME: &str = "scratch";
 const SCRATCH_PATH: &str = "/tmp";
+/// The worker's ServiceAccount credentials, where in-cluster clients read them.
+const ACCOUNT_VOLUME: &str = "service-account";
+const ACCOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The cluster's CA, published into every namespace by kube-controller-manager (1.20+).
+const ROOT_CA_CONFIG_MAP: &str = "kube-root-ca.crt";
+/// The kubelet refreshes the token well before this (at 80% of its life).
+const TOKEN_SECONDS: i64 = 3607;
 /// The image's `nonroot` user, as the chart runs the controller and the API.
 const WORKER_UID: i64 = 65532;
 
@@ -276,6 +286,7 @@ pub fn build_job(
             }),
             ..Volume::default()
         },
+        service_account_volume(),
     ];
     let mut mounts = vec![
         VolumeMount {
@@ -287,6 +298,12 @@ pub fn build_job(
         VolumeMount {
             name: SCRATCH_VOLUME.to_owned(),
             mount_path: SCRATCH_PATH.to_owned(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: ACCOUNT_VOLUME.to_owned(),
+            mount_path: ACCOUNT_PATH.to_owned(),
+            read_only: Some(true),
             ..VolumeMount::default()
         },
     ];
@@ -395,6 +412,57 @@ fn worker_container_security() -> SecurityContext {
             ..Capabilities::default()
         }),
         ..SecurityContext::default()
+    }
+}
+
+/// The worker's token (it proves to the result ingest whose worker is calling), the
+/// cluster's CA and the namespace, projected by the Job itself: the `kube-api-access-*`
+/// volume the ServiceAccount admission plugin adds since Kubernetes 1.21, at the same path.
+/// So the worker has its token whether or not admission mounts one (clusters without the
+/// plugin, such as the testbed's, or a 1.20 one mounting a legacy Secret); where it does,
+/// this mount at its path makes it add none.
+fn service_account_volume() -> Volume {
+    Volume {
+        name: ACCOUNT_VOLUME.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".to_owned(),
+                        expiration_seconds: Some(TOKEN_SECONDS),
+                        audience: None,
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: ROOT_CA_CONFIG_MAP.to_owned(),
+                        items: Some(vec![KeyToPath {
+                            key: "ca.crt".to_owned(),
+                            path: "ca.crt".to_owned(),
+                            mode: None,
+                        }]),
+                        optional: None,
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "namespace".to_owned(),
+                            field_ref: Some(ObjectFieldSelector {
+                                api_version: Some("v1".to_owned()),
+                                field_path: "metadata.namespace".to_owned(),
+                            }),
+                            ..DownwardAPIVolumeFile::default()
+                        }]),
+                    }),
+                    ..VolumeProjection::default()
+                },
+            ]),
+            default_mode: None,
+        }),
+        ..Volume::default()
     }
 }
 
@@ -1017,10 +1085,55 @@ mod tests {
             .flatten()
             .map(|v| v.name.as_str())
             .collect();
-        assert_eq!(volumes, ["work-order", "scratch"]);
+        assert_eq!(volumes, ["work-order", "scratch", "service-account"]);
         assert!(!env_of(&pod.containers[0]).contains_key("KINSIGHT_CATALOG"));
         assert_eq!(annotations, None);
         assert_eq!(pod.runtime_class_name, None);
+    }
+
+    #[test]
+    fn the_worker_token_is_projected_where_in_cluster_clients_read_it() {
+        let (pod, _) = job_for(&["object_detection"], &config());
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == ACCOUNT_VOLUME)
+            .expect("the ServiceAccount volume");
+        let sources = volume
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.clone())
+            .expect("projected");
+        let token = sources
+            .iter()
+            .find_map(|s| s.service_account_token.as_ref())
+            .expect("a token");
+        assert_eq!(
+            (token.path.as_str(), token.audience.as_deref()),
+            ("token", None)
+        );
+        let ca = sources
+            .iter()
+            .find_map(|s| s.config_map.as_ref())
+            .expect("the CA");
+        assert_eq!(ca.name, "kube-root-ca.crt");
+        let namespace = sources
+            .iter()
+            .find_map(|s| s.downward_api.as_ref()?.items.as_ref()?.first())
+            .expect("the namespace");
+        assert_eq!(namespace.path, "namespace");
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == ACCOUNT_VOLUME)
+            .expect("mounted");
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/var/run/secrets/kubernetes.io/serviceaccount", Some(true))
+        );
+        assert_eq!(pod.service_account_name.as_deref(), Some(WORKER_ACCOUNT));
     }
 
     #[test]

@@ -25,8 +25,12 @@ const CACHE_SUBDIR: &str = "k8s-1.20.2/bin";
 /// Controllers that matter to kinsight: Jobs make Pods, owner references cascade.
 const CONTROLLERS: &str = "job,garbagecollector,ttl-after-finished";
 /// With a real node: `nodelifecycle` too, the only controller that lifts the
-/// `node.kubernetes.io/not-ready` taint the API server puts on a new Node.
-const CONTROLLERS_WITH_REAL_NODE: &str = "job,garbagecollector,ttl-after-finished,nodelifecycle";
+/// `node.kubernetes.io/not-ready` taint the API server puts on a new Node, and
+/// `root-ca-cert-publisher`, which puts the cluster's CA into every namespace
+/// (`kube-root-ca.crt`), as real clusters do: pods project it beside their ServiceAccount
+/// token (the worker Jobs do).
+const CONTROLLERS_WITH_REAL_NODE: &str =
+    "job,garbagecollector,ttl-after-finished,nodelifecycle,root-ca-cert-publisher";
 /// The kubelet's user in the static token file, and the group RBAC's `system:node` role is
 /// bound to (the API server here authorizes with RBAC only, no Node authorizer).
 pub(crate) const NODE_USER: &str = "system:node:127.0.0.1";
@@ -379,6 +383,14 @@ impl ControlPlane {
                     "--service-account-private-key-file={}",
                     sa_key.display()
                 ))
+                .args(opts.real_node.then(|| {
+                    // What `kube-root-ca.crt` holds: the API server's self-signed
+                    // certificate (it wrote it before answering /readyz).
+                    format!(
+                        "--root-ca-file={}",
+                        dir.join("certs/apiserver.crt").display()
+                    )
+                }))
                 .arg("--bind-address=127.0.0.1")
                 // 1.20 also serves an insecure port (10252) by default; several control
                 // planes side by side need it off.

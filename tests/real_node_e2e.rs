@@ -1,0 +1,481 @@
+//! The controller's own worker Jobs on a real node (containerd + runc + kubelet +
+//! kube-scheduler, see `kinsight::testbed::RealNode`), end to end: a group posted through
+//! the REST API gets its worker Job scheduled on the node; the worker runs as a container of
+//! kinsight's image with the Job's restricted security context exactly as
+//! src/controller/job.rs builds it (uid 65532, read-only root filesystem), fetches the
+//! photos, runs a model with the image's ONNX Runtime and model files, hands its results to
+//! the API's result ingest with its projected ServiceAccount token (checked by TokenReview),
+//! and the group completes with every image's result stored.
+//!
+//! How the pieces meet, as in a cluster:
+//! - Pods sit on the node's bridge and reach only the host's bridge address
+//!   ([`kinsight::testbed::node::HOST_ADDRESS`], 10.244.91.1), never its 127.0.0.1. So the
+//!   API (its result ingest) and the photo server listen there: a cluster likewise gives
+//!   pods a routable address for the services they call. The egress allow-list holds only
+//!   that address (`10.244.91.1/32`), as an operator would open one private range; the
+//!   production default (nothing private) is untouched.
+//! - The controller's `worker_image` is the image the test builds and imports (tag not
+//!   `latest`, so the kubelet's default `IfNotPresent` finds it and never asks a registry).
+//!   No `worker_env`: ONNX Runtime and the models come from the image's own environment; the
+//!   catalog comes from the ConfigMap the controller publishes, its model files resolved in
+//!   the image (`/opt/kinsight/models`, the Dockerfile's and the chart's `modelsDir`).
+//! - The worker's token: the Job projects it itself (with the cluster CA from
+//!   `kube-root-ca.crt` and the namespace, where in-cluster clients read them), so it works
+//!   on this control plane, whose ServiceAccount admission plugin is off.
+//!
+//! Needs root and what scripts/build-node.sh and scripts/install-node-packages.sh provide
+//! (as tests/real_node.rs does); fails, with what is missing, otherwise.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kinsight::controller::{ControllerConfig, WorkerCatalog};
+use kinsight::dev::{create_tenant, install_crds};
+use kinsight::inference::Catalog;
+use kinsight::results::INGEST_PATH;
+use kinsight::store::Store;
+use kinsight::testbed::node::HOST_ADDRESS;
+use kinsight::testbed::{ControlPlane, ControlPlaneOptions, RealNode, RealNodeOptions};
+use kube::api::{Api, ListParams, LogParams};
+
+use common::{KEYS_NAMESPACE, eventually, repo_path};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// The whole test, image build included.
+const TEST_LIMIT: Duration = Duration::from_secs(400);
+/// From the POST to the group's completion (pod start, model load, four photos).
+const GROUP_LIMIT: Duration = Duration::from_secs(180);
+const NAMESPACE: &str = "tenant-real-node";
+const PHOTOS: [&str; 4] = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
+const MODEL: &str = "image_classification";
+/// Where the image keeps its models (Dockerfile: `KINSIGHT_MODELS_DIR`).
+const IMAGE_MODELS_DIR: &str = "/opt/kinsight/models";
+
+fn run(command: &mut Command, what: &str) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Serves the sample photos at `/{name}` on the bridge address (the pods' way to the host).
+async fn serve_photos(tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> SocketAddr {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::StatusCode;
+    let folder = Arc::new(repo_path("tests/fixtures/images"));
+    let app = axum::Router::new()
+        .route(
+            "/{name}",
+            axum::routing::get(
+                async |State(folder): State<Arc<std::path::PathBuf>>,
+                       UrlPath(name): UrlPath<String>| {
+                    if !PHOTOS.contains(&name.as_str()) {
+                        return Err(StatusCode::NOT_FOUND);
+                    }
+                    tokio::fs::read(folder.join(name))
+                        .await
+                        .map_err(|_| StatusCode::NOT_FOUND)
+                },
+            ),
+        )
+        .with_state(folder);
+    let listener = tokio::net::TcpListener::bind((HOST_ADDRESS, 0))
+        .await
+        .expect("bind the photo server on the bridge address");
+    let addr = listener.local_addr().expect("addr");
+    tasks.push(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }));
+    addr
+}
+
+#[test]
+fn a_group_runs_its_worker_job_on_the_real_node_and_completes() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(TEST_LIMIT, the_test())
+            .await
+            .unwrap_or_else(|_| panic!("the test took over {TEST_LIMIT:?}"))
+    });
+}
+
+async fn the_test() {
+    kinsight::install_crypto_provider();
+    let test_started = Instant::now();
+    let scratch = tempfile::tempdir().expect("temp dir");
+
+    // The image (buildah) while the control plane starts.
+    let tag = format!("real-node-e2e-{}", std::process::id());
+    let image = format!("localhost/kinsight:{tag}");
+    let archive = scratch.path().join("kinsight.tar");
+    let build = {
+        let (tag, archive) = (tag.clone(), archive.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            run(
+                Command::new(format!("{REPO}/scripts/build-image.sh"))
+                    .args(["--binary", env!("CARGO_BIN_EXE_kinsight")])
+                    .args(["--tag", &tag, "--base", "local", "--oci-archive"])
+                    .arg(&archive),
+                "scripts/build-image.sh",
+            );
+            eprintln!("image built in {:.1?}", started.elapsed());
+        })
+    };
+    let plane = ControlPlane::start(ControlPlaneOptions {
+        real_node: true,
+        ..ControlPlaneOptions::default()
+    })
+    .await
+    .expect("control plane with kube-scheduler and PostgreSQL starts");
+    build.await.expect("image build");
+    let _image_cleanup = ImageCleanup(image.clone());
+    let node = RealNode::start(
+        &plane,
+        RealNodeOptions {
+            images: vec![archive.clone()],
+            ..RealNodeOptions::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the real node does not start: {e}"));
+    eprintln!(
+        "control plane and node ready {:.1?} after the start",
+        test_started.elapsed()
+    );
+
+    let client = plane.client().await.expect("client");
+    let store = Store::connect(
+        &plane.database_url().expect("the testbed's PostgreSQL"),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("store");
+    install_crds(&client).await.expect("CRDs");
+    let api_key = format!("test-key-{NAMESPACE}");
+    create_tenant(
+        &client,
+        KEYS_NAMESPACE,
+        NAMESPACE,
+        &api_key,
+        &kinsight::webhook::generate_secret(),
+    )
+    .await
+    .expect("tenant");
+    let catalog = Catalog::load(repo_path("models/catalog.yaml")).expect("catalog");
+    let models: Vec<String> = catalog.names().map(str::to_owned).collect();
+
+    let mut tasks = Vec::new();
+    let photos = serve_photos(&mut tasks).await;
+    // The API, its result ingest included, on the bridge address: the workers' way in.
+    let (app, key_watch, _keys) = kinsight::api::router(
+        client.clone(),
+        store.clone(),
+        kinsight::api::ApiConfig {
+            keys_namespace: KEYS_NAMESPACE.into(),
+            models: models.clone(),
+        },
+    );
+    tasks.push(tokio::spawn(key_watch));
+    let listener = tokio::net::TcpListener::bind((HOST_ADDRESS, 0))
+        .await
+        .expect("bind the API on the bridge address");
+    let api_url = format!("http://{}", listener.local_addr().expect("addr"));
+    tasks.push(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }));
+
+    let config = ControllerConfig {
+        models,
+        worker_image: image.clone(),
+        results_url: format!("{api_url}{INGEST_PATH}"),
+        // The catalog through its ConfigMap, the model files from the image.
+        worker_catalog: Some(WorkerCatalog::new(&catalog, IMAGE_MODELS_DIR)),
+        // Nothing from this machine: the image's environment says where ONNX Runtime is.
+        worker_env: Vec::new(),
+        // The photo server's one private address, nothing else (the default opens none).
+        egress: kinsight::net::EgressPolicy::parse(HOST_ADDRESS).expect("egress"),
+        worker_cpu: "1".into(),
+        worker_memory: "1Gi".into(),
+        // A failed worker fails the test at once, with its log, instead of retrying.
+        worker_backoff_limit: 0,
+        worker_deadline: Duration::from_secs(240),
+        ..ControllerConfig::default()
+    };
+    {
+        let (client, store) = (client.clone(), store.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = kinsight::controller::run(client, store, config).await {
+                eprintln!("controller stopped: {e}");
+            }
+        }));
+    }
+
+    let http = reqwest::Client::new();
+    eventually(
+        "the API accepts the tenant's key",
+        Duration::from_secs(30),
+        async || {
+            http.get(format!("{api_url}/v1/image-groups/grp-none"))
+                .bearer_auth(&api_key)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == reqwest::StatusCode::NOT_FOUND)
+        },
+    )
+    .await;
+
+    // The group, through the REST API.
+    let images: Vec<_> = PHOTOS
+        .iter()
+        .enumerate()
+        .map(|(i, n)| serde_json::json!({ "id": format!("i{i}"), "url": format!("http://{photos}/{n}") }))
+        .collect();
+    let posted = Instant::now();
+    let response = http
+        .post(format!("{api_url}/v1/image-groups"))
+        .bearer_auth(&api_key)
+        .json(&serde_json::json!({ "images": images, "models": [MODEL] }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let body: serde_json::Value = response.json().await.expect("body");
+    let group_id = body["id"].as_str().expect("id").to_owned();
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NAMESPACE);
+    let selector = format!("kinsight.io/group={group_id}");
+    // When the worker's container was first seen running (or done), after the POST.
+    let mut worker_running = None;
+    let polled = loop {
+        let (status, polled) = get(&http, &api_url, &api_key, &group_id).await;
+        assert_eq!(status, 200, "{polled}");
+        if worker_running.is_none() {
+            let listed = pods.list(&ListParams::default().labels(&selector)).await;
+            let started = listed.iter().flat_map(|l| &l.items).any(|p| {
+                let statuses = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref());
+                statuses.into_iter().flatten().any(|c| {
+                    c.state
+                        .as_ref()
+                        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+                })
+            });
+            worker_running = started.then(|| posted.elapsed());
+        }
+        // A failed Job completes the group too (its images `WorkerFailed`): stop at it.
+        let failed = jobs
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .expect("jobs")
+            .items
+            .into_iter()
+            .any(|j| {
+                j.status
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
+            });
+        if failed || posted.elapsed() > GROUP_LIMIT {
+            panic!(
+                "the group did not complete ({}): {polled:#}\n{}",
+                if failed {
+                    "its Job failed"
+                } else {
+                    "timed out"
+                },
+                worker_report(&pods, &selector).await
+            );
+        }
+        if polled["status"] == "completed" {
+            break polled;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let completed_in = posted.elapsed();
+    assert_eq!(polled["imagesDone"], 4, "{polled:#}");
+
+    // The worker ran on the real node, from the image, as the Job says, and succeeded (its
+    // last result is stored before it exits; the kubelet reports the exit a moment later).
+    let worker_pods = eventually(
+        "the worker pod finishes",
+        Duration::from_secs(60),
+        async || {
+            let pods = pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?
+                .items;
+            let done = pods.iter().all(|p| {
+                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                matches!(phase, Some("Succeeded" | "Failed"))
+            });
+            (!pods.is_empty() && done).then_some(pods)
+        },
+    )
+    .await;
+    let succeeded = worker_pods
+        .iter()
+        .all(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"));
+    assert!(succeeded, "{}", worker_report(&pods, &selector).await);
+    assert_eq!(worker_pods.len(), 1, "one pod: {worker_pods:#?}");
+    let pod = &worker_pods[0];
+    let spec = pod.spec.as_ref().expect("spec");
+    assert_eq!(
+        spec.node_name.as_deref(),
+        Some(kinsight::testbed::node::NODE_NAME)
+    );
+    let container = &spec.containers[0];
+    assert_eq!(container.image.as_deref(), Some(image.as_str()));
+    assert_eq!(
+        container.image_pull_policy.as_deref(),
+        Some("IfNotPresent"),
+        "the imported image is used, no registry asked"
+    );
+    let security = spec.security_context.as_ref().expect("pod security");
+    assert_eq!(security.run_as_user, Some(65532));
+    assert_eq!(security.run_as_non_root, Some(true));
+    let container_security = container.security_context.as_ref().expect("security");
+    assert_eq!(container_security.read_only_root_filesystem, Some(true));
+    assert_eq!(container_security.allow_privilege_escalation, Some(false));
+    let status = pod.status.as_ref().expect("pod status");
+    let pod_ip = status.pod_ip.clone().unwrap_or_default();
+    assert!(
+        pod_ip.starts_with("10.244.91."),
+        "on the bridge, not the host's network: {pod_ip:?}"
+    );
+    let created = pod.metadata.creation_timestamp.as_ref().expect("created").0;
+    let started = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|c| c.state.as_ref()?.terminated.as_ref()?.started_at.clone())
+        .expect("the container's start")
+        .0;
+    eprintln!(
+        "worker pod on node {}, {pod_ip}: its container started {:.0} s after the pod was \
+         created (the kubelet's 1 s timestamps), seen running {worker_running:.1?} after the POST",
+        kinsight::testbed::node::NODE_NAME,
+        started.duration_since(created).as_secs_f64()
+    );
+    let log = pods
+        .logs(
+            &pod.metadata.name.clone().expect("name"),
+            &LogParams::default(),
+        )
+        .await
+        .expect("worker log");
+    eprintln!("worker log:\n{}", log.trim_end());
+    // ONNX Runtime and the model files from the image's own places, every result stored.
+    assert!(
+        log.contains("library=/opt/kinsight/lib/libonnxruntime.so"),
+        "{log}"
+    );
+    assert!(log.contains(&format!("file={IMAGE_MODELS_DIR}/")), "{log}");
+    assert!(log.contains("stored=4"), "{log}");
+    // Its token came from the Job's own projected volume (no admission plugin mounts one
+    // here): the ingest took its results, so TokenReview accepted it.
+    assert!(
+        spec.volumes.iter().flatten().any(|v| v
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.as_ref())
+            .is_some_and(|s| s.iter().any(|s| s.service_account_token.is_some()))),
+        "{spec:#?}"
+    );
+
+    // Every image's result is stored, with the model's output.
+    let group_ref = common::group_ref(
+        &Api::<kinsight::crd::ImageGroup>::namespaced(client.clone(), NAMESPACE)
+            .get(&group_id)
+            .await
+            .expect("group"),
+    );
+    let results = store.group_results(&group_ref).await.expect("results");
+    assert_eq!(results.len(), 4, "{results:#?}\n{log}");
+    for (id, result) in &results {
+        assert!(result.failure.is_none(), "{id}: {result:#?}\n{log}");
+        assert!(
+            result.outputs.contains_key(MODEL),
+            "{id}: {result:#?}\n{log}"
+        );
+    }
+    eprintln!(
+        "group of {} photos completed {completed_in:.1?} after its POST",
+        PHOTOS.len()
+    );
+
+    for task in &tasks {
+        task.abort();
+    }
+    let teardown = Instant::now();
+    drop(node);
+    drop(plane);
+    eprintln!(
+        "teardown {:.1?}; whole test {:.1?}",
+        teardown.elapsed(),
+        test_started.elapsed()
+    );
+}
+
+async fn get(
+    http: &reqwest::Client,
+    api_url: &str,
+    api_key: &str,
+    group: &str,
+) -> (u16, serde_json::Value) {
+    let response = http
+        .get(format!("{api_url}/v1/image-groups/{group}"))
+        .bearer_auth(api_key)
+        .send()
+        .await
+        .expect("GET");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// The group's worker pods, their status and log, for a failure message.
+async fn worker_report(pods: &Api<Pod>, selector: &str) -> String {
+    let mut report = String::new();
+    for pod in pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+    {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let log = pods
+            .logs(&name, &LogParams::default())
+            .await
+            .unwrap_or_else(|e| format!("(no log: {e})"));
+        report.push_str(&format!("pod {name}: {:#?}\nlog:\n{log}\n", pod.status));
+    }
+    report
+}
+
+/// Removes the test's image from the project's buildah store.
+struct ImageCleanup(String);
+
+impl Drop for ImageCleanup {
+    fn drop(&mut self) {
+        let _ = Command::new(format!("{REPO}/scripts/buildah.sh"))
+            .args(["rmi", &self.0])
+            .output();
+    }
+}
