@@ -21,10 +21,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kinsight::testbed::{ControlPlane, ControlPlaneOptions, RealNode, RealNodeOptions};
 use kube::api::{Api, LogParams, PostParams};
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
+mod common;
+
+use common::real_node::{Stack, run, run_bounded};
+
 /// The whole test, image build included.
 const TEST_LIMIT: Duration = Duration::from_secs(300);
 const POD_LIMIT: Duration = Duration::from_secs(60);
@@ -81,18 +83,6 @@ int main(int argc, char **argv) {
     return 0;
 }
 "#;
-
-fn run(command: &mut Command, what: &str) -> String {
-    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// The probe, built static into `dir` (readable by the pods' uid 65532).
 fn build_probe(dir: &Path) {
@@ -241,15 +231,7 @@ fn processes_naming(needle: &str) -> Vec<String> {
 
 #[test]
 fn a_real_node_runs_the_image_restricted_with_config_maps_and_reports_oom() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        tokio::time::timeout(TEST_LIMIT, the_test())
-            .await
-            .unwrap_or_else(|_| panic!("the test took over {TEST_LIMIT:?}"))
-    });
+    run_bounded(TEST_LIMIT, the_test());
 }
 
 async fn the_test() {
@@ -258,51 +240,17 @@ async fn the_test() {
     let scratch = tempfile::tempdir().expect("temp dir");
     build_probe(scratch.path());
 
-    // The image (buildah, a minute or so) while the control plane starts.
-    let tag = format!("real-node-{}", std::process::id());
-    let image = format!("localhost/kinsight:{tag}");
-    let archive = scratch.path().join("kinsight.tar");
-    let build = {
-        let (tag, archive) = (tag.clone(), archive.clone());
-        tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let out = run(
-                Command::new(format!("{REPO}/scripts/build-image.sh"))
-                    .args(["--binary", env!("CARGO_BIN_EXE_kinsight")])
-                    .args(["--tag", &tag, "--base", "local", "--oci-archive"])
-                    .arg(&archive),
-                "scripts/build-image.sh",
-            );
-            eprintln!("image built in {:.1?}: {}", started.elapsed(), out.trim());
-        })
-    };
-    let stack_started = Instant::now();
-    let plane = ControlPlane::start(ControlPlaneOptions {
-        postgres: false,
-        real_node: true,
-        ..ControlPlaneOptions::default()
-    })
-    .await
-    .expect("control plane with kube-scheduler starts");
-    eprintln!("control plane up in {:.1?}", stack_started.elapsed());
-    build.await.expect("image build");
-    let _image_cleanup = ImageCleanup(image.clone());
-
-    let node_started = Instant::now();
-    let node = RealNode::start(
-        &plane,
-        RealNodeOptions {
-            images: vec![archive.clone()],
-            ..RealNodeOptions::default()
-        },
+    let Stack {
+        node,
+        plane,
+        image,
+        image_cleanup: _image_cleanup,
+    } = Stack::start(
+        &format!("real-node-{}", std::process::id()),
+        false,
+        scratch.path(),
     )
-    .await
-    .unwrap_or_else(|e| panic!("the real node does not start: {e}"));
-    eprintln!(
-        "node Ready and schedulable {:.1?} after its start ({:.1?} after the control plane's)",
-        node_started.elapsed(),
-        stack_started.elapsed()
-    );
+    .await;
     let node_dir = plane.state_dir().join("node");
 
     let client = plane.client().await.expect("client");
@@ -488,15 +436,4 @@ async fn the_test() {
     assert!(!bridge.status.success(), "the bridge is still there");
     drop(plane);
     eprintln!("whole test: {:.1?}", test_started.elapsed());
-}
-
-/// Removes the test's image from the project's buildah store.
-struct ImageCleanup(String);
-
-impl Drop for ImageCleanup {
-    fn drop(&mut self) {
-        let _ = Command::new(format!("{REPO}/scripts/buildah.sh"))
-            .args(["rmi", &self.0])
-            .output();
-    }
 }

@@ -29,7 +29,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,12 +40,11 @@ use kinsight::inference::Catalog;
 use kinsight::results::INGEST_PATH;
 use kinsight::store::Store;
 use kinsight::testbed::node::HOST_ADDRESS;
-use kinsight::testbed::{ControlPlane, ControlPlaneOptions, RealNode, RealNodeOptions};
 use kube::api::{Api, ListParams, LogParams};
 
+use common::real_node::{Stack, run_bounded};
 use common::{KEYS_NAMESPACE, eventually, repo_path};
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// The whole test, image build included.
 const TEST_LIMIT: Duration = Duration::from_secs(400);
 /// From the POST to the group's completion (pod start, model load, four photos).
@@ -56,18 +54,6 @@ const PHOTOS: [&str; 4] = ["astronaut.png", "chelsea.png", "coffee.png", "rocket
 const MODEL: &str = "image_classification";
 /// Where the image keeps its models (Dockerfile: `KINSIGHT_MODELS_DIR`).
 const IMAGE_MODELS_DIR: &str = "/opt/kinsight/models";
-
-fn run(command: &mut Command, what: &str) -> String {
-    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// Serves the sample photos at `/{name}` on the bridge address (the pods' way to the host).
 async fn serve_photos(tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> SocketAddr {
@@ -102,15 +88,7 @@ async fn serve_photos(tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> SocketAdd
 
 #[test]
 fn a_group_runs_its_worker_job_on_the_real_node_and_completes() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        tokio::time::timeout(TEST_LIMIT, the_test())
-            .await
-            .unwrap_or_else(|_| panic!("the test took over {TEST_LIMIT:?}"))
-    });
+    run_bounded(TEST_LIMIT, the_test());
 }
 
 async fn the_test() {
@@ -118,41 +96,17 @@ async fn the_test() {
     let test_started = Instant::now();
     let scratch = tempfile::tempdir().expect("temp dir");
 
-    // The image (buildah) while the control plane starts.
-    let tag = format!("real-node-e2e-{}", std::process::id());
-    let image = format!("localhost/kinsight:{tag}");
-    let archive = scratch.path().join("kinsight.tar");
-    let build = {
-        let (tag, archive) = (tag.clone(), archive.clone());
-        tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            run(
-                Command::new(format!("{REPO}/scripts/build-image.sh"))
-                    .args(["--binary", env!("CARGO_BIN_EXE_kinsight")])
-                    .args(["--tag", &tag, "--base", "local", "--oci-archive"])
-                    .arg(&archive),
-                "scripts/build-image.sh",
-            );
-            eprintln!("image built in {:.1?}", started.elapsed());
-        })
-    };
-    let plane = ControlPlane::start(ControlPlaneOptions {
-        real_node: true,
-        ..ControlPlaneOptions::default()
-    })
-    .await
-    .expect("control plane with kube-scheduler and PostgreSQL starts");
-    build.await.expect("image build");
-    let _image_cleanup = ImageCleanup(image.clone());
-    let node = RealNode::start(
-        &plane,
-        RealNodeOptions {
-            images: vec![archive.clone()],
-            ..RealNodeOptions::default()
-        },
+    let Stack {
+        node,
+        plane,
+        image,
+        image_cleanup: _image_cleanup,
+    } = Stack::start(
+        &format!("real-node-e2e-{}", std::process::id()),
+        true,
+        scratch.path(),
     )
-    .await
-    .unwrap_or_else(|e| panic!("the real node does not start: {e}"));
+    .await;
     eprintln!(
         "control plane and node ready {:.1?} after the start",
         test_started.elapsed()
@@ -467,15 +421,4 @@ async fn worker_report(pods: &Api<Pod>, selector: &str) -> String {
         report.push_str(&format!("pod {name}: {:#?}\nlog:\n{log}\n", pod.status));
     }
     report
-}
-
-/// Removes the test's image from the project's buildah store.
-struct ImageCleanup(String);
-
-impl Drop for ImageCleanup {
-    fn drop(&mut self) {
-        let _ = Command::new(format!("{REPO}/scripts/buildah.sh"))
-            .args(["rmi", &self.0])
-            .output();
-    }
 }

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod bad_bodies;
+pub mod real_node;
 pub mod scripted_receiver;
 
 use std::net::SocketAddr;

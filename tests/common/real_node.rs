@@ -1,0 +1,115 @@
+//! What the real-node tests share: commands that must succeed, a test bounded on its own
+//! runtime, and the stack they run on (the project's image, built while a control plane
+//! with kube-scheduler starts, imported into a real node).
+
+use std::future::Future;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kinsight::testbed::{ControlPlane, ControlPlaneOptions, RealNode, RealNodeOptions};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// stdout of `command`, which must succeed (else the test fails with its output).
+pub fn run(command: &mut Command, what: &str) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs `test` on a runtime of its own, failing it past `limit`.
+pub fn run_bounded(limit: Duration, test: impl Future<Output = ()>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(limit, test)
+            .await
+            .unwrap_or_else(|_| panic!("the test took over {limit:?}"))
+    });
+}
+
+/// A control plane with a real node running the project's image. Drop the node before
+/// the plane (fields drop in order); the image leaves the buildah store last.
+pub struct Stack {
+    pub node: RealNode,
+    pub plane: ControlPlane,
+    /// `localhost/kinsight:<tag>`, imported into the node's containerd.
+    pub image: String,
+    pub image_cleanup: ImageCleanup,
+}
+
+impl Stack {
+    /// Builds the image from the test's own binary (tagged `tag`, archived in `scratch`)
+    /// while the control plane (with PostgreSQL when `postgres`) starts, then starts the
+    /// node with the image imported. Prints how long each part took.
+    pub async fn start(tag: &str, postgres: bool, scratch: &Path) -> Stack {
+        let image = format!("localhost/kinsight:{tag}");
+        let archive = scratch.join("kinsight.tar");
+        let build = {
+            let (tag, archive) = (tag.to_owned(), archive.clone());
+            tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let out = run(
+                    Command::new(format!("{REPO}/scripts/build-image.sh"))
+                        .args(["--binary", env!("CARGO_BIN_EXE_kinsight")])
+                        .args(["--tag", &tag, "--base", "local", "--oci-archive"])
+                        .arg(&archive),
+                    "scripts/build-image.sh",
+                );
+                eprintln!("image built in {:.1?}: {}", started.elapsed(), out.trim());
+            })
+        };
+        let started = Instant::now();
+        let plane = ControlPlane::start(ControlPlaneOptions {
+            postgres,
+            real_node: true,
+            ..ControlPlaneOptions::default()
+        })
+        .await
+        .expect("control plane with kube-scheduler starts");
+        eprintln!("control plane up in {:.1?}", started.elapsed());
+        build.await.expect("image build");
+        let image_cleanup = ImageCleanup(image.clone());
+        let node_started = Instant::now();
+        let node = RealNode::start(
+            &plane,
+            RealNodeOptions {
+                images: vec![archive],
+                ..RealNodeOptions::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the real node does not start: {e}"));
+        eprintln!(
+            "node Ready and schedulable {:.1?} after its start ({:.1?} after the control plane's)",
+            node_started.elapsed(),
+            started.elapsed()
+        );
+        Stack {
+            node,
+            plane,
+            image,
+            image_cleanup,
+        }
+    }
+}
+
+/// Removes the test's image from the project's buildah store.
+pub struct ImageCleanup(String);
+
+impl Drop for ImageCleanup {
+    fn drop(&mut self) {
+        let _ = Command::new(format!("{REPO}/scripts/buildah.sh"))
+            .args(["rmi", &self.0])
+            .output();
+    }
+}
