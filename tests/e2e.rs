@@ -545,6 +545,45 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
     assert_eq!(accepted.reason, "InvalidSpec");
     assert!(accepted.message.contains("teleport"));
     assert!(status.jobs.is_empty(), "no Job for an invalid group");
+
+    // What the CRD schema can say, the API server itself refuses: nothing is stored.
+    for (name, spec, field) in [
+        (
+            "no-images",
+            json!({ "images": [], "models": ["object_detection"] }),
+            "spec.images",
+        ),
+        (
+            "bad-id",
+            json!({ "images": [{ "id": "Not_A_Label", "url": h.photo_url("coffee.png") }], "models": ["object_detection"] }),
+            "spec.images.id",
+        ),
+        (
+            "ftp-url",
+            json!({ "images": [{ "url": "ftp://example.com/a.png" }], "models": ["object_detection"] }),
+            "spec.images.url",
+        ),
+    ] {
+        let group: ImageGroup = serde_json::from_value(json!({
+            "apiVersion": "kinsight.io/v1alpha1",
+            "kind": "ImageGroup",
+            "metadata": { "name": name },
+            "spec": spec,
+        }))
+        .expect("object");
+        match groups.create(&PostParams::default(), &group).await {
+            Err(kube::Error::Api(refusal)) => {
+                assert_eq!(refusal.code, 422, "{name}: {refusal:?}");
+                assert!(
+                    refusal.message.contains(field),
+                    "{name}: {}",
+                    refusal.message
+                );
+            }
+            other => panic!("{name}: the API server took it: {other:?}"),
+        }
+        assert!(groups.get_opt(name).await.expect("get").is_none(), "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,11 @@ pub const MAX_GROUP_URL_BYTES: usize = 768 * 1024;
 /// metadata) must stay within etcd's 1.5 MiB (the API server refuses bigger ones), with room
 /// for the status.
 pub const MAX_SPEC_BYTES: usize = 1280 * 1024;
+/// What the CRD schema checks of an image id and a URL, so the API server refuses what
+/// [`ImageGroupSpec::validate`] would (an id is a DNS label of at most 40; a URL's scheme is
+/// http or https, in any case); the controller checks the rest and reports it in status.
+pub const IMAGE_ID_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+pub const HTTP_URL_PATTERN: &str = "^[hH][tT][tT][pP][sS]?://";
 /// Failed deliveries a group's status lists, at most.
 pub const MAX_RECENT_FAILURES: usize = 10;
 
@@ -45,14 +50,20 @@ pub const MAX_RECENT_FAILURES: usize = 10;
 #[serde(rename_all = "camelCase")]
 pub struct ImageGroupSpec {
     /// The images to analyse (at most 10,000; the REST API takes a spec of at most 1.25 MiB).
+    #[schemars(length(min = 1, max = MAX_IMAGES))]
     pub images: Vec<ImageEntry>,
     /// Catalog names of the models to run on every image, e.g. `object_detection`.
+    #[schemars(length(min = 1, max = MAX_MODELS), inner(length(min = 1, max = 63)))]
     pub models: Vec<String>,
     /// Where to push this group's events, besides the namespace's WebhookSubscriptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookTarget>,
     /// The customer's own key/value data, returned with every event.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = MAX_METADATA_KEYS,
+        "additionalProperties" = { "type": "string", "maxLength": MAX_METADATA_VALUE_LEN }
+    ))]
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -62,16 +73,23 @@ pub struct ImageEntry {
     /// Stable id of the image inside its group (lowercase letters, digits and '-');
     /// defaults to its position ("0", "1", ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 40), regex(pattern = IMAGE_ID_PATTERN))]
     pub id: Option<String>,
     /// http(s) URL the worker downloads the image from.
+    #[schemars(length(min = 1, max = MAX_URL_LEN), regex(pattern = HTTP_URL_PATTERN))]
     pub url: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = MAX_METADATA_KEYS,
+        "additionalProperties" = { "type": "string", "maxLength": MAX_METADATA_VALUE_LEN }
+    ))]
     pub metadata: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookTarget {
+    #[schemars(length(min = 1, max = MAX_URL_LEN), regex(pattern = HTTP_URL_PATTERN))]
     pub url: String,
     /// The Secret key holding the `whsec_...` signing secret.
     pub secret_ref: SecretKeyRef,
@@ -80,7 +98,9 @@ pub struct WebhookTarget {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    #[schemars(length(min = 1, max = 253))]
     pub key: String,
 }
 

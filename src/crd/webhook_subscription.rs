@@ -41,9 +41,14 @@ pub const EVENT_TYPES: &[&str] = &[
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookSubscriptionSpec {
+    #[schemars(
+        length(min = 1, max = super::image_group::MAX_URL_LEN),
+        regex(pattern = super::image_group::HTTP_URL_PATTERN)
+    )]
     pub url: String,
     /// Event types to send; empty means all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("items" = { "type": "string", "enum": EVENT_TYPES }))]
     pub event_types: Vec<String>,
     /// The Secret key holding the `whsec_...` signing secret(s): several, separated by
     /// white space, while keys rotate (each signs).
@@ -56,6 +61,7 @@ pub struct WebhookSubscriptionSpec {
     pub headers: BTreeMap<String, String>,
     /// Per-attempt timeout (1-60 s; default: the controller's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60))]
     pub timeout_seconds: Option<u32>,
     /// When to retry a failed attempt (default: the controller's schedule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,6 +74,7 @@ pub struct RetryPolicy {
     /// Waits before each retry, in order, e.g. `["5s", "5m", "30m", "2h"]` (units ms, s,
     /// m, h, d): the first attempt is immediate, so an event gets at most one attempt more
     /// than this list has entries. At most 20 entries of at most 7 days each.
+    #[schemars(length(max = MAX_RETRIES), inner(length(min = 1, max = 32)))]
     pub schedule: Vec<String>,
 }
 
