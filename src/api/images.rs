@@ -267,14 +267,19 @@ pub(super) fn parse_json<T: DeserializeOwned>(
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let body = body.map_err(|e| match e {
+    let body = read_body(body)?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+}
+
+/// The request body, or why it could not be read (over [`MAX_BODY_BYTES`]: 413).
+pub(super) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::PayloadTooLarge(MAX_BODY_BYTES)
         }
         other => ApiError::InvalidRequest(format!("could not read the request body: {other}")),
-    })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+    })
 }
 
 async fn create(

@@ -4,6 +4,7 @@
 
 mod auth;
 mod deliveries;
+mod idempotency;
 mod images;
 mod ingest;
 mod problem;
@@ -105,10 +106,22 @@ pub fn router(
     let internal = Router::new()
         .route(INGEST_PATH, post(ingest::store_results))
         .layer(DefaultBodyLimit::max(INGEST_BODY_BYTES));
-    let router = Router::new()
+    // Every customer's POST takes an Idempotency-Key.
+    let posts = Router::new()
         .route("/v1/images", post(images::create_image))
-        .route("/v1/images/{id}", get(images::get_image))
         .route("/v1/image-groups", post(images::create_group))
+        .route(
+            "/v1/image-groups/{id}/deliveries/{delivery}/replay",
+            post(deliveries::replay_one),
+        )
+        .route("/v1/deliveries/replay", post(deliveries::replay_since))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::guard,
+        ));
+    let router = Router::new()
+        .merge(posts)
+        .route("/v1/images/{id}", get(images::get_image))
         .route(
             "/v1/image-groups/{id}",
             get(images::get_group).patch(images::update_group),
@@ -121,12 +134,7 @@ pub fn router(
             "/v1/image-groups/{id}/deliveries/{delivery}",
             get(deliveries::get_one),
         )
-        .route(
-            "/v1/image-groups/{id}/deliveries/{delivery}/replay",
-            post(deliveries::replay_one),
-        )
         .route("/v1/deliveries", get(deliveries::list_undelivered))
-        .route("/v1/deliveries/replay", post(deliveries::replay_since))
         .route("/healthz", get(|| async { "ok" }))
         // Ready once the API keys are listed: before, every key would get 503.
         .route("/readyz", get(readyz))

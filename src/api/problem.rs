@@ -26,6 +26,12 @@ pub enum ApiError {
     Conflict,
     #[error("the cluster is unavailable; try again")]
     Unavailable(String),
+    #[error(
+        "this Idempotency-Key was used for another request (method, path or body); use a new key"
+    )]
+    IdempotencyKeyReused,
+    #[error("a request with this Idempotency-Key is still being carried out; retry shortly")]
+    IdempotencyKeyInProgress,
 }
 
 impl ApiError {
@@ -42,6 +48,8 @@ impl ApiError {
             Self::Gone(_) => "gone",
             Self::Conflict => "conflict",
             Self::Unavailable(_) => "unavailable",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::IdempotencyKeyInProgress => "idempotency_key_in_progress",
         }
     }
 
@@ -57,6 +65,8 @@ impl ApiError {
             Self::Gone(_) => StatusCode::GONE,
             Self::Conflict => StatusCode::CONFLICT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::IdempotencyKeyInProgress => StatusCode::CONFLICT,
         }
     }
 }
@@ -117,6 +127,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if matches!(self, Self::IdempotencyKeyInProgress) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }

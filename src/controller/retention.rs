@@ -1,6 +1,7 @@
 //! Stored results go with their group: a deleted group's rows are marked by its last
 //! reconcile (or, for groups deleted while no controller ran, by a periodic comparison with
 //! the cluster's groups) and deleted here in bounded batches, never by one giant DELETE.
+//! The REST API's expired Idempotency-Keys go here too, in the same bounded batches.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use kube::{Api, Client, ResourceExt};
 
 use super::PURGE_BATCH;
 use crate::crd::ImageGroup;
-use crate::store::Store;
+use crate::store::{IDEMPOTENCY_KEEP, Store};
 
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// How often the store's groups are compared with the cluster's.
@@ -44,6 +45,15 @@ pub async fn run(client: Client, store: Store) {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "results and deliveries of deleted groups removed"),
             Err(e) => tracing::warn!(error = %e, "removing the rows of deleted groups"),
+        }
+        // The REST API's Idempotency-Keys live their 24 h, then go in batches.
+        match store
+            .purge_idempotency_keys(IDEMPOTENCY_KEEP, PURGE_BATCH)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(keys = n, "expired idempotency keys removed"),
+            Err(e) => tracing::warn!(error = %e, "removing expired idempotency keys"),
         }
     }
 }

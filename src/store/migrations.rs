@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("migrations/0006_dispatcher.sql")),
     (7, include_str!("migrations/0007_event_bodies.sql")),
     (8, include_str!("migrations/0008_event_sequences.sql")),
+    (9, include_str!("migrations/0009_idempotency_keys.sql")),
 ];
 
 /// Any fixed number: the key of the lock that serialises migrations across processes.

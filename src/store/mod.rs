@@ -5,12 +5,14 @@
 mod connection;
 mod deliveries;
 mod dispatch;
+mod idempotency;
 mod migrations;
 mod notify;
 mod results;
 
 pub use deliveries::{Cursor, DeliveryCount, Plan, Saved};
 pub use dispatch::{Claimed, GONE_ERROR, Outcomes, Settled, Stop};
+pub use idempotency::{IDEMPOTENCY_KEEP, KeyClaim, StoredResponse};
 pub use notify::{DISPATCH_CHANNEL, GROUPS_CHANNEL, RESULTS_CHANNEL, StoreNotice, listen};
 
 use std::time::Duration;
