@@ -28,9 +28,10 @@ const CONTROLLERS: &str = "job,garbagecollector,ttl-after-finished";
 /// `node.kubernetes.io/not-ready` taint the API server puts on a new Node, and
 /// `root-ca-cert-publisher`, which puts the cluster's CA into every namespace
 /// (`kube-root-ca.crt`), as real clusters do: pods project it beside their ServiceAccount
-/// token (the worker Jobs do).
-const CONTROLLERS_WITH_REAL_NODE: &str =
-    "job,garbagecollector,ttl-after-finished,nodelifecycle,root-ca-cert-publisher";
+/// token (the worker Jobs do), and `deployment` and `replicaset`, which make the pods of
+/// Deployments (the Helm chart's controller and API).
+const CONTROLLERS_WITH_REAL_NODE: &str = "job,garbagecollector,ttl-after-finished,nodelifecycle,\
+     root-ca-cert-publisher,deployment,replicaset";
 /// The kubelet's user in the static token file, and the group RBAC's `system:node` role is
 /// bound to (the API server here authorizes with RBAC only, no Node authorizer).
 pub(crate) const NODE_USER: &str = "system:node:127.0.0.1";
@@ -317,7 +318,17 @@ impl ControlPlane {
             .arg(format!("--cert-dir={}", dir.join("certs").display()))
             .arg(format!("--secure-port={}", ports.apiserver))
             .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            // With a real node, the `kubernetes` Service's endpoint is the host's bridge
+            // address, the one pods reach (the node forwards it to the loopback listener);
+            // the self-signed certificate then names it too (127.0.0.1 as the bind address).
+            .arg(format!(
+                "--advertise-address={}",
+                if opts.real_node {
+                    super::node::HOST_ADDRESS
+                } else {
+                    "127.0.0.1"
+                }
+            ))
             .arg("--service-cluster-ip-range=10.0.0.0/24")
             .arg(format!("--service-account-key-file={}", sa_pub.display()))
             .arg(format!(

@@ -39,6 +39,9 @@ pub const PAUSE_IMAGE: &str = "localhost/kinsight-pause:3.4.1";
 /// host at 10.244.91.1, nothing else (no gateway, no masquerading, no IP forwarding).
 pub const BRIDGE: &str = "kinsight0";
 pub const POD_SUBNET: &str = "10.244.91.0/24";
+/// The control plane's `--service-cluster-ip-range`, and the `kubernetes` Service's ClusterIP.
+const SERVICE_SUBNET: &str = "10.0.0.0/24";
+const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
 pub const HOST_ADDRESS: &str = "10.244.91.1";
 const KUBELET: &str = "kubelet";
 const CONTAINERD: &str = "containerd";
@@ -101,6 +104,9 @@ pub struct RealNode {
     containerd: Option<Child>,
     host: HostState,
     client: kube::Client,
+    /// Forward the bridge address's ports to the API server's and PostgreSQL's loopback
+    /// listeners; stopped on drop.
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
     // Released last, once the host is clean.
     _lock: File,
 }
@@ -112,6 +118,8 @@ struct HostState {
     netns: BTreeSet<String>,
     cgroups_without_kubepods: Vec<PathBuf>,
     bridge_made: bool,
+    /// The nat rule standing in for kube-proxy for the `kubernetes` Service, once added.
+    service_rule: Option<Vec<String>>,
 }
 
 impl RealNode {
@@ -142,6 +150,7 @@ impl RealNode {
             containerd: None,
             host,
             client: plane.client().await?,
+            forwarders: Vec::new(),
             _lock: lock,
         };
         // On any error below, dropping `node` stops what was started and cleans the host.
@@ -175,6 +184,20 @@ impl RealNode {
         }
         self.host.bridge_made = true;
         make_bridge()?;
+        // Pods reach the host only on the bridge: the API server (which advertises this
+        // address, see ControlPlaneOptions::real_node) and PostgreSQL answer there too.
+        let api_port = plane
+            .server_url()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .ok_or_else(|| TestbedError::Config("no port in the API server's URL".into()))?;
+        let mut ports = vec![api_port];
+        ports.extend(plane.postgres().map(|p| p.port()));
+        for port in ports {
+            self.forwarders.push(forward_from_bridge(port).await?);
+        }
+        self.host.service_rule = Some(add_service_rule(api_port)?);
         write_file(
             &dir.join("containerd/config.toml"),
             &containerd_config(&dir),
@@ -418,6 +441,9 @@ impl RealNode {
 
 impl Drop for RealNode {
     fn drop(&mut self) {
+        for forwarder in &self.forwarders {
+            forwarder.abort();
+        }
         self.stop_and_clean();
     }
 }
@@ -454,6 +480,7 @@ impl HostState {
             netns: dir_entries(Path::new(NETNS_DIR)),
             cgroups_without_kubepods,
             bridge_made: false,
+            service_rule: None,
         })
     }
 
@@ -467,6 +494,15 @@ impl HostState {
         }
         if self.bridge_made {
             run_quietly("ip", &["link", "del", BRIDGE]);
+        }
+        if let Some(rule) = &self.service_rule {
+            let args: Vec<&str> = ["-t", "nat", "-D"]
+                .into_iter()
+                .chain(rule.iter().map(String::as_str))
+                .collect();
+            if !run_quietly("iptables", &args) {
+                tracing::warn!(?rule, "could not remove the kubernetes Service's nat rule");
+            }
         }
         for hierarchy in &self.cgroups_without_kubepods {
             remove_cgroup_tree(&hierarchy.join("kubepods"));
@@ -595,6 +631,59 @@ fn make_bridge() -> Result<(), TestbedError> {
     Ok(())
 }
 
+/// Accepts connections on the bridge address's `port` and relays each to 127.0.0.1:`port`.
+async fn forward_from_bridge(port: u16) -> Result<tokio::task::JoinHandle<()>, TestbedError> {
+    let listener = tokio::net::TcpListener::bind((HOST_ADDRESS, port))
+        .await
+        .map_err(|e| TestbedError::io(format!("listening on {HOST_ADDRESS}:{port}"), e))?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    }))
+}
+
+/// What kube-proxy would do for the `kubernetes` Service (no kube-proxy runs here): pods'
+/// connections to its ClusterIP (routed to the host, see [`cni_config`]) go to the API
+/// server's port on the bridge address. Returns the rule, to delete it on drop.
+fn add_service_rule(api_port: u16) -> Result<Vec<String>, TestbedError> {
+    let rule: Vec<String> = [
+        "PREROUTING",
+        "-i",
+        BRIDGE,
+        "-d",
+        KUBERNETES_SERVICE_IP,
+        "-p",
+        "tcp",
+        "--dport",
+        "443",
+        "-j",
+        "DNAT",
+        "--to-destination",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain([format!("{HOST_ADDRESS}:{api_port}")])
+    .collect();
+    let output = Command::new("iptables")
+        .args(["-t", "nat", "-A"])
+        .args(&rule)
+        .output()
+        .map_err(|e| TestbedError::io("running iptables", e))?;
+    if !output.status.success() {
+        return Err(TestbedError::Command {
+            command: format!("iptables -t nat -A {}", rule.join(" ")),
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(rule)
+}
+
 fn containerd_config(dir: &Path) -> String {
     let d = dir.display();
     format!(
@@ -644,6 +733,8 @@ fn cni_config(ipam_dir: &Path) -> String {
             "ipam": {
                 "type": "host-local",
                 "ranges": [[{ "subnet": POD_SUBNET, "gateway": HOST_ADDRESS }]],
+                // Service ClusterIPs go to the host (see add_service_rule).
+                "routes": [{ "dst": SERVICE_SUBNET, "gw": HOST_ADDRESS }],
                 "dataDir": ipam_dir,
             }
         }]
@@ -868,6 +959,11 @@ mod tests {
         assert_eq!(cni["plugins"][0]["isGateway"], false);
         assert_eq!(cni["plugins"][0]["ipMasq"], false);
         assert_eq!(cni["plugins"][0]["bridge"], BRIDGE);
+        // Service ClusterIPs go to the host, where the `kubernetes` Service's rule is.
+        assert_eq!(
+            cni["plugins"][0]["ipam"]["routes"][0],
+            serde_json::json!({ "dst": SERVICE_SUBNET, "gw": HOST_ADDRESS })
+        );
         let kubelet: serde_yaml::Value =
             serde_yaml::from_str(&kubelet_config(Path::new("/v"))).expect("YAML");
         assert_eq!(kubelet["makeIPTablesUtilChains"], false);

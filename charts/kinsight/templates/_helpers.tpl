@@ -3,6 +3,7 @@
 {{- end -}}
 
 {{- define "kinsight.catalogVolume" -}}
+{{ include "kinsight.apiAccessVolume" . }}
 - name: catalog
   configMap: {name: {{ .Release.Name }}-catalog}
 {{- with .Values.database.caSecretName }}
@@ -17,6 +18,7 @@
 {{- end -}}
 
 {{- define "kinsight.catalogMounts" -}}
+- {name: kube-api-access, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
 - {name: catalog, mountPath: /etc/kinsight/catalog, readOnly: true}
 {{- if .Values.database.caSecretName }}
 - {name: database-ca, mountPath: /etc/kinsight/database-ca, readOnly: true}
@@ -50,3 +52,16 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 - {name: PGSSLROOTCERT, value: /etc/kinsight/database-ca/ca.crt}
 {{- end }}
 {{- end }}
+
+{{/* The pod's way into the API server, the volume Kubernetes (1.21+) itself projects: a
+bound ServiceAccount token, the cluster CA and the namespace. The chart projects it itself
+(with automountServiceAccountToken: false) so that it is the same on clusters that mount no
+token (the ServiceAccount admission plugin off, as in the testbed). */}}
+{{- define "kinsight.apiAccessVolume" -}}
+- name: kube-api-access
+  projected:
+    sources:
+      - serviceAccountToken: {path: token, expirationSeconds: 3607}
+      - configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}
+      - downwardAPI: {items: [{path: namespace, fieldRef: {fieldPath: metadata.namespace}}]}
+{{- end -}}

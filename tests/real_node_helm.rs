@@ -1,0 +1,245 @@
+//! The Helm chart installed for real (issue 10, first step): `helm install` of
+//! charts/kinsight, with the project's image, into the testbed with a real node
+//! (`kinsight::testbed::RealNode`); the controller's and the API's two replicas each come up
+//! Running and Ready, exactly one controller holds the leader Lease, and the API answers a
+//! REST call at its pod's address.
+//!
+//! How the pods reach what they need, as in a cluster:
+//! - The API server: in-cluster config (the `kubernetes` Service's ClusterIP, 10.0.0.1:443,
+//!   and the token, CA and namespace the chart projects). The real node routes the service
+//!   range to the host and stands in for kube-proxy with one nat rule to the API server's
+//!   advertised address on the bridge (see `RealNode`).
+//! - PostgreSQL: the database URL Secret names the host's bridge address, where the node
+//!   forwards the database's port.
+//! - The image: `localhost/kinsight:<tag>`, imported into the node, `pullPolicy: Never`.
+//!
+//! Needs root and what scripts/build-node.sh and scripts/install-node-packages.sh provide,
+//! and helm (scripts/setup-onnxruntime.sh), as tests/real_node_e2e.rs and
+//! tests/helm_chart.rs do.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kinsight::testbed::node::HOST_ADDRESS;
+use kube::api::{Api, ListParams, LogParams, PostParams};
+
+use common::real_node::{Stack, run, run_bounded};
+use common::{eventually, repo_path};
+
+const TEST_LIMIT: Duration = Duration::from_secs(400);
+/// From `helm install` to every pod Running and Ready.
+const READY_LIMIT: Duration = Duration::from_secs(180);
+const NAMESPACE: &str = "kinsight-system";
+const TENANT: &str = "tenant-helm";
+
+#[test]
+fn the_chart_installs_on_the_real_node_and_its_pods_become_ready() {
+    run_bounded(TEST_LIMIT, the_test());
+}
+
+/// Whether the pod is Running with its Ready condition true.
+fn running_and_ready(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    status.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+async fn the_test() {
+    kinsight::install_crypto_provider();
+    let test_started = Instant::now();
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let tag = format!("real-node-helm-{}", std::process::id());
+    let Stack {
+        node: _node,
+        plane,
+        image,
+        image_cleanup: _image_cleanup,
+    } = Stack::start(&tag, true, scratch.path()).await;
+
+    let client = plane.client().await.expect("client");
+    // The database URL Secret, naming the address pods reach the database at.
+    let url = plane
+        .database_url()
+        .expect("the testbed's PostgreSQL")
+        .replace("@127.0.0.1:", &format!("@{HOST_ADDRESS}:"));
+    let api_key = format!("test-key-{TENANT}");
+    kinsight::dev::create_tenant(
+        &client,
+        NAMESPACE,
+        TENANT,
+        &api_key,
+        &kinsight::webhook::generate_secret(),
+    )
+    .await
+    .expect("the release namespace, a tenant and its API key");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "kinsight-database" },
+        "stringData": { "uri": url },
+    }))
+    .expect("Secret");
+    Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("database Secret");
+
+    let (repository, tag) = image.rsplit_once(':').expect("repository:tag");
+    let values = serde_json::json!({
+        "image": { "repository": repository, "tag": tag, "pullPolicy": "Never" },
+        "database": { "secretName": "kinsight-database" },
+        "controller": { "replicas": 2 },
+    })
+    .to_string();
+    let kubeconfig = plane.kubeconfig_path().to_string_lossy().into_owned();
+    let install_started = Instant::now();
+    let release = tokio::task::spawn_blocking(move || {
+        run(
+            Command::new(repo_path(".venv/bin/python"))
+                .arg("tests/helm/chart.py")
+                .args(["install", &kubeconfig, NAMESPACE, &values])
+                .current_dir(repo_path("")),
+            "helm install",
+        )
+    })
+    .await
+    .expect("join");
+    let release: serde_json::Value = serde_json::from_str(&release).expect("JSON from chart.py");
+    assert_eq!(release["info"]["status"], "deployed", "{}", release["info"]);
+    eprintln!("helm install took {:.1?}", install_started.elapsed());
+
+    let pods = Api::<Pod>::namespaced(client.clone(), NAMESPACE);
+    let listed = |component: &'static str| {
+        let pods = pods.clone();
+        async move {
+            pods.list(&ListParams::default().labels(&format!(
+                "app.kubernetes.io/instance=kinsight,app.kubernetes.io/component={component}"
+            )))
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        }
+    };
+    let ready = holds_within(READY_LIMIT, async || {
+        let (controllers, apis) = (listed("controller").await, listed("api").await);
+        controllers.len() == 2
+            && apis.len() == 2
+            && controllers.iter().chain(&apis).all(running_and_ready)
+    })
+    .await;
+    if !ready {
+        let mut report = String::new();
+        for deployment in Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
+            .list(&ListParams::default())
+            .await
+            .expect("deployments")
+            .items
+        {
+            report.push_str(&format!(
+                "--- deployment {:?}: {:?}\n",
+                deployment.metadata.name, deployment.status
+            ));
+        }
+        for pod in pods.list(&ListParams::default()).await.expect("pods").items {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let log = pods
+                .logs(&name, &LogParams::default())
+                .await
+                .unwrap_or_else(|e| format!("(no log: {e})"));
+            report.push_str(&format!(
+                "--- {name}: {:?}\n{log}\n",
+                pod.status.map(|s| (s.phase, s.container_statuses))
+            ));
+        }
+        panic!("the pods are not all Running and Ready after {READY_LIMIT:?}:\n{report}");
+    }
+    eprintln!(
+        "controller and API pods Running and Ready {:.1?} after helm install started",
+        install_started.elapsed()
+    );
+
+    // Up at the first try: no container restarted (a pod that cannot reach the API server
+    // or the database exits and restarts).
+    for pod in listed("controller")
+        .await
+        .into_iter()
+        .chain(listed("api").await)
+    {
+        let restarts: i32 = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .into_iter()
+            .flatten()
+            .map(|c| c.restart_count)
+            .sum();
+        assert_eq!(restarts, 0, "{:?} restarted", pod.metadata.name);
+    }
+
+    // Exactly one controller leads: the Lease names one of the two replicas.
+    let controllers: Vec<String> = listed("controller")
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    let holder = eventually(
+        "a controller holds the leader Lease",
+        Duration::from_secs(60),
+        async || {
+            Api::<Lease>::namespaced(client.clone(), NAMESPACE)
+                .get_opt(kinsight::controller::LEASE_NAME)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.spec)
+                .and_then(|s| s.holder_identity)
+        },
+    )
+    .await;
+    assert!(
+        controllers.contains(&holder),
+        "the Lease holder {holder} is one of {controllers:?}"
+    );
+    // The API, at its pod's address on the bridge (no kube-proxy for its Service).
+    let api_pod = listed("api").await.remove(0);
+    let pod_ip = api_pod
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("the API pod's IP");
+    let http = reqwest::Client::new();
+    let base = format!("http://{pod_ip}:8080");
+    let missing = http
+        .get(format!("{base}/v1/image-groups/grp-none"))
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .expect("the API pod answers");
+    assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
+    let unauthorized = http
+        .get(format!("{base}/v1/image-groups/grp-none"))
+        .send()
+        .await
+        .expect("the API pod answers");
+    assert_eq!(unauthorized.status(), reqwest::StatusCode::UNAUTHORIZED);
+    eprintln!("test done in {:.1?}", test_started.elapsed());
+}
+
+/// Whether `check` held within `limit` (polled every 500 ms).
+async fn holds_within(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
