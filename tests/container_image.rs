@@ -8,10 +8,14 @@
 //!
 //! Skipped only where buildah is missing and cannot be installed (scripts/buildah.sh exits 77).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Instant;
+
+use common::stdout_of;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -21,18 +25,6 @@ fn buildah(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run scripts/buildah.sh")
-}
-
-/// stdout of a command that must have succeeded.
-fn stdout_of(output: Output, what: &str) -> String {
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("UTF-8 output")
 }
 
 /// Runs `command` in the working container (chroot isolation, as the image's user unless

@@ -7,10 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, KEYS_NAMESPACE};
+use common::{Harness, KEYS_NAMESPACE, database};
 use kinsight::crd::ImageGroup;
-use kinsight::store::{KeyClaim, Store, StoredResponse};
-use kinsight::testbed::Postgres;
+use kinsight::store::{KeyClaim, StoredResponse};
 use kube::Api;
 use kube::api::ListParams;
 use serde_json::{Value, json};
@@ -183,18 +182,6 @@ async fn a_retried_post_gets_the_first_answer_and_creates_one_group_per_tenant()
     let (b, _, _) = post(&h, &h.api_key, "/v1/image-groups", None, &plain).await;
     assert_eq!((a, b), (202, 202));
     assert_eq!(groups_in(&h, &h.namespace).await.len(), 4);
-}
-
-async fn database() -> (Postgres, Store, tempfile::TempDir) {
-    kinsight::install_crypto_provider();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let postgres = Postgres::start(dir.path())
-        .await
-        .expect("PostgreSQL starts");
-    let store = Store::connect(&postgres.url(), Duration::from_secs(30))
-        .await
-        .expect("connects and migrates");
-    (postgres, store, dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,8 @@ use kube::api::{Api, LogParams, PostParams};
 
 mod common;
 
-use common::real_node::{Stack, run, run_bounded};
+use common::real_node::{Stack, run_bounded};
+use common::run;
 
 /// The whole test, image build included.
 const TEST_LIMIT: Duration = Duration::from_secs(300);

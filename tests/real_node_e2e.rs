@@ -28,14 +28,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kinsight::controller::{ControllerConfig, WorkerCatalog};
-use kinsight::dev::{create_tenant, install_crds};
+use kinsight::dev::{create_tenant, install_crds, serve_folder_on};
 use kinsight::inference::Catalog;
 use kinsight::results::INGEST_PATH;
 use kinsight::store::Store;
@@ -43,7 +41,7 @@ use kinsight::testbed::node::HOST_ADDRESS;
 use kube::api::{Api, ListParams, LogParams};
 
 use common::real_node::{Stack, run_bounded};
-use common::{KEYS_NAMESPACE, eventually, repo_path};
+use common::{KEYS_NAMESPACE, eventually, repo_path, serve_api};
 
 /// The whole test, image build included.
 const TEST_LIMIT: Duration = Duration::from_secs(400);
@@ -54,37 +52,6 @@ const PHOTOS: [&str; 4] = ["astronaut.png", "chelsea.png", "coffee.png", "rocket
 const MODEL: &str = "image_classification";
 /// Where the image keeps its models (Dockerfile: `KINSIGHT_MODELS_DIR`).
 const IMAGE_MODELS_DIR: &str = "/opt/kinsight/models";
-
-/// Serves the sample photos at `/{name}` on the bridge address (the pods' way to the host).
-async fn serve_photos(tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> SocketAddr {
-    use axum::extract::{Path as UrlPath, State};
-    use axum::http::StatusCode;
-    let folder = Arc::new(repo_path("tests/fixtures/images"));
-    let app = axum::Router::new()
-        .route(
-            "/{name}",
-            axum::routing::get(
-                async |State(folder): State<Arc<std::path::PathBuf>>,
-                       UrlPath(name): UrlPath<String>| {
-                    if !PHOTOS.contains(&name.as_str()) {
-                        return Err(StatusCode::NOT_FOUND);
-                    }
-                    tokio::fs::read(folder.join(name))
-                        .await
-                        .map_err(|_| StatusCode::NOT_FOUND)
-                },
-            ),
-        )
-        .with_state(folder);
-    let listener = tokio::net::TcpListener::bind((HOST_ADDRESS, 0))
-        .await
-        .expect("bind the photo server on the bridge address");
-    let addr = listener.local_addr().expect("addr");
-    tasks.push(tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    }));
-    addr
-}
 
 #[test]
 fn a_group_runs_its_worker_job_on_the_real_node_and_completes() {
@@ -134,24 +101,14 @@ async fn the_test() {
     let models: Vec<String> = catalog.names().map(str::to_owned).collect();
 
     let mut tasks = Vec::new();
-    let photos = serve_photos(&mut tasks).await;
-    // The API, its result ingest included, on the bridge address: the workers' way in.
-    let (app, key_watch, _keys) = kinsight::api::router(
-        client.clone(),
-        store.clone(),
-        kinsight::api::ApiConfig {
-            keys_namespace: KEYS_NAMESPACE.into(),
-            models: models.clone(),
-        },
-    );
-    tasks.push(tokio::spawn(key_watch));
-    let listener = tokio::net::TcpListener::bind((HOST_ADDRESS, 0))
+    // The API, its result ingest included, and the photos on the bridge address: the
+    // workers' way in.
+    let bridge: std::net::IpAddr = HOST_ADDRESS.parse().expect("the bridge address");
+    let (photos, photo_server) = serve_folder_on(repo_path("tests/fixtures/images"), bridge)
         .await
-        .expect("bind the API on the bridge address");
-    let api_url = format!("http://{}", listener.local_addr().expect("addr"));
-    tasks.push(tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    }));
+        .expect("bind the photo server on the bridge address");
+    tasks.push(photo_server);
+    let api_url = serve_api(&client, &store, &models, bridge, &mut tasks).await;
 
     let config = ControllerConfig {
         models,

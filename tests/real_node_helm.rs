@@ -28,7 +28,8 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kinsight::testbed::node::HOST_ADDRESS;
 use kube::api::{Api, ListParams, LogParams, PostParams};
 
-use common::real_node::{Stack, run, run_bounded};
+use common::real_node::{Stack, run_bounded};
+use common::run;
 use common::{eventually, repo_path};
 
 const TEST_LIMIT: Duration = Duration::from_secs(400);

@@ -3,9 +3,12 @@
 //! listeners, a deleted group's rows go in bounded batches, and dispatchers claim each due
 //! delivery once.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::database;
 use futures::StreamExt;
 use kinsight::delivery::{Attempt, Delivery, DeliveryState, DraftEvent, EventLedger, EventPlanner};
 use kinsight::inference::{ClassScore, ModelOutput};
@@ -13,7 +16,6 @@ use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
 use kinsight::store::{
     Claimed, Outcomes, Plan, RESULTS_CHANNEL, Settled, Stop, Store, StoreNotice,
 };
-use kinsight::testbed::Postgres;
 
 fn group(uid: &str) -> GroupRef {
     GroupRef {
@@ -47,18 +49,6 @@ fn classified(image: &str, model: &str, label: &str) -> ImageResult {
         )]),
         timings: Timings::default(),
     }
-}
-
-async fn database() -> (Postgres, Store, tempfile::TempDir) {
-    kinsight::install_crypto_provider();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let postgres = Postgres::start(dir.path())
-        .await
-        .expect("PostgreSQL starts");
-    let store = Store::connect(&postgres.url(), Duration::from_secs(30))
-        .await
-        .expect("connects and migrates");
-    (postgres, store, dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,9 +3,6 @@
 //! namespace its groups live in (`tenant-namespace`). The API never stores keys in clear and
 //! watches those Secrets, so keys can be added or revoked with kubectl without a restart.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use axum::http::HeaderMap;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::Store;
@@ -37,8 +34,10 @@ pub fn hash_key(key: &str) -> String {
 pub struct ApiKeys {
     pub store: Store<Secret>,
     /// Whether they have been listed once: until then an unknown key may just not be
-    /// loaded yet, and is answered 503, not 401.
-    pub loaded: Arc<AtomicBool>,
+    /// loaded yet, and is answered 503, not 401. The key watch is the only one to wait on
+    /// the store's ready signal (kube-runtime's wakes only the last of several waiters);
+    /// everyone else reads or waits on this.
+    pub loaded: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The credential of `Authorization: Bearer <credential>`; the scheme's case does not matter
@@ -85,7 +84,7 @@ pub fn authenticate(keys: &ApiKeys, headers: &HeaderMap) -> Result<Tenant, ApiEr
             });
         }
     }
-    if !keys.loaded.load(Ordering::Acquire) {
+    if !*keys.loaded.borrow() {
         return Err(ApiError::Unavailable(
             "API keys are still loading; retry shortly".to_owned(),
         ));
@@ -129,7 +128,7 @@ mod tests {
         }
         ApiKeys {
             store,
-            loaded: Arc::new(AtomicBool::new(true)),
+            loaded: tokio::sync::watch::channel(true).1,
         }
     }
 

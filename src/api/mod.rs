@@ -17,7 +17,6 @@ pub use auth::{
 pub use problem::ApiError;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -67,9 +66,10 @@ pub fn router(
 ) -> (Router, impl Future<Output = ()> + Send + 'static, ApiKeys) {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.keys_namespace);
     let (store, writer) = reflector::store();
+    let (mark, loaded) = tokio::sync::watch::channel(false);
     let keys = ApiKeys {
         store: store.clone(),
-        loaded: Arc::default(),
+        loaded,
     };
     let stream = reflector::reflector(
         writer,
@@ -85,10 +85,9 @@ pub fn router(
             tracing::warn!(error = %e, "watching API keys");
         }
     });
-    let loaded = keys.loaded.clone();
     let mark_loaded = async move {
         if store.wait_until_ready().await.is_ok() {
-            loaded.store(true, Ordering::Release);
+            mark.send_replace(true);
         }
     };
     let watch = async move {
@@ -150,7 +149,7 @@ pub fn router(
 async fn readyz(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
 ) -> (axum::http::StatusCode, &'static str) {
-    if state.keys.loaded.load(Ordering::Acquire) {
+    if *state.keys.loaded.borrow() {
         (axum::http::StatusCode::OK, "ok")
     } else {
         (
@@ -167,15 +166,11 @@ const KEYS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// requests are not refused only because the watch has not caught up. Returns whether
 /// they were.
 pub async fn wait_for_keys(keys: &ApiKeys) -> bool {
-    // The flag the key watch sets, not a second wait on the store's ready signal:
-    // kube-runtime's signal wakes only the last of several waiters, and this one waited
-    // out its 30 s every start.
-    let listed = async {
-        while !keys.loaded.load(Ordering::Acquire) {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    };
-    let loaded = tokio::time::timeout(KEYS_WAIT, listed).await.is_ok();
+    let mut listed = keys.loaded.clone();
+    let loaded = matches!(
+        tokio::time::timeout(KEYS_WAIT, listed.wait_for(|loaded| *loaded)).await,
+        Ok(Ok(_))
+    );
     if !loaded {
         tracing::warn!("API keys not listed yet; requests get 503 until they are");
     }

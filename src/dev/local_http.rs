@@ -19,10 +19,18 @@ use tokio::sync::mpsc;
 pub async fn serve_folder(
     folder: PathBuf,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_folder_on(folder, std::net::Ipv4Addr::LOCALHOST.into()).await
+}
+
+/// [`serve_folder`] on another address of this machine (e.g. a pod network's gateway).
+pub async fn serve_folder_on(
+    folder: PathBuf,
+    address: std::net::IpAddr,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let app = Router::new()
         .route("/{name}", get(file))
         .with_state(Arc::new(folder));
-    serve(app).await
+    serve(app, address).await
 }
 
 async fn file(
@@ -64,7 +72,9 @@ pub async fn webhook_receiver(
     let app = Router::new()
         .route("/hook", post(receive))
         .with_state(Arc::new((verifier, tx)));
-    let (addr, handle) = serve(app).await.map_err(|e| e.to_string())?;
+    let (addr, handle) = serve(app, std::net::Ipv4Addr::LOCALHOST.into())
+        .await
+        .map_err(|e| e.to_string())?;
     Ok((addr, rx, handle))
 }
 
@@ -107,8 +117,11 @@ async fn receive(
     StatusCode::NO_CONTENT
 }
 
-async fn serve(app: Router) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+async fn serve(
+    app: Router,
+    address: std::net::IpAddr,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind((address, 0)).await?;
     let addr = listener.local_addr()?;
     let handle = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -4,7 +4,7 @@
 mod local_http;
 mod setup;
 
-pub use local_http::{ReceivedWebhook, serve_folder, webhook_receiver};
+pub use local_http::{ReceivedWebhook, serve_folder, serve_folder_on, webhook_receiver};
 pub use setup::{SetupError, create_tenant, ensure_namespace, install_crds};
 
 use std::net::SocketAddr;

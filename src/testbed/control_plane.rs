@@ -186,8 +186,9 @@ impl ControlPlane {
         let kubeconfig_path = state_dir.join("kubeconfig");
         if kubeconfig_path.is_file()
             && let Ok(server_url) = server_of_kubeconfig(&kubeconfig_path)
-            && let Ok(client) = super::client_from_kubeconfig(&kubeconfig_path).await
-            && readyz(&client, Duration::from_secs(5)).await.is_ok()
+            && let Ok(pem) = std::fs::read(state_dir.join("certs").join("apiserver.crt"))
+            && let Ok(probe) = readyz_probe(&pem)
+            && is_ready(&probe, &server_url).await
         {
             tracing::info!(%server_url, "reusing the running control plane");
             // Owns no process unless the database was down and had to be started.
@@ -545,11 +546,7 @@ impl ControlPlane {
         let probe = readyz_probe(&pem)?;
         loop {
             self.check_alive()?;
-            let answer = probe
-                .get(format!("{}/readyz", self.server_url))
-                .send()
-                .await;
-            if answer.is_ok_and(|a| a.status().is_success()) {
+            if is_ready(&probe, &self.server_url).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -566,13 +563,7 @@ impl Drop for ControlPlane {
         // persisted dev state folder stays healthy.
         for c in self.components.iter_mut().rev() {
             if c.name == ETCD {
-                let signalled = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(c.child.id().to_string())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
+                let signalled = super::signal(c.child.id(), "TERM");
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while signalled
                     && matches!(c.child.try_wait(), Ok(None))
@@ -752,18 +743,7 @@ async fn openssl(args: &[&str]) -> Result<(), TestbedError> {
         .output()
         .await
         .map_err(|e| TestbedError::io(format!("running `{command}` (is openssl installed?)"), e))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(TestbedError::Command {
-            command,
-            detail: format!(
-                "{}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
-        })
-    }
+    super::succeeded(command, &output)
 }
 
 /// The admin token from the static token file, creating the file with a random one.
@@ -910,15 +890,13 @@ fn readyz_probe(pem: &[u8]) -> Result<reqwest::Client, TestbedError> {
         .map_err(|e| TestbedError::io("making the /readyz probe", std::io::Error::other(e)))
 }
 
-pub(crate) async fn readyz(client: &kube::Client, timeout: Duration) -> Result<(), String> {
-    let req = kube::core::Request::new("")
-        .get("readyz", &Default::default())
-        .map_err(|e| e.to_string())?;
-    match tokio::time::timeout(timeout, client.request_text(req)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".into()),
-    }
+/// Whether the API server at `server_url` answers `/readyz` with success.
+async fn is_ready(probe: &reqwest::Client, server_url: &str) -> bool {
+    probe
+        .get(format!("{server_url}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|a| a.status().is_success())
 }
 
 /// Serialises the unit tests that bind and release loopback ports: a port one of them just

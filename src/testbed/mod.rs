@@ -145,6 +145,37 @@ impl TestbedError {
     }
 }
 
+/// Sends signal `name` (e.g. `TERM`) to `pid`; whether it was delivered.
+pub(crate) fn signal(pid: u32, name: &str) -> bool {
+    std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A finished command's outcome: its failure becomes [`TestbedError::Command`] with its
+/// exit status and stderr.
+pub(crate) fn succeeded(
+    command: impl Into<String>,
+    output: &std::process::Output,
+) -> Result<(), TestbedError> {
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(TestbedError::Command {
+        command: command.into(),
+        detail: format!(
+            "{}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+    })
+}
+
 /// kube's rustls needs a process-wide crypto provider; installing it twice is harmless.
 pub(crate) fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();

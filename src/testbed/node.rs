@@ -266,14 +266,7 @@ impl RealNode {
             .ctr(&["-n", "k8s.io", "images", "import", &path])
             .await
             .map_err(|e| TestbedError::io("running ctr", e))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(TestbedError::Command {
-                command: format!("ctr -n k8s.io images import {path}"),
-                detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            })
-        }
+        super::succeeded(format!("ctr -n k8s.io images import {path}"), &output)
     }
 
     /// containerd's socket.
@@ -621,12 +614,7 @@ fn make_bridge() -> Result<(), TestbedError> {
             .args(&args)
             .output()
             .map_err(|e| TestbedError::io("running ip", e))?;
-        if !output.status.success() {
-            return Err(TestbedError::Command {
-                command: format!("ip {}", args.join(" ")),
-                detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            });
-        }
+        super::succeeded(format!("ip {}", args.join(" ")), &output)?;
     }
     Ok(())
 }
@@ -675,12 +663,7 @@ fn add_service_rule(api_port: u16) -> Result<Vec<String>, TestbedError> {
         .args(&rule)
         .output()
         .map_err(|e| TestbedError::io("running iptables", e))?;
-    if !output.status.success() {
-        return Err(TestbedError::Command {
-            command: format!("iptables -t nat -A {}", rule.join(" ")),
-            detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
+    super::succeeded(format!("iptables -t nat -A {}", rule.join(" ")), &output)?;
     Ok(rule)
 }
 
@@ -812,7 +795,7 @@ fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Result<Child, TestbedE
 
 /// SIGTERM, then SIGKILL after `grace`.
 fn stop_process(mut child: Child, grace: Duration) {
-    run_quietly("kill", &["-TERM", &child.id().to_string()]);
+    super::signal(child.id(), "TERM");
     let deadline = Instant::now() + grace;
     while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));

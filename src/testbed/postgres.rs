@@ -205,7 +205,7 @@ impl Postgres {
             ));
         }
         if let Some(mut child) = self.child.take() {
-            signal(child.id(), "INT");
+            super::signal(child.id(), "INT");
             let deadline = Instant::now() + STOP_GRACE;
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -442,7 +442,7 @@ impl Postgres {
     fn stop_blocking(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SIGINT is PostgreSQL's "fast" shutdown: it ends sessions instead of waiting.
-            signal(child.id(), "INT");
+            super::signal(child.id(), "INT");
             let deadline = Instant::now() + STOP_GRACE;
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
@@ -492,16 +492,6 @@ async fn connect(url: &str, timeout: Duration) -> Result<tokio_postgres::Client,
         let _ = connection.await;
     });
     Ok(client)
-}
-
-fn signal(pid: u32, name: &str) -> bool {
-    Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Whether the server could not bind its port (another process took it).
@@ -706,16 +696,7 @@ async fn initdb(
     let output = cmd.output().await;
     let _ = std::fs::remove_file(&pwfile);
     let output = output.map_err(|e| TestbedError::io("running initdb", e))?;
-    if !output.status.success() {
-        return Err(TestbedError::Command {
-            command: format!("initdb -D {}", data_dir.display()),
-            detail: format!(
-                "{}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
-        });
-    }
+    super::succeeded(format!("initdb -D {}", data_dir.display()), &output)?;
     tracing::info!(
         data_dir = %data_dir.display(),
         elapsed_ms = started.elapsed().as_millis() as u64,

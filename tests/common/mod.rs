@@ -46,6 +46,68 @@ pub struct Harness {
     logs: tempfile::TempDir,
 }
 
+/// The REST API (its result ingest included) for `models`, with its API-key watch, on
+/// `address`; returns its URL. Its tasks join `tasks`.
+pub async fn serve_api(
+    client: &kube::Client,
+    store: &Store,
+    models: &[String],
+    address: std::net::IpAddr,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> String {
+    let (app, key_watch, _keys) = kinsight::api::router(
+        client.clone(),
+        store.clone(),
+        kinsight::api::ApiConfig {
+            keys_namespace: KEYS_NAMESPACE.into(),
+            models: models.to_vec(),
+        },
+    );
+    tasks.push(tokio::spawn(key_watch));
+    let listener = tokio::net::TcpListener::bind((address, 0))
+        .await
+        .expect("bind the API");
+    let api_url = format!("http://{}", listener.local_addr().expect("addr"));
+    tasks.push(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }));
+    api_url
+}
+
+/// A PostgreSQL of its own (in a temporary folder, removed with the returned guard) and
+/// the store on it, migrated.
+pub async fn database() -> (kinsight::testbed::Postgres, Store, tempfile::TempDir) {
+    kinsight::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let postgres = kinsight::testbed::Postgres::start(dir.path())
+        .await
+        .expect("PostgreSQL starts");
+    let store = Store::connect(&postgres.url(), Duration::from_secs(30))
+        .await
+        .expect("connects and migrates");
+    (postgres, store, dir)
+}
+
+/// stdout of a command that must have succeeded (else the test fails with its output).
+pub fn stdout_of(output: std::process::Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+/// stdout of `command`, which must succeed.
+pub fn run(command: &mut std::process::Command, what: &str) -> String {
+    stdout_of(
+        command.output().unwrap_or_else(|e| panic!("{what}: {e}")),
+        what,
+    )
+}
+
 pub fn repo_path(relative: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
@@ -113,22 +175,14 @@ impl Harness {
             }
         }));
 
-        let (app, key_watch, _keys) = kinsight::api::router(
-            client.clone(),
-            store.clone(),
-            kinsight::api::ApiConfig {
-                keys_namespace: KEYS_NAMESPACE.into(),
-                models: models.clone(),
-            },
-        );
-        tasks.push(tokio::spawn(key_watch));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind API");
-        let api_url = format!("http://{}", listener.local_addr().expect("addr"));
-        tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        }));
+        let api_url = serve_api(
+            &client,
+            &store,
+            &models,
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            &mut tasks,
+        )
+        .await;
         let (photos, photo_server) = serve_folder(repo_path("tests/fixtures/images"))
             .await
             .expect("photo server");

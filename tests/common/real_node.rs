@@ -9,20 +9,9 @@ use std::time::{Duration, Instant};
 
 use kinsight::testbed::{ControlPlane, ControlPlaneOptions, RealNode, RealNodeOptions};
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
+use super::run;
 
-/// stdout of `command`, which must succeed (else the test fails with its output).
-pub fn run(command: &mut Command, what: &str) -> String {
-    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Runs `test` on a runtime of its own, failing it past `limit`.
 pub fn run_bounded(limit: Duration, test: impl Future<Output = ()>) {
