@@ -27,6 +27,22 @@ async fn the_demo_completes_and_leaves_no_delivery_to_send_again() {
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("group completed in"), "{stdout}");
     assert_eq!(stdout.matches("(image.completed)").count(), 4, "{stdout}");
+    // It says where the start's time went, and when the first webhook came.
+    for phase in [
+        "kinsight dev is running (ready ",
+        " s  control plane and PostgreSQL started",
+        " s  controller running, API keys listed",
+        "first webhook ",
+    ] {
+        assert!(stdout.contains(phase), "no {phase:?} in:\n{stdout}");
+    }
+    // A healthy run, start to stop, warns of nothing.
+    for level in [" WARN ", " ERROR "] {
+        for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+            let flagged: Vec<&str> = text.lines().filter(|l| l.contains(level)).collect();
+            assert!(flagged.is_empty(), "{level} lines on {name}: {flagged:#?}");
+        }
+    }
 
     // The demo stopped its control plane on exit; its state says what a next
     // `kinsight dev` would still send.

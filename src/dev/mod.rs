@@ -52,7 +52,9 @@ pub struct DevEnvironment {
     /// hand; the rest of `tasks` (watches, node agent) is simply dropped.
     graceful: JoinSet<()>,
     tasks: JoinSet<()>,
-    stop: ShutdownTrigger,
+    stopping: ShutdownTrigger,
+    /// How long each step of the start took, printed with the summary.
+    phases: Phases,
     _control_plane: Option<ControlPlane>,
     _database: Option<Postgres>,
 }
@@ -74,6 +76,7 @@ pub enum DevError {
 }
 
 pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
+    let mut phases = Phases::default();
     let catalog_path = absolute(&options.catalog)?;
     let catalog = Catalog::load(&catalog_path)?;
     let models: Vec<String> = catalog.names().map(str::to_owned).collect();
@@ -106,6 +109,11 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         }
     };
     let store = Store::connect(&database_url, Duration::from_secs(60)).await?;
+    phases.done(match control_plane.as_ref() {
+        Some(cp) if cp.reused() => "control plane and PostgreSQL (reused)",
+        Some(_) => "control plane and PostgreSQL started",
+        None => "cluster and PostgreSQL reached",
+    });
     install_crds(&client).await?;
     let api_key = options
         .api_key
@@ -124,6 +132,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     )
     .await?;
 
+    phases.done("CRDs and dev tenant");
     let mut worker_env = Vec::new();
     let ort = options
         .ort_dylib
@@ -205,6 +214,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
             "the API could not list its API keys within 30 s".to_owned(),
         ));
     }
+    phases.done("controller running, API keys listed");
     // One process, one port: the controller's metrics are served beside the API.
     let app = app.merge(metrics.router());
     graceful.spawn(async move {
@@ -221,7 +231,8 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         kubeconfig,
         graceful,
         tasks,
-        stop,
+        stopping: stop,
+        phases,
         _control_plane: control_plane,
         _database: database,
     })
@@ -229,7 +240,13 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
 
 impl DevEnvironment {
     pub fn print_summary(&self) {
-        println!("kinsight dev is running");
+        println!(
+            "kinsight dev is running (ready {:.1} s after start)",
+            self.phases.total().as_secs_f64()
+        );
+        for (phase, took) in &self.phases.steps {
+            println!("  {:>5.1} s  {phase}", took.as_secs_f64());
+        }
         println!("  API:            {}", self.api_url);
         println!("  API key:        {}", self.api_key);
         println!("  webhook secret: {}", self.webhook_secret);
@@ -252,7 +269,13 @@ impl DevEnvironment {
             _ = self.tasks.join_next() => eprintln!("a component stopped; exiting"),
             _ = self.graceful.join_next() => eprintln!("a component stopped; exiting"),
         }
-        self.stop.fire();
+        self.stop().await;
+    }
+
+    /// Stops the controller and the API cleanly (at most [`STOP_WAIT`]), then the rest;
+    /// the control plane and PostgreSQL go when the environment is dropped.
+    pub async fn stop(mut self) {
+        self.stopping.fire();
         let graceful = &mut self.graceful;
         if tokio::time::timeout(STOP_WAIT, async {
             while graceful.join_next().await.is_some() {}
@@ -264,6 +287,37 @@ impl DevEnvironment {
         }
         self.graceful.shutdown().await;
         self.tasks.shutdown().await;
+    }
+}
+
+/// The steps of a start and how long each took (the user sees where the wait went).
+#[derive(Debug)]
+struct Phases {
+    started: Instant,
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Default for Phases {
+    fn default() -> Self {
+        let now = Instant::now();
+        Phases {
+            started: now,
+            last: now,
+            steps: Vec::new(),
+        }
+    }
+}
+
+impl Phases {
+    fn done(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.steps.push((phase, now - self.last));
+        self.last = now;
+    }
+
+    fn total(&self) -> Duration {
+        self.last - self.started
     }
 }
 
@@ -317,12 +371,21 @@ pub async fn demo(options: DevOptions, photos: PathBuf, timeout: Duration) -> Re
     println!("submitted {} photos: {text}", names.len());
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
+    let mut first_webhook = true;
     loop {
         tokio::select! {
             _ = &mut deadline => return Err(DevError::Other(format!("no image_group.completed within {timeout:?}"))),
             event = events.recv() => {
                 let Some(event) = event else { return Err(DevError::Other("webhook receiver stopped".into())) };
                 let kind = event.payload["type"].as_str().unwrap_or_default().to_owned();
+                if first_webhook {
+                    first_webhook = false;
+                    println!(
+                        "\nfirst webhook {:.2} s after the POST, {:.1} s after start",
+                        submitted.elapsed().as_secs_f64(),
+                        env.phases.started.elapsed().as_secs_f64()
+                    );
+                }
                 println!(
                     "\n[{:>6.2}s] verified webhook {} ({kind})\n{}",
                     submitted.elapsed().as_secs_f64(),
@@ -333,6 +396,7 @@ pub async fn demo(options: DevOptions, photos: PathBuf, timeout: Duration) -> Re
                     println!("\ngroup completed in {:.2}s", submitted.elapsed().as_secs_f64());
                     let group = event.payload["data"]["groupId"].as_str().unwrap_or_default();
                     wait_until_recorded(&http, &env, group).await;
+                    env.stop().await;
                     return Ok(());
                 }
             }

@@ -88,9 +88,19 @@ async fn listen_once(
         if tx.send(StoreNotice::Connected).await.is_err() {
             return Ok(());
         }
-        while let Some(message) = messages.recv().await {
-            if tx.send(message?).await.is_err() {
-                break;
+        // Until the connection ends, or the stream is dropped (its owner stopped): then
+        // the connection is closed at once rather than left to be cut by the server.
+        loop {
+            tokio::select! {
+                message = messages.recv() => match message {
+                    Some(message) => {
+                        if tx.send(message?).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                () = tx.closed() => break,
             }
         }
         Ok(())

@@ -209,6 +209,12 @@ impl ControlPlane {
         ControlPlane::start(opts).await
     }
 
+    /// Whether this is a control plane another process started (found running in the
+    /// state folder), rather than one this started.
+    pub fn reused(&self) -> bool {
+        self.components.is_empty()
+    }
+
     /// A kubeconfig with an admin (`system:masters`) token for this control plane.
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig_path
