@@ -126,6 +126,13 @@ async fn fairness() {
     .await;
     let (_, _, message) = condition(&waiting).await.expect("condition");
     assert!(message.contains("position 1 in line"), "{message}");
+    // The gauges say the same: one Job running (the restarted controller counted it), one
+    // group waiting.
+    assert_eq!(
+        h.metric(r#"kinsight_worker_jobs_running{lane="main"}"#),
+        Some(1.0)
+    );
+    assert_eq!(h.metric("kinsight_groups_waiting_for_slot"), Some(1.0));
 
     // Tenant C names a Kueue queue: its Job is made at once, full caps or not, labelled for
     // Kueue. Kubernetes 1.21+ keeps it suspended for Kueue to start; the testbed's 1.20 API

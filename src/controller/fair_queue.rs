@@ -20,7 +20,7 @@
 //! while). Nothing is admitted before the first full listing of Jobs, so a restarted
 //! leader never exceeds a cap.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// A namespace: the unit of fairness.
@@ -114,6 +114,9 @@ pub const RESERVATION_TTL: Duration = Duration::from_secs(60);
 /// A request its group has not repeated for this long is dropped (the group went, or its
 /// reconcile fails before asking); waiting groups ask again well within it.
 pub const REQUEST_TTL: Duration = Duration::from_secs(300);
+/// A woken group asks within moments (its reconcile runs at once); one that has not after
+/// this long is passed over until it does.
+pub const ANSWER_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 struct Running {
@@ -131,8 +134,8 @@ struct Waiting {
     asked_at: Instant,
     /// The position bucket last handed to the group (what its status says).
     shown: Option<PositionBucket>,
-    /// Woken since it last asked: not again until it asks.
-    woken: bool,
+    /// Woken (when) since it last asked: not again until it asks.
+    woken: Option<Instant>,
 }
 
 impl Waiting {
@@ -202,6 +205,14 @@ impl Plan {
     fn grants(&self, group: &ObjectKey) -> bool {
         self.main.contains_key(group) || self.small.contains(group)
     }
+}
+
+/// Jobs running (and reserved) by lane, and the groups waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Load {
+    pub main: usize,
+    pub small: usize,
+    pub waiting_groups: usize,
 }
 
 #[derive(Debug)]
@@ -323,7 +334,7 @@ impl FairQueue {
         if !self.synced {
             return Admission::Counting;
         }
-        let plan = self.plan();
+        let plan = self.plan(now);
         let group = &request.group;
         let (count, lane) = match plan.main.get(group) {
             Some(&n) => (n, Lane::Main),
@@ -376,7 +387,7 @@ impl FairQueue {
                 waiting.jobs = request.jobs;
                 waiting.images = request.images;
                 waiting.asked_at = now;
-                waiting.woken = false;
+                waiting.woken = None;
             }
             None => queue.push(Waiting {
                 group: request.group,
@@ -384,7 +395,7 @@ impl FairQueue {
                 images: request.images,
                 asked_at: now,
                 shown: None,
-                woken: false,
+                woken: None,
             }),
         }
     }
@@ -407,10 +418,10 @@ impl FairQueue {
         if !self.synced {
             return Vec::new();
         }
-        let plan = self.plan();
+        let plan = self.plan(now);
         let mut wake = Vec::new();
         for waiting in self.waiting.values_mut().flatten() {
-            if waiting.woken {
+            if waiting.woken.is_some() {
                 continue;
             }
             let moved = || {
@@ -419,11 +430,21 @@ impl FairQueue {
                     .is_some_and(|&p| waiting.shown != Some(PositionBucket::of(p)))
             };
             if plan.grants(&waiting.group) || moved() {
-                waiting.woken = true;
+                waiting.woken = Some(now);
                 wake.push(waiting.group.clone());
             }
         }
         wake
+    }
+
+    /// How busy it is now: Jobs running by lane, groups waiting.
+    pub fn load(&self) -> Load {
+        let in_lane = |lane| self.running.values().filter(|r| r.lane == lane).count();
+        Load {
+            main: in_lane(Lane::Main),
+            small: in_lane(Lane::Small),
+            waiting_groups: self.waiting.values().map(Vec::len).sum(),
+        }
     }
 
     /// Running Jobs by lane: (main, small), in all and of `tenant`.
@@ -472,8 +493,10 @@ impl FairQueue {
     }
 
     /// Hands the free slots out one Job at a time, then the small-work lane, then places
-    /// the rest in line by the same turns with no caps.
-    fn plan(&self) -> Plan {
+    /// the rest in line by the same turns with no caps. A group woken more than
+    /// [`ANSWER_WAIT`] ago that has not asked since (its reconcile fails before it gets
+    /// here) is passed over until it asks, so it holds no slot it does not take.
+    fn plan(&self, now: Instant) -> Plan {
         let caps = &self.caps;
         let rotation = self.rotation();
         let mut main: HashMap<&str, usize> = HashMap::new();
@@ -488,9 +511,19 @@ impl FairQueue {
         let mut main_total: usize = main.values().sum();
         let small_total: usize = small.values().sum();
         // Jobs left to start per waiting group, in each tenant's order.
-        let mut left: Vec<Vec<(&Waiting, usize)>> = rotation
+        let answers = |w: &Waiting| {
+            w.woken
+                .is_none_or(|at| now.duration_since(at) < ANSWER_WAIT)
+        };
+        let mut left: Vec<VecDeque<(&Waiting, usize)>> = rotation
             .iter()
-            .map(|t| self.waiting[*t].iter().map(|w| (w, w.jobs.len())).collect())
+            .map(|t| {
+                self.waiting[*t]
+                    .iter()
+                    .filter(|w| answers(w) && !w.jobs.is_empty())
+                    .map(|w| (w, w.jobs.len()))
+                    .collect()
+            })
             .collect();
         let mut plan = Plan::default();
         let under = |cap: usize, n: usize| cap == 0 || n < cap;
@@ -546,7 +579,7 @@ impl FairQueue {
 /// the fewest running, ties in rotation order.
 fn next_turn(
     rotation: &[&Tenant],
-    left: &[Vec<(&Waiting, usize)>],
+    left: &[VecDeque<(&Waiting, usize)>],
     running: &HashMap<&str, usize>,
     has_room: impl Fn(usize) -> bool,
 ) -> Option<usize> {
@@ -554,16 +587,20 @@ fn next_turn(
     rotation
         .iter()
         .enumerate()
-        .filter(|(i, t)| left[*i].iter().any(|(_, n)| *n > 0) && has_room(running_of(t)))
+        .filter(|(i, t)| !left[*i].is_empty() && has_room(running_of(t)))
         .min_by_key(|(i, t)| (running_of(t), *i))
         .map(|(i, _)| i)
 }
 
-/// Takes one Job of the tenant's first group with Jobs left.
-fn take_one<'a>(queue: &mut [(&'a Waiting, usize)]) -> Option<&'a Waiting> {
-    let (waiting, n) = queue.iter_mut().find(|(_, n)| *n > 0)?;
-    *n -= 1;
-    Some(*waiting)
+/// Takes one Job of the tenant's first group (every group in `queue` has Jobs left).
+fn take_one<'a>(queue: &mut VecDeque<(&'a Waiting, usize)>) -> Option<&'a Waiting> {
+    let (waiting, n) = queue.front_mut()?;
+    let waiting = *waiting;
+    *n = n.saturating_sub(1);
+    if *n == 0 {
+        queue.pop_front();
+    }
+    Some(waiting)
 }
 
 #[cfg(test)]
@@ -810,6 +847,34 @@ mod tests {
         let later = now + RESERVATION_TTL + Duration::from_secs(1);
         q.admit(ask("a", "a1", 1, 60), later);
         assert_eq!(q.running("c"), ((2, 0), (0, 0)));
+    }
+
+    #[test]
+    fn a_woken_group_that_does_not_ask_is_passed_over_until_it_does() {
+        let caps = JobCaps {
+            max_jobs: 1,
+            ..JobCaps::OFF
+        };
+        let mut q = synced(caps);
+        let now = Instant::now();
+        assert_eq!(started(&q.admit(ask("a", "a1", 1, 60), now)), 1);
+        q.admit(ask("b", "b1", 1, 60), now);
+        q.admit(ask("c", "c1", 1, 60), now);
+        finish(&mut q, "a", "a1-g1-0");
+        assert!(q.groups_to_wake(now).contains(&ObjectKey::new("b", "b1")));
+        // b's reconcile never comes (it fails before asking): c may not start yet...
+        assert!(matches!(
+            q.admit(ask("c", "c1", 1, 60), now + Duration::from_secs(1)),
+            Admission::Queued { .. }
+        ));
+        // ...but once b has had its chance, c takes the slot.
+        let later = now + ANSWER_WAIT + Duration::from_secs(1);
+        assert_eq!(started(&q.admit(ask("c", "c1", 1, 60), later)), 1);
+        // b asking again waits its turn like anyone.
+        assert_eq!(
+            q.admit(ask("b", "b1", 1, 60), later),
+            Admission::Queued { position: 1 }
+        );
     }
 
     #[test]

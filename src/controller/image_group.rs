@@ -99,6 +99,8 @@ pub async fn reconcile(
             now,
         );
         status.phase = GroupPhase::Failed;
+        // It starts nothing; a place in line would only hold others up.
+        ctx.scheduler.forget(&ObjectKey::new(&namespace, &name));
         write_status(&ctx, &group, &original, &status).await?;
         return Ok(Action::await_change());
     }

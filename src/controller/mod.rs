@@ -219,7 +219,7 @@ fn context(
         circuits: Circuits::new(config.circuit.clone()),
         status_written: std::sync::Mutex::default(),
         planned: std::sync::Mutex::default(),
-        scheduler: scheduler::Scheduler::new(config.job_caps),
+        scheduler: scheduler::Scheduler::new(config.job_caps, config.metrics.clone()),
         config,
     }))
 }

@@ -2,7 +2,7 @@
 //! worker Jobs, waking the groups that may start Jobs (or whose place in line moved) as soon
 //! as a Job ends. A tenant may hand its Jobs to Kueue instead ([`KUEUE_QUEUE_ANNOTATION`]).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
@@ -13,6 +13,7 @@ use kube::runtime::watcher;
 
 use super::fair_queue::{Admission, FairQueue, JobCaps, Lane, ObjectKey, Request};
 use super::job::finished;
+use super::metrics::{LaneLabels, Metrics};
 use super::{Context, ControllerError, lock};
 use crate::crd::ImageGroup;
 
@@ -39,16 +40,18 @@ pub enum Placement {
 
 pub struct Scheduler {
     queue: Mutex<FairQueue>,
+    metrics: Arc<Metrics>,
     wake: UnboundedSender<ObjectRef<ImageGroup>>,
     /// Taken by the controller once: the groups to reconcile now.
     woken: Mutex<Option<UnboundedReceiver<ObjectRef<ImageGroup>>>>,
 }
 
 impl Scheduler {
-    pub fn new(caps: JobCaps) -> Self {
+    pub fn new(caps: JobCaps, metrics: Arc<Metrics>) -> Self {
         let (wake, woken) = unbounded();
         Scheduler {
             queue: Mutex::new(FairQueue::new(caps)),
+            metrics,
             wake,
             woken: Mutex::new(Some(woken)),
         }
@@ -99,12 +102,25 @@ impl Scheduler {
         *lock(&self.queue).caps()
     }
 
+    /// After any change: wakes who should look again, and updates the gauges.
     fn send_wakes(&self, queue: &mut FairQueue) {
         for group in queue.groups_to_wake(Instant::now()) {
             let _ = self
                 .wake
                 .unbounded_send(ObjectRef::new(&group.name).within(&group.namespace));
         }
+        let load = queue.load();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        for (lane, n) in [(Lane::Main, load.main), (Lane::Small, load.small)] {
+            let labels = LaneLabels {
+                lane: lane.as_str(),
+            };
+            self.metrics
+                .worker_jobs
+                .get_or_create(&labels)
+                .set(gauge(n));
+        }
+        self.metrics.groups_waiting.set(gauge(load.waiting_groups));
     }
 }
 
