@@ -126,6 +126,29 @@ async fn fairness() {
     .await;
     let (_, _, message) = condition(&waiting).await.expect("condition");
     assert!(message.contains("position 1 in line"), "{message}");
+    // `kubectl get ig` shows it: the API server's table for the group.
+    let table = format!(
+        "/apis/kinsight.io/v1alpha1/namespaces/{}/imagegroups/{waiting}",
+        h.namespace
+    );
+    let request = http::Request::get(table)
+        .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .body(Vec::new())
+        .expect("request");
+    let table: serde_json::Value =
+        serde_json::from_str(&h.client.request_text(request).await.expect("table")).expect("JSON");
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    let cells = &table["rows"][0]["cells"];
+    let column = columns
+        .iter()
+        .position(|c| *c == "Scheduled")
+        .expect("column");
+    assert_eq!(cells[column], "QueuedBehind", "{table}");
     // The gauges say the same: one Job running (the restarted controller counted it), one
     // group waiting.
     assert_eq!(
