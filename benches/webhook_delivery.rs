@@ -534,7 +534,14 @@ async fn run(settings: Arc<Settings>, controller_rt: tokio::runtime::Handle) {
                     .expect("client"),
                 None => kube::Client::try_default().await.expect("client"),
             };
-            if let Err(e) = kinsight::controller::run(client, controller_store, config).await {
+            if let Err(e) = kinsight::controller::run(
+                client,
+                controller_store,
+                config,
+                kinsight::shutdown::Shutdown::never(),
+            )
+            .await
+            {
                 eprintln!("controller stopped: {e}");
             }
         })

@@ -11,6 +11,7 @@
 //! - [`delivery`]: webhook deliveries (one per event and endpoint) and their attempts;
 //! - [`webhook`]: signing and sending events;
 //! - [`net`]: outbound-request safety (SSRF guard) for image downloads and webhooks;
+//! - [`shutdown`]: stopping cleanly on SIGTERM;
 //! - [`testbed`]: a local control plane and node agent for tests and `kinsight dev`;
 //! - [`dev`]: `kinsight dev` and `kinsight demo`.
 
@@ -24,6 +25,7 @@ pub mod dev;
 pub mod inference;
 pub mod net;
 pub mod results;
+pub mod shutdown;
 pub mod store;
 pub mod testbed;
 pub mod webhook;

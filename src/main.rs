@@ -10,6 +10,7 @@ use kinsight::controller::{ControllerConfig, GpuSettings, JobCaps, WorkerCatalog
 use kinsight::dev::DevOptions;
 use kinsight::inference::{Catalog, EngineOptions, ExecutionProvider};
 use kinsight::net::EgressPolicy;
+use kinsight::shutdown::{Shutdown, within_grace};
 use kinsight::webhook::{CircuitConfig, RetrySchedule, parse_duration};
 use kinsight::worker::{FetchConfig, WorkerOptions};
 
@@ -242,6 +243,13 @@ struct ApiArgs {
         default_value = "kinsight-system"
     )]
     keys_namespace: String,
+    /// After SIGTERM, how long to go on serving before refusing new connections: time for
+    /// the Service's endpoints to drop this pod, so no client is refused mid-rollout.
+    #[arg(long, env = "KINSIGHT_SHUTDOWN_DELAY", value_parser = parse_duration, default_value = "0s")]
+    shutdown_delay: Duration,
+    /// Then how long requests in hand may take to finish before they are cut off.
+    #[arg(long, env = "KINSIGHT_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    drain_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -404,8 +412,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "metrics server stopped");
                 }
             });
+            // On SIGTERM: stop reconciling, hand the lease back, finish the webhooks in hand.
+            let shutdown = Shutdown::on_signals();
             if args.no_leader_election {
-                kinsight::controller::run(client, store, config).await?;
+                kinsight::controller::run(client, store, config, shutdown).await?;
             } else {
                 let identity = args
                     .identity
@@ -417,7 +427,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     lease: Duration::from_secs(15),
                     grace: Duration::from_secs(5),
                 };
-                kinsight::controller::run_as_leader(client, store, config, election).await?;
+                kinsight::controller::run_as_leader(client, store, config, election, shutdown)
+                    .await?;
             }
         }
         Command::Api(args) => {
@@ -433,7 +444,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
             tokio::spawn(watch);
             let listener = tokio::net::TcpListener::bind(args.listen).await?;
             tracing::info!(listen = %args.listen, "API listening");
-            axum::serve(listener, app).await?;
+            let shutdown = Shutdown::on_signals();
+            let delay = args.shutdown_delay;
+            let stop_accepting = {
+                let shutdown = shutdown.clone();
+                async move {
+                    shutdown.requested().await;
+                    tokio::time::sleep(delay).await;
+                    tracing::info!("refusing new connections; finishing the requests in hand");
+                }
+            };
+            let served = axum::serve(listener, app).with_graceful_shutdown(stop_accepting);
+            let mut result = Ok(());
+            let drained = within_grace(
+                async { result = served.await },
+                shutdown,
+                delay + args.drain_timeout,
+            )
+            .await;
+            result?;
+            if !drained {
+                tracing::warn!(
+                    "requests still running {:?} after the stop were cut off",
+                    args.drain_timeout
+                );
+            }
         }
         Command::Worker(args) => {
             let order = kinsight::worker::order_from_env()?;

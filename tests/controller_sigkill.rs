@@ -10,7 +10,8 @@
 //! The first kill comes as soon as the first image event has arrived (so at least one kill
 //! lands while delivery is under way: with the 12 events delivered within 2-3 s, a random
 //! first wait often missed it); the rest of the kill schedule is random; the seed is
-//! printed, and `KINSIGHT_SIGKILL_SEED=<n>` replays it.
+//! printed, and `KINSIGHT_SIGKILL_SEED=<n>` replays it. The last controller is stopped the
+//! way the kubelet stops a pod, by SIGTERM, and must exit cleanly.
 
 mod common;
 
@@ -86,6 +87,30 @@ impl ControllerProcess {
             .expect("killed controller exits")
             .expect("wait");
         assert!(!status.success(), "the controller was killed: {status:?}");
+    }
+
+    /// SIGTERM, as the kubelet stops a pod: the controller finishes what it has in hand and
+    /// exits 0, soon.
+    async fn sigterm(mut self, log: &Path) {
+        let pid = self.child.id().expect("the controller is running");
+        common::run(
+            std::process::Command::new("kill").args(["-TERM", &pid.to_string()]),
+            "kill -TERM",
+        );
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the controller did not stop within 20 s of SIGTERM; log:\n{}",
+                    tail(log)
+                )
+            })
+            .expect("wait");
+        assert!(
+            status.success(),
+            "SIGTERM ends the controller cleanly, got {status:?}; log:\n{}",
+            tail(log)
+        );
     }
 
     /// Panics with the log if the process ended on its own (a crash is a finding).
@@ -307,7 +332,7 @@ async fn sigkilled_controller_loses_no_event() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     drain(&mut h, &mut events);
     controller.assert_running(&log);
-    drop(controller);
+    controller.sigterm(&log).await;
 
     let status = final_status.unwrap_or_else(|| {
         panic!(

@@ -16,6 +16,7 @@ use kinsight::controller::{ControllerConfig, LeaderElection, Metrics, run_as_lea
 use kinsight::crd::GroupPhase;
 use kinsight::delivery::DeliveryState;
 use kinsight::dev::ReceivedWebhook;
+use kinsight::shutdown::Shutdown;
 use kube::Api;
 use kube::api::ListParams;
 use serde_json::json;
@@ -51,7 +52,8 @@ impl Replica {
         };
         let (client, store) = (h.client.clone(), h.store.clone());
         let task = tokio::spawn(async move {
-            if let Err(e) = run_as_leader(client, store, config, election).await {
+            if let Err(e) = run_as_leader(client, store, config, election, Shutdown::never()).await
+            {
                 eprintln!("replica stopped: {e}");
             }
         });

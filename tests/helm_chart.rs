@@ -229,6 +229,20 @@ async fn chart_installs_into_a_real_cluster() {
         .expect("api deployment");
     let api_pod = api.spec.expect("spec").template.spec.expect("pod");
     assert_reads_the_catalog_config_map(&api_pod, &api_pod.containers[0]);
+    // A stopping API's delay and drain, in a form its parser takes, fit in the pod's grace
+    // period (past it the kubelet kills it mid-request).
+    let stop_setting = |name: &str| {
+        let value = env_value(&api_pod.containers[0], name).expect(name);
+        kinsight::webhook::parse_duration(value).expect("the API accepts the chart's value")
+    };
+    let stopping = stop_setting("KINSIGHT_SHUTDOWN_DELAY") + stop_setting("KINSIGHT_DRAIN_TIMEOUT");
+    let grace = api_pod
+        .termination_grace_period_seconds
+        .expect("a grace period");
+    assert!(
+        stopping.as_secs() > 0 && stopping.as_secs() < grace as u64,
+        "delay + drain {stopping:?} within {grace} s"
+    );
     // Both read the database URL from the Secret the values name (CloudNativePG's key).
     for container in [container, &api_pod.containers[0]] {
         let from = container

@@ -1,5 +1,6 @@
 //! Two controller replicas against a real API server: one holds the Lease and reconciles;
-//! when it dies the other takes over and finishes the work.
+//! when it dies the other takes over and finishes the work; when it is asked to stop it
+//! hands the lease over at once.
 
 mod common;
 
@@ -8,6 +9,7 @@ use std::time::Duration;
 use common::{Harness, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
 use kinsight::controller::{LEASE_NAME, LeaderElection, run_as_leader};
+use kinsight::shutdown::Shutdown;
 use kube::Api;
 use serde_json::json;
 
@@ -30,17 +32,24 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
         .holder_identity
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_replica_takes_over_when_the_leader_dies() {
-    let mut h = Harness::start("tenant-leader").await;
-    // The harness' own (unelected) controller stays out of this test.
+type Replica = tokio::task::JoinHandle<Result<(), kinsight::controller::ControllerError>>;
+
+/// Replica A (stopped by `a_shutdown`) leads; then standby B starts and waits while A renews.
+async fn leader_and_standby(
+    h: &mut Harness,
+    a: LeaderElection,
+    a_shutdown: Shutdown,
+    b: LeaderElection,
+) -> (Replica, Replica, Api<Lease>) {
+    // The harness' own (unelected) controller stays out of these tests.
     h.kill_controller().await;
     let config = h.controller_config();
     let first = tokio::spawn(run_as_leader(
         h.client.clone(),
         h.store.clone(),
         config.clone(),
-        election("replica-a"),
+        a,
+        a_shutdown,
     ));
     let leases: Api<Lease> = Api::namespaced(h.client.clone(), "kinsight-system");
     let leader = eventually("a Lease holder", Duration::from_secs(10), async || {
@@ -52,7 +61,8 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         h.client.clone(),
         h.store.clone(),
         config,
-        election("replica-b"),
+        b,
+        Shutdown::never(),
     ));
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
@@ -61,9 +71,11 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         "the standby waits while the leader renews"
     );
     assert!(!second.is_finished());
+    (first, second, leases)
+}
 
-    // The leader dies without releasing the lease; the standby takes over and does the work.
-    first.abort();
+/// An image posted now is processed and its events delivered (by whoever leads).
+async fn an_image_gets_its_events(h: &mut Harness) {
     let (status, body) = h
         .post("/v1/images", json!({ "url": h.photo_url("coffee.png"), "models": ["image_classification"], "webhookUrl": h.hook_url }))
         .await;
@@ -79,7 +91,59 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
             .iter()
             .any(|e| e.payload["type"] == "image.completed")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_replica_takes_over_when_the_leader_dies() {
+    let mut h = Harness::start("tenant-leader").await;
+    let (first, second, leases) = leader_and_standby(
+        &mut h,
+        election("replica-a"),
+        Shutdown::never(),
+        election("replica-b"),
+    )
+    .await;
+
+    // The leader dies without releasing the lease; the standby takes over and does the work.
+    first.abort();
+    an_image_gets_its_events(&mut h).await;
     assert_eq!(holder(&leases).await.as_deref(), Some("replica-b"));
+    second.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_asked_to_stop_hands_the_lease_to_the_standby_at_once() {
+    let mut h = Harness::start("tenant-handover").await;
+    // A lease far longer than the hand-over may take: without the release, the standby
+    // would wait for it to run out.
+    let long = |identity: &str| LeaderElection {
+        lease: Duration::from_secs(40),
+        grace: Duration::from_secs(10),
+        ..election(identity)
+    };
+    let (stop_first, first_shutdown) = Shutdown::new();
+    let (first, second, leases) =
+        leader_and_standby(&mut h, long("replica-a"), first_shutdown, long("replica-b")).await;
+
+    stop_first.fire();
+    let asked = std::time::Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(15), first)
+        .await
+        .expect("the leader stops within 15 s of being asked")
+        .expect("no panic");
+    assert!(stopped.is_ok(), "a requested stop is no error: {stopped:?}");
+    let next = eventually("the standby leads", Duration::from_secs(10), async || {
+        holder(&leases).await.filter(|h| h.as_str() == "replica-b")
+    })
+    .await;
+    let took = asked.elapsed();
+    eprintln!("hand-over took {:.1} s (lease 40 s)", took.as_secs_f64());
+    assert_eq!(next, "replica-b");
+    assert!(
+        took < Duration::from_secs(15),
+        "the standby took {took:?}: it waited for the lease to run out"
+    );
+    an_image_gets_its_events(&mut h).await;
     second.abort();
 }
 
@@ -99,6 +163,7 @@ async fn nonsensical_lease_timings_are_refused_not_panicked_on() {
         nowhere,
         kinsight::controller::ControllerConfig::default(),
         bad,
+        Shutdown::never(),
     )
     .await
     .expect_err("refused");

@@ -36,6 +36,7 @@ use kinsight::controller::{ControllerConfig, WorkerCatalog};
 use kinsight::dev::{create_tenant, install_crds, serve_folder_on};
 use kinsight::inference::Catalog;
 use kinsight::results::INGEST_PATH;
+use kinsight::shutdown::Shutdown;
 use kinsight::store::Store;
 use kinsight::testbed::node::HOST_ADDRESS;
 use kube::api::{Api, ListParams, LogParams};
@@ -130,7 +131,9 @@ async fn the_test() {
     {
         let (client, store) = (client.clone(), store.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = kinsight::controller::run(client, store, config).await {
+            if let Err(e) =
+                kinsight::controller::run(client, store, config, Shutdown::never()).await
+            {
                 eprintln!("controller stopped: {e}");
             }
         }));

@@ -21,6 +21,7 @@ use crate::cache::Cache;
 use crate::crd::{ImageGroup, SecretKeyRef};
 use crate::delivery::{Attempt, DeliveryState};
 use crate::results::GroupRef;
+use crate::shutdown::Shutdown;
 use crate::store::{Claimed, DISPATCH_CHANNEL, Outcomes, Settled, Stop};
 use crate::webhook::{AttemptOutcome, Blocked, RetrySchedule, Transition};
 
@@ -52,9 +53,17 @@ const SECRET_ERROR_TTL: Duration = Duration::from_millis(500);
 /// The action of this module's Kubernetes Events.
 const ACTION: &str = "DeliverWebhook";
 
-/// Runs a dispatcher named `owner` until the process stops. `sole`: no other replica
-/// dispatches (no leader election), so every claim left in the table is a dead one's.
-pub async fn run(ctx: Arc<Context>, owner: String, sole: bool) {
+/// How long a stopping dispatcher waits for the sends in hand (and the writing of their
+/// outcomes) before it drops the rest; their claims go back to the table at once. Below
+/// the chart's `terminationGracePeriodSeconds` (30 s) with room for the rest of the stop.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs a dispatcher named `owner` until the process stops or `shutdown` fires. `sole`: no
+/// other replica dispatches (no leader election), so every claim left in the table is a
+/// dead one's. On `shutdown` it claims nothing more, lets the sends in hand finish (at most
+/// [`STOP_GRACE`]), records their outcomes and hands back the claims it still holds, so
+/// another replica sends them at once instead of after their lease.
+pub async fn run(ctx: Arc<Context>, owner: String, sole: bool, shutdown: Shutdown) {
     // Claims of an earlier run under this name died with it: due at once.
     loop {
         match ctx.store.release_claims((!sole).then_some(&owner)).await {
@@ -82,16 +91,16 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool) {
     let (done, finished) = mpsc::unbounded_channel();
     // Every task of the dispatcher is owned here: when it stops (the process is stopped,
     // or the task running it aborted) nothing it started goes on sending.
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(record(ctx.clone(), owner.clone(), finished));
-    tasks.spawn(renew(ctx.clone(), owner.clone()));
+    let mut sends = tokio::task::JoinSet::new();
+    let mut recorder = AbortOnDrop(tokio::spawn(record(ctx.clone(), owner.clone(), finished)));
+    let _renewer = AbortOnDrop(tokio::spawn(renew(ctx.clone(), owner.clone())));
     let wake = crate::store::listen(ctx.store.url().to_owned(), &[DISPATCH_CHANNEL]);
     futures::pin_mut!(wake);
     let capacity = Arc::new(Semaphore::new(ctx.config.dispatch_in_flight.max(1)));
     let mut swept = Instant::now();
     tracing::info!(%owner, "webhook dispatcher started");
-    loop {
-        while tasks.try_join_next().is_some() {}
+    while !shutdown.is_requested() {
+        while sends.try_join_next().is_some() {}
         if swept.elapsed() >= Duration::from_secs(1) {
             ctx.config.metrics.set_circuits(ctx.circuits.sweep());
             swept = Instant::now();
@@ -99,8 +108,9 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool) {
         let free = capacity.available_permits().min(CLAIM_BATCH);
         if free == 0 {
             // Wait for one to finish.
-            if let Ok(permit) = capacity.clone().acquire_owned().await {
-                drop(permit);
+            tokio::select! {
+                permit = capacity.clone().acquire_owned() => drop(permit),
+                () = shutdown.clone().requested() => {}
             }
             continue;
         }
@@ -118,7 +128,7 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool) {
             let Ok(permit) = capacity.clone().try_acquire_owned() else {
                 break;
             };
-            tasks.spawn(dispatcher.clone().send(claim, permit, done.clone()));
+            sends.spawn(dispatcher.clone().send(claim, permit, done.clone()));
         }
         if full {
             continue;
@@ -133,7 +143,39 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool) {
         tokio::select! {
             _ = wake.next() => {}
             () = tokio::time::sleep(wait) => {}
+            () = shutdown.clone().requested() => {}
         }
+    }
+    // Stopping. The recorder ends once every send has handed in its outcome (or been
+    // dropped): the channel closes with the last sender.
+    drop(done);
+    let in_hand = sends.len();
+    let drained = tokio::time::timeout(STOP_GRACE, async {
+        while sends.join_next().await.is_some() {}
+        let _ = (&mut recorder.0).await;
+    })
+    .await
+    .is_ok();
+    sends.shutdown().await;
+    drop(recorder);
+    match ctx.store.release_claims(Some(&owner)).await {
+        Ok(released) => {
+            tracing::info!(%owner, in_hand, drained, released, "webhook dispatcher stopped")
+        }
+        Err(e) => tracing::warn!(
+            %owner, error = %e,
+            "handing back claims on stop: they are due again when their lease runs out"
+        ),
+    }
+}
+
+/// A spawned task that is aborted when its handle goes (the dispatcher's helpers stop
+/// with it, however it stops).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -185,7 +227,7 @@ impl Dispatcher {
         done: mpsc::UnboundedSender<Finished>,
     ) {
         let finished = self.attempt(claim).await;
-        // The recorder only stops with the process.
+        // The recorder stops only after every sender is gone.
         let _ = done.send(finished);
     }
 
@@ -442,6 +484,13 @@ async fn record(ctx: Arc<Context>, owner: String, mut finished: mpsc::UnboundedR
             tokio::time::timeout(left, next).await.unwrap_or(usize::MAX)
         };
         if received == 0 {
+            // Every sender is gone (the dispatcher stops): tell what is left to tell.
+            let groups: Vec<String> = urgent.into_iter().chain(progress).collect();
+            if !groups.is_empty()
+                && let Err(e) = ctx.store.notify_groups(&groups).await
+            {
+                tracing::warn!(error = %e, "telling the leader which groups changed");
+            }
             return;
         }
         if !buffer.is_empty() {

@@ -40,6 +40,7 @@ use kube::{Api, Client, ResourceExt};
 
 use crate::crd::{GroupPhase, ImageGroup, WebhookSubscription};
 use crate::net::{EgressGuard, EgressPolicy};
+use crate::shutdown::Shutdown;
 use crate::store::{GROUPS_CHANNEL, RESULTS_CHANNEL, Store, StoreNotice};
 use crate::webhook::{CircuitConfig, Circuits, RetrySchedule, Sender, SenderConfig};
 
@@ -187,6 +188,7 @@ pub async fn run(
     client: Client,
     store: Store,
     config: ControllerConfig,
+    shutdown: Shutdown,
 ) -> Result<(), ControllerError> {
     let ctx = context(client, store, config)?;
     let owner = format!(
@@ -194,10 +196,17 @@ pub async fn run(
         std::env::var("HOSTNAME").unwrap_or_else(|_| "kinsight".into()),
         std::process::id()
     );
+    let dispatcher = dispatch::run(ctx.clone(), owner, true, shutdown.clone());
+    tokio::pin!(dispatcher);
     tokio::select! {
-        result = reconcile(ctx.clone()) => result,
-        () = dispatch::run(ctx, owner, true) => Err(ControllerError::Config("the webhook dispatcher stopped".into())),
+        result = reconcile(ctx) => return result,
+        () = &mut dispatcher => return Err(ControllerError::Config("the webhook dispatcher stopped".into())),
+        () = shutdown.requested() => {}
     }
+    // Reconciling stops at once (a reconcile cut short is run again by whoever leads
+    // next); the dispatcher finishes the sends in hand.
+    dispatcher.await;
+    Ok(())
 }
 
 /// Everything a controller process shares: clients, the store, every endpoint's circuit.

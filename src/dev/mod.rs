@@ -18,6 +18,7 @@ use crate::api::{ApiConfig, router};
 use crate::controller::{ControllerConfig, JobCaps};
 use crate::inference::Catalog;
 use crate::results::INGEST_PATH;
+use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::store::Store;
 use crate::testbed::{ControlPlane, Postgres};
 use crate::webhook::{RetrySchedule, generate_secret};
@@ -59,7 +60,11 @@ pub struct DevEnvironment {
     pub api_key: String,
     pub webhook_secret: String,
     pub kubeconfig: Option<PathBuf>,
+    /// The controller and the API: on a stop they are asked to finish what they have in
+    /// hand; the rest of `tasks` (watches, node agent) is simply dropped.
+    graceful: JoinSet<()>,
     tasks: JoinSet<()>,
+    stop: ShutdownTrigger,
     _control_plane: Option<ControlPlane>,
     _database: Option<Postgres>,
 }
@@ -168,11 +173,19 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         ..ControllerConfig::default()
     };
     let mut tasks = JoinSet::new();
+    let mut graceful = JoinSet::new();
+    let (stop, shutdown) = Shutdown::new();
     let controller_client = client.clone();
     let controller_store = store.clone();
-    tasks.spawn(async move {
-        if let Err(e) =
-            crate::controller::run(controller_client, controller_store, controller_config).await
+    let controller_shutdown = shutdown.clone();
+    graceful.spawn(async move {
+        if let Err(e) = crate::controller::run(
+            controller_client,
+            controller_store,
+            controller_config,
+            controller_shutdown,
+        )
+        .await
         {
             tracing::error!(error = %e, "controller stopped");
         }
@@ -207,8 +220,10 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     }
     // One process, one port: the controller's metrics are served beside the API.
     let app = app.merge(metrics.router());
-    tasks.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+    graceful.spawn(async move {
+        // Stops accepting on a stop and finishes the requests in hand.
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.requested());
+        if let Err(e) = served.await {
             tracing::error!(error = %e, "API server stopped");
         }
     });
@@ -217,7 +232,9 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         api_key,
         webhook_secret,
         kubeconfig,
+        graceful,
         tasks,
+        stop,
         _control_plane: control_plane,
         _database: database,
     })
@@ -238,26 +255,33 @@ impl DevEnvironment {
         }
     }
 
-    /// Serves until interrupted (Ctrl-C or SIGTERM) or a component stops; returning drops
-    /// the environment, which stops the control plane and PostgreSQL it started.
+    /// Serves until interrupted (Ctrl-C or SIGTERM) or a component stops; then lets the
+    /// API finish the requests and the controller the webhooks in hand (at most
+    /// [`STOP_WAIT`]). Returning drops the environment, which stops the control plane and
+    /// PostgreSQL it started.
     pub async fn serve(mut self) {
-        let terminated = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut term) => {
-                    term.recv().await;
-                }
-                // Without a handler only Ctrl-C stops it.
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => println!("interrupted; stopping"),
-            _ = terminated => println!("terminated; stopping"),
+            () = crate::shutdown::signal() => println!("stopping"),
             _ = self.tasks.join_next() => eprintln!("a component stopped; exiting"),
+            _ = self.graceful.join_next() => eprintln!("a component stopped; exiting"),
         }
+        self.stop.fire();
+        let graceful = &mut self.graceful;
+        if tokio::time::timeout(STOP_WAIT, async {
+            while graceful.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            eprintln!("the controller or the API did not stop within {STOP_WAIT:?}");
+        }
+        self.graceful.shutdown().await;
         self.tasks.shutdown().await;
     }
 }
+
+/// How long `kinsight dev` waits for its controller and API to stop cleanly.
+const STOP_WAIT: Duration = Duration::from_secs(15);
 
 /// `kinsight demo`: submits the sample photos as one group, prints every verified
 /// webhook as it arrives, and returns once the group's completion event came.

@@ -18,6 +18,7 @@ use kinsight::controller::{ControllerConfig, WorkerCatalog};
 use kinsight::dev::{ReceivedWebhook, create_tenant, install_crds, serve_folder, webhook_receiver};
 use kinsight::inference::Catalog;
 use kinsight::results::INGEST_PATH;
+use kinsight::shutdown::Shutdown;
 use kinsight::store::Store;
 use kinsight::testbed::{NodeAgentOptions, TestCluster};
 use kinsight::webhook::{RetrySchedule, generate_secret};
@@ -255,7 +256,9 @@ impl Harness {
         let client = self.client.clone();
         let store = self.store.clone();
         self.controller = Some(tokio::spawn(async move {
-            if let Err(e) = kinsight::controller::run(client, store, config).await {
+            if let Err(e) =
+                kinsight::controller::run(client, store, config, Shutdown::never()).await
+            {
                 eprintln!("controller stopped: {e}");
             }
         }));
