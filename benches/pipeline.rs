@@ -170,19 +170,9 @@ async fn serve(app: Router) -> String {
 }
 
 fn main() {
-    // `cargo test --all-targets` runs bench targets too, without `--bench`: this one takes
-    // minutes, so it runs only under `cargo bench`.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("pipeline: a benchmark; run it with `cargo bench --bench pipeline`");
-        return;
+    if common::started_by_cargo_bench("pipeline") {
+        common::block_on(run());
     }
-    kinsight::install_crypto_provider();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(run());
 }
 
 async fn run() {

@@ -126,17 +126,9 @@ async fn timed<F: Future<Output = ()>>(samples: usize, mut f: impl FnMut() -> F)
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("store_scale: a benchmark; run it with `cargo bench --bench store_scale`");
-        return;
+    if common::started_by_cargo_bench("store_scale") {
+        common::block_on(run());
     }
-    kinsight::install_crypto_provider();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run());
 }
 
 async fn run() {

@@ -433,12 +433,7 @@ fn cpu_snapshot(pids: &[u32], ticks: f64) -> BTreeMap<String, f64> {
 }
 
 fn main() {
-    // `cargo test --all-targets` builds and runs bench targets too, without `--bench`: this
-    // takes minutes and a control plane, so it runs only under `cargo bench`.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!(
-            "webhook_delivery: a benchmark; run it with `cargo bench --bench webhook_delivery`"
-        );
+    if !common::started_by_cargo_bench("webhook_delivery") {
         return;
     }
     tracing_subscriber::fmt()

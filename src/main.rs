@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use kinsight::controller::{ControllerConfig, GpuSettings, WorkerCatalog};
+use kinsight::controller::{ControllerConfig, GpuSettings, JobCaps, WorkerCatalog};
 use kinsight::dev::DevOptions;
 use kinsight::inference::{Catalog, EngineOptions, ExecutionProvider};
 use kinsight::net::EgressPolicy;
@@ -65,6 +65,41 @@ impl CatalogArg {
     }
 }
 
+/// Fair scheduling of worker Jobs; unset: the command's defaults.
+#[derive(Args, Clone)]
+struct JobCapsArgs {
+    /// Worker Jobs running at once in all namespaces (0: no cap). Groups past it wait in
+    /// line, tenants taking turns (`Scheduled=False`, reason `QueuedBehind`).
+    #[arg(long, env = "KINSIGHT_MAX_WORKER_JOBS")]
+    max_worker_jobs: Option<usize>,
+    /// Worker Jobs of one namespace (tenant) running at once (0: no cap).
+    #[arg(long, env = "KINSIGHT_MAX_WORKER_JOBS_PER_NAMESPACE")]
+    max_worker_jobs_per_namespace: Option<usize>,
+    /// A group (or update) with at most this many images to process is small work: it may
+    /// start in the small-work lane when the caps are full.
+    #[arg(long, env = "KINSIGHT_SMALL_WORK_IMAGES")]
+    small_work_images: Option<usize>,
+    /// Small Jobs that may run beyond the caps, in all (one per namespace at a time; 0: no
+    /// lane).
+    #[arg(long, env = "KINSIGHT_SMALL_WORK_LANE_JOBS")]
+    small_work_lane_jobs: Option<usize>,
+}
+
+impl JobCapsArgs {
+    fn or(&self, defaults: JobCaps) -> JobCaps {
+        JobCaps {
+            max_jobs: self.max_worker_jobs.unwrap_or(defaults.max_jobs),
+            max_jobs_per_tenant: self
+                .max_worker_jobs_per_namespace
+                .unwrap_or(defaults.max_jobs_per_tenant),
+            small_images: self.small_work_images.unwrap_or(defaults.small_images),
+            small_lane_jobs: self
+                .small_work_lane_jobs
+                .unwrap_or(defaults.small_lane_jobs),
+        }
+    }
+}
+
 #[derive(Args)]
 struct ControllerArgs {
     #[command(flatten)]
@@ -103,6 +138,8 @@ struct ControllerArgs {
     /// several pods at once).
     #[arg(long, env = "KINSIGHT_IMAGES_PER_JOB", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
     images_per_job: u16,
+    #[command(flatten)]
+    job_caps: JobCapsArgs,
     /// Claimed webhook deliveries this replica works on at once (waiting for an
     /// endpoint's slot or in flight); more replicas deliver more at once.
     #[arg(long, env = "KINSIGHT_DISPATCH_IN_FLIGHT", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -287,6 +324,8 @@ struct DevArgs {
     database_url: Option<String>,
     #[arg(long, value_parser = RetrySchedule::parse)]
     retry_schedule: Option<RetrySchedule>,
+    #[command(flatten)]
+    job_caps: JobCapsArgs,
 }
 
 #[derive(Args)]
@@ -361,6 +400,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 circuit: args.endpoints.circuit(),
                 dispatch_in_flight: args.dispatch_in_flight as usize,
                 images_per_job: usize::from(args.images_per_job),
+                job_caps: args.job_caps.or(defaults.job_caps),
                 ..defaults
             };
             let client = kube::Client::try_default().await?;
@@ -507,5 +547,6 @@ fn dev_options(args: DevArgs) -> anyhow::Result<DevOptions> {
         kubeconfig: args.kubeconfig,
         database_url: args.database_url,
         retry: args.retry_schedule.unwrap_or_default(),
+        job_caps: args.job_caps.or(kinsight::dev::DEV_JOB_CAPS),
     })
 }

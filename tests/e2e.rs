@@ -814,16 +814,6 @@ async fn a_group_bigger_than_one_job_runs_as_several_jobs_at_once() {
     );
 }
 
-/// Serves `app` on 127.0.0.1; returns its base URL.
-async fn serve_api(app: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
-}
-
 async fn get_status(url: &str, key: &str) -> (u16, serde_json::Value) {
     let response = reqwest::Client::new()
         .get(format!("{url}/v1/image-groups/grp-none"))
@@ -852,7 +842,7 @@ async fn an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthoriz
         .expect("a database URL");
     let (app, watch, _keys) = kinsight::api::router(offline, nowhere, config());
     let watch = tokio::spawn(watch);
-    let url = serve_api(app).await;
+    let url = common::serve_on_loopback(app).await;
     let (status, body) = get_status(&url, "some-key").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "unavailable", "{body}");
@@ -892,7 +882,7 @@ async fn an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthoriz
     let (app, watch, keys) = kinsight::api::router(client, store, config());
     tokio::spawn(watch);
     assert!(kinsight::api::wait_for_keys(&keys).await);
-    let url = serve_api(app).await;
+    let url = common::serve_on_loopback(app).await;
     assert_eq!(
         get_status(&url, "early-key").await.0,
         404,
@@ -1129,28 +1119,7 @@ async fn images_added_while_a_job_runs_go_to_one_new_job_that_supersedes_it() {
     let mut h = Harness::start("tenant-supersede").await;
     // A photo whose first download takes 20 s keeps the first Job busy however slow this
     // machine is; later downloads (the new Job's) are immediate.
-    let photo =
-        std::fs::read(common::repo_path("tests/fixtures/images/coffee.png")).expect("photo");
-    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let slow = axum::Router::new().route(
-        "/slow.png",
-        axum::routing::get(move || {
-            let photo = photo.clone();
-            let first = requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
-            async move {
-                if first {
-                    tokio::time::sleep(Duration::from_secs(20)).await;
-                }
-                ([("content-type", "image/png")], photo)
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let slow_url = format!("http://{}/slow.png", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, slow).await });
-
+    let slow_url = common::slow_photo(Duration::from_secs(20)).await;
     let images = json!([{ "id": "quick", "url": h.photo_url("rocket.jpg") }, { "id": "slow", "url": slow_url }]);
     let group_id = post_group(&h, images, &["image_classification"]).await;
     // The first Job is mid-way: one image done, the slow one still downloading.

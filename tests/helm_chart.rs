@@ -135,7 +135,8 @@ async fn chart_installs_into_a_real_cluster() {
     let values = serde_json::json!({
         "image": { "tag": "test" },
         "database": { "secretName": "pg-app", "caSecretName": "pg-ca" },
-        "worker": { "env": { "RUST_LOG": "info,kinsight=debug # not: a comment" }, "deadline": "90m", "gpu": {
+        "worker": { "env": { "RUST_LOG": "info,kinsight=debug # not: a comment" }, "deadline": "90m",
+            "scheduling": { "maxJobs": 40, "maxJobsPerNamespace": 5 }, "gpu": {
             "nodeSelector": { "nvidia.com/gpu.present": "true" },
             "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }],
             "runtimeClassName": "nvidia"
@@ -192,6 +193,15 @@ async fn chart_installs_into_a_real_cluster() {
         env_value(container, "KINSIGHT_WORKER_DEADLINE"),
         Some("90m")
     );
+    // Fair scheduling: the values given, the chart's defaults for the rest.
+    let scheduling = [
+        "KINSIGHT_MAX_WORKER_JOBS",
+        "KINSIGHT_MAX_WORKER_JOBS_PER_NAMESPACE",
+        "KINSIGHT_SMALL_WORK_IMAGES",
+        "KINSIGHT_SMALL_WORK_LANE_JOBS",
+    ]
+    .map(|name| env_value(container, name));
+    assert_eq!(scheduling, [Some("40"), Some("5"), Some("10"), Some("2")]);
     // Workers reach the API's result ingest through its Service.
     assert_eq!(
         env_value(container, "KINSIGHT_RESULTS_URL"),

@@ -22,6 +22,28 @@ pub struct EventData {
     pub image_id: Option<String>,
 }
 
+/// Whether `cargo bench` started this benchmark (`--bench`). `cargo test --all-targets`
+/// builds and runs bench targets too, without it; these take minutes and a control plane,
+/// so they only say how to run them.
+pub fn started_by_cargo_bench(name: &str) -> bool {
+    let bench = std::env::args().any(|a| a == "--bench");
+    if !bench {
+        println!("{name}: a benchmark; run it with `cargo bench --bench {name}`");
+    }
+    bench
+}
+
+/// Runs a benchmark on two runtime threads (the machines it is measured on have two cores).
+pub fn block_on(run: impl std::future::Future<Output = ()>) {
+    kinsight::install_crypto_provider();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run);
+}
+
 /// The `p`th percentile of sorted durations (nearest rank).
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
 use super::events::Endpoint;
-use super::{Context, publish_event};
+use super::{Context, lock, publish_event};
 use crate::cache::Cache;
 use crate::crd::{ImageGroup, SecretKeyRef};
 use crate::delivery::{Attempt, DeliveryState};
@@ -217,10 +217,6 @@ struct Finished {
     settled: Settled,
     attempt: Option<Attempt>,
     stop: Option<Stop>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Dispatcher {

@@ -7,18 +7,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use super::fair_queue::{Admission, Lane, ObjectKey, PositionBucket};
 use super::job::{
     MAX_IMAGES_PER_JOB, build_job, catalog_config_map, finished, job_name, job_owner,
     left_images_failure, work_order_config_map, worker_account,
 };
-use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
+use super::scheduler::{Placement, kueue_queue};
+use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, lock, publish_event};
 use crate::crd::{
     ConditionStatus, GroupPhase, ImageGroup, ImageGroupStatus, MAX_RECENT_FAILURES,
     REPLAY_ANNOTATION, RETENTION_ANNOTATION, set_condition,
@@ -27,6 +29,10 @@ use crate::delivery::Delivery;
 use crate::results::{GroupRef, ImageResult, MAX_BATCH};
 use crate::store::Plan;
 use crate::worker::{WorkItem, WorkOrder};
+
+/// How often a group waiting for a worker slot looks again when nothing woke it (well
+/// within [`super::fair_queue::REQUEST_TTL`]).
+const WAITING_RECHECK: Duration = Duration::from_secs(60);
 
 pub async fn reconcile(
     cached: Arc<ImageGroup>,
@@ -67,6 +73,7 @@ pub async fn reconcile(
         ctx.config
             .metrics
             .set_pending(&format!("{namespace}/{name}"), 0);
+        ctx.scheduler.forget(&ObjectKey::new(&namespace, &name));
         if let Some(uid) = cached.uid() {
             ctx.store.remove_group(&uid, super::PURGE_BATCH).await?;
         }
@@ -92,6 +99,8 @@ pub async fn reconcile(
             now,
         );
         status.phase = GroupPhase::Failed;
+        // It starts nothing; a place in line would only hold others up.
+        ctx.scheduler.forget(&ObjectKey::new(&namespace, &name));
         write_status(&ctx, &group, &original, &status).await?;
         return Ok(Action::await_change());
     }
@@ -151,14 +160,18 @@ pub async fn reconcile(
         .get(&group_ref.uid)
         .is_some_and(|planned| planned.key.endpoints == endpoints_text);
     let mut endpoints_changed = false;
-    if !pending.is_empty() {
+    let mut waits_for_slot = false;
+    if pending.is_empty() {
+        ctx.scheduler.forget(&group_key(&group_ref));
+    } else {
         if !saved_already {
             endpoints_changed = ctx
                 .store
                 .record_endpoints(&group_ref, &endpoint_records)
                 .await?;
         }
-        ensure_worker_jobs(&ctx, &group, &group_ref, generation, &pending, &mut status).await?;
+        waits_for_slot =
+            ensure_worker_jobs(&ctx, &group, &group_ref, generation, &pending, &mut status).await?;
     }
 
     status.images_total = u32::try_from(group.spec.images.len()).unwrap_or(u32::MAX);
@@ -265,7 +278,11 @@ pub async fn reconcile(
         return expire_when_due(&ctx, &group_ref, &status).await;
     }
     // Jobs are watched, and stored results and settled deliveries notify; the periodic
-    // requeue only guards against missed events.
+    // requeue only guards against missed events (the scheduler wakes a waiting group when
+    // it may start; it asks again within the scheduler's memory of it regardless).
+    if waits_for_slot {
+        return Ok(Action::requeue(WAITING_RECHECK));
+    }
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -493,10 +510,6 @@ fn remember_status_write(ctx: &Context, group: &ImageGroup, written: &ImageGroup
     );
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Still processing images or delivering events: where its events go still matters.
 pub fn is_delivering(group: &ImageGroup) -> bool {
     group.status.as_ref().is_none_or(|s| {
@@ -535,8 +548,10 @@ fn shards(
         .collect()
 }
 
-/// Creates this generation's worker Jobs for the images without results, or, when one of
-/// them has finished without writing some of its images, records those images as failed.
+/// Creates this generation's worker Jobs for the images without results, as the
+/// scheduler admits them (the rest wait, and the status says so), or, when one of them has
+/// finished without writing some of its images, records those images as failed. Returns
+/// whether some of the group's Jobs still wait for a slot.
 async fn ensure_worker_jobs(
     ctx: &Context,
     group: &ImageGroup,
@@ -544,7 +559,7 @@ async fn ensure_worker_jobs(
     generation: i64,
     pending: &[(usize, WorkItem)],
     status: &mut ImageGroupStatus,
-) -> Result<(), ControllerError> {
+) -> Result<bool, ControllerError> {
     let namespace = &group_ref.namespace;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     let shards = shards(
@@ -553,28 +568,33 @@ async fn ensure_worker_jobs(
         pending,
         ctx.config.images_per_job,
     );
-    if !shards.keys().any(|name| status.jobs.contains(name)) {
-        ensure_worker_setup(ctx, namespace).await?;
-        for (name, images) in &shards {
-            start_job(ctx, group, group_ref, generation, name, images).await?;
+    let started_before: Vec<&String> = shards
+        .keys()
+        .filter(|name| status.jobs.contains(name))
+        .collect();
+    let waits = if started_before.len() < shards.len() {
+        if started_before.is_empty() {
+            // A new generation redoes what earlier Jobs still run; they stop now, and
+            // their slots go to whoever is next (this group's new Jobs may wait).
+            stop_superseded_jobs(&jobs, &status.jobs).await?;
         }
-        stop_superseded_jobs(&jobs, &status.jobs).await?;
-        status.jobs.extend(shards.into_keys());
-        return Ok(());
-    }
+        start_admitted_jobs(ctx, group, group_ref, generation, &shards, status).await?
+    } else {
+        ctx.scheduler.forget(&group_key(group_ref));
+        false
+    };
     // Each finished Job's images, with the reason they have no result (if it left any).
     let mut left = Vec::new();
-    for (name, images) in &shards {
-        if !status.jobs.contains(name) {
-            continue;
-        }
+    for name in started_before {
         let job = jobs.get_opt(name).await?;
-        if let Some((reason, message)) = left_images_failure(job.as_ref()) {
+        if let (Some(images), Some((reason, message))) =
+            (shards.get(name), left_images_failure(job.as_ref()))
+        {
             left.push((images, reason, message));
         }
     }
     if left.is_empty() {
-        return Ok(());
+        return Ok(waits);
     }
     // A worker's results are stored before it exits, so a fresh read (one for all of
     // them) decides which images really have no result, and none is ever overwritten by
@@ -594,7 +614,133 @@ async fn ensure_worker_jobs(
                 .await?;
         }
     }
-    Ok(())
+    Ok(waits)
+}
+
+/// Asks the scheduler (or hands to Kueue) the Jobs of `shards` not started yet, creates
+/// those admitted and says in the `Scheduled` condition what the group waits for. Returns
+/// whether some still wait.
+async fn start_admitted_jobs(
+    ctx: &Context,
+    group: &ImageGroup,
+    group_ref: &GroupRef,
+    generation: i64,
+    shards: &BTreeMap<String, Vec<WorkItem>>,
+    status: &mut ImageGroupStatus,
+) -> Result<bool, ControllerError> {
+    let namespace = &group_ref.namespace;
+    let to_start: Vec<String> = shards
+        .keys()
+        .filter(|name| !status.jobs.contains(name))
+        .cloned()
+        .collect();
+    let images = to_start
+        .iter()
+        .filter_map(|name| shards.get(name))
+        .map(Vec::len)
+        .sum();
+    let key = group_key(group_ref);
+    let (admitted, placement, still_queued) = match kueue_queue(ctx, namespace).await? {
+        Some(queue) => {
+            ctx.scheduler.forget(&key);
+            (to_start, Placement::Kueue(queue), 0)
+        }
+        None => match ctx.scheduler.admit(key, to_start, images) {
+            Admission::Start {
+                jobs,
+                lane,
+                still_queued,
+            } => (jobs, Placement::Kinsight(lane), still_queued),
+            waiting @ (Admission::Queued { .. } | Admission::Counting) => {
+                let message = queued_message(ctx, &waiting);
+                set_scheduled(status, false, QUEUED_BEHIND, message, generation);
+                return Ok(true);
+            }
+        },
+    };
+    if !admitted.is_empty() {
+        ensure_worker_setup(ctx, namespace).await?;
+    }
+    for name in admitted {
+        let Some(images) = shards.get(&name) else {
+            continue;
+        };
+        start_job(ctx, group, group_ref, generation, &name, images, &placement).await?;
+        status.jobs.push(name);
+    }
+    let (reason, message) = match (&placement, still_queued) {
+        (Placement::Kueue(queue), _) => (
+            "HandedToKueue",
+            format!("worker Jobs created suspended in Kueue queue {queue}; Kueue starts them"),
+        ),
+        (Placement::Kinsight(_), n) if n > 0 => (
+            QUEUED_BEHIND,
+            format!("{n} of its worker Jobs wait for a slot; the others run"),
+        ),
+        (Placement::Kinsight(Lane::Small), _) => (
+            "SmallWorkLane",
+            "worker Job started in the small-work lane".to_owned(),
+        ),
+        (Placement::Kinsight(Lane::Main), _) => ("Admitted", "worker Jobs started".to_owned()),
+    };
+    set_scheduled(status, still_queued == 0, reason, message, generation);
+    Ok(still_queued > 0)
+}
+
+/// Why a group waits, for its `Scheduled` condition: its place in line in coarse steps
+/// (so the status is rewritten seldom) and the caps it waits for.
+fn queued_message(ctx: &Context, waiting: &Admission) -> String {
+    let caps = ctx.scheduler.caps();
+    let cap = |n: usize| {
+        if n == 0 {
+            "no cap".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    let caps = format!(
+        "worker Jobs at once: {} per namespace, {} in all",
+        cap(caps.max_jobs_per_tenant),
+        cap(caps.max_jobs)
+    );
+    match waiting {
+        Admission::Queued { position } => format!(
+            "waiting for a worker slot, position {} in line ({caps})",
+            PositionBucket::of(*position)
+        ),
+        _ => "waiting while the controller counts the running worker Jobs".to_owned(),
+    }
+}
+
+const QUEUED_BEHIND: &str = "QueuedBehind";
+
+fn set_scheduled(
+    status: &mut ImageGroupStatus,
+    scheduled: bool,
+    reason: &str,
+    message: String,
+    generation: i64,
+) {
+    let state = if scheduled {
+        ConditionStatus::True
+    } else {
+        ConditionStatus::False
+    };
+    let now = jiff::Timestamp::now();
+    set_condition(
+        &mut status.conditions,
+        "Scheduled",
+        state,
+        reason,
+        message,
+        Some(generation),
+        now,
+    );
+}
+
+/// How the scheduler names a group.
+fn group_key(group: &GroupRef) -> ObjectKey {
+    ObjectKey::new(&group.namespace, &group.name)
 }
 
 /// Creates the Job `name` for `images`, with its work order.
@@ -605,6 +751,7 @@ async fn start_job(
     generation: i64,
     name: &str,
     images: &[WorkItem],
+    placement: &Placement,
 ) -> Result<(), ControllerError> {
     let namespace = &group_ref.namespace;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
@@ -623,7 +770,7 @@ async fn start_job(
             &Patch::Apply(&config_map),
         )
         .await?;
-    let job = build_job(group, name, &order, &ctx.config)?;
+    let job = build_job(group, name, &order, &ctx.config, placement)?;
     let job = match jobs.create(&PostParams::default(), &job).await {
         Ok(job) => {
             tracing::info!(job = %name, namespace = %namespace, images = images.len(), "created worker job");
@@ -754,16 +901,11 @@ async fn tenant_retention(
     ctx: &Context,
     namespace: &str,
 ) -> Result<Option<Duration>, ControllerError> {
-    let found = Api::<Namespace>::all(ctx.client.clone())
-        .get_opt(namespace)
-        .await?;
-    let Some(text) = found
-        .as_ref()
-        .and_then(|ns| ns.annotations().get(RETENTION_ANNOTATION))
+    let Some(text) = super::namespace_annotation(ctx, namespace, RETENTION_ANNOTATION).await?
     else {
         return Ok(None);
     };
-    match crate::webhook::parse_duration(text) {
+    match crate::webhook::parse_duration(&text) {
         Ok(ttl) => Ok(Some(ttl)),
         Err(e) => {
             tracing::warn!(namespace, value = %text, error = %e, "ignoring the namespace's retention annotation");

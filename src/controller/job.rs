@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ControllerConfig;
+use super::scheduler::{KUEUE_QUEUE_LABEL, LANE_LABEL, Placement};
 use crate::crd::{GROUP_LABEL, ImageGroup, label_value};
 use crate::inference::{Catalog, ExecutionProvider};
 use crate::worker::{WORK_ORDER_FILE_ENV, WORK_ORDER_KEY, WORK_ORDER_MOUNT_PATH, WorkOrder};
@@ -207,6 +208,7 @@ pub fn build_job(
     name: &str,
     order: &WorkOrder,
     config: &ControllerConfig,
+    placement: &Placement,
 ) -> Result<Job, serde_json::Error> {
     let group_name = group.name_any();
     let catalog = config.worker_catalog.as_ref();
@@ -332,11 +334,23 @@ pub fn build_job(
     let annotations =
         catalog.map(|c| BTreeMap::from([(CATALOG_HASH_ANNOTATION.to_owned(), c.sha256())]));
     let non_empty = |m: &BTreeMap<String, String>| (!m.is_empty()).then(|| m.clone());
+    // Which slots the Job takes, for the scheduler; Kueue's Jobs are Kueue's to start.
+    let mut job_labels = labels(&group_name);
+    let suspend = match placement {
+        Placement::Kinsight(lane) => {
+            job_labels.insert(LANE_LABEL.to_owned(), lane.as_str().to_owned());
+            None
+        }
+        Placement::Kueue(queue) => {
+            job_labels.insert(KUEUE_QUEUE_LABEL.to_owned(), queue.clone());
+            Some(true)
+        }
+    };
     Ok(Job {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             namespace: group.namespace(),
-            labels: Some(labels(&group_name)),
+            labels: Some(job_labels),
             owner_references: group.controller_owner_ref(&()).map(|r| vec![r]),
             ..ObjectMeta::default()
         },
@@ -348,6 +362,7 @@ pub fn build_job(
                 i64::try_from(config.worker_deadline.as_secs().max(1)).unwrap_or(i64::MAX),
             ),
             ttl_seconds_after_finished: Some(3600),
+            suspend,
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(&group_name)),
@@ -624,6 +639,8 @@ mod tests {
     use crate::results::GroupRef;
     use crate::worker::WorkItem;
 
+    const MAIN: Placement = Placement::Kinsight(super::super::fair_queue::Lane::Main);
+
     fn group(models: &[&str]) -> ImageGroup {
         let mut group = ImageGroup::new(
             "listing-42",
@@ -684,7 +701,14 @@ mod tests {
         models: &[&str],
         config: &ControllerConfig,
     ) -> (PodSpec, Option<BTreeMap<String, String>>) {
-        let job = build_job(&group(models), "listing-42-g1", &order(models), config).expect("job");
+        let job = build_job(
+            &group(models),
+            "listing-42-g1",
+            &order(models),
+            config,
+            &MAIN,
+        )
+        .expect("job");
         let template = job.spec.expect("spec").template;
         (
             template.spec.expect("pod spec"),
@@ -790,12 +814,46 @@ mod tests {
             "listing-42-g1",
             &order(&["object_detection"]),
             &config,
+            &MAIN,
         )
         .expect("job");
         assert_eq!(
             built.spec.and_then(|s| s.active_deadline_seconds),
             Some(1800)
         );
+    }
+
+    #[test]
+    fn a_jobs_lane_is_on_its_labels_and_a_kueue_job_starts_suspended_in_its_queue() {
+        let models = ["image_classification"];
+        let build = |placement: &Placement| {
+            build_job(
+                &group(&models),
+                "listing-42-g1",
+                &order(&models),
+                &config(),
+                placement,
+            )
+            .expect("job")
+        };
+        let label = |job: &Job, key: &str| job.labels().get(key).cloned();
+        let suspend = |job: &Job| job.spec.as_ref().and_then(|s| s.suspend);
+        let main = build(&MAIN);
+        assert_eq!(label(&main, LANE_LABEL).as_deref(), Some("main"));
+        assert_eq!(
+            (label(&main, KUEUE_QUEUE_LABEL), suspend(&main)),
+            (None, None)
+        );
+        let small = build(&Placement::Kinsight(super::super::fair_queue::Lane::Small));
+        assert_eq!(label(&small, LANE_LABEL).as_deref(), Some("small"));
+        let kueue = build(&Placement::Kueue("team-a".into()));
+        assert_eq!(label(&kueue, KUEUE_QUEUE_LABEL).as_deref(), Some("team-a"));
+        assert_eq!(
+            label(&kueue, LANE_LABEL),
+            None,
+            "Kueue's, not a kinsight slot"
+        );
+        assert_eq!(suspend(&kueue), Some(true));
     }
 
     #[test]
@@ -1046,7 +1104,8 @@ mod tests {
         let models = ["big_detector", "object_detection"];
         let mut work = order(&models);
         work.images[0].models = vec!["object_detection".into()];
-        let job = build_job(&group(&models), "listing-42-g2", &work, &config()).expect("job");
+        let job =
+            build_job(&group(&models), "listing-42-g2", &work, &config(), &MAIN).expect("job");
         let pod = job.spec.expect("spec").template.spec.expect("pod spec");
         let worker = &pod.containers[0];
         assert_eq!(

@@ -22,6 +22,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    /// `main` (counted against the caps) or `small` (the small-work lane).
+    pub lane: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CategoryLabels {
     pub category: &'static str,
 }
@@ -39,6 +45,10 @@ pub struct Metrics {
     pub disabled_endpoints: Gauge<i64, AtomicI64>,
     /// Endpoints whose circuit the controller holds in memory.
     pub tracked_endpoints: Gauge<i64, AtomicI64>,
+    /// Worker Jobs kinsight counts as running, by lane (Kueue's not included).
+    pub worker_jobs: Family<LaneLabels, Gauge<i64, AtomicI64>>,
+    /// Groups waiting for a worker slot.
+    pub groups_waiting: Gauge<i64, AtomicI64>,
     pending_by_group: Mutex<HashMap<String, i64>>,
 }
 
@@ -93,8 +103,22 @@ impl Default for Metrics {
             "Webhook endpoints whose circuit the controller holds in memory (idle group URLs as good as new are forgotten)",
             tracked_endpoints.clone(),
         );
+        let worker_jobs = Family::<LaneLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "worker_jobs_running",
+            "Worker Jobs running (or admitted and being created), by lane; Kueue's are not counted",
+            worker_jobs.clone(),
+        );
+        let groups_waiting = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "groups_waiting_for_slot",
+            "Image groups with worker Jobs waiting for a slot under the caps",
+            groups_waiting.clone(),
+        );
         Self {
             registry,
+            worker_jobs,
+            groups_waiting,
             open_circuits,
             disabled_endpoints,
             tracked_endpoints,

@@ -6,15 +6,18 @@
 mod aggregate;
 mod dispatch;
 mod events;
+mod fair_queue;
 pub use events::ImageEvents;
 mod image_group;
 mod job;
 mod leader;
 mod metrics;
 mod retention;
+mod scheduler;
 mod subscription;
 mod wake;
 
+pub use fair_queue::JobCaps;
 pub use job::{
     CATALOG_CONFIG_MAP, CATALOG_HASH_ANNOTATION, CATALOG_KEY, CATALOG_MOUNT_PATH, GpuSettings,
     WorkerCatalog,
@@ -22,6 +25,7 @@ pub use job::{
 pub use job::{MAX_IMAGES_PER_JOB, RESULTS_URL_ENV, WORKER_ACCOUNT, job_name};
 pub use leader::{LEASE_NAME, LeaderElection, run_as_leader};
 pub use metrics::Metrics;
+pub use scheduler::{KUEUE_QUEUE_ANNOTATION, KUEUE_QUEUE_LABEL, LANE_LABEL};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +89,8 @@ pub struct ControllerConfig {
     pub worker_catalog: Option<WorkerCatalog>,
     /// What Jobs running a GPU model ask for.
     pub gpu: GpuSettings,
+    /// How many worker Jobs run at once, in all and per tenant, and the small-work lane.
+    pub job_caps: JobCaps,
 }
 
 impl Default for ControllerConfig {
@@ -109,6 +115,12 @@ impl Default for ControllerConfig {
             dispatch_in_flight: 2_000,
             worker_catalog: None,
             gpu: GpuSettings::default(),
+            job_caps: JobCaps {
+                max_jobs: 16,
+                max_jobs_per_tenant: 8,
+                small_images: 10,
+                small_lane_jobs: 2,
+            },
         }
     }
 }
@@ -130,6 +142,8 @@ pub struct Context {
     /// What each group's events were last planned from (by uid): a reconcile that finds
     /// the same only counts.
     pub planned: std::sync::Mutex<std::collections::HashMap<String, image_group::Planned>>,
+    /// Which groups may start worker Jobs now (the leader's).
+    pub scheduler: scheduler::Scheduler,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +228,7 @@ fn context(
         circuits: Circuits::new(config.circuit.clone()),
         status_written: std::sync::Mutex::default(),
         planned: std::sync::Mutex::default(),
+        scheduler: scheduler::Scheduler::new(config.job_caps, config.metrics.clone()),
         config,
     }))
 }
@@ -261,8 +276,14 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
             }
         }
     });
-    let wake_groups =
-        futures::stream::select(at_once, wake::coalesce(later_rx, wake::RESULTS_EVERY));
+    // The scheduler wakes the groups that may start worker Jobs now (one just ended).
+    let admitted = ctx.scheduler.take_wakes().ok_or_else(|| {
+        ControllerError::Config("the scheduler's wake-ups are another controller's".into())
+    })?;
+    let wake_groups = futures::stream::select(
+        futures::stream::select(at_once, wake::coalesce(later_rx, wake::RESULTS_EVERY)),
+        admitted,
+    );
     let retention = retention::run(client.clone(), ctx.store.clone());
     let groups: Api<ImageGroup> = Api::all(client.clone());
     let subscriptions: Api<WebhookSubscription> = Api::all(client.clone());
@@ -286,8 +307,22 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
             .map(|g| ObjectRef::from_obj(&*g))
             .collect::<Vec<_>>()
     };
+    // One watch of the worker Jobs: it counts them for the scheduler (nothing is admitted
+    // before its first full listing) and wakes the group owning a Job that changed.
+    let scheduler_ctx = ctx.clone();
+    let worker_jobs = watcher(
+        Api::<Job>::all(client.clone()),
+        watcher::Config::default().labels(scheduler::WORKER_JOB_SELECTOR),
+    )
+    .default_backoff()
+    .inspect(move |event| {
+        if let Ok(event) = event {
+            scheduler_ctx.scheduler.observe(event);
+        }
+    })
+    .touched_objects();
     let group_controller = group_controller
-        .owns(Api::<Job>::all(client.clone()), watcher::Config::default())
+        .owns_stream(worker_jobs)
         .watches(
             subscriptions.clone(),
             watcher::Config::default(),
@@ -327,6 +362,24 @@ fn intent_of(group: &ImageGroup) -> Option<u64> {
     meta.annotations.hash(&mut hasher);
     meta.deletion_timestamp.is_some().hash(&mut hasher);
     Some(hasher.finish())
+}
+
+/// One annotation of a tenant's namespace (its settings: retention, Kueue queue).
+pub(crate) async fn namespace_annotation(
+    ctx: &Context,
+    namespace: &str,
+    key: &str,
+) -> Result<Option<String>, ControllerError> {
+    let found = Api::<k8s_openapi::api::core::v1::Namespace>::all(ctx.client.clone())
+        .get_opt(namespace)
+        .await?;
+    Ok(found.and_then(|ns| ns.annotations().get(key).cloned()))
+}
+
+/// The data behind a mutex, even when a panicking holder poisoned it (every holder leaves
+/// it consistent).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A Kubernetes Event on an object (`kubectl describe` shows it); failing to record one

@@ -41,6 +41,8 @@ pub const MAX_RECENT_FAILURES: usize = 10;
     shortname = "ig",
     category = "kinsight",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Scheduled","type":"string","jsonPath":".status.conditions[?(@.type==\"Scheduled\")].reason"}"#,
+    printcolumn = r#"{"name":"Queue","type":"string","jsonPath":".status.conditions[?(@.type==\"Scheduled\")].message","priority":1}"#,
     printcolumn = r#"{"name":"Done","type":"integer","jsonPath":".status.imagesDone"}"#,
     printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.imagesTotal"}"#,
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.imagesFailed","priority":1}"#,

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::api::{ApiConfig, router};
-use crate::controller::ControllerConfig;
+use crate::controller::{ControllerConfig, JobCaps};
 use crate::inference::Catalog;
 use crate::results::INGEST_PATH;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
@@ -40,7 +40,19 @@ pub struct DevOptions {
     /// Use this database instead of the testbed's PostgreSQL.
     pub database_url: Option<String>,
     pub retry: RetrySchedule,
+    /// Fair scheduling of worker Jobs ([`DEV_JOB_CAPS`] by default).
+    pub job_caps: JobCaps,
 }
+
+/// On one machine (a laptop, 2 cores): two Jobs of a tenant and three in all use the
+/// cores; a second tenant's work starts beside the first's, and one small Job may pass
+/// both caps.
+pub const DEV_JOB_CAPS: JobCaps = JobCaps {
+    max_jobs: 3,
+    max_jobs_per_tenant: 2,
+    small_images: 10,
+    small_lane_jobs: 1,
+};
 
 /// A running dev installation; dropping it stops everything it started.
 pub struct DevEnvironment {
@@ -166,6 +178,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         worker_env: worker_env.clone(),
         retry: options.retry.clone(),
         egress,
+        job_caps: options.job_caps,
         ..ControllerConfig::default()
     };
     let mut tasks = JoinSet::new();

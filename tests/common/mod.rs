@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod bad_bodies;
+pub mod fairness;
 pub mod real_node;
 pub mod scripted_receiver;
 
@@ -701,4 +702,34 @@ pub fn group_ref(group: &kinsight::crd::ImageGroup) -> kinsight::results::GroupR
         name: group.name_any(),
         uid: group.uid().expect("uid"),
     }
+}
+
+/// Serves one photo whose first download takes `delay`; returns its URL.
+pub async fn slow_photo(delay: Duration) -> String {
+    let photo = std::fs::read(repo_path("tests/fixtures/images/coffee.png")).expect("photo");
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let slow = axum::Router::new().route(
+        "/slow.png",
+        axum::routing::get(move || {
+            let photo = photo.clone();
+            let first = first.swap(false, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if first {
+                    tokio::time::sleep(delay).await;
+                }
+                ([("content-type", "image/png")], photo)
+            }
+        }),
+    );
+    format!("{}/slow.png", serve_on_loopback(slow).await)
+}
+
+/// Serves `app` on 127.0.0.1; returns its base URL.
+pub async fn serve_on_loopback(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
 }
