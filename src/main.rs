@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Print every CRD as YAML (the copies under crds/ equal this).
     Crd,
+    /// Print the REST API's OpenAPI document (schemas/openapi.json equals this).
+    Openapi,
     /// Run the operator (reconciles ImageGroups and WebhookSubscriptions).
     Controller(Box<ControllerArgs>),
     /// Run the REST API.
@@ -325,6 +327,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Crd => {
             print!("{}", kinsight::crd::all_crds_yaml()?);
+        }
+        Command::Openapi => {
+            print!("{}", kinsight::api::openapi_document());
         }
         Command::Controller(args) => {
             let catalog = args.catalog.load()?;

@@ -7,6 +7,7 @@ mod deliveries;
 mod idempotency;
 mod images;
 mod ingest;
+mod openapi;
 mod problem;
 mod retry;
 
@@ -14,6 +15,7 @@ pub use auth::{
     API_KEY_LABEL, ApiKeys, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME,
     TENANT_NAMESPACE_FIELD, hash_key,
 };
+pub use openapi::document as openapi_document;
 pub use problem::ApiError;
 
 use std::sync::Arc;
@@ -134,6 +136,7 @@ pub fn router(
             get(deliveries::get_one),
         )
         .route("/v1/deliveries", get(deliveries::list_undelivered))
+        .route("/openapi.json", get(openapi::serve))
         .route("/healthz", get(|| async { "ok" }))
         // Ready once the API keys are listed: before, every key would get 503.
         .route("/readyz", get(readyz))
