@@ -981,7 +981,10 @@ async fn a_large_group_with_many_endpoints_delivers_everything_with_a_small_stat
         "the pages neither overlap nor miss one"
     );
     let (code, bad) = h.get("/v1/image-groups/huge/deliveries?limit=0").await;
-    assert_eq!((code, bad["code"].as_str()), (422, Some("invalid_request")));
+    assert_eq!(
+        (code, bad["code"].as_str()),
+        (400, Some("invalid_parameter"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

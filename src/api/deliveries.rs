@@ -49,7 +49,7 @@ impl PageQuery {
         match self.limit {
             None => Ok(DEFAULT_LIMIT),
             Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-            Some(n) => Err(ApiError::InvalidRequest(format!(
+            Some(n) => Err(ApiError::InvalidParameter(format!(
                 "limit: {n} is not between 1 and {MAX_LIMIT}"
             ))),
         }
@@ -60,7 +60,7 @@ impl PageQuery {
             .as_deref()
             .map(|text| {
                 Cursor::decode(text).ok_or_else(|| {
-                    ApiError::InvalidRequest(format!(
+                    ApiError::InvalidParameter(format!(
                         "cursor: {text:?} is not a cursor this API handed out"
                     ))
                 })
@@ -102,7 +102,7 @@ pub async fn list_group(
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = authenticate(&state.keys, &headers)?;
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidParameter(e.body_text()))?;
     let (limit, cursor) = (query.limit()?, query.cursor()?);
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
     let group = find_group(&api, &id, "image group").await?;
@@ -167,7 +167,7 @@ pub async fn list_undelivered(
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = authenticate(&state.keys, &headers)?;
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidParameter(e.body_text()))?;
     let (limit, cursor) = (query.limit()?, query.cursor()?);
     let wanted: Vec<DeliveryState> = match query.state.as_deref() {
         None => vec![
@@ -179,7 +179,7 @@ pub async fn list_undelivered(
         // Being sent right now is still pending to the customer.
         Some("pending") => vec![DeliveryState::Pending, DeliveryState::Sending],
         Some(other) => {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(ApiError::InvalidParameter(format!(
                 "state: {other:?} is not one of failed, pending"
             )));
         }

@@ -19,6 +19,7 @@ pub use openapi::document as openapi_document;
 pub use problem::ApiError;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -35,6 +36,9 @@ use crate::store::Store;
 /// Largest request body accepted: a 10,000-image group fits, and one whose spec would be
 /// over its 1 MiB ([`crate::crd::MAX_SPEC_BYTES`]) gets that bound's own message.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Longest a customer's request may take; past it the answer is 503 `timeout` (a client
+/// retries, with its Idempotency-Key, rather than hold a connection open).
+pub const REQUEST_TIME_LIMIT: Duration = Duration::from_secs(30);
 /// Largest batch of results a worker may send at once.
 pub const INGEST_BODY_BYTES: usize = 32 * 1024 * 1024;
 
@@ -144,9 +148,27 @@ pub fn router(
         // axum answers a known route's other methods 405 with no body; a problem too.
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            REQUEST_TIME_LIMIT,
+            time_limit,
+        ))
         .merge(internal)
+        .layer(axum::middleware::map_response(problem::as_problem))
         .with_state(state);
     (router, watch, keys)
+}
+
+/// Answers 503 `timeout` when the rest of the stack takes longer than `limit`.
+async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::TimedOut(limit.as_secs()).into_response(),
+    }
 }
 
 async fn readyz(
@@ -178,4 +200,43 @@ pub async fn wait_for_keys(keys: &ApiKeys) -> bool {
         tracing::warn!("API keys not listed yet; requests get 503 until they are");
     }
     loaded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slow handler is cut off with a problem, not left to hold the connection.
+    #[tokio::test]
+    async fn a_request_past_the_time_limit_is_answered_503_timeout() {
+        crate::install_crypto_provider();
+        let app = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                Duration::from_millis(100),
+                time_limit,
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/slow", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let started = std::time::Instant::now();
+        let response = reqwest::get(url).await.expect("GET");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(response.status().as_u16(), 503);
+        let kind = response.headers().get("content-type").cloned();
+        assert_eq!(
+            kind.as_ref().map(|v| v.as_bytes()),
+            Some(&b"application/problem+json"[..])
+        );
+        let problem: serde_json::Value = response.json().await.expect("JSON");
+        assert_eq!(problem["code"], "timeout");
+    }
 }

@@ -39,7 +39,7 @@ const API_KEY: &str = "apiKey";
         deliveries::list_undelivered,
         deliveries::replay_since,
     ),
-    components(schemas(Problem)),
+    components(schemas(Problem, StateFilter)),
     modifiers(&ApiKeyScheme),
     security(("apiKey" = [])),
 )]

@@ -74,6 +74,19 @@ pub async fn serve_api(
     api_url
 }
 
+/// Status, Content-Type and body text of the answer to `request`.
+pub async fn answer(request: reqwest::RequestBuilder) -> (u16, String, String) {
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let kind = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, kind, response.text().await.unwrap_or_default())
+}
+
 /// A PostgreSQL of its own (in a temporary folder, removed with the returned guard) and
 /// the store on it, migrated.
 pub async fn database() -> (kinsight::testbed::Postgres, Store, tempfile::TempDir) {
