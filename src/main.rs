@@ -207,6 +207,10 @@ struct ApiArgs {
         default_value = "kinsight-system"
     )]
     keys_namespace: String,
+    /// Requests per second per API key (also its burst) when the key's record sets no
+    /// `rate-limit`.
+    #[arg(long, env = "KINSIGHT_RATE_LIMIT", default_value_t = kinsight::api::DEFAULT_RATE_LIMIT)]
+    rate_limit: std::num::NonZeroU32,
 }
 
 #[derive(Args)]
@@ -392,6 +396,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let config = kinsight::api::ApiConfig {
                 keys_namespace: args.keys_namespace,
                 models: catalog.names().map(str::to_owned).collect(),
+                rate_limit: args.rate_limit,
             };
             // Until the API keys are listed, /readyz says 503 and so does every request.
             let (app, watch, _keys) = kinsight::api::router(client, store, config);

@@ -9,6 +9,7 @@ mod images;
 mod ingest;
 mod openapi;
 mod problem;
+mod rate_limit;
 mod retry;
 
 pub use auth::{
@@ -17,6 +18,7 @@ pub use auth::{
 };
 pub use openapi::document as openapi_document;
 pub use problem::ApiError;
+pub use rate_limit::RATE_LIMIT_FIELD;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +38,8 @@ use crate::store::Store;
 /// Largest request body accepted: a 10,000-image group fits, and one whose spec would be
 /// over its 1 MiB ([`crate::crd::MAX_SPEC_BYTES`]) gets that bound's own message.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Requests per second per API key unless its record or the `--rate-limit` flag says otherwise.
+pub const DEFAULT_RATE_LIMIT: std::num::NonZeroU32 = std::num::NonZeroU32::new(100).unwrap();
 /// Longest a customer's request may take; past it the answer is 503 `timeout` (a client
 /// retries, with its Idempotency-Key, rather than hold a connection open).
 pub const REQUEST_TIME_LIMIT: Duration = Duration::from_secs(30);
@@ -48,6 +52,8 @@ pub struct ApiConfig {
     pub keys_namespace: String,
     /// Model names the catalog offers.
     pub models: Vec<String>,
+    /// Requests per second per API key whose record sets no `rate-limit`.
+    pub rate_limit: std::num::NonZeroU32,
 }
 
 pub struct AppState {
@@ -60,6 +66,7 @@ pub struct AppState {
     pub reviews: ingest::TokenReviews,
     /// Groups recently read by the result ingest.
     pub groups: ingest::GroupReads,
+    pub limits: rate_limit::RateLimits,
 }
 
 /// Builds the router and starts watching the API-key Secrets; the returned future keeps
@@ -101,6 +108,7 @@ pub fn router(
     };
     let state = Arc::new(AppState {
         client,
+        limits: rate_limit::RateLimits::new(config.rate_limit),
         config,
         keys: keys.clone(),
         store: database,
@@ -148,6 +156,11 @@ pub fn router(
         // axum answers a known route's other methods 405 with no body; a problem too.
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Outside the idempotency guard: a replayed answer costs a token too.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             REQUEST_TIME_LIMIT,
             time_limit,

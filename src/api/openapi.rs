@@ -288,6 +288,17 @@ pub enum Problems {
     )]
     NotFound(Problem),
     #[response(
+        status = 429,
+        description = "This API key's rate limit is reached (`rate_limited`); retry after `Retry-After` seconds.",
+        content_type = "application/problem+json",
+        headers(
+            ("Retry-After" = u64, description = "Seconds until a request is accepted again"),
+            ("RateLimit-Policy" = String, description = "The key's limit, e.g. `\"per-key\";q=100;w=1` (requests per second)"),
+            ("RateLimit" = String, description = "What is left and when it refills, e.g. `\"per-key\";r=0;t=1`"),
+        )
+    )]
+    RateLimited(Problem),
+    #[response(
         status = 503,
         description = "The cluster or the store is unavailable, or the request took too long (`unavailable`, `timeout`); retry.",
         content_type = "application/problem+json"

@@ -32,6 +32,10 @@ pub enum ApiError {
     #[error("the request took longer than {0} s; retry it")]
     TimedOut(u64),
     #[error(
+        "this API key's limit of {limit} requests per second is reached; retry in {retry_after} s"
+    )]
+    RateLimited { limit: u32, retry_after: u64 },
+    #[error(
         "this Idempotency-Key was used for another request (method, path or body); use a new key"
     )]
     IdempotencyKeyReused,
@@ -55,6 +59,7 @@ impl ApiError {
             Self::Conflict => "conflict",
             Self::Unavailable(_) => "unavailable",
             Self::TimedOut(_) => "timeout",
+            Self::RateLimited { .. } => "rate_limited",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyKeyInProgress => "idempotency_key_in_progress",
         }
@@ -65,6 +70,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InvalidParameter(_) => StatusCode::BAD_REQUEST,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -135,6 +141,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Self::RateLimited { limit, retry_after } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            super::rate_limit::headers(response.headers_mut(), limit, 0, retry_after);
         }
         if matches!(self, Self::IdempotencyKeyInProgress) {
             response

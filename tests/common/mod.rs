@@ -61,6 +61,7 @@ pub async fn serve_api(
         kinsight::api::ApiConfig {
             keys_namespace: KEYS_NAMESPACE.into(),
             models: models.to_vec(),
+            rate_limit: kinsight::api::DEFAULT_RATE_LIMIT,
         },
     );
     tasks.push(tokio::spawn(key_watch));
