@@ -155,6 +155,8 @@ async fn schemathesis_finds_nothing() {
         .arg(reports.path())
         .arg("--header")
         .arg(format!("Authorization: Bearer {}", h.api_key))
+        // It keeps a cache of crashes under ./.schemathesis: not in the repository.
+        .current_dir(reports.path())
         // Its progress bars are for terminals.
         .env("NO_COLOR", "1")
         .env("SCHEMATHESIS_HOOKS", "")
