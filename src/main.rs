@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Print every CRD as YAML (the copies under crds/ equal this).
     Crd,
+    /// Print the REST API's OpenAPI document (schemas/openapi.json equals this).
+    Openapi,
     /// Run the operator (reconciles ImageGroups and WebhookSubscriptions).
     Controller(Box<ControllerArgs>),
     /// Run the REST API.
@@ -250,6 +252,10 @@ struct ApiArgs {
     /// Then how long requests in hand may take to finish before they are cut off.
     #[arg(long, env = "KINSIGHT_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
     drain_timeout: Duration,
+    /// Requests per second per API key (also its burst) when the key's record sets no
+    /// `rate-limit`.
+    #[arg(long, env = "KINSIGHT_RATE_LIMIT", default_value_t = kinsight::api::DEFAULT_RATE_LIMIT)]
+    rate_limit: std::num::NonZeroU32,
 }
 
 #[derive(Args)]
@@ -373,6 +379,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Crd => {
             print!("{}", kinsight::crd::all_crds_yaml()?);
         }
+        Command::Openapi => {
+            print!("{}", kinsight::api::openapi_document());
+        }
         Command::Controller(args) => {
             let catalog = args.catalog.load()?;
             // Workers run the same image: by default their models are where ours are.
@@ -438,6 +447,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let config = kinsight::api::ApiConfig {
                 keys_namespace: args.keys_namespace,
                 models: catalog.names().map(str::to_owned).collect(),
+                rate_limit: args.rate_limit,
             };
             // Until the API keys are listed, /readyz says 503 and so does every request.
             let (app, watch, _keys) = kinsight::api::router(client, store, config);

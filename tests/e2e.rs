@@ -831,6 +831,7 @@ async fn an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthoriz
     let config = || kinsight::api::ApiConfig {
         keys_namespace: common::KEYS_NAMESPACE.into(),
         models: vec!["object_detection".into()],
+        rate_limit: kinsight::api::DEFAULT_RATE_LIMIT,
     };
     // An API server that never answers (nothing listens on port 1): no key is known yet,
     // so a key cannot be called invalid.
@@ -971,7 +972,10 @@ async fn a_large_group_with_many_endpoints_delivers_everything_with_a_small_stat
         "the pages neither overlap nor miss one"
     );
     let (code, bad) = h.get("/v1/image-groups/huge/deliveries?limit=0").await;
-    assert_eq!((code, bad["code"].as_str()), (422, Some("invalid_request")));
+    assert_eq!(
+        (code, bad["code"].as_str()),
+        (400, Some("invalid_parameter"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,15 +75,7 @@ async fn only_the_namespaces_worker_stores_results_of_its_groups() {
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().await.expect("POST");
-        let status = response.status().as_u16();
-        let kind = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let text = response.text().await.unwrap_or_default();
+        let (status, kind, text) = common::answer(request).await;
         if status >= 400 {
             assert_eq!(kind, "application/problem+json", "{status} {text}");
         }

@@ -16,10 +16,15 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::auth::authenticate;
 use super::images::{find_group, parse_json};
+use super::openapi::{
+    DeliveryDetailOut, DeliveryPage, IdempotencyKey, Paging, Problems, ReplayedOut, StateFilter,
+    WriteProblems,
+};
 use super::problem::ApiError;
 use super::retry;
 use crate::crd::{ImageGroup, REPLAY_ANNOTATION, ReplayRequest};
@@ -44,7 +49,7 @@ impl PageQuery {
         match self.limit {
             None => Ok(DEFAULT_LIMIT),
             Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-            Some(n) => Err(ApiError::InvalidRequest(format!(
+            Some(n) => Err(ApiError::InvalidParameter(format!(
                 "limit: {n} is not between 1 and {MAX_LIMIT}"
             ))),
         }
@@ -55,7 +60,7 @@ impl PageQuery {
             .as_deref()
             .map(|text| {
                 Cursor::decode(text).ok_or_else(|| {
-                    ApiError::InvalidRequest(format!(
+                    ApiError::InvalidParameter(format!(
                         "cursor: {text:?} is not a cursor this API handed out"
                     ))
                 })
@@ -86,6 +91,10 @@ fn delivery_out(group: &str, d: &Delivery) -> Value {
 }
 
 /// `GET /v1/image-groups/{id}/deliveries?limit=&cursor=`: in sequence order.
+#[utoipa::path(get, path = "/v1/image-groups/{id}/deliveries", tag = "deliveries",
+    params(("id" = String, Path, description = "The group's id"),
+        Paging),
+    responses((status = 200, description = "A page of the group's deliveries, in sequence order.", body = DeliveryPage), Problems))]
 pub async fn list_group(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -93,7 +102,7 @@ pub async fn list_group(
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = authenticate(&state.keys, &headers)?;
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidParameter(e.body_text()))?;
     let (limit, cursor) = (query.limit()?, query.cursor()?);
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
     let group = find_group(&api, &id, "image group").await?;
@@ -112,6 +121,10 @@ pub async fn list_group(
 }
 
 /// `GET /v1/image-groups/{id}/deliveries/{delivery}`: one delivery and every attempt.
+#[utoipa::path(get, path = "/v1/image-groups/{id}/deliveries/{delivery}", tag = "deliveries",
+    params(("id" = String, Path, description = "The group's id"),
+        ("delivery" = String, Path, description = "The delivery's id (its `webhook-id`)")),
+    responses((status = 200, description = "The delivery and every attempt.", body = DeliveryDetailOut), Problems))]
 pub async fn get_one(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -144,13 +157,17 @@ pub async fn get_one(
 
 /// `GET /v1/deliveries?state=failed|pending&limit=&cursor=`: what was not delivered, across
 /// the tenant's groups, oldest event first.
+#[utoipa::path(get, path = "/v1/deliveries", tag = "deliveries",
+    params(("state" = Option<StateFilter>, Query, description = "Only these (default: both)"),
+        Paging),
+    responses((status = 200, description = "A page of what was not delivered, oldest event first.", body = DeliveryPage), Problems))]
 pub async fn list_undelivered(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = authenticate(&state.keys, &headers)?;
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidParameter(e.body_text()))?;
     let (limit, cursor) = (query.limit()?, query.cursor()?);
     let wanted: Vec<DeliveryState> = match query.state.as_deref() {
         None => vec![
@@ -162,7 +179,7 @@ pub async fn list_undelivered(
         // Being sent right now is still pending to the customer.
         Some("pending") => vec![DeliveryState::Pending, DeliveryState::Sending],
         Some(other) => {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(ApiError::InvalidParameter(format!(
                 "state: {other:?} is not one of failed, pending"
             )));
         }
@@ -180,6 +197,11 @@ pub async fn list_undelivered(
 }
 
 /// `POST /v1/image-groups/{id}/deliveries/{delivery}/replay`
+#[utoipa::path(post, path = "/v1/image-groups/{id}/deliveries/{delivery}/replay", tag = "deliveries",
+    params(("id" = String, Path, description = "The group's id"),
+        ("delivery" = String, Path, description = "A failed delivery's id"),
+        IdempotencyKey),
+    responses((status = 202, description = "The delivery will be sent again.", body = ReplayedOut), Problems, WriteProblems))]
 pub async fn replay_one(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -214,14 +236,19 @@ pub async fn replay_one(
     Ok((StatusCode::ACCEPTED, Json(json!({ "replayed": 1 }))).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplaySinceIn {
+    #[schema(value_type = String, format = DateTime)]
     since: jiff::Timestamp,
 }
 
 /// `POST /v1/deliveries/replay {"since": "2026-11-29T10:00:00Z"}`: every failed delivery of
 /// events recorded since then, across the tenant's groups.
+#[utoipa::path(post, path = "/v1/deliveries/replay", tag = "deliveries",
+    params(IdempotencyKey),
+    request_body = ReplaySinceIn,
+    responses((status = 202, description = "Every failed delivery of events since then will be sent again.", body = ReplayedOut), Problems, WriteProblems))]
 pub async fn replay_since(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

@@ -15,8 +15,12 @@ use kube::{Api, ResourceExt};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use super::auth::{SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, Tenant, authenticate};
+use super::openapi::{
+    AcceptedOut, GroupOut, IdempotencyKey, Problems, SingleImageOut, WriteProblems,
+};
 use super::problem::ApiError;
 use super::retry;
 use super::{AppState, MAX_BODY_BYTES};
@@ -27,7 +31,7 @@ use crate::results::{GroupRef, ImageResult};
 
 const SINGLE_IMAGE_ID: &str = "image";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageIn {
     url: String,
@@ -38,7 +42,7 @@ pub struct ImageIn {
     metadata: BTreeMap<String, String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageGroupIn {
     images: Vec<GroupImageIn>,
@@ -49,7 +53,7 @@ pub struct ImageGroupIn {
     metadata: BTreeMap<String, String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupImageIn {
     #[serde(default)]
@@ -59,6 +63,15 @@ pub struct GroupImageIn {
     metadata: BTreeMap<String, String>,
 }
 
+#[utoipa::path(post, path = "/v1/images", tag = "images",
+    params(IdempotencyKey),
+    request_body = ImageIn,
+    responses(
+        (status = 202, description = "Accepted; processed asynchronously.", body = AcceptedOut,
+         headers(("Location" = String, description = "The image's URL"))),
+        Problems,
+        WriteProblems,
+    ))]
 pub async fn create_image(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -80,6 +93,15 @@ pub async fn create_image(
     Ok(accepted(&format!("/v1/images/{id}"), &id))
 }
 
+#[utoipa::path(post, path = "/v1/image-groups", tag = "image groups",
+    params(IdempotencyKey),
+    request_body = ImageGroupIn,
+    responses(
+        (status = 202, description = "Accepted; processed asynchronously.", body = AcceptedOut,
+         headers(("Location" = String, description = "The group's URL"))),
+        Problems,
+        WriteProblems,
+    ))]
 pub async fn create_group(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -107,7 +129,7 @@ pub async fn create_group(
 
 /// Adds images and/or models to a group; only what is new is processed, then the group's
 /// events follow (`image_group.updated` when it had completed before).
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageGroupPatchIn {
     #[serde(default)]
@@ -116,6 +138,15 @@ pub struct ImageGroupPatchIn {
     add_models: Vec<String>,
 }
 
+#[utoipa::path(patch, path = "/v1/image-groups/{id}", tag = "image groups",
+    params(("id" = String, Path, description = "The group's id")),
+    request_body = ImageGroupPatchIn,
+    responses(
+        (status = 202, description = "Accepted; what is new is processed.", body = AcceptedOut,
+         headers(("Location" = String, description = "The group's URL"))),
+        Problems,
+        WriteProblems,
+    ))]
 pub async fn update_group(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -191,6 +222,9 @@ fn new_entries(existing: &[ImageEntry], added: &[GroupImageIn]) -> Vec<ImageEntr
         .collect()
 }
 
+#[utoipa::path(get, path = "/v1/images/{id}", tag = "images",
+    params(("id" = String, Path, description = "The image's id (`img-...`)")),
+    responses((status = 200, description = "The image and its results.", body = SingleImageOut), Problems))]
 pub async fn get_image(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -222,6 +256,9 @@ pub async fn get_image(
     Ok(Json(image))
 }
 
+#[utoipa::path(get, path = "/v1/image-groups/{id}", tag = "image groups",
+    params(("id" = String, Path, description = "The group's id")),
+    responses((status = 200, description = "The group and its images' results.", body = GroupOut), Problems))]
 pub async fn get_group(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

@@ -7,16 +7,21 @@ mod deliveries;
 mod idempotency;
 mod images;
 mod ingest;
+mod openapi;
 mod problem;
+mod rate_limit;
 mod retry;
 
 pub use auth::{
     API_KEY_LABEL, ApiKeys, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME,
     TENANT_NAMESPACE_FIELD, hash_key,
 };
+pub use openapi::document as openapi_document;
 pub use problem::ApiError;
+pub use rate_limit::RATE_LIMIT_FIELD;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -33,6 +38,11 @@ use crate::store::Store;
 /// Largest request body accepted: a 10,000-image group fits, and one whose spec would be
 /// over its 1 MiB ([`crate::crd::MAX_SPEC_BYTES`]) gets that bound's own message.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Requests per second per API key unless its record or the `--rate-limit` flag says otherwise.
+pub const DEFAULT_RATE_LIMIT: std::num::NonZeroU32 = std::num::NonZeroU32::new(100).unwrap();
+/// Longest a customer's request may take; past it the answer is 503 `timeout` (a client
+/// retries, with its Idempotency-Key, rather than hold a connection open).
+pub const REQUEST_TIME_LIMIT: Duration = Duration::from_secs(30);
 /// Largest batch of results a worker may send at once.
 pub const INGEST_BODY_BYTES: usize = 32 * 1024 * 1024;
 
@@ -42,6 +52,8 @@ pub struct ApiConfig {
     pub keys_namespace: String,
     /// Model names the catalog offers.
     pub models: Vec<String>,
+    /// Requests per second per API key whose record sets no `rate-limit`.
+    pub rate_limit: std::num::NonZeroU32,
 }
 
 pub struct AppState {
@@ -54,6 +66,7 @@ pub struct AppState {
     pub reviews: ingest::TokenReviews,
     /// Groups recently read by the result ingest.
     pub groups: ingest::GroupReads,
+    pub limits: rate_limit::RateLimits,
 }
 
 /// Builds the router and starts watching the API-key Secrets; the returned future keeps
@@ -95,6 +108,7 @@ pub fn router(
     };
     let state = Arc::new(AppState {
         client,
+        limits: rate_limit::RateLimits::new(config.rate_limit),
         config,
         keys: keys.clone(),
         store: database,
@@ -134,6 +148,7 @@ pub fn router(
             get(deliveries::get_one),
         )
         .route("/v1/deliveries", get(deliveries::list_undelivered))
+        .route("/openapi.json", get(openapi::serve))
         .route("/healthz", get(|| async { "ok" }))
         // Ready once the API keys are listed: before, every key would get 503.
         .route("/readyz", get(readyz))
@@ -141,9 +156,32 @@ pub fn router(
         // axum answers a known route's other methods 405 with no body; a problem too.
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Outside the idempotency guard: a replayed answer costs a token too.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::guard,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            REQUEST_TIME_LIMIT,
+            time_limit,
+        ))
         .merge(internal)
+        .layer(axum::middleware::map_response(problem::as_problem))
         .with_state(state);
     (router, watch, keys)
+}
+
+/// Answers 503 `timeout` when the rest of the stack takes longer than `limit`.
+async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::TimedOut(limit.as_secs()).into_response(),
+    }
 }
 
 async fn readyz(
@@ -175,4 +213,43 @@ pub async fn wait_for_keys(keys: &ApiKeys) -> bool {
         tracing::warn!("API keys not listed yet; requests get 503 until they are");
     }
     loaded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slow handler is cut off with a problem, not left to hold the connection.
+    #[tokio::test]
+    async fn a_request_past_the_time_limit_is_answered_503_timeout() {
+        crate::install_crypto_provider();
+        let app = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                Duration::from_millis(100),
+                time_limit,
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/slow", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let started = std::time::Instant::now();
+        let response = reqwest::get(url).await.expect("GET");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(response.status().as_u16(), 503);
+        let kind = response.headers().get("content-type").cloned();
+        assert_eq!(
+            kind.as_ref().map(|v| v.as_bytes()),
+            Some(&b"application/problem+json"[..])
+        );
+        let problem: serde_json::Value = response.json().await.expect("JSON");
+        assert_eq!(problem["code"], "timeout");
+    }
 }

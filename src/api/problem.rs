@@ -10,6 +10,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     InvalidRequest(String),
+    /// A query or path parameter, as opposed to the body.
+    #[error("{0}")]
+    InvalidParameter(String),
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
     #[error("request body is larger than {0} bytes")]
@@ -26,6 +29,12 @@ pub enum ApiError {
     Conflict,
     #[error("the cluster is unavailable; try again")]
     Unavailable(String),
+    #[error("the request took longer than {0} s; retry it")]
+    TimedOut(u64),
+    #[error(
+        "this API key's limit of {limit} requests per second is reached; retry in {retry_after} s"
+    )]
+    RateLimited { limit: u32, retry_after: u64 },
     #[error(
         "this Idempotency-Key was used for another request (method, path or body); use a new key"
     )]
@@ -40,6 +49,7 @@ impl ApiError {
         match self {
             Self::Unauthorized => "unauthorized",
             Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidParameter(_) => "invalid_parameter",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Forbidden(_) => "forbidden",
@@ -48,6 +58,8 @@ impl ApiError {
             Self::Gone(_) => "gone",
             Self::Conflict => "conflict",
             Self::Unavailable(_) => "unavailable",
+            Self::TimedOut(_) => "timeout",
+            Self::RateLimited { .. } => "rate_limited",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyKeyInProgress => "idempotency_key_in_progress",
         }
@@ -57,6 +69,8 @@ impl ApiError {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InvalidParameter(_) => StatusCode::BAD_REQUEST,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -64,7 +78,7 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Gone(_) => StatusCode::GONE,
             Self::Conflict => StatusCode::CONFLICT,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::TimedOut(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::IdempotencyKeyInProgress => StatusCode::CONFLICT,
         }
@@ -128,6 +142,12 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Self::RateLimited { limit, retry_after } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            super::rate_limit::headers(response.headers_mut(), limit, 0, retry_after);
+        }
         if matches!(self, Self::IdempotencyKeyInProgress) {
             response
                 .headers_mut()
@@ -135,6 +155,38 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Answers that did not come from an [`ApiError`] (axum's own rejections, such as a path
+/// with a bad escape, and any layer's) become problems too, keeping their status, their text
+/// as the detail and their other headers (`Allow` of a 405).
+pub(super) async fn as_problem(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if is_problem || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Rejections' texts are one line; a longer body is cut, not buffered whole.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let detail = String::from_utf8_lossy(&text).trim().to_owned();
+    let error = match status {
+        StatusCode::NOT_FOUND => ApiError::NotFound("route".to_owned()),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(super::MAX_BODY_BYTES),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
+        StatusCode::UNPROCESSABLE_ENTITY => ApiError::InvalidRequest(detail),
+        s if s.is_server_error() => ApiError::Unavailable(detail),
+        _ => ApiError::InvalidParameter(detail),
+    };
+    let answer = error.into_response();
+    parts.status = answer.status();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.extend(answer.headers().clone());
+    Response::from_parts(parts, answer.into_body())
 }
 
 #[cfg(test)]

@@ -218,6 +218,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         ApiConfig {
             keys_namespace: KEYS_NAMESPACE.to_owned(),
             models,
+            rate_limit: crate::api::DEFAULT_RATE_LIMIT,
         },
     );
     tasks.spawn(key_watch);

@@ -63,6 +63,7 @@ pub async fn serve_api(
         kinsight::api::ApiConfig {
             keys_namespace: KEYS_NAMESPACE.into(),
             models: models.to_vec(),
+            rate_limit: kinsight::api::DEFAULT_RATE_LIMIT,
         },
     );
     tasks.push(tokio::spawn(key_watch));
@@ -74,6 +75,19 @@ pub async fn serve_api(
         let _ = axum::serve(listener, app).await;
     }));
     api_url
+}
+
+/// Status, Content-Type and body text of the answer to `request`.
+pub async fn answer(request: reqwest::RequestBuilder) -> (u16, String, String) {
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let kind = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, kind, response.text().await.unwrap_or_default())
 }
 
 /// A PostgreSQL of its own (in a temporary folder, removed with the returned guard) and
