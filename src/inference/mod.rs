@@ -83,9 +83,13 @@ pub enum InferenceError {
         detected.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
     UnsupportedFormat { detected: Option<String> },
 
-    /// The bytes claim to be a supported format but cannot be decoded (corrupt, truncated, empty).
+    /// The bytes claim to be a supported format but cannot be decoded (corrupt, empty).
     #[error("corrupt image: {0}")]
     CorruptImage(String),
+
+    /// The file is cut short (e.g. a partial download): its end is missing.
+    #[error("truncated image: {0}")]
+    TruncatedImage(String),
 
     /// The image header announces more pixels than allowed; nothing was decoded.
     #[error("image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")]
@@ -122,6 +126,7 @@ impl InferenceError {
             Self::ModelLoad { .. } => "model_load_failed",
             Self::UnsupportedFormat { .. } => "unsupported_format",
             Self::CorruptImage(_) => "corrupt_image",
+            Self::TruncatedImage(_) => "image_truncated",
             Self::ImageTooLarge { .. } => "image_too_large",
             Self::InvalidImage(_) => "invalid_image",
             Self::Inference { .. } => "inference_failed",
@@ -137,6 +142,7 @@ impl InferenceError {
             self,
             Self::UnsupportedFormat { .. }
                 | Self::CorruptImage(_)
+                | Self::TruncatedImage(_)
                 | Self::ImageTooLarge { .. }
                 | Self::InvalidImage(_)
         )

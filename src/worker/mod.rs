@@ -260,6 +260,7 @@ pub fn failure_reason(e: &InferenceError) -> &'static str {
     match e {
         InferenceError::UnsupportedFormat { .. } => "UnsupportedFormat",
         InferenceError::ImageTooLarge { .. } => "ImageTooLarge",
+        InferenceError::TruncatedImage(_) => "ImageTruncated",
         InferenceError::CorruptImage(_) | InferenceError::InvalidImage(_) => "CorruptImage",
         _ => "ProcessingFailed",
     }
