@@ -8,6 +8,8 @@
 //!   allows; CPU or CUDA;
 //! - `detection` (NanoDet, YOLOv8) / `classification` / `ordinal`: raw model outputs ->
 //!   [`output::ModelOutput`];
+//! - [`quality`]: the built-in `photo_quality` analyser (sharpness, exposure, resolution,
+//!   aspect; no model file), run on the decoded image beside the models;
 //! - [`pipeline`]: bytes in, results out, decoding and preprocessing overlapping inference
 //!   (what the worker runs);
 //! - [`cpu_limit`]: the CPUs the pod may use (std: affinity and cgroup quota), for thread counts.
@@ -25,18 +27,21 @@ mod ordinal;
 pub mod output;
 pub mod pipeline;
 mod preprocess;
+pub mod quality;
 pub mod runtime;
 
 use std::path::PathBuf;
 
 pub use catalog::{
-    Catalog, ChannelOrder, ClassificationParams, DetectionDecoder, DetectionParams, ModelSpec,
-    Preprocessing, Resize, TaskSpec,
+    AnalyserEntry, BuiltIn, Catalog, ChannelOrder, ClassificationParams, DetectionDecoder,
+    DetectionParams, ModelSpec, Preprocessing, Resize, TaskSpec,
 };
 pub use cpu::cpu_limit;
 pub use decode::{DecodeLimits, decode_image};
 pub use engine::{Engine, EngineOptions, ExecutionProvider, PreparedInput};
-pub use output::{BoundingBox, ClassScore, Detection, ModelOutput, OrdinalGrade};
+pub use output::{
+    BoundingBox, ClassScore, Detection, ModelOutput, OrdinalGrade, PhotoQuality, QualityFlag,
+};
 pub use pipeline::{ImageAnalysis, ModelRun, Pipeline, PipelineOptions};
 pub use runtime::{default_runtime_path, init_runtime};
 
