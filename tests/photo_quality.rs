@@ -1,11 +1,13 @@
 //! Golden tests of the built-in `photo_quality` analyser, run the way the worker runs it
 //! (the project catalog, the inference pipeline, image bytes in): the bundled photos and
-//! copies made here (blurred, darkened, brightened, shrunk) get the expected flags.
+//! copies made here (blurred, darkened, brightened, shrunk) get the expected flags; and
+//! the perceptual hash every image gets finds a crop-and-rescale copy among them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use image::{DynamicImage, ImageFormat, RgbImage};
+use kinsight::inference::similarity::{duplicate_sets, hamming_distance};
 use kinsight::inference::{
     Catalog, Engine, EngineOptions, PhotoQuality, Pipeline, PipelineOptions, QualityFlag,
 };
@@ -49,6 +51,14 @@ fn shrunk(image: &RgbImage, short_side: u32) -> RgbImage {
 
 /// `photo_quality` of each image, through the pipeline, in order.
 fn analyse(images: &[(&str, Vec<u8>)]) -> Vec<(String, PhotoQuality)> {
+    run(images)
+        .into_iter()
+        .map(|(name, quality, _)| (name, quality))
+        .collect()
+}
+
+/// `photo_quality` and the perceptual hash of each image, through the pipeline, in order.
+fn run(images: &[(&str, Vec<u8>)]) -> Vec<(String, PhotoQuality, String)> {
     let catalog = Catalog::load(repo("models/catalog.yaml")).expect("project catalog");
     let models = vec!["photo_quality".to_owned()];
     let engine = Engine::load(&catalog, &models, &EngineOptions::default()).expect("engine");
@@ -59,7 +69,7 @@ fn analyse(images: &[(&str, Vec<u8>)]) -> Vec<(String, PhotoQuality)> {
         submitter.blocking_submit(i, bytes.clone()).expect("submit");
     }
     drop(submitter);
-    let mut out: Vec<Option<PhotoQuality>> = vec![None; images.len()];
+    let mut out: Vec<Option<(PhotoQuality, String)>> = vec![None; images.len()];
     while let Some((i, outcome)) = results.blocking_next() {
         let mut analysis = outcome.expect("decoded");
         let run = analysis
@@ -70,12 +80,19 @@ fn analyse(images: &[(&str, Vec<u8>)]) -> Vec<(String, PhotoQuality)> {
             "{}: {}x{}, decode {:.1} ms, photo_quality {:.2} ms",
             images[i].0, analysis.width, analysis.height, analysis.decode_ms, run.inference_ms
         );
-        out[i] = run.result.expect("analysed").quality;
+        let quality = run.result.expect("analysed").quality.expect("quality");
+        out[i] = Some((
+            quality,
+            analysis.perceptual_hash.expect("a perceptual hash"),
+        ));
     }
     images
         .iter()
         .zip(out)
-        .map(|((name, _), q)| (name.to_string(), q.expect("a result per image")))
+        .map(|((name, _), q)| {
+            let (quality, hash) = q.expect("a result per image");
+            (name.to_string(), quality, hash)
+        })
         .collect()
 }
 
@@ -124,4 +141,56 @@ fn bundled_photos_and_made_copies_get_the_expected_flags() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// The README's default: at most this many of the 64 bits differ in a near-duplicate.
+const MAX_DISTANCE: u32 = 12;
+
+#[test]
+fn a_crop_and_rescale_copy_is_a_near_duplicate_and_other_photos_are_not() {
+    let astronaut = photo("astronaut.png");
+    let (w, h) = astronaut.dimensions();
+    // 6 % cut off each side, then scaled to 70 % and saved as JPEG: what a re-upload does.
+    let cropped = image::imageops::crop_imm(
+        &astronaut,
+        w * 6 / 100,
+        h * 6 / 100,
+        w * 88 / 100,
+        h * 88 / 100,
+    )
+    .to_image();
+    let copy = shrunk(&cropped, h * 70 / 100);
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    copy.write_to(&mut jpeg, ImageFormat::Jpeg).expect("jpeg");
+    let images = vec![
+        ("astronaut", png(&astronaut)),
+        ("astronaut-copy", jpeg.into_inner()),
+        ("coffee", png(&photo("coffee.png"))),
+        ("chelsea", png(&photo("chelsea.png"))),
+        ("rocket", png(&photo("rocket.jpg"))),
+    ];
+    let hashed = run(&images);
+    let hash = |name: &str| {
+        hashed
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, h)| h.as_str())
+            .expect(name)
+    };
+    for (name, _, _) in &hashed {
+        eprintln!(
+            "{name}: distance to astronaut {:?}",
+            hamming_distance(hash("astronaut"), hash(name))
+        );
+    }
+    let near = hamming_distance(hash("astronaut"), hash("astronaut-copy")).expect("comparable");
+    assert!(near <= MAX_DISTANCE, "the copy is {near} bits away");
+    let sets = duplicate_sets(
+        hashed.iter().map(|(n, _, h)| (n.as_str(), h.as_str())),
+        MAX_DISTANCE,
+    );
+    assert_eq!(
+        sets,
+        [vec!["astronaut".to_owned(), "astronaut-copy".to_owned()]]
+    );
 }

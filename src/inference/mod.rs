@@ -10,6 +10,7 @@
 //!   [`output::ModelOutput`];
 //! - [`quality`]: the built-in `photo_quality` analyser (sharpness, exposure, resolution,
 //!   aspect; no model file), run on the decoded image beside the models;
+//! - [`similarity`]: a perceptual hash per decoded image, near-duplicate sets;
 //! - [`pipeline`]: bytes in, results out, decoding and preprocessing overlapping inference
 //!   (what the worker runs);
 //! - [`cpu_limit`]: the CPUs the pod may use (std: affinity and cgroup quota), for thread counts.
@@ -29,6 +30,7 @@ pub mod pipeline;
 mod preprocess;
 pub mod quality;
 pub mod runtime;
+pub mod similarity;
 
 use std::path::PathBuf;
 

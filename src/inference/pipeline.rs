@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use super::decode::{DecodeLimits, decode_image};
 use super::engine::{Engine, PreparedInput};
 use super::output::ModelOutput;
+use super::similarity::perceptual_hash;
 use super::{InferenceError, cpu_limit, ms};
 
 /// How the pipeline is laid out.
@@ -58,6 +59,8 @@ pub struct ImageAnalysis {
     pub decode_ms: f64,
     /// Preprocessing the image for every model, in milliseconds.
     pub preprocess_ms: f64,
+    /// Perceptual hash of the decoded image ([`super::similarity`]); `None` if it failed.
+    pub perceptual_hash: Option<String>,
     /// Per model name.
     pub models: BTreeMap<String, ModelRun>,
 }
@@ -318,6 +321,7 @@ fn decode_loop<K>(
             height: image.height(),
             decode_ms: ms(decoded - started),
             preprocess_ms: 0.0,
+            perceptual_hash: None,
             models: BTreeMap::new(),
         };
         let mut prepared = Vec::with_capacity(queues.len());
@@ -334,6 +338,10 @@ fn decode_loop<K>(
         }
         let requested = |model: &String| models.as_ref().is_none_or(|m| m.contains(model));
         if let DynamicImage::ImageRgb8(rgb) = &image {
+            // Every image gets one: near-duplicates are found across the group's results.
+            analysis.perceptual_hash = perceptual_hash(rgb)
+                .inspect_err(|e| tracing::warn!(error = %e, "no perceptual hash"))
+                .ok();
             for analyser in analysers.iter().filter(|a| requested(a)) {
                 let started = Instant::now();
                 let result = engine.run_analyser(analyser, rgb);

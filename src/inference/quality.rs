@@ -152,9 +152,8 @@ pub fn analyse(
     thresholds: &QualityThresholds,
 ) -> Result<PhotoQuality, InferenceError> {
     let (width, height) = image.dimensions();
-    let grey = analysis_grey(image)?;
-    let (w, h) = (grey.width() as usize, grey.height() as usize);
-    let pixels = grey.buffer();
+    let (grey, w, h) = analysis_grey(image)?;
+    let pixels = grey.as_slice();
 
     let mut histogram = [0_u64; 256];
     for &p in pixels {
@@ -219,27 +218,36 @@ pub fn analyse(
     })
 }
 
-/// `image` shrunk (antialiased) to at most [`ANALYSIS_SIDE`] on its longest side, as grey
-/// levels (BT.601 luma).
-fn analysis_grey(image: &RgbImage) -> Result<Image<'static>, InferenceError> {
+/// `image` shrunk (antialiased) to at most `side` pixels on its longest side; smaller
+/// images are copied as they are.
+pub(crate) fn shrink(image: &RgbImage, side: u32) -> Result<RgbImage, InferenceError> {
     let (width, height) = image.dimensions();
-    let scale = (ANALYSIS_SIDE as f32 / width.max(height).max(1) as f32).min(1.0);
+    let scale = (side as f32 / width.max(height).max(1) as f32).min(1.0);
     let target = |side: u32| ((side as f32 * scale).round() as u32).max(1);
     let (tw, th) = (target(width), target(height));
+    if (tw, th) == (width, height) {
+        return Ok(image.clone());
+    }
     let source = ImageRef::new(width, height, image.as_raw(), PixelType::U8x3)
-        .map_err(|e| InferenceError::InvalidImage(format!("photo quality: {e}")))?;
+        .map_err(|e| InferenceError::InvalidImage(format!("shrinking the image: {e}")))?;
     let mut small = Image::new(tw, th, PixelType::U8x3);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     Resizer::new()
         .resize(&source, &mut small, &options)
-        .map_err(|e| InferenceError::Internal(format!("photo quality resize: {e}")))?;
-    let grey: Vec<u8> = small
-        .buffer()
+        .map_err(|e| InferenceError::Internal(format!("shrinking the image: {e}")))?;
+    RgbImage::from_raw(tw, th, small.into_vec())
+        .ok_or_else(|| InferenceError::Internal("shrinking the image: buffer size".into()))
+}
+
+/// `image` shrunk to [`ANALYSIS_SIDE`] as grey levels (BT.601 luma), with its width and height.
+fn analysis_grey(image: &RgbImage) -> Result<(Vec<u8>, usize, usize), InferenceError> {
+    let small = shrink(image, ANALYSIS_SIDE)?;
+    let grey = small
+        .as_raw()
         .chunks_exact(3)
         .map(|p| ((77 * u32::from(p[0]) + 150 * u32::from(p[1]) + 29 * u32::from(p[2])) >> 8) as u8)
         .collect();
-    Image::from_vec_u8(tw, th, grey, PixelType::U8)
-        .map_err(|e| InferenceError::Internal(format!("photo quality grey: {e}")))
+    Ok((grey, small.width() as usize, small.height() as usize))
 }
 
 /// Variance of `4 * p - (up + down + left + right)` over the inner pixels; 0 when there are none.
