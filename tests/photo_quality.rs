@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use image::{DynamicImage, ImageFormat, RgbImage};
-use kinsight::inference::similarity::{duplicate_sets, hamming_distance};
+use kinsight::inference::similarity::{duplicate_sets, hamming_distance, perceptual_hash};
 use kinsight::inference::{
     Catalog, Engine, EngineOptions, PhotoQuality, Pipeline, PipelineOptions, QualityFlag,
 };
@@ -185,6 +185,15 @@ fn a_crop_and_rescale_copy_is_a_near_duplicate_and_other_photos_are_not() {
     }
     let near = hamming_distance(hash("astronaut"), hash("astronaut-copy")).expect("comparable");
     assert!(near <= MAX_DISTANCE, "the copy is {near} bits away");
+    // The hash's cost on a 9-megapixel photo (reported, not asserted: machines differ).
+    let large = shrunk(&astronaut, 3000);
+    let started = std::time::Instant::now();
+    let large_hash = perceptual_hash(&large).expect("hash");
+    eprintln!(
+        "perceptual hash of 3000x3000: {:.2} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    assert!(hamming_distance(&large_hash, hash("astronaut")).expect("comparable") <= MAX_DISTANCE);
     let sets = duplicate_sets(
         hashed.iter().map(|(n, _, h)| (n.as_str(), h.as_str())),
         MAX_DISTANCE,
