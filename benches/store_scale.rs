@@ -72,6 +72,8 @@ fn result(image: usize) -> ImageResult {
         failure: None,
         width: Some(1024),
         height: Some(768),
+        // What a worker stores: 64 bits, base64.
+        perceptual_hash: Some("q83vASNFZ4k=".to_owned()),
         outputs: BTreeMap::from([(
             "image_classification".to_owned(),
             ModelResult {

@@ -242,6 +242,7 @@ fn result_spec(group: &str, image: &str) -> ImageResult {
         failure: None,
         width: Some(64),
         height: Some(48),
+        perceptual_hash: None,
         outputs: BTreeMap::from([(
             MODEL.to_owned(),
             ModelResult {

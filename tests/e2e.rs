@@ -56,11 +56,15 @@ async fn post_stuck_group(h: &Harness) -> String {
     post_group(h, images, &["image_classification"]).await
 }
 
+/// The webhooks received until the group's `image_group.completed`.
+async fn events_once_complete(h: &mut Harness) -> Vec<kinsight::dev::ReceivedWebhook> {
+    h.collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
+        .await
+}
+
 /// The reason and message of the first `image.failed` event, once the group completed.
 async fn failure_once_complete(h: &mut Harness) -> (String, String) {
-    let events = h
-        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.completed").is_empty())
-        .await;
+    let events = events_once_complete(h).await;
     let failed = of_type(&events, "image.failed");
     let failure = &failed.first().expect("an image.failed event").payload["data"]["failure"];
     let text = |field: &str| failure[field].as_str().unwrap_or_default().to_owned();
@@ -1313,4 +1317,68 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
             .is_err(),
         "no group event to an image-only subscription"
     );
+}
+
+/// Issue 12: a partial download fails as `ImageTruncated` (never analysed on grey fill),
+/// and `photo_quality`, requested like a model, flags the blurred photo of the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo() {
+    let mut h = Harness::start("tenant-quality").await;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let read = |name: &str| std::fs::read(fixtures.join(name)).expect("bundled photo");
+    let folder = tempfile::tempdir().expect("tempdir");
+    let write =
+        |name: &str, bytes: &[u8]| std::fs::write(folder.path().join(name), bytes).expect("write");
+    let rocket = read("rocket.jpg");
+    write("cut.jpg", &rocket[..rocket.len() / 3]);
+    let coffee = read("coffee.png");
+    write("cut.png", &coffee[..coffee.len() / 3]);
+    write("astronaut.png", &read("astronaut.png"));
+    let astronaut = image::load_from_memory(&read("astronaut.png")).expect("decodes");
+    let mut blurred = std::io::Cursor::new(Vec::new());
+    astronaut
+        .blur(4.0)
+        .write_to(&mut blurred, image::ImageFormat::Png)
+        .expect("png");
+    write("blurred.png", blurred.get_ref());
+    let (photos, server) = kinsight::dev::serve_folder(folder.path().to_path_buf())
+        .await
+        .expect("photo server");
+    let url = |name: &str| format!("http://{photos}/{name}");
+
+    let images = json!([
+        { "id": "sharp", "url": url("astronaut.png") },
+        { "id": "blurred", "url": url("blurred.png") },
+        { "id": "cut-jpeg", "url": url("cut.jpg") },
+        { "id": "cut-png", "url": url("cut.png") }
+    ]);
+    post_group(&h, images, &["photo_quality"]).await;
+    let events = events_once_complete(&mut h).await;
+    server.abort();
+    let data_of = |kind: &str| -> HashMap<String, serde_json::Value> {
+        of_type(&events, kind)
+            .into_iter()
+            .map(|e| {
+                let data = &e.payload["data"];
+                (
+                    data["imageId"].as_str().unwrap_or_default().to_owned(),
+                    data.clone(),
+                )
+            })
+            .collect()
+    };
+    let failed = data_of("image.failed");
+    assert_eq!(failed.len(), 2, "{events:#?}");
+    assert_eq!(failed["cut-jpeg"]["failure"]["reason"], "ImageTruncated");
+    assert_eq!(failed["cut-png"]["failure"]["reason"], "ImageTruncated");
+    let completed = data_of("image.completed");
+    let flags = |id: &str| completed[id]["results"]["photo_quality"]["quality"]["flags"].clone();
+    assert_eq!(flags("sharp"), json!([]), "{:#}", completed["sharp"]);
+    assert_eq!(
+        flags("blurred"),
+        json!(["blurry"]),
+        "{:#}",
+        completed["blurred"]
+    );
+    common::assert_payloads_conform(&events);
 }

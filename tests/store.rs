@@ -39,6 +39,7 @@ fn classified(image: &str, model: &str, label: &str) -> ImageResult {
         failure: None,
         width: Some(640),
         height: Some(480),
+        perceptual_hash: Some(format!("{image}-hash")),
         outputs: BTreeMap::from([(
             model.to_owned(),
             ModelResult {
@@ -74,15 +75,19 @@ async fn results_merge_per_image_and_a_batch_written_twice_changes_nothing() {
     assert_eq!(first["a"].group, g.name);
     assert_eq!(first["a"].outputs, batch[0].outputs);
     assert_eq!(first["a"].width, Some(640));
+    assert_eq!(first["a"].perceptual_hash.as_deref(), Some("a-hash"));
     assert_eq!(
         first["b"].failure.as_ref().map(|f| f.reason.as_str()),
         Some("DownloadFailed")
     );
 
     // A later generation adds a model: its output joins the first one's.
-    let later = classified("a", "object_detection", "cup");
+    let mut later = classified("a", "object_detection", "cup");
+    later.perceptual_hash = None;
     store.write_results(&g, 2, &[later]).await.expect("stored");
     let a = store.image_result(&g, "a").await.expect("read").expect("a");
+    // ...and a write without a hash keeps the one stored.
+    assert_eq!(a.perceptual_hash.as_deref(), Some("a-hash"));
     assert_eq!(
         a.outputs.keys().map(String::as_str).collect::<Vec<_>>(),
         ["image_classification", "object_detection"]

@@ -166,6 +166,21 @@ fn truncated_png() -> Vec<u8> {
     bytes
 }
 
+/// A WebP shorter than its RIFF header announces (a partial download).
+fn truncated_webp() -> Vec<u8> {
+    let mut bytes = webp(64, 64);
+    bytes.truncate(bytes.len() - 4);
+    bytes
+}
+
+/// A PNG of full length whose pixel data was damaged (its checksum no longer matches).
+fn corrupt_png() -> Vec<u8> {
+    let mut bytes = png(64, 64);
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + 16].fill(0x5A);
+    bytes
+}
+
 fn wrong_magic_png() -> Vec<u8> {
     let mut bytes = png(8, 8);
     bytes[0] = 0x88;
@@ -187,6 +202,8 @@ async fn serve_corpus() -> SocketAddr {
         .route("/ok.webp", get(|| async { respond("image/webp", webp(3, 2)) }))
         .route("/truncated.png", get(|| async { respond("image/png", truncated_png()) }))
         .route("/truncated.jpg", get(|| async { respond("image/jpeg", truncated_jpeg()) }))
+        .route("/truncated.webp", get(|| async { respond("image/webp", truncated_webp()) }))
+        .route("/corrupt.png", get(|| async { respond("image/png", corrupt_png()) }))
         .route("/wrong-magic.png", get(|| async { respond("image/png", wrong_magic_png()) }))
         .route("/empty.png", get(|| async { respond("image/png", Vec::new()) }))
         .route("/bomb.png", get(|| async { respond("image/png", png_claiming(30_000, 30_000)) }))
@@ -243,8 +260,10 @@ fn corpus() -> Vec<(&'static str, Expected)> {
         ("/ok-1x1.png", Ok((1, 1))),
         ("/ok.jpg", Ok((16, 8))),
         ("/ok.webp", Ok((3, 2))),
-        ("/truncated.png", Err("CorruptImage")),
-        ("/truncated.jpg", Err("CorruptImage")),
+        ("/truncated.png", Err("ImageTruncated")),
+        ("/truncated.jpg", Err("ImageTruncated")),
+        ("/truncated.webp", Err("ImageTruncated")),
+        ("/corrupt.png", Err("CorruptImage")),
         ("/wrong-magic.png", Err("UnsupportedFormat")),
         ("/empty.png", Err("CorruptImage")),
         ("/bomb.png", Err("ImageTooLarge")),

@@ -105,6 +105,7 @@ mod tests {
             failure: None,
             width: Some(10),
             height: Some(10),
+            perceptual_hash: None,
             outputs,
             timings: Timings::default(),
         }

@@ -15,12 +15,36 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::InferenceError;
+use super::quality::QualityThresholds;
 
 /// The YAML document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CatalogFile {
     pub models: Vec<ModelEntry>,
+    /// Built-in analysers: requested by name like models, no ONNX file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysers: Vec<AnalyserEntry>,
+}
+
+/// A built-in analyser as written in the catalog (and, validated, as the engine runs it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnalyserEntry {
+    /// Name used in requests and results, e.g. `photo_quality`.
+    pub name: String,
+    pub builtin: BuiltIn,
+    /// `photo-quality`: when its flags are raised (every field has a default).
+    #[serde(default)]
+    pub thresholds: QualityThresholds,
+}
+
+/// The analysers kinsight has built in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuiltIn {
+    /// Sharpness, exposure, resolution and aspect, with flags (see `inference::quality`).
+    PhotoQuality,
 }
 
 /// One model as written in the catalog.
@@ -207,6 +231,7 @@ pub struct Catalog {
     /// The YAML the catalog was read from (what the controller hands to workers).
     yaml: String,
     models: Vec<ModelSpec>,
+    analysers: Vec<AnalyserEntry>,
 }
 
 impl Catalog {
@@ -271,10 +296,24 @@ impl Catalog {
             })?;
             models.push(spec);
         }
+        for entry in &file.analysers {
+            if !seen.insert(entry.name.clone()) {
+                return Err(catalog_error(
+                    origin,
+                    format!("`{}` is listed more than once", entry.name),
+                ));
+            }
+            validate_name(&entry.name)
+                .and_then(|()| entry.thresholds.validate())
+                .map_err(|message| {
+                    catalog_error(origin, format!("analyser `{}`: {message}", entry.name))
+                })?;
+        }
         Ok(Catalog {
             path: origin.to_path_buf(),
             yaml,
             models,
+            analysers: file.analysers,
         })
     }
 
@@ -304,8 +343,18 @@ impl Catalog {
         self.models.iter().find(|m| m.name == name)
     }
 
+    pub fn analysers(&self) -> &[AnalyserEntry] {
+        &self.analysers
+    }
+
+    pub fn analyser(&self, name: &str) -> Option<&AnalyserEntry> {
+        self.analysers.iter().find(|a| a.name == name)
+    }
+
+    /// What requests may name: the models, then the built-in analysers.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.models.iter().map(|m| m.name.as_str())
+        let analysers = self.analysers.iter().map(|a| a.name.as_str());
+        self.models.iter().map(|m| m.name.as_str()).chain(analysers)
     }
 }
 
@@ -635,6 +684,34 @@ models:
         let catalog = parse(&absolute, mounted.path()).unwrap();
         let cls = catalog.get("image_classification").unwrap();
         assert_eq!(cls.model_path, models.path().join("cls.onnx"));
+    }
+
+    #[test]
+    fn analysers_are_named_like_models_and_their_thresholds_checked() {
+        let dir = fixture_dir();
+        let with = |entry: &str| format!("{VALID}\nanalysers:\n{entry}");
+        let catalog = parse(
+            &with("  - name: photo_quality\n    builtin: photo-quality\n    thresholds:\n      minShortSide: 600\n"),
+            dir.path(),
+        )
+        .unwrap();
+        assert!(catalog.names().any(|n| n == "photo_quality"));
+        let analyser = catalog.analyser("photo_quality").unwrap();
+        assert_eq!(analyser.thresholds.min_short_side, 600);
+        assert_eq!(analyser.thresholds.blurry_below, 100.0, "default");
+        let text = |yaml: String| parse(&yaml, dir.path()).unwrap_err().to_string();
+        assert!(
+            text(with(
+                "  - name: object_detection\n    builtin: photo-quality\n"
+            ))
+            .contains("listed more than once")
+        );
+        assert!(
+            text(with(
+                "  - name: q\n    builtin: photo-quality\n    thresholds:\n      darkMeanBelow: 2\n"
+            ))
+            .contains("darkMeanBelow")
+        );
     }
 
     #[test]

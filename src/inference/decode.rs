@@ -4,6 +4,13 @@
 //! file name or content type). The dimensions are read from the header and checked
 //! against [`DecodeLimits::max_pixels`] *before* any pixel buffer is allocated, so a
 //! small file announcing a huge image (a decompression bomb) costs nothing.
+//!
+//! The decoders fill what is missing from a file cut short with grey and report success
+//! (a partial download would be analysed as if whole), so the container structure is
+//! walked first: a JPEG must reach its EOI marker, a PNG its IEND chunk, a WebP must hold
+//! the bytes its RIFF header announces. Anything cut short fails as
+//! [`InferenceError::TruncatedImage`]; data that is all there but does not decode is
+//! [`InferenceError::CorruptImage`].
 
 use std::io::Cursor;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -60,6 +67,8 @@ fn decode_unchecked(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
             detected: Some(format!("{format:?}").to_lowercase()),
         });
     }
+
+    check_complete(bytes, format)?;
 
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     // Some decoders check their allocation limit while reading the header, which would
@@ -118,10 +127,104 @@ fn map_error(error: ImageError, size: Option<(u32, u32, &DecodeLimits)>) -> Infe
             detected: Some(e.to_string()),
         },
         ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            InferenceError::CorruptImage("truncated data".into())
+            InferenceError::TruncatedImage("the decoder ran out of data".into())
         }
         other => InferenceError::CorruptImage(other.to_string()),
     }
+}
+
+/// Fails with [`InferenceError::TruncatedImage`] unless the file's structure is complete.
+/// Bytes after the end (some cameras append data) are allowed.
+fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), InferenceError> {
+    let missing = match format {
+        ImageFormat::Jpeg => jpeg_missing(bytes),
+        ImageFormat::Png => png_missing(bytes),
+        ImageFormat::WebP => webp_missing(bytes),
+        _ => None,
+    };
+    match missing {
+        None => Ok(()),
+        Some(what) => Err(InferenceError::TruncatedImage(format!(
+            "{what} after {} bytes",
+            bytes.len()
+        ))),
+    }
+}
+
+/// What a cut-short JPEG lacks, walking its markers to EOI: segments by their length (so an
+/// EXIF thumbnail's own EOI is skipped), entropy-coded data up to the next marker.
+fn jpeg_missing(bytes: &[u8]) -> Option<&'static str> {
+    const MISSING: Option<&str> = Some("the JPEG ends before its end-of-image marker");
+    let mut at = 2; // past SOI
+    loop {
+        // Any number of 0xFF fill bytes may precede a marker.
+        while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
+            at += 1;
+        }
+        let (Some(0xFF), Some(&marker)) = (bytes.get(at), bytes.get(at + 1)) else {
+            return MISSING;
+        };
+        at += 2;
+        match marker {
+            0xD9 => return None,            // EOI
+            0x01 | 0xD0..=0xD7 => continue, // TEM, RSTn: no length
+            _ => {}
+        }
+        let Some(&[hi, lo]) = bytes.get(at..at + 2) else {
+            return MISSING;
+        };
+        at += usize::from(u16::from_be_bytes([hi, lo]));
+        if at > bytes.len() {
+            return MISSING;
+        }
+        if marker == 0xDA {
+            // SOS: entropy-coded data up to a marker that is not stuffing (FF00) or RSTn.
+            loop {
+                let Some(ff) = bytes[at..].iter().position(|&b| b == 0xFF) else {
+                    return MISSING;
+                };
+                at += ff;
+                match bytes.get(at + 1) {
+                    None => return MISSING,
+                    Some(0x00 | 0xD0..=0xD7) => at += 2,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// What a cut-short PNG lacks, walking its chunks to IEND.
+fn png_missing(bytes: &[u8]) -> Option<&'static str> {
+    let mut at = 8; // past the signature
+    loop {
+        let Some(&[l0, l1, l2, l3, t0, t1, t2, t3]) = bytes.get(at..at + 8) else {
+            return Some("the PNG ends before its IEND chunk");
+        };
+        let length = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+        // Length, type, data, CRC.
+        let end = at.saturating_add(12).saturating_add(length);
+        if end > bytes.len() {
+            return Some(if &[t0, t1, t2, t3] == b"IDAT" {
+                "the PNG's image data (IDAT) is cut short"
+            } else {
+                "the PNG ends inside a chunk"
+            });
+        }
+        if &[t0, t1, t2, t3] == b"IEND" {
+            return None;
+        }
+        at = end;
+    }
+}
+
+/// What a cut-short WebP lacks: the RIFF header announces the file's size.
+fn webp_missing(bytes: &[u8]) -> Option<&'static str> {
+    let Some(&[s0, s1, s2, s3]) = bytes.get(4..8) else {
+        return Some("the WebP ends inside its RIFF header");
+    };
+    let announced = u64::from(u32::from_le_bytes([s0, s1, s2, s3])) + 8;
+    (announced > bytes.len() as u64).then_some("the WebP is shorter than its RIFF header announces")
 }
 
 #[cfg(test)]
@@ -133,17 +236,18 @@ mod tests {
         RgbImage::from_fn(width, height, |x, y| Rgb([x as u8, y as u8, (x + y) as u8]))
     }
 
+    fn encoded(image: &RgbImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        image.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
     fn png(image: &RgbImage) -> Vec<u8> {
-        let mut out = Vec::new();
-        image::codecs::png::PngEncoder::new(&mut out)
-            .write_image(
-                image.as_raw(),
-                image.width(),
-                image.height(),
-                image::ExtendedColorType::Rgb8,
-            )
-            .unwrap();
-        out
+        encoded(image, ImageFormat::Png)
+    }
+
+    fn jpeg(image: &RgbImage) -> Vec<u8> {
+        encoded(image, ImageFormat::Jpeg)
     }
 
     /// CRC-32 (IEEE) as PNG chunks use it.
@@ -183,11 +287,7 @@ mod tests {
         let decoded = decode(&png(&image)).unwrap();
         assert_eq!(decoded.to_rgb8(), image);
 
-        let mut jpeg = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
-            .write_image(image.as_raw(), 20, 10, image::ExtendedColorType::Rgb8)
-            .unwrap();
-        let decoded = decode(&jpeg).unwrap();
+        let decoded = decode(&jpeg(&image)).unwrap();
         assert_eq!((decoded.width(), decoded.height()), (20, 10));
 
         let rgba = RgbaImage::from_pixel(7, 3, Rgba([1, 2, 3, 128]));
@@ -262,11 +362,12 @@ mod tests {
     #[test]
     fn rejects_truncated_and_corrupt_png() {
         let bytes = png(&gradient(64, 64));
-        for cut in [8, 20, 40, bytes.len() / 2, bytes.len() - 13] {
+        for cut in [8, 20, 40, bytes.len() / 2, bytes.len() - 1] {
             let err = decode(&bytes[..cut]).unwrap_err();
-            assert_eq!(err.category(), "corrupt_image", "cut at {cut}: {err:?}");
+            assert_eq!(err.category(), "image_truncated", "cut at {cut}: {err:?}");
+            assert!(err.is_input_error());
         }
-        // Valid header, garbage compressed data.
+        // Valid structure, garbage compressed data.
         let mut corrupt = bytes.clone();
         let len = corrupt.len();
         corrupt[60..len - 20].iter_mut().for_each(|b| *b = 0xA5);
@@ -279,22 +380,54 @@ mod tests {
     }
 
     #[test]
-    fn truncated_or_garbage_jpeg_does_not_panic() {
-        let image = gradient(64, 64);
-        let mut jpeg = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new(&mut jpeg)
-            .write_image(image.as_raw(), 64, 64, image::ExtendedColorType::Rgb8)
-            .unwrap();
-        for cut in [3, 10, 100, jpeg.len() / 2] {
-            // Decoders may fill missing data; what matters is a result, not a panic.
-            let _ = decode(&jpeg[..cut]);
+    fn truncated_jpeg_fails_instead_of_being_filled_in() {
+        let jpeg = jpeg(&gradient(64, 64));
+        assert!(decode(&jpeg).is_ok());
+        for cut in [3, 10, 100, jpeg.len() / 3, jpeg.len() - 1] {
+            let err = decode(&jpeg[..cut]).unwrap_err();
+            assert_eq!(err.category(), "image_truncated", "cut at {cut}: {err:?}");
         }
+        // Data appended after the end-of-image marker is not a truncation.
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"camera maker notes");
+        assert!(decode(&trailing).is_ok());
         let mut garbage = jpeg.clone();
         garbage[30..]
             .iter_mut()
             .enumerate()
             .for_each(|(i, b)| *b = (i * 31) as u8);
+        // Whatever it is, it is not a panic.
         let _ = decode(&garbage);
-        assert_eq!(decode(&jpeg[..3]).unwrap_err().category(), "corrupt_image");
+    }
+
+    #[test]
+    fn an_embedded_thumbnail_end_marker_does_not_complete_a_cut_jpeg() {
+        let thumbnail = jpeg(&gradient(8, 8));
+        let photo = jpeg(&gradient(64, 64));
+        // An APP1 segment holding a whole JPEG (as EXIF thumbnails are), right after SOI.
+        let mut bytes = photo[..2].to_vec();
+        bytes.extend_from_slice(&[0xFF, 0xE1]);
+        bytes.extend_from_slice(&((thumbnail.len() + 2) as u16).to_be_bytes());
+        bytes.extend_from_slice(&thumbnail);
+        bytes.extend_from_slice(&photo[2..]);
+        assert!(decode(&bytes).is_ok());
+        let cut = 2 + 4 + thumbnail.len() + 50;
+        assert_eq!(
+            decode(&bytes[..cut]).unwrap_err().category(),
+            "image_truncated"
+        );
+    }
+
+    #[test]
+    fn webp_shorter_than_its_riff_size_is_truncated() {
+        let rgba = RgbaImage::from_fn(32, 32, |x, y| Rgba([x as u8 * 8, y as u8 * 8, 0, 255]));
+        let mut webp = Vec::new();
+        image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
+            .write_image(rgba.as_raw(), 32, 32, image::ExtendedColorType::Rgba8)
+            .unwrap();
+        for cut in [12, 20, webp.len() / 2, webp.len() - 1] {
+            let err = decode(&webp[..cut]).unwrap_err();
+            assert_eq!(err.category(), "image_truncated", "cut at {cut}: {err:?}");
+        }
     }
 }

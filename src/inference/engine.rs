@@ -20,14 +20,16 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
-use super::catalog::{Catalog, DEFAULT_MAX_BATCH, DetectionDecoder, ModelSpec, TaskSpec};
+use super::catalog::{
+    AnalyserEntry, BuiltIn, Catalog, DEFAULT_MAX_BATCH, DetectionDecoder, ModelSpec, TaskSpec,
+};
 use super::classification::decode_classification;
 use super::cpu::cpu_limit;
 use super::detection::{Geometry, RawTensor, decode_nanodet, decode_yolov8};
 use super::ordinal::decode_ordinal;
 use super::output::ModelOutput;
 use super::preprocess::preprocess_into;
-use super::{InferenceError, ms, runtime};
+use super::{InferenceError, ms, quality, runtime};
 
 /// How sessions are created.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -140,6 +142,8 @@ pub struct PreparedInput {
 /// Loaded models, ready to run. `Send + Sync`: share it behind an `Arc`.
 pub struct Engine {
     models: BTreeMap<String, LoadedModel>,
+    /// Built-in analysers requested beside the models; they run on the decoded image.
+    analysers: BTreeMap<String, AnalyserEntry>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -151,7 +155,7 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Loads the named catalog models (an empty `models` slice loads all of them).
+    /// Loads the named catalog models and analysers (an empty `models` slice: all of them).
     ///
     /// Initialises ONNX Runtime from [`runtime::default_runtime_path`] if
     /// [`runtime::init_runtime`] was not called before. Each model's inputs and outputs
@@ -161,12 +165,18 @@ impl Engine {
         models: &[String],
         opts: &EngineOptions,
     ) -> Result<Engine, InferenceError> {
-        let environment = runtime::environment()?;
+        let analysers: BTreeMap<String, AnalyserEntry> = catalog
+            .analysers()
+            .iter()
+            .filter(|a| models.is_empty() || models.contains(&a.name))
+            .map(|a| (a.name.clone(), a.clone()))
+            .collect();
         let specs: Vec<&ModelSpec> = if models.is_empty() {
             catalog.models().iter().collect()
         } else {
             models
                 .iter()
+                .filter(|name| !analysers.contains_key(*name))
                 .map(|name| {
                     catalog
                         .get(name)
@@ -174,6 +184,14 @@ impl Engine {
                 })
                 .collect::<Result<_, _>>()?
         };
+        if specs.is_empty() {
+            // Only built-in analysers: ONNX Runtime is not needed.
+            return Ok(Engine {
+                models: BTreeMap::new(),
+                analysers,
+            });
+        }
+        let environment = runtime::environment()?;
 
         let intra_threads = opts.effective_intra_threads();
         let mut loaded = BTreeMap::new();
@@ -206,7 +224,10 @@ impl Engine {
                 },
             );
         }
-        Ok(Engine { models: loaded })
+        Ok(Engine {
+            models: loaded,
+            analysers,
+        })
     }
 
     /// Names of the loaded models, sorted.
@@ -217,6 +238,29 @@ impl Engine {
     /// The catalog entry of a loaded model.
     pub fn spec(&self, model: &str) -> Option<&ModelSpec> {
         self.models.get(model).map(|m| &m.spec)
+    }
+
+    /// A loaded built-in analyser.
+    pub fn analyser(&self, name: &str) -> Option<&AnalyserEntry> {
+        self.analysers.get(name)
+    }
+
+    /// Runs a built-in analyser on the decoded image (no ONNX Runtime involved).
+    pub fn run_analyser(
+        &self,
+        name: &str,
+        image: &image::RgbImage,
+    ) -> Result<ModelOutput, InferenceError> {
+        let analyser = self
+            .analysers
+            .get(name)
+            .ok_or_else(|| InferenceError::UnknownModel(name.to_string()))?;
+        match analyser.builtin {
+            BuiltIn::PhotoQuality => Ok(ModelOutput {
+                quality: Some(quality::analyse(image, &analyser.thresholds)?),
+                ..ModelOutput::default()
+            }),
+        }
     }
 
     /// Most images one run of the model takes (1 when its batch dimension is fixed).

@@ -8,6 +8,9 @@
 //!   allows; CPU or CUDA;
 //! - `detection` (NanoDet, YOLOv8) / `classification` / `ordinal`: raw model outputs ->
 //!   [`output::ModelOutput`];
+//! - [`quality`]: the built-in `photo_quality` analyser (sharpness, exposure, resolution,
+//!   aspect; no model file), run on the decoded image beside the models;
+//! - [`similarity`]: a perceptual hash per decoded image, near-duplicate sets;
 //! - [`pipeline`]: bytes in, results out, decoding and preprocessing overlapping inference
 //!   (what the worker runs);
 //! - [`cpu_limit`]: the CPUs the pod may use (std: affinity and cgroup quota), for thread counts.
@@ -25,18 +28,22 @@ mod ordinal;
 pub mod output;
 pub mod pipeline;
 mod preprocess;
+pub mod quality;
 pub mod runtime;
+pub mod similarity;
 
 use std::path::PathBuf;
 
 pub use catalog::{
-    Catalog, ChannelOrder, ClassificationParams, DetectionDecoder, DetectionParams, ModelSpec,
-    Preprocessing, Resize, TaskSpec,
+    AnalyserEntry, BuiltIn, Catalog, ChannelOrder, ClassificationParams, DetectionDecoder,
+    DetectionParams, ModelSpec, Preprocessing, Resize, TaskSpec,
 };
 pub use cpu::cpu_limit;
 pub use decode::{DecodeLimits, decode_image};
 pub use engine::{Engine, EngineOptions, ExecutionProvider, PreparedInput};
-pub use output::{BoundingBox, ClassScore, Detection, ModelOutput, OrdinalGrade};
+pub use output::{
+    BoundingBox, ClassScore, Detection, ModelOutput, OrdinalGrade, PhotoQuality, QualityFlag,
+};
 pub use pipeline::{ImageAnalysis, ModelRun, Pipeline, PipelineOptions};
 pub use runtime::{default_runtime_path, init_runtime};
 
@@ -83,9 +90,13 @@ pub enum InferenceError {
         detected.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
     UnsupportedFormat { detected: Option<String> },
 
-    /// The bytes claim to be a supported format but cannot be decoded (corrupt, truncated, empty).
+    /// The bytes claim to be a supported format but cannot be decoded (corrupt, empty).
     #[error("corrupt image: {0}")]
     CorruptImage(String),
+
+    /// The file is cut short (e.g. a partial download): its end is missing.
+    #[error("truncated image: {0}")]
+    TruncatedImage(String),
 
     /// The image header announces more pixels than allowed; nothing was decoded.
     #[error("image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")]
@@ -122,6 +133,7 @@ impl InferenceError {
             Self::ModelLoad { .. } => "model_load_failed",
             Self::UnsupportedFormat { .. } => "unsupported_format",
             Self::CorruptImage(_) => "corrupt_image",
+            Self::TruncatedImage(_) => "image_truncated",
             Self::ImageTooLarge { .. } => "image_too_large",
             Self::InvalidImage(_) => "invalid_image",
             Self::Inference { .. } => "inference_failed",
@@ -137,6 +149,7 @@ impl InferenceError {
             self,
             Self::UnsupportedFormat { .. }
                 | Self::CorruptImage(_)
+                | Self::TruncatedImage(_)
                 | Self::ImageTooLarge { .. }
                 | Self::InvalidImage(_)
         )

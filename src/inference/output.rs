@@ -7,6 +7,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use super::quality::{PhotoQuality, QualityFlag};
+
 /// What a model found in an image. Detection models fill `detections`, classification
 /// models fill `classes`, ordinal models fill `grade`; the others are empty and omitted
 /// from the serialised form.
@@ -22,6 +24,9 @@ pub struct ModelOutput {
     /// Ordinal models: the grade of the image on the model's ordered scale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grade: Option<OrdinalGrade>,
+    /// The `photo_quality` analyser: scores and flags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<PhotoQuality>,
 }
 
 /// One object found by a detection model.
@@ -106,6 +111,7 @@ mod tests {
             }],
             classes: vec![],
             grade: None,
+            quality: None,
         };
         let json = serde_json::to_value(&output).unwrap();
         assert_eq!(

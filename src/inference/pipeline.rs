@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use super::decode::{DecodeLimits, decode_image};
 use super::engine::{Engine, PreparedInput};
 use super::output::ModelOutput;
+use super::similarity::perceptual_hash;
 use super::{InferenceError, cpu_limit, ms};
 
 /// How the pipeline is laid out.
@@ -58,6 +59,8 @@ pub struct ImageAnalysis {
     pub decode_ms: f64,
     /// Preprocessing the image for every model, in milliseconds.
     pub preprocess_ms: f64,
+    /// Perceptual hash of the decoded image ([`super::similarity`]); `None` if it failed.
+    pub perceptual_hash: Option<String>,
     /// Per model name.
     pub models: BTreeMap<String, ModelRun>,
 }
@@ -100,8 +103,14 @@ impl Pipeline {
         models: &[String],
         options: &PipelineOptions,
     ) -> Result<(Submitter<K>, Results<K>), InferenceError> {
+        // Built-in analysers run on the decoder threads, on the image they just decoded.
+        let (analysers, models): (Vec<String>, Vec<String>) = models
+            .iter()
+            .cloned()
+            .partition(|model| engine.analyser(model).is_some());
+        let analysers = Arc::new(analysers);
         let mut batches = Vec::with_capacity(models.len());
-        for model in models {
+        for model in &models {
             let batch = engine
                 .max_batch(model)
                 .ok_or_else(|| InferenceError::UnknownModel(model.clone()))?;
@@ -137,8 +146,9 @@ impl Pipeline {
             let queues = queues.clone();
             let output = output_tx.clone();
             let limits = options.decode_limits;
+            let analysers = analysers.clone();
             threads.push(spawn(format!("decode-{i}"), move || {
-                decode_loop(&engine, &input, &queues, &output, &limits);
+                decode_loop(&engine, &input, &analysers, &queues, &output, &limits);
             })?);
         }
         Ok((
@@ -271,6 +281,7 @@ struct Job<K> {
 fn decode_loop<K>(
     engine: &Engine,
     input: &Mutex<mpsc::Receiver<Submission<K>>>,
+    analysers: &[String],
     queues: &[(String, SyncSender<Job<K>>)],
     output: &mpsc::UnboundedSender<Outcome<K>>,
     limits: &DecodeLimits,
@@ -310,12 +321,13 @@ fn decode_loop<K>(
             height: image.height(),
             decode_ms: ms(decoded - started),
             preprocess_ms: 0.0,
+            perceptual_hash: None,
             models: BTreeMap::new(),
         };
         let mut prepared = Vec::with_capacity(queues.len());
         if let Some(wanted) = &models {
             for model in wanted {
-                if !queues.iter().any(|(name, _)| name == model) {
+                if !queues.iter().any(|(name, _)| name == model) && !analysers.contains(model) {
                     let run = ModelRun {
                         result: Err(InferenceError::UnknownModel(model.clone())),
                         inference_ms: 0.0,
@@ -325,6 +337,21 @@ fn decode_loop<K>(
             }
         }
         let requested = |model: &String| models.as_ref().is_none_or(|m| m.contains(model));
+        if let DynamicImage::ImageRgb8(rgb) = &image {
+            // Every image gets one: near-duplicates are found across the group's results.
+            analysis.perceptual_hash = perceptual_hash(rgb)
+                .inspect_err(|e| tracing::warn!(error = %e, "no perceptual hash"))
+                .ok();
+            for analyser in analysers.iter().filter(|a| requested(a)) {
+                let started = Instant::now();
+                let result = engine.run_analyser(analyser, rgb);
+                let run = ModelRun {
+                    result,
+                    inference_ms: ms(started.elapsed()),
+                };
+                analysis.models.insert(analyser.clone(), run);
+            }
+        }
         for (model, queue) in queues.iter().filter(|(model, _)| requested(model)) {
             match engine.prepare(model, &image) {
                 Ok(input) => prepared.push((queue, input)),

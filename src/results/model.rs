@@ -21,6 +21,9 @@ pub struct ImageResult {
     pub width: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub height: Option<u32>,
+    /// Perceptual hash of the decoded image (base64), for near-duplicates in the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perceptual_hash: Option<String>,
     /// Per model name.
     #[serde(default)]
     pub outputs: BTreeMap<String, ModelResult>,
@@ -68,6 +71,7 @@ impl ImageResult {
             }),
             width: None,
             height: None,
+            perceptual_hash: None,
             outputs: BTreeMap::new(),
             timings: Timings::default(),
         }

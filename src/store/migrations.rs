@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (7, include_str!("migrations/0007_event_bodies.sql")),
     (8, include_str!("migrations/0008_event_sequences.sql")),
     (9, include_str!("migrations/0009_idempotency_keys.sql")),
+    (10, include_str!("migrations/0010_perceptual_hashes.sql")),
 ];
 
 /// Any fixed number: the key of the lock that serialises migrations across processes.

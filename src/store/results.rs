@@ -13,7 +13,7 @@ use crate::delivery::{Delivery, DraftEvent, EventBodies, EventLedger, EventPlann
 use crate::results::{GroupRef, ImageFailure, ImageResult, ModelResult, Timings};
 
 /// Columns of `image_results`, in the order [`from_row`] reads them.
-const COLUMNS: &str = "image_id, failure, width, height, outputs, timings";
+const COLUMNS: &str = "image_id, failure, width, height, perceptual_hash, outputs, timings";
 
 impl Store {
     /// Stores a batch of results of one group and wakes whoever listens for the group.
@@ -63,17 +63,19 @@ impl Store {
             .query(
                 &format!(
                     r#"INSERT INTO image_results
-                   (group_uid, image_id, generation, failure, width, height, outputs, timings)
-               SELECT $1, r."imageId", $2, r.failure, r.width, r.height,
+                   (group_uid, image_id, generation, failure, width, height, perceptual_hash,
+                    outputs, timings)
+               SELECT $1, r."imageId", $2, r.failure, r.width, r.height, r."perceptualHash",
                       COALESCE(r.outputs, '{{}}'::jsonb), COALESCE(r.timings, '{{}}'::jsonb)
                FROM jsonb_to_recordset($3::jsonb) AS r(
                    "imageId" text, failure jsonb, width integer, height integer,
-                   outputs jsonb, timings jsonb)
+                   "perceptualHash" text, outputs jsonb, timings jsonb)
                ON CONFLICT (group_uid, image_id) DO UPDATE SET
                    generation = GREATEST(image_results.generation, EXCLUDED.generation),
                    failure = COALESCE(EXCLUDED.failure, image_results.failure),
                    width = COALESCE(EXCLUDED.width, image_results.width),
                    height = COALESCE(EXCLUDED.height, image_results.height),
+                   perceptual_hash = COALESCE(EXCLUDED.perceptual_hash, image_results.perceptual_hash),
                    outputs = image_results.outputs || EXCLUDED.outputs,
                    timings = EXCLUDED.timings,
                    updated_at = now()
@@ -348,6 +350,7 @@ fn from_row(group: &str, row: &Row) -> Result<ImageResult, StoreError> {
         failure,
         width: width.and_then(|w| u32::try_from(w).ok()),
         height: height.and_then(|h| u32::try_from(h).ok()),
+        perceptual_hash: row.try_get("perceptual_hash")?,
         outputs,
         timings,
     })

@@ -221,6 +221,7 @@ fn result_spec(outcome: Result<ImageAnalysis, InferenceError>) -> ImageResult {
         failure: None,
         width: None,
         height: None,
+        perceptual_hash: None,
         outputs: BTreeMap::new(),
         timings: Timings::default(),
     };
@@ -237,6 +238,7 @@ fn result_spec(outcome: Result<ImageAnalysis, InferenceError>) -> ImageResult {
     spec.timings.decode_ms = round_ms(analysis.decode_ms);
     spec.width = Some(analysis.width);
     spec.height = Some(analysis.height);
+    spec.perceptual_hash = analysis.perceptual_hash;
     for (model, run) in analysis.models {
         let (output, error) = match run.result {
             Ok(output) => (output, None),
@@ -260,6 +262,7 @@ pub fn failure_reason(e: &InferenceError) -> &'static str {
     match e {
         InferenceError::UnsupportedFormat { .. } => "UnsupportedFormat",
         InferenceError::ImageTooLarge { .. } => "ImageTooLarge",
+        InferenceError::TruncatedImage(_) => "ImageTruncated",
         InferenceError::CorruptImage(_) | InferenceError::InvalidImage(_) => "CorruptImage",
         _ => "ProcessingFailed",
     }
