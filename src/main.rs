@@ -168,6 +168,27 @@ struct ControllerArgs {
     worker_gpu: Option<GpuSettings>,
     #[command(flatten)]
     endpoints: EndpointHealthArgs,
+    /// Namespace of the API-key records (a namespace one names is a tenant).
+    #[arg(
+        long,
+        env = "KINSIGHT_KEYS_NAMESPACE",
+        default_value = "kinsight-system"
+    )]
+    keys_namespace: String,
+    /// The ClusterRole the controller binds to itself in each tenant namespace.
+    #[arg(
+        long,
+        env = "KINSIGHT_TENANT_ROLE",
+        default_value = "kinsight-controller-tenant"
+    )]
+    tenant_role: String,
+    /// The controller's own ServiceAccount (in `POD_NAMESPACE`), the subject of those bindings.
+    #[arg(
+        long,
+        env = "KINSIGHT_SERVICE_ACCOUNT",
+        default_value = "kinsight-controller"
+    )]
+    service_account: String,
 }
 
 /// How the controller treats sick webhook endpoints.
@@ -410,6 +431,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 dispatch_in_flight: args.dispatch_in_flight as usize,
                 images_per_job: usize::from(args.images_per_job),
                 job_caps: args.job_caps.or(defaults.job_caps),
+                tenancy: kinsight::tenancy::TenancyConfig {
+                    keys_namespace: args.keys_namespace,
+                    tenant_role: args.tenant_role,
+                    service_account: (args.lease_namespace.clone(), args.service_account),
+                    ..defaults.tenancy.clone()
+                },
                 ..defaults
             };
             let client = kube::Client::try_default().await?;

@@ -695,7 +695,8 @@ async fn announce(ctx: &Context, endpoint: &Endpoint, transition: Transition) {
     publish_event(ctx, &endpoint.object, kind, reason, ACTION, note).await;
 }
 
-/// The signing secrets in a Secret key, read from the cluster.
+/// The signing secrets in a Secret key, read from the cluster (only from a Secret marked for
+/// kinsight's signing).
 async fn load_secret(
     ctx: &Context,
     namespace: &str,
@@ -705,23 +706,7 @@ async fn load_secret(
     let secret = api
         .get_opt(&reference.name)
         .await
-        .map_err(|e| format!("reading signing secret {}: {e}", reference.name))?
-        .ok_or_else(|| format!("signing secret {} not found", reference.name))?;
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&reference.key))
-        .ok_or_else(|| {
-            format!(
-                "signing secret {} has no key {}",
-                reference.name, reference.key
-            )
-        })?;
-    let text =
-        std::str::from_utf8(&bytes.0).map_err(|_| "signing secret is not UTF-8".to_owned())?;
-    let keys: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
-    if keys.is_empty() {
-        return Err(format!("signing secret {} is empty", reference.name));
-    }
-    Ok(keys)
+        .map_err(|e| format!("reading signing secret {}: {e}", reference.name))?;
+    crate::tenancy::signing_keys(&reference.name, secret.as_ref(), &reference.key)
+        .map_err(|e| e.to_string())
 }

@@ -88,6 +88,22 @@ pub async fn reconcile(
     let mut status = original.clone();
     status.observed_generation = Some(generation);
 
+    if !ctx.tenants.contains(&namespace) {
+        // The controller has no rights there: nothing runs until the namespace is a tenant
+        // (the tenant watch then looks at every group again).
+        set_condition(
+            &mut status.conditions,
+            "Accepted",
+            ConditionStatus::False,
+            "NotATenant",
+            crate::tenancy::not_a_tenant(&namespace),
+            Some(generation),
+            now,
+        );
+        ctx.scheduler.forget(&ObjectKey::new(&namespace, &name));
+        write_status(&ctx, &group, &original, &status).await?;
+        return Ok(Action::await_change());
+    }
     if let Err(message) = group.spec.validate(&ctx.config.models) {
         set_condition(
             &mut status.conditions,

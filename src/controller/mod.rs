@@ -42,6 +42,7 @@ use crate::crd::{GroupPhase, ImageGroup, WebhookSubscription};
 use crate::net::{EgressGuard, EgressPolicy};
 use crate::shutdown::Shutdown;
 use crate::store::{GROUPS_CHANNEL, RESULTS_CHANNEL, Store, StoreNotice};
+use crate::tenancy::{TenancyConfig, Tenants};
 use crate::webhook::{CircuitConfig, Circuits, RetrySchedule, Sender, SenderConfig};
 
 /// Stored rows deleted per statement when a group's results go.
@@ -91,6 +92,8 @@ pub struct ControllerConfig {
     pub gpu: GpuSettings,
     /// How many worker Jobs run at once, in all and per tenant, and the small-work lane.
     pub job_caps: JobCaps,
+    /// Where tenants are recorded and which rights the controller binds in each.
+    pub tenancy: TenancyConfig,
 }
 
 impl Default for ControllerConfig {
@@ -121,6 +124,16 @@ impl Default for ControllerConfig {
                 small_images: 10,
                 small_lane_jobs: 2,
             },
+            tenancy: TenancyConfig {
+                keys_namespace: "kinsight-system".to_owned(),
+                tenant_role: "kinsight-controller-tenant".to_owned(),
+                service_account: (
+                    "kinsight-system".to_owned(),
+                    "kinsight-controller".to_owned(),
+                ),
+                worker_account: WORKER_ACCOUNT.to_owned(),
+                catalog_config_map: CATALOG_CONFIG_MAP.to_owned(),
+            },
         }
     }
 }
@@ -144,6 +157,8 @@ pub struct Context {
     pub planned: std::sync::Mutex<std::collections::HashMap<String, image_group::Planned>>,
     /// Which groups may start worker Jobs now (the leader's).
     pub scheduler: scheduler::Scheduler,
+    /// The namespaces the controller works in (the leader keeps it current).
+    pub tenants: Tenants,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +244,7 @@ fn context(
         status_written: std::sync::Mutex::default(),
         planned: std::sync::Mutex::default(),
         scheduler: scheduler::Scheduler::new(config.job_caps, config.metrics.clone()),
+        tenants: Tenants::default(),
         config,
     }))
 }
@@ -247,6 +263,24 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
         &[GROUPS_CHANNEL, RESULTS_CHANNEL],
     );
     let (wake_all_tx, wake_all) = futures::channel::mpsc::unbounded::<()>();
+    // Groups and subscriptions are looked at only once the tenants are known, and all of
+    // them again whenever the tenant set changes.
+    let (tenants_listed, mut tenants_ready) = tokio::sync::watch::channel(false);
+    let tenant_changes = wake_all_tx.clone();
+    let tenancy = crate::tenancy::run(
+        client.clone(),
+        ctx.config.tenancy.clone(),
+        ctx.tenants.clone(),
+        tenants_listed,
+        move || {
+            let _ = tenant_changes.unbounded_send(());
+        },
+    );
+    let tenancy = tokio::spawn(tenancy);
+    let _stop_tenancy = AbortOnDrop(tenancy.abort_handle());
+    if tenants_ready.wait_for(|ready| *ready).await.is_err() {
+        return Err(ControllerError::Config("the tenant watch stopped".into()));
+    }
     let (later_tx, later_rx) = futures::channel::mpsc::unbounded();
     let known = cached.clone();
     let at_once = notices.filter_map(move |notice| {
@@ -350,6 +384,15 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     tracing::info!("controller started");
     futures::join!(group_controller, subscription_controller, retention);
     Ok(())
+}
+
+/// Stops a spawned task when the reconcile that started it ends (leadership lost).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What a group asks for, as a hash: a status write leaves it as it is.

@@ -1,5 +1,6 @@
 //! Reconciling a WebhookSubscription: it is `Ready` when its spec is valid and its
-//! signing secret exists in `whsec_` form (and the endpoint is not disabled), and `Healthy`
+//! signing secret exists in `whsec_` form, marked for kinsight (and the endpoint is not
+//! disabled), and `Healthy`
 //! while its endpoint accepts deliveries. This reconciler is the only writer of the
 //! subscription's status: the health the deliveries record in the endpoint's circuit is
 //! copied here every `health_sync`.
@@ -18,6 +19,7 @@ use crate::crd::{
     CircuitState, ConditionStatus, EndpointHealth, WebhookSubscription, WebhookSubscriptionStatus,
     set_condition,
 };
+use crate::tenancy::{not_a_tenant, signing_keys};
 
 pub async fn reconcile(
     sub: Arc<WebhookSubscription>,
@@ -37,6 +39,9 @@ pub async fn reconcile(
     });
     let readiness = match sub.spec.validate() {
         Err(message) => Err(("InvalidSpec", message)),
+        Ok(()) if !ctx.tenants.contains(&namespace) => {
+            Err(("NotATenant", not_a_tenant(&namespace)))
+        }
         Ok(()) if usable => Ok(()),
         Ok(()) => check_secret(&ctx, &namespace, &sub).await?,
     };
@@ -181,29 +186,11 @@ async fn check_secret(
     let secret = Api::<Secret>::namespaced(ctx.client.clone(), namespace)
         .get_opt(&reference.name)
         .await?;
-    let Some(secret) = secret else {
-        return Ok(Err((
-            "SecretNotFound",
-            format!("Secret {} not found", reference.name),
-        )));
-    };
-    let value = secret.data.as_ref().and_then(|d| d.get(&reference.key));
-    let Some(value) = value else {
-        return Ok(Err((
-            "SecretKeyMissing",
-            format!("Secret {} has no key {}", reference.name, reference.key),
-        )));
-    };
-    let text = String::from_utf8_lossy(&value.0);
-    if text.split_whitespace().next().is_none()
-        || !text.split_whitespace().all(|k| k.starts_with("whsec_"))
-    {
-        return Ok(Err((
-            "InvalidSecret",
-            "signing secrets must be whsec_<base64> values".to_owned(),
-        )));
-    }
-    Ok(Ok(()))
+    Ok(
+        signing_keys(&reference.name, secret.as_ref(), &reference.key)
+            .map(drop)
+            .map_err(|e| (e.reason(), e.to_string())),
+    )
 }
 
 pub fn error_policy(

@@ -17,6 +17,7 @@ use crate::api::{
     hash_key,
 };
 use crate::crd::all_crds;
+use crate::tenancy::{SIGNING_LABEL, TENANT_LABEL};
 
 const MANAGER: &str = "kinsight-setup";
 
@@ -49,9 +50,18 @@ pub async fn install_crds(client: &Client) -> Result<(), SetupError> {
 }
 
 pub async fn ensure_namespace(client: &Client, name: &str) -> Result<(), SetupError> {
+    apply_namespace(client, name, None).await
+}
+
+async fn apply_namespace(
+    client: &Client,
+    name: &str,
+    labels: Option<BTreeMap<String, String>>,
+) -> Result<(), SetupError> {
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
+            labels,
             ..ObjectMeta::default()
         },
         ..Namespace::default()
@@ -76,7 +86,9 @@ pub async fn create_tenant(
     webhook_secret: &str,
 ) -> Result<(), SetupError> {
     ensure_namespace(client, keys_namespace).await?;
-    ensure_namespace(client, tenant_namespace).await?;
+    // Labelled a tenant too, so it stays one without its key record.
+    let tenant = BTreeMap::from([(TENANT_LABEL.to_owned(), "true".to_owned())]);
+    apply_namespace(client, tenant_namespace, Some(tenant)).await?;
     let params = PatchParams::apply(MANAGER).force();
     let key_name = format!("tenant-{tenant_namespace}");
     let key_secret = Secret {
@@ -108,6 +120,10 @@ pub async fn create_tenant(
         metadata: ObjectMeta {
             name: Some(SIGNING_SECRET_NAME.to_owned()),
             namespace: Some(tenant_namespace.to_owned()),
+            labels: Some(BTreeMap::from([(
+                SIGNING_LABEL.to_owned(),
+                "true".to_owned(),
+            )])),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([(

@@ -507,7 +507,7 @@ impl Harness {
         let secrets: kube::Api<Secret> =
             kube::Api::namespaced(self.client.clone(), &self.namespace);
         let key: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": { "name": secret_name },
+            "metadata": { "name": secret_name, "labels": { kinsight::tenancy::SIGNING_LABEL: "true" } },
             "stringData": { "key": secret }
         }))
         .expect("secret");

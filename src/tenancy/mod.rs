@@ -1,0 +1,11 @@
+//! Least privilege between tenants: which namespaces are tenants (the controller works only
+//! there) and which Secrets kinsight may read to sign.
+
+mod signing;
+mod tenants;
+
+pub use signing::{SIGNING_LABEL, SigningSecretError, is_marked, signing_keys};
+pub use tenants::{
+    TENANT_BINDING, TENANT_LABEL, TenancyConfig, Tenants, not_a_tenant, run, tenant_binding,
+    tenant_set,
+};

@@ -1,0 +1,126 @@
+//! Which Secrets may sign webhooks. The controller reads Secrets in tenant namespaces only to
+//! sign; a `secretRef` that could name any Secret would make it a signing oracle (a tenant's
+//! receiver learns HMACs keyed with whatever `whsec_` value another team keeps there). So a
+//! Secret signs only when it carries the label [`SIGNING_LABEL`]`: "true"`.
+
+use k8s_openapi::api::core::v1::Secret;
+
+/// The label that marks a Secret for kinsight's signing (and subscription headers).
+pub const SIGNING_LABEL: &str = "kinsight.io/webhook-signing";
+
+/// Why a Secret cannot sign; `reason()` is the stable condition reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SigningSecretError {
+    #[error("Secret {0} not found")]
+    NotFound(String),
+    #[error("Secret {0} is not marked for kinsight: label it {SIGNING_LABEL}=true")]
+    NotMarked(String),
+    #[error("Secret {0} has no key {1}")]
+    KeyMissing(String, String),
+    #[error("Secret {0}: signing secrets must be whsec_<base64> values")]
+    Invalid(String),
+}
+
+impl SigningSecretError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "SecretNotFound",
+            Self::NotMarked(_) => "SecretNotMarked",
+            Self::KeyMissing(..) => "SecretKeyMissing",
+            Self::Invalid(_) => "InvalidSecret",
+        }
+    }
+}
+
+pub fn is_marked(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SIGNING_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
+/// The signing keys under `key` of a found Secret (`None`: not found): one or more `whsec_`
+/// values separated by white space, from a Secret marked for kinsight.
+pub fn signing_keys(
+    name: &str,
+    secret: Option<&Secret>,
+    key: &str,
+) -> Result<Vec<String>, SigningSecretError> {
+    let secret = secret.ok_or_else(|| SigningSecretError::NotFound(name.to_owned()))?;
+    if !is_marked(secret) {
+        return Err(SigningSecretError::NotMarked(name.to_owned()));
+    }
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .ok_or_else(|| SigningSecretError::KeyMissing(name.to_owned(), key.to_owned()))?;
+    let text =
+        std::str::from_utf8(&bytes.0).map_err(|_| SigningSecretError::Invalid(name.to_owned()))?;
+    let keys: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+    if keys.is_empty() || !keys.iter().all(|k| k.starts_with("whsec_")) {
+        return Err(SigningSecretError::Invalid(name.to_owned()));
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::ByteString;
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    fn secret(label: Option<&str>, value: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("s".into()),
+                labels: label.map(|v| BTreeMap::from([(SIGNING_LABEL.to_owned(), v.to_owned())])),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(
+                "k".to_owned(),
+                ByteString(value.as_bytes().to_vec()),
+            )])),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn only_marked_secrets_of_whsec_values_sign() {
+        let ok = secret(Some("true"), "whsec_a  whsec_b\n");
+        assert_eq!(
+            signing_keys("s", Some(&ok), "k"),
+            Ok(vec!["whsec_a".to_owned(), "whsec_b".to_owned()])
+        );
+        for unmarked in [secret(None, "whsec_a"), secret(Some("yes"), "whsec_a")] {
+            let refused = signing_keys("s", Some(&unmarked), "k").unwrap_err();
+            assert_eq!(refused.reason(), "SecretNotMarked");
+            assert!(
+                refused
+                    .to_string()
+                    .contains("kinsight.io/webhook-signing=true")
+            );
+        }
+        assert_eq!(
+            signing_keys("s", Some(&ok), "other").map_err(|e| e.reason()),
+            Err("SecretKeyMissing")
+        );
+        for bad in ["", "  ", "whsec_a plain"] {
+            let value = secret(Some("true"), bad);
+            assert_eq!(
+                signing_keys("s", Some(&value), "k").map_err(|e| e.reason()),
+                Err("InvalidSecret"),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            signing_keys("s", None, "k").map_err(|e| e.reason()),
+            Err("SecretNotFound")
+        );
+    }
+}

@@ -1,0 +1,255 @@
+//! The tenant set. A namespace is a tenant when an API-key record names it
+//! (`tenant-namespace` of a Secret labelled `kinsight.io/api-key=true` in the keys
+//! namespace) or it carries the label [`TENANT_LABEL`]`: "true"`. The controller works only
+//! there: it binds its per-tenant ClusterRole in each tenant namespace (a RoleBinding it
+//! creates when the namespace becomes a tenant) and removes what it put there (that
+//! RoleBinding, the worker's ServiceAccount, the catalog ConfigMap) when it stops being one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+
+use crate::api::{API_KEY_LABEL, TENANT_NAMESPACE_FIELD};
+use crate::crd::is_dns_label;
+
+/// The label that makes a namespace a tenant without an API key.
+pub const TENANT_LABEL: &str = "kinsight.io/tenant";
+/// The RoleBinding the controller makes in each tenant namespace.
+pub const TENANT_BINDING: &str = "kinsight-controller";
+const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "kinsight-controller");
+const MANAGER: &str = "kinsight-controller";
+
+/// Where the controller's identity and its tenant rights are.
+#[derive(Clone, Debug)]
+pub struct TenancyConfig {
+    /// The namespace of the API-key records.
+    pub keys_namespace: String,
+    /// The ClusterRole bound in every tenant namespace (the chart's `<release>-controller-tenant`).
+    pub tenant_role: String,
+    /// The controller's ServiceAccount: (namespace, name).
+    pub service_account: (String, String),
+    /// What else goes when a tenant goes: (worker ServiceAccount, catalog ConfigMap).
+    pub worker_account: String,
+    pub catalog_config_map: String,
+}
+
+/// The current tenant namespaces, shared by every reconcile.
+#[derive(Clone, Default)]
+pub struct Tenants {
+    current: Arc<RwLock<BTreeSet<String>>>,
+}
+
+impl Tenants {
+    pub fn contains(&self, namespace: &str) -> bool {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(namespace)
+    }
+
+    fn replace(&self, set: BTreeSet<String>) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = set;
+    }
+}
+
+/// Why nothing happens in a namespace that is not a tenant (a condition's message).
+pub fn not_a_tenant(namespace: &str) -> String {
+    format!(
+        "namespace {namespace} is not a kinsight tenant: label it {TENANT_LABEL}=true or name it \
+         in an API-key record"
+    )
+}
+
+/// The tenant set that labelled namespaces and API-key records make.
+pub fn tenant_set(labelled: &Store<Namespace>, keys: &Store<Secret>) -> BTreeSet<String> {
+    let named = keys.state().into_iter().filter_map(|secret| {
+        let value = secret.data.as_ref()?.get(TENANT_NAMESPACE_FIELD)?;
+        let name = std::str::from_utf8(&value.0).ok()?.trim();
+        is_dns_label(name, 63).then(|| name.to_owned())
+    });
+    labelled
+        .state()
+        .into_iter()
+        .map(|ns| ns.name_any())
+        .chain(named)
+        .collect()
+}
+
+/// Keeps `tenants` current, binding and unbinding the controller's tenant rights as
+/// namespaces come and go; `changed` is called (after the first full listing, and after
+/// every change) so the groups waiting for their namespace are looked at again. Runs until
+/// the process stops.
+pub async fn run(
+    client: Client,
+    config: TenancyConfig,
+    tenants: Tenants,
+    ready: tokio::sync::watch::Sender<bool>,
+    changed: impl Fn(),
+) {
+    let (labelled, labelled_writer) = reflector::store();
+    let (keys, keys_writer) = reflector::store();
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{TENANT_LABEL}=true")),
+    )
+    .default_backoff()
+    .reflect(labelled_writer)
+    .map(|e| e.map(|e| (0, matches!(e, watcher::Event::InitDone))));
+    let key_records = watcher(
+        Api::<Secret>::namespaced(client.clone(), &config.keys_namespace),
+        watcher::Config::default().labels(&format!("{API_KEY_LABEL}=true")),
+    )
+    .default_backoff()
+    .reflect(keys_writer)
+    .map(|e| e.map(|e| (1, matches!(e, watcher::Event::InitDone))));
+    let mut events = std::pin::pin!(futures::stream::select(namespaces, key_records));
+    let mut listed = [false, false];
+    // What was a tenant before: where this controller's RoleBindings are (a tenant that
+    // went while no controller ran is found so).
+    let mut before = bound_namespaces(&client).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "listing the controller's tenant RoleBindings");
+        BTreeSet::new()
+    });
+    let mut first = true;
+    while let Some(event) = events.next().await {
+        let (which, init_done) = match event {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching tenants");
+                continue;
+            }
+        };
+        listed[which] |= init_done;
+        if !listed.iter().all(|l| *l) {
+            continue;
+        }
+        let now = tenant_set(&labelled, &keys);
+        if !first && now == before {
+            continue;
+        }
+        // At the first listing every tenant is bound again (it costs one apply each).
+        let newcomers: Vec<&String> = if first {
+            now.iter().collect()
+        } else {
+            now.difference(&before).collect()
+        };
+        for namespace in newcomers {
+            if let Err(e) = bind(&client, &config, namespace).await {
+                tracing::warn!(namespace, error = %e, "binding the controller's tenant role");
+            }
+        }
+        tenants.replace(now.clone());
+        for namespace in before.difference(&now) {
+            match unbind(&client, &config, namespace).await {
+                Ok(()) => tracing::info!(
+                    namespace,
+                    "no longer a tenant: worker identity, catalog and RoleBinding removed"
+                ),
+                Err(e) => {
+                    tracing::warn!(namespace, error = %e, "removing a former tenant's objects")
+                }
+            }
+        }
+        before = now;
+        if first {
+            let _ = ready.send(true);
+            first = false;
+        }
+        changed();
+    }
+}
+
+fn managed() -> BTreeMap<String, String> {
+    BTreeMap::from([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())])
+}
+
+/// Namespaces holding this controller's tenant RoleBinding.
+async fn bound_namespaces(client: &Client) -> Result<BTreeSet<String>, kube::Error> {
+    let params = ListParams::default()
+        .labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1))
+        .fields(&format!("metadata.name={TENANT_BINDING}"));
+    let bindings = Api::<RoleBinding>::all(client.clone())
+        .list(&params)
+        .await?;
+    Ok(bindings
+        .items
+        .iter()
+        .filter_map(|b| b.namespace())
+        .collect())
+}
+
+/// The RoleBinding that gives the controller its tenant rights in `namespace`.
+pub fn tenant_binding(config: &TenancyConfig, namespace: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(TENANT_BINDING.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed()),
+            ..ObjectMeta::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "ClusterRole".to_owned(),
+            name: config.tenant_role.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: config.service_account.1.clone(),
+            namespace: Some(config.service_account.0.clone()),
+            ..Subject::default()
+        }]),
+    }
+}
+
+async fn bind(client: &Client, config: &TenancyConfig, namespace: &str) -> Result<(), kube::Error> {
+    Api::<RoleBinding>::namespaced(client.clone(), namespace)
+        .patch(
+            TENANT_BINDING,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&tenant_binding(config, namespace)),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Removes what the controller made in a former tenant namespace; the RoleBinding last,
+/// since deleting the rest needs its rights.
+fn gone<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+async fn unbind(
+    client: &Client,
+    config: &TenancyConfig,
+    namespace: &str,
+) -> Result<(), kube::Error> {
+    let params = DeleteParams::default();
+    gone(
+        Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+            .delete(&config.worker_account, &params)
+            .await,
+    )?;
+    gone(
+        Api::<ConfigMap>::namespaced(client.clone(), namespace)
+            .delete(&config.catalog_config_map, &params)
+            .await,
+    )?;
+    gone(
+        Api::<RoleBinding>::namespaced(client.clone(), namespace)
+            .delete(TENANT_BINDING, &params)
+            .await,
+    )
+}
