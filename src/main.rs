@@ -189,6 +189,10 @@ struct ControllerArgs {
         default_value = "kinsight-controller"
     )]
     service_account: String,
+    /// The NetworkPolicy spec (JSON or YAML) put beside worker pods in every tenant
+    /// namespace (default: none).
+    #[arg(long, env = "KINSIGHT_WORKER_NETWORK_POLICY", value_parser = |t: &str| kinsight::tenancy::parse_network_policy(t).map(Box::new))]
+    worker_network_policy: Option<Box<k8s_openapi::api::networking::v1::NetworkPolicySpec>>,
 }
 
 /// How the controller treats sick webhook endpoints.
@@ -435,6 +439,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     keys_namespace: args.keys_namespace,
                     tenant_role: args.tenant_role,
                     service_account: (args.lease_namespace.clone(), args.service_account),
+                    network_policy: args.worker_network_policy.map(|p| *p),
                     ..defaults.tenancy.clone()
                 },
                 ..defaults

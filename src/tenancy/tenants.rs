@@ -3,13 +3,15 @@
 //! namespace) or it carries the label [`TENANT_LABEL`]`: "true"`. The controller works only
 //! there: it binds its per-tenant ClusterRole in each tenant namespace (a RoleBinding it
 //! creates when the namespace becomes a tenant) and removes what it put there (that
-//! RoleBinding, the worker's ServiceAccount, the catalog ConfigMap) when it stops being one.
+//! RoleBinding, the worker's ServiceAccount, the catalog ConfigMap, the workers'
+//! NetworkPolicy) when it stops being one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
@@ -38,6 +40,17 @@ pub struct TenancyConfig {
     /// What else goes when a tenant goes: (worker ServiceAccount, catalog ConfigMap).
     pub worker_account: String,
     pub catalog_config_map: String,
+    /// The NetworkPolicy put beside worker pods in every tenant namespace (the chart's
+    /// `worker.networkPolicy`); `None`: none.
+    pub network_policy: Option<NetworkPolicySpec>,
+}
+
+/// The name of the workers' NetworkPolicy in a tenant namespace.
+pub const WORKER_NETWORK_POLICY: &str = "kinsight-worker";
+
+/// A NetworkPolicy spec given as JSON or YAML (`--worker-network-policy`).
+pub fn parse_network_policy(text: &str) -> Result<NetworkPolicySpec, String> {
+    serde_yaml::from_str(text).map_err(|e| format!("not a NetworkPolicy spec: {e}"))
 }
 
 /// The current tenant namespaces, shared by every reconcile.
@@ -212,13 +225,29 @@ pub fn tenant_binding(config: &TenancyConfig, namespace: &str) -> RoleBinding {
 }
 
 async fn bind(client: &Client, config: &TenancyConfig, namespace: &str) -> Result<(), kube::Error> {
+    let params = PatchParams::apply(MANAGER).force();
     Api::<RoleBinding>::namespaced(client.clone(), namespace)
         .patch(
             TENANT_BINDING,
-            &PatchParams::apply(MANAGER).force(),
+            &params,
             &Patch::Apply(&tenant_binding(config, namespace)),
         )
         .await?;
+    // With the binding in place, the workers' NetworkPolicy.
+    if let Some(spec) = &config.network_policy {
+        let policy = NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some(WORKER_NETWORK_POLICY.to_owned()),
+                namespace: Some(namespace.to_owned()),
+                labels: Some(managed()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(spec.clone()),
+        };
+        Api::<NetworkPolicy>::namespaced(client.clone(), namespace)
+            .patch(WORKER_NETWORK_POLICY, &params, &Patch::Apply(&policy))
+            .await?;
+    }
     Ok(())
 }
 
@@ -245,6 +274,11 @@ async fn unbind(
     gone(
         Api::<ConfigMap>::namespaced(client.clone(), namespace)
             .delete(&config.catalog_config_map, &params)
+            .await,
+    )?;
+    gone(
+        Api::<NetworkPolicy>::namespaced(client.clone(), namespace)
+            .delete(WORKER_NETWORK_POLICY, &params)
             .await,
     )?;
     gone(

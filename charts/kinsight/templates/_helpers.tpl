@@ -65,3 +65,38 @@ token (the ServiceAccount admission plugin off, as in the testbed). */}}
       - configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}
       - downwardAPI: {items: [{path: namespace, fieldRef: {fieldPath: metadata.namespace}}]}
 {{- end -}}
+
+{{/* The namespace of the API-key records (values: apiKeys). */}}
+{{- define "kinsight.keysNamespace" -}}
+{{ .Values.apiKeys.namespace | default (printf "%s-keys" .Release.Namespace) | trimPrefix "-" }}
+{{- end -}}
+
+{{/* The spec of the NetworkPolicy the controller puts beside worker pods in every tenant
+namespace (values: worker.networkPolicy). */}}
+{{- define "kinsight.workerNetworkPolicy" -}}
+{{- $np := .Values.worker.networkPolicy -}}
+podSelector:
+  matchLabels: {app.kubernetes.io/managed-by: kinsight-controller, app.kubernetes.io/component: worker}
+# No ingress rule: nothing connects to a worker.
+policyTypes: [Ingress, Egress]
+egress:
+  # DNS, wherever the cluster's resolver runs.
+  - to: [{namespaceSelector: {}}]
+    ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]
+  # The API's internal results path.
+  - to:
+      - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: {{ .Release.Namespace }}}}
+        podSelector: {matchLabels: {app.kubernetes.io/instance: {{ .Release.Name }}, app.kubernetes.io/component: api}}
+    ports: [{protocol: TCP, port: {{ .Values.api.port }}}]
+  # Image hosts: anywhere but the cluster's private ranges.
+  - to:
+      {{- range $np.imageHosts }}
+      - ipBlock: {{ toJson . }}
+      {{- end }}
+    {{- with $np.imageHostPorts }}
+    ports: {{ toJson . }}
+    {{- end }}
+  {{- with $np.extraEgress }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end -}}
