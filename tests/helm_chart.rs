@@ -3,6 +3,7 @@
 //! Deployments, the catalog ConfigMap they mount and the RBAC they need.
 
 use std::process::Command;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
@@ -319,27 +320,35 @@ async fn chart_installs_into_a_real_cluster() {
     // What each component does with the API, asked of the API server's own RBAC
     // authorizer for the chart's ServiceAccounts.
     // (account, namespace, API group, resource, subresource, verb, allowed?)
-    const CONTROLLER: &str = "kinsight-controller";
-    const API: &str = "kinsight-api";
-    // One line per check: a table reads better than rustfmt's seven lines per tuple.
     #[rustfmt::skip]
     let checks = [
+        // kinsight's own resources, everywhere (nothing runs outside tenants: the code).
         (CONTROLLER, "tenant-a", "kinsight.io", "imagegroups", "", "watch", true),
         (CONTROLLER, "tenant-a", "kinsight.io", "imagegroups", "", "delete", true),
         (CONTROLLER, "tenant-a", "kinsight.io", "imagegroups", "status", "patch", true),
         (CONTROLLER, "tenant-a", "kinsight.io", "webhooksubscriptions", "", "watch", true),
         (CONTROLLER, "tenant-a", "kinsight.io", "webhooksubscriptions", "status", "patch", true),
-        (CONTROLLER, "tenant-a", "batch", "jobs", "", "create", true),
-        (CONTROLLER, "tenant-a", "batch", "jobs", "", "watch", true),
-        (CONTROLLER, "tenant-a", "batch", "jobs", "", "delete", true),
-        (CONTROLLER, "tenant-a", "", "secrets", "", "get", true),
-        (CONTROLLER, "tenant-a", "", "configmaps", "", "patch", true),
-        (CONTROLLER, "tenant-a", "", "serviceaccounts", "", "patch", true),
-        // Workers get a ServiceAccount with no rights: no Roles to hand out.
+        // Worker Jobs are counted cluster-wide for the caps, written only in tenants.
+        (CONTROLLER, "", "batch", "jobs", "", "watch", true),
+        // tenant-a is no tenant yet: nothing may be written or read there.
+        (CONTROLLER, "tenant-a", "batch", "jobs", "", "create", false),
+        (CONTROLLER, "tenant-a", "", "secrets", "", "get", false),
+        (CONTROLLER, "tenant-a", "", "configmaps", "", "patch", false),
+        (CONTROLLER, "tenant-a", "", "serviceaccounts", "", "patch", false),
+        (CONTROLLER, "tenant-a", "events.k8s.io", "events", "", "create", false),
+        (CONTROLLER, "kube-system", "batch", "jobs", "", "create", false),
+        (CONTROLLER, "kube-system", "", "secrets", "", "get", false),
+        (CONTROLLER, "kube-system", "", "configmaps", "", "patch", false),
+        // The only roles it can hand out are its own tenant rights.
         (CONTROLLER, "tenant-a", "rbac.authorization.k8s.io", "roles", "", "patch", false),
-        (CONTROLLER, "tenant-a", "events.k8s.io", "events", "", "create", true),
-        // A tenant's retention is an annotation on its namespace.
-        (CONTROLLER, "", "", "namespaces", "", "get", true),
+        (CONTROLLER, "", "rbac.authorization.k8s.io", "clusterroles", "", "bind", false),
+        (CONTROLLER, "", "rbac.authorization.k8s.io", "clusterroles", "", "escalate", false),
+        // Tenants: labelled namespaces; a tenant's retention is an annotation on it.
+        (CONTROLLER, "", "", "namespaces", "", "watch", true),
+        (CONTROLLER, "", "", "namespaces", "", "patch", false),
+        // ... and the namespaces API-key records name.
+        (CONTROLLER, KEYS, "", "secrets", "", "watch", true),
+        (CONTROLLER, "kinsight-system", "", "secrets", "", "get", false),
         // Its Lease, for leader election.
         (CONTROLLER, "kinsight-system", "coordination.k8s.io", "leases", "", "update", true),
         (API, "tenant-a", "kinsight.io", "imagegroups", "", "create", true),
@@ -347,35 +356,272 @@ async fn chart_installs_into_a_real_cluster() {
         (API, "tenant-a", "kinsight.io", "imagegroups", "", "list", true),
         // Workers' tokens, when they send results.
         (API, "", "authentication.k8s.io", "tokenreviews", "", "create", true),
-        // The API-key Secrets.
-        (API, "kinsight-system", "", "secrets", "", "watch", true),
-        // And no more than that: the API reads no tenant's Secrets, the controller writes none.
+        // The API-key Secrets, and no other: not the database's in the release namespace,
+        // not a tenant's, not one by name in the keys namespace (only its labelled watch).
+        (API, KEYS, "", "secrets", "", "watch", true),
+        (API, KEYS, "", "secrets", "", "get", false),
+        (API, "kinsight-system", "", "secrets", "", "get", false),
+        (API, "kinsight-system", "", "secrets", "", "list", false),
         (API, "tenant-a", "", "secrets", "", "get", false),
-        (CONTROLLER, "tenant-a", "", "secrets", "", "create", false),
+        // A worker's identity can do nothing in the API server: its results go through the
+        // API's ingest, which takes them only for its own namespace's groups
+        // (tests/result_ingest.rs).
+        (WORKER, "tenant-a", "kinsight.io", "imagegroups", "status", "patch", false),
+        (WORKER, "tenant-a", "", "configmaps", "", "create", false),
+        (WORKER, "tenant-a", "", "secrets", "", "get", false),
     ];
-    for (account, namespace, group, resource, subresource, verb, expected) in checks {
+    assert_access(&client, &checks).await;
+    tenants_come_and_go(&cluster, &client, container).await;
+}
+
+const CONTROLLER: &str = "system:serviceaccount:kinsight-system:kinsight-controller";
+const API: &str = "system:serviceaccount:kinsight-system:kinsight-api";
+const WORKER: &str = "system:serviceaccount:tenant-a:kinsight-worker";
+/// The chart's default namespace of API-key records.
+const KEYS: &str = "kinsight-system-keys";
+
+type Check<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str, &'a str, bool);
+
+async fn assert_access(client: &kube::Client, checks: &[Check<'_>]) {
+    for &(user, namespace, group, resource, subresource, verb, expected) in checks {
         assert_eq!(
-            allowed(
-                &client,
-                account,
-                namespace,
-                group,
-                resource,
-                subresource,
-                verb
-            )
-            .await,
+            allowed(client, user, namespace, group, resource, subresource, verb).await,
             expected,
-            "{account} may {verb} {group}/{resource}/{subresource} in {namespace}: {expected}"
+            "{user} may {verb} {group}/{resource}/{subresource} in {namespace:?}: {expected}"
         );
     }
 }
 
-/// Whether the API server's authorizer lets the chart's ServiceAccount `account` (in
-/// `kinsight-system`) do `verb` on the resource in `namespace`.
+/// The controller's tenant watch, run with the chart's RBAC (as the controller's
+/// ServiceAccount): a namespace becomes a tenant by its label or an API-key record, gets
+/// the controller's rights and the workers' NetworkPolicy, and loses them all, with the
+/// worker's identity and catalog, when it stops being one.
+async fn tenants_come_and_go(cluster: &TestCluster, admin: &kube::Client, container: &Container) {
+    use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    use kinsight::controller::{CATALOG_CONFIG_MAP, WORKER_ACCOUNT};
+    use kinsight::tenancy::{TENANT_BINDING, TENANT_LABEL, WORKER_NETWORK_POLICY};
+    use kube::api::{Patch, PatchParams, PostParams};
+
+    let controller = as_user(cluster, CONTROLLER).await;
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    for name in ["tenant-a", "tenant-b", "bystander"] {
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))
+                .expect("namespace");
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+    }
+    // The controller's own code cannot write before a namespace is a tenant either.
+    let sa: ServiceAccount =
+        serde_json::from_value(serde_json::json!({ "metadata": { "name": WORKER_ACCOUNT } }))
+            .expect("service account");
+    let refused = Api::<ServiceAccount>::namespaced(controller.clone(), "tenant-a")
+        .create(&PostParams::default(), &sa)
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 403),
+        "{refused:?}"
+    );
+    // Nor can it give itself more: binding cluster-admin anywhere is refused.
+    let escalation: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": TENANT_BINDING },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin" },
+        "subjects": [{ "kind": "ServiceAccount", "name": "kinsight-controller", "namespace": "kinsight-system" }]
+    }))
+    .expect("role binding");
+    let refused = Api::<RoleBinding>::namespaced(controller.clone(), "bystander")
+        .create(&PostParams::default(), &escalation)
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 403),
+        "{refused:?}"
+    );
+
+    let network_policy = kinsight::tenancy::parse_network_policy(
+        env_value(container, "KINSIGHT_WORKER_NETWORK_POLICY").expect("network policy env"),
+    )
+    .expect("the controller accepts the chart's NetworkPolicy");
+    let config = kinsight::tenancy::TenancyConfig {
+        keys_namespace: env_value(container, "KINSIGHT_KEYS_NAMESPACE")
+            .expect("keys namespace env")
+            .to_owned(),
+        tenant_role: env_value(container, "KINSIGHT_TENANT_ROLE")
+            .expect("tenant role env")
+            .to_owned(),
+        service_account: (
+            "kinsight-system".to_owned(),
+            env_value(container, "KINSIGHT_SERVICE_ACCOUNT")
+                .expect("service account env")
+                .to_owned(),
+        ),
+        worker_account: WORKER_ACCOUNT.to_owned(),
+        catalog_config_map: CATALOG_CONFIG_MAP.to_owned(),
+        network_policy: Some(network_policy),
+    };
+    assert_eq!(config.keys_namespace, KEYS);
+    let tenants = kinsight::tenancy::Tenants::default();
+    let (listed, mut ready) = tokio::sync::watch::channel(false);
+    let watch = tokio::spawn(kinsight::tenancy::run(
+        controller.clone(),
+        config,
+        tenants.clone(),
+        listed,
+        || {},
+    ));
+    tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|r| *r))
+        .await
+        .expect("tenants listed in time")
+        .expect("tenant watch running");
+
+    // tenant-a by its label, tenant-b by an API-key record.
+    namespaces
+        .patch(
+            "tenant-a",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({ "metadata": { "labels": { TENANT_LABEL: "true" } } }),
+            ),
+        )
+        .await
+        .expect("label tenant-a");
+    let key: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "tenant-b", "labels": { "kinsight.io/api-key": "true" } },
+        "stringData": { "key-sha256": kinsight::api::hash_key("b"), "tenant-namespace": "tenant-b" }
+    }))
+    .expect("key record");
+    Api::<Secret>::namespaced(admin.clone(), KEYS)
+        .create(&PostParams::default(), &key)
+        .await
+        .expect("create key record");
+    for tenant in ["tenant-a", "tenant-b"] {
+        wait_until(&format!("{tenant} is a tenant"), async || {
+            tenants.contains(tenant)
+                && allowed(admin, CONTROLLER, tenant, "batch", "jobs", "", "create").await
+        })
+        .await;
+        let policy = Api::<NetworkPolicy>::namespaced(admin.clone(), tenant)
+            .get(WORKER_NETWORK_POLICY)
+            .await
+            .expect("the workers' NetworkPolicy");
+        let spec = policy.spec.expect("spec");
+        assert_eq!(
+            spec.policy_types.as_deref(),
+            Some(&["Ingress".to_owned(), "Egress".to_owned()][..])
+        );
+        assert!(spec.ingress.is_none(), "no ingress to workers");
+    }
+    #[rustfmt::skip]
+    assert_access(admin, &[
+        (CONTROLLER, "tenant-a", "batch", "jobs", "", "delete", true),
+        (CONTROLLER, "tenant-a", "", "secrets", "", "get", true),
+        (CONTROLLER, "tenant-a", "", "configmaps", "", "patch", true),
+        (CONTROLLER, "tenant-a", "events.k8s.io", "events", "", "create", true),
+        // Still nothing elsewhere, and still no Secret written.
+        (CONTROLLER, "bystander", "batch", "jobs", "", "create", false),
+        (CONTROLLER, "kube-system", "", "secrets", "", "get", false),
+        (CONTROLLER, "tenant-a", "", "secrets", "", "create", false),
+    ]).await;
+    // What a reconcile then makes there, with the controller's own rights.
+    let params = PatchParams::apply("kinsight-controller").force();
+    Api::<ServiceAccount>::namespaced(controller.clone(), "tenant-a")
+        .patch(WORKER_ACCOUNT, &params, &Patch::Apply(&sa))
+        .await
+        .expect("the worker's ServiceAccount");
+    let catalog: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(
+        serde_json::json!({ "metadata": { "name": CATALOG_CONFIG_MAP }, "data": { "catalog.yaml": "models: []" } }),
+    )
+    .expect("catalog");
+    Api::<ConfigMap>::namespaced(controller.clone(), "tenant-a")
+        .patch(CATALOG_CONFIG_MAP, &params, &Patch::Apply(&catalog))
+        .await
+        .expect("the catalog ConfigMap");
+
+    // tenant-a stops being a tenant: everything the controller had there goes.
+    namespaces
+        .patch(
+            "tenant-a",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "metadata": { "labels": { TENANT_LABEL: null } } })),
+        )
+        .await
+        .expect("unlabel tenant-a");
+    wait_until("tenant-a's objects removed", async || {
+        let gone = |found: Option<()>| found.is_none();
+        !tenants.contains("tenant-a")
+            && gone(
+                Api::<RoleBinding>::namespaced(admin.clone(), "tenant-a")
+                    .get_opt(TENANT_BINDING)
+                    .await
+                    .expect("get")
+                    .map(drop),
+            )
+            && gone(
+                Api::<ServiceAccount>::namespaced(admin.clone(), "tenant-a")
+                    .get_opt(WORKER_ACCOUNT)
+                    .await
+                    .expect("get")
+                    .map(drop),
+            )
+            && gone(
+                Api::<ConfigMap>::namespaced(admin.clone(), "tenant-a")
+                    .get_opt(CATALOG_CONFIG_MAP)
+                    .await
+                    .expect("get")
+                    .map(drop),
+            )
+            && gone(
+                Api::<NetworkPolicy>::namespaced(admin.clone(), "tenant-a")
+                    .get_opt(WORKER_NETWORK_POLICY)
+                    .await
+                    .expect("get")
+                    .map(drop),
+            )
+    })
+    .await;
+    assert!(!allowed(admin, CONTROLLER, "tenant-a", "batch", "jobs", "", "create").await);
+    assert!(tenants.contains("tenant-b"), "the other tenant stays");
+    watch.abort();
+}
+
+/// A client acting as `user` (impersonated by the cluster's admin), with the groups every
+/// ServiceAccount has.
+async fn as_user(cluster: &TestCluster, user: &str) -> kube::Client {
+    let control_plane = cluster.control_plane().expect("a local control plane");
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(control_plane.kubeconfig_path()).expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    let namespace = user.split(':').nth(2).expect("a ServiceAccount user");
+    config.auth_info.impersonate = Some(user.to_owned());
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".to_owned(),
+        format!("system:serviceaccounts:{namespace}"),
+        "system:authenticated".to_owned(),
+    ]);
+    kube::Client::try_from(config).expect("client")
+}
+
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether the API server's authorizer lets the ServiceAccount user `user`
+/// (`system:serviceaccount:<namespace>:<name>`) do `verb` on the resource in `namespace`.
 async fn allowed(
     client: &kube::Client,
-    account: &str,
+    user: &str,
     namespace: &str,
     group: &str,
     resource: &str,
@@ -384,8 +630,8 @@ async fn allowed(
 ) -> bool {
     let review: SubjectAccessReview = serde_json::from_value(serde_json::json!({
         "spec": {
-            "user": format!("system:serviceaccount:kinsight-system:{account}"),
-            "groups": ["system:serviceaccounts", "system:serviceaccounts:kinsight-system", "system:authenticated"],
+            "user": user,
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", user.split(':').nth(2).unwrap_or_default()), "system:authenticated"],
             "resourceAttributes": {
                 "namespace": namespace, "group": group, "resource": resource,
                 "subresource": subresource, "verb": verb
