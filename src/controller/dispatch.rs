@@ -691,7 +691,12 @@ async fn announce(ctx: &Context, endpoint: &Endpoint, transition: Transition) {
             ),
         ),
     };
-    tracing::warn!(endpoint = %endpoint.circuit_key, reason, %note, "webhook endpoint health changed");
+    tracing::warn!(
+        endpoint = %crate::net::redact_urls(&endpoint.circuit_key),
+        reason,
+        note = %crate::net::redact_urls(&note),
+        "webhook endpoint health changed"
+    );
     publish_event(ctx, &endpoint.object, kind, reason, ACTION, note).await;
 }
 

@@ -439,7 +439,8 @@ pub(crate) async fn publish_event(
     let event = kube::runtime::events::Event {
         type_: kind,
         reason: reason.to_owned(),
-        note: Some(note.chars().take(1000).collect()),
+        // Customers' URLs may carry credentials (signed queries, user info).
+        note: Some(crate::net::redact_urls(&note).chars().take(1000).collect()),
         action: action.to_owned(),
         secondary: None,
     };

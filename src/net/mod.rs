@@ -10,12 +10,15 @@
 //! - Private, loopback, link-local, metadata, CGNAT, multicast and reserved addresses
 //!   (and IPv6 forms embedding them) are refused unless the policy's allow-list opens them.
 //! - System proxies are not used: through a proxy the guard would only see the proxy.
+//! - URLs are redacted ([`redact_urls`]) before they go into Events and logs.
 
 mod guard;
 mod policy;
+mod redact;
 
 pub use guard::{
     EgressError, EgressGuard, HostResolver, StaticResolver, SystemResolver, TooManyRedirects,
     find_cause,
 };
 pub use policy::{BlockReason, EgressPolicy, IpNet, classify, parse_cidrs};
+pub use redact::{redact_url, redact_urls};
