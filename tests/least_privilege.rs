@@ -1,0 +1,208 @@
+//! Least privilege as a tenant and an operator see it, on the real control plane: signing
+//! Secrets must be marked for kinsight, nothing runs in a namespace that is not a tenant,
+//! and credentials in URLs stay out of Events. (The RBAC itself: tests/helm_chart.rs.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, eventually};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kinsight::crd::{ImageGroup, WebhookSubscription};
+use kinsight::tenancy::{SIGNING_LABEL, TENANT_LABEL};
+use kinsight::webhook::{CircuitConfig, RetrySchedule, generate_secret};
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// `type=status/reason: message` of a condition, or "" while it has none.
+fn condition(conditions: &[Condition], kind: &str) -> String {
+    conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| format!("{}/{}: {}", c.status, c.reason, c.message))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_naming_an_unmarked_secret_is_refused_until_the_secret_is_marked() {
+    let h = Harness::start("lp-signing").await;
+    let secrets: Api<Secret> = Api::namespaced(h.client.clone(), &h.namespace);
+    // Another team's Secret of the same form: kinsight must not sign with it.
+    let other: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "other-team" },
+        "stringData": { "key": generate_secret() }
+    }))
+    .expect("secret");
+    secrets
+        .create(&PostParams::default(), &other)
+        .await
+        .expect("create secret");
+    let subs: Api<WebhookSubscription> = Api::namespaced(h.client.clone(), &h.namespace);
+    let sub: WebhookSubscription = serde_json::from_value(json!({
+        "apiVersion": "kinsight.io/v1alpha1", "kind": "WebhookSubscription",
+        "metadata": { "name": "oracle" },
+        "spec": { "url": h.hook_url, "secretRef": { "name": "other-team", "key": "key" } }
+    }))
+    .expect("subscription");
+    subs.create(&PostParams::default(), &sub)
+        .await
+        .expect("create subscription");
+    let ready = async || {
+        let sub = subs.get("oracle").await.expect("get");
+        condition(&sub.status.unwrap_or_default().conditions, "Ready")
+    };
+    eventually("the subscription is refused", LIMIT, async || {
+        ready().await.starts_with("False/SecretNotMarked")
+    })
+    .await;
+    assert!(
+        ready()
+            .await
+            .contains("label it kinsight.io/webhook-signing=true"),
+        "{}",
+        ready().await
+    );
+
+    // Marked by its owner, it signs.
+    secrets
+        .patch(
+            "other-team",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { SIGNING_LABEL: "true" } } })),
+        )
+        .await
+        .expect("mark");
+    // A new spec generation is checked again at once (the Secret is not watched).
+    subs.patch(
+        "oracle",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "timeoutSeconds": 5 } })),
+    )
+    .await
+    .expect("touch");
+    eventually("the subscription is ready", LIMIT, async || {
+        ready().await.starts_with("True/")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_outside_the_tenants_waits_until_its_namespace_becomes_one() {
+    let h = Harness::start("lp-tenant").await;
+    let outsider = "lp-outsider";
+    let ns: Namespace =
+        serde_json::from_value(json!({ "metadata": { "name": outsider } })).expect("namespace");
+    let namespaces: Api<Namespace> = Api::all(h.client.clone());
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), outsider);
+    let group: ImageGroup = serde_json::from_value(json!({
+        "apiVersion": "kinsight.io/v1alpha1", "kind": "ImageGroup",
+        "metadata": { "name": "g" },
+        "spec": { "images": [{ "url": "http://127.0.0.1:9/a.jpg" }], "models": ["image_classification"] }
+    }))
+    .expect("group");
+    groups
+        .create(&PostParams::default(), &group)
+        .await
+        .expect("group");
+    let accepted = async || {
+        let group = groups.get("g").await.expect("get");
+        condition(&group.status.unwrap_or_default().conditions, "Accepted")
+    };
+    eventually("the group is refused", LIMIT, async || {
+        accepted().await.starts_with("False/NotATenant")
+    })
+    .await;
+    assert!(
+        accepted()
+            .await
+            .contains("label it kinsight.io/tenant=true"),
+        "{}",
+        accepted().await
+    );
+    let jobs: Api<Job> = Api::namespaced(h.client.clone(), outsider);
+    assert!(
+        jobs.list(&Default::default())
+            .await
+            .expect("jobs")
+            .items
+            .is_empty(),
+        "nothing runs outside tenants"
+    );
+
+    namespaces
+        .patch(
+            outsider,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { TENANT_LABEL: "true" } } })),
+        )
+        .await
+        .expect("label");
+    eventually("the group is accepted and runs", LIMIT, async || {
+        accepted().await.starts_with("True/")
+            && !jobs
+                .list(&Default::default())
+                .await
+                .expect("jobs")
+                .items
+                .is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_in_webhook_urls_are_redacted_in_events() {
+    let h = Harness::start_configured("lp-redact", |c| {
+        c.circuit = CircuitConfig {
+            failure_threshold: 1,
+            cool_down: Duration::from_secs(60),
+            max_cool_down: Duration::from_secs(60),
+            ..CircuitConfig::default()
+        };
+        c.retry = RetrySchedule(vec![Duration::from_secs(1); 5]);
+    })
+    .await;
+    // Nothing listens on port 9: the first attempt fails and the circuit opens.
+    let url = "http://alice:pa55@127.0.0.1:9/hook?token=SECRET123&v=1".to_owned();
+    h.subscribe(
+        "signing",
+        &generate_secret(),
+        &[("tokened", url, json!({}))],
+        LIMIT,
+    )
+    .await;
+    h.create_unreachable_group("g", 1, json!({})).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(h.client.clone(), &h.namespace);
+    let note = async || {
+        events
+            .list(&Default::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("WebhookCircuitOpened"))
+            .and_then(|e| e.note)
+    };
+    eventually("the circuit-opened Event", LIMIT, async || {
+        note().await.is_some()
+    })
+    .await;
+    let note = note().await.unwrap_or_default();
+    assert!(
+        note.contains("http://redacted@127.0.0.1:9/hook?token=redacted&v=redacted"),
+        "{note}"
+    );
+    assert!(
+        !note.contains("SECRET123") && !note.contains("pa55"),
+        "{note}"
+    );
+}
