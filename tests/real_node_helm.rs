@@ -36,6 +36,7 @@ const TEST_LIMIT: Duration = Duration::from_secs(400);
 /// From `helm install` to every pod Running and Ready.
 const READY_LIMIT: Duration = Duration::from_secs(180);
 const NAMESPACE: &str = "kinsight-system";
+const KEYS_NAMESPACE: &str = "kinsight-system-keys";
 const TENANT: &str = "tenant-helm";
 
 #[test]
@@ -73,15 +74,20 @@ async fn the_test() {
         .expect("the testbed's PostgreSQL")
         .replace("@127.0.0.1:", &format!("@{HOST_ADDRESS}:"));
     let api_key = format!("test-key-{TENANT}");
+    // API-key records live in a namespace of their own (the chart's default name; made
+    // here, so the chart is told not to make it).
+    kinsight::dev::ensure_namespace(&client, NAMESPACE)
+        .await
+        .expect("the release namespace");
     kinsight::dev::create_tenant(
         &client,
-        NAMESPACE,
+        KEYS_NAMESPACE,
         TENANT,
         &api_key,
         &kinsight::webhook::generate_secret(),
     )
     .await
-    .expect("the release namespace, a tenant and its API key");
+    .expect("a tenant and its API key");
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": { "name": "kinsight-database" },
         "stringData": { "uri": url },
@@ -97,6 +103,7 @@ async fn the_test() {
         "image": { "repository": repository, "tag": tag, "pullPolicy": "Never" },
         "database": { "secretName": "kinsight-database" },
         "controller": { "replicas": 2 },
+        "apiKeys": { "namespace": KEYS_NAMESPACE, "createNamespace": false },
     })
     .to_string();
     let kubeconfig = plane.kubeconfig_path().to_string_lossy().into_owned();
