@@ -550,36 +550,11 @@ async fn tenants_come_and_go(cluster: &TestCluster, admin: &kube::Client, contai
         .await
         .expect("unlabel tenant-a");
     wait_until("tenant-a's objects removed", async || {
-        let gone = |found: Option<()>| found.is_none();
         !tenants.contains("tenant-a")
-            && gone(
-                Api::<RoleBinding>::namespaced(admin.clone(), "tenant-a")
-                    .get_opt(TENANT_BINDING)
-                    .await
-                    .expect("get")
-                    .map(drop),
-            )
-            && gone(
-                Api::<ServiceAccount>::namespaced(admin.clone(), "tenant-a")
-                    .get_opt(WORKER_ACCOUNT)
-                    .await
-                    .expect("get")
-                    .map(drop),
-            )
-            && gone(
-                Api::<ConfigMap>::namespaced(admin.clone(), "tenant-a")
-                    .get_opt(CATALOG_CONFIG_MAP)
-                    .await
-                    .expect("get")
-                    .map(drop),
-            )
-            && gone(
-                Api::<NetworkPolicy>::namespaced(admin.clone(), "tenant-a")
-                    .get_opt(WORKER_NETWORK_POLICY)
-                    .await
-                    .expect("get")
-                    .map(drop),
-            )
+            && !exists::<RoleBinding>(admin, "tenant-a", TENANT_BINDING).await
+            && !exists::<ServiceAccount>(admin, "tenant-a", WORKER_ACCOUNT).await
+            && !exists::<ConfigMap>(admin, "tenant-a", CATALOG_CONFIG_MAP).await
+            && !exists::<NetworkPolicy>(admin, "tenant-a", WORKER_NETWORK_POLICY).await
     })
     .await;
     assert!(!allowed(admin, CONTROLLER, "tenant-a", "batch", "jobs", "", "create").await);
@@ -604,6 +579,21 @@ async fn as_user(cluster: &TestCluster, user: &str) -> kube::Client {
         "system:authenticated".to_owned(),
     ]);
     kube::Client::try_from(config).expect("client")
+}
+
+async fn exists<K>(client: &kube::Client, namespace: &str, name: &str) -> bool
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    Api::<K>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .expect("get")
+        .is_some()
 }
 
 async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {

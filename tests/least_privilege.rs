@@ -28,6 +28,20 @@ fn condition(conditions: &[Condition], kind: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Sets the label `key: "true"` on an object, as its owner would with kubectl.
+async fn label<K>(api: &Api<K>, name: &str, key: &str)
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "labels": { key: "true" } } })),
+    )
+    .await
+    .expect("label");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_naming_an_unmarked_secret_is_refused_until_the_secret_is_marked() {
     let h = Harness::start("lp-signing").await;
@@ -69,14 +83,7 @@ async fn a_subscription_naming_an_unmarked_secret_is_refused_until_the_secret_is
     );
 
     // Marked by its owner, it signs.
-    secrets
-        .patch(
-            "other-team",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "metadata": { "labels": { SIGNING_LABEL: "true" } } })),
-        )
-        .await
-        .expect("mark");
+    label(&secrets, "other-team", SIGNING_LABEL).await;
     // A new spec generation is checked again at once (the Secret is not watched).
     subs.patch(
         "oracle",
@@ -138,14 +145,7 @@ async fn a_group_outside_the_tenants_waits_until_its_namespace_becomes_one() {
         "nothing runs outside tenants"
     );
 
-    namespaces
-        .patch(
-            outsider,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "metadata": { "labels": { TENANT_LABEL: "true" } } })),
-        )
-        .await
-        .expect("label");
+    label(&namespaces, outsider, TENANT_LABEL).await;
     eventually("the group is accepted and runs", LIMIT, async || {
         accepted().await.starts_with("True/")
             && !jobs
@@ -180,14 +180,9 @@ async fn tokens_in_webhook_urls_are_redacted_in_events() {
     )
     .await;
     h.create_unreachable_group("g", 1, json!({})).await;
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(h.client.clone(), &h.namespace);
     let note = async || {
-        events
-            .list(&Default::default())
+        h.events_about("tokened")
             .await
-            .expect("events")
-            .items
             .into_iter()
             .find(|e| e.reason.as_deref() == Some("WebhookCircuitOpened"))
             .and_then(|e| e.note)

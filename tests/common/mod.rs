@@ -441,6 +441,15 @@ impl Harness {
 
     /// Reasons of the Events about one object (by name) in the test's namespace.
     pub async fn event_reasons(&self, object: &str) -> Vec<String> {
+        self.events_about(object)
+            .await
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
+    /// The Events about one object (by name) in the test's namespace.
+    pub async fn events_about(&self, object: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
         let events: kube::Api<k8s_openapi::api::events::v1::Event> =
             kube::Api::namespaced(self.client.clone(), &self.namespace);
         events
@@ -450,7 +459,6 @@ impl Harness {
             .items
             .into_iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
-            .filter_map(|e| e.reason)
             .collect()
     }
 
