@@ -201,3 +201,86 @@ async fn tokens_in_webhook_urls_are_redacted_in_events() {
         "{note}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_headers_come_from_a_marked_secret() {
+    let mut h = Harness::start("lp-headers").await;
+    let secrets: Api<Secret> = Api::namespaced(h.client.clone(), &h.namespace);
+    for (name, data, marked) in [
+        ("hook-signing", json!({ "key": h.webhook_secret }), true),
+        (
+            "hook-auth",
+            json!({ "X-Api-Token": "t0k-from-secret" }),
+            false,
+        ),
+    ] {
+        let labels = if marked {
+            json!({ SIGNING_LABEL: "true" })
+        } else {
+            json!({})
+        };
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": { "name": name, "labels": labels }, "stringData": data
+        }))
+        .expect("secret");
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("create secret");
+    }
+    let subs: Api<WebhookSubscription> = Api::namespaced(h.client.clone(), &h.namespace);
+    let sub: WebhookSubscription = serde_json::from_value(json!({
+        "apiVersion": "kinsight.io/v1alpha1", "kind": "WebhookSubscription",
+        "metadata": { "name": "with-token" },
+        "spec": {
+            "url": h.hook_url,
+            "secretRef": { "name": "hook-signing", "key": "key" },
+            "headersFrom": { "name": "hook-auth" }
+        }
+    }))
+    .expect("subscription");
+    subs.create(&PostParams::default(), &sub)
+        .await
+        .expect("create subscription");
+    let ready = async || {
+        let sub = subs.get("with-token").await.expect("get");
+        condition(&sub.status.unwrap_or_default().conditions, "Ready")
+    };
+    // The headers Secret needs the same mark as a signing one.
+    eventually(
+        "the unmarked headers Secret is refused",
+        LIMIT,
+        async || {
+            ready()
+                .await
+                .starts_with("False/SecretNotMarked: headersFrom: Secret hook-auth")
+        },
+    )
+    .await;
+    label(&secrets, "hook-auth", SIGNING_LABEL).await;
+    subs.patch(
+        "with-token",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "timeoutSeconds": 5 } })),
+    )
+    .await
+    .expect("touch");
+    eventually("the subscription is ready", LIMIT, async || {
+        ready().await.starts_with("True/")
+    })
+    .await;
+
+    // The group's own webhook and the subscription both go to the receiver; only the
+    // subscription's carries the Secret's header.
+    h.create_unreachable_group("g", 1, json!({})).await;
+    let received = h
+        .collect_webhooks(LIMIT, |got| {
+            got.iter().any(|w| {
+                w.headers
+                    .iter()
+                    .any(|(n, v)| n == "x-api-token" && v == "t0k-from-secret")
+            })
+        })
+        .await;
+    assert!(!received.is_empty());
+}

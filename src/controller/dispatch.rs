@@ -86,6 +86,7 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool, shutdown: Shutdow
         ctx: ctx.clone(),
         endpoints: Cache::default(),
         secrets: Cache::default(),
+        header_secrets: Cache::default(),
         waiting: Mutex::default(),
     });
     let (done, finished) = mpsc::unbounded_channel();
@@ -193,6 +194,19 @@ async fn renew(ctx: Arc<Context>, owner: String) {
 
 /// A group's endpoint records at a version.
 type Versioned = (i64, Arc<Vec<Endpoint>>);
+/// Request headers, (name, value).
+type Headers = Vec<(String, String)>;
+
+/// Whether a Secret read (or why it failed) still serves: a while when read, a moment
+/// when not (it may be created or fixed any time).
+fn fresh_secret<T>((at, read): &(Instant, Result<T, String>)) -> bool {
+    at.elapsed()
+        < if read.is_ok() {
+            SECRET_TTL
+        } else {
+            SECRET_ERROR_TTL
+        }
+}
 
 struct Dispatcher {
     ctx: Arc<Context>,
@@ -200,6 +214,8 @@ struct Dispatcher {
     endpoints: Cache<String, Result<Versioned, String>>,
     /// Signing keys (or why there are none) by (namespace, secret, key).
     secrets: Cache<(String, String, String), Result<Vec<String>, String>>,
+    /// Headers from a subscription's `headersFrom` Secret, by (namespace, secret).
+    header_secrets: Cache<(String, String), Result<Headers, String>>,
     /// Per circuit: claimed deliveries waiting for a slot here, and how long attempts
     /// there take (a moving average, ms).
     waiting: Mutex<HashMap<String, Queue>>,
@@ -273,15 +289,16 @@ impl Dispatcher {
         };
         let retry = endpoint.retry.as_ref().unwrap_or(&ctx.config.retry);
         let keys = self.signing_keys(&group.namespace, &endpoint.secret).await;
+        let options = self.options(&group.namespace, endpoint).await;
         let prepared = keys.and_then(|keys| {
             let body = delivery
                 .payload
                 .as_ref()
                 .ok_or_else(|| "the event has no recorded body".to_owned())?;
             let body = serde_json::to_string(body).map_err(|e| format!("payload: {e}"))?;
-            Ok((keys, body))
+            Ok((keys, body, options?))
         });
-        let (keys, body) = match prepared {
+        let (keys, body, options) = match prepared {
             Ok(p) => p,
             Err(error) => {
                 let outcome = AttemptOutcome::NotSent { error };
@@ -326,7 +343,7 @@ impl Dispatcher {
         let (at, started) = (jiff::Timestamp::now(), Instant::now());
         let outcome = ctx
             .sender
-            .attempt_with(&endpoint.url, &delivery.id, &body, &keys, &endpoint.options)
+            .attempt_with(&endpoint.url, &delivery.id, &body, &keys, &options)
             .await;
         let transition = permit.finish(&outcome);
         let took = started.elapsed().as_secs_f64() * 1000.0;
@@ -445,16 +462,35 @@ impl Dispatcher {
             reference.name.clone(),
             reference.key.clone(),
         );
-        let fresh = |(at, keys): &(Instant, Result<Vec<String>, String>)| {
-            let ttl = if keys.is_ok() {
-                SECRET_TTL
-            } else {
-                SECRET_ERROR_TTL
-            };
-            at.elapsed() < ttl
-        };
         let load = || load_secret(&self.ctx, namespace, reference);
-        self.secrets.get_or_load(&key, fresh, load).await
+        self.secrets.get_or_load(&key, fresh_secret, load).await
+    }
+
+    /// What goes with each request to `endpoint`: its options, plus the headers of its
+    /// `headersFrom` Secret (read like signing secrets: cached a moment, marked only).
+    async fn options(
+        &self,
+        namespace: &str,
+        endpoint: &Endpoint,
+    ) -> Result<crate::webhook::EndpointOptions, String> {
+        let mut options = endpoint.options.clone();
+        let Some(name) = &endpoint.headers_from else {
+            return Ok(options);
+        };
+        let key = (namespace.to_owned(), name.clone());
+        let load = || async {
+            let secret = Api::<Secret>::namespaced(self.ctx.client.clone(), namespace)
+                .get_opt(name)
+                .await
+                .map_err(|e| format!("reading headers Secret {name}: {e}"))?;
+            crate::tenancy::secret_headers(name, secret.as_ref()).map_err(|e| e.to_string())
+        };
+        options.headers.extend(
+            self.header_secrets
+                .get_or_load(&key, fresh_secret, load)
+                .await?,
+        );
+        Ok(options)
     }
 }
 

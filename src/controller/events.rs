@@ -43,6 +43,10 @@ pub struct Endpoint {
     pub secret: SecretKeyRef,
     pub event_types: Vec<String>,
     pub options: EndpointOptions,
+    /// A Secret (marked for kinsight) whose keys are more request headers, read when
+    /// sending, so their values are never stored with the events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_from: Option<String>,
     /// The endpoint's own retry schedule, if it has one.
     pub retry: Option<RetrySchedule>,
     /// Names the endpoint's circuit, which every group sending there shares.
@@ -97,6 +101,7 @@ pub async fn endpoints(
             secret: target.secret_ref.clone(),
             event_types: Vec::new(),
             options: EndpointOptions::default(),
+            headers_from: None,
             retry: None,
             circuit_key: request_circuit(namespace, &target.url),
             generation: MEMORY_ONLY,
@@ -121,6 +126,7 @@ pub async fn endpoints(
                     .timeout_seconds
                     .map(|s| Duration::from_secs(u64::from(s))),
             },
+            headers_from: sub.spec.headers_from.as_ref().map(|s| s.name.clone()),
             retry: sub.spec.retry_schedule().ok().flatten(),
             circuit_key: subscription_circuit(&sub),
             generation: sub.metadata.generation.unwrap_or(0),
@@ -659,6 +665,7 @@ mod tests {
             },
             event_types: Vec::new(),
             options: EndpointOptions::default(),
+            headers_from: None,
             retry: None,
             circuit_key: key.to_owned(),
             generation: MEMORY_ONLY,

@@ -19,7 +19,7 @@ use crate::crd::{
     CircuitState, ConditionStatus, EndpointHealth, WebhookSubscription, WebhookSubscriptionStatus,
     set_condition,
 };
-use crate::tenancy::{not_a_tenant, signing_keys};
+use crate::tenancy::{not_a_tenant, secret_headers, signing_keys};
 
 pub async fn reconcile(
     sub: Arc<WebhookSubscription>,
@@ -186,11 +186,18 @@ async fn check_secret(
     let secret = Api::<Secret>::namespaced(ctx.client.clone(), namespace)
         .get_opt(&reference.name)
         .await?;
-    Ok(
-        signing_keys(&reference.name, secret.as_ref(), &reference.key)
-            .map(drop)
-            .map_err(|e| (e.reason(), e.to_string())),
-    )
+    if let Err(e) = signing_keys(&reference.name, secret.as_ref(), &reference.key) {
+        return Ok(Err((e.reason(), e.to_string())));
+    }
+    let Some(headers) = &sub.spec.headers_from else {
+        return Ok(Ok(()));
+    };
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(&headers.name)
+        .await?;
+    Ok(secret_headers(&headers.name, secret.as_ref())
+        .map(drop)
+        .map_err(|e| (e.reason(), format!("headersFrom: {e}"))))
 }
 
 pub fn error_policy(

@@ -15,8 +15,8 @@ pub use image_group::{
 };
 pub use names::{is_dns_label, is_object_name, label_value};
 pub use webhook_subscription::{
-    CircuitState, EndpointHealth, LastDelivery, RetryPolicy, WebhookSubscription,
-    WebhookSubscriptionSpec, WebhookSubscriptionStatus,
+    CircuitState, EndpointHealth, LastDelivery, RetryPolicy, SecretName, WebhookSubscription,
+    WebhookSubscriptionSpec, WebhookSubscriptionStatus, validate_headers,
 };
 
 use kube::CustomResourceExt;

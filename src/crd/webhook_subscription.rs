@@ -59,6 +59,11 @@ pub struct WebhookSubscriptionSpec {
     /// Extra request headers (e.g. an authorization token the receiver wants).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// More request headers from a Secret of the namespace labelled
+    /// `kinsight.io/webhook-signing=true`: each key is a header name, its value the
+    /// header's value (for tokens that should not stand in the spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_from: Option<SecretName>,
     /// Per-attempt timeout (1-60 s; default: the controller's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 60))]
@@ -66,6 +71,13 @@ pub struct WebhookSubscriptionSpec {
     /// When to retry a failed attempt (default: the controller's schedule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<RetryPolicy>,
+}
+
+/// A Secret in the object's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretName {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -206,21 +218,7 @@ impl WebhookSubscriptionSpec {
 
     pub fn validate(&self) -> Result<(), String> {
         super::image_group::validate_http_url("url", &self.url)?;
-        for (name, value) in &self.headers {
-            let lower = name.to_ascii_lowercase();
-            if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("webhook-") {
-                return Err(format!(
-                    "headers: {name:?} is set by kinsight and cannot be overridden"
-                ));
-            }
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err()
-                || http::HeaderValue::from_str(value).is_err()
-            {
-                return Err(format!(
-                    "headers: {name:?} is not a valid header name and value"
-                ));
-            }
-        }
+        validate_headers(&self.headers).map_err(|e| format!("headers: {e}"))?;
         if self.timeout_seconds.is_some_and(|t| !(1..=60).contains(&t)) {
             return Err("timeoutSeconds: must be between 1 and 60".into());
         }
@@ -240,6 +238,24 @@ impl WebhookSubscriptionSpec {
     }
 }
 
+/// Custom request headers: valid names and values, none that kinsight sets itself.
+pub fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), String> {
+    for (name, value) in headers {
+        let lower = name.to_ascii_lowercase();
+        if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("webhook-") {
+            return Err(format!(
+                "{name:?} is set by kinsight and cannot be overridden"
+            ));
+        }
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+            || http::HeaderValue::from_str(value).is_err()
+        {
+            return Err(format!("{name:?} is not a valid header name and value"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +271,7 @@ mod tests {
             },
             selector: None,
             headers: BTreeMap::new(),
+            headers_from: None,
             timeout_seconds: None,
             retry_policy: None,
         }

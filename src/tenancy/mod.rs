@@ -4,7 +4,7 @@
 mod signing;
 mod tenants;
 
-pub use signing::{SIGNING_LABEL, SigningSecretError, is_marked, signing_keys};
+pub use signing::{SIGNING_LABEL, SigningSecretError, is_marked, secret_headers, signing_keys};
 pub use tenants::{
     TENANT_BINDING, TENANT_LABEL, TenancyConfig, Tenants, WORKER_NETWORK_POLICY, not_a_tenant,
     parse_network_policy, run, tenant_binding, tenant_set,

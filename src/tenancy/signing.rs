@@ -1,7 +1,8 @@
 //! Which Secrets may sign webhooks. The controller reads Secrets in tenant namespaces only to
 //! sign; a `secretRef` that could name any Secret would make it a signing oracle (a tenant's
 //! receiver learns HMACs keyed with whatever `whsec_` value another team keeps there). So a
-//! Secret signs only when it carries the label [`SIGNING_LABEL`]`: "true"`.
+//! Secret signs only when it carries the label [`SIGNING_LABEL`]`: "true"`; the same mark
+//! lets a subscription take request headers from a Secret ([`secret_headers`]).
 
 use k8s_openapi::api::core::v1::Secret;
 
@@ -19,6 +20,8 @@ pub enum SigningSecretError {
     KeyMissing(String, String),
     #[error("Secret {0}: signing secrets must be whsec_<base64> values")]
     Invalid(String),
+    #[error("Secret {0}: {1}")]
+    InvalidHeaders(String, String),
 }
 
 impl SigningSecretError {
@@ -28,6 +31,7 @@ impl SigningSecretError {
             Self::NotMarked(_) => "SecretNotMarked",
             Self::KeyMissing(..) => "SecretKeyMissing",
             Self::Invalid(_) => "InvalidSecret",
+            Self::InvalidHeaders(..) => "InvalidHeaders",
         }
     }
 }
@@ -64,6 +68,31 @@ pub fn signing_keys(
         return Err(SigningSecretError::Invalid(name.to_owned()));
     }
     Ok(keys)
+}
+
+/// The request headers a found Secret (`None`: not found) marked for kinsight holds: each
+/// key a header name, its value the header's value.
+pub fn secret_headers(
+    name: &str,
+    secret: Option<&Secret>,
+) -> Result<Vec<(String, String)>, SigningSecretError> {
+    let secret = secret.ok_or_else(|| SigningSecretError::NotFound(name.to_owned()))?;
+    if !is_marked(secret) {
+        return Err(SigningSecretError::NotMarked(name.to_owned()));
+    }
+    let invalid = |m: String| SigningSecretError::InvalidHeaders(name.to_owned(), m);
+    let headers = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(header, value)| {
+            let value = std::str::from_utf8(&value.0)
+                .map_err(|_| invalid(format!("the value of {header:?} is not UTF-8")))?;
+            Ok((header.clone(), value.trim().to_owned()))
+        })
+        .collect::<Result<std::collections::BTreeMap<_, _>, _>>()?;
+    crate::crd::validate_headers(&headers).map_err(invalid)?;
+    Ok(headers.into_iter().collect())
 }
 
 #[cfg(test)]
@@ -122,5 +151,33 @@ mod tests {
             signing_keys("s", None, "k").map_err(|e| e.reason()),
             Err("SecretNotFound")
         );
+    }
+
+    #[test]
+    fn headers_come_from_marked_secrets_and_never_replace_kinsights_own() {
+        let mut token = secret(Some("true"), "Bearer t0k\n");
+        if let Some(data) = token.data.as_mut() {
+            data.insert("Authorization".into(), ByteString(b"Bearer t0k\n".to_vec()));
+            data.remove("k");
+        }
+        assert_eq!(
+            secret_headers("s", Some(&token)),
+            Ok(vec![("Authorization".to_owned(), "Bearer t0k".to_owned())])
+        );
+        let unmarked = secret(None, "x");
+        assert_eq!(
+            secret_headers("s", Some(&unmarked)).map_err(|e| e.reason()),
+            Err("SecretNotMarked")
+        );
+        let mut reserved = secret(Some("true"), "x");
+        if let Some(data) = reserved.data.as_mut() {
+            data.insert(
+                "webhook-signature".into(),
+                ByteString(b"v1,forged".to_vec()),
+            );
+        }
+        let refused = secret_headers("s", Some(&reserved)).unwrap_err();
+        assert_eq!(refused.reason(), "InvalidHeaders");
+        assert!(refused.to_string().contains("set by kinsight"), "{refused}");
     }
 }
