@@ -477,7 +477,8 @@ async fn tenants_come_and_go(cluster: &TestCluster, admin: &kube::Client, contai
         .expect("tenants listed in time")
         .expect("tenant watch running");
 
-    // tenant-a by its label, tenant-b by an API-key record.
+    // tenant-a by its label, tenant-b by an API-key record; a key record naming kube-system
+    // does not make it a tenant.
     namespaces
         .patch(
             "tenant-a",
@@ -488,19 +489,23 @@ async fn tenants_come_and_go(cluster: &TestCluster, admin: &kube::Client, contai
         )
         .await
         .expect("label tenant-a");
-    let key: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": "tenant-b", "labels": { "kinsight.io/api-key": "true" } },
-        "stringData": { "key-sha256": kinsight::api::hash_key("b"), "tenant-namespace": "tenant-b" }
-    }))
-    .expect("key record");
-    Api::<Secret>::namespaced(admin.clone(), KEYS)
-        .create(&PostParams::default(), &key)
-        .await
-        .expect("create key record");
+    // In this order: once tenant-b is in, the watch has seen kube-system's record.
+    for tenant in ["kube-system", "tenant-b"] {
+        let key: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": tenant, "labels": { "kinsight.io/api-key": "true" } },
+            "stringData": { "key-sha256": kinsight::api::hash_key(tenant), "tenant-namespace": tenant }
+        }))
+        .expect("key record");
+        Api::<Secret>::namespaced(admin.clone(), KEYS)
+            .create(&PostParams::default(), &key)
+            .await
+            .expect("create key record");
+    }
     for tenant in ["tenant-a", "tenant-b"] {
         wait_until(&format!("{tenant} is a tenant"), async || {
             tenants.contains(tenant)
                 && allowed(admin, CONTROLLER, tenant, "batch", "jobs", "", "create").await
+                && exists::<NetworkPolicy>(admin, tenant, WORKER_NETWORK_POLICY).await
         })
         .await;
         let policy = Api::<NetworkPolicy>::namespaced(admin.clone(), tenant)
@@ -514,6 +519,8 @@ async fn tenants_come_and_go(cluster: &TestCluster, admin: &kube::Client, contai
         );
         assert!(spec.ingress.is_none(), "no ingress to workers");
     }
+    assert!(!tenants.contains("kube-system"));
+    assert!(!exists::<RoleBinding>(admin, "kube-system", TENANT_BINDING).await);
     #[rustfmt::skip]
     assert_access(admin, &[
         (CONTROLLER, "tenant-a", "batch", "jobs", "", "delete", true),

@@ -27,6 +27,8 @@ pub const TENANT_LABEL: &str = "kinsight.io/tenant";
 pub const TENANT_BINDING: &str = "kinsight-controller";
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "kinsight-controller");
 const MANAGER: &str = "kinsight-controller";
+/// How soon a failed binding or clean-up is tried again when nothing else happens.
+const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where the controller's identity and its tenant rights are.
 #[derive(Clone, Debug)]
@@ -83,8 +85,20 @@ pub fn not_a_tenant(namespace: &str) -> String {
     )
 }
 
+/// Whether a namespace may be a tenant at all: never Kubernetes' own (`kube-*`), nor the
+/// controller's or the key records' namespace, whatever a label or a key record says.
+pub fn may_be_tenant(config: &TenancyConfig, namespace: &str) -> bool {
+    !namespace.starts_with("kube-")
+        && namespace != config.keys_namespace
+        && namespace != config.service_account.0
+}
+
 /// The tenant set that labelled namespaces and API-key records make.
-pub fn tenant_set(labelled: &Store<Namespace>, keys: &Store<Secret>) -> BTreeSet<String> {
+pub fn tenant_set(
+    config: &TenancyConfig,
+    labelled: &Store<Namespace>,
+    keys: &Store<Secret>,
+) -> BTreeSet<String> {
     let named = keys.state().into_iter().filter_map(|secret| {
         let value = secret.data.as_ref()?.get(TENANT_NAMESPACE_FIELD)?;
         let name = std::str::from_utf8(&value.0).ok()?.trim();
@@ -95,6 +109,16 @@ pub fn tenant_set(labelled: &Store<Namespace>, keys: &Store<Secret>) -> BTreeSet
         .into_iter()
         .map(|ns| ns.name_any())
         .chain(named)
+        .filter(|namespace| {
+            let allowed = may_be_tenant(config, namespace);
+            if !allowed {
+                tracing::warn!(
+                    namespace,
+                    "a system namespace cannot be a kinsight tenant; ignored"
+                );
+            }
+            allowed
+        })
         .collect()
 }
 
@@ -134,42 +158,56 @@ pub async fn run(
         BTreeSet::new()
     });
     let mut first = true;
-    while let Some(event) = events.next().await {
-        let (which, init_done) = match event {
-            Ok(e) => e,
-            Err(e) => {
+    // Namespaces whose binding or clean-up failed: tried again at the next event, or after
+    // RETRY_EVERY without one.
+    let mut unsettled: BTreeSet<String> = BTreeSet::new();
+    loop {
+        match tokio::time::timeout(RETRY_EVERY, events.next()).await {
+            Ok(None) => return,
+            Ok(Some(Err(e))) => {
                 tracing::warn!(error = %e, "watching tenants");
                 continue;
             }
-        };
-        listed[which] |= init_done;
+            Ok(Some(Ok((which, init_done)))) => listed[which] |= init_done,
+            Err(_) => {}
+        }
         if !listed.iter().all(|l| *l) {
             continue;
         }
-        let now = tenant_set(&labelled, &keys);
-        if !first && now == before {
+        let now = tenant_set(&config, &labelled, &keys);
+        let retried = std::mem::take(&mut unsettled);
+        if !first && now == before && retried.is_empty() {
             continue;
         }
         // At the first listing every tenant is bound again (it costs one apply each).
-        let newcomers: Vec<&String> = if first {
-            now.iter().collect()
+        let newcomers = if first {
+            now.clone()
         } else {
-            now.difference(&before).collect()
+            now.difference(&before).cloned().collect()
         };
-        for namespace in newcomers {
+        for namespace in newcomers
+            .iter()
+            .chain(retried.iter().filter(|n| now.contains(*n)))
+        {
             if let Err(e) = bind(&client, &config, namespace).await {
                 tracing::warn!(namespace, error = %e, "binding the controller's tenant role");
+                unsettled.insert(namespace.clone());
             }
         }
         tenants.replace(now.clone());
-        for namespace in before.difference(&now) {
+        let leavers = before.difference(&now).cloned().collect::<BTreeSet<_>>();
+        for namespace in leavers
+            .iter()
+            .chain(retried.iter().filter(|n| !now.contains(*n)))
+        {
             match unbind(&client, &config, namespace).await {
                 Ok(()) => tracing::info!(
                     namespace,
                     "no longer a tenant: worker identity, catalog and RoleBinding removed"
                 ),
                 Err(e) => {
-                    tracing::warn!(namespace, error = %e, "removing a former tenant's objects")
+                    tracing::warn!(namespace, error = %e, "removing a former tenant's objects");
+                    unsettled.insert(namespace.clone());
                 }
             }
         }
@@ -244,9 +282,21 @@ async fn bind(client: &Client, config: &TenancyConfig, namespace: &str) -> Resul
             },
             spec: Some(spec.clone()),
         };
-        Api::<NetworkPolicy>::namespaced(client.clone(), namespace)
-            .patch(WORKER_NETWORK_POLICY, &params, &Patch::Apply(&policy))
-            .await?;
+        let policies = Api::<NetworkPolicy>::namespaced(client.clone(), namespace);
+        // The API server's authorizer sees a new RoleBinding a moment after it is made.
+        let mut tries = 0;
+        loop {
+            match policies
+                .patch(WORKER_NETWORK_POLICY, &params, &Patch::Apply(&policy))
+                .await
+            {
+                Err(kube::Error::Api(s)) if s.code == 403 && tries < 20 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => break other.map(drop)?,
+            }
+        }
     }
     Ok(())
 }
