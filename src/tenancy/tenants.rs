@@ -169,6 +169,7 @@ pub async fn run(
                 continue;
             }
             Ok(Some(Ok((which, init_done)))) => listed[which] |= init_done,
+            Err(_) if unsettled.is_empty() => continue,
             Err(_) => {}
         }
         if !listed.iter().all(|l| *l) {
