@@ -28,6 +28,19 @@ fn condition(conditions: &[Condition], kind: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Waits until `condition` (as [`condition`] gives it) starts with `prefix`, and returns it.
+async fn settles_on(
+    what: &str,
+    mut condition: impl AsyncFnMut() -> String,
+    prefix: &str,
+) -> String {
+    eventually(what, LIMIT, async || {
+        let now = condition().await;
+        now.starts_with(prefix).then_some(now)
+    })
+    .await
+}
+
 /// Sets the label `key: "true"` on an object, as its owner would with kubectl.
 async fn label<K>(api: &Api<K>, name: &str, key: &str)
 where
@@ -70,16 +83,15 @@ async fn a_subscription_naming_an_unmarked_secret_is_refused_until_the_secret_is
         let sub = subs.get("oracle").await.expect("get");
         condition(&sub.status.unwrap_or_default().conditions, "Ready")
     };
-    eventually("the subscription is refused", LIMIT, async || {
-        ready().await.starts_with("False/SecretNotMarked")
-    })
+    let refused = settles_on(
+        "the subscription is refused",
+        ready,
+        "False/SecretNotMarked",
+    )
     .await;
     assert!(
-        ready()
-            .await
-            .contains("label it kinsight.io/webhook-signing=true"),
-        "{}",
-        ready().await
+        refused.contains("label it kinsight.io/webhook-signing=true"),
+        "{refused}"
     );
 
     // Marked by its owner, it signs.
@@ -92,10 +104,7 @@ async fn a_subscription_naming_an_unmarked_secret_is_refused_until_the_secret_is
     )
     .await
     .expect("touch");
-    eventually("the subscription is ready", LIMIT, async || {
-        ready().await.starts_with("True/")
-    })
-    .await;
+    settles_on("the subscription is ready", ready, "True/").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,16 +133,10 @@ async fn a_group_outside_the_tenants_waits_until_its_namespace_becomes_one() {
         let group = groups.get("g").await.expect("get");
         condition(&group.status.unwrap_or_default().conditions, "Accepted")
     };
-    eventually("the group is refused", LIMIT, async || {
-        accepted().await.starts_with("False/NotATenant")
-    })
-    .await;
+    let refused = settles_on("the group is refused", accepted, "False/NotATenant").await;
     assert!(
-        accepted()
-            .await
-            .contains("label it kinsight.io/tenant=true"),
-        "{}",
-        accepted().await
+        refused.contains("label it kinsight.io/tenant=true"),
+        "{refused}"
     );
     let jobs: Api<Job> = Api::namespaced(h.client.clone(), outsider);
     assert!(
@@ -265,10 +268,7 @@ async fn subscription_headers_come_from_a_marked_secret() {
     )
     .await
     .expect("touch");
-    eventually("the subscription is ready", LIMIT, async || {
-        ready().await.starts_with("True/")
-    })
-    .await;
+    settles_on("the subscription is ready", ready, "True/").await;
 
     // The group's own webhook and the subscription both go to the receiver; only the
     // subscription's carries the Secret's header.
