@@ -22,8 +22,8 @@ use super::openapi::{
     AcceptedOut, GroupOut, IdempotencyKey, Problems, SingleImageOut, WriteProblems,
 };
 use super::problem::ApiError;
-use super::retry;
 use super::{AppState, MAX_BODY_BYTES};
+use super::{in_flight, retry};
 use crate::crd::{
     ImageEntry, ImageGroup, ImageGroupSpec, SecretKeyRef, WebhookTarget, is_object_name,
 };
@@ -161,7 +161,16 @@ pub async fn update_group(
         ));
     }
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
-    retry::on_conflict(|| add_to_group(&api, &id, &input, &state.config.models)).await?;
+    // The added images count in flight (added models re-run images already counted once).
+    let uid = find_group(&api, &id, "image group").await?.uid();
+    let added = input.add_images.len();
+    in_flight::admit(&state, &tenant, &id, uid.as_deref(), added).await?;
+    if let Err(e) =
+        retry::on_conflict(|| add_to_group(&api, &id, &input, &state.config.models)).await
+    {
+        in_flight::withdraw(&state, &tenant, &id, added).await;
+        return Err(e);
+    }
     Ok(accepted(&format!("/v1/image-groups/{id}"), &id))
 }
 
@@ -325,10 +334,13 @@ async fn create(
     prefix: &str,
     spec: ImageGroupSpec,
 ) -> Result<String, ApiError> {
+    in_flight::fits(state, tenant, spec.images.len())?;
     spec.validate(&state.config.models)
         .and_then(|()| spec.check_size())
         .map_err(ApiError::InvalidRequest)?;
     let id = format!("{prefix}-{}", hex::encode(rand::random::<[u8; 8]>()));
+    let images = spec.images.len();
+    in_flight::admit(state, tenant, &id, None, images).await?;
     let group = ImageGroup {
         metadata: ObjectMeta {
             name: Some(id.clone()),
@@ -342,9 +354,25 @@ async fn create(
         spec,
         status: None,
     };
-    Api::<ImageGroup>::namespaced(state.client.clone(), &tenant.namespace)
+    let created = match Api::<ImageGroup>::namespaced(state.client.clone(), &tenant.namespace)
         .create(&PostParams::default(), &group)
-        .await?;
+        .await
+    {
+        Ok(created) => created,
+        Err(e) => {
+            in_flight::withdraw(state, tenant, &id, images).await;
+            return Err(e.into());
+        }
+    };
+    // Until this is recorded the admission counts for a minute only: a failure here is
+    // logged, not the client's problem (its group exists).
+    if let Err(e) = state
+        .store
+        .admitted_group(&tenant.namespace, &id, &created.uid().unwrap_or_default())
+        .await
+    {
+        tracing::warn!(error = %e, id = %id, "recording an admitted group's uid");
+    }
     tracing::info!(id = %id, namespace = %tenant.namespace, "image group created");
     Ok(id)
 }

@@ -79,11 +79,20 @@ impl Store {
                    outputs = image_results.outputs || EXCLUDED.outputs,
                    timings = EXCLUDED.timings,
                    updated_at = now()
-               RETURNING {COLUMNS}"#
+               RETURNING {COLUMNS}, (xmax = 0) AS inserted"#
                 ),
                 &[&group.uid, &generation, &Json(&records)],
             )
             .await?;
+        // Images whose first result this is are no longer in flight (the row was inserted,
+        // not updated: xmax is 0).
+        let mut first = 0;
+        for row in &rows {
+            if row.try_get::<_, bool>("inserted")? {
+                first += 1;
+            }
+        }
+        super::admissions::lower_open(&tx, &group.namespace, &group.name, first).await?;
         let mut planned = 0;
         if let (Some(planner), Some(row)) = (planner, ledger) {
             let stored = rows
@@ -162,6 +171,10 @@ impl Store {
                 &[&uid],
             )
             .await?;
+        // Its images left unprocessed are no longer in flight.
+        client
+            .execute("DELETE FROM admissions WHERE uid = $1", &[&uid])
+            .await?;
         Ok(())
     }
 
@@ -171,6 +184,13 @@ impl Store {
     /// created after the list.
     pub async fn forget_groups_except(&self, live: &[String]) -> Result<u64, StoreError> {
         let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM admissions WHERE (uid IS NULL OR uid <> ALL($1))
+                   AND created_at < now() - interval '10 minutes'",
+                &[&live],
+            )
+            .await?;
         Ok(client
             .execute(
                 "UPDATE groups SET deleted_at = now()

@@ -64,6 +64,7 @@ pub async fn serve_api(
             keys_namespace: KEYS_NAMESPACE.into(),
             models: models.to_vec(),
             rate_limit: kinsight::api::DEFAULT_RATE_LIMIT,
+            in_flight_limit: kinsight::api::DEFAULT_IN_FLIGHT_LIMIT,
         },
     );
     tasks.push(tokio::spawn(key_watch));
