@@ -188,7 +188,20 @@ pub struct GroupOut {
     pub aggregate: Value,
     pub created_at: Option<String>,
     pub completed_at: Option<String>,
+    /// A page of the group's images (`limit`, default 100), in the group's order.
     pub images: Vec<ImageOut>,
+    /// The `cursor` of the next page of images; null on the last.
+    pub next_cursor: Option<String>,
+    pub links: GroupLinks,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GroupLinks {
+    /// The group's URL.
+    #[serde(rename = "self")]
+    pub this: String,
+    /// The next page of its images; null on the last.
+    pub next: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]

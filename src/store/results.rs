@@ -136,6 +136,26 @@ impl Store {
             .collect()
     }
 
+    /// The stored results of the group's images `ids` (a page of them), by image id.
+    pub async fn results_of_images(
+        &self,
+        group: &GroupRef,
+        ids: &[String],
+    ) -> Result<HashMap<String, ImageResult>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM image_results WHERE group_uid = $1 AND image_id = ANY($2)"
+                ),
+                &[&group.uid, &ids],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| from_row(&group.name, row).map(|r| (r.image_id.clone(), r)))
+            .collect()
+    }
+
     /// One image's result, if it has one.
     pub async fn image_result(
         &self,
