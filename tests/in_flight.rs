@@ -8,11 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Harness, KEYS_NAMESPACE};
-use k8s_openapi::api::core::v1::Secret;
+use common::Harness;
 use kinsight::store::Admission;
-use kube::Api;
-use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
 async fn post_raw(h: &Harness, path: &str, body: Value) -> reqwest::Response {
@@ -33,16 +30,8 @@ fn group(urls: &[String], models: &[String]) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_in_flight_are_capped_per_tenant_and_freed_as_they_finish() {
     let h = Harness::start("tenant-in-flight").await;
-    let secrets: Api<Secret> = Api::namespaced(h.client.clone(), KEYS_NAMESPACE);
-    let patch = json!({ "stringData": { kinsight::api::IN_FLIGHT_LIMIT_FIELD: "3" } });
-    secrets
-        .patch(
-            &format!("tenant-{}", h.namespace),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .expect("set the tenant's cap");
+    h.set_key_field(kinsight::api::IN_FLIGHT_LIMIT_FIELD, "3")
+        .await;
     let photo = h.photo_url("coffee.png");
     // The API's key watch picks the cap up: four images alone are then too many (refused
     // before anything else is looked at, so the unknown model keeps this from creating a
