@@ -285,7 +285,7 @@ async fn run() {
         let mut pick_sample = move || rng.random_range(0..count);
         let http_group = timed(samples, || {
             let sample = &samples_made[pick_sample()];
-            let url = format!("{api}/v1/image-groups/{}", sample.name);
+            let url = format!("{api}/v1/image-groups/{}?limit={IMAGES}", sample.name);
             let key = api_key(&sample.namespace);
             let http = &http;
             async move {

@@ -281,6 +281,10 @@ struct ApiArgs {
     /// `rate-limit`.
     #[arg(long, env = "KINSIGHT_RATE_LIMIT", default_value_t = kinsight::api::DEFAULT_RATE_LIMIT)]
     rate_limit: std::num::NonZeroU32,
+    /// Images in flight (posted, not yet finished) per tenant whose key record sets no
+    /// `max-in-flight-images`; past it a POST is answered 429.
+    #[arg(long, env = "KINSIGHT_MAX_IN_FLIGHT_IMAGES", default_value_t = kinsight::api::DEFAULT_IN_FLIGHT_LIMIT)]
+    max_in_flight_images: std::num::NonZeroU32,
 }
 
 #[derive(Args)]
@@ -480,6 +484,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 keys_namespace: args.keys_namespace,
                 models: catalog.names().map(str::to_owned).collect(),
                 rate_limit: args.rate_limit,
+                in_flight_limit: args.max_in_flight_images,
             };
             // Until the API keys are listed, /readyz says 503 and so does every request.
             let (app, watch, _keys) = kinsight::api::router(client, store, config);

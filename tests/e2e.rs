@@ -836,6 +836,7 @@ async fn an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthoriz
         keys_namespace: common::KEYS_NAMESPACE.into(),
         models: vec!["object_detection".into()],
         rate_limit: kinsight::api::DEFAULT_RATE_LIMIT,
+        in_flight_limit: kinsight::api::DEFAULT_IN_FLIGHT_LIMIT,
     };
     // An API server that never answers (nothing listens on port 1): no key is known yet,
     // so a key cannot be called invalid.

@@ -142,6 +142,7 @@ async fn chart_installs_into_a_real_cluster() {
             "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }],
             "runtimeClassName": "nvidia"
         }},
+        "api": { "rateLimit": 25 },
         "modelsVolume": { "persistentVolumeClaim": { "claimName": "shared-models", "readOnly": true } }
     })
     .to_string();
@@ -243,6 +244,17 @@ async fn chart_installs_into_a_real_cluster() {
     assert!(
         stopping.as_secs() > 0 && stopping.as_secs() < grace as u64,
         "delay + drain {stopping:?} within {grace} s"
+    );
+    // The front door's limits: the value given, the chart's default for the other, each in a
+    // form the API's flag takes.
+    let limits = ["KINSIGHT_RATE_LIMIT", "KINSIGHT_MAX_IN_FLIGHT_IMAGES"]
+        .map(|name| env_value(&api_pod.containers[0], name));
+    assert_eq!(limits, [Some("25"), Some("10000")]);
+    assert!(
+        limits
+            .iter()
+            .flatten()
+            .all(|v| v.parse::<std::num::NonZeroU32>().is_ok())
     );
     // Both read the database URL from the Secret the values name (CloudNativePG's key).
     for container in [container, &api_pod.containers[0]] {

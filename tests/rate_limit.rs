@@ -7,25 +7,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, KEYS_NAMESPACE};
-use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
-use kube::api::{Patch, PatchParams};
-use serde_json::json;
+use common::Harness;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_past_its_limit_is_answered_429_with_rate_limit_headers() {
     let h = Harness::start("tenant-limited").await;
-    let secrets: Api<Secret> = Api::namespaced(h.client.clone(), KEYS_NAMESPACE);
-    let patch = json!({ "stringData": { kinsight::api::RATE_LIMIT_FIELD: "3" } });
-    secrets
-        .patch(
-            &format!("tenant-{}", h.namespace),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .expect("set the tenant's rate limit");
+    h.set_key_field(kinsight::api::RATE_LIMIT_FIELD, "3").await;
     let client = reqwest::Client::new();
     let get = || {
         client

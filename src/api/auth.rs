@@ -1,7 +1,8 @@
 //! API keys. Each tenant has a Secret in the API's namespace, labelled
 //! `kinsight.io/api-key=true`, holding the SHA-256 of its key (`key-sha256`, hex) and the
 //! namespace its groups live in (`tenant-namespace`), and optionally its rate limit
-//! (`rate-limit`, requests per second). The API never stores keys in clear and
+//! (`rate-limit`, requests per second) and cap on images in flight
+//! (`max-in-flight-images`). The API never stores keys in clear and
 //! watches those Secrets, so keys can be added or revoked with kubectl without a restart.
 
 use axum::http::HeaderMap;
@@ -28,6 +29,8 @@ pub struct Tenant {
     pub key: String,
     /// Requests per second from the key record, when it sets one.
     pub rate_limit: Option<std::num::NonZeroU32>,
+    /// Images in flight at most, from the key record, when it sets one.
+    pub in_flight_limit: Option<std::num::NonZeroU32>,
 }
 
 pub fn hash_key(key: &str) -> String {
@@ -85,23 +88,25 @@ pub fn authenticate(keys: &ApiKeys, headers: &HeaderMap) -> Result<Tenant, ApiEr
                 return Err(ApiError::Unauthorized);
             };
             // A malformed limit is the operator's mistake too: logged, the default applies.
-            let rate_limit = data.get(super::rate_limit::RATE_LIMIT_FIELD).and_then(|v| {
-                let parsed = std::str::from_utf8(&v.0)
-                    .ok()
-                    .and_then(|t| t.trim().parse().ok());
-                if parsed.is_none() {
+            let limit = |field: &str| {
+                let parsed = data.get(field).map(|v| {
+                    std::str::from_utf8(&v.0)
+                        .ok()
+                        .and_then(|t| t.trim().parse().ok())
+                });
+                if parsed == Some(None) {
                     tracing::warn!(
                         secret = %secret.metadata.name.as_deref().unwrap_or_default(),
-                        "API key Secret's {} is not a positive integer; the default applies",
-                        super::rate_limit::RATE_LIMIT_FIELD
+                        "API key Secret's {field} is not a positive integer; the default applies"
                     );
                 }
-                parsed
-            });
+                parsed.flatten()
+            };
             return Ok(Tenant {
                 namespace: namespace.to_owned(),
                 key: digest,
-                rate_limit,
+                rate_limit: limit(super::rate_limit::RATE_LIMIT_FIELD),
+                in_flight_limit: limit(super::in_flight::IN_FLIGHT_LIMIT_FIELD),
             });
         }
     }

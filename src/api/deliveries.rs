@@ -45,7 +45,17 @@ pub struct PageQuery {
 }
 
 impl PageQuery {
-    fn limit(&self) -> Result<i64, ApiError> {
+    /// Refuses `state` where the list has no such filter.
+    pub(super) fn no_state(&self) -> Result<(), ApiError> {
+        match &self.state {
+            None => Ok(()),
+            Some(_) => Err(ApiError::InvalidParameter(
+                "state: this list takes no state filter".to_owned(),
+            )),
+        }
+    }
+
+    pub(super) fn limit(&self) -> Result<i64, ApiError> {
         match self.limit {
             None => Ok(DEFAULT_LIMIT),
             Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
@@ -55,7 +65,7 @@ impl PageQuery {
         }
     }
 
-    fn cursor(&self) -> Result<Option<Cursor>, ApiError> {
+    pub(super) fn cursor(&self) -> Result<Option<Cursor>, ApiError> {
         self.cursor
             .as_deref()
             .map(|text| {

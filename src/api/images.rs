@@ -7,7 +7,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kube::api::{ObjectMeta, PostParams};
@@ -18,16 +19,18 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::auth::{SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, Tenant, authenticate};
+use super::deliveries::PageQuery;
 use super::openapi::{
-    AcceptedOut, GroupOut, IdempotencyKey, Problems, SingleImageOut, WriteProblems,
+    AcceptedOut, GroupOut, IdempotencyKey, Paging, Problems, SingleImageOut, WriteProblems,
 };
 use super::problem::ApiError;
-use super::retry;
 use super::{AppState, MAX_BODY_BYTES};
+use super::{in_flight, retry};
 use crate::crd::{
     ImageEntry, ImageGroup, ImageGroupSpec, SecretKeyRef, WebhookTarget, is_object_name,
 };
 use crate::results::{GroupRef, ImageResult};
+use crate::store::Cursor;
 
 const SINGLE_IMAGE_ID: &str = "image";
 
@@ -161,7 +164,16 @@ pub async fn update_group(
         ));
     }
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
-    retry::on_conflict(|| add_to_group(&api, &id, &input, &state.config.models)).await?;
+    // The added images count in flight (added models re-run images already counted once).
+    let uid = find_group(&api, &id, "image group").await?.uid();
+    let added = input.add_images.len();
+    in_flight::admit(&state, &tenant, &id, uid.as_deref(), added).await?;
+    if let Err(e) =
+        retry::on_conflict(|| add_to_group(&api, &id, &input, &state.config.models)).await
+    {
+        in_flight::withdraw(&state, &tenant, &id, added).await;
+        return Err(e);
+    }
     Ok(accepted(&format!("/v1/image-groups/{id}"), &id))
 }
 
@@ -234,11 +246,8 @@ pub async fn get_image(
     if !id.starts_with("img-") {
         return Err(ApiError::NotFound(format!("image {id}")));
     }
-    let (group, results) = load(&state, &tenant, &id, "image").await?;
-    let mut image = images_out(&group, &results)
-        .into_iter()
-        .next()
-        .unwrap_or(Value::Null);
+    let (group, mut page) = load_page(&state, &tenant, &id, "image", 0, 1).await?;
+    let mut image = page.images.pop().unwrap_or(Value::Null);
     if let Value::Object(fields) = &mut image {
         fields.insert("id".to_owned(), json!(id));
         fields.insert("models".to_owned(), json!(group.spec.models));
@@ -257,16 +266,51 @@ pub async fn get_image(
 }
 
 #[utoipa::path(get, path = "/v1/image-groups/{id}", tag = "image groups",
-    params(("id" = String, Path, description = "The group's id")),
-    responses((status = 200, description = "The group and its images' results.", body = GroupOut), Problems))]
+    params(("id" = String, Path, description = "The group's id"),
+        Paging),
+    responses((status = 200, description = "The group, and a page of its images (in the group's order) with their results; `nextCursor` (and `links.next`) leads to the next page.", body = GroupOut), Problems))]
 pub async fn get_group(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = authenticate(&state.keys, &headers)?;
-    let (group, results) = load(&state, &tenant, &id, "image group").await?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidParameter(e.body_text()))?;
+    let limit = query.limit()?;
+    let cursor = query.cursor()?;
+    query.no_state()?;
+    let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
+    let group = find_group(&api, &id, "image group").await?;
+    // Images are only ever appended, so a position names the same image for good; the
+    // image's id in the cursor catches a cursor of another group.
+    let start = match cursor {
+        None => 0,
+        Some(c) => usize::try_from(c.after_key)
+            .ok()
+            .filter(|&at| {
+                group
+                    .spec
+                    .images
+                    .get(at)
+                    .is_some_and(|image| image.key(at) == c.after_id)
+            })
+            .map(|at| at + 1)
+            .ok_or_else(|| {
+                ApiError::InvalidParameter(format!(
+                    "cursor: {:?} is not a cursor of this group's images",
+                    c.encode()
+                ))
+            })?,
+    };
+    let limit = usize::try_from(limit).unwrap_or(1);
+    let (group, page) = page_of(&state, &tenant, group, start, limit).await?;
     let status = group.status.clone().unwrap_or_default();
+    let self_link = format!("/v1/image-groups/{id}");
+    let next_link = page
+        .next_cursor
+        .as_ref()
+        .map(|c| format!("{self_link}?limit={limit}&cursor={c}"));
     Ok(Json(json!({
         "id": id,
         "status": phase(&group),
@@ -278,7 +322,9 @@ pub async fn get_group(
         "aggregate": status.aggregate.unwrap_or_default(),
         "createdAt": group.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
         "completedAt": status.completed_at.as_ref().map(|t| t.0.to_string()),
-        "images": images_out(&group, &results),
+        "images": page.images,
+        "nextCursor": page.next_cursor,
+        "links": { "self": self_link, "next": next_link },
     })))
 }
 
@@ -325,10 +371,17 @@ async fn create(
     prefix: &str,
     spec: ImageGroupSpec,
 ) -> Result<String, ApiError> {
+    // The cap first (no retry makes such a request fit), unless the group is over the
+    // spec's own bound: that message says more.
+    if spec.images.len() <= crate::crd::MAX_IMAGES {
+        in_flight::fits(state, tenant, spec.images.len())?;
+    }
     spec.validate(&state.config.models)
         .and_then(|()| spec.check_size())
         .map_err(ApiError::InvalidRequest)?;
     let id = format!("{prefix}-{}", hex::encode(rand::random::<[u8; 8]>()));
+    let images = spec.images.len();
+    in_flight::admit(state, tenant, &id, None, images).await?;
     let group = ImageGroup {
         metadata: ObjectMeta {
             name: Some(id.clone()),
@@ -342,9 +395,25 @@ async fn create(
         spec,
         status: None,
     };
-    Api::<ImageGroup>::namespaced(state.client.clone(), &tenant.namespace)
+    let created = match Api::<ImageGroup>::namespaced(state.client.clone(), &tenant.namespace)
         .create(&PostParams::default(), &group)
-        .await?;
+        .await
+    {
+        Ok(created) => created,
+        Err(e) => {
+            in_flight::withdraw(state, tenant, &id, images).await;
+            return Err(e.into());
+        }
+    };
+    // Until this is recorded the admission counts for a minute only: a failure here is
+    // logged, not the client's problem (its group exists).
+    if let Err(e) = state
+        .store
+        .admitted_group(&tenant.namespace, &id, &created.uid().unwrap_or_default())
+        .await
+    {
+        tracing::warn!(error = %e, id = %id, "recording an admitted group's uid");
+    }
     tracing::info!(id = %id, namespace = %tenant.namespace, "image group created");
     Ok(id)
 }
@@ -376,23 +445,60 @@ pub(super) async fn find_group(
         .ok_or_else(|| ApiError::NotFound(format!("{what} {id}")))
 }
 
-async fn load(
+/// A page of a group's images with their results: `limit` from position `start`, and the
+/// cursor of the next page when there is one.
+struct ImagePage {
+    images: Vec<Value>,
+    next_cursor: Option<String>,
+}
+
+async fn load_page(
     state: &AppState,
     tenant: &Tenant,
     id: &str,
     what: &str,
-) -> Result<(ImageGroup, HashMap<String, ImageResult>), ApiError> {
+    start: usize,
+    limit: usize,
+) -> Result<(ImageGroup, ImagePage), ApiError> {
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
     let group = find_group(&api, id, what).await?;
+    page_of(state, tenant, group, start, limit).await
+}
+
+async fn page_of(
+    state: &AppState,
+    tenant: &Tenant,
+    group: ImageGroup,
+    start: usize,
+    limit: usize,
+) -> Result<(ImageGroup, ImagePage), ApiError> {
+    let end = start.saturating_add(limit).min(group.spec.images.len());
+    let start = start.min(end);
+    let keys: Vec<String> = (start..end).map(|i| group.spec.images[i].key(i)).collect();
     // The store is written before the controller counts or announces a result, so a
-    // client polling after a webhook always finds what it was told about.
+    // client polling after a webhook always finds what it was told about. Only this
+    // page's results are read.
     let group_ref = GroupRef {
         namespace: tenant.namespace.clone(),
         name: group.name_any(),
         uid: group.uid().unwrap_or_default(),
     };
-    let results = state.store.group_results(&group_ref).await?;
-    Ok((group, results))
+    let results = state.store.results_of_images(&group_ref, &keys).await?;
+    let images = images_out(&group, start..end, &results);
+    let next_cursor = (end < group.spec.images.len()).then(|| {
+        Cursor {
+            after_key: i64::try_from(end - 1).unwrap_or(i64::MAX),
+            after_id: keys.last().cloned().unwrap_or_default(),
+        }
+        .encode()
+    });
+    Ok((
+        group,
+        ImagePage {
+            images,
+            next_cursor,
+        },
+    ))
 }
 
 fn phase(group: &ImageGroup) -> &'static str {
@@ -404,14 +510,16 @@ fn phase(group: &ImageGroup) -> &'static str {
     }
 }
 
-fn images_out(group: &ImageGroup, results: &HashMap<String, ImageResult>) -> Vec<Value> {
+fn images_out(
+    group: &ImageGroup,
+    positions: std::ops::Range<usize>,
+    results: &HashMap<String, ImageResult>,
+) -> Vec<Value> {
     let models = &group.spec.models;
-    group
-        .spec
-        .images
+    group.spec.images[positions.clone()]
         .iter()
-        .enumerate()
-        .map(|(i, image)| {
+        .zip(positions)
+        .map(|(image, i)| {
             let key = image.key(i);
             let result = results.get(&key).filter(|r| r.covers(models));
             let status = match result {

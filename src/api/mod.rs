@@ -6,6 +6,7 @@ mod auth;
 mod deliveries;
 mod idempotency;
 mod images;
+mod in_flight;
 mod ingest;
 mod openapi;
 mod problem;
@@ -16,6 +17,7 @@ pub use auth::{
     API_KEY_LABEL, ApiKeys, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME,
     TENANT_NAMESPACE_FIELD, hash_key,
 };
+pub use in_flight::{DEFAULT_IN_FLIGHT_LIMIT, IN_FLIGHT_LIMIT_FIELD};
 pub use openapi::document as openapi_document;
 pub use problem::ApiError;
 pub use rate_limit::RATE_LIMIT_FIELD;
@@ -54,6 +56,8 @@ pub struct ApiConfig {
     pub models: Vec<String>,
     /// Requests per second per API key whose record sets no `rate-limit`.
     pub rate_limit: std::num::NonZeroU32,
+    /// Images in flight per tenant whose record sets no `max-in-flight-images`.
+    pub in_flight_limit: std::num::NonZeroU32,
 }
 
 pub struct AppState {

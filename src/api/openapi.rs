@@ -90,6 +90,18 @@ pub struct Problem {
     pub detail: String,
     /// Stable machine-readable category, e.g. `invalid_request`, `not_found`.
     pub code: String,
+    /// The limit met (`in_flight_images`), on `in_flight_limited` and `over_in_flight_cap`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
+    /// The tenant's images in flight, on `in_flight_limited`.
+    #[serde(rename = "inFlight", skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u64>,
+    /// The request's images, on `in_flight_limited` and `over_in_flight_cap`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested: Option<u32>,
+    /// The tenant's cap on images in flight, on `in_flight_limited` and `over_in_flight_cap`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cap: Option<u32>,
 }
 
 /// A POST's answer: the resource was accepted and is processed asynchronously.
@@ -176,7 +188,20 @@ pub struct GroupOut {
     pub aggregate: Value,
     pub created_at: Option<String>,
     pub completed_at: Option<String>,
+    /// A page of the group's images (`limit`, default 100), in the group's order.
     pub images: Vec<ImageOut>,
+    /// The `cursor` of the next page of images; null on the last.
+    pub next_cursor: Option<String>,
+    pub links: GroupLinks,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GroupLinks {
+    /// The group's URL.
+    #[serde(rename = "self")]
+    pub this: String,
+    /// The next page of its images; null on the last.
+    pub next: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -289,7 +314,7 @@ pub enum Problems {
     NotFound(Problem),
     #[response(
         status = 429,
-        description = "This API key's rate limit is reached (`rate_limited`); retry after `Retry-After` seconds.",
+        description = "This API key's rate limit is reached (`rate_limited`), or (a POST, a PATCH adding images) the tenant's images in flight would pass its cap (`in_flight_limited`, with `inFlight`, `requested` and `cap`); retry after `Retry-After` seconds.",
         content_type = "application/problem+json",
         headers(
             ("Retry-After" = u64, description = "Seconds until a request is accepted again"),
@@ -330,7 +355,7 @@ pub enum WriteProblems {
     NotJson(Problem),
     #[response(
         status = 422,
-        description = "The body is invalid (`invalid_request`), the `Idempotency-Key` is malformed, or it was used for another request (`idempotency_key_reused`).",
+        description = "The body is invalid (`invalid_request`), the `Idempotency-Key` is malformed, or it was used for another request (`idempotency_key_reused`), or the request alone has more images than the tenant's cap on images in flight (`over_in_flight_cap`, with `requested` and `cap`).",
         content_type = "application/problem+json"
     )]
     Invalid(Problem),

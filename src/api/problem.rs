@@ -36,6 +36,20 @@ pub enum ApiError {
     )]
     RateLimited { limit: u32, retry_after: u64 },
     #[error(
+        "this tenant has {in_flight} images in flight (posted, not yet finished) and a cap of \
+         {limit}; the {requested} images of this request would pass it: retry once some finish"
+    )]
+    InFlightLimited {
+        in_flight: u64,
+        requested: u32,
+        limit: u32,
+    },
+    #[error(
+        "this request has {requested} images, more than this tenant's cap of {limit} images in \
+         flight: split it into requests of at most {limit}"
+    )]
+    OverInFlightCap { requested: u32, limit: u32 },
+    #[error(
         "this Idempotency-Key was used for another request (method, path or body); use a new key"
     )]
     IdempotencyKeyReused,
@@ -60,6 +74,8 @@ impl ApiError {
             Self::Unavailable(_) => "unavailable",
             Self::TimedOut(_) => "timeout",
             Self::RateLimited { .. } => "rate_limited",
+            Self::InFlightLimited { .. } => "in_flight_limited",
+            Self::OverInFlightCap { .. } => "over_in_flight_cap",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyKeyInProgress => "idempotency_key_in_progress",
         }
@@ -70,7 +86,10 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InvalidParameter(_) => StatusCode::BAD_REQUEST,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::InFlightLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::OverInFlightCap { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -132,6 +151,23 @@ impl IntoResponse for ApiError {
             "detail": self.to_string(),
             "code": self.code(),
         });
+        let body = match &self {
+            // Which limit, where the client stands and the cap, for a client to act on.
+            Self::InFlightLimited {
+                in_flight,
+                requested,
+                limit,
+            } => with_fields(
+                body,
+                json!({ "limit": "in_flight_images", "inFlight": in_flight,
+                        "requested": requested, "cap": limit }),
+            ),
+            Self::OverInFlightCap { requested, limit } => with_fields(
+                body,
+                json!({ "limit": "in_flight_images", "requested": requested, "cap": limit }),
+            ),
+            _ => body,
+        };
         let mut response = (status, body.to_string()).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -148,6 +184,12 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             super::rate_limit::headers(response.headers_mut(), limit, 0, retry_after);
         }
+        if matches!(self, Self::InFlightLimited { .. }) {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(IN_FLIGHT_RETRY_AFTER_SECONDS),
+            );
+        }
         if matches!(self, Self::IdempotencyKeyInProgress) {
             response
                 .headers_mut()
@@ -155,6 +197,18 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// A guess, not a promise: images finish at a rate no one knows beforehand, and a few
+/// seconds lets a backlog move without the client hammering the API.
+const IN_FLIGHT_RETRY_AFTER_SECONDS: u64 = 5;
+
+/// `problem` with `fields` added (RFC 9457 extension members).
+fn with_fields(mut problem: serde_json::Value, fields: serde_json::Value) -> serde_json::Value {
+    if let (Some(problem), serde_json::Value::Object(fields)) = (problem.as_object_mut(), fields) {
+        problem.extend(fields);
+    }
+    problem
 }
 
 /// Answers that did not come from an [`ApiError`] (axum's own rejections, such as a path

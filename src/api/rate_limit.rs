@@ -121,6 +121,7 @@ mod tests {
             namespace: "tenant-a".into(),
             key: key.into(),
             rate_limit: rate_limit.and_then(NonZeroU32::new),
+            in_flight_limit: None,
         }
     }
 

@@ -28,6 +28,13 @@ pub const MAX_SPEC_BYTES: usize = 1280 * 1024;
 /// http or https, in any case); the controller checks the rest and reports it in status.
 pub const IMAGE_ID_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 pub const HTTP_URL_PATTERN: &str = "^[hH][tT][tT][pP][sS]?://";
+/// A model name as the catalog takes it; which names exist is the catalog's (the controller
+/// checks that), so the schema has no enum of them.
+pub const MODEL_NAME_PATTERN: &str = "^[a-z][a-z0-9_-]*$";
+/// What Kubernetes takes as a Secret's name (a DNS subdomain) and as a key in its data.
+pub const SECRET_NAME_PATTERN: &str =
+    "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+pub const SECRET_KEY_PATTERN: &str = "^[-._a-zA-Z0-9]+$";
 /// Failed deliveries a group's status lists, at most.
 pub const MAX_RECENT_FAILURES: usize = 10;
 
@@ -55,7 +62,12 @@ pub struct ImageGroupSpec {
     #[schemars(length(min = 1, max = MAX_IMAGES))]
     pub images: Vec<ImageEntry>,
     /// Catalog names of the models to run on every image, e.g. `object_detection`.
-    #[schemars(length(min = 1, max = MAX_MODELS), inner(length(min = 1, max = 63)))]
+    /// Each once (the API server refuses a name listed twice).
+    #[schemars(
+        length(min = 1, max = MAX_MODELS),
+        inner(length(min = 1, max = 63), regex(pattern = MODEL_NAME_PATTERN)),
+        extend("x-kubernetes-list-type" = "set")
+    )]
     pub models: Vec<String>,
     /// Where to push this group's events, besides the namespace's WebhookSubscriptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,9 +112,9 @@ pub struct WebhookTarget {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_NAME_PATTERN))]
     pub name: String,
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
     pub key: String,
 }
 

@@ -219,6 +219,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
             keys_namespace: KEYS_NAMESPACE.to_owned(),
             models,
             rate_limit: crate::api::DEFAULT_RATE_LIMIT,
+            in_flight_limit: crate::api::DEFAULT_IN_FLIGHT_LIMIT,
         },
     );
     tasks.spawn(key_watch);

@@ -2,6 +2,7 @@
 //! webhook deliveries and their attempts) so that Kubernetes objects keep only intent and bounded summaries. This module is
 //! the only code that speaks SQL. Migrations are embedded and applied at start.
 
+mod admissions;
 mod connection;
 mod deliveries;
 mod dispatch;
@@ -10,6 +11,7 @@ mod migrations;
 mod notify;
 mod results;
 
+pub use admissions::Admission;
 pub use deliveries::{Cursor, DeliveryCount, Plan, Saved};
 pub use dispatch::{Claimed, GONE_ERROR, Outcomes, Settled, Stop};
 pub use idempotency::{IDEMPOTENCY_KEEP, KeyClaim, StoredResponse};

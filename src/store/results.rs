@@ -79,11 +79,20 @@ impl Store {
                    outputs = image_results.outputs || EXCLUDED.outputs,
                    timings = EXCLUDED.timings,
                    updated_at = now()
-               RETURNING {COLUMNS}"#
+               RETURNING {COLUMNS}, (xmax = 0) AS inserted"#
                 ),
                 &[&group.uid, &generation, &Json(&records)],
             )
             .await?;
+        // Images whose first result this is are no longer in flight (the row was inserted,
+        // not updated: xmax is 0).
+        let mut first = 0;
+        for row in &rows {
+            if row.try_get::<_, bool>("inserted")? {
+                first += 1;
+            }
+        }
+        super::admissions::lower_open(&tx, &group.namespace, &group.name, first).await?;
         let mut planned = 0;
         if let (Some(planner), Some(row)) = (planner, ledger) {
             let stored = rows
@@ -127,6 +136,26 @@ impl Store {
             .collect()
     }
 
+    /// The stored results of the group's images `ids` (a page of them), by image id.
+    pub async fn results_of_images(
+        &self,
+        group: &GroupRef,
+        ids: &[String],
+    ) -> Result<HashMap<String, ImageResult>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM image_results WHERE group_uid = $1 AND image_id = ANY($2)"
+                ),
+                &[&group.uid, &ids],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| from_row(&group.name, row).map(|r| (r.image_id.clone(), r)))
+            .collect()
+    }
+
     /// One image's result, if it has one.
     pub async fn image_result(
         &self,
@@ -162,6 +191,10 @@ impl Store {
                 &[&uid],
             )
             .await?;
+        // Its images left unprocessed are no longer in flight.
+        client
+            .execute("DELETE FROM admissions WHERE uid = $1", &[&uid])
+            .await?;
         Ok(())
     }
 
@@ -171,6 +204,13 @@ impl Store {
     /// created after the list.
     pub async fn forget_groups_except(&self, live: &[String]) -> Result<u64, StoreError> {
         let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM admissions WHERE (uid IS NULL OR uid <> ALL($1))
+                   AND created_at < now() - interval '10 minutes'",
+                &[&live],
+            )
+            .await?;
         Ok(client
             .execute(
                 "UPDATE groups SET deleted_at = now()

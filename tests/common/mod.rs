@@ -64,6 +64,7 @@ pub async fn serve_api(
             keys_namespace: KEYS_NAMESPACE.into(),
             models: models.to_vec(),
             rate_limit: kinsight::api::DEFAULT_RATE_LIMIT,
+            in_flight_limit: kinsight::api::DEFAULT_IN_FLIGHT_LIMIT,
         },
     );
     tasks.push(tokio::spawn(key_watch));
@@ -361,6 +362,23 @@ impl Harness {
             .await;
         assert_eq!(status, 202, "{body}");
         body["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Sets `field` of the tenant's API-key record (a limit, say); the API's key watch picks
+    /// it up without a restart.
+    pub async fn set_key_field(&self, field: &str, value: &str) {
+        use kube::api::{Patch, PatchParams};
+        let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(self.client.clone(), KEYS_NAMESPACE);
+        let patch = serde_json::json!({ "stringData": { field: value } });
+        secrets
+            .patch(
+                &format!("tenant-{}", self.namespace),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("set the tenant's {field}: {e}"));
     }
 
     pub fn photo_url(&self, name: &str) -> String {
