@@ -159,7 +159,11 @@ fn flagged_photos(flags: BTreeMap<String, Vec<&str>>) -> Vec<FlaggedPhotos> {
         .map(|(flag, ids)| FlaggedPhotos {
             flag,
             count: count(ids.len()),
-            image_ids: ids.into_iter().take(MAX_LISTED).map(str::to_owned).collect(),
+            image_ids: ids
+                .into_iter()
+                .take(MAX_LISTED)
+                .map(str::to_owned)
+                .collect(),
         })
         .collect()
 }
@@ -171,7 +175,9 @@ fn count(n: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inference::output::{BoundingBox, Detection, ModelOutput, PhotoQuality, QualityFlag};
+    use crate::inference::output::{
+        BoundingBox, Detection, ModelOutput, PhotoQuality, QualityFlag,
+    };
     use crate::results::{ModelResult, Timings};
     use image_hasher::ImageHash;
 
@@ -312,7 +318,11 @@ mod tests {
                         &format!("photo-with-a-long-customer-id-{i:04}"),
                         &same,
                         0.5,
-                        vec![QualityFlag::Dark, QualityFlag::Blurry, QualityFlag::LowResolution],
+                        vec![
+                            QualityFlag::Dark,
+                            QualityFlag::Blurry,
+                            QualityFlag::LowResolution,
+                        ],
                     ),
                     "object_detection",
                     ModelOutput {

@@ -11,9 +11,9 @@ pub use conditions::{ConditionStatus, set_condition};
 pub use image_group::{
     Aggregate, ClassCount, Cover, DuplicateSummary, EndpointDeliveries, FailedDelivery,
     FlaggedPhotos, GroupPhase, ImageEntry, ImageGroup, ImageGroupSpec, ImageGroupStatus,
-    LabelCount, Listing, MAX_IMAGES, MAX_LISTED, MAX_RECENT_FAILURES, ObjectCount,
-    ObjectsPerPhoto, PhotoObjects,
-    REPLAY_ANNOTATION, RETENTION_ANNOTATION, ReplayRequest, SecretKeyRef, WebhookTarget,
+    LabelCount, Listing, MAX_IMAGES, MAX_LISTED, MAX_RECENT_FAILURES, ObjectCount, ObjectsPerPhoto,
+    PhotoObjects, REPLAY_ANNOTATION, RETENTION_ANNOTATION, ReplayRequest, SecretKeyRef,
+    WebhookTarget,
 };
 pub use names::{is_dns_label, is_object_name, label_value};
 pub use webhook_subscription::{

@@ -21,7 +21,8 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
 use super::catalog::{
-    AnalyserEntry, BuiltIn, Catalog, DEFAULT_MAX_BATCH, DetectionDecoder, ModelSpec, TaskSpec,
+    AnalyserEntry, BuiltIn, Catalog, DEFAULT_MAX_BATCH, DetectionDecoder, Layout, ModelSpec,
+    TaskSpec,
 };
 use super::classification::decode_classification;
 use super::cpu::cpu_limit;
@@ -507,8 +508,11 @@ fn decode(
         }
         TaskSpec::Classification(params) => {
             let logits = single()?;
+            let (classes, flags) =
+                decode_classification(logits.shape, logits.data, &spec.labels, params)?;
             ModelOutput {
-                classes: decode_classification(logits.shape, logits.data, &spec.labels, params)?,
+                classes,
+                flags,
                 ..ModelOutput::default()
             }
         }
@@ -694,12 +698,14 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<usize, Inferen
             session.inputs().len()
         )));
     };
-    let expected = [
-        1,
-        3,
+    let (height, width) = (
         i64::from(spec.preprocessing.height),
         i64::from(spec.preprocessing.width),
-    ];
+    );
+    let (expected, layout) = match spec.preprocessing.layout {
+        Layout::Nchw => ([1, 3, height, width], "NCHW"),
+        Layout::Nhwc => ([1, height, width, 3], "NHWC"),
+    };
     let batch_dim = match input.dtype() {
         ValueType::Tensor {
             ty: TensorElementType::Float32,
@@ -715,7 +721,7 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<usize, Inferen
         }
         other => {
             return Err(load_error(format!(
-                "input `{}` is {other:?}; the catalog describes float32 {expected:?} (NCHW)",
+                "input `{}` is {other:?}; the catalog describes float32 {expected:?} ({layout})",
                 input.name()
             )));
         }
