@@ -90,6 +90,11 @@ pub struct ModelEntry {
     /// settings) and let ONNX Runtime pick CUDA when it has it. Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gpu: bool,
+    /// For a model file that is not committed but fetched (e.g. `scripts/fetch-open-nsfw.sh`):
+    /// the command that fetches it. While the file is missing the catalog still loads, and
+    /// the model alone fails to load, with an error that names this command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<String>,
 }
 
 /// The model's input tensor and how to produce it from an image.
@@ -192,6 +197,8 @@ pub struct ModelSpec {
     pub max_batch: Option<usize>,
     /// `gpu` of the catalog: Jobs running the model request a GPU.
     pub gpu: bool,
+    /// `fetch` of the catalog: how its file is fetched when it is missing.
+    pub fetch: Option<String>,
 }
 
 /// How an image becomes the model's input tensor.
@@ -416,7 +423,7 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
     validate_name(&entry.name)?;
 
     let model_path = base_dir.join(&entry.file);
-    if !model_path.is_file() {
+    if !model_path.is_file() && entry.fetch.is_none() {
         return Err(format!(
             "model file {} does not exist",
             model_path.display()
@@ -525,6 +532,7 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
         task,
         max_batch: entry.max_batch,
         gpu: entry.gpu,
+        fetch: entry.fetch,
     })
 }
 

@@ -173,7 +173,18 @@ impl Engine {
             .map(|a| (a.name.clone(), a.clone()))
             .collect();
         let specs: Vec<&ModelSpec> = if models.is_empty() {
-            catalog.models().iter().collect()
+            // "All of them": those whose fetched file is not there yet are left out.
+            catalog
+                .models()
+                .iter()
+                .filter(|spec| {
+                    let present = spec.fetch.is_none() || spec.model_path.is_file();
+                    if !present {
+                        tracing::info!(model = %spec.name, file = %spec.model_path.display(), "model file not fetched; model left out");
+                    }
+                    present
+                })
+                .collect()
         } else {
             models
                 .iter()
@@ -199,6 +210,17 @@ impl Engine {
         for spec in specs {
             if loaded.contains_key(&spec.name) {
                 continue;
+            }
+            if let Some(fetch) = &spec.fetch
+                && !spec.model_path.is_file()
+            {
+                return Err(InferenceError::ModelLoad {
+                    model: spec.name.clone(),
+                    message: format!(
+                        "model file {} is missing: run `{fetch}` (scripts/setup.sh and scripts/test.sh do)",
+                        spec.model_path.display()
+                    ),
+                });
             }
             let started = Instant::now();
             let (session, chosen) = create_session(&environment, spec, opts, intra_threads)?;
@@ -402,12 +424,14 @@ fn run_chunk<I: Borrow<PreparedInput>>(
             &batch
         }
     };
-    let shape = [
-        chunk.len(),
-        3,
+    let (height, width) = (
         spec.preprocessing.height as usize,
         spec.preprocessing.width as usize,
-    ];
+    );
+    let shape = match spec.preprocessing.layout {
+        Layout::Nchw => [chunk.len(), 3, height, width],
+        Layout::Nhwc => [chunk.len(), height, width, 3],
+    };
     let tensor =
         TensorRef::from_array_view((shape, data)).map_err(|e| format!("input tensor: {e}"))?;
     let assembled = Instant::now();
