@@ -1320,7 +1320,9 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
 }
 
 /// Issue 12: a partial download fails as `ImageTruncated` (never analysed on grey fill),
-/// and `photo_quality`, requested like a model, flags the blurred photo of the group.
+/// `photo_quality`, requested like a model, flags the blurred photo of the group, and the
+/// group event's listing summary finds the crop-and-rescale copy, counts the flags and
+/// suggests a cover that is neither blurred nor a later duplicate nor failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo() {
     let mut h = Harness::start("tenant-quality").await;
@@ -1341,6 +1343,22 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
         .write_to(&mut blurred, image::ImageFormat::Png)
         .expect("png");
     write("blurred.png", blurred.get_ref());
+    // 6 % cut off each side, scaled to 70 % and saved as JPEG: a re-upload of the photo.
+    let (w, h) = (astronaut.width(), astronaut.height());
+    let mut copy = std::io::Cursor::new(Vec::new());
+    astronaut
+        .crop_imm(w * 6 / 100, h * 6 / 100, w * 88 / 100, h * 88 / 100)
+        .resize(
+            w * 62 / 100,
+            h * 62 / 100,
+            image::imageops::FilterType::Lanczos3,
+        )
+        .to_rgb8()
+        .write_to(&mut copy, image::ImageFormat::Jpeg)
+        .expect("jpeg");
+    write("astronaut-copy.jpg", copy.get_ref());
+    write("chelsea.png", &read("chelsea.png"));
+    write("coffee.png", &coffee);
     let (photos, server) = kinsight::dev::serve_folder(folder.path().to_path_buf())
         .await
         .expect("photo server");
@@ -1350,9 +1368,17 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
         { "id": "sharp", "url": url("astronaut.png") },
         { "id": "blurred", "url": url("blurred.png") },
         { "id": "cut-jpeg", "url": url("cut.jpg") },
-        { "id": "cut-png", "url": url("cut.png") }
+        { "id": "cut-png", "url": url("cut.png") },
+        { "id": "sharp-copy", "url": url("astronaut-copy.jpg") },
+        { "id": "cat", "url": url("chelsea.png") },
+        { "id": "coffee", "url": url("coffee.png") }
     ]);
-    post_group(&h, images, &["photo_quality"]).await;
+    post_group(
+        &h,
+        images,
+        &["photo_quality", "object_detection", "content_safety"],
+    )
+    .await;
     let events = events_once_complete(&mut h).await;
     server.abort();
     let data_of = |kind: &str| -> HashMap<String, serde_json::Value> {
@@ -1380,5 +1406,66 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
         "{:#}",
         completed["blurred"]
     );
+    for (id, data) in &completed {
+        let safety = &data["results"]["content_safety"];
+        assert!(safety["classes"].is_array(), "{id}: {safety:#}");
+        assert!(
+            safety.get("flags").is_none(),
+            "{id} is a safe photo: {safety:#}"
+        );
+    }
+
+    let group = of_type(&events, "image_group.completed");
+    assert_eq!(group.len(), 1);
+    let data = &group[0].payload["data"];
+    assert_eq!(data["version"], "v1alpha2");
+    let listing = &data["aggregate"]["listing"];
+    assert_eq!(listing["photos"], 5, "{listing:#}");
+    assert_eq!(listing["failed"], 2, "{listing:#}");
+    assert_eq!(
+        listing["duplicates"],
+        json!({"maxDistance": 12, "setCount": 1, "photos": 2, "sets": [["sharp", "sharp-copy"]]}),
+        "{listing:#}"
+    );
+    let blurry = listing["qualityFlags"]
+        .as_array()
+        .and_then(|flags| flags.iter().find(|f| f["flag"] == "blurry"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        blurry,
+        json!({"flag": "blurry", "count": 1, "imageIds": ["blurred"]}),
+        "{listing:#}"
+    );
+    assert!(listing.get("flaggedContent").is_none(), "{listing:#}");
+    // Objects per photo: as many as the image events' detections say.
+    let with_objects: Vec<&String> = completed
+        .iter()
+        .filter(|(_, d)| {
+            d["results"]["object_detection"]["detections"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+        })
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        listing["objectsPerPhoto"]["photosWithObjects"],
+        with_objects.len(),
+        "{listing:#}"
+    );
+    // The cover: the best-scored photo among those without a quality flag, not the
+    // blurred one, not the later duplicate, not a failed one.
+    let score = |id: &str| {
+        completed[id]["results"]["photo_quality"]["quality"]["score"]
+            .as_f64()
+            .unwrap_or_default()
+    };
+    let best = ["sharp", "cat", "coffee"]
+        .into_iter()
+        .filter(|id| flags(id) == json!([]))
+        .max_by(|a, b| score(a).total_cmp(&score(b)))
+        .expect("an unflagged photo");
+    assert_eq!(listing["cover"]["imageId"], best, "{listing:#}");
+    assert_eq!(listing["cover"]["qualityScore"].as_f64(), Some(score(best)));
     common::assert_payloads_conform(&events);
 }
