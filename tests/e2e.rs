@@ -1337,20 +1337,28 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
     write("cut.png", &coffee[..coffee.len() / 3]);
     write("astronaut.png", &read("astronaut.png"));
     let astronaut = image::load_from_memory(&read("astronaut.png")).expect("decodes");
+    // Blurred, a photo keeps its perceptual hash: the blurred one is of a photo not
+    // otherwise in the group, so that it is no near-duplicate.
     let mut blurred = std::io::Cursor::new(Vec::new());
-    astronaut
+    image::load_from_memory(&rocket)
+        .expect("decodes")
         .blur(4.0)
         .write_to(&mut blurred, image::ImageFormat::Png)
         .expect("png");
     write("blurred.png", blurred.get_ref());
     // 6 % cut off each side, scaled to 70 % and saved as JPEG: a re-upload of the photo.
-    let (w, h) = (astronaut.width(), astronaut.height());
+    let (width, height) = (astronaut.width(), astronaut.height());
     let mut copy = std::io::Cursor::new(Vec::new());
     astronaut
-        .crop_imm(w * 6 / 100, h * 6 / 100, w * 88 / 100, h * 88 / 100)
+        .crop_imm(
+            width * 6 / 100,
+            height * 6 / 100,
+            width * 88 / 100,
+            height * 88 / 100,
+        )
         .resize(
-            w * 62 / 100,
-            h * 62 / 100,
+            width * 62 / 100,
+            height * 62 / 100,
             image::imageops::FilterType::Lanczos3,
         )
         .to_rgb8()
@@ -1400,9 +1408,10 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
     let completed = data_of("image.completed");
     let flags = |id: &str| completed[id]["results"]["photo_quality"]["quality"]["flags"].clone();
     assert_eq!(flags("sharp"), json!([]), "{:#}", completed["sharp"]);
-    assert_eq!(
-        flags("blurred"),
-        json!(["blurry"]),
+    assert!(
+        flags("blurred")
+            .as_array()
+            .is_some_and(|f| f.contains(&json!("blurry"))),
         "{:#}",
         completed["blurred"]
     );
@@ -1466,6 +1475,9 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
         .max_by(|a, b| score(a).total_cmp(&score(b)))
         .expect("an unflagged photo");
     assert_eq!(listing["cover"]["imageId"], best, "{listing:#}");
-    assert_eq!(listing["cover"]["qualityScore"].as_f64(), Some(score(best)));
+    let cover_score = listing["cover"]["qualityScore"].as_f64().unwrap_or_default();
+    assert!((cover_score - score(best)).abs() < 1e-4, "{listing:#}");
+    assert_ne!(listing["cover"]["imageId"], "sharp-copy");
+    assert_ne!(listing["cover"]["imageId"], "blurred");
     common::assert_payloads_conform(&events);
 }
