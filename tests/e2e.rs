@@ -1475,7 +1475,9 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
         .max_by(|a, b| score(a).total_cmp(&score(b)))
         .expect("an unflagged photo");
     assert_eq!(listing["cover"]["imageId"], best, "{listing:#}");
-    let cover_score = listing["cover"]["qualityScore"].as_f64().unwrap_or_default();
+    let cover_score = listing["cover"]["qualityScore"]
+        .as_f64()
+        .unwrap_or_default();
     assert!((cover_score - score(best)).abs() < 1e-4, "{listing:#}");
     assert_ne!(listing["cover"]["imageId"], "sharp-copy");
     assert_ne!(listing["cover"]["imageId"], "blurred");

@@ -147,7 +147,10 @@ pub fn listing<'a>(
 /// flag, score; `None` when `photo_quality` did not run).
 fn better(a: Option<(bool, f32)>, b: Option<(bool, f32)>) -> bool {
     match (a, b) {
-        (Some(a), Some(b)) => a.0 > b.0 || (a.0 == b.0 && a.1 > b.1),
+        // Unflagged first, then the higher score.
+        (Some((a_clean, a_score)), Some((b_clean, b_score))) => {
+            (a_clean, a_score).partial_cmp(&(b_clean, b_score)) == Some(std::cmp::Ordering::Greater)
+        }
         (Some(_), None) => true,
         _ => false,
     }
