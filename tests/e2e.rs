@@ -1367,6 +1367,24 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
     write("astronaut-copy.jpg", copy.get_ref());
     write("chelsea.png", &read("chelsea.png"));
     write("coffee.png", &coffee);
+    // Another re-upload, added once the group is done: 3 % cut off, 80 %, PNG.
+    let mut later = std::io::Cursor::new(Vec::new());
+    astronaut
+        .crop_imm(
+            width * 3 / 100,
+            height * 3 / 100,
+            width * 94 / 100,
+            height * 94 / 100,
+        )
+        .resize(
+            width * 80 / 100,
+            height * 80 / 100,
+            image::imageops::FilterType::Triangle,
+        )
+        .to_rgb8()
+        .write_to(&mut later, image::ImageFormat::Png)
+        .expect("png");
+    write("astronaut-later.png", later.get_ref());
     let (photos, server) = kinsight::dev::serve_folder(folder.path().to_path_buf())
         .await
         .expect("photo server");
@@ -1381,14 +1399,13 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
         { "id": "cat", "url": url("chelsea.png") },
         { "id": "coffee", "url": url("coffee.png") }
     ]);
-    post_group(
+    let group_id = post_group(
         &h,
         images,
         &["photo_quality", "object_detection", "content_safety"],
     )
     .await;
     let events = events_once_complete(&mut h).await;
-    server.abort();
     let data_of = |kind: &str| -> HashMap<String, serde_json::Value> {
         of_type(&events, kind)
             .into_iter()
@@ -1482,4 +1499,29 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
     assert_ne!(listing["cover"]["imageId"], "sharp-copy");
     assert_ne!(listing["cover"]["imageId"], "blurred");
     common::assert_payloads_conform(&events);
+
+    // An image added later is compared with the group's earlier ones.
+    let response = reqwest::Client::new()
+        .patch(format!("{}/v1/image-groups/{group_id}", h.api_url))
+        .bearer_auth(&h.api_key)
+        .json(&json!({ "addImages": [{ "id": "sharp-later", "url": url("astronaut-later.png") }] }))
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(response.status(), 202);
+    let second = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.updated").is_empty())
+        .await;
+    server.abort();
+    let updated = &of_type(&second, "image_group.updated")[0].payload["data"];
+    let listing = &updated["aggregate"]["listing"];
+    assert_eq!(listing["photos"], 6, "{listing:#}");
+    assert_eq!(
+        listing["duplicates"]["sets"],
+        json!([["sharp", "sharp-copy", "sharp-later"]]),
+        "{listing:#}"
+    );
+    assert_eq!(listing["duplicates"]["photos"], 3, "{listing:#}");
+    assert_eq!(listing["cover"]["imageId"], best, "{listing:#}");
+    common::assert_payloads_conform(&second);
 }
