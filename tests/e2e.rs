@@ -1346,45 +1346,32 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
         .write_to(&mut blurred, image::ImageFormat::Png)
         .expect("png");
     write("blurred.png", blurred.get_ref());
-    // 6 % cut off each side, scaled to 70 % and saved as JPEG: a re-upload of the photo.
-    let (width, height) = (astronaut.width(), astronaut.height());
-    let mut copy = std::io::Cursor::new(Vec::new());
-    astronaut
-        .crop_imm(
-            width * 6 / 100,
-            height * 6 / 100,
-            width * 88 / 100,
-            height * 88 / 100,
-        )
-        .resize(
-            width * 62 / 100,
-            height * 62 / 100,
-            image::imageops::FilterType::Lanczos3,
-        )
-        .to_rgb8()
-        .write_to(&mut copy, image::ImageFormat::Jpeg)
-        .expect("jpeg");
-    write("astronaut-copy.jpg", copy.get_ref());
+    // A re-upload of the photo: `cut` % cut off each side, scaled to `scale` %, re-encoded.
+    let reupload = |name: &str, cut: u32, scale: u32, format: image::ImageFormat| {
+        let (width, height) = (astronaut.width(), astronaut.height());
+        let mut out = std::io::Cursor::new(Vec::new());
+        astronaut
+            .crop_imm(
+                width * cut / 100,
+                height * cut / 100,
+                width * (100 - 2 * cut) / 100,
+                height * (100 - 2 * cut) / 100,
+            )
+            .resize(
+                width * scale / 100,
+                height * scale / 100,
+                image::imageops::FilterType::Lanczos3,
+            )
+            .to_rgb8()
+            .write_to(&mut out, format)
+            .expect("encode");
+        write(name, out.get_ref());
+    };
+    reupload("astronaut-copy.jpg", 6, 62, image::ImageFormat::Jpeg);
+    // Added once the group is done.
+    reupload("astronaut-later.png", 3, 80, image::ImageFormat::Png);
     write("chelsea.png", &read("chelsea.png"));
     write("coffee.png", &coffee);
-    // Another re-upload, added once the group is done: 3 % cut off, 80 %, PNG.
-    let mut later = std::io::Cursor::new(Vec::new());
-    astronaut
-        .crop_imm(
-            width * 3 / 100,
-            height * 3 / 100,
-            width * 94 / 100,
-            height * 94 / 100,
-        )
-        .resize(
-            width * 80 / 100,
-            height * 80 / 100,
-            image::imageops::FilterType::Triangle,
-        )
-        .to_rgb8()
-        .write_to(&mut later, image::ImageFormat::Png)
-        .expect("png");
-    write("astronaut-later.png", later.get_ref());
     let (photos, server) = kinsight::dev::serve_folder(folder.path().to_path_buf())
         .await
         .expect("photo server");
