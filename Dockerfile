@@ -3,7 +3,7 @@
 #
 # The build context is the small folder scripts/build-image.sh stages (never the checkout):
 #   kinsight        the binary (debug info stripped)
-#   models/         catalog.yaml, *.onnx, *.labels, README.md
+#   models/         catalog.yaml, *.onnx, *.labels, *.LICENSE, README.md
 #   onnxruntime/    libonnxruntime.so (+ its provider libraries, e.g. CUDA's)
 #
 #   scripts/build-image.sh                              # buildah, local base, no registry

@@ -69,7 +69,9 @@ else
 fi
 mkdir -p "$CONTEXT/models" "$CONTEXT/onnxruntime"
 if $STRIP; then objcopy --strip-debug "$BINARY" "$CONTEXT/kinsight"; else cp "$BINARY" "$CONTEXT/kinsight"; fi
-cp models/catalog.yaml models/*.onnx models/*.labels models/README.md "$CONTEXT/models/"
+# The content_safety model is fetched (not committed); its licence notice travels with it.
+scripts/fetch-open-nsfw.sh >/dev/null
+cp models/catalog.yaml models/*.onnx models/*.labels models/*.LICENSE models/README.md "$CONTEXT/models/"
 # Under the name the image's ORT_DYLIB_PATH (and the chart's ortDylibPath) gives; ONNX Runtime
 # looks for its provider libraries (CUDA's) beside it. TensorRT's is left out: kinsight
 # does not use it.

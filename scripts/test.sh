@@ -20,6 +20,8 @@ scripts/install-postgresql.sh
 ORT_LIB="$(scripts/setup-onnxruntime.sh)"
 ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(realpath "$ORT_LIB")}"
 export ORT_DYLIB_PATH
+# The content_safety model (not committed), for its golden tests.
+scripts/fetch-open-nsfw.sh >/dev/null
 # ONNX Runtime built with CUDA, for tests/execution_provider.rs (no GPU needed).
 KINSIGHT_CUDA_ORT_DYLIB="${KINSIGHT_CUDA_ORT_DYLIB:-$(scripts/fetch-onnxruntime-cuda.sh)}"
 export KINSIGHT_CUDA_ORT_DYLIB

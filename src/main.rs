@@ -140,6 +140,10 @@ struct ControllerArgs {
     /// several pods at once).
     #[arg(long, env = "KINSIGHT_IMAGES_PER_JOB", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
     images_per_job: u16,
+    /// Hamming distance (of a 64-bit perceptual hash) at or under which two photos of a
+    /// group are near-duplicates in its listing summary.
+    #[arg(long, env = "KINSIGHT_DUPLICATE_DISTANCE", default_value_t = kinsight::controller::DEFAULT_DUPLICATE_DISTANCE, value_parser = clap::value_parser!(u32).range(0..=64))]
+    duplicate_distance: u32,
     #[command(flatten)]
     job_caps: JobCapsArgs,
     /// Claimed webhook deliveries this replica works on at once (waiting for an
@@ -438,6 +442,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 circuit: args.endpoints.circuit(),
                 dispatch_in_flight: args.dispatch_in_flight as usize,
                 images_per_job: usize::from(args.images_per_job),
+                duplicate_distance: args.duplicate_distance,
                 job_caps: args.job_caps.or(defaults.job_caps),
                 tenancy: kinsight::tenancy::TenancyConfig {
                     keys_namespace: args.keys_namespace,

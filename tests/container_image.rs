@@ -188,8 +188,11 @@ fn image_runs_kinsight_as_nonroot_with_onnx_runtime_and_the_bundled_models() {
                 || name == "README.md"
                 || name.ends_with(".onnx")
                 || name.ends_with(".labels")
+                // The fetched content_safety model's licence notice (models/open-nsfw.LICENSE).
+                || name.ends_with(".LICENSE")
         })
         .collect();
+    assert!(bundled.contains("open-nsfw.LICENSE"), "{bundled:?}");
     assert_eq!(file_names(&root.join("opt/kinsight/models")), bundled);
     assert!(
         !root.join("opt/kinsight/models/test").exists(),

@@ -1321,7 +1321,9 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
 }
 
 /// Issue 12: a partial download fails as `ImageTruncated` (never analysed on grey fill),
-/// and `photo_quality`, requested like a model, flags the blurred photo of the group.
+/// `photo_quality`, requested like a model, flags the blurred photo of the group, and the
+/// group event's listing summary finds the crop-and-rescale copy, counts the flags and
+/// suggests a cover that is neither blurred nor a later duplicate nor failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo() {
     let mut h = Harness::start("tenant-quality").await;
@@ -1336,12 +1338,41 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
     write("cut.png", &coffee[..coffee.len() / 3]);
     write("astronaut.png", &read("astronaut.png"));
     let astronaut = image::load_from_memory(&read("astronaut.png")).expect("decodes");
+    // Blurred, a photo keeps its perceptual hash: the blurred one is of a photo not
+    // otherwise in the group, so that it is no near-duplicate.
     let mut blurred = std::io::Cursor::new(Vec::new());
-    astronaut
+    image::load_from_memory(&rocket)
+        .expect("decodes")
         .blur(4.0)
         .write_to(&mut blurred, image::ImageFormat::Png)
         .expect("png");
     write("blurred.png", blurred.get_ref());
+    // A re-upload of the photo: `cut` % cut off each side, scaled to `scale` %, re-encoded.
+    let reupload = |name: &str, cut: u32, scale: u32, format: image::ImageFormat| {
+        let (width, height) = (astronaut.width(), astronaut.height());
+        let mut out = std::io::Cursor::new(Vec::new());
+        astronaut
+            .crop_imm(
+                width * cut / 100,
+                height * cut / 100,
+                width * (100 - 2 * cut) / 100,
+                height * (100 - 2 * cut) / 100,
+            )
+            .resize(
+                width * scale / 100,
+                height * scale / 100,
+                image::imageops::FilterType::Lanczos3,
+            )
+            .to_rgb8()
+            .write_to(&mut out, format)
+            .expect("encode");
+        write(name, out.get_ref());
+    };
+    reupload("astronaut-copy.jpg", 6, 62, image::ImageFormat::Jpeg);
+    // Added once the group is done.
+    reupload("astronaut-later.png", 3, 80, image::ImageFormat::Png);
+    write("chelsea.png", &read("chelsea.png"));
+    write("coffee.png", &coffee);
     let (photos, server) = kinsight::dev::serve_folder(folder.path().to_path_buf())
         .await
         .expect("photo server");
@@ -1351,11 +1382,18 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
         { "id": "sharp", "url": url("astronaut.png") },
         { "id": "blurred", "url": url("blurred.png") },
         { "id": "cut-jpeg", "url": url("cut.jpg") },
-        { "id": "cut-png", "url": url("cut.png") }
+        { "id": "cut-png", "url": url("cut.png") },
+        { "id": "sharp-copy", "url": url("astronaut-copy.jpg") },
+        { "id": "cat", "url": url("chelsea.png") },
+        { "id": "coffee", "url": url("coffee.png") }
     ]);
-    post_group(&h, images, &["photo_quality"]).await;
+    let group_id = post_group(
+        &h,
+        images,
+        &["photo_quality", "object_detection", "content_safety"],
+    )
+    .await;
     let events = events_once_complete(&mut h).await;
-    server.abort();
     let data_of = |kind: &str| -> HashMap<String, serde_json::Value> {
         of_type(&events, kind)
             .into_iter()
@@ -1375,11 +1413,103 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
     let completed = data_of("image.completed");
     let flags = |id: &str| completed[id]["results"]["photo_quality"]["quality"]["flags"].clone();
     assert_eq!(flags("sharp"), json!([]), "{:#}", completed["sharp"]);
-    assert_eq!(
-        flags("blurred"),
-        json!(["blurry"]),
+    assert!(
+        flags("blurred")
+            .as_array()
+            .is_some_and(|f| f.contains(&json!("blurry"))),
         "{:#}",
         completed["blurred"]
     );
+    for (id, data) in &completed {
+        let safety = &data["results"]["content_safety"];
+        assert!(safety["classes"].is_array(), "{id}: {safety:#}");
+        assert!(
+            safety.get("flags").is_none(),
+            "{id} is a safe photo: {safety:#}"
+        );
+    }
+
+    let group = of_type(&events, "image_group.completed");
+    assert_eq!(group.len(), 1);
+    let data = &group[0].payload["data"];
+    assert_eq!(data["version"], "v1alpha2");
+    let listing = &data["aggregate"]["listing"];
+    assert_eq!(listing["photos"], 5, "{listing:#}");
+    assert_eq!(listing["failed"], 2, "{listing:#}");
+    assert_eq!(
+        listing["duplicates"],
+        json!({"maxDistance": 12, "setCount": 1, "photos": 2, "sets": [["sharp", "sharp-copy"]]}),
+        "{listing:#}"
+    );
+    let blurry = listing["qualityFlags"]
+        .as_array()
+        .and_then(|flags| flags.iter().find(|f| f["flag"] == "blurry"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        blurry,
+        json!({"flag": "blurry", "count": 1, "imageIds": ["blurred"]}),
+        "{listing:#}"
+    );
+    assert!(listing.get("flaggedContent").is_none(), "{listing:#}");
+    // Objects per photo: as many as the image events' detections say.
+    let with_objects: Vec<&String> = completed
+        .iter()
+        .filter(|(_, d)| {
+            d["results"]["object_detection"]["detections"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+        })
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        listing["objectsPerPhoto"]["photosWithObjects"],
+        with_objects.len(),
+        "{listing:#}"
+    );
+    // The cover: the best-scored photo among those without a quality flag, not the
+    // blurred one, not the later duplicate, not a failed one.
+    let score = |id: &str| {
+        completed[id]["results"]["photo_quality"]["quality"]["score"]
+            .as_f64()
+            .unwrap_or_default()
+    };
+    let best = ["sharp", "cat", "coffee"]
+        .into_iter()
+        .filter(|id| flags(id) == json!([]))
+        .max_by(|a, b| score(a).total_cmp(&score(b)))
+        .expect("an unflagged photo");
+    assert_eq!(listing["cover"]["imageId"], best, "{listing:#}");
+    let cover_score = listing["cover"]["qualityScore"]
+        .as_f64()
+        .unwrap_or_default();
+    assert!((cover_score - score(best)).abs() < 1e-4, "{listing:#}");
+    assert_ne!(listing["cover"]["imageId"], "sharp-copy");
+    assert_ne!(listing["cover"]["imageId"], "blurred");
     common::assert_payloads_conform(&events);
+
+    // An image added later is compared with the group's earlier ones.
+    let response = reqwest::Client::new()
+        .patch(format!("{}/v1/image-groups/{group_id}", h.api_url))
+        .bearer_auth(&h.api_key)
+        .json(&json!({ "addImages": [{ "id": "sharp-later", "url": url("astronaut-later.png") }] }))
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(response.status(), 202);
+    let second = h
+        .collect_webhooks(LIMIT, |e| !of_type(e, "image_group.updated").is_empty())
+        .await;
+    server.abort();
+    let updated = &of_type(&second, "image_group.updated")[0].payload["data"];
+    let listing = &updated["aggregate"]["listing"];
+    assert_eq!(listing["photos"], 6, "{listing:#}");
+    assert_eq!(
+        listing["duplicates"]["sets"],
+        json!([["sharp", "sharp-copy", "sharp-later"]]),
+        "{listing:#}"
+    );
+    assert_eq!(listing["duplicates"]["photos"], 3, "{listing:#}");
+    assert_eq!(listing["cover"]["imageId"], best, "{listing:#}");
+    common::assert_payloads_conform(&second);
 }

@@ -195,6 +195,11 @@ async fn chart_installs_into_a_real_cluster() {
         env_value(container, "KINSIGHT_WORKER_DEADLINE"),
         Some("90m")
     );
+    // The listing summary's near-duplicate distance: the chart's default.
+    assert_eq!(
+        env_value(container, "KINSIGHT_DUPLICATE_DISTANCE"),
+        Some("12")
+    );
     // Fair scheduling: the values given, the chart's defaults for the rest.
     let scheduling = [
         "KINSIGHT_MAX_WORKER_JOBS",

@@ -1,12 +1,20 @@
 //! The group's aggregate: objects found across its images (count, images, best confidence)
-//! and the top-1 classes.
+//! and the top-1 classes, and the listing summary ([`super::listing`]).
 
 use std::collections::BTreeMap;
 
+use super::listing::listing;
 use crate::crd::{Aggregate, ClassCount, ObjectCount};
 use crate::results::ImageResult;
 
-pub fn aggregate<'a>(results: impl IntoIterator<Item = &'a ImageResult>) -> Aggregate {
+/// The aggregate of a group's finished `results`, which asked for `models`; photos at most
+/// `duplicate_distance` apart are near-duplicates.
+pub fn aggregate<'a>(
+    results: impl IntoIterator<Item = &'a ImageResult> + Clone,
+    models: &[String],
+    duplicate_distance: u32,
+) -> Aggregate {
+    let listing = listing(results.clone(), models, duplicate_distance);
     let mut objects: BTreeMap<String, ObjectCount> = BTreeMap::new();
     let mut classes: BTreeMap<(String, String), ClassCount> = BTreeMap::new();
     for result in results {
@@ -46,7 +54,11 @@ pub fn aggregate<'a>(results: impl IntoIterator<Item = &'a ImageResult>) -> Aggr
     objects.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.label.cmp(&b.label)));
     let mut classes: Vec<_> = classes.into_values().collect();
     classes.sort_by(|a, b| b.images.cmp(&a.images).then_with(|| a.label.cmp(&b.label)));
-    Aggregate { objects, classes }
+    Aggregate {
+        objects,
+        classes,
+        listing: Some(listing),
+    }
 }
 
 #[cfg(test)]
@@ -119,7 +131,7 @@ mod tests {
             Some(("espresso", 0.9)),
         );
         let b = result("1", vec![det("cup", 0.6)], Some(("espresso", 0.8)));
-        let agg = aggregate([&a, &b]);
+        let agg = aggregate([&a, &b], &[], 12);
         assert_eq!(
             agg.objects[0],
             ObjectCount {

@@ -200,7 +200,11 @@ pub async fn reconcile(
             .filter(|r| r.is_failure(models))
             .count(),
     );
-    status.aggregate = Some(aggregate(finished_results.iter().copied()));
+    status.aggregate = Some(aggregate(
+        finished_results.iter().copied(),
+        models,
+        ctx.config.duplicate_distance,
+    ));
     let all_done = pending.is_empty();
     status.phase = if all_done {
         GroupPhase::Completed

@@ -11,6 +11,7 @@ pub use events::ImageEvents;
 mod image_group;
 mod job;
 mod leader;
+mod listing;
 mod metrics;
 mod retention;
 mod scheduler;
@@ -24,6 +25,7 @@ pub use job::{
 };
 pub use job::{MAX_IMAGES_PER_JOB, RESULTS_URL_ENV, WORKER_ACCOUNT, job_name};
 pub use leader::{LEASE_NAME, LeaderElection, run_as_leader};
+pub use listing::DEFAULT_DUPLICATE_DISTANCE;
 pub use metrics::Metrics;
 pub use scheduler::{KUEUE_QUEUE_ANNOTATION, KUEUE_QUEUE_LABEL, LANE_LABEL};
 
@@ -94,6 +96,9 @@ pub struct ControllerConfig {
     pub job_caps: JobCaps,
     /// Where tenants are recorded and which rights the controller binds in each.
     pub tenancy: TenancyConfig,
+    /// Hamming distance (of 64 bits) at or under which two photos of a group are
+    /// near-duplicates in its listing summary.
+    pub duplicate_distance: u32,
 }
 
 impl Default for ControllerConfig {
@@ -107,6 +112,7 @@ impl Default for ControllerConfig {
             worker_memory: "1Gi".to_owned(),
             worker_backoff_limit: 2,
             images_per_job: job::MAX_IMAGES_PER_JOB,
+            duplicate_distance: DEFAULT_DUPLICATE_DISTANCE,
             worker_deadline: Duration::from_secs(3600),
             retry: RetrySchedule::default(),
             sender: SenderConfig::default(),

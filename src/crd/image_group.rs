@@ -190,6 +190,93 @@ pub struct Aggregate {
     /// Top-1 labels of classification models, most frequent first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub classes: Vec<ClassCount>,
+    /// What a listing platform asks of the group's photos (see the README, "Listing summary").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listing: Option<Listing>,
+}
+
+/// The listing view of a group: bounded whatever the group's size (counts, and lists capped
+/// at [`MAX_LISTED`] entries); per-image details stay in image events.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Listing {
+    /// Photos analysed (finished and not failed).
+    pub photos: u32,
+    /// Photos that failed (download, truncated, corrupt, ...).
+    pub failed: u32,
+    /// Per `photo_quality` flag (`blurry`, `dark`, ...), the photos raising it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quality_flags: Vec<FlaggedPhotos>,
+    pub duplicates: DuplicateSummary,
+    /// Per content flag raised by a model (e.g. `nsfw` of `content_safety`), the photos.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flagged_content: Vec<FlaggedPhotos>,
+    pub objects_per_photo: ObjectsPerPhoto,
+    /// The suggested cover photo; `None` when no photo qualifies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cover: Option<Cover>,
+}
+
+/// Lists in [`Listing`] name at most this many photos (or sets); counts cover all.
+pub const MAX_LISTED: usize = 10;
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlaggedPhotos {
+    pub flag: String,
+    /// Photos with the flag.
+    pub count: u32,
+    /// The first of them by image id, at most [`MAX_LISTED`].
+    pub image_ids: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DuplicateSummary {
+    /// The Hamming distance (of 64 bits) at or under which two photos are near-duplicates.
+    pub max_distance: u32,
+    /// Sets of near-duplicates (two photos or more).
+    pub set_count: u32,
+    /// Photos in those sets.
+    pub photos: u32,
+    /// The first sets (by their first image id), at most [`MAX_LISTED`], each naming at most
+    /// [`MAX_LISTED`] image ids, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<Vec<String>>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectsPerPhoto {
+    /// Photos with at least one detected object.
+    pub photos_with_objects: u32,
+    /// The first such photos by image id, at most [`MAX_LISTED`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub photos: Vec<PhotoObjects>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PhotoObjects {
+    pub image_id: String,
+    /// Objects by label, most frequent first, at most [`MAX_LISTED`] labels.
+    pub objects: Vec<LabelCount>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelCount {
+    pub label: String,
+    pub count: u32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Cover {
+    pub image_id: String,
+    /// Its `photo_quality` score, when that analyser ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality_score: Option<f32>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

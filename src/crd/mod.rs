@@ -9,9 +9,11 @@ mod webhook_subscription;
 
 pub use conditions::{ConditionStatus, set_condition};
 pub use image_group::{
-    Aggregate, ClassCount, EndpointDeliveries, FailedDelivery, GroupPhase, ImageEntry, ImageGroup,
-    ImageGroupSpec, ImageGroupStatus, MAX_IMAGES, MAX_RECENT_FAILURES, ObjectCount,
-    REPLAY_ANNOTATION, RETENTION_ANNOTATION, ReplayRequest, SecretKeyRef, WebhookTarget,
+    Aggregate, ClassCount, Cover, DuplicateSummary, EndpointDeliveries, FailedDelivery,
+    FlaggedPhotos, GroupPhase, ImageEntry, ImageGroup, ImageGroupSpec, ImageGroupStatus,
+    LabelCount, Listing, MAX_IMAGES, MAX_LISTED, MAX_RECENT_FAILURES, ObjectCount, ObjectsPerPhoto,
+    PhotoObjects, REPLAY_ANNOTATION, RETENTION_ANNOTATION, ReplayRequest, SecretKeyRef,
+    WebhookTarget,
 };
 pub use names::{is_dns_label, is_object_name, label_value};
 pub use webhook_subscription::{

@@ -9,7 +9,7 @@
 //! [`CatalogFile`] / [`ModelEntry`] mirror the YAML; [`Catalog::load`] validates them into
 //! [`ModelSpec`]s with resolved paths, the labels read and the task parameters filled in.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -74,6 +74,14 @@ pub struct ModelEntry {
     /// Classification only: number of classes reported. Default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
+    /// Classification only: what the output holds, `logits` (softmax applied, the
+    /// default) or `probabilities` (taken as they are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<ClassificationOutput>,
+    /// Classification only: content flags, label -> probability above which the image gets
+    /// that label as a flag in its result (e.g. `nsfw: 0.8`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub flags: BTreeMap<String, f32>,
     /// Most images sent to the model in one run. Default: 1 when the model's batch
     /// dimension is fixed, [`DEFAULT_MAX_BATCH`] when it is dynamic; 1 disables batching.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +90,11 @@ pub struct ModelEntry {
     /// settings) and let ONNX Runtime pick CUDA when it has it. Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gpu: bool,
+    /// For a model file that is not committed but fetched (e.g. `scripts/fetch-open-nsfw.sh`):
+    /// the command that fetches it. While the file is missing the catalog still loads, and
+    /// the model alone fails to load, with an error that names this command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<String>,
 }
 
 /// The model's input tensor and how to produce it from an image.
@@ -102,6 +115,27 @@ pub struct InputEntry {
     /// Per channel, in the model's channel order: `(x - mean) / std` on 0..255 values.
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// `nchw` (`[batch, 3, height, width]`, the default) or `nhwc` (`[batch, height, width, 3]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<Layout>,
+}
+
+/// Axis order of the model input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    #[default]
+    Nchw,
+    Nhwc,
+}
+
+/// What a classification model outputs per class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClassificationOutput {
+    #[default]
+    Logits,
+    Probabilities,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +167,9 @@ pub enum ResizeMode {
     Stretch,
     /// Resize so the shorter side is `resizeSize` (aspect ratio kept), then crop the centre.
     ShorterSideCenterCrop,
+    /// Resize to `resizeSize` x `resizeSize` (aspect ratio ignored), then crop the centre
+    /// (Caffe's pipeline, e.g. Open-NSFW: 256 then 224).
+    StretchCenterCrop,
     /// Resize so the whole image fits (aspect ratio kept), centred on a `padValue` grey
     /// background (Ultralytics' letterbox).
     Letterbox,
@@ -160,6 +197,8 @@ pub struct ModelSpec {
     pub max_batch: Option<usize>,
     /// `gpu` of the catalog: Jobs running the model request a GPU.
     pub gpu: bool,
+    /// `fetch` of the catalog: how its file is fetched when it is missing.
+    pub fetch: Option<String>,
 }
 
 /// How an image becomes the model's input tensor.
@@ -173,6 +212,7 @@ pub struct Preprocessing {
     pub mean: [f32; 3],
     /// In the model's channel order; all > 0.
     pub std: [f32; 3],
+    pub layout: Layout,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +221,10 @@ pub enum Resize {
     /// `shorter_side >= max(width, height)` of the input.
     ShorterSideCenterCrop {
         shorter_side: u32,
+    },
+    /// `side >= max(width, height)` of the input.
+    StretchCenterCrop {
+        side: u32,
     },
     /// Fit inside the input, centred; the rest is `pad` (0..=255 before normalisation).
     Letterbox {
@@ -208,6 +252,10 @@ pub struct DetectionParams {
 pub struct ClassificationParams {
     pub top_k: usize,
     pub score_threshold: f32,
+    /// The output is probabilities already (no softmax).
+    pub probabilities: bool,
+    /// Content flags: (label, its class index, probability above which it is raised).
+    pub flags: Vec<(String, usize, f32)>,
 }
 
 /// Input sides above this are refused: no vision model needs them, and a typo (4160)
@@ -375,7 +423,7 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
     validate_name(&entry.name)?;
 
     let model_path = base_dir.join(&entry.file);
-    if !model_path.is_file() {
+    if !model_path.is_file() && entry.fetch.is_none() {
         return Err(format!(
             "model file {} does not exist",
             model_path.display()
@@ -393,6 +441,11 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
         return Err(format!("scoreThreshold must be within [0, 1], got {t}"));
     }
 
+    if !matches!(entry.task, Task::Classification)
+        && (entry.output.is_some() || !entry.flags.is_empty())
+    {
+        return Err("output and flags apply to classification models only".into());
+    }
     if !matches!(entry.task, Task::Detection)
         && (entry.decoder.is_some() || entry.nms_iou.is_some() || entry.max_detections.is_some())
     {
@@ -426,9 +479,24 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
             if top_k == 0 {
                 return Err("topK must be at least 1".into());
             }
+            let mut flags = Vec::new();
+            for (label, above) in &entry.flags {
+                let index = labels
+                    .iter()
+                    .position(|l| l == label)
+                    .ok_or_else(|| format!("flags: `{label}` is not one of the labels"))?;
+                if !(*above > 0.0 && *above < 1.0) {
+                    return Err(format!(
+                        "flags: the threshold of `{label}` must be within (0, 1), got {above}"
+                    ));
+                }
+                flags.push((label.clone(), index, *above));
+            }
             TaskSpec::Classification(ClassificationParams {
                 top_k,
                 score_threshold: score_threshold.unwrap_or(0.0),
+                probabilities: entry.output == Some(ClassificationOutput::Probabilities),
+                flags,
             })
         }
         Task::Ordinal => {
@@ -464,6 +532,7 @@ fn validate_inner(entry: ModelEntry, base_dir: &Path) -> Result<ModelSpec, Strin
         task,
         max_batch: entry.max_batch,
         gpu: entry.gpu,
+        fetch: entry.fetch,
     })
 }
 
@@ -499,19 +568,29 @@ fn validate_input(input: &InputEntry) -> Result<Preprocessing, String> {
             pad: input.pad_value.unwrap_or(DEFAULT_PAD_VALUE),
         },
         (ResizeMode::Stretch | ResizeMode::Letterbox, Some(_)) => {
-            return Err("resizeSize only applies to resize: shorter-side-center-crop".into());
+            return Err(
+                "resizeSize only applies to resize: shorter-side-center-crop or stretch-center-crop"
+                    .into(),
+            );
         }
-        (ResizeMode::ShorterSideCenterCrop, None) => {
-            return Err("resize: shorter-side-center-crop needs resizeSize".into());
+        (ResizeMode::ShorterSideCenterCrop | ResizeMode::StretchCenterCrop, None) => {
+            return Err("this resize (a centre crop) needs resizeSize".into());
         }
-        (ResizeMode::ShorterSideCenterCrop, Some(size)) => {
+        (
+            mode @ (ResizeMode::ShorterSideCenterCrop | ResizeMode::StretchCenterCrop),
+            Some(size),
+        ) => {
             let needed = input.width.max(input.height);
             if size < needed || size > MAX_INPUT_SIDE {
                 return Err(format!(
                     "resizeSize must be within {needed}..={MAX_INPUT_SIDE} (at least the crop size), got {size}"
                 ));
             }
-            Resize::ShorterSideCenterCrop { shorter_side: size }
+            if mode == ResizeMode::StretchCenterCrop {
+                Resize::StretchCenterCrop { side: size }
+            } else {
+                Resize::ShorterSideCenterCrop { shorter_side: size }
+            }
         }
     };
     if input.mean.iter().any(|m| !m.is_finite()) {
@@ -527,6 +606,7 @@ fn validate_input(input: &InputEntry) -> Result<Preprocessing, String> {
         channel_order: input.channel_order,
         mean: input.mean,
         std: input.std,
+        layout: input.layout.unwrap_or_default(),
     })
 }
 
@@ -634,7 +714,9 @@ models:
             cls.task,
             TaskSpec::Classification(ClassificationParams {
                 top_k: 2,
-                score_threshold: 0.0
+                score_threshold: 0.0,
+                probabilities: false,
+                flags: vec![],
             })
         );
         assert!(catalog.get("nope").is_none());

@@ -58,16 +58,28 @@ pub(crate) fn check_logits(shape: &[i64], logits: &[f32], labels: &[String]) -> 
     Ok(())
 }
 
-/// Decodes a `[1, classes]` logits tensor into the top classes.
+/// Decodes a `[1, classes]` logits (or probabilities) tensor into the top classes and the
+/// content flags raised (sorted).
 pub(crate) fn decode_classification(
     shape: &[i64],
     logits: &[f32],
     labels: &[String],
     params: &ClassificationParams,
-) -> Result<Vec<ClassScore>, String> {
+) -> Result<(Vec<ClassScore>, Vec<String>), String> {
     check_logits(shape, logits, labels)?;
-    let probabilities = softmax(logits);
-    Ok(top_k(&probabilities, params.top_k)
+    let probabilities = if params.probabilities {
+        logits.to_vec()
+    } else {
+        softmax(logits)
+    };
+    let mut flags: Vec<String> = params
+        .flags
+        .iter()
+        .filter(|(_, index, above)| probabilities.get(*index).is_some_and(|p| p > above))
+        .map(|(label, _, _)| label.clone())
+        .collect();
+    flags.sort();
+    let classes = top_k(&probabilities, params.top_k)
         .into_iter()
         .filter_map(|i| Some((labels.get(i)?, *probabilities.get(i)?)))
         .filter(|(_, p)| *p >= params.score_threshold)
@@ -75,7 +87,8 @@ pub(crate) fn decode_classification(
             label: label.clone(),
             confidence: round_confidence(p),
         })
-        .collect())
+        .collect();
+    Ok((classes, flags))
 }
 
 #[cfg(test)]
@@ -111,9 +124,11 @@ mod tests {
         let params = ClassificationParams {
             top_k: 2,
             score_threshold: 0.0,
+            probabilities: false,
+            flags: vec![],
         };
         let logits = [0.0, 3.0, 1.0, -2.0];
-        let out = decode_classification(&[1, 4], &logits, &labels(4), &params).unwrap();
+        let (out, _) = decode_classification(&[1, 4], &logits, &labels(4), &params).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].label, "class1");
         assert_eq!(out[0].confidence, 0.839);
@@ -122,9 +137,31 @@ mod tests {
         let params = ClassificationParams {
             top_k: 3,
             score_threshold: 0.5,
+            probabilities: false,
+            flags: vec![],
         };
         let out = decode_classification(&[1, 4], &logits, &labels(4), &params).unwrap();
-        assert_eq!(out.len(), 1);
+        assert_eq!(out.0.len(), 1);
+    }
+
+    #[test]
+    fn probabilities_are_taken_as_they_are_and_raise_flags_above_their_threshold() {
+        let params = ClassificationParams {
+            top_k: 2,
+            score_threshold: 0.0,
+            probabilities: true,
+            flags: vec![("class1".into(), 1, 0.8)],
+        };
+        let (classes, flags) =
+            decode_classification(&[1, 2], &[0.15, 0.85], &labels(2), &params).unwrap();
+        assert_eq!(classes[0].label, "class1");
+        assert_eq!(classes[0].confidence, 0.85);
+        assert_eq!(flags, ["class1"]);
+        let (_, flags) = decode_classification(&[1, 2], &[0.2, 0.8], &labels(2), &params).unwrap();
+        assert!(
+            flags.is_empty(),
+            "at the threshold itself nothing is flagged"
+        );
     }
 
     #[test]
@@ -132,6 +169,8 @@ mod tests {
         let params = ClassificationParams {
             top_k: 2,
             score_threshold: 0.0,
+            probabilities: false,
+            flags: vec![],
         };
         assert!(decode_classification(&[2, 4], &[0.0; 8], &labels(4), &params).is_err());
         assert!(decode_classification(&[1, 4], &[0.0; 3], &labels(4), &params).is_err());

@@ -21,7 +21,8 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
 use super::catalog::{
-    AnalyserEntry, BuiltIn, Catalog, DEFAULT_MAX_BATCH, DetectionDecoder, ModelSpec, TaskSpec,
+    AnalyserEntry, BuiltIn, Catalog, DEFAULT_MAX_BATCH, DetectionDecoder, Layout, ModelSpec,
+    TaskSpec,
 };
 use super::classification::decode_classification;
 use super::cpu::cpu_limit;
@@ -172,7 +173,18 @@ impl Engine {
             .map(|a| (a.name.clone(), a.clone()))
             .collect();
         let specs: Vec<&ModelSpec> = if models.is_empty() {
-            catalog.models().iter().collect()
+            // "All of them": those whose fetched file is not there yet are left out.
+            catalog
+                .models()
+                .iter()
+                .filter(|spec| {
+                    let present = spec.fetch.is_none() || spec.model_path.is_file();
+                    if !present {
+                        tracing::info!(model = %spec.name, file = %spec.model_path.display(), "model file not fetched; model left out");
+                    }
+                    present
+                })
+                .collect()
         } else {
             models
                 .iter()
@@ -198,6 +210,17 @@ impl Engine {
         for spec in specs {
             if loaded.contains_key(&spec.name) {
                 continue;
+            }
+            if let Some(fetch) = &spec.fetch
+                && !spec.model_path.is_file()
+            {
+                return Err(InferenceError::ModelLoad {
+                    model: spec.name.clone(),
+                    message: format!(
+                        "model file {} is missing: run `{fetch}` (scripts/setup.sh and scripts/test.sh do)",
+                        spec.model_path.display()
+                    ),
+                });
             }
             let started = Instant::now();
             let (session, chosen) = create_session(&environment, spec, opts, intra_threads)?;
@@ -401,12 +424,14 @@ fn run_chunk<I: Borrow<PreparedInput>>(
             &batch
         }
     };
-    let shape = [
-        chunk.len(),
-        3,
+    let (height, width) = (
         spec.preprocessing.height as usize,
         spec.preprocessing.width as usize,
-    ];
+    );
+    let shape = match spec.preprocessing.layout {
+        Layout::Nchw => [chunk.len(), 3, height, width],
+        Layout::Nhwc => [chunk.len(), height, width, 3],
+    };
     let tensor =
         TensorRef::from_array_view((shape, data)).map_err(|e| format!("input tensor: {e}"))?;
     let assembled = Instant::now();
@@ -507,8 +532,11 @@ fn decode(
         }
         TaskSpec::Classification(params) => {
             let logits = single()?;
+            let (classes, flags) =
+                decode_classification(logits.shape, logits.data, &spec.labels, params)?;
             ModelOutput {
-                classes: decode_classification(logits.shape, logits.data, &spec.labels, params)?,
+                classes,
+                flags,
                 ..ModelOutput::default()
             }
         }
@@ -694,12 +722,14 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<usize, Inferen
             session.inputs().len()
         )));
     };
-    let expected = [
-        1,
-        3,
+    let (height, width) = (
         i64::from(spec.preprocessing.height),
         i64::from(spec.preprocessing.width),
-    ];
+    );
+    let (expected, layout) = match spec.preprocessing.layout {
+        Layout::Nchw => ([1, 3, height, width], "NCHW"),
+        Layout::Nhwc => ([1, height, width, 3], "NHWC"),
+    };
     let batch_dim = match input.dtype() {
         ValueType::Tensor {
             ty: TensorElementType::Float32,
@@ -715,7 +745,7 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<usize, Inferen
         }
         other => {
             return Err(load_error(format!(
-                "input `{}` is {other:?}; the catalog describes float32 {expected:?} (NCHW)",
+                "input `{}` is {other:?}; the catalog describes float32 {expected:?} ({layout})",
                 input.name()
             )));
         }

@@ -27,6 +27,10 @@ pub struct ModelOutput {
     /// The `photo_quality` analyser: scores and flags.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<PhotoQuality>,
+    /// Content flags a classification model raised: its catalog `flags` whose class
+    /// probability is above their threshold (e.g. `nsfw`). Sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
 }
 
 /// One object found by a detection model.
@@ -110,8 +114,7 @@ mod tests {
                 },
             }],
             classes: vec![],
-            grade: None,
-            quality: None,
+            ..ModelOutput::default()
         };
         let json = serde_json::to_value(&output).unwrap();
         assert_eq!(

@@ -14,7 +14,7 @@ use image::{DynamicImage, RgbImage};
 use ndarray::Array4;
 
 use super::InferenceError;
-use super::catalog::{ChannelOrder, Preprocessing, Resize};
+use super::catalog::{ChannelOrder, Layout, Preprocessing, Resize};
 
 /// A window of an RGB buffer (in pixels).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,9 +67,29 @@ pub(crate) fn preprocess(
         .map_err(|e| InferenceError::Internal(format!("input tensor shape: {e}")))
 }
 
-/// Writes the `3 x height x width` (CHW) input of `image` into `out`, which must hold
-/// exactly that many values (one image of a batch tensor); says where the image landed.
+/// Writes the `3 x height x width` input of `image` into `out` (CHW, or HWC for an `nhwc`
+/// model), which must hold exactly that many values (one image of a batch tensor); says
+/// where the image landed.
 pub(crate) fn preprocess_into(
+    image: &DynamicImage,
+    spec: &Preprocessing,
+    out: &mut [f32],
+) -> Result<Placement, InferenceError> {
+    let placement = preprocess_chw(image, spec, out)?;
+    if spec.layout == Layout::Nhwc {
+        // Channels last: one more pass over a small input (224x224x3 for Open-NSFW).
+        let chw = out.to_vec();
+        let plane = chw.len() / 3;
+        for (pixel, values) in out.chunks_exact_mut(3).enumerate() {
+            for (channel, value) in values.iter_mut().enumerate() {
+                *value = chw[channel * plane + pixel];
+            }
+        }
+    }
+    Ok(placement)
+}
+
+fn preprocess_chw(
     image: &DynamicImage,
     spec: &Preprocessing,
     out: &mut [f32],
@@ -184,6 +204,14 @@ fn plan_resize(width: u32, height: u32, spec: &Preprocessing) -> ResizePlan {
     };
     match spec.resize {
         Resize::Stretch => whole_input(u64::from(spec.width), u64::from(spec.height)),
+        Resize::StretchCenterCrop { side } => {
+            // Catalog validation guarantees side >= the input size; stay safe anyway.
+            let side = u64::from(side);
+            whole_input(
+                side.max(u64::from(spec.width)),
+                side.max(u64::from(spec.height)),
+            )
+        }
         Resize::ShorterSideCenterCrop { shorter_side } => {
             let short = u64::from(shorter_side);
             // Python's round() (ties to even), as in the reference pipeline; at least
@@ -298,7 +326,9 @@ fn normalize_nchw(
     if !covers_input {
         let pad = match spec.resize {
             Resize::Letterbox { pad } => usize::from(pad),
-            Resize::Stretch | Resize::ShorterSideCenterCrop { .. } => 0,
+            Resize::Stretch
+            | Resize::ShorterSideCenterCrop { .. }
+            | Resize::StretchCenterCrop { .. } => 0,
         };
         r_plane.fill(r_lut[pad]);
         g_plane.fill(g_lut[pad]);
@@ -352,7 +382,41 @@ mod tests {
             channel_order: order,
             mean: [0.0; 3],
             std: [1.0; 3],
+            layout: Layout::Nchw,
         }
+    }
+
+    #[test]
+    fn nhwc_holds_the_same_values_channels_last_and_stretch_center_crop_cuts_the_middle() {
+        let image = DynamicImage::ImageRgb8(tiny());
+        let chw = preprocess(&image, &spec(4, 2, Resize::Stretch, ChannelOrder::Bgr)).unwrap();
+        let hwc_spec = Preprocessing {
+            layout: Layout::Nhwc,
+            ..spec(4, 2, Resize::Stretch, ChannelOrder::Bgr)
+        };
+        let mut hwc = vec![0.0; 24];
+        preprocess_into(&image, &hwc_spec, &mut hwc).unwrap();
+        for (y, x, c) in itertools_free_indices() {
+            assert_eq!(hwc[(y * 4 + x) * 3 + c], chw[[0, c, y, x]]);
+        }
+        // Stretched to 4x4 (already 4 wide), then the centre 2x2: columns 1..3.
+        let crop = spec(
+            2,
+            2,
+            Resize::StretchCenterCrop { side: 4 },
+            ChannelOrder::Rgb,
+        );
+        let cropped = preprocess(
+            &DynamicImage::ImageRgb8(RgbImage::from_fn(4, 4, |x, _| Rgb([x as u8 * 10, 0, 0]))),
+            &crop,
+        )
+        .unwrap();
+        assert_eq!(cropped[[0, 0, 0, 0]], 10.0);
+        assert_eq!(cropped[[0, 0, 1, 1]], 20.0);
+    }
+
+    fn itertools_free_indices() -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..2).flat_map(|y| (0..4).flat_map(move |x| (0..3).map(move |c| (y, x, c))))
     }
 
     /// 4x2 image where pixel (x, y) = (10x + y, 100 + x, 200 + y).

@@ -7,8 +7,13 @@ use serde_json::json;
 use crate::crd::{ImageEntry, ImageGroup, ImageGroupStatus};
 use crate::results::ImageResult;
 
-/// Version of the `data` layout, so receivers can tell payload revisions apart.
+/// Version of the image events' `data` layout, so receivers can tell payload revisions
+/// apart (schemas/webhooks/image-event.<version>.json).
 pub const PAYLOAD_VERSION: &str = "v1alpha1";
+
+/// Version of the group events' `data` layout (schemas/webhooks/group-event.<version>.json):
+/// v1alpha2 added `aggregate.listing`.
+pub const GROUP_PAYLOAD_VERSION: &str = "v1alpha2";
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct EventPayload {
@@ -67,7 +72,7 @@ pub fn group_event(
         event_type: event_type.to_owned(),
         timestamp: created_at.to_string(),
         data: json!({
-            "version": PAYLOAD_VERSION,
+            "version": GROUP_PAYLOAD_VERSION,
             "groupId": group.metadata.name,
             "sequence": sequence,
             "metadata": group.spec.metadata,

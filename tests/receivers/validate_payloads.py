@@ -12,8 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "schemas" / "webhooks"
 SCHEMAS = {
     "image.completed": "image-event.v1alpha1.json",
     "image.failed": "image-event.v1alpha1.json",
-    "image_group.completed": "group-event.v1alpha1.json",
-    "image_group.updated": "group-event.v1alpha1.json",
+    "image_group.completed": "group-event.v1alpha2.json",
+    "image_group.updated": "group-event.v1alpha2.json",
 }
 
 payloads = json.load(sys.stdin)
