@@ -50,9 +50,8 @@ e2e() { # one group of every image through `kinsight demo`; prints the JSON line
   port="$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   "$KINSIGHT_BIN" demo --photos "$WORK/images" --timeout 900s --state-dir "$state" \
     --listen "127.0.0.1:$port" >"$log" 2>"$log.err" || { tail -n 20 "$log.err" >&2; return 1; }
-  local seconds
-  seconds="$(sed -n 's/^group completed in \([0-9.]*\)s$/\1/p' "$log")"
-  echo "{\"images\": $COUNT, \"seconds\": $seconds, \"images_per_second\": $(.venv/bin/python -c "print($COUNT / $seconds)")}"
+  .venv/bin/python bench/e2e_breakdown.py --stdout "$log" --stderr "$log.err" \
+    --pod-logs "$state/pod-logs" --images "$COUNT"
 }
 for round in $(seq 1 "$ROUNDS"); do
   if [ "${BENCH_E2E:-1}" != 0 ]; then run e e2e; fi
@@ -90,6 +89,9 @@ if "e" in best:
 stages = [r["stages_ms"] for r in rows if r["leg"] == "a"][-1]
 inference = ", ".join(f"{m} {ms:.0f}" for m, ms in stages["inference"].items())
 print(f"  (a) mean ms per image, overlapped: decode {stages['decode']:.0f}, preprocess {stages['preprocess']:.0f}, inference: {inference}")
+if "e" in best:
+    e = [r["stages_s"] for r in rows if r["leg"] == "e"][-1]
+    print("  (e) seconds of the group: " + ", ".join(f"{k} {v:.2f}" for k, v in e.items()))
 failed = sum(r.get("failed", 0) for r in rows if r["leg"] == "a")
 if failed:
     print(f"  warning: {failed} images failed in (a)")
