@@ -41,6 +41,36 @@ enum Command {
     Demo(DemoArgs),
     /// Measure images/s of the image pipeline on a folder of images (see scripts/bench.sh).
     Bench(kinsight::bench::BenchArgs),
+    /// List the model catalog, or check a new entry against its ONNX file (`models check`).
+    Models(ModelsArgs),
+}
+
+#[derive(Args)]
+struct ModelsArgs {
+    #[command(subcommand)]
+    check: Option<ModelsCommand>,
+    #[command(flatten)]
+    catalog: CatalogArg,
+    #[arg(long, value_enum, default_value = "table")]
+    output: OutputFormat,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Load FILE's models (one entry or a whole catalog; relative paths from FILE's
+    /// folder) with ONNX Runtime and check them against their entries; fails on any error.
+    Check {
+        file: PathBuf,
+        /// libonnxruntime.so (default: ORT_DYLIB_PATH, else ./.venv's onnxruntime wheel).
+        #[arg(long, env = "ORT_DYLIB_PATH")]
+        ort_dylib: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
 }
 
 #[derive(Args)]
@@ -571,11 +601,36 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => {
             kinsight::bench::run(args).await?;
         }
+        Command::Models(args) => models(args)?,
         Command::Demo(args) => {
             let options = dev_options(args.dev)?;
             kinsight::dev::demo(options, args.photos, args.timeout).await?;
         }
     }
+    Ok(())
+}
+
+fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    use kinsight::inference::catalog_tool::{self, Severity};
+    let Some(ModelsCommand::Check { file, ort_dylib }) = args.check else {
+        let rows = catalog_tool::catalog_rows(&args.catalog.load()?);
+        match args.output {
+            OutputFormat::Table => print!("{}", catalog_tool::catalog_table(&rows)),
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        }
+        return Ok(());
+    };
+    kinsight::inference::init_runtime(ort_dylib.as_deref())?;
+    let findings = catalog_tool::check_catalog_file(&file);
+    match args.output {
+        OutputFormat::Table => findings.iter().for_each(|f| println!("{f}")),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .count();
+    anyhow::ensure!(errors == 0, "{} has {errors} error(s)", file.display());
     Ok(())
 }
 

@@ -744,8 +744,18 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<usize, Inferen
             shape.first().copied().unwrap_or(1)
         }
         other => {
+            let found = match other {
+                ValueType::Tensor { ty, shape, .. } => {
+                    let dims: Vec<String> = shape
+                        .iter()
+                        .map(|&d| if d < 0 { "?".into() } else { d.to_string() })
+                        .collect();
+                    format!("{} [{}]", format!("{ty:?}").to_lowercase(), dims.join(", "))
+                }
+                other => format!("{other:?}"),
+            };
             return Err(load_error(format!(
-                "input `{}` is {other:?}; the catalog describes float32 {expected:?} ({layout})",
+                "input `{}` is {found}; the catalog describes float32 {expected:?} ({layout})",
                 input.name()
             )));
         }
@@ -811,7 +821,17 @@ fn check_signature(session: &Session, spec: &ModelSpec) -> Result<usize, Inferen
         }
         TaskSpec::Ordinal => last(logits("an ordinal")?).is_none_or(|c| c == labels),
         TaskSpec::Detection(params) => match params.decoder {
-            // Some output must carry one score per label (unknown dims are checked per image).
+            // Per-level [1, N, classes] scores and [1, N, 4 * bins] boxes; some output must
+            // carry one score per label (unknown dims are checked per image).
+            DetectionDecoder::Nanodet
+                if output_dims.len() < 2 || output_dims.iter().any(|d| d.len() != 3) =>
+            {
+                return Err(load_error(format!(
+                    "a nanodet model has per-level outputs [1, N, classes] and \
+                     [1, N, 4 * bins], this one has {}",
+                    declared()
+                )));
+            }
             DetectionDecoder::Nanodet => output_dims
                 .iter()
                 .any(|dims| last(dims).is_none_or(|c| c == labels)),

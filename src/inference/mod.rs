@@ -19,6 +19,7 @@
 //! [`Engine::load`] find it through [`default_runtime_path`]).
 
 pub mod catalog;
+pub mod catalog_tool;
 mod classification;
 mod cpu;
 pub mod decode;
