@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::catalog::{CatalogFile, ModelEntry};
+use super::catalog::{CatalogFile, Layout, ModelEntry};
 use super::{Catalog, ChannelOrder, Engine, EngineOptions, ExecutionProvider, Resize, TaskSpec};
 use super::{InferenceError, ModelSpec};
 
@@ -32,11 +32,17 @@ pub fn catalog_rows(catalog: &Catalog) -> Vec<CatalogRow> {
         CatalogRow {
             name: spec.name.clone(),
             task: task_name(&spec.task),
-            input: Some(format!("{}x{}", p.width, p.height)),
+            input: Some(match p.layout {
+                Layout::Nchw => format!("{}x{}", p.width, p.height),
+                Layout::Nhwc => format!("{}x{} NHWC", p.width, p.height),
+            }),
             resize: Some(match p.resize {
                 Resize::Stretch => "stretch".into(),
                 Resize::ShorterSideCenterCrop { shorter_side } => {
                     format!("shorter-side {shorter_side}, center-crop")
+                }
+                Resize::StretchCenterCrop { side } => {
+                    format!("stretch {side}, center-crop")
                 }
                 Resize::Letterbox { pad } => format!("letterbox (pad {pad})"),
             }),
@@ -214,22 +220,26 @@ fn check_entry(
         execution_provider: ExecutionProvider::Cpu,
         intra_spinning: false,
     };
-    let engine = Engine::load(&catalog, &[], &options)?;
     let Some(spec) = catalog.models().first() else {
         return Err(InferenceError::Internal("the entry vanished".into()));
     };
+    // Named, so that a fetched model whose file is missing is an error, not left out.
+    let engine = Engine::load(&catalog, std::slice::from_ref(&spec.name), &options)?;
     let max_batch = engine.max_batch(&spec.name).unwrap_or(1);
     Ok(summary(spec, max_batch))
 }
 
 fn summary(spec: &ModelSpec, max_batch: usize) -> String {
     let p = &spec.preprocessing;
+    let (h, w) = (p.height, p.width);
+    let input = match p.layout {
+        Layout::Nchw => format!("[batch, 3, {h}, {w}]"),
+        Layout::Nhwc => format!("[batch, {h}, {w}, 3]"),
+    };
     format!(
-        "{} loads; input float32 [batch, 3, {}, {}] matches {}x{} (batch up to {max_batch}); \
+        "{} loads; input float32 {input} matches {}x{} (batch up to {max_batch}); \
          outputs fit {} with {} labels",
         spec.model_path.display(),
-        p.height,
-        p.width,
         p.width,
         p.height,
         task_name(&spec.task),
