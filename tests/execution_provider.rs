@@ -47,6 +47,11 @@ fn bench(runtime: &Path, photos: &Path, provider: &str) -> Output {
             "models/catalog.yaml",
             "--execution-provider",
             provider,
+            // The two bundled models: whether content_safety was fetched must not matter.
+            "--model",
+            "object_detection",
+            "--model",
+            "image_classification",
         ])
         .arg("--ort-dylib")
         .arg(runtime)
