@@ -26,4 +26,4 @@ scripts/fetch-open-nsfw.sh >/dev/null
 KINSIGHT_CUDA_ORT_DYLIB="${KINSIGHT_CUDA_ORT_DYLIB:-$(scripts/fetch-onnxruntime-cuda.sh)}"
 export KINSIGHT_CUDA_ORT_DYLIB
 # Integration tests each start a control plane; two at a time suit a 2-core machine.
-cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-2}" "$@"
+cargo test --locked --no-fail-fast --all-targets -- --test-threads="${TEST_THREADS:-2}" "$@"

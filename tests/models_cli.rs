@@ -78,6 +78,18 @@ fn lists_the_catalog_as_a_table_and_as_json() {
         ]
     );
     assert_eq!(
+        row("content_safety"),
+        [
+            "content_safety",
+            "classification",
+            "224x224 NHWC",
+            "stretch 256, center-crop",
+            "bgr",
+            "2",
+            "cpu"
+        ]
+    );
+    assert_eq!(
         row("photo_quality"),
         [
             "photo_quality",
@@ -101,7 +113,12 @@ fn lists_the_catalog_as_a_table_and_as_json() {
         .collect();
     assert_eq!(
         names,
-        ["object_detection", "image_classification", "photo_quality"]
+        [
+            "object_detection",
+            "image_classification",
+            "content_safety",
+            "photo_quality"
+        ]
     );
     assert_eq!(rows[1]["labels"], 1000);
     assert_eq!(rows[0]["runs_on"], "cpu");
@@ -113,7 +130,8 @@ fn check_passes_the_bundled_models() {
     let text = stdout(&output);
     assert!(output.status.success(), "{text}\n{output:?}");
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 2, "{text}");
+    // content_safety is fetched by scripts/test.sh (scripts/fetch-open-nsfw.sh).
+    assert_eq!(lines.len(), 3, "{text}");
     assert!(lines[0].starts_with("ok    object_detection: "), "{text}");
     assert!(
         lines[0].contains("fit detection (nanodet) with 80 labels"),
@@ -125,6 +143,11 @@ fn check_passes_the_bundled_models() {
     );
     assert!(
         lines[1].contains("matches 224x224 (batch up to 8)"),
+        "{text}"
+    );
+    assert!(lines[2].starts_with("ok    content_safety: "), "{text}");
+    assert!(
+        lines[2].contains("input float32 [batch, 224, 224, 3] matches 224x224"),
         "{text}"
     );
 
