@@ -61,10 +61,7 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> Cache<K, V> {
         Fut: Future<Output = Result<V, E>>,
     {
         let slot = {
-            let mut entries = self
-                .entries
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut entries = crate::sync::lock(&self.entries);
             if entries.len() > MAX_KEYS {
                 entries.clear();
             }

@@ -27,6 +27,7 @@ pub mod net;
 pub mod results;
 pub mod shutdown;
 pub mod store;
+mod sync;
 pub mod tenancy;
 pub mod testbed;
 pub mod webhook;

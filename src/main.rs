@@ -160,7 +160,7 @@ struct ControllerArgs {
     worker_deadline: Duration,
     #[command(flatten)]
     egress: EgressArg,
-    /// Where Prometheus scrapes `/metrics`.
+    /// Where Prometheus scrapes `/metrics` and the kubelet probes `/healthz` and `/readyz`.
     #[arg(long, env = "KINSIGHT_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
     /// Run without leader election (only when a single replica runs).
@@ -485,15 +485,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let client = kube::Client::try_default().await?;
             let store = args.database.connect().await?;
-            let metrics_app = config.metrics.clone().router();
+            // On SIGTERM: stop reconciling, hand the lease back, finish the webhooks in hand.
+            let shutdown = Shutdown::on_signals();
+            // /metrics, /healthz and /readyz on one port.
+            let readiness = kinsight::controller::health::Readiness::new(
+                client.clone(),
+                store.clone(),
+                shutdown.clone(),
+            );
+            let metrics_app = config.metrics.clone().router().merge(readiness.router());
             let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen).await?;
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
                     tracing::error!(error = %e, "metrics server stopped");
                 }
             });
-            // On SIGTERM: stop reconciling, hand the lease back, finish the webhooks in hand.
-            let shutdown = Shutdown::on_signals();
             if args.no_leader_election {
                 kinsight::controller::run(client, store, config, shutdown).await?;
             } else {

@@ -209,6 +209,32 @@ async fn chart_installs_into_a_real_cluster() {
     ]
     .map(|name| env_value(container, name));
     assert_eq!(scheduling, [Some("40"), Some("5"), Some("10"), Some("2")]);
+    // The kubelet probes the port the controller serves /metrics, /healthz and /readyz on.
+    assert_eq!(
+        env_value(container, "KINSIGHT_METRICS_LISTEN"),
+        Some("0.0.0.0:9090")
+    );
+    let ports = container.ports.as_deref().unwrap_or_default();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == 9090),
+        "{ports:?}"
+    );
+    for (probe, path) in [
+        (&container.readiness_probe, "/readyz"),
+        (&container.liveness_probe, "/healthz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("an HTTP probe");
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into())
+        );
+    }
     // Workers reach the API's result ingest through its Service.
     assert_eq!(
         env_value(container, "KINSIGHT_RESULTS_URL"),

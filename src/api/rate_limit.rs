@@ -49,12 +49,7 @@ impl RateLimits {
     fn take(&self, tenant: &Tenant) -> Result<(u32, u32), ApiError> {
         let limit = tenant.rate_limit.unwrap_or(self.default);
         let bucket = {
-            // A poisoned lock only means another request panicked mid-insert; the map
-            // itself is still whole.
-            let mut buckets = self
-                .buckets
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut buckets = crate::sync::lock(&self.buckets);
             let fresh = || {
                 (
                     limit,

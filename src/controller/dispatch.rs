@@ -16,13 +16,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
 use super::events::Endpoint;
-use super::{Context, lock, publish_event};
+use super::{Context, publish_event};
 use crate::cache::Cache;
 use crate::crd::{ImageGroup, SecretKeyRef};
 use crate::delivery::{Attempt, DeliveryState};
 use crate::results::GroupRef;
 use crate::shutdown::Shutdown;
 use crate::store::{Claimed, DISPATCH_CHANNEL, Outcomes, Settled, Stop};
+use crate::sync::lock;
 use crate::webhook::{AttemptOutcome, Blocked, RetrySchedule, Transition};
 
 /// Deliveries claimed per query.

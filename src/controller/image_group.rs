@@ -20,7 +20,7 @@ use super::job::{
     left_images_failure, work_order_config_map, worker_account,
 };
 use super::scheduler::{Placement, kueue_queue};
-use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, lock, publish_event};
+use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
 use crate::crd::{
     ConditionStatus, GroupPhase, ImageGroup, ImageGroupStatus, MAX_RECENT_FAILURES,
     REPLAY_ANNOTATION, RETENTION_ANNOTATION, set_condition,
@@ -28,6 +28,7 @@ use crate::crd::{
 use crate::delivery::Delivery;
 use crate::results::{GroupRef, ImageResult, MAX_BATCH};
 use crate::store::Plan;
+use crate::sync::lock;
 use crate::worker::{WorkItem, WorkOrder};
 
 /// How often a group waiting for a worker slot looks again when nothing woke it (well
@@ -96,7 +97,7 @@ pub async fn reconcile(
             "Accepted",
             ConditionStatus::False,
             "NotATenant",
-            crate::tenancy::not_a_tenant(&namespace),
+            crate::tenancy::not_a_tenant(&ctx.config.tenancy, &namespace),
             Some(generation),
             now,
         );

@@ -147,9 +147,7 @@ impl Metrics {
 
     /// Records how many events of one group wait; the gauge is the sum over groups.
     pub fn set_pending(&self, group: &str, pending: usize) {
-        let Ok(mut by_group) = self.pending_by_group.lock() else {
-            return;
-        };
+        let mut by_group = crate::sync::lock(&self.pending_by_group);
         if pending == 0 {
             by_group.remove(group);
         } else {

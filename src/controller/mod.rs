@@ -7,6 +7,7 @@ mod aggregate;
 mod dispatch;
 mod events;
 mod fair_queue;
+pub mod health;
 pub use events::ImageEvents;
 mod image_group;
 mod job;
@@ -424,12 +425,6 @@ pub(crate) async fn namespace_annotation(
         .get_opt(namespace)
         .await?;
     Ok(found.and_then(|ns| ns.annotations().get(key).cloned()))
-}
-
-/// The data behind a mutex, even when a panicking holder poisoned it (every holder leaves
-/// it consistent).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A Kubernetes Event on an object (`kubectl describe` shows it); failing to record one

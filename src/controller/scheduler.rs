@@ -14,8 +14,9 @@ use kube::runtime::watcher;
 use super::fair_queue::{Admission, FairQueue, JobCaps, Lane, ObjectKey, Request};
 use super::job::finished;
 use super::metrics::{LaneLabels, Metrics};
-use super::{Context, ControllerError, lock};
+use super::{Context, ControllerError};
 use crate::crd::ImageGroup;
+use crate::sync::lock;
 
 /// The Job label recording which slots a Job takes (`main` or `small`), so a restarted
 /// leader counts them as its predecessor did.

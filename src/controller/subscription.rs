@@ -40,7 +40,7 @@ pub async fn reconcile(
     let readiness = match sub.spec.validate() {
         Err(message) => Err(("InvalidSpec", message)),
         Ok(()) if !ctx.tenants.contains(&namespace) => {
-            Err(("NotATenant", not_a_tenant(&namespace)))
+            Err(("NotATenant", not_a_tenant(&ctx.config.tenancy, &namespace)))
         }
         Ok(()) if usable => Ok(()),
         Ok(()) => check_secret(&ctx, &namespace, &sub).await?,

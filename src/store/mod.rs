@@ -188,6 +188,12 @@ impl Store {
             .collect()
     }
 
+    /// Whether the database answers a trivial query (a readiness probe).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.client().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         Ok(self.pool.get().await?)
     }

@@ -63,25 +63,33 @@ pub struct Tenants {
 
 impl Tenants {
     pub fn contains(&self, namespace: &str) -> bool {
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(namespace)
+        crate::sync::read(&self.current).contains(namespace)
     }
 
     fn replace(&self, set: BTreeSet<String>) {
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = set;
+        *crate::sync::write(&self.current) = set;
     }
 }
 
-/// Why nothing happens in a namespace that is not a tenant (a condition's message).
-pub fn not_a_tenant(namespace: &str) -> String {
+/// Why nothing happens in a namespace that is not a tenant (a condition's message). A
+/// namespace that may never be one is told so, not sent to label it in vain.
+pub fn not_a_tenant(config: &TenancyConfig, namespace: &str) -> String {
+    if may_be_tenant(config, namespace) {
+        return format!(
+            "namespace {namespace} is not a kinsight tenant: label it {TENANT_LABEL}=true or \
+             name it in an API-key record"
+        );
+    }
+    let why = if namespace.starts_with("kube-") {
+        "Kubernetes' own namespaces (kube-*)"
+    } else if namespace == config.keys_namespace {
+        "the namespace of the API-key records"
+    } else {
+        "the controller's own namespace"
+    };
     format!(
-        "namespace {namespace} is not a kinsight tenant: label it {TENANT_LABEL}=true or name it \
-         in an API-key record"
+        "namespace {namespace} can never be a kinsight tenant ({why} are excluded whatever \
+         a label or key record says): create the resource in a tenant namespace"
     )
 }
 
@@ -337,4 +345,46 @@ async fn unbind(
             .delete(TENANT_BINDING, &params)
             .await,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> TenancyConfig {
+        TenancyConfig {
+            keys_namespace: "kinsight-keys".into(),
+            tenant_role: "kinsight-controller-tenant".into(),
+            service_account: ("kinsight".into(), "kinsight-controller".into()),
+            worker_account: "kinsight-worker".into(),
+            catalog_config_map: "kinsight-catalog".into(),
+            network_policy: None,
+        }
+    }
+
+    #[test]
+    fn a_namespace_that_may_become_a_tenant_is_told_how() {
+        let message = not_a_tenant(&config(), "shop");
+        assert!(
+            message.contains("label it kinsight.io/tenant=true"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn reserved_namespaces_are_told_they_never_can_be() {
+        for (namespace, why) in [
+            ("kube-system", "kube-*"),
+            ("kinsight-keys", "API-key records"),
+            ("kinsight", "controller's own"),
+        ] {
+            let message = not_a_tenant(&config(), namespace);
+            assert!(
+                message.contains("can never be a kinsight tenant"),
+                "{message}"
+            );
+            assert!(message.contains(why), "{message}");
+            assert!(!message.contains("label it"), "{message}");
+        }
+    }
 }

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use super::AttemptOutcome;
 use super::circuit::{Admission, Circuit, CircuitConfig, Transition};
 use crate::crd::{CircuitState, EndpointHealth};
+use crate::sync::lock;
 
 /// A waiter for a slot looks again at least this often, whatever it was told.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -220,14 +221,6 @@ impl Drop for Permit {
             self.endpoint.changed.notify_waiters();
         }
     }
-}
-
-/// A poisoned lock only means another reconcile panicked mid-update; the circuit's data
-/// is still a valid state, so carry on with it.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
