@@ -117,6 +117,50 @@ async fn images_in_flight_are_capped_per_tenant_and_freed_as_they_finish() {
         },
     )
     .await;
+
+    // A group deleted with kubectl frees its places at once, not when its downloads end
+    // (here: a minute) or at the periodic retention sweep.
+    let stuck = [
+        common::slow_photo(Duration::from_secs(60)).await,
+        common::slow_photo(Duration::from_secs(60)).await,
+        common::slow_photo(Duration::from_secs(60)).await,
+    ];
+    common::eventually(
+        "the three earlier images finish",
+        Duration::from_secs(90),
+        async || h.store.images_in_flight(&h.namespace).await.ok() == Some(0),
+    )
+    .await;
+    let (status, stuck) = h.post("/v1/image-groups", group(&stuck, &h.models)).await;
+    assert_eq!(status, 202, "{stuck}");
+    let stuck = stuck["id"].as_str().expect("id").to_owned();
+    let (status, _) = h
+        .post("/v1/images", json!({ "url": photo, "models": h.models }))
+        .await;
+    assert_eq!(status, 429, "the cap of 3 is taken by the stuck group");
+    let groups: kube::Api<kinsight::crd::ImageGroup> =
+        kube::Api::namespaced(h.client.clone(), &h.namespace);
+    groups
+        .delete(&stuck, &kube::api::DeleteParams::background())
+        .await
+        .expect("kubectl delete");
+    let deleted = Instant::now();
+    common::eventually(
+        "the deleted group's places are free",
+        Duration::from_secs(15),
+        async || {
+            let (status, body) = h
+                .post("/v1/images", json!({ "url": photo, "models": h.models }))
+                .await;
+            assert!(status == 202 || status == 429, "{status} {body}");
+            status == 202
+        },
+    )
+    .await;
+    println!(
+        "places freed {:.1?} after the group was deleted",
+        deleted.elapsed()
+    );
 }
 
 /// The count a POST pays for reads only the tenant's open groups (finished ones leave the

@@ -70,14 +70,7 @@ pub async fn reconcile(
         }
     };
     let Some(group) = group.filter(|g| g.metadata.deletion_timestamp.is_none()) else {
-        // Gone (or going): its events no longer wait, and its stored results go.
-        ctx.config
-            .metrics
-            .set_pending(&format!("{namespace}/{name}"), 0);
-        ctx.scheduler.forget(&ObjectKey::new(&namespace, &name));
-        if let Some(uid) = cached.uid() {
-            ctx.store.remove_group(&uid, super::PURGE_BATCH).await?;
-        }
+        forget(&ctx, &cached).await?;
         return Ok(Action::await_change());
     };
     let uid = group
@@ -933,6 +926,21 @@ async fn tenant_retention(
             Ok(None)
         }
     }
+}
+
+/// A group gone (or going) from the cluster: its events no longer wait, its place in the
+/// scheduler's line goes, its stored results go and its images in flight no longer count
+/// against the tenant's cap.
+pub(super) async fn forget(ctx: &Context, group: &ImageGroup) -> Result<(), ControllerError> {
+    let (namespace, name) = (group.namespace().unwrap_or_default(), group.name_any());
+    ctx.config
+        .metrics
+        .set_pending(&format!("{namespace}/{name}"), 0);
+    ctx.scheduler.forget(&ObjectKey::new(&namespace, &name));
+    if let Some(uid) = group.uid() {
+        ctx.store.remove_group(&uid, super::PURGE_BATCH).await?;
+    }
+    Ok(())
 }
 
 /// Deletes a finished group once its retention is over: its Jobs go with it (owner

@@ -332,9 +332,18 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     // A group is looked at again when its intent changes (spec, labels, annotations such
     // as a replay request, deletion), not when its status does: the status is this
     // controller's own writing.
+    // A group deleted outright (no finalizer: it is gone from the cache at once, so no
+    // reconcile sees it) is forgotten here; deletions the watch missed while it was away
+    // are found by the retention sweep.
+    let (deleted_tx, deleted_rx) = futures::channel::mpsc::unbounded::<ImageGroup>();
     let group_changes = watcher(groups, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::Delete(group)) = event {
+                let _ = deleted_tx.unbounded_send(group.clone());
+            }
+        })
         .applied_objects()
         .predicate_filter(intent_of, PredicateConfig::default());
     let group_controller = Controller::for_stream(group_changes, cached.clone());
@@ -382,6 +391,7 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
                 tracing::debug!(error = %e, "image group reconcile");
             }
         });
+    let ctx_for_deletions = ctx.clone();
     let subscription_controller = Controller::new(subscriptions, watcher::Config::default())
         .run(subscription::reconcile, subscription::error_policy, ctx)
         .for_each(|result| async move {
@@ -389,8 +399,22 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
                 tracing::debug!(error = %e, "subscription reconcile");
             }
         });
+    let forget_ctx = ctx_for_deletions;
+    let deletions = deleted_rx.for_each(move |group| {
+        let ctx = forget_ctx.clone();
+        async move {
+            if let Err(e) = image_group::forget(&ctx, &group).await {
+                tracing::warn!(group = %group.name_any(), error = %e, "forgetting a deleted group (the retention sweep retries)");
+            }
+        }
+    });
     tracing::info!("controller started");
-    futures::join!(group_controller, subscription_controller, retention);
+    futures::join!(
+        group_controller,
+        subscription_controller,
+        retention,
+        deletions
+    );
     Ok(())
 }
 
