@@ -254,7 +254,7 @@ async fn run() {
             let store = &store;
             async move {
                 store
-                    .failed_since(&g.namespace, since)
+                    .failed_since(&g.namespace, since, None, 100)
                     .await
                     .expect("failed since");
             }

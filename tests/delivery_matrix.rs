@@ -256,14 +256,38 @@ async fn each_misbehaving_receiver_gets_the_right_treatment() {
             .any(|d| d["state"] == "failed" && d["attempts"] == 3)),
         "{per_group}"
     );
-    let (status, replayed) = h
+    // A group per request (`limit: 1`), following `nextCursor` to the end: each group
+    // once.
+    let mut request = json!({ "since": "2000-01-01T00:00:00Z", "limit": 1 });
+    let (mut replayed, mut pages) = (0, Vec::new());
+    loop {
+        let (status, page) = h.post("/v1/deliveries/replay", request.clone()).await;
+        assert_eq!(status, 202, "{page}");
+        let on_page = page["groups"].as_object().expect("groups");
+        assert!(on_page.len() <= 1, "{page}");
+        replayed += page["replayed"].as_u64().expect("replayed");
+        pages.extend(on_page.keys().cloned());
+        match page["nextCursor"].as_str() {
+            Some(cursor) => request["cursor"] = json!(cursor),
+            None => break,
+        }
+        assert!(pages.len() <= groups.len(), "{pages:?}");
+    }
+    assert!(replayed >= 2, "{replayed} {pages:?}");
+    let mut unique = pages.clone();
+    unique.dedup();
+    assert_eq!(unique, pages, "every group once, in name order");
+    let (status, problem) = h
         .post(
             "/v1/deliveries/replay",
-            json!({ "since": "2000-01-01T00:00:00Z" }),
+            json!({ "since": "2000-01-01T00:00:00Z", "cursor": "not-a-cursor" }),
         )
         .await;
-    assert_eq!(status, 202, "{replayed}");
-    assert!(replayed["replayed"].as_u64() >= Some(2), "{replayed}");
+    assert_eq!(
+        (status, &problem["code"]),
+        (400, &json!("invalid_parameter")),
+        "{problem}"
+    );
     let d = common::eventually(
         "the replayed event to be delivered",
         Duration::from_secs(30),

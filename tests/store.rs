@@ -338,15 +338,42 @@ async fn what_was_not_delivered_pages_through_one_namespace() {
             .all(|(_, d)| d.state == DeliveryState::Pending)
     );
     // Per group, for a replay of what failed since then.
-    let counts = store.failed_since("tenant-a", start).await.expect("counts");
+    let counts = store
+        .failed_since("tenant-a", start, None, 100)
+        .await
+        .expect("counts");
     assert_eq!(
         counts.into_iter().collect::<Vec<_>>(),
         [("grp-a1".to_owned(), 100), ("grp-a2".to_owned(), 100)]
     );
+    // A page at a time, by group name.
+    let first = store
+        .failed_since("tenant-a", start, None, 1)
+        .await
+        .expect("first page");
+    assert_eq!(
+        first.into_iter().collect::<Vec<_>>(),
+        [("grp-a1".to_owned(), 100)]
+    );
+    let second = store
+        .failed_since("tenant-a", start, Some("grp-a1"), 1)
+        .await
+        .expect("second page");
+    assert_eq!(
+        second.into_iter().collect::<Vec<_>>(),
+        [("grp-a2".to_owned(), 100)]
+    );
+    assert!(
+        store
+            .failed_since("tenant-a", start, Some("grp-a2"), 1)
+            .await
+            .expect("past the end")
+            .is_empty()
+    );
     let later = start + jiff::SignedDuration::from_secs(60);
     assert!(
         store
-            .failed_since("tenant-a", later)
+            .failed_since("tenant-a", later, None, 100)
             .await
             .expect("counts")
             .is_empty()

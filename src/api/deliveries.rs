@@ -251,14 +251,22 @@ pub async fn replay_one(
 pub struct ReplaySinceIn {
     #[schema(value_type = String, format = DateTime)]
     since: jiff::Timestamp,
+    /// Groups this request replays at most (1-1000, default 100); `nextCursor` in the
+    /// answer continues with the next ones.
+    #[schema(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// The `nextCursor` of the previous answer.
+    cursor: Option<String>,
 }
 
 /// `POST /v1/deliveries/replay {"since": "2026-11-29T10:00:00Z"}`: every failed delivery of
-/// events recorded since then, across the tenant's groups.
+/// events recorded since then, across the tenant's groups, `limit` groups per request (each
+/// costs a write to its ImageGroup): an answer with a `nextCursor` is continued by posting
+/// the same `since` with that `cursor`.
 #[utoipa::path(post, path = "/v1/deliveries/replay", tag = "deliveries",
     params(IdempotencyKey),
     request_body = ReplaySinceIn,
-    responses((status = 202, description = "Every failed delivery of events since then will be sent again.", body = ReplayedOut), Problems, WriteProblems))]
+    responses((status = 202, description = "The failed deliveries of events since then, in the groups of this page, will be sent again.", body = ReplayedOut), Problems, WriteProblems))]
 pub async fn replay_since(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -266,6 +274,12 @@ pub async fn replay_since(
 ) -> Result<Response, ApiError> {
     let tenant = authenticate(&state.keys, &headers)?;
     let input: ReplaySinceIn = parse_json(&headers, body)?;
+    let paging = PageQuery {
+        limit: input.limit,
+        cursor: input.cursor,
+        state: None,
+    };
+    let (limit, cursor) = (paging.limit()?, paging.cursor()?);
     let api: Api<ImageGroup> = Api::namespaced(state.client.clone(), &tenant.namespace);
     let replay = ReplayRequest {
         request: new_request_id(),
@@ -274,15 +288,24 @@ pub async fn replay_since(
     };
     let counts = state
         .store
-        .failed_since(&tenant.namespace, input.since)
+        .failed_since(
+            &tenant.namespace,
+            input.since,
+            cursor.as_ref().map(|c| c.after_id.as_str()),
+            limit,
+        )
         .await?;
     for name in counts.keys() {
         request_replay(&api, name, replay.clone()).await?;
     }
     let total: usize = counts.values().sum();
+    let next = (counts.len() as i64 == limit)
+        .then(|| counts.keys().next_back())
+        .flatten()
+        .map(|last| Cursor::after_name(last).encode());
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "replayed": total, "groups": counts })),
+        Json(json!({ "replayed": total, "groups": counts, "nextCursor": next })),
     )
         .into_response())
 }

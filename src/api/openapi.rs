@@ -282,12 +282,17 @@ pub struct DeliveryDetailOut {
 }
 
 #[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ReplayedOut {
     /// Failed deliveries to send again.
     pub replayed: u64,
-    /// Per group, how many (only for a replay since a time).
+    /// Per group, how many (only for a replay since a time; at most `limit` groups).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub groups: Option<BTreeMap<String, u64>>,
+    /// Only for a replay since a time: when not null, post the same `since` with this
+    /// `cursor` to replay the next groups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<Option<String>>,
 }
 
 /// What every customer call may answer besides its result.

@@ -41,6 +41,14 @@ impl Cursor {
     }
 
     /// `key.id`, as the API hands it out.
+    /// The next page of a list by name (a replay's groups) starts after `last`.
+    pub fn after_name(last: &str) -> Cursor {
+        Cursor {
+            after_key: 0,
+            after_id: last.to_owned(),
+        }
+    }
+
     pub fn encode(&self) -> String {
         format!("{}.{}", self.after_key, self.after_id)
     }
@@ -408,10 +416,14 @@ impl Store {
 
     /// How many failed deliveries of events recorded since `since` each group of a
     /// namespace has (the groups a replay of them concerns).
+    ///
+    /// At most `limit` groups, by name, after `after` (the last group of the page before).
     pub async fn failed_since(
         &self,
         namespace: &str,
         since: jiff::Timestamp,
+        after: Option<&str>,
+        limit: i64,
     ) -> Result<BTreeMap<String, usize>, StoreError> {
         let rows = self
             .client()
@@ -422,8 +434,10 @@ impl Store {
                      WHERE namespace = $1 AND state <> 'Delivered' AND state = 'Failed'
                        AND created_at >= $2
                      GROUP BY group_uid
-                 ) f JOIN groups g ON g.uid = f.group_uid WHERE g.deleted_at IS NULL",
-                &[&namespace, &since],
+                 ) f JOIN groups g ON g.uid = f.group_uid
+                 WHERE g.deleted_at IS NULL AND g.name > $3
+                 ORDER BY g.name LIMIT $4",
+                &[&namespace, &since, &after.unwrap_or(""), &limit],
             )
             .await?;
         rows.iter()
