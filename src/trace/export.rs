@@ -9,6 +9,7 @@ use opentelemetry::Context;
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -31,20 +32,29 @@ pub fn from_env(service: &str) -> Result<Option<SdkTracerProvider>, String> {
     if !wanted(|name| std::env::var(name).ok()) {
         return Ok(None);
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
+    provider(service, None).map(Some)
+}
+
+/// An exporter to `endpoint` (the URL spans are POSTed to, `.../v1/traces`), or where the
+/// environment says when `None`.
+pub fn provider(service: &str, endpoint: Option<&str>) -> Result<SdkTracerProvider, String> {
+    // Its HTTP client is reqwest with rustls: the provider must be chosen first.
+    crate::install_crypto_provider();
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+    if let Some(endpoint) = endpoint {
+        exporter = exporter.with_endpoint(endpoint);
+    }
+    let exporter = exporter
         .build()
         .map_err(|e| format!("the OTLP span exporter: {e}"))?;
     let mut resource = Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service.to_owned());
     }
-    Ok(Some(
-        SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(resource.build())
-            .build(),
-    ))
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
 }
 
 /// The layer that turns `tracing` spans into exported ones.
