@@ -120,6 +120,15 @@ pub fn start(span: &tracing::Span, parent: Option<&TraceParent>) -> TraceParent 
     })
 }
 
+/// The trace context for work handed on from inside the current span (a worker Job made
+/// in a reconcile): that span's, when it is exported and in `parent`'s trace, else a fresh
+/// child of `parent`.
+pub fn handed_on(parent: &TraceParent) -> TraceParent {
+    export::current()
+        .filter(|current| current.trace_id == parent.trace_id)
+        .unwrap_or_else(|| parent.child())
+}
+
 /// A group's trace: its [`ANNOTATION`] when that parses, else the one its uid names.
 pub fn of_group(annotations: &BTreeMap<String, String>, uid: Option<&str>) -> Option<TraceParent> {
     annotated(annotations).or_else(|| uid.and_then(TraceParent::from_uid))

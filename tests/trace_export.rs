@@ -18,17 +18,56 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 const CLIENT: &str = "00-5b8aa5a2d2c872e8321cf37308d69df2-051581bf3cb55c13-01";
 const CLIENT_TRACE: &str = "5b8aa5a2d2c872e8321cf37308d69df2";
+const CLIENT_SPAN: &str = "051581bf3cb55c13";
 
-/// OTLP/protobuf bodies carry each span's trace id as its 16 raw bytes and names as text:
-/// whether a body of `service` has a span `name` of the trace.
-fn has_span(bodies: &[Bytes], service: &str, name: &str) -> bool {
-    let trace = hex::decode(CLIENT_TRACE).expect("hex");
-    let contains = |body: &[u8], what: &[u8]| body.windows(what.len()).any(|w| w == what);
-    bodies.iter().any(|body| {
-        contains(body, service.as_bytes())
-            && contains(body, &trace)
-            && contains(body, name.as_bytes())
-    })
+/// One exported span: its service, name, ids and parent.
+#[derive(Debug)]
+struct Exported {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+}
+
+/// The spans in OTLP/protobuf export requests.
+fn decode(bodies: &[Bytes]) -> Vec<Exported> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let mut spans = Vec::new();
+    for body in bodies {
+        let request = ExportTraceServiceRequest::decode(body.as_ref()).expect("OTLP protobuf");
+        for resource in request.resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    spans.push(Exported {
+                        service: service.clone(),
+                        name: span.name,
+                        trace_id: hex::encode(span.trace_id),
+                        span_id: hex::encode(span.span_id),
+                        parent: hex::encode(span.parent_span_id),
+                    });
+                }
+            }
+        }
+    }
+    spans
+}
+
+/// The spans of the client's trace named `name`, from `service`.
+fn named<'a>(spans: &'a [Exported], service: &str, name: &str) -> Vec<&'a Exported> {
+    spans
+        .iter()
+        .filter(|s| s.trace_id == CLIENT_TRACE && s.name == name && s.service.contains(service))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,10 +109,11 @@ async fn spans_of_the_clients_trace_reach_the_collector() {
         .await
         .expect("POST");
     assert_eq!(response.status().as_u16(), 202);
-    h.collect_webhooks(Duration::from_secs(180), |e| {
-        !of_type(e, "image_group.completed").is_empty()
-    })
-    .await;
+    let events = h
+        .collect_webhooks(Duration::from_secs(180), |e| {
+            !of_type(e, "image_group.completed").is_empty()
+        })
+        .await;
 
     // The worker flushed its spans as it exited; ours leave on a flush.
     let flushing = provider.clone();
@@ -81,19 +121,60 @@ async fn spans_of_the_clients_trace_reach_the_collector() {
         .await
         .expect("flush")
         .expect("flushed");
-    common::eventually(
-        "the worker's and the control plane's spans arrive",
+    let webhook_spans: Vec<String> = events
+        .iter()
+        .filter_map(|e| e.headers.iter().find(|(name, _)| name == "traceparent"))
+        .map(|(_, value)| value.split('-').nth(2).unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        webhook_spans.len(),
+        events.len(),
+        "every webhook has a traceparent"
+    );
+    let spans = common::eventually(
+        "the worker's, the control plane's and every webhook's spans arrive",
         Duration::from_secs(30),
         async || {
-            let bodies = received.lock().expect("lock").clone();
-            has_span(&bodies, "kinsight-test", "create_group")
-                && has_span(&bodies, "kinsight-test", "reconcile")
-                && has_span(&bodies, "kinsight-test", "deliver")
-                && has_span(&bodies, "kinsight-worker", "worker")
-                && has_span(&bodies, "kinsight-worker", "fetch")
+            let spans = decode(&received.lock().expect("lock"));
+            // Each webhook's traceparent names an exported delivery span (a delivery's span
+            // ends after the receiver answered: it may come in a later batch).
+            let delivered = named(&spans, "kinsight-test", "deliver");
+            let arrived = webhook_spans
+                .iter()
+                .all(|id| delivered.iter().any(|s| &s.span_id == id))
+                && ["create_group", "reconcile"]
+                    .iter()
+                    .all(|name| !named(&spans, "kinsight-test", name).is_empty())
+                && ["worker", "fetch"]
+                    .iter()
+                    .all(|name| !named(&spans, "kinsight-worker", name).is_empty());
+            arrived.then_some(spans)
         },
     )
     .await;
+    // The request is a child of the client's span; reconciles and deliveries of the
+    // request's; the worker of a reconcile (the one that made its Job); fetches of the worker.
+    let request = named(&spans, "kinsight-test", "create_group");
+    assert_eq!(request.len(), 1, "{request:?}");
+    assert_eq!(request[0].parent, CLIENT_SPAN);
+    for name in ["reconcile", "deliver"] {
+        for span in named(&spans, "kinsight-test", name) {
+            assert_eq!(span.parent, request[0].span_id, "{span:?}");
+        }
+    }
+    let reconciles: Vec<&str> = named(&spans, "kinsight-test", "reconcile")
+        .iter()
+        .map(|s| s.span_id.as_str())
+        .collect();
+    let worker = named(&spans, "kinsight-worker", "worker");
+    assert_eq!(worker.len(), 1, "{worker:?}");
+    assert!(
+        reconciles.contains(&worker[0].parent.as_str()),
+        "{worker:?}"
+    );
+    for fetch in named(&spans, "kinsight-worker", "fetch") {
+        assert_eq!(fetch.parent, worker[0].span_id);
+    }
     tokio::task::spawn_blocking(move || provider.shutdown())
         .await
         .expect("shutdown")

@@ -240,7 +240,10 @@ pub fn build_job(
     default_env(RESULTS_URL_ENV, config.results_url.clone());
     // The group's trace: the worker's spans join it.
     if let Some(trace) = crate::trace::of_group(group.annotations(), group.uid().as_deref()) {
-        default_env(crate::trace::ENV, trace.child().to_string());
+        default_env(
+            crate::trace::ENV,
+            crate::trace::handed_on(&trace).to_string(),
+        );
     }
     // Workers download images under the same egress rules the controller sends webhooks with.
     if !config.egress.allow.is_empty() {

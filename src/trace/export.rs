@@ -80,6 +80,15 @@ pub(super) fn join(span: &tracing::Span, parent: Option<&TraceParent>) -> Option
         span.set_parent(Context::new().with_remote_span_context(remote))
             .ok()?;
     }
+    own_context(span)
+}
+
+/// The current span's trace context, when spans are exported.
+pub(super) fn current() -> Option<TraceParent> {
+    own_context(&tracing::Span::current())
+}
+
+fn own_context(span: &tracing::Span) -> Option<TraceParent> {
     let context = span.context();
     let own = context.span().span_context().clone();
     own.is_valid().then(|| TraceParent {
