@@ -2,7 +2,8 @@
 //! loopback receiver (the API, controller and dispatcher in this process; the worker, a
 //! `kinsight worker` process, by the standard OTEL_EXPORTER_OTLP_ENDPOINT on its Job), a
 //! group posted with a `traceparent` gets spans of that trace id from the request, the
-//! reconciles, the deliveries and the worker (its per-image fetches included).
+//! reconciles, the deliveries and the worker (its per-image fetch, decode and model runs
+//! included), each the child of the span that led to it.
 
 mod common;
 
@@ -145,7 +146,7 @@ async fn spans_of_the_clients_trace_reach_the_collector() {
                 && ["create_group", "reconcile"]
                     .iter()
                     .all(|name| !named(&spans, "kinsight-test", name).is_empty())
-                && ["worker", "fetch"]
+                && ["worker", "fetch", "inference", "decode", "model"]
                     .iter()
                     .all(|name| !named(&spans, "kinsight-worker", name).is_empty());
             arrived.then_some(spans)
@@ -153,7 +154,8 @@ async fn spans_of_the_clients_trace_reach_the_collector() {
     )
     .await;
     // The request is a child of the client's span; reconciles and deliveries of the
-    // request's; the worker of a reconcile (the one that made its Job); fetches of the worker.
+    // request's; the worker of a reconcile (the one that made its Job); each image's fetch and
+    // inference of the worker.
     let request = named(&spans, "kinsight-test", "create_group");
     assert_eq!(request.len(), 1, "{request:?}");
     assert_eq!(request[0].parent, CLIENT_SPAN);
@@ -172,8 +174,20 @@ async fn spans_of_the_clients_trace_reach_the_collector() {
         reconciles.contains(&worker[0].parent.as_str()),
         "{worker:?}"
     );
-    for fetch in named(&spans, "kinsight-worker", "fetch") {
-        assert_eq!(fetch.parent, worker[0].span_id);
+    for name in ["fetch", "inference"] {
+        for span in named(&spans, "kinsight-worker", name) {
+            assert_eq!(span.parent, worker[0].span_id, "{span:?}");
+        }
+    }
+    // An image's decode and model runs are children of its inference span.
+    let inference: Vec<&str> = named(&spans, "kinsight-worker", "inference")
+        .iter()
+        .map(|s| s.span_id.as_str())
+        .collect();
+    for name in ["decode", "model"] {
+        for span in named(&spans, "kinsight-worker", name) {
+            assert!(inference.contains(&span.parent.as_str()), "{span:?}");
+        }
     }
     tokio::task::spawn_blocking(move || provider.shutdown())
         .await
