@@ -2,7 +2,8 @@
 //! client's `traceparent` records it on the ImageGroup, answers it in the response, and
 //! every webhook of the group (each image's event and the group's) carries a `traceparent`
 //! of that trace id, each with a span id of its own. A group posted without one, or with
-//! one that does not parse, gets a new trace, the same across all its webhooks.
+//! one that does not parse, gets a new trace, the same across all its webhooks; one applied
+//! with kubectl, the trace its uid names.
 
 mod common;
 
@@ -121,5 +122,19 @@ async fn every_webhook_of_a_group_carries_its_trace() {
             seen.insert(answered.trace_id_hex()),
             "a new trace for {given:?}"
         );
+    }
+
+    // A group applied with kubectl (no annotation): its uid is its trace id.
+    let groups = h.create_unreachable_group("applied", 2, json!({})).await;
+    let uid = groups
+        .get("applied")
+        .await
+        .expect("the group")
+        .uid()
+        .expect("uid");
+    let events = webhooks_of(&mut h, "applied").await;
+    assert_eq!(events.len(), 3, "{events:#?}");
+    for trace in traces(&events) {
+        assert_eq!(trace.trace_id_hex(), uid.replace('-', ""));
     }
 }
