@@ -64,6 +64,11 @@ impl TraceParent {
     /// its version-00 prefix, as the spec asks.
     pub fn parse(text: &str) -> Option<Self> {
         let text = text.trim();
+        // Annotations and environment variables may hold any text: byte offsets below are
+        // character offsets only in ASCII.
+        if !text.is_ascii() {
+            return None;
+        }
         let version = decode::<1>(text.get(..2)?)?[0];
         if version == 0xff {
             return None;
@@ -209,6 +214,10 @@ mod tests {
             "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             // Wrong separators.
             "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+            // Not ASCII (an annotation may hold anything), a multi-byte character across
+            // the places fields are cut at.
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0é-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e47é-00f067aa0ba902b7-01",
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad:?} must be ignored");
         }
