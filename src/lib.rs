@@ -12,6 +12,7 @@
 //! - [`webhook`]: signing and sending events;
 //! - [`net`]: outbound-request safety (SSRF guard) for image downloads and webhooks;
 //! - [`shutdown`]: stopping cleanly on SIGTERM;
+//! - [`trace`]: W3C trace context, carried from the POST to every webhook;
 //! - [`testbed`]: a local control plane and node agent for tests and `kinsight dev`;
 //! - [`dev`]: `kinsight dev` and `kinsight demo`.
 
@@ -30,6 +31,7 @@ pub mod store;
 mod sync;
 pub mod tenancy;
 pub mod testbed;
+pub mod trace;
 pub mod webhook;
 pub mod worker;
 

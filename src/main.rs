@@ -416,24 +416,58 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let command = Cli::parse().command;
+    kinsight::install_crypto_provider();
+    // Spans go to an OTLP collector only when the OpenTelemetry variables ask for it.
+    let (exporter, export_error) = match kinsight::trace::export::from_env(service_name(&command)) {
+        Ok(exporter) => (exporter, None),
+        Err(e) => (None, Some(e)),
+    };
+    tracing_subscriber::registry()
+        .with(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 // ONNX Runtime logs every arena extension at info; its warnings stay.
                 tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,ort=warn")
             }),
         )
-        .with_writer(std::io::stderr)
-        // Pod logs are files: no colour codes around the fields people grep for.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Pod logs are files: no colour codes around the fields people grep for.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(exporter.as_ref().map(kinsight::trace::export::layer))
         .init();
-    kinsight::install_crypto_provider();
-    match run(Cli::parse().command).await {
+    if let Some(e) = export_error {
+        tracing::warn!(error = %e, "spans are not exported");
+    }
+    let outcome = run(command).await;
+    if let Some(exporter) = exporter {
+        // The last batch leaves before the process does (a worker's spans end with it).
+        let flushed = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, "exporting the last spans");
+        }
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `OTEL_SERVICE_NAME`'s default: what this process is.
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Controller(_) => "kinsight-controller",
+        Command::Api(_) => "kinsight-api",
+        Command::Worker(_) => "kinsight-worker",
+        _ => "kinsight",
     }
 }
 
@@ -585,7 +619,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     ..EngineOptions::default()
                 },
             };
-            kinsight::worker::run(order, uploader, options).await?;
+            // The group's trace (TRACEPARENT, set on the Job): the worker's spans join it.
+            let trace = std::env::var(kinsight::trace::ENV)
+                .ok()
+                .and_then(|t| kinsight::trace::TraceParent::parse(&t));
+            let span = tracing::info_span!(
+                "worker",
+                group = %order.group.name,
+                trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            );
+            if let Some(trace) = trace {
+                kinsight::trace::start(&span, Some(&trace));
+            }
+            tracing::Instrument::instrument(kinsight::worker::run(order, uploader, options), span)
+                .await?;
         }
         Command::NodeAgent(args) => {
             let client = kube::Client::try_default().await?;

@@ -143,6 +143,7 @@ async fn chart_installs_into_a_real_cluster() {
             "runtimeClassName": "nvidia"
         }},
         "api": { "rateLimit": 25 },
+        "tracing": { "otlpEndpoint": "http://otel-collector.observability:4318" },
         "modelsVolume": { "persistentVolumeClaim": { "claimName": "shared-models", "readOnly": true } }
     })
     .to_string();
@@ -286,6 +287,21 @@ async fn chart_installs_into_a_real_cluster() {
             .iter()
             .flatten()
             .all(|v| v.parse::<std::num::NonZeroU32>().is_ok())
+    );
+    // Span export: the controller, the API and (through the controller) worker Jobs.
+    const COLLECTOR: &str = "http://otel-collector.observability:4318";
+    for container in [container, &api_pod.containers[0]] {
+        assert_eq!(
+            env_value(container, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            Some(COLLECTOR)
+        );
+    }
+    assert!(
+        container.args.as_ref().is_some_and(|a| a.contains(&format!(
+            "--worker-env=OTEL_EXPORTER_OTLP_ENDPOINT={COLLECTOR}"
+        ))),
+        "{:?}",
+        container.args
     );
     // Both read the database URL from the Secret the values name (CloudNativePG's key).
     for container in [container, &api_pod.containers[0]] {

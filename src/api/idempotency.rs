@@ -36,7 +36,12 @@ const HANDLER_LIMIT: Duration = Duration::from_secs(60);
 /// request may take it over.
 const LEASE: Duration = Duration::from_secs(120);
 /// The answer headers kept with the key.
-const KEPT_HEADERS: [HeaderName; 2] = [header::CONTENT_TYPE, header::LOCATION];
+/// `traceparent` too: a replayed answer names the trace the first one started.
+const KEPT_HEADERS: [HeaderName; 3] = [
+    header::CONTENT_TYPE,
+    header::LOCATION,
+    HeaderName::from_static(crate::trace::HEADER),
+];
 
 /// The middleware of the POST routes. Without the header the request passes through untouched.
 pub(super) async fn guard(

@@ -16,12 +16,14 @@ use kube::{Api, ResourceExt};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 use super::auth::{SIGNING_SECRET_KEY, SIGNING_SECRET_NAME, Tenant, authenticate};
 use super::deliveries::PageQuery;
 use super::openapi::{
-    AcceptedOut, GroupOut, IdempotencyKey, Paging, Problems, SingleImageOut, WriteProblems,
+    AcceptedOut, GroupOut, IdempotencyKey, Paging, Problems, SingleImageOut, TraceContext,
+    WriteProblems,
 };
 use super::problem::ApiError;
 use super::{AppState, MAX_BODY_BYTES};
@@ -31,6 +33,7 @@ use crate::crd::{
 };
 use crate::results::{GroupRef, ImageResult};
 use crate::store::Cursor;
+use crate::trace::{self, TraceParent};
 
 const SINGLE_IMAGE_ID: &str = "image";
 
@@ -67,11 +70,12 @@ pub struct GroupImageIn {
 }
 
 #[utoipa::path(post, path = "/v1/images", tag = "images",
-    params(IdempotencyKey),
+    params(IdempotencyKey, TraceContext),
     request_body = ImageIn,
     responses(
         (status = 202, description = "Accepted; processed asynchronously.", body = AcceptedOut,
-         headers(("Location" = String, description = "The image's URL"))),
+         headers(("Location" = String, description = "The image's URL"),
+             ("traceparent" = String, description = "The request's W3C trace context: the trace the group's webhooks carry"))),
         Problems,
         WriteProblems,
     ))]
@@ -92,16 +96,24 @@ pub async fn create_image(
         webhook: webhook_target(input.webhook_url),
         metadata: BTreeMap::new(),
     };
-    let id = create(&state, &tenant, "img", spec).await?;
-    Ok(accepted(&format!("/v1/images/{id}"), &id))
+    let span = tracing::info_span!("create_image", trace_id = tracing::field::Empty);
+    let trace = RequestTrace::start(&headers, &span);
+    let id = create(&state, &tenant, "img", spec, &trace)
+        .instrument(span.clone())
+        .await?;
+    Ok(traced(
+        accepted(&format!("/v1/images/{id}"), &id),
+        &trace.span,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/image-groups", tag = "image groups",
-    params(IdempotencyKey),
+    params(IdempotencyKey, TraceContext),
     request_body = ImageGroupIn,
     responses(
         (status = 202, description = "Accepted; processed asynchronously.", body = AcceptedOut,
-         headers(("Location" = String, description = "The group's URL"))),
+         headers(("Location" = String, description = "The group's URL"),
+             ("traceparent" = String, description = "The request's W3C trace context: the trace the group's webhooks carry"))),
         Problems,
         WriteProblems,
     ))]
@@ -126,8 +138,15 @@ pub async fn create_group(
         webhook: webhook_target(input.webhook_url),
         metadata: input.metadata,
     };
-    let id = create(&state, &tenant, "grp", spec).await?;
-    Ok(accepted(&format!("/v1/image-groups/{id}"), &id))
+    let span = tracing::info_span!("create_group", trace_id = tracing::field::Empty);
+    let trace = RequestTrace::start(&headers, &span);
+    let id = create(&state, &tenant, "grp", spec, &trace)
+        .instrument(span.clone())
+        .await?;
+    Ok(traced(
+        accepted(&format!("/v1/image-groups/{id}"), &id),
+        &trace.span,
+    ))
 }
 
 /// Adds images and/or models to a group; only what is new is processed, then the group's
@@ -142,11 +161,12 @@ pub struct ImageGroupPatchIn {
 }
 
 #[utoipa::path(patch, path = "/v1/image-groups/{id}", tag = "image groups",
-    params(("id" = String, Path, description = "The group's id")),
+    params(("id" = String, Path, description = "The group's id"), TraceContext),
     request_body = ImageGroupPatchIn,
     responses(
         (status = 202, description = "Accepted; what is new is processed.", body = AcceptedOut,
-         headers(("Location" = String, description = "The group's URL"))),
+         headers(("Location" = String, description = "The group's URL"),
+             ("traceparent" = String, description = "The request's W3C trace context: the trace the group's webhooks carry"))),
         Problems,
         WriteProblems,
     ))]
@@ -168,13 +188,25 @@ pub async fn update_group(
     let uid = find_group(&api, &id, "image group").await?.uid();
     let added = input.add_images.len();
     in_flight::admit(&state, &tenant, &id, uid.as_deref(), added).await?;
-    if let Err(e) =
-        retry::on_conflict(|| add_to_group(&api, &id, &input, &state.config.models)).await
-    {
-        in_flight::withdraw(&state, &tenant, &id, added).await;
-        return Err(e);
-    }
-    Ok(accepted(&format!("/v1/image-groups/{id}"), &id))
+    // A trace the client names takes over the group's events from here on; without one
+    // the group's own trace goes on.
+    let span = tracing::info_span!("update_group", trace_id = tracing::field::Empty);
+    let given = RequestTrace::given(&headers, &span);
+    let added_to = retry::on_conflict(|| {
+        add_to_group(&api, &id, &input, &state.config.models, given.as_ref())
+    })
+    .await;
+    let trace = match added_to {
+        Ok(trace) => trace,
+        Err(e) => {
+            in_flight::withdraw(&state, &tenant, &id, added).await;
+            return Err(e);
+        }
+    };
+    Ok(traced(
+        accepted(&format!("/v1/image-groups/{id}"), &id),
+        &trace,
+    ))
 }
 
 /// One attempt at adding `input` to the group as read now. The replace carries the
@@ -184,8 +216,17 @@ async fn add_to_group(
     id: &str,
     input: &ImageGroupPatchIn,
     models: &[String],
-) -> Result<(), ApiError> {
+    given: Option<&RequestTrace>,
+) -> Result<TraceParent, ApiError> {
     let mut group = find_group(api, id, "image group").await?;
+    let trace = match given {
+        Some(given) => {
+            given.annotate(&mut group.metadata);
+            given.span
+        }
+        None => trace::of_group(group.annotations(), group.uid().as_deref())
+            .unwrap_or_else(TraceParent::new_trace),
+    };
     let added = new_entries(&group.spec.images, &input.add_images);
     group.spec.images.extend(added);
     for model in &input.add_models {
@@ -199,7 +240,57 @@ async fn add_to_group(
         .and_then(|()| group.spec.check_size())
         .map_err(ApiError::InvalidRequest)?;
     api.replace(id, &PostParams::default(), &group).await?;
-    Ok(())
+    Ok(trace)
+}
+
+/// The trace of a POST: the client's `traceparent` continued in a span of ours, or a new
+/// trace when it sent none or one that does not parse (never an error). The span's context
+/// is what the group records, so its reconciles, Jobs and webhooks are children of it.
+struct RequestTrace {
+    span: TraceParent,
+    state: Option<String>,
+}
+
+impl RequestTrace {
+    /// `span` (the request's) joins the client's trace, or starts one.
+    fn start(headers: &HeaderMap, span: &tracing::Span) -> Self {
+        Self::given(headers, span).unwrap_or_else(|| Self::opened(span, None, None))
+    }
+
+    /// Only when the client sent a valid `traceparent`.
+    fn given(headers: &HeaderMap, span: &tracing::Span) -> Option<Self> {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let parent = text(trace::HEADER).and_then(TraceParent::parse)?;
+        let state = text(TRACESTATE).and_then(trace::parse_tracestate);
+        Some(Self::opened(span, Some(&parent), state))
+    }
+
+    fn opened(span: &tracing::Span, parent: Option<&TraceParent>, state: Option<String>) -> Self {
+        let own = trace::start(span, parent);
+        span.record("trace_id", own.trace_id_hex());
+        Self { span: own, state }
+    }
+
+    fn annotate(&self, meta: &mut ObjectMeta) {
+        let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+        annotations.insert(trace::ANNOTATION.to_owned(), self.span.to_string());
+        match &self.state {
+            Some(state) => annotations.insert(TRACESTATE_ANNOTATION.to_owned(), state.clone()),
+            None => annotations.remove(TRACESTATE_ANNOTATION),
+        };
+    }
+}
+
+const TRACESTATE: &str = "tracestate";
+/// The client's `tracestate`, kept with the group's trace context.
+const TRACESTATE_ANNOTATION: &str = "kinsight.io/tracestate";
+
+/// The answer with the request's trace context, so a client can find the trace.
+fn traced(mut response: Response, trace: &TraceParent) -> Response {
+    if let Ok(value) = header::HeaderValue::from_str(&trace.to_string()) {
+        response.headers_mut().insert(trace::HEADER, value);
+    }
+    response
 }
 
 /// The entries for `added`, after `existing`. An image without an id gets its position,
@@ -370,6 +461,7 @@ async fn create(
     tenant: &Tenant,
     prefix: &str,
     spec: ImageGroupSpec,
+    trace: &RequestTrace,
 ) -> Result<String, ApiError> {
     // The cap first (no retry makes such a request fit), unless the group is over the
     // spec's own bound: that message says more.
@@ -382,16 +474,18 @@ async fn create(
     let id = format!("{prefix}-{}", hex::encode(rand::random::<[u8; 8]>()));
     let images = spec.images.len();
     in_flight::admit(state, tenant, &id, None, images).await?;
+    let mut metadata = ObjectMeta {
+        name: Some(id.clone()),
+        namespace: Some(tenant.namespace.clone()),
+        labels: Some(BTreeMap::from([(
+            "app.kubernetes.io/created-by".to_owned(),
+            "kinsight-api".to_owned(),
+        )])),
+        ..ObjectMeta::default()
+    };
+    trace.annotate(&mut metadata);
     let group = ImageGroup {
-        metadata: ObjectMeta {
-            name: Some(id.clone()),
-            namespace: Some(tenant.namespace.clone()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/created-by".to_owned(),
-                "kinsight-api".to_owned(),
-            )])),
-            ..ObjectMeta::default()
-        },
+        metadata,
         spec,
         status: None,
     };
@@ -414,7 +508,7 @@ async fn create(
     {
         tracing::warn!(error = %e, id = %id, "recording an admitted group's uid");
     }
-    tracing::info!(id = %id, namespace = %tenant.namespace, "image group created");
+    tracing::info!(id = %id, namespace = %tenant.namespace, trace_id = %trace.span.trace_id_hex(), "image group created");
     Ok(id)
 }
 

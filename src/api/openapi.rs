@@ -377,6 +377,21 @@ pub struct IdempotencyKey {
     key: Option<String>,
 }
 
+/// The W3C trace context a request that creates or changes a group may carry.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // Only the document reads it.
+pub struct TraceContext {
+    /// `00-<trace id>-<span id>-<flags>`: the group's work and webhooks join this trace. One
+    /// that does not parse is ignored (a new trace is started), never refused.
+    #[param(rename = "traceparent", value_type = String, required = false)]
+    traceparent: Option<String>,
+    /// Kept with the group's trace context (`kinsight.io/tracestate`) when printable and at
+    /// most 512 characters.
+    #[param(rename = "tracestate", value_type = String, required = false)]
+    tracestate: Option<String>,
+}
+
 /// `limit` and `cursor` of every list.
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]

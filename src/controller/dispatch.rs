@@ -14,6 +14,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::events::Endpoint;
 use super::{Context, publish_event};
@@ -24,6 +25,7 @@ use crate::results::GroupRef;
 use crate::shutdown::Shutdown;
 use crate::store::{Claimed, DISPATCH_CHANNEL, Outcomes, Settled, Stop};
 use crate::sync::lock;
+use crate::trace::TraceParent;
 use crate::webhook::{AttemptOutcome, Blocked, RetrySchedule, Transition};
 
 /// Deliveries claimed per query.
@@ -255,6 +257,7 @@ impl Dispatcher {
             group,
             group_deleted,
             endpoints_version,
+            traceparent,
         } = claim;
         let now = jiff::Timestamp::now();
         let mut settled = Settled {
@@ -341,10 +344,38 @@ impl Dispatcher {
                 return finish(fail(settled, &error, "disabled", ctx));
             }
         };
+        // The delivery span: a child of the event's trace context, or of the trace the
+        // group's uid names when the event has none recorded (see [`crate::trace`]).
+        let parent = traceparent
+            .as_deref()
+            .and_then(TraceParent::parse)
+            .or_else(|| TraceParent::from_uid(&group.uid));
+        let span = tracing::info_span!(
+            "deliver",
+            group = %group.name,
+            delivery = %delivery.id,
+            event = %delivery.event,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        let trace = parent.map(|parent| crate::trace::start(&span, Some(&parent)));
+        if let Some(trace) = trace {
+            span.record("trace_id", trace.trace_id_hex());
+            span.record("span_id", hex::encode(trace.span_id));
+        }
+        let header = trace.map(|t| t.to_string());
         let (at, started) = (jiff::Timestamp::now(), Instant::now());
         let outcome = ctx
             .sender
-            .attempt_with(&endpoint.url, &delivery.id, &body, &keys, &options)
+            .attempt_with(
+                &endpoint.url,
+                &delivery.id,
+                &body,
+                &keys,
+                &options,
+                header.as_deref(),
+            )
+            .instrument(span)
             .await;
         let transition = permit.finish(&outcome);
         let took = started.elapsed().as_secs_f64() * 1000.0;

@@ -13,6 +13,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
+use tracing::Instrument;
 
 use super::fair_queue::{Admission, Lane, ObjectKey, PositionBucket};
 use super::job::{
@@ -35,7 +36,24 @@ use crate::worker::{WorkItem, WorkOrder};
 /// within [`super::fair_queue::REQUEST_TTL`]).
 const WAITING_RECHECK: Duration = Duration::from_secs(60);
 
+/// One reconcile, in a span of the group's trace (`trace_id`: see [`crate::trace`]).
 pub async fn reconcile(
+    cached: Arc<ImageGroup>,
+    ctx: Arc<Context>,
+) -> Result<Action, ControllerError> {
+    let span = tracing::info_span!(
+        "reconcile",
+        group = %cached.name_any(),
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(trace) = crate::trace::of_group(cached.annotations(), cached.uid().as_deref()) {
+        span.record("trace_id", trace.trace_id_hex());
+        crate::trace::start(&span, Some(&trace));
+    }
+    reconcile_group(cached, ctx).instrument(span).await
+}
+
+async fn reconcile_group(
     cached: Arc<ImageGroup>,
     ctx: Arc<Context>,
 ) -> Result<Action, ControllerError> {
@@ -164,7 +182,13 @@ pub async fn reconcile(
     // write of results plans its images' events to these endpoints.
     let endpoints = events::endpoints(&ctx, &group, &namespace).await?;
     let endpoint_records = serde_json::to_value(&endpoints)?;
-    let endpoints_text = endpoint_records.to_string();
+    // The group's trace context is recorded with them: a new one (a PATCH that named a
+    // trace) is saved again even where the endpoints stayed.
+    let traceparent = crate::trace::annotated(group.annotations()).map(|t| t.to_string());
+    let endpoints_text = format!(
+        "{endpoint_records} {}",
+        traceparent.as_deref().unwrap_or_default()
+    );
     // This replica's last plan saved these very records (only the leader writes them).
     let saved_already = lock(&ctx.planned)
         .get(&group_ref.uid)
@@ -177,7 +201,7 @@ pub async fn reconcile(
         if !saved_already {
             endpoints_changed = ctx
                 .store
-                .record_endpoints(&group_ref, &endpoint_records)
+                .record_endpoints(&group_ref, &endpoint_records, traceparent.as_deref())
                 .await?;
         }
         waits_for_slot =

@@ -238,6 +238,13 @@ pub fn build_job(
     };
     // Where the worker hands its results.
     default_env(RESULTS_URL_ENV, config.results_url.clone());
+    // The group's trace: the worker's spans join it.
+    if let Some(trace) = crate::trace::of_group(group.annotations(), group.uid().as_deref()) {
+        default_env(
+            crate::trace::ENV,
+            crate::trace::handed_on(&trace).to_string(),
+        );
+    }
     // Workers download images under the same egress rules the controller sends webhooks with.
     if !config.egress.allow.is_empty() {
         default_env(EGRESS_ENV, config.egress.to_string());

@@ -81,6 +81,8 @@ struct Submission<K> {
     bytes: Vec<u8>,
     /// `None`: every model of the pipeline.
     models: Option<Vec<String>>,
+    /// The submitter's span: the image's `inference` span is its child.
+    span: tracing::Span,
 }
 
 /// Reads results out, in completion order.
@@ -179,6 +181,7 @@ impl<K: Send + 'static> Submitter<K> {
             key,
             bytes,
             models: None,
+            span: tracing::Span::current(),
         };
         self.input.send(submission).await.map_err(|_| Stopped)
     }
@@ -195,6 +198,7 @@ impl<K: Send + 'static> Submitter<K> {
             key,
             bytes,
             models: Some(models),
+            span: tracing::Span::current(),
         };
         self.input.send(submission).await.map_err(|_| Stopped)
     }
@@ -205,6 +209,7 @@ impl<K: Send + 'static> Submitter<K> {
             key,
             bytes,
             models: None,
+            span: tracing::Span::current(),
         };
         self.input.blocking_send(submission).map_err(|_| Stopped)
     }
@@ -250,6 +255,8 @@ impl<K: Send + 'static> Results<K> {
 struct InFlight<K> {
     state: Mutex<InFlightState<K>>,
     output: mpsc::UnboundedSender<Outcome<K>>,
+    /// The image's `inference` span: it ends when the last of its models is done.
+    span: tracing::Span,
 }
 
 struct InFlightState<K> {
@@ -296,9 +303,17 @@ fn decode_loop<K>(
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .blocking_recv();
-        let Some(Submission { key, bytes, models }) = next else {
+        let Some(Submission {
+            key,
+            bytes,
+            models,
+            span,
+        }) = next
+        else {
             return;
         };
+        let inference = tracing::info_span!(parent: &span, "inference");
+        let decoding = tracing::info_span!(parent: &inference, "decode").entered();
         let started = Instant::now();
         let image = match decode_image(&bytes, limits) {
             Ok(image) => image,
@@ -365,6 +380,7 @@ fn decode_loop<K>(
             }
         }
         drop(image);
+        drop(decoding);
         analysis.preprocess_ms = ms(decoded.elapsed());
         if prepared.is_empty() {
             if output.send((key, Ok(analysis))).is_err() {
@@ -379,6 +395,7 @@ fn decode_loop<K>(
                 remaining: prepared.len(),
             }),
             output: output.clone(),
+            span: inference,
         });
         for (queue, input) in prepared {
             let job = Job {
@@ -407,8 +424,13 @@ fn model_loop<K>(engine: &Engine, model: &str, max_batch: usize, queue: &Receive
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        // One span per run, in the trace of the batch's first image.
+        let run =
+            tracing::info_span!(parent: &images[0].span, "model", model, batch = inputs.len())
+                .entered();
         let started = Instant::now();
         let results = engine.run_prepared(model, &inputs);
+        drop(run);
         let share = ms(started.elapsed()) / inputs.len() as f64;
         drop(inputs);
         let mut results = results.into_iter();

@@ -196,16 +196,25 @@ impl Store {
     }
 
     /// Records where a group's events go (the controller's endpoint records), before its
-    /// plan does: a worker's results may arrive first. Returns whether they changed.
+    /// plan does: a worker's results may arrive first. Returns whether they changed. The
+    /// group's trace context (`traceparent`) goes with them: events recorded from now on
+    /// carry it.
     pub async fn record_endpoints(
         &self,
         group: &GroupRef,
         endpoints: &serde_json::Value,
+        traceparent: Option<&str>,
     ) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         record_group(&tx, group).await?;
         let changed = update_endpoints(&tx, group, endpoints).await?;
+        tx.execute(
+            "UPDATE groups SET traceparent = $2
+             WHERE uid = $1 AND traceparent IS DISTINCT FROM $2",
+            &[&group.uid, &traceparent],
+        )
+        .await?;
         tx.commit().await?;
         Ok(changed)
     }
@@ -546,8 +555,9 @@ pub(super) async fn insert_bodies(
         .collect();
     let payloads: Vec<Json<&serde_json::Value>> = bodies.values().map(Json).collect();
     tx.execute(
-        "INSERT INTO event_bodies (group_uid, sequence, payload)
-         SELECT $1, s, p FROM unnest($2::bigint[], $3::jsonb[]) AS b(s, p)
+        "INSERT INTO event_bodies (group_uid, sequence, payload, traceparent)
+         SELECT $1, s, p, (SELECT traceparent FROM groups WHERE uid = $1)
+         FROM unnest($2::bigint[], $3::jsonb[]) AS b(s, p)
          ON CONFLICT (group_uid, sequence) DO NOTHING",
         &[&group.uid, &sequences, &payloads],
     )

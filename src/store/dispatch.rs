@@ -23,6 +23,8 @@ pub struct Claimed {
     pub group_deleted: bool,
     /// Which version of the group's endpoint records is current.
     pub endpoints_version: i64,
+    /// The event's trace context (`traceparent`), when one was recorded with it.
+    pub traceparent: Option<String>,
 }
 
 /// Where a claimed delivery stands after its dispatcher is done with it.
@@ -94,6 +96,9 @@ impl Store {
                      d.state, d.attempts, d.next_attempt_at, d.last_error, d.delivered_at,
                      (SELECT b.payload FROM event_bodies b
                       WHERE b.group_uid = d.group_uid AND b.sequence = d.sequence) AS payload,
+                     (SELECT b.traceparent FROM event_bodies b
+                      WHERE b.group_uid = d.group_uid AND b.sequence = d.sequence)
+                         AS traceparent,
                      d.group_uid, g.namespace, g.name,
                      g.deleted_at IS NOT NULL AS group_deleted, g.endpoints_version",
                 &[&limit, &owner, &lease.as_secs_f64()],
@@ -113,6 +118,7 @@ impl Store {
                     },
                     group_deleted: row.try_get("group_deleted")?,
                     endpoints_version: row.try_get("endpoints_version")?,
+                    traceparent: row.try_get("traceparent")?,
                 })
             })
             .collect()

@@ -86,11 +86,19 @@ impl Sender {
         body: &str,
         secrets: &[String],
     ) -> AttemptOutcome {
-        self.attempt_with(url, msg_id, body, secrets, &EndpointOptions::default())
-            .await
+        self.attempt_with(
+            url,
+            msg_id,
+            body,
+            secrets,
+            &EndpointOptions::default(),
+            None,
+        )
+        .await
     }
 
-    /// One attempt with an endpoint's own headers and timeout.
+    /// One attempt with an endpoint's own headers and timeout, and the delivery span's
+    /// `traceparent` (which replaces a custom header of that name).
     pub async fn attempt_with(
         &self,
         url: &str,
@@ -98,6 +106,7 @@ impl Sender {
         body: &str,
         secrets: &[String],
         options: &EndpointOptions,
+        traceparent: Option<&str>,
     ) -> AttemptOutcome {
         let timestamp = jiff::Timestamp::now().as_second();
         let signature = match sign(secrets, msg_id, timestamp, body) {
@@ -113,7 +122,13 @@ impl Sender {
         }
         let mut request = self.http.post(url);
         for (name, value) in &options.headers {
+            if traceparent.is_some() && name.eq_ignore_ascii_case(crate::trace::HEADER) {
+                continue;
+            }
             request = request.header(name.as_str(), value.as_str());
+        }
+        if let Some(traceparent) = traceparent {
+            request = request.header(crate::trace::HEADER, traceparent);
         }
         if let Some(timeout) = options.timeout {
             request = request.timeout(timeout);

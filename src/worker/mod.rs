@@ -103,7 +103,8 @@ pub async fn run(
             let fetcher = fetcher.clone();
             async move {
                 let started = Instant::now();
-                let bytes = fetcher.fetch(&item.url).await;
+                let span = tracing::info_span!("fetch", image = %item.id);
+                let bytes = tracing::Instrument::instrument(fetcher.fetch(&item.url), span).await;
                 (item, bytes, ms(started.elapsed()))
             }
         })

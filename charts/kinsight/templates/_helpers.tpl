@@ -100,3 +100,10 @@ egress:
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end -}}
+
+{{/* Span export (values: tracing): the OpenTelemetry variables, set only when an endpoint is given. */}}
+{{- define "kinsight.tracingEnv" -}}
+{{- with .Values.tracing.otlpEndpoint }}
+- {name: OTEL_EXPORTER_OTLP_ENDPOINT, value: {{ . | quote }}}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,140 @@
+//! One trace from the POST to every webhook (W3C `traceparent`): a group posted with a
+//! client's `traceparent` records it on the ImageGroup, answers it in the response, and
+//! every webhook of the group (each image's event and the group's) carries a `traceparent`
+//! of that trace id, each with a span id of its own. A group posted without one, or with
+//! one that does not parse, gets a new trace, the same across all its webhooks; one applied
+//! with kubectl, the trace its uid names.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{Harness, of_type};
+use kinsight::crd::ImageGroup;
+use kinsight::dev::ReceivedWebhook;
+use kinsight::trace::TraceParent;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+const LIMIT: Duration = Duration::from_secs(180);
+const CLIENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+
+/// Posts a group of two photos with `traceparent` (when given); returns its id and the
+/// `traceparent` the answer carries.
+async fn post_group(h: &Harness, traceparent: Option<&str>) -> (String, TraceParent) {
+    let images: Vec<_> = ["astronaut.png", "coffee.png"]
+        .iter()
+        .map(|n| json!({ "url": h.photo_url(n) }))
+        .collect();
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/v1/image-groups", h.api_url))
+        .bearer_auth(&h.api_key)
+        .json(&json!({ "images": images, "models": [h.models[0]], "webhookUrl": h.hook_url }));
+    if let Some(traceparent) = traceparent {
+        request = request.header("traceparent", traceparent);
+    }
+    let response = request.send().await.expect("POST");
+    assert_eq!(response.status().as_u16(), 202);
+    let answered = response
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .expect("the answer carries a valid traceparent");
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    (body["id"].as_str().expect("id").to_owned(), answered)
+}
+
+/// The group's webhooks, each event once, once its group event arrived.
+async fn webhooks_of(h: &mut Harness, group: &str) -> Vec<ReceivedWebhook> {
+    let mut events: Vec<ReceivedWebhook> = h
+        .collect_webhooks(LIMIT, |e| {
+            of_type(e, "image_group.completed")
+                .iter()
+                .any(|g| g.payload["data"]["groupId"] == group)
+        })
+        .await
+        .into_iter()
+        .filter(|e| e.payload["data"]["groupId"] == group)
+        .collect();
+    events.sort_by_key(|e| e.id.clone());
+    events.dedup_by_key(|e| e.id.clone());
+    events
+}
+
+/// Each webhook's `traceparent`, parsed; fails the test when one lacks it or it is invalid.
+fn traces(events: &[ReceivedWebhook]) -> Vec<TraceParent> {
+    events
+        .iter()
+        .map(|e| {
+            let header = e
+                .headers
+                .iter()
+                .find(|(name, _)| name == "traceparent")
+                .map(|(_, value)| value.as_str())
+                .unwrap_or_else(|| panic!("{} has no traceparent", e.payload["type"]));
+            TraceParent::parse(header).unwrap_or_else(|| panic!("invalid traceparent {header}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_webhook_of_a_group_carries_its_trace() {
+    let mut h = Harness::start("tenant-trace").await;
+
+    // The client's trace: answered, recorded on the group, on every webhook.
+    let (group, answered) = post_group(&h, Some(CLIENT)).await;
+    assert_eq!(answered.trace_id_hex(), CLIENT_TRACE);
+    let api: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    let object = api.get(&group).await.expect("the group");
+    let recorded = object
+        .annotations()
+        .get("kinsight.io/traceparent")
+        .and_then(|t| TraceParent::parse(t))
+        .expect("the group records its trace context");
+    assert_eq!(recorded.trace_id_hex(), CLIENT_TRACE);
+
+    let events = webhooks_of(&mut h, &group).await;
+    // Two images' events and the group's.
+    assert_eq!(events.len(), 3, "{events:#?}");
+    let traced = traces(&events);
+    for trace in &traced {
+        assert_eq!(trace.trace_id_hex(), CLIENT_TRACE);
+        assert_ne!(hex::encode(trace.span_id), "b7ad6b7169203331");
+    }
+    // Each delivery is a span of its own.
+    let spans: HashSet<[u8; 8]> = traced.iter().map(|t| t.span_id).collect();
+    assert_eq!(spans.len(), traced.len(), "{traced:?}");
+
+    // Without a traceparent, and with one that does not parse (ignored, never an error):
+    // a new trace each, the same across the group's webhooks.
+    let mut seen = HashSet::from([CLIENT_TRACE.to_owned()]);
+    for given in [None, Some("00-not-a-trace-01")] {
+        let (group, answered) = post_group(&h, given).await;
+        let events = webhooks_of(&mut h, &group).await;
+        assert_eq!(events.len(), 3, "{events:#?}");
+        for trace in traces(&events) {
+            assert_eq!(trace.trace_id, answered.trace_id, "{given:?}");
+        }
+        assert!(
+            seen.insert(answered.trace_id_hex()),
+            "a new trace for {given:?}"
+        );
+    }
+
+    // A group applied with kubectl (no annotation): its uid is its trace id.
+    let groups = h.create_unreachable_group("applied", 2, json!({})).await;
+    let uid = groups
+        .get("applied")
+        .await
+        .expect("the group")
+        .uid()
+        .expect("uid");
+    let events = webhooks_of(&mut h, "applied").await;
+    assert_eq!(events.len(), 3, "{events:#?}");
+    for trace in traces(&events) {
+        assert_eq!(trace.trace_id_hex(), uid.replace('-', ""));
+    }
+}
