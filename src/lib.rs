@@ -13,12 +13,17 @@
 //! - [`net`]: outbound-request safety (SSRF guard) for image downloads and webhooks;
 //! - [`shutdown`]: stopping cleanly on SIGTERM;
 //! - [`trace`]: W3C trace context, carried from the POST to every webhook;
-//! - [`testbed`]: a local control plane and node agent for tests and `kinsight dev`;
-//! - [`dev`]: `kinsight dev` and `kinsight demo`.
+//! - [`testbed`]: a local control plane and node agent for tests and `kinsight-dev`;
+//! - [`dev`]: `kinsight-dev dev` and `demo` (`kinsight dev`/`demo` run them);
+//! - [`cli`]: what the `kinsight` and `kinsight-dev` binaries share.
+//!
+//! Only `kinsight-dev` (src/bin) uses [`testbed`] and [`dev`], so the `kinsight` binary, the
+//! one the image carries, links none of them.
 
 pub mod api;
 pub mod bench;
 mod cache;
+pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod delivery;

@@ -1,13 +1,14 @@
 //! The `kinsight` command: parses the command line and hands over to the library.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use kinsight::controller::{ControllerConfig, GpuSettings, JobCaps, WorkerCatalog};
-use kinsight::dev::DevOptions;
+use kinsight::cli::{JobCapsArgs, parse_key_value};
+use kinsight::controller::{ControllerConfig, GpuSettings, WorkerCatalog};
 use kinsight::inference::{Catalog, EngineOptions, ExecutionProvider};
 use kinsight::net::EgressPolicy;
 use kinsight::shutdown::{Shutdown, within_grace};
@@ -33,12 +34,8 @@ enum Command {
     Api(ApiArgs),
     /// Process a work order (what a worker Job's pod runs).
     Worker(WorkerArgs),
-    /// Play the kubelet for Jobs' pods on a control plane without nodes.
-    NodeAgent(NodeAgentArgs),
-    /// Start (or reuse) a local control plane and run everything in one process.
-    Dev(DevArgs),
-    /// Run `dev`, submit the sample photos and print each verified webhook.
-    Demo(DemoArgs),
+    #[command(flatten)]
+    Testbed(TestbedCommand),
     /// Measure images/s of the image pipeline on a folder of images (see scripts/bench.sh).
     Bench(kinsight::bench::BenchArgs),
     /// List the model catalog, or check a new entry against its ONNX file (`models check`).
@@ -94,41 +91,6 @@ impl CatalogArg {
         self.models_dir
             .as_deref()
             .unwrap_or_else(|| Catalog::default_models_dir(&self.catalog))
-    }
-}
-
-/// Fair scheduling of worker Jobs; unset: the command's defaults.
-#[derive(Args, Clone)]
-struct JobCapsArgs {
-    /// Worker Jobs running at once in all namespaces (0: no cap). Groups past it wait in
-    /// line, tenants taking turns (`Scheduled=False`, reason `QueuedBehind`).
-    #[arg(long, env = "KINSIGHT_MAX_WORKER_JOBS")]
-    max_worker_jobs: Option<usize>,
-    /// Worker Jobs of one namespace (tenant) running at once (0: no cap).
-    #[arg(long, env = "KINSIGHT_MAX_WORKER_JOBS_PER_NAMESPACE")]
-    max_worker_jobs_per_namespace: Option<usize>,
-    /// A group (or update) with at most this many images to process is small work: it may
-    /// start in the small-work lane when the caps are full.
-    #[arg(long, env = "KINSIGHT_SMALL_WORK_IMAGES")]
-    small_work_images: Option<usize>,
-    /// Small Jobs that may run beyond the caps, in all (one per namespace at a time; 0: no
-    /// lane).
-    #[arg(long, env = "KINSIGHT_SMALL_WORK_LANE_JOBS")]
-    small_work_lane_jobs: Option<usize>,
-}
-
-impl JobCapsArgs {
-    fn or(&self, defaults: JobCaps) -> JobCaps {
-        JobCaps {
-            max_jobs: self.max_worker_jobs.unwrap_or(defaults.max_jobs),
-            max_jobs_per_tenant: self
-                .max_worker_jobs_per_namespace
-                .unwrap_or(defaults.max_jobs_per_tenant),
-            small_images: self.small_work_images.unwrap_or(defaults.small_images),
-            small_lane_jobs: self
-                .small_work_lane_jobs
-                .unwrap_or(defaults.small_lane_jobs),
-        }
     }
 }
 
@@ -345,119 +307,66 @@ struct WorkerArgs {
     execution_provider: ExecutionProvider,
 }
 
+/// The testbed's commands: `kinsight-dev` runs them (see [`TestbedCommand::run`]).
+#[derive(Subcommand)]
+enum TestbedCommand {
+    /// Start (or reuse) a local control plane and run everything in one process
+    /// (`kinsight-dev dev`: source builds only).
+    #[command(disable_help_flag = true)]
+    Dev(TestbedArgs),
+    /// Run `dev`, submit the sample photos and print each verified webhook
+    /// (`kinsight-dev demo`: source builds only).
+    #[command(disable_help_flag = true)]
+    Demo(TestbedArgs),
+    /// Play the kubelet for Jobs' pods on a control plane without nodes
+    /// (`kinsight-dev node-agent`: source builds only).
+    #[command(disable_help_flag = true)]
+    NodeAgent(TestbedArgs),
+}
+
+/// The arguments of a command that `kinsight-dev` runs, passed on as they are.
 #[derive(Args)]
-struct NodeAgentArgs {
-    #[arg(long, default_value = "kinsight-local")]
-    node_name: String,
-    /// Binary run for containers whose command is `kinsight` (default: this one).
-    #[arg(long)]
-    binary: Option<PathBuf>,
-    #[arg(long, default_value = "pod-logs")]
-    log_dir: PathBuf,
-    /// Extended resource the node advertises, NAME=COUNT (repeatable), e.g. `nvidia.com/gpu=1`;
-    /// pods asking for more than advertised are not run here.
-    #[arg(long = "extended-resource", value_parser = parse_key_value)]
-    extended_resources: Vec<(String, String)>,
-    /// Extra node label, NAME=VALUE (repeatable), for pods' node selectors.
-    #[arg(long = "node-label", value_parser = parse_key_value)]
-    node_labels: Vec<(String, String)>,
-}
-
-#[derive(Args, Clone)]
-struct DevArgs {
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// API key of the dev tenant (random when not given).
-    #[arg(long, env = "KINSIGHT_DEV_API_KEY")]
-    api_key: Option<String>,
-    /// Webhook signing secret of the dev tenant, `whsec_...` (random when not given).
-    #[arg(long, env = "KINSIGHT_DEV_WEBHOOK_SECRET")]
-    webhook_secret: Option<String>,
-    #[arg(long, env = "KINSIGHT_CATALOG", default_value = "models/catalog.yaml")]
-    catalog: PathBuf,
-    /// libonnxruntime.so (default: ORT_DYLIB_PATH, else ./.venv's onnxruntime wheel).
-    #[arg(long, env = "ORT_DYLIB_PATH")]
-    ort_dylib: Option<PathBuf>,
-    /// State of the local control plane.
-    #[arg(long, env = "KINSIGHT_STATE_DIR")]
-    state_dir: Option<PathBuf>,
-    /// Use the cluster of this kubeconfig instead of a local control plane.
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
-    /// Use this PostgreSQL instead of the testbed's (which runs beside its etcd).
-    #[arg(
-        long = "database-url",
-        env = "KINSIGHT_DATABASE_URL",
-        hide_env_values = true
-    )]
-    database_url: Option<String>,
-    #[arg(long, value_parser = RetrySchedule::parse)]
-    retry_schedule: Option<RetrySchedule>,
-    #[command(flatten)]
-    job_caps: JobCapsArgs,
-}
-
-#[derive(Args)]
-struct DemoArgs {
-    #[command(flatten)]
-    dev: DevArgs,
-    /// Folder of photos to submit.
-    #[arg(long, default_value = "tests/fixtures/images")]
-    photos: PathBuf,
-    #[arg(long, value_parser = parse_duration, default_value = "300s")]
-    timeout: Duration,
-}
-
-fn parse_key_value(text: &str) -> Result<(String, String), String> {
-    text.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))
+struct TestbedArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<OsString>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-
     let command = Cli::parse().command;
     kinsight::install_crypto_provider();
-    // Spans go to an OTLP collector only when the OpenTelemetry variables ask for it.
-    let (exporter, export_error) = match kinsight::trace::export::from_env(service_name(&command)) {
-        Ok(exporter) => (exporter, None),
-        Err(e) => (None, Some(e)),
-    };
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                // ONNX Runtime logs every arena extension at info; its warnings stay.
-                tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,ort=warn")
-            }),
-        )
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                // Pod logs are files: no colour codes around the fields people grep for.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(exporter.as_ref().map(kinsight::trace::export::layer))
-        .init();
-    if let Some(e) = export_error {
-        tracing::warn!(error = %e, "spans are not exported");
-    }
+    let logging = kinsight::cli::init_logging(service_name(&command));
     let outcome = run(command).await;
-    if let Some(exporter) = exporter {
-        // The last batch leaves before the process does (a worker's spans end with it).
-        let flushed = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
-        if let Ok(Err(e)) = flushed {
-            tracing::warn!(error = %e, "exporting the last spans");
+    logging.finish().await;
+    kinsight::cli::exit_code(outcome)
+}
+
+impl TestbedCommand {
+    /// `kinsight dev|demo|node-agent`: the testbed's commands live in `kinsight-dev`, beside
+    /// this binary in a source build and absent from the image; this process becomes it.
+    /// Returns only when it cannot.
+    fn run(self) -> anyhow::Error {
+        use std::os::unix::process::CommandExt;
+        let (name, args) = match self {
+            TestbedCommand::Dev(args) => ("dev", args.args),
+            TestbedCommand::Demo(args) => ("demo", args.args),
+            TestbedCommand::NodeAgent(args) => ("node-agent", args.args),
+        };
+        let own = match std::env::current_exe() {
+            Ok(own) => own,
+            Err(e) => return anyhow::anyhow!("own executable: {e}"),
+        };
+        let dev = own.with_file_name("kinsight-dev");
+        if !dev.is_file() {
+            return anyhow::anyhow!(
+                "`kinsight {name}` is kinsight-dev's (the local control plane and node agent): \
+                 it ships with source builds (`cargo build --release` puts it beside kinsight), \
+                 not in the image, and there is none at {}",
+                dev.display()
+            );
         }
-    }
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+        let error = std::process::Command::new(&dev).arg(name).args(args).exec();
+        anyhow::anyhow!("running {}: {error}", dev.display())
     }
 }
 
@@ -634,31 +543,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             tracing::Instrument::instrument(kinsight::worker::run(order, uploader, options), span)
                 .await?;
         }
-        Command::NodeAgent(args) => {
-            let client = kube::Client::try_default().await?;
-            let binary = match args.binary {
-                Some(b) => b,
-                None => std::env::current_exe()?,
-            };
-            let mut options =
-                kinsight::testbed::NodeAgentOptions::new(args.node_name, binary, args.log_dir);
-            options.extended_resources = args.extended_resources.into_iter().collect();
-            options.node_labels = args.node_labels.into_iter().collect();
-            kinsight::testbed::node_agent::run(client, options).await?;
-        }
-        Command::Dev(args) => {
-            let env = kinsight::dev::start(dev_options(args)?).await?;
-            env.print_summary();
-            env.serve().await;
-        }
         Command::Bench(args) => {
             kinsight::bench::run(args).await?;
         }
         Command::Models(args) => models(args)?,
-        Command::Demo(args) => {
-            let options = dev_options(args.dev)?;
-            kinsight::dev::demo(options, args.photos, args.timeout).await?;
-        }
+        Command::Testbed(command) => return Err(command.run()),
     }
     Ok(())
 }
@@ -685,28 +574,4 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
         .count();
     anyhow::ensure!(errors == 0, "{} has {errors} error(s)", file.display());
     Ok(())
-}
-
-fn dev_options(args: DevArgs) -> anyhow::Result<DevOptions> {
-    let state_dir = match args.state_dir {
-        Some(dir) => dir,
-        None => {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(std::env::temp_dir);
-            home.join(".cache/kinsight/dev-cluster")
-        }
-    };
-    Ok(DevOptions {
-        listen: args.listen,
-        api_key: args.api_key,
-        webhook_secret: args.webhook_secret,
-        catalog: args.catalog,
-        ort_dylib: args.ort_dylib,
-        state_dir,
-        kubeconfig: args.kubeconfig,
-        database_url: args.database_url,
-        retry: args.retry_schedule.unwrap_or_default(),
-        job_caps: args.job_caps.or(kinsight::dev::DEV_JOB_CAPS),
-    })
 }

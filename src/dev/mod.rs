@@ -201,8 +201,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     });
     // A real cluster has kubelets; only the local control plane needs the node agent.
     if let Some(cp) = &control_plane {
-        let binary =
-            std::env::current_exe().map_err(|e| DevError::Other(format!("own executable: {e}")))?;
+        let binary = product_binary()?;
         let agent_options =
             cp.node_agent_options("kinsight-local", binary, options.state_dir.join("pod-logs"));
         let agent_client = client.clone();
@@ -446,4 +445,24 @@ async fn wait_until_recorded(http: &reqwest::Client, env: &DevEnvironment, group
 
 fn absolute(path: &Path) -> Result<PathBuf, DevError> {
     std::path::absolute(path).map_err(|e| DevError::Other(format!("{}: {e}", path.display())))
+}
+
+/// The `kinsight` binary that worker pods run on the node agent: `KINSIGHT_BIN`, else the
+/// one beside this executable (`cargo build` puts `kinsight` and `kinsight-dev` together).
+pub fn product_binary() -> Result<PathBuf, DevError> {
+    if let Some(path) = std::env::var_os("KINSIGHT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let own =
+        std::env::current_exe().map_err(|e| DevError::Other(format!("own executable: {e}")))?;
+    let beside = own.with_file_name("kinsight");
+    if beside.is_file() {
+        Ok(beside)
+    } else {
+        Err(DevError::Other(format!(
+            "worker pods run the kinsight binary, and there is none beside {} \
+             (build both: cargo build --release; or set KINSIGHT_BIN)",
+            own.display()
+        )))
+    }
 }

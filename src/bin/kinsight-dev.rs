@@ -1,0 +1,160 @@
+//! `kinsight-dev`: the testbed's commands, for a source build (the image carries only
+//! `kinsight`). `dev` and `demo` start a local control plane, PostgreSQL and the node
+//! agent; `node-agent` plays the kubelet alone. `kinsight dev`, `kinsight demo` and
+//! `kinsight node-agent` run this binary when it sits beside `kinsight`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use kinsight::cli::{JobCapsArgs, parse_key_value};
+use kinsight::dev::DevOptions;
+use kinsight::webhook::{RetrySchedule, parse_duration};
+
+#[derive(Parser)]
+#[command(
+    name = "kinsight-dev",
+    version,
+    about = "kinsight on a local control plane (source builds only)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start (or reuse) a local control plane and run everything in one process.
+    Dev(DevArgs),
+    /// Run `dev`, submit the sample photos and print each verified webhook.
+    Demo(DemoArgs),
+    /// Play the kubelet for Jobs' pods on a control plane without nodes.
+    NodeAgent(NodeAgentArgs),
+}
+
+#[derive(Args)]
+struct NodeAgentArgs {
+    #[arg(long, default_value = "kinsight-local")]
+    node_name: String,
+    /// Binary run for containers whose command is `kinsight` (default: the `kinsight`
+    /// beside this one).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    #[arg(long, default_value = "pod-logs")]
+    log_dir: PathBuf,
+    /// Extended resource the node advertises, NAME=COUNT (repeatable), e.g. `nvidia.com/gpu=1`;
+    /// pods asking for more than advertised are not run here.
+    #[arg(long = "extended-resource", value_parser = parse_key_value)]
+    extended_resources: Vec<(String, String)>,
+    /// Extra node label, NAME=VALUE (repeatable), for pods' node selectors.
+    #[arg(long = "node-label", value_parser = parse_key_value)]
+    node_labels: Vec<(String, String)>,
+}
+
+#[derive(Args, Clone)]
+struct DevArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// API key of the dev tenant (random when not given).
+    #[arg(long, env = "KINSIGHT_DEV_API_KEY")]
+    api_key: Option<String>,
+    /// Webhook signing secret of the dev tenant, `whsec_...` (random when not given).
+    #[arg(long, env = "KINSIGHT_DEV_WEBHOOK_SECRET")]
+    webhook_secret: Option<String>,
+    #[arg(long, env = "KINSIGHT_CATALOG", default_value = "models/catalog.yaml")]
+    catalog: PathBuf,
+    /// libonnxruntime.so (default: ORT_DYLIB_PATH, else ./.venv's onnxruntime wheel).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_dylib: Option<PathBuf>,
+    /// State of the local control plane.
+    #[arg(long, env = "KINSIGHT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Use the cluster of this kubeconfig instead of a local control plane.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Use this PostgreSQL instead of the testbed's (which runs beside its etcd).
+    #[arg(
+        long = "database-url",
+        env = "KINSIGHT_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+    #[arg(long, value_parser = RetrySchedule::parse)]
+    retry_schedule: Option<RetrySchedule>,
+    #[command(flatten)]
+    job_caps: JobCapsArgs,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    dev: DevArgs,
+    /// Folder of photos to submit.
+    #[arg(long, default_value = "tests/fixtures/images")]
+    photos: PathBuf,
+    #[arg(long, value_parser = parse_duration, default_value = "300s")]
+    timeout: Duration,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let command = Cli::parse().command;
+    kinsight::install_crypto_provider();
+    let logging = kinsight::cli::init_logging("kinsight-dev");
+    let outcome = run(command).await;
+    logging.finish().await;
+    kinsight::cli::exit_code(outcome)
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Dev(args) => {
+            let env = kinsight::dev::start(dev_options(args)?).await?;
+            env.print_summary();
+            env.serve().await;
+        }
+        Command::Demo(args) => {
+            let options = dev_options(args.dev)?;
+            kinsight::dev::demo(options, args.photos, args.timeout).await?;
+        }
+        Command::NodeAgent(args) => {
+            let client = kube::Client::try_default().await?;
+            let binary = match args.binary {
+                Some(b) => b,
+                None => kinsight::dev::product_binary()?,
+            };
+            let mut options =
+                kinsight::testbed::NodeAgentOptions::new(args.node_name, binary, args.log_dir);
+            options.extended_resources = args.extended_resources.into_iter().collect();
+            options.node_labels = args.node_labels.into_iter().collect();
+            kinsight::testbed::node_agent::run(client, options).await?;
+        }
+    }
+    Ok(())
+}
+
+fn dev_options(args: DevArgs) -> anyhow::Result<DevOptions> {
+    let state_dir = match args.state_dir {
+        Some(dir) => dir,
+        None => {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir);
+            home.join(".cache/kinsight/dev-cluster")
+        }
+    };
+    Ok(DevOptions {
+        listen: args.listen,
+        api_key: args.api_key,
+        webhook_secret: args.webhook_secret,
+        catalog: args.catalog,
+        ort_dylib: args.ort_dylib,
+        state_dir,
+        kubeconfig: args.kubeconfig,
+        database_url: args.database_url,
+        retry: args.retry_schedule.unwrap_or_default(),
+        job_caps: args.job_caps.or(kinsight::dev::DEV_JOB_CAPS),
+    })
+}
