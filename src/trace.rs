@@ -16,6 +16,10 @@ pub const ANNOTATION: &str = "kinsight.io/traceparent";
 pub const ENV: &str = "TRACEPARENT";
 /// The header, in requests in and webhooks out.
 pub const HEADER: &str = "traceparent";
+/// The vendors' trace state that goes with a `traceparent` (W3C Trace Context).
+pub const STATE_HEADER: &str = "tracestate";
+/// Where a group keeps the client's `tracestate` beside [`ANNOTATION`].
+pub const STATE_ANNOTATION: &str = "kinsight.io/tracestate";
 
 /// A span's place in a trace: the `traceparent` value, version `00`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -144,6 +148,30 @@ pub fn annotated(annotations: &BTreeMap<String, String>) -> Option<TraceParent> 
     annotations
         .get(ANNOTATION)
         .and_then(|text| TraceParent::parse(text))
+}
+
+/// A trace context as text, the way it is stored with a group and its events and sent on
+/// webhooks: a `tracestate` only ever goes with a `traceparent`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// The context recorded on a group ([`ANNOTATION`], [`STATE_ANNOTATION`]), the valid
+    /// parts only.
+    pub fn annotated(annotations: &BTreeMap<String, String>) -> Self {
+        let traceparent = annotated(annotations).map(|t| t.to_string());
+        let tracestate = traceparent
+            .as_ref()
+            .and_then(|_| annotations.get(STATE_ANNOTATION))
+            .and_then(|text| parse_tracestate(text));
+        TraceContext {
+            traceparent,
+            tracestate,
+        }
+    }
 }
 
 /// Lowercase hex only: the spec forbids upper case.

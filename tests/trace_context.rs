@@ -1,7 +1,9 @@
 //! One trace from the POST to every webhook (W3C `traceparent`): a group posted with a
 //! client's `traceparent` records it on the ImageGroup, answers it in the response, and
 //! every webhook of the group (each image's event and the group's) carries a `traceparent`
-//! of that trace id, each with a span id of its own. A group posted without one, or with
+//! of that trace id, each with a span id of its own, and the client's `tracestate` as it
+//! sent it (a `tracestate` without a valid `traceparent` is dropped, as the spec asks).
+//! A group posted without one, or with
 //! one that does not parse, gets a new trace, the same across all its webhooks; one applied
 //! with kubectl, the trace its uid names.
 
@@ -20,9 +22,10 @@ use serde_json::json;
 const LIMIT: Duration = Duration::from_secs(180);
 const CLIENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const CLIENT_STATE: &str = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7";
 
-/// Posts a group of two photos with `traceparent` (when given); returns its id and the
-/// `traceparent` the answer carries.
+/// Posts a group of two photos with `traceparent` (when given) and the client's
+/// `tracestate`; returns its id and the `traceparent` the answer carries.
 async fn post_group(h: &Harness, traceparent: Option<&str>) -> (String, TraceParent) {
     let images: Vec<_> = ["astronaut.png", "coffee.png"]
         .iter()
@@ -31,6 +34,7 @@ async fn post_group(h: &Harness, traceparent: Option<&str>) -> (String, TracePar
     let mut request = reqwest::Client::new()
         .post(format!("{}/v1/image-groups", h.api_url))
         .bearer_auth(&h.api_key)
+        .header("tracestate", CLIENT_STATE)
         .json(&json!({ "images": images, "models": [h.models[0]], "webhookUrl": h.hook_url }));
     if let Some(traceparent) = traceparent {
         request = request.header("traceparent", traceparent);
@@ -64,6 +68,19 @@ async fn webhooks_of(h: &mut Harness, group: &str) -> Vec<ReceivedWebhook> {
     events
 }
 
+/// Each webhook's `tracestate` header, if any.
+fn trace_states(events: &[ReceivedWebhook]) -> Vec<Option<&str>> {
+    events
+        .iter()
+        .map(|e| {
+            e.headers
+                .iter()
+                .find(|(name, _)| name == "tracestate")
+                .map(|(_, value)| value.as_str())
+        })
+        .collect()
+}
+
 /// Each webhook's `traceparent`, parsed; fails the test when one lacks it or it is invalid.
 fn traces(events: &[ReceivedWebhook]) -> Vec<TraceParent> {
     events
@@ -95,6 +112,13 @@ async fn every_webhook_of_a_group_carries_its_trace() {
         .and_then(|t| TraceParent::parse(t))
         .expect("the group records its trace context");
     assert_eq!(recorded.trace_id_hex(), CLIENT_TRACE);
+    assert_eq!(
+        object
+            .annotations()
+            .get("kinsight.io/tracestate")
+            .map(String::as_str),
+        Some(CLIENT_STATE)
+    );
 
     let events = webhooks_of(&mut h, &group).await;
     // Two images' events and the group's.
@@ -107,6 +131,8 @@ async fn every_webhook_of_a_group_carries_its_trace() {
     // Each delivery is a span of its own.
     let spans: HashSet<[u8; 8]> = traced.iter().map(|t| t.span_id).collect();
     assert_eq!(spans.len(), traced.len(), "{traced:?}");
+    // The client's tracestate, on each, as sent.
+    assert_eq!(trace_states(&events), vec![Some(CLIENT_STATE); 3]);
 
     // Without a traceparent, and with one that does not parse (ignored, never an error):
     // a new trace each, the same across the group's webhooks.
@@ -118,6 +144,8 @@ async fn every_webhook_of_a_group_carries_its_trace() {
         for trace in traces(&events) {
             assert_eq!(trace.trace_id, answered.trace_id, "{given:?}");
         }
+        // Its tracestate belonged to no trace we continue: not sent on.
+        assert_eq!(trace_states(&events), vec![None; 3], "{given:?}");
         assert!(
             seen.insert(answered.trace_id_hex()),
             "a new trace for {given:?}"

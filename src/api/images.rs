@@ -261,7 +261,7 @@ impl RequestTrace {
     fn given(headers: &HeaderMap, span: &tracing::Span) -> Option<Self> {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let parent = text(trace::HEADER).and_then(TraceParent::parse)?;
-        let state = text(TRACESTATE).and_then(trace::parse_tracestate);
+        let state = text(trace::STATE_HEADER).and_then(trace::parse_tracestate);
         Some(Self::opened(span, Some(&parent), state))
     }
 
@@ -275,15 +275,11 @@ impl RequestTrace {
         let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
         annotations.insert(trace::ANNOTATION.to_owned(), self.span.to_string());
         match &self.state {
-            Some(state) => annotations.insert(TRACESTATE_ANNOTATION.to_owned(), state.clone()),
-            None => annotations.remove(TRACESTATE_ANNOTATION),
+            Some(state) => annotations.insert(trace::STATE_ANNOTATION.to_owned(), state.clone()),
+            None => annotations.remove(trace::STATE_ANNOTATION),
         };
     }
 }
-
-const TRACESTATE: &str = "tracestate";
-/// The client's `tracestate`, kept with the group's trace context.
-const TRACESTATE_ANNOTATION: &str = "kinsight.io/tracestate";
 
 /// The answer with the request's trace context, so a client can find the trace.
 fn traced(mut response: Response, trace: &TraceParent) -> Response {

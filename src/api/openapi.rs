@@ -386,8 +386,8 @@ pub struct TraceContext {
     /// that does not parse is ignored (a new trace is started), never refused.
     #[param(rename = "traceparent", value_type = String, required = false)]
     traceparent: Option<String>,
-    /// Kept with the group's trace context (`kinsight.io/tracestate`) when printable and at
-    /// most 512 characters.
+    /// Kept with the group's trace context (`kinsight.io/tracestate`) when printable, at
+    /// most 512 characters and sent with a valid `traceparent`; its webhooks send it on.
     #[param(rename = "tracestate", value_type = String, required = false)]
     tracestate: Option<String>,
 }

@@ -25,7 +25,7 @@ use crate::results::GroupRef;
 use crate::shutdown::Shutdown;
 use crate::store::{Claimed, DISPATCH_CHANNEL, Outcomes, Settled, Stop};
 use crate::sync::lock;
-use crate::trace::TraceParent;
+use crate::trace::{TraceContext, TraceParent};
 use crate::webhook::{AttemptOutcome, Blocked, RetrySchedule, Transition};
 
 /// Deliveries claimed per query.
@@ -257,7 +257,7 @@ impl Dispatcher {
             group,
             group_deleted,
             endpoints_version,
-            traceparent,
+            trace: recorded,
         } = claim;
         let now = jiff::Timestamp::now();
         let mut settled = Settled {
@@ -346,7 +346,8 @@ impl Dispatcher {
         };
         // The delivery span: a child of the event's trace context, or of the trace the
         // group's uid names when the event has none recorded (see [`crate::trace`]).
-        let parent = traceparent
+        let parent = recorded
+            .traceparent
             .as_deref()
             .and_then(TraceParent::parse)
             .or_else(|| TraceParent::from_uid(&group.uid));
@@ -363,7 +364,13 @@ impl Dispatcher {
             span.record("trace_id", trace.trace_id_hex());
             span.record("span_id", hex::encode(trace.span_id));
         }
-        let header = trace.map(|t| t.to_string());
+        // The client's tracestate goes on with its trace, unchanged (we add no entry).
+        let headers = TraceContext {
+            traceparent: trace.map(|t| t.to_string()),
+            tracestate: recorded
+                .tracestate
+                .filter(|_| recorded.traceparent.is_some()),
+        };
         let (at, started) = (jiff::Timestamp::now(), Instant::now());
         let outcome = ctx
             .sender
@@ -373,7 +380,7 @@ impl Dispatcher {
                 &body,
                 &keys,
                 &options,
-                header.as_deref(),
+                &headers,
             )
             .instrument(span)
             .await;

@@ -184,10 +184,11 @@ async fn reconcile_group(
     let endpoint_records = serde_json::to_value(&endpoints)?;
     // The group's trace context is recorded with them: a new one (a PATCH that named a
     // trace) is saved again even where the endpoints stayed.
-    let traceparent = crate::trace::annotated(group.annotations()).map(|t| t.to_string());
+    let trace = crate::trace::TraceContext::annotated(group.annotations());
     let endpoints_text = format!(
-        "{endpoint_records} {}",
-        traceparent.as_deref().unwrap_or_default()
+        "{endpoint_records} {} {}",
+        trace.traceparent.as_deref().unwrap_or_default(),
+        trace.tracestate.as_deref().unwrap_or_default()
     );
     // This replica's last plan saved these very records (only the leader writes them).
     let saved_already = lock(&ctx.planned)
@@ -201,7 +202,7 @@ async fn reconcile_group(
         if !saved_already {
             endpoints_changed = ctx
                 .store
-                .record_endpoints(&group_ref, &endpoint_records, traceparent.as_deref())
+                .record_endpoints(&group_ref, &endpoint_records, &trace)
                 .await?;
         }
         waits_for_slot =

@@ -11,6 +11,7 @@ use super::notify::DISPATCH_CHANNEL;
 use super::{Store, StoreError, record_group};
 use crate::delivery::{Attempt, Delivery, DeliveryState, EventBodies};
 use crate::results::GroupRef;
+use crate::trace::TraceContext;
 
 const COLUMNS: &str = "d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at, d.state, \
                        d.attempts, d.next_attempt_at, d.last_error, d.delivered_at";
@@ -197,22 +198,23 @@ impl Store {
 
     /// Records where a group's events go (the controller's endpoint records), before its
     /// plan does: a worker's results may arrive first. Returns whether they changed. The
-    /// group's trace context (`traceparent`) goes with them: events recorded from now on
-    /// carry it.
+    /// group's trace context (`traceparent` and `tracestate`) goes with them: events
+    /// recorded from now on carry it.
     pub async fn record_endpoints(
         &self,
         group: &GroupRef,
         endpoints: &serde_json::Value,
-        traceparent: Option<&str>,
+        trace: &TraceContext,
     ) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         record_group(&tx, group).await?;
         let changed = update_endpoints(&tx, group, endpoints).await?;
         tx.execute(
-            "UPDATE groups SET traceparent = $2
-             WHERE uid = $1 AND traceparent IS DISTINCT FROM $2",
-            &[&group.uid, &traceparent],
+            "UPDATE groups SET traceparent = $2, tracestate = $3
+             WHERE uid = $1
+               AND (traceparent IS DISTINCT FROM $2 OR tracestate IS DISTINCT FROM $3)",
+            &[&group.uid, &trace.traceparent, &trace.tracestate],
         )
         .await?;
         tx.commit().await?;
@@ -555,9 +557,10 @@ pub(super) async fn insert_bodies(
         .collect();
     let payloads: Vec<Json<&serde_json::Value>> = bodies.values().map(Json).collect();
     tx.execute(
-        "INSERT INTO event_bodies (group_uid, sequence, payload, traceparent)
-         SELECT $1, s, p, (SELECT traceparent FROM groups WHERE uid = $1)
+        "INSERT INTO event_bodies (group_uid, sequence, payload, traceparent, tracestate)
+         SELECT $1, s, p, g.traceparent, g.tracestate
          FROM unnest($2::bigint[], $3::jsonb[]) AS b(s, p)
+         LEFT JOIN groups g ON g.uid = $1
          ON CONFLICT (group_uid, sequence) DO NOTHING",
         &[&group.uid, &sequences, &payloads],
     )

@@ -12,6 +12,7 @@ use super::notify::GROUPS_CHANNEL;
 use super::{Store, StoreError};
 use crate::delivery::{Attempt, Delivery, DeliveryState};
 use crate::results::GroupRef;
+use crate::trace::TraceContext;
 
 /// A delivery a dispatcher claimed, with its body and what finding its endpoint needs.
 #[derive(Clone, Debug)]
@@ -23,8 +24,8 @@ pub struct Claimed {
     pub group_deleted: bool,
     /// Which version of the group's endpoint records is current.
     pub endpoints_version: i64,
-    /// The event's trace context (`traceparent`), when one was recorded with it.
-    pub traceparent: Option<String>,
+    /// The event's trace context, as recorded with it (empty when none was).
+    pub trace: TraceContext,
 }
 
 /// Where a claimed delivery stands after its dispatcher is done with it.
@@ -81,7 +82,7 @@ impl Store {
             .await?
             .query(
                 "WITH due AS (
-                     SELECT id, group_uid FROM deliveries
+                     SELECT id, group_uid, sequence FROM deliveries
                      WHERE state IN ('Pending', 'Sending') AND next_attempt_at <= now()
                      ORDER BY next_attempt_at
                      LIMIT $1
@@ -91,14 +92,13 @@ impl Store {
                      next_attempt_at = now() + $3 * interval '1 second'
                  FROM due
                  JOIN groups g ON g.uid = due.group_uid
+                 LEFT JOIN event_bodies b
+                     ON b.group_uid = due.group_uid AND b.sequence = due.sequence
                  WHERE d.id = due.id
                  RETURNING d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at,
                      d.state, d.attempts, d.next_attempt_at, d.last_error, d.delivered_at,
-                     (SELECT b.payload FROM event_bodies b
-                      WHERE b.group_uid = d.group_uid AND b.sequence = d.sequence) AS payload,
-                     (SELECT b.traceparent FROM event_bodies b
-                      WHERE b.group_uid = d.group_uid AND b.sequence = d.sequence)
-                         AS traceparent,
+                     b.payload,
+                     b.traceparent, b.tracestate,
                      d.group_uid, g.namespace, g.name,
                      g.deleted_at IS NOT NULL AS group_deleted, g.endpoints_version",
                 &[&limit, &owner, &lease.as_secs_f64()],
@@ -118,7 +118,10 @@ impl Store {
                     },
                     group_deleted: row.try_get("group_deleted")?,
                     endpoints_version: row.try_get("endpoints_version")?,
-                    traceparent: row.try_get("traceparent")?,
+                    trace: TraceContext {
+                        traceparent: row.try_get("traceparent")?,
+                        tracestate: row.try_get("tracestate")?,
+                    },
                 })
             })
             .collect()

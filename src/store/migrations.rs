@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (10, include_str!("migrations/0010_perceptual_hashes.sql")),
     (11, include_str!("migrations/0011_admissions.sql")),
     (12, include_str!("migrations/0012_trace_context.sql")),
+    (13, include_str!("migrations/0013_trace_state.sql")),
 ];
 
 /// Any fixed number: the key of the lock that serialises migrations across processes.

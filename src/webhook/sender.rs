@@ -8,6 +8,7 @@ use futures::StreamExt;
 
 use super::signing::sign;
 use crate::net::{EgressError, EgressGuard, find_cause};
+use crate::trace::TraceContext;
 
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
@@ -92,13 +93,13 @@ impl Sender {
             body,
             secrets,
             &EndpointOptions::default(),
-            None,
+            &TraceContext::default(),
         )
         .await
     }
 
-    /// One attempt with an endpoint's own headers and timeout, and the delivery span's
-    /// `traceparent` (which replaces a custom header of that name).
+    /// One attempt with an endpoint's own headers and timeout, and the delivery's trace
+    /// context (`traceparent`, `tracestate`: they replace custom headers of those names).
     pub async fn attempt_with(
         &self,
         url: &str,
@@ -106,7 +107,7 @@ impl Sender {
         body: &str,
         secrets: &[String],
         options: &EndpointOptions,
-        traceparent: Option<&str>,
+        trace: &TraceContext,
     ) -> AttemptOutcome {
         let timestamp = jiff::Timestamp::now().as_second();
         let signature = match sign(secrets, msg_id, timestamp, body) {
@@ -121,14 +122,23 @@ impl Sender {
             return not_sent(e.to_string());
         }
         let mut request = self.http.post(url);
+        let ours = [
+            (crate::trace::HEADER, trace.traceparent.as_deref()),
+            (crate::trace::STATE_HEADER, trace.tracestate.as_deref()),
+        ];
+        let replaced = |name: &str| {
+            ours.iter()
+                .any(|(ours, value)| value.is_some() && name.eq_ignore_ascii_case(ours))
+        };
         for (name, value) in &options.headers {
-            if traceparent.is_some() && name.eq_ignore_ascii_case(crate::trace::HEADER) {
-                continue;
+            if !replaced(name) {
+                request = request.header(name.as_str(), value.as_str());
             }
-            request = request.header(name.as_str(), value.as_str());
         }
-        if let Some(traceparent) = traceparent {
-            request = request.header(crate::trace::HEADER, traceparent);
+        for (name, value) in ours {
+            if let Some(value) = value {
+                request = request.header(name, value);
+            }
         }
         if let Some(timeout) = options.timeout {
             request = request.timeout(timeout);
