@@ -80,7 +80,18 @@ impl TokenSource {
 /// every queued result to be stored.
 pub struct ResultUploader {
     queue: mpsc::UnboundedSender<ImageResult>,
-    task: JoinHandle<Result<usize, UploadError>>,
+    task: JoinHandle<Result<UploadReport, UploadError>>,
+}
+
+/// What the uploader did, for the worker's `worker finished` line.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct UploadReport {
+    /// Results stored.
+    pub stored: usize,
+    /// Requests that stored them (retries not counted).
+    pub batches: usize,
+    /// Milliseconds spent sending (retries and their pauses included), off the inference path.
+    pub send_ms: f64,
 }
 
 impl ResultUploader {
@@ -97,7 +108,7 @@ impl ResultUploader {
             .build()?;
         let (queue, mut queued) = mpsc::unbounded_channel::<ImageResult>();
         let task = tokio::spawn(async move {
-            let mut sent = 0;
+            let mut report = UploadReport::default();
             while let Some(first) = queued.recv().await {
                 let mut results = vec![first];
                 while results.len() < MAX_BATCH {
@@ -111,10 +122,13 @@ impl ResultUploader {
                     generation,
                     results,
                 };
+                let started = tokio::time::Instant::now();
                 send_until_stored(&http, &url, &token, &batch).await?;
-                sent += batch.results.len();
+                report.send_ms += started.elapsed().as_secs_f64() * 1000.0;
+                report.stored += batch.results.len();
+                report.batches += 1;
             }
-            Ok(sent)
+            Ok(report)
         });
         Ok(ResultUploader { queue, task })
     }
@@ -128,6 +142,11 @@ impl ResultUploader {
 
     /// Waits until every queued result is stored; returns how many were.
     pub async fn finish(self) -> Result<usize, UploadError> {
+        Ok(self.finish_report().await?.stored)
+    }
+
+    /// As [`Self::finish`], with how many requests stored them and how long they took.
+    pub async fn finish_report(self) -> Result<UploadReport, UploadError> {
         drop(self.queue);
         self.task
             .await
