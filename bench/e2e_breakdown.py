@@ -10,6 +10,12 @@ images_per_second and stages_s, seconds from the POST:
               writes, overlapped
   delivery    `worker finished` -> the verified image_group.completed webhook (Job seen
               complete, group aggregated, webhook signed and sent)
+and worker_ms, the phase totals of the worker's `worker finished` line (milliseconds):
+  download, decode, preprocess, inference  summed over images (thread time, overlapped)
+  download_wait   the pipeline's feed waiting for bytes (downloads start during model load)
+  processed       `worker started` -> last result out of the pipeline
+  result_write    time spent sending results to the ingest (in the background)
+  result_tail     last result out -> last batch stored
 """
 
 import argparse
@@ -51,7 +57,19 @@ def main():
     job = first(dev, "created worker job", "controller")
     started = first(dev, "node_agent: started pod", "node agent")
     loaded = first(pods, "worker started", "worker")
-    finished = max(stamp(l) for l in pods if "worker finished" in l)
+    finished_lines = [l for l in pods if "worker finished" in l]
+    if not finished_lines:
+        raise SystemExit("no `worker finished` line (worker) in the logs")
+    last = max(finished_lines, key=stamp)
+    finished = stamp(last)
+    # Older workers log no phase totals: worker_ms is then empty.
+    worker_ms = {
+        k[: -len("_ms")]: float(v)
+        for k, v in re.findall(r"\b(\w+_ms)=(-?[0-9.]+)", last)
+    }
+    batches = re.search(r"\bresult_batches=(\d+)", last)
+    if batches:
+        worker_ms["result_batches"] = int(batches.group(1))
     completed = created + seconds
     stages = {
         "queue": job - created,
@@ -65,6 +83,7 @@ def main():
         "seconds": seconds,
         "images_per_second": args.images / seconds,
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
+        "worker_ms": worker_ms,
     }))
 
 

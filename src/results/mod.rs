@@ -7,7 +7,7 @@ mod model;
 mod upload;
 
 pub use model::{ImageFailure, ImageResult, ModelResult, Timings};
-pub use upload::{ResultUploader, TokenSource, UploadError};
+pub use upload::{ResultUploader, TokenSource, UploadError, UploadReport};
 
 use serde::{Deserialize, Serialize};
 

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
+use tracing::Instrument;
 
 use crate::inference::pipeline::{ImageAnalysis, Pipeline, PipelineOptions};
 use crate::inference::{Catalog, Engine, EngineOptions, InferenceError, ms};
@@ -80,43 +81,43 @@ pub async fn run(
     store: ResultUploader,
     options: WorkerOptions,
 ) -> Result<WorkerReport, WorkerError> {
+    let began = Instant::now();
     let catalog = Catalog::load_with_models_dir(&options.catalog, options.models_dir.as_deref())?;
+    let fetcher = Fetcher::new(&options.fetch)?;
+    // Downloads start at once, while ONNX Runtime loads the models, and stay up to
+    // `prefetch` images ahead of inference (plus the one waiting to be submitted), in order.
+    let mut downloads = start_downloads(fetcher, order.images.clone(), options.prefetch);
     let engine_options = options.engine.clone();
     let models = order.models.clone();
     let engine =
         tokio::task::spawn_blocking(move || Engine::load(&catalog, &models, &engine_options))
             .await??;
     let engine = Arc::new(engine);
-    let fetcher = Fetcher::new(&options.fetch)?;
-    tracing::info!(group = %order.group.name, images = order.images.len(), models = ?order.models, "worker started");
+    let load_ms = ms(began.elapsed());
+    tracing::info!(group = %order.group.name, images = order.images.len(), models = ?order.models, load_ms = round_ms(load_ms), "worker started");
+    let work_began = Instant::now();
 
-    // Downloads overlap inference: up to `prefetch` images are fetched ahead. The
-    // pipeline decodes and preprocesses the next images while the models run, runs the
+    // The pipeline decodes and preprocesses the next images while the models run, runs the
     // models side by side and batches images for models that allow it.
     let (submitter, mut results) = Pipeline::start::<(WorkItem, f64)>(
         engine.clone(),
         &order.models,
         &PipelineOptions::default(),
     )?;
-    let downloads = futures::stream::iter(order.images.iter().cloned())
-        .map(|item| {
-            let fetcher = fetcher.clone();
-            async move {
-                let started = Instant::now();
-                let span = tracing::info_span!("fetch", image = %item.id);
-                let bytes = tracing::Instrument::instrument(fetcher.fetch(&item.url), span).await;
-                (item, bytes, ms(started.elapsed()))
-            }
-        })
-        .buffered(options.prefetch.max(1));
     let order = &order;
     let queue = &store;
     let feed = async move {
         let mut report = WorkerReport::default();
         let mut submitted = 0_usize;
         let mut stopped = false;
-        futures::pin_mut!(downloads);
-        while let Some((item, bytes, download_ms)) = downloads.next().await {
+        // Time the feed waited for a download (not hidden behind model load or inference).
+        let mut download_wait_ms = 0.0;
+        loop {
+            let waited = Instant::now();
+            let Some((item, bytes, download_ms)) = downloads.recv().await else {
+                break;
+            };
+            download_wait_ms += ms(waited.elapsed());
             match bytes {
                 Err(e) => {
                     let spec = failed(order, &item, e.reason(), e.to_string(), download_ms);
@@ -136,38 +137,115 @@ pub async fn run(
                 }
             }
         }
-        Ok::<_, WorkerError>((report, submitted, stopped))
+        Ok::<_, WorkerError>((report, submitted, stopped, download_wait_ms))
     };
     let collect = async move {
         let mut report = WorkerReport::default();
         let mut returned = 0_usize;
+        let mut totals = PhaseTotals::default();
         while let Some(((item, download_ms), outcome)) = results.next().await {
             returned += 1;
+            if let Ok(analysis) = &outcome {
+                totals.add(analysis);
+            }
             let mut spec = result_spec(outcome);
             spec.group = order.group.name.clone();
             spec.image_id = item.id.clone();
             spec.timings.download_ms = round_ms(download_ms);
+            totals.download_ms += download_ms;
             record(&mut report, order, &item, &spec);
             queue.push(spec)?;
         }
-        Ok::<_, WorkerError>((report, returned, results.panicked()))
+        Ok::<_, WorkerError>((report, returned, results.panicked(), totals))
     };
-    let ((fed, submitted, stopped), (collected, returned, panicked)) =
+    let ((fed, submitted, stopped, download_wait_ms), (collected, returned, panicked, totals)) =
         tokio::try_join!(feed, collect)?;
+    let processed_ms = ms(work_began.elapsed());
     // What came out is stored even when images were lost; then the worker fails.
-    let stored = store.finish().await?;
+    let upload = store.finish_report().await?;
     check_pipeline(submitted, returned, panicked, stopped)?;
     let report = WorkerReport {
         succeeded: fed.succeeded + collected.succeeded,
         failed: fed.failed + collected.failed,
     };
+    // Per-phase totals in milliseconds: download, decode, preprocess and inference are
+    // summed over images (thread time, overlapped); download_wait is what the pipeline's feed
+    // waited for bytes; processed is `worker started` to the last result out of the
+    // pipeline; result_write is the time spent sending results (in the background), and
+    // result_tail the wait for the last batch after the last result.
     tracing::info!(
         succeeded = report.succeeded,
         failed = report.failed,
-        stored,
+        stored = upload.stored,
+        result_batches = upload.batches,
+        load_ms = round_ms(load_ms),
+        download_ms = round_ms(totals.download_ms),
+        download_wait_ms = round_ms(download_wait_ms),
+        decode_ms = round_ms(totals.decode_ms),
+        preprocess_ms = round_ms(totals.preprocess_ms),
+        inference_ms = round_ms(totals.inference_ms),
+        processed_ms = round_ms(processed_ms),
+        result_write_ms = round_ms(upload.send_ms),
+        result_tail_ms = round_ms(ms(work_began.elapsed()) - processed_ms),
         "worker finished"
     );
     Ok(report)
+}
+
+/// Summed per-image times of the images that came out of the pipeline.
+#[derive(Debug, Default)]
+struct PhaseTotals {
+    download_ms: f64,
+    decode_ms: f64,
+    preprocess_ms: f64,
+    /// Every model's run time, a batch's shared among its images.
+    inference_ms: f64,
+}
+
+impl PhaseTotals {
+    fn add(&mut self, analysis: &ImageAnalysis) {
+        self.decode_ms += analysis.decode_ms;
+        self.preprocess_ms += analysis.preprocess_ms;
+        self.inference_ms += analysis
+            .models
+            .values()
+            .map(|m| m.inference_ms)
+            .sum::<f64>();
+    }
+}
+
+type Download = (WorkItem, Result<Vec<u8>, FetchError>, f64);
+
+/// Downloads `images` in order in a task of their own, up to `prefetch` at a time; the
+/// receiver gets them in the work order's order. Dropping the receiver stops the task.
+fn start_downloads(
+    fetcher: Fetcher,
+    images: Vec<WorkItem>,
+    prefetch: usize,
+) -> tokio::sync::mpsc::Receiver<Download> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    // The task runs in the worker's span, so the fetch spans stay in the group's trace.
+    let task = async move {
+        let downloads = futures::stream::iter(images)
+            .map(|item| {
+                let fetcher = fetcher.clone();
+                async move {
+                    let started = Instant::now();
+                    let span = tracing::info_span!("fetch", image = %item.id);
+                    let bytes = fetcher.fetch(&item.url).instrument(span).await;
+                    (item, bytes, ms(started.elapsed()))
+                }
+            })
+            .buffered(prefetch.max(1));
+        futures::pin_mut!(downloads);
+        while let Some(download) = downloads.next().await {
+            if sender.send(download).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::spawn(task.instrument(tracing::Span::current()));
+    receiver
 }
 
 /// Fails the worker when images were lost in the pipeline (fewer outcomes than images
