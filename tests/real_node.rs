@@ -356,39 +356,50 @@ async fn the_test() {
         "{probe}"
     );
 
-    // (b): over its memory limit.
-    let created = Instant::now();
-    let mut hog = restricted(serde_json::json!({
-        "name": "hog", "image": image,
-        "command": ["/kinsight-test/probe", "oom"],
-        "volumeMounts": mounts,
-        "resources": { "limits": { "memory": "16Mi", "cpu": "500m" } },
-    }));
-    hog["resources"]["requests"] = hog["resources"]["limits"].clone();
-    pods.create(
-        &PostParams::default(),
-        &pod("memory-hog", vec![hog], volumes.clone()),
-    )
-    .await
-    .expect("create the memory hog");
-    let (done, _) = wait_finished(&pods, "memory-hog", created).await;
-    let terminated = done
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.first())
-        .and_then(|c| c.state.as_ref())
-        .and_then(|s| s.terminated.clone())
-        .unwrap_or_else(|| panic!("memory hog not terminated: {:#?}", done.status));
-    assert_eq!(
-        terminated.reason.as_deref(),
-        Some("OOMKilled"),
-        "{terminated:#?}"
-    );
-    assert_eq!(terminated.exit_code, 137, "{terminated:#?}");
-    eprintln!(
-        "memory hog OOMKilled {:.1?} after creation",
-        created.elapsed()
+    // (b): over its memory limit. The kernel kills it (exit 137) and containerd reports
+    // the OOM kill; containerd 1.6 may see the task's exit before the cgroup's OOM event on
+    // a busy machine and report "Error" instead, so a second hog gets its chance: every
+    // hog must die with 137, and one must be reported OOMKilled.
+    const HOGS: usize = 3;
+    let mut reported = Vec::new();
+    for attempt in 1..=HOGS {
+        let name = format!("memory-hog-{attempt}");
+        let created = Instant::now();
+        let mut hog = restricted(serde_json::json!({
+            "name": "hog", "image": image,
+            "command": ["/kinsight-test/probe", "oom"],
+            "volumeMounts": mounts,
+            "resources": { "limits": { "memory": "16Mi", "cpu": "500m" } },
+        }));
+        hog["resources"]["requests"] = hog["resources"]["limits"].clone();
+        pods.create(
+            &PostParams::default(),
+            &pod(&name, vec![hog], volumes.clone()),
+        )
+        .await
+        .expect("create the memory hog");
+        let (done, _) = wait_finished(&pods, &name, created).await;
+        let terminated = done
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.first())
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.clone())
+            .unwrap_or_else(|| panic!("memory hog not terminated: {:#?}", done.status));
+        assert_eq!(terminated.exit_code, 137, "{terminated:#?}");
+        reported.push(terminated.reason.clone());
+        if terminated.reason.as_deref() == Some("OOMKilled") {
+            eprintln!(
+                "memory hog {attempt} OOMKilled {:.1?} after creation",
+                created.elapsed()
+            );
+            break;
+        }
+    }
+    assert!(
+        reported.iter().any(|r| r.as_deref() == Some("OOMKilled")),
+        "no memory hog of {HOGS} reported OOMKilled: {reported:?}"
     );
 
     // Teardown, both ways: a running pod removed by the kubelet (remove_pods), then one
