@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds what a real node needs beyond the control plane: kubelet and kube-scheduler 1.20.2,
+# Builds what a real node needs beyond the control plane: kubelet, kube-scheduler and
+# kube-proxy 1.20.2,
 # from the same Debian source package and with the same fix as scripts/build-kubernetes.sh
 # (Debian's reflect2 1.0.2, CGO_ENABLED=0), plus the pod sandbox ("pause") image, built from the
 # same source's build/pause/linux/pause.c as an OCI archive for `ctr images import` (no
@@ -12,14 +13,19 @@ REPO="$PWD"
 CACHE="${KINSIGHT_CACHE:-$HOME/.cache/kinsight}"
 OUT="$CACHE/k8s-1.20.2/bin"
 PAUSE_IMAGE=localhost/kinsight-pause:3.4.1
-if [ -x "$OUT/kubelet" ] && [ -x "$OUT/kube-scheduler" ] && [ -s "$OUT/pause.tar" ]; then
+BINARIES=(kubelet kube-scheduler kube-proxy)
+missing_binaries() {
+  local b
+  for b in "${BINARIES[@]}"; do [ -x "$OUT/$b" ] || echo "$b"; done
+}
+if [ -z "$(missing_binaries)" ] && [ -s "$OUT/pause.tar" ]; then
   echo "$OUT"; exit 0
 fi
 mkdir -p "$OUT"
 # One builder at a time (setup.sh and test.sh may both ask).
 exec 9>"$CACHE/build-node.lock"
 flock 9
-if [ -x "$OUT/kubelet" ] && [ -x "$OUT/kube-scheduler" ] && [ -s "$OUT/pause.tar" ]; then
+if [ -z "$(missing_binaries)" ] && [ -s "$OUT/pause.tar" ]; then
   echo "$OUT"; exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
@@ -45,29 +51,33 @@ if [ -z "$SRC" ]; then
   SRC=$(ls -d kubernetes-1.20*/ | head -n1)
 fi
 cd "$SRC"
-if [ ! -x "$OUT/kubelet" ] || [ ! -x "$OUT/kube-scheduler" ]; then
+MISSING=$(missing_binaries)
+if [ -n "$MISSING" ]; then
   rm -rf vendor/github.com/modern-go/reflect2
   cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/
   rm -f vendor/github.com/modern-go/reflect2/go.mod
   mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
   GOHOME="$(mktemp -d)"
-  GOPATH=$PWD/.go CGO_ENABLED=0 HOME="$GOHOME" make WHAT="cmd/kubelet cmd/kube-scheduler" >&2
+  # shellcheck disable=SC2086 # one word per binary
+  GOPATH=$PWD/.go CGO_ENABLED=0 HOME="$GOHOME" make WHAT="$(printf 'cmd/%s ' $MISSING)" >&2
   rm -rf "$GOHOME"
-  cp _output/local/bin/linux/amd64/kubelet _output/local/bin/linux/amd64/kube-scheduler "$OUT/"
+  for b in $MISSING; do cp "_output/local/bin/linux/amd64/$b" "$OUT/"; done
 fi
 # The pod sandbox image: Kubernetes' own pause, static, as the only file of the image.
-PAUSE_DIR="$(mktemp -d)"
-gcc -Os -Wall -Werror -static -DVERSION=v3.4.1-kinsight -o "$PAUSE_DIR/pause" build/pause/linux/pause.c
-cd "$REPO"
-container="$(scripts/buildah.sh from scratch)"
-scripts/buildah.sh copy "$container" "$PAUSE_DIR/pause" /pause >/dev/null
-scripts/buildah.sh config --entrypoint '["/pause"]' --user 65535:65535 "$container"
-scripts/buildah.sh commit -q "$container" "$PAUSE_IMAGE" >/dev/null
-scripts/buildah.sh rm "$container" >/dev/null
-rm -f "$OUT/pause.tar.part"
-scripts/buildah.sh push --quiet "$PAUSE_IMAGE" "oci-archive:$OUT/pause.tar.part:$PAUSE_IMAGE"
-mv "$OUT/pause.tar.part" "$OUT/pause.tar"
-rm -rf "$PAUSE_DIR"
+if [ ! -s "$OUT/pause.tar" ]; then
+  PAUSE_DIR="$(mktemp -d)"
+  gcc -Os -Wall -Werror -static -DVERSION=v3.4.1-kinsight -o "$PAUSE_DIR/pause" build/pause/linux/pause.c
+  cd "$REPO"
+  container="$(scripts/buildah.sh from scratch)"
+  scripts/buildah.sh copy "$container" "$PAUSE_DIR/pause" /pause >/dev/null
+  scripts/buildah.sh config --entrypoint '["/pause"]' --user 65535:65535 "$container"
+  scripts/buildah.sh commit -q "$container" "$PAUSE_IMAGE" >/dev/null
+  scripts/buildah.sh rm "$container" >/dev/null
+  rm -f "$OUT/pause.tar.part"
+  scripts/buildah.sh push --quiet "$PAUSE_IMAGE" "oci-archive:$OUT/pause.tar.part:$PAUSE_IMAGE"
+  mv "$OUT/pause.tar.part" "$OUT/pause.tar"
+  rm -rf "$PAUSE_DIR"
+fi
 # The source tree and Go build cache are large (about 2 GB); only the binaries are kept.
 cd "$CACHE" && rm -rf "$WORK"
 echo "$OUT"

@@ -29,9 +29,10 @@ const CONTROLLERS: &str = "job,garbagecollector,ttl-after-finished";
 /// `root-ca-cert-publisher`, which puts the cluster's CA into every namespace
 /// (`kube-root-ca.crt`), as real clusters do: pods project it beside their ServiceAccount
 /// token (the worker Jobs do), and `deployment` and `replicaset`, which make the pods of
-/// Deployments (the Helm chart's controller and API).
+/// Deployments (the Helm chart's controller and API), and `endpoint` and `endpointslice`,
+/// which list a Service's ready pods (kube-proxy 1.20 reads the EndpointSlices).
 const CONTROLLERS_WITH_REAL_NODE: &str = "job,garbagecollector,ttl-after-finished,nodelifecycle,\
-     root-ca-cert-publisher,deployment,replicaset";
+     root-ca-cert-publisher,deployment,replicaset,endpoint,endpointslice";
 /// The kubelet's user in the static token file, and the group RBAC's `system:node` role is
 /// bound to (the API server here authorizes with RBAC only, no Node authorizer).
 pub(crate) const NODE_USER: &str = "system:node:127.0.0.1";

@@ -1,5 +1,5 @@
-//! A real node beside a [`ControlPlane`]: containerd's CRI plugin with runc, a CNI bridge and
-//! kubelet 1.20.2, as local processes, the way `shared/testbed-real-node/RECIPE.md` found
+//! A real node beside a [`ControlPlane`]: containerd's CRI plugin with runc, a CNI bridge,
+//! kubelet 1.20.2 and kube-proxy 1.20.2 (Services' ClusterIPs), as local processes, the way `shared/testbed-real-node/RECIPE.md` found
 //! them to work on these machines (root in a container, cgroup v1, no registry).
 //!
 //! The control plane must be started with [`ControlPlaneOptions::real_node`], which adds
@@ -36,14 +36,14 @@ pub const NODE_NAME: &str = "127.0.0.1";
 /// The pod sandbox image `scripts/build-node.sh` builds (as `pause.tar` in the binary folder).
 pub const PAUSE_IMAGE: &str = "localhost/kinsight-pause:3.4.1";
 /// The pod network's bridge and range: pods get 10.244.91.x/24 and reach each other and the
-/// host at 10.244.91.1, nothing else (no gateway, no masquerading, no IP forwarding).
+/// host at 10.244.91.1, and Services through kube-proxy (see [`RealNode::start_kube_proxy`]).
 pub const BRIDGE: &str = "kinsight0";
 pub const POD_SUBNET: &str = "10.244.91.0/24";
 /// The control plane's `--service-cluster-ip-range`, and the `kubernetes` Service's ClusterIP.
 const SERVICE_SUBNET: &str = "10.0.0.0/24";
-const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
 pub const HOST_ADDRESS: &str = "10.244.91.1";
 const KUBELET: &str = "kubelet";
+const KUBE_PROXY: &str = "kube-proxy";
 const CONTAINERD: &str = "containerd";
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// Held while a node runs: one kubelet per machine.
@@ -51,11 +51,13 @@ const LOCK_FILE: &str = "/run/kinsight-real-node.lock";
 /// How long a second node waits for the first to go.
 const LOCK_WAIT: Duration = Duration::from_secs(600);
 /// Sysctls the kubelet (1.20) sets on start, and the CNI bridge might; put back on drop.
-const HOST_SYSCTLS: [&str; 4] = [
+const HOST_SYSCTLS: [&str; 5] = [
     "vm/overcommit_memory",
     "kernel/panic",
     "kernel/panic_on_oops",
     "net/ipv4/ip_forward",
+    // kube-proxy's iptables mode sets it (for NodePorts on 127.0.0.1).
+    "net/ipv4/conf/all/route_localnet",
 ];
 /// Host paths the kubelet, containerd's CRI and CNI create whatever they are told; removed on
 /// drop when they were not there before.
@@ -102,6 +104,9 @@ pub struct RealNode {
     log_dir: PathBuf,
     kubelet: Option<Child>,
     containerd: Option<Child>,
+    kube_proxy: Option<Child>,
+    /// kube-proxy's binary, for `--cleanup` of its iptables rules on drop.
+    kube_proxy_bin: PathBuf,
     host: HostState,
     client: kube::Client,
     /// Forward the bridge address's ports to the API server's and PostgreSQL's loopback
@@ -118,8 +123,9 @@ struct HostState {
     netns: BTreeSet<String>,
     cgroups_without_kubepods: Vec<PathBuf>,
     bridge_made: bool,
-    /// The nat rule standing in for kube-proxy for the `kubernetes` Service, once added.
-    service_rule: Option<Vec<String>>,
+    /// iptables chains named KUBE-*, by table: `kube-proxy --cleanup` leaves its canaries
+    /// and the KUBE-MARK-* chains (a kubelet's too), which go if they were not there.
+    kube_chains: BTreeSet<(&'static str, String)>,
 }
 
 impl RealNode {
@@ -148,6 +154,8 @@ impl RealNode {
             log_dir,
             kubelet: None,
             containerd: None,
+            kube_proxy: None,
+            kube_proxy_bin: bin_dir.join(KUBE_PROXY),
             host,
             client: plane.client().await?,
             forwarders: Vec::new(),
@@ -197,7 +205,7 @@ impl RealNode {
         for port in ports {
             self.forwarders.push(forward_from_bridge(port).await?);
         }
-        self.host.service_rule = Some(add_service_rule(api_port)?);
+        self.start_kube_proxy(plane)?;
         write_file(
             &dir.join("containerd/config.toml"),
             &containerd_config(&dir),
@@ -255,7 +263,75 @@ impl RealNode {
             .arg(format!("--cert-dir={}", dir.join("kubelet/pki").display()))
             .arg("--v=2");
         self.kubelet = Some(spawn(KUBELET, kubelet, &self.log_dir)?);
-        self.wait_until_schedulable(opts.start_timeout).await
+        self.wait_until_schedulable(opts.start_timeout).await?;
+        self.wait_for_kube_proxy(opts.start_timeout).await
+    }
+
+    /// Until kube-proxy's health check answers 200: it has applied the Services it found.
+    async fn wait_for_kube_proxy(&mut self, timeout: Duration) -> Result<(), TestbedError> {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            let answered = http
+                .get("http://127.0.0.1:10256/healthz")
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if answered.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error(KUBE_PROXY, timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// kube-proxy in its iptables mode, as most clusters run it: a pod's connection to a
+    /// ClusterIP (the pods route the service range to the host, see [`cni_config`]) is
+    /// DNATed by the host to an endpoint and forwarded back onto the bridge, so the node
+    /// turns on `net.ipv4.ip_forward` (put back on drop) and has every Service connection
+    /// masqueraded (`--masquerade-all`: the endpoint answers the host, which undoes the
+    /// NAT; pods on one bridge would otherwise answer each other directly), and sends no
+    /// ICMP redirects on its bridge. The userspace mode would need neither, but it raises
+    /// its open-file limit, which root here may not. Its rules are removed on drop
+    /// (`kube-proxy --cleanup`), and first, should an earlier run have left some.
+    fn start_kube_proxy(&mut self, plane: &ControlPlane) -> Result<(), TestbedError> {
+        cleanup_kube_proxy(&self.kube_proxy_bin);
+        for (sysctl, value) in [
+            ("net/ipv4/ip_forward", "1"),
+            // The bridge goes on drop, and its settings with it.
+            ("net/ipv4/conf/kinsight0/send_redirects", "0"),
+        ] {
+            let path = Path::new("/proc/sys").join(sysctl);
+            std::fs::write(&path, value)
+                .map_err(|e| TestbedError::io(format!("writing {}", path.display()), e))?;
+        }
+        let mut proxy = Command::new(&self.kube_proxy_bin);
+        proxy
+            .arg(format!(
+                "--kubeconfig={}",
+                plane.kubeconfig_path().display()
+            ))
+            .arg(format!("--hostname-override={NODE_NAME}"))
+            .arg("--proxy-mode=iptables")
+            .arg("--masquerade-all")
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--cluster-cidr={POD_SUBNET}"))
+            .arg("--healthz-bind-address=127.0.0.1:10256")
+            .arg("--metrics-bind-address=127.0.0.1:10249")
+            // Leave the host's conntrack limits and its own OOM score alone (root here
+            // lacks CAP_SYS_RESOURCE for a negative one anyway).
+            .args(["--conntrack-max-per-core=0", "--conntrack-min=0"])
+            .args([
+                "--conntrack-tcp-timeout-established=0",
+                "--conntrack-tcp-timeout-close-wait=0",
+            ])
+            .arg("--oom-score-adj=0")
+            .arg("--v=2");
+        self.kube_proxy = Some(spawn(KUBE_PROXY, proxy, &self.log_dir)?);
+        Ok(())
     }
 
     /// Imports an OCI archive (`scripts/build-image.sh --oci-archive`) into containerd's
@@ -279,9 +355,9 @@ impl RealNode {
         &self.log_dir
     }
 
-    /// Process ids of containerd and the kubelet.
+    /// Process ids of containerd, the kubelet and kube-proxy.
     pub fn pids(&self) -> Vec<u32> {
-        [&self.containerd, &self.kubelet]
+        [&self.containerd, &self.kubelet, &self.kube_proxy]
             .into_iter()
             .flatten()
             .map(Child::id)
@@ -365,6 +441,7 @@ impl RealNode {
         for (name, child) in [
             (CONTAINERD, &mut self.containerd),
             (KUBELET, &mut self.kubelet),
+            (KUBE_PROXY, &mut self.kube_proxy),
         ] {
             let Some(child) = child else { continue };
             if let Ok(Some(status)) = child.try_wait() {
@@ -394,6 +471,10 @@ impl RealNode {
     fn stop_and_clean(&mut self) {
         if let Some(kubelet) = self.kubelet.take() {
             stop_process(kubelet, Duration::from_secs(10));
+        }
+        if let Some(proxy) = self.kube_proxy.take() {
+            stop_process(proxy, Duration::from_secs(5));
+            cleanup_kube_proxy(&self.kube_proxy_bin);
         }
         // The pods outlive the kubelet: kill and remove them while containerd still runs, or
         // their shims (and so their mounts) stay.
@@ -473,7 +554,7 @@ impl HostState {
             netns: dir_entries(Path::new(NETNS_DIR)),
             cgroups_without_kubepods,
             bridge_made: false,
-            service_rule: None,
+            kube_chains: kube_chains(),
         })
     }
 
@@ -488,13 +569,20 @@ impl HostState {
         if self.bridge_made {
             run_quietly("ip", &["link", "del", BRIDGE]);
         }
-        if let Some(rule) = &self.service_rule {
-            let args: Vec<&str> = ["-t", "nat", "-D"]
-                .into_iter()
-                .chain(rule.iter().map(String::as_str))
-                .collect();
-            if !run_quietly("iptables", &args) {
-                tracing::warn!(?rule, "could not remove the kubernetes Service's nat rule");
+        let added: Vec<_> = kube_chains()
+            .difference(&self.kube_chains)
+            .cloned()
+            .collect();
+        for (table, chain) in &added {
+            run_quietly("iptables", &["-t", table, "-F", chain]);
+        }
+        for (table, chain) in &added {
+            if !run_quietly("iptables", &["-t", table, "-X", chain]) {
+                tracing::warn!(
+                    table,
+                    chain,
+                    "could not remove an iptables chain the node made"
+                );
             }
         }
         for hierarchy in &self.cgroups_without_kubepods {
@@ -546,9 +634,12 @@ fn preflight(plane: &ControlPlane, bin_dir: &Path) -> Result<(), TestbedError> {
             ));
         }
     }
-    if !is_executable(&bin_dir.join(KUBELET)) || !bin_dir.join("pause.tar").is_file() {
+    if !is_executable(&bin_dir.join(KUBELET))
+        || !is_executable(&bin_dir.join(KUBE_PROXY))
+        || !bin_dir.join("pause.tar").is_file()
+    {
         missing.push(format!(
-            "kubelet and pause.tar in {} (scripts/build-node.sh)",
+            "kubelet, kube-proxy and pause.tar in {} (scripts/build-node.sh)",
             bin_dir.display()
         ));
     }
@@ -636,35 +727,40 @@ async fn forward_from_bridge(port: u16) -> Result<tokio::task::JoinHandle<()>, T
     }))
 }
 
-/// What kube-proxy would do for the `kubernetes` Service (no kube-proxy runs here): pods'
-/// connections to its ClusterIP (routed to the host, see [`cni_config`]) go to the API
-/// server's port on the bridge address. Returns the rule, to delete it on drop.
-fn add_service_rule(api_port: u16) -> Result<Vec<String>, TestbedError> {
-    let rule: Vec<String> = [
-        "PREROUTING",
-        "-i",
-        BRIDGE,
-        "-d",
-        KUBERNETES_SERVICE_IP,
-        "-p",
-        "tcp",
-        "--dport",
-        "443",
-        "-j",
-        "DNAT",
-        "--to-destination",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .chain([format!("{HOST_ADDRESS}:{api_port}")])
-    .collect();
-    let output = Command::new("iptables")
-        .args(["-t", "nat", "-A"])
-        .args(&rule)
-        .output()
-        .map_err(|e| TestbedError::io("running iptables", e))?;
-    super::succeeded(format!("iptables -t nat -A {}", rule.join(" ")), &output)?;
-    Ok(rule)
+/// The iptables chains named KUBE-* in the tables kube-proxy and the kubelet use.
+fn kube_chains() -> BTreeSet<(&'static str, String)> {
+    let mut chains = BTreeSet::new();
+    for table in ["mangle", "nat", "filter"] {
+        let Ok(out) = Command::new("iptables")
+            .args(["-t", table, "-S"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+        else {
+            continue;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(chain) = line.strip_prefix("-N ").filter(|c| c.starts_with("KUBE-")) {
+                chains.insert((table, chain.trim().to_owned()));
+            }
+        }
+    }
+    chains
+}
+
+/// Removes the iptables chains and rules kube-proxy made (all its modes'), leaving the
+/// rest of the host's alone.
+fn cleanup_kube_proxy(binary: &Path) {
+    let done = Command::new(binary)
+        .arg("--cleanup")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !done {
+        tracing::warn!("kube-proxy --cleanup failed: its iptables rules may remain");
+    }
 }
 
 fn containerd_config(dir: &Path) -> String {
