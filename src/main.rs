@@ -34,6 +34,9 @@ enum Command {
     Api(ApiArgs),
     /// Process a work order (what a worker Job's pod runs).
     Worker(WorkerArgs),
+    /// Remove what controllers made in tenant namespaces (worker ServiceAccounts, catalog
+    /// ConfigMaps, NetworkPolicies, their RoleBindings): the chart's uninstall hook.
+    RemoveTenantObjects,
     #[command(flatten)]
     Testbed(TestbedCommand),
     /// Measure images/s of the image pipeline on a folder of images (see scripts/bench.sh).
@@ -548,6 +551,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Models(args) => models(args)?,
         Command::Testbed(command) => return Err(command.run()),
+        Command::RemoveTenantObjects => {
+            let client = kube::Client::try_default().await?;
+            let tenancy = ControllerConfig::default().tenancy;
+            let cleaned = kinsight::tenancy::remove_all(&client, &tenancy).await?;
+            tracing::info!(namespaces = ?cleaned, "tenant objects removed");
+        }
     }
     Ok(())
 }

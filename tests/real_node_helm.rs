@@ -2,15 +2,23 @@
 //! project's image, into the testbed with a real node (`kinsight::testbed::RealNode`); the
 //! controller's and the API's two replicas each come up Running and Ready (the controller's
 //! readiness probe asks PostgreSQL and the API server), exactly one controller holds the
-//! leader Lease, and the API answers a REST call at its pod's address. `helm upgrade` with
-//! changed values rolls both Deployments to new pods carrying them, Ready again with one
-//! leader; `helm uninstall` removes every object the chart made and leaves the CRDs.
+//! leader Lease, and the API answers a REST call at its pod's address and through its
+//! Service. A group posted there completes: its worker Job runs from the image, sends its
+//! results to the API's Service, and every event arrives signed. `helm upgrade` with changed
+//! values, started while a second group runs, rolls both Deployments to new pods carrying
+//! them, Ready again with one leader, and that group's events all arrive; `helm uninstall`
+//! removes every object the chart made and leaves the CRDs.
 //!
 //! How the pods reach what they need, as in a cluster:
+//! - Services: kube-proxy (built from the same source as the control plane, userspace
+//!   mode, see `RealNode`) serves the ClusterIPs to pods and to the host. There is no
+//!   cluster DNS here, so the API's Service gets a fixed ClusterIP (`api.service.clusterIP`)
+//!   and workers are told it (`api.resultsUrl`).
 //! - The API server: in-cluster config (the `kubernetes` Service's ClusterIP, 10.0.0.1:443,
-//!   and the token, CA and namespace the chart projects). The real node routes the service
-//!   range to the host and stands in for kube-proxy with one nat rule to the API server's
-//!   advertised address on the bridge (see `RealNode`).
+//!   and the token, CA and namespace the chart projects); its endpoint is the address the
+//!   API server advertises on the bridge.
+//! - Image downloads and webhooks: servers of the test on the bridge's host address, which
+//!   the controller's egress allow-list (`controller.allowEgress`) names.
 //! - PostgreSQL: the database URL Secret names the host's bridge address, where the node
 //!   forwards the database's port.
 //! - The image: `localhost/kinsight:<tag>`, imported into the node, `pullPolicy: Never`.
@@ -28,10 +36,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kinsight::testbed::node::HOST_ADDRESS;
+use kinsight::dev::ReceivedWebhook;
+use kinsight::testbed::node::{HOST_ADDRESS, POD_SUBNET};
 use kube::api::{Api, ListParams, LogParams, PostParams};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use common::real_node::{Stack, run_bounded};
 use common::run;
@@ -43,6 +54,11 @@ const READY_LIMIT: Duration = Duration::from_secs(180);
 const NAMESPACE: &str = "kinsight-system";
 const KEYS_NAMESPACE: &str = "kinsight-system-keys";
 const TENANT: &str = "tenant-helm";
+/// The API Service's ClusterIP, fixed (from the testbed's service range, 10.0.0.0/24)
+/// because no cluster DNS names it here.
+const API_SERVICE_IP: &str = "10.0.0.80";
+/// How long a group may take from its POST to its last event.
+const GROUP_LIMIT: Duration = Duration::from_secs(120);
 
 #[test]
 fn the_chart_installs_on_the_real_node_and_its_pods_become_ready() {
@@ -79,20 +95,15 @@ async fn the_test() {
         .expect("the testbed's PostgreSQL")
         .replace("@127.0.0.1:", &format!("@{HOST_ADDRESS}:"));
     let api_key = format!("test-key-{TENANT}");
+    let webhook_secret = kinsight::webhook::generate_secret();
     // API-key records live in a namespace of their own (the chart's default name; made
     // here, so the chart is told not to make it).
     kinsight::dev::ensure_namespace(&client, NAMESPACE)
         .await
         .expect("the release namespace");
-    kinsight::dev::create_tenant(
-        &client,
-        KEYS_NAMESPACE,
-        TENANT,
-        &api_key,
-        &kinsight::webhook::generate_secret(),
-    )
-    .await
-    .expect("a tenant and its API key");
+    kinsight::dev::create_tenant(&client, KEYS_NAMESPACE, TENANT, &api_key, &webhook_secret)
+        .await
+        .expect("a tenant and its API key");
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": { "name": "kinsight-database" },
         "stringData": { "uri": url },
@@ -107,9 +118,25 @@ async fn the_test() {
     let values = serde_json::json!({
         "image": { "repository": repository, "tag": tag, "pullPolicy": "Never" },
         "database": { "secretName": "kinsight-database" },
-        "controller": { "replicas": 2 },
         "apiKeys": { "namespace": KEYS_NAMESPACE, "createNamespace": false },
+        "api": {
+            "service": { "clusterIP": API_SERVICE_IP },
+            "resultsUrl": format!("http://{API_SERVICE_IP}/internal/v1/results"),
+        },
+        // Webhooks and image downloads reach the test's servers on the bridge.
+        "controller": { "replicas": 2, "allowEgress": POD_SUBNET },
     });
+    // The test's photo host and webhook receiver, where pods reach the host.
+    let bridge: std::net::IpAddr = HOST_ADDRESS.parse().expect("the bridge address");
+    let (photos, _photo_server) =
+        kinsight::dev::serve_folder_on(repo_path("tests/fixtures/images"), bridge)
+            .await
+            .expect("photo server on the bridge");
+    let (hook, mut webhooks, _receiver) =
+        kinsight::dev::webhook_receiver_on(&webhook_secret, bridge)
+            .await
+            .expect("webhook receiver on the bridge");
+    let hook_url = format!("http://{hook}/hook");
     let kubeconfig = plane.kubeconfig_path().to_string_lossy().into_owned();
     let install_started = Instant::now();
     let release = helm(&kubeconfig, "install", &values.to_string()).await;
@@ -197,7 +224,36 @@ async fn the_test() {
         .expect("the API pod answers");
     assert_eq!(unauthorized.status(), reqwest::StatusCode::UNAUTHORIZED);
 
-    // helm upgrade with changed values: both Deployments roll to new pods that carry them.
+    // Through its Service (kube-proxy): a group served end to end. Its worker Job runs the
+    // image and sends results to the Service's ClusterIP; each event arrives signed (the
+    // receiver takes only what verifies).
+    let service = format!("http://{API_SERVICE_IP}");
+    // kube-proxy programs the Service once its endpoints are listed (about a second).
+    eventually(
+        "the API answers through its Service",
+        Duration::from_secs(30),
+        async || {
+            http.get(format!("{service}/v1/image-groups/grp-none"))
+                .bearer_auth(&api_key)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == reqwest::StatusCode::NOT_FOUND)
+        },
+    )
+    .await;
+    let served_started = Instant::now();
+    let first = post_group(&http, &service, &api_key, &photos, &hook_url, 2).await;
+    let events = events_until_complete(&mut webhooks, &first, 2).await;
+    assert_eq!(completed_images(&events, &first), 2, "{events:#?}");
+    eprintln!(
+        "a group of 2 served through the Service in {:.1?}",
+        served_started.elapsed()
+    );
+
+    // helm upgrade with changed values, while a group runs: both Deployments roll to new
+    // pods that carry them, and the group's events all arrive.
+    let during = post_group(&http, &service, &api_key, &photos, &hook_url, 4).await;
     let before: BTreeSet<String> = listed("controller")
         .await
         .into_iter()
@@ -205,7 +261,7 @@ async fn the_test() {
         .filter_map(|p| p.metadata.name)
         .collect();
     let mut changed = values.clone();
-    changed["api"] = serde_json::json!({ "rateLimit": 50 });
+    changed["api"]["rateLimit"] = serde_json::json!(50);
     changed["controller"]["duplicateDistance"] = serde_json::json!(10);
     let upgrade_started = Instant::now();
     let release = helm(&kubeconfig, "upgrade", &changed.to_string()).await;
@@ -267,9 +323,59 @@ async fn the_test() {
         .await
         .expect("the new API pod answers");
     assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
+    let events = events_until_complete(&mut webhooks, &during, 4).await;
+    assert_eq!(
+        completed_images(&events, &during),
+        4,
+        "every image of the group that ran through the upgrade: {events:#?}"
+    );
+    eprintln!(
+        "the group posted before the upgrade completed with every event, {:.1?} after it",
+        upgrade_started.elapsed()
+    );
+
+    // What the controller made in the tenant namespace, which Helm did not make: there now.
+    let tenant_objects = async || {
+        let mut found = Vec::new();
+        let sa = Api::<ServiceAccount>::namespaced(client.clone(), TENANT);
+        if sa.get_opt("kinsight-worker").await.ok().flatten().is_some() {
+            found.push("ServiceAccount kinsight-worker");
+        }
+        let catalog = Api::<ConfigMap>::namespaced(client.clone(), TENANT);
+        if catalog
+            .get_opt("kinsight-worker-catalog")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            found.push("ConfigMap kinsight-worker-catalog");
+        }
+        let policies = Api::<NetworkPolicy>::namespaced(client.clone(), TENANT);
+        let policy = kinsight::tenancy::WORKER_NETWORK_POLICY;
+        if policies.get_opt(policy).await.ok().flatten().is_some() {
+            found.push("NetworkPolicy (workers)");
+        }
+        let bindings = Api::<RoleBinding>::namespaced(client.clone(), TENANT);
+        let binding = kinsight::tenancy::TENANT_BINDING;
+        if bindings.get_opt(binding).await.ok().flatten().is_some() {
+            found.push("RoleBinding (the controller's)");
+        }
+        found
+    };
+    assert_eq!(
+        tenant_objects().await,
+        [
+            "ServiceAccount kinsight-worker",
+            "ConfigMap kinsight-worker-catalog",
+            "NetworkPolicy (workers)",
+            "RoleBinding (the controller's)"
+        ]
+    );
 
     // helm uninstall: every object the chart made goes (the CRDs stay, as Helm leaves
-    // crds/ alone, and so do the groups customers made).
+    // crds/ alone, and so do the groups customers made), and its hook removes what the
+    // controller made in tenant namespaces.
     let release = helm(&kubeconfig, "uninstall", "{}").await;
     eprintln!(
         "helm uninstall: release {}",
@@ -313,6 +419,11 @@ async fn the_test() {
     })
     .await;
     assert!(pods_gone, "the release's pods outlive helm uninstall");
+    assert_eq!(
+        tenant_objects().await,
+        Vec::<&str>::new(),
+        "left in the tenant namespace after helm uninstall"
+    );
     Api::<CustomResourceDefinition>::all(client.clone())
         .get("imagegroups.kinsight.io")
         .await
@@ -406,4 +517,78 @@ async fn holds_within(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> 
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// POSTs a group of `count` photos (the fixtures, in turn) with the webhook `hook_url`;
+/// returns its id.
+async fn post_group(
+    http: &reqwest::Client,
+    base: &str,
+    api_key: &str,
+    photos: &std::net::SocketAddr,
+    hook_url: &str,
+    count: usize,
+) -> String {
+    let names = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"];
+    let images: Vec<_> = (0..count)
+        .map(
+            |i| serde_json::json!({ "url": format!("http://{photos}/{}", names[i % names.len()]) }),
+        )
+        .collect();
+    let response = http
+        .post(format!("{base}/v1/image-groups"))
+        .bearer_auth(api_key)
+        .json(&serde_json::json!({
+            "images": images,
+            "models": ["image_classification"],
+            "webhookUrl": hook_url,
+        }))
+        .send()
+        .await
+        .expect("the API answers through its Service");
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    body["id"].as_str().expect("the group's id").to_owned()
+}
+
+/// The webhooks received until `group`'s `image_group.completed` and an `image.completed`
+/// of each of its `images` arrived (within [`GROUP_LIMIT`]; events may come in any order),
+/// `group`'s only, each event once.
+async fn events_until_complete(
+    webhooks: &mut UnboundedReceiver<ReceivedWebhook>,
+    group: &str,
+    images: usize,
+) -> Vec<ReceivedWebhook> {
+    let mut events: Vec<ReceivedWebhook> = Vec::new();
+    let deadline = tokio::time::Instant::now() + GROUP_LIMIT;
+    loop {
+        let done = events
+            .iter()
+            .any(|e| e.payload["type"] == "image_group.completed");
+        if done && completed_images(&events, group) >= images {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, webhooks.recv()).await {
+            Ok(Some(event)) => {
+                if event.payload["data"]["groupId"] == group
+                    && !events.iter().any(|e| e.id == event.id)
+                {
+                    events.push(event);
+                }
+            }
+            _ => panic!("{group} did not complete within {GROUP_LIMIT:?}: {events:#?}"),
+        }
+    }
+    events
+}
+
+/// How many distinct images of `group` have an `image.completed` event among `events`.
+fn completed_images(events: &[ReceivedWebhook], group: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e.payload["type"] == "image.completed" && e.payload["data"]["groupId"] == group)
+        .filter_map(|e| e.payload["data"]["imageId"].as_str())
+        .collect::<BTreeSet<_>>()
+        .len()
 }

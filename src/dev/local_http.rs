@@ -67,14 +67,27 @@ pub async fn webhook_receiver(
     ),
     String,
 > {
+    webhook_receiver_on(secret, std::net::Ipv4Addr::LOCALHOST.into()).await
+}
+
+/// [`webhook_receiver`] on another address of this machine (e.g. a pod network's gateway).
+pub async fn webhook_receiver_on(
+    secret: &str,
+    address: std::net::IpAddr,
+) -> Result<
+    (
+        SocketAddr,
+        mpsc::UnboundedReceiver<ReceivedWebhook>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
     let verifier = Webhook::new(secret).map_err(|e| format!("webhook secret: {e}"))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let app = Router::new()
         .route("/hook", post(receive))
         .with_state(Arc::new((verifier, tx)));
-    let (addr, handle) = serve(app, std::net::Ipv4Addr::LOCALHOST.into())
-        .await
-        .map_err(|e| e.to_string())?;
+    let (addr, handle) = serve(app, address).await.map_err(|e| e.to_string())?;
     Ok((addr, rx, handle))
 }
 

@@ -4,7 +4,9 @@
 mod local_http;
 mod setup;
 
-pub use local_http::{ReceivedWebhook, serve_folder, serve_folder_on, webhook_receiver};
+pub use local_http::{
+    ReceivedWebhook, serve_folder, serve_folder_on, webhook_receiver, webhook_receiver_on,
+};
 pub use setup::{SetupError, create_tenant, ensure_namespace, install_crds};
 
 use std::net::SocketAddr;

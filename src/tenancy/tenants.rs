@@ -229,6 +229,23 @@ pub async fn run(
     }
 }
 
+/// Removes what controllers made in every tenant namespace (each one's worker
+/// ServiceAccount, catalog ConfigMap, workers' NetworkPolicy and, last, the controller's
+/// RoleBinding): the chart's uninstall runs it before the controllers go, since objects in
+/// other namespaces are nothing Helm made. Returns the namespaces cleaned; stops at the
+/// first that fails (run it again: what is gone stays gone).
+pub async fn remove_all(
+    client: &Client,
+    config: &TenancyConfig,
+) -> Result<Vec<String>, kube::Error> {
+    let mut cleaned = Vec::new();
+    for namespace in bound_namespaces(client).await? {
+        unbind(client, config, &namespace).await?;
+        cleaned.push(namespace);
+    }
+    Ok(cleaned)
+}
+
 fn managed() -> BTreeMap<String, String> {
     BTreeMap::from([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())])
 }
