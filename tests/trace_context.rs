@@ -5,7 +5,8 @@
 //! sent it (a `tracestate` without a valid `traceparent` is dropped, as the spec asks).
 //! A group posted without one, or with
 //! one that does not parse, gets a new trace, the same across all its webhooks; one applied
-//! with kubectl, the trace its uid names.
+//! with kubectl, the trace its uid names. A PATCH with its own trace context moves the
+//! group's later events (the new image's, the group's update) to it.
 
 mod common;
 
@@ -51,11 +52,16 @@ async fn post_group(h: &Harness, traceparent: Option<&str>) -> (String, TracePar
     (body["id"].as_str().expect("id").to_owned(), answered)
 }
 
-/// The group's webhooks, each event once, once its group event arrived.
+/// The group's webhooks, each event once, once its group event (`image_group.completed`,
+/// or `image_group.updated` after a PATCH) arrived.
 async fn webhooks_of(h: &mut Harness, group: &str) -> Vec<ReceivedWebhook> {
+    webhooks_until(h, group, "image_group.completed").await
+}
+
+async fn webhooks_until(h: &mut Harness, group: &str, last: &str) -> Vec<ReceivedWebhook> {
     let mut events: Vec<ReceivedWebhook> = h
         .collect_webhooks(LIMIT, |e| {
-            of_type(e, "image_group.completed")
+            of_type(e, last)
                 .iter()
                 .any(|g| g.payload["data"]["groupId"] == group)
         })
@@ -133,6 +139,56 @@ async fn every_webhook_of_a_group_carries_its_trace() {
     assert_eq!(spans.len(), traced.len(), "{traced:?}");
     // The client's tracestate, on each, as sent.
     assert_eq!(trace_states(&events), vec![Some(CLIENT_STATE); 3]);
+
+    // A PATCH with a traceparent moves the group's later events to that trace, with the
+    // PATCH's tracestate: the new image's event and the group's update.
+    const PATCHED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = reqwest::Client::new()
+        .patch(format!("{}/v1/image-groups/{group}", h.api_url))
+        .bearer_auth(&h.api_key)
+        .header("traceparent", PATCHED)
+        .header("tracestate", "patched=1")
+        .json(&json!({ "addImages": [{ "id": "cat", "url": h.photo_url("chelsea.png") }] }))
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(response.status().as_u16(), 202);
+    let patched_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let answered = response
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .expect("the PATCH's answer carries a traceparent");
+    assert_eq!(answered.trace_id_hex(), patched_trace);
+    let update = webhooks_until(&mut h, &group, "image_group.updated").await;
+    let kinds: Vec<&str> = update
+        .iter()
+        .filter_map(|e| e.payload["type"].as_str())
+        .collect();
+    assert!(kinds.contains(&"image_group.updated"), "{kinds:?}");
+    assert!(
+        of_type(&update, "image.completed")
+            .iter()
+            .any(|e| e.payload["data"]["imageId"] == "cat"),
+        "{update:#?}"
+    );
+    for event in &update {
+        if event.payload["type"] == "image.completed" && event.payload["data"]["imageId"] != "cat" {
+            continue;
+        }
+        let trace = traces(std::slice::from_ref(event)).remove(0);
+        assert_eq!(
+            trace.trace_id_hex(),
+            patched_trace,
+            "{}",
+            event.payload["type"]
+        );
+        assert_eq!(
+            trace_states(std::slice::from_ref(event)),
+            vec![Some("patched=1")]
+        );
+    }
 
     // Without a traceparent, and with one that does not parse (ignored, never an error):
     // a new trace each, the same across the group's webhooks.
