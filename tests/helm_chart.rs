@@ -394,6 +394,7 @@ async fn chart_installs_into_a_real_cluster() {
         (CONTROLLER, "tenant-a", "", "secrets", "", "get", false),
         (CONTROLLER, "tenant-a", "", "configmaps", "", "patch", false),
         (CONTROLLER, "tenant-a", "", "serviceaccounts", "", "patch", false),
+        (CONTROLLER, "tenant-a", "", "pods", "", "list", false),
         (CONTROLLER, "tenant-a", "events.k8s.io", "events", "", "create", false),
         (CONTROLLER, "kube-system", "batch", "jobs", "", "create", false),
         (CONTROLLER, "kube-system", "", "secrets", "", "get", false),
@@ -586,8 +587,12 @@ async fn tenants_come_and_go(cluster: &TestCluster, admin: &kube::Client, contai
         (CONTROLLER, "tenant-a", "", "secrets", "", "get", true),
         (CONTROLLER, "tenant-a", "", "configmaps", "", "patch", true),
         (CONTROLLER, "tenant-a", "events.k8s.io", "events", "", "create", true),
+        // A failed worker's pods, to say how it ended; read only.
+        (CONTROLLER, "tenant-a", "", "pods", "", "list", true),
+        (CONTROLLER, "tenant-a", "", "pods", "", "delete", false),
         // Still nothing elsewhere, and still no Secret written.
         (CONTROLLER, "bystander", "batch", "jobs", "", "create", false),
+        (CONTROLLER, "bystander", "", "pods", "", "list", false),
         (CONTROLLER, "kube-system", "", "secrets", "", "get", false),
         (CONTROLLER, "tenant-a", "", "secrets", "", "create", false),
     ]).await;

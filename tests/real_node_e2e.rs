@@ -111,8 +111,8 @@ async fn the_test() {
     tasks.push(photo_server);
     let api_url = serve_api(&client, &store, &models, bridge, &mut tasks).await;
 
-    let config = ControllerConfig {
-        models,
+    let config = |worker_memory: &str| ControllerConfig {
+        models: models.clone(),
         worker_image: image.clone(),
         results_url: format!("{api_url}{INGEST_PATH}"),
         // The catalog through its ConfigMap, the model files from the image.
@@ -122,22 +122,23 @@ async fn the_test() {
         // The photo server's one private address, nothing else (the default opens none).
         egress: kinsight::net::EgressPolicy::parse(HOST_ADDRESS).expect("egress"),
         worker_cpu: "1".into(),
-        worker_memory: "1Gi".into(),
+        worker_memory: worker_memory.into(),
         // A failed worker fails the test at once, with its log, instead of retrying.
         worker_backoff_limit: 0,
         worker_deadline: Duration::from_secs(240),
         ..ControllerConfig::default()
     };
-    {
+    let start_controller = |config: ControllerConfig| {
         let (client, store) = (client.clone(), store.clone());
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             if let Err(e) =
                 kinsight::controller::run(client, store, config, Shutdown::never()).await
             {
                 eprintln!("controller stopped: {e}");
             }
-        }));
-    }
+        })
+    };
+    let controller = start_controller(config("1Gi"));
 
     let http = reqwest::Client::new();
     eventually(
@@ -334,6 +335,58 @@ async fn the_test() {
         "group of {} photos completed {completed_in:.1?} after its POST",
         PHOTOS.len()
     );
+
+    // Workers limited to 40 MiB: the kernel kills the worker (it maps ONNX Runtime and a
+    // model), the Job fails, and each image fails with a reason that says how.
+    controller.abort();
+    let _ = controller.await;
+    let controller = start_controller(config("40Mi"));
+    let response = http
+        .post(format!("{api_url}/v1/image-groups"))
+        .bearer_auth(&api_key)
+        .json(&serde_json::json!({ "images": images, "models": [MODEL] }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let body: serde_json::Value = response.json().await.expect("body");
+    let starved = body["id"].as_str().expect("id").to_owned();
+    let starved_ref = common::group_ref(
+        &Api::<kinsight::crd::ImageGroup>::namespaced(client.clone(), NAMESPACE)
+            .get(&starved)
+            .await
+            .expect("group"),
+    );
+    let failed = eventually(
+        "each image of the starved group fails",
+        GROUP_LIMIT,
+        async || {
+            let results = store.group_results(&starved_ref).await.ok()?;
+            (results.len() == PHOTOS.len() && results.values().all(|r| r.failure.is_some()))
+                .then_some(results)
+        },
+    )
+    .await;
+    let selector = format!("kinsight.io/group={starved}");
+    for (id, result) in &failed {
+        let failure = result.failure.as_ref().expect("failure");
+        assert_eq!(failure.reason, "WorkerFailed", "{id}: {failure:?}");
+        assert!(
+            failure.message.contains("exit 137") && failure.message.contains("40Mi"),
+            "{id}: {failure:?}\n{}",
+            worker_report(&pods, &selector).await
+        );
+    }
+    eprintln!(
+        "a worker over its memory limit: {}",
+        failed
+            .values()
+            .next()
+            .and_then(|r| r.failure.as_ref())
+            .map(|f| f.message.as_str())
+            .unwrap_or_default()
+    );
+    controller.abort();
 
     for task in &tasks {
         task.abort();

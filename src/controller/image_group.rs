@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -18,7 +18,7 @@ use tracing::Instrument;
 use super::fair_queue::{Admission, Lane, ObjectKey, PositionBucket};
 use super::job::{
     MAX_IMAGES_PER_JOB, build_job, catalog_config_map, finished, job_name, job_owner,
-    left_images_failure, work_order_config_map, worker_account,
+    left_images_failure, work_order_config_map, worker_account, worker_termination,
 };
 use super::scheduler::{Placement, kueue_queue};
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
@@ -626,9 +626,14 @@ async fn ensure_worker_jobs(
     let mut left = Vec::new();
     for name in started_before {
         let job = jobs.get_opt(name).await?;
-        if let (Some(images), Some((reason, message))) =
+        if let (Some(images), Some((reason, mut message))) =
             (shards.get(name), left_images_failure(job.as_ref()))
         {
+            if job.as_ref().and_then(finished) == Some(false)
+                && let Some(ended) = worker_ended(ctx, namespace, name).await
+            {
+                message = format!("{message}; {ended}");
+            }
             left.push((images, reason, message));
         }
     }
@@ -654,6 +659,20 @@ async fn ensure_worker_jobs(
         }
     }
     Ok(waits)
+}
+
+/// How a failed Job's worker ended (e.g. OOMKilled at its memory limit), from its pods;
+/// `None` when they are gone or cannot be read (the failure is recorded without it).
+async fn worker_ended(ctx: &Context, namespace: &str, job: &str) -> Option<String> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let params = ListParams::default().labels(&format!("job-name={job}"));
+    match pods.list(&params).await {
+        Ok(list) => worker_termination(&list.items),
+        Err(e) => {
+            tracing::warn!(job, error = %e, "reading a failed worker Job's pods");
+            None
+        }
+    }
 }
 
 /// Asks the scheduler (or hands to Kueue) the Jobs of `shards` not started yet, creates

@@ -12,7 +12,7 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapProjection, ConfigMapVolumeSource, Container,
     DownwardAPIProjection, DownwardAPIVolumeFile, EmptyDirVolumeSource, EnvVar, KeyToPath,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, ProjectedVolumeSource,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, ProjectedVolumeSource,
     ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccount,
     ServiceAccountTokenProjection, Toleration, Volume, VolumeMount, VolumeProjection,
 };
@@ -623,6 +623,59 @@ pub fn left_images_failure(job: Option<&Job>) -> Option<(&'static str, String)> 
             None => message.to_owned(),
         },
     ))
+}
+
+/// How the worker's container ended, from the failed Job's pods (`job-name` label): an
+/// OOM kill first (with the memory limit it hit), else the last non-zero exit and its
+/// reason. The Job's own condition says only that its pods failed.
+pub fn worker_termination(pods: &[Pod]) -> Option<String> {
+    let ended = pods.iter().flat_map(|pod| {
+        let limit = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.resources.as_ref())
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("memory"))
+            .map(|q| q.0.clone());
+        let statuses = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref());
+        statuses.into_iter().flatten().flat_map(move |c| {
+            let limit = limit.clone();
+            [c.state.as_ref(), c.last_state.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.terminated.as_ref())
+                .filter(|t| t.exit_code != 0)
+                .map(move |t| (t.reason.clone(), t.exit_code, limit.clone()))
+        })
+    });
+    let ended: Vec<_> = ended.collect();
+    if let Some((_, code, limit)) = ended
+        .iter()
+        .find(|(reason, _, _)| reason.as_deref() == Some("OOMKilled"))
+    {
+        return Some(match limit {
+            Some(limit) => {
+                format!("the worker was OOMKilled (exit {code}) at its memory limit of {limit}")
+            }
+            None => format!("the worker was OOMKilled (exit {code})"),
+        });
+    }
+    // 137 is SIGKILL: where the runtime missed the OOM event (containerd may see the exit
+    // first), the limit is still the likely cause.
+    ended.first().map(|(reason, code, limit)| {
+        let reason = reason.as_deref().unwrap_or("no reason given");
+        match limit {
+            Some(limit) if *code == 137 => format!(
+                "the worker was killed (exit 137, {reason}) with a memory limit of {limit}: \
+                 out of memory, or killed from outside"
+            ),
+            _ => format!("the worker exited with {code} ({reason})"),
+        }
+    })
 }
 
 /// Why a failed Job failed, as its `Failed` condition says (e.g. `DeadlineExceeded: Job was
@@ -1240,5 +1293,47 @@ mod tests {
         assert_ne!(job_name(&"y".repeat(80), 12, 0), name);
         let shard = job_name(&long, 12, 9);
         assert!(shard.len() <= 63 && shard.ends_with("-g12-9"), "{shard}");
+    }
+
+    #[test]
+    fn a_failed_workers_pods_say_how_it_ended() {
+        let pod = |reason: Option<&str>, code: i32, limit: Option<&str>| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "spec": { "containers": [{
+                    "name": "worker",
+                    "resources": limit.map(|l| serde_json::json!({ "limits": { "memory": l } })),
+                }]},
+                "status": { "containerStatuses": [{
+                    "name": "worker", "image": "kinsight", "imageID": "", "ready": false,
+                    "restartCount": 0,
+                    "state": { "terminated": { "exitCode": code, "reason": reason } },
+                }]},
+            }))
+            .expect("pod")
+        };
+        // An OOM kill wins over another pod's plain failure, and names the limit.
+        let pods = [
+            pod(Some("Error"), 1, None),
+            pod(Some("OOMKilled"), 137, Some("64Mi")),
+        ];
+        assert_eq!(
+            worker_termination(&pods).as_deref(),
+            Some("the worker was OOMKilled (exit 137) at its memory limit of 64Mi")
+        );
+        assert_eq!(
+            worker_termination(&[pod(Some("Error"), 2, None)]).as_deref(),
+            Some("the worker exited with 2 (Error)")
+        );
+        // Killed at the limit, the OOM event missed: the limit is named all the same.
+        assert_eq!(
+            worker_termination(&[pod(Some("Error"), 137, Some("40Mi"))]).as_deref(),
+            Some(
+                "the worker was killed (exit 137, Error) with a memory limit of 40Mi: out of \
+                 memory, or killed from outside"
+            )
+        );
+        // A clean exit, or no pods left: nothing to add.
+        assert_eq!(worker_termination(&[pod(Some("Completed"), 0, None)]), None);
+        assert_eq!(worker_termination(&[]), None);
     }
 }
