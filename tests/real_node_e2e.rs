@@ -387,6 +387,94 @@ async fn the_test() {
             .unwrap_or_default()
     );
     controller.abort();
+    let _ = controller.await;
+
+    // A worker pod deleted while it runs is replaced by its Job (backoff limit 2 now), and
+    // the group completes with every result: the new pod does the work order again (the
+    // store takes each image once per generation).
+    let controller = start_controller(ControllerConfig {
+        worker_backoff_limit: 2,
+        ..config("1Gi")
+    });
+    const MANY: usize = 1000;
+    let many: Vec<_> = (0..MANY)
+        .map(|i| serde_json::json!({ "id": format!("m{i}"), "url": format!("http://{photos}/{}", PHOTOS[i % PHOTOS.len()]) }))
+        .collect();
+    let response = http
+        .post(format!("{api_url}/v1/image-groups"))
+        .bearer_auth(&api_key)
+        .json(&serde_json::json!({ "images": many, "models": [MODEL] }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let body: serde_json::Value = response.json().await.expect("body");
+    let long = body["id"].as_str().expect("id").to_owned();
+    let selector = format!("kinsight.io/group={long}");
+    let running = eventually(
+        "the long group's worker container runs",
+        GROUP_LIMIT,
+        async || {
+            let pods = pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?;
+            pods.items.into_iter().find(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                    })
+            })
+        },
+    )
+    .await;
+    let deleted = running.metadata.name.clone().expect("pod name");
+    let deleting = Instant::now();
+    pods.delete(&deleted, &kube::api::DeleteParams::default())
+        .await
+        .expect("delete the worker pod");
+    let polled = eventually("the long group completes", GROUP_LIMIT, async || {
+        let (_, polled) = get(&http, &api_url, &api_key, &long).await;
+        (polled["status"] == "completed").then_some(polled)
+    })
+    .await;
+    assert_eq!(polled["imagesDone"], MANY, "{polled:#}");
+    let long_ref = common::group_ref(
+        &Api::<kinsight::crd::ImageGroup>::namespaced(client.clone(), NAMESPACE)
+            .get(&long)
+            .await
+            .expect("group"),
+    );
+    let results = store.group_results(&long_ref).await.expect("results");
+    assert_eq!(results.len(), MANY);
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|(_, r)| r.failure.is_some())
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    let finished: Vec<String> = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert!(
+        !finished.is_empty() && !finished.contains(&deleted),
+        "a replacement pod finished the work, not {deleted}: {finished:?}"
+    );
+    eprintln!(
+        "worker pod {deleted} deleted while running; its replacement {} completed the group \
+         of {MANY} {:.1?} later",
+        finished.join(", "),
+        deleting.elapsed()
+    );
+    controller.abort();
 
     for task in &tasks {
         task.abort();

@@ -42,6 +42,8 @@ pub const POD_SUBNET: &str = "10.244.91.0/24";
 /// The control plane's `--service-cluster-ip-range`, and the `kubernetes` Service's ClusterIP.
 const SERVICE_SUBNET: &str = "10.0.0.0/24";
 pub const HOST_ADDRESS: &str = "10.244.91.1";
+/// The bridge's own MAC (locally administered), fixed for as long as it lives.
+const BRIDGE_MAC: &str = "02:6b:69:6e:73:01";
 const KUBELET: &str = "kubelet";
 const KUBE_PROXY: &str = "kube-proxy";
 const CONTAINERD: &str = "containerd";
@@ -693,7 +695,12 @@ async fn machine_lock() -> Result<File, TestbedError> {
 fn make_bridge() -> Result<(), TestbedError> {
     let exists = run_quietly("ip", &["link", "show", BRIDGE]);
     let address = format!("{HOST_ADDRESS}/24");
+    // A fixed MAC: a Linux bridge otherwise takes the lowest of its ports', so it changes
+    // when a pod's veth goes, and pods' ARP entries for the host point at a MAC that no
+    // longer answers for up to half a minute (seen: downloads from the host timing out in
+    // the pod that replaced a deleted one).
     let mut steps = vec![
+        vec!["link", "set", BRIDGE, "address", BRIDGE_MAC],
         vec!["addr", "replace", address.as_str(), "dev", BRIDGE],
         vec!["link", "set", BRIDGE, "up"],
     ];
