@@ -543,8 +543,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(trace) = trace {
                 kinsight::trace::start(&span, Some(&trace));
             }
-            tracing::Instrument::instrument(kinsight::worker::run(order, uploader, options), span)
-                .await?;
+            // In its container the worker is PID 1, which the kernel spares signals it has
+            // no handler for: without this, a deleted pod's worker would go on for the
+            // whole grace period (30 s) beside the pod replacing it.
+            let stop = Shutdown::on_signals();
+            let work = tracing::Instrument::instrument(
+                kinsight::worker::run(order, uploader, options),
+                span,
+            );
+            tokio::select! {
+                outcome = work => { outcome?; }
+                () = stop.requested() => anyhow::bail!(
+                    "stopped by a signal before the work order was done; the results sent so \
+                     far are stored and the Job's next pod does the rest"
+                ),
+            }
         }
         Command::Bench(args) => {
             kinsight::bench::run(args).await?;
