@@ -3,7 +3,8 @@
 //! `kinsight worker` process, by the standard OTEL_EXPORTER_OTLP_ENDPOINT on its Job), a
 //! group posted with a `traceparent` gets spans of that trace id from the request, the
 //! reconciles, the deliveries and the worker (its per-image fetch, decode and model runs
-//! included), each the child of the span that led to it.
+//! included), each the child of the span that led to it. The worker exports OTLP/JSON
+//! (`OTEL_EXPORTER_OTLP_PROTOCOL=http/json`), this process protobuf, the default.
 
 mod common;
 
@@ -31,13 +32,17 @@ struct Exported {
     parent: String,
 }
 
-/// The spans in OTLP/protobuf export requests.
-fn decode(bodies: &[Bytes]) -> Vec<Exported> {
+/// The spans in OTLP export requests, each protobuf or JSON as its content type says.
+fn decode(bodies: &[(String, Bytes)]) -> Vec<Exported> {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message;
     let mut spans = Vec::new();
-    for body in bodies {
-        let request = ExportTraceServiceRequest::decode(body.as_ref()).expect("OTLP protobuf");
+    for (content_type, body) in bodies {
+        let request: ExportTraceServiceRequest = if content_type == "application/json" {
+            serde_json::from_slice(body).expect("OTLP JSON")
+        } else {
+            ExportTraceServiceRequest::decode(body.as_ref()).expect("OTLP protobuf")
+        };
         for resource in request.resource_spans {
             let service = resource
                 .resource
@@ -73,14 +78,21 @@ fn named<'a>(spans: &'a [Exported], service: &str, name: &str) -> Vec<&'a Export
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_of_the_clients_trace_reach_the_collector() {
-    let received: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let received: Arc<Mutex<Vec<(String, Bytes)>>> = Arc::default();
     let sink = received.clone();
     let collector = common::serve_on_loopback(axum::Router::new().route(
         "/v1/traces",
-        post(move |body: Bytes| async move {
-            sink.lock().expect("lock").push(body);
-            "{}"
-        }),
+        post(
+            move |headers: axum::http::HeaderMap, body: Bytes| async move {
+                let content_type = headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                sink.lock().expect("lock").push((content_type, body));
+                "{}"
+            },
+        ),
     ))
     .await;
     let provider =
@@ -95,6 +107,9 @@ async fn spans_of_the_clients_trace_reach_the_collector() {
         config
             .worker_env
             .push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), collector.clone()));
+        config
+            .worker_env
+            .push(("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "http/json".into()));
     })
     .await;
     let response = reqwest::Client::new()
@@ -153,6 +168,17 @@ async fn spans_of_the_clients_trace_reach_the_collector() {
         },
     )
     .await;
+    // The worker's requests came as JSON, ours as protobuf.
+    let encodings: std::collections::BTreeSet<String> = received
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(content_type, _)| content_type.clone())
+        .collect();
+    assert_eq!(
+        encodings.into_iter().collect::<Vec<_>>(),
+        ["application/json", "application/x-protobuf"]
+    );
     // The request is a child of the client's span; reconciles and deliveries of the
     // request's; the worker of a reconcile (the one that made its Job); each image's fetch and
     // inference of the worker.

@@ -2,7 +2,8 @@
 //! variables ask for it: `OTEL_TRACES_EXPORTER=otlp`, or an endpoint
 //! (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) with
 //! `OTEL_TRACES_EXPORTER` not `none`. `OTEL_SERVICE_NAME` names the service (default
-//! `kinsight-<command>`). Spans leave in batches from a thread of the SDK's, so exporting
+//! `kinsight-<command>`). `OTEL_EXPORTER_OTLP_PROTOCOL` (or `..._TRACES_PROTOCOL`) picks
+//! `http/protobuf` (the default) or `http/json`; gRPC is not built. Spans leave in batches from a thread of the SDK's, so exporting
 //! never holds up a request; a collector that is down loses spans, nothing else.
 
 use opentelemetry::Context;
@@ -41,6 +42,12 @@ pub fn provider(service: &str, endpoint: Option<&str>) -> Result<SdkTracerProvid
     // Its HTTP client is reqwest with rustls: the provider must be chosen first.
     crate::install_crypto_provider();
     let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+    // The library reads the protocol variables itself; unset, it would default to JSON
+    // (with both encodings built), where the spec's default is protobuf.
+    match protocol_asked(|name| std::env::var(name).ok())? {
+        Some(_) => {}
+        None => exporter = exporter.with_protocol(opentelemetry_otlp::Protocol::HttpBinary),
+    }
     if let Some(endpoint) = endpoint {
         exporter = exporter.with_endpoint(endpoint);
     }
@@ -55,6 +62,29 @@ pub fn provider(service: &str, endpoint: Option<&str>) -> Result<SdkTracerProvid
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
         .build())
+}
+
+/// The OTLP protocol the environment (read by `var`) asks for, if any: `http/protobuf` or
+/// `http/json`; anything else (`grpc` included: not built) is an error that names it.
+pub fn protocol_asked(var: impl Fn(&str) -> Option<String>) -> Result<Option<String>, String> {
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        let Some(value) = var(name).map(|v| v.trim().to_ascii_lowercase()) else {
+            continue;
+        };
+        if value.is_empty() {
+            continue;
+        }
+        return match value.as_str() {
+            "http/protobuf" | "http/json" => Ok(Some(value)),
+            _ => Err(format!(
+                "{name}={value}: spans are exported over http/protobuf or http/json"
+            )),
+        };
+    }
+    Ok(None)
 }
 
 /// The layer that turns `tracing` spans into exported ones.
@@ -133,5 +163,28 @@ mod tests {
             ("OTEL_TRACES_EXPORTER", "none"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
         ])));
+    }
+
+    #[test]
+    fn the_protocol_is_protobuf_or_json_and_anything_else_is_named() {
+        assert_eq!(protocol_asked(env(&[])), Ok(None));
+        assert_eq!(
+            protocol_asked(env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "HTTP/JSON")])),
+            Ok(Some("http/json".to_owned()))
+        );
+        // The traces' own variable wins.
+        assert_eq!(
+            protocol_asked(env(&[
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ])),
+            Ok(Some("http/protobuf".to_owned()))
+        );
+        let grpc = protocol_asked(env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]));
+        assert!(
+            grpc.as_ref()
+                .is_err_and(|e| e.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc")),
+            "{grpc:?}"
+        );
     }
 }
