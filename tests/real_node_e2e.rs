@@ -161,16 +161,7 @@ async fn the_test() {
         .map(|(i, n)| serde_json::json!({ "id": format!("i{i}"), "url": format!("http://{photos}/{n}") }))
         .collect();
     let posted = Instant::now();
-    let response = http
-        .post(format!("{api_url}/v1/image-groups"))
-        .bearer_auth(&api_key)
-        .json(&serde_json::json!({ "images": images, "models": [MODEL] }))
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
-    let body: serde_json::Value = response.json().await.expect("body");
-    let group_id = body["id"].as_str().expect("id").to_owned();
+    let group_id = post_group(&http, &api_url, &api_key, &images).await;
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let jobs: Api<Job> = Api::namespaced(client.clone(), NAMESPACE);
@@ -316,13 +307,8 @@ async fn the_test() {
     );
 
     // Every image's result is stored, with the model's output.
-    let group_ref = common::group_ref(
-        &Api::<kinsight::crd::ImageGroup>::namespaced(client.clone(), NAMESPACE)
-            .get(&group_id)
-            .await
-            .expect("group"),
-    );
-    let results = store.group_results(&group_ref).await.expect("results");
+    let first_ref = group_ref(&client, &group_id).await;
+    let results = store.group_results(&first_ref).await.expect("results");
     assert_eq!(results.len(), 4, "{results:#?}\n{log}");
     for (id, result) in &results {
         assert!(result.failure.is_none(), "{id}: {result:#?}\n{log}");
@@ -341,22 +327,8 @@ async fn the_test() {
     controller.abort();
     let _ = controller.await;
     let controller = start_controller(config("40Mi"));
-    let response = http
-        .post(format!("{api_url}/v1/image-groups"))
-        .bearer_auth(&api_key)
-        .json(&serde_json::json!({ "images": images, "models": [MODEL] }))
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
-    let body: serde_json::Value = response.json().await.expect("body");
-    let starved = body["id"].as_str().expect("id").to_owned();
-    let starved_ref = common::group_ref(
-        &Api::<kinsight::crd::ImageGroup>::namespaced(client.clone(), NAMESPACE)
-            .get(&starved)
-            .await
-            .expect("group"),
-    );
+    let starved = post_group(&http, &api_url, &api_key, &images).await;
+    let starved_ref = group_ref(&client, &starved).await;
     let failed = eventually(
         "each image of the starved group fails",
         GROUP_LIMIT,
@@ -400,16 +372,7 @@ async fn the_test() {
     let many: Vec<_> = (0..MANY)
         .map(|i| serde_json::json!({ "id": format!("m{i}"), "url": format!("http://{photos}/{}", PHOTOS[i % PHOTOS.len()]) }))
         .collect();
-    let response = http
-        .post(format!("{api_url}/v1/image-groups"))
-        .bearer_auth(&api_key)
-        .json(&serde_json::json!({ "images": many, "models": [MODEL] }))
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
-    let body: serde_json::Value = response.json().await.expect("body");
-    let long = body["id"].as_str().expect("id").to_owned();
+    let long = post_group(&http, &api_url, &api_key, &many).await;
     let selector = format!("kinsight.io/group={long}");
     let running = eventually(
         "the long group's worker container runs",
@@ -442,12 +405,7 @@ async fn the_test() {
     })
     .await;
     assert_eq!(polled["imagesDone"], MANY, "{polled:#}");
-    let long_ref = common::group_ref(
-        &Api::<kinsight::crd::ImageGroup>::namespaced(client.clone(), NAMESPACE)
-            .get(&long)
-            .await
-            .expect("group"),
-    );
+    let long_ref = group_ref(&client, &long).await;
     let results = store.group_results(&long_ref).await.expect("results");
     assert_eq!(results.len(), MANY);
     let failed: Vec<_> = results
@@ -455,17 +413,26 @@ async fn the_test() {
         .filter(|(_, r)| r.failure.is_some())
         .collect();
     assert!(failed.is_empty(), "{failed:#?}");
-    let finished: Vec<String> = pods
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .expect("pods")
-        .items
-        .into_iter()
-        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
-        .filter_map(|p| p.metadata.name)
-        .collect();
+    // The kubelet reports the replacement's exit a moment after its last result is stored.
+    let finished: Vec<String> = eventually(
+        "the replacement pod succeeds",
+        Duration::from_secs(60),
+        async || {
+            let succeeded: Vec<String> = pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+                .filter_map(|p| p.metadata.name)
+                .collect();
+            (!succeeded.is_empty()).then_some(succeeded)
+        },
+    )
+    .await;
     assert!(
-        !finished.is_empty() && !finished.contains(&deleted),
+        !finished.contains(&deleted),
         "a replacement pod finished the work, not {deleted}: {finished:?}"
     );
     eprintln!(
@@ -522,4 +489,33 @@ async fn worker_report(pods: &Api<Pod>, selector: &str) -> String {
         report.push_str(&format!("pod {name}: {:#?}\nlog:\n{log}\n", pod.status));
     }
     report
+}
+
+/// POSTs a group of `images` with the test's model through the REST API; its id.
+async fn post_group(
+    http: &reqwest::Client,
+    api_url: &str,
+    api_key: &str,
+    images: &[serde_json::Value],
+) -> String {
+    let response = http
+        .post(format!("{api_url}/v1/image-groups"))
+        .bearer_auth(api_key)
+        .json(&serde_json::json!({ "images": images, "models": [MODEL] }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let body: serde_json::Value = response.json().await.expect("body");
+    body["id"].as_str().expect("id").to_owned()
+}
+
+/// The stored group's reference (its uid keys its results).
+async fn group_ref(client: &kube::Client, group: &str) -> kinsight::results::GroupRef {
+    common::group_ref(
+        &Api::<kinsight::crd::ImageGroup>::namespaced(client.clone(), NAMESPACE)
+            .get(group)
+            .await
+            .expect("group"),
+    )
 }

@@ -42,14 +42,19 @@ async fn post_group(h: &Harness, traceparent: Option<&str>) -> (String, TracePar
     }
     let response = request.send().await.expect("POST");
     assert_eq!(response.status().as_u16(), 202);
-    let answered = response
+    let answered = answered_trace(&response);
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    (body["id"].as_str().expect("id").to_owned(), answered)
+}
+
+/// The `traceparent` an answer carries; fails the test when it has none or an invalid one.
+fn answered_trace(response: &reqwest::Response) -> TraceParent {
+    response
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse)
-        .expect("the answer carries a valid traceparent");
-    let body: serde_json::Value = response.json().await.expect("JSON");
-    (body["id"].as_str().expect("id").to_owned(), answered)
+        .expect("the answer carries a valid traceparent")
 }
 
 /// The group's webhooks, each event once, once its group event (`image_group.completed`,
@@ -154,12 +159,7 @@ async fn every_webhook_of_a_group_carries_its_trace() {
         .expect("PATCH");
     assert_eq!(response.status().as_u16(), 202);
     let patched_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let answered = response
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceParent::parse)
-        .expect("the PATCH's answer carries a traceparent");
+    let answered = answered_trace(&response);
     assert_eq!(answered.trace_id_hex(), patched_trace);
     let update = webhooks_until(&mut h, &group, "image_group.updated").await;
     let kinds: Vec<&str> = update

@@ -364,12 +364,11 @@ impl Dispatcher {
             span.record("trace_id", trace.trace_id_hex());
             span.record("span_id", hex::encode(trace.span_id));
         }
-        // The client's tracestate goes on with its trace, unchanged (we add no entry).
+        // The client's tracestate goes on with its trace, unchanged (we add no entry); it is
+        // only ever recorded beside a traceparent (see `TraceContext::annotated`).
         let headers = TraceContext {
             traceparent: trace.map(|t| t.to_string()),
-            tracestate: recorded
-                .tracestate
-                .filter(|_| recorded.traceparent.is_some()),
+            tracestate: recorded.tracestate,
         };
         let (at, started) = (jiff::Timestamp::now(), Instant::now());
         let outcome = ctx

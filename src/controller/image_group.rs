@@ -626,15 +626,11 @@ async fn ensure_worker_jobs(
     let mut left = Vec::new();
     for name in started_before {
         let job = jobs.get_opt(name).await?;
-        if let (Some(images), Some((reason, mut message))) =
+        if let (Some(images), Some((reason, message))) =
             (shards.get(name), left_images_failure(job.as_ref()))
         {
-            if job.as_ref().and_then(finished) == Some(false)
-                && let Some(ended) = worker_ended(ctx, namespace, name).await
-            {
-                message = format!("{message}; {ended}");
-            }
-            left.push((images, reason, message));
+            let failed = job.as_ref().and_then(finished) == Some(false);
+            left.push((name, failed, images, reason, message));
         }
     }
     if left.is_empty() {
@@ -646,10 +642,20 @@ async fn ensure_worker_jobs(
     let stored = ctx.store.group_results(group_ref).await?;
     let models = &group.spec.models;
     let planner = events::ImageEvents::new(Arc::new(group.clone()));
-    for (images, reason, message) in left {
-        let failures: Vec<ImageResult> = images
+    for (name, failed, images, reason, mut message) in left {
+        let without: Vec<_> = images
             .iter()
             .filter(|item| !stored.get(&item.id).is_some_and(|r| r.covers(models)))
+            .collect();
+        if without.is_empty() {
+            continue;
+        }
+        // Only now, with images to fail, ask the failed Job's pods how its worker ended.
+        if failed && let Some(ended) = worker_ended(ctx, namespace, name).await {
+            message = format!("{message}; {ended}");
+        }
+        let failures: Vec<ImageResult> = without
+            .iter()
             .map(|item| ImageResult::failed(&group_ref.name, &item.id, reason, message.clone()))
             .collect();
         for chunk in failures.chunks(MAX_BATCH) {

@@ -629,7 +629,9 @@ pub fn left_images_failure(job: Option<&Job>) -> Option<(&'static str, String)> 
 /// OOM kill first (with the memory limit it hit), else the last non-zero exit and its
 /// reason. The Job's own condition says only that its pods failed.
 pub fn worker_termination(pods: &[Pod]) -> Option<String> {
-    let ended = pods.iter().flat_map(|pod| {
+    // (reason, exit code, memory limit) of every non-zero exit, current or last.
+    let mut ended = Vec::new();
+    for pod in pods {
         let limit = pod
             .spec
             .as_ref()
@@ -637,26 +639,28 @@ pub fn worker_termination(pods: &[Pod]) -> Option<String> {
             .and_then(|c| c.resources.as_ref())
             .and_then(|r| r.limits.as_ref())
             .and_then(|l| l.get("memory"))
-            .map(|q| q.0.clone());
+            .map(|q| q.0.as_str());
         let statuses = pod
             .status
             .as_ref()
             .and_then(|s| s.container_statuses.as_ref());
-        statuses.into_iter().flatten().flat_map(move |c| {
-            let limit = limit.clone();
-            [c.state.as_ref(), c.last_state.as_ref()]
+        for status in statuses.into_iter().flatten() {
+            let states = [status.state.as_ref(), status.last_state.as_ref()];
+            for t in states
                 .into_iter()
                 .flatten()
                 .filter_map(|s| s.terminated.as_ref())
-                .filter(|t| t.exit_code != 0)
-                .map(move |t| (t.reason.clone(), t.exit_code, limit.clone()))
-        })
-    });
-    let ended: Vec<_> = ended.collect();
-    if let Some((_, code, limit)) = ended
+            {
+                if t.exit_code != 0 {
+                    ended.push((t.reason.as_deref(), t.exit_code, limit));
+                }
+            }
+        }
+    }
+    let oom = ended
         .iter()
-        .find(|(reason, _, _)| reason.as_deref() == Some("OOMKilled"))
-    {
+        .find(|(reason, _, _)| *reason == Some("OOMKilled"));
+    if let Some((_, code, limit)) = oom {
         return Some(match limit {
             Some(limit) => {
                 format!("the worker was OOMKilled (exit {code}) at its memory limit of {limit}")
@@ -667,7 +671,7 @@ pub fn worker_termination(pods: &[Pod]) -> Option<String> {
     // 137 is SIGKILL: where the runtime missed the OOM event (containerd may see the exit
     // first), the limit is still the likely cause.
     ended.first().map(|(reason, code, limit)| {
-        let reason = reason.as_deref().unwrap_or("no reason given");
+        let reason = reason.unwrap_or("no reason given");
         match limit {
             Some(limit) if *code == 137 => format!(
                 "the worker was killed (exit 137, {reason}) with a memory limit of {limit}: \

@@ -147,13 +147,9 @@ impl ResultUploader {
             .map_err(|_| UploadError::Refused("the uploader stopped".into()))
     }
 
-    /// Waits until every queued result is stored; returns how many were.
-    pub async fn finish(self) -> Result<usize, UploadError> {
-        Ok(self.finish_report().await?.stored)
-    }
-
-    /// As [`Self::finish`], with how many requests stored them and how long they took.
-    pub async fn finish_report(self) -> Result<UploadReport, UploadError> {
+    /// Waits until every queued result is stored; says how many were, in how many requests
+    /// and how long they took.
+    pub async fn finish(self) -> Result<UploadReport, UploadError> {
         drop(self.queue);
         self.task
             .await

@@ -302,9 +302,9 @@ impl RealNode {
     fn start_kube_proxy(&mut self, plane: &ControlPlane) -> Result<(), TestbedError> {
         cleanup_kube_proxy(&self.kube_proxy_bin);
         for (sysctl, value) in [
-            ("net/ipv4/ip_forward", "1"),
+            ("net/ipv4/ip_forward".to_owned(), "1"),
             // The bridge goes on drop, and its settings with it.
-            ("net/ipv4/conf/kinsight0/send_redirects", "0"),
+            (format!("net/ipv4/conf/{BRIDGE}/send_redirects"), "0"),
         ] {
             let path = Path::new("/proc/sys").join(sysctl);
             std::fs::write(&path, value)

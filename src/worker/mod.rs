@@ -162,7 +162,7 @@ pub async fn run(
         tokio::try_join!(feed, collect)?;
     let processed_ms = ms(work_began.elapsed());
     // What came out is stored even when images were lost; then the worker fails.
-    let upload = store.finish_report().await?;
+    let upload = store.finish().await?;
     check_pipeline(submitted, returned, panicked, stopped)?;
     let report = WorkerReport {
         succeeded: fed.succeeded + collected.succeeded,
