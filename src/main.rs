@@ -174,6 +174,10 @@ struct ControllerArgs {
         default_value = "kinsight-system"
     )]
     keys_namespace: String,
+    /// Watch only this namespace's groups, subscriptions and worker Jobs (a namespace-scoped
+    /// installation; default: every tenant namespace).
+    #[arg(long, env = "KINSIGHT_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
     /// The ClusterRole the controller binds to itself in each tenant namespace.
     #[arg(
         long,
@@ -420,6 +424,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 images_per_job: usize::from(args.images_per_job),
                 duplicate_distance: args.duplicate_distance,
                 job_caps: args.job_caps.or(defaults.job_caps),
+                watch_namespace: args.watch_namespace.filter(|n| !n.trim().is_empty()),
                 tenancy: kinsight::tenancy::TenancyConfig {
                     keys_namespace: args.keys_namespace,
                     tenant_role: args.tenant_role,

@@ -15,12 +15,15 @@
 
 mod common;
 
+crate::real_node_tests!(sigkilled_controller_loses_no_event,);
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::{Harness, of_type, repo_path};
+use kinsight::controller::ControllerConfig;
 use kinsight::crd::{GroupPhase, ImageGroup};
 use kinsight::dev::ReceivedWebhook;
 use kube::Api;
@@ -40,7 +43,9 @@ struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    fn spawn(h: &Harness, kubeconfig: &Path, worker_env: &[(String, String)], log: &Path) -> Self {
+    /// The controller binary configured as the harness' own controller would be (`config`:
+    /// [`Harness::controller_config`]), but with the test's retry schedule.
+    fn spawn(h: &Harness, kubeconfig: &Path, config: &ControllerConfig, log: &Path) -> Self {
         let log_file = || {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -55,10 +60,25 @@ impl ControllerProcess {
             .arg("--catalog")
             .arg(repo_path("models/catalog.yaml"))
             .args(["--retry-schedule", "1s,2s"])
-            .args(["--allow-egress", "127.0.0.0/8"])
+            .arg("--allow-egress")
+            .arg(config.egress.to_string())
             .arg("--results-url")
-            .arg(format!("{}{}", h.api_url, kinsight::results::INGEST_PATH));
-        for (name, value) in worker_env {
+            .arg(&config.results_url)
+            .arg("--keys-namespace")
+            .arg(&config.tenancy.keys_namespace)
+            .arg("--service-account")
+            .arg(&config.tenancy.service_account.1)
+            .arg("--lease-namespace")
+            .arg(&config.tenancy.service_account.0)
+            .arg("--worker-image")
+            .arg(&config.worker_image);
+        if let Some(namespace) = &config.watch_namespace {
+            command.arg("--watch-namespace").arg(namespace);
+        }
+        if let Some(catalog) = &config.worker_catalog {
+            command.arg("--worker-models-dir").arg(&catalog.models_dir);
+        }
+        for (name, value) in &config.worker_env {
             command.arg("--worker-env").arg(format!("{name}={value}"));
         }
         command
@@ -202,7 +222,6 @@ fn group_completed(events: &[ReceivedWebhook], group: &str) -> bool {
         .any(|e| e.payload["data"]["groupId"] == group)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_controller_loses_no_event() {
     if kinsight::testbed::use_existing_cluster() {
         eprintln!(
@@ -216,11 +235,10 @@ async fn sigkilled_controller_loses_no_event() {
     h.kill_controller().await;
     let kubeconfig: PathBuf = h
         .cluster
-        .control_plane()
-        .expect("a local control plane")
         .kubeconfig_path()
+        .expect("a local control plane")
         .to_path_buf();
-    let worker_env = h.controller_config().worker_env;
+    let config = h.controller_config();
     let logs = tempfile::tempdir().expect("log dir");
     let log = logs.path().join("controller.log");
 
@@ -241,7 +259,7 @@ async fn sigkilled_controller_loses_no_event() {
 
     let (hook_url, proxy) = slow_answering_proxy(h.hook_url.clone()).await;
     let _proxy = AbortOnDrop(proxy);
-    let mut controller = ControllerProcess::spawn(&h, &kubeconfig, &worker_env, &log);
+    let mut controller = ControllerProcess::spawn(&h, &kubeconfig, &config, &log);
     let group_id = h
         .post_photo_group(IMAGES, &["image_classification"], &hook_url)
         .await;
@@ -287,7 +305,7 @@ async fn sigkilled_controller_loses_no_event() {
             events.len(),
             distinct.len()
         );
-        controller = ControllerProcess::spawn(&h, &kubeconfig, &worker_env, &log);
+        controller = ControllerProcess::spawn(&h, &kubeconfig, &config, &log);
     }
     assert!(
         mid_delivery_kills > 0,

@@ -4,6 +4,8 @@
 
 mod common;
 
+crate::real_node_tests!(each_misbehaving_receiver_gets_the_right_treatment,);
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -14,7 +16,6 @@ use kinsight::delivery::{Delivery, DeliveryState};
 use kube::Api;
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_misbehaving_receiver_gets_the_right_treatment() {
     let h = Harness::start("tenant-matrix").await;
     let (scripted, base, _server) = Scripted::start().await;

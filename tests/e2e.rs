@@ -3,6 +3,23 @@
 
 mod common;
 
+crate::real_node_tests!(
+    single_image_and_group_end_to_end,
+    bad_input_gets_clear_errors_and_loses_nothing,
+    controller_restart_loses_no_event_and_duplicates_no_job,
+    a_failed_worker_job_fails_its_images_with_a_reason,
+    a_worker_past_its_deadline_fails_its_images_and_the_group_completes,
+    a_worker_job_deleted_by_hand_fails_its_images_and_the_group_completes,
+    a_group_whose_work_order_is_larger_than_an_environment_variable_runs,
+    a_group_bigger_than_one_job_runs_as_several_jobs_at_once,
+    an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthorized,
+    a_large_group_with_many_endpoints_delivers_everything_with_a_small_status,
+    adding_images_and_models_reruns_only_what_is_new,
+    images_added_while_a_job_runs_go_to_one_new_job_that_supersedes_it,
+    subscriptions_receive_namespace_events_and_finished_groups_expire,
+    truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo,
+);
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -47,11 +64,10 @@ async fn post_stuck_group(h: &Harness) -> String {
             ""
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/stuck.png", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, stuck).await });
+    let url = format!(
+        "{}/stuck.png",
+        common::serve_on(h.pod_address(), stuck).await
+    );
     let images = json!([{ "id": "stuck", "url": url }]);
     post_group(h, images, &["image_classification"]).await
 }
@@ -101,7 +117,6 @@ async fn post_group(h: &Harness, images: serde_json::Value, models: &[&str]) -> 
     body["id"].as_str().expect("id").to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_image_and_group_end_to_end() {
     let mut h = Harness::start("tenant-e2e").await;
 
@@ -307,10 +322,10 @@ async fn single_image_and_group_end_to_end() {
     assert_eq!(h.stored_results(&group_id).await.len(), 4);
 
     // `kubectl get imagegroups` shows useful printer columns (kubectl is on the machine image).
-    if let Some(cp) = h.cluster.control_plane() {
+    if let Some(kubeconfig) = h.cluster.kubeconfig_path() {
         let out = std::process::Command::new("kubectl")
             .arg("--kubeconfig")
-            .arg(cp.kubeconfig_path())
+            .arg(kubeconfig)
             .args(["get", "imagegroups", "-n", &h.namespace])
             .output()
             .expect("kubectl runs");
@@ -331,7 +346,6 @@ async fn single_image_and_group_end_to_end() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors_and_loses_nothing() {
     let mut h = Harness::start("tenant-bad").await;
     let http = reqwest::Client::new();
@@ -590,7 +604,6 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_restart_loses_no_event_and_duplicates_no_job() {
     let mut h = Harness::start("tenant-restart").await;
     let group_id = h
@@ -643,7 +656,6 @@ async fn controller_restart_loses_no_event_and_duplicates_no_job() {
     assert_eq!(status.jobs.len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_worker_job_fails_its_images_with_a_reason() {
     // Workers that cannot load ONNX Runtime exit with an error; no retries.
     let mut h = Harness::start_configured("tenant-broken", |c| {
@@ -702,7 +714,6 @@ async fn a_failed_worker_job_fails_its_images_with_a_reason() {
     assert_eq!(jobs.len(), 1, "no second Job for failed images");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_past_its_deadline_fails_its_images_and_the_group_completes() {
     let mut h = Harness::start_configured("tenant-deadline", |c| {
         c.worker_deadline = Duration::from_secs(5);
@@ -722,7 +733,6 @@ async fn a_worker_past_its_deadline_fails_its_images_and_the_group_completes() {
     assert_eq!(deadline, Some(5));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_job_deleted_by_hand_fails_its_images_and_the_group_completes() {
     let mut h = Harness::start_configured("tenant-deleted-job", let_downloads_hang).await;
     // The download hangs (for longer than the test waits), so the Job is surely running.
@@ -744,7 +754,6 @@ async fn a_worker_job_deleted_by_hand_fails_its_images_and_the_group_completes()
     assert!(message.contains("deleted"), "{message}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_whose_work_order_is_larger_than_an_environment_variable_runs() {
     let mut h = Harness::start("tenant-long-urls").await;
     // Signed URLs of CDNs and object stores are long: 80 of 2000 characters make a work
@@ -773,7 +782,6 @@ async fn a_group_whose_work_order_is_larger_than_an_environment_variable_runs() 
     assert_eq!(done.len(), 80);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_bigger_than_one_job_runs_as_several_jobs_at_once() {
     let mut h = Harness::start_configured("tenant-shards", |c| c.images_per_job = 3).await;
     let hook = h.hook_url.clone();
@@ -829,7 +837,6 @@ async fn get_status(url: &str, key: &str) -> (u16, serde_json::Value) {
     (status, response.json().await.unwrap_or_default())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthorized() {
     kinsight::install_crypto_provider();
     let config = || kinsight::api::ApiConfig {
@@ -899,7 +906,6 @@ async fn an_api_that_has_not_listed_its_keys_yet_says_unavailable_not_unauthoriz
     assert_eq!(ready.status(), 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_group_with_many_endpoints_delivers_everything_with_a_small_status() {
     let h = Harness::start("tenant-huge").await;
     // Seven endpoints: the group's own URL and six subscriptions.
@@ -983,7 +989,6 @@ async fn a_large_group_with_many_endpoints_delivers_everything_with_a_small_stat
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_images_and_models_reruns_only_what_is_new() {
     let mut h = Harness::start("tenant-update").await;
     let images = json!([{ "id": "coffee", "url": h.photo_url("coffee.png") }, { "id": "rocket", "url": h.photo_url("rocket.jpg") }]);
@@ -1123,12 +1128,11 @@ async fn adding_images_and_models_reruns_only_what_is_new() {
     assert_eq!(recorded.len(), 5, "{recorded:#?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_added_while_a_job_runs_go_to_one_new_job_that_supersedes_it() {
     let mut h = Harness::start("tenant-supersede").await;
     // A photo whose first download takes 20 s keeps the first Job busy however slow this
     // machine is; later downloads (the new Job's) are immediate.
-    let slow_url = common::slow_photo(Duration::from_secs(20)).await;
+    let slow_url = h.slow_photo(Duration::from_secs(20)).await;
     let images = json!([{ "id": "quick", "url": h.photo_url("rocket.jpg") }, { "id": "slow", "url": slow_url }]);
     let group_id = post_group(&h, images, &["image_classification"]).await;
     // The first Job is mid-way: one image done, the slow one still downloading.
@@ -1191,7 +1195,6 @@ async fn images_added_while_a_job_runs_go_to_one_new_job_that_supersedes_it() {
     assert_eq!(owners, [("Job", job_uid)]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
     let h = Harness::start("tenant-subs").await;
     // This tenant keeps finished groups for 3 s (the controller's default: 7 days).
@@ -1324,7 +1327,6 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
 /// `photo_quality`, requested like a model, flags the blurred photo of the group, and the
 /// group event's listing summary finds the crop-and-rescale copy, counts the flags and
 /// suggests a cover that is neither blurred nor a later duplicate nor failed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo() {
     let mut h = Harness::start("tenant-quality").await;
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
@@ -1373,9 +1375,10 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
     reupload("astronaut-later.png", 3, 80, image::ImageFormat::Png);
     write("chelsea.png", &read("chelsea.png"));
     write("coffee.png", &coffee);
-    let (photos, server) = kinsight::dev::serve_folder(folder.path().to_path_buf())
-        .await
-        .expect("photo server");
+    let (photos, server) =
+        kinsight::dev::serve_folder_on(folder.path().to_path_buf(), h.pod_address())
+            .await
+            .expect("photo server");
     let url = |name: &str| format!("http://{photos}/{name}");
 
     let images = json!([

@@ -6,6 +6,12 @@
 
 mod common;
 
+crate::real_node_tests!(
+    a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recovers,
+    an_endpoint_failing_for_the_whole_window_is_disabled_until_its_spec_changes,
+    slow_and_throttling_endpoints_are_bounded_without_holding_up_the_others,
+);
+
 use std::time::Duration;
 
 use common::scripted_receiver::{Attempt, Reply, Scripted};
@@ -77,7 +83,6 @@ fn image_events(attempts: &[Attempt]) -> Vec<&Attempt> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recovers() {
     let h = Harness::start_configured("tenant-circuit", |c| {
         c.circuit = CircuitConfig {
@@ -206,7 +211,6 @@ async fn a_sick_endpoint_is_paused_probed_and_drains_its_backlog_when_it_recover
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_failing_for_the_whole_window_is_disabled_until_its_spec_changes() {
     let h = Harness::start_configured("tenant-disable", |c| {
         c.circuit = CircuitConfig {
@@ -337,7 +341,6 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_until_its_spec_cha
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_throttling_endpoints_are_bounded_without_holding_up_the_others() {
     let h = Harness::start_configured("tenant-bounds", |c| {
         c.circuit = CircuitConfig {

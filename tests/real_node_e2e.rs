@@ -42,7 +42,7 @@ use kinsight::testbed::node::HOST_ADDRESS;
 use kube::api::{Api, ListParams, LogParams};
 
 use common::real_node::{Stack, run_bounded};
-use common::{KEYS_NAMESPACE, eventually, repo_path, serve_api};
+use common::{IMAGE_MODELS_DIR, KEYS_NAMESPACE, eventually, repo_path, serve_api};
 
 /// The whole test, image build included.
 const TEST_LIMIT: Duration = Duration::from_secs(400);
@@ -51,8 +51,6 @@ const GROUP_LIMIT: Duration = Duration::from_secs(180);
 const NAMESPACE: &str = "tenant-real-node";
 const PHOTOS: [&str; 4] = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
 const MODEL: &str = "image_classification";
-/// Where the image keeps its models (Dockerfile: `KINSIGHT_MODELS_DIR`).
-const IMAGE_MODELS_DIR: &str = "/opt/kinsight/models";
 
 #[test]
 fn a_group_runs_its_worker_job_on_the_real_node_and_completes() {
@@ -109,7 +107,7 @@ async fn the_test() {
         .await
         .expect("bind the photo server on the bridge address");
     tasks.push(photo_server);
-    let api_url = serve_api(&client, &store, &models, bridge, &mut tasks).await;
+    let api_url = serve_api(&client, &store, &models, KEYS_NAMESPACE, bridge, &mut tasks).await;
 
     let config = |worker_memory: &str| ControllerConfig {
         models: models.clone(),

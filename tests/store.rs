@@ -247,7 +247,10 @@ async fn a_forgotten_group_is_purged_in_batches_and_only_it() {
     assert_eq!(attempts[0].response.as_deref(), Some("quota exceeded"));
     // Groups stored moments ago are never taken for deleted ones: the list of live groups
     // may be older than them.
-    assert_eq!(store.forget_groups_except(&[]).await.expect("sweep"), 0);
+    assert_eq!(
+        store.forget_groups_except(None, &[]).await.expect("sweep"),
+        0
+    );
     assert_eq!(store.purge_forgotten(100).await.expect("purge"), 0);
     assert_eq!(store.group_results(&kept).await.expect("read").len(), 3);
 }

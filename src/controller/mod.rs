@@ -97,6 +97,10 @@ pub struct ControllerConfig {
     pub job_caps: JobCaps,
     /// Where tenants are recorded and which rights the controller binds in each.
     pub tenancy: TenancyConfig,
+    /// Only this namespace's groups, subscriptions and worker Jobs are watched (a
+    /// namespace-scoped install, like operator-sdk's `WATCH_NAMESPACE`); `None`: every
+    /// namespace's, those of non-tenants answered `NotATenant`.
+    pub watch_namespace: Option<String>,
     /// Hamming distance (of 64 bits) at or under which two photos of a group are
     /// near-duplicates in its listing summary.
     pub duplicate_distance: u32,
@@ -131,6 +135,7 @@ impl Default for ControllerConfig {
                 small_images: 10,
                 small_lane_jobs: 2,
             },
+            watch_namespace: None,
             tenancy: TenancyConfig {
                 keys_namespace: "kinsight-system".to_owned(),
                 tenant_role: "kinsight-controller-tenant".to_owned(),
@@ -202,6 +207,18 @@ impl ControllerError {
             Self::Leadership(_) => "leader_election",
             Self::StatusTooLarge(_) => "status_too_large",
         }
+    }
+}
+
+/// The objects of kind `K` the controller watches: in `namespace` only, or everywhere.
+fn watched<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
     }
 }
 
@@ -326,9 +343,14 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
         futures::stream::select(at_once, wake::coalesce(later_rx, wake::RESULTS_EVERY)),
         admitted,
     );
-    let retention = retention::run(client.clone(), ctx.store.clone());
-    let groups: Api<ImageGroup> = Api::all(client.clone());
-    let subscriptions: Api<WebhookSubscription> = Api::all(client.clone());
+    let watch_namespace = ctx.config.watch_namespace.as_deref();
+    let retention = retention::run(
+        client.clone(),
+        ctx.config.watch_namespace.clone(),
+        ctx.store.clone(),
+    );
+    let groups: Api<ImageGroup> = watched(&client, watch_namespace);
+    let subscriptions: Api<WebhookSubscription> = watched(&client, watch_namespace);
     // A group is looked at again when its intent changes (spec, labels, annotations such
     // as a replay request, deletion), not when its status does: the status is this
     // controller's own writing.
@@ -362,7 +384,7 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     // before its first full listing) and wakes the group owning a Job that changed.
     let scheduler_ctx = ctx.clone();
     let worker_jobs = watcher(
-        Api::<Job>::all(client.clone()),
+        watched::<Job>(&client, watch_namespace),
         watcher::Config::default().labels(scheduler::WORKER_JOB_SELECTOR),
     )
     .default_backoff()

@@ -16,8 +16,12 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// How often the store's groups are compared with the cluster's.
 const SWEEP_EVERY: u32 = 10;
 
-pub async fn run(client: Client, store: Store) {
-    let groups: Api<ImageGroup> = Api::all(client);
+/// `namespace`: the one namespace the controller watches, `None`: all of them.
+pub async fn run(client: Client, namespace: Option<String>, store: Store) {
+    let groups: Api<ImageGroup> = match &namespace {
+        Some(namespace) => Api::namespaced(client, namespace),
+        None => Api::all(client),
+    };
     let mut round = 0_u32;
     let mut tick = tokio::time::interval(PURGE_EVERY);
     loop {
@@ -26,7 +30,10 @@ pub async fn run(client: Client, store: Store) {
             match groups.list_metadata(&ListParams::default()).await {
                 Ok(list) => {
                     let live: Vec<String> = list.items.iter().filter_map(|g| g.uid()).collect();
-                    match store.forget_groups_except(&live).await {
+                    match store
+                        .forget_groups_except(namespace.as_deref(), &live)
+                        .await
+                    {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(
                             groups = n,

@@ -7,7 +7,9 @@ mod setup;
 pub use local_http::{
     ReceivedWebhook, serve_folder, serve_folder_on, webhook_receiver, webhook_receiver_on,
 };
-pub use setup::{SetupError, create_tenant, ensure_namespace, install_crds};
+pub use setup::{
+    SetupError, create_tenant, create_tenant_labelled, ensure_namespace, install_crds,
+};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -85,10 +85,31 @@ pub async fn create_tenant(
     api_key: &str,
     webhook_secret: &str,
 ) -> Result<(), SetupError> {
+    create_tenant_labelled(
+        client,
+        keys_namespace,
+        tenant_namespace,
+        api_key,
+        webhook_secret,
+        true,
+    )
+    .await
+}
+
+/// [`create_tenant`]; `labelled`: the namespace also carries the tenant label, so it stays
+/// a tenant without its key record. Unlabelled, it is a tenant only for the controllers
+/// that read `keys_namespace` (tests sharing one cluster keep apart this way).
+pub async fn create_tenant_labelled(
+    client: &Client,
+    keys_namespace: &str,
+    tenant_namespace: &str,
+    api_key: &str,
+    webhook_secret: &str,
+    labelled: bool,
+) -> Result<(), SetupError> {
     ensure_namespace(client, keys_namespace).await?;
-    // Labelled a tenant too, so it stays one without its key record.
-    let tenant = BTreeMap::from([(TENANT_LABEL.to_owned(), "true".to_owned())]);
-    apply_namespace(client, tenant_namespace, Some(tenant)).await?;
+    let labels = labelled.then(|| BTreeMap::from([(TENANT_LABEL.to_owned(), "true".to_owned())]));
+    apply_namespace(client, tenant_namespace, labels).await?;
     let params = PatchParams::apply(MANAGER).force();
     let key_name = format!("tenant-{tenant_namespace}");
     let key_secret = Secret {

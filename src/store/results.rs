@@ -198,25 +198,34 @@ impl Store {
         Ok(())
     }
 
-    /// Marks every group of the store that is not among `live` (the uids of the cluster's
+    /// Marks every group of the store (of `namespace`, or of every namespace) that is not
+    /// among `live` (the uids of the cluster's
     /// ImageGroups, listed just before) as gone: groups deleted while no controller was
     /// watching. Groups stored in the last ten minutes are left alone: they may have been
     /// created after the list.
-    pub async fn forget_groups_except(&self, live: &[String]) -> Result<u64, StoreError> {
+    pub async fn forget_groups_except(
+        &self,
+        namespace: Option<&str>,
+        live: &[String],
+    ) -> Result<u64, StoreError> {
         let client = self.client().await?;
+        // `$2` NULL: every namespace's groups; else only that namespace's (a controller
+        // watching one namespace knows nothing of the others').
         client
             .execute(
                 "DELETE FROM admissions WHERE (uid IS NULL OR uid <> ALL($1))
+                   AND ($2::text IS NULL OR namespace = $2)
                    AND created_at < now() - interval '10 minutes'",
-                &[&live],
+                &[&live, &namespace],
             )
             .await?;
         Ok(client
             .execute(
                 "UPDATE groups SET deleted_at = now()
                  WHERE deleted_at IS NULL AND uid <> ALL($1)
+                   AND ($2::text IS NULL OR namespace = $2)
                    AND created_at < now() - interval '10 minutes'",
-                &[&live],
+                &[&live, &namespace],
             )
             .await?)
     }

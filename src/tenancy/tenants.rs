@@ -161,10 +161,12 @@ pub async fn run(
     let mut listed = [false, false];
     // What was a tenant before: where this controller's RoleBindings are (a tenant that
     // went while no controller ran is found so).
-    let mut before = bound_namespaces(&client).await.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "listing the controller's tenant RoleBindings");
-        BTreeSet::new()
-    });
+    let mut before = bound_namespaces(&client, &config)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "listing the controller's tenant RoleBindings");
+            BTreeSet::new()
+        });
     let mut first = true;
     // Namespaces whose binding or clean-up failed: tried again at the next event, or after
     // RETRY_EVERY without one.
@@ -239,7 +241,7 @@ pub async fn remove_all(
     config: &TenancyConfig,
 ) -> Result<Vec<String>, kube::Error> {
     let mut cleaned = Vec::new();
-    for namespace in bound_namespaces(client).await? {
+    for namespace in bound_namespaces(client, config).await? {
         unbind(client, config, &namespace).await?;
         cleaned.push(namespace);
     }
@@ -250,17 +252,29 @@ fn managed() -> BTreeMap<String, String> {
     BTreeMap::from([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())])
 }
 
-/// Namespaces holding this controller's tenant RoleBinding.
-async fn bound_namespaces(client: &Client) -> Result<BTreeSet<String>, kube::Error> {
+/// Namespaces holding this controller's tenant RoleBinding: one binding its own
+/// ServiceAccount, not another installation's in the same cluster.
+async fn bound_namespaces(
+    client: &Client,
+    config: &TenancyConfig,
+) -> Result<BTreeSet<String>, kube::Error> {
     let params = ListParams::default()
         .labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1))
         .fields(&format!("metadata.name={TENANT_BINDING}"));
     let bindings = Api::<RoleBinding>::all(client.clone())
         .list(&params)
         .await?;
+    let (account_namespace, account) = &config.service_account;
     Ok(bindings
         .items
         .iter()
+        .filter(|b| {
+            b.subjects.iter().flatten().any(|s| {
+                s.kind == "ServiceAccount"
+                    && &s.name == account
+                    && s.namespace.as_ref() == Some(account_namespace)
+            })
+        })
         .filter_map(|b| b.namespace())
         .collect())
 }

@@ -1,6 +1,6 @@
 //! A cluster for tests, following the envtest conventions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 
@@ -20,6 +20,8 @@ pub struct TestCluster {
     server_url: String,
     server_ca_pem: Option<Vec<u8>>,
     control_plane: Option<ControlPlane>,
+    /// The kubeconfig a shared cluster was reached with ([`TestCluster::connect_shared`]).
+    kubeconfig: Option<PathBuf>,
     /// `KINSIGHT_DATABASE_URL`, for an existing cluster.
     external_database_url: Option<String>,
     /// A local PostgreSQL for an existing cluster without `KINSIGHT_DATABASE_URL`.
@@ -57,6 +59,7 @@ impl TestCluster {
             server_url: control_plane.server_url().to_string(),
             server_ca_pem: None,
             control_plane: Some(control_plane),
+            kubeconfig: None,
             external_database_url: None,
             postgres: None,
             _postgres_dir: None,
@@ -70,6 +73,37 @@ impl TestCluster {
         let mut cluster = TestCluster::connect_existing_without_database().await?;
         cluster.attach_database().await?;
         Ok(cluster)
+    }
+
+    /// A control plane another part of the test process started and keeps running (the
+    /// real-node stack a test binary's tests share), reached through its admin `kubeconfig`,
+    /// with `database_url` as the database. Dropping this stops nothing.
+    pub async fn connect_shared(
+        kubeconfig: &Path,
+        database_url: String,
+    ) -> Result<TestCluster, TestbedError> {
+        let err = |detail: String| TestbedError::Kubeconfig {
+            path: kubeconfig.to_path_buf(),
+            detail,
+        };
+        let file =
+            kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| err(e.to_string()))?;
+        let server_url = file
+            .clusters
+            .iter()
+            .find_map(|c| c.cluster.as_ref()?.server.clone())
+            .ok_or_else(|| err("names no server".into()))?;
+        let client = super::client_from_kubeconfig(kubeconfig).await?;
+        Ok(TestCluster {
+            client,
+            server_url,
+            server_ca_pem: None,
+            control_plane: None,
+            kubeconfig: Some(kubeconfig.to_path_buf()),
+            external_database_url: Some(database_url),
+            postgres: None,
+            _postgres_dir: None,
+        })
     }
 
     async fn attach_database(&mut self) -> Result<(), TestbedError> {
@@ -110,6 +144,7 @@ impl TestCluster {
             server_url,
             server_ca_pem,
             control_plane: None,
+            kubeconfig: None,
             external_database_url: None,
             postgres: None,
             _postgres_dir: None,
@@ -129,6 +164,15 @@ impl TestCluster {
     /// The local control plane, `None` for an existing cluster.
     pub fn control_plane(&self) -> Option<&ControlPlane> {
         self.control_plane.as_ref()
+    }
+
+    /// The admin kubeconfig of a local or shared control plane; `None` for an existing cluster.
+    pub fn kubeconfig_path(&self) -> Option<&Path> {
+        self.kubeconfig.as_deref().or_else(|| {
+            self.control_plane
+                .as_ref()
+                .map(ControlPlane::kubeconfig_path)
+        })
     }
 
     /// The database's URL. Empty only for a cluster started with `postgres: false`.

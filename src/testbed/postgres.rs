@@ -419,24 +419,9 @@ impl Postgres {
         }
     }
 
-    /// `CREATE DATABASE kinsight` unless it exists (there is no `IF NOT EXISTS` for it).
+    /// `CREATE DATABASE kinsight` unless it exists.
     async fn create_database(&self) -> Result<(), TestbedError> {
-        let client = connect(&self.url_for("postgres"), Duration::from_secs(10))
-            .await
-            .map_err(|e| TestbedError::database("connecting to postgres", e.text))?;
-        match client
-            .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
-                Ok(())
-            }
-            Err(e) => Err(TestbedError::database(
-                format!("creating database {DATABASE}"),
-                crate::store::describe(&e),
-            )),
-        }
+        create_database(&self.url(), DATABASE).await.map(drop)
     }
 
     fn stop_blocking(&mut self) {
@@ -468,6 +453,40 @@ impl std::fmt::Debug for Postgres {
             .field("pid", &self.child.as_ref().map(Child::id))
             .finish()
     }
+}
+
+/// Creates the database `name` (letters, digits and `_`) on the server of `server_url` (the
+/// URL of any of its databases) unless it exists, and returns its URL: tests that share one
+/// server keep their rows apart this way.
+pub async fn create_database(server_url: &str, name: &str) -> Result<String, TestbedError> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(TestbedError::Config(format!(
+            "database name {name:?}: only letters, digits and _"
+        )));
+    }
+    let Some((server, _)) = server_url.rsplit_once('/') else {
+        return Err(TestbedError::Config(format!(
+            "{server_url:?} is not a database URL"
+        )));
+    };
+    let client = connect(&format!("{server}/postgres"), Duration::from_secs(10))
+        .await
+        .map_err(|e| TestbedError::database("connecting to postgres", e.text))?;
+    // There is no `IF NOT EXISTS` for databases.
+    match client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+    {
+        Ok(()) => {}
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+        Err(e) => {
+            return Err(TestbedError::database(
+                format!("creating database {name}"),
+                crate::store::describe(&e),
+            ));
+        }
+    }
+    Ok(format!("{server}/{name}"))
 }
 
 struct ConnectFailure {

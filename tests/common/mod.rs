@@ -1,7 +1,15 @@
 //! A whole kinsight installation for integration tests, against a real control plane
 //! (or the cluster of `USE_EXISTING_CLUSTER=true`): CRDs, a tenant, the controller, the
-//! node agent running the real `kinsight worker` binary, the REST API on 127.0.0.1, a
-//! server for the sample photos and a webhook receiver that verifies signatures.
+//! REST API, a server for the sample photos and a webhook receiver that verifies signatures.
+//!
+//! Where the workers run:
+//! - In a test binary whose `main` is [`real_node::main`], on the real node the binary's
+//!   tests share: worker Jobs run as containers of the project's image, reaching the API's
+//!   result ingest and the photo server on the node's bridge address. Each test keeps to
+//!   its own tenant namespace, API-key namespace and database, so the tests of the binary
+//!   run side by side without seeing each other's groups.
+//! - Otherwise on a control plane of the test's own, through the node agent running the
+//!   real `kinsight worker` binary as a host process, everything on 127.0.0.1.
 
 #![allow(dead_code)]
 
@@ -15,7 +23,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kinsight::controller::{ControllerConfig, WorkerCatalog};
-use kinsight::dev::{ReceivedWebhook, create_tenant, install_crds, serve_folder, webhook_receiver};
+use kinsight::dev::{
+    ReceivedWebhook, create_tenant_labelled, install_crds, serve_folder_on, webhook_receiver,
+};
 use kinsight::inference::Catalog;
 use kinsight::results::INGEST_PATH;
 use kinsight::shutdown::Shutdown;
@@ -31,6 +41,8 @@ pub struct Harness {
     pub cluster: TestCluster,
     pub client: kube::Client,
     pub namespace: String,
+    /// Where the tenant's API-key record is (the controller's and the API's keys namespace).
+    pub keys_namespace: String,
     pub api_url: String,
     pub api_key: String,
     pub webhook_secret: String,
@@ -46,7 +58,14 @@ pub struct Harness {
     tasks: Vec<JoinHandle<()>>,
     /// Pods' stdout and stderr, as the node agent writes them.
     logs: tempfile::TempDir,
+    /// The address of this machine that pods reach (where servers they call listen).
+    pod_address: std::net::IpAddr,
+    /// The real node this test shares, if it runs on one.
+    real_node: Option<&'static real_node::Shared>,
 }
+
+/// Where the project's image keeps its models (Dockerfile: `KINSIGHT_MODELS_DIR`).
+pub const IMAGE_MODELS_DIR: &str = "/opt/kinsight/models";
 
 /// The REST API (its result ingest included) for `models`, with its API-key watch, on
 /// `address`; returns its URL. Its tasks join `tasks`.
@@ -54,6 +73,7 @@ pub async fn serve_api(
     client: &kube::Client,
     store: &Store,
     models: &[String],
+    keys_namespace: &str,
     address: std::net::IpAddr,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> String {
@@ -61,7 +81,7 @@ pub async fn serve_api(
         client.clone(),
         store.clone(),
         kinsight::api::ApiConfig {
-            keys_namespace: KEYS_NAMESPACE.into(),
+            keys_namespace: keys_namespace.into(),
             models: models.to_vec(),
             rate_limit: kinsight::api::DEFAULT_RATE_LIMIT,
             in_flight_limit: kinsight::api::DEFAULT_IN_FLIGHT_LIMIT,
@@ -142,7 +162,8 @@ impl Harness {
         Self::start_with(namespace, |_| {}, configure).await
     }
 
-    /// [`Harness::start`] with the node agent's options adjusted (labels, taints, GPUs).
+    /// [`Harness::start`] with the node agent's options adjusted (labels, taints, GPUs); not
+    /// for tests on the real node.
     pub async fn start_with_node(
         namespace: &str,
         node: impl FnOnce(&mut NodeAgentOptions),
@@ -156,7 +177,33 @@ impl Harness {
         configure: impl FnOnce(&mut ControllerConfig),
     ) -> Harness {
         kinsight::install_crypto_provider();
-        let cluster = TestCluster::start().await.expect("control plane starts");
+        let real_node = real_node::shared();
+        let cluster = match real_node {
+            Some(shared) => {
+                let database = kinsight::testbed::postgres::create_database(
+                    &shared.database_url,
+                    &namespace.replace('-', "_"),
+                )
+                .await
+                .expect("a database of the test's own");
+                TestCluster::connect_shared(&shared.kubeconfig, database)
+                    .await
+                    .expect("the shared control plane")
+            }
+            None => TestCluster::start().await.expect("control plane starts"),
+        };
+        let (keys_namespace, pod_address) = match real_node {
+            Some(_) => (
+                format!("{namespace}-keys"),
+                kinsight::testbed::node::HOST_ADDRESS
+                    .parse()
+                    .expect("the bridge address"),
+            ),
+            None => (
+                KEYS_NAMESPACE.to_owned(),
+                std::net::Ipv4Addr::LOCALHOST.into(),
+            ),
+        };
         let client = cluster.client();
         let store = Store::connect(&cluster.database_url(), Duration::from_secs(60))
             .await
@@ -164,12 +211,16 @@ impl Harness {
         install_crds(&client).await.expect("CRDs install");
         let api_key = format!("test-key-{namespace}");
         let webhook_secret = generate_secret();
-        create_tenant(
+        // On the shared cluster the namespace is a tenant through its key record only, so
+        // the controllers of the other tests (each reading its own keys namespace) leave its
+        // groups alone.
+        create_tenant_labelled(
             &client,
-            KEYS_NAMESPACE,
+            &keys_namespace,
             namespace,
             &api_key,
             &webhook_secret,
+            real_node.is_none(),
         )
         .await
         .expect("tenant");
@@ -178,31 +229,36 @@ impl Harness {
 
         let logs = tempfile::tempdir().expect("log dir");
         let mut tasks = Vec::new();
-        let mut agent = cluster.node_agent_options(
-            "kinsight-test-node",
-            env!("CARGO_BIN_EXE_kinsight"),
-            logs.path(),
-        );
-        agent.extra_env = vec![("RUST_LOG".into(), "info".into())];
-        node(&mut agent);
-        let agent_client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = kinsight::testbed::node_agent::run(agent_client, agent).await {
-                eprintln!("node agent stopped: {e}");
-            }
-        }));
+        if real_node.is_none() {
+            let mut agent = cluster.node_agent_options(
+                "kinsight-test-node",
+                env!("CARGO_BIN_EXE_kinsight"),
+                logs.path(),
+            );
+            agent.extra_env = vec![("RUST_LOG".into(), "info".into())];
+            node(&mut agent);
+            let agent_client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = kinsight::testbed::node_agent::run(agent_client, agent).await {
+                    eprintln!("node agent stopped: {e}");
+                }
+            }));
+        }
 
+        // The API (its result ingest) and the photos where workers reach them.
         let api_url = serve_api(
             &client,
             &store,
             &models,
-            std::net::Ipv4Addr::LOCALHOST.into(),
+            &keys_namespace,
+            pod_address,
             &mut tasks,
         )
         .await;
-        let (photos, photo_server) = serve_folder(repo_path("tests/fixtures/images"))
-            .await
-            .expect("photo server");
+        let (photos, photo_server) =
+            serve_folder_on(repo_path("tests/fixtures/images"), pod_address)
+                .await
+                .expect("photo server");
         tasks.push(photo_server);
         let (hook_addr, webhooks, hook_server) =
             webhook_receiver(&webhook_secret).await.expect("receiver");
@@ -212,6 +268,7 @@ impl Harness {
             cluster,
             client,
             namespace: namespace.to_owned(),
+            keys_namespace,
             api_url,
             api_key,
             webhook_secret,
@@ -224,6 +281,8 @@ impl Harness {
             controller: None,
             tasks,
             logs,
+            pod_address,
+            real_node,
         };
         let mut config = harness.controller_config();
         configure(&mut config);
@@ -233,24 +292,12 @@ impl Harness {
     }
 
     pub fn controller_config(&self) -> ControllerConfig {
-        let ort = std::env::var("ORT_DYLIB_PATH")
-            .ok()
-            .map(PathBuf::from)
-            .or_else(kinsight::inference::default_runtime_path)
-            .expect("ONNX Runtime: set ORT_DYLIB_PATH or run scripts/setup-onnxruntime.sh");
-        let ort = std::path::absolute(ort).expect("absolute path");
-        // The photo server and the webhook receiver are on 127.0.0.1.
-        let egress = kinsight::net::EgressPolicy::allow_loopback();
         // Workers read the catalog from the ConfigMap the controller publishes.
         let catalog = Catalog::load(repo_path("models/catalog.yaml")).expect("catalog");
-        let models_dir = repo_path("models").display().to_string();
-        ControllerConfig {
+        let base = ControllerConfig {
             models: self.models.clone(),
-            // Workers on this machine reach the API's result ingest on loopback.
+            // Where workers reach the API's result ingest (see `pod_address`).
             results_url: format!("{}{INGEST_PATH}", self.api_url),
-            worker_catalog: Some(WorkerCatalog::new(&catalog, models_dir)),
-            worker_env: vec![("ORT_DYLIB_PATH".into(), ort.display().to_string())],
-            egress,
             metrics: self.metrics.clone(),
             // Test schedules are in seconds.
             retry: RetrySchedule(vec![Duration::from_secs(1), Duration::from_secs(2)]),
@@ -258,7 +305,52 @@ impl Harness {
                 timeout: Duration::from_secs(2),
                 connect_timeout: Duration::from_secs(1),
             },
+            tenancy: kinsight::tenancy::TenancyConfig {
+                keys_namespace: self.keys_namespace.clone(),
+                ..ControllerConfig::default().tenancy
+            },
             ..ControllerConfig::default()
+        };
+        if let Some(shared) = self.real_node {
+            // One controller per test on the shared cluster, as separate installations of
+            // one cluster would be: each watches its test's namespace only and binds its
+            // own ServiceAccount there.
+            let mut tenancy = base.tenancy.clone();
+            tenancy.service_account.0 = self.keys_namespace.clone();
+            return ControllerConfig {
+                watch_namespace: Some(self.namespace.clone()),
+                tenancy,
+                worker_image: shared.image.clone(),
+                // The model files and ONNX Runtime come from the image.
+                worker_catalog: Some(WorkerCatalog::new(&catalog, IMAGE_MODELS_DIR)),
+                worker_env: vec![("RUST_LOG".into(), "info".into())],
+                // Workers fetch photos from the bridge address; the controller sends
+                // webhooks to receivers on 127.0.0.1.
+                egress: kinsight::net::EgressPolicy::parse(&format!(
+                    "127.0.0.0/8,{}",
+                    kinsight::testbed::node::HOST_ADDRESS
+                ))
+                .expect("egress"),
+                // Several workers at once on the node's two CPUs, tests side by side.
+                worker_cpu: "500m".into(),
+                ..base
+            };
+        }
+        let ort = std::env::var("ORT_DYLIB_PATH")
+            .ok()
+            .map(PathBuf::from)
+            .or_else(kinsight::inference::default_runtime_path)
+            .expect("ONNX Runtime: set ORT_DYLIB_PATH or run scripts/setup-onnxruntime.sh");
+        let ort = std::path::absolute(ort).expect("absolute path");
+        ControllerConfig {
+            worker_catalog: Some(WorkerCatalog::new(
+                &catalog,
+                repo_path("models").display().to_string(),
+            )),
+            worker_env: vec![("ORT_DYLIB_PATH".into(), ort.display().to_string())],
+            // The photo server and the webhook receiver are on 127.0.0.1.
+            egress: kinsight::net::EgressPolicy::allow_loopback(),
+            ..base
         }
     }
 
@@ -369,7 +461,7 @@ impl Harness {
     pub async fn set_key_field(&self, field: &str, value: &str) {
         use kube::api::{Patch, PatchParams};
         let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
-            kube::Api::namespaced(self.client.clone(), KEYS_NAMESPACE);
+            kube::Api::namespaced(self.client.clone(), &self.keys_namespace);
         let patch = serde_json::json!({ "stringData": { field: value } });
         secrets
             .patch(
@@ -379,6 +471,18 @@ impl Harness {
             )
             .await
             .unwrap_or_else(|e| panic!("set the tenant's {field}: {e}"));
+    }
+
+    /// The address of this machine that worker pods reach: servers a test's workers fetch
+    /// from listen there.
+    pub fn pod_address(&self) -> std::net::IpAddr {
+        self.pod_address
+    }
+
+    /// Serves one photo whose first download takes `delay`, where workers reach it; returns
+    /// its URL.
+    pub async fn slow_photo(&self, delay: Duration) -> String {
+        slow_photo_on(self.pod_address, delay).await
     }
 
     pub fn photo_url(&self, name: &str) -> String {
@@ -744,8 +848,13 @@ pub fn group_ref(group: &kinsight::crd::ImageGroup) -> kinsight::results::GroupR
     }
 }
 
-/// Serves one photo whose first download takes `delay`; returns its URL.
+/// Serves one photo whose first download takes `delay` on 127.0.0.1; returns its URL.
 pub async fn slow_photo(delay: Duration) -> String {
+    slow_photo_on(std::net::Ipv4Addr::LOCALHOST.into(), delay).await
+}
+
+/// Serves one photo whose first download takes `delay` on `address`; returns its URL.
+pub async fn slow_photo_on(address: std::net::IpAddr, delay: Duration) -> String {
     let photo = std::fs::read(repo_path("tests/fixtures/images/coffee.png")).expect("photo");
     let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let slow = axum::Router::new().route(
@@ -761,12 +870,17 @@ pub async fn slow_photo(delay: Duration) -> String {
             }
         }),
     );
-    format!("{}/slow.png", serve_on_loopback(slow).await)
+    format!("{}/slow.png", serve_on(address, slow).await)
 }
 
 /// Serves `app` on 127.0.0.1; returns its base URL.
 pub async fn serve_on_loopback(app: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    serve_on(std::net::Ipv4Addr::LOCALHOST.into(), app).await
+}
+
+/// Serves `app` on `address`; returns its base URL.
+pub async fn serve_on(address: std::net::IpAddr, app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind((address, 0))
         .await
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));

@@ -102,3 +102,92 @@ impl Drop for ImageCleanup {
             .output();
     }
 }
+
+/// What the tests of a binary run by [`main`] need of its one real-node stack.
+pub struct Shared {
+    /// The control plane's admin kubeconfig.
+    pub kubeconfig: std::path::PathBuf,
+    /// The testbed's PostgreSQL (any of its databases: each test makes its own).
+    pub database_url: String,
+    /// The project's image, imported into the node.
+    pub image: String,
+}
+
+static SHARED: std::sync::OnceLock<Shared> = std::sync::OnceLock::new();
+
+/// The real-node stack of this test binary, when its `main` is [`main`] (and
+/// `USE_EXISTING_CLUSTER` is not set).
+pub fn shared() -> Option<&'static Shared> {
+    SHARED.get()
+}
+
+/// One test of a binary run by [`main`]: its name and its body.
+pub type Test = (
+    &'static str,
+    fn() -> std::pin::Pin<Box<dyn Future<Output = ()>>>,
+);
+
+/// `main` of a test binary (`harness = false`) whose tests share one real node: starts the
+/// stack once (when a selected test needs it), runs the tests as libtest would (the same
+/// arguments, each test on a runtime of its own), then stops the stack. Write it with
+/// `crate::real_node_tests!`.
+pub fn main(tests: Vec<Test>) -> std::process::ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    let selected = tests.iter().any(|(name, _)| match &args.filter {
+        None => true,
+        Some(filter) if args.exact => name == filter,
+        Some(filter) => name.contains(filter.as_str()),
+    }) && !args.list;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let stack = (selected && !kinsight::testbed::use_existing_cluster()).then(|| {
+        runtime.block_on(async {
+            kinsight::install_crypto_provider();
+            let tag = format!("shared-{}", std::process::id());
+            let stack = Stack::start(&tag, true, scratch.path()).await;
+            let _ = SHARED.set(Shared {
+                kubeconfig: stack.plane.kubeconfig_path().to_path_buf(),
+                database_url: stack
+                    .plane
+                    .database_url()
+                    .expect("the testbed's PostgreSQL"),
+                image: stack.image.clone(),
+            });
+            stack
+        })
+    });
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            libtest_mimic::Trial::test(name, move || {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("runtime: {e}"))?
+                    .block_on(test());
+                Ok(())
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    runtime.block_on(async move { drop(stack) });
+    conclusion.exit_code()
+}
+
+/// `main` for a test binary whose `async fn` tests share one real node (see [`main`]):
+/// `real_node_tests!(first_test, second_test);`.
+#[macro_export]
+macro_rules! real_node_tests {
+    ($($test:ident),+ $(,)?) => {
+        fn main() -> std::process::ExitCode {
+            common::real_node::main(vec![$(
+                (stringify!($test), || Box::pin($test())),
+            )+])
+        }
+    };
+}
