@@ -284,3 +284,115 @@ async fn subscription_headers_come_from_a_marked_secret() {
         .await;
     assert!(!received.is_empty());
 }
+
+/// Two installations of kinsight in one cluster (say staging and production, each with its
+/// own keys namespace and ServiceAccount): the second one starting leaves the first one's
+/// tenants alone (their RoleBinding, worker ServiceAccount and catalog are not removed, not
+/// even to be made again), and, scoped to its own namespace, it writes nothing on the first
+/// one's groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_installation_leaves_the_first_ones_tenants_and_groups_alone() {
+    use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    use kube::ResourceExt;
+
+    let h = Harness::start("lp-first").await;
+    // A tenant of the first installation by its key record only (the tenant label would
+    // make it every installation's).
+    let namespaces: Api<Namespace> = Api::all(h.client.clone());
+    namespaces
+        .patch(
+            &h.namespace,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { TENANT_LABEL: null } } })),
+        )
+        .await
+        .expect("unlabel");
+    let first = h.controller_config().tenancy;
+    let bindings: Api<RoleBinding> = Api::namespaced(h.client.clone(), &h.namespace);
+    let accounts: Api<ServiceAccount> = Api::namespaced(h.client.clone(), &h.namespace);
+    let catalogs: Api<ConfigMap> = Api::namespaced(h.client.clone(), &h.namespace);
+    let uids = async || {
+        let binding = bindings.get_opt(kinsight::tenancy::TENANT_BINDING).await;
+        let account = accounts.get_opt(&first.worker_account).await;
+        let catalog = catalogs.get_opt(&first.catalog_config_map).await;
+        match (binding, account, catalog) {
+            (Ok(Some(b)), Ok(Some(a)), Ok(Some(c))) => Some([b.uid(), a.uid(), c.uid()]),
+            _ => None,
+        }
+    };
+    // A group of the first installation's tenant: its worker Job makes the tenant's worker
+    // ServiceAccount and catalog.
+    let hook = h.hook_url.clone();
+    let g1 = h
+        .post_photo_group(1, &["image_classification"], &hook)
+        .await;
+    let before = eventually(
+        "the first installation sets its tenant up",
+        LIMIT,
+        async || uids().await,
+    )
+    .await;
+
+    // The second installation: its own keys namespace, ServiceAccount and tenant.
+    let second_tenant = "lp-second";
+    kinsight::dev::create_tenant_labelled(
+        &h.client,
+        "lp-second-keys",
+        second_tenant,
+        "second-key",
+        &generate_secret(),
+        false,
+    )
+    .await
+    .expect("the second installation's tenant");
+    let mut second = h.controller_config();
+    second.tenancy.keys_namespace = "lp-second-keys".into();
+    second.tenancy.service_account = ("lp-second-system".into(), "kinsight-controller".into());
+    second.watch_namespace = Some(second_tenant.into());
+    let (client, store) = (h.client.clone(), h.store.clone());
+    let controller = tokio::spawn(async move {
+        let never = kinsight::shutdown::Shutdown::never();
+        if let Err(e) = kinsight::controller::run(client, store, second, never).await {
+            eprintln!("second controller stopped: {e}");
+        }
+    });
+    let theirs: Api<RoleBinding> = Api::namespaced(h.client.clone(), second_tenant);
+    eventually(
+        "the second installation binds its own tenant",
+        LIMIT,
+        async || {
+            theirs
+                .get_opt(kinsight::tenancy::TENANT_BINDING)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        },
+    )
+    .await;
+
+    // Another group, with both controllers running.
+    let groups = h.create_unreachable_group("g2", 1, json!({})).await;
+    let accepted = async |name: &str| {
+        let group = groups.get(name).await.expect("get");
+        condition(&group.status.unwrap_or_default().conditions, "Accepted")
+    };
+    settles_on(
+        "the first installation accepts its group",
+        async || accepted("g2").await,
+        "True/",
+    )
+    .await;
+    // ... and nothing else writes on either group.
+    for _ in 0..30 {
+        for name in [g1.as_str(), "g2"] {
+            let now = accepted(name).await;
+            assert!(now.starts_with("True/"), "{name}: {now}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its tenant set-up is the same objects as before the second one started.
+    assert_eq!(uids().await, Some(before));
+    controller.abort();
+}
