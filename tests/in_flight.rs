@@ -6,6 +6,11 @@
 
 mod common;
 
+crate::real_node_tests!(
+    images_in_flight_are_capped_per_tenant_and_freed_as_they_finish,
+    admission_cost_with_a_tenant_at_its_cap
+);
+
 use std::time::{Duration, Instant};
 
 use common::Harness;
@@ -27,7 +32,6 @@ fn group(urls: &[String], models: &[String]) -> Value {
     json!({ "images": images, "models": models })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_in_flight_are_capped_per_tenant_and_freed_as_they_finish() {
     let h = Harness::start("tenant-in-flight").await;
     h.set_key_field(kinsight::api::IN_FLIGHT_LIMIT_FIELD, "3")
@@ -52,8 +56,8 @@ async fn images_in_flight_are_capped_per_tenant_and_freed_as_they_finish() {
 
     // Two images held up in their download: in flight for a while.
     let slow = [
-        common::slow_photo(Duration::from_secs(8)).await,
-        common::slow_photo(Duration::from_secs(8)).await,
+        h.slow_photo(Duration::from_secs(8)).await,
+        h.slow_photo(Duration::from_secs(8)).await,
     ];
     let (status, held) = h.post("/v1/image-groups", group(&slow, &h.models)).await;
     assert_eq!(status, 202, "{held}");
@@ -121,9 +125,9 @@ async fn images_in_flight_are_capped_per_tenant_and_freed_as_they_finish() {
     // A group deleted with kubectl frees its places at once, not when its downloads end
     // (here: a minute) or at the periodic retention sweep.
     let stuck = [
-        common::slow_photo(Duration::from_secs(60)).await,
-        common::slow_photo(Duration::from_secs(60)).await,
-        common::slow_photo(Duration::from_secs(60)).await,
+        h.slow_photo(Duration::from_secs(60)).await,
+        h.slow_photo(Duration::from_secs(60)).await,
+        h.slow_photo(Duration::from_secs(60)).await,
     ];
     common::eventually(
         "the three earlier images finish",
@@ -166,7 +170,6 @@ async fn images_in_flight_are_capped_per_tenant_and_freed_as_they_finish() {
 /// The count a POST pays for reads only the tenant's open groups (finished ones leave the
 /// table), so its cost is bounded by the cap. Prints the cost of one admission with 1 and
 /// with 10,000 open groups side by side; checks the count is exact at the cap.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_cost_with_a_tenant_at_its_cap() {
     let (_postgres, store, _dir) = common::database().await;
     const CAP: u32 = 10_000;

@@ -5,12 +5,13 @@
 
 mod common;
 
+crate::real_node_tests!(a_groups_images_come_in_pages);
+
 use std::time::Duration;
 
 use common::Harness;
 use serde_json::Value;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_groups_images_come_in_pages() {
     let h = Harness::start("tenant-paging").await;
     let models: Vec<&str> = h.models.iter().map(String::as_str).collect();

@@ -10,6 +10,8 @@
 
 mod common;
 
+crate::real_node_tests!(every_webhook_of_a_group_carries_its_trace);
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -108,7 +110,6 @@ fn traces(events: &[ReceivedWebhook]) -> Vec<TraceParent> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_webhook_of_a_group_carries_its_trace() {
     let mut h = Harness::start("tenant-trace").await;
 

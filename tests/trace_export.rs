@@ -1,12 +1,15 @@
 //! Spans exported over OTLP/HTTP land in the client's trace: with the exporter pointed at a
-//! loopback receiver (the API, controller and dispatcher in this process; the worker, a
-//! `kinsight worker` process, by the standard OTEL_EXPORTER_OTLP_ENDPOINT on its Job), a
+//! receiver on the real node's bridge address (the API, controller and dispatcher in this
+//! process; the worker, a container on the real node, by the standard
+//! OTEL_EXPORTER_OTLP_ENDPOINT on its Job), a
 //! group posted with a `traceparent` gets spans of that trace id from the request, the
 //! reconciles, the deliveries and the worker (its per-image fetch, decode and model runs
 //! included), each the child of the span that led to it. The worker exports OTLP/JSON
 //! (`OTEL_EXPORTER_OTLP_PROTOCOL=http/json`), this process protobuf, the default.
 
 mod common;
+
+crate::real_node_tests!(spans_of_the_clients_trace_reach_the_collector);
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -76,24 +79,26 @@ fn named<'a>(spans: &'a [Exported], service: &str, name: &str) -> Vec<&'a Export
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_of_the_clients_trace_reach_the_collector() {
     let received: Arc<Mutex<Vec<(String, Bytes)>>> = Arc::default();
     let sink = received.clone();
-    let collector = common::serve_on_loopback(axum::Router::new().route(
-        "/v1/traces",
-        post(
-            move |headers: axum::http::HeaderMap, body: Bytes| async move {
-                let content_type = headers
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                sink.lock().expect("lock").push((content_type, body));
-                "{}"
-            },
+    let collector = common::serve_on(
+        common::pod_address(),
+        axum::Router::new().route(
+            "/v1/traces",
+            post(
+                move |headers: axum::http::HeaderMap, body: Bytes| async move {
+                    let content_type = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    sink.lock().expect("lock").push((content_type, body));
+                    "{}"
+                },
+            ),
         ),
-    ))
+    )
     .await;
     let provider =
         kinsight::trace::export::provider("kinsight-test", Some(&format!("{collector}/v1/traces")))

@@ -98,6 +98,18 @@ pub async fn serve_api(
     api_url
 }
 
+/// The address of this machine that this binary's worker pods reach (where servers they
+/// call listen): the real node's bridge address, else 127.0.0.1 (the node agent's workers
+/// are processes of this machine).
+pub fn pod_address() -> std::net::IpAddr {
+    match real_node::shared() {
+        Some(_) => kinsight::testbed::node::HOST_ADDRESS
+            .parse()
+            .expect("the bridge address"),
+        None => std::net::Ipv4Addr::LOCALHOST.into(),
+    }
+}
+
 /// Status, Content-Type and body text of the answer to `request`.
 pub async fn answer(request: reqwest::RequestBuilder) -> (u16, String, String) {
     let response = request.send().await.expect("request");
@@ -192,18 +204,11 @@ impl Harness {
             }
             None => TestCluster::start().await.expect("control plane starts"),
         };
-        let (keys_namespace, pod_address) = match real_node {
-            Some(_) => (
-                format!("{namespace}-keys"),
-                kinsight::testbed::node::HOST_ADDRESS
-                    .parse()
-                    .expect("the bridge address"),
-            ),
-            None => (
-                KEYS_NAMESPACE.to_owned(),
-                std::net::Ipv4Addr::LOCALHOST.into(),
-            ),
+        let keys_namespace = match real_node {
+            Some(_) => format!("{namespace}-keys"),
+            None => KEYS_NAMESPACE.to_owned(),
         };
+        let pod_address = pod_address();
         let client = cluster.client();
         let store = Store::connect(&cluster.database_url(), Duration::from_secs(60))
             .await
