@@ -12,7 +12,7 @@ use kinsight::dev::create_tenant;
 use kube::ResourceExt;
 use kube::api::ListParams;
 
-use super::{Harness, KEYS_NAMESPACE};
+use super::Harness;
 
 /// A's backlog.
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +56,7 @@ pub async fn add_tenant(h: &Harness, namespace: &str) -> String {
     let key = format!("test-key-{namespace}");
     create_tenant(
         &h.client,
-        KEYS_NAMESPACE,
+        &h.keys_namespace,
         namespace,
         &key,
         &h.webhook_secret,
