@@ -143,6 +143,7 @@ async fn chart_installs_into_a_real_cluster() {
             "runtimeClassName": "nvidia"
         }},
         "api": { "rateLimit": 25 },
+        "controller": { "watchNamespace": "tenant-scoped" },
         "tracing": { "otlpEndpoint": "http://otel-collector.observability:4318" },
         "modelsVolume": { "persistentVolumeClaim": { "claimName": "shared-models", "readOnly": true } }
     })
@@ -195,6 +196,11 @@ async fn chart_installs_into_a_real_cluster() {
     assert_eq!(
         env_value(container, "KINSIGHT_WORKER_DEADLINE"),
         Some("90m")
+    );
+    // A controller scoped to one namespace.
+    assert_eq!(
+        env_value(container, "KINSIGHT_WATCH_NAMESPACE"),
+        Some("tenant-scoped")
     );
     // The listing summary's near-duplicate distance: the chart's default.
     assert_eq!(
