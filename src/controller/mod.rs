@@ -211,7 +211,7 @@ impl ControllerError {
 }
 
 /// The objects of kind `K` the controller watches: in `namespace` only, or everywhere.
-fn watched<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+pub(crate) fn watched<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
     K::DynamicType: Default,

@@ -18,10 +18,7 @@ const SWEEP_EVERY: u32 = 10;
 
 /// `namespace`: the one namespace the controller watches, `None`: all of them.
 pub async fn run(client: Client, namespace: Option<String>, store: Store) {
-    let groups: Api<ImageGroup> = match &namespace {
-        Some(namespace) => Api::namespaced(client, namespace),
-        None => Api::all(client),
-    };
+    let groups: Api<ImageGroup> = super::watched(&client, namespace.as_deref());
     let mut round = 0_u32;
     let mut tick = tokio::time::interval(PURGE_EVERY);
     loop {

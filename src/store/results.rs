@@ -199,9 +199,8 @@ impl Store {
     }
 
     /// Marks every group of the store (of `namespace`, or of every namespace) that is not
-    /// among `live` (the uids of the cluster's
-    /// ImageGroups, listed just before) as gone: groups deleted while no controller was
-    /// watching. Groups stored in the last ten minutes are left alone: they may have been
+    /// among `live` (the uids of the cluster's ImageGroups, listed just before) as gone:
+    /// groups deleted while no controller was watching. Groups stored in the last ten minutes are left alone: they may have been
     /// created after the list.
     pub async fn forget_groups_except(
         &self,

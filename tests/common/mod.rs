@@ -58,8 +58,6 @@ pub struct Harness {
     tasks: Vec<JoinHandle<()>>,
     /// Pods' stdout and stderr, as the node agent writes them.
     logs: tempfile::TempDir,
-    /// The address of this machine that pods reach (where servers they call listen).
-    pod_address: std::net::IpAddr,
     /// The real node this test shares, if it runs on one.
     real_node: Option<&'static real_node::Shared>,
 }
@@ -286,7 +284,6 @@ impl Harness {
             controller: None,
             tasks,
             logs,
-            pod_address,
             real_node,
         };
         let mut config = harness.controller_config();
@@ -481,13 +478,13 @@ impl Harness {
     /// The address of this machine that worker pods reach: servers a test's workers fetch
     /// from listen there.
     pub fn pod_address(&self) -> std::net::IpAddr {
-        self.pod_address
+        pod_address()
     }
 
     /// Serves one photo whose first download takes `delay`, where workers reach it; returns
     /// its URL.
     pub async fn slow_photo(&self, delay: Duration) -> String {
-        slow_photo_on(self.pod_address, delay).await
+        slow_photo_on(pod_address(), delay).await
     }
 
     pub fn photo_url(&self, name: &str) -> String {
@@ -851,11 +848,6 @@ pub fn group_ref(group: &kinsight::crd::ImageGroup) -> kinsight::results::GroupR
         name: group.name_any(),
         uid: group.uid().expect("uid"),
     }
-}
-
-/// Serves one photo whose first download takes `delay` on 127.0.0.1; returns its URL.
-pub async fn slow_photo(delay: Duration) -> String {
-    slow_photo_on(std::net::Ipv4Addr::LOCALHOST.into(), delay).await
 }
 
 /// Serves one photo whose first download takes `delay` on `address`; returns its URL.
