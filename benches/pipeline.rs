@@ -1,10 +1,11 @@
 //! The whole pipeline through `kinsight dev`, as a user drives it: `cargo bench --bench
 //! pipeline` (a command, not a test; `harness = false`).
 //!
-//! It starts `kinsight dev` (control plane, PostgreSQL, controller, API, node agent) as its
-//! own process with a tiny test model (`quality_grade` of `tests/fixtures/catalog-tasks.yaml`:
-//! an 8x8 classifier, so inference costs next to nothing and the pipeline itself is measured),
-//! serves small PNGs on 127.0.0.1, posts the groups through the REST API one after the other
+//! It starts `kinsight dev` (control plane, PostgreSQL, controller, API, and the real node
+//! whose containers run the worker Jobs) as its own process with a tiny test model
+//! (`quality_grade` of `models/test/catalog.yaml`: an 8x8 classifier, so inference costs next
+//! to nothing and the pipeline itself is measured), serves small PNGs where pods reach this
+//! machine (the node's bridge address), posts the groups through the REST API one after the other
 //! and receives the webhooks on 127.0.0.1 (recording each `webhook-id` and when it arrived;
 //! signatures are not checked: that cost is the receiver's).
 //!
@@ -158,10 +159,8 @@ async fn serve_photo(
     )
 }
 
-async fn serve(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+async fn serve(app: Router, ip: std::net::IpAddr) -> String {
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -190,12 +189,7 @@ async fn run() {
         Router::new()
             .route("/hook", post(receive))
             .with_state(received.clone()),
-    )
-    .await;
-    let photo_host = serve(
-        Router::new()
-            .route("/img/{name}", get(serve_photo))
-            .with_state(Arc::new((photos(), fetches.clone()))),
+        std::net::Ipv4Addr::LOCALHOST.into(),
     )
     .await;
 
@@ -211,7 +205,7 @@ async fn run() {
     dev.arg("dev")
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .arg("--catalog")
-        .arg(repo("tests/fixtures/catalog-tasks.yaml"))
+        .arg(repo("models/test/catalog.yaml"))
         .arg("--state-dir")
         .arg(state.path().join("dev"))
         .env("KINSIGHT_DEV_API_KEY", API_KEY)
@@ -254,6 +248,17 @@ async fn run() {
         "kinsight dev ready in {:.1} s; posting {groups} groups x {images} images",
         setup_started.elapsed().as_secs_f64()
     );
+    // Where the worker pods reach this machine (the bridge exists once the node is up).
+    let pod_address = kinsight::testbed::node::HOST_ADDRESS
+        .parse()
+        .expect("the node's bridge address");
+    let photo_host = serve(
+        Router::new()
+            .route("/img/{name}", get(serve_photo))
+            .with_state(Arc::new((photos(), fetches.clone()))),
+        pod_address,
+    )
+    .await;
 
     // The API server's own counts, read through `kinsight dev`'s kubeconfig.
     let options = kube::config::KubeConfigOptions::default();
@@ -324,6 +329,10 @@ async fn run() {
     };
     // A moment for duplicates (a retry of something already received) to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // The workers' logs, before the node that keeps them goes (`{KEEP_LOG}.pods/`).
+    if let Ok(keep) = std::env::var("KEEP_LOG") {
+        keep_pod_logs(&PathBuf::from(format!("{keep}.pods")));
+    }
     stop(&mut dev).await;
 
     let r = received.lock().expect("received");
@@ -379,14 +388,25 @@ async fn run() {
             Ok(_) => eprintln!("kinsight dev's log kept at {keep}"),
             Err(e) => eprintln!("keeping the log at {keep}: {e}"),
         }
-        // The workers' logs beside it (`{KEEP_LOG}.pods/`).
-        let pods = PathBuf::from(format!("{keep}.pods"));
-        if std::fs::create_dir_all(&pods).is_ok()
-            && let Ok(logs) = std::fs::read_dir(state.path().join("dev/pod-logs"))
-        {
-            for log in logs.flatten() {
-                let _ = std::fs::copy(log.path(), pods.join(log.file_name()));
-            }
+    }
+}
+
+/// Copies each pod's worker log (the kubelet's `/var/log/pods/<ns>_<pod>_<uid>/worker/`)
+/// into `to` as `<ns>_<pod>_<uid>.log`.
+fn keep_pod_logs(to: &std::path::Path) {
+    if std::fs::create_dir_all(to).is_err() {
+        return;
+    }
+    let Ok(pods) = std::fs::read_dir("/var/log/pods") else {
+        return;
+    };
+    for pod in pods.flatten() {
+        let Ok(logs) = std::fs::read_dir(pod.path().join("worker")) else {
+            continue;
+        };
+        for (n, log) in logs.flatten().enumerate() {
+            let name = format!("{}.{n}.log", pod.file_name().to_string_lossy());
+            let _ = std::fs::copy(log.path(), to.join(name));
         }
     }
 }

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what a real testbed node runs on, from Debian's packages: containerd (its CRI plugin
-# runs the pods), runc, the CNI plugins (bridge, host-local, loopback in /usr/lib/cni) and
-# buildah (scripts/buildah.sh: images without a daemon). Quiet, and does nothing when they are
+# runs the pods), runc, the CNI plugins (bridge, host-local, loopback in /usr/lib/cni),
+# buildah (scripts/buildah.sh: images without a daemon) and ipset (`kube-proxy --cleanup`
+# removes the IPVS mode's sets with it, and fails without it). Quiet, and does nothing when they are
 # all there. Exits 77 when something is missing and cannot be installed (not root, no apt-get).
 set -euo pipefail
 need=()
-for p in containerd runc containernetworking-plugins buildah; do
+for p in containerd runc containernetworking-plugins buildah ipset; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
 done
 [ "${#need[@]}" -eq 0 ] && exit 0

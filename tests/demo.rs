@@ -31,6 +31,7 @@ async fn the_demo_completes_and_leaves_no_delivery_to_send_again() {
     for phase in [
         "kinsight dev is running (ready ",
         " s  control plane and PostgreSQL started",
+        " s  worker image built, node Ready",
         " s  controller running, API keys listed",
         "first webhook ",
     ] {

@@ -24,7 +24,7 @@ fn crate_root() -> &'static Path {
 }
 
 fn catalog_path() -> PathBuf {
-    crate_root().join("tests/fixtures/catalog-tasks.yaml")
+    crate_root().join("models/test/catalog.yaml")
 }
 
 fn runtime() {

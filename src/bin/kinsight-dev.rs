@@ -65,7 +65,8 @@ struct DevArgs {
     webhook_secret: Option<String>,
     #[arg(long, env = "KINSIGHT_CATALOG", default_value = "models/catalog.yaml")]
     catalog: PathBuf,
-    /// libonnxruntime.so (default: ORT_DYLIB_PATH, else ./.venv's onnxruntime wheel).
+    /// libonnxruntime.so put in the worker image (default: ORT_DYLIB_PATH, else the
+    /// project's onnxruntime wheel, see scripts/setup-onnxruntime.sh).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     ort_dylib: Option<PathBuf>,
     /// State of the local control plane.

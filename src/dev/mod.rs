@@ -2,16 +2,18 @@
 //! (dev plus the sample photos and a verifying webhook receiver).
 
 mod local_http;
+mod node;
 mod setup;
 
 pub use local_http::{
     ReceivedWebhook, serve_folder, serve_folder_on, webhook_receiver, webhook_receiver_on,
 };
+pub use node::DEV_IMAGE;
 pub use setup::{
     SetupError, create_tenant, create_tenant_labelled, ensure_namespace, install_crds,
 };
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -24,7 +26,7 @@ use crate::inference::Catalog;
 use crate::results::INGEST_PATH;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::store::Store;
-use crate::testbed::{ControlPlane, Postgres};
+use crate::testbed::{ControlPlane, ControlPlaneOptions, Postgres, RealNode, RealNodeOptions};
 use crate::webhook::{RetrySchedule, generate_secret};
 
 pub const KEYS_NAMESPACE: &str = "kinsight-system";
@@ -36,6 +38,7 @@ pub struct DevOptions {
     pub api_key: Option<String>,
     pub webhook_secret: Option<String>,
     pub catalog: PathBuf,
+    /// ONNX Runtime put in the worker image (`None`: the project's wheel).
     pub ort_dylib: Option<PathBuf>,
     /// Where the local control plane keeps its state (reused across runs).
     pub state_dir: PathBuf,
@@ -64,6 +67,9 @@ pub struct DevEnvironment {
     pub api_key: String,
     pub webhook_secret: String,
     pub kubeconfig: Option<PathBuf>,
+    /// Where worker pods reach this machine (the node's bridge address), when `dev` runs
+    /// the node: photos served for them must listen there.
+    pub pod_address: Option<IpAddr>,
     /// The controller and the API: on a stop they are asked to finish what they have in
     /// hand; the rest of `tasks` (watches, node agent) is simply dropped.
     graceful: JoinSet<()>,
@@ -71,6 +77,8 @@ pub struct DevEnvironment {
     stopping: ShutdownTrigger,
     /// How long each step of the start took, printed with the summary.
     phases: Phases,
+    // Dropped in this order: the node before its control plane.
+    _node: Option<RealNode>,
     _control_plane: Option<ControlPlane>,
     _database: Option<Postgres>,
 }
@@ -96,13 +104,36 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     let catalog_path = absolute(&options.catalog)?;
     let catalog = Catalog::load(&catalog_path)?;
     let models: Vec<String> = catalog.names().map(str::to_owned).collect();
+    // The worker image is built while the control plane starts.
+    let image_archive = options.state_dir.join("kinsight-image.tar");
+    let image_build = match &options.kubeconfig {
+        Some(_) => None,
+        None => {
+            let (binary, archive) = (product_binary()?, image_archive.clone());
+            let ort = match &options.ort_dylib {
+                Some(path) => Some(absolute(path)?),
+                None => None,
+            };
+            std::fs::create_dir_all(&options.state_dir).map_err(|e| {
+                DevError::Other(format!("creating {}: {e}", options.state_dir.display()))
+            })?;
+            Some(tokio::task::spawn_blocking(move || {
+                node::build_image(&binary, ort.as_deref(), &archive)
+            }))
+        }
+    };
     let (control_plane, client, kubeconfig) = match &options.kubeconfig {
         Some(path) => {
             let client = crate::testbed::client_from_kubeconfig(path).await?;
             (None, client, Some(path.clone()))
         }
         None => {
-            let cp = ControlPlane::start_or_reuse(&options.state_dir).await?;
+            let cp = ControlPlane::start_or_reuse_with(ControlPlaneOptions {
+                state_dir: Some(options.state_dir.clone()),
+                real_node: true,
+                ..ControlPlaneOptions::default()
+            })
+            .await?;
             let client = cp.client().await?;
             let path = cp.kubeconfig_path().to_path_buf();
             (Some(cp), client, Some(path))
@@ -130,6 +161,31 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         Some(_) => "control plane and PostgreSQL started",
         None => "cluster and PostgreSQL reached",
     });
+    // A control plane another `kinsight dev` started runs its pods on that one's node (one
+    // kubelet per machine); a cluster of one's own has its kubelets.
+    let node = match (&control_plane, image_build) {
+        (Some(cp), Some(build)) if !cp.reused() => {
+            build
+                .await
+                .map_err(|e| DevError::Other(format!("building the worker image: {e}")))??;
+            let node = RealNode::start(
+                cp,
+                RealNodeOptions {
+                    images: vec![image_archive],
+                    ..RealNodeOptions::default()
+                },
+            )
+            .await?;
+            phases.done("worker image built, node Ready");
+            Some(node)
+        }
+        _ => None,
+    };
+    let pod_address: Option<IpAddr> = control_plane.as_ref().map(|_| {
+        crate::testbed::node::HOST_ADDRESS
+            .parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    });
     install_crds(&client).await?;
     let api_key = options
         .api_key
@@ -149,37 +205,42 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     .await?;
 
     phases.done("CRDs and dev tenant");
-    let mut worker_env = Vec::new();
-    let ort = options
-        .ort_dylib
-        .clone()
-        .or_else(crate::inference::default_runtime_path);
-    if let Some(ort) = ort {
-        worker_env.push((
-            "ORT_DYLIB_PATH".to_owned(),
-            absolute(&ort)?.display().to_string(),
-        ));
-    }
-    // The sample photos and the demo's webhook receiver are on 127.0.0.1.
-    let egress = crate::net::EgressPolicy::allow_loopback();
+    // Webhook receivers on this machine listen on 127.0.0.1, photos served to the workers
+    // on the address pods reach it at.
+    let mut egress = crate::net::EgressPolicy::allow_loopback();
+    egress.allow.extend(pod_address.map(ipnet::IpNet::from));
     let metrics = std::sync::Arc::new(crate::controller::Metrics::default());
-    // Workers read the catalog from its ConfigMap, the model files from where we found them.
-    let models_dir = Catalog::default_models_dir(&catalog_path)
-        .display()
-        .to_string();
-    // Workers on this machine reach the API's result ingest on loopback.
     let listener = TcpListener::bind(options.listen)
         .await
         .map_err(|e| DevError::Other(format!("cannot listen on {}: {e}", options.listen)))?;
     let addr = listener
         .local_addr()
         .map_err(|e| DevError::Other(e.to_string()))?;
+    // Workers reach the API's result ingest where pods reach this machine: the API
+    // listens there too, on the same port when it is free.
+    let pod_listener = match pod_address {
+        Some(ip) => Some(match TcpListener::bind((ip, addr.port())).await {
+            Ok(listener) => listener,
+            Err(_) => TcpListener::bind((ip, 0))
+                .await
+                .map_err(|e| DevError::Other(format!("cannot listen on {ip}: {e}")))?,
+        }),
+        None => None,
+    };
+    let ingest_addr = match &pod_listener {
+        Some(listener) => listener
+            .local_addr()
+            .map_err(|e| DevError::Other(e.to_string()))?,
+        None => addr,
+    };
     let controller_config = ControllerConfig {
-        results_url: format!("http://{addr}{INGEST_PATH}"),
-        worker_catalog: Some(crate::controller::WorkerCatalog::new(&catalog, models_dir)),
+        results_url: format!("http://{ingest_addr}{INGEST_PATH}"),
+        worker_image: DEV_IMAGE.to_owned(),
+        // Workers read the catalog from its ConfigMap, the model files from the
+        // catalog's folder mounted from this machine; ONNX Runtime is the image's.
+        worker_catalog: Some(node::worker_catalog(&catalog, &catalog_path)?),
         metrics: metrics.clone(),
         models: models.clone(),
-        worker_env: worker_env.clone(),
         retry: options.retry.clone(),
         egress,
         job_caps: options.job_caps,
@@ -203,18 +264,6 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
             tracing::error!(error = %e, "controller stopped");
         }
     });
-    // A real cluster has kubelets; only the local control plane needs the node agent.
-    if let Some(cp) = &control_plane {
-        let binary = product_binary()?;
-        let agent_options =
-            cp.node_agent_options("kinsight-local", binary, options.state_dir.join("pod-logs"));
-        let agent_client = client.clone();
-        tasks.spawn(async move {
-            if let Err(e) = crate::testbed::node_agent::run(agent_client, agent_options).await {
-                tracing::error!(error = %e, "node agent stopped");
-            }
-        });
-    }
     let (app, key_watch, keys) = router(
         client.clone(),
         store,
@@ -235,22 +284,27 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     phases.done("controller running, API keys listed");
     // One process, one port: the controller's metrics are served beside the API.
     let app = app.merge(metrics.router());
-    graceful.spawn(async move {
-        // Stops accepting on a stop and finishes the requests in hand.
-        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.requested());
-        if let Err(e) = served.await {
-            tracing::error!(error = %e, "API server stopped");
-        }
-    });
+    for listener in std::iter::once(listener).chain(pod_listener) {
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        graceful.spawn(async move {
+            // Stops accepting on a stop and finishes the requests in hand.
+            let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.requested());
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "API server stopped");
+            }
+        });
+    }
     Ok(DevEnvironment {
         api_url: format!("http://{addr}"),
         api_key,
         webhook_secret,
         kubeconfig,
+        pod_address,
         graceful,
         tasks,
         stopping: stop,
         phases,
+        _node: node,
         _control_plane: control_plane,
         _database: database,
     })
@@ -268,6 +322,9 @@ impl DevEnvironment {
         println!("  API:            {}", self.api_url);
         println!("  API key:        {}", self.api_key);
         println!("  webhook secret: {}", self.webhook_secret);
+        if let Some(ip) = self.pod_address {
+            println!("  pods reach:     this machine at {ip} (serve photos for them there)");
+        }
         if let Some(path) = &self.kubeconfig {
             println!("  kubeconfig:     {}", path.display());
             println!(
@@ -347,9 +404,11 @@ const STOP_WAIT: Duration = Duration::from_secs(15);
 pub async fn demo(options: DevOptions, photos: PathBuf, timeout: Duration) -> Result<(), DevError> {
     let env = start(options).await?;
     env.print_summary();
-    let (photos_addr, _photos) = serve_folder(photos.clone())
-        .await
-        .map_err(|e| DevError::Other(e.to_string()))?;
+    let (photos_addr, _photos) = match env.pod_address {
+        Some(ip) => serve_folder_on(photos.clone(), ip).await,
+        None => serve_folder(photos.clone()).await,
+    }
+    .map_err(|e| DevError::Other(e.to_string()))?;
     let (hook_addr, mut events, _hook) = webhook_receiver(&env.webhook_secret)
         .await
         .map_err(DevError::Other)?;
@@ -451,7 +510,7 @@ fn absolute(path: &Path) -> Result<PathBuf, DevError> {
     std::path::absolute(path).map_err(|e| DevError::Other(format!("{}: {e}", path.display())))
 }
 
-/// The `kinsight` binary that worker pods run on the node agent: `KINSIGHT_BIN`, else the
+/// The `kinsight` binary the worker image is built from: `KINSIGHT_BIN`, else the
 /// one beside this executable (`cargo build` puts `kinsight` and `kinsight-dev` together).
 pub fn product_binary() -> Result<PathBuf, DevError> {
     if let Some(path) = std::env::var_os("KINSIGHT_BIN") {
@@ -464,7 +523,7 @@ pub fn product_binary() -> Result<PathBuf, DevError> {
         Ok(beside)
     } else {
         Err(DevError::Other(format!(
-            "worker pods run the kinsight binary, and there is none beside {} \
+            "the worker image is built from the kinsight binary, and there is none beside {} \
              (build both: cargo build --release; or set KINSIGHT_BIN)",
             own.display()
         )))

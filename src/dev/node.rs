@@ -1,0 +1,140 @@
+//! Where `kinsight dev` runs its worker pods: a real node (containerd, runc, kubelet) beside
+//! its control plane, with the project's image built from the `kinsight` binary beside
+//! `kinsight-dev` by the same script and Dockerfile a release uses.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::{HostPathVolumeSource, Volume};
+
+use super::DevError;
+use crate::controller::WorkerCatalog;
+use crate::inference::Catalog;
+
+/// The image worker Jobs run under `kinsight dev` (rebuilt on every start; a rebuild
+/// replaces the previous one in the project's buildah store).
+pub const DEV_IMAGE: &str = "localhost/kinsight:dev";
+const DEV_TAG: &str = "dev";
+
+/// Builds [`DEV_IMAGE`] from `binary` with `scripts/build-image.sh` on the locally made
+/// base, with ONNX Runtime's `ort_lib` (default: the script's, the project's wheel),
+/// written to `archive` for the node's containerd. Blocking (a few seconds).
+pub fn build_image(binary: &Path, ort_lib: Option<&Path>, archive: &Path) -> Result<(), DevError> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-image.sh");
+    let started = Instant::now();
+    let mut command = std::process::Command::new(&script);
+    if let Some(lib) = ort_lib {
+        command.arg("--ort-lib").arg(lib);
+    }
+    let output = command
+        .arg("--binary")
+        .arg(binary)
+        .args(["--tag", DEV_TAG, "--base", "local", "--oci-archive"])
+        .arg(archive)
+        .output()
+        .map_err(|e| DevError::Other(format!("running {}: {e}", script.display())))?;
+    if !output.status.success() {
+        return Err(DevError::Other(format!(
+            "building the worker image failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        image = DEV_IMAGE,
+        "worker image built"
+    );
+    Ok(())
+}
+
+/// The catalog as workers on the dev node see it: the catalog's folder on this machine,
+/// mounted read-only at the same path (a `hostPath` volume, as a node-local model cache
+/// would be), so a model file changed in the checkout is what the next Job loads. Model
+/// files outside that folder cannot be reached and are refused here, not by the worker.
+pub fn worker_catalog(catalog: &Catalog, catalog_path: &Path) -> Result<WorkerCatalog, DevError> {
+    let folder: PathBuf = Catalog::default_models_dir(catalog_path).to_path_buf();
+    let folder = std::path::absolute(&folder)
+        .map_err(|e| DevError::Other(format!("{}: {e}", folder.display())))?;
+    let outside: Vec<String> = catalog
+        .models()
+        .iter()
+        .filter(|model| !normalised(&model.model_path).starts_with(&folder))
+        .map(|model| format!("{} ({})", model.name, model.model_path.display()))
+        .collect();
+    if !outside.is_empty() {
+        return Err(DevError::Other(format!(
+            "worker pods mount the catalog's folder {}, and these models' files are outside it: {}; \
+             put them beside the catalog",
+            folder.display(),
+            outside.join(", ")
+        )));
+    }
+    let dir = folder.display().to_string();
+    let mut worker = WorkerCatalog::new(catalog, dir.clone());
+    worker.models_volume = Some(Volume {
+        name: "models".to_owned(),
+        host_path: Some(HostPathVolumeSource {
+            path: dir,
+            type_: Some("Directory".to_owned()),
+        }),
+        ..Volume::default()
+    });
+    Ok(worker)
+}
+
+/// `path` made absolute with `..` and `.` resolved lexically (the files exist: the catalog
+/// checked them when it loaded).
+fn normalised(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+    }
+
+    #[test]
+    fn the_bundled_catalogs_folder_is_mounted_where_it_is_on_this_machine() {
+        let path = repo("models/catalog.yaml");
+        let catalog = Catalog::load(&path).expect("bundled catalog");
+        let worker = worker_catalog(&catalog, &path).expect("its files are beside it");
+        let models = repo("models").display().to_string();
+        assert_eq!(worker.models_dir, models);
+        let volume = worker.models_volume.expect("a models volume");
+        let host = volume.host_path.expect("hostPath");
+        assert_eq!(host.path, models);
+        assert_eq!(host.type_.as_deref(), Some("Directory"));
+    }
+
+    #[test]
+    fn a_catalog_whose_models_are_elsewhere_is_refused_with_their_names() {
+        let scratch = tempfile::tempdir().expect("temp dir");
+        let test_models = repo("models/test");
+        let path = scratch.path().join("catalog.yaml");
+        let entry = std::fs::read_to_string(test_models.join("catalog.yaml"))
+            .expect("test catalog")
+            .replace("file: ", &format!("file: {}/", test_models.display()))
+            .replace("labels: ", &format!("labels: {}/", test_models.display()));
+        std::fs::write(&path, entry).expect("catalog written");
+        let catalog = Catalog::load(&path).expect("a catalog naming files elsewhere");
+        let error = worker_catalog(&catalog, &path).expect_err("outside its folder");
+        let text = error.to_string();
+        assert!(text.contains("quality_grade"), "{text}");
+        assert!(text.contains("put them beside the catalog"), "{text}");
+    }
+}
