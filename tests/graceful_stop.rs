@@ -6,13 +6,14 @@
 
 mod common;
 
+crate::real_node_tests!(a_sigtermed_api_finishes_the_request_in_hand_then_exits);
+
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::{Harness, eventually, repo_path};
 use tokio::process::Command;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigtermed_api_finishes_the_request_in_hand_then_exits() {
     if kinsight::testbed::use_existing_cluster() {
         eprintln!("skipped: runs the API binary with the local control plane's kubeconfig");
@@ -21,9 +22,8 @@ async fn a_sigtermed_api_finishes_the_request_in_hand_then_exits() {
     let h = Harness::start("tenant-drain").await;
     let kubeconfig = h
         .cluster
-        .control_plane()
-        .expect("a local control plane")
         .kubeconfig_path()
+        .expect("a local control plane's kubeconfig")
         .to_path_buf();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -38,6 +38,7 @@ async fn a_sigtermed_api_finishes_the_request_in_hand_then_exits() {
         .arg("--catalog")
         .arg(repo_path("models/catalog.yaml"))
         .args(["--shutdown-delay", "1s", "--drain-timeout", "20s"])
+        .args(["--keys-namespace", &h.keys_namespace])
         .env("KUBECONFIG", &kubeconfig)
         .env("KINSIGHT_DATABASE_URL", h.cluster.database_url())
         .env("RUST_LOG", "info,kube=warn")

@@ -5,9 +5,14 @@
 
 mod common;
 
+crate::real_node_tests!(
+    a_retried_post_gets_the_first_answer_and_creates_one_group_per_tenant,
+    a_key_is_claimed_once_released_on_failure_taken_over_after_its_lease_and_expires
+);
+
 use std::time::Duration;
 
-use common::{Harness, KEYS_NAMESPACE, database};
+use common::{Harness, database};
 use kinsight::crd::ImageGroup;
 use kinsight::store::{KeyClaim, StoredResponse};
 use kube::Api;
@@ -55,7 +60,6 @@ fn group_body(h: &Harness, image: &str) -> Value {
     json!({ "images": [{ "url": h.photo_url(image) }], "models": ["image_classification"] })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_post_gets_the_first_answer_and_creates_one_group_per_tenant() {
     let h = Harness::start("tenant-idem-a").await;
     let body = group_body(&h, "coffee.png");
@@ -105,7 +109,7 @@ async fn a_retried_post_gets_the_first_answer_and_creates_one_group_per_tenant()
     let (namespace_b, key_b) = ("tenant-idem-b", "test-key-tenant-idem-b");
     kinsight::dev::create_tenant(
         &h.client,
-        KEYS_NAMESPACE,
+        &h.keys_namespace,
         namespace_b,
         key_b,
         &kinsight::webhook::generate_secret(),
@@ -184,7 +188,6 @@ async fn a_retried_post_gets_the_first_answer_and_creates_one_group_per_tenant()
     assert_eq!(groups_in(&h, &h.namespace).await.len(), 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_is_claimed_once_released_on_failure_taken_over_after_its_lease_and_expires() {
     let (_postgres, store, _dir) = database().await;
     let lease = Duration::from_secs(60);

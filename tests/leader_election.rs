@@ -4,6 +4,12 @@
 
 mod common;
 
+crate::real_node_tests!(
+    a_standby_replica_takes_over_when_the_leader_dies,
+    a_leader_asked_to_stop_hands_the_lease_to_the_standby_at_once,
+    nonsensical_lease_timings_are_refused_not_panicked_on
+);
+
 use std::time::Duration;
 
 use common::{Harness, eventually};
@@ -13,9 +19,11 @@ use kinsight::shutdown::Shutdown;
 use kube::Api;
 use serde_json::json;
 
-fn election(identity: &str) -> LeaderElection {
+/// The Lease lives in the API keys' namespace, the installation's own (the chart's
+/// `POD_NAMESPACE`).
+fn election(namespace: &str, identity: &str) -> LeaderElection {
     LeaderElection {
-        namespace: "kinsight-system".into(),
+        namespace: namespace.to_owned(),
         identity: identity.into(),
         lease: Duration::from_secs(3),
         grace: Duration::from_secs(1),
@@ -51,7 +59,7 @@ async fn leader_and_standby(
         a,
         a_shutdown,
     ));
-    let leases: Api<Lease> = Api::namespaced(h.client.clone(), "kinsight-system");
+    let leases: Api<Lease> = Api::namespaced(h.client.clone(), &h.keys_namespace);
     let leader = eventually("a Lease holder", Duration::from_secs(10), async || {
         holder(&leases).await
     })
@@ -93,16 +101,13 @@ async fn an_image_gets_its_events(h: &mut Harness) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let mut h = Harness::start("tenant-leader").await;
-    let (first, second, leases) = leader_and_standby(
-        &mut h,
-        election("replica-a"),
-        Shutdown::never(),
-        election("replica-b"),
-    )
-    .await;
+    let (a, b) = (
+        election(&h.keys_namespace, "replica-a"),
+        election(&h.keys_namespace, "replica-b"),
+    );
+    let (first, second, leases) = leader_and_standby(&mut h, a, Shutdown::never(), b).await;
 
     // The leader dies without releasing the lease; the standby takes over and does the work.
     first.abort();
@@ -111,19 +116,18 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     second.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_asked_to_stop_hands_the_lease_to_the_standby_at_once() {
     let mut h = Harness::start("tenant-handover").await;
     // A lease far longer than the hand-over may take: without the release, the standby
     // would wait for it to run out.
-    let long = |identity: &str| LeaderElection {
+    let long = |h: &Harness, identity: &str| LeaderElection {
         lease: Duration::from_secs(40),
         grace: Duration::from_secs(10),
-        ..election(identity)
+        ..election(&h.keys_namespace, identity)
     };
+    let (a, b) = (long(&h, "replica-a"), long(&h, "replica-b"));
     let (stop_first, first_shutdown) = Shutdown::new();
-    let (first, second, leases) =
-        leader_and_standby(&mut h, long("replica-a"), first_shutdown, long("replica-b")).await;
+    let (first, second, leases) = leader_and_standby(&mut h, a, first_shutdown, b).await;
 
     stop_first.fire();
     let asked = std::time::Instant::now();
@@ -147,14 +151,13 @@ async fn a_leader_asked_to_stop_hands_the_lease_to_the_standby_at_once() {
     second.abort();
 }
 
-#[tokio::test]
 async fn nonsensical_lease_timings_are_refused_not_panicked_on() {
     kinsight::install_crypto_provider();
     let client = kube::Client::try_from(kube::Config::new(
         "https://127.0.0.1:1".parse().expect("url"),
     ))
     .expect("client");
-    let mut bad = election("x");
+    let mut bad = election("kinsight-system", "x");
     bad.grace = Duration::from_secs(5);
     let nowhere = kinsight::store::Store::lazy("postgres://kinsight@127.0.0.1:1/kinsight")
         .expect("a database URL");

@@ -4,6 +4,14 @@
 
 mod common;
 
+crate::real_node_tests!(
+    a_subscription_naming_an_unmarked_secret_is_refused_until_the_secret_is_marked,
+    a_group_outside_the_tenants_waits_until_its_namespace_becomes_one,
+    tokens_in_webhook_urls_are_redacted_in_events,
+    subscription_headers_come_from_a_marked_secret,
+    a_second_installation_leaves_the_first_ones_tenants_and_groups_alone
+);
+
 use std::time::Duration;
 
 use common::{Harness, eventually};
@@ -55,7 +63,6 @@ where
     .expect("label");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_naming_an_unmarked_secret_is_refused_until_the_secret_is_marked() {
     let h = Harness::start("lp-signing").await;
     let secrets: Api<Secret> = Api::namespaced(h.client.clone(), &h.namespace);
@@ -107,10 +114,14 @@ async fn a_subscription_naming_an_unmarked_secret_is_refused_until_the_secret_is
     settles_on("the subscription is ready", ready, "True/").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_outside_the_tenants_waits_until_its_namespace_becomes_one() {
-    let h = Harness::start("lp-tenant").await;
     let outsider = "lp-outsider";
+    // Scoped to the outsider namespace: a controller watching every namespace would also
+    // answer the other tests' groups (each a tenant of its own installation only).
+    let h = Harness::start_configured("lp-tenant", |c| {
+        c.watch_namespace = Some(outsider.to_owned());
+    })
+    .await;
     let ns: Namespace =
         serde_json::from_value(json!({ "metadata": { "name": outsider } })).expect("namespace");
     let namespaces: Api<Namespace> = Api::all(h.client.clone());
@@ -161,7 +172,6 @@ async fn a_group_outside_the_tenants_waits_until_its_namespace_becomes_one() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_in_webhook_urls_are_redacted_in_events() {
     let h = Harness::start_configured("lp-redact", |c| {
         c.circuit = CircuitConfig {
@@ -205,7 +215,6 @@ async fn tokens_in_webhook_urls_are_redacted_in_events() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_headers_come_from_a_marked_secret() {
     let mut h = Harness::start("lp-headers").await;
     let secrets: Api<Secret> = Api::namespaced(h.client.clone(), &h.namespace);
@@ -290,7 +299,6 @@ async fn subscription_headers_come_from_a_marked_secret() {
 /// tenants alone (their RoleBinding, worker ServiceAccount and catalog are not removed, not
 /// even to be made again), and, scoped to its own namespace, it writes nothing on the first
 /// one's groups.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_installation_leaves_the_first_ones_tenants_and_groups_alone() {
     use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
     use k8s_openapi::api::rbac::v1::RoleBinding;

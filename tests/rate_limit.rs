@@ -5,11 +5,12 @@
 
 mod common;
 
+crate::real_node_tests!(a_key_past_its_limit_is_answered_429_with_rate_limit_headers);
+
 use std::time::Duration;
 
 use common::Harness;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_past_its_limit_is_answered_429_with_rate_limit_headers() {
     let h = Harness::start("tenant-limited").await;
     h.set_key_field(kinsight::api::RATE_LIMIT_FIELD, "3").await;

@@ -5,6 +5,8 @@
 
 mod common;
 
+crate::real_node_tests!(only_the_namespaces_worker_stores_results_of_its_groups);
+
 use std::time::Duration;
 
 use common::Harness;
@@ -53,7 +55,6 @@ async fn token_of(client: &kube::Client, namespace: &str, name: &str) -> String 
         .token
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_namespaces_worker_stores_results_of_its_groups() {
     let h = Harness::start("tenant-ingest").await;
     // A group whose one image cannot be fetched (nothing listens on port 9): its worker

@@ -6,6 +6,11 @@
 
 mod common;
 
+crate::real_node_tests!(
+    the_document_is_served_and_every_error_is_a_problem,
+    schemathesis_finds_nothing
+);
+
 use std::time::{Duration, Instant};
 
 use common::Harness;
@@ -20,7 +25,6 @@ async fn answer(request: reqwest::RequestBuilder) -> (u16, String, Value) {
     (status, kind, body)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_is_served_and_every_error_is_a_problem() {
     let h = Harness::start("tenant-contract").await;
     let client = reqwest::Client::new();
@@ -127,7 +131,6 @@ async fn the_document_is_served_and_every_error_is_a_problem() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_nothing() {
     let h = Harness::start("tenant-schemathesis").await;
     let schemathesis = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/schemathesis");
