@@ -6,6 +6,8 @@
 
 mod common;
 
+crate::real_node_tests!(a_database_restart_mid_delivery_loses_no_result_and_no_event);
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -17,9 +19,8 @@ use kube::Api;
 const IMAGES: usize = 40;
 const LIMIT: Duration = Duration::from_secs(240);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_restart_mid_delivery_loses_no_result_and_no_event() {
-    let mut h = Harness::start("tenant-pg-restart").await;
+    let mut h = Harness::start_with_own_database("tenant-pg-restart").await;
     let group_id = h
         .post_photo_group(IMAGES, &["image_classification"], &h.hook_url)
         .await;

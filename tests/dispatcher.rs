@@ -6,6 +6,8 @@
 
 mod common;
 
+crate::real_node_tests!(replicas_share_deliveries_and_survive_being_killed_with_a_database_restart);
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +47,8 @@ impl Replica {
             ..h.controller_config()
         };
         let election = LeaderElection {
-            namespace: "kinsight-system".into(),
+            // The installation's own namespace (the chart's `POD_NAMESPACE`).
+            namespace: h.keys_namespace.clone(),
             identity: identity.into(),
             lease: Duration::from_secs(3),
             grace: Duration::from_secs(1),
@@ -85,9 +88,8 @@ fn distinct(events: &[ReceivedWebhook]) -> HashSet<&str> {
     events.iter().map(|e| e.id.as_str()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_deliveries_and_survive_being_killed_with_a_database_restart() {
-    let mut h = Harness::start("tenant-dispatch").await;
+    let mut h = Harness::start_with_own_database("tenant-dispatch").await;
     // Only the replicas below run the controller.
     h.kill_controller().await;
     let mut replicas = vec![

@@ -106,6 +106,17 @@ impl TestCluster {
         })
     }
 
+    /// [`TestCluster::connect_shared`] with a PostgreSQL of its own in a temporary folder
+    /// (see [`TestCluster::postgres_mut`]), for a test that restarts its database.
+    pub async fn connect_shared_with_own_database(
+        kubeconfig: &Path,
+    ) -> Result<TestCluster, TestbedError> {
+        let mut cluster = Self::connect_shared(kubeconfig, String::new()).await?;
+        cluster.external_database_url = None;
+        cluster.attach_database().await?;
+        Ok(cluster)
+    }
+
     async fn attach_database(&mut self) -> Result<(), TestbedError> {
         if let Some(url) = std::env::var(DATABASE_URL_ENV)
             .ok()

@@ -186,9 +186,29 @@ impl Harness {
         node: impl FnOnce(&mut NodeAgentOptions),
         configure: impl FnOnce(&mut ControllerConfig),
     ) -> Harness {
+        Self::start_full(namespace, node, configure, false).await
+    }
+
+    /// [`Harness::start`] with a PostgreSQL of the test's own on the shared real-node
+    /// stack (`h.cluster.postgres_mut()`), for a test that restarts it; the others' stay up.
+    pub async fn start_with_own_database(namespace: &str) -> Harness {
+        Self::start_full(namespace, |_| {}, |_| {}, true).await
+    }
+
+    async fn start_full(
+        namespace: &str,
+        node: impl FnOnce(&mut NodeAgentOptions),
+        configure: impl FnOnce(&mut ControllerConfig),
+        own_database: bool,
+    ) -> Harness {
         kinsight::install_crypto_provider();
         let real_node = real_node::shared();
         let cluster = match real_node {
+            Some(shared) if own_database => {
+                TestCluster::connect_shared_with_own_database(&shared.kubeconfig)
+                    .await
+                    .expect("the shared control plane, and a PostgreSQL of the test's own")
+            }
             Some(shared) => {
                 let database = kinsight::testbed::postgres::create_database(
                     &shared.database_url,
