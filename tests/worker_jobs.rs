@@ -3,19 +3,23 @@
 //! model files from the models folder, and a Job running a GPU model asks for a GPU with
 //! the configured node selector, tolerations and runtime class.
 //!
-//! The node agent plays a GPU node here: it advertises `nvidia.com/gpu: 1`, carries a label
-//! and a `NoSchedule` taint, and binds only pods that fit (see `src/testbed/node_agent.rs`),
-//! so the pod runs only because the Job asked for all of it. There is no CUDA on the test
-//! machine: the worker (`--execution-provider auto`) falls back to the CPU and says so.
+//! The real node is made a GPU node here the way a device plugin and a platform team would:
+//! it advertises `nvidia.com/gpu: 1` (the Node's status capacity, as Kubernetes documents for
+//! extended resources), carries a label and a `NoSchedule` taint, and its containerd answers
+//! the RuntimeClass handler `nvidia` (with runc), so kube-scheduler places the pod and the
+//! kubelet runs it only because the Job asked for all of it. There is no GPU or CUDA on the
+//! test machine: the worker (`--execution-provider auto`) falls back to the CPU and says so.
 
 mod common;
+
+crate::real_node_tests!(a_gpu_model_from_the_mounted_catalog_runs_in_a_gpu_job);
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{Harness, repo_path};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Toleration};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kinsight::controller::{
@@ -26,7 +30,7 @@ use kinsight::inference::Catalog;
 use kinsight::inference::catalog::CatalogFile;
 use kinsight::results::ImageResult;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 /// The whole test, control plane start included.
@@ -57,25 +61,43 @@ fn catalog_only_yaml() -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_model_from_the_mounted_catalog_runs_in_a_gpu_job() {
+    if kinsight::testbed::use_existing_cluster() {
+        eprintln!("skipped: makes the testbed's node a GPU node");
+        return;
+    }
     tokio::time::timeout(LIMIT, gpu_job_end_to_end())
         .await
         .expect("the test finished in time");
 }
 
 async fn gpu_job_end_to_end() {
-    let mut h = Harness::start_with_node("tenant-gpu", |node| {
-        node.extended_resources = BTreeMap::from([("nvidia.com/gpu".into(), "1".into())]);
-        node.node_labels = BTreeMap::from([(NODE_LABEL.into(), "nvidia".into())]);
-        node.taints = vec![Taint {
-            key: "nvidia.com/gpu".into(),
-            value: Some("present".into()),
-            effect: "NoSchedule".into(),
-            time_added: None,
-        }];
-    })
-    .await;
+    let mut h = Harness::start("tenant-gpu").await;
+    // The binary's only test: the node stays a GPU node until its stack goes.
+    let nodes: Api<Node> = Api::all(h.client.clone());
+    let node = kinsight::testbed::node::NODE_NAME;
+    let gpu = json!({ "nvidia.com/gpu": "1" });
+    nodes
+        .patch_status(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": { "capacity": gpu, "allocatable": gpu } })),
+        )
+        .await
+        .expect("the node advertises a GPU");
+    nodes
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": { "labels": { NODE_LABEL: "nvidia" } },
+                "spec": { "taints": [
+                    { "key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule" }
+                ] }
+            })),
+        )
+        .await
+        .expect("the node is labelled and tainted");
 
     // The controller's catalog exists only in memory and in the ConfigMap it publishes:
     // the file is gone before any worker starts.
@@ -110,10 +132,8 @@ async fn gpu_job_end_to_end() {
     h.kill_controller().await;
     let mut config = h.controller_config();
     config.models = vec![MODEL.to_owned()];
-    config.worker_catalog = Some(WorkerCatalog::new(
-        &catalog,
-        repo_path("models").display().to_string(),
-    ));
+    // The model files are the image's.
+    config.worker_catalog = Some(WorkerCatalog::new(&catalog, common::IMAGE_MODELS_DIR));
     config.gpu = gpu;
     h.start_controller_with(config);
 

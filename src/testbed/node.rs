@@ -86,6 +86,10 @@ pub struct RealNodeOptions {
     pub images: Vec<PathBuf>,
     /// How long to wait for containerd, and for the Node to be Ready and schedulable.
     pub start_timeout: Duration,
+    /// Further CRI runtime handlers, each run by runc as the default one is: a RuntimeClass
+    /// naming one (say `nvidia`, as on a GPU node) is then answered, without what the
+    /// vendor's runtime would add (this machine has no GPU).
+    pub runtime_handlers: Vec<String>,
 }
 
 impl Default for RealNodeOptions {
@@ -94,6 +98,7 @@ impl Default for RealNodeOptions {
             bin_dir: None,
             images: Vec::new(),
             start_timeout: Duration::from_secs(120),
+            runtime_handlers: Vec::new(),
         }
     }
 }
@@ -210,7 +215,7 @@ impl RealNode {
         self.start_kube_proxy(plane)?;
         write_file(
             &dir.join("containerd/config.toml"),
-            &containerd_config(&dir),
+            &containerd_config(&dir, &opts.runtime_handlers),
         )?;
         // containerd's CRI reads the folder live; with the network configured from the
         // start the node is Ready as soon as the kubelet reports.
@@ -770,8 +775,21 @@ fn cleanup_kube_proxy(binary: &Path) {
     }
 }
 
-fn containerd_config(dir: &Path) -> String {
+fn containerd_config(dir: &Path, handlers: &[String]) -> String {
     let d = dir.display();
+    let runc = |name: &str| {
+        format!(
+            r#"    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}.options]
+        SystemdCgroup = false
+"#
+        )
+    };
+    let runtimes: String = std::iter::once("runc")
+        .chain(handlers.iter().map(String::as_str))
+        .map(runc)
+        .collect();
     format!(
         r#"version = 2
 root = "{d}/containerd/root"
@@ -795,11 +813,7 @@ state = "{d}/containerd/state"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
+{runtimes}  [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{d}/cni/net.d"
 "#
@@ -1036,8 +1050,15 @@ mod tests {
 
     #[test]
     fn configs_keep_the_gotchas_fixed() {
-        let containerd = containerd_config(Path::new("/state/node"));
+        let containerd = containerd_config(Path::new("/state/node"), &["nvidia".to_owned()]);
         assert!(containerd.contains("restrict_oom_score_adj = true"));
+        // The default runtime and the extra handler, both runc.
+        for name in ["runc", "nvidia"] {
+            let table = format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{name}]\n      runtime_type = \"io.containerd.runc.v2\""
+            );
+            assert!(containerd.contains(&table), "{name}:\n{containerd}");
+        }
         assert!(containerd.contains(r#"address = "/state/node/containerd/containerd.sock""#));
         assert!(containerd.contains(PAUSE_IMAGE));
         let cni: serde_json::Value =

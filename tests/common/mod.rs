@@ -420,6 +420,9 @@ impl Harness {
 
     /// What a pod printed (stdout and stderr), empty until it has started.
     pub fn pod_log(&self, pod: &str) -> String {
+        if self.real_node.is_some() {
+            return real_node::pod_log(&self.namespace, pod);
+        }
         let file = self
             .logs
             .path()

@@ -73,6 +73,8 @@ impl Stack {
             &plane,
             RealNodeOptions {
                 images: vec![archive],
+                // tests/worker_jobs.rs's RuntimeClass names it, as a GPU node's would.
+                runtime_handlers: vec!["nvidia".to_owned()],
                 ..RealNodeOptions::default()
             },
         )
@@ -190,4 +192,27 @@ macro_rules! real_node_tests {
             )+])
         }
     };
+}
+
+/// What a pod's containers wrote, as the kubelet keeps it on the node
+/// (`/var/log/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log`, CRI lines:
+/// time, stream, tag, text), every container and restart in turn; empty when there is none.
+pub fn pod_log(namespace: &str, pod: &str) -> String {
+    let prefix = format!("{namespace}_{pod}_");
+    let Ok(pods) = std::fs::read_dir("/var/log/pods") else {
+        return String::new();
+    };
+    let mut files: Vec<std::path::PathBuf> = pods
+        .flatten()
+        .filter(|dir| dir.file_name().to_string_lossy().starts_with(&prefix))
+        .filter_map(|dir| std::fs::read_dir(dir.path()).ok())
+        .flat_map(|containers| containers.flatten())
+        .filter_map(|container| std::fs::read_dir(container.path()).ok())
+        .flat_map(|logs| logs.flatten().map(|log| log.path()))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .filter_map(|file| std::fs::read_to_string(file).ok())
+        .collect()
 }
