@@ -1,11 +1,11 @@
 """Per-stage breakdown of one `kinsight demo` group, from the timestamps its components log.
 
-Reads the demo's stdout (`group completed in S s`), its stderr (API, controller, node agent)
-and the worker pod's log; prints one JSON line for scripts/bench.sh: images, seconds,
+Reads the demo's stdout (`group completed in S s`), its stderr (API, controller) and the
+worker pods' logs the demo keeps (each line stamped by the kubelet); prints one JSON line for scripts/bench.sh: images, seconds,
 images_per_second and stages_s, seconds from the POST:
   queue       group created by the API -> worker Job created (controller)
-  pod_start   Job created -> worker process started (node agent)
-  model_load  process started -> `worker started` (ONNX Runtime and the models loaded)
+  pod_start   Job created -> the worker's first log line (its container's process running)
+  model_load  first line -> `worker started` (ONNX Runtime and the models loaded)
   work        `worker started` -> `worker finished`: downloads, decode, inference and result
               writes, overlapped
   delivery    `worker finished` -> the verified image_group.completed webhook (Job seen
@@ -55,7 +55,9 @@ def main():
     pods = [l for path in sorted(glob.glob(f"{args.pod_logs}/*.log")) for l in open(path)]
     created = first(dev, "image group created", "API")
     job = first(dev, "created worker job", "controller")
-    started = first(dev, "node_agent: started pod", "node agent")
+    if not pods:
+        raise SystemExit(f"no worker pod logs in {args.pod_logs}")
+    started = min(stamp(l) for l in pods if l.strip())
     loaded = first(pods, "worker started", "worker")
     finished_lines = [l for l in pods if "worker finished" in l]
     if not finished_lines:

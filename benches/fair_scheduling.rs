@@ -3,8 +3,9 @@
 //! `harness = false`).
 //!
 //! It starts the integration tests' installation (tests/common: a real control plane,
-//! PostgreSQL, the controller, the REST API, the node agent running real `kinsight worker`
-//! processes with the bundled `image_classification` model) with two tenants. Each round:
+//! PostgreSQL, the controller, the REST API, and the real node whose containers run the
+//! worker Jobs from the project's image, 500m CPU each, with the bundled
+//! `image_classification` model) with two tenants; the controller watches every namespace. Each round:
 //! tenant A posts `GROUP_COUNT` groups of `IMAGES` photos, `HEAD_START_SECS` later tenant B
 //! posts one photo; it waits for every group, sampling the running worker Jobs every 100 ms.
 //! Round one runs with no caps (first come, first served, as before fair scheduling), round
@@ -38,7 +39,7 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn main() {
     if common::started_by_cargo_bench("fair_scheduling") {
-        common::block_on(run());
+        common::block_on(harness::real_node::on_shared_stack(run()));
     }
 }
 
@@ -49,7 +50,11 @@ async fn run() {
         head_start: Duration::from_secs(setting("HEAD_START_SECS", 2)),
     };
     let limit = Duration::from_secs(900);
-    let mut h = Harness::start_configured("tenant-a", |c| c.job_caps = JobCaps::OFF).await;
+    let mut h = Harness::start_configured("tenant-a", |c| {
+        c.job_caps = JobCaps::OFF;
+        c.watch_namespace = None;
+    })
+    .await;
     let b_key = add_tenant(&h, "tenant-b").await;
     // The first worker starts cold (model files, ONNX Runtime); warm up outside the rounds.
     let warm_up = Backlog {
@@ -82,6 +87,7 @@ async fn run() {
         h.kill_controller().await;
         let mut config = h.controller_config();
         config.job_caps = caps;
+        config.watch_namespace = None;
         h.start_controller_with(config);
         let run = backlog_then_one_photo(&mut h, ("tenant-b", &b_key), backlog, limit).await;
         rounds.push((name, caps, run));

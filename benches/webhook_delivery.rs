@@ -4,7 +4,7 @@
 //! ImageGroups are created through the kube API (as the REST API does) and each image's result
 //! is stored as the result ingest stores it (`Store::store_results`, which records the image
 //! events with the results, `BATCH` images a call) right after its group exists;
-//! no worker runs (Jobs stay pending: there is no node agent). The controller runs in this
+//! no worker runs (Jobs stay pending: there is no node). The controller runs in this
 //! process on its own runtime, and a fast receiver on 127.0.0.1 records each `webhook-id` and
 //! when it arrived (no signature check: that is the receiver's cost, not the controller's).
 //!

@@ -3,8 +3,9 @@
 # Python pipeline a user would write (onnxruntime + Pillow + numpy) and (c) ONNX Runtime alone
 # on pre-made tensors (Python onnxruntime, same sessions as (b)); plus (c') kinsight's own
 # sessions, threads and batches on pre-made tensors; and (e) end to end: the images as one
-# group through `kinsight demo` (a fresh local control plane, PostgreSQL, a worker Job), from
-# the POST to the verified `image_group.completed` webhook, images served from loopback.
+# group through `kinsight demo` (a fresh local control plane, PostgreSQL, a real node running
+# the worker Job's container with every core), from the POST to the verified
+# `image_group.completed` webhook, images served on the node's bridge address.
 # Prints images/s and the ratios a/b, a/c, e/a, e/b.
 #
 #   BENCH_E2E=0 scripts/bench.sh                      # without (e)
@@ -48,8 +49,9 @@ MODELS=(--model object_detection --model image_classification)
 e2e() { # one group of every image through `kinsight demo`; prints the JSON line of a leg
   local state="$WORK/dev-state-$round" port log="$WORK/demo-$round.log"
   port="$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  # The group's one worker pod gets every core, as the (a) leg's process has them.
   "$KINSIGHT_BIN" demo --photos "$WORK/images" --timeout 900s --state-dir "$state" \
-    --listen "127.0.0.1:$port" >"$log" 2>"$log.err" || { tail -n 20 "$log.err" >&2; return 1; }
+    --listen "127.0.0.1:$port" --worker-cpu "$(nproc)" >"$log" 2>"$log.err" || { tail -n 20 "$log.err" >&2; return 1; }
   .venv/bin/python bench/e2e_breakdown.py --stdout "$log" --stderr "$log.err" \
     --pod-logs "$state/pod-logs" --images "$COUNT"
 }

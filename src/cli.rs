@@ -49,6 +49,30 @@ pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))
 }
 
+/// A Kubernetes resource quantity such as `500m`, `2`, `1.5`, `512Mi` or `1G` (a plain
+/// decimal with an optional SI or binary suffix; the API server would refuse anything else,
+/// on every Job).
+pub fn parse_quantity(text: &str) -> Result<String, String> {
+    const SUFFIXES: [&str; 14] = [
+        "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+    ];
+    let number_end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(number_end);
+    let valid_number = !number.is_empty()
+        && number.matches('.').count() <= 1
+        && number.chars().any(|c| c.is_ascii_digit())
+        && number.parse::<f64>().is_ok_and(|n| n > 0.0);
+    if valid_number && SUFFIXES.contains(&suffix) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "expected a positive Kubernetes quantity such as 500m, 2, 512Mi or 1Gi, got {text:?}"
+        ))
+    }
+}
+
 /// The process's exit status, the error (if any) printed to stderr.
 pub fn exit_code(outcome: anyhow::Result<()>) -> std::process::ExitCode {
     match outcome {
@@ -104,6 +128,24 @@ impl Logging {
             if let Ok(Err(e)) = flushed {
                 tracing::warn!(error = %e, "exporting the last spans");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_kubernetes_takes_pass_and_others_are_refused() {
+        for good in ["1", "500m", "1.5", "512Mi", "1Gi", "2G", "0.25"] {
+            assert_eq!(parse_quantity(good).as_deref(), Ok(good), "{good}");
+        }
+        for bad in [
+            "", "0", "-1", "1 Gi", "1gb", "m", "1.2.3", "Gi", "1e3x", "0m",
+        ] {
+            let error = parse_quantity(bad).expect_err(bad);
+            assert!(error.contains("Kubernetes quantity"), "{bad}: {error}");
         }
     }
 }

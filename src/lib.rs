@@ -13,7 +13,7 @@
 //! - [`net`]: outbound-request safety (SSRF guard) for image downloads and webhooks;
 //! - [`shutdown`]: stopping cleanly on SIGTERM;
 //! - [`trace`]: W3C trace context, carried from the POST to every webhook;
-//! - [`testbed`]: a local control plane and node agent for tests and `kinsight-dev`;
+//! - [`testbed`]: a local control plane and real node for tests and `kinsight-dev`;
 //! - [`dev`]: `kinsight-dev dev` and `demo` (`kinsight dev`/`demo` run them);
 //! - [`cli`]: what the `kinsight` and `kinsight-dev` binaries share.
 //!

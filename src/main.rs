@@ -113,6 +113,13 @@ struct ControllerArgs {
     /// Extra environment for worker pods, NAME=VALUE (repeatable).
     #[arg(long = "worker-env", value_parser = parse_key_value)]
     worker_env: Vec<(String, String)>,
+    /// CPU of each worker pod (requests and limits: the worker sizes its threads by it).
+    #[arg(long, env = "KINSIGHT_WORKER_CPU", default_value = "1", value_parser = kinsight::cli::parse_quantity)]
+    worker_cpu: String,
+    /// Memory of each worker pod (requests and limits; past it the pod is OOM-killed and
+    /// its images fail with that reason).
+    #[arg(long, env = "KINSIGHT_WORKER_MEMORY", default_value = "1Gi", value_parser = kinsight::cli::parse_quantity)]
+    worker_memory: String,
     /// Webhook retry waits, e.g. `5s,5m,30m,2h,5h,10h,10h`.
     #[arg(long, env = "KINSIGHT_RETRY_SCHEDULE", value_parser = RetrySchedule::parse)]
     retry_schedule: Option<RetrySchedule>,
@@ -325,10 +332,6 @@ enum TestbedCommand {
     /// (`kinsight-dev demo`: source builds only).
     #[command(disable_help_flag = true)]
     Demo(TestbedArgs),
-    /// Play the kubelet for Jobs' pods on a control plane without nodes
-    /// (`kinsight-dev node-agent`: source builds only).
-    #[command(disable_help_flag = true)]
-    NodeAgent(TestbedArgs),
 }
 
 /// The arguments of a command that `kinsight-dev` runs, passed on as they are.
@@ -349,7 +352,7 @@ async fn main() -> ExitCode {
 }
 
 impl TestbedCommand {
-    /// `kinsight dev|demo|node-agent`: the testbed's commands live in `kinsight-dev`, beside
+    /// `kinsight dev|demo`: the testbed's commands live in `kinsight-dev`, beside
     /// this binary in a source build and absent from the image; this process becomes it.
     /// Returns only when it cannot.
     fn run(self) -> anyhow::Error {
@@ -357,7 +360,6 @@ impl TestbedCommand {
         let (name, args) = match self {
             TestbedCommand::Dev(args) => ("dev", args.args),
             TestbedCommand::Demo(args) => ("demo", args.args),
-            TestbedCommand::NodeAgent(args) => ("node-agent", args.args),
         };
         let own = match std::env::current_exe() {
             Ok(own) => own,
@@ -366,7 +368,7 @@ impl TestbedCommand {
         let dev = own.with_file_name("kinsight-dev");
         if !dev.is_file() {
             return anyhow::anyhow!(
-                "`kinsight {name}` is kinsight-dev's (the local control plane and node agent): \
+                "`kinsight {name}` is kinsight-dev's (the local control plane and node): \
                  it ships with source builds (`cargo build --release` puts it beside kinsight), \
                  not in the image, and there is none at {}",
                 dev.display()
@@ -415,6 +417,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 worker_image: args.worker_image.unwrap_or(defaults.worker_image.clone()),
                 results_url: args.results_url,
                 worker_env: args.worker_env,
+                worker_cpu: args.worker_cpu,
+                worker_memory: args.worker_memory,
                 retry: args.retry_schedule.unwrap_or_default(),
                 group_ttl: args.group_ttl,
                 worker_deadline: args.worker_deadline,

@@ -37,6 +37,18 @@ async fn the_demo_completes_and_leaves_no_delivery_to_send_again() {
     ] {
         assert!(stdout.contains(phase), "no {phase:?} in:\n{stdout}");
     }
+    // The worker ran as a container on the node, which goes with the demo: its log is kept.
+    let logs: Vec<String> = std::fs::read_dir(state.path().join("pod-logs"))
+        .expect("the worker pods' logs kept")
+        .flatten()
+        .filter_map(|log| std::fs::read_to_string(log.path()).ok())
+        .collect();
+    assert!(
+        logs.iter().any(|log| log.contains("worker finished")),
+        "no worker log with its end among {} kept",
+        logs.len()
+    );
+    assert!(stdout.contains("kept the logs of "), "{stdout}");
     // A healthy run, start to stop, warns of nothing.
     for level in [" WARN ", " ERROR "] {
         for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {

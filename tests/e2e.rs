@@ -1,4 +1,4 @@
-//! The whole path against a real control plane: REST -> ImageGroup -> Job -> node agent ->
+//! The whole path against a real control plane: REST -> ImageGroup -> Job -> real node ->
 //! `kinsight worker` (ONNX Runtime) -> result ingest -> PostgreSQL -> status, aggregate -> signed webhooks.
 
 mod common;

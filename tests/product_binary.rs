@@ -1,6 +1,6 @@
 //! The `kinsight` binary (the one the image carries) holds the product only: the testbed's
-//! commands (`dev`, `demo`, `node-agent`: a local control plane, PostgreSQL set-up, the node
-//! agent) live in `kinsight-dev`, which `kinsight` runs when it sits beside it (issue 10).
+//! commands (`dev`, `demo`: a local control plane, PostgreSQL set-up, the real node) live in
+//! `kinsight-dev`, which `kinsight` runs when it sits beside it (issue 10).
 
 use std::path::Path;
 use std::process::Command;
@@ -9,9 +9,13 @@ const KINSIGHT: &str = env!("CARGO_BIN_EXE_kinsight");
 const KINSIGHT_DEV: &str = env!("CARGO_BIN_EXE_kinsight-dev");
 
 /// Text only the testbed's code has (string constants, not names: debug info may name
-/// generic code the linker dropped): an argument it gives kube-apiserver, the node agent's
-/// node label value, an argument it gives PostgreSQL's initdb.
-const TESTBED_MARKERS: [&str; 3] = ["--etcd-servers", "kinsight-node-agent", "--no-instructions"];
+/// generic code the linker dropped): an argument it gives kube-apiserver, a line of the real
+/// node's containerd configuration, an argument it gives PostgreSQL's initdb.
+const TESTBED_MARKERS: [&str; 3] = [
+    "--etcd-servers",
+    "restrict_oom_score_adj",
+    "--no-instructions",
+];
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
@@ -36,7 +40,7 @@ fn kinsight_lists_the_testbed_commands_and_passes_them_on() {
         .output()
         .expect("kinsight --help");
     let help = String::from_utf8_lossy(&help.stdout);
-    for command in ["dev", "demo", "node-agent", "controller", "api", "worker"] {
+    for command in ["dev", "demo", "controller", "api", "worker"] {
         assert!(
             help.lines()
                 .any(|l| l.trim_start().starts_with(&format!("{command} "))),
@@ -60,7 +64,7 @@ fn without_kinsight_dev_beside_it_kinsight_says_where_the_testbed_commands_are()
     let folder = tempfile::tempdir().expect("temp folder");
     let alone = folder.path().join("kinsight");
     std::fs::copy(KINSIGHT, &alone).expect("copy kinsight");
-    for command in ["dev", "demo", "node-agent"] {
+    for command in ["dev", "demo"] {
         let out = Command::new(&alone)
             .arg(command)
             .output()

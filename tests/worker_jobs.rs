@@ -278,7 +278,9 @@ async fn gpu_job_end_to_end() {
     )
     .await;
     let pod = succeeded().await.expect("a worker pod that succeeded");
-    let log = h.pod_log(pod.metadata.name.as_deref().unwrap_or_default());
+    let log = h
+        .pod_log(pod.metadata.name.as_deref().unwrap_or_default())
+        .await;
     let line = log
         .lines()
         .find(|l| l.contains("model loaded") && l.contains(&format!("model={MODEL}")))

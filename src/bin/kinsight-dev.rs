@@ -1,7 +1,7 @@
 //! `kinsight-dev`: the testbed's commands, for a source build (the image carries only
-//! `kinsight`). `dev` and `demo` start a local control plane, PostgreSQL and the node
-//! agent; `node-agent` plays the kubelet alone. `kinsight dev`, `kinsight demo` and
-//! `kinsight node-agent` run this binary when it sits beside `kinsight`.
+//! `kinsight`). `dev` and `demo` start a local control plane, PostgreSQL and a real node
+//! running the image built from the `kinsight` beside this binary; `kinsight dev` and
+//! `kinsight demo` run this binary when it sits beside `kinsight`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use kinsight::cli::{JobCapsArgs, parse_key_value};
+use kinsight::cli::JobCapsArgs;
 use kinsight::dev::DevOptions;
 use kinsight::webhook::{RetrySchedule, parse_duration};
 
@@ -30,27 +30,6 @@ enum Command {
     Dev(DevArgs),
     /// Run `dev`, submit the sample photos and print each verified webhook.
     Demo(DemoArgs),
-    /// Play the kubelet for Jobs' pods on a control plane without nodes.
-    NodeAgent(NodeAgentArgs),
-}
-
-#[derive(Args)]
-struct NodeAgentArgs {
-    #[arg(long, default_value = "kinsight-local")]
-    node_name: String,
-    /// Binary run for containers whose command is `kinsight` (default: the `kinsight`
-    /// beside this one).
-    #[arg(long)]
-    binary: Option<PathBuf>,
-    #[arg(long, default_value = "pod-logs")]
-    log_dir: PathBuf,
-    /// Extended resource the node advertises, NAME=COUNT (repeatable), e.g. `nvidia.com/gpu=1`;
-    /// pods asking for more than advertised are not run here.
-    #[arg(long = "extended-resource", value_parser = parse_key_value)]
-    extended_resources: Vec<(String, String)>,
-    /// Extra node label, NAME=VALUE (repeatable), for pods' node selectors.
-    #[arg(long = "node-label", value_parser = parse_key_value)]
-    node_labels: Vec<(String, String)>,
 }
 
 #[derive(Args, Clone)]
@@ -84,6 +63,9 @@ struct DevArgs {
     database_url: Option<String>,
     #[arg(long, value_parser = RetrySchedule::parse)]
     retry_schedule: Option<RetrySchedule>,
+    /// CPU of each worker pod, requests and limits (the node has this machine's cores).
+    #[arg(long, default_value = "1", value_parser = kinsight::cli::parse_quantity)]
+    worker_cpu: String,
     #[command(flatten)]
     job_caps: JobCapsArgs,
 }
@@ -120,18 +102,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let options = dev_options(args.dev)?;
             kinsight::dev::demo(options, args.photos, args.timeout).await?;
         }
-        Command::NodeAgent(args) => {
-            let client = kube::Client::try_default().await?;
-            let binary = match args.binary {
-                Some(b) => b,
-                None => kinsight::dev::product_binary()?,
-            };
-            let mut options =
-                kinsight::testbed::NodeAgentOptions::new(args.node_name, binary, args.log_dir);
-            options.extended_resources = args.extended_resources.into_iter().collect();
-            options.node_labels = args.node_labels.into_iter().collect();
-            kinsight::testbed::node_agent::run(client, options).await?;
-        }
     }
     Ok(())
 }
@@ -156,6 +126,7 @@ fn dev_options(args: DevArgs) -> anyhow::Result<DevOptions> {
         kubeconfig: args.kubeconfig,
         database_url: args.database_url,
         retry: args.retry_schedule.unwrap_or_default(),
+        worker_cpu: args.worker_cpu,
         job_caps: args.job_caps.or(kinsight::dev::DEV_JOB_CAPS),
     })
 }

@@ -49,6 +49,8 @@ pub struct DevOptions {
     pub retry: RetrySchedule,
     /// Fair scheduling of worker Jobs ([`DEV_JOB_CAPS`] by default).
     pub job_caps: JobCaps,
+    /// CPU of each worker pod (a Kubernetes quantity).
+    pub worker_cpu: String,
 }
 
 /// On one machine (a laptop, 2 cores): two Jobs of a tenant and three in all use the
@@ -71,8 +73,11 @@ pub struct DevEnvironment {
     /// the node: photos served for them must listen there.
     pub pod_address: Option<IpAddr>,
     /// The controller and the API: on a stop they are asked to finish what they have in
-    /// hand; the rest of `tasks` (watches, node agent) is simply dropped.
+    /// hand; the rest of `tasks` (the API key watch) is simply dropped.
     graceful: JoinSet<()>,
+    client: kube::Client,
+    /// Where the worker pods' logs are kept when the node stops (`{state}/pod-logs`).
+    pod_logs: PathBuf,
     tasks: JoinSet<()>,
     stopping: ShutdownTrigger,
     /// How long each step of the start took, printed with the summary.
@@ -244,6 +249,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         retry: options.retry.clone(),
         egress,
         job_caps: options.job_caps,
+        worker_cpu: options.worker_cpu.clone(),
         ..ControllerConfig::default()
     };
     let mut tasks = JoinSet::new();
@@ -301,6 +307,8 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         kubeconfig,
         pod_address,
         graceful,
+        client: client.clone(),
+        pod_logs: options.state_dir.join("pod-logs"),
         tasks,
         stopping: stop,
         phases,
@@ -350,6 +358,16 @@ impl DevEnvironment {
     /// Stops the controller and the API cleanly (at most [`STOP_WAIT`]), then the rest;
     /// the control plane and PostgreSQL go when the environment is dropped.
     pub async fn stop(mut self) {
+        if self._node.is_some() {
+            match node::keep_pod_logs(&self.client, DEV_TENANT, &self.pod_logs).await {
+                Ok(0) => {}
+                Ok(kept) => println!(
+                    "kept the logs of {kept} worker pods in {}",
+                    self.pod_logs.display()
+                ),
+                Err(e) => eprintln!("keeping the worker pods' logs: {e}"),
+            }
+        }
         self.stopping.fire();
         let graceful = &mut self.graceful;
         if tokio::time::timeout(STOP_WAIT, async {

@@ -48,6 +48,40 @@ pub fn build_image(binary: &Path, ort_lib: Option<&Path>, archive: &Path) -> Res
     Ok(())
 }
 
+/// Writes what each pod of `namespace` logged, with the kubelet's timestamps, to
+/// `{dir}/<pod>.log` (the node and its logs go when `dev` stops); how many pods' logs.
+pub async fn keep_pod_logs(
+    client: &kube::Client,
+    namespace: &str,
+    dir: &Path,
+) -> Result<usize, DevError> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams, LogParams};
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let listed = pods.list(&ListParams::default()).await?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| DevError::Other(format!("creating {}: {e}", dir.display())))?;
+    let params = LogParams {
+        timestamps: true,
+        ..LogParams::default()
+    };
+    let mut kept = 0;
+    for pod in listed.items {
+        let Some(name) = pod.metadata.name else {
+            continue;
+        };
+        // A pod whose container never started has no log: nothing to keep.
+        let Ok(text) = pods.logs(&name, &params).await else {
+            continue;
+        };
+        let path = dir.join(format!("{name}.log"));
+        std::fs::write(&path, text)
+            .map_err(|e| DevError::Other(format!("writing {}: {e}", path.display())))?;
+        kept += 1;
+    }
+    Ok(kept)
+}
+
 /// The catalog as workers on the dev node see it: the catalog's folder on this machine,
 /// mounted read-only at the same path (a `hostPath` volume, as a node-local model cache
 /// would be), so a model file changed in the checkout is what the next Job loads. Model

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use tempfile::TempDir;
 
 use super::control_plane::{ControlPlane, ControlPlaneOptions};
-use super::node_agent::NodeAgentOptions;
 use super::postgres::Postgres;
 use super::{TestbedError, install_crypto_provider};
 
@@ -18,7 +17,6 @@ pub const DATABASE_URL_ENV: &str = "KINSIGHT_DATABASE_URL";
 pub struct TestCluster {
     client: kube::Client,
     server_url: String,
-    server_ca_pem: Option<Vec<u8>>,
     control_plane: Option<ControlPlane>,
     /// The kubeconfig a shared cluster was reached with ([`TestCluster::connect_shared`]).
     kubeconfig: Option<PathBuf>,
@@ -57,7 +55,6 @@ impl TestCluster {
         Ok(TestCluster {
             client: control_plane.client().await?,
             server_url: control_plane.server_url().to_string(),
-            server_ca_pem: None,
             control_plane: Some(control_plane),
             kubeconfig: None,
             external_database_url: None,
@@ -97,7 +94,6 @@ impl TestCluster {
         Ok(TestCluster {
             client,
             server_url,
-            server_ca_pem: None,
             control_plane: None,
             kubeconfig: Some(kubeconfig.to_path_buf()),
             external_database_url: Some(database_url),
@@ -140,20 +136,11 @@ impl TestCluster {
             .await
             .map_err(|e| TestbedError::Config(format!("no usable kubeconfig: {e}")))?;
         let server_url = config.cluster_url.to_string();
-        let server_ca_pem = match (&config.root_cert, &config.root_cert_file) {
-            (Some(ders), _) if !ders.is_empty() => Some(ders_to_pem(ders)),
-            (_, Some(file)) => Some(
-                std::fs::read(file)
-                    .map_err(|e| TestbedError::io(format!("reading {}", file.display()), e))?,
-            ),
-            _ => None,
-        };
         let client = kube::Client::try_from(config)
             .map_err(|e| TestbedError::kube("building a client for the ambient cluster", e))?;
         Ok(TestCluster {
             client,
             server_url,
-            server_ca_pem,
             control_plane: None,
             kubeconfig: None,
             external_database_url: None,
@@ -212,48 +199,5 @@ impl TestCluster {
                 .as_mut()
                 .and_then(ControlPlane::postgres_mut),
         }
-    }
-
-    /// Node-agent options whose workers reach this cluster.
-    pub fn node_agent_options(
-        &self,
-        node_name: impl Into<String>,
-        binary: impl Into<PathBuf>,
-        log_dir: impl Into<PathBuf>,
-    ) -> NodeAgentOptions {
-        let mut opts = NodeAgentOptions::new(node_name, binary, log_dir);
-        opts.server_url = Some(self.server_url.clone());
-        opts.server_ca_pem = self.server_ca_pem.clone();
-        opts
-    }
-}
-
-/// DER certificates as one PEM bundle.
-pub(crate) fn ders_to_pem(ders: &[Vec<u8>]) -> Vec<u8> {
-    use base64::Engine as _;
-    let mut out = String::new();
-    for der in ders {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        for chunk in b64.as_bytes().chunks(64) {
-            out.push_str(&String::from_utf8_lossy(chunk));
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
-    }
-    out.into_bytes()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pem_lines_are_wrapped() {
-        let pem = String::from_utf8(ders_to_pem(&[vec![7u8; 100]])).expect("utf8");
-        let lines: Vec<&str> = pem.lines().collect();
-        assert_eq!(lines[0], "-----BEGIN CERTIFICATE-----");
-        assert_eq!(lines[1].len(), 64);
-        assert_eq!(lines.last().copied(), Some("-----END CERTIFICATE-----"));
     }
 }

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
-use super::node_agent::NodeAgentOptions;
 use super::postgres::Postgres;
 use super::{ServerTrust, TestbedError, tail_file, write_private_file, write_token_kubeconfig};
 
@@ -38,9 +37,6 @@ const CONTROLLERS_WITH_REAL_NODE: &str = "job,garbagecollector,ttl-after-finishe
 pub(crate) const NODE_USER: &str = "system:node:127.0.0.1";
 const NODES_GROUP: &str = "system:nodes";
 const LOG_TAIL_LINES: usize = 40;
-/// The kubeadm convention for "where is the API server": a kubeconfig in a ConfigMap.
-pub(crate) const CLUSTER_INFO_NAMESPACE: &str = "kube-public";
-pub(crate) const CLUSTER_INFO_NAME: &str = "cluster-info";
 
 /// How to start a [`ControlPlane`].
 #[derive(Debug, Clone)]
@@ -274,18 +270,6 @@ impl ControlPlane {
         super::client_from_kubeconfig(&self.kubeconfig_path).await
     }
 
-    /// Node-agent options whose workers reach this control plane.
-    pub fn node_agent_options(
-        &self,
-        node_name: impl Into<String>,
-        binary: impl Into<PathBuf>,
-        log_dir: impl Into<PathBuf>,
-    ) -> NodeAgentOptions {
-        let mut opts = NodeAgentOptions::new(node_name, binary, log_dir);
-        opts.server_url = Some(self.server_url.clone());
-        opts
-    }
-
     async fn boot(
         &mut self,
         bins: &Binaries,
@@ -366,7 +350,6 @@ impl ControlPlane {
             self.wait_for_readyz(ports.apiserver, &token, opts.start_timeout)
                 .await?;
         }
-        publish_cluster_info(&self.client().await?, &self.server_url).await?;
         if let Some(node_token) = &node_token {
             write_token_kubeconfig(
                 &self.node_kubeconfig_path(),
@@ -830,54 +813,6 @@ fn server_of_kubeconfig(path: &Path) -> Result<String, TestbedError> {
         .ok_or_else(|| err("no cluster server".into()))
 }
 
-/// Publishes the server URL the kubeadm way (`kube-public/cluster-info`, key `kubeconfig`), so
-/// a node agent given only a client can tell workers where the API server is (the
-/// `kubernetes` Service cannot: its endpoints may not be loopback addresses).
-async fn publish_cluster_info(client: &kube::Client, server_url: &str) -> Result<(), TestbedError> {
-    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-    use kube::api::{Api, Patch, PatchParams, PostParams};
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: kube::api::ObjectMeta {
-            name: Some(CLUSTER_INFO_NAMESPACE.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    match namespaces.create(&PostParams::default(), &ns).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => return Err(TestbedError::kube("creating namespace kube-public", e)),
-    }
-    let kubeconfig = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{ "name": "", "cluster": {
-            "server": server_url, "insecure-skip-tls-verify": true
-        } }],
-        "contexts": [],
-        "users": [],
-    });
-    let text = serde_yaml::to_string(&kubeconfig)
-        .map_err(|e| TestbedError::Config(format!("cluster-info kubeconfig: {e}")))?;
-    let patch = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": { "name": CLUSTER_INFO_NAME, "namespace": CLUSTER_INFO_NAMESPACE },
-        "data": { "kubeconfig": text },
-    });
-    Api::<ConfigMap>::namespaced(client.clone(), CLUSTER_INFO_NAMESPACE)
-        .patch(
-            CLUSTER_INFO_NAME,
-            &PatchParams::apply("kinsight-testbed").force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|e| TestbedError::kube("publishing kube-public/cluster-info", e))?;
-    Ok(())
-}
-
-/// `GET /readyz` answered 2xx within `timeout`.
 /// An HTTPS client trusting the certificates of `pem` (the API server's own), for its
 /// `/readyz` (anonymous: no token needed).
 fn readyz_probe(pem: &[u8]) -> Result<reqwest::Client, TestbedError> {

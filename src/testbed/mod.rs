@@ -6,10 +6,7 @@
 //!   kubeconfig, otherwise a [`ControlPlane`] is started.
 //! - [`Postgres`]: a real PostgreSQL (Debian's package) in a state folder, started with the
 //!   control plane (and for [`TestCluster`]s on an existing cluster).
-//! - [`node_agent`]: plays the kubelet (like kwok): binds pending pods to a Node object it
-//!   owns, runs their first container's `kinsight ...` command as a local process with a real
-//!   ServiceAccount token, and reports Running/Succeeded/Failed with exit codes.
-//! - [`RealNode`]: a real node instead: containerd (CRI) + runc + a CNI bridge + kubelet,
+//! - [`RealNode`]: a real node: containerd (CRI) + runc + a CNI bridge + kubelet,
 //!   beside a [`ControlPlane`] started with [`ControlPlaneOptions::real_node`] (which adds
 //!   kube-scheduler); one per machine.
 //!
@@ -19,7 +16,6 @@
 mod cluster;
 pub mod control_plane;
 pub mod node;
-pub mod node_agent;
 pub mod postgres;
 
 use std::path::{Path, PathBuf};
@@ -27,7 +23,6 @@ use std::path::{Path, PathBuf};
 pub use cluster::{TestCluster, use_existing_cluster};
 pub use control_plane::{ControlPlane, ControlPlaneOptions};
 pub use node::{RealNode, RealNodeOptions};
-pub use node_agent::NodeAgentOptions;
 pub use postgres::Postgres;
 
 /// Everything that can go wrong while starting or driving the testbed.
@@ -255,13 +250,6 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, Testbed
     kube::Client::try_from(config).map_err(|e| err(e.to_string()))
 }
 
-/// The current time as Kubernetes writes it (RFC 3339, whole seconds, UTC).
-pub(crate) fn now_rfc3339() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
-}
-
 /// The last `lines` lines of a (log) file, for error messages.
 pub(crate) fn tail_file(path: &Path, lines: usize) -> String {
     match std::fs::read(path) {
@@ -320,13 +308,6 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-    }
-
-    #[test]
-    fn timestamps_are_whole_seconds_utc() {
-        let t = now_rfc3339();
-        assert_eq!(t.len(), 20, "{t}");
-        assert!(t.ends_with('Z'));
     }
 
     #[test]

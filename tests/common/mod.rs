@@ -8,8 +8,8 @@
 //!   result ingest and the photo server on the node's bridge address. Each test keeps to
 //!   its own tenant namespace, API-key namespace and database, so the tests of the binary
 //!   run side by side without seeing each other's groups.
-//! - Otherwise on a control plane of the test's own, through the node agent running the
-//!   real `kinsight worker` binary as a host process, everything on 127.0.0.1.
+//! - With `USE_EXISTING_CLUSTER=true`, on that cluster's nodes: worker Jobs run the image
+//!   `KINSIGHT_WORKER_IMAGE`, and reach this machine at `KINSIGHT_POD_ADDRESS`.
 
 #![allow(dead_code)]
 
@@ -30,7 +30,7 @@ use kinsight::inference::Catalog;
 use kinsight::results::INGEST_PATH;
 use kinsight::shutdown::Shutdown;
 use kinsight::store::Store;
-use kinsight::testbed::{NodeAgentOptions, TestCluster};
+use kinsight::testbed::TestCluster;
 use kinsight::webhook::{RetrySchedule, generate_secret};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
@@ -56,8 +56,6 @@ pub struct Harness {
     pub metrics: std::sync::Arc<kinsight::controller::Metrics>,
     controller: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
-    /// Pods' stdout and stderr, as the node agent writes them.
-    logs: tempfile::TempDir,
     /// The real node this test shares, if it runs on one.
     real_node: Option<&'static real_node::Shared>,
 }
@@ -97,14 +95,17 @@ pub async fn serve_api(
 }
 
 /// The address of this machine that this binary's worker pods reach (where servers they
-/// call listen): the real node's bridge address, else 127.0.0.1 (the node agent's workers
-/// are processes of this machine).
+/// call listen): the real node's bridge address; on an existing cluster
+/// (`USE_EXISTING_CLUSTER`) `KINSIGHT_POD_ADDRESS`, else 127.0.0.1.
 pub fn pod_address() -> std::net::IpAddr {
     match real_node::shared() {
         Some(_) => kinsight::testbed::node::HOST_ADDRESS
             .parse()
             .expect("the bridge address"),
-        None => std::net::Ipv4Addr::LOCALHOST.into(),
+        None => std::env::var("KINSIGHT_POD_ADDRESS")
+            .ok()
+            .map(|a| a.parse().expect("KINSIGHT_POD_ADDRESS: an IP address"))
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
     }
 }
 
@@ -161,7 +162,7 @@ pub fn repo_path(relative: &str) -> PathBuf {
 
 impl Harness {
     pub async fn start(namespace: &str) -> Harness {
-        Self::start_with(namespace, |_| {}, |_| {}).await
+        Self::start_full(namespace, |_| {}, false).await
     }
 
     /// Like [`Harness::start`], with the test's changes to the controller's configuration.
@@ -169,35 +170,17 @@ impl Harness {
         namespace: &str,
         configure: impl FnOnce(&mut ControllerConfig),
     ) -> Harness {
-        Self::start_with(namespace, |_| {}, configure).await
-    }
-
-    /// [`Harness::start`] with the node agent's options adjusted (labels, taints, GPUs); not
-    /// for tests on the real node.
-    pub async fn start_with_node(
-        namespace: &str,
-        node: impl FnOnce(&mut NodeAgentOptions),
-    ) -> Harness {
-        Self::start_with(namespace, node, |_| {}).await
-    }
-
-    pub async fn start_with(
-        namespace: &str,
-        node: impl FnOnce(&mut NodeAgentOptions),
-        configure: impl FnOnce(&mut ControllerConfig),
-    ) -> Harness {
-        Self::start_full(namespace, node, configure, false).await
+        Self::start_full(namespace, configure, false).await
     }
 
     /// [`Harness::start`] with a PostgreSQL of the test's own on the shared real-node
     /// stack (`h.cluster.postgres_mut()`), for a test that restarts it; the others' stay up.
     pub async fn start_with_own_database(namespace: &str) -> Harness {
-        Self::start_full(namespace, |_| {}, |_| {}, true).await
+        Self::start_full(namespace, |_| {}, true).await
     }
 
     async fn start_full(
         namespace: &str,
-        node: impl FnOnce(&mut NodeAgentOptions),
         configure: impl FnOnce(&mut ControllerConfig),
         own_database: bool,
     ) -> Harness {
@@ -250,23 +233,7 @@ impl Harness {
         let catalog = Catalog::load(repo_path("models/catalog.yaml")).expect("catalog");
         let models: Vec<String> = catalog.names().map(str::to_owned).collect();
 
-        let logs = tempfile::tempdir().expect("log dir");
         let mut tasks = Vec::new();
-        if real_node.is_none() {
-            let mut agent = cluster.node_agent_options(
-                "kinsight-test-node",
-                env!("CARGO_BIN_EXE_kinsight"),
-                logs.path(),
-            );
-            agent.extra_env = vec![("RUST_LOG".into(), "info".into())];
-            node(&mut agent);
-            let agent_client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = kinsight::testbed::node_agent::run(agent_client, agent).await {
-                    eprintln!("node agent stopped: {e}");
-                }
-            }));
-        }
 
         // The API (its result ingest) and the photos where workers reach them.
         let api_url = serve_api(
@@ -303,7 +270,6 @@ impl Harness {
             metrics: Default::default(),
             controller: None,
             tasks,
-            logs,
             real_node,
         };
         let mut config = harness.controller_config();
@@ -331,47 +297,34 @@ impl Harness {
                 keys_namespace: self.keys_namespace.clone(),
                 ..ControllerConfig::default().tenancy
             },
+            // The model files and ONNX Runtime come from the worker image.
+            worker_catalog: Some(WorkerCatalog::new(&catalog, IMAGE_MODELS_DIR)),
+            worker_env: vec![("RUST_LOG".into(), "info".into())],
+            // Workers fetch photos from where pods reach this machine; the controller sends
+            // webhooks to receivers on 127.0.0.1.
+            egress: kinsight::net::EgressPolicy::parse(&format!("127.0.0.0/8,{}", pod_address()))
+                .expect("egress"),
             ..ControllerConfig::default()
         };
-        if let Some(shared) = self.real_node {
-            // One controller per test on the shared cluster, as separate installations of
-            // one cluster would be: each watches its test's namespace only and binds its
-            // own ServiceAccount there.
-            let mut tenancy = base.tenancy.clone();
-            tenancy.service_account.0 = self.keys_namespace.clone();
+        let Some(shared) = self.real_node else {
+            // An existing cluster: the image its nodes pull.
             return ControllerConfig {
-                watch_namespace: Some(self.namespace.clone()),
-                tenancy,
-                worker_image: shared.image.clone(),
-                // The model files and ONNX Runtime come from the image.
-                worker_catalog: Some(WorkerCatalog::new(&catalog, IMAGE_MODELS_DIR)),
-                worker_env: vec![("RUST_LOG".into(), "info".into())],
-                // Workers fetch photos from the bridge address; the controller sends
-                // webhooks to receivers on 127.0.0.1.
-                egress: kinsight::net::EgressPolicy::parse(&format!(
-                    "127.0.0.0/8,{}",
-                    kinsight::testbed::node::HOST_ADDRESS
-                ))
-                .expect("egress"),
-                // Several workers at once on the node's two CPUs, tests side by side.
-                worker_cpu: "500m".into(),
+                worker_image: std::env::var("KINSIGHT_WORKER_IMAGE")
+                    .unwrap_or(base.worker_image.clone()),
                 ..base
             };
-        }
-        let ort = std::env::var("ORT_DYLIB_PATH")
-            .ok()
-            .map(PathBuf::from)
-            .or_else(kinsight::inference::default_runtime_path)
-            .expect("ONNX Runtime: set ORT_DYLIB_PATH or run scripts/setup-onnxruntime.sh");
-        let ort = std::path::absolute(ort).expect("absolute path");
+        };
+        // One controller per test on the shared cluster, as separate installations of one
+        // cluster would be: each watches its test's namespace only and binds its own
+        // ServiceAccount there.
+        let mut tenancy = base.tenancy.clone();
+        tenancy.service_account.0 = self.keys_namespace.clone();
         ControllerConfig {
-            worker_catalog: Some(WorkerCatalog::new(
-                &catalog,
-                repo_path("models").display().to_string(),
-            )),
-            worker_env: vec![("ORT_DYLIB_PATH".into(), ort.display().to_string())],
-            // The photo server and the webhook receiver are on 127.0.0.1.
-            egress: kinsight::net::EgressPolicy::allow_loopback(),
+            watch_namespace: Some(self.namespace.clone()),
+            tenancy,
+            worker_image: shared.image.clone(),
+            // Several workers at once on the node's two CPUs, tests side by side.
+            worker_cpu: "500m".into(),
             ..base
         }
     }
@@ -419,15 +372,16 @@ impl Harness {
     }
 
     /// What a pod printed (stdout and stderr), empty until it has started.
-    pub fn pod_log(&self, pod: &str) -> String {
-        if self.real_node.is_some() {
-            return real_node::pod_log(&self.namespace, pod);
-        }
-        let file = self
-            .logs
-            .path()
-            .join(format!("{}_{pod}.log", self.namespace));
-        std::fs::read_to_string(file).unwrap_or_default()
+    /// What the pod's container wrote, through the API server (which asks the node's
+    /// kubelet); empty when it cannot be had.
+    pub async fn pod_log(&self, pod: &str) -> String {
+        kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
+            self.client.clone(),
+            &self.namespace,
+        )
+        .logs(pod, &Default::default())
+        .await
+        .unwrap_or_default()
     }
 
     /// How the store names one of the harness namespace's groups.

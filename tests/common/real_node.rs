@@ -123,6 +123,33 @@ pub fn shared() -> Option<&'static Shared> {
     SHARED.get()
 }
 
+/// Starts this process's shared stack (see [`shared`]); keep it until the last user is done.
+async fn start_shared(scratch: &Path) -> Stack {
+    kinsight::install_crypto_provider();
+    let tag = format!("shared-{}", std::process::id());
+    let stack = Stack::start(&tag, true, scratch).await;
+    let _ = SHARED.set(Shared {
+        kubeconfig: stack.plane.kubeconfig_path().to_path_buf(),
+        database_url: stack
+            .plane
+            .database_url()
+            .expect("the testbed's PostgreSQL"),
+        image: stack.image.clone(),
+    });
+    stack
+}
+
+/// Runs `body` on this process's shared stack, started first and stopped after: for a
+/// benchmark that drives the tests' [`super::Harness`] (a test binary has [`main`]).
+#[allow(dead_code)] // Only the benchmarks call it.
+pub async fn on_shared_stack<F: Future>(body: F) -> F::Output {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let stack = start_shared(scratch.path()).await;
+    let output = body.await;
+    drop(stack);
+    output
+}
+
 /// One test of a binary run by [`main`]: its name and its body.
 pub type Test = (
     &'static str,
@@ -146,22 +173,8 @@ pub fn main(tests: Vec<Test>) -> std::process::ExitCode {
         .build()
         .expect("runtime");
     let scratch = tempfile::tempdir().expect("temp dir");
-    let stack = (selected && !kinsight::testbed::use_existing_cluster()).then(|| {
-        runtime.block_on(async {
-            kinsight::install_crypto_provider();
-            let tag = format!("shared-{}", std::process::id());
-            let stack = Stack::start(&tag, true, scratch.path()).await;
-            let _ = SHARED.set(Shared {
-                kubeconfig: stack.plane.kubeconfig_path().to_path_buf(),
-                database_url: stack
-                    .plane
-                    .database_url()
-                    .expect("the testbed's PostgreSQL"),
-                image: stack.image.clone(),
-            });
-            stack
-        })
-    });
+    let stack = (selected && !kinsight::testbed::use_existing_cluster())
+        .then(|| runtime.block_on(start_shared(scratch.path())));
     let trials = tests
         .into_iter()
         .map(|(name, test)| {
@@ -192,27 +205,4 @@ macro_rules! real_node_tests {
             )+])
         }
     };
-}
-
-/// What a pod's containers wrote, as the kubelet keeps it on the node
-/// (`/var/log/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log`, CRI lines:
-/// time, stream, tag, text), every container and restart in turn; empty when there is none.
-pub fn pod_log(namespace: &str, pod: &str) -> String {
-    let prefix = format!("{namespace}_{pod}_");
-    let Ok(pods) = std::fs::read_dir("/var/log/pods") else {
-        return String::new();
-    };
-    let mut files: Vec<std::path::PathBuf> = pods
-        .flatten()
-        .filter(|dir| dir.file_name().to_string_lossy().starts_with(&prefix))
-        .filter_map(|dir| std::fs::read_dir(dir.path()).ok())
-        .flat_map(|containers| containers.flatten())
-        .filter_map(|container| std::fs::read_dir(container.path()).ok())
-        .flat_map(|logs| logs.flatten().map(|log| log.path()))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .filter_map(|file| std::fs::read_to_string(file).ok())
-        .collect()
 }
