@@ -514,6 +514,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Worker(args) => {
+            // The pod's security context as the kernel applies it, for the pod's log.
+            kinsight::worker::Sandbox::inspect(&std::env::temp_dir()).log();
             let order = kinsight::worker::order_from_env()?;
             // The pod's ServiceAccount token proves to the ingest whose worker this is.
             let token = kinsight::results::TokenSource::infer().await?;

@@ -235,11 +235,44 @@ fn a_real_node_runs_the_image_restricted_with_config_maps_and_reports_oom() {
     run_bounded(TEST_LIMIT, the_test());
 }
 
+/// Values by name: sysctls, or iptables tables' rules (`iptables -t TABLE -S`).
+type Settings = Vec<(&'static str, String)>;
+
+/// What the node changes on the host while it runs and must put back: the sysctls the
+/// kubelet and kube-proxy set, and every iptables rule and chain (kube-proxy's Services).
+fn host_state() -> (Settings, Settings) {
+    let sysctls = [
+        "net/ipv4/ip_forward",
+        "net/ipv4/conf/all/route_localnet",
+        "vm/overcommit_memory",
+        "kernel/panic",
+        "kernel/panic_on_oops",
+    ]
+    .map(|key| {
+        let value = std::fs::read_to_string(format!("/proc/sys/{key}")).unwrap_or_default();
+        (key, value.trim().to_owned())
+    })
+    .to_vec();
+    let rules = ["nat", "filter", "mangle"]
+        .map(|table| {
+            (
+                table,
+                run(
+                    Command::new("iptables").args(["-t", table, "-S"]),
+                    "iptables -S",
+                ),
+            )
+        })
+        .to_vec();
+    (sysctls, rules)
+}
+
 async fn the_test() {
     kinsight::install_crypto_provider();
     let test_started = Instant::now();
     let scratch = tempfile::tempdir().expect("temp dir");
     build_probe(scratch.path());
+    let host_before = host_state();
 
     let Stack {
         node,
@@ -253,6 +286,16 @@ async fn the_test() {
     )
     .await;
     let node_dir = plane.state_dir().join("node");
+    // While it runs the node has changed the host (so the check after its drop can fail).
+    let host_during = host_state();
+    assert_ne!(host_during.1, host_before.1, "kube-proxy's rules are in");
+    assert!(
+        host_during
+            .0
+            .contains(&("net/ipv4/ip_forward", "1".to_owned())),
+        "{:?}",
+        host_during.0
+    );
 
     let client = plane.client().await.expect("client");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -446,6 +489,12 @@ async fn the_test() {
         .output()
         .expect("ip link");
     assert!(!bridge.status.success(), "the bridge is still there");
+    let host_after = host_state();
+    assert_eq!(host_after.0, host_before.0, "the sysctls are put back");
+    assert_eq!(
+        host_after.1, host_before.1,
+        "every iptables rule and chain is put back"
+    );
     drop(plane);
     eprintln!("whole test: {:.1?}", test_started.elapsed());
 }

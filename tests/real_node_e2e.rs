@@ -293,6 +293,23 @@ async fn the_test() {
     );
     assert!(log.contains(&format!("file={IMAGE_MODELS_DIR}/")), "{log}");
     assert!(log.contains("stored=4"), "{log}");
+    // What the worker itself sees of its confinement, as the kernel applies the pod's
+    // security context: the image's user, no capabilities, no new privileges, the runtime's
+    // seccomp filter, a read-only root and a writable emptyDir for scratch.
+    let sandbox = log
+        .lines()
+        .find(|l| l.contains("worker sandbox"))
+        .unwrap_or_else(|| panic!("no sandbox line in the worker log:\n{log}"));
+    for seen in [
+        "uid=65532",
+        "cap_eff=0000000000000000",
+        "no_new_privs=true",
+        "seccomp=2",
+        "root_fs=read-only",
+        "scratch=writable",
+    ] {
+        assert!(sandbox.contains(seen), "{seen} not in {sandbox}");
+    }
     // Its token came from the Job's own projected volume (no admission plugin mounts one
     // here): the ingest took its results, so TokenReview accepted it.
     assert!(

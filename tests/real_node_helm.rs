@@ -10,7 +10,7 @@
 //! removes every object the chart made and leaves the CRDs.
 //!
 //! How the pods reach what they need, as in a cluster:
-//! - Services: kube-proxy (built from the same source as the control plane, userspace
+//! - Services: kube-proxy (built from the same source as the control plane, iptables
 //!   mode, see `RealNode`) serves the ClusterIPs to pods and to the host. There is no
 //!   cluster DNS here, so the API's Service gets a fixed ClusterIP (`api.service.clusterIP`)
 //!   and workers are told it (`api.resultsUrl`).

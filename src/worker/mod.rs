@@ -6,11 +6,13 @@
 
 mod fetch;
 mod order;
+mod sandbox;
 
 pub use fetch::{FetchConfig, FetchError, Fetcher};
 pub use order::{
     WORK_ORDER_ENV, WORK_ORDER_FILE_ENV, WORK_ORDER_KEY, WORK_ORDER_MOUNT_PATH, WorkItem, WorkOrder,
 };
+pub use sandbox::Sandbox;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
