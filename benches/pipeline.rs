@@ -14,7 +14,8 @@
 //! `image_group.completed`, and duplicates (receipts of a `webhook-id` already received).
 //!
 //! Settings (environment): `GROUP_COUNT` (20; not `GROUPS`, which bash keeps for itself), `IMAGES` per group (1000, at most 1000), `KEEP_LOG` (a path to copy `kinsight dev`'s log to; the workers' logs go to `{KEEP_LOG}.pods/`),
-//! `MAX_SECS` for the measured part (900), `KINSIGHT_BIN` (the `kinsight` binary of this
+//! `MAX_SECS` for the measured part (900), `DEV_ARGS` (more arguments for `kinsight dev`, e.g.
+//! `--worker-cpu 500m --max-worker-jobs-per-namespace 4`), `KINSIGHT_BIN` (the `kinsight` binary of this
 //! build), `ORT_DYLIB_PATH` (else `./.venv`'s ONNX Runtime).
 
 mod common;
@@ -208,6 +209,11 @@ async fn run() {
         .arg(repo("models/test/catalog.yaml"))
         .arg("--state-dir")
         .arg(state.path().join("dev"))
+        .args(
+            std::env::var("DEV_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .env("KINSIGHT_DEV_API_KEY", API_KEY)
         .env(
             "RUST_LOG",
@@ -216,13 +222,14 @@ async fn run() {
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
-        .kill_on_drop(true);
+        // Never SIGKILLed: it would leave its node's kubelet, containerd and host changes.
+        .kill_on_drop(false);
     if std::env::var_os("ORT_DYLIB_PATH").is_none()
         && let Some(ort) = kinsight::inference::default_runtime_path()
     {
         dev.env("ORT_DYLIB_PATH", ort);
     }
-    let mut dev = dev.spawn().expect("kinsight dev starts");
+    let mut dev = DevProcess(dev.spawn().expect("kinsight dev starts"));
     let http = reqwest::Client::new();
     let ready = async {
         loop {
@@ -269,6 +276,25 @@ async fn run() {
             .and_then(|c| kube::Client::try_from(c).ok()),
         Err(_) => None,
     };
+    // Every group is posted at once: the dev tenant's in-flight cap (10,000 images by
+    // default) is raised to the whole run in its key Secret, as an operator would, so that
+    // the run measures the pipeline rather than admission control.
+    let kube = kube.expect("kinsight dev's kubeconfig");
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(kube.clone(), kinsight::dev::KEYS_NAMESPACE);
+    secrets
+        .patch(
+            &format!("tenant-{}", kinsight::dev::DEV_TENANT),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({
+                "stringData": { kinsight::api::IN_FLIGHT_LIMIT_FIELD: (groups * images).to_string() }
+            })),
+        )
+        .await
+        .expect("the dev tenant's in-flight cap raised");
+    // The API's key watch applies it within moments.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kube = Some(kube);
     let api_before = match &kube {
         Some(client) => api_metrics(client).await,
         None => None,
@@ -459,6 +485,40 @@ fn print_timeline(
 
 /// Stops `kinsight dev` the way a user does (SIGTERM), so it stops the control plane and
 /// PostgreSQL it started; a SIGKILL would leave them running under the next run.
+/// `kinsight dev`'s process, stopped with SIGTERM when dropped too (a failing run unwinds
+/// through here), so it stops its node and control plane.
+struct DevProcess(tokio::process::Child);
+
+impl std::ops::Deref for DevProcess {
+    type Target = tokio::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DevProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        if let Some(pid) = self.0.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 async fn stop(dev: &mut tokio::process::Child) {
     if let Some(pid) = dev.id() {
         let _ = tokio::process::Command::new("kill")
