@@ -19,12 +19,14 @@
 //! build), `ORT_DYLIB_PATH` (else `./.venv`'s ONNX Runtime).
 
 mod common;
+#[path = "../tests/common/dev_process.rs"]
+mod dev_process;
 
 use common::{Envelope, api_metrics, ms, percentile, print_api_requests};
+use dev_process::DevProcess;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -194,71 +196,41 @@ async fn run() {
     )
     .await;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let api = format!("http://127.0.0.1:{port}");
-    let log_path = state.path().join("kinsight-dev.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
     let setup_started = Instant::now();
-    let mut dev = tokio::process::Command::new(&binary);
-    dev.arg("dev")
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--catalog")
-        .arg(repo("models/test/catalog.yaml"))
-        .arg("--state-dir")
-        .arg(state.path().join("dev"))
-        .args(
-            std::env::var("DEV_ARGS")
-                .unwrap_or_default()
-                .split_whitespace(),
-        )
-        .env("KINSIGHT_DEV_API_KEY", API_KEY)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or("warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        // Never SIGKILLed: it would leave its node's kubelet, containerd and host changes.
-        .kill_on_drop(false);
-    if std::env::var_os("ORT_DYLIB_PATH").is_none()
-        && let Some(ort) = kinsight::inference::default_runtime_path()
-    {
-        dev.env("ORT_DYLIB_PATH", ort);
-    }
-    let mut dev = DevProcess(dev.spawn().expect("kinsight dev starts"));
-    let http = reqwest::Client::new();
-    let ready = async {
-        loop {
-            if let Ok(r) = http.get(format!("{api}/readyz")).send().await
-                && r.status().is_success()
+    let dev = DevProcess::start(
+        &binary,
+        state.path(),
+        API_KEY,
+        Duration::from_secs(300),
+        |dev| {
+            dev.arg("--catalog")
+                .arg(repo("models/test/catalog.yaml"))
+                .args(
+                    std::env::var("DEV_ARGS")
+                        .unwrap_or_default()
+                        .split_whitespace(),
+                )
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or("warn".into()),
+                );
+            if std::env::var_os("ORT_DYLIB_PATH").is_none()
+                && let Some(ort) = kinsight::inference::default_runtime_path()
             {
-                return;
+                dev.env("ORT_DYLIB_PATH", ort);
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    if tokio::time::timeout(Duration::from_secs(300), ready)
-        .await
-        .is_err()
-    {
-        stop(&mut dev).await;
-        panic!(
-            "kinsight dev not ready in 300 s; its log:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-    }
+        },
+    )
+    .await
+    .unwrap_or_else(|log| panic!("{log}"));
+    let api = dev.api_url.clone();
+    let http = reqwest::Client::new();
     eprintln!(
         "kinsight dev ready in {:.1} s; posting {groups} groups x {images} images",
         setup_started.elapsed().as_secs_f64()
     );
     // Where the worker pods reach this machine (the bridge exists once the node is up).
-    let pod_address = kinsight::testbed::node::HOST_ADDRESS
-        .parse()
-        .expect("the node's bridge address");
+    let pod_address = kinsight::testbed::node::HOST_ADDRESS.into();
     let photo_host = serve(
         Router::new()
             .route("/img/{name}", get(serve_photo))
@@ -269,7 +241,7 @@ async fn run() {
 
     // The API server's own counts, read through `kinsight dev`'s kubeconfig.
     let options = kube::config::KubeConfigOptions::default();
-    let kube = match kube::config::Kubeconfig::read_from(state.path().join("dev/kubeconfig")) {
+    let kube = match kube::config::Kubeconfig::read_from(dev.state_dir.join("kubeconfig")) {
         Ok(k) => kube::Config::from_custom_kubeconfig(k, &options)
             .await
             .ok()
@@ -355,11 +327,10 @@ async fn run() {
     };
     // A moment for duplicates (a retry of something already received) to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // The workers' logs, before the node that keeps them goes (`{KEEP_LOG}.pods/`).
-    if let Ok(keep) = std::env::var("KEEP_LOG") {
-        keep_pod_logs(&PathBuf::from(format!("{keep}.pods")));
+    let (log_path, pod_logs) = (dev.log.clone(), dev.state_dir.join("pod-logs"));
+    if !dev.stop().await {
+        eprintln!("kinsight dev did not stop cleanly within 60 s of SIGTERM");
     }
-    stop(&mut dev).await;
 
     let r = received.lock().expect("received");
     let mut latencies: Vec<Duration> = r
@@ -414,25 +385,14 @@ async fn run() {
             Ok(_) => eprintln!("kinsight dev's log kept at {keep}"),
             Err(e) => eprintln!("keeping the log at {keep}: {e}"),
         }
-    }
-}
-
-/// Copies each pod's worker log (the kubelet's `/var/log/pods/<ns>_<pod>_<uid>/worker/`)
-/// into `to` as `<ns>_<pod>_<uid>.log`.
-fn keep_pod_logs(to: &std::path::Path) {
-    if std::fs::create_dir_all(to).is_err() {
-        return;
-    }
-    let Ok(pods) = std::fs::read_dir("/var/log/pods") else {
-        return;
-    };
-    for pod in pods.flatten() {
-        let Ok(logs) = std::fs::read_dir(pod.path().join("worker")) else {
-            continue;
-        };
-        for (n, log) in logs.flatten().enumerate() {
-            let name = format!("{}.{n}.log", pod.file_name().to_string_lossy());
-            let _ = std::fs::copy(log.path(), to.join(name));
+        // The workers' logs beside it (`{KEEP_LOG}.pods/`), as dev kept them when it stopped.
+        let pods = PathBuf::from(format!("{keep}.pods"));
+        if std::fs::create_dir_all(&pods).is_ok()
+            && let Ok(logs) = std::fs::read_dir(&pod_logs)
+        {
+            for log in logs.flatten() {
+                let _ = std::fs::copy(log.path(), pods.join(log.file_name()));
+            }
         }
     }
 }
@@ -480,57 +440,5 @@ fn print_timeline(
             after(event.map(|e| e.1), at),
             after(r.completed.get(id).copied(), at),
         );
-    }
-}
-
-/// Stops `kinsight dev` the way a user does (SIGTERM), so it stops the control plane and
-/// PostgreSQL it started; a SIGKILL would leave them running under the next run.
-/// `kinsight dev`'s process, stopped with SIGTERM when dropped too (a failing run unwinds
-/// through here), so it stops its node and control plane.
-struct DevProcess(tokio::process::Child);
-
-impl std::ops::Deref for DevProcess {
-    type Target = tokio::process::Child;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for DevProcess {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for DevProcess {
-    fn drop(&mut self) {
-        if !matches!(self.0.try_wait(), Ok(None)) {
-            return;
-        }
-        if let Some(pid) = self.0.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-async fn stop(dev: &mut tokio::process::Child) {
-    if let Some(pid) = dev.id() {
-        let _ = tokio::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await;
-    }
-    if tokio::time::timeout(Duration::from_secs(30), dev.wait())
-        .await
-        .is_err()
-    {
-        eprintln!("kinsight dev did not stop in 30 s after SIGTERM; killing it");
-        let _ = dev.kill().await;
     }
 }

@@ -60,11 +60,9 @@ pub fn parse_quantity(text: &str) -> Result<String, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, suffix) = text.split_at(number_end);
-    let valid_number = !number.is_empty()
-        && number.matches('.').count() <= 1
-        && number.chars().any(|c| c.is_ascii_digit())
-        && number.parse::<f64>().is_ok_and(|n| n > 0.0);
-    if valid_number && SUFFIXES.contains(&suffix) {
+    // Digits and dots only, so this refuses "", ".", "1.2.3", and never sees "inf".
+    let positive = number.parse::<f64>().is_ok_and(|n| n > 0.0);
+    if positive && SUFFIXES.contains(&suffix) {
         Ok(text.to_owned())
     } else {
         Err(format!(

@@ -102,7 +102,7 @@ async fn the_test() {
     let mut tasks = Vec::new();
     // The API, its result ingest included, and the photos on the bridge address: the
     // workers' way in.
-    let bridge: std::net::IpAddr = HOST_ADDRESS.parse().expect("the bridge address");
+    let bridge: std::net::IpAddr = HOST_ADDRESS.into();
     let (photos, photo_server) = serve_folder_on(repo_path("tests/fixtures/images"), bridge)
         .await
         .expect("bind the photo server on the bridge address");
@@ -118,7 +118,7 @@ async fn the_test() {
         // Nothing from this machine: the image's environment says where ONNX Runtime is.
         worker_env: Vec::new(),
         // The photo server's one private address, nothing else (the default opens none).
-        egress: kinsight::net::EgressPolicy::parse(HOST_ADDRESS).expect("egress"),
+        egress: kinsight::net::EgressPolicy::parse(&HOST_ADDRESS.to_string()).expect("egress"),
         worker_cpu: "1".into(),
         worker_memory: worker_memory.into(),
         // A failed worker fails the test at once, with its log, instead of retrying.

@@ -127,7 +127,7 @@ async fn the_test() {
         "controller": { "replicas": 2, "allowEgress": POD_SUBNET },
     });
     // The test's photo host and webhook receiver, where pods reach the host.
-    let bridge: std::net::IpAddr = HOST_ADDRESS.parse().expect("the bridge address");
+    let bridge: std::net::IpAddr = HOST_ADDRESS.into();
     let (photos, _photo_server) =
         kinsight::dev::serve_folder_on(repo_path("tests/fixtures/images"), bridge)
             .await

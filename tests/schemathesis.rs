@@ -8,10 +8,11 @@
 
 mod common;
 
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::Harness;
+use common::dev_process::DevProcess;
 use serde_json::Value;
 
 const CHECKED_IN: &str = include_str!("../schemas/openapi.json");
@@ -130,83 +131,20 @@ async fn the_document_is_served_and_every_error_is_a_problem() {
     );
 }
 
-/// `kinsight dev` as a user runs it, in a state folder of its own, stopped with SIGTERM by
-/// [`Dev::stop`] (killed if dropped before).
-struct Dev {
-    process: tokio::process::Child,
-    api_url: String,
-    log: std::path::PathBuf,
-    _state: tempfile::TempDir,
-}
-
 const DEV_KEY: &str = "ks_schemathesis";
-
-impl Dev {
-    async fn start() -> Dev {
-        let state = tempfile::tempdir().expect("state folder");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let log = state.path().join("kinsight-dev.log");
-        let file = std::fs::File::create(&log).expect("log file");
-        let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_kinsight"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .arg("dev")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--state-dir")
-            .arg(state.path().join("dev"))
-            .env("KINSIGHT_DEV_API_KEY", DEV_KEY)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("kinsight dev starts");
-        let dev = Dev {
-            process,
-            api_url: format!("http://127.0.0.1:{port}"),
-            log,
-            _state: state,
-        };
-        let ready = common::poll(Duration::from_secs(180), async || {
-            reqwest::get(format!("{}/readyz", dev.api_url))
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await;
-        assert!(
-            ready.is_some(),
-            "kinsight dev not ready:\n{}",
-            dev.log_text()
-        );
-        dev
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Stops it the way a user does; it stops its node and control plane.
-    async fn stop(mut self) {
-        if let Some(pid) = self.process.id() {
-            common::run(
-                std::process::Command::new("kill").args(["-TERM", &pid.to_string()]),
-                "kill -TERM",
-            );
-        }
-        let stopped = tokio::time::timeout(Duration::from_secs(60), self.process.wait()).await;
-        assert!(
-            stopped.is_ok_and(|s| s.is_ok_and(|s| s.success())),
-            "kinsight dev did not stop cleanly within 60 s of SIGTERM:\n{}",
-            self.log_text()
-        );
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_nothing() {
-    let dev = Dev::start().await;
+    let folder = tempfile::tempdir().expect("dev's folder");
+    let dev = DevProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_kinsight")),
+        folder.path(),
+        DEV_KEY,
+        Duration::from_secs(180),
+        |_| {},
+    )
+    .await
+    .unwrap_or_else(|log| panic!("{log}"));
     let schemathesis = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/schemathesis");
     let reports = tempfile::tempdir().expect("temp dir");
     let started = Instant::now();
@@ -260,5 +198,10 @@ async fn schemathesis_finds_nothing() {
     );
     // It did test the operations: a run that generated nothing would also succeed.
     assert!(stdout.contains("passed"), "{stdout}");
-    dev.stop().await;
+    let log = dev.log.clone();
+    assert!(
+        dev.stop().await,
+        "kinsight dev did not stop cleanly within 60 s of SIGTERM:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }

@@ -83,7 +83,7 @@ pub struct DevEnvironment {
     /// How long each step of the start took, printed with the summary.
     phases: Phases,
     // Dropped in this order: the node before its control plane.
-    _node: Option<RealNode>,
+    node: Option<RealNode>,
     _control_plane: Option<ControlPlane>,
     _database: Option<Postgres>,
 }
@@ -186,11 +186,9 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         }
         _ => None,
     };
-    let pod_address: Option<IpAddr> = control_plane.as_ref().map(|_| {
-        crate::testbed::node::HOST_ADDRESS
-            .parse()
-            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
-    });
+    let pod_address: Option<IpAddr> = control_plane
+        .as_ref()
+        .map(|_| crate::testbed::node::HOST_ADDRESS.into());
     install_crds(&client).await?;
     let api_key = options
         .api_key
@@ -312,7 +310,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         tasks,
         stopping: stop,
         phases,
-        _node: node,
+        node,
         _control_plane: control_plane,
         _database: database,
     })
@@ -358,7 +356,7 @@ impl DevEnvironment {
     /// Stops the controller and the API cleanly (at most [`STOP_WAIT`]), then the rest;
     /// the control plane and PostgreSQL go when the environment is dropped.
     pub async fn stop(mut self) {
-        if self._node.is_some() {
+        if self.node.is_some() {
             match node::keep_pod_logs(&self.client, DEV_TENANT, &self.pod_logs).await {
                 Ok(0) => {}
                 Ok(kept) => println!(

@@ -2,10 +2,8 @@
 //! its control plane, with the project's image built from the `kinsight` binary beside
 //! `kinsight-dev` by the same script and Dockerfile a release uses.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
-
-use k8s_openapi::api::core::v1::{HostPathVolumeSource, Volume};
 
 use super::DevError;
 use crate::controller::WorkerCatalog;
@@ -85,15 +83,18 @@ pub async fn keep_pod_logs(
 /// The catalog as workers on the dev node see it: the catalog's folder on this machine,
 /// mounted read-only at the same path (a `hostPath` volume, as a node-local model cache
 /// would be), so a model file changed in the checkout is what the next Job loads. Model
-/// files outside that folder cannot be reached and are refused here, not by the worker.
+/// files outside that folder (symbolic links out of it included) cannot be reached and are
+/// refused here, not by the worker.
 pub fn worker_catalog(catalog: &Catalog, catalog_path: &Path) -> Result<WorkerCatalog, DevError> {
-    let folder: PathBuf = Catalog::default_models_dir(catalog_path).to_path_buf();
-    let folder = std::path::absolute(&folder)
+    let folder = Catalog::default_models_dir(catalog_path);
+    let folder = std::fs::canonicalize(folder)
         .map_err(|e| DevError::Other(format!("{}: {e}", folder.display())))?;
     let outside: Vec<String> = catalog
         .models()
         .iter()
-        .filter(|model| !normalised(&model.model_path).starts_with(&folder))
+        .filter(|model| {
+            !std::fs::canonicalize(&model.model_path).is_ok_and(|file| file.starts_with(&folder))
+        })
         .map(|model| format!("{} ({})", model.name, model.model_path.display()))
         .collect();
     if !outside.is_empty() {
@@ -105,40 +106,21 @@ pub fn worker_catalog(catalog: &Catalog, catalog_path: &Path) -> Result<WorkerCa
         )));
     }
     let dir = folder.display().to_string();
-    let mut worker = WorkerCatalog::new(catalog, dir.clone());
-    worker.models_volume = Some(Volume {
-        name: "models".to_owned(),
-        host_path: Some(HostPathVolumeSource {
-            path: dir,
-            type_: Some("Directory".to_owned()),
-        }),
-        ..Volume::default()
-    });
-    Ok(worker)
-}
-
-/// `path` made absolute with `..` and `.` resolved lexically (the files exist: the catalog
-/// checked them when it loaded).
-fn normalised(path: &Path) -> PathBuf {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut out = PathBuf::new();
-    for part in absolute.components() {
-        match part {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
+    // The volume as `--worker-models-volume` would give it (named and checked the same way).
+    let volume = serde_json::json!({ "hostPath": { "path": dir, "type": "Directory" } });
+    Ok(WorkerCatalog {
+        models_volume: Some(
+            WorkerCatalog::parse_models_volume(&volume.to_string()).map_err(DevError::Other)?,
+        ),
+        ..WorkerCatalog::new(catalog, dir)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn repo(path: &str) -> PathBuf {
+    fn repo(path: &str) -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
     }
 

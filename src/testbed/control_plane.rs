@@ -318,7 +318,7 @@ impl ControlPlane {
                 if opts.real_node {
                     super::node::HOST_ADDRESS
                 } else {
-                    "127.0.0.1"
+                    std::net::Ipv4Addr::LOCALHOST
                 }
             ))
             .arg("--service-cluster-ip-range=10.0.0.0/24")

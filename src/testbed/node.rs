@@ -41,7 +41,7 @@ pub const BRIDGE: &str = "kinsight0";
 pub const POD_SUBNET: &str = "10.244.91.0/24";
 /// The control plane's `--service-cluster-ip-range`, and the `kubernetes` Service's ClusterIP.
 const SERVICE_SUBNET: &str = "10.0.0.0/24";
-pub const HOST_ADDRESS: &str = "10.244.91.1";
+pub const HOST_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 244, 91, 1);
 /// The bridge's own MAC (locally administered), fixed for as long as it lives.
 const BRIDGE_MAC: &str = "02:6b:69:6e:73:01";
 const KUBELET: &str = "kubelet";

@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod bad_bodies;
+pub mod dev_process;
 pub mod fairness;
 pub mod real_node;
 pub mod scripted_receiver;
@@ -99,9 +100,7 @@ pub async fn serve_api(
 /// (`USE_EXISTING_CLUSTER`) `KINSIGHT_POD_ADDRESS`, else 127.0.0.1.
 pub fn pod_address() -> std::net::IpAddr {
     match real_node::shared() {
-        Some(_) => kinsight::testbed::node::HOST_ADDRESS
-            .parse()
-            .expect("the bridge address"),
+        Some(_) => kinsight::testbed::node::HOST_ADDRESS.into(),
         None => std::env::var("KINSIGHT_POD_ADDRESS")
             .ok()
             .map(|a| a.parse().expect("KINSIGHT_POD_ADDRESS: an IP address"))

@@ -141,7 +141,6 @@ async fn start_shared(scratch: &Path) -> Stack {
 
 /// Runs `body` on this process's shared stack, started first and stopped after: for a
 /// benchmark that drives the tests' [`super::Harness`] (a test binary has [`main`]).
-#[allow(dead_code)] // Only the benchmarks call it.
 pub async fn on_shared_stack<F: Future>(body: F) -> F::Output {
     let scratch = tempfile::tempdir().expect("temp dir");
     let stack = start_shared(scratch.path()).await;
