@@ -53,22 +53,51 @@ pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
 /// decimal with an optional SI or binary suffix; the API server would refuse anything else,
 /// on every Job).
 pub fn parse_quantity(text: &str) -> Result<String, String> {
-    const SUFFIXES: [&str; 14] = [
-        "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+    quantity_value(text).map(|_| text.to_owned())
+}
+
+/// A positive Kubernetes quantity's value in its unit (`500m` is 0.5, `1Ki` 1024).
+pub fn quantity_value(text: &str) -> Result<f64, String> {
+    const SUFFIXES: [(&str, f64); 14] = [
+        ("", 1.0),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+        ("Ki", 1024.0),
+        ("Mi", 1_048_576.0),
+        ("Gi", 1_073_741_824.0),
+        ("Ti", 1_099_511_627_776.0),
+        ("Pi", 1_125_899_906_842_624.0),
+        ("Ei", 1_152_921_504_606_846_976.0),
     ];
     let number_end = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, suffix) = text.split_at(number_end);
     // Digits and dots only, so this refuses "", ".", "1.2.3", and never sees "inf".
-    let positive = number.parse::<f64>().is_ok_and(|n| n > 0.0);
-    if positive && SUFFIXES.contains(&suffix) {
-        Ok(text.to_owned())
-    } else {
-        Err(format!(
+    let number = number.parse::<f64>().ok().filter(|n| *n > 0.0);
+    let scale = SUFFIXES.iter().find(|(s, _)| *s == suffix).map(|(_, f)| *f);
+    match (number, scale) {
+        (Some(number), Some(scale)) => Ok(number * scale),
+        _ => Err(format!(
             "expected a positive Kubernetes quantity such as 500m, 2, 512Mi or 1Gi, got {text:?}"
-        ))
+        )),
     }
+}
+
+/// A worker pod's CPU request may not pass its limit (the API server would refuse every
+/// Job); checked when the process starts.
+pub fn check_cpu_request(request: &str, limit: &str) -> Result<(), String> {
+    if quantity_value(request)? > quantity_value(limit)? {
+        return Err(format!(
+            "the worker CPU request {request} is more than its limit {limit} (--worker-cpu)"
+        ));
+    }
+    Ok(())
 }
 
 /// The process's exit status, the error (if any) printed to stderr.
@@ -145,5 +174,16 @@ mod tests {
             let error = parse_quantity(bad).expect_err(bad);
             assert!(error.contains("Kubernetes quantity"), "{bad}: {error}");
         }
+        assert_eq!(quantity_value("500m"), Ok(0.5));
+        assert_eq!(quantity_value("2Ki"), Ok(2048.0));
+    }
+
+    #[test]
+    fn a_cpu_request_above_its_limit_is_refused() {
+        assert_eq!(check_cpu_request("500m", "1"), Ok(()));
+        assert_eq!(check_cpu_request("1", "1000m"), Ok(()));
+        let error = check_cpu_request("1.5", "1").expect_err("above");
+        assert!(error.contains("more than its limit 1"), "{error}");
+        assert!(check_cpu_request("x", "1").is_err());
     }
 }

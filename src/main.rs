@@ -113,9 +113,14 @@ struct ControllerArgs {
     /// Extra environment for worker pods, NAME=VALUE (repeatable).
     #[arg(long = "worker-env", value_parser = parse_key_value)]
     worker_env: Vec<(String, String)>,
-    /// CPU of each worker pod (requests and limits: the worker sizes its threads by it).
+    /// CPU of each worker pod: its limit, the worker sizes its threads by it, and its
+    /// request unless `--worker-cpu-request`.
     #[arg(long, env = "KINSIGHT_WORKER_CPU", default_value = "1", value_parser = kinsight::cli::parse_quantity)]
     worker_cpu: String,
+    /// A lower CPU request for each worker pod than `--worker-cpu`, its limit (Burstable
+    /// pods: more fit a node, and a pod may start while another's worker exits).
+    #[arg(long, env = "KINSIGHT_WORKER_CPU_REQUEST", value_parser = kinsight::cli::parse_quantity)]
+    worker_cpu_request: Option<String>,
     /// Memory of each worker pod (requests and limits; past it the pod is OOM-killed and
     /// its images fail with that reason).
     #[arg(long, env = "KINSIGHT_WORKER_MEMORY", default_value = "1Gi", value_parser = kinsight::cli::parse_quantity)]
@@ -398,6 +403,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", kinsight::api::openapi_document());
         }
         Command::Controller(args) => {
+            if let Some(request) = &args.worker_cpu_request {
+                kinsight::cli::check_cpu_request(request, &args.worker_cpu)
+                    .map_err(anyhow::Error::msg)?;
+            }
             let catalog = args.catalog.load()?;
             // Workers run the same image: by default their models are where ours are.
             let worker_models_dir = match args.worker_models_dir {
@@ -418,6 +427,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 results_url: args.results_url,
                 worker_env: args.worker_env,
                 worker_cpu: args.worker_cpu,
+                worker_cpu_request: args.worker_cpu_request,
                 worker_memory: args.worker_memory,
                 retry: args.retry_schedule.unwrap_or_default(),
                 group_ttl: args.group_ttl,

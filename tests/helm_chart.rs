@@ -137,7 +137,7 @@ async fn chart_installs_into_a_real_cluster() {
         "image": { "tag": "test" },
         "database": { "secretName": "pg-app", "caSecretName": "pg-ca" },
         "worker": { "env": { "RUST_LOG": "info,kinsight=debug # not: a comment" }, "deadline": "90m",
-                    "resources": { "cpu": "500m" },
+                    "resources": { "cpu": "500m", "cpuRequest": "250m" },
             "scheduling": { "maxJobs": 40, "maxJobsPerNamespace": 5 }, "gpu": {
             "nodeSelector": { "nvidia.com/gpu.present": "true" },
             "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }],
@@ -198,8 +198,12 @@ async fn chart_installs_into_a_real_cluster() {
         env_value(container, "KINSIGHT_WORKER_DEADLINE"),
         Some("90m")
     );
-    // Worker pods' resources: the CPU given, the chart's memory.
+    // Worker pods' resources: the CPU limit and request given, the chart's memory.
     assert_eq!(env_value(container, "KINSIGHT_WORKER_CPU"), Some("500m"));
+    assert_eq!(
+        env_value(container, "KINSIGHT_WORKER_CPU_REQUEST"),
+        Some("250m")
+    );
     assert_eq!(env_value(container, "KINSIGHT_WORKER_MEMORY"), Some("1Gi"));
     // A controller scoped to one namespace.
     assert_eq!(

@@ -66,6 +66,10 @@ struct DevArgs {
     /// CPU of each worker pod, requests and limits (the node has this machine's cores).
     #[arg(long, default_value = "1", value_parser = kinsight::cli::parse_quantity)]
     worker_cpu: String,
+    /// CPU request of each worker pod (default 250m, or `--worker-cpu` when that is less):
+    /// below the limit, so the next groups' pods fit the node while finished workers exit.
+    #[arg(long, value_parser = kinsight::cli::parse_quantity)]
+    worker_cpu_request: Option<String>,
     #[command(flatten)]
     job_caps: JobCapsArgs,
 }
@@ -106,6 +110,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The dev worker pods' CPU request: as asked (at most the limit), else 250m or the limit
+/// when that is less: the caps' Jobs and those exiting fit a 2-core node (8 pods).
+fn dev_cpu_request(asked: Option<String>, limit: &str) -> anyhow::Result<String> {
+    let request = match asked {
+        Some(request) => request,
+        None => {
+            let limit_value = kinsight::cli::quantity_value(limit).map_err(anyhow::Error::msg)?;
+            if limit_value > 0.25 { "250m" } else { limit }.to_owned()
+        }
+    };
+    kinsight::cli::check_cpu_request(&request, limit).map_err(anyhow::Error::msg)?;
+    Ok(request)
+}
+
 fn dev_options(args: DevArgs) -> anyhow::Result<DevOptions> {
     let state_dir = match args.state_dir {
         Some(dir) => dir,
@@ -126,6 +144,7 @@ fn dev_options(args: DevArgs) -> anyhow::Result<DevOptions> {
         kubeconfig: args.kubeconfig,
         database_url: args.database_url,
         retry: args.retry_schedule.unwrap_or_default(),
+        worker_cpu_request: dev_cpu_request(args.worker_cpu_request, &args.worker_cpu)?,
         worker_cpu: args.worker_cpu,
         job_caps: args.job_caps.or(kinsight::dev::DEV_JOB_CAPS),
     })

@@ -18,9 +18,11 @@
 //! The queue holds only requests: the running Jobs are counted from the cluster (the Job
 //! watch, [`FairQueue::job_seen`]), plus the Jobs admitted and not yet seen (reserved for a
 //! while). Nothing is admitted before the first full listing of Jobs, so a restarted
-//! leader never exceeds a cap.
+//! leader never exceeds a cap. A Job whose images are all stored gives its slot back at
+//! once ([`FairQueue::release`]): its worker is only exiting, and the kubelet and the Job
+//! controller take a second or two to say so, a pod start the next group need not wait.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// A namespace: the unit of fairness.
@@ -222,6 +224,10 @@ pub struct FairQueue {
     running: HashMap<ObjectKey, Running>,
     /// The listing in progress after a (re)connection of the watch.
     relisting: Option<HashMap<ObjectKey, Running>>,
+    /// Jobs still running whose work is done: they hold no slot until they end.
+    released: HashSet<ObjectKey>,
+    /// The released Jobs the listing in progress still saw running.
+    relisted_released: HashSet<ObjectKey>,
     /// The first full listing arrived.
     synced: bool,
     /// Waiting groups per tenant, oldest first.
@@ -236,6 +242,8 @@ impl FairQueue {
             caps,
             running: HashMap::new(),
             relisting: None,
+            released: HashSet::new(),
+            relisted_released: HashSet::new(),
             synced: false,
             waiting: BTreeMap::new(),
             last_served: None,
@@ -248,6 +256,14 @@ impl FairQueue {
 
     /// The watch saw Job `job`: running in `lane`, or not (`None`: finished, or Kueue's).
     pub fn job_seen(&mut self, job: ObjectKey, lane: Option<Lane>) {
+        if lane.is_none() {
+            self.released.remove(&job);
+        } else if self.released.contains(&job) {
+            if self.relisting.is_some() {
+                self.relisted_released.insert(job);
+            }
+            return;
+        }
         let map = self.relisting.as_mut().unwrap_or(&mut self.running);
         match lane {
             Some(lane) => {
@@ -269,11 +285,24 @@ impl FairQueue {
 
     pub fn job_deleted(&mut self, job: &ObjectKey) {
         self.running.remove(job);
+        self.released.remove(job);
+    }
+
+    /// Every image of running Job `job` is stored: its slot is free now, though the Job
+    /// has not ended yet. Nothing for a Job not counted (finished, Kueue's, unknown).
+    /// Returns whether a slot was freed.
+    pub fn release(&mut self, job: &ObjectKey) -> bool {
+        let freed = self.running.remove(job).is_some();
+        if freed {
+            self.released.insert(job.clone());
+        }
+        freed
     }
 
     /// The watch lists every Job again (start, or after a lost connection).
     pub fn relist_started(&mut self) {
         self.relisting = Some(HashMap::new());
+        self.relisted_released.clear();
     }
 
     /// The listing is complete: it replaces what was known, but for Jobs admitted moments
@@ -291,6 +320,8 @@ impl FairQueue {
             }
         }
         self.running = listed;
+        // Released Jobs the listing did not show running have ended meanwhile.
+        self.released = std::mem::take(&mut self.relisted_released);
         self.synced = true;
     }
 
@@ -698,6 +729,42 @@ mod tests {
         // No caps: everything starts at once.
         let mut q = synced(JobCaps::OFF);
         assert_eq!(started(&q.admit(ask("a", "x", 50, 5000), now)), 50);
+    }
+
+    #[test]
+    fn a_job_whose_images_are_stored_gives_its_slot_back_before_it_ends() {
+        let mut q = synced(CAPS);
+        let now = Instant::now();
+        assert_eq!(started(&q.admit(ask("a", "a1", 1, 60), now)), 1);
+        assert_eq!(started(&q.admit(ask("a", "a2", 1, 60), now)), 1);
+        assert_eq!(
+            q.admit(ask("a", "a3", 1, 60), now),
+            Admission::Queued { position: 1 }
+        );
+        let a1 = ObjectKey::new("a", "a1-g1-0");
+        // The watch sees a1 running; its results are all stored: a3 may start, and the
+        // watch's later sightings of a1 still running take no slot back.
+        q.job_seen(a1.clone(), Some(Lane::Main));
+        q.release(&a1);
+        assert_eq!(q.groups_to_wake(now), vec![ObjectKey::new("a", "a3")]);
+        q.job_seen(a1.clone(), Some(Lane::Main));
+        assert_eq!(started(&q.admit(ask("a", "a3", 1, 60), now)), 1);
+        assert_eq!(q.running("a"), ((2, 0), (2, 0)));
+        // A relisting that still shows it running keeps it released; once it has ended
+        // it is forgotten.
+        q.relist_started();
+        for job in ["a1-g1-0", "a2-g1-0", "a3-g1-0"] {
+            q.job_seen(ObjectKey::new("a", job), Some(Lane::Main));
+        }
+        q.relist_done(now);
+        assert_eq!(q.running("a"), ((2, 0), (2, 0)));
+        finish(&mut q, "a", "a1-g1-0");
+        assert!(q.released.is_empty());
+        // Releasing a Job the queue does not count (ended, Kueue's) frees nothing.
+        q.release(&ObjectKey::new("a", "a1-g1-0"));
+        q.release(&ObjectKey::new("b", "unknown"));
+        assert!(q.released.is_empty());
+        assert_eq!(q.running("a"), ((2, 0), (2, 0)));
     }
 
     #[test]

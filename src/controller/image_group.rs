@@ -309,6 +309,11 @@ async fn reconcile_group(
         return Ok(Action::requeue(wait));
     }
     write_status(&ctx, &group, &original, &status).await?;
+    if all_done {
+        // After the status says Completed: whoever counts the group's Jobs against the
+        // caps from the cluster sees it done by the time its slot goes to another.
+        release_done_jobs(&ctx, &namespace, status.jobs.iter());
+    }
 
     ctx.config
         .metrics
@@ -611,6 +616,14 @@ async fn ensure_worker_jobs(
         .keys()
         .filter(|name| status.jobs.contains(name))
         .collect();
+    release_done_jobs(
+        ctx,
+        namespace,
+        status
+            .jobs
+            .iter()
+            .filter(|name| !shards.contains_key(*name)),
+    );
     let waits = if started_before.len() < shards.len() {
         if started_before.is_empty() {
             // A new generation redoes what earlier Jobs still run; they stop now, and
@@ -665,6 +678,16 @@ async fn ensure_worker_jobs(
         }
     }
     Ok(waits)
+}
+
+/// Started Jobs with no image left to store are done but for their worker's exit, which
+/// the kubelet and the Job controller report a second or two later: their slots are free
+/// now.
+fn release_done_jobs<'a>(ctx: &Context, namespace: &str, jobs: impl Iterator<Item = &'a String>) {
+    for name in jobs {
+        ctx.scheduler
+            .release(&ObjectKey::new(namespace, name.as_str()));
+    }
 }
 
 /// How a failed Job's worker ended (e.g. OOMKilled at its memory limit), from its pods;

@@ -262,18 +262,23 @@ pub fn build_job(
         value: Some(v.clone()),
         value_from: None,
     }));
-    let mut requests = BTreeMap::from([
+    let mut limits = BTreeMap::from([
         ("cpu".to_owned(), Quantity(config.worker_cpu.clone())),
         ("memory".to_owned(), Quantity(config.worker_memory.clone())),
     ]);
     let gpu = &config.gpu;
     if wants_gpu {
-        requests.insert(gpu.resource_name.clone(), Quantity(gpu.count.to_string()));
+        limits.insert(gpu.resource_name.clone(), Quantity(gpu.count.to_string()));
     }
-    // Limits equal requests: a predictable CPU quota (the worker sizes its threads by it),
-    // and extended resources such as GPUs must have both, equal.
+    // Requests equal limits (a predictable CPU quota: the worker sizes its threads by its
+    // limit; extended resources such as GPUs must have both, equal), but for a CPU request
+    // the operator lowers on purpose.
+    let mut requests = limits.clone();
+    if let Some(cpu) = &config.worker_cpu_request {
+        requests.insert("cpu".to_owned(), Quantity(cpu.clone()));
+    }
     let resources = ResourceRequirements {
-        limits: Some(requests.clone()),
+        limits: Some(limits),
         requests: Some(requests),
         ..ResourceRequirements::default()
     };
@@ -1007,6 +1012,20 @@ mod tests {
         assert_eq!(pod.node_selector, None);
         assert_eq!(pod.tolerations, None);
         assert_eq!(pod.runtime_class_name, None);
+        // A lower CPU request makes Burstable pods: the limit (and memory) stay.
+        let burstable = ControllerConfig {
+            worker_cpu_request: Some("250m".into()),
+            ..config.clone()
+        };
+        let (pod, _) = job_for(&["object_detection"], &burstable);
+        let resources = pod.containers[0].resources.as_ref().expect("resources");
+        let (requests, limits) = (
+            resources.requests.as_ref().expect("requests"),
+            resources.limits.as_ref().expect("limits"),
+        );
+        assert_eq!(requests.get("cpu"), Some(&Quantity("250m".into())));
+        assert_eq!(limits.get("cpu"), Some(&Quantity("1".into())));
+        assert_eq!(requests.get("memory"), limits.get("memory"));
 
         // The catalog: the namespace's ConfigMap, mounted, named by KINSIGHT_CATALOG.
         let (catalog_map, catalog_key, catalog_file) = config_map_mount(&pod, "catalog");

@@ -63,7 +63,11 @@ pub struct ControllerConfig {
     pub results_url: String,
     /// Extra environment for worker pods (models folder, ONNX Runtime path, ...).
     pub worker_env: Vec<(String, String)>,
+    /// Each worker pod's CPU limit, and its request unless `worker_cpu_request` is set.
     pub worker_cpu: String,
+    /// A smaller CPU request than the limit (Burstable pods): more pods fit a node, each
+    /// may still use its whole limit when the node has it to spare.
+    pub worker_cpu_request: Option<String>,
     pub worker_memory: String,
     pub worker_backoff_limit: i32,
     /// Images one worker Job takes at most (1 to [`job::MAX_IMAGES_PER_JOB`]); a bigger
@@ -114,6 +118,7 @@ impl Default for ControllerConfig {
             results_url: String::new(),
             worker_env: Vec::new(),
             worker_cpu: "1".to_owned(),
+            worker_cpu_request: None,
             worker_memory: "1Gi".to_owned(),
             worker_backoff_limit: 2,
             images_per_job: job::MAX_IMAGES_PER_JOB,

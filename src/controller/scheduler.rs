@@ -92,6 +92,14 @@ impl Scheduler {
         admission
     }
 
+    /// Every image of the running Job `job` is stored: its slot goes to whoever is next.
+    pub fn release(&self, job: &ObjectKey) {
+        let mut queue = lock(&self.queue);
+        if queue.release(job) {
+            self.send_wakes(&mut queue);
+        }
+    }
+
     /// The group waits no more (finished, deleted, or handed to Kueue).
     pub fn forget(&self, group: &ObjectKey) {
         let mut queue = lock(&self.queue);

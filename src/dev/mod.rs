@@ -49,8 +49,10 @@ pub struct DevOptions {
     pub retry: RetrySchedule,
     /// Fair scheduling of worker Jobs ([`DEV_JOB_CAPS`] by default).
     pub job_caps: JobCaps,
-    /// CPU of each worker pod (a Kubernetes quantity).
+    /// CPU limit of each worker pod (a Kubernetes quantity).
     pub worker_cpu: String,
+    /// Its CPU request, at most the limit.
+    pub worker_cpu_request: String,
 }
 
 /// On one machine (a laptop, 2 cores): two Jobs of a tenant and three in all use the
@@ -248,6 +250,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         egress,
         job_caps: options.job_caps,
         worker_cpu: options.worker_cpu.clone(),
+        worker_cpu_request: Some(options.worker_cpu_request.clone()),
         ..ControllerConfig::default()
     };
     let mut tasks = JoinSet::new();

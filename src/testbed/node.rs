@@ -868,6 +868,11 @@ imageGCLowThresholdPercent: 99
 evictionHard: {{memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}}
 syncFrequency: 10s
 nodeStatusUpdateFrequency: 5s
+# Kubernetes 1.27's defaults (1.20 has 5 and 10): at 5 requests/s the kubelet's own pod
+# status writes, ConfigMap reads and token requests queue behind each other, and a pod
+# bound at once waited seconds before the kubelet started it once a few dozen had run.
+kubeAPIQPS: 50
+kubeAPIBurst: 100
 # No KUBE-* iptables chains on the host (only kube-proxy and dockershim need them).
 makeIPTablesUtilChains: false
 "#,
@@ -1076,6 +1081,7 @@ mod tests {
         assert_eq!(kubelet["makeIPTablesUtilChains"], false);
         assert_eq!(kubelet["cgroupDriver"], "cgroupfs");
         assert_eq!(kubelet["authorization"]["mode"], "AlwaysAllow");
+        assert_eq!(kubelet["kubeAPIQPS"], 50);
     }
 
     #[test]

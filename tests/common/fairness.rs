@@ -194,15 +194,48 @@ pub async fn scheduled(
         .find(|c| c.type_ == "Scheduled")
 }
 
-/// Lists the worker Jobs every 100 ms and keeps the most running at once.
+/// Lists the worker Jobs every 100 ms and keeps the most running at once. A Job of a
+/// group whose status says Completed holds no slot (the controller gives it back once the
+/// results are stored, while the worker exits): the groups are listed after the Jobs, so a
+/// slot handed on before the Jobs' listing shows its group Completed.
 async fn sample_jobs(client: kube::Client, peak: Arc<Mutex<JobPeak>>) {
-    let jobs: kube::Api<Job> = kube::Api::all(client);
+    let jobs: kube::Api<Job> = kube::Api::all(client.clone());
+    let groups: kube::Api<kinsight::crd::ImageGroup> = kube::Api::all(client);
     let selector = ListParams::default().labels("app.kubernetes.io/component=worker");
     loop {
-        if let Ok(list) = jobs.list(&selector).await {
+        let listed = match jobs.list(&selector).await {
+            Ok(list) => groups
+                .list(&ListParams::default())
+                .await
+                .ok()
+                .map(|g| (list, g)),
+            Err(_) => None,
+        };
+        if let Some((list, groups)) = listed {
+            let completed: HashSet<(String, String)> = groups
+                .items
+                .iter()
+                .filter(|g| {
+                    g.status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == kinsight::crd::GroupPhase::Completed)
+                })
+                .map(|g| (g.namespace().unwrap_or_default(), g.name_any()))
+                .collect();
+            let group_done = |job: &Job| {
+                job.owner_references().iter().any(|o| {
+                    o.kind == "ImageGroup"
+                        && completed
+                            .contains(&(job.namespace().unwrap_or_default(), o.name.clone()))
+                })
+            };
             let mut main: BTreeMap<String, usize> = BTreeMap::new();
             let mut small: BTreeMap<String, usize> = BTreeMap::new();
-            for job in list.items.iter().filter(|j| is_running(j)) {
+            for job in list
+                .items
+                .iter()
+                .filter(|j| is_running(j) && !group_done(j))
+            {
                 let lane = if job.labels().get(LANE_LABEL).map(String::as_str) == Some("small") {
                     &mut small
                 } else {
