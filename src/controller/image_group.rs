@@ -899,8 +899,19 @@ async fn stop_superseded_jobs(jobs: &Api<Job>, earlier: &[String]) -> Result<(),
     Ok(())
 }
 
+/// How long the worker setup this replica applied in a namespace is trusted without a
+/// write: every Job start applied both objects again, two of the API server's writes per
+/// group; one removed by hand comes back within this.
+pub const WORKER_SETUP_FRESH: Duration = Duration::from_secs(60);
+
 /// The worker's identity and the catalog it reads, in the group's namespace.
 async fn ensure_worker_setup(ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
+    let fresh = lock(&ctx.worker_setup)
+        .get(namespace)
+        .is_some_and(|at| at.elapsed() < WORKER_SETUP_FRESH);
+    if fresh {
+        return Ok(());
+    }
     let params = PatchParams::apply(MANAGER).force();
     Api::<ServiceAccount>::namespaced(ctx.client.clone(), namespace)
         .patch(
@@ -920,6 +931,7 @@ async fn ensure_worker_setup(ctx: &Context, namespace: &str) -> Result<(), Contr
             )
             .await?;
     }
+    lock(&ctx.worker_setup).insert(namespace.to_owned(), std::time::Instant::now());
     Ok(())
 }
 

@@ -175,6 +175,10 @@ pub struct Context {
     pub planned: std::sync::Mutex<std::collections::HashMap<String, image_group::Planned>>,
     /// Which groups may start worker Jobs now (the leader's).
     pub scheduler: scheduler::Scheduler,
+    /// When this replica last applied each namespace's worker ServiceAccount and catalog
+    /// ConfigMap: a Job start within [`image_group::WORKER_SETUP_FRESH`] of it skips the two
+    /// writes (forgotten whenever the tenant set changes: a tenant that goes loses them).
+    pub worker_setup: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// The namespaces the controller works in (the leader keeps it current).
     pub tenants: Tenants,
 }
@@ -274,6 +278,7 @@ fn context(
         status_written: std::sync::Mutex::default(),
         planned: std::sync::Mutex::default(),
         scheduler: scheduler::Scheduler::new(config.job_caps, config.metrics.clone()),
+        worker_setup: std::sync::Mutex::default(),
         tenants: Tenants::default(),
         config,
     }))
@@ -297,12 +302,14 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     // them again whenever the tenant set changes.
     let (tenants_listed, mut tenants_ready) = tokio::sync::watch::channel(false);
     let tenant_changes = wake_all_tx.clone();
+    let setup_ctx = ctx.clone();
     let tenancy = crate::tenancy::run(
         client.clone(),
         ctx.config.tenancy.clone(),
         ctx.tenants.clone(),
         tenants_listed,
         move || {
+            crate::sync::lock(&setup_ctx.worker_setup).clear();
             let _ = tenant_changes.unbounded_send(());
         },
     );
