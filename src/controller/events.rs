@@ -13,9 +13,9 @@ use sha2::{Digest, Sha256};
 
 use super::{Context, ControllerError};
 use crate::crd::{
-    ConditionStatus, EndpointDeliveries, EndpointHealth, FailedDelivery, ImageEntry, ImageGroup,
-    ImageGroupStatus, MAX_RECENT_FAILURES, REPLAY_ANNOTATION, ReplayRequest, SecretKeyRef,
-    WebhookSubscription, set_condition,
+    ConditionStatus, EndpointDeliveries, EndpointHealth, FailedDelivery, GroupPhase, ImageEntry,
+    ImageGroup, ImageGroupStatus, MAX_RECENT_FAILURES, REPLAY_ANNOTATION, ReplayRequest,
+    SecretKeyRef, WebhookSubscription, set_condition,
 };
 use crate::delivery::{
     Delivery, DeliveryState, DraftEvent, EventBodies, EventLedger, EventPlanner,
@@ -596,9 +596,13 @@ pub fn set_delivery_counts(
     let pending = total(true, None);
     let failed = total(false, Some(DeliveryState::Failed));
     let delivered = total(false, Some(DeliveryState::Delivered));
+    // Settled only once no event is left to come: while images are processed, more
+    // events follow, and a condition flipping True and back between results would be
+    // wrong for `kubectl wait` and force a status write each time.
+    let done = status.phase == GroupPhase::Completed;
     let (state, reason) = match (pending, failed) {
-        (0, 0) => (ConditionStatus::True, "AllDelivered"),
-        (0, _) => (ConditionStatus::True, "SomeFailed"),
+        (0, 0) if done => (ConditionStatus::True, "AllDelivered"),
+        (0, _) if done => (ConditionStatus::True, "SomeFailed"),
         _ => (ConditionStatus::False, "Delivering"),
     };
     let message = format!("{delivered} delivered, {pending} pending, {failed} failed");
@@ -934,6 +938,60 @@ mod tests {
             now,
         );
         assert_eq!(deliveries, recorded);
+    }
+
+    #[test]
+    fn webhooks_are_delivered_only_once_no_event_is_left_to_come() {
+        let now = jiff::Timestamp::now();
+        let count = |state, count| DeliveryCount {
+            endpoint: "request".into(),
+            state,
+            count,
+        };
+        let condition = |status: &ImageGroupStatus| {
+            let c = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "WebhooksDelivered")
+                .expect("condition");
+            (c.status.clone(), c.reason.clone())
+        };
+        // Images still processed: every event so far sent, but more come.
+        let mut status = ImageGroupStatus {
+            phase: GroupPhase::Running,
+            ..ImageGroupStatus::default()
+        };
+        set_delivery_counts(
+            &mut status,
+            &[count(DeliveryState::Delivered, 5)],
+            &[],
+            1,
+            now,
+        );
+        assert_eq!(condition(&status), ("False".into(), "Delivering".into()));
+        status.phase = GroupPhase::Completed;
+        set_delivery_counts(
+            &mut status,
+            &[count(DeliveryState::Pending, 1)],
+            &[],
+            1,
+            now,
+        );
+        assert_eq!(condition(&status), ("False".into(), "Delivering".into()));
+        set_delivery_counts(
+            &mut status,
+            &[count(DeliveryState::Delivered, 6)],
+            &[],
+            1,
+            now,
+        );
+        assert_eq!(condition(&status), ("True".into(), "AllDelivered".into()));
+        let settled = [
+            count(DeliveryState::Delivered, 5),
+            count(DeliveryState::Failed, 1),
+        ];
+        set_delivery_counts(&mut status, &settled, &[], 1, now);
+        assert_eq!(condition(&status), ("True".into(), "SomeFailed".into()));
     }
 
     #[test]
