@@ -1,17 +1,19 @@
 //! Least privilege as a tenant and an operator see it, on the real control plane: signing
 //! Secrets must be marked for kinsight, nothing runs in a namespace that is not a tenant,
-//! and credentials in URLs stay out of Events. (The RBAC itself: tests/helm_chart.rs.)
+//! and credentials in URLs stay out of Events and the controller's log. (The RBAC itself:
+//! tests/helm_chart.rs.)
 
 mod common;
 
 crate::real_node_tests!(
     a_subscription_naming_an_unmarked_secret_is_refused_until_the_secret_is_marked,
     a_group_outside_the_tenants_waits_until_its_namespace_becomes_one,
-    tokens_in_webhook_urls_are_redacted_in_events,
+    tokens_in_webhook_urls_are_redacted_in_events_and_logs,
     subscription_headers_come_from_a_marked_secret,
     a_second_installation_leaves_the_first_ones_tenants_and_groups_alone
 );
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Harness, eventually};
@@ -172,7 +174,32 @@ async fn a_group_outside_the_tenants_waits_until_its_namespace_becomes_one() {
     .await;
 }
 
-async fn tokens_in_webhook_urls_are_redacted_in_events() {
+/// Everything this process logs from now on (the harness runs the controller in it), at
+/// debug for kinsight, as an operator raising `RUST_LOG` would see it.
+fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Arc::new(Mutex::new(Vec::new()));
+    let writer = buffer.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("info,kinsight=debug,kube=warn,tower=warn")
+        .with_ansi(false)
+        .with_writer(move || Capture(writer.clone()))
+        .try_init()
+        .expect("the only log subscriber of this test binary");
+    buffer
+}
+
+async fn tokens_in_webhook_urls_are_redacted_in_events_and_logs() {
+    let logs = capture_logs();
     let h = Harness::start_configured("lp-redact", |c| {
         c.circuit = CircuitConfig {
             failure_threshold: 1,
@@ -213,6 +240,24 @@ async fn tokens_in_webhook_urls_are_redacted_in_events() {
         !note.contains("SECRET123") && !note.contains("pa55"),
         "{note}"
     );
+    // The controller's log line for the same change names the endpoint redacted too, and
+    // nothing it logged (attempts, retries, reconciles) carries the credentials.
+    let text = || String::from_utf8_lossy(&logs.lock().expect("log buffer")).into_owned();
+    eventually("the health change in the log", LIMIT, async || {
+        text()
+            .lines()
+            .any(|l| l.contains("webhook endpoint health changed") && l.contains("token=redacted"))
+    })
+    .await;
+    let text = text();
+    assert!(
+        text.contains("webhook attempt failed"),
+        "the failed attempts are logged"
+    );
+    for secret in ["SECRET123", "pa55"] {
+        let leaks: Vec<&str> = text.lines().filter(|l| l.contains(secret)).collect();
+        assert!(leaks.is_empty(), "{secret} in the log: {leaks:#?}");
+    }
 }
 
 async fn subscription_headers_come_from_a_marked_secret() {
