@@ -14,7 +14,7 @@ use kinsight::delivery::{Attempt, Delivery, DeliveryState, DraftEvent, EventLedg
 use kinsight::inference::{ClassScore, ModelOutput};
 use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
 use kinsight::store::{
-    Claimed, Outcomes, Plan, RESULTS_CHANNEL, Settled, Stop, Store, StoreNotice,
+    ALL_STORED, Claimed, Outcomes, Plan, RESULTS_CHANNEL, Settled, Stop, Store, StoreNotice,
 };
 
 fn group(uid: &str) -> GroupRef {
@@ -159,6 +159,74 @@ async fn a_write_wakes_listeners_and_a_restart_of_the_database_is_survived() {
     }
     assert!(stored, "writes succeed again after the restart");
     assert_eq!(store.group_results(&g).await.expect("read").len(), 2);
+}
+
+/// [`EveryResult`]'s events for a group of `.0` images.
+struct GroupOf(usize);
+
+impl EventPlanner for GroupOf {
+    fn image_events(&self, stored: &[ImageResult], ledger: &EventLedger) -> Vec<DraftEvent> {
+        EveryResult.image_events(stored, ledger)
+    }
+
+    fn images_total(&self) -> usize {
+        self.0
+    }
+
+    fn body(
+        &self,
+        event: &DraftEvent,
+        stored: &ImageResult,
+        sequence: u64,
+        now: jiff::Timestamp,
+    ) -> Option<serde_json::Value> {
+        EveryResult.body(event, stored, sequence, now)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_that_stores_a_groups_last_image_says_so_once() {
+    let (_postgres, store, _dir) = database().await;
+    let mut notices = Box::pin(kinsight::store::listen(
+        store.url().to_owned(),
+        &[RESULTS_CHANNEL],
+    ));
+    assert_eq!(next(&mut notices).await, StoreNotice::Connected);
+    let g = group("n1");
+    let three = GroupOf(3);
+    let plain = StoreNotice::Notification {
+        channel: RESULTS_CHANNEL.into(),
+        payload: "tenant-a/grp-n1".into(),
+    };
+    // Two of three images, then the first again (nothing new): not all stored.
+    for batch in [
+        vec![classified("a", "m", "x"), classified("b", "m", "y")],
+        vec![classified("a", "m", "x")],
+    ] {
+        store
+            .store_results(&g, 1, &batch, Some(&three))
+            .await
+            .expect("stored");
+        assert_eq!(next(&mut notices).await, plain);
+    }
+    // The third image: this write says the group's results are all stored ...
+    store
+        .store_results(&g, 1, &[classified("c", "m", "z")], Some(&three))
+        .await
+        .expect("stored");
+    assert_eq!(
+        next(&mut notices).await,
+        StoreNotice::Notification {
+            channel: RESULTS_CHANNEL.into(),
+            payload: format!("tenant-a/grp-n1{ALL_STORED}"),
+        }
+    );
+    // ... and a later write of the same image (a model added) does not say it again.
+    store
+        .store_results(&g, 1, &[classified("c", "m2", "w")], Some(&three))
+        .await
+        .expect("stored");
+    assert_eq!(next(&mut notices).await, plain);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -764,6 +832,11 @@ impl EventPlanner for EveryResult {
                 result: index,
             })
             .collect()
+    }
+
+    /// Never all stored: the tests using it look at events, not at completion.
+    fn images_total(&self) -> usize {
+        usize::MAX
     }
 
     fn body(

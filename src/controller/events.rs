@@ -359,6 +359,10 @@ impl ImageEvents {
 }
 
 impl EventPlanner for ImageEvents {
+    fn images_total(&self) -> usize {
+        self.group.spec.images.len()
+    }
+
     fn image_events(&self, stored: &[ImageResult], ledger: &EventLedger) -> Vec<DraftEvent> {
         let endpoints = match Vec::<Endpoint>::deserialize(&ledger.endpoints) {
             Ok(endpoints) => endpoints,

@@ -44,7 +44,7 @@ use kube::{Api, Client, ResourceExt};
 use crate::crd::{GroupPhase, ImageGroup, WebhookSubscription};
 use crate::net::{EgressGuard, EgressPolicy};
 use crate::shutdown::Shutdown;
-use crate::store::{GROUPS_CHANNEL, RESULTS_CHANNEL, Store, StoreNotice};
+use crate::store::{ALL_STORED, GROUPS_CHANNEL, RESULTS_CHANNEL, Store, StoreNotice};
 use crate::tenancy::{TenancyConfig, Tenants};
 use crate::webhook::{CircuitConfig, Circuits, RetrySchedule, Sender, SenderConfig};
 
@@ -329,6 +329,11 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
                     None
                 }
                 StoreNotice::Notification { channel, payload } => {
+                    // The group's last results: looked at now, not at the window's end.
+                    let (payload, all_stored) = match payload.strip_suffix(ALL_STORED) {
+                        Some(key) => (key, channel == RESULTS_CHANNEL),
+                        None => (payload.as_str(), false),
+                    };
                     let (namespace, name) = payload.split_once('/')?;
                     let group = ObjectRef::<ImageGroup>::new(name).within(namespace);
                     let completed = || {
@@ -338,7 +343,7 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
                                 .is_some_and(|s| s.phase == GroupPhase::Completed)
                         })
                     };
-                    if channel == RESULTS_CHANNEL || !completed() {
+                    if !all_stored && (channel == RESULTS_CHANNEL || !completed()) {
                         let _ = later_tx.unbounded_send(group);
                         return None;
                     }

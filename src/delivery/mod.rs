@@ -154,6 +154,10 @@ pub trait EventPlanner: Sync {
         ledger: &EventLedger,
     ) -> Vec<DraftEvent>;
 
+    /// Images in the group's spec: the write that brings its stored results to this many
+    /// says so to the controller (see `crate::store::ALL_STORED`).
+    fn images_total(&self) -> usize;
+
     /// The body of `event`, numbered `sequence` and recorded at `now`.
     fn body(
         &self,

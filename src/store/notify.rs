@@ -15,8 +15,13 @@ use tokio_postgres::AsyncMessage;
 /// payload is `namespace/name` of the group.
 pub const GROUPS_CHANNEL: &str = "kinsight_groups";
 /// Results of a group were stored (with their image events); the payload is
-/// `namespace/name` of the group.
+/// `namespace/name` of the group, followed by [`ALL_STORED`] when that write stored the
+/// last of its images' first results.
 pub const RESULTS_CHANNEL: &str = "kinsight_results";
+/// The mark after a [`RESULTS_CHANNEL`] payload whose write completed the group's results:
+/// the controller looks at it at once (completion, its group event, its Job's slot) instead
+/// of with the next coalesced wake-up. A space: names of Kubernetes objects have none.
+pub const ALL_STORED: &str = " all-stored";
 /// Deliveries became due (planned or replayed); no payload.
 pub const DISPATCH_CHANNEL: &str = "kinsight_dispatch";
 

@@ -7,7 +7,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 
 use super::deliveries::{insert_bodies, insert_deliveries};
-use super::notify::{DISPATCH_CHANNEL, RESULTS_CHANNEL};
+use super::notify::{ALL_STORED, DISPATCH_CHANNEL, RESULTS_CHANNEL};
 use super::{Store, StoreError, record_group};
 use crate::delivery::{Delivery, DraftEvent, EventBodies, EventLedger, EventPlanner};
 use crate::results::{GroupRef, ImageFailure, ImageResult, ModelResult, Timings};
@@ -108,7 +108,21 @@ impl Store {
             let drafts = planner.image_events(&stored, &ledger);
             planned = record_drafts(&tx, group, planner, &stored, &drafts, last).await?;
         }
-        let key = format!("{}/{}", group.namespace, group.name);
+        let mut key = format!("{}/{}", group.namespace, group.name);
+        // A write that stored new images may have stored the group's last: counted in the
+        // same transaction, so exactly one write says so.
+        if let (Some(planner), true) = (planner, first > 0) {
+            let stored: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM image_results WHERE group_uid = $1",
+                    &[&group.uid],
+                )
+                .await?
+                .try_get(0)?;
+            if usize::try_from(stored).is_ok_and(|n| n >= planner.images_total()) {
+                key.push_str(ALL_STORED);
+            }
+        }
         tx.execute("SELECT pg_notify($1, $2)", &[&RESULTS_CHANNEL, &key])
             .await?;
         if planned > 0 {
