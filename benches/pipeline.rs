@@ -13,7 +13,8 @@
 //! each group's POST to each of its image events (p50/p90/p99/max), the time to the last
 //! `image_group.completed`, and duplicates (receipts of a `webhook-id` already received).
 //!
-//! Settings (environment): `GROUP_COUNT` (20; not `GROUPS`, which bash keeps for itself), `IMAGES` per group (1000, at most 1000), `KEEP_LOG` (a path to copy `kinsight dev`'s log to; the workers' logs go to `{KEEP_LOG}.pods/`),
+//! Settings (environment): `GROUP_COUNT` (20; not `GROUPS`, which bash keeps for itself), `IMAGES` per group (1000, at most 1000), `POST_EVERY_MS` (0: every group at once, back to back; else
+//! one group every so many ms, an open-loop load whose latency is not a backlog's), `KEEP_LOG` (a path to copy `kinsight dev`'s log to; the workers' logs go to `{KEEP_LOG}.pods/`),
 //! `MAX_SECS` for the measured part (900), `DEV_ARGS` (more arguments for `kinsight dev`, e.g.
 //! `--worker-cpu 500m --max-worker-jobs-per-namespace 4`), `KINSIGHT_BIN` (the `kinsight` binary of this
 //! build), `ORT_DYLIB_PATH` (else `./.venv`'s ONNX Runtime).
@@ -179,6 +180,8 @@ fn main() {
 
 async fn run() {
     let groups: usize = setting("GROUP_COUNT", 20);
+    let post_every = Some(Duration::from_millis(setting("POST_EVERY_MS", 0_u64)))
+        .filter(|every| !every.is_zero());
     let images: usize = setting("IMAGES", 1000).min(1000);
     let max = Duration::from_secs(setting("MAX_SECS", 900));
     let binary = std::env::var("KINSIGHT_BIN")
@@ -276,6 +279,11 @@ async fn run() {
     let mut posted: HashMap<String, Instant> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
     for g in 0..groups {
+        // Paced (open loop): group g goes at g x POST_EVERY_MS, whatever came back before,
+        // so the latency is the pipeline's at that offered load, not a backlog's wait.
+        if let Some(due) = post_every.map(|every| started + every * g as u32) {
+            tokio::time::sleep_until(due.into()).await;
+        }
         let list: Vec<_> = (0..images)
             .map(|i| json!({ "id": format!("i{i}"), "url": format!("{photo_host}/img/g{g}-{i}.png") }))
             .collect();
@@ -355,6 +363,13 @@ async fn run() {
     );
     println!("| image events/s (first POST -> last image event) | {rate:.1} |");
     println!("| posting the {groups} groups took | {} |", ms(posting));
+    if let Some(every) = post_every {
+        println!(
+            "| offered load (one group every {}) | {:.1} image events/s |",
+            ms(every),
+            images as f64 / every.as_secs_f64()
+        );
+    }
     println!(
         "| latency POST -> event p50 | {} |",
         ms(percentile(&latencies, 50.0))
