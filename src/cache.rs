@@ -60,6 +60,22 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> Cache<K, V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
+        self.try_get_or_refresh(key, fresh, |_| load()).await
+    }
+
+    /// As [`Cache::try_get_or_load`], but `load` is given the value held, if any, when it
+    /// is no longer fresh: it may confirm it with a cheaper question than a whole read
+    /// (and hand it back, to serve anew) or load another.
+    pub(crate) async fn try_get_or_refresh<E, F, Fut>(
+        &self,
+        key: &K,
+        fresh: impl Fn(&(Instant, V)) -> bool,
+        load: F,
+    ) -> Result<V, E>
+    where
+        F: FnOnce(Option<V>) -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
         let slot = {
             let mut entries = crate::sync::lock(&self.entries);
             if entries.len() > MAX_KEYS {
@@ -71,7 +87,7 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> Cache<K, V> {
         if let Some(entry) = slot.as_ref().filter(|e| fresh(e)) {
             return Ok(entry.1.clone());
         }
-        let value = load().await?;
+        let value = load(slot.as_ref().map(|(_, held)| held.clone())).await?;
         *slot = Some((Instant::now(), value.clone()));
         Ok(value)
     }
@@ -121,5 +137,41 @@ mod tests {
         // Not fresh: loaded again.
         let again = cache.get_or_load(&"k", |_| false, || async { 2 }).await;
         assert_eq!(again, 2);
+    }
+
+    #[tokio::test]
+    async fn a_refresh_sees_the_value_held_and_a_failed_one_keeps_it() {
+        let cache: Cache<&str, usize> = Cache::default();
+        let first: Result<usize, &str> = cache
+            .try_get_or_refresh(
+                &"k",
+                |_| false,
+                |held| async move {
+                    assert_eq!(held, None, "nothing held yet");
+                    Ok(1)
+                },
+            )
+            .await;
+        assert_eq!(first, Ok(1));
+        let confirmed: Result<usize, &str> = cache
+            .try_get_or_refresh(
+                &"k",
+                |_| false,
+                |held| async move { held.ok_or("the value held was not offered") },
+            )
+            .await;
+        assert_eq!(confirmed, Ok(1), "the held value, confirmed, serves anew");
+        let failed: Result<usize, &str> = cache
+            .try_get_or_refresh(&"k", |_| false, |_| async { Err("gone") })
+            .await;
+        assert_eq!(failed, Err("gone"));
+        let held: Result<usize, &str> = cache
+            .try_get_or_refresh(&"k", |_| true, |_| async { Ok(9) })
+            .await;
+        assert_eq!(
+            held,
+            Ok(1),
+            "a failed refresh left the value held as it was"
+        );
     }
 }

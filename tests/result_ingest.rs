@@ -13,9 +13,10 @@ use common::Harness;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kinsight::controller::WORKER_ACCOUNT;
+use kinsight::crd::ImageGroup;
 use kinsight::results::{INGEST_PATH, ImageResult};
 use kube::Api;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use serde_json::json;
 
 /// A token of ServiceAccount `namespace/name` (made if missing), as a kubelet would mount.
@@ -134,7 +135,7 @@ async fn only_the_namespaces_worker_stores_results_of_its_groups() {
     let (status, text) = send(Some(&worker), batch(ours.clone(), vec![result("b")])).await;
     assert_eq!(status, 204, "{text}");
     // The same batch again (a worker retrying after a lost answer) changes nothing.
-    let (status, text) = send(Some(&worker), batch(ours, vec![result("b")])).await;
+    let (status, text) = send(Some(&worker), batch(ours.clone(), vec![result("b")])).await;
     assert_eq!(status, 204, "{text}");
     // The group was just read for those batches: another namespace's worker naming its
     // uid under its own namespace still finds no such group there.
@@ -150,4 +151,30 @@ async fn only_the_namespaces_worker_stores_results_of_its_groups() {
         stored.failure.map(|f| f.reason).as_deref(),
         Some("DownloadFailed")
     );
+
+    // Past the read's time to live (2 s) the group held is confirmed (a metadata read),
+    // and batches still land; once the group is deleted, within that time they are refused.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let (status, text) = send(Some(&worker), batch(ours.clone(), vec![result("b")])).await;
+    assert_eq!(
+        status, 204,
+        "the group confirmed after its time to live: {text}"
+    );
+    let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+    groups
+        .delete(&group.name, &DeleteParams::default())
+        .await
+        .expect("the group deleted");
+    common::eventually(
+        "the group gone",
+        Duration::from_secs(30),
+        async || match groups.get_opt(&group.name).await {
+            Ok(None) => Some(()),
+            _ => None,
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let (status, text) = send(Some(&worker), batch(ours, vec![result("b")])).await;
+    assert_eq!(status, 410, "a deleted group's batch: {text}");
 }
