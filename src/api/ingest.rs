@@ -79,22 +79,22 @@ impl GroupReads {
     ) -> Result<Arc<ImageEvents>, ApiError> {
         let uid = &batch.group.uid;
         // Only the group of the batch's namespace and name (the caller is that namespace's
-        // worker) with this uid: the same check as the read's.
-        let fresh = |(at, events): &(Instant, Arc<ImageEvents>)| {
+        // worker) with this uid, the same check as the read's, of the batch's generation
+        // or newer.
+        let serves = |events: &ImageEvents| {
             let group = events.group();
-            at.elapsed() < GROUP_TTL
-                && group.metadata.generation.unwrap_or(1) >= batch.generation
+            group.metadata.generation.unwrap_or(1) >= batch.generation
                 && group.namespace().as_deref() == Some(batch.group.namespace.as_str())
                 && group.metadata.name.as_deref() == Some(batch.group.name.as_str())
         };
+        let fresh =
+            |(at, events): &(Instant, Arc<ImageEvents>)| at.elapsed() < GROUP_TTL && serves(events);
         let read = |held: Option<Arc<ImageEvents>>| async move {
             let groups: Api<ImageGroup> = Api::namespaced(client.clone(), &batch.group.namespace);
             // The spec, all the events are made of, changes only with the generation: a
             // metadata read (about 1 KiB) confirms the group held, where a whole read of
             // 1000 images' spec is 55 KiB for the API server to encode every TTL.
-            if let Some(held) =
-                held.filter(|h| h.group().metadata.generation.unwrap_or(1) >= batch.generation)
-            {
+            if let Some(held) = held.filter(|h| serves(h)) {
                 let current = groups.get_metadata_opt(&batch.group.name).await?;
                 let current = the_one(current, uid, &batch.group.name)?;
                 if current.metadata.generation == held.group().metadata.generation {

@@ -960,42 +960,37 @@ mod tests {
                 .expect("condition");
             (c.status.clone(), c.reason.clone())
         };
+        let settle = |status: &mut ImageGroupStatus, counts: &[DeliveryCount]| {
+            set_delivery_counts(status, counts, &[], 1, now);
+            condition(status)
+        };
         // Images still processed: every event so far sent, but more come.
         let mut status = ImageGroupStatus {
             phase: GroupPhase::Running,
             ..ImageGroupStatus::default()
         };
-        set_delivery_counts(
-            &mut status,
-            &[count(DeliveryState::Delivered, 5)],
-            &[],
-            1,
-            now,
+        let delivering = ("False".to_owned(), "Delivering".to_owned());
+        assert_eq!(
+            settle(&mut status, &[count(DeliveryState::Delivered, 5)]),
+            delivering
         );
-        assert_eq!(condition(&status), ("False".into(), "Delivering".into()));
         status.phase = GroupPhase::Completed;
-        set_delivery_counts(
-            &mut status,
-            &[count(DeliveryState::Pending, 1)],
-            &[],
-            1,
-            now,
+        assert_eq!(
+            settle(&mut status, &[count(DeliveryState::Pending, 1)]),
+            delivering
         );
-        assert_eq!(condition(&status), ("False".into(), "Delivering".into()));
-        set_delivery_counts(
-            &mut status,
-            &[count(DeliveryState::Delivered, 6)],
-            &[],
-            1,
-            now,
+        assert_eq!(
+            settle(&mut status, &[count(DeliveryState::Delivered, 6)]),
+            ("True".into(), "AllDelivered".into())
         );
-        assert_eq!(condition(&status), ("True".into(), "AllDelivered".into()));
         let settled = [
             count(DeliveryState::Delivered, 5),
             count(DeliveryState::Failed, 1),
         ];
-        set_delivery_counts(&mut status, &settled, &[], 1, now);
-        assert_eq!(condition(&status), ("True".into(), "SomeFailed".into()));
+        assert_eq!(
+            settle(&mut status, &settled),
+            ("True".into(), "SomeFailed".into())
+        );
     }
 
     #[test]

@@ -110,7 +110,9 @@ impl Store {
         }
         let mut key = format!("{}/{}", group.namespace, group.name);
         // A write that stored new images may have stored the group's last: counted in the
-        // same transaction, so exactly one write says so.
+        // same transaction. Two writes committing at the same moment may each miss the
+        // other's rows (read committed), and then neither says so: the controller's
+        // coalesced wake-up for every write finds the group complete within a second.
         if let (Some(planner), true) = (planner, first > 0) {
             let stored: i64 = tx
                 .query_one(
