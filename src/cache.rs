@@ -1,19 +1,33 @@
 //! A cache whose misses load once: callers asking for a key while it loads wait for that
 //! load rather than each making their own (the 500 deliveries of one claim would otherwise
 //! read their group's signing secret 500 times at once; a worker's uploads, their group).
+//! Keys not asked for a while are forgotten: a value may be large (a 10,000-image group
+//! is about 550 KiB) and groups come and go.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
 /// Keys remembered at most: past it, all are forgotten (the next asks load again).
 const MAX_KEYS: usize = 10_000;
 
+/// A key not asked for this long is forgotten (looked for at most once per this long).
+const IDLE: Duration = Duration::from_secs(120);
+
 pub(crate) struct Cache<K, V> {
-    entries: Mutex<HashMap<K, Slot<V>>>,
+    entries: Mutex<Entries<K, V>>,
+    idle: Duration,
+}
+
+struct Entries<K, V> {
+    /// Each key's slot and when it was last asked for.
+    slots: HashMap<K, (Instant, Slot<V>)>,
+    /// When idle keys were last looked for.
+    swept: Instant,
 }
 
 /// One key's value and when it was loaded; locked while it loads.
@@ -21,8 +35,18 @@ type Slot<V> = Arc<tokio::sync::Mutex<Option<(Instant, V)>>>;
 
 impl<K, V> Default for Cache<K, V> {
     fn default() -> Self {
+        Self::forgetting_after(IDLE)
+    }
+}
+
+impl<K, V> Cache<K, V> {
+    fn forgetting_after(idle: Duration) -> Self {
         Self {
-            entries: Mutex::default(),
+            entries: Mutex::new(Entries {
+                slots: HashMap::new(),
+                swept: Instant::now(),
+            }),
+            idle,
         }
     }
 }
@@ -78,10 +102,23 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> Cache<K, V> {
     {
         let slot = {
             let mut entries = crate::sync::lock(&self.entries);
-            if entries.len() > MAX_KEYS {
-                entries.clear();
+            let now = Instant::now();
+            if now.duration_since(entries.swept) >= self.idle {
+                entries.swept = now;
+                // A slot still loading was asked for moments ago, so it stays.
+                entries
+                    .slots
+                    .retain(|_, (asked, _)| now.duration_since(*asked) < self.idle);
             }
-            entries.entry(key.clone()).or_default().clone()
+            if entries.slots.len() > MAX_KEYS {
+                entries.slots.clear();
+            }
+            let (asked, slot) = entries
+                .slots
+                .entry(key.clone())
+                .or_insert_with(|| (now, Slot::default()));
+            *asked = now;
+            slot.clone()
         };
         let mut slot = slot.lock().await;
         if let Some(entry) = slot.as_ref().filter(|e| fresh(e)) {
@@ -137,6 +174,29 @@ mod tests {
         // Not fresh: loaded again.
         let again = cache.get_or_load(&"k", |_| false, || async { 2 }).await;
         assert_eq!(again, 2);
+    }
+
+    #[tokio::test]
+    async fn keys_not_asked_for_a_while_are_forgotten_and_others_kept() {
+        let idle = std::time::Duration::from_secs(1);
+        let cache: Cache<&str, usize> = Cache::forgetting_after(idle);
+        let loads = AtomicUsize::new(0);
+        let ask = |key| {
+            cache.get_or_load(
+                key,
+                |_| true,
+                || async { loads.fetch_add(1, Ordering::SeqCst) + 1 },
+            )
+        };
+        assert_eq!(ask(&"idle").await, 1);
+        assert_eq!(ask(&"busy").await, 2);
+        for _ in 0..5 {
+            tokio::time::sleep(idle / 4).await;
+            assert_eq!(ask(&"busy").await, 2, "asked for often: kept");
+        }
+        let held = cache.entries.lock().map(|e| e.slots.len()).ok();
+        assert_eq!(held, Some(1), "only the key asked for lately is held");
+        assert_eq!(ask(&"idle").await, 3, "not asked for a while: loaded again");
     }
 
     #[tokio::test]

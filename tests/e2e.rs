@@ -1248,10 +1248,12 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
     }))
     .expect("group");
     let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
-    groups
+    let created = groups
         .create(&PostParams::default(), &group)
         .await
         .expect("create");
+    // Its uid now: its 3 s retention may delete it before the event below is judged.
+    let stored = common::group_ref(&created);
     let deadline = tokio::time::Instant::now() + LIMIT;
     // Judged once the unselected group is done, not while it might still be under way (and
     // before its 3 s retention can delete it; the subscription's event waits in the channel).
@@ -1291,7 +1293,6 @@ async fn subscriptions_receive_namespace_events_and_finished_groups_expire() {
 
     // After its retention the group is deleted, and the garbage collector takes its
     // results and Job with it (owner references).
-    let stored = common::group_ref(&groups.get(&group_id).await.expect("the group"));
     let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
     let selector = ListParams::default().labels(&format!("kinsight.io/group={group_id}"));
     // Three lists a round: every 500 ms, not the default interval.
