@@ -11,7 +11,7 @@ crate::real_node_tests!(a_database_restart_mid_delivery_loses_no_result_and_no_e
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Harness, of_type};
+use common::{Harness, eventually, of_type};
 use kinsight::crd::{GroupPhase, ImageGroup};
 use kube::Api;
 
@@ -59,12 +59,14 @@ async fn a_database_restart_mid_delivery_loses_no_result_and_no_event() {
     assert_eq!(of_type(&events, "image_group.completed").len(), 1);
 
     assert_eq!(h.stored_results(&group_id).await.len(), IMAGES);
-    let group = Api::<ImageGroup>::namespaced(h.client.clone(), &h.namespace)
-        .get(&group_id)
-        .await
-        .expect("group");
-    let status = group.status.expect("status");
-    assert_eq!(status.phase, GroupPhase::Completed);
+    // The group event is saved before the status that says Completed (the ledger first), so
+    // the dispatchers may send it a moment before that status is written.
+    let groups = Api::<ImageGroup>::namespaced(h.client.clone(), &h.namespace);
+    let status = eventually("the group's status says Completed", LIMIT, async || {
+        let status = groups.get(&group_id).await.expect("group").status?;
+        (status.phase == GroupPhase::Completed).then_some(status)
+    })
+    .await;
     assert_eq!(status.images_done as usize, IMAGES);
     assert_eq!(status.images_failed, 0, "{status:?}");
 }
