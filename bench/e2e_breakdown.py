@@ -16,6 +16,8 @@ and worker_ms, the phase totals of the worker's `worker finished` line (millisec
   processed       `worker started` -> last result out of the pipeline
   result_write    time spent sending results to the ingest (in the background)
   result_tail     last result out -> last batch stored
+and, with --cpu-samples (bench/cpu_sampler.py's lines), cpu_work_s: the CPU seconds each
+process used during the work stage (between the samples nearest its ends), busy included.
 """
 
 import argparse
@@ -45,6 +47,7 @@ def main():
     parser.add_argument("--stderr", required=True)
     parser.add_argument("--pod-logs", required=True, help="folder of the worker pods' logs")
     parser.add_argument("--images", type=int, required=True)
+    parser.add_argument("--cpu-samples", help="bench/cpu_sampler.py's output")
     args = parser.parse_args()
     out = open(args.stdout).read()
     match = re.search(r"^group completed in ([0-9.]+)s$", out, re.M)
@@ -80,13 +83,39 @@ def main():
         "work": finished - loaded,
         "delivery": completed - finished,
     }
-    print(json.dumps({
+    line = {
         "images": args.images,
         "seconds": seconds,
         "images_per_second": args.images / seconds,
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
         "worker_ms": worker_ms,
-    }))
+    }
+    if args.cpu_samples:
+        line["cpu_work_s"] = cpu_between(args.cpu_samples, loaded, finished)
+    print(json.dumps(line))
+
+
+def cpu_between(path, begin, end):
+    """CPU seconds per process name between the samples nearest `begin` and `end`; a
+    process born or gone in between counts from its first to its last sample."""
+    samples = [json.loads(l) for l in open(path) if l.strip()]
+    inside = [s for s in samples if begin <= s["t"] <= end]
+    if len(inside) < 2:
+        return {}
+    first, last = inside[0], inside[-1]
+    seen = {}
+    for sample in inside:
+        for pid, (name, used) in sample["procs"].items():
+            start = first["procs"][pid][1] if pid in first["procs"] else 0.0
+            seen[pid] = (name, used - start)
+    by_name = {}
+    for name, used in seen.values():
+        by_name[name] = by_name.get(name, 0.0) + used
+    out = {"window": round(last["t"] - first["t"], 2), "busy": round(last["busy"] - first["busy"], 2)}
+    for name, used in sorted(by_name.items(), key=lambda kv: -kv[1]):
+        if used >= 0.05:
+            out[name] = round(used, 2)
+    return out
 
 
 if __name__ == "__main__":

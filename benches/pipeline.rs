@@ -23,7 +23,9 @@ mod common;
 #[path = "../tests/common/dev_process.rs"]
 mod dev_process;
 
-use common::{Envelope, api_metrics, ms, percentile, print_api_requests};
+use common::{
+    Envelope, api_metrics, cpu_reading, ms, percentile, print_api_requests, print_cpu_use,
+};
 use dev_process::DevProcess;
 
 use std::collections::{HashMap, HashSet};
@@ -275,6 +277,7 @@ async fn run() {
         None => None,
     };
 
+    let cpu_before = cpu_reading();
     let started = Instant::now();
     let mut posted: HashMap<String, Instant> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
@@ -333,6 +336,7 @@ async fn run() {
         Some(client) => api_metrics(client).await,
         None => None,
     };
+    let (cpu_after, measured) = (cpu_reading(), started.elapsed());
     // A moment for duplicates (a retry of something already received) to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (log_path, pod_logs) = (dev.log.clone(), dev.state_dir.join("pod-logs"));
@@ -394,6 +398,9 @@ async fn run() {
     print_timeline(&r, &fetches, &order, &posted, started);
     if let (Some(before), Some(after)) = (api_before, api_after) {
         print_api_requests(&before, &after);
+    }
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        print_cpu_use(&before, &after, measured.as_secs_f64());
     }
     if let Ok(keep) = std::env::var("KEEP_LOG") {
         match std::fs::copy(&log_path, &keep) {

@@ -50,10 +50,14 @@ e2e() { # one group of every image through `kinsight demo`; prints the JSON line
   local state="$WORK/dev-state-$round" port log="$WORK/demo-$round.log"
   port="$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   # The group's one worker pod gets every core, as the (a) leg's process has them.
+  # Every process's CPU time, sampled twice a second: who shares the cores with the worker.
+  .venv/bin/python bench/cpu_sampler.py 0.5 >"$WORK/cpu-$round.jsonl" &
+  local sampler=$!
   "$KINSIGHT_BIN" demo --photos "$WORK/images" --timeout 900s --state-dir "$state" \
-    --listen "127.0.0.1:$port" --worker-cpu "$(nproc)" >"$log" 2>"$log.err" || { tail -n 20 "$log.err" >&2; return 1; }
+    --listen "127.0.0.1:$port" --worker-cpu "$(nproc)" >"$log" 2>"$log.err" || { kill "$sampler"; tail -n 20 "$log.err" >&2; return 1; }
+  kill "$sampler"; wait "$sampler" 2>/dev/null || true
   .venv/bin/python bench/e2e_breakdown.py --stdout "$log" --stderr "$log.err" \
-    --pod-logs "$state/pod-logs" --images "$COUNT"
+    --pod-logs "$state/pod-logs" --images "$COUNT" --cpu-samples "$WORK/cpu-$round.jsonl"
 }
 for round in $(seq 1 "$ROUNDS"); do
   if [ "${BENCH_E2E:-1}" != 0 ]; then run e e2e; fi
@@ -99,6 +103,11 @@ if "e" in best:
     if w:
         # The worker's own totals: download/decode/preprocess/inference summed over images.
         print("  (e) worker ms: " + ", ".join(f"{k} {v:.0f}" for k, v in w.items()))
+    cpu = dict(e_best.get("cpu_work_s") or {})
+    if cpu:
+        window, busy = cpu.pop("window"), cpu.pop("busy")
+        print(f"  (e) CPU s during the work stage ({window:.1f} s, {busy:.1f} CPU s busy): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in list(cpu.items())[:12]))
 failed = sum(r.get("failed", 0) for r in rows if r["leg"] == "a")
 if failed:
     print(f"  warning: {failed} images failed in (a)")

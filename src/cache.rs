@@ -87,6 +87,14 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> Cache<K, V> {
         self.try_get_or_refresh(key, fresh, |_| load()).await
     }
 
+    /// Holds `value` for `key` from now on, as if just loaded (a caller that already has
+    /// what a load would read).
+    pub(crate) async fn put(&self, key: &K, value: V) {
+        let Ok(_) = self
+            .try_get_or_refresh(key, |_| false, |_| async { Ok::<V, Infallible>(value) })
+            .await;
+    }
+
     /// As [`Cache::try_get_or_load`], but `load` is given the value held, if any, when it
     /// is no longer fresh: it may confirm it with a cheaper question than a whole read
     /// (and hand it back, to serve anew) or load another.
@@ -174,6 +182,18 @@ mod tests {
         // Not fresh: loaded again.
         let again = cache.get_or_load(&"k", |_| false, || async { 2 }).await;
         assert_eq!(again, 2);
+    }
+
+    #[tokio::test]
+    async fn a_value_put_is_served_without_a_load_and_replaces_the_one_held() {
+        let cache: Cache<&str, u32> = Cache::default();
+        let fresh = |_: &(Instant, u32)| true;
+        assert_eq!(cache.get_or_load(&"k", fresh, || async { 1 }).await, 1);
+        cache.put(&"k", 2).await;
+        cache.put(&"other", 3).await;
+        let never = || async { unreachable!("a value was put: no load") };
+        assert_eq!(cache.get_or_load(&"k", fresh, never).await, 2);
+        assert_eq!(cache.get_or_load(&"other", fresh, never).await, 3);
     }
 
     #[tokio::test]

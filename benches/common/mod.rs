@@ -138,3 +138,95 @@ pub fn print_api_requests(before: &ApiStats, after: &ApiStats) {
         );
     }
 }
+
+/// CPU seconds used so far: the machine's busy time, and each live process's by name.
+pub struct CpuReading {
+    busy: f64,
+    /// pid -> (name, CPU seconds).
+    processes: BTreeMap<u32, (String, f64)>,
+}
+
+/// Reads `/proc` (Linux): what a run's processes cost the cores, without a profiler.
+pub fn cpu_reading() -> Option<CpuReading> {
+    // Kernel clock ticks per second: 100 on every Linux this runs on (USER_HZ).
+    const TICKS: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+    let busy = fields
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, v)| v)
+        .sum::<f64>()
+        / TICKS;
+    let mut processes = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (text.find('('), text.rfind(')')) else {
+            continue;
+        };
+        let name = text[open + 1..close].to_owned();
+        let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line: 12 and 13 after the comm.
+        let (Some(user), Some(system)) = (
+            rest.get(11).and_then(|v| v.parse::<f64>().ok()),
+            rest.get(12).and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        processes.insert(pid, (name, (user + system) / TICKS));
+    }
+    Some(CpuReading { busy, processes })
+}
+
+/// Where the cores' time went between two readings, by process name (processes born
+/// since count whole; those gone since, such as worker pods, are the busy time left).
+pub fn print_cpu_use(before: &CpuReading, after: &CpuReading, seconds: f64) {
+    let mut by_name: BTreeMap<&str, f64> = BTreeMap::new();
+    for (pid, (name, used)) in &after.processes {
+        let earlier = before
+            .processes
+            .get(pid)
+            .filter(|(n, _)| n == name)
+            .map_or(0.0, |(_, u)| *u);
+        *by_name.entry(name.as_str()).or_default() += used - earlier;
+    }
+    let busy = after.busy - before.busy;
+    let live: f64 = by_name.values().sum();
+    let mut rows: Vec<(&str, f64)> = by_name.into_iter().filter(|(_, s)| *s >= 0.05).collect();
+    rows.push((
+        "(processes that ended: worker pods, ...)",
+        (busy - live).max(0.0),
+    ));
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!();
+    println!(
+        "CPU time during the measured part ({seconds:.1} s; {busy:.1} CPU s busy of {:.1}):",
+        seconds * std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+    );
+    println!("| process | CPU s | share of busy |");
+    println!("|---|---|---|");
+    for (name, used) in rows.iter().take(14) {
+        println!(
+            "| {name} | {used:.1} | {:.0}% |",
+            100.0 * used / busy.max(1e-9)
+        );
+    }
+}

@@ -505,6 +505,7 @@ async fn create(
         tracing::warn!(error = %e, id = %id, "recording an admitted group's uid");
     }
     tracing::info!(id = %id, namespace = %tenant.namespace, trace_id = %trace.span.trace_id_hex(), "image group created");
+    state.groups.prime(created).await;
     Ok(id)
 }
 

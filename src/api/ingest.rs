@@ -72,6 +72,15 @@ pub struct GroupReads {
 }
 
 impl GroupReads {
+    /// A group the API has just created, as the API server answered: its worker's first
+    /// batches need not read it again.
+    pub async fn prime(&self, group: ImageGroup) {
+        if let Some(uid) = group.uid() {
+            let events = Arc::new(ImageEvents::new(Arc::new(group)));
+            self.read.put(&uid, events).await;
+        }
+    }
+
     async fn planner(
         &self,
         client: &kube::Client,

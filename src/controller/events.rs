@@ -6,8 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::ListParams;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -87,11 +86,13 @@ impl Endpoint {
     }
 }
 
-/// The group's own webhook plus every valid subscription in its namespace.
+/// The group's own webhook plus every valid subscription in its namespace; `consistent`
+/// reads the subscriptions from the API server whatever the watch holds.
 pub async fn endpoints(
     ctx: &Context,
     group: &ImageGroup,
     namespace: &str,
+    consistent: bool,
 ) -> Result<Vec<Endpoint>, ControllerError> {
     let mut out = Vec::new();
     if let Some(target) = &group.spec.webhook {
@@ -109,8 +110,11 @@ pub async fn endpoints(
             object: group.object_ref(&()),
         });
     }
-    let subscriptions: Api<WebhookSubscription> = Api::namespaced(ctx.client.clone(), namespace);
-    for sub in subscriptions.list(&ListParams::default()).await? {
+    let subscriptions = ctx
+        .subscriptions
+        .in_namespace(&ctx.client, namespace, consistent)
+        .await?;
+    for sub in subscriptions {
         if sub.spec.validate().is_err() || !sub.spec.selects(group.labels()) {
             continue;
         }

@@ -119,6 +119,10 @@ pub const REQUEST_TTL: Duration = Duration::from_secs(300);
 /// A woken group asks within moments (its reconcile runs at once); one that has not after
 /// this long is passed over until it does.
 pub const ANSWER_WAIT: Duration = Duration::from_secs(30);
+/// A waiting group whose place alone moved is woken at most this often to tell it: in a
+/// backlog every slot that turns over moves every waiting group, and each wake is a
+/// reconcile (reads of the group, its results, its namespace) for a status line.
+pub const POSITION_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 struct Running {
@@ -134,8 +138,11 @@ struct Waiting {
     jobs: Vec<String>,
     images: usize,
     asked_at: Instant,
-    /// The position bucket last handed to the group (what its status says).
+    /// The position bucket last handed to the group (what its status says), and since when.
     shown: Option<PositionBucket>,
+    shown_at: Option<Instant>,
+    /// A wake for a moved place, held back until then ([`POSITION_EVERY`]).
+    wake_at: Option<Instant>,
     /// Woken (when) since it last asked: not again until it asks.
     woken: Option<Instant>,
 }
@@ -234,6 +241,8 @@ pub struct FairQueue {
     waiting: BTreeMap<Tenant, Vec<Waiting>>,
     /// The tenant served last.
     last_served: Option<Tenant>,
+    /// Wakes held back since [`FairQueue::take_held_back`] last took them.
+    held_back: Vec<(ObjectKey, Instant)>,
 }
 
 impl FairQueue {
@@ -247,6 +256,7 @@ impl FairQueue {
             synced: false,
             waiting: BTreeMap::new(),
             last_served: None,
+            held_back: Vec::new(),
         }
     }
 
@@ -373,7 +383,11 @@ impl FairQueue {
             None => {
                 let position = plan.positions.get(group).copied().unwrap_or(1);
                 if let Some(waiting) = self.waiting_mut(group) {
-                    waiting.shown = Some(PositionBucket::of(position));
+                    let bucket = Some(PositionBucket::of(position));
+                    if waiting.shown != bucket {
+                        waiting.shown = bucket;
+                        waiting.shown_at = Some(now);
+                    }
                 }
                 return Admission::Queued { position };
             }
@@ -419,6 +433,7 @@ impl FairQueue {
                 waiting.images = request.images;
                 waiting.asked_at = now;
                 waiting.woken = None;
+                waiting.wake_at = None;
             }
             None => queue.push(Waiting {
                 group: request.group,
@@ -426,7 +441,9 @@ impl FairQueue {
                 images: request.images,
                 asked_at: now,
                 shown: None,
+                shown_at: None,
                 woken: None,
+                wake_at: None,
             }),
         }
     }
@@ -442,8 +459,9 @@ impl FairQueue {
     }
 
     /// Waiting groups that should look again now: those that may start Jobs, and those
-    /// whose place in line moved to another bucket than their status shows. Each is named
-    /// once until it asks again.
+    /// whose place in line moved to another bucket than their status shows and was last
+    /// shown [`POSITION_EVERY`] ago (the others are held back: see
+    /// [`FairQueue::take_held_back`]). Each is named once until it asks again.
     pub fn groups_to_wake(&mut self, now: Instant) -> Vec<ObjectKey> {
         self.expire(now);
         if !self.synced {
@@ -460,12 +478,28 @@ impl FairQueue {
                     .get(&waiting.group)
                     .is_some_and(|&p| waiting.shown != Some(PositionBucket::of(p)))
             };
-            if plan.grants(&waiting.group) || moved() {
+            let told_lately = waiting
+                .shown_at
+                .is_some_and(|at| now.duration_since(at) < POSITION_EVERY);
+            if plan.grants(&waiting.group) || (moved() && !told_lately) {
                 waiting.woken = Some(now);
                 wake.push(waiting.group.clone());
+            } else if moved()
+                && waiting.wake_at.is_none()
+                && let Some(at) = waiting.shown_at
+            {
+                let due = at + POSITION_EVERY;
+                waiting.wake_at = Some(due);
+                self.held_back.push((waiting.group.clone(), due));
             }
         }
         wake
+    }
+
+    /// The wakes [`FairQueue::groups_to_wake`] held back since the last call, with when
+    /// each is due: the caller wakes them then (each is handed out once).
+    pub fn take_held_back(&mut self) -> Vec<(ObjectKey, Instant)> {
+        std::mem::take(&mut self.held_back)
     }
 
     /// How busy it is now: Jobs running by lane, groups waiting.
@@ -652,6 +686,15 @@ mod tests {
         queue
     }
 
+    /// A synced queue with these caps and no small-work lane.
+    fn capped(max_jobs: usize, max_jobs_per_tenant: usize) -> FairQueue {
+        synced(JobCaps {
+            max_jobs,
+            max_jobs_per_tenant,
+            ..JobCaps::OFF
+        })
+    }
+
     /// A group `name` of tenant `tenant` needing `jobs` Jobs for `images` images.
     fn ask(tenant: &str, name: &str, jobs: usize, images: usize) -> Request {
         Request {
@@ -769,12 +812,7 @@ mod tests {
 
     #[test]
     fn a_freed_slot_goes_to_the_tenant_with_fewest_running_and_turns_go_round() {
-        let caps = JobCaps {
-            max_jobs: 2,
-            max_jobs_per_tenant: 2,
-            ..JobCaps::OFF
-        };
-        let mut q = synced(caps);
+        let mut q = capped(2, 2);
         let now = Instant::now();
         for name in ["a1", "a2", "a3", "a4"] {
             q.admit(ask("a", name, 1, 60), now);
@@ -945,13 +983,30 @@ mod tests {
     }
 
     #[test]
+    fn a_group_held_back_for_its_place_is_woken_at_once_when_it_may_start() {
+        let mut q = capped(1, 1);
+        let now = Instant::now();
+        assert_eq!(started(&q.admit(ask("a", "a0", 1, 60), now)), 1);
+        for name in ["a1", "a2", "a3"] {
+            q.admit(ask("a", name, 1, 60), now);
+        }
+        let soon = now + Duration::from_secs(1);
+        finish(&mut q, "a", "a0-g1-0");
+        assert_eq!(q.groups_to_wake(soon), [ObjectKey::new("a", "a1")]);
+        assert_eq!(q.take_held_back().len(), 2, "a2 and a3 moved up");
+        assert_eq!(started(&q.admit(ask("a", "a1", 1, 60), soon)), 1);
+        // a1's Job ends before a2's held-back wake is due: a2 may start, and is woken now.
+        let sooner_than_due = now + Duration::from_secs(2);
+        finish(&mut q, "a", "a1-g1-0");
+        assert_eq!(
+            q.groups_to_wake(sooner_than_due),
+            [ObjectKey::new("a", "a2")]
+        );
+    }
+
+    #[test]
     fn a_waiting_group_is_woken_only_when_its_place_moves_to_another_bucket() {
-        let caps = JobCaps {
-            max_jobs: 1,
-            max_jobs_per_tenant: 1,
-            ..JobCaps::OFF
-        };
-        let mut q = synced(caps);
+        let mut q = capped(1, 1);
         let now = Instant::now();
         for k in 0..30 {
             q.admit(ask("a", &format!("a{k}"), 1, 60), now);
@@ -968,12 +1023,29 @@ mod tests {
             q.groups_to_wake(now).is_empty(),
             "every status tells its place"
         );
-        // a0 finishes, a1 may start: a1 is woken, and those whose bucket changed (the
-        // first five, and 6, 11 and 21 moving down); a29, now 27th, stays in 21-50.
+        // a0 finishes a second later, a1 may start: a1 is woken at once. Those whose bucket
+        // changed (the first five, and 6, 11 and 21 moving down; a29, now 27th, stays in
+        // 21-50) were told their place a second ago: their wakes are held back until that
+        // is POSITION_EVERY old.
         finish(&mut q, "a", "a0-g1-0");
-        let woken: Vec<String> = q.groups_to_wake(now).into_iter().map(|g| g.name).collect();
-        assert_eq!(woken, ["a1", "a2", "a3", "a4", "a5", "a6", "a11", "a21"]);
-        assert!(q.groups_to_wake(now).is_empty(), "named once until it asks");
+        let soon = now + Duration::from_secs(1);
+        let names = |groups: Vec<ObjectKey>| -> Vec<String> {
+            groups.into_iter().map(|g| g.name).collect()
+        };
+        assert_eq!(names(q.groups_to_wake(soon)), ["a1"]);
+        let moved = ["a2", "a3", "a4", "a5", "a6", "a11", "a21"];
+        let held = q.take_held_back();
+        assert!(held.iter().all(|(_, due)| *due == now + POSITION_EVERY));
+        assert_eq!(names(held.into_iter().map(|(g, _)| g).collect()), moved);
+        assert!(
+            q.groups_to_wake(soon).is_empty(),
+            "named once until it asks"
+        );
+        assert!(q.take_held_back().is_empty(), "held back once");
+        // Once due, the next look wakes them (a timer lost, or none armed, is no matter).
+        let due = now + POSITION_EVERY;
+        assert_eq!(names(q.groups_to_wake(due)), moved);
+        assert!(q.groups_to_wake(due).is_empty(), "named once until it asks");
         assert_eq!(PositionBucket::of(28), PositionBucket::of(29));
         assert_eq!(PositionBucket::of(29).to_string(), "21-50");
         assert_eq!(PositionBucket::of(3).to_string(), "3");

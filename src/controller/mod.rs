@@ -17,6 +17,7 @@ mod metrics;
 mod retention;
 mod scheduler;
 mod subscription;
+mod subscription_source;
 mod wake;
 
 pub use fair_queue::JobCaps;
@@ -181,6 +182,8 @@ pub struct Context {
     pub worker_setup: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// The namespaces the controller works in (the leader keeps it current).
     pub tenants: Tenants,
+    /// Each namespace's subscriptions, from the watch when it has caught up.
+    pub subscriptions: subscription_source::SubscriptionSource,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -280,6 +283,7 @@ fn context(
         scheduler: scheduler::Scheduler::new(config.job_caps, config.metrics.clone()),
         worker_setup: std::sync::Mutex::default(),
         tenants: Tenants::default(),
+        subscriptions: subscription_source::SubscriptionSource::default(),
         config,
     }))
 }
@@ -375,21 +379,32 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     // reconcile sees it) is forgotten here; deletions the watch missed while it was away
     // are found by the retention sweep.
     let (deleted_tx, deleted_rx) = futures::channel::mpsc::unbounded::<ImageGroup>();
+    let seen_ctx = ctx.clone();
     let group_changes = watcher(groups, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
-        .inspect(move |event| {
-            if let Ok(watcher::Event::Delete(group)) = event {
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(group)) => {
                 let _ = deleted_tx.unbounded_send(group.clone());
             }
+            Ok(watcher::Event::Apply(group) | watcher::Event::InitApply(group)) => {
+                image_group::note_seen(&seen_ctx, group);
+            }
+            _ => {}
         })
         .applied_objects()
         .predicate_filter(intent_of, PredicateConfig::default());
     let group_controller = Controller::for_stream(group_changes, cached.clone());
     // A subscription that changes (a corrected URL, new headers) or goes changes where the
     // events of the groups still delivering in its namespace go.
+    let changed_ctx = ctx.clone();
     let delivering_groups = move |sub: WebhookSubscription| {
         let namespace = sub.namespace();
+        // This watch may run ahead of the one whose store reconciles read: the groups it
+        // wakes ask the API server.
+        if let Some(namespace) = &namespace {
+            changed_ctx.subscriptions.changed(namespace);
+        }
         cached
             .state()
             .into_iter()
@@ -400,11 +415,14 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     // One watch of the worker Jobs: it counts them for the scheduler (nothing is admitted
     // before its first full listing) and wakes the group owning a Job that changed.
     let scheduler_ctx = ctx.clone();
+    let (jobs_cache, jobs_writer) = kube::runtime::reflector::store();
+    ctx.scheduler.watch_jobs_with(jobs_cache);
     let worker_jobs = watcher(
         watched::<Job>(&client, watch_namespace),
         watcher::Config::default().labels(scheduler::WORKER_JOB_SELECTOR),
     )
     .default_backoff()
+    .reflect(jobs_writer)
     .inspect(move |event| {
         if let Ok(event) = event {
             scheduler_ctx.scheduler.observe(event);
@@ -431,7 +449,10 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
             }
         });
     let ctx_for_deletions = ctx.clone();
-    let subscription_controller = Controller::new(subscriptions, watcher::Config::default())
+    let subscription_controller = Controller::new(subscriptions, watcher::Config::default());
+    ctx.subscriptions
+        .watch_with(subscription_controller.store());
+    let subscription_controller = subscription_controller
         .run(subscription::reconcile, subscription::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {

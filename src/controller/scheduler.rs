@@ -2,21 +2,22 @@
 //! worker Jobs, waking the groups that may start Jobs (or whose place in line moved) as soon
 //! as a Job ends. A tenant may hand its Jobs to Kueue instead ([`KUEUE_QUEUE_ANNOTATION`]).
 
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 
 use super::fair_queue::{Admission, FairQueue, JobCaps, Lane, ObjectKey, Request};
 use super::job::finished;
 use super::metrics::{LaneLabels, Metrics};
 use super::{Context, ControllerError};
+use crate::cache::Cache;
 use crate::crd::ImageGroup;
-use crate::sync::lock;
+use crate::sync::{lock, read, write};
 
 /// The Job label recording which slots a Job takes (`main` or `small`), so a restarted
 /// leader counts them as its predecessor did.
@@ -45,6 +46,10 @@ pub struct Scheduler {
     wake: UnboundedSender<ObjectRef<ImageGroup>>,
     /// Taken by the controller once: the groups to reconcile now.
     woken: Mutex<Option<UnboundedReceiver<ObjectRef<ImageGroup>>>>,
+    /// Each tenant's Kueue queue as last read (a waiting group asks at every look).
+    kueue_queues: Cache<String, Option<String>>,
+    /// The current leadership term's watch of worker Jobs.
+    jobs: RwLock<Option<Store<Job>>>,
 }
 
 impl Scheduler {
@@ -55,12 +60,30 @@ impl Scheduler {
             metrics,
             wake,
             woken: Mutex::new(Some(woken)),
+            kueue_queues: Cache::default(),
+            jobs: RwLock::default(),
         }
     }
 
     /// The groups to wake, for the controller (once).
     pub fn take_wakes(&self) -> Option<UnboundedReceiver<ObjectRef<ImageGroup>>> {
         lock(&self.woken).take()
+    }
+
+    /// The worker Jobs as a new term's watch sees them.
+    pub fn watch_jobs_with(&self, store: Store<Job>) {
+        *write(&self.jobs) = Some(store);
+    }
+
+    /// Whether the Job watch shows this worker Job running (`false`: finished, or not
+    /// seen yet).
+    pub fn job_running(&self, namespace: &str, name: &str) -> bool {
+        let Some(store) = read(&self.jobs).clone() else {
+            return false;
+        };
+        store
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_some_and(|job| finished(&job).is_none())
     }
 
     /// A worker Job event from the watch.
@@ -118,6 +141,18 @@ impl Scheduler {
                 .wake
                 .unbounded_send(ObjectRef::new(&group.name).within(&group.namespace));
         }
+        // A place that moved moments after the last one was told is told when it is due.
+        let held_back = queue.take_held_back();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            for (group, due) in held_back {
+                let wake = self.wake.clone();
+                runtime.spawn(async move {
+                    tokio::time::sleep_until(due.into()).await;
+                    let _ =
+                        wake.unbounded_send(ObjectRef::new(&group.name).within(&group.namespace));
+                });
+            }
+        }
         let load = queue.load();
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         for (lane, n) in [(Lane::Main, load.main), (Lane::Small, load.small)] {
@@ -150,13 +185,29 @@ fn running_lane(job: &Job) -> Option<Lane> {
     }
 }
 
-/// The tenant's Kueue queue, from its namespace's annotation.
+/// How long a tenant's Kueue setting, read for one of its groups, serves the looks of its
+/// groups already waiting (a tenant moved to Kueue has them follow within this long).
+const KUEUE_SETTING_TTL: Duration = Duration::from_secs(10);
+
+/// The tenant's Kueue queue, from its namespace's annotation; `fresh` reads it from the
+/// API server (a group's first look: a namespace annotated just before the group's POST
+/// is never missed).
 pub async fn kueue_queue(
     ctx: &Context,
     namespace: &str,
+    fresh: bool,
 ) -> Result<Option<String>, ControllerError> {
-    let queue = super::namespace_annotation(ctx, namespace, KUEUE_QUEUE_ANNOTATION).await?;
-    Ok(queue.map(|q| q.trim().to_owned()).filter(|q| !q.is_empty()))
+    let serves = |(at, _): &(tokio::time::Instant, Option<String>)| {
+        !fresh && at.elapsed() < KUEUE_SETTING_TTL
+    };
+    let read = || async {
+        let queue = super::namespace_annotation(ctx, namespace, KUEUE_QUEUE_ANNOTATION).await?;
+        Ok(queue.map(|q| q.trim().to_owned()).filter(|q| !q.is_empty()))
+    };
+    ctx.scheduler
+        .kueue_queues
+        .try_get_or_load(&namespace.to_owned(), serves, read)
+        .await
 }
 
 #[cfg(test)]
