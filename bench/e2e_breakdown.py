@@ -110,6 +110,8 @@ def cpu_between(path, begin, end):
             seen[pid] = (name, used - start)
     by_name = {}
     for name, used in seen.values():
+        # A kernel worker's name says what it runs at the moment: one row for them all.
+        name = "kworker (kernel)" if name.startswith("kworker/") else name
         by_name[name] = by_name.get(name, 0.0) + used
     out = {"window": round(last["t"] - first["t"], 2), "busy": round(last["busy"] - first["busy"], 2)}
     for name, used in sorted(by_name.items(), key=lambda kv: -kv[1]):

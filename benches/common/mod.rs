@@ -206,7 +206,13 @@ pub fn print_cpu_use(before: &CpuReading, after: &CpuReading, seconds: f64) {
             .get(pid)
             .filter(|(n, _)| n == name)
             .map_or(0.0, |(_, u)| *u);
-        *by_name.entry(name.as_str()).or_default() += used - earlier;
+        // A kernel worker's name says what it runs at the moment: one row for them all.
+        let name = if name.starts_with("kworker/") {
+            "kworker (kernel)"
+        } else {
+            name.as_str()
+        };
+        *by_name.entry(name).or_default() += used - earlier;
     }
     let busy = after.busy - before.busy;
     let live: f64 = by_name.values().sum();
