@@ -141,8 +141,8 @@ struct Waiting {
     /// The position bucket last handed to the group (what its status says), and since when.
     shown: Option<PositionBucket>,
     shown_at: Option<Instant>,
-    /// A wake for a moved place, held back until then ([`POSITION_EVERY`]).
-    wake_at: Option<Instant>,
+    /// A wake for a moved place is held back (due [`POSITION_EVERY`] after `shown_at`).
+    held_back: bool,
     /// Woken (when) since it last asked: not again until it asks.
     woken: Option<Instant>,
 }
@@ -433,7 +433,7 @@ impl FairQueue {
                 waiting.images = request.images;
                 waiting.asked_at = now;
                 waiting.woken = None;
-                waiting.wake_at = None;
+                waiting.held_back = false;
             }
             None => queue.push(Waiting {
                 group: request.group,
@@ -443,7 +443,7 @@ impl FairQueue {
                 shown: None,
                 shown_at: None,
                 woken: None,
-                wake_at: None,
+                held_back: false,
             }),
         }
     }
@@ -485,12 +485,12 @@ impl FairQueue {
                 waiting.woken = Some(now);
                 wake.push(waiting.group.clone());
             } else if moved()
-                && waiting.wake_at.is_none()
+                && !waiting.held_back
                 && let Some(at) = waiting.shown_at
             {
-                let due = at + POSITION_EVERY;
-                waiting.wake_at = Some(due);
-                self.held_back.push((waiting.group.clone(), due));
+                waiting.held_back = true;
+                self.held_back
+                    .push((waiting.group.clone(), at + POSITION_EVERY));
             }
         }
         wake

@@ -396,15 +396,16 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
         .predicate_filter(intent_of, PredicateConfig::default());
     let group_controller = Controller::for_stream(group_changes, cached.clone());
     // A subscription that changes (a corrected URL, new headers) or goes changes where the
-    // events of the groups still delivering in its namespace go.
-    let changed_ctx = ctx.clone();
+    // events of the groups still delivering in its namespace go. The watch that wakes them
+    // fills the store their reconciles read, before it wakes them.
+    let (subscriptions_cache, subscriptions_writer) = kube::runtime::reflector::store();
+    ctx.subscriptions.watch_with(subscriptions_cache);
+    let subscription_changes = watcher(subscriptions.clone(), watcher::Config::default())
+        .default_backoff()
+        .reflect(subscriptions_writer)
+        .touched_objects();
     let delivering_groups = move |sub: WebhookSubscription| {
         let namespace = sub.namespace();
-        // This watch may run ahead of the one whose store reconciles read: the groups it
-        // wakes ask the API server.
-        if let Some(namespace) = &namespace {
-            changed_ctx.subscriptions.changed(namespace);
-        }
         cached
             .state()
             .into_iter()
@@ -431,11 +432,7 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     .touched_objects();
     let group_controller = group_controller
         .owns_stream(worker_jobs)
-        .watches(
-            subscriptions.clone(),
-            watcher::Config::default(),
-            delivering_groups,
-        )
+        .watches_stream(subscription_changes, delivering_groups)
         .reconcile_on(wake_groups)
         .reconcile_all_on(wake_all)
         .run(
@@ -449,10 +446,7 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
             }
         });
     let ctx_for_deletions = ctx.clone();
-    let subscription_controller = Controller::new(subscriptions, watcher::Config::default());
-    ctx.subscriptions
-        .watch_with(subscription_controller.store());
-    let subscription_controller = subscription_controller
+    let subscription_controller = Controller::new(subscriptions, watcher::Config::default())
         .run(subscription::reconcile, subscription::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {

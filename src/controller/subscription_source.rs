@@ -36,12 +36,6 @@ impl SubscriptionSource {
         lock(&self.listed).clear();
     }
 
-    /// A subscription of `namespace` changed: its next read asks the API server, whatever
-    /// the store holds by then.
-    pub fn changed(&self, namespace: &str) {
-        lock(&self.listed).remove(namespace);
-    }
-
     /// The namespace's subscriptions; `consistent` asks the API server whatever the store
     /// holds.
     pub async fn in_namespace(
@@ -181,11 +175,6 @@ mod tests {
         listed(&source, "tenant-a", &[a2.clone(), b1.clone(), d5.clone()]);
         assert!(source.caught_up("tenant-a").is_some());
         writer.apply_watcher_event(&watcher::Event::Delete(b1.clone()));
-        assert!(source.caught_up("tenant-a").is_none());
-        // Another watch saw a change: the next read LISTs, whatever the store holds.
-        listed(&source, "tenant-a", &[a2.clone(), d5.clone()]);
-        assert!(source.caught_up("tenant-a").is_some());
-        source.changed("tenant-a");
         assert!(source.caught_up("tenant-a").is_none());
         // A new term's watch forgets what the last one's LISTs saw.
         let (store, _writer) = kube::runtime::reflector::store();
