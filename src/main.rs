@@ -526,9 +526,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Worker(args) => {
             // The pod's security context as the kernel applies it, for the pod's log.
             kinsight::worker::Sandbox::inspect(&std::env::temp_dir()).log();
-            let order = kinsight::worker::order_from_env()?;
-            // The pod's ServiceAccount token proves to the ingest whose worker this is.
-            let token = kinsight::results::TokenSource::infer().await?;
+            // The pod's ServiceAccount token proves to the API's internal end whose worker
+            // this is: it fetches the order with it and hands the results over with it.
+            let (order, token) = kinsight::worker::load_order().await?;
+            let Some(order) = order else {
+                tracing::info!(
+                    "this Job's work order is gone (its group was deleted or has a newer \
+                     generation): nothing to do"
+                );
+                return Ok(());
+            };
             let uploader = kinsight::results::ResultUploader::start(
                 args.results_url,
                 token,

@@ -1,11 +1,16 @@
 //! The result ingest (`POST /internal/v1/results`) against the real API server's
 //! TokenReview: only the worker ServiceAccount of the group's own namespace may store
 //! results, only for images of a group that exists with the uid its work order named; every
-//! refusal is a clear problem+json, and nothing is stored by a refused batch.
+//! refusal is a clear problem+json, and nothing is stored by a refused batch. Work orders
+//! (`GET /internal/v1/work-orders/{job}`) are read the same way: only by the worker of the
+//! Job's namespace.
 
 mod common;
 
-crate::real_node_tests!(only_the_namespaces_worker_stores_results_of_its_groups);
+crate::real_node_tests!(
+    only_the_namespaces_worker_stores_results_of_its_groups,
+    only_the_namespaces_worker_reads_its_work_orders,
+);
 
 use std::time::Duration;
 
@@ -14,7 +19,8 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kinsight::controller::WORKER_ACCOUNT;
 use kinsight::crd::ImageGroup;
-use kinsight::results::{INGEST_PATH, ImageResult};
+use kinsight::results::{GroupRef, INGEST_PATH, ImageResult};
+use kinsight::worker::{WORK_ORDERS_PATH, WorkOrder};
 use kube::Api;
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use serde_json::json;
@@ -56,10 +62,8 @@ async fn token_of(client: &kube::Client, namespace: &str, name: &str) -> String 
         .token
 }
 
-async fn only_the_namespaces_worker_stores_results_of_its_groups() {
-    let h = Harness::start("tenant-ingest").await;
-    // A group whose one image cannot be fetched (nothing listens on port 9): its worker
-    // stores a failure for "a"; image "b" is this test's.
+/// Posts a group of images "a" and "b" that cannot be fetched (nothing listens on port 9).
+async fn post_unfetchable_group(h: &Harness) -> (String, GroupRef) {
     let (status, body) = h
         .post(
             "/v1/image-groups",
@@ -70,6 +74,14 @@ async fn only_the_namespaces_worker_stores_results_of_its_groups() {
     assert_eq!(status, 202, "{body}");
     let id = body["id"].as_str().expect("id").to_owned();
     let group = h.group_ref(&id).await;
+    (id, group)
+}
+
+async fn only_the_namespaces_worker_stores_results_of_its_groups() {
+    let h = Harness::start("tenant-ingest").await;
+    // A group whose one image cannot be fetched (nothing listens on port 9): its worker
+    // stores a failure for "a"; image "b" is this test's.
+    let (id, group) = post_unfetchable_group(&h).await;
     let url = format!("{}{INGEST_PATH}", h.api_url);
     let http = reqwest::Client::new();
     let send = async |token: Option<&str>, body: serde_json::Value| {
@@ -177,4 +189,55 @@ async fn only_the_namespaces_worker_stores_results_of_its_groups() {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let (status, text) = send(Some(&worker), batch(ours, vec![result("b")])).await;
     assert_eq!(status, 410, "a deleted group's batch: {text}");
+}
+
+async fn only_the_namespaces_worker_reads_its_work_orders() {
+    let h = Harness::start("tenant-orders").await;
+    let (id, group) = post_unfetchable_group(&h).await;
+    let job = kinsight::controller::job_name(&id, 1, 0);
+    let http = reqwest::Client::new();
+    let get = async |token: Option<&str>, job: &str| {
+        let mut request = http.get(format!("{}{WORK_ORDERS_PATH}/{job}", h.api_url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let (status, kind, text) = common::answer(request).await;
+        if status >= 400 {
+            assert_eq!(kind, "application/problem+json", "{status} {text}");
+        }
+        (status, text)
+    };
+    let worker = token_of(&h.client, &h.namespace, WORKER_ACCOUNT).await;
+    let intruder = token_of(&h.client, &h.namespace, "intruder").await;
+    let elsewhere = token_of(&h.client, "tenant-orders-other", WORKER_ACCOUNT).await;
+
+    // The controller stores the order before it creates the Job.
+    let text = common::eventually(
+        "the Job's work order",
+        Duration::from_secs(60),
+        async || {
+            let (status, text) = get(Some(&worker), &job).await;
+            (status == 200).then_some(text)
+        },
+    )
+    .await;
+    let order: WorkOrder = serde_json::from_str(&text).expect("a work order");
+    assert_eq!(order.group, group);
+    assert_eq!(order.generation, 1);
+    assert_eq!(order.models, ["image_classification"]);
+    let ids: Vec<&str> = order.images.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(order.images[0].url, "http://127.0.0.1:9/a.jpg");
+
+    let (status, text) = get(None, &job).await;
+    assert_eq!(status, 401, "{text}");
+    let (status, text) = get(Some("not-a-token"), &job).await;
+    assert_eq!(status, 401, "{text}");
+    let (status, text) = get(Some(&intruder), &job).await;
+    assert_eq!(status, 403, "another account of the namespace: {text}");
+    // Another namespace's worker is told nothing of this namespace's orders.
+    let (status, text) = get(Some(&elsewhere), &job).await;
+    assert_eq!(status, 404, "the worker of another namespace: {text}");
+    let (status, text) = get(Some(&worker), "no-such-job-g1").await;
+    assert_eq!(status, 404, "{text}");
 }

@@ -1,7 +1,7 @@
 //! The result store against a real PostgreSQL (Debian's, started by the testbed): batches are
 //! idempotent, outputs of later models join earlier ones, failures stay, a write wakes
 //! listeners, a deleted group's rows go in bounded batches, and dispatchers claim each due
-//! delivery once.
+//! delivery once; work orders are kept per Job name and go with their Job or their group.
 
 mod common;
 
@@ -16,6 +16,7 @@ use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
 use kinsight::store::{
     ALL_STORED, Claimed, Outcomes, Plan, RESULTS_CHANNEL, Settled, Stop, Store, StoreNotice,
 };
+use kinsight::worker::{WorkItem, WorkOrder};
 
 fn group(uid: &str) -> GroupRef {
     GroupRef {
@@ -1004,4 +1005,119 @@ async fn a_write_of_results_records_its_events_numbered_once_and_a_plan_that_rac
     assert_eq!(store.last_sequence(&g.uid).await.expect("read"), 4);
     let stored = store.group_deliveries(&g.uid).await.expect("read");
     assert!(stored.iter().any(|d| d.id == event.id));
+}
+
+fn work_order(g: &GroupRef, generation: i64, images: usize) -> WorkOrder {
+    WorkOrder {
+        group: g.clone(),
+        generation,
+        models: vec!["image_classification".into()],
+        images: (0..images)
+            .map(|i| WorkItem {
+                id: format!("i{i}"),
+                url: format!(
+                    "https://photos.example/{i}.jpg?signature={}",
+                    "s".repeat(500)
+                ),
+                models: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_order_is_kept_per_job_and_goes_with_its_job_or_its_group() {
+    let (_postgres, store, _dir) = database().await;
+    let first = group("w1");
+    let again = GroupRef {
+        uid: "w2".into(),
+        ..first.clone()
+    };
+    // 1000 images with long URLs: half a megabyte, read back whole.
+    let order = work_order(&first, 1, 1000);
+    store
+        .save_work_order("tenant-a", "grp-w-g1", &order)
+        .await
+        .expect("saved");
+    let read = store
+        .work_order("tenant-a", "grp-w-g1")
+        .await
+        .expect("read");
+    assert_eq!(read.as_ref(), Some(&order));
+    assert_eq!(
+        store
+            .work_order("tenant-b", "grp-w-g1")
+            .await
+            .expect("read"),
+        None,
+        "another namespace's Job of that name has none"
+    );
+    assert_eq!(
+        store
+            .work_order("tenant-a", "grp-w-g2")
+            .await
+            .expect("read"),
+        None
+    );
+
+    // A group made again under the same name has the same Job names: its order replaces
+    // the first, and the first Job's deletion leaves it alone.
+    let later = work_order(&again, 1, 2);
+    store
+        .save_work_order("tenant-a", "grp-w-g1", &later)
+        .await
+        .expect("saved");
+    assert!(
+        !store
+            .delete_work_order("tenant-a", "grp-w-g1", &first.uid)
+            .await
+            .expect("delete")
+    );
+    let read = store
+        .work_order("tenant-a", "grp-w-g1")
+        .await
+        .expect("read");
+    assert_eq!(read.as_ref(), Some(&later));
+    assert!(
+        store
+            .delete_work_order("tenant-a", "grp-w-g1", &again.uid)
+            .await
+            .expect("delete")
+    );
+    assert_eq!(
+        store
+            .work_order("tenant-a", "grp-w-g1")
+            .await
+            .expect("read"),
+        None
+    );
+
+    // Orders whose Jobs were never seen deleted go with their group, with no result stored.
+    let kept = group("w3");
+    for (g, job) in [
+        (&first, "grp-w1-g1"),
+        (&first, "grp-w1-g2"),
+        (&kept, "grp-w3-g1"),
+    ] {
+        store
+            .save_work_order("tenant-a", job, &work_order(g, 1, 3))
+            .await
+            .expect("saved");
+    }
+    store.forget_group(&first.uid).await.expect("forget");
+    store.purge_forgotten(1).await.expect("purge");
+    for job in ["grp-w1-g1", "grp-w1-g2"] {
+        assert_eq!(
+            store.work_order("tenant-a", job).await.expect("read"),
+            None,
+            "{job}"
+        );
+    }
+    assert!(
+        store
+            .work_order("tenant-a", "grp-w3-g1")
+            .await
+            .expect("read")
+            .is_some()
+    );
 }

@@ -125,23 +125,34 @@ fn the_one<K: ResourceExt>(found: Option<K>, uid: &str, name: &str) -> Result<K,
         .ok_or_else(|| ApiError::Gone(format!("image group {name} is gone")))
 }
 
+/// Who calls the internal end: the user name of the request's bearer token, as the API
+/// server reviewed it.
+pub(super) async fn caller(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let token = bearer_token(headers)?;
+    state
+        .reviews
+        .user(&state.client, token)
+        .await?
+        .ok_or(ApiError::Unauthorized)
+}
+
+/// The namespace whose worker `user` is (`system:serviceaccount:<namespace>:kinsight-worker`),
+/// if it is one.
+pub(super) fn worker_namespace(user: &str) -> Option<&str> {
+    let (namespace, account) = user
+        .strip_prefix("system:serviceaccount:")?
+        .split_once(':')?;
+    (account == WORKER_ACCOUNT && !namespace.is_empty()).then_some(namespace)
+}
+
 pub async fn store_results(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Json<ResultBatch>, axum::extract::rejection::JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let token = bearer_token(&headers)?;
-    let user = state
-        .reviews
-        .user(&state.client, token)
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
+    let user = caller(&state, &headers).await?;
     let Json(batch) = body.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-    let worker = format!(
-        "system:serviceaccount:{}:{WORKER_ACCOUNT}",
-        batch.group.namespace
-    );
-    if user != worker {
+    if worker_namespace(&user) != Some(batch.group.namespace.as_str()) {
         return Err(ApiError::Forbidden(format!(
             "{user} may not store results of namespace {}",
             batch.group.namespace
@@ -200,4 +211,26 @@ fn check_batch(batch: &ResultBatch) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_namespaces_worker_account_is_its_worker() {
+        assert_eq!(
+            worker_namespace("system:serviceaccount:tenant-a:kinsight-worker"),
+            Some("tenant-a")
+        );
+        for other in [
+            "system:serviceaccount:tenant-a:default",
+            "system:serviceaccount:tenant-a:kinsight-worker:x",
+            "system:serviceaccount::kinsight-worker",
+            "kinsight-worker",
+            "system:admin",
+        ] {
+            assert_eq!(worker_namespace(other), None, "{other}");
+        }
+    }
 }

@@ -12,6 +12,7 @@ mod openapi;
 mod problem;
 mod rate_limit;
 mod retry;
+mod work_orders;
 
 pub use auth::{
     API_KEY_LABEL, ApiKeys, KEY_HASH_FIELD, SIGNING_SECRET_KEY, SIGNING_SECRET_NAME,
@@ -36,6 +37,7 @@ use kube::{Api, Client};
 
 use crate::results::INGEST_PATH;
 use crate::store::Store;
+use crate::worker::WORK_ORDERS_PATH;
 
 /// Largest request body accepted: a 10,000-image group fits, and one whose spec would be
 /// over its 1 MiB ([`crate::crd::MAX_SPEC_BYTES`]) gets that bound's own message.
@@ -122,6 +124,10 @@ pub fn router(
     // Workers' result batches: larger bodies than customers' requests.
     let internal = Router::new()
         .route(INGEST_PATH, post(ingest::store_results))
+        .route(
+            &format!("{WORK_ORDERS_PATH}/{{job}}"),
+            get(work_orders::get_work_order),
+        )
         .layer(DefaultBodyLimit::max(INGEST_BODY_BYTES));
     // Every customer's POST takes an Idempotency-Key.
     let posts = Router::new()

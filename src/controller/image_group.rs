@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use super::fair_queue::{Admission, Lane, ObjectKey, PositionBucket};
 use super::job::{
-    MAX_IMAGES_PER_JOB, build_job, catalog_config_map, finished, job_name, job_owner,
-    left_images_failure, work_order_config_map, worker_account, worker_termination,
+    MAX_IMAGES_PER_JOB, build_job, catalog_config_map, finished, job_name, left_images_failure,
+    worker_account, worker_termination,
 };
 use super::scheduler::{Placement, kueue_queue};
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
@@ -936,32 +936,16 @@ async fn start_job(
         models: group.spec.models.clone(),
         images: images.to_vec(),
     };
-    // The order first: the Job's pod mounts it.
-    let config_map = work_order_config_map(group, name, &order)?;
-    Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
-        .patch(
-            name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&config_map),
-        )
-        .await?;
+    // The order first: the Job's pod fetches it as it starts.
+    ctx.store.save_work_order(namespace, name, &order).await?;
     let job = build_job(group, name, &order, &ctx.config, placement)?;
-    let job = match jobs.create(&PostParams::default(), &job).await {
-        Ok(job) => {
+    match jobs.create(&PostParams::default(), &job).await {
+        Ok(_) => {
             tracing::info!(job = %name, namespace = %namespace, images = images.len(), "created worker job");
-            job
         }
         // Created before a restart: the deterministic name makes this a no-op.
-        Err(kube::Error::Api(s)) if s.code == 409 => jobs.get(name).await?,
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => return Err(e.into()),
-    };
-    // Then the order is the Job's: it goes with it (its TTL, or being superseded)
-    // rather than piling up, up to 768 KiB each, for as long as the group lives.
-    if let Some(owner) = job_owner(&job) {
-        let handover = json!({ "metadata": { "ownerReferences": [owner] } });
-        Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
-            .patch(name, &PatchParams::default(), &Patch::Merge(&handover))
-            .await?;
     }
     Ok(())
 }

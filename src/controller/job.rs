@@ -17,7 +17,6 @@ use k8s_openapi::api::core::v1::{
     ServiceAccountTokenProjection, Toleration, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
@@ -27,7 +26,7 @@ use super::ControllerConfig;
 use super::scheduler::{KUEUE_QUEUE_LABEL, LANE_LABEL, Placement};
 use crate::crd::{GROUP_LABEL, ImageGroup, label_value};
 use crate::inference::{Catalog, ExecutionProvider};
-use crate::worker::{WORK_ORDER_FILE_ENV, WORK_ORDER_KEY, WORK_ORDER_MOUNT_PATH, WorkOrder};
+use crate::worker::{WORK_ORDER_URL_ENV, WorkOrder, work_order_url};
 
 const EGRESS_ENV: &str = "KINSIGHT_ALLOW_EGRESS";
 /// The result ingest's URL, read by `kinsight worker --results-url`.
@@ -45,7 +44,6 @@ pub const CATALOG_MOUNT_PATH: &str = "/etc/kinsight/catalog";
 /// with it, so a changed catalog is visible on the Jobs that ran with the old one.
 pub const CATALOG_HASH_ANNOTATION: &str = "kinsight.io/catalog-sha256";
 const CATALOG_VOLUME: &str = "catalog";
-const WORK_ORDER_VOLUME: &str = "work-order";
 const MODELS_VOLUME: &str = "models";
 /// Writable scratch space (an `emptyDir`) under a read-only root filesystem.
 const SCRATCH_VOLUME: &str = "scratch";
@@ -164,7 +162,7 @@ impl GpuSettings {
 
 /// Images one worker Job takes at most ([`ControllerConfig::images_per_job`] may say
 /// fewer): a bigger group runs as several Jobs at once (more pods, on more nodes), and each
-/// Job's work order stays well under a ConfigMap's 1 MiB (the group's URLs are bounded by
+/// Job's work order stays small (the group's URLs are bounded by
 /// [`crate::crd::MAX_GROUP_URL_BYTES`] together).
 pub const MAX_IMAGES_PER_JOB: usize = 1000;
 
@@ -220,10 +218,10 @@ pub fn build_job(
             .flat_map(|item| item.models(order))
             .any(|m| c.gpu_models.contains(m))
     });
-    // The order itself is in the ConfigMap of the Job's name ([`work_order_config_map`]).
+    // The pod fetches its order (stored under the Job's name) from the API's internal end.
     let mut env = vec![EnvVar {
-        name: WORK_ORDER_FILE_ENV.to_owned(),
-        value: Some(format!("{WORK_ORDER_MOUNT_PATH}/{WORK_ORDER_KEY}")),
+        name: WORK_ORDER_URL_ENV.to_owned(),
+        value: Some(work_order_url(&config.results_url, name)),
         value_from: None,
     }];
     // Set here unless the operator's `worker_env` names it: an explicit setting wins.
@@ -290,7 +288,6 @@ pub fn build_job(
         ExecutionProvider::Cpu
     };
     let mut volumes = vec![
-        config_map_volume(WORK_ORDER_VOLUME, name, WORK_ORDER_KEY),
         // The root filesystem is read-only; what libraries write (a CUDA cache) goes here.
         Volume {
             name: SCRATCH_VOLUME.to_owned(),
@@ -303,12 +300,6 @@ pub fn build_job(
         service_account_volume(),
     ];
     let mut mounts = vec![
-        VolumeMount {
-            name: WORK_ORDER_VOLUME.to_owned(),
-            mount_path: WORK_ORDER_MOUNT_PATH.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
         VolumeMount {
             name: SCRATCH_VOLUME.to_owned(),
             mount_path: SCRATCH_PATH.to_owned(),
@@ -508,38 +499,6 @@ fn config_map_volume(volume: &str, config_map: &str, key: &str) -> Volume {
         }),
         ..Volume::default()
     }
-}
-
-/// The work order of the Job `name`, under the same name: made before the Job (its pod
-/// mounts it) and owned by the group until the Job exists and takes it over
-/// ([`job_owner`]), so it never outlives both.
-pub fn work_order_config_map(
-    group: &ImageGroup,
-    name: &str,
-    order: &WorkOrder,
-) -> Result<ConfigMap, serde_json::Error> {
-    Ok(ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: group.namespace(),
-            labels: Some(labels(&group.name_any())),
-            owner_references: group.controller_owner_ref(&()).map(|r| vec![r]),
-            ..ObjectMeta::default()
-        },
-        data: Some(BTreeMap::from([(
-            WORK_ORDER_KEY.to_owned(),
-            serde_json::to_string(order)?,
-        )])),
-        ..ConfigMap::default()
-    })
-}
-
-/// `job` as the owner of its work order. Not blocking the Job's deletion: that would ask
-/// for rights on the Job's finalizers, and the order is of no use once the Job is gone.
-pub fn job_owner(job: &Job) -> Option<OwnerReference> {
-    let mut owner = job.controller_owner_ref(&())?;
-    owner.block_owner_deletion = None;
-    Some(owner)
 }
 
 /// The catalog's ConfigMap in a tenant namespace, mounted by every worker Job there.
@@ -762,6 +721,7 @@ mod tests {
                     "runtimeClassName": "nvidia"}"#,
             )
             .expect("settings"),
+            results_url: "http://kinsight-api.kinsight:8080/internal/v1/results".into(),
             ..ControllerConfig::default()
         }
     }
@@ -805,23 +765,6 @@ mod tests {
         assert_eq!(mount.read_only, Some(true));
         let file = format!("{}/{}", mount.mount_path, item.path);
         (source.name.clone(), item.key.clone(), file)
-    }
-
-    #[test]
-    fn the_work_order_configmap_holds_the_order_and_goes_with_the_group() {
-        let order = order(&["object_detection"]);
-        let group = group(&["object_detection"]);
-        let map = work_order_config_map(&group, "listing-42-g1", &order).expect("map");
-        assert_eq!(map.metadata.name.as_deref(), Some("listing-42-g1"));
-        assert_eq!(map.metadata.namespace.as_deref(), Some("tenant-a"));
-        let owner = &map.metadata.owner_references.as_ref().expect("owner")[0];
-        assert_eq!(
-            (owner.kind.as_str(), owner.uid.as_str()),
-            ("ImageGroup", "uid-1")
-        );
-        let text = &map.data.as_ref().expect("data")["order.json"];
-        let read: WorkOrder = serde_json::from_str(text).expect("an order");
-        assert_eq!(read, order);
     }
 
     #[test]
@@ -925,31 +868,6 @@ mod tests {
         assert_eq!(suspend(&kueue), Some(true));
     }
 
-    #[test]
-    fn a_job_owns_its_work_order_without_blocking_its_deletion() {
-        let job = Job {
-            metadata: ObjectMeta {
-                name: Some("listing-42-g1".into()),
-                namespace: Some("tenant-a".into()),
-                uid: Some("uid-job".into()),
-                ..ObjectMeta::default()
-            },
-            ..Job::default()
-        };
-        let owner = job_owner(&job).expect("an owner");
-        assert_eq!(
-            (
-                owner.api_version.as_str(),
-                owner.kind.as_str(),
-                owner.name.as_str(),
-                owner.uid.as_str()
-            ),
-            ("batch/v1", "Job", "listing-42-g1", "uid-job")
-        );
-        assert_eq!(owner.block_owner_deletion, None);
-        assert_eq!(job_owner(&Job::default()), None, "no uid, no owner");
-    }
-
     fn env_of(container: &Container) -> BTreeMap<String, String> {
         container
             .env
@@ -1035,15 +953,16 @@ mod tests {
         assert_eq!(env["KINSIGHT_CATALOG"], catalog_file);
         assert_eq!(catalog_file, "/etc/kinsight/catalog/catalog.yaml");
         assert_eq!(env["KINSIGHT_MODELS_DIR"], "/opt/kinsight/models");
-        // The work order: the Job's own ConfigMap, mounted, named by its file variable;
-        // never inline (a long one would keep the process from starting).
-        let (order_map, order_key, order_file) = config_map_mount(&pod, "work-order");
+        // The work order: fetched by the Job's name from the API's internal end, beside the
+        // result ingest; never inline (a long one would keep the process from starting),
+        // and no ConfigMap per Job.
         assert_eq!(
-            (order_map.as_str(), order_key.as_str()),
-            ("listing-42-g1", "order.json")
+            env["KINSIGHT_WORK_ORDER_URL"],
+            "http://kinsight-api.kinsight:8080/internal/v1/work-orders/listing-42-g1"
         );
-        assert_eq!(env["KINSIGHT_WORK_ORDER_FILE"], order_file);
         assert!(!env.contains_key("KINSIGHT_WORK_ORDER"));
+        assert!(!env.contains_key("KINSIGHT_WORK_ORDER_FILE"));
+        assert!(pod.volumes.iter().flatten().all(|v| v.name != "work-order"));
         let hash = hex::encode(Sha256::digest(CATALOG_YAML.as_bytes()));
         assert_eq!(
             annotations
@@ -1227,7 +1146,7 @@ mod tests {
             .flatten()
             .map(|v| v.name.as_str())
             .collect();
-        assert_eq!(volumes, ["work-order", "scratch", "service-account"]);
+        assert_eq!(volumes, ["scratch", "service-account"]);
         assert!(!env_of(&pod.containers[0]).contains_key("KINSIGHT_CATALOG"));
         assert_eq!(annotations, None);
         assert_eq!(pod.runtime_class_name, None);

@@ -427,6 +427,9 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
     .inspect(move |event| {
         if let Ok(event) = event {
             scheduler_ctx.scheduler.observe(event);
+            if let watcher::Event::Delete(job) = event {
+                forget_work_order(&scheduler_ctx, job);
+            }
         }
     })
     .touched_objects();
@@ -546,4 +549,26 @@ fn retry_after_error(error: &ControllerError, ctx: &Context) -> Action {
         .inc();
     tracing::warn!(category = error.category(), error = %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
+}
+
+/// A deleted worker Job's order is of no more use (a Job deleted while no controller
+/// watched leaves its order to the group's purge). Only the order of the Job's own group:
+/// a group made again under the same name has the same Job names.
+fn forget_work_order(ctx: &Arc<Context>, job: &Job) {
+    let (Some(namespace), Some(group_uid)) = (
+        job.namespace(),
+        job.owner_references()
+            .iter()
+            .find(|owner| owner.kind == "ImageGroup")
+            .map(|owner| owner.uid.clone()),
+    ) else {
+        return;
+    };
+    let name = job.name_any();
+    let store = ctx.store.clone();
+    tokio::spawn(async move {
+        if let Err(e) = store.delete_work_order(&namespace, &name, &group_uid).await {
+            tracing::warn!(job = %name, error = %e, "deleting a deleted Job's work order");
+        }
+    });
 }

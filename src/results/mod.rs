@@ -7,6 +7,7 @@ mod model;
 mod upload;
 
 pub use model::{ImageFailure, ImageResult, ModelResult, Timings};
+pub(crate) use upload::failed_answer;
 pub use upload::{ResultUploader, TokenSource, UploadError, UploadReport};
 
 use serde::{Deserialize, Serialize};

@@ -71,7 +71,8 @@ impl TokenSource {
         ))
     }
 
-    fn read(&self) -> Result<String, UploadError> {
+    /// The token to send now.
+    pub fn read(&self) -> Result<String, UploadError> {
         match self {
             Self::Token(t) => Ok(t.clone()),
             Self::File(path) => std::fs::read_to_string(path)
@@ -179,24 +180,10 @@ async fn send_until_stored(
                 tracing::info!(group = %batch.group.name, "group deleted; its results are dropped");
                 return Ok(());
             }
-            Ok(response) => {
-                let status = response.status();
-                let text: String = response
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .chars()
-                    .take(500)
-                    .collect();
-                // Refusals of the batch itself are final; the rest may pass later.
-                if status.is_client_error()
-                    && status != reqwest::StatusCode::TOO_MANY_REQUESTS
-                    && status != reqwest::StatusCode::REQUEST_TIMEOUT
-                {
-                    return Err(UploadError::Refused(format!("{status}: {text}")));
-                }
-                format!("{status}: {text}")
-            }
+            // Refusals of the batch itself are final; the rest may pass later.
+            Ok(response) => failed_answer(response)
+                .await
+                .map_err(UploadError::Refused)?,
             Err(e) => e.without_url().to_string(),
         };
         if started.elapsed() > GIVE_UP_AFTER {
@@ -206,4 +193,23 @@ async fn send_until_stored(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
     }
+}
+
+/// What an unsuccessful answer of the API's internal end says (status and the start of its
+/// body): `Err` when the request itself was refused and will not pass later, `Ok` when it
+/// may (overloaded, timed out, a server error).
+pub(crate) async fn failed_answer(response: reqwest::Response) -> Result<String, String> {
+    let status = response.status();
+    let text: String = response
+        .text()
+        .await
+        .unwrap_or_default()
+        .chars()
+        .take(500)
+        .collect();
+    let answer = format!("{status}: {text}");
+    let retried = !status.is_client_error()
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status == reqwest::StatusCode::REQUEST_TIMEOUT;
+    if retried { Ok(answer) } else { Err(answer) }
 }

@@ -10,6 +10,7 @@ mod idempotency;
 mod migrations;
 mod notify;
 mod results;
+mod work_orders;
 
 pub use admissions::Admission;
 pub use deliveries::{Cursor, DeliveryCount, Plan, Saved};

@@ -266,7 +266,7 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Deletes a forgotten group's results and deliveries (with their attempts) at most
+    /// Deletes a forgotten group's results, deliveries (with their attempts) and work orders at most
     /// `batch` rows per statement, so that no single DELETE holds locks or bloats the log for
     /// long, then the group's own row. Returns the results and deliveries deleted.
     pub async fn purge_group(&self, uid: &str, batch: i64) -> Result<u64, StoreError> {
@@ -285,6 +285,12 @@ impl Store {
                      SELECT id FROM deliveries WHERE group_uid = $1 LIMIT $2)
                  AND EXISTS (SELECT 1 FROM groups WHERE uid = $1 AND deleted_at IS NOT NULL)",
                 true,
+            ),
+            (
+                "DELETE FROM work_orders WHERE group_uid = $1 AND name IN (
+                     SELECT name FROM work_orders WHERE group_uid = $1 LIMIT $2)
+                 AND EXISTS (SELECT 1 FROM groups WHERE uid = $1 AND deleted_at IS NOT NULL)",
+                false,
             ),
             (
                 "DELETE FROM event_bodies WHERE group_uid = $1 AND sequence IN (

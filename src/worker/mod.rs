@@ -10,7 +10,8 @@ mod sandbox;
 
 pub use fetch::{FetchConfig, FetchError, Fetcher};
 pub use order::{
-    WORK_ORDER_ENV, WORK_ORDER_FILE_ENV, WORK_ORDER_KEY, WORK_ORDER_MOUNT_PATH, WorkItem, WorkOrder,
+    WORK_ORDER_ENV, WORK_ORDER_FILE_ENV, WORK_ORDER_URL_ENV, WORK_ORDERS_PATH, WorkItem, WorkOrder,
+    fetch_work_order, work_order_url,
 };
 pub use sandbox::Sandbox;
 
@@ -25,7 +26,7 @@ use tracing::Instrument;
 use crate::inference::pipeline::{ImageAnalysis, Pipeline, PipelineOptions};
 use crate::inference::{Catalog, Engine, EngineOptions, InferenceError, ms};
 use crate::results::{ImageFailure, ImageResult, ModelResult, Timings};
-use crate::results::{ResultUploader, UploadError};
+use crate::results::{ResultUploader, TokenSource, UploadError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -73,9 +74,25 @@ pub struct WorkerReport {
     pub failed: usize,
 }
 
-/// Reads the work order the Job's pod was given.
-pub fn order_from_env() -> Result<WorkOrder, WorkerError> {
-    WorkOrder::from_env().map_err(WorkerError::WorkOrder)
+/// The work order the Job's pod was given, and the pod's credentials for the API's
+/// internal end: fetched from the URL in [`WORK_ORDER_URL_ENV`] with the token, else read
+/// from the file or the variable it names (before the token is looked for, so a bad order
+/// is told first). `None`: the API has no order for this Job any more (its group was deleted
+/// or moved on to a new generation), so there is nothing to do.
+pub async fn load_order() -> Result<(Option<WorkOrder>, TokenSource), WorkerError> {
+    match std::env::var(WORK_ORDER_URL_ENV) {
+        Ok(url) if !url.is_empty() => {
+            let token = TokenSource::infer().await?;
+            let order = fetch_work_order(&url, &token)
+                .await
+                .map_err(WorkerError::WorkOrder)?;
+            Ok((order, token))
+        }
+        _ => {
+            let order = WorkOrder::from_env().map_err(WorkerError::WorkOrder)?;
+            Ok((Some(order), TokenSource::infer().await?))
+        }
+    }
 }
 
 pub async fn run(

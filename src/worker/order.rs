@@ -1,23 +1,29 @@
-//! The work order the controller hands a worker Job: a ConfigMap per Job, mounted into its
-//! pod, so the worker needs no access to the API server at all: it reads the image URLs
-//! here and hands its results to the result ingest. (Not the environment: Linux refuses to start a process with one
-//! variable over 128 KiB, which a group of 1000 images with long URLs exceeds.)
+//! The work order the controller hands a worker Job. The controller stores it in
+//! PostgreSQL under the Job's name before it creates the Job, and the Job's pod fetches it
+//! from the API's internal end (`GET /internal/v1/work-orders/{job}`) with its ServiceAccount
+//! token, so the worker needs no access to the API server or the database, and a Job costs
+//! the API server no ConfigMap. (Not the environment: Linux refuses to start a process with
+//! one variable over 128 KiB, which a group of 1000 images with long URLs exceeds.) Jobs made
+//! by earlier controllers mount it as a file ([`WORK_ORDER_FILE_ENV`]); small orders run by
+//! hand come inline ([`WORK_ORDER_ENV`]).
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::results::GroupRef;
+use crate::results::{GroupRef, INGEST_PATH, TokenSource, failed_answer};
 
-/// Environment variable naming the work order's file (the mounted ConfigMap's key).
+/// Environment variable with the URL of the Job's work order (set by the controller).
+pub const WORK_ORDER_URL_ENV: &str = "KINSIGHT_WORK_ORDER_URL";
+/// Where the API serves work orders, one per Job name below it.
+pub const WORK_ORDERS_PATH: &str = "/internal/v1/work-orders";
+/// Environment variable naming the work order's file (a mounted ConfigMap's key: Jobs of
+/// controllers before the orders moved to the database).
 pub const WORK_ORDER_FILE_ENV: &str = "KINSIGHT_WORK_ORDER_FILE";
 /// Environment variable carrying the JSON work order itself (small orders run by hand,
 /// and Jobs made by controllers before the ConfigMap).
 pub const WORK_ORDER_ENV: &str = "KINSIGHT_WORK_ORDER";
-/// The work order ConfigMap's one key.
-pub const WORK_ORDER_KEY: &str = "order.json";
-/// Where worker pods mount it.
-pub const WORK_ORDER_MOUNT_PATH: &str = "/etc/kinsight/work-order";
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -62,6 +68,70 @@ impl WorkOrder {
     }
 }
 
+/// The URL of the Job `job`'s work order: beside the result ingest (`results_url`) on the
+/// same API, since both are its internal end.
+pub fn work_order_url(results_url: &str, job: &str) -> String {
+    let base = match results_url.strip_suffix(INGEST_PATH) {
+        Some(origin) => format!("{origin}{WORK_ORDERS_PATH}"),
+        // An ingest behind another path: the orders are its siblings.
+        None => {
+            let trimmed = results_url.trim_end_matches('/');
+            let parent = trimmed
+                .rsplit_once('/')
+                .map_or(trimmed, |(parent, _)| parent);
+            format!("{parent}/work-orders")
+        }
+    };
+    format!("{base}/{job}")
+}
+
+/// How long the worker tries to fetch its order while the API is unreachable or failing
+/// before it gives up (and fails, so the Job's next pod tries again).
+const FETCH_GIVE_UP_AFTER: Duration = Duration::from_secs(120);
+
+/// Fetches the work order at `url` with the pod's token; `None` when the API has none (the
+/// Job's group was deleted, or a later generation replaced the Job meanwhile). Unreachable or
+/// failing answers are retried for [`FETCH_GIVE_UP_AFTER`].
+pub async fn fetch_work_order(url: &str, token: &TokenSource) -> Result<Option<WorkOrder>, String> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("http client: {e}"))?;
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let bearer = token.read().map_err(|e| e.to_string())?;
+        let last = match http.get(url).bearer_auth(bearer).send().await {
+            Ok(response) if response.status().is_success() => {
+                let text = response
+                    .text()
+                    .await
+                    .map_err(|e| format!("reading the work order: {}", e.without_url()))?;
+                return serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|e| format!("the API's work order is not valid: {e}"));
+            }
+            Ok(response) if response.status() == reqwest::StatusCode::NOT_FOUND => return Ok(None),
+            // A refusal (a token of another account) will not pass later.
+            Ok(response) => failed_answer(response)
+                .await
+                .map_err(|refused| format!("fetching the work order: {refused}"))?,
+            Err(e) => e.without_url().to_string(),
+        };
+        if started.elapsed() > FETCH_GIVE_UP_AFTER {
+            return Err(format!(
+                "fetching the work order failed for {} s: {last}",
+                FETCH_GIVE_UP_AFTER.as_secs()
+            ));
+        }
+        tracing::warn!(error = %last, "fetching the work order failed; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
 impl WorkItem {
     pub fn models<'a>(&'a self, order: &'a WorkOrder) -> &'a [String] {
         if self.models.is_empty() {
@@ -69,5 +139,31 @@ impl WorkItem {
         } else {
             &self.models
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_work_order_url_is_beside_the_result_ingest() {
+        assert_eq!(
+            work_order_url(
+                "http://10.244.91.1:8080/internal/v1/results",
+                "listing-42-g1"
+            ),
+            "http://10.244.91.1:8080/internal/v1/work-orders/listing-42-g1"
+        );
+        // The API behind a path prefix keeps it.
+        assert_eq!(
+            work_order_url("https://gw.example/kinsight/internal/v1/results", "g-g2-1"),
+            "https://gw.example/kinsight/internal/v1/work-orders/g-g2-1"
+        );
+        // An ingest elsewhere: its sibling.
+        assert_eq!(
+            work_order_url("http://api:8080/ingest/results/", "g-g1"),
+            "http://api:8080/ingest/work-orders/g-g1"
+        );
     }
 }
