@@ -137,6 +137,32 @@ pub fn print_api_requests(before: &ApiStats, after: &ApiStats) {
             bytes / 1_048_576.0
         );
     }
+    // The rest in one row, so that the table's sums are the API server's.
+    let rest = rows.iter().skip(16).fold((0.0, 0.0, 0.0), |acc, (_, d)| {
+        (acc.0 + d.0, acc.1 + d.1, acc.2 + d.2)
+    });
+    if rest.0 > 0.0 {
+        println!(
+            "| | {} others | {:.0} | {:.1} | {:.0} | {:.1} |",
+            rows.len() - 16,
+            rest.0,
+            rest.1,
+            rest.1 * 1000.0 / rest.0,
+            rest.2 / 1_048_576.0
+        );
+    }
+    let total = rows
+        .iter()
+        .fold((0.0, 0.0), |acc, (_, d)| (acc.0 + d.0, acc.1 + d.1));
+    println!("| | all | {:.0} | {:.1} | | |", total.0, total.1);
+    let writes: f64 = rows
+        .iter()
+        .filter(|((verb, _), _)| {
+            matches!(verb.as_str(), "POST" | "PUT" | "PATCH" | "APPLY" | "DELETE")
+        })
+        .map(|(_, d)| d.0)
+        .sum();
+    println!("| | of them writes | {writes:.0} | | | |");
 }
 
 /// CPU seconds used so far: the machine's busy time, and each live process's by name.
