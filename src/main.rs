@@ -135,6 +135,10 @@ struct ControllerArgs {
     /// then fail with `WorkerFailed`), e.g. `1h`.
     #[arg(long, env = "KINSIGHT_WORKER_DEADLINE", value_parser = parse_duration, default_value = "1h")]
     worker_deadline: Duration,
+    /// How long a worker that has done its order waits for another group of its namespace
+    /// (which then starts without a pod of its own), e.g. `5s`; `0s`: no waiting.
+    #[arg(long, env = "KINSIGHT_WORKER_LINGER", value_parser = parse_duration, default_value = "5s")]
+    worker_linger: Duration,
     #[command(flatten)]
     egress: EgressArg,
     /// Where Prometheus scrapes `/metrics` and the kubelet probes `/healthz` and `/readyz`.
@@ -432,6 +436,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 retry: args.retry_schedule.unwrap_or_default(),
                 group_ttl: args.group_ttl,
                 worker_deadline: args.worker_deadline,
+                worker_linger: args.worker_linger,
                 egress: args.egress.allow_egress.unwrap_or_default(),
                 circuit: args.endpoints.circuit(),
                 dispatch_in_flight: args.dispatch_in_flight as usize,
@@ -536,12 +541,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 );
                 return Ok(());
             };
-            let uploader = kinsight::results::ResultUploader::start(
-                args.results_url,
-                token,
-                order.group.clone(),
-                order.generation,
-            )?;
             // 0: as many as the pod's CPU limit (cgroup quota) allows.
             let threads = args.threads.unwrap_or(0);
             let options = WorkerOptions {
@@ -559,32 +558,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     ..EngineOptions::default()
                 },
             };
-            // The group's trace (TRACEPARENT, set on the Job): the worker's spans join it.
-            let trace = std::env::var(kinsight::trace::ENV)
-                .ok()
-                .and_then(|t| kinsight::trace::TraceParent::parse(&t));
-            let span = tracing::info_span!(
-                "worker",
-                group = %order.group.name,
-                trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
-            );
-            if let Some(trace) = trace {
-                kinsight::trace::start(&span, Some(&trace));
-            }
             // In its container the worker is PID 1, which the kernel spares signals it has
             // no handler for: without this, a deleted pod's worker would go on for the
             // whole grace period (30 s) beside the pod replacing it.
             let stop = Shutdown::on_signals();
-            let work = tracing::Instrument::instrument(
-                kinsight::worker::run(order, uploader, options),
-                span,
-            );
-            tokio::select! {
-                outcome = work => { outcome?; }
-                () = stop.requested() => anyhow::bail!(
-                    "stopped by a signal before the work order was done; the results sent so \
-                     far are stored and the Job's next pod does the rest"
-                ),
+            let results_url = args.results_url;
+            // The group's trace (TRACEPARENT, set on the Job): the worker's spans join it.
+            let trace = std::env::var(kinsight::trace::ENV).ok();
+            work_order(order, trace, &results_url, &token, &options, &stop).await?;
+            // Then the orders the controller hands this worker, when it asked its Jobs to
+            // stay up: each saves a group a pod start of its own.
+            let carrier = kinsight::worker::Carrier::from_env(&results_url, token.clone())
+                .map_err(anyhow::Error::msg)?;
+            if let Some(carrier) = carrier {
+                loop {
+                    let next = tokio::select! {
+                        next = carrier.next_order() => next,
+                        () = stop.clone().requested() => None,
+                    };
+                    let Some(carried) = next else {
+                        break;
+                    };
+                    tracing::info!(job = %carried.name, group = %carried.order.group.name, "carrying another Job's work order");
+                    let trace = carried.order.traceparent.clone();
+                    work_order(carried.order, trace, &results_url, &token, &options, &stop).await?;
+                    carrier.done(&carried.name).await;
+                }
             }
         }
         Command::Bench(args) => {
@@ -598,6 +597,45 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cleaned = kinsight::tenancy::remove_all(&client, &tenancy).await?;
             tracing::info!(namespaces = ?cleaned, "tenant objects removed");
         }
+    }
+    Ok(())
+}
+
+/// Runs one work order in the span of its group's trace, sending its results as they come;
+/// a signal stops it (the results sent so far are stored).
+async fn work_order(
+    order: kinsight::worker::WorkOrder,
+    trace: Option<String>,
+    results_url: &str,
+    token: &kinsight::results::TokenSource,
+    options: &WorkerOptions,
+    stop: &Shutdown,
+) -> anyhow::Result<()> {
+    let uploader = kinsight::results::ResultUploader::start(
+        results_url.to_owned(),
+        token.clone(),
+        order.group.clone(),
+        order.generation,
+    )?;
+    let trace = trace.and_then(|t| kinsight::trace::TraceParent::parse(&t));
+    let span = tracing::info_span!(
+        "worker",
+        group = %order.group.name,
+        trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+    );
+    if let Some(trace) = trace {
+        kinsight::trace::start(&span, Some(&trace));
+    }
+    let work = tracing::Instrument::instrument(
+        kinsight::worker::run(order, uploader, options.clone()),
+        span,
+    );
+    tokio::select! {
+        outcome = work => { outcome?; }
+        () = stop.clone().requested() => anyhow::bail!(
+            "stopped by a signal before the work order was done; the results sent so far are \
+             stored and the Job's next pod does the rest"
+        ),
     }
     Ok(())
 }

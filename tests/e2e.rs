@@ -18,6 +18,8 @@ crate::real_node_tests!(
     images_added_while_a_job_runs_go_to_one_new_job_that_supersedes_it,
     subscriptions_receive_namespace_events_and_finished_groups_expire,
     truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo,
+    a_tenants_next_group_is_carried_by_the_worker_that_waits,
+    a_carried_order_whose_carrier_goes_is_run_by_its_own_job,
 );
 
 use std::collections::{HashMap, HashSet};
@@ -1526,4 +1528,163 @@ async fn truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo(
     assert_eq!(listing["duplicates"]["photos"], 3, "{listing:#}");
     assert_eq!(listing["cover"]["imageId"], best, "{listing:#}");
     common::assert_payloads_conform(&second);
+}
+
+/// Workers wait this long for their tenant's next group: longer than a loaded machine takes
+/// from one group's event to the next group's Job.
+const LINGER: Duration = Duration::from_secs(20);
+
+/// The group event of group `id` among `events`.
+fn group_event<'a>(
+    events: &'a [kinsight::dev::ReceivedWebhook],
+    id: &str,
+) -> Option<&'a kinsight::dev::ReceivedWebhook> {
+    of_type(events, "image_group.completed")
+        .into_iter()
+        .find(|e| e.payload["data"]["groupId"] == id)
+}
+
+/// The pods the Job `job` made.
+async fn pods_of_job(h: &Harness, job: &str) -> Vec<k8s_openapi::api::core::v1::Pod> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(h.client.clone(), &h.namespace);
+    pods.list(&ListParams::default().labels(&format!("job-name={job}")))
+        .await
+        .expect("list pods")
+        .items
+}
+
+async fn a_tenants_next_group_is_carried_by_the_worker_that_waits() {
+    let mut h = Harness::start_configured("tenant-carriers", |c| c.worker_linger = LINGER).await;
+    let hook = h.hook_url.clone();
+    let first = h
+        .post_photo_group(2, &["image_classification"], &hook)
+        .await;
+    let mut events = h
+        .collect_webhooks(LIMIT, |e| group_event(e, &first).is_some())
+        .await;
+    // The first group's worker now waits for the tenant's next group: it takes it, and that
+    // group's Job gets no pod of its own.
+    let second = h
+        .post_photo_group(3, &["image_classification"], &hook)
+        .await;
+    let carried_by = eventually("the second group's Job", LIMIT, async || {
+        let jobs = common::jobs_of(&h.client, &h.namespace, &second).await;
+        jobs.first().map(|job| {
+            (
+                job.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("kinsight.io/carried-by").cloned()),
+                job.spec.as_ref().and_then(|s| s.parallelism),
+            )
+        })
+    })
+    .await;
+    let first_job = format!("{first}-g1");
+    assert_eq!(carried_by, (Some(first_job.clone()), Some(0)));
+    events.extend(
+        h.collect_webhooks(LIMIT, |e| group_event(e, &second).is_some())
+            .await,
+    );
+    let group = &group_event(&events, &second)
+        .expect("the group event")
+        .payload["data"];
+    assert_eq!(
+        (group["imagesDone"].as_u64(), group["imagesFailed"].as_u64()),
+        (Some(3), Some(0)),
+        "{group}"
+    );
+    let second_images: Vec<&str> = of_type(&events, "image.completed")
+        .iter()
+        .filter(|e| e.payload["data"]["groupId"] == second.as_str())
+        .filter_map(|e| e.payload["data"]["imageId"].as_str())
+        .collect();
+    assert_eq!(second_images.len(), 3, "{second_images:?}");
+    let second_job = format!("{second}-g1");
+    assert!(
+        pods_of_job(&h, &second_job).await.is_empty(),
+        "no pod of its own"
+    );
+    assert_eq!(
+        pods_of_job(&h, &first_job).await.len(),
+        1,
+        "one pod did both"
+    );
+    // Done, the carried Job goes (it has no pod to end it), and its order with it; the
+    // status still names it.
+    eventually("the carried Job is deleted once done", LIMIT, async || {
+        common::jobs_of(&h.client, &h.namespace, &second)
+            .await
+            .is_empty()
+    })
+    .await;
+    eventually("its order goes with it", LIMIT, async || {
+        h.store
+            .work_order(&h.namespace, &second_job)
+            .await
+            .expect("read")
+            .is_none()
+    })
+    .await;
+    assert_eq!(group_status(&h, &second).await.jobs, [second_job]);
+}
+
+async fn a_carried_order_whose_carrier_goes_is_run_by_its_own_job() {
+    let mut h = Harness::start_configured("tenant-carrier-gone", |c| {
+        c.worker_linger = LINGER;
+        let_downloads_hang(c);
+    })
+    .await;
+    let hook = h.hook_url.clone();
+    let first = h
+        .post_photo_group(1, &["image_classification"], &hook)
+        .await;
+    h.collect_webhooks(LIMIT, |e| group_event(e, &first).is_some())
+        .await;
+    // The next group's photo takes 20 s to download the first time: its carrier is surely
+    // still at it when its Job (the first group's) is deleted.
+    let slow = h.slow_photo(Duration::from_secs(20)).await;
+    let second = post_group(
+        &h,
+        json!([{ "id": "slow", "url": slow }]),
+        &["image_classification"],
+    )
+    .await;
+    let second_job = format!("{second}-g1");
+    let first_job = format!("{first}-g1");
+    let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
+    eventually("the second group's order is carried", LIMIT, async || {
+        jobs.get_opt(&second_job)
+            .await
+            .expect("read")
+            .and_then(|job| {
+                job.metadata
+                    .annotations?
+                    .get("kinsight.io/carried-by")
+                    .cloned()
+            })
+            == Some(first_job.clone())
+    })
+    .await;
+    jobs.delete(&first_job, &kube::api::DeleteParams::background())
+        .await
+        .expect("delete the carrier's Job");
+    // The order goes back to its own Job, which gets a pod and does it (the photo is quick
+    // the second time).
+    let events = h
+        .collect_webhooks(LIMIT, |e| group_event(e, &second).is_some())
+        .await;
+    let group = &group_event(&events, &second)
+        .expect("the group event")
+        .payload["data"];
+    assert_eq!(
+        (group["imagesDone"].as_u64(), group["imagesFailed"].as_u64()),
+        (Some(1), Some(0)),
+        "{group}"
+    );
+    assert!(
+        !pods_of_job(&h, &second_job).await.is_empty(),
+        "its own Job ran it"
+    );
 }

@@ -198,6 +198,8 @@ async fn chart_installs_into_a_real_cluster() {
         env_value(container, "KINSIGHT_WORKER_DEADLINE"),
         Some("90m")
     );
+    // Workers wait for their tenant's next group by default.
+    assert_eq!(env_value(container, "KINSIGHT_WORKER_LINGER"), Some("5s"));
     // Worker pods' resources: the CPU limit and request given, the chart's memory.
     assert_eq!(env_value(container, "KINSIGHT_WORKER_CPU"), Some("500m"));
     assert_eq!(

@@ -1022,6 +1022,7 @@ fn work_order(g: &GroupRef, generation: i64, images: usize) -> WorkOrder {
                 models: Vec::new(),
             })
             .collect(),
+        traceparent: None,
     }
 }
 
@@ -1119,5 +1120,135 @@ async fn a_work_order_is_kept_per_job_and_goes_with_its_job_or_its_group() {
             .await
             .expect("read")
             .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
+    let (_postgres, store, _dir) = database().await;
+    let g = group("c1");
+    let fresh = Duration::from_secs(5);
+    let order = work_order(&g, 1, 3);
+    store
+        .save_work_order("tenant-a", "grp-c1-g1", &order)
+        .await
+        .expect("saved");
+    let hand = async |name: &str, fresh: Duration| {
+        store
+            .hand_to_carrier("tenant-a", name, "shape-a", fresh)
+            .await
+            .expect("hand")
+    };
+    // Nobody waits: nothing is handed.
+    assert_eq!(hand("grp-c1-g1", fresh).await, None);
+    // Workers of another namespace or shape do not take it.
+    for (namespace, job, shape) in [
+        ("tenant-b", "b-g1", "shape-a"),
+        ("tenant-a", "x-g1", "shape-b"),
+    ] {
+        store
+            .wait_as_carrier(namespace, job, shape)
+            .await
+            .expect("wait");
+    }
+    assert_eq!(hand("grp-c1-g1", fresh).await, None);
+    // The one of its namespace and shape that has waited longest does, and waits no more.
+    store
+        .wait_as_carrier("tenant-a", "first-g1", "shape-a")
+        .await
+        .expect("wait");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store
+        .wait_as_carrier("tenant-a", "second-g1", "shape-a")
+        .await
+        .expect("wait");
+    assert_eq!(hand("grp-c1-g1", fresh).await.as_deref(), Some("first-g1"));
+    assert!(
+        !store
+            .stop_waiting("tenant-a", "first-g1")
+            .await
+            .expect("stop"),
+        "its wait went with the order"
+    );
+    let taken = store
+        .take_carried("tenant-a", "first-g1")
+        .await
+        .expect("take");
+    assert_eq!(taken, Some(("grp-c1-g1".to_owned(), order.clone())));
+    // Until it is done, the carrier's Job (a next pod of it) takes it up again; no one else.
+    assert!(
+        store
+            .take_carried("tenant-a", "first-g1")
+            .await
+            .expect("take")
+            .is_some()
+    );
+    assert_eq!(
+        store
+            .take_carried("tenant-a", "second-g1")
+            .await
+            .expect("take"),
+        None
+    );
+    assert!(
+        store
+            .carried_done("tenant-a", "grp-c1-g1", "first-g1")
+            .await
+            .expect("done")
+    );
+    assert_eq!(
+        store
+            .take_carried("tenant-a", "first-g1")
+            .await
+            .expect("take"),
+        None
+    );
+
+    // A wait older than a carrier waits is not handed to.
+    store
+        .save_work_order("tenant-a", "grp-c1-g2", &work_order(&g, 2, 1))
+        .await
+        .expect("saved");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(hand("grp-c1-g2", Duration::from_millis(10)).await, None);
+    assert_eq!(hand("grp-c1-g2", fresh).await.as_deref(), Some("second-g1"));
+    // Taken back only from the carrier that has it; then its own Job runs it.
+    assert!(
+        !store
+            .take_back("tenant-a", "grp-c1-g2", "first-g1")
+            .await
+            .expect("take back")
+    );
+    assert!(
+        store
+            .take_back("tenant-a", "grp-c1-g2", "second-g1")
+            .await
+            .expect("take back")
+    );
+    assert_eq!(
+        store
+            .take_carried("tenant-a", "second-g1")
+            .await
+            .expect("take"),
+        None
+    );
+    assert!(
+        !store
+            .carried_done("tenant-a", "grp-c1-g2", "second-g1")
+            .await
+            .expect("done"),
+        "no longer its order"
+    );
+    // An order handed to no order: the wait stays.
+    store
+        .wait_as_carrier("tenant-a", "third-g1", "shape-a")
+        .await
+        .expect("wait");
+    assert_eq!(hand("no-such-order-g1", fresh).await, None);
+    assert!(
+        store
+            .stop_waiting("tenant-a", "third-g1")
+            .await
+            .expect("stop")
     );
 }

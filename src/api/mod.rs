@@ -37,7 +37,7 @@ use kube::{Api, Client};
 
 use crate::results::INGEST_PATH;
 use crate::store::Store;
-use crate::worker::WORK_ORDERS_PATH;
+use crate::worker::{CARRIERS_PATH, WORK_ORDERS_PATH};
 
 /// Largest request body accepted: a 10,000-image group fits, and one whose spec would be
 /// over its 1 MiB ([`crate::crd::MAX_SPEC_BYTES`]) gets that bound's own message.
@@ -127,6 +127,14 @@ pub fn router(
         .route(
             &format!("{WORK_ORDERS_PATH}/{{job}}"),
             get(work_orders::get_work_order),
+        )
+        .route(
+            &format!("{CARRIERS_PATH}/{{job}}/next-order"),
+            post(work_orders::next_order),
+        )
+        .route(
+            &format!("{CARRIERS_PATH}/{{job}}/orders/{{name}}/done"),
+            post(work_orders::carried_done),
         )
         .layer(DefaultBodyLimit::max(INGEST_BODY_BYTES));
     // Every customer's POST takes an Idempotency-Key.

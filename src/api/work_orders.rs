@@ -1,32 +1,114 @@
 //! `GET /internal/v1/work-orders/{job}`: a worker Job's pod fetches its work order (the
 //! controller stored it before creating the Job) with its ServiceAccount token. A worker
 //! reads only its own namespace's orders.
+//!
+//! Carriers (see [`crate::worker::Carrier`]): `POST /internal/v1/carriers/{job}/next-order`
+//! waits up to the asked time for an order the controller hands the worker of Job `job`
+//! (200 with it, 204 when none came); `POST .../{job}/orders/{name}/done` says its results
+//! are all stored.
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::time::Instant;
 
 use super::ingest::{caller, worker_namespace};
 use super::{ApiError, AppState};
-use crate::worker::WorkOrder;
+use crate::worker::{CarriedOrder, MAX_WAIT, NextOrder, WorkOrder};
+
+/// How often a waiting carrier's request looks for an order handed to it.
+const HANDED_POLL: Duration = Duration::from_millis(50);
 
 pub async fn get_work_order(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(job): Path<String>,
 ) -> Result<Json<WorkOrder>, ApiError> {
-    let user = caller(&state, &headers).await?;
-    let Some(namespace) = worker_namespace(&user) else {
-        return Err(ApiError::Forbidden(format!(
-            "{user} is not a kinsight worker and may not read work orders"
-        )));
-    };
-    match state.store.work_order(namespace, &job).await? {
+    let namespace = worker_of(&state, &headers).await?;
+    match state.store.work_order(&namespace, &job).await? {
         Some(order) => Ok(Json(order)),
         None => Err(ApiError::NotFound(format!(
             "work order {job} of namespace {namespace}"
         ))),
+    }
+}
+
+/// The namespace whose worker calls (its token's account).
+async fn worker_of(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let user = caller(state, headers).await?;
+    match worker_namespace(&user) {
+        Some(namespace) => Ok(namespace.to_owned()),
+        None => Err(ApiError::Forbidden(format!(
+            "{user} is not a kinsight worker and may not read work orders"
+        ))),
+    }
+}
+
+pub async fn next_order(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+    body: Result<Json<NextOrder>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let namespace = worker_of(&state, &headers).await?;
+    let Json(ask) = body.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    if ask.shape.is_empty() || ask.shape.len() > 128 {
+        return Err(ApiError::InvalidRequest(
+            "shape must be 1 to 128 characters".into(),
+        ));
+    }
+    if !(ask.wait_seconds.is_finite() && (0.0..=MAX_WAIT.as_secs_f64()).contains(&ask.wait_seconds))
+    {
+        return Err(ApiError::InvalidRequest(format!(
+            "waitSeconds must be 0 to {}",
+            MAX_WAIT.as_secs()
+        )));
+    }
+    let store = &state.store;
+    let handed = |order: Option<(String, WorkOrder)>| {
+        order.map(|(name, order)| Json(CarriedOrder { name, order }).into_response())
+    };
+    // One handed to this Job and not done (its previous pod's) comes first.
+    if let Some(order) = handed(store.take_carried(&namespace, &job).await?) {
+        return Ok(order);
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(ask.wait_seconds);
+    store.wait_as_carrier(&namespace, &job, &ask.shape).await?;
+    loop {
+        tokio::time::sleep(HANDED_POLL.min(deadline.saturating_duration_since(Instant::now())))
+            .await;
+        if let Some(order) = handed(store.take_carried(&namespace, &job).await?) {
+            return Ok(order);
+        }
+        if Instant::now() >= deadline {
+            // Handed one just now (its wait was taken with it): that one, else nothing.
+            if !store.stop_waiting(&namespace, &job).await?
+                && let Some(order) = handed(store.take_carried(&namespace, &job).await?)
+            {
+                return Ok(order);
+            }
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+}
+
+pub async fn carried_done(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((job, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let namespace = worker_of(&state, &headers).await?;
+    if state.store.carried_done(&namespace, &name, &job).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!(
+            "work order {name} carried by {job} in namespace {namespace}"
+        )))
     }
 }

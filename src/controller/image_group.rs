@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use super::fair_queue::{Admission, Lane, ObjectKey, PositionBucket};
 use super::job::{
-    MAX_IMAGES_PER_JOB, build_job, catalog_config_map, finished, job_name, left_images_failure,
-    worker_account, worker_termination,
+    CARRIED_BY_ANNOTATION, MAX_IMAGES_PER_JOB, build_job, carried_job, catalog_config_map,
+    finished, job_name, job_shape, left_images_failure, worker_account, worker_termination,
 };
 use super::scheduler::{Placement, kueue_queue};
 use super::{Context, ControllerError, MANAGER, aggregate::aggregate, events, publish_event};
@@ -334,7 +334,7 @@ async fn reconcile_group(
     if all_done {
         // After the status says Completed: whoever counts the group's Jobs against the
         // caps from the cluster sees it done by the time its slot goes to another.
-        release_done_jobs(&ctx, &namespace, status.jobs.iter());
+        release_done_jobs(&ctx, &namespace, status.jobs.iter()).await?;
     }
 
     ctx.config
@@ -702,7 +702,8 @@ async fn ensure_worker_jobs(
             .jobs
             .iter()
             .filter(|name| !shards.contains_key(*name)),
-    );
+    )
+    .await?;
     let waits = if started_before.len() < shards.len() {
         if started_before.is_empty() {
             // A new generation redoes what earlier Jobs still run; they stop now, and
@@ -723,6 +724,9 @@ async fn ensure_worker_jobs(
         // One the Job watch shows running has left nothing yet (a watch that trails only
         // delays the rest); a finished or unseen one is read from the API server.
         if ctx.scheduler.job_running(namespace, name) {
+            if let Some(carrier) = ctx.scheduler.carried_by(namespace, name) {
+                take_back_from_ended_carrier(ctx, &jobs, namespace, name, &carrier).await?;
+            }
             continue;
         }
         let job = jobs.get_opt(name).await?;
@@ -769,12 +773,56 @@ async fn ensure_worker_jobs(
 
 /// Started Jobs with no image left to store are done but for their worker's exit, which
 /// the kubelet and the Job controller report a second or two later: their slots are free
-/// now.
-fn release_done_jobs<'a>(ctx: &Context, namespace: &str, jobs: impl Iterator<Item = &'a String>) {
+/// now. A Job whose order a carrier did has no pod to end it: done, it is deleted.
+async fn release_done_jobs<'a>(
+    ctx: &Context,
+    namespace: &str,
+    jobs: impl Iterator<Item = &'a String>,
+) -> Result<(), ControllerError> {
     for name in jobs {
         ctx.scheduler
             .release(&ObjectKey::new(namespace, name.as_str()));
+        if ctx.scheduler.carried_by(namespace, name).is_none() {
+            continue;
+        }
+        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+        match jobs.delete(name, &DeleteParams::background()).await {
+            Ok(_) => tracing::debug!(job = %name, "a carried worker job is done"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(())
+}
+
+/// The carrier of Job `name`'s order has ended or gone before storing every result: the
+/// order goes back to its own Job, which now gets a pod and does what is left (results are
+/// idempotent, so what the carrier stored stays).
+async fn take_back_from_ended_carrier(
+    ctx: &Context,
+    jobs: &Api<Job>,
+    namespace: &str,
+    name: &str,
+    carrier: &str,
+) -> Result<(), ControllerError> {
+    if ctx.scheduler.job_running(namespace, carrier) {
+        return Ok(());
+    }
+    // The watch may not have shown the carrier yet: only the API server says it ended.
+    if let Some(job) = jobs.get_opt(carrier).await?
+        && finished(&job).is_none()
+    {
+        return Ok(());
+    }
+    ctx.store.take_back(namespace, name, carrier).await?;
+    let own = json!({
+        "metadata": { "annotations": { CARRIED_BY_ANNOTATION: null } },
+        "spec": { "parallelism": 1 },
+    });
+    jobs.patch(name, &PatchParams::default(), &Patch::Merge(&own))
+        .await?;
+    tracing::info!(job = %name, carrier = %carrier, "the carrier of a worker job's order ended; the job runs it itself");
+    Ok(())
 }
 
 /// How a failed Job's worker ended (e.g. OOMKilled at its memory limit), from its pods;
@@ -935,10 +983,24 @@ async fn start_job(
         generation,
         models: group.spec.models.clone(),
         images: images.to_vec(),
+        // A carrier's spans join the group's trace as the Job's own pod's do.
+        traceparent: crate::trace::of_group(group.annotations(), group.uid().as_deref())
+            .map(|trace| crate::trace::handed_on(&trace).to_string()),
     };
-    // The order first: the Job's pod fetches it as it starts.
+    // The order first: the Job's pod (or a carrier) fetches it as it starts.
     ctx.store.save_work_order(namespace, name, &order).await?;
-    let job = build_job(group, name, &order, &ctx.config, placement)?;
+    let mut job = build_job(group, name, &order, &ctx.config, placement)?;
+    // A worker of the namespace that has done its order and waits, of the same shape,
+    // takes this one: the Job then has no pod of its own, and the group no pod start.
+    if let Some(shape) = job_shape(&job)
+        && let Some(carrier) = ctx
+            .store
+            .hand_to_carrier(namespace, name, &shape, ctx.config.worker_linger)
+            .await?
+    {
+        tracing::info!(job = %name, carrier = %carrier, "handed a worker job's order to a waiting worker");
+        job = carried_job(job, &carrier);
+    }
     match jobs.create(&PostParams::default(), &job).await {
         Ok(_) => {
             tracing::info!(job = %name, namespace = %namespace, images = images.len(), "created worker job");

@@ -26,7 +26,9 @@ use super::ControllerConfig;
 use super::scheduler::{KUEUE_QUEUE_LABEL, LANE_LABEL, Placement};
 use crate::crd::{GROUP_LABEL, ImageGroup, label_value};
 use crate::inference::{Catalog, ExecutionProvider};
-use crate::worker::{WORK_ORDER_URL_ENV, WorkOrder, work_order_url};
+use crate::worker::{
+    JOB_NAME_ENV, LINGER_ENV, SHAPE_ENV, WORK_ORDER_URL_ENV, WorkOrder, work_order_url,
+};
 
 const EGRESS_ENV: &str = "KINSIGHT_ALLOW_EGRESS";
 /// The result ingest's URL, read by `kinsight worker --results-url`.
@@ -349,7 +351,7 @@ pub fn build_job(
             Some(true)
         }
     };
-    Ok(Job {
+    let mut job = Job {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             namespace: group.namespace(),
@@ -401,7 +403,91 @@ pub fn build_job(
             ..JobSpec::default()
         }),
         status: None,
-    })
+    };
+    // Kueue's Jobs start when Kueue says: they neither carry nor are carried.
+    if matches!(placement, Placement::Kinsight(_)) && !config.worker_linger.is_zero() {
+        let linger = config.worker_linger.as_secs_f64();
+        let shape = pod_shape(&job)?;
+        let env = job
+            .spec
+            .as_mut()
+            .and_then(|spec| spec.template.spec.as_mut())
+            .and_then(|pod| pod.containers.first_mut())
+            .map(|worker| worker.env.get_or_insert_with(Vec::new));
+        if let Some(env) = env {
+            for (name, value) in [
+                (JOB_NAME_ENV, name.to_owned()),
+                (SHAPE_ENV, shape),
+                (LINGER_ENV, linger.to_string()),
+            ] {
+                env.push(EnvVar {
+                    name: name.to_owned(),
+                    value: Some(value),
+                    value_from: None,
+                });
+            }
+        }
+    }
+    Ok(job)
+}
+
+/// The annotation of a Job whose order a carrier does (its value: the carrier's Job); such
+/// a Job has no pod of its own (`parallelism: 0`) unless its carrier ends first.
+pub const CARRIED_BY_ANNOTATION: &str = "kinsight.io/carried-by";
+
+/// What a worker pod is, as far as which orders it can run: its spec and annotations but
+/// for what belongs to its Job alone (the order's URL, the group's trace), hashed. Two Jobs
+/// with the same shape run the same image, models catalog, settings and resources.
+fn pod_shape(job: &Job) -> Result<String, serde_json::Error> {
+    let template = job.spec.as_ref().map(|spec| &spec.template);
+    let mut pod = template.and_then(|t| t.spec.clone()).unwrap_or_default();
+    for container in &mut pod.containers {
+        if let Some(env) = container.env.as_mut() {
+            env.retain(|e| e.name != WORK_ORDER_URL_ENV && e.name != crate::trace::ENV);
+        }
+    }
+    let annotations = template.and_then(|t| t.metadata.as_ref()?.annotations.clone());
+    let text = serde_json::to_vec(&(pod, annotations))?;
+    Ok(hex::encode(&Sha256::digest(&text)[..16]))
+}
+
+/// The shape a Job's worker carries orders for (`None`: it does not carry).
+pub fn job_shape(job: &Job) -> Option<String> {
+    let worker = job
+        .spec
+        .as_ref()?
+        .template
+        .spec
+        .as_ref()?
+        .containers
+        .first()?;
+    worker
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == SHAPE_ENV)
+        .and_then(|e| e.value.clone())
+}
+
+/// `job` with no pod of its own, its order carried by the worker of Job `carrier`.
+pub fn carried_job(mut job: Job, carrier: &str) -> Job {
+    job.metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(CARRIED_BY_ANNOTATION.to_owned(), carrier.to_owned());
+    if let Some(spec) = job.spec.as_mut() {
+        spec.parallelism = Some(0);
+    }
+    job
+}
+
+/// The Job carrying `job`'s order, while `job` has no pod of its own.
+pub fn carrier_of(job: &Job) -> Option<&str> {
+    let no_pods = job.spec.as_ref().and_then(|s| s.parallelism) == Some(0);
+    no_pods
+        .then(|| job.annotations().get(CARRIED_BY_ANNOTATION))
+        .flatten()
+        .map(String::as_str)
 }
 
 /// The worker fetches and decodes what customers point it at, so it runs with nothing to
@@ -702,6 +788,7 @@ mod tests {
                 url: "https://example.com/a.jpg".into(),
                 models: Vec::new(),
             }],
+            traceparent: None,
         }
     }
 
@@ -1195,6 +1282,99 @@ mod tests {
             ("/var/run/secrets/kubernetes.io/serviceaccount", Some(true))
         );
         assert_eq!(pod.service_account_name.as_deref(), Some(WORKER_ACCOUNT));
+    }
+
+    #[test]
+    fn workers_stay_up_for_orders_of_their_own_shape_and_a_carried_job_has_no_pod() {
+        let built = |group: &ImageGroup,
+                     name: &str,
+                     models: &[&str],
+                     config: &ControllerConfig,
+                     placement: &Placement| {
+            build_job(group, name, &order(models), config, placement).expect("job")
+        };
+        let mut config = config();
+        let listing = group(&["object_detection"]);
+        // Off (no linger): no carrier variables, no shape.
+        let plain = built(
+            &listing,
+            "listing-42-g1",
+            &["object_detection"],
+            &config,
+            &MAIN,
+        );
+        assert_eq!(job_shape(&plain), None);
+
+        config.worker_linger = std::time::Duration::from_millis(5_500);
+        let first = built(
+            &listing,
+            "listing-42-g1",
+            &["object_detection"],
+            &config,
+            &MAIN,
+        );
+        let worker = &first
+            .spec
+            .as_ref()
+            .expect("spec")
+            .template
+            .spec
+            .as_ref()
+            .expect("pod")
+            .containers[0];
+        let env = env_of(worker);
+        assert_eq!(env["KINSIGHT_JOB_NAME"], "listing-42-g1");
+        assert_eq!(env["KINSIGHT_WORKER_LINGER"], "5.5");
+        let shape = job_shape(&first).expect("a shape");
+        assert_eq!(env["KINSIGHT_WORKER_SHAPE"], shape);
+
+        // Another group's Job (its own name, order URL and trace) has the same shape ...
+        let mut other = group(&["object_detection"]);
+        other.metadata.name = Some("listing-43".into());
+        other.metadata.uid = Some("uid-2".into());
+        other.metadata.annotations = Some(BTreeMap::from([(
+            crate::trace::ANNOTATION.to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        )]));
+        let second = built(
+            &other,
+            "listing-43-g1",
+            &["object_detection"],
+            &config,
+            &MAIN,
+        );
+        assert_eq!(job_shape(&second).as_deref(), Some(shape.as_str()));
+        // ... and a GPU model's Job, or other resources, another one.
+        let gpu = built(&listing, "listing-42-g2", &["big_detector"], &config, &MAIN);
+        assert_ne!(job_shape(&gpu).expect("a shape"), shape);
+        let bigger = ControllerConfig {
+            worker_memory: "4Gi".into(),
+            ..config.clone()
+        };
+        let roomier = built(
+            &listing,
+            "listing-42-g1",
+            &["object_detection"],
+            &bigger,
+            &MAIN,
+        );
+        assert_ne!(job_shape(&roomier).expect("a shape"), shape);
+        // Kueue starts its Jobs itself: they neither carry nor are carried.
+        let kueue = Placement::Kueue("team-a".into());
+        let queued = built(
+            &listing,
+            "listing-42-g1",
+            &["object_detection"],
+            &config,
+            &kueue,
+        );
+        assert_eq!(job_shape(&queued), None);
+
+        // Carried: no pod of its own, and it says by whom.
+        assert_eq!(carrier_of(&second), None);
+        let carried = carried_job(second, "listing-42-g1");
+        assert_eq!(carried.spec.as_ref().and_then(|s| s.parallelism), Some(0));
+        assert_eq!(carrier_of(&carried), Some("listing-42-g1"));
     }
 
     #[test]

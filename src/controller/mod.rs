@@ -76,6 +76,10 @@ pub struct ControllerConfig {
     pub images_per_job: usize,
     /// How long a worker Job may run before it is failed (`activeDeadlineSeconds`).
     pub worker_deadline: Duration,
+    /// How long a worker that has done its order waits for another of its namespace that
+    /// the controller hands it (a carrier: that group then pays no pod start); zero: workers
+    /// do their own order only.
+    pub worker_linger: Duration,
     pub retry: RetrySchedule,
     pub sender: SenderConfig,
     /// Private destinations webhooks may reach anyway (default: none).
@@ -125,6 +129,7 @@ impl Default for ControllerConfig {
             images_per_job: job::MAX_IMAGES_PER_JOB,
             duplicate_distance: DEFAULT_DUPLICATE_DISTANCE,
             worker_deadline: Duration::from_secs(3600),
+            worker_linger: Duration::ZERO,
             retry: RetrySchedule::default(),
             sender: SenderConfig::default(),
             egress: EgressPolicy::default(),

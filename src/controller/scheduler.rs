@@ -12,7 +12,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 
 use super::fair_queue::{Admission, FairQueue, JobCaps, Lane, ObjectKey, Request};
-use super::job::finished;
+use super::job::{carrier_of, finished};
 use super::metrics::{LaneLabels, Metrics};
 use super::{Context, ControllerError};
 use crate::cache::Cache;
@@ -86,8 +86,42 @@ impl Scheduler {
             .is_some_and(|job| finished(&job).is_none())
     }
 
+    /// The Job carrying the order of Job `name` (which then has no pod of its own), as the
+    /// Job watch shows it.
+    pub fn carried_by(&self, namespace: &str, name: &str) -> Option<String> {
+        let store = read(&self.jobs).clone()?;
+        let job = store.get(&ObjectRef::new(name).within(namespace))?;
+        carrier_of(&job).map(str::to_owned)
+    }
+
+    /// A Job that ended or went can carry no more: the groups whose orders it carried look
+    /// again (and their own Jobs take the orders back).
+    fn wake_carried_by(&self, job: &Job) {
+        let Some(store) = read(&self.jobs).clone() else {
+            return;
+        };
+        let (namespace, name) = (job.namespace(), job.name_any());
+        for carried in store.state() {
+            if carried.namespace() != namespace || carrier_of(&carried) != Some(name.as_str()) {
+                continue;
+            }
+            for owner in carried.owner_references() {
+                if owner.kind == "ImageGroup" {
+                    let group = ObjectRef::new(&owner.name)
+                        .within(namespace.as_deref().unwrap_or_default());
+                    let _ = self.wake.unbounded_send(group);
+                }
+            }
+        }
+    }
+
     /// A worker Job event from the watch.
     pub fn observe(&self, event: &watcher::Event<Job>) {
+        match event {
+            watcher::Event::Apply(job) if finished(job).is_some() => self.wake_carried_by(job),
+            watcher::Event::Delete(job) => self.wake_carried_by(job),
+            _ => {}
+        }
         let mut queue = lock(&self.queue);
         match event {
             watcher::Event::Init => queue.relist_started(),

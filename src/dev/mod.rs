@@ -65,6 +65,9 @@ pub const DEV_JOB_CAPS: JobCaps = JobCaps {
     small_lane_jobs: 1,
 };
 
+/// How long dev's workers wait for their tenant's next group (the chart's default).
+pub const DEV_WORKER_LINGER: Duration = Duration::from_secs(5);
+
 /// A running dev installation; dropping it stops everything it started.
 pub struct DevEnvironment {
     pub api_url: String,
@@ -251,6 +254,8 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         job_caps: options.job_caps,
         worker_cpu: options.worker_cpu.clone(),
         worker_cpu_request: Some(options.worker_cpu_request.clone()),
+        // Workers stay up for their tenant's next group, as the chart's do.
+        worker_linger: DEV_WORKER_LINGER,
         ..ControllerConfig::default()
     };
     let mut tasks = JoinSet::new();

@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (12, include_str!("migrations/0012_trace_context.sql")),
     (13, include_str!("migrations/0013_trace_state.sql")),
     (14, include_str!("migrations/0014_work_orders.sql")),
+    (15, include_str!("migrations/0015_carriers.sql")),
 ];
 
 /// Any fixed number: the key of the lock that serialises migrations across processes.

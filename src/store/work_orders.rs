@@ -1,6 +1,13 @@
 //! Worker Jobs' work orders: written by the controller before it creates a Job, read by the
 //! Job's pod through the API's internal end (`GET /internal/v1/work-orders/{job}`, with the
 //! pod's ServiceAccount token), deleted when the Job is deleted or with the group.
+//!
+//! Carriers: a worker that has done its Job's own order waits a few seconds for another of
+//! its namespace and shape ([`Store::wait_as_carrier`]); the controller hands it the order of
+//! a group it admits ([`Store::hand_to_carrier`]) and makes that group's Job with no pod of
+//! its own. The carrier takes the order ([`Store::take_carried`]) and marks it done; what a
+//! Job carries and has not done is taken up again by its next pod, or taken back by the
+//! controller when the carrier's Job ends ([`Store::take_back`]).
 
 use tokio_postgres::types::Json;
 
@@ -26,7 +33,8 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (namespace, name) DO UPDATE SET
                  group_uid = EXCLUDED.group_uid, generation = EXCLUDED.generation,
-                 body = EXCLUDED.body, created_at = now()",
+                 body = EXCLUDED.body, created_at = now(),
+                 carrier = NULL, carried_at = NULL, carrier_done_at = NULL",
             &[
                 &namespace,
                 &name,
@@ -80,5 +88,148 @@ impl Store {
             )
             .await?;
         Ok(deleted > 0)
+    }
+
+    /// `job` (a worker Job of `namespace` whose pod runs with `shape`) waits for an order.
+    pub async fn wait_as_carrier(
+        &self,
+        namespace: &str,
+        job: &str,
+        shape: &str,
+    ) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO waiting_carriers (namespace, job, shape) VALUES ($1, $2, $3)
+                 ON CONFLICT (namespace, job) DO UPDATE SET shape = EXCLUDED.shape, since = now()",
+                &[&namespace, &job, &shape],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `job` waits no more. Returns whether it was still waiting (`false`: an order was
+    /// handed to it meanwhile, or it never waited).
+    pub async fn stop_waiting(&self, namespace: &str, job: &str) -> Result<bool, StoreError> {
+        let deleted = self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM waiting_carriers WHERE namespace = $1 AND job = $2",
+                &[&namespace, &job],
+            )
+            .await?;
+        Ok(deleted > 0)
+    }
+
+    /// Hands the stored order `name` to the carrier of `namespace` and `shape` that has
+    /// waited longest, among those that started waiting within `fresh` (a carrier waits
+    /// only that long); returns the carrier's Job, `None` when none waits. One carrier takes
+    /// one order: it waits again once done.
+    pub async fn hand_to_carrier(
+        &self,
+        namespace: &str,
+        name: &str,
+        shape: &str,
+        fresh: std::time::Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let carrier = tx
+            .query_opt(
+                "DELETE FROM waiting_carriers WHERE (namespace, job) IN (
+                     SELECT namespace, job FROM waiting_carriers
+                     WHERE namespace = $1 AND shape = $2
+                       AND since > now() - $3 * interval '1 second'
+                     ORDER BY since LIMIT 1
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING job",
+                &[&namespace, &shape, &fresh.as_secs_f64()],
+            )
+            .await?
+            .map(|row| row.try_get::<_, String>(0))
+            .transpose()?;
+        let Some(carrier) = carrier else {
+            return Ok(None);
+        };
+        let handed = tx
+            .execute(
+                "UPDATE work_orders SET carrier = $3, carried_at = now(), carrier_done_at = NULL
+                 WHERE namespace = $1 AND name = $2",
+                &[&namespace, &name, &carrier],
+            )
+            .await?;
+        if handed == 0 {
+            // No such order: the carrier stays waiting.
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(carrier))
+    }
+
+    /// The oldest order handed to `job` and not done yet (one its previous pod took and
+    /// did not finish included), with its Job's name.
+    pub async fn take_carried(
+        &self,
+        namespace: &str,
+        job: &str,
+    ) -> Result<Option<(String, WorkOrder)>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT name, body FROM work_orders
+                 WHERE namespace = $1 AND carrier = $2 AND carrier_done_at IS NULL
+                 ORDER BY carried_at LIMIT 1",
+                &[&namespace, &job],
+            )
+            .await?;
+        row.map(|row| {
+            let name: String = row.try_get(0)?;
+            let body: Json<WorkOrder> = row
+                .try_get(1)
+                .map_err(|e| StoreError::Corrupt(format!("work order {namespace}/{name}: {e}")))?;
+            Ok((name, body.0))
+        })
+        .transpose()
+    }
+
+    /// The carrier `job` has stored every result of the order `name`.
+    pub async fn carried_done(
+        &self,
+        namespace: &str,
+        name: &str,
+        job: &str,
+    ) -> Result<bool, StoreError> {
+        let done = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE work_orders SET carrier_done_at = now()
+                 WHERE namespace = $1 AND name = $2 AND carrier = $3",
+                &[&namespace, &name, &job],
+            )
+            .await?;
+        Ok(done > 0)
+    }
+
+    /// Takes the order `name` back from `carrier` (its Job ended or went): the order's own
+    /// Job runs it. Returns whether `carrier` had it.
+    pub async fn take_back(
+        &self,
+        namespace: &str,
+        name: &str,
+        carrier: &str,
+    ) -> Result<bool, StoreError> {
+        let taken = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE work_orders SET carrier = NULL, carried_at = NULL, carrier_done_at = NULL
+                 WHERE namespace = $1 AND name = $2 AND carrier = $3",
+                &[&namespace, &name, &carrier],
+            )
+            .await?;
+        Ok(taken > 0)
     }
 }

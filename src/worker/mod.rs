@@ -4,14 +4,18 @@
 //! alone; the process fails only when it cannot work at all (models, runtime, the ingest),
 //! and succeeds only once every result is stored.
 
+mod carrier;
 mod fetch;
 mod order;
 mod sandbox;
 
+pub use carrier::{
+    CarriedOrder, Carrier, JOB_NAME_ENV, LINGER_ENV, MAX_WAIT, NextOrder, SHAPE_ENV,
+};
 pub use fetch::{FetchConfig, FetchError, Fetcher};
 pub use order::{
-    WORK_ORDER_ENV, WORK_ORDER_FILE_ENV, WORK_ORDER_URL_ENV, WORK_ORDERS_PATH, WorkItem, WorkOrder,
-    fetch_work_order, work_order_url,
+    CARRIERS_PATH, WORK_ORDER_ENV, WORK_ORDER_FILE_ENV, WORK_ORDER_URL_ENV, WORK_ORDERS_PATH,
+    WorkItem, WorkOrder, fetch_work_order, internal_base, work_order_url,
 };
 pub use sandbox::Sandbox;
 

@@ -16,8 +16,13 @@ use crate::results::{GroupRef, INGEST_PATH, TokenSource, failed_answer};
 
 /// Environment variable with the URL of the Job's work order (set by the controller).
 pub const WORK_ORDER_URL_ENV: &str = "KINSIGHT_WORK_ORDER_URL";
+/// The API's internal end, below its address.
+const INTERNAL_PREFIX: &str = "/internal/v1";
 /// Where the API serves work orders, one per Job name below it.
 pub const WORK_ORDERS_PATH: &str = "/internal/v1/work-orders";
+/// Where carriers ask for orders (`{job}/next-order`) and say they are done with one
+/// (`{job}/orders/{name}/done`).
+pub const CARRIERS_PATH: &str = "/internal/v1/carriers";
 /// Environment variable naming the work order's file (a mounted ConfigMap's key: Jobs of
 /// controllers before the orders moved to the database).
 pub const WORK_ORDER_FILE_ENV: &str = "KINSIGHT_WORK_ORDER_FILE";
@@ -34,6 +39,10 @@ pub struct WorkOrder {
     pub generation: i64,
     pub models: Vec<String>,
     pub images: Vec<WorkItem>,
+    /// The group's W3C `traceparent`, so that a worker carrying the order for another Job
+    /// joins the group's trace (a Job's own pod has it in `TRACEPARENT` as well).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -68,21 +77,25 @@ impl WorkOrder {
     }
 }
 
-/// The URL of the Job `job`'s work order: beside the result ingest (`results_url`) on the
-/// same API, since both are its internal end.
-pub fn work_order_url(results_url: &str, job: &str) -> String {
-    let base = match results_url.strip_suffix(INGEST_PATH) {
-        Some(origin) => format!("{origin}{WORK_ORDERS_PATH}"),
-        // An ingest behind another path: the orders are its siblings.
+/// The API's internal end (`.../internal/v1`) of the result ingest at `results_url`: work
+/// orders and carriers are beside it.
+pub fn internal_base(results_url: &str) -> String {
+    match results_url.strip_suffix(INGEST_PATH) {
+        Some(origin) => format!("{origin}{INTERNAL_PREFIX}"),
+        // An ingest behind another path: the others are its siblings.
         None => {
             let trimmed = results_url.trim_end_matches('/');
-            let parent = trimmed
+            trimmed
                 .rsplit_once('/')
-                .map_or(trimmed, |(parent, _)| parent);
-            format!("{parent}/work-orders")
+                .map_or(trimmed, |(parent, _)| parent)
+                .to_owned()
         }
-    };
-    format!("{base}/{job}")
+    }
+}
+
+/// The URL of the Job `job`'s work order.
+pub fn work_order_url(results_url: &str, job: &str) -> String {
+    format!("{}/work-orders/{job}", internal_base(results_url))
 }
 
 /// How long the worker tries to fetch its order while the API is unreachable or failing

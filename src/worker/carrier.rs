@@ -1,0 +1,144 @@
+//! A worker that stays up: once its Job's own order is done, the worker asks the API's
+//! internal end for an order the controller hands it (another group of its namespace that its
+//! pod's shape can run), waiting up to its linger time each time, and exits when none comes.
+//! So a tenant's next group starts without a pod start of its own. The controller sets the
+//! three variables on its Jobs; without them the worker does its own order only.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::order::{WorkOrder, internal_base};
+use crate::results::{TokenSource, failed_answer};
+
+/// The worker's own Job name.
+pub const JOB_NAME_ENV: &str = "KINSIGHT_JOB_NAME";
+/// What the worker's pod is (image, resources, catalog, settings) as the controller hashes
+/// it: only orders whose own Job would have the same pod are handed to it.
+pub const SHAPE_ENV: &str = "KINSIGHT_WORKER_SHAPE";
+/// How long, in seconds, the worker waits for another order after each one (0: none).
+pub const LINGER_ENV: &str = "KINSIGHT_WORKER_LINGER";
+/// The longest wait one request may ask for: a longer linger asks again.
+pub const MAX_WAIT: Duration = Duration::from_secs(20);
+
+/// What a carrier asks for: an order for a pod of `shape`, waiting up to `wait_seconds`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NextOrder {
+    pub shape: String,
+    #[serde(default)]
+    pub wait_seconds: f64,
+}
+
+/// An order handed to a carrier, with the name of the Job it belongs to.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CarriedOrder {
+    pub name: String,
+    pub order: WorkOrder,
+}
+
+/// The API's side of carrying, for one worker.
+pub struct Carrier {
+    base: String,
+    shape: String,
+    linger: Duration,
+    token: TokenSource,
+    http: reqwest::Client,
+}
+
+impl Carrier {
+    /// The carrier of the Job the environment names, or `None` when the controller did
+    /// not ask its Jobs to stay up (or made this one before it could).
+    pub fn from_env(results_url: &str, token: TokenSource) -> Result<Option<Carrier>, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let (Some(job), Some(shape), Some(linger)) =
+            (var(JOB_NAME_ENV), var(SHAPE_ENV), var(LINGER_ENV))
+        else {
+            return Ok(None);
+        };
+        let linger: f64 = linger
+            .trim()
+            .parse()
+            .ok()
+            .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+            .ok_or_else(|| format!("{LINGER_ENV} must be seconds, got {linger:?}"))?;
+        if linger == 0.0 {
+            return Ok(None);
+        }
+        let http = reqwest::Client::builder()
+            .timeout(MAX_WAIT + Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
+        Ok(Some(Carrier {
+            base: format!("{}/carriers/{job}", internal_base(results_url)),
+            shape,
+            linger: Duration::from_secs_f64(linger),
+            token,
+            http,
+        }))
+    }
+
+    /// The next order handed to this worker, waiting up to the linger time; `None` when
+    /// none came (or the API cannot be reached: the worker's own work is done, so it ends).
+    pub async fn next_order(&self) -> Option<CarriedOrder> {
+        let ask = NextOrder {
+            shape: self.shape.clone(),
+            wait_seconds: self.linger.min(MAX_WAIT).as_secs_f64(),
+        };
+        let request = async {
+            let bearer = self.token.read().map_err(|e| e.to_string())?;
+            let response = self
+                .http
+                .post(format!("{}/next-order", self.base))
+                .bearer_auth(bearer)
+                .json(&ask)
+                .send()
+                .await
+                .map_err(|e| e.without_url().to_string())?;
+            match response.status() {
+                reqwest::StatusCode::NO_CONTENT => Ok(None),
+                status if status.is_success() => response
+                    .json::<CarriedOrder>()
+                    .await
+                    .map(Some)
+                    .map_err(|e| format!("the API's order is not valid: {}", e.without_url())),
+                _ => Err(failed_answer(response).await.unwrap_or_else(|e| e)),
+            }
+        };
+        match request.await {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::warn!(error = %e, "asking for another work order failed; the worker ends");
+                None
+            }
+        }
+    }
+
+    /// Says that every result of the order of Job `name` is stored. A failure is logged
+    /// only: the controller takes back what a carrier that ended did not mark done, and its
+    /// own Job redoes it (results are idempotent).
+    pub async fn done(&self, name: &str) {
+        let outcome = async {
+            let bearer = self.token.read().map_err(|e| e.to_string())?;
+            let response = self
+                .http
+                .post(format!("{}/orders/{name}/done", self.base))
+                .bearer_auth(bearer)
+                .send()
+                .await
+                .map_err(|e| e.without_url().to_string())?;
+            // Gone: its Job was deleted once its results were stored, nothing to mark.
+            if response.status().is_success() || response.status() == reqwest::StatusCode::NOT_FOUND
+            {
+                return Ok(());
+            }
+            Err(failed_answer(response).await.unwrap_or_else(|e| e))
+        };
+        if let Err(e) = outcome.await {
+            tracing::warn!(order = %name, error = %e, "marking a carried order done failed");
+        }
+    }
+}
