@@ -1175,6 +1175,8 @@ async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
         .await
         .expect("take");
     assert_eq!(taken, Some(("grp-c1-g1".to_owned(), order.clone())));
+    assert!(store.carries("tenant-a", "first-g1").await.expect("read"));
+    assert!(!store.carries("tenant-a", "second-g1").await.expect("read"));
     // Until it is done, the carrier's Job (a next pod of it) takes it up again; no one else.
     assert!(
         store
@@ -1203,6 +1205,7 @@ async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
             .expect("take"),
         None
     );
+    assert!(!store.carries("tenant-a", "first-g1").await.expect("read"));
 
     // A wait older than a carrier waits is not handed to.
     store

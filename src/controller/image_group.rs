@@ -708,7 +708,7 @@ async fn ensure_worker_jobs(
         if started_before.is_empty() {
             // A new generation redoes what earlier Jobs still run; they stop now, and
             // their slots go to whoever is next (this group's new Jobs may wait).
-            stop_superseded_jobs(&jobs, &status.jobs).await?;
+            stop_superseded_jobs(ctx, &jobs, namespace, &status.jobs).await?;
         }
         start_admitted_jobs(
             ctx, group, group_ref, generation, &shards, status, first_look,
@@ -1015,12 +1015,21 @@ async fn start_job(
 /// Stops the Jobs of earlier generations that are still running. The new Job has every
 /// image without a result for the current models, theirs included, so they would only do
 /// the same work twice; what they already wrote stays.
-async fn stop_superseded_jobs(jobs: &Api<Job>, earlier: &[String]) -> Result<(), ControllerError> {
+async fn stop_superseded_jobs(
+    ctx: &Context,
+    jobs: &Api<Job>,
+    namespace: &str,
+    earlier: &[String],
+) -> Result<(), ControllerError> {
     for name in earlier {
         let Some(job) = jobs.get_opt(name).await? else {
             continue;
         };
         if finished(&job).is_some() {
+            continue;
+        }
+        // Its own order done, it carries another group's: that group's work goes on.
+        if ctx.store.carries(namespace, name).await? {
             continue;
         }
         // Background propagation: the garbage collector deletes its pods.

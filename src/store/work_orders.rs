@@ -232,4 +232,18 @@ impl Store {
             .await?;
         Ok(taken > 0)
     }
+
+    /// Whether the Job `job` carries an order it has not done.
+    pub async fn carries(&self, namespace: &str, job: &str) -> Result<bool, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT 1 FROM work_orders
+                 WHERE namespace = $1 AND carrier = $2 AND carrier_done_at IS NULL LIMIT 1",
+                &[&namespace, &job],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
 }
