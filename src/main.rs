@@ -533,7 +533,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             kinsight::worker::Sandbox::inspect(&std::env::temp_dir()).log();
             // The pod's ServiceAccount token proves to the API's internal end whose worker
             // this is: it fetches the order with it and hands the results over with it.
-            let (order, token) = kinsight::worker::load_order().await?;
+            let http = kinsight::results::internal_client()?;
+            let (order, token) = kinsight::worker::load_order(&http).await?;
             let Some(order) = order else {
                 tracing::info!(
                     "this Job's work order is gone (its group was deleted or has a newer \
@@ -563,13 +564,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // whole grace period (30 s) beside the pod replacing it.
             let stop = Shutdown::on_signals();
             let results_url = args.results_url;
-            // The group's trace (TRACEPARENT, set on the Job): the worker's spans join it.
-            let trace = std::env::var(kinsight::trace::ENV).ok();
-            work_order(order, trace, &results_url, &token, &options, &stop).await?;
+            let internal = (&http, results_url.as_str(), &token);
+            work_order(order, internal, &options, &stop).await?;
             // Then the orders the controller hands this worker, when it asked its Jobs to
             // stay up: each saves a group a pod start of its own.
-            let carrier = kinsight::worker::Carrier::from_env(&results_url, token.clone())
-                .map_err(anyhow::Error::msg)?;
+            let carrier =
+                kinsight::worker::Carrier::from_env(http.clone(), &results_url, token.clone())
+                    .map_err(anyhow::Error::msg)?;
             if let Some(carrier) = carrier {
                 loop {
                     let next = tokio::select! {
@@ -580,8 +581,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         break;
                     };
                     tracing::info!(job = %carried.name, group = %carried.order.group.name, "carrying another Job's work order");
-                    let trace = carried.order.traceparent.clone();
-                    work_order(carried.order, trace, &results_url, &token, &options, &stop).await?;
+                    work_order(carried.order, internal, &options, &stop).await?;
                     carrier.done(&carried.name).await;
                 }
             }
@@ -601,23 +601,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one work order in the span of its group's trace, sending its results as they come;
-/// a signal stops it (the results sent so far are stored).
+/// Runs one work order in the span of its group's trace, sending its results to the API's
+/// internal end (its client, the result ingest's URL, the pod's token) as they come; a
+/// signal stops it (the results sent so far are stored).
 async fn work_order(
     order: kinsight::worker::WorkOrder,
-    trace: Option<String>,
-    results_url: &str,
-    token: &kinsight::results::TokenSource,
+    (http, results_url, token): (&reqwest::Client, &str, &kinsight::results::TokenSource),
     options: &WorkerOptions,
     stop: &Shutdown,
 ) -> anyhow::Result<()> {
     let uploader = kinsight::results::ResultUploader::start(
+        http.clone(),
         results_url.to_owned(),
         token.clone(),
         order.group.clone(),
         order.generation,
-    )?;
-    let trace = trace.and_then(|t| kinsight::trace::TraceParent::parse(&t));
+    );
+    // The group's trace, as the order carries it (or, from a controller before that, the
+    // Job's TRACEPARENT): the worker's spans join it.
+    let trace = order
+        .traceparent
+        .clone()
+        .or_else(|| std::env::var(kinsight::trace::ENV).ok())
+        .and_then(|t| kinsight::trace::TraceParent::parse(&t));
     let span = tracing::info_span!(
         "worker",
         group = %order.group.name,

@@ -1037,7 +1037,7 @@ async fn a_work_order_is_kept_per_job_and_goes_with_its_job_or_its_group() {
     // 1000 images with long URLs: half a megabyte, read back whole.
     let order = work_order(&first, 1, 1000);
     store
-        .save_work_order("tenant-a", "grp-w-g1", &order)
+        .save_work_order("tenant-a", "grp-w-g1", &order, None)
         .await
         .expect("saved");
     let read = store
@@ -1065,7 +1065,7 @@ async fn a_work_order_is_kept_per_job_and_goes_with_its_job_or_its_group() {
     // the first, and the first Job's deletion leaves it alone.
     let later = work_order(&again, 1, 2);
     store
-        .save_work_order("tenant-a", "grp-w-g1", &later)
+        .save_work_order("tenant-a", "grp-w-g1", &later, None)
         .await
         .expect("saved");
     assert!(
@@ -1101,7 +1101,7 @@ async fn a_work_order_is_kept_per_job_and_goes_with_its_job_or_its_group() {
         (&kept, "grp-w3-g1"),
     ] {
         store
-            .save_work_order("tenant-a", job, &work_order(g, 1, 3))
+            .save_work_order("tenant-a", job, &work_order(g, 1, 3), None)
             .await
             .expect("saved");
     }
@@ -1129,18 +1129,16 @@ async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
     let g = group("c1");
     let fresh = Duration::from_secs(5);
     let order = work_order(&g, 1, 3);
-    store
-        .save_work_order("tenant-a", "grp-c1-g1", &order)
-        .await
-        .expect("saved");
-    let hand = async |name: &str, fresh: Duration| {
+    // Saving an order hands it to a waiting carrier of its shape, if one waits.
+    let hand = async |name: &str, order: &WorkOrder, fresh: Duration| {
         store
-            .hand_to_carrier("tenant-a", name, "shape-a", fresh)
+            .save_work_order("tenant-a", name, order, Some(("shape-a", fresh)))
             .await
-            .expect("hand")
+            .expect("saved")
     };
+    let carried = async |job: &str| store.take_carried("tenant-a", job).await.expect("take");
     // Nobody waits: nothing is handed.
-    assert_eq!(hand("grp-c1-g1", fresh).await, None);
+    assert_eq!(hand("grp-c1-g1", &order, fresh).await, None);
     // Workers of another namespace or shape do not take it.
     for (namespace, job, shape) in [
         ("tenant-b", "b-g1", "shape-a"),
@@ -1151,7 +1149,7 @@ async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
             .await
             .expect("wait");
     }
-    assert_eq!(hand("grp-c1-g1", fresh).await, None);
+    assert_eq!(hand("grp-c1-g1", &order, fresh).await, None);
     // The one of its namespace and shape that has waited longest does, and waits no more.
     store
         .wait_as_carrier("tenant-a", "first-g1", "shape-a")
@@ -1162,7 +1160,10 @@ async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
         .wait_as_carrier("tenant-a", "second-g1", "shape-a")
         .await
         .expect("wait");
-    assert_eq!(hand("grp-c1-g1", fresh).await.as_deref(), Some("first-g1"));
+    assert_eq!(
+        hand("grp-c1-g1", &order, fresh).await.as_deref(),
+        Some("first-g1")
+    );
     assert!(
         !store
             .stop_waiting("tenant-a", "first-g1")
@@ -1170,51 +1171,33 @@ async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
             .expect("stop"),
         "its wait went with the order"
     );
-    let taken = store
-        .take_carried("tenant-a", "first-g1")
-        .await
-        .expect("take");
+    let taken = carried("first-g1").await;
     assert_eq!(taken, Some(("grp-c1-g1".to_owned(), order.clone())));
     assert!(store.carries("tenant-a", "first-g1").await.expect("read"));
     assert!(!store.carries("tenant-a", "second-g1").await.expect("read"));
     // Until it is done, the carrier's Job (a next pod of it) takes it up again; no one else.
-    assert!(
-        store
-            .take_carried("tenant-a", "first-g1")
-            .await
-            .expect("take")
-            .is_some()
-    );
-    assert_eq!(
-        store
-            .take_carried("tenant-a", "second-g1")
-            .await
-            .expect("take"),
-        None
-    );
+    assert!(carried("first-g1").await.is_some());
+    assert_eq!(carried("second-g1").await, None);
     assert!(
         store
             .carried_done("tenant-a", "grp-c1-g1", "first-g1")
             .await
             .expect("done")
     );
-    assert_eq!(
-        store
-            .take_carried("tenant-a", "first-g1")
-            .await
-            .expect("take"),
-        None
-    );
+    assert_eq!(carried("first-g1").await, None);
     assert!(!store.carries("tenant-a", "first-g1").await.expect("read"));
 
     // A wait older than a carrier waits is not handed to.
-    store
-        .save_work_order("tenant-a", "grp-c1-g2", &work_order(&g, 2, 1))
-        .await
-        .expect("saved");
+    let next = work_order(&g, 2, 1);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(hand("grp-c1-g2", Duration::from_millis(10)).await, None);
-    assert_eq!(hand("grp-c1-g2", fresh).await.as_deref(), Some("second-g1"));
+    assert_eq!(
+        hand("grp-c1-g2", &next, Duration::from_millis(10)).await,
+        None
+    );
+    assert_eq!(
+        hand("grp-c1-g2", &next, fresh).await.as_deref(),
+        Some("second-g1")
+    );
     // Taken back only from the carrier that has it; then its own Job runs it.
     assert!(
         !store
@@ -1228,13 +1211,7 @@ async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
             .await
             .expect("take back")
     );
-    assert_eq!(
-        store
-            .take_carried("tenant-a", "second-g1")
-            .await
-            .expect("take"),
-        None
-    );
+    assert_eq!(carried("second-g1").await, None);
     assert!(
         !store
             .carried_done("tenant-a", "grp-c1-g2", "second-g1")
@@ -1242,12 +1219,16 @@ async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
             .expect("done"),
         "no longer its order"
     );
-    // An order handed to no order: the wait stays.
+    // An order saved for a Job that does not carry (Kueue's) leaves the waits alone.
     store
         .wait_as_carrier("tenant-a", "third-g1", "shape-a")
         .await
         .expect("wait");
-    assert_eq!(hand("no-such-order-g1", fresh).await, None);
+    let plain = store
+        .save_work_order("tenant-a", "grp-c1-g3", &work_order(&g, 3, 1), None)
+        .await
+        .expect("saved");
+    assert_eq!(plain, None);
     assert!(
         store
             .stop_waiting("tenant-a", "third-g1")

@@ -779,14 +779,14 @@ async fn release_done_jobs<'a>(
     namespace: &str,
     jobs: impl Iterator<Item = &'a String>,
 ) -> Result<(), ControllerError> {
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     for name in jobs {
         ctx.scheduler
             .release(&ObjectKey::new(namespace, name.as_str()));
         if ctx.scheduler.carried_by(namespace, name).is_none() {
             continue;
         }
-        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
-        match jobs.delete(name, &DeleteParams::background()).await {
+        match api.delete(name, &DeleteParams::background()).await {
             Ok(_) => tracing::debug!(job = %name, "a carried worker job is done"),
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e.into()),
@@ -987,17 +987,23 @@ async fn start_job(
         traceparent: crate::trace::of_group(group.annotations(), group.uid().as_deref())
             .map(|trace| crate::trace::handed_on(&trace).to_string()),
     };
-    // The order first: the Job's pod (or a carrier) fetches it as it starts.
-    ctx.store.save_work_order(namespace, name, &order).await?;
     let mut job = build_job(group, name, &order, &ctx.config, placement)?;
-    // A worker of the namespace that has done its order and waits, of the same shape,
-    // takes this one: the Job then has no pod of its own, and the group no pod start.
-    if let Some(shape) = job_shape(&job)
-        && let Some(carrier) = ctx
-            .store
-            .hand_to_carrier(namespace, name, &shape, ctx.config.worker_linger)
-            .await?
-    {
+    // The order first: the Job's pod fetches it as it starts. A worker of the namespace that
+    // has done its order and waits, of the same shape, takes it instead: the Job then has no
+    // pod of its own, and the group no pod start.
+    let carry = job_shape(&job).map(|shape| (shape, ctx.config.worker_linger));
+    let carrier = ctx
+        .store
+        .save_work_order(
+            namespace,
+            name,
+            &order,
+            carry
+                .as_ref()
+                .map(|(shape, fresh)| (shape.as_str(), *fresh)),
+        )
+        .await?;
+    if let Some(carrier) = carrier {
         tracing::info!(job = %name, carrier = %carrier, "handed a worker job's order to a waiting worker");
         job = carried_job(job, &carrier);
     }

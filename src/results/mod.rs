@@ -8,7 +8,9 @@ mod upload;
 
 pub use model::{ImageFailure, ImageResult, ModelResult, Timings};
 pub(crate) use upload::failed_answer;
-pub use upload::{ResultUploader, TokenSource, UploadError, UploadReport};
+pub use upload::{
+    REQUEST_TIMEOUT, ResultUploader, TokenSource, UploadError, UploadReport, internal_client,
+};
 
 use serde::{Deserialize, Serialize};
 

@@ -14,7 +14,19 @@ use super::{GroupRef, ImageResult, MAX_BATCH, ResultBatch};
 
 /// How long one batch is retried before the worker gives up (and fails, so its Job retries).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(300);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one request to the API's internal end may take (a carrier's long poll for its
+/// next order included: [`crate::worker::MAX_WAIT`] is shorter).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The worker's one HTTP client for the API's internal end (its work orders, its results,
+/// the orders it carries), so that every call reuses its connections.
+pub fn internal_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
 /// How long a batch waits for more results after its first. Each request costs the ingest,
 /// PostgreSQL and the controller's event planning a round of work, on the same cores as
 /// inference on a small cluster: one per image halves a worker's pace; this delays an
@@ -102,16 +114,12 @@ pub struct UploadReport {
 
 impl ResultUploader {
     pub fn start(
+        http: reqwest::Client,
         url: String,
         token: TokenSource,
         group: GroupRef,
         generation: i64,
-    ) -> Result<ResultUploader, UploadError> {
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_secs(5))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+    ) -> ResultUploader {
         let (queue, mut queued) = mpsc::unbounded_channel::<ImageResult>();
         let task = tokio::spawn(async move {
             let mut report = UploadReport::default();
@@ -138,7 +146,7 @@ impl ResultUploader {
             }
             Ok(report)
         });
-        Ok(ResultUploader { queue, task })
+        ResultUploader { queue, task }
     }
 
     /// Queues one result; an error means the sender already gave up (see [`Self::finish`]).

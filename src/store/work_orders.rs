@@ -4,10 +4,12 @@
 //!
 //! Carriers: a worker that has done its Job's own order waits a few seconds for another of
 //! its namespace and shape ([`Store::wait_as_carrier`]); the controller hands it the order of
-//! a group it admits ([`Store::hand_to_carrier`]) and makes that group's Job with no pod of
+//! a group it admits ([`Store::save_work_order`]) and makes that group's Job with no pod of
 //! its own. The carrier takes the order ([`Store::take_carried`]) and marks it done; what a
 //! Job carries and has not done is taken up again by its next pod, or taken back by the
 //! controller when the carrier's Job ends ([`Store::take_back`]).
+
+use std::time::Duration;
 
 use tokio_postgres::types::Json;
 
@@ -17,35 +19,59 @@ use crate::worker::WorkOrder;
 impl Store {
     /// Stores the order of the worker Job `name` in `namespace`, replacing an earlier one of
     /// that name (a Job name is the group's name and generation: a group made again under the
-    /// same name has the same Job names, and the newest order is the one to run).
+    /// same name has the same Job names, and the newest order is the one to run). With
+    /// `carry` (the Job's pod shape, and how long a carrier waits), the order goes in the
+    /// same transaction to the carrier of `namespace` and that shape that has waited longest
+    /// among those that started waiting within that time; returns that carrier's Job. The
+    /// wait goes with the order: a carrier takes one at a time and waits again once done.
     pub async fn save_work_order(
         &self,
         namespace: &str,
         name: &str,
         order: &WorkOrder,
-    ) -> Result<(), StoreError> {
+        carry: Option<(&str, Duration)>,
+    ) -> Result<Option<String>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // The group's row is what retention and a deleted group's purge go by.
         record_group(&tx, &order.group).await?;
+        let carrier: Option<String> = match carry {
+            Some((shape, fresh)) => tx
+                .query_opt(
+                    "DELETE FROM waiting_carriers WHERE (namespace, job) IN (
+                         SELECT namespace, job FROM waiting_carriers
+                         WHERE namespace = $1 AND shape = $2
+                           AND since > now() - $3 * interval '1 second'
+                         ORDER BY since LIMIT 1
+                         FOR UPDATE SKIP LOCKED)
+                     RETURNING job",
+                    &[&namespace, &shape, &fresh.as_secs_f64()],
+                )
+                .await?
+                .map(|row| row.try_get(0))
+                .transpose()?,
+            None => None,
+        };
         tx.execute(
-            "INSERT INTO work_orders (namespace, name, group_uid, generation, body)
-             VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO work_orders
+                 (namespace, name, group_uid, generation, body, carrier, carried_at)
+             VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $6::text IS NULL THEN NULL ELSE now() END)
              ON CONFLICT (namespace, name) DO UPDATE SET
                  group_uid = EXCLUDED.group_uid, generation = EXCLUDED.generation,
-                 body = EXCLUDED.body, created_at = now(),
-                 carrier = NULL, carried_at = NULL, carrier_done_at = NULL",
+                 body = EXCLUDED.body, created_at = now(), carrier = EXCLUDED.carrier,
+                 carried_at = EXCLUDED.carried_at, carrier_done_at = NULL",
             &[
                 &namespace,
                 &name,
                 &order.group.uid,
                 &order.generation,
                 &Json(order),
+                &carrier,
             ],
         )
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(carrier)
     }
 
     /// The order of the worker Job `name` in `namespace`, if there is one.
@@ -120,51 +146,6 @@ impl Store {
             )
             .await?;
         Ok(deleted > 0)
-    }
-
-    /// Hands the stored order `name` to the carrier of `namespace` and `shape` that has
-    /// waited longest, among those that started waiting within `fresh` (a carrier waits
-    /// only that long); returns the carrier's Job, `None` when none waits. One carrier takes
-    /// one order: it waits again once done.
-    pub async fn hand_to_carrier(
-        &self,
-        namespace: &str,
-        name: &str,
-        shape: &str,
-        fresh: std::time::Duration,
-    ) -> Result<Option<String>, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let carrier = tx
-            .query_opt(
-                "DELETE FROM waiting_carriers WHERE (namespace, job) IN (
-                     SELECT namespace, job FROM waiting_carriers
-                     WHERE namespace = $1 AND shape = $2
-                       AND since > now() - $3 * interval '1 second'
-                     ORDER BY since LIMIT 1
-                     FOR UPDATE SKIP LOCKED)
-                 RETURNING job",
-                &[&namespace, &shape, &fresh.as_secs_f64()],
-            )
-            .await?
-            .map(|row| row.try_get::<_, String>(0))
-            .transpose()?;
-        let Some(carrier) = carrier else {
-            return Ok(None);
-        };
-        let handed = tx
-            .execute(
-                "UPDATE work_orders SET carrier = $3, carried_at = now(), carrier_done_at = NULL
-                 WHERE namespace = $1 AND name = $2",
-                &[&namespace, &name, &carrier],
-            )
-            .await?;
-        if handed == 0 {
-            // No such order: the carrier stays waiting.
-            return Ok(None);
-        }
-        tx.commit().await?;
-        Ok(Some(carrier))
     }
 
     /// The oldest order handed to `job` and not done yet (one its previous pod took and

@@ -20,6 +20,8 @@ pub const SHAPE_ENV: &str = "KINSIGHT_WORKER_SHAPE";
 pub const LINGER_ENV: &str = "KINSIGHT_WORKER_LINGER";
 /// The longest wait one request may ask for: a longer linger asks again.
 pub const MAX_WAIT: Duration = Duration::from_secs(20);
+// A long poll ends well within the worker's request timeout.
+const _: () = assert!(MAX_WAIT.as_secs() + 5 <= crate::results::REQUEST_TIMEOUT.as_secs());
 
 /// What a carrier asks for: an order for a pod of `shape`, waiting up to `wait_seconds`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -50,7 +52,11 @@ pub struct Carrier {
 impl Carrier {
     /// The carrier of the Job the environment names, or `None` when the controller did
     /// not ask its Jobs to stay up (or made this one before it could).
-    pub fn from_env(results_url: &str, token: TokenSource) -> Result<Option<Carrier>, String> {
+    pub fn from_env(
+        http: reqwest::Client,
+        results_url: &str,
+        token: TokenSource,
+    ) -> Result<Option<Carrier>, String> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let (Some(job), Some(shape), Some(linger)) =
             (var(JOB_NAME_ENV), var(SHAPE_ENV), var(LINGER_ENV))
@@ -66,12 +72,6 @@ impl Carrier {
         if linger == 0.0 {
             return Ok(None);
         }
-        let http = reqwest::Client::builder()
-            .timeout(MAX_WAIT + Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(5))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| format!("http client: {e}"))?;
         Ok(Some(Carrier {
             base: format!("{}/carriers/{job}", internal_base(results_url)),
             shape,
@@ -81,38 +81,39 @@ impl Carrier {
         }))
     }
 
-    /// The next order handed to this worker, waiting up to the linger time; `None` when
-    /// none came (or the API cannot be reached: the worker's own work is done, so it ends).
+    /// The next order handed to this worker, waiting up to the linger time (in requests
+    /// of at most [`MAX_WAIT`]); `None` when none came (or the API cannot be reached: the
+    /// worker's own work is done, so it ends).
     pub async fn next_order(&self) -> Option<CarriedOrder> {
-        let ask = NextOrder {
-            shape: self.shape.clone(),
-            wait_seconds: self.linger.min(MAX_WAIT).as_secs_f64(),
-        };
-        let request = async {
-            let bearer = self.token.read().map_err(|e| e.to_string())?;
-            let response = self
-                .http
-                .post(format!("{}/next-order", self.base))
-                .bearer_auth(bearer)
-                .json(&ask)
-                .send()
-                .await
-                .map_err(|e| e.without_url().to_string())?;
-            match response.status() {
-                reqwest::StatusCode::NO_CONTENT => Ok(None),
-                status if status.is_success() => response
-                    .json::<CarriedOrder>()
-                    .await
-                    .map(Some)
-                    .map_err(|e| format!("the API's order is not valid: {}", e.without_url())),
-                _ => Err(failed_answer(response).await.unwrap_or_else(|e| e)),
+        let deadline = tokio::time::Instant::now() + self.linger;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return None;
             }
-        };
-        match request.await {
-            Ok(next) => next,
-            Err(e) => {
-                tracing::warn!(error = %e, "asking for another work order failed; the worker ends");
-                None
+            let ask = NextOrder {
+                shape: self.shape.clone(),
+                wait_seconds: left.min(MAX_WAIT).as_secs_f64(),
+            };
+            let asked = async {
+                let response = self.post("next-order", Some(&ask)).await?;
+                match response.status() {
+                    reqwest::StatusCode::NO_CONTENT => Ok(None),
+                    status if status.is_success() => response
+                        .json::<CarriedOrder>()
+                        .await
+                        .map(Some)
+                        .map_err(|e| format!("the API's order is not valid: {}", e.without_url())),
+                    _ => Err(failed_answer(response).await.unwrap_or_else(|e| e)),
+                }
+            };
+            match asked.await {
+                Ok(Some(order)) => return Some(order),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "asking for another work order failed; the worker ends");
+                    return None;
+                }
             }
         }
     }
@@ -122,17 +123,10 @@ impl Carrier {
     /// own Job redoes it (results are idempotent).
     pub async fn done(&self, name: &str) {
         let outcome = async {
-            let bearer = self.token.read().map_err(|e| e.to_string())?;
-            let response = self
-                .http
-                .post(format!("{}/orders/{name}/done", self.base))
-                .bearer_auth(bearer)
-                .send()
-                .await
-                .map_err(|e| e.without_url().to_string())?;
+            let response = self.post(&format!("orders/{name}/done"), None).await?;
             // Gone: its Job was deleted once its results were stored, nothing to mark.
-            if response.status().is_success() || response.status() == reqwest::StatusCode::NOT_FOUND
-            {
+            let status = response.status();
+            if status.is_success() || status == reqwest::StatusCode::NOT_FOUND {
                 return Ok(());
             }
             Err(failed_answer(response).await.unwrap_or_else(|e| e))
@@ -140,5 +134,25 @@ impl Carrier {
         if let Err(e) = outcome.await {
             tracing::warn!(order = %name, error = %e, "marking a carried order done failed");
         }
+    }
+
+    /// POSTs to this carrier's `path` with the pod's token.
+    async fn post(
+        &self,
+        path: &str,
+        body: Option<&NextOrder>,
+    ) -> Result<reqwest::Response, String> {
+        let bearer = self.token.read().map_err(|e| e.to_string())?;
+        let mut request = self
+            .http
+            .post(format!("{}/{path}", self.base))
+            .bearer_auth(bearer);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request
+            .send()
+            .await
+            .map_err(|e| e.without_url().to_string())
     }
 }

@@ -83,11 +83,13 @@ pub struct WorkerReport {
 /// from the file or the variable it names (before the token is looked for, so a bad order
 /// is told first). `None`: the API has no order for this Job any more (its group was deleted
 /// or moved on to a new generation), so there is nothing to do.
-pub async fn load_order() -> Result<(Option<WorkOrder>, TokenSource), WorkerError> {
+pub async fn load_order(
+    http: &reqwest::Client,
+) -> Result<(Option<WorkOrder>, TokenSource), WorkerError> {
     match std::env::var(WORK_ORDER_URL_ENV) {
         Ok(url) if !url.is_empty() => {
             let token = TokenSource::infer().await?;
-            let order = fetch_work_order(&url, &token)
+            let order = fetch_work_order(http, &url, &token)
                 .await
                 .map_err(WorkerError::WorkOrder)?;
             Ok((order, token))

@@ -105,13 +105,11 @@ const FETCH_GIVE_UP_AFTER: Duration = Duration::from_secs(120);
 /// Fetches the work order at `url` with the pod's token; `None` when the API has none (the
 /// Job's group was deleted, or a later generation replaced the Job meanwhile). Unreachable or
 /// failing answers are retried for [`FETCH_GIVE_UP_AFTER`].
-pub async fn fetch_work_order(url: &str, token: &TokenSource) -> Result<Option<WorkOrder>, String> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .connect_timeout(Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| format!("http client: {e}"))?;
+pub async fn fetch_work_order(
+    http: &reqwest::Client,
+    url: &str,
+    token: &TokenSource,
+) -> Result<Option<WorkOrder>, String> {
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(100);
     loop {
