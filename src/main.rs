@@ -139,6 +139,10 @@ struct ControllerArgs {
     /// (which then starts without a pod of its own), e.g. `5s`; `0s`: no waiting.
     #[arg(long, env = "KINSIGHT_WORKER_LINGER", value_parser = parse_duration, default_value = "5s")]
     worker_linger: Duration,
+    /// Standby workers kept per tenant namespace: pods with the catalog's CPU models loaded
+    /// and no group of their own, handed the tenant's next group (needs a linger).
+    #[arg(long, env = "KINSIGHT_STANDBY_WORKERS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=8))]
+    standby_workers: u8,
     #[command(flatten)]
     egress: EgressArg,
     /// Where Prometheus scrapes `/metrics` and the kubelet probes `/healthz` and `/readyz`.
@@ -437,6 +441,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 group_ttl: args.group_ttl,
                 worker_deadline: args.worker_deadline,
                 worker_linger: args.worker_linger,
+                standby_workers: usize::from(args.standby_workers),
                 egress: args.egress.allow_egress.unwrap_or_default(),
                 circuit: args.endpoints.circuit(),
                 dispatch_in_flight: args.dispatch_in_flight as usize,
@@ -534,14 +539,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // The pod's ServiceAccount token proves to the API's internal end whose worker
             // this is: it fetches the order with it and hands the results over with it.
             let http = kinsight::results::internal_client()?;
-            let (order, token) = kinsight::worker::load_order(&http).await?;
-            let Some(order) = order else {
-                tracing::info!(
-                    "this Job's work order is gone (its group was deleted or has a newer \
-                     generation): nothing to do"
-                );
-                return Ok(());
-            };
             // 0: as many as the pod's CPU limit (cgroup quota) allows.
             let threads = args.threads.unwrap_or(0);
             let options = WorkerOptions {
@@ -564,8 +561,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // whole grace period (30 s) beside the pod replacing it.
             let stop = Shutdown::on_signals();
             let results_url = args.results_url;
+            // Models stay loaded for the orders this worker carries next.
+            let engines = kinsight::worker::Engines::new(options.engine.clone());
+            let token = if kinsight::worker::is_standby() {
+                // A standby has no order of its own: it loads the models first, so the
+                // order it is handed starts at once.
+                let token = kinsight::results::TokenSource::infer().await?;
+                let models = engines.preload_cpu_models(options.load_catalog()?).await?;
+                tracing::info!(?models, "standing by for work orders");
+                token
+            } else {
+                let (order, token) = kinsight::worker::load_order(&http).await?;
+                let Some(order) = order else {
+                    tracing::info!(
+                        "this Job's work order is gone (its group was deleted or has a newer \
+                         generation): nothing to do"
+                    );
+                    return Ok(());
+                };
+                let internal = (&http, results_url.as_str(), &token);
+                work_order(order, internal, &options, &engines, &stop).await?;
+                token
+            };
             let internal = (&http, results_url.as_str(), &token);
-            work_order(order, internal, &options, &stop).await?;
             // Then the orders the controller hands this worker, when it asked its Jobs to
             // stay up: each saves a group a pod start of its own.
             let carrier =
@@ -581,7 +599,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         break;
                     };
                     tracing::info!(job = %carried.name, group = %carried.order.group.name, "carrying another Job's work order");
-                    work_order(carried.order, internal, &options, &stop).await?;
+                    work_order(carried.order, internal, &options, &engines, &stop).await?;
                     carrier.done(&carried.name).await;
                 }
             }
@@ -608,6 +626,7 @@ async fn work_order(
     order: kinsight::worker::WorkOrder,
     (http, results_url, token): (&reqwest::Client, &str, &kinsight::results::TokenSource),
     options: &WorkerOptions,
+    engines: &kinsight::worker::Engines,
     stop: &Shutdown,
 ) -> anyhow::Result<()> {
     let uploader = kinsight::results::ResultUploader::start(
@@ -633,7 +652,7 @@ async fn work_order(
         kinsight::trace::start(&span, Some(&trace));
     }
     let work = tracing::Instrument::instrument(
-        kinsight::worker::run(order, uploader, options.clone()),
+        kinsight::worker::run(order, uploader, options, engines),
         span,
     );
     tokio::select! {

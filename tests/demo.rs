@@ -45,7 +45,7 @@ async fn the_demo_completes_and_leaves_no_delivery_to_send_again() {
         .collect();
     assert!(
         logs.iter().any(|log| log.contains("worker finished")),
-        "no worker log with its end among {} kept",
+        "no worker log with its end among {} kept:\n{stdout}",
         logs.len()
     );
     assert!(stdout.contains("kept the logs of "), "{stdout}");

@@ -20,6 +20,7 @@ crate::real_node_tests!(
     truncated_files_fail_as_such_and_photo_quality_flags_the_blurred_photo,
     a_tenants_next_group_is_carried_by_the_worker_that_waits,
     a_carried_order_whose_carrier_goes_is_run_by_its_own_job,
+    a_tenants_first_group_is_carried_by_its_standby_worker,
 );
 
 use std::collections::{HashMap, HashSet};
@@ -1687,4 +1688,80 @@ async fn a_carried_order_whose_carrier_goes_is_run_by_its_own_job() {
         !pods_of_job(&h, &second_job).await.is_empty(),
         "its own Job ran it"
     );
+}
+
+async fn a_tenants_first_group_is_carried_by_its_standby_worker() {
+    let mut h = Harness::start_configured("tenant-standby", |c| {
+        c.worker_linger = Duration::from_secs(5);
+        c.standby_workers = 1;
+    })
+    .await;
+    let jobs: Api<Job> = Api::namespaced(h.client.clone(), &h.namespace);
+    let standbys = ListParams::default().labels("kinsight.io/standby=true");
+    // Before any group, the tenant has a standby worker, and it waits for an order once
+    // its models are loaded.
+    let standby = eventually("a standby worker waits", LIMIT, async || {
+        let listed = jobs.list(&standbys).await.expect("list").items;
+        let [job] = listed.as_slice() else {
+            return None;
+        };
+        let name = job.metadata.name.clone().expect("name");
+        let waiting = h.store.waiting_carriers(&h.namespace).await.expect("read");
+        waiting.contains(&name).then_some(name)
+    })
+    .await;
+    assert!(standby.starts_with("kinsight-standby-"), "{standby}");
+    let hook = h.hook_url.clone();
+    let group = h
+        .post_photo_group(2, &["image_classification"], &hook)
+        .await;
+    let group_job = format!("{group}-g1");
+    let carried_by = eventually("the group's Job", LIMIT, async || {
+        let job = jobs.get_opt(&group_job).await.expect("read")?;
+        let annotations = job.metadata.annotations.unwrap_or_default();
+        Some((
+            annotations.get("kinsight.io/carried-by").cloned(),
+            job.spec.and_then(|s| s.parallelism),
+        ))
+    })
+    .await;
+    assert_eq!(carried_by, (Some(standby.clone()), Some(0)));
+    let events = h
+        .collect_webhooks(LIMIT, |e| group_event(e, &group).is_some())
+        .await;
+    let data = &group_event(&events, &group)
+        .expect("the group event")
+        .payload["data"];
+    assert_eq!(
+        (data["imagesDone"].as_u64(), data["imagesFailed"].as_u64()),
+        (Some(2), Some(0)),
+        "{data}"
+    );
+    assert_eq!(completed_images(&events).len(), 2);
+    assert!(
+        pods_of_job(&h, &group_job).await.is_empty(),
+        "the group's Job had no pod of its own"
+    );
+    // The standby stays up and waits again, with its one pod.
+    eventually("the standby waits again", LIMIT, async || {
+        h.store
+            .waiting_carriers(&h.namespace)
+            .await
+            .expect("read")
+            .contains(&standby)
+    })
+    .await;
+    assert_eq!(pods_of_job(&h, &standby).await.len(), 1);
+    // A standby that goes is made again.
+    let uid = jobs.get(&standby).await.expect("the standby").metadata.uid;
+    jobs.delete(&standby, &kube::api::DeleteParams::background())
+        .await
+        .expect("delete the standby");
+    eventually("the standby is made again", LIMIT, async || {
+        jobs.get_opt(&standby)
+            .await
+            .expect("read")
+            .is_some_and(|job| job.metadata.uid != uid && job.metadata.deletion_timestamp.is_none())
+    })
+    .await;
 }

@@ -200,6 +200,8 @@ async fn chart_installs_into_a_real_cluster() {
     );
     // Workers wait for their tenant's next group by default.
     assert_eq!(env_value(container, "KINSIGHT_WORKER_LINGER"), Some("5s"));
+    // No standby workers unless asked: each holds a pod per tenant.
+    assert_eq!(env_value(container, "KINSIGHT_STANDBY_WORKERS"), Some("0"));
     // Worker pods' resources: the CPU limit and request given, the chart's memory.
     assert_eq!(env_value(container, "KINSIGHT_WORKER_CPU"), Some("500m"));
     assert_eq!(
@@ -600,6 +602,8 @@ async fn tenants_come_and_go(cluster: &TestCluster, admin: &kube::Client, contai
     #[rustfmt::skip]
     assert_access(admin, &[
         (CONTROLLER, "tenant-a", "batch", "jobs", "", "delete", true),
+        // A carried order whose carrier ended goes back to its own Job.
+        (CONTROLLER, "tenant-a", "batch", "jobs", "", "patch", true),
         (CONTROLLER, "tenant-a", "", "secrets", "", "get", true),
         (CONTROLLER, "tenant-a", "", "configmaps", "", "patch", true),
         (CONTROLLER, "tenant-a", "events.k8s.io", "events", "", "create", true),

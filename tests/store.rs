@@ -14,7 +14,8 @@ use kinsight::delivery::{Attempt, Delivery, DeliveryState, DraftEvent, EventLedg
 use kinsight::inference::{ClassScore, ModelOutput};
 use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
 use kinsight::store::{
-    ALL_STORED, Claimed, Outcomes, Plan, RESULTS_CHANNEL, Settled, Stop, Store, StoreNotice,
+    ALL_STORED, CARRIERS_CHANNEL, Claimed, Outcomes, Plan, RESULTS_CHANNEL, Settled, Stop, Store,
+    StoreNotice,
 };
 use kinsight::worker::{WorkItem, WorkOrder};
 
@@ -1126,6 +1127,12 @@ async fn a_work_order_is_kept_per_job_and_goes_with_its_job_or_its_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
     let (_postgres, store, _dir) = database().await;
+    // A hand-over is announced, so the carrier's waiting request answers at once.
+    let mut notices = Box::pin(kinsight::store::listen(
+        store.url().to_owned(),
+        &[CARRIERS_CHANNEL],
+    ));
+    assert_eq!(next(&mut notices).await, StoreNotice::Connected);
     let g = group("c1");
     let fresh = Duration::from_secs(5);
     let order = work_order(&g, 1, 3);
@@ -1163,6 +1170,14 @@ async fn a_waiting_carrier_of_the_shape_is_handed_one_order_until_it_is_done() {
     assert_eq!(
         hand("grp-c1-g1", &order, fresh).await.as_deref(),
         Some("first-g1")
+    );
+    // Only the hand-over was announced (not the saves nobody took), naming the carrier.
+    assert_eq!(
+        next(&mut notices).await,
+        StoreNotice::Notification {
+            channel: CARRIERS_CHANNEL.into(),
+            payload: "tenant-a/first-g1".into()
+        }
     );
     assert!(
         !store

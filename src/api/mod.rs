@@ -73,6 +73,8 @@ pub struct AppState {
     /// Groups recently read by the result ingest.
     pub groups: ingest::GroupReads,
     pub limits: rate_limit::RateLimits,
+    /// Carriers' requests waiting for an order, woken by the database.
+    pub handovers: Arc<work_orders::Handovers>,
 }
 
 /// Builds the router and starts watching the API-key Secrets; the returned future keeps
@@ -109,10 +111,13 @@ pub fn router(
             mark.send_replace(true);
         }
     };
+    let handovers = Arc::new(work_orders::Handovers::default());
+    let hand_overs = handovers.clone().listen(database.url().to_owned());
     let watch = async move {
-        futures::join!(stream, mark_loaded);
+        futures::join!(stream, mark_loaded, hand_overs);
     };
     let state = Arc::new(AppState {
+        handovers,
         client,
         limits: rate_limit::RateLimits::new(config.rate_limit),
         config,

@@ -5,11 +5,15 @@
 //! Carriers (see [`crate::worker::Carrier`]): `POST /internal/v1/carriers/{job}/next-order`
 //! waits up to the asked time for an order the controller hands the worker of Job `job`
 //! (200 with it, 204 when none came); `POST .../{job}/orders/{name}/done` says its results
-//! are all stored.
+//! are all stored. A waiting request is woken by the database's notification of the
+//! hand-over ([`Handovers`]), with a slow poll as the backstop.
 
-use std::sync::Arc;
-
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::Notify;
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
@@ -20,10 +24,69 @@ use tokio::time::Instant;
 
 use super::ingest::{caller, worker_namespace};
 use super::{ApiError, AppState};
+use crate::store::{CARRIERS_CHANNEL, StoreNotice};
+use crate::sync::lock;
 use crate::worker::{CarriedOrder, MAX_WAIT, NextOrder, WorkOrder};
 
-/// How often a waiting carrier's request looks for an order handed to it.
-const HANDED_POLL: Duration = Duration::from_millis(50);
+/// How often a waiting carrier's request looks for an order handed to it when no
+/// notification came (one lost while the listening connection was down).
+const HANDED_POLL: Duration = Duration::from_secs(1);
+
+/// The carriers' requests waiting at this API replica, woken by the notification the
+/// controller's hand-over sends ([`CARRIERS_CHANNEL`], `namespace/job`).
+#[derive(Default)]
+pub struct Handovers {
+    waiting: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Handovers {
+    /// Listens for hand-overs for as long as it is polled; a reconnection wakes every
+    /// waiting request (what was sent meanwhile is lost), so they look again.
+    pub async fn listen(self: Arc<Self>, database_url: String) {
+        let notices = crate::store::listen(database_url, &[CARRIERS_CHANNEL]);
+        futures::pin_mut!(notices);
+        while let Some(notice) = notices.next().await {
+            let waiting = lock(&self.waiting);
+            match notice {
+                StoreNotice::Connected => waiting.values().for_each(|n| n.notify_waiters()),
+                StoreNotice::Notification { payload, .. } => {
+                    if let Some(n) = waiting.get(&payload) {
+                        n.notify_waiters();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The wake-up of the requests of Job `job` in `namespace`, while the guard lives.
+    fn register(self: &Arc<Self>, namespace: &str, job: &str) -> Waiting {
+        let key = format!("{namespace}/{job}");
+        let notify = lock(&self.waiting).entry(key.clone()).or_default().clone();
+        Waiting {
+            handovers: self.clone(),
+            key,
+            notify,
+        }
+    }
+}
+
+/// A request's registration; dropped (answered, or its client went) it leaves the map
+/// unless another request of the same Job still waits.
+struct Waiting {
+    handovers: Arc<Handovers>,
+    key: String,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut waiting = lock(&self.handovers.waiting);
+        // The map's and this one's: no other request shares it.
+        if Arc::strong_count(&self.notify) <= 2 {
+            waiting.remove(&self.key);
+        }
+    }
+}
 
 pub async fn get_work_order(
     State(state): State<Arc<AppState>>,
@@ -79,13 +142,18 @@ pub async fn next_order(
         return Ok(order);
     }
     let deadline = Instant::now() + Duration::from_secs_f64(ask.wait_seconds);
+    let waiting = state.handovers.register(&namespace, &job);
     store.wait_as_carrier(&namespace, &job, &ask.shape).await?;
     loop {
-        tokio::time::sleep(HANDED_POLL.min(deadline.saturating_duration_since(Instant::now())))
-            .await;
+        // Enabled before the look, so a notification during it is not missed.
+        let notified = waiting.notify.notified();
+        futures::pin_mut!(notified);
+        notified.as_mut().enable();
         if let Some(order) = handed(store.take_carried(&namespace, &job).await?) {
             return Ok(order);
         }
+        let pause = HANDED_POLL.min(deadline.saturating_duration_since(Instant::now()));
+        let _ = tokio::time::timeout(pause, notified).await;
         if Instant::now() >= deadline {
             // Handed one just now (its wait was taken with it): that one, else nothing.
             if !store.stop_waiting(&namespace, &job).await?

@@ -1054,7 +1054,10 @@ async fn stop_superseded_jobs(
 pub const WORKER_SETUP_FRESH: Duration = Duration::from_secs(60);
 
 /// The worker's identity and the catalog it reads, in the group's namespace.
-async fn ensure_worker_setup(ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
+pub(super) async fn ensure_worker_setup(
+    ctx: &Context,
+    namespace: &str,
+) -> Result<(), ControllerError> {
     let fresh = lock(&ctx.worker_setup)
         .get(namespace)
         .is_some_and(|at| at.elapsed() < WORKER_SETUP_FRESH);

@@ -27,7 +27,7 @@ use super::scheduler::{KUEUE_QUEUE_LABEL, LANE_LABEL, Placement};
 use crate::crd::{GROUP_LABEL, ImageGroup, label_value};
 use crate::inference::{Catalog, ExecutionProvider};
 use crate::worker::{
-    JOB_NAME_ENV, LINGER_ENV, SHAPE_ENV, WORK_ORDER_URL_ENV, WorkOrder, work_order_url,
+    JOB_NAME_ENV, LINGER_ENV, SHAPE_ENV, STANDBY_ENV, WORK_ORDER_URL_ENV, WorkOrder, work_order_url,
 };
 
 const EGRESS_ENV: &str = "KINSIGHT_ALLOW_EGRESS";
@@ -488,6 +488,96 @@ pub fn carrier_of(job: &Job) -> Option<&str> {
         .then(|| job.annotations().get(CARRIED_BY_ANNOTATION))
         .flatten()
         .map(String::as_str)
+}
+
+/// The label of a standby worker's Job (one with no order of its own, see
+/// [`standby_job`]); the scheduler does not count it, the Jobs whose orders it carries are.
+pub const STANDBY_LABEL: &str = "kinsight.io/standby";
+
+/// Whether `job` is a standby worker's.
+pub fn is_standby(job: &Job) -> bool {
+    job.labels().get(STANDBY_LABEL).is_some_and(|v| v == "true")
+}
+
+/// The `index`-th standby worker Job of `namespace`: a pod of the shape of the
+/// namespace's CPU Jobs with no order of its own, which loads the catalog's CPU models and
+/// waits for orders the controller hands it, up to `idle` between two (then it ends and
+/// the controller makes another). Named by its shape, so a changed catalog, image or
+/// setting makes new ones. `None` when workers do not wait for orders (no linger).
+pub fn standby_job(
+    namespace: &str,
+    index: usize,
+    idle: std::time::Duration,
+    config: &ControllerConfig,
+) -> Result<Option<Job>, serde_json::Error> {
+    if config.worker_linger.is_zero() {
+        return Ok(None);
+    }
+    let mut group = ImageGroup::new(
+        "standby",
+        crate::crd::ImageGroupSpec {
+            images: Vec::new(),
+            models: Vec::new(),
+            webhook: None,
+            metadata: BTreeMap::new(),
+        },
+    );
+    group.metadata.namespace = Some(namespace.to_owned());
+    // An order of no GPU model: the shape of the namespace's CPU Jobs.
+    let order = WorkOrder {
+        group: crate::results::GroupRef {
+            namespace: namespace.to_owned(),
+            name: "standby".to_owned(),
+            uid: String::new(),
+        },
+        generation: 1,
+        models: Vec::new(),
+        images: Vec::new(),
+        traceparent: None,
+    };
+    let placeholder = "standby";
+    let mut job = build_job(
+        &group,
+        placeholder,
+        &order,
+        config,
+        &Placement::Kinsight(super::fair_queue::Lane::Main),
+    )?;
+    let Some(shape) = job_shape(&job) else {
+        return Ok(None);
+    };
+    let name = format!("kinsight-standby-{}-{index}", &shape[..shape.len().min(12)]);
+    let mut labels = labels("standby");
+    labels.remove(GROUP_LABEL);
+    labels.remove("app.kubernetes.io/instance");
+    labels.insert(STANDBY_LABEL.to_owned(), "true".to_owned());
+    job.metadata.name = Some(name.clone());
+    job.metadata.labels = Some(labels.clone());
+    job.metadata.owner_references = None;
+    if let Some(spec) = job.spec.as_mut() {
+        // It lives as long as orders come; the Jobs it carries keep their own deadlines.
+        spec.active_deadline_seconds = None;
+        if let Some(meta) = spec.template.metadata.as_mut() {
+            meta.labels = Some(labels);
+        }
+        let worker = spec
+            .template
+            .spec
+            .as_mut()
+            .and_then(|pod| pod.containers.first_mut());
+        if let Some(env) = worker.and_then(|w| w.env.as_mut()) {
+            env.retain(|e| e.name != WORK_ORDER_URL_ENV);
+            for e in env.iter_mut().filter(|e| e.name == JOB_NAME_ENV) {
+                e.value = Some(name.clone());
+            }
+            env.push(EnvVar {
+                name: STANDBY_ENV.to_owned(),
+                value: Some(idle.as_secs_f64().to_string()),
+                value_from: None,
+            });
+        }
+    }
+    Ok(Some(job))
 }
 
 /// The worker fetches and decodes what customers point it at, so it runs with nothing to
@@ -1375,6 +1465,81 @@ mod tests {
         let carried = carried_job(second, "listing-42-g1");
         assert_eq!(carried.spec.as_ref().and_then(|s| s.parallelism), Some(0));
         assert_eq!(carrier_of(&carried), Some("listing-42-g1"));
+    }
+
+    #[test]
+    fn a_standby_has_the_shape_of_the_namespaces_cpu_jobs_and_no_order_or_group() {
+        let mut config = config();
+        let idle = std::time::Duration::from_secs(600);
+        // No linger: workers do not wait for orders, so there is no standby.
+        assert_eq!(
+            standby_job("tenant-a", 0, idle, &config).expect("built"),
+            None
+        );
+        config.worker_linger = std::time::Duration::from_secs(5);
+        let standby = standby_job("tenant-a", 0, idle, &config)
+            .expect("built")
+            .expect("a standby");
+        let listing = group(&["object_detection"]);
+        let cpu = build_job(
+            &listing,
+            "listing-42-g1",
+            &order(&["object_detection"]),
+            &config,
+            &MAIN,
+        )
+        .expect("job");
+        let gpu = build_job(
+            &listing,
+            "listing-42-g2",
+            &order(&["big_detector"]),
+            &config,
+            &MAIN,
+        )
+        .expect("job");
+        let shape = job_shape(&standby).expect("a shape");
+        assert_eq!(job_shape(&cpu).as_deref(), Some(shape.as_str()));
+        assert_ne!(job_shape(&gpu).as_deref(), Some(shape.as_str()));
+        // Named by its shape and index, in the tenant's namespace, owned by no group.
+        let name = standby.name_any();
+        assert_eq!(name, format!("kinsight-standby-{}-0", &shape[..12]));
+        assert_eq!(standby.namespace().as_deref(), Some("tenant-a"));
+        assert!(standby.owner_references().is_empty());
+        // A worker Job the watch sees and the scheduler does not count: no group, no lane.
+        assert!(is_standby(&standby) && !is_standby(&cpu));
+        let labels = standby.labels();
+        assert_eq!(labels["app.kubernetes.io/component"], "worker");
+        assert_eq!(
+            labels["app.kubernetes.io/managed-by"],
+            "kinsight-controller"
+        );
+        assert!(!labels.contains_key(GROUP_LABEL) && !labels.contains_key(LANE_LABEL));
+        let spec = standby.spec.as_ref().expect("spec");
+        assert_eq!(spec.active_deadline_seconds, None);
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone());
+        assert_eq!(pod_labels.as_ref(), Some(labels));
+        // No order of its own: it waits as itself, for up to its idle time.
+        let env = env_of(&spec.template.spec.as_ref().expect("pod").containers[0]);
+        assert!(!env.contains_key("KINSIGHT_WORK_ORDER_URL"), "{env:?}");
+        assert_eq!(env["KINSIGHT_JOB_NAME"], name);
+        assert_eq!(env["KINSIGHT_WORKER_SHAPE"], shape);
+        assert_eq!(env["KINSIGHT_WORKER_LINGER"], "5");
+        assert_eq!(env["KINSIGHT_WORKER_STANDBY"], "600");
+        // Another index, another name; a changed setting, another shape and name.
+        let second = standby_job("tenant-a", 1, idle, &config).expect("built");
+        assert_eq!(
+            second.map(|j| j.name_any()),
+            Some(format!("kinsight-standby-{}-1", &shape[..12]))
+        );
+        config.worker_memory = "4Gi".into();
+        let changed = standby_job("tenant-a", 0, idle, &config)
+            .expect("built")
+            .expect("a standby");
+        assert_ne!(changed.name_any(), name);
     }
 
     #[test]

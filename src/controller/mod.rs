@@ -16,6 +16,7 @@ mod listing;
 mod metrics;
 mod retention;
 mod scheduler;
+mod standby;
 mod subscription;
 mod subscription_source;
 mod wake;
@@ -26,6 +27,7 @@ pub use job::{
     WorkerCatalog,
 };
 pub use job::{MAX_IMAGES_PER_JOB, RESULTS_URL_ENV, WORKER_ACCOUNT, job_name};
+pub use job::{STANDBY_LABEL, is_standby};
 pub use leader::{LEASE_NAME, LeaderElection, run_as_leader};
 pub use listing::DEFAULT_DUPLICATE_DISTANCE;
 pub use metrics::Metrics;
@@ -80,6 +82,9 @@ pub struct ControllerConfig {
     /// the controller hands it (a carrier: that group then pays no pod start); zero: workers
     /// do their own order only.
     pub worker_linger: Duration,
+    /// Standby workers kept per tenant namespace: pods with the CPU models loaded and no
+    /// order of their own, handed the tenant's next group (needs a linger).
+    pub standby_workers: usize,
     pub retry: RetrySchedule,
     pub sender: SenderConfig,
     /// Private destinations webhooks may reach anyway (default: none).
@@ -130,6 +135,7 @@ impl Default for ControllerConfig {
             duplicate_distance: DEFAULT_DUPLICATE_DISTANCE,
             worker_deadline: Duration::from_secs(3600),
             worker_linger: Duration::ZERO,
+            standby_workers: 0,
             retry: RetrySchedule::default(),
             sender: SenderConfig::default(),
             egress: EgressPolicy::default(),
@@ -454,6 +460,7 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
             }
         });
     let ctx_for_deletions = ctx.clone();
+    let ctx_for_standbys = ctx.clone();
     let subscription_controller = Controller::new(subscriptions, watcher::Config::default())
         .run(subscription::reconcile, subscription::error_policy, ctx)
         .for_each(|result| async move {
@@ -470,12 +477,14 @@ async fn reconcile(ctx: Arc<Context>) -> Result<(), ControllerError> {
             }
         }
     });
+    let standbys = standby::run(ctx_for_standbys);
     tracing::info!("controller started");
     futures::join!(
         group_controller,
         subscription_controller,
         retention,
-        deletions
+        deletions,
+        standbys
     );
     Ok(())
 }

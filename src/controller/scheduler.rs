@@ -12,7 +12,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 
 use super::fair_queue::{Admission, FairQueue, JobCaps, Lane, ObjectKey, Request};
-use super::job::{carrier_of, finished};
+use super::job::{carrier_of, finished, is_standby};
 use super::metrics::{LaneLabels, Metrics};
 use super::{Context, ControllerError};
 use crate::cache::Cache;
@@ -84,6 +84,20 @@ impl Scheduler {
         store
             .get(&ObjectRef::new(name).within(namespace))
             .is_some_and(|job| finished(&job).is_none())
+    }
+
+    /// The standby workers' Jobs as the Job watch shows them (`None`: not listed yet).
+    pub fn standby_jobs(&self) -> Option<Vec<Arc<Job>>> {
+        let store = read(&self.jobs).clone()?;
+        // Before the first listing the store is empty, not the cluster.
+        futures::FutureExt::now_or_never(store.wait_until_ready())?.ok()?;
+        Some(
+            store
+                .state()
+                .into_iter()
+                .filter(|job| is_standby(job))
+                .collect(),
+        )
     }
 
     /// The Job carrying the order of Job `name` (which then has no pod of its own), as the
@@ -209,7 +223,8 @@ fn job_key(job: &Job) -> ObjectKey {
 /// The slots a Job holds: none once it has finished, and none when Kueue admits it.
 fn running_lane(job: &Job) -> Option<Lane> {
     let labels = job.labels();
-    if finished(job).is_some() || labels.contains_key(KUEUE_QUEUE_LABEL) {
+    // A standby holds no slot: the Jobs whose orders it carries do.
+    if finished(job).is_some() || labels.contains_key(KUEUE_QUEUE_LABEL) || is_standby(job) {
         return None;
     }
     match labels.get(LANE_LABEL).map(String::as_str) {
@@ -258,7 +273,7 @@ mod tests {
     }
 
     #[test]
-    fn a_job_holds_its_lanes_slot_until_it_finishes_and_kueues_jobs_hold_none() {
+    fn a_job_holds_its_lanes_slot_until_it_finishes_and_kueues_and_standby_jobs_hold_none() {
         assert_eq!(running_lane(&job(json!({}), json!([]))), Some(Lane::Main));
         let small = json!({ LANE_LABEL: "small" });
         assert_eq!(
@@ -271,5 +286,8 @@ mod tests {
         assert_eq!(running_lane(&job(json!({}), failed)), None);
         let kueue = json!({ KUEUE_QUEUE_LABEL: "team-a", LANE_LABEL: "main" });
         assert_eq!(running_lane(&job(kueue, json!([]))), None);
+        // A standby worker holds none either: the Jobs it carries do.
+        let standby = json!({ super::super::job::STANDBY_LABEL: "true" });
+        assert_eq!(running_lane(&job(standby, json!([]))), None);
     }
 }

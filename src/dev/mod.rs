@@ -68,6 +68,9 @@ pub const DEV_JOB_CAPS: JobCaps = JobCaps {
 /// How long dev's workers wait for their tenant's next group (the chart's default).
 pub const DEV_WORKER_LINGER: Duration = Duration::from_secs(5);
 
+/// Standby workers per tenant in dev (the chart's default is none: each holds a pod).
+pub const DEV_STANDBY_WORKERS: usize = 1;
+
 /// A running dev installation; dropping it stops everything it started.
 pub struct DevEnvironment {
     pub api_url: String,
@@ -256,6 +259,8 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         worker_cpu_request: Some(options.worker_cpu_request.clone()),
         // Workers stay up for their tenant's next group, as the chart's do.
         worker_linger: DEV_WORKER_LINGER,
+        // One standby per tenant: a group posted to an idle installation starts at once.
+        standby_workers: DEV_STANDBY_WORKERS,
         ..ControllerConfig::default()
     };
     let mut tasks = JoinSet::new();

@@ -69,8 +69,12 @@ pub async fn keep_pod_logs(
             continue;
         };
         // A pod whose container never started has no log: nothing to keep.
-        let Ok(text) = pods.logs(&name, &params).await else {
-            continue;
+        let text = match pods.logs(&name, &params).await {
+            Ok(text) => text,
+            Err(e) => {
+                println!("no log of worker pod {name} to keep: {e}");
+                continue;
+            }
         };
         let path = dir.join(format!("{name}.log"));
         std::fs::write(&path, text)

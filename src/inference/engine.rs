@@ -263,6 +263,11 @@ impl Engine {
         self.models.get(model).map(|m| &m.spec)
     }
 
+    /// Whether `name` is a loaded model or analyser.
+    pub fn has(&self, name: &str) -> bool {
+        self.models.contains_key(name) || self.analysers.contains_key(name)
+    }
+
     /// A loaded built-in analyser.
     pub fn analyser(&self, name: &str) -> Option<&AnalyserEntry> {
         self.analysers.get(name)

@@ -17,7 +17,8 @@ pub use deliveries::{Cursor, DeliveryCount, Plan, Saved};
 pub use dispatch::{Claimed, GONE_ERROR, Outcomes, Settled, Stop};
 pub use idempotency::{IDEMPOTENCY_KEEP, KeyClaim, StoredResponse};
 pub use notify::{
-    ALL_STORED, DISPATCH_CHANNEL, GROUPS_CHANNEL, RESULTS_CHANNEL, StoreNotice, listen,
+    ALL_STORED, CARRIERS_CHANNEL, DISPATCH_CHANNEL, GROUPS_CHANNEL, RESULTS_CHANNEL, StoreNotice,
+    listen,
 };
 
 use std::time::Duration;

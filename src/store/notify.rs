@@ -1,7 +1,8 @@
 //! Wake-ups from the database (LISTEN/NOTIFY): a stored batch of results names its group
 //! on [`RESULTS_CHANNEL`], a settled delivery on [`GROUPS_CHANNEL`], and the controller
 //! reconciles that group instead of waiting for a periodic look; newly due deliveries wake the
-//! dispatchers on [`DISPATCH_CHANNEL`]. The listening connection is its own (a pooled one would be handed to
+//! dispatchers on [`DISPATCH_CHANNEL`], and an order handed to a waiting worker wakes its
+//! request at the API on [`CARRIERS_CHANNEL`]. The listening connection is its own (a pooled one would be handed to
 //! others) and is made again whenever it breaks; each new connection is announced, since
 //! notifications sent while it was down are lost and listeners must look again.
 
@@ -24,6 +25,9 @@ pub const RESULTS_CHANNEL: &str = "kinsight_results";
 pub const ALL_STORED: &str = " all-stored";
 /// Deliveries became due (planned or replayed); no payload.
 pub const DISPATCH_CHANNEL: &str = "kinsight_dispatch";
+/// An order was handed to a waiting carrier; the payload is `namespace/job` of the
+/// carrier's Job, whose long poll at the API answers at once.
+pub const CARRIERS_CHANNEL: &str = "kinsight_carriers";
 
 /// What a listener is told.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,12 +7,14 @@
 //! a group it admits ([`Store::save_work_order`]) and makes that group's Job with no pod of
 //! its own. The carrier takes the order ([`Store::take_carried`]) and marks it done; what a
 //! Job carries and has not done is taken up again by its next pod, or taken back by the
-//! controller when the carrier's Job ends ([`Store::take_back`]).
+//! controller when the carrier's Job ends ([`Store::take_back`]). A hand-over is announced
+//! on [`CARRIERS_CHANNEL`], so the carrier's waiting request answers at once.
 
 use std::time::Duration;
 
 use tokio_postgres::types::Json;
 
+use super::notify::CARRIERS_CHANNEL;
 use super::{Store, StoreError, record_group};
 use crate::worker::WorkOrder;
 
@@ -52,6 +54,14 @@ impl Store {
                 .transpose()?,
             None => None,
         };
+        // The carrier's long poll is told as the order is committed.
+        if let Some(carrier) = &carrier {
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&CARRIERS_CHANNEL, &format!("{namespace}/{carrier}")],
+            )
+            .await?;
+        }
         tx.execute(
             "INSERT INTO work_orders
                  (namespace, name, group_uid, generation, body, carrier, carried_at)
@@ -132,6 +142,21 @@ impl Store {
             )
             .await?;
         Ok(())
+    }
+
+    /// The Jobs of `namespace` whose workers wait for an order now, longest first.
+    pub async fn waiting_carriers(&self, namespace: &str) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT job FROM waiting_carriers WHERE namespace = $1 ORDER BY since",
+                &[&namespace],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(StoreError::from))
+            .collect()
     }
 
     /// `job` waits no more. Returns whether it was still waiting (`false`: an order was

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
@@ -19,6 +20,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::{API_KEY_LABEL, TENANT_NAMESPACE_FIELD};
+use crate::controller::STANDBY_LABEL;
 use crate::crd::is_dns_label;
 
 /// The label that makes a namespace a tenant without an API key.
@@ -64,6 +66,11 @@ pub struct Tenants {
 impl Tenants {
     pub fn contains(&self, namespace: &str) -> bool {
         crate::sync::read(&self.current).contains(namespace)
+    }
+
+    /// The tenant namespaces now.
+    pub fn namespaces(&self) -> Vec<String> {
+        crate::sync::read(&self.current).iter().cloned().collect()
     }
 
     fn replace(&self, set: BTreeSet<String>) {
@@ -356,6 +363,18 @@ async fn unbind(
     namespace: &str,
 ) -> Result<(), kube::Error> {
     let params = DeleteParams::default();
+    // Standby workers first: they run as the worker account.
+    let standbys = Api::<Job>::namespaced(client.clone(), namespace);
+    let listed = standbys
+        .list(&ListParams::default().labels(&format!("{STANDBY_LABEL}=true")))
+        .await?;
+    for job in listed.items {
+        gone(
+            standbys
+                .delete(&job.name_any(), &DeleteParams::background())
+                .await,
+        )?;
+    }
     gone(
         Api::<ServiceAccount>::namespaced(client.clone(), namespace)
             .delete(&config.worker_account, &params)

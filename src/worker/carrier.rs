@@ -3,6 +3,10 @@
 //! pod's shape can run), waiting up to its linger time each time, and exits when none comes.
 //! So a tenant's next group starts without a pod start of its own. The controller sets the
 //! three variables on its Jobs; without them the worker does its own order only.
+//!
+//! A standby worker ([`STANDBY_ENV`]) has no order of its own: it loads the models first
+//! and waits the longer time it is given, so that even a tenant's first group in a while
+//! finds a worker ready.
 
 use std::time::Duration;
 
@@ -18,10 +22,19 @@ pub const JOB_NAME_ENV: &str = "KINSIGHT_JOB_NAME";
 pub const SHAPE_ENV: &str = "KINSIGHT_WORKER_SHAPE";
 /// How long, in seconds, the worker waits for another order after each one (0: none).
 pub const LINGER_ENV: &str = "KINSIGHT_WORKER_LINGER";
+/// Set on a standby worker's Job: how long, in seconds, it waits for an order before it
+/// ends (its requests still wait at most the linger time each, which is how recent a wait
+/// must be for the controller to hand it an order).
+pub const STANDBY_ENV: &str = "KINSIGHT_WORKER_STANDBY";
 /// The longest wait one request may ask for: a longer linger asks again.
 pub const MAX_WAIT: Duration = Duration::from_secs(20);
 // A long poll ends well within the worker's request timeout.
 const _: () = assert!(MAX_WAIT.as_secs() + 5 <= crate::results::REQUEST_TIMEOUT.as_secs());
+
+/// Whether this worker is a standby (no order of its own).
+pub fn is_standby() -> bool {
+    std::env::var(STANDBY_ENV).is_ok_and(|v| !v.trim().is_empty())
+}
 
 /// What a carrier asks for: an order for a pod of `shape`, waiting up to `wait_seconds`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -44,7 +57,10 @@ pub struct CarriedOrder {
 pub struct Carrier {
     base: String,
     shape: String,
+    /// How long it waits for an order after each one (a standby's idle time).
     linger: Duration,
+    /// The longest wait of one request.
+    ask_for: Duration,
     token: TokenSource,
     http: reqwest::Client,
 }
@@ -63,26 +79,36 @@ impl Carrier {
         else {
             return Ok(None);
         };
-        let linger: f64 = linger
-            .trim()
-            .parse()
-            .ok()
-            .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-            .ok_or_else(|| format!("{LINGER_ENV} must be seconds, got {linger:?}"))?;
-        if linger == 0.0 {
+        let seconds = |name: &str, text: &str| {
+            text.trim()
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s < 1e9)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| format!("{name} must be seconds, got {text:?}"))
+        };
+        let ask_for = seconds(LINGER_ENV, &linger)?;
+        if ask_for.is_zero() {
             return Ok(None);
         }
+        // A standby asks again well within the linger: the controller hands orders only
+        // to waits that recent.
+        let (linger, ask_for) = match var(STANDBY_ENV) {
+            Some(idle) => (seconds(STANDBY_ENV, &idle)?, ask_for.mul_f64(0.8)),
+            None => (ask_for, ask_for),
+        };
         Ok(Some(Carrier {
             base: format!("{}/carriers/{job}", internal_base(results_url)),
             shape,
-            linger: Duration::from_secs_f64(linger),
+            linger,
+            ask_for: ask_for.min(MAX_WAIT),
             token,
             http,
         }))
     }
 
     /// The next order handed to this worker, waiting up to the linger time (in requests
-    /// of at most [`MAX_WAIT`]); `None` when none came (or the API cannot be reached: the
+    /// of at most the Job's linger and [`MAX_WAIT`]); `None` when none came (or the API cannot be reached: the
     /// worker's own work is done, so it ends).
     pub async fn next_order(&self) -> Option<CarriedOrder> {
         let deadline = tokio::time::Instant::now() + self.linger;
@@ -93,7 +119,7 @@ impl Carrier {
             }
             let ask = NextOrder {
                 shape: self.shape.clone(),
-                wait_seconds: left.min(MAX_WAIT).as_secs_f64(),
+                wait_seconds: left.min(self.ask_for).as_secs_f64(),
             };
             let asked = async {
                 let response = self.post("next-order", Some(&ask)).await?;

@@ -5,13 +5,16 @@
 //! and succeeds only once every result is stored.
 
 mod carrier;
+mod engines;
 mod fetch;
 mod order;
 mod sandbox;
 
 pub use carrier::{
-    CarriedOrder, Carrier, JOB_NAME_ENV, LINGER_ENV, MAX_WAIT, NextOrder, SHAPE_ENV,
+    CarriedOrder, Carrier, JOB_NAME_ENV, LINGER_ENV, MAX_WAIT, NextOrder, SHAPE_ENV, STANDBY_ENV,
+    is_standby,
 };
+pub use engines::Engines;
 pub use fetch::{FetchConfig, FetchError, Fetcher};
 pub use order::{
     CARRIERS_PATH, WORK_ORDER_ENV, WORK_ORDER_FILE_ENV, WORK_ORDER_URL_ENV, WORK_ORDERS_PATH,
@@ -21,14 +24,13 @@ pub use sandbox::Sandbox;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
 use tracing::Instrument;
 
 use crate::inference::pipeline::{ImageAnalysis, Pipeline, PipelineOptions};
-use crate::inference::{Catalog, Engine, EngineOptions, InferenceError, ms};
+use crate::inference::{Catalog, EngineOptions, InferenceError, ms};
 use crate::results::{ImageFailure, ImageResult, ModelResult, Timings};
 use crate::results::{ResultUploader, TokenSource, UploadError};
 
@@ -72,6 +74,12 @@ pub struct WorkerOptions {
     pub engine: EngineOptions,
 }
 
+impl WorkerOptions {
+    pub fn load_catalog(&self) -> Result<Catalog, InferenceError> {
+        Catalog::load_with_models_dir(&self.catalog, self.models_dir.as_deref())
+    }
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct WorkerReport {
     pub succeeded: usize,
@@ -101,25 +109,23 @@ pub async fn load_order(
     }
 }
 
+/// Runs `order` with the models `engines` has loaded (or loads them), handing each image's
+/// result to `store`.
 pub async fn run(
     order: WorkOrder,
     store: ResultUploader,
-    options: WorkerOptions,
+    options: &WorkerOptions,
+    engines: &Engines,
 ) -> Result<WorkerReport, WorkerError> {
     let began = Instant::now();
-    let catalog = Catalog::load_with_models_dir(&options.catalog, options.models_dir.as_deref())?;
+    let catalog = options.load_catalog()?;
     let fetcher = Fetcher::new(&options.fetch)?;
     // Downloads start at once, while ONNX Runtime loads the models, and stay up to
     // `prefetch` images ahead of inference (plus the one waiting to be submitted), in order.
     let mut downloads = start_downloads(fetcher, order.images.clone(), options.prefetch);
-    let engine_options = options.engine.clone();
-    let models = order.models.clone();
-    let engine =
-        tokio::task::spawn_blocking(move || Engine::load(&catalog, &models, &engine_options))
-            .await??;
-    let engine = Arc::new(engine);
+    let (engine, loaded) = engines.for_models(catalog, &order.models).await?;
     let load_ms = ms(began.elapsed());
-    tracing::info!(group = %order.group.name, images = order.images.len(), models = ?order.models, load_ms = round_ms(load_ms), "worker started");
+    tracing::info!(group = %order.group.name, images = order.images.len(), models = ?order.models, load_ms = round_ms(load_ms), models_kept = !loaded, "worker started");
     let work_began = Instant::now();
 
     // The pipeline decodes and preprocesses the next images while the models run, runs the
