@@ -3,9 +3,12 @@
 Reads the demo's stdout (`group completed in S s`), its stderr (API, controller) and the
 worker pods' logs the demo keeps (each line stamped by the kubelet); prints one JSON line for scripts/bench.sh: images, seconds,
 images_per_second and stages_s, seconds from the POST:
-  queue       group created by the API -> worker Job created (controller)
-  pod_start   Job created -> the worker's first log line (its container's process running)
-  model_load  first line -> `worker started` (ONNX Runtime and the models loaded)
+  queue       group created by the API -> worker Job created (controller), or its order
+              handed to a waiting worker (a standby or a carrier: `carried` is then true)
+  pod_start   Job created -> the worker's first log line (its container's process running);
+              0 when carried (the pod was up before)
+  model_load  first line (or the hand-over) -> `worker started` (ONNX Runtime and the
+              models loaded; a carried order's models were loaded before: the order's fetch)
   work        `worker started` -> `worker finished`: downloads, decode, inference and result
               writes, overlapped
   delivery    `worker finished` -> the verified image_group.completed webhook (Job seen
@@ -34,10 +37,12 @@ def stamp(line):
     return datetime.datetime.fromisoformat(text).timestamp()
 
 
-def first(lines, needle, what):
+def first(lines, needle, what, after=None):
     for line in lines:
-        if needle in line:
+        if needle in line and (after is None or stamp(line) >= after):
             return stamp(line)
+    if what is None:
+        return None
     raise SystemExit(f"no `{needle}` line ({what}) in the logs")
 
 
@@ -57,11 +62,14 @@ def main():
     dev = open(args.stderr).read().splitlines()
     pods = [l for path in sorted(glob.glob(f"{args.pod_logs}/*.log")) for l in open(path)]
     created = first(dev, "image group created", "API")
-    job = first(dev, "created worker job", "controller")
+    # Handed to a worker that was up (a standby, or a carrier): no pod start of its own.
+    handed = first(dev, "handed a worker job's order", None)
+    carried = handed is not None
+    job = handed if carried else first(dev, "created worker job", "controller")
     if not pods:
         raise SystemExit(f"no worker pod logs in {args.pod_logs}")
-    started = min(stamp(l) for l in pods if l.strip())
-    loaded = first(pods, "worker started", "worker")
+    started = job if carried else min(stamp(l) for l in pods if l.strip())
+    loaded = first(pods, "worker started", "worker", after=job)
     finished_lines = [l for l in pods if "worker finished" in l]
     if not finished_lines:
         raise SystemExit("no `worker finished` line (worker) in the logs")
@@ -87,6 +95,7 @@ def main():
         "images": args.images,
         "seconds": seconds,
         "images_per_second": args.images / seconds,
+        "carried": carried,
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
         "worker_ms": worker_ms,
     }

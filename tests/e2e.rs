@@ -1726,6 +1726,20 @@ async fn a_tenants_first_group_is_carried_by_its_standby_worker() {
     })
     .await;
     assert_eq!(carried_by, (Some(standby.clone()), Some(0)));
+    // `kubectl describe` says so (the status is written after the Job is made).
+    let said = format!("on the waiting worker {standby}, no pod start");
+    eventually(
+        "the Scheduled condition names the standby",
+        LIMIT,
+        async || {
+            group_status(&h, &group)
+                .await
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Scheduled" && c.message.contains(&said))
+        },
+    )
+    .await;
     let events = h
         .collect_webhooks(LIMIT, |e| group_event(e, &group).is_some())
         .await;

@@ -70,6 +70,10 @@ struct DevArgs {
     /// below the limit, so the next groups' pods fit the node while finished workers exit.
     #[arg(long, value_parser = kinsight::cli::parse_quantity)]
     worker_cpu_request: Option<String>,
+    /// Standby workers of the dev tenant: pods with the models loaded that its next group
+    /// starts on (0: each group starts a pod of its own).
+    #[arg(long, default_value_t = kinsight::dev::DEV_STANDBY_WORKERS as u8, value_parser = clap::value_parser!(u8).range(0..=8))]
+    standby_workers: u8,
     #[command(flatten)]
     job_caps: JobCapsArgs,
 }
@@ -147,5 +151,6 @@ fn dev_options(args: DevArgs) -> anyhow::Result<DevOptions> {
         worker_cpu_request: dev_cpu_request(args.worker_cpu_request, &args.worker_cpu)?,
         worker_cpu: args.worker_cpu,
         job_caps: args.job_caps.or(kinsight::dev::DEV_JOB_CAPS),
+        standby_workers: usize::from(args.standby_workers),
     })
 }

@@ -884,13 +884,24 @@ async fn start_admitted_jobs(
     if !admitted.is_empty() {
         ensure_worker_setup(ctx, namespace).await?;
     }
+    // Those handed to a worker that was up (a standby or a carrier): no pod start.
+    let mut carriers = Vec::new();
     for name in admitted {
         let Some(images) = shards.get(&name) else {
             continue;
         };
-        start_job(ctx, group, group_ref, generation, &name, images, &placement).await?;
+        carriers
+            .extend(start_job(ctx, group, group_ref, generation, &name, images, &placement).await?);
         status.jobs.push(name);
     }
+    let on_waiting = if carriers.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (on the waiting worker {}, no pod start)",
+            carriers.join(", ")
+        )
+    };
     let (reason, message) = match (&placement, still_queued) {
         (Placement::Kueue(queue), _) => (
             "HandedToKueue",
@@ -902,9 +913,11 @@ async fn start_admitted_jobs(
         ),
         (Placement::Kinsight(Lane::Small), _) => (
             "SmallWorkLane",
-            "worker Job started in the small-work lane".to_owned(),
+            format!("worker Job started in the small-work lane{on_waiting}"),
         ),
-        (Placement::Kinsight(Lane::Main), _) => ("Admitted", "worker Jobs started".to_owned()),
+        (Placement::Kinsight(Lane::Main), _) => {
+            ("Admitted", format!("worker Jobs started{on_waiting}"))
+        }
     };
     set_scheduled(status, still_queued == 0, reason, message, generation);
     Ok(still_queued > 0)
@@ -975,7 +988,7 @@ async fn start_job(
     name: &str,
     images: &[WorkItem],
     placement: &Placement,
-) -> Result<(), ControllerError> {
+) -> Result<Option<String>, ControllerError> {
     let namespace = &group_ref.namespace;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     let order = WorkOrder {
@@ -1003,9 +1016,9 @@ async fn start_job(
                 .map(|(shape, fresh)| (shape.as_str(), *fresh)),
         )
         .await?;
-    if let Some(carrier) = carrier {
+    if let Some(carrier) = &carrier {
         tracing::info!(job = %name, carrier = %carrier, "handed a worker job's order to a waiting worker");
-        job = carried_job(job, &carrier);
+        job = carried_job(job, carrier);
     }
     match jobs.create(&PostParams::default(), &job).await {
         Ok(_) => {
@@ -1015,7 +1028,7 @@ async fn start_job(
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
-    Ok(())
+    Ok(carrier)
 }
 
 /// Stops the Jobs of earlier generations that are still running. The new Job has every

@@ -35,12 +35,11 @@ pub async fn run(ctx: Arc<Context>) {
     if wanted == 0 || ctx.config.worker_linger.is_zero() {
         return std::future::pending().await;
     }
-    let mut tick = tokio::time::interval(LOOK_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        // What exists is read from the Job watch: nothing is made before its first listing.
+        // What exists is read from the Job watch: nothing is made before its first listing,
+        // which a new leader's first look waits for.
         let Some(jobs) = ctx.scheduler.standby_jobs() else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         for namespace in ctx.tenants.namespaces() {
@@ -53,6 +52,7 @@ pub async fn run(ctx: Arc<Context>) {
                 tracing::warn!(namespace, error = %e, "keeping standby workers");
             }
         }
+        tokio::time::sleep(LOOK_EVERY).await;
     }
 }
 

@@ -53,6 +53,8 @@ pub struct DevOptions {
     pub worker_cpu: String,
     /// Its CPU request, at most the limit.
     pub worker_cpu_request: String,
+    /// Standby workers of each tenant ([`DEV_STANDBY_WORKERS`] by default).
+    pub standby_workers: usize,
 }
 
 /// On one machine (a laptop, 2 cores): two Jobs of a tenant and three in all use the
@@ -68,8 +70,26 @@ pub const DEV_JOB_CAPS: JobCaps = JobCaps {
 /// How long dev's workers wait for their tenant's next group (the chart's default).
 pub const DEV_WORKER_LINGER: Duration = Duration::from_secs(5);
 
-/// Standby workers per tenant in dev (the chart's default is none: each holds a pod).
+/// Standby workers per tenant in dev by default (the chart's is none: each holds a pod).
 pub const DEV_STANDBY_WORKERS: usize = 1;
+
+/// How long dev waits at its start for its standby worker to wait for orders.
+const STANDBY_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether a standby worker of `namespace` waits for an order within [`STANDBY_WAIT`].
+async fn wait_for_standby(store: &Store, namespace: &str) -> bool {
+    let waited = tokio::time::timeout(STANDBY_WAIT, async {
+        loop {
+            match store.waiting_carriers(namespace).await {
+                Ok(waiting) if !waiting.is_empty() => return,
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "reading the waiting workers"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    waited.await.is_ok()
+}
 
 /// A running dev installation; dropping it stops everything it started.
 pub struct DevEnvironment {
@@ -259,8 +279,8 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         worker_cpu_request: Some(options.worker_cpu_request.clone()),
         // Workers stay up for their tenant's next group, as the chart's do.
         worker_linger: DEV_WORKER_LINGER,
-        // One standby per tenant: a group posted to an idle installation starts at once.
-        standby_workers: DEV_STANDBY_WORKERS,
+        // A group posted to an idle installation starts at once.
+        standby_workers: options.standby_workers,
         ..ControllerConfig::default()
     };
     let mut tasks = JoinSet::new();
@@ -281,6 +301,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
             tracing::error!(error = %e, "controller stopped");
         }
     });
+    let standby_store = store.clone();
     let (app, key_watch, keys) = router(
         client.clone(),
         store,
@@ -310,6 +331,18 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
                 tracing::error!(error = %e, "API server stopped");
             }
         });
+    }
+    // As on an installation that has run a while, the first group finds a worker up with its
+    // models loaded (the pod registers through the API, so after it serves).
+    if node.is_some() && options.standby_workers > 0 {
+        if wait_for_standby(&standby_store, DEV_TENANT).await {
+            phases.done("standby worker up, models loaded");
+        } else {
+            println!(
+                "no standby worker waits after {} s: groups start pods of their own",
+                STANDBY_WAIT.as_secs()
+            );
+        }
     }
     Ok(DevEnvironment {
         api_url: format!("http://{addr}"),
