@@ -240,4 +240,34 @@ async fn only_the_namespaces_worker_reads_its_work_orders() {
     assert_eq!(status, 404, "the worker of another namespace: {text}");
     let (status, text) = get(Some(&worker), "no-such-job-g1").await;
     assert_eq!(status, 404, "{text}");
+
+    // A Job's next pod asks only for what has no result yet: an image with a stored result
+    // (here a failure, as a worker records an image it cannot fetch) is left out.
+    h.store
+        .write_results(
+            &group,
+            1,
+            &[ImageResult::failed(
+                &id,
+                "a",
+                "DownloadFailed",
+                "test".into(),
+            )],
+        )
+        .await
+        .expect("stored");
+    let (status, text) = get(Some(&worker), &format!("{job}?pending=true")).await;
+    assert_eq!(status, 200, "{text}");
+    let pending: WorkOrder = serde_json::from_str(&text).expect("a work order");
+    let ids: Vec<&str> = pending.images.iter().map(|i| i.id.as_str()).collect();
+    // ("b" too once the Job's own worker has stored its failure.)
+    assert!(ids == ["b"] || ids.is_empty(), "{ids:?}");
+    assert_eq!((pending.group, pending.models), (order.group, order.models));
+    // Without the question, the order as stored.
+    let (_, text) = get(Some(&worker), &job).await;
+    let whole: WorkOrder = serde_json::from_str(&text).expect("a work order");
+    assert_eq!(whole.images.len(), 2);
+    let (status, text) = get(Some(&worker), &format!("{job}?pending=maybe")).await;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("pending"), "{text}");
 }

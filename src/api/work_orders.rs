@@ -16,8 +16,8 @@ use futures::StreamExt;
 use tokio::sync::Notify;
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::time::Instant;
@@ -88,18 +88,37 @@ impl Drop for Waiting {
     }
 }
 
+/// `?pending=true`: only the images that have no result yet.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OrderQuery {
+    #[serde(default)]
+    pending: bool,
+}
+
 pub async fn get_work_order(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(job): Path<String>,
+    query: Result<Query<OrderQuery>, QueryRejection>,
 ) -> Result<Json<WorkOrder>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let namespace = worker_of(&state, &headers).await?;
     match state.store.work_order(&namespace, &job).await? {
+        Some(order) if query.pending => Ok(Json(pending(&state, order).await?)),
         Some(order) => Ok(Json(order)),
         None => Err(ApiError::NotFound(format!(
             "work order {job} of namespace {namespace}"
         ))),
     }
+}
+
+/// `order` without the images whose results are stored: a Job's next pod, or a carrier's,
+/// does only what an earlier one left.
+async fn pending(state: &AppState, order: WorkOrder) -> Result<WorkOrder, ApiError> {
+    let ids: Vec<String> = order.images.iter().map(|i| i.id.clone()).collect();
+    let stored = state.store.results_of_images(&order.group, &ids).await?;
+    Ok(order.without_stored(&stored))
 }
 
 /// The namespace whose worker calls (its token's account).
@@ -134,11 +153,16 @@ pub async fn next_order(
         )));
     }
     let store = &state.store;
-    let handed = |order: Option<(String, WorkOrder)>| {
-        order.map(|(name, order)| Json(CarriedOrder { name, order }).into_response())
+    // What the order has left: a carrier's next pod takes up its predecessor's.
+    let handed = async |order: Option<(String, WorkOrder)>| -> Result<Option<Response>, ApiError> {
+        let Some((name, order)) = order else {
+            return Ok(None);
+        };
+        let order = pending(&state, order).await?;
+        Ok(Some(Json(CarriedOrder { name, order }).into_response()))
     };
     // One handed to this Job and not done (its previous pod's) comes first.
-    if let Some(order) = handed(store.take_carried(&namespace, &job).await?) {
+    if let Some(order) = handed(store.take_carried(&namespace, &job).await?).await? {
         return Ok(order);
     }
     let deadline = Instant::now() + Duration::from_secs_f64(ask.wait_seconds);
@@ -149,7 +173,7 @@ pub async fn next_order(
         let notified = waiting.notify.notified();
         futures::pin_mut!(notified);
         notified.as_mut().enable();
-        if let Some(order) = handed(store.take_carried(&namespace, &job).await?) {
+        if let Some(order) = handed(store.take_carried(&namespace, &job).await?).await? {
             return Ok(order);
         }
         let pause = HANDED_POLL.min(deadline.saturating_duration_since(Instant::now()));
@@ -157,7 +181,7 @@ pub async fn next_order(
         if Instant::now() >= deadline {
             // Handed one just now (its wait was taken with it): that one, else nothing.
             if !store.stop_waiting(&namespace, &job).await?
-                && let Some(order) = handed(store.take_carried(&namespace, &job).await?)
+                && let Some(order) = handed(store.take_carried(&namespace, &job).await?).await?
             {
                 return Ok(order);
             }

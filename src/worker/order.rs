@@ -7,12 +7,13 @@
 //! by earlier controllers mount it as a file ([`WORK_ORDER_FILE_ENV`]); small orders run by
 //! hand come inline ([`WORK_ORDER_ENV`]).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::results::{GroupRef, INGEST_PATH, TokenSource, failed_answer};
+use crate::results::{GroupRef, INGEST_PATH, ImageResult, TokenSource, failed_answer};
 
 /// Environment variable with the URL of the Job's work order (set by the controller).
 pub const WORK_ORDER_URL_ENV: &str = "KINSIGHT_WORK_ORDER_URL";
@@ -110,11 +111,15 @@ pub async fn fetch_work_order(
     url: &str,
     token: &TokenSource,
 ) -> Result<Option<WorkOrder>, String> {
+    // Only the images without a result: an earlier pod of the Job may have stored some.
+    let mut url = reqwest::Url::parse(url)
+        .map_err(|e| format!("the work order's URL {url:?} is not valid: {e}"))?;
+    url.query_pairs_mut().append_pair("pending", "true");
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(100);
     loop {
         let bearer = token.read().map_err(|e| e.to_string())?;
-        let last = match http.get(url).bearer_auth(bearer).send().await {
+        let last = match http.get(url.clone()).bearer_auth(bearer).send().await {
             Ok(response) if response.status().is_success() => {
                 let text = response
                     .text()
@@ -143,6 +148,24 @@ pub async fn fetch_work_order(
     }
 }
 
+impl WorkOrder {
+    /// This order without the images that have a result for their models in `stored` (a
+    /// failure included, as the controller counts it): what a Job's next pod, or a carrier's,
+    /// has left to do after an earlier one stopped half-way.
+    pub fn without_stored(mut self, stored: &HashMap<String, ImageResult>) -> WorkOrder {
+        let models = self.models.clone();
+        self.images.retain(|item| {
+            let wanted = if item.models.is_empty() {
+                &models
+            } else {
+                &item.models
+            };
+            !stored.get(&item.id).is_some_and(|r| r.covers(wanted))
+        });
+        self
+    }
+}
+
 impl WorkItem {
     pub fn models<'a>(&'a self, order: &'a WorkOrder) -> &'a [String] {
         if self.models.is_empty() {
@@ -156,6 +179,117 @@ impl WorkItem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_order_without_stored_results_keeps_what_has_none_for_its_models() {
+        let item = |id: &str, models: &[&str]| WorkItem {
+            id: id.to_owned(),
+            url: format!("http://images.example/{id}.jpg"),
+            models: models.iter().map(|m| (*m).to_owned()).collect(),
+        };
+        let order = WorkOrder {
+            group: GroupRef {
+                namespace: "tenant-a".into(),
+                name: "listing-42".into(),
+                uid: "uid-1".into(),
+            },
+            generation: 2,
+            models: vec!["object_detection".into(), "image_classification".into()],
+            images: vec![
+                item("done", &[]),
+                item("half", &[]),
+                item("failed", &[]),
+                item("added-model", &["image_classification"]),
+                item("new", &[]),
+            ],
+            traceparent: None,
+        };
+        let with = |id: &str, models: &[&str]| {
+            let mut result = ImageResult::failed("listing-42", id, "x", "x".into());
+            result.failure = None;
+            for model in models {
+                let run = crate::results::ModelResult {
+                    output: Default::default(),
+                    error: None,
+                    inference_ms: 1.0,
+                };
+                result.outputs.insert((*model).to_owned(), run);
+            }
+            (id.to_owned(), result)
+        };
+        let stored: HashMap<String, ImageResult> = [
+            with("done", &["object_detection", "image_classification"]),
+            // One model of two: it runs again.
+            with("half", &["object_detection"]),
+            (
+                "failed".to_owned(),
+                ImageResult::failed("listing-42", "failed", "DownloadFailed", "x".into()),
+            ),
+            // The one model asked of it is there.
+            with("added-model", &["image_classification"]),
+        ]
+        .into_iter()
+        .collect();
+        let left = order.clone().without_stored(&stored);
+        let ids: Vec<&str> = left.images.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["half", "new"]);
+        assert_eq!(
+            (left.group, left.generation, left.models),
+            (order.group.clone(), 2, order.models.clone())
+        );
+        // Nothing stored: the whole order.
+        assert_eq!(order.clone().without_stored(&HashMap::new()), order);
+    }
+
+    #[tokio::test]
+    async fn a_worker_asks_only_for_the_images_without_a_result() {
+        // The API's side is tested on the real stack (tests/result_ingest.rs); this is what
+        // the worker asks for: `?pending=true`, with its token.
+        let order = WorkOrder {
+            group: GroupRef {
+                namespace: "tenant-a".into(),
+                name: "listing-42".into(),
+                uid: "uid-1".into(),
+            },
+            generation: 1,
+            models: vec!["object_detection".into()],
+            images: Vec::new(),
+            traceparent: None,
+        };
+        let answer = serde_json::to_string(&order).expect("JSON");
+        let app = axum::Router::new().route(
+            "/internal/v1/work-orders/{job}",
+            axum::routing::get(
+                async move |query: axum::extract::RawQuery, headers: axum::http::HeaderMap| {
+                    let asked = query.0.as_deref() == Some("pending=true")
+                        && headers.get("authorization").and_then(|v| v.to_str().ok())
+                            == Some("Bearer pod-token");
+                    if asked {
+                        (axum::http::StatusCode::OK, answer.clone())
+                    } else {
+                        (axum::http::StatusCode::BAD_REQUEST, String::new())
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let url = work_order_url(
+            &format!("http://{address}/internal/v1/results"),
+            "listing-42-g1",
+        );
+        crate::install_crypto_provider();
+        let fetched = fetch_work_order(
+            &reqwest::Client::new(),
+            &url,
+            &TokenSource::Token("pod-token".into()),
+        )
+        .await;
+        assert_eq!(fetched, Ok(Some(order)));
+    }
 
     #[test]
     fn the_work_order_url_is_beside_the_result_ingest() {
