@@ -101,6 +101,11 @@ fn completed_images(events: &[kinsight::dev::ReceivedWebhook]) -> Vec<&str> {
     ids
 }
 
+/// A group event's `(imagesDone, imagesFailed)`.
+fn done_and_failed(data: &serde_json::Value) -> (Option<u64>, Option<u64>) {
+    (data["imagesDone"].as_u64(), data["imagesFailed"].as_u64())
+}
+
 /// The status of the group `id`, as the API server has it now.
 async fn group_status(h: &Harness, id: &str) -> kinsight::crd::ImageGroupStatus {
     let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
@@ -703,11 +708,7 @@ async fn a_failed_worker_job_fails_its_images_with_a_reason() {
     );
     assert!(of_type(&events, "image.completed").is_empty());
     let group = &of_type(&events, "image_group.completed")[0].payload["data"];
-    assert_eq!(
-        (group["imagesDone"].as_u64(), group["imagesFailed"].as_u64()),
-        (Some(2), Some(2)),
-        "{group}"
-    );
+    assert_eq!(done_and_failed(group), (Some(2), Some(2)), "{group}");
 
     // Polling says the same, image by image.
     let (code, polled) = h.get(&format!("/v1/image-groups/{group_id}")).await;
@@ -780,11 +781,7 @@ async fn a_group_whose_work_order_is_larger_than_an_environment_variable_runs() 
     let size = serde_json::to_string(&order).expect("JSON").len();
     assert!(size > 128 * 1024, "{size} bytes");
     let group = &of_type(&events, "image_group.completed")[0].payload["data"];
-    assert_eq!(
-        (group["imagesDone"].as_u64(), group["imagesFailed"].as_u64()),
-        (Some(80), Some(0)),
-        "{group}"
-    );
+    assert_eq!(done_and_failed(group), (Some(80), Some(0)), "{group}");
     let done = completed_images(&events);
     assert_eq!(done.len(), 80);
 }
@@ -803,11 +800,7 @@ async fn a_group_bigger_than_one_job_runs_as_several_jobs_at_once() {
         ["i0", "i1", "i2", "i3", "i4", "i5", "i6"]
     );
     let group = &of_type(&events, "image_group.completed")[0].payload["data"];
-    assert_eq!(
-        (group["imagesDone"].as_u64(), group["imagesFailed"].as_u64()),
-        (Some(7), Some(0)),
-        "{group}"
-    );
+    assert_eq!(done_and_failed(group), (Some(7), Some(0)), "{group}");
     // Three Jobs of the one generation, the spec's images in runs of three, each with its
     // own work order.
     let status = group_status(&h, &group_id).await;
@@ -1591,11 +1584,7 @@ async fn a_tenants_next_group_is_carried_by_the_worker_that_waits() {
     let group = &group_event(&events, &second)
         .expect("the group event")
         .payload["data"];
-    assert_eq!(
-        (group["imagesDone"].as_u64(), group["imagesFailed"].as_u64()),
-        (Some(3), Some(0)),
-        "{group}"
-    );
+    assert_eq!(done_and_failed(group), (Some(3), Some(0)), "{group}");
     let second_images: Vec<&str> = of_type(&events, "image.completed")
         .iter()
         .filter(|e| e.payload["data"]["groupId"] == second.as_str())
@@ -1679,11 +1668,7 @@ async fn a_carried_order_whose_carrier_goes_is_run_by_its_own_job() {
     let group = &group_event(&events, &second)
         .expect("the group event")
         .payload["data"];
-    assert_eq!(
-        (group["imagesDone"].as_u64(), group["imagesFailed"].as_u64()),
-        (Some(1), Some(0)),
-        "{group}"
-    );
+    assert_eq!(done_and_failed(group), (Some(1), Some(0)), "{group}");
     assert!(
         !pods_of_job(&h, &second_job).await.is_empty(),
         "its own Job ran it"
@@ -1746,11 +1731,7 @@ async fn a_tenants_first_group_is_carried_by_its_standby_worker() {
     let data = &group_event(&events, &group)
         .expect("the group event")
         .payload["data"];
-    assert_eq!(
-        (data["imagesDone"].as_u64(), data["imagesFailed"].as_u64()),
-        (Some(2), Some(0)),
-        "{data}"
-    );
+    assert_eq!(done_and_failed(data), (Some(2), Some(0)), "{data}");
     assert_eq!(completed_images(&events).len(), 2);
     assert!(
         pods_of_job(&h, &group_job).await.is_empty(),

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use super::ingest::{caller, worker_namespace};
 use super::{ApiError, AppState};
-use crate::store::{CARRIERS_CHANNEL, StoreNotice};
+use crate::store::{CARRIERS_CHANNEL, StoreNotice, carrier_key};
 use crate::sync::lock;
 use crate::worker::{CarriedOrder, MAX_WAIT, NextOrder, WorkOrder};
 
@@ -60,7 +60,7 @@ impl Handovers {
 
     /// The wake-up of the requests of Job `job` in `namespace`, while the guard lives.
     fn register(self: &Arc<Self>, namespace: &str, job: &str) -> Waiting {
-        let key = format!("{namespace}/{job}");
+        let key = carrier_key(namespace, job);
         let notify = lock(&self.waiting).entry(key.clone()).or_default().clone();
         Waiting {
             handovers: self.clone(),

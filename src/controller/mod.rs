@@ -22,12 +22,12 @@ mod subscription_source;
 mod wake;
 
 pub use fair_queue::JobCaps;
+pub use job::STANDBY_LABEL;
 pub use job::{
     CATALOG_CONFIG_MAP, CATALOG_HASH_ANNOTATION, CATALOG_KEY, CATALOG_MOUNT_PATH, GpuSettings,
     WorkerCatalog,
 };
 pub use job::{MAX_IMAGES_PER_JOB, RESULTS_URL_ENV, WORKER_ACCOUNT, job_name};
-pub use job::{STANDBY_LABEL, is_standby};
 pub use leader::{LEASE_NAME, LeaderElection, run_as_leader};
 pub use listing::DEFAULT_DUPLICATE_DISTANCE;
 pub use metrics::Metrics;

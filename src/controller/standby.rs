@@ -10,6 +10,7 @@
 //! image or settings changed) is replaced. What a deleted standby carried goes back to the
 //! carried groups' own Jobs, as for any carrier.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,13 +43,16 @@ pub async fn run(ctx: Arc<Context>) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let mut by_namespace: HashMap<String, Vec<&Job>> = HashMap::new();
+        for job in &jobs {
+            by_namespace
+                .entry(job.namespace().unwrap_or_default())
+                .or_default()
+                .push(job);
+        }
         for namespace in ctx.tenants.namespaces() {
-            let theirs: Vec<&Job> = jobs
-                .iter()
-                .filter(|job| job.namespace().as_deref() == Some(namespace.as_str()))
-                .map(|job| &**job)
-                .collect();
-            if let Err(e) = keep(&ctx, &namespace, wanted, &theirs).await {
+            let theirs = by_namespace.get(&namespace).map_or(&[][..], Vec::as_slice);
+            if let Err(e) = keep(&ctx, &namespace, wanted, theirs).await {
                 tracing::warn!(namespace, error = %e, "keeping standby workers");
             }
         }

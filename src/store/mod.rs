@@ -18,7 +18,7 @@ pub use dispatch::{Claimed, GONE_ERROR, Outcomes, Settled, Stop};
 pub use idempotency::{IDEMPOTENCY_KEEP, KeyClaim, StoredResponse};
 pub use notify::{
     ALL_STORED, CARRIERS_CHANNEL, DISPATCH_CHANNEL, GROUPS_CHANNEL, RESULTS_CHANNEL, StoreNotice,
-    listen,
+    carrier_key, listen,
 };
 
 use std::time::Duration;

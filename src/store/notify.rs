@@ -29,6 +29,11 @@ pub const DISPATCH_CHANNEL: &str = "kinsight_dispatch";
 /// carrier's Job, whose long poll at the API answers at once.
 pub const CARRIERS_CHANNEL: &str = "kinsight_carriers";
 
+/// The [`CARRIERS_CHANNEL`] payload naming the carrier Job `job` of `namespace`.
+pub fn carrier_key(namespace: &str, job: &str) -> String {
+    format!("{namespace}/{job}")
+}
+
 /// What a listener is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreNotice {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio_postgres::types::Json;
 
-use super::notify::CARRIERS_CHANNEL;
+use super::notify::{CARRIERS_CHANNEL, carrier_key};
 use super::{Store, StoreError, record_group};
 use crate::worker::WorkOrder;
 
@@ -58,7 +58,7 @@ impl Store {
         if let Some(carrier) = &carrier {
             tx.execute(
                 "SELECT pg_notify($1, $2)",
-                &[&CARRIERS_CHANNEL, &format!("{namespace}/{carrier}")],
+                &[&CARRIERS_CHANNEL, &carrier_key(namespace, carrier)],
             )
             .await?;
         }
