@@ -151,6 +151,15 @@ struct ControllerArgs {
     /// Run without leader election (only when a single replica runs).
     #[arg(long)]
     no_leader_election: bool,
+    /// How long the leader's Lease lasts without renewal: a replica that dies unannounced
+    /// is replaced after at most this long (kube-controller-manager's
+    /// `--leader-elect-lease-duration`).
+    #[arg(long, env = "KINSIGHT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// How long before the Lease runs out its holder renews it (whole seconds, under the
+    /// duration).
+    #[arg(long, env = "KINSIGHT_LEASE_RENEW_BEFORE", default_value = "5s", value_parser = parse_duration)]
+    lease_renew_before: Duration,
     /// Images one worker Job takes at most (a bigger group runs as several Jobs, on
     /// several pods at once).
     #[arg(long, env = "KINSIGHT_IMAGES_PER_JOB", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -485,8 +494,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 let election = kinsight::controller::LeaderElection {
                     namespace: args.lease_namespace,
                     identity,
-                    lease: Duration::from_secs(15),
-                    grace: Duration::from_secs(5),
+                    lease: args.lease_duration,
+                    grace: args.lease_renew_before,
                 };
                 kinsight::controller::run_as_leader(client, store, config, election, shutdown)
                     .await?;

@@ -12,10 +12,16 @@
 //! first wait often missed it); the rest of the kill schedule is random; the seed is
 //! printed, and `KINSIGHT_SIGKILL_SEED=<n>` replays it. The last controller is stopped the
 //! way the kubelet stops a pod, by SIGTERM, and must exit cleanly.
+//!
+//! The second test runs two replicas in the leader election, as the chart does, and adds a
+//! PostgreSQL restart to the kills: the chaos of the state plane.
 
 mod common;
 
-crate::real_node_tests!(sigkilled_controller_loses_no_event,);
+crate::real_node_tests!(
+    sigkilled_controller_loses_no_event,
+    two_sigkilled_replicas_and_a_database_restart_lose_nothing,
+);
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -24,7 +30,7 @@ use std::time::Duration;
 
 use common::{Harness, of_type, repo_path};
 use kinsight::controller::ControllerConfig;
-use kinsight::crd::{GroupPhase, ImageGroup};
+use kinsight::crd::{GroupPhase, ImageGroup, ImageGroupStatus};
 use kinsight::dev::ReceivedWebhook;
 use kube::Api;
 use rand::rngs::StdRng;
@@ -33,6 +39,9 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 const IMAGES: usize = 12;
+/// The replicas' test: enough that results are still being stored and sent when PostgreSQL
+/// restarts, after two kills.
+const CHAOS_IMAGES: usize = 60;
 /// From submission until `image_group.completed`, kills included.
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -44,8 +53,15 @@ struct ControllerProcess {
 
 impl ControllerProcess {
     /// The controller binary configured as the harness' own controller would be (`config`:
-    /// [`Harness::controller_config`]), but with the test's retry schedule.
-    fn spawn(h: &Harness, kubeconfig: &Path, config: &ControllerConfig, log: &Path) -> Self {
+    /// [`Harness::controller_config`]), but with the test's retry schedule; a replica in the
+    /// leader election under `identity` (a 3 s Lease), or alone without one.
+    fn spawn(
+        h: &Harness,
+        kubeconfig: &Path,
+        config: &ControllerConfig,
+        log: &Path,
+        identity: Option<&str>,
+    ) -> Self {
         let log_file = || {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -56,7 +72,6 @@ impl ControllerProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kinsight"));
         command
             .arg("controller")
-            .arg("--no-leader-election")
             .arg("--catalog")
             .arg(repo_path("models/catalog.yaml"))
             .args(["--retry-schedule", "1s,2s"])
@@ -72,6 +87,18 @@ impl ControllerProcess {
             .arg(&config.tenancy.service_account.0)
             .arg("--worker-image")
             .arg(&config.worker_image);
+        match identity {
+            Some(identity) => {
+                command
+                    .args(["--identity", identity])
+                    .args(["--lease-duration", "3s", "--lease-renew-before", "1s"])
+                    // Each replica its own metrics port, as pods have.
+                    .args(["--metrics-listen", "127.0.0.1:0"]);
+            }
+            None => {
+                command.arg("--no-leader-election");
+            }
+        }
         if let Some(namespace) = &config.watch_namespace {
             command.arg("--watch-namespace").arg(namespace);
         }
@@ -259,7 +286,7 @@ async fn sigkilled_controller_loses_no_event() {
 
     let (hook_url, proxy) = slow_answering_proxy(h.hook_url.clone()).await;
     let _proxy = AbortOnDrop(proxy);
-    let mut controller = ControllerProcess::spawn(&h, &kubeconfig, &config, &log);
+    let mut controller = ControllerProcess::spawn(&h, &kubeconfig, &config, &log, None);
     let group_id = h
         .post_photo_group(IMAGES, &["image_classification"], &hook_url)
         .await;
@@ -305,7 +332,7 @@ async fn sigkilled_controller_loses_no_event() {
             events.len(),
             distinct.len()
         );
-        controller = ControllerProcess::spawn(&h, &kubeconfig, &config, &log);
+        controller = ControllerProcess::spawn(&h, &kubeconfig, &config, &log, None);
     }
     assert!(
         mid_delivery_kills > 0,
@@ -330,12 +357,31 @@ async fn sigkilled_controller_loses_no_event() {
         );
     }
 
-    // Status is written after sending: wait for the final write, then settle a moment longer
-    // so a late re-send (a duplicate) would be seen too.
+    let status = settled_completed_status(&mut h, &group_id, &mut events, &log).await;
+    controller.assert_running(&log);
+    controller.sigterm(&log).await;
+
+    let (image_requests, group_requests) =
+        assert_each_event_once(&h, &events, &group_id, &status, IMAGES).await;
+    eprintln!(
+        "seed {seed}: {kills} kills; {image_requests} image.completed requests for {IMAGES} \
+         images ({} re-sent), {group_requests} image_group.completed request(s)",
+        image_requests - IMAGES
+    );
+}
+
+/// Waits for the group's final status (Completed, webhooks delivered: status is written after
+/// sending), then a moment longer, so that a late re-send (a duplicate) would be seen too.
+async fn settled_completed_status(
+    h: &mut Harness,
+    group_id: &str,
+    events: &mut Vec<ReceivedWebhook>,
+    log: &Path,
+) -> ImageGroupStatus {
     let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
     let final_status = common::poll(Duration::from_secs(30), async || {
         let status = groups
-            .get(&group_id)
+            .get(group_id)
             .await
             .expect("group")
             .status
@@ -348,17 +394,26 @@ async fn sigkilled_controller_loses_no_event() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    drain(&mut h, &mut events);
-    controller.assert_running(&log);
-    controller.sigterm(&log).await;
-
-    let status = final_status.unwrap_or_else(|| {
+    drain(h, events);
+    final_status.unwrap_or_else(|| {
         panic!(
             "group did not reach Completed with WebhooksDelivered=True; log:\n{}",
-            tail(&log)
+            tail(log)
         )
-    });
-    assert_eq!(status.images_done, IMAGES as u32);
+    })
+}
+
+/// Every image's result stored and its event arrived, re-sends only under the same
+/// `webhook-id`, one group event after every image event, and one Job. Returns how many
+/// image and group event requests arrived.
+async fn assert_each_event_once(
+    h: &Harness,
+    events: &[ReceivedWebhook],
+    group_id: &str,
+    status: &ImageGroupStatus,
+    images: usize,
+) -> (usize, usize) {
+    assert_eq!(status.images_done as usize, images);
     assert_eq!(status.images_failed, 0);
     let completed = status
         .conditions
@@ -366,10 +421,15 @@ async fn sigkilled_controller_loses_no_event() {
         .find(|c| c.type_ == "Completed")
         .expect("Completed condition");
     assert_eq!(completed.status, "True", "{completed:?}");
+    assert_eq!(
+        h.stored_results(group_id).await.len(),
+        images,
+        "every image's result is stored"
+    );
 
     let ours: Vec<&ReceivedWebhook> = events
         .iter()
-        .filter(|e| e.payload["data"]["groupId"] == group_id.as_str())
+        .filter(|e| e.payload["data"]["groupId"] == group_id)
         .collect();
     assert!(
         ours.iter().all(|e| e.payload["type"] == "image.completed"
@@ -389,7 +449,7 @@ async fn sigkilled_controller_loses_no_event() {
             .or_default()
             .insert(e.id.clone());
     }
-    let expected: HashSet<String> = (0..IMAGES).map(|i| format!("i{i}")).collect();
+    let expected: HashSet<String> = (0..images).map(|i| format!("i{i}")).collect();
     let arrived: HashSet<String> = ids_by_image.keys().cloned().collect();
     assert_eq!(arrived, expected, "every image.completed arrived");
     assert!(
@@ -397,7 +457,7 @@ async fn sigkilled_controller_loses_no_event() {
         "duplicates only with the same webhook-id: {ids_by_image:?}"
     );
     let distinct: HashSet<&String> = ids_by_image.values().flatten().collect();
-    assert_eq!(distinct.len(), IMAGES, "each image has its own webhook-id");
+    assert_eq!(distinct.len(), images, "each image has its own webhook-id");
     let group_ids: HashSet<&str> = ours
         .iter()
         .filter(|e| e.payload["type"] == "image_group.completed")
@@ -412,12 +472,6 @@ async fn sigkilled_controller_loses_no_event() {
         .iter()
         .filter(|e| e.payload["type"] == "image_group.completed")
         .count();
-    let image_requests = ours.len() - group_requests;
-    eprintln!(
-        "seed {seed}: {kills} kills; {image_requests} image.completed requests for {IMAGES} \
-         images ({} re-sent), {group_requests} image_group.completed request(s)",
-        image_requests - IMAGES
-    );
 
     // The group event comes after every image event (per-group sequence).
     let max_image_seq = ours
@@ -434,7 +488,189 @@ async fn sigkilled_controller_loses_no_event() {
     assert!(group_seq > max_image_seq, "{group_seq} > {max_image_seq}");
 
     // However often the controller died, the group has exactly one Job.
-    let jobs = common::jobs_of(&h.client, &h.namespace, &group_id).await;
+    let jobs = common::jobs_of(&h.client, &h.namespace, group_id).await;
     assert_eq!(jobs.len(), 1, "exactly one Job for the group");
     assert_eq!(status.jobs.len(), 1, "{:?}", status.jobs);
+    (ours.len() - group_requests, group_requests)
+}
+
+/// Controller replicas in the leader election, as a Deployment runs them: each has its own
+/// name; a killed one is replaced by a new pod with a new name.
+struct Replicas {
+    running: Vec<(String, ControllerProcess)>,
+    started: usize,
+    logs: PathBuf,
+}
+
+impl Replicas {
+    fn log(&self, identity: &str) -> PathBuf {
+        self.logs.join(format!("{identity}.log"))
+    }
+
+    fn add(&mut self, h: &Harness, kubeconfig: &Path, config: &ControllerConfig) {
+        let identity = format!("replica-{}", self.started);
+        self.started += 1;
+        let process =
+            ControllerProcess::spawn(h, kubeconfig, config, &self.log(&identity), Some(&identity));
+        self.running.push((identity, process));
+    }
+
+    /// SIGKILLs `identity` (no Lease handed back: the others wait for it to run out).
+    async fn sigkill(&mut self, identity: &str) {
+        let at = self
+            .running
+            .iter()
+            .position(|(name, _)| name == identity)
+            .unwrap_or_else(|| panic!("{identity} is not one of the running replicas"));
+        let (_, process) = self.running.remove(at);
+        process.sigkill().await;
+    }
+
+    fn assert_running(&mut self) {
+        let logs: Vec<PathBuf> = self.running.iter().map(|(n, _)| self.log(n)).collect();
+        for ((_, process), log) in self.running.iter_mut().zip(&logs) {
+            process.assert_running(log);
+        }
+    }
+
+    /// Every replica's log tail, for a failure's message.
+    fn tails(&self) -> String {
+        let mut names: Vec<String> = (0..self.started).map(|n| format!("replica-{n}")).collect();
+        names.sort();
+        names
+            .iter()
+            .map(|n| format!("--- {n}:\n{}", tail(&self.log(n))))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// The issue's chaos: two replicas in the leader election deliver a group's events; the
+/// leader is SIGKILLed while it admits the group, PostgreSQL restarts once delivery is under
+/// way, then the replica that took over is SIGKILLed too; each is replaced by a new replica
+/// (a new pod). No result is lost, no event is lost or sent under a second
+/// `webhook-id`, and the group has one Job.
+async fn two_sigkilled_replicas_and_a_database_restart_lose_nothing() {
+    if kinsight::testbed::use_existing_cluster() {
+        eprintln!(
+            "skipped: this test runs the controller binary against the local control plane's \
+             kubeconfig; USE_EXISTING_CLUSTER is set"
+        );
+        return;
+    }
+    let mut h = Harness::start_with_own_database("tenant-chaos").await;
+    h.kill_controller().await;
+    let kubeconfig: PathBuf = h
+        .cluster
+        .kubeconfig_path()
+        .expect("a local control plane")
+        .to_path_buf();
+    let config = h.controller_config();
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut replicas = Replicas {
+        running: Vec::new(),
+        started: 0,
+        logs: logs.path().to_path_buf(),
+    };
+    let (hook_url, proxy) = slow_answering_proxy(h.hook_url.clone()).await;
+    let _proxy = AbortOnDrop(proxy);
+    replicas.add(&h, &kubeconfig, &config);
+    replicas.add(&h, &kubeconfig, &config);
+    let first_leader = common::eventually("a leader among the replicas", LIMIT, async || {
+        h.lease_holder()
+            .await
+            .filter(|holder| holder.starts_with("replica-"))
+    })
+    .await;
+
+    let group_id = h
+        .post_photo_group(CHAOS_IMAGES, &["image_classification"], &hook_url)
+        .await;
+    let started = Instant::now();
+    let deadline = started + LIMIT;
+    // Kill 1: the leader, while it admits the group and makes its Job (or just after).
+    tokio::time::sleep(Duration::from_millis(rand::random_range(0..=400))).await;
+    replicas.sigkill(&first_leader).await;
+    eprintln!(
+        "killed the leader {first_leader} {:.1}s after the POST",
+        started.elapsed().as_secs_f64()
+    );
+    replicas.add(&h, &kubeconfig, &config);
+
+    let mut events = Vec::new();
+    if h.collect_webhooks_into(
+        &mut events,
+        deadline,
+        |e| !of_type(e, "image.completed").is_empty(),
+        |_| replicas.assert_running(),
+    )
+    .await
+    .is_err()
+    {
+        panic!(
+            "no image.completed within {LIMIT:?}; logs:\n{}",
+            replicas.tails()
+        );
+    }
+    // The database restarts as soon as results flow (the first image event is in).
+    drain(&mut h, &mut events);
+    let images_before_restart = images_arrived(&events, &group_id);
+    h.cluster
+        .postgres_mut()
+        .expect("the test's own PostgreSQL")
+        .restart()
+        .await
+        .expect("PostgreSQL restarts");
+    eprintln!(
+        "{images_before_restart}/{CHAOS_IMAGES} image events in before PostgreSQL restarted; \
+         {:.1}s after the POST",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        images_before_restart < CHAOS_IMAGES,
+        "every image event came before the restart: the test did not exercise what it claims"
+    );
+    // Kill 2: the replica that took over, once it leads.
+    let running: Vec<String> = replicas.running.iter().map(|(n, _)| n.clone()).collect();
+    let second_leader = common::eventually("a new leader", LIMIT, async || {
+        h.lease_holder()
+            .await
+            .filter(|holder| running.contains(holder))
+    })
+    .await;
+    drain(&mut h, &mut events);
+    eprintln!(
+        "killed the new leader {second_leader} {:.1}s after the POST, {}/{CHAOS_IMAGES} image \
+         events in",
+        started.elapsed().as_secs_f64(),
+        images_arrived(&events, &group_id)
+    );
+    replicas.sigkill(&second_leader).await;
+    replicas.add(&h, &kubeconfig, &config);
+
+    if h.collect_webhooks_into(
+        &mut events,
+        deadline,
+        |e| group_completed(e, &group_id),
+        |_| replicas.assert_running(),
+    )
+    .await
+    .is_err()
+    {
+        panic!(
+            "no image_group.completed within {LIMIT:?}; received: {:#?}\nlogs:\n{}",
+            common::webhook_summary(&events),
+            replicas.tails()
+        );
+    }
+    let log = replicas.log(&replicas.running[0].0);
+    let status = settled_completed_status(&mut h, &group_id, &mut events, &log).await;
+    replicas.assert_running();
+    let (image_requests, group_requests) =
+        assert_each_event_once(&h, &events, &group_id, &status, CHAOS_IMAGES).await;
+    eprintln!(
+        "{image_requests} image.completed requests for {CHAOS_IMAGES} images ({} re-sent), \
+         {group_requests} image_group.completed request(s)",
+        image_requests - CHAOS_IMAGES
+    );
 }

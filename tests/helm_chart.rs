@@ -202,6 +202,12 @@ async fn chart_installs_into_a_real_cluster() {
     assert_eq!(env_value(container, "KINSIGHT_WORKER_LINGER"), Some("5s"));
     // No standby workers unless asked: each holds a pod per tenant.
     assert_eq!(env_value(container, "KINSIGHT_STANDBY_WORKERS"), Some("0"));
+    // The leader's Lease as kube-controller-manager's: replaced within 15 s of dying.
+    assert_eq!(env_value(container, "KINSIGHT_LEASE_DURATION"), Some("15s"));
+    assert_eq!(
+        env_value(container, "KINSIGHT_LEASE_RENEW_BEFORE"),
+        Some("5s")
+    );
     // Worker pods' resources: the CPU limit and request given, the chart's memory.
     assert_eq!(env_value(container, "KINSIGHT_WORKER_CPU"), Some("500m"));
     assert_eq!(

@@ -13,10 +13,8 @@ crate::real_node_tests!(
 use std::time::Duration;
 
 use common::{Harness, eventually};
-use k8s_openapi::api::coordination::v1::Lease;
-use kinsight::controller::{LEASE_NAME, LeaderElection, run_as_leader};
+use kinsight::controller::{LeaderElection, run_as_leader};
 use kinsight::shutdown::Shutdown;
-use kube::Api;
 use serde_json::json;
 
 /// The Lease lives in the API keys' namespace, the installation's own (the chart's
@@ -30,16 +28,6 @@ fn election(namespace: &str, identity: &str) -> LeaderElection {
     }
 }
 
-async fn holder(leases: &Api<Lease>) -> Option<String> {
-    leases
-        .get_opt(LEASE_NAME)
-        .await
-        .ok()
-        .flatten()?
-        .spec?
-        .holder_identity
-}
-
 type Replica = tokio::task::JoinHandle<Result<(), kinsight::controller::ControllerError>>;
 
 /// Replica A (stopped by `a_shutdown`) leads; then standby B starts and waits while A renews.
@@ -48,7 +36,7 @@ async fn leader_and_standby(
     a: LeaderElection,
     a_shutdown: Shutdown,
     b: LeaderElection,
-) -> (Replica, Replica, Api<Lease>) {
+) -> (Replica, Replica) {
     // The harness' own (unelected) controller stays out of these tests.
     h.kill_controller().await;
     let config = h.controller_config();
@@ -59,9 +47,8 @@ async fn leader_and_standby(
         a,
         a_shutdown,
     ));
-    let leases: Api<Lease> = Api::namespaced(h.client.clone(), &h.keys_namespace);
     let leader = eventually("a Lease holder", Duration::from_secs(10), async || {
-        holder(&leases).await
+        h.lease_holder().await
     })
     .await;
     assert_eq!(leader, "replica-a");
@@ -74,12 +61,12 @@ async fn leader_and_standby(
     ));
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
-        holder(&leases).await.as_deref(),
+        h.lease_holder().await.as_deref(),
         Some("replica-a"),
         "the standby waits while the leader renews"
     );
     assert!(!second.is_finished());
-    (first, second, leases)
+    (first, second)
 }
 
 /// An image posted now is processed and its events delivered (by whoever leads).
@@ -107,12 +94,12 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         election(&h.keys_namespace, "replica-a"),
         election(&h.keys_namespace, "replica-b"),
     );
-    let (first, second, leases) = leader_and_standby(&mut h, a, Shutdown::never(), b).await;
+    let (first, second) = leader_and_standby(&mut h, a, Shutdown::never(), b).await;
 
     // The leader dies without releasing the lease; the standby takes over and does the work.
     first.abort();
     an_image_gets_its_events(&mut h).await;
-    assert_eq!(holder(&leases).await.as_deref(), Some("replica-b"));
+    assert_eq!(h.lease_holder().await.as_deref(), Some("replica-b"));
     second.abort();
 }
 
@@ -127,7 +114,7 @@ async fn a_leader_asked_to_stop_hands_the_lease_to_the_standby_at_once() {
     };
     let (a, b) = (long(&h, "replica-a"), long(&h, "replica-b"));
     let (stop_first, first_shutdown) = Shutdown::new();
-    let (first, second, leases) = leader_and_standby(&mut h, a, first_shutdown, b).await;
+    let (first, second) = leader_and_standby(&mut h, a, first_shutdown, b).await;
 
     stop_first.fire();
     let asked = std::time::Instant::now();
@@ -137,7 +124,9 @@ async fn a_leader_asked_to_stop_hands_the_lease_to_the_standby_at_once() {
         .expect("no panic");
     assert!(stopped.is_ok(), "a requested stop is no error: {stopped:?}");
     let next = eventually("the standby leads", Duration::from_secs(10), async || {
-        holder(&leases).await.filter(|h| h.as_str() == "replica-b")
+        h.lease_holder()
+            .await
+            .filter(|holder| holder == "replica-b")
     })
     .await;
     let took = asked.elapsed();

@@ -392,6 +392,18 @@ impl Harness {
                 .expect("the group");
         group_ref(&found)
     }
+    /// Who holds the controllers' leader Lease (in the installation's own namespace) now.
+    pub async fn lease_holder(&self) -> Option<String> {
+        let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+            kube::Api::namespaced(self.client.clone(), &self.keys_namespace);
+        leases
+            .get_opt(kinsight::controller::LEASE_NAME)
+            .await
+            .ok()
+            .flatten()?
+            .spec?
+            .holder_identity
+    }
 
     /// The group's results as the database holds them, by image id.
     pub async fn stored_results(
