@@ -36,7 +36,7 @@ enum Command {
     Worker(WorkerArgs),
     /// Remove what controllers made in tenant namespaces (worker ServiceAccounts, catalog
     /// ConfigMaps, NetworkPolicies, their RoleBindings): the chart's uninstall hook.
-    RemoveTenantObjects,
+    RemoveTenantObjects(RemoveTenantObjectsArgs),
     #[command(flatten)]
     Testbed(TestbedCommand),
     /// Measure images/s of the image pipeline on a folder of images (see scripts/bench.sh).
@@ -214,17 +214,47 @@ struct ControllerArgs {
         default_value = "kinsight-controller-tenant"
     )]
     tenant_role: String,
-    /// The controller's own ServiceAccount (in `POD_NAMESPACE`), the subject of those bindings.
+    #[command(flatten)]
+    bindings: TenantBindingArgs,
+    /// The NetworkPolicy spec (JSON or YAML) put beside worker pods in every tenant
+    /// namespace (default: none).
+    #[arg(long, env = "KINSIGHT_WORKER_NETWORK_POLICY", value_parser = |t: &str| kinsight::tenancy::parse_network_policy(t).map(Box::new))]
+    worker_network_policy: Option<Box<k8s_openapi::api::networking::v1::NetworkPolicySpec>>,
+}
+
+/// Whose tenant objects `remove-tenant-objects` removes: those of the controller running
+/// as this ServiceAccount.
+#[derive(Args)]
+struct RemoveTenantObjectsArgs {
+    /// The controller's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kinsight-system")]
+    namespace: String,
+    #[command(flatten)]
+    bindings: TenantBindingArgs,
+}
+
+/// Whose tenant RoleBindings are the controller's, and who makes them.
+#[derive(Args)]
+struct TenantBindingArgs {
+    /// The controller's own ServiceAccount (in `POD_NAMESPACE`), the subject of its tenant
+    /// RoleBindings.
     #[arg(
         long,
         env = "KINSIGHT_SERVICE_ACCOUNT",
         default_value = "kinsight-controller"
     )]
     service_account: String,
-    /// The NetworkPolicy spec (JSON or YAML) put beside worker pods in every tenant
-    /// namespace (default: none).
-    #[arg(long, env = "KINSIGHT_WORKER_NETWORK_POLICY", value_parser = |t: &str| kinsight::tenancy::parse_network_policy(t).map(Box::new))]
-    worker_network_policy: Option<Box<k8s_openapi::api::networking::v1::NetworkPolicySpec>>,
+    /// Who binds the tenant ClusterRole in tenant namespaces: `controller` (the controller,
+    /// when a namespace becomes a tenant) or `preinstalled` (the chart, in the namespaces it
+    /// lists: the controller then makes and removes no RoleBinding, and a tenant without one
+    /// waits).
+    #[arg(
+        long,
+        env = "KINSIGHT_TENANT_BINDINGS",
+        value_enum,
+        default_value = "controller"
+    )]
+    tenant_bindings: kinsight::tenancy::TenantBindings,
 }
 
 /// How the controller treats sick webhook endpoints.
@@ -461,8 +491,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 tenancy: kinsight::tenancy::TenancyConfig {
                     keys_namespace: args.keys_namespace,
                     tenant_role: args.tenant_role,
-                    service_account: (args.lease_namespace.clone(), args.service_account),
+                    service_account: (args.lease_namespace.clone(), args.bindings.service_account),
                     network_policy: args.worker_network_policy.map(|p| *p),
+                    bindings: args.bindings.tenant_bindings,
                     ..defaults.tenancy.clone()
                 },
                 ..defaults
@@ -618,9 +649,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Models(args) => models(args)?,
         Command::Testbed(command) => return Err(command.run()),
-        Command::RemoveTenantObjects => {
+        Command::RemoveTenantObjects(args) => {
             let client = kube::Client::try_default().await?;
-            let tenancy = ControllerConfig::default().tenancy;
+            let tenancy = kinsight::tenancy::TenancyConfig {
+                service_account: (args.namespace, args.bindings.service_account),
+                bindings: args.bindings.tenant_bindings,
+                ..ControllerConfig::default().tenancy
+            };
             let cleaned = kinsight::tenancy::remove_all(&client, &tenancy).await?;
             tracing::info!(namespaces = ?cleaned, "tenant objects removed");
         }

@@ -10,6 +10,7 @@ use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Volume, VolumeMount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kinsight::controller::GpuSettings;
+use kinsight::tenancy::TenantBindings;
 use kinsight::testbed::TestCluster;
 use kube::Api;
 
@@ -525,41 +526,10 @@ async fn tenants_come_and_go(cluster: &TestCluster, admin: &kube::Client, contai
         "{refused:?}"
     );
 
-    let network_policy = kinsight::tenancy::parse_network_policy(
-        env_value(container, "KINSIGHT_WORKER_NETWORK_POLICY").expect("network policy env"),
-    )
-    .expect("the controller accepts the chart's NetworkPolicy");
-    let config = kinsight::tenancy::TenancyConfig {
-        keys_namespace: env_value(container, "KINSIGHT_KEYS_NAMESPACE")
-            .expect("keys namespace env")
-            .to_owned(),
-        tenant_role: env_value(container, "KINSIGHT_TENANT_ROLE")
-            .expect("tenant role env")
-            .to_owned(),
-        service_account: (
-            "kinsight-system".to_owned(),
-            env_value(container, "KINSIGHT_SERVICE_ACCOUNT")
-                .expect("service account env")
-                .to_owned(),
-        ),
-        worker_account: WORKER_ACCOUNT.to_owned(),
-        catalog_config_map: CATALOG_CONFIG_MAP.to_owned(),
-        network_policy: Some(network_policy),
-    };
+    let config = chart_tenancy(container);
     assert_eq!(config.keys_namespace, KEYS);
-    let tenants = kinsight::tenancy::Tenants::default();
-    let (listed, mut ready) = tokio::sync::watch::channel(false);
-    let watch = tokio::spawn(kinsight::tenancy::run(
-        controller.clone(),
-        config,
-        tenants.clone(),
-        listed,
-        || {},
-    ));
-    tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|r| *r))
-        .await
-        .expect("tenants listed in time")
-        .expect("tenant watch running");
+    assert_eq!(config.bindings, TenantBindings::Controller);
+    let (tenants, watch) = watch_tenants(controller.clone(), config).await;
 
     // tenant-a by its label, tenant-b by an API-key record; a key record naming kube-system
     // does not make it a tenant.
@@ -656,6 +626,199 @@ async fn tenants_come_and_go(cluster: &TestCluster, admin: &kube::Client, contai
     .await;
     assert!(!allowed(admin, CONTROLLER, "tenant-a", "batch", "jobs", "", "create").await);
     assert!(tenants.contains("tenant-b"), "the other tenant stays");
+    watch.abort();
+}
+
+/// The tenancy settings the chart gives the controller (its Deployment's `container`).
+fn chart_tenancy(container: &Container) -> kinsight::tenancy::TenancyConfig {
+    use kinsight::controller::{CATALOG_CONFIG_MAP, WORKER_ACCOUNT};
+    let network_policy = kinsight::tenancy::parse_network_policy(
+        env_value(container, "KINSIGHT_WORKER_NETWORK_POLICY").expect("network policy env"),
+    )
+    .expect("the controller accepts the chart's NetworkPolicy");
+    let bindings = match env_value(container, "KINSIGHT_TENANT_BINDINGS") {
+        Some("controller") => TenantBindings::Controller,
+        Some("preinstalled") => TenantBindings::Preinstalled,
+        other => panic!("KINSIGHT_TENANT_BINDINGS: {other:?}"),
+    };
+    kinsight::tenancy::TenancyConfig {
+        keys_namespace: env_value(container, "KINSIGHT_KEYS_NAMESPACE")
+            .expect("keys namespace env")
+            .to_owned(),
+        tenant_role: env_value(container, "KINSIGHT_TENANT_ROLE")
+            .expect("tenant role env")
+            .to_owned(),
+        service_account: (
+            "kinsight-system".to_owned(),
+            env_value(container, "KINSIGHT_SERVICE_ACCOUNT")
+                .expect("service account env")
+                .to_owned(),
+        ),
+        worker_account: WORKER_ACCOUNT.to_owned(),
+        catalog_config_map: CATALOG_CONFIG_MAP.to_owned(),
+        network_policy: Some(network_policy),
+        bindings,
+    }
+}
+
+/// The controller's tenant watch running as `controller`, once it has listed everything.
+async fn watch_tenants(
+    controller: kube::Client,
+    config: kinsight::tenancy::TenancyConfig,
+) -> (kinsight::tenancy::Tenants, tokio::task::JoinHandle<()>) {
+    let tenants = kinsight::tenancy::Tenants::default();
+    let (listed, mut ready) = tokio::sync::watch::channel(false);
+    let watch = tokio::spawn(kinsight::tenancy::run(
+        controller,
+        config,
+        tenants.clone(),
+        listed,
+        || {},
+    ));
+    tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|r| *r))
+        .await
+        .expect("tenants listed in time")
+        .expect("tenant watch running");
+    (tenants, watch)
+}
+
+/// With `controller.tenantBindings=chart` the chart binds the controller's tenant role in
+/// the namespaces it lists and the controller may create no RoleBinding anywhere: a
+/// labelled namespace outside the list waits until an upgrade lists it, and a namespace that
+/// stops being a tenant keeps the chart's binding.
+#[tokio::test]
+async fn chart_made_bindings_leave_the_controller_no_rolebinding_rights() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    use kinsight::tenancy::{TENANT_BINDING, TENANT_LABEL, WORKER_NETWORK_POLICY};
+    use kube::api::{Patch, PatchParams, PostParams};
+
+    let cluster = TestCluster::start().await.expect("cluster");
+    let Some(control_plane) = cluster.control_plane() else {
+        return;
+    };
+    let kubeconfig = control_plane
+        .kubeconfig_path()
+        .to_string_lossy()
+        .into_owned();
+    let admin = cluster.client();
+    // The listed namespaces exist before the install, as the chart's bindings go there.
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    for name in ["tenant-a", "tenant-b", "bystander"] {
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))
+                .expect("namespace");
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+    }
+    let values = |listed: &[&str]| {
+        serde_json::json!({
+            "image": { "tag": "test" },
+            "controller": { "tenantBindings": "chart", "tenantNamespaces": listed }
+        })
+        .to_string()
+    };
+    let install = values(&["tenant-a"]);
+    let result = {
+        let kubeconfig = kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            chart(&["install", &kubeconfig, "kinsight-system", &install])
+        })
+        .await
+        .expect("join")
+    };
+    assert_eq!(result["info"]["status"], "deployed", "{}", result["info"]);
+    let controller_pod = Api::<Deployment>::namespaced(admin.clone(), "kinsight-system")
+        .get("kinsight-controller")
+        .await
+        .expect("controller deployment")
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod");
+    let config = chart_tenancy(&controller_pod.containers[0]);
+    assert_eq!(config.bindings, TenantBindings::Preinstalled);
+
+    #[rustfmt::skip]
+    assert_access(&admin, &[
+        // No RoleBinding may be made, changed or removed by the controller, anywhere.
+        (CONTROLLER, "bystander", "rbac.authorization.k8s.io", "rolebindings", "", "create", false),
+        (CONTROLLER, "kube-system", "rbac.authorization.k8s.io", "rolebindings", "", "create", false),
+        (CONTROLLER, "tenant-a", "rbac.authorization.k8s.io", "rolebindings", "", "create", false),
+        (CONTROLLER, "tenant-a", "rbac.authorization.k8s.io", "rolebindings", "", "patch", false),
+        (CONTROLLER, "tenant-a", "rbac.authorization.k8s.io", "rolebindings", "", "delete", false),
+        (CONTROLLER, "", "rbac.authorization.k8s.io", "clusterroles", "", "bind", false),
+        // Its tenant rights where the chart bound them, and nowhere else.
+        (CONTROLLER, "tenant-a", "batch", "jobs", "", "create", true),
+        (CONTROLLER, "tenant-a", "", "secrets", "", "get", true),
+        (CONTROLLER, "tenant-b", "batch", "jobs", "", "create", false),
+        (CONTROLLER, "bystander", "batch", "jobs", "", "create", false),
+        (CONTROLLER, "kube-system", "", "secrets", "", "get", false),
+    ]).await;
+
+    let controller = as_user(&cluster, CONTROLLER).await;
+    let (tenants, watch) = watch_tenants(controller, config).await;
+    let label = async |name: &str, value: serde_json::Value| {
+        namespaces
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    serde_json::json!({ "metadata": { "labels": { TENANT_LABEL: value } } }),
+                ),
+            )
+            .await
+            .expect("label namespace");
+    };
+    label("tenant-a", "true".into()).await;
+    label("tenant-b", "true".into()).await;
+    wait_until(
+        "tenant-a is a tenant, with its workers' policy",
+        async || {
+            tenants.contains("tenant-a")
+                && exists::<NetworkPolicy>(&admin, "tenant-a", WORKER_NETWORK_POLICY).await
+        },
+    )
+    .await;
+    // tenant-b is labelled but not listed: it waits, and nobody bound anything there.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        !tenants.contains("tenant-b"),
+        "no tenant without its binding"
+    );
+    assert!(!exists::<RoleBinding>(&admin, "tenant-b", TENANT_BINDING).await);
+    assert!(!exists::<NetworkPolicy>(&admin, "tenant-b", WORKER_NETWORK_POLICY).await);
+
+    // The platform team lists it: the upgrade binds the role, and tenant-b is a tenant.
+    let upgrade = values(&["tenant-a", "tenant-b"]);
+    let result = {
+        let kubeconfig = kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            chart(&["upgrade", &kubeconfig, "kinsight-system", &upgrade])
+        })
+        .await
+        .expect("join")
+    };
+    assert_eq!(result["info"]["status"], "deployed", "{}", result["info"]);
+    wait_until("tenant-b is a tenant once the chart binds it", async || {
+        tenants.contains("tenant-b")
+            && exists::<NetworkPolicy>(&admin, "tenant-b", WORKER_NETWORK_POLICY).await
+    })
+    .await;
+
+    // tenant-a stops being a tenant: the controller's objects go, the chart's binding stays.
+    label("tenant-a", serde_json::Value::Null).await;
+    wait_until("tenant-a's workers' policy removed", async || {
+        !tenants.contains("tenant-a")
+            && !exists::<NetworkPolicy>(&admin, "tenant-a", WORKER_NETWORK_POLICY).await
+    })
+    .await;
+    assert!(exists::<RoleBinding>(&admin, "tenant-a", TENANT_BINDING).await);
+    assert!(tenants.contains("tenant-b"));
     watch.abort();
 }
 

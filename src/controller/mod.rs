@@ -163,6 +163,7 @@ impl Default for ControllerConfig {
                 worker_account: WORKER_ACCOUNT.to_owned(),
                 catalog_config_map: CATALOG_CONFIG_MAP.to_owned(),
                 network_policy: None,
+                bindings: crate::tenancy::TenantBindings::Controller,
             },
         }
     }

@@ -4,7 +4,9 @@
 //! there: it binds its per-tenant ClusterRole in each tenant namespace (a RoleBinding it
 //! creates when the namespace becomes a tenant) and removes what it put there (that
 //! RoleBinding, the worker's ServiceAccount, the catalog ConfigMap, the workers'
-//! NetworkPolicy) when it stops being one.
+//! NetworkPolicy) when it stops being one. With [`TenantBindings::Preinstalled`] someone
+//! else (the chart) makes those RoleBindings: the controller makes and deletes none, so it
+//! needs no right to create RoleBindings anywhere, and a tenant without one waits.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -32,6 +34,18 @@ const MANAGER: &str = "kinsight-controller";
 /// How soon a failed binding or clean-up is tried again when nothing else happens.
 const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Who binds the controller's tenant ClusterRole in tenant namespaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TenantBindings {
+    /// The controller, when a namespace becomes a tenant: any namespace can become one, and
+    /// the controller may create RoleBindings (to its tenant role alone) in any namespace.
+    #[default]
+    Controller,
+    /// Made beforehand by whoever installs kinsight (the chart, in the namespaces it
+    /// lists): the controller may create no RoleBinding, and a tenant without one waits.
+    Preinstalled,
+}
+
 /// Where the controller's identity and its tenant rights are.
 #[derive(Clone, Debug)]
 pub struct TenancyConfig {
@@ -47,6 +61,8 @@ pub struct TenancyConfig {
     /// The NetworkPolicy put beside worker pods in every tenant namespace (the chart's
     /// `worker.networkPolicy`); `None`: none.
     pub network_policy: Option<NetworkPolicySpec>,
+    /// Who makes the RoleBinding of [`TenancyConfig::tenant_role`] in tenant namespaces.
+    pub bindings: TenantBindings,
 }
 
 /// The name of the workers' NetworkPolicy in a tenant namespace.
@@ -82,9 +98,16 @@ impl Tenants {
 /// namespace that may never be one is told so, not sent to label it in vain.
 pub fn not_a_tenant(config: &TenancyConfig, namespace: &str) -> String {
     if may_be_tenant(config, namespace) {
+        let bound = match config.bindings {
+            TenantBindings::Controller => "",
+            TenantBindings::Preinstalled => {
+                ", and bind kinsight's tenant role there (the chart's \
+                 controller.tenantNamespaces)"
+            }
+        };
         return format!(
             "namespace {namespace} is not a kinsight tenant: label it {TENANT_LABEL}=true or \
-             name it in an API-key record"
+             name it in an API-key record{bound}"
         );
     }
     let why = if namespace.starts_with("kube-") {
@@ -178,6 +201,8 @@ pub async fn run(
     // Namespaces whose binding or clean-up failed: tried again at the next event, or after
     // RETRY_EVERY without one.
     let mut unsettled: BTreeSet<String> = BTreeSet::new();
+    // Tenants without their preinstalled binding: left out of `tenants` until it comes.
+    let mut unbound: BTreeSet<String> = BTreeSet::new();
     loop {
         match tokio::time::timeout(RETRY_EVERY, events.next()).await {
             Ok(None) => return,
@@ -207,12 +232,25 @@ pub async fn run(
             .iter()
             .chain(retried.iter().filter(|n| now.contains(*n)))
         {
-            if let Err(e) = bind(&client, &config, namespace).await {
-                tracing::warn!(namespace, error = %e, "binding the controller's tenant role");
-                unsettled.insert(namespace.clone());
+            match bind(&client, &config, namespace).await {
+                Ok(()) => {
+                    unbound.remove(namespace);
+                }
+                Err(BindError::NotBound) => {
+                    // Said once; looked at again every RETRY_EVERY.
+                    if unbound.insert(namespace.clone()) {
+                        tracing::warn!(namespace, error = %BindError::NotBound, "a tenant waits for its binding");
+                    }
+                    unsettled.insert(namespace.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(namespace, error = %e, "binding the controller's tenant role");
+                    unsettled.insert(namespace.clone());
+                }
             }
         }
-        tenants.replace(now.clone());
+        unbound.retain(|n| now.contains(n));
+        tenants.replace(now.difference(&unbound).cloned().collect());
         let leavers = before.difference(&now).cloned().collect::<BTreeSet<_>>();
         for namespace in leavers
             .iter()
@@ -265,23 +303,18 @@ async fn bound_namespaces(
     client: &Client,
     config: &TenancyConfig,
 ) -> Result<BTreeSet<String>, kube::Error> {
-    let params = ListParams::default()
-        .labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1))
-        .fields(&format!("metadata.name={TENANT_BINDING}"));
+    let mut params = ListParams::default().fields(&format!("metadata.name={TENANT_BINDING}"));
+    // Preinstalled bindings carry their maker's labels, not the controller's.
+    if config.bindings == TenantBindings::Controller {
+        params = params.labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+    }
     let bindings = Api::<RoleBinding>::all(client.clone())
         .list(&params)
         .await?;
-    let (account_namespace, account) = &config.service_account;
     Ok(bindings
         .items
         .iter()
-        .filter(|b| {
-            b.subjects.iter().flatten().any(|s| {
-                s.kind == "ServiceAccount"
-                    && &s.name == account
-                    && s.namespace.as_ref() == Some(account_namespace)
-            })
-        })
+        .filter(|b| binds_tenant_role(config, b))
         .filter_map(|b| b.namespace())
         .collect())
 }
@@ -309,15 +342,53 @@ pub fn tenant_binding(config: &TenancyConfig, namespace: &str) -> RoleBinding {
     }
 }
 
-async fn bind(client: &Client, config: &TenancyConfig, namespace: &str) -> Result<(), kube::Error> {
+/// Why a tenant namespace has no tenant rights yet.
+#[derive(Debug, thiserror::Error)]
+enum BindError {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    /// [`TenantBindings::Preinstalled`] and no RoleBinding of the tenant role to the
+    /// controller there.
+    #[error(
+        "the controller's tenant role is not bound in this namespace, and with preinstalled \
+         bindings the controller makes none (the chart binds it in the namespaces of \
+         controller.tenantNamespaces)"
+    )]
+    NotBound,
+}
+
+/// Whether `binding` gives the controller its tenant role.
+fn binds_tenant_role(config: &TenancyConfig, binding: &RoleBinding) -> bool {
+    let (account_namespace, account) = &config.service_account;
+    binding.role_ref.kind == "ClusterRole"
+        && binding.role_ref.name == config.tenant_role
+        && binding.subjects.iter().flatten().any(|s| {
+            s.kind == "ServiceAccount"
+                && &s.name == account
+                && s.namespace.as_ref() == Some(account_namespace)
+        })
+}
+
+async fn bind(client: &Client, config: &TenancyConfig, namespace: &str) -> Result<(), BindError> {
     let params = PatchParams::apply(MANAGER).force();
-    Api::<RoleBinding>::namespaced(client.clone(), namespace)
-        .patch(
-            TENANT_BINDING,
-            &params,
-            &Patch::Apply(&tenant_binding(config, namespace)),
-        )
-        .await?;
+    let bindings = Api::<RoleBinding>::namespaced(client.clone(), namespace);
+    match config.bindings {
+        TenantBindings::Controller => {
+            bindings
+                .patch(
+                    TENANT_BINDING,
+                    &params,
+                    &Patch::Apply(&tenant_binding(config, namespace)),
+                )
+                .await?;
+        }
+        TenantBindings::Preinstalled => {
+            let made = bindings.get_opt(TENANT_BINDING).await?;
+            if !made.is_some_and(|b| binds_tenant_role(config, &b)) {
+                return Err(BindError::NotBound);
+            }
+        }
+    }
     // With the binding in place, the workers' NetworkPolicy.
     if let Some(spec) = &config.network_policy {
         let policy = NetworkPolicy {
@@ -390,6 +461,10 @@ async fn unbind(
             .delete(WORKER_NETWORK_POLICY, &params)
             .await,
     )?;
+    // A preinstalled binding is its maker's to remove.
+    if config.bindings == TenantBindings::Preinstalled {
+        return Ok(());
+    }
     gone(
         Api::<RoleBinding>::namespaced(client.clone(), namespace)
             .delete(TENANT_BINDING, &params)
@@ -409,6 +484,7 @@ mod tests {
             worker_account: "kinsight-worker".into(),
             catalog_config_map: "kinsight-catalog".into(),
             network_policy: None,
+            bindings: TenantBindings::Controller,
         }
     }
 
@@ -419,6 +495,33 @@ mod tests {
             message.contains("label it kinsight.io/tenant=true"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn with_preinstalled_bindings_a_namespace_is_told_it_needs_one() {
+        let preinstalled = TenancyConfig {
+            bindings: TenantBindings::Preinstalled,
+            ..config()
+        };
+        let message = not_a_tenant(&preinstalled, "shop");
+        assert!(message.contains("label it"), "{message}");
+        assert!(message.contains("controller.tenantNamespaces"), "{message}");
+        assert!(!not_a_tenant(&config(), "shop").contains("tenantNamespaces"));
+    }
+
+    #[test]
+    fn only_a_binding_of_the_tenant_role_to_the_controller_counts() {
+        let config = config();
+        let made = tenant_binding(&config, "shop");
+        assert!(binds_tenant_role(&config, &made));
+        let mut other_role = made.clone();
+        other_role.role_ref.name = "cluster-admin".into();
+        assert!(!binds_tenant_role(&config, &other_role));
+        let mut other_account = made.clone();
+        if let Some(subject) = other_account.subjects.as_mut().and_then(|s| s.first_mut()) {
+            subject.namespace = Some("elsewhere".into());
+        }
+        assert!(!binds_tenant_role(&config, &other_account));
     }
 
     #[test]
