@@ -21,6 +21,7 @@ crate::real_node_tests!(
     a_tenants_next_group_is_carried_by_the_worker_that_waits,
     a_carried_order_whose_carrier_goes_is_run_by_its_own_job,
     a_tenants_first_group_is_carried_by_its_standby_worker,
+    a_workers_next_pod_does_only_the_images_left,
 );
 
 use std::collections::{HashMap, HashSet};
@@ -1759,4 +1760,97 @@ async fn a_tenants_first_group_is_carried_by_its_standby_worker() {
             .is_some_and(|job| job.metadata.uid != uid && job.metadata.deletion_timestamp.is_none())
     })
     .await;
+}
+
+/// A worker that dies mid-order (its pod deleted, as an eviction or a node drain does)
+/// leaves its stored results behind: the Job's next pod asks for its order without the
+/// images already stored (`?pending=true`), so no photo is downloaded, analysed or
+/// announced twice.
+async fn a_workers_next_pod_does_only_the_images_left() {
+    let mut h = Harness::start_configured("tenant-next-pod", let_downloads_hang).await;
+    // A photo host that counts downloads; slow.png hangs the first time it is asked for.
+    let downloads: std::sync::Arc<std::sync::Mutex<HashMap<String, usize>>> = Default::default();
+    let photo =
+        std::fs::read(common::repo_path("tests/fixtures/images/coffee.png")).expect("photo");
+    let counted = downloads.clone();
+    let host = axum::Router::new().route(
+        "/{name}",
+        axum::routing::get(
+            move |axum::extract::Path(name): axum::extract::Path<String>| {
+                let times = {
+                    let mut counts = counted.lock().expect("counts");
+                    let n = counts.entry(name.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                let photo = photo.clone();
+                async move {
+                    if name == "slow.png" && times == 1 {
+                        tokio::time::sleep(Duration::from_secs(100)).await;
+                    }
+                    ([("content-type", "image/png")], photo)
+                }
+            },
+        ),
+    );
+    let base = common::serve_on(h.pod_address(), host).await;
+    let group = post_group(
+        &h,
+        json!([
+            { "id": "a", "url": format!("{base}/a.png") },
+            { "id": "b", "url": format!("{base}/b.png") },
+            { "id": "c", "url": format!("{base}/slow.png") },
+        ]),
+        &["image_classification"],
+    )
+    .await;
+    let job = format!("{group}-g1");
+    // a and b are analysed and stored while c's download hangs; then the pod goes.
+    eventually("a's and b's results stored", LIMIT, async || {
+        h.stored_results(&group).await.len() == 2
+    })
+    .await;
+    let [pod] = pods_of_job(&h, &job)
+        .await
+        .try_into()
+        .unwrap_or_else(|pods: Vec<_>| panic!("one pod while the first runs, got {}", pods.len()));
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(h.client.clone(), &h.namespace);
+    pods.delete(
+        pod.metadata.name.as_deref().expect("pod name"),
+        &Default::default(),
+    )
+    .await
+    .expect("delete the worker's pod");
+
+    let events = h
+        .collect_webhooks(LIMIT, |e| group_event(e, &group).is_some())
+        .await;
+    let data = &group_event(&events, &group)
+        .expect("the group event")
+        .payload["data"];
+    assert_eq!(done_and_failed(data), (Some(3), Some(0)), "{data}");
+    let image_events = of_type(&events, "image.completed");
+    assert_eq!(completed_images(&events), ["a", "b", "c"]);
+    assert_eq!(image_events.len(), 3, "each image announced once");
+    let first = pod.metadata.name.as_deref().unwrap_or_default();
+    let after: Vec<String> = pods_of_job(&h, &job)
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert!(
+        after.iter().any(|name| name != first),
+        "a second pod did the rest: {after:?}"
+    );
+    let downloads = downloads.lock().expect("counts").clone();
+    assert_eq!(
+        downloads,
+        HashMap::from([
+            ("a.png".to_owned(), 1),
+            ("b.png".to_owned(), 1),
+            ("slow.png".to_owned(), 2),
+        ]),
+        "the next pod fetched only the photo without a result"
+    );
 }
