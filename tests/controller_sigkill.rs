@@ -503,15 +503,20 @@ struct Replicas {
 }
 
 impl Replicas {
-    fn log(&self, identity: &str) -> PathBuf {
-        self.logs.join(format!("{identity}.log"))
+    /// The name of the `n`th replica started (as a Deployment names each new pod anew).
+    fn identity(n: usize) -> String {
+        format!("replica-{n}")
+    }
+
+    fn log(logs: &Path, identity: &str) -> PathBuf {
+        logs.join(format!("{identity}.log"))
     }
 
     fn add(&mut self, h: &Harness, kubeconfig: &Path, config: &ControllerConfig) {
-        let identity = format!("replica-{}", self.started);
+        let identity = Self::identity(self.started);
         self.started += 1;
-        let process =
-            ControllerProcess::spawn(h, kubeconfig, config, &self.log(&identity), Some(&identity));
+        let log = Self::log(&self.logs, &identity);
+        let process = ControllerProcess::spawn(h, kubeconfig, config, &log, Some(&identity));
         self.running.push((identity, process));
     }
 
@@ -527,19 +532,19 @@ impl Replicas {
     }
 
     fn assert_running(&mut self) {
-        let logs: Vec<PathBuf> = self.running.iter().map(|(n, _)| self.log(n)).collect();
-        for ((_, process), log) in self.running.iter_mut().zip(&logs) {
-            process.assert_running(log);
+        for (identity, process) in &mut self.running {
+            process.assert_running(&Self::log(&self.logs, identity));
         }
     }
 
-    /// Every replica's log tail, for a failure's message.
+    /// Every replica's log tail, in the order they started, for a failure's message.
     fn tails(&self) -> String {
-        let mut names: Vec<String> = (0..self.started).map(|n| format!("replica-{n}")).collect();
-        names.sort();
-        names
-            .iter()
-            .map(|n| format!("--- {n}:\n{}", tail(&self.log(n))))
+        (0..self.started)
+            .map(|n| {
+                let identity = Self::identity(n);
+                let tail = tail(&Self::log(&self.logs, &identity));
+                format!("--- {identity}:\n{tail}")
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -663,7 +668,7 @@ async fn two_sigkilled_replicas_and_a_database_restart_lose_nothing() {
             replicas.tails()
         );
     }
-    let log = replicas.log(&replicas.running[0].0);
+    let log = Replicas::log(&replicas.logs, &replicas.running[0].0);
     let status = settled_completed_status(&mut h, &group_id, &mut events, &log).await;
     replicas.assert_running();
     let (image_requests, group_requests) =

@@ -1539,6 +1539,22 @@ fn group_event<'a>(
         .find(|e| e.payload["data"]["groupId"] == id)
 }
 
+/// Waits for `group`'s `image_group.completed`; returns what arrived until then and that
+/// event's data.
+async fn until_group_event(
+    h: &mut Harness,
+    group: &str,
+) -> (Vec<kinsight::dev::ReceivedWebhook>, serde_json::Value) {
+    let events = h
+        .collect_webhooks(LIMIT, |e| group_event(e, group).is_some())
+        .await;
+    let data = group_event(&events, group)
+        .expect("the group event")
+        .payload["data"]
+        .clone();
+    (events, data)
+}
+
 /// The pods the Job `job` made.
 async fn pods_of_job(h: &Harness, job: &str) -> Vec<k8s_openapi::api::core::v1::Pod> {
     let pods: Api<k8s_openapi::api::core::v1::Pod> =
@@ -1578,14 +1594,9 @@ async fn a_tenants_next_group_is_carried_by_the_worker_that_waits() {
     .await;
     let first_job = format!("{first}-g1");
     assert_eq!(carried_by, (Some(first_job.clone()), Some(0)));
-    events.extend(
-        h.collect_webhooks(LIMIT, |e| group_event(e, &second).is_some())
-            .await,
-    );
-    let group = &group_event(&events, &second)
-        .expect("the group event")
-        .payload["data"];
-    assert_eq!(done_and_failed(group), (Some(3), Some(0)), "{group}");
+    let (more, group) = until_group_event(&mut h, &second).await;
+    events.extend(more);
+    assert_eq!(done_and_failed(&group), (Some(3), Some(0)), "{group}");
     let second_images: Vec<&str> = of_type(&events, "image.completed")
         .iter()
         .filter(|e| e.payload["data"]["groupId"] == second.as_str())
@@ -1663,13 +1674,8 @@ async fn a_carried_order_whose_carrier_goes_is_run_by_its_own_job() {
         .expect("delete the carrier's Job");
     // The order goes back to its own Job, which gets a pod and does it (the photo is quick
     // the second time).
-    let events = h
-        .collect_webhooks(LIMIT, |e| group_event(e, &second).is_some())
-        .await;
-    let group = &group_event(&events, &second)
-        .expect("the group event")
-        .payload["data"];
-    assert_eq!(done_and_failed(group), (Some(1), Some(0)), "{group}");
+    let (_, group) = until_group_event(&mut h, &second).await;
+    assert_eq!(done_and_failed(&group), (Some(1), Some(0)), "{group}");
     assert!(
         !pods_of_job(&h, &second_job).await.is_empty(),
         "its own Job ran it"
@@ -1726,13 +1732,8 @@ async fn a_tenants_first_group_is_carried_by_its_standby_worker() {
         },
     )
     .await;
-    let events = h
-        .collect_webhooks(LIMIT, |e| group_event(e, &group).is_some())
-        .await;
-    let data = &group_event(&events, &group)
-        .expect("the group event")
-        .payload["data"];
-    assert_eq!(done_and_failed(data), (Some(2), Some(0)), "{data}");
+    let (events, data) = until_group_event(&mut h, &group).await;
+    assert_eq!(done_and_failed(&data), (Some(2), Some(0)), "{data}");
     assert_eq!(completed_images(&events).len(), 2);
     assert!(
         pods_of_job(&h, &group_job).await.is_empty(),
@@ -1823,13 +1824,8 @@ async fn a_workers_next_pod_does_only_the_images_left() {
     .await
     .expect("delete the worker's pod");
 
-    let events = h
-        .collect_webhooks(LIMIT, |e| group_event(e, &group).is_some())
-        .await;
-    let data = &group_event(&events, &group)
-        .expect("the group event")
-        .payload["data"];
-    assert_eq!(done_and_failed(data), (Some(3), Some(0)), "{data}");
+    let (events, data) = until_group_event(&mut h, &group).await;
+    assert_eq!(done_and_failed(&data), (Some(3), Some(0)), "{data}");
     let image_events = of_type(&events, "image.completed");
     assert_eq!(completed_images(&events), ["a", "b", "c"]);
     assert_eq!(image_events.len(), 3, "each image announced once");

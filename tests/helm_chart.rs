@@ -30,6 +30,47 @@ fn chart(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("JSON from chart.py")
 }
 
+/// `chart.py ACTION` (install, upgrade) of the release into `kinsight-system` with `values`,
+/// which must leave it deployed; returns Helm's answer.
+async fn deployed(action: &'static str, kubeconfig: &str, values: String) -> serde_json::Value {
+    let kubeconfig = kubeconfig.to_owned();
+    let result = tokio::task::spawn_blocking(move || {
+        chart(&[action, &kubeconfig, "kinsight-system", &values])
+    })
+    .await
+    .expect("join");
+    assert_eq!(result["info"]["status"], "deployed", "{}", result["info"]);
+    result
+}
+
+/// The pod spec of the release's controller Deployment.
+async fn controller_pod(client: &kube::Client) -> PodSpec {
+    Api::<Deployment>::namespaced(client.clone(), "kinsight-system")
+        .get("kinsight-controller")
+        .await
+        .expect("controller deployment")
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod")
+}
+
+/// The namespaces the tenancy checks use: two would-be tenants and a bystander.
+async fn create_namespaces(admin: &kube::Client) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    for name in ["tenant-a", "tenant-b", "bystander"] {
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))
+                .expect("namespace");
+        namespaces
+            .create(&Default::default(), &ns)
+            .await
+            .expect("create namespace");
+    }
+}
+
 #[test]
 fn chart_lints_clean() {
     let result = chart(&["lint"]);
@@ -150,12 +191,7 @@ async fn chart_installs_into_a_real_cluster() {
         "modelsVolume": { "persistentVolumeClaim": { "claimName": "shared-models", "readOnly": true } }
     })
     .to_string();
-    let result = tokio::task::spawn_blocking(move || {
-        chart(&["install", &kubeconfig, "kinsight-system", &values])
-    })
-    .await
-    .expect("join");
-    assert_eq!(result["info"]["status"], "deployed", "{}", result["info"]);
+    let result = deployed("install", &kubeconfig, values).await;
     assert_eq!(result["name"], "kinsight");
 
     let client = cluster.client();
@@ -169,12 +205,7 @@ async fn chart_installs_into_a_real_cluster() {
             "{name} installed"
         );
     }
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "kinsight-system");
-    let controller = deployments
-        .get("kinsight-controller")
-        .await
-        .expect("controller deployment");
-    let controller_pod = controller.spec.expect("spec").template.spec.expect("pod");
+    let controller_pod = controller_pod(&client).await;
     let container = &controller_pod.containers[0];
     assert_eq!(
         container.command.as_deref(),
@@ -282,7 +313,7 @@ async fn chart_installs_into_a_real_cluster() {
             .expect("bundled catalog");
     assert_eq!(text, &bundled);
     assert_reads_the_catalog_config_map(&controller_pod, container);
-    let api = deployments
+    let api = Api::<Deployment>::namespaced(client.clone(), "kinsight-system")
         .get("kinsight-api")
         .await
         .expect("api deployment");
@@ -490,16 +521,8 @@ async fn tenants_come_and_go(cluster: &TestCluster, admin: &kube::Client, contai
     use kube::api::{Patch, PatchParams, PostParams};
 
     let controller = as_user(cluster, CONTROLLER).await;
+    create_namespaces(admin).await;
     let namespaces: Api<Namespace> = Api::all(admin.clone());
-    for name in ["tenant-a", "tenant-b", "bystander"] {
-        let ns: Namespace =
-            serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))
-                .expect("namespace");
-        namespaces
-            .create(&PostParams::default(), &ns)
-            .await
-            .expect("create namespace");
-    }
     // The controller's own code cannot write before a namespace is a tenant either.
     let sa: ServiceAccount =
         serde_json::from_value(serde_json::json!({ "metadata": { "name": WORKER_ACCOUNT } }))
@@ -692,7 +715,7 @@ async fn chart_made_bindings_leave_the_controller_no_rolebinding_rights() {
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     use k8s_openapi::api::rbac::v1::RoleBinding;
     use kinsight::tenancy::{TENANT_BINDING, TENANT_LABEL, WORKER_NETWORK_POLICY};
-    use kube::api::{Patch, PatchParams, PostParams};
+    use kube::api::{Patch, PatchParams};
 
     let cluster = TestCluster::start().await.expect("cluster");
     let Some(control_plane) = cluster.control_plane() else {
@@ -704,16 +727,8 @@ async fn chart_made_bindings_leave_the_controller_no_rolebinding_rights() {
         .into_owned();
     let admin = cluster.client();
     // The listed namespaces exist before the install, as the chart's bindings go there.
+    create_namespaces(&admin).await;
     let namespaces: Api<Namespace> = Api::all(admin.clone());
-    for name in ["tenant-a", "tenant-b", "bystander"] {
-        let ns: Namespace =
-            serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))
-                .expect("namespace");
-        namespaces
-            .create(&PostParams::default(), &ns)
-            .await
-            .expect("create namespace");
-    }
     let values = |listed: &[&str]| {
         serde_json::json!({
             "image": { "tag": "test" },
@@ -721,26 +736,8 @@ async fn chart_made_bindings_leave_the_controller_no_rolebinding_rights() {
         })
         .to_string()
     };
-    let install = values(&["tenant-a"]);
-    let result = {
-        let kubeconfig = kubeconfig.clone();
-        tokio::task::spawn_blocking(move || {
-            chart(&["install", &kubeconfig, "kinsight-system", &install])
-        })
-        .await
-        .expect("join")
-    };
-    assert_eq!(result["info"]["status"], "deployed", "{}", result["info"]);
-    let controller_pod = Api::<Deployment>::namespaced(admin.clone(), "kinsight-system")
-        .get("kinsight-controller")
-        .await
-        .expect("controller deployment")
-        .spec
-        .expect("spec")
-        .template
-        .spec
-        .expect("pod");
-    let config = chart_tenancy(&controller_pod.containers[0]);
+    deployed("install", &kubeconfig, values(&["tenant-a"])).await;
+    let config = chart_tenancy(&controller_pod(&admin).await.containers[0]);
     assert_eq!(config.bindings, TenantBindings::Preinstalled);
 
     #[rustfmt::skip]
@@ -794,16 +791,7 @@ async fn chart_made_bindings_leave_the_controller_no_rolebinding_rights() {
     assert!(!exists::<NetworkPolicy>(&admin, "tenant-b", WORKER_NETWORK_POLICY).await);
 
     // The platform team lists it: the upgrade binds the role, and tenant-b is a tenant.
-    let upgrade = values(&["tenant-a", "tenant-b"]);
-    let result = {
-        let kubeconfig = kubeconfig.clone();
-        tokio::task::spawn_blocking(move || {
-            chart(&["upgrade", &kubeconfig, "kinsight-system", &upgrade])
-        })
-        .await
-        .expect("join")
-    };
-    assert_eq!(result["info"]["status"], "deployed", "{}", result["info"]);
+    deployed("upgrade", &kubeconfig, values(&["tenant-a", "tenant-b"])).await;
     wait_until("tenant-b is a tenant once the chart binds it", async || {
         tenants.contains("tenant-b")
             && exists::<NetworkPolicy>(&admin, "tenant-b", WORKER_NETWORK_POLICY).await

@@ -153,14 +153,11 @@ impl WorkOrder {
     /// failure included, as the controller counts it): what a Job's next pod, or a carrier's,
     /// has left to do after an earlier one stopped half-way.
     pub fn without_stored(mut self, stored: &HashMap<String, ImageResult>) -> WorkOrder {
-        let models = self.models.clone();
+        let models = &self.models;
         self.images.retain(|item| {
-            let wanted = if item.models.is_empty() {
-                &models
-            } else {
-                &item.models
-            };
-            !stored.get(&item.id).is_some_and(|r| r.covers(wanted))
+            !stored
+                .get(&item.id)
+                .is_some_and(|r| r.covers(item.models_or(models)))
         });
         self
     }
@@ -168,8 +165,13 @@ impl WorkOrder {
 
 impl WorkItem {
     pub fn models<'a>(&'a self, order: &'a WorkOrder) -> &'a [String] {
+        self.models_or(&order.models)
+    }
+
+    /// Its own models, or the order's (`order_models`) when it names none.
+    fn models_or<'a>(&'a self, order_models: &'a [String]) -> &'a [String] {
         if self.models.is_empty() {
-            &order.models
+            order_models
         } else {
             &self.models
         }
@@ -243,8 +245,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_asks_only_for_the_images_without_a_result() {
-        // The API's side is tested on the real stack (tests/result_ingest.rs); this is what
-        // the worker asks for: `?pending=true`, with its token.
+        // What the worker asks for, in one step: `?pending=true`, with its token. The
+        // whole path runs on the real node in tests/e2e.rs
+        // (`a_workers_next_pod_does_only_the_images_left`), the API's side in
+        // tests/result_ingest.rs.
         let order = WorkOrder {
             group: GroupRef {
                 namespace: "tenant-a".into(),
