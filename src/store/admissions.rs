@@ -3,6 +3,7 @@
 //! transaction under a per-namespace lock (replicas share it, so two cannot both take the
 //! last places); the result ingest lowers the count as each image's first result is stored.
 
+use super::Prepared;
 use super::{Store, StoreError};
 
 /// What admitting a request's images found.
@@ -34,17 +35,17 @@ impl Store {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // One admission per namespace at a time, across replicas; released at commit.
-        tx.execute(
+        tx.execute_cached(
             "SELECT pg_advisory_xact_lock(hashtextextended('kinsight-admissions/' || $1, 0))",
             &[&namespace],
         )
         .await?;
-        let open: i64 = tx.query_one(IN_FLIGHT, &[&namespace]).await?.get(0);
+        let open: i64 = tx.query_one_cached(IN_FLIGHT, &[&namespace]).await?.get(0);
         let open = open.max(0) as u64;
         if open + u64::from(images) > u64::from(cap) {
             return Ok(Admission::Full(open));
         }
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO admissions (namespace, name, uid, images_open) VALUES ($1, $2, $3, $4)
              ON CONFLICT (namespace, name) DO UPDATE SET
                  images_open = admissions.images_open + EXCLUDED.images_open,
@@ -70,7 +71,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.client()
             .await?
-            .execute(
+            .execute_cached(
                 "UPDATE admissions SET uid = $3 WHERE namespace = $1 AND name = $2",
                 &[&namespace, &name, &uid],
             )
@@ -97,7 +98,7 @@ impl Store {
         let open: i64 = self
             .client()
             .await?
-            .query_one(IN_FLIGHT, &[&namespace])
+            .query_one_cached(IN_FLIGHT, &[&namespace])
             .await?
             .get(0);
         Ok(open.max(0) as u64)
@@ -116,12 +117,12 @@ pub(super) async fn lower_open(
         return Ok(());
     }
     let finished = i32::try_from(finished).unwrap_or(i32::MAX);
-    tx.execute(
+    tx.execute_cached(
         "UPDATE admissions SET images_open = images_open - $3 WHERE namespace = $1 AND name = $2",
         &[&namespace, &name, &finished],
     )
     .await?;
-    tx.execute(
+    tx.execute_cached(
         "DELETE FROM admissions WHERE namespace = $1 AND name = $2 AND images_open <= 0",
         &[&namespace, &name],
     )

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 
+use super::Prepared;
 use super::notify::DISPATCH_CHANNEL;
 use super::{Store, StoreError, record_group};
 use crate::delivery::{Attempt, Delivery, DeliveryState, EventBodies};
@@ -140,7 +141,7 @@ impl Store {
             let base = i64::try_from(base).unwrap_or(i64::MAX);
             let last = i64::try_from(last).unwrap_or(i64::MAX);
             let taken = tx
-                .execute(
+                .execute_cached(
                     "UPDATE groups SET last_sequence = $3 WHERE uid = $1 AND last_sequence = $2",
                     &[&group.uid, &base, &last],
                 )
@@ -160,7 +161,7 @@ impl Store {
         if !plan.replayed.is_empty() {
             // A delivery being sent right now is taken back from its dispatcher: what that
             // attempt brings is still kept in the history, the delivery starts afresh.
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE deliveries SET state = 'Pending', attempts = 0, next_attempt_at = now(),
                      lease_owner = NULL
                  WHERE group_uid = $1 AND id = ANY($2)",
@@ -169,7 +170,7 @@ impl Store {
             .await?;
         }
         if !plan.unstopped.is_empty() {
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE groups SET stopped_endpoints = ARRAY(
                      SELECT m FROM unnest(stopped_endpoints) m
                      WHERE NOT (split_part(m, ' ', 1) = ANY($2)))
@@ -179,7 +180,7 @@ impl Store {
             .await?;
         }
         if !plan.pruned.is_empty() {
-            tx.execute(
+            tx.execute_cached(
                 "DELETE FROM deliveries WHERE group_uid = $1 AND id = ANY($2)
                    AND state IN ('Delivered', 'Failed')",
                 &[&group.uid, &plan.pruned],
@@ -187,7 +188,7 @@ impl Store {
             .await?;
         }
         if !plan.new.is_empty() || !plan.replayed.is_empty() {
-            tx.execute("SELECT pg_notify($1, '')", &[&DISPATCH_CHANNEL])
+            tx.execute_cached("SELECT pg_notify($1, '')", &[&DISPATCH_CHANNEL])
                 .await?;
         }
         tx.commit().await?;
@@ -210,7 +211,7 @@ impl Store {
         let tx = client.transaction().await?;
         record_group(&tx, group).await?;
         let changed = update_endpoints(&tx, group, endpoints).await?;
-        tx.execute(
+        tx.execute_cached(
             "UPDATE groups SET traceparent = $2, tracestate = $3
              WHERE uid = $1
                AND (traceparent IS DISTINCT FROM $2 OR tracestate IS DISTINCT FROM $3)",
@@ -226,7 +227,7 @@ impl Store {
         let row = self
             .client()
             .await?
-            .query_opt(
+            .query_opt_cached(
                 "SELECT last_sequence FROM groups WHERE uid = $1",
                 &[&group_uid],
             )
@@ -243,7 +244,7 @@ impl Store {
         let row = self
             .client()
             .await?
-            .query_opt(
+            .query_opt_cached(
                 "SELECT stopped_endpoints FROM groups WHERE uid = $1",
                 &[&group_uid],
             )
@@ -260,7 +261,7 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query(
+            .query_cached(
                 "WITH RECURSIVE open AS (
                      (SELECT endpoint FROM deliveries
                       WHERE group_uid = $1 AND state IN ('Pending', 'Sending')
@@ -286,7 +287,7 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query(
+            .query_cached(
                 "SELECT endpoint, state, count(*) FROM deliveries WHERE group_uid = $1
                  GROUP BY endpoint, state ORDER BY endpoint, state",
                 &[&group_uid],
@@ -315,7 +316,7 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query(
+            .query_cached(
                 &format!(
                     "SELECT {COLUMNS} FROM deliveries d
                      WHERE d.group_uid = $1 AND d.state = 'Failed'
@@ -338,7 +339,7 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query(
+            .query_cached(
                 &format!(
                     "SELECT {COLUMNS} FROM deliveries d WHERE d.group_uid = $1
                        AND (d.sequence, d.id) > ($2, $3)
@@ -367,7 +368,7 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query(
+            .query_cached(
                 &format!(
                     "SELECT {COLUMNS}, g.name AS group_name FROM deliveries d
                      JOIN groups g ON g.uid = d.group_uid
@@ -392,7 +393,7 @@ impl Store {
     ) -> Result<Option<(Delivery, Vec<Attempt>)>, StoreError> {
         let client = self.client().await?;
         let Some(row) = client
-            .query_opt(
+            .query_opt_cached(
                 &format!("SELECT {COLUMNS} FROM deliveries d WHERE d.group_uid = $1 AND d.id = $2"),
                 &[&group_uid, &id],
             )
@@ -402,7 +403,7 @@ impl Store {
         };
         let delivery = from_row(&row)?;
         let attempts = client
-            .query(
+            .query_cached(
                 "SELECT attempted_at, status_code, duration_ms, outcome, error, response
                  FROM delivery_attempts WHERE delivery_id = $1 ORDER BY attempted_at",
                 &[&id],
@@ -439,7 +440,7 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query(
+            .query_cached(
                 "SELECT g.name, f.n FROM (
                      SELECT group_uid, count(*) AS n FROM deliveries
                      WHERE namespace = $1 AND state <> 'Delivered' AND state = 'Failed'
@@ -468,7 +469,7 @@ async fn update_endpoints(
     endpoints: &serde_json::Value,
 ) -> Result<bool, StoreError> {
     let changed = tx
-        .execute(
+        .execute_cached(
             "UPDATE groups SET endpoints = $2, endpoints_version = endpoints_version + 1
              WHERE uid = $1 AND endpoints IS DISTINCT FROM $2",
             &[&group.uid, &Json(endpoints)],
@@ -508,7 +509,7 @@ pub(super) async fn insert_deliveries(
     let next: Vec<Option<jiff::Timestamp>> = deliveries.iter().map(|d| d.next_attempt_at).collect();
     let delivered: Vec<Option<jiff::Timestamp>> =
         deliveries.iter().map(|d| d.delivered_at).collect();
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO deliveries (id, group_uid, namespace, event, image_id, endpoint,
              sequence, created_at, state, attempts, next_attempt_at, last_error, delivered_at)
          SELECT r.id, $1, $2, r.event, r.image_id, r.endpoint, r.sequence, r.created_at,
@@ -556,7 +557,7 @@ pub(super) async fn insert_bodies(
         .map(|s| i64::try_from(*s).unwrap_or(i64::MAX))
         .collect();
     let payloads: Vec<Json<&serde_json::Value>> = bodies.values().map(Json).collect();
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO event_bodies (group_uid, sequence, payload, traceparent, tracestate)
          SELECT $1, s, p, g.traceparent, g.tracestate
          FROM unnest($2::bigint[], $3::jsonb[]) AS b(s, p)
@@ -587,7 +588,7 @@ pub(super) async fn insert_attempts(
     let outcomes: Vec<&str> = attempts.iter().map(|a| a.outcome.as_str()).collect();
     let errors: Vec<Option<&str>> = attempts.iter().map(|a| a.error.as_deref()).collect();
     let responses: Vec<Option<&str>> = attempts.iter().map(|a| a.response.as_deref()).collect();
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO delivery_attempts
              (delivery_id, attempted_at, status_code, duration_ms, outcome, error, response)
          SELECT r.* FROM unnest($1::text[], $2::timestamptz[], $3::integer[],

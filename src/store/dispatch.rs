@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_postgres::types::Json;
 
+use super::Prepared;
 use super::deliveries::{from_row, insert_attempts};
 use super::notify::GROUPS_CHANNEL;
 use super::{Store, StoreError};
@@ -80,7 +81,7 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query(
+            .query_cached(
                 "WITH due AS (
                      SELECT id, group_uid, sequence FROM deliveries
                      WHERE state IN ('Pending', 'Sending') AND next_attempt_at <= now()
@@ -155,7 +156,7 @@ impl Store {
             settled.iter().map(|s| s.delivered_at).collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute(
+        tx.execute_cached(
             "UPDATE deliveries d SET state = r.state, attempts = r.attempts,
                  next_attempt_at = r.next_attempt_at, last_error = r.last_error,
                  delivered_at = r.delivered_at, lease_owner = NULL
@@ -168,14 +169,14 @@ impl Store {
         .await?;
         insert_attempts(&tx, &outcomes.attempts).await?;
         for stop in &outcomes.stops {
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE deliveries SET state = 'Failed', next_attempt_at = NULL,
                      lease_owner = NULL, last_error = $3
                  WHERE group_uid = $1 AND endpoint = $2 AND state IN ('Pending', 'Sending')",
                 &[&stop.group.uid, &stop.endpoint, &GONE_ERROR],
             )
             .await?;
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE groups SET stopped_endpoints = array_append(stopped_endpoints, $2)
                  WHERE uid = $1 AND NOT ($2 = ANY(stopped_endpoints))",
                 &[&stop.group.uid, &stop.mark],
@@ -198,7 +199,7 @@ impl Store {
         settled.dedup();
         let (uids, endpoints): (Vec<&str>, Vec<&str>) = settled.into_iter().unzip();
         let drained = tx
-            .query(
+            .query_cached(
                 "SELECT DISTINCT g.namespace || '/' || g.name
                  FROM unnest($1::text[], $2::text[]) AS p(group_uid, endpoint)
                  JOIN groups g ON g.uid = p.group_uid
@@ -220,7 +221,7 @@ impl Store {
     pub async fn notify_groups(&self, groups: &[String]) -> Result<(), StoreError> {
         self.client()
             .await?
-            .execute(
+            .execute_cached(
                 "SELECT pg_notify($1, key) FROM unnest($2::text[]) AS key",
                 &[&GROUPS_CHANNEL, &groups],
             )
@@ -235,7 +236,7 @@ impl Store {
         Ok(self
             .client()
             .await?
-            .execute(
+            .execute_cached(
                 "UPDATE deliveries SET state = 'Pending', next_attempt_at = now(),
                      lease_owner = NULL
                  WHERE state = 'Sending' AND ($1::text IS NULL OR lease_owner = $1)",
@@ -250,7 +251,7 @@ impl Store {
         Ok(self
             .client()
             .await?
-            .execute(
+            .execute_cached(
                 "UPDATE deliveries SET next_attempt_at = now() + $2 * interval '1 second'
                  WHERE state = 'Sending' AND lease_owner = $1
                    AND next_attempt_at < now() + $2 * interval '1 second' * 2 / 3",
@@ -264,7 +265,7 @@ impl Store {
         let row = self
             .client()
             .await?
-            .query_one(
+            .query_one_cached(
                 "SELECT EXTRACT(EPOCH FROM (min(next_attempt_at) - now()))::float8
                  FROM deliveries WHERE state IN ('Pending', 'Sending')",
                 &[],
@@ -282,7 +283,7 @@ impl Store {
         let row = self
             .client()
             .await?
-            .query_opt(
+            .query_opt_cached(
                 "SELECT endpoints_version, endpoints FROM groups WHERE uid = $1",
                 &[&group_uid],
             )

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio_postgres::types::Json;
 
+use super::Prepared;
 use super::{Store, StoreError};
 
 /// How long a key is kept (at least; Stripe's 24 h): a retry within that gets the first answer.
@@ -55,7 +56,7 @@ impl Store {
         for _ in 0..CLAIM_TRIES {
             // One statement: two replicas claiming at once cannot both win.
             let claimed = client
-                .query_opt(
+                .query_opt_cached(
                     "INSERT INTO idempotency_keys AS k
                          (namespace, key, request_hash, claim, claimed_until)
                      VALUES ($1, $2, $3, $4, now() + $5 * interval '1 second')
@@ -82,7 +83,7 @@ impl Store {
                 return Ok(KeyClaim::Claimed(claim));
             }
             let held = client
-                .query_opt(
+                .query_opt_cached(
                     "SELECT request_hash, status, response_headers, response_body
                      FROM idempotency_keys WHERE namespace = $1 AND key = $2",
                     &[&namespace, &key],
@@ -126,7 +127,7 @@ impl Store {
         let updated = self
             .client()
             .await?
-            .execute(
+            .execute_cached(
                 "UPDATE idempotency_keys
                  SET status = $4, response_headers = $5, response_body = $6, completed_at = now()
                  WHERE namespace = $1 AND key = $2 AND claim = $3 AND status IS NULL",
@@ -153,7 +154,7 @@ impl Store {
         let deleted = self
             .client()
             .await?
-            .execute(
+            .execute_cached(
                 "DELETE FROM idempotency_keys
                  WHERE namespace = $1 AND key = $2 AND claim = $3 AND status IS NULL",
                 &[&namespace, &key, &claim],
@@ -173,7 +174,7 @@ impl Store {
         let mut deleted = 0;
         loop {
             let n = client
-                .execute(
+                .execute_cached(
                     "DELETE FROM idempotency_keys WHERE (namespace, key) IN (
                          SELECT namespace, key FROM idempotency_keys
                          WHERE created_at < now() - $1 * interval '1 second'

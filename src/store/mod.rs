@@ -23,7 +23,9 @@ pub use notify::{
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 /// Connections per process: API handlers, reconciles and the ingest share them.
 const POOL_SIZE: usize = 16;
@@ -86,7 +88,7 @@ async fn record_group(
     tx: &deadpool_postgres::Transaction<'_>,
     group: &crate::results::GroupRef,
 ) -> Result<(), StoreError> {
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO groups (uid, namespace, name) VALUES ($1, $2, $3)
          ON CONFLICT (uid) DO NOTHING",
         &[&group.uid, &group.namespace, &group.name],
@@ -94,6 +96,52 @@ async fn record_group(
     .await?;
     Ok(())
 }
+
+/// kinsight's statements, run through each connection's cache of prepared statements
+/// (deadpool's `prepare_cached`): the server parses and plans a statement once per
+/// connection, not at every call, and a call is one round trip instead of two. Every text
+/// passed is fixed (no values spliced in), so the cache stays as small as this module's SQL.
+pub(crate) trait Prepared: GenericClient + Sized {
+    fn execute_cached<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a {
+        async move { self.execute(&self.prepare_cached(sql).await?, params).await }
+    }
+
+    fn query_cached<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a {
+        async move { self.query(&self.prepare_cached(sql).await?, params).await }
+    }
+
+    fn query_one_cached<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send + 'a {
+        async move {
+            self.query_one(&self.prepare_cached(sql).await?, params)
+                .await
+        }
+    }
+
+    fn query_opt_cached<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send + 'a {
+        async move {
+            self.query_opt(&self.prepare_cached(sql).await?, params)
+                .await
+        }
+    }
+}
+
+impl<C: GenericClient> Prepared for C {}
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 
+use super::Prepared;
 use super::deliveries::{insert_bodies, insert_deliveries};
 use super::notify::{ALL_STORED, DISPATCH_CHANNEL, RESULTS_CHANNEL};
 use super::{Store, StoreError, record_group};
@@ -50,7 +51,7 @@ impl Store {
         // The group's row first: writes of the group's events take their numbers in turn.
         let ledger = match planner {
             Some(_) => Some(
-                tx.query_one(
+                tx.query_one_cached(
                     "SELECT endpoints, stopped_endpoints, last_sequence FROM groups
                      WHERE uid = $1 FOR UPDATE",
                     &[&group.uid],
@@ -60,7 +61,7 @@ impl Store {
             None => None,
         };
         let rows = tx
-            .query(
+            .query_cached(
                 &format!(
                     r#"INSERT INTO image_results
                    (group_uid, image_id, generation, failure, width, height, perceptual_hash,
@@ -115,7 +116,7 @@ impl Store {
         // coalesced wake-up for every write finds the group complete within a second.
         if let (Some(planner), true) = (planner, first > 0) {
             let stored: i64 = tx
-                .query_one(
+                .query_one_cached(
                     "SELECT count(*) FROM image_results WHERE group_uid = $1",
                     &[&group.uid],
                 )
@@ -125,10 +126,10 @@ impl Store {
                 key.push_str(ALL_STORED);
             }
         }
-        tx.execute("SELECT pg_notify($1, $2)", &[&RESULTS_CHANNEL, &key])
+        tx.execute_cached("SELECT pg_notify($1, $2)", &[&RESULTS_CHANNEL, &key])
             .await?;
         if planned > 0 {
-            tx.execute("SELECT pg_notify($1, '')", &[&DISPATCH_CHANNEL])
+            tx.execute_cached("SELECT pg_notify($1, '')", &[&DISPATCH_CHANNEL])
                 .await?;
         }
         tx.commit().await?;
@@ -142,7 +143,7 @@ impl Store {
     ) -> Result<HashMap<String, ImageResult>, StoreError> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 &format!("SELECT {COLUMNS} FROM image_results WHERE group_uid = $1"),
                 &[&group.uid],
             )
@@ -160,7 +161,7 @@ impl Store {
     ) -> Result<HashMap<String, ImageResult>, StoreError> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 &format!(
                     "SELECT {COLUMNS} FROM image_results WHERE group_uid = $1 AND image_id = ANY($2)"
                 ),
@@ -180,7 +181,7 @@ impl Store {
     ) -> Result<Option<ImageResult>, StoreError> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 &format!(
                     "SELECT {COLUMNS} FROM image_results WHERE group_uid = $1 AND image_id = $2"
                 ),
@@ -202,14 +203,14 @@ impl Store {
     pub async fn forget_group(&self, uid: &str) -> Result<(), StoreError> {
         let client = self.client().await?;
         client
-            .execute(
+            .execute_cached(
                 "UPDATE groups SET deleted_at = now() WHERE uid = $1 AND deleted_at IS NULL",
                 &[&uid],
             )
             .await?;
         // Its images left unprocessed are no longer in flight.
         client
-            .execute("DELETE FROM admissions WHERE uid = $1", &[&uid])
+            .execute_cached("DELETE FROM admissions WHERE uid = $1", &[&uid])
             .await?;
         Ok(())
     }
@@ -227,7 +228,7 @@ impl Store {
         // `$2` NULL: every namespace's groups; else only that namespace's (a controller
         // watching one namespace knows nothing of the others').
         client
-            .execute(
+            .execute_cached(
                 "DELETE FROM admissions WHERE (uid IS NULL OR uid <> ALL($1))
                    AND ($2::text IS NULL OR namespace = $2)
                    AND created_at < now() - interval '10 minutes'",
@@ -235,7 +236,7 @@ impl Store {
             )
             .await?;
         Ok(client
-            .execute(
+            .execute_cached(
                 "UPDATE groups SET deleted_at = now()
                  WHERE deleted_at IS NULL AND uid <> ALL($1)
                    AND ($2::text IS NULL OR namespace = $2)
@@ -251,7 +252,7 @@ impl Store {
         let uids: Vec<String> = self
             .client()
             .await?
-            .query(
+            .query_cached(
                 "SELECT uid FROM groups WHERE deleted_at IS NOT NULL ORDER BY deleted_at LIMIT 1000",
                 &[],
             )
@@ -300,7 +301,7 @@ impl Store {
             ),
         ] {
             loop {
-                let n = client.execute(statement, &[&uid, &batch]).await?;
+                let n = client.execute_cached(statement, &[&uid, &batch]).await?;
                 if counted {
                     deleted += n;
                 }
@@ -310,7 +311,7 @@ impl Store {
             }
         }
         client
-            .execute(
+            .execute_cached(
                 "DELETE FROM groups WHERE uid = $1 AND deleted_at IS NOT NULL",
                 &[&uid],
             )
@@ -338,7 +339,7 @@ async fn record_drafts(
     }
     // Looked up by key: a batch's events, not the group's.
     let known: HashMap<String, i64> = tx
-        .query(
+        .query_cached(
             "SELECT id, sequence FROM deliveries WHERE id = ANY($1)",
             &[&ids],
         )
@@ -389,7 +390,7 @@ async fn record_drafts(
     insert_bodies(tx, group, &bodies).await?;
     if next > start {
         let next = i64::try_from(next).unwrap_or(i64::MAX);
-        tx.execute(
+        tx.execute_cached(
             "UPDATE groups SET last_sequence = $2 WHERE uid = $1",
             &[&group.uid, &next],
         )

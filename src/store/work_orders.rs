@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio_postgres::types::Json;
 
+use super::Prepared;
 use super::notify::{CARRIERS_CHANNEL, carrier_key};
 use super::{Store, StoreError, record_group};
 use crate::worker::WorkOrder;
@@ -39,7 +40,7 @@ impl Store {
         record_group(&tx, &order.group).await?;
         let carrier: Option<String> = match carry {
             Some((shape, fresh)) => tx
-                .query_opt(
+                .query_opt_cached(
                     "DELETE FROM waiting_carriers WHERE (namespace, job) IN (
                          SELECT namespace, job FROM waiting_carriers
                          WHERE namespace = $1 AND shape = $2
@@ -56,13 +57,13 @@ impl Store {
         };
         // The carrier's long poll is told as the order is committed.
         if let Some(carrier) = &carrier {
-            tx.execute(
+            tx.execute_cached(
                 "SELECT pg_notify($1, $2)",
                 &[&CARRIERS_CHANNEL, &carrier_key(namespace, carrier)],
             )
             .await?;
         }
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO work_orders
                  (namespace, name, group_uid, generation, body, carrier, carried_at)
              VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $6::text IS NULL THEN NULL ELSE now() END)
@@ -93,7 +94,7 @@ impl Store {
         let row = self
             .client()
             .await?
-            .query_opt(
+            .query_opt_cached(
                 "SELECT body FROM work_orders WHERE namespace = $1 AND name = $2",
                 &[&namespace, &name],
             )
@@ -118,7 +119,7 @@ impl Store {
         let deleted = self
             .client()
             .await?
-            .execute(
+            .execute_cached(
                 "DELETE FROM work_orders WHERE namespace = $1 AND name = $2 AND group_uid = $3",
                 &[&namespace, &name, &group_uid],
             )
@@ -135,7 +136,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.client()
             .await?
-            .execute(
+            .execute_cached(
                 "INSERT INTO waiting_carriers (namespace, job, shape) VALUES ($1, $2, $3)
                  ON CONFLICT (namespace, job) DO UPDATE SET shape = EXCLUDED.shape, since = now()",
                 &[&namespace, &job, &shape],
@@ -149,7 +150,7 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query(
+            .query_cached(
                 "SELECT job FROM waiting_carriers WHERE namespace = $1 ORDER BY since",
                 &[&namespace],
             )
@@ -165,7 +166,7 @@ impl Store {
         let deleted = self
             .client()
             .await?
-            .execute(
+            .execute_cached(
                 "DELETE FROM waiting_carriers WHERE namespace = $1 AND job = $2",
                 &[&namespace, &job],
             )
@@ -183,7 +184,7 @@ impl Store {
         let row = self
             .client()
             .await?
-            .query_opt(
+            .query_opt_cached(
                 "SELECT name, body FROM work_orders
                  WHERE namespace = $1 AND carrier = $2 AND carrier_done_at IS NULL
                  ORDER BY carried_at LIMIT 1",
@@ -210,7 +211,7 @@ impl Store {
         let done = self
             .client()
             .await?
-            .execute(
+            .execute_cached(
                 "UPDATE work_orders SET carrier_done_at = now()
                  WHERE namespace = $1 AND name = $2 AND carrier = $3",
                 &[&namespace, &name, &job],
@@ -230,7 +231,7 @@ impl Store {
         let taken = self
             .client()
             .await?
-            .execute(
+            .execute_cached(
                 "UPDATE work_orders SET carrier = NULL, carried_at = NULL, carrier_done_at = NULL
                  WHERE namespace = $1 AND name = $2 AND carrier = $3",
                 &[&namespace, &name, &carrier],
@@ -244,7 +245,7 @@ impl Store {
         let row = self
             .client()
             .await?
-            .query_opt(
+            .query_opt_cached(
                 "SELECT 1 FROM work_orders
                  WHERE namespace = $1 AND carrier = $2 AND carrier_done_at IS NULL LIMIT 1",
                 &[&namespace, &job],
