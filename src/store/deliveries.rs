@@ -14,8 +14,14 @@ use crate::delivery::{Attempt, Delivery, DeliveryState, EventBodies};
 use crate::results::GroupRef;
 use crate::trace::TraceContext;
 
-const COLUMNS: &str = "d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at, d.state, \
-                       d.attempts, d.next_attempt_at, d.last_error, d.delivered_at";
+/// Columns of `deliveries d`, as [`from_row`] reads them (a macro, so that each statement
+/// naming them stays one fixed text, as [`super::Prepared`] wants).
+macro_rules! columns {
+    () => {
+        "d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at, d.state, \
+         d.attempts, d.next_attempt_at, d.last_error, d.delivered_at"
+    };
+}
 
 /// Where a page of deliveries starts: after this (sequence or time, id).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -317,8 +323,10 @@ impl Store {
             .client()
             .await?
             .query_cached(
-                &format!(
-                    "SELECT {COLUMNS} FROM deliveries d
+                concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM deliveries d
                      WHERE d.group_uid = $1 AND d.state = 'Failed'
                      ORDER BY d.sequence DESC, d.id LIMIT $2"
                 ),
@@ -340,8 +348,10 @@ impl Store {
             .client()
             .await?
             .query_cached(
-                &format!(
-                    "SELECT {COLUMNS} FROM deliveries d WHERE d.group_uid = $1
+                concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM deliveries d WHERE d.group_uid = $1
                        AND (d.sequence, d.id) > ($2, $3)
                      ORDER BY d.sequence, d.id LIMIT $4"
                 ),
@@ -369,8 +379,10 @@ impl Store {
             .client()
             .await?
             .query_cached(
-                &format!(
-                    "SELECT {COLUMNS}, g.name AS group_name FROM deliveries d
+                concat!(
+                    "SELECT ",
+                    columns!(),
+                    ", g.name AS group_name FROM deliveries d
                      JOIN groups g ON g.uid = d.group_uid
                      WHERE d.namespace = $1 AND d.state <> 'Delivered' AND d.state = ANY($2)
                        AND (d.namespace, d.created_at, d.id) > ($1, $3, $4)
@@ -394,7 +406,11 @@ impl Store {
         let client = self.client().await?;
         let Some(row) = client
             .query_opt_cached(
-                &format!("SELECT {COLUMNS} FROM deliveries d WHERE d.group_uid = $1 AND d.id = $2"),
+                concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM deliveries d WHERE d.group_uid = $1 AND d.id = $2"
+                ),
                 &[&group_uid, &id],
             )
             .await?

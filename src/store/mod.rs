@@ -99,12 +99,13 @@ async fn record_group(
 
 /// kinsight's statements, run through each connection's cache of prepared statements
 /// (deadpool's `prepare_cached`): the server parses and plans a statement once per
-/// connection, not at every call, and a call is one round trip instead of two. Every text
-/// passed is fixed (no values spliced in), so the cache stays as small as this module's SQL.
+/// connection, not at every call, and a call is one round trip instead of two. The texts are
+/// `'static` (literals and `concat!`, never a `format!` with values spliced in), so the cache
+/// stays as small as this module's SQL.
 pub(crate) trait Prepared: GenericClient + Sized {
     fn execute_cached<'a>(
         &'a self,
-        sql: &'a str,
+        sql: &'static str,
         params: &'a [&'a (dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a {
         async move { self.execute(&self.prepare_cached(sql).await?, params).await }
@@ -112,7 +113,7 @@ pub(crate) trait Prepared: GenericClient + Sized {
 
     fn query_cached<'a>(
         &'a self,
-        sql: &'a str,
+        sql: &'static str,
         params: &'a [&'a (dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a {
         async move { self.query(&self.prepare_cached(sql).await?, params).await }
@@ -120,7 +121,7 @@ pub(crate) trait Prepared: GenericClient + Sized {
 
     fn query_one_cached<'a>(
         &'a self,
-        sql: &'a str,
+        sql: &'static str,
         params: &'a [&'a (dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send + 'a {
         async move {
@@ -131,7 +132,7 @@ pub(crate) trait Prepared: GenericClient + Sized {
 
     fn query_opt_cached<'a>(
         &'a self,
-        sql: &'a str,
+        sql: &'static str,
         params: &'a [&'a (dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send + 'a {
         async move {

@@ -13,8 +13,13 @@ use super::{Store, StoreError, record_group};
 use crate::delivery::{Delivery, DraftEvent, EventBodies, EventLedger, EventPlanner};
 use crate::results::{GroupRef, ImageFailure, ImageResult, ModelResult, Timings};
 
-/// Columns of `image_results`, in the order [`from_row`] reads them.
-const COLUMNS: &str = "image_id, failure, width, height, perceptual_hash, outputs, timings";
+/// Columns of `image_results`, in the order [`from_row`] reads them (a macro, so that each
+/// statement naming them stays one fixed text, as [`super::Prepared`] wants).
+macro_rules! columns {
+    () => {
+        "image_id, failure, width, height, perceptual_hash, outputs, timings"
+    };
+}
 
 impl Store {
     /// Stores a batch of results of one group and wakes whoever listens for the group.
@@ -62,12 +67,12 @@ impl Store {
         };
         let rows = tx
             .query_cached(
-                &format!(
+                concat!(
                     r#"INSERT INTO image_results
                    (group_uid, image_id, generation, failure, width, height, perceptual_hash,
                     outputs, timings)
                SELECT $1, r."imageId", $2, r.failure, r.width, r.height, r."perceptualHash",
-                      COALESCE(r.outputs, '{{}}'::jsonb), COALESCE(r.timings, '{{}}'::jsonb)
+                      COALESCE(r.outputs, '{}'::jsonb), COALESCE(r.timings, '{}'::jsonb)
                FROM jsonb_to_recordset($3::jsonb) AS r(
                    "imageId" text, failure jsonb, width integer, height integer,
                    "perceptualHash" text, outputs jsonb, timings jsonb)
@@ -80,7 +85,9 @@ impl Store {
                    outputs = image_results.outputs || EXCLUDED.outputs,
                    timings = EXCLUDED.timings,
                    updated_at = now()
-               RETURNING {COLUMNS}, (xmax = 0) AS inserted"#
+               RETURNING "#,
+                    columns!(),
+                    ", (xmax = 0) AS inserted"
                 ),
                 &[&group.uid, &generation, &Json(&records)],
             )
@@ -144,7 +151,11 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query_cached(
-                &format!("SELECT {COLUMNS} FROM image_results WHERE group_uid = $1"),
+                concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM image_results WHERE group_uid = $1"
+                ),
                 &[&group.uid],
             )
             .await?;
@@ -162,8 +173,10 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query_cached(
-                &format!(
-                    "SELECT {COLUMNS} FROM image_results WHERE group_uid = $1 AND image_id = ANY($2)"
+                concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM image_results WHERE group_uid = $1 AND image_id = ANY($2)"
                 ),
                 &[&group.uid, &ids],
             )
@@ -182,8 +195,10 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_opt_cached(
-                &format!(
-                    "SELECT {COLUMNS} FROM image_results WHERE group_uid = $1 AND image_id = $2"
+                concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM image_results WHERE group_uid = $1 AND image_id = $2"
                 ),
                 &[&group.uid, &image_id],
             )
