@@ -101,3 +101,41 @@ async fn the_api_server_refuses_invalid_objects_with_the_schemas_message() {
         "{text}"
     );
 }
+
+/// What `kinsight dev` waits for before it says it is ready: the API server's OpenAPI
+/// document (which `kubectl explain` and kubectl's validation read) describes both kinds,
+/// their fields and their documentation as the CRDs carry them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_servers_openapi_document_describes_the_crds_once_waited_for() {
+    let cluster = TestCluster::start().await.expect("cluster");
+    let client = cluster.client();
+    kinsight::dev::install_crds(&client)
+        .await
+        .expect("install CRDs");
+    assert!(
+        kinsight::dev::await_crds_published(&client)
+            .await
+            .expect("the OpenAPI document read"),
+        "the CRDs never appeared in the OpenAPI document"
+    );
+    let request = http::Request::get("/openapi/v2")
+        .body(Vec::new())
+        .expect("request");
+    let document: Value = client.request(request).await.expect("OpenAPI document");
+    let definitions = &document["definitions"];
+    let group = &definitions["io.kinsight.v1alpha1.ImageGroup"]["properties"];
+    for field in ["images", "models", "webhook"] {
+        assert!(
+            group["spec"]["properties"][field].is_object(),
+            "spec.{field} missing from the published ImageGroup: {:#}",
+            group["spec"]
+        );
+    }
+    let images = &group["spec"]["properties"]["images"];
+    assert_eq!(images["maxItems"], json!(MAX_IMAGES), "{images:#}");
+    let subscription = &definitions["io.kinsight.v1alpha1.WebhookSubscription"]["properties"];
+    assert!(
+        subscription["spec"]["properties"]["eventTypes"].is_object(),
+        "{subscription:#}"
+    );
+}

@@ -34,6 +34,7 @@ async fn the_demo_completes_and_leaves_no_delivery_to_send_again() {
         " s  worker image built, node Ready",
         " s  controller running, API keys listed",
         " s  standby worker up, models loaded",
+        " s  CRDs in the API server's OpenAPI document",
         "first webhook ",
     ] {
         assert!(stdout.contains(phase), "no {phase:?} in:\n{stdout}");

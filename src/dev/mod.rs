@@ -10,7 +10,8 @@ pub use local_http::{
 };
 pub use node::DEV_IMAGE;
 pub use setup::{
-    SetupError, create_tenant, create_tenant_labelled, ensure_namespace, install_crds,
+    SetupError, await_crds_published, create_tenant, create_tenant_labelled, ensure_namespace,
+    install_crds,
 };
 
 use std::net::{IpAddr, SocketAddr};
@@ -218,6 +219,11 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         .as_ref()
         .map(|_| crate::testbed::node::HOST_ADDRESS.into());
     install_crds(&client).await?;
+    // Waited for beside the controller's start and the standby worker's (see the function).
+    let published = {
+        let client = client.clone();
+        tokio::spawn(async move { await_crds_published(&client).await })
+    };
     let api_key = options
         .api_key
         .clone()
@@ -343,6 +349,14 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
                 STANDBY_WAIT.as_secs()
             );
         }
+    }
+    match published.await {
+        Ok(Ok(true)) => phases.done("CRDs in the API server's OpenAPI document"),
+        Ok(Ok(false)) => println!(
+            "the API server's OpenAPI document lacks the CRDs still: `kubectl explain` may not know them yet"
+        ),
+        Ok(Err(e)) => println!("reading the API server's OpenAPI document: {e}"),
+        Err(e) => println!("waiting for the API server's OpenAPI document: {e}"),
     }
     Ok(DevEnvironment {
         api_url: format!("http://{addr}"),

@@ -27,7 +27,12 @@ pub enum SetupError {
     Kube(#[from] kube::Error),
     #[error("CRD {0} did not become established in time")]
     NotEstablished(String),
+    #[error("building the request for the OpenAPI document: {0}")]
+    Request(#[from] http::Error),
 }
+
+/// How long [`await_crds_published`] waits for the API server's OpenAPI document.
+const PUBLISH_WAIT: Duration = Duration::from_secs(30);
 
 /// Applies every CRD (server-side apply) and waits until the API server serves them.
 pub async fn install_crds(client: &Client) -> Result<(), SetupError> {
@@ -47,6 +52,51 @@ pub async fn install_crds(client: &Client) -> Result<(), SetupError> {
             .map_err(|_| SetupError::NotEstablished(name))?;
     }
     Ok(())
+}
+
+/// The name the API server's OpenAPI v2 document gives a CRD's served type
+/// (`io.kinsight.v1alpha1.ImageGroup`): its group reversed, the version, the kind.
+fn definition_names(crd: &CustomResourceDefinition) -> Vec<String> {
+    let group: Vec<&str> = crd.spec.group.rsplit('.').collect();
+    crd.spec
+        .versions
+        .iter()
+        .filter(|v| v.served)
+        .map(|v| format!("{}.{}.{}", group.join("."), v.name, crd.spec.names.kind))
+        .collect()
+}
+
+/// Just the definitions' names of an OpenAPI v2 document (a few MB: the rest is skipped).
+#[derive(serde::Deserialize)]
+struct Definitions {
+    #[serde(default)]
+    definitions: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+/// Waits until the API server's OpenAPI document describes every CRD (what `kubectl
+/// explain` and kubectl's validation read), at most [`PUBLISH_WAIT`]; false when it still
+/// does not. Established CRDs serve at once, but the API server rebuilds its whole document
+/// (a few MB, about a CPU second on a laptop) in the seconds after: waited for here, that
+/// work is done before `dev` says it is ready, not on the first group's cores.
+pub async fn await_crds_published(client: &Client) -> Result<bool, SetupError> {
+    let wanted: Vec<String> = all_crds().iter().flat_map(definition_names).collect();
+    let deadline = tokio::time::Instant::now() + PUBLISH_WAIT;
+    loop {
+        let request = http::Request::get("/openapi/v2")
+            .header(http::header::ACCEPT, "application/json")
+            .body(Vec::new())?;
+        let document: Definitions = client.request(request).await?;
+        if wanted
+            .iter()
+            .all(|name| document.definitions.contains_key(name))
+        {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 pub async fn ensure_namespace(client: &Client, name: &str) -> Result<(), SetupError> {
@@ -157,4 +207,21 @@ pub async fn create_tenant_labelled(
         .patch(SIGNING_SECRET_NAME, &params, &Patch::Apply(&signing))
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definition_names_are_the_openapi_documents() {
+        let names: Vec<String> = all_crds().iter().flat_map(definition_names).collect();
+        assert_eq!(
+            names,
+            [
+                "io.kinsight.v1alpha1.ImageGroup",
+                "io.kinsight.v1alpha1.WebhookSubscription"
+            ]
+        );
+    }
 }
