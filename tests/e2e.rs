@@ -37,6 +37,17 @@ use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// Which waiting worker a Job's order went to, and the Job's parallelism (0: no pod of its own).
+fn carried(job: &Job) -> (Option<String>, Option<i32>) {
+    (
+        job.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("kinsight.io/carried-by").cloned()),
+        job.spec.as_ref().and_then(|s| s.parallelism),
+    )
+}
+
 /// The work order the Job `job` was given, as its pod fetches it.
 async fn work_order(h: &Harness, job: &str) -> serde_json::Value {
     let order = h
@@ -1576,24 +1587,14 @@ async fn a_tenants_next_group_is_carried_by_the_worker_that_waits() {
         .await;
     // The first group's worker now waits for the tenant's next group: it takes it, and that
     // group's Job gets no pod of its own.
+    let version = common::jobs_version(&h.client, &h.namespace).await;
     let second = h
         .post_photo_group(3, &["image_classification"], &hook)
         .await;
-    let carried_by = eventually("the second group's Job", LIMIT, async || {
-        let jobs = common::jobs_of(&h.client, &h.namespace, &second).await;
-        jobs.first().map(|job| {
-            (
-                job.metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get("kinsight.io/carried-by").cloned()),
-                job.spec.as_ref().and_then(|s| s.parallelism),
-            )
-        })
-    })
-    .await;
+    let second_job = format!("{second}-g1");
+    let job = common::job_since(&h.client, &h.namespace, &version, &second_job, LIMIT).await;
     let first_job = format!("{first}-g1");
-    assert_eq!(carried_by, (Some(first_job.clone()), Some(0)));
+    assert_eq!(carried(&job), (Some(first_job.clone()), Some(0)));
     let (more, group) = until_group_event(&mut h, &second).await;
     events.extend(more);
     assert_eq!(done_and_failed(&group), (Some(3), Some(0)), "{group}");
@@ -1603,7 +1604,6 @@ async fn a_tenants_next_group_is_carried_by_the_worker_that_waits() {
         .filter_map(|e| e.payload["data"]["imageId"].as_str())
         .collect();
     assert_eq!(second_images.len(), 3, "{second_images:?}");
-    let second_job = format!("{second}-g1");
     assert!(
         pods_of_job(&h, &second_job).await.is_empty(),
         "no pod of its own"
@@ -1704,31 +1704,27 @@ async fn a_tenants_first_group_is_carried_by_its_standby_worker() {
     .await;
     assert!(standby.starts_with("kinsight-standby-"), "{standby}");
     let hook = h.hook_url.clone();
+    let version = common::jobs_version(&h.client, &h.namespace).await;
     let group = h
         .post_photo_group(2, &["image_classification"], &hook)
         .await;
     let group_job = format!("{group}-g1");
-    let carried_by = eventually("the group's Job", LIMIT, async || {
-        let job = jobs.get_opt(&group_job).await.expect("read")?;
-        let annotations = job.metadata.annotations.unwrap_or_default();
-        Some((
-            annotations.get("kinsight.io/carried-by").cloned(),
-            job.spec.and_then(|s| s.parallelism),
-        ))
-    })
-    .await;
-    assert_eq!(carried_by, (Some(standby.clone()), Some(0)));
+    let job = common::job_since(&h.client, &h.namespace, &version, &group_job, LIMIT).await;
+    assert_eq!(carried(&job), (Some(standby.clone()), Some(0)));
     // `kubectl describe` says so (the status is written after the Job is made).
     let said = format!("on the waiting worker {standby}, no pod start");
     eventually(
         "the Scheduled condition names the standby",
         LIMIT,
         async || {
-            group_status(&h, &group)
-                .await
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Scheduled" && c.message.contains(&said))
+            // The Job may be seen before the status that names it is written.
+            let groups: Api<ImageGroup> = Api::namespaced(h.client.clone(), &h.namespace);
+            let group = groups.get(&group).await.expect("group");
+            group.status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Scheduled" && c.message.contains(&said))
+            })
         },
     )
     .await;

@@ -821,6 +821,53 @@ pub async fn jobs_of(
         .items
 }
 
+/// Where `namespace`'s Jobs stand now: [`job_since`] from it sees every Job made after.
+pub async fn jobs_version(client: &kube::Client, namespace: &str) -> String {
+    let jobs: kube::Api<k8s_openapi::api::batch::v1::Job> =
+        kube::Api::namespaced(client.clone(), namespace);
+    jobs.list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+        .expect("list jobs")
+        .metadata
+        .resource_version
+        .expect("the list's resourceVersion")
+}
+
+/// The Job `name` of `namespace` as first made, changed or deleted after `version` (see
+/// [`jobs_version`]), read from a watch: a Job whose order a waiting worker did is deleted
+/// once done, which for a few photos can be sooner than a poll looks.
+pub async fn job_since(
+    client: &kube::Client,
+    namespace: &str,
+    version: &str,
+    name: &str,
+    limit: Duration,
+) -> k8s_openapi::api::batch::v1::Job {
+    use futures::TryStreamExt;
+    use kube::api::WatchEvent;
+    let jobs: kube::Api<k8s_openapi::api::batch::v1::Job> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let params = kube::api::WatchParams::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(u32::try_from(limit.as_secs()).unwrap_or(290).min(290));
+    let seen = async {
+        let mut events = std::pin::pin!(jobs.watch(&params, version).await.expect("watch jobs"));
+        while let Some(event) = events.try_next().await.expect("a watch event") {
+            match event {
+                WatchEvent::Added(job) | WatchEvent::Modified(job) | WatchEvent::Deleted(job) => {
+                    return job;
+                }
+                WatchEvent::Bookmark(_) => {}
+                WatchEvent::Error(e) => panic!("watching job {name}: {e:?}"),
+            }
+        }
+        panic!("the watch for job {name} ended without it")
+    };
+    tokio::time::timeout(limit, seen)
+        .await
+        .unwrap_or_else(|_| panic!("no job {name} within {limit:?}"))
+}
+
 pub fn of_type<'a>(events: &'a [ReceivedWebhook], kind: &str) -> Vec<&'a ReceivedWebhook> {
     events
         .iter()
