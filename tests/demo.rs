@@ -47,10 +47,10 @@ async fn the_demo_completes_and_leaves_no_delivery_to_send_again() {
         .collect();
     assert!(
         logs.iter().any(|log| log.contains("worker finished")),
-        "no worker log with its end among {} kept:\n{stdout}",
+        "no worker log with its end among {} kept:\n{stdout}\n{stderr}",
         logs.len()
     );
-    assert!(stdout.contains("kept the logs of "), "{stdout}");
+    assert!(stdout.contains("kept the logs of "), "{stdout}\n{stderr}");
     // A healthy run, start to stop, warns of nothing.
     for level in [" WARN ", " ERROR "] {
         for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
