@@ -100,18 +100,10 @@ async fn the_api_server_refuses_invalid_objects_with_the_schemas_message() {
         text.contains("spec.eventTypes: Unsupported value: \"image.exploded\""),
         "{text}"
     );
-}
 
-/// What `kinsight dev` waits for before it says it is ready: the API server's OpenAPI
-/// document (which `kubectl explain` and kubectl's validation read) describes both kinds,
-/// their fields and their documentation as the CRDs carry them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_servers_openapi_document_describes_the_crds_once_waited_for() {
-    let cluster = TestCluster::start().await.expect("cluster");
-    let client = cluster.client();
-    kinsight::dev::install_crds(&client)
-        .await
-        .expect("install CRDs");
+    // What `kinsight dev` waits for before it says it is ready: the API server's OpenAPI
+    // document (which `kubectl explain` and kubectl's validation read) describes both
+    // kinds, their fields and bounds as the CRDs carry them.
     assert!(
         kinsight::dev::await_crds_published(&client)
             .await
