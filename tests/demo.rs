@@ -39,15 +39,25 @@ async fn the_demo_completes_and_leaves_no_delivery_to_send_again() {
     ] {
         assert!(stdout.contains(phase), "no {phase:?} in:\n{stdout}");
     }
-    // The worker ran as a container on the node, which goes with the demo: its log is kept.
+    // The worker ran as a container on the node, which goes with the demo: its log is kept,
+    // and the namespace's events say what happened to each pod.
+    let events = std::fs::read_to_string(state.path().join("pod-logs/events.txt"))
+        .unwrap_or_else(|e| panic!("no events kept ({e}):\n{stdout}\n{stderr}"));
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains(" Started Pod/kinsight-standby-") && l.contains("(by kubelet)")),
+        "{events}"
+    );
     let logs: Vec<String> = std::fs::read_dir(state.path().join("pod-logs"))
         .expect("the worker pods' logs kept")
         .flatten()
+        .filter(|file| file.path().extension().is_some_and(|e| e == "log"))
         .filter_map(|log| std::fs::read_to_string(log.path()).ok())
         .collect();
     assert!(
         logs.iter().any(|log| log.contains("worker finished")),
-        "no worker log with its end among {} kept:\n{stdout}\n{stderr}",
+        "no worker log with its end among {} kept:\n{stdout}\n{stderr}\n{events}",
         logs.len()
     );
     assert!(stdout.contains("kept the logs of "), "{stdout}\n{stderr}");

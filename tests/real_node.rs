@@ -54,8 +54,11 @@ static void cat(const char *path) {
 
 int main(int argc, char **argv) {
     char line[1024];
-    if (argc > 1 && strcmp(argv[1], "sleep") == 0)
+    if (argc > 1 && strcmp(argv[1], "sleep") == 0) {
+        puts("sleeping until killed");
+        fflush(stdout);
         for (;;) pause();
+    }
     if (argc > 1 && strcmp(argv[1], "oom") == 0) {
         puts("allocating");
         fflush(stdout);
@@ -447,7 +450,25 @@ async fn the_test() {
 
     // Teardown, both ways: a running pod removed by the kubelet (remove_pods), then one
     // still running when the node is dropped (killed and removed through containerd).
+    // `kinsight dev`'s copy of the pods' logs (followed from each container's start)
+    // outlives the removed pod, whose log goes with it.
+    let kept = scratch.path().join("pod-logs");
+    std::fs::create_dir_all(&kept).expect("pod-logs folder");
+    let following = tokio::spawn(kinsight::dev::follow_pod_logs(
+        client.clone(),
+        "default".to_owned(),
+        kept.clone(),
+    ));
     start_sleeper(&pods, "sleeper-removed", &image, &volumes).await;
+    let followed = kept.join("sleeper-removed.log");
+    let deadline = Instant::now() + POD_LIMIT;
+    while !std::fs::read_to_string(&followed).is_ok_and(|log| log.contains("sleeping")) {
+        assert!(
+            Instant::now() < deadline,
+            "the sleeper's log is not followed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let removing = Instant::now();
     let all_gone = node
         .remove_pods(Duration::from_secs(60))
@@ -456,6 +477,19 @@ async fn the_test() {
     assert!(
         all_gone,
         "the kubelet did not stop the pods' containers in 60 s"
+    );
+    following.abort();
+    let removed_log = std::fs::read_to_string(&followed).expect("the removed pod's followed log");
+    assert!(
+        removed_log.contains("sleeping until killed"),
+        "{removed_log:?}"
+    );
+    assert!(
+        pods.get_opt("sleeper-removed")
+            .await
+            .expect("get the removed pod")
+            .is_none(),
+        "the pod is gone, its log kept"
     );
     eprintln!(
         "running pod removed by the kubelet in {:.1?}",

@@ -8,7 +8,7 @@ mod setup;
 pub use local_http::{
     ReceivedWebhook, serve_folder, serve_folder_on, webhook_receiver, webhook_receiver_on,
 };
-pub use node::DEV_IMAGE;
+pub use node::{DEV_IMAGE, follow_pod_logs};
 pub use setup::{
     SetupError, await_crds_published, create_tenant, create_tenant_labelled, ensure_namespace,
     install_crds,
@@ -291,6 +291,25 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     };
     let mut tasks = JoinSet::new();
     let mut graceful = JoinSet::new();
+    let pod_logs = options.state_dir.join("pod-logs");
+    if node.is_some() {
+        // A state folder used before keeps that run's logs aside, one run back.
+        if pod_logs.exists() {
+            let previous = options.state_dir.join("pod-logs.previous");
+            let _ = std::fs::remove_dir_all(&previous);
+            std::fs::rename(&pod_logs, &previous).map_err(|e| {
+                DevError::Other(format!("moving {} aside: {e}", pod_logs.display()))
+            })?;
+        }
+        std::fs::create_dir_all(&pod_logs)
+            .map_err(|e| DevError::Other(format!("creating {}: {e}", pod_logs.display())))?;
+        // From before the first worker pod (the standby) starts.
+        tasks.spawn(node::follow_pod_logs(
+            client.clone(),
+            DEV_TENANT.to_owned(),
+            pod_logs.clone(),
+        ));
+    }
     let (stop, shutdown) = Shutdown::new();
     let controller_client = client.clone();
     let controller_store = store.clone();
@@ -366,7 +385,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         pod_address,
         graceful,
         client: client.clone(),
-        pod_logs: options.state_dir.join("pod-logs"),
+        pod_logs,
         tasks,
         stopping: stop,
         phases,

@@ -46,8 +46,102 @@ pub fn build_image(binary: &Path, ort_lib: Option<&Path>, archive: &Path) -> Res
     Ok(())
 }
 
+/// Follows the log of every pod of `namespace` from the moment its container starts,
+/// appending it to `{dir}/<pod>.log`: a pod deleted while `dev` runs (a standby replaced,
+/// a Job's pod removed by hand) takes its log with it, and only this copy stays. Runs
+/// until dropped; [`keep_pod_logs`] completes the copies of the pods still there.
+pub async fn follow_pod_logs(client: kube::Client, namespace: String, dir: std::path::PathBuf) {
+    use futures::TryStreamExt;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::Api;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let pods: Api<Pod> = Api::namespaced(client, &namespace);
+    let mut followed = std::collections::HashSet::new();
+    let mut streams = tokio::task::JoinSet::new();
+    let events = watcher(pods.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    let mut events = std::pin::pin!(events);
+    loop {
+        let pod = tokio::select! {
+            pod = events.try_next() => pod,
+            // Finished streams are reaped as they end.
+            Some(_) = streams.join_next() => continue,
+        };
+        let pod = match pod {
+            Ok(Some(pod)) => pod,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "watching the worker pods");
+                continue;
+            }
+        };
+        let (Some(name), Some(uid)) = (pod.metadata.name.clone(), pod.metadata.uid.clone()) else {
+            continue;
+        };
+        if !container_started(&pod) || !followed.insert(uid) {
+            continue;
+        }
+        let (pods, path) = (pods.clone(), dir.join(format!("{name}.log")));
+        streams.spawn(async move {
+            if let Err(e) = copy_log(&pods, &name, &path).await {
+                tracing::debug!(pod = %name, error = %e, "following a worker pod's log");
+            }
+        });
+    }
+}
+
+/// Whether a container of `pod` has started (its log can be read from then on).
+fn container_started(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|statuses| {
+            statuses.iter().any(|c| {
+                c.state
+                    .as_ref()
+                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+            })
+        })
+}
+
+/// Appends pod `name`'s log, followed until its container ends, to `path`.
+async fn copy_log(
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    name: &str,
+    path: &Path,
+) -> Result<(), DevError> {
+    use futures::AsyncBufReadExt;
+    use futures::TryStreamExt;
+    use tokio::io::AsyncWriteExt;
+    let params = kube::api::LogParams {
+        follow: true,
+        timestamps: true,
+        ..kube::api::LogParams::default()
+    };
+    let mut lines = pods.log_stream(name, &params).await?.lines();
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+        .map_err(|e| DevError::Other(format!("opening {}: {e}", path.display())))?;
+    while let Some(line) = lines
+        .try_next()
+        .await
+        .map_err(|e| DevError::Other(format!("reading pod {name}'s log: {e}")))?
+    {
+        file.write_all(format!("{line}\n").as_bytes())
+            .await
+            .map_err(|e| DevError::Other(format!("writing {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
 /// Writes what each pod of `namespace` logged, with the kubelet's timestamps, to
-/// `{dir}/<pod>.log` (the node and its logs go when `dev` stops); how many pods' logs.
+/// `{dir}/<pod>.log` (the node and its logs go when `dev` stops), beside the copies
+/// [`follow_pod_logs`] made of pods gone since, and the namespace's events to
+/// `{dir}/events.txt` (why a pod went, when it did); how many pods' logs are kept.
 pub async fn keep_pod_logs(
     client: &kube::Client,
     namespace: &str,
@@ -63,12 +157,15 @@ pub async fn keep_pod_logs(
         timestamps: true,
         ..LogParams::default()
     };
-    let mut kept = 0;
     for pod in listed.items {
+        // A pod whose container never started has no log: nothing to keep.
+        if !container_started(&pod) {
+            continue;
+        }
         let Some(name) = pod.metadata.name else {
             continue;
         };
-        // A pod whose container never started has no log: nothing to keep.
+        // Read whole, it replaces the followed copy (whose last lines may be in flight).
         let text = match pods.logs(&name, &params).await {
             Ok(text) => text,
             Err(e) => {
@@ -79,9 +176,58 @@ pub async fn keep_pod_logs(
         let path = dir.join(format!("{name}.log"));
         std::fs::write(&path, text)
             .map_err(|e| DevError::Other(format!("writing {}: {e}", path.display())))?;
-        kept += 1;
     }
+    let events = namespace_events(client, namespace).await?;
+    let path = dir.join("events.txt");
+    std::fs::write(&path, events)
+        .map_err(|e| DevError::Other(format!("writing {}: {e}", path.display())))?;
+    let kept = std::fs::read_dir(dir)
+        .map_err(|e| DevError::Other(format!("reading {}: {e}", dir.display())))?
+        .flatten()
+        .filter(|entry| entry.path().extension().is_some_and(|e| e == "log"))
+        .count();
     Ok(kept)
+}
+
+/// `namespace`'s events, oldest first, one a line: when, type, reason, object, reporter,
+/// message.
+async fn namespace_events(client: &kube::Client, namespace: &str) -> Result<String, DevError> {
+    use k8s_openapi::api::core::v1::Event;
+    use kube::api::{Api, ListParams};
+    let listed = Api::<Event>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await?;
+    let mut lines: Vec<(Option<jiff::Timestamp>, String)> = listed
+        .items
+        .into_iter()
+        .map(|event| {
+            let when = event
+                .last_timestamp
+                .map(|t| t.0)
+                .or_else(|| event.event_time.map(|t| t.0));
+            let shown = when.map(|t| t.to_string()).unwrap_or_default();
+            let object = format!(
+                "{}/{}",
+                event.involved_object.kind.unwrap_or_default(),
+                event.involved_object.name.unwrap_or_default()
+            );
+            // Who reported it: the kubelet, the Job controller, ...
+            let by = event
+                .source
+                .and_then(|s| s.component)
+                .or(event.reporting_component)
+                .unwrap_or_default();
+            let line = format!(
+                "{shown} {} {} {object} (by {by}): {}",
+                event.type_.unwrap_or_default(),
+                event.reason.unwrap_or_default(),
+                event.message.unwrap_or_default()
+            );
+            (when, line)
+        })
+        .collect();
+    lines.sort();
+    Ok(lines.into_iter().map(|(_, line)| line + "\n").collect())
 }
 
 /// The catalog as workers on the dev node see it: the catalog's folder on this machine,
