@@ -26,7 +26,7 @@ use kube::api::{Api, LogParams, PostParams};
 mod common;
 
 use common::real_node::{Stack, run_bounded};
-use common::run;
+use common::{processes_naming, run};
 
 /// The whole test, image build included.
 const TEST_LIMIT: Duration = Duration::from_secs(300);
@@ -212,25 +212,6 @@ async fn log_of(pods: &Api<Pod>, pod: &str, container: &str) -> String {
     )
     .await
     .unwrap_or_else(|e| panic!("log of {pod}/{container}: {e}"))
-}
-
-/// Processes whose command line names `needle` (the node's state folder): the kubelet,
-/// containerd and the containerd shims (their `-address` is in it).
-fn processes_naming(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) || name == std::process::id().to_string() {
-            continue;
-        }
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(needle) {
-                found.push(format!("{name}: {cmdline}"));
-            }
-        }
-    }
-    found
 }
 
 #[test]

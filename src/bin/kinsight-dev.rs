@@ -102,13 +102,26 @@ async fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Dev(args) => {
-            let env = kinsight::dev::start(dev_options(args)?).await?;
+            let options = dev_options(args)?;
+            // A stop while starting drops the start, and with it (each one's Drop) the
+            // control plane, node and database started so far: nothing is left running.
+            let env = tokio::select! {
+                env = kinsight::dev::start(options) => env?,
+                () = kinsight::shutdown::signal() => {
+                    println!("stopped while starting");
+                    return Ok(());
+                }
+            };
             env.print_summary();
             env.serve().await;
         }
         Command::Demo(args) => {
             let options = dev_options(args.dev)?;
-            kinsight::dev::demo(options, args.photos, args.timeout).await?;
+            tokio::select! {
+                done = kinsight::dev::demo(options, args.photos, args.timeout) => done?,
+                // Not a completed demo: the exit says so.
+                () = kinsight::shutdown::signal() => anyhow::bail!("stopped before the group completed"),
+            }
         }
     }
     Ok(())
