@@ -231,6 +231,49 @@ async fn the_write_that_stores_a_groups_last_image_says_so_once() {
     assert_eq!(next(&mut notices).await, plain);
 }
 
+/// Two writes that store a group's last two images at the same moment: exactly one says
+/// the group is all stored (they take the group's count in turn), and an image stored
+/// without events (`write_results`) counts too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writes_of_a_groups_last_images_at_once_say_so_exactly_once() {
+    let (_postgres, store, _dir) = database().await;
+    let mut notices = Box::pin(kinsight::store::listen(
+        store.url().to_owned(),
+        &[RESULTS_CHANNEL],
+    ));
+    assert_eq!(next(&mut notices).await, StoreNotice::Connected);
+    let four = GroupOf(4);
+    for round in 0..5 {
+        let g = group(&format!("race{round}"));
+        store
+            .write_results(&g, 1, &[classified("a", "m", "x")])
+            .await
+            .expect("stored");
+        store
+            .store_results(&g, 1, &[classified("b", "m", "x")], Some(&four))
+            .await
+            .expect("stored");
+        let (c, d) = ([classified("c", "m", "x")], [classified("d", "m", "x")]);
+        let (c, d) = tokio::join!(
+            store.store_results(&g, 1, &c, Some(&four)),
+            store.store_results(&g, 1, &d, Some(&four)),
+        );
+        c.expect("stored");
+        d.expect("stored");
+        let mut said = 0;
+        for _ in 0..4 {
+            match next(&mut notices).await {
+                StoreNotice::Notification { payload, .. } if payload.ends_with(ALL_STORED) => {
+                    said += 1
+                }
+                StoreNotice::Notification { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(said, 1, "round {round}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forgotten_group_is_purged_in_batches_and_only_it() {
     let (_postgres, store, _dir) = database().await;

@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (13, include_str!("migrations/0013_trace_state.sql")),
     (14, include_str!("migrations/0014_work_orders.sql")),
     (15, include_str!("migrations/0015_carriers.sql")),
+    (16, include_str!("migrations/0016_stored_counts.sql")),
 ];
 
 /// Any fixed number: the key of the lock that serialises migrations across processes.

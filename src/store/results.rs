@@ -117,19 +117,20 @@ impl Store {
             planned = record_drafts(&tx, group, planner, &stored, &drafts, last).await?;
         }
         let mut key = format!("{}/{}", group.namespace, group.name);
-        // A write that stored new images may have stored the group's last: counted in the
-        // same transaction. Two writes committing at the same moment may each miss the
-        // other's rows (read committed), and then neither says so: the controller's
-        // coalesced wake-up for every write finds the group complete within a second.
-        if let (Some(planner), true) = (planner, first > 0) {
+        // A write that stored new images may have stored the group's last: the group's
+        // count, kept under its row lock (taken here if not above), says so in O(1) and to
+        // exactly one of two writes that commit together.
+        if first > 0 {
             let stored: i64 = tx
                 .query_one_cached(
-                    "SELECT count(*) FROM image_results WHERE group_uid = $1",
-                    &[&group.uid],
+                    "UPDATE groups SET results_stored = results_stored + $2 WHERE uid = $1
+                     RETURNING results_stored",
+                    &[&group.uid, &first],
                 )
                 .await?
                 .try_get(0)?;
-            if usize::try_from(stored).is_ok_and(|n| n >= planner.images_total()) {
+            if planner.is_some_and(|p| usize::try_from(stored).is_ok_and(|n| n >= p.images_total()))
+            {
                 key.push_str(ALL_STORED);
             }
         }
