@@ -27,6 +27,7 @@ mod common;
 
 use common::real_node::{Stack, run_bounded};
 use common::{processes_naming, run};
+use kinsight::testbed::container_started;
 
 /// The whole test, image build included.
 const TEST_LIMIT: Duration = Duration::from_secs(300);
@@ -145,18 +146,7 @@ async fn wait_finished(pods: &Api<Pod>, name: &str, created: Instant) -> (Pod, D
             .as_ref()
             .and_then(|s| s.phase.clone())
             .unwrap_or_default();
-        let container_started = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .is_some_and(|cs| {
-                cs.iter().any(|c| {
-                    c.state
-                        .as_ref()
-                        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
-                })
-            });
-        if container_started && started.is_none() {
+        if container_started(&pod) && started.is_none() {
             started = Some(created.elapsed());
         }
         if phase == "Succeeded" || phase == "Failed" {
@@ -441,12 +431,25 @@ async fn the_test() {
         kept.clone(),
     ));
     start_sleeper(&pods, "sleeper-removed", &image, &volumes).await;
+    // The copy is the kubelet's log, line for line (both with the kubelet's timestamps).
     let followed = kept.join("sleeper-removed.log");
+    let served = pods
+        .logs(
+            "sleeper-removed",
+            &LogParams {
+                timestamps: true,
+                ..LogParams::default()
+            },
+        )
+        .await
+        .expect("the sleeper's log");
+    assert!(served.contains("sleeping until killed"), "{served:?}");
     let deadline = Instant::now() + POD_LIMIT;
-    while !std::fs::read_to_string(&followed).is_ok_and(|log| log.contains("sleeping")) {
+    while std::fs::read_to_string(&followed).ok().as_deref() != Some(served.as_str()) {
         assert!(
             Instant::now() < deadline,
-            "the sleeper's log is not followed"
+            "the sleeper's log is not followed: {:?} against {served:?}",
+            std::fs::read_to_string(&followed)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -460,17 +463,23 @@ async fn the_test() {
         "the kubelet did not stop the pods' containers in 60 s"
     );
     following.abort();
-    let removed_log = std::fs::read_to_string(&followed).expect("the removed pod's followed log");
-    assert!(
-        removed_log.contains("sleeping until killed"),
-        "{removed_log:?}"
-    );
+    // The pod and the kubelet's log are gone; the copy stays.
     assert!(
         pods.get_opt("sleeper-removed")
             .await
             .expect("get the removed pod")
             .is_none(),
-        "the pod is gone, its log kept"
+        "the pod is gone"
+    );
+    assert!(
+        pods.logs("sleeper-removed", &LogParams::default())
+            .await
+            .is_err(),
+        "the kubelet's log went with the pod"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&followed).ok().as_deref(),
+        Some(served.as_str())
     );
     eprintln!(
         "running pod removed by the kubelet in {:.1?}",

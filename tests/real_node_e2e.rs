@@ -171,17 +171,10 @@ async fn the_test() {
         assert_eq!(status, 200, "{polled}");
         if worker_running.is_none() {
             let listed = pods.list(&ListParams::default().labels(&selector)).await;
-            let started = listed.iter().flat_map(|l| &l.items).any(|p| {
-                let statuses = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref());
-                statuses.into_iter().flatten().any(|c| {
-                    c.state
-                        .as_ref()
-                        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
-                })
-            });
+            let started = listed
+                .iter()
+                .flat_map(|l| &l.items)
+                .any(kinsight::testbed::container_started);
             worker_running = started.then(|| posted.elapsed());
         }
         // A failed Job completes the group too (its images `WorkerFailed`): stop at it.

@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::DevError;
 use crate::controller::WorkerCatalog;
 use crate::inference::Catalog;
+use crate::testbed::container_started;
 
 /// The image worker Jobs run under `kinsight dev` (rebuilt on every start; a rebuild
 /// replaces the previous one in the project's buildah store).
@@ -89,20 +90,6 @@ pub async fn follow_pod_logs(client: kube::Client, namespace: String, dir: std::
             }
         });
     }
-}
-
-/// Whether a container of `pod` has started (its log can be read from then on).
-fn container_started(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .is_some_and(|statuses| {
-            statuses.iter().any(|c| {
-                c.state
-                    .as_ref()
-                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
-            })
-        })
 }
 
 /// Appends pod `name`'s log, followed until its container ends, to `path`.

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 pub use cluster::{TestCluster, use_existing_cluster};
 pub use control_plane::{ControlPlane, ControlPlaneOptions};
-pub use node::{RealNode, RealNodeOptions};
+pub use node::{RealNode, RealNodeOptions, container_started};
 pub use postgres::Postgres;
 
 /// Everything that can go wrong while starting or driving the testbed.

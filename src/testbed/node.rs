@@ -880,6 +880,21 @@ makeIPTablesUtilChains: false
     )
 }
 
+/// Whether a container of `pod` has started, running or ended (its log can be read from
+/// then on).
+pub fn container_started(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|statuses| {
+            statuses.iter().any(|c| {
+                c.state
+                    .as_ref()
+                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+            })
+        })
+}
+
 /// Ready, and without the `node.kubernetes.io/not-ready` taint (which only the
 /// `nodelifecycle` controller lifts).
 fn is_schedulable(node: &Node) -> bool {
