@@ -241,12 +241,25 @@ fn host_state() -> (Settings, Settings) {
     (sysctls, rules)
 }
 
+/// The pinned pod network namespaces (CNI's `/run/netns/cni-*` mounts).
+fn netns_mounts() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .expect("mounts")
+        .lines()
+        .filter(|l| l.contains("/run/netns/cni-"))
+        .map(str::to_owned)
+        .collect()
+}
+
 async fn the_test() {
     kinsight::install_crypto_provider();
     let test_started = Instant::now();
     let scratch = tempfile::tempdir().expect("temp dir");
     build_probe(scratch.path());
     let host_before = host_state();
+    // Pod network namespaces already pinned (by an earlier run killed without its
+    // teardown) are not this node's to remove.
+    let netns_before = netns_mounts();
 
     let Stack {
         node,
@@ -503,11 +516,16 @@ async fn the_test() {
         );
     }
     let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
-    let left: Vec<&str> = mounts
-        .lines()
-        .filter(|l| l.contains(&needle) || l.contains("/run/netns/cni-"))
-        .collect();
+    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&needle)).collect();
     assert!(left.is_empty(), "mounts left: {left:#?}");
+    let netns_left: Vec<String> = netns_mounts()
+        .into_iter()
+        .filter(|m| !netns_before.contains(m))
+        .collect();
+    assert!(
+        netns_left.is_empty(),
+        "pod network namespaces left: {netns_left:#?}"
+    );
     let bridge = Command::new("ip")
         .args(["link", "show", kinsight::testbed::node::BRIDGE])
         .output()
