@@ -438,3 +438,50 @@ fn pipeline_gives_the_engine_results() {
     feeder.join().unwrap();
     assert_eq!(done, names.len());
 }
+
+#[test]
+fn a_detector_with_sessions_side_by_side_gives_the_results_of_one() {
+    use kinsight::inference::pipeline::{Pipeline, PipelineOptions};
+    runtime();
+    let catalog = Catalog::load(crate_root().join("models/catalog.yaml")).unwrap();
+    let models = vec![DETECTION.to_string()];
+    let load = |instances| {
+        let options = EngineOptions {
+            instances,
+            intra_threads: 1,
+            ..EngineOptions::default()
+        };
+        std::sync::Arc::new(Engine::load(&catalog, &models, &options).unwrap())
+    };
+    let (one, three) = (load(1), load(3));
+    assert_eq!(one.instances(DETECTION), Some(1));
+    assert_eq!(three.instances(DETECTION), Some(3));
+    // Each image several times, so that the three sessions all run some of them.
+    let names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"];
+    let (submitter, mut results) =
+        Pipeline::start::<(usize, &str)>(three, &models, &PipelineOptions::default()).unwrap();
+    let feeder = std::thread::spawn(move || {
+        for (i, name) in names.iter().cycle().take(12).enumerate() {
+            submitter
+                .blocking_submit((i, *name), std::fs::read(fixture(name)).unwrap())
+                .unwrap();
+        }
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(((i, name), outcome)) = results.blocking_next() {
+        let image = decode_image(
+            &std::fs::read(fixture(name)).unwrap(),
+            &DecodeLimits::default(),
+        )
+        .unwrap();
+        let detections = outcome.unwrap().models[DETECTION]
+            .result
+            .as_ref()
+            .unwrap()
+            .clone();
+        assert_eq!(detections, one.run(DETECTION, &image).unwrap(), "{name}");
+        assert!(seen.insert(i), "image {i} came out twice");
+    }
+    feeder.join().unwrap();
+    assert_eq!(seen.len(), 12);
+}

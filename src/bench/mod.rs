@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -47,6 +48,10 @@ pub struct BenchArgs {
     /// ONNX Runtime intra-op threads per session (default: the CPU limit).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Sessions of each single-image model, side by side (default: the CPU limit, at
+    /// most 4, sharing the intra-op threads).
+    #[arg(long, default_value_t = 0)]
+    pub instances: usize,
     /// Decoder threads of the pipeline (default: half the CPU limit, at least 1).
     #[arg(long, default_value_t = 0)]
     pub decoders: usize,
@@ -74,9 +79,18 @@ pub struct BenchReport {
     pub failed: usize,
     pub models: Vec<String>,
     pub intra_threads: usize,
+    /// Per model: its sessions side by side and the intra-op threads of each.
+    pub sessions: std::collections::BTreeMap<String, Sessions>,
     /// Pipeline only: mean milliseconds per image of each stage (thread time, overlapped).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stages_ms: Option<Stages>,
+}
+
+/// How a model runs (see `EngineOptions::instances`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Sessions {
+    pub instances: usize,
+    pub intra_threads: usize,
 }
 
 /// Mean milliseconds per image spent in each stage.
@@ -101,6 +115,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         intra_threads: args.threads,
         execution_provider: args.execution_provider,
         intra_spinning: args.spin,
+        instances: args.instances,
     };
     let engine = Arc::new(Engine::load(&catalog, &models, &options)?);
     let files = read_images(&args.images)?;
@@ -115,6 +130,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     };
     let report = BenchReport {
         intra_threads: options.effective_intra_threads(),
+        sessions: models
+            .iter()
+            .filter_map(|model| {
+                let instances = engine.instances(model)?;
+                let intra_threads = engine.intra_threads(model)?;
+                Some((
+                    model.clone(),
+                    Sessions {
+                        instances,
+                        intra_threads,
+                    },
+                ))
+            })
+            .collect(),
         ..report
     };
     println!("{}", serde_json::to_string(&report)?);
@@ -226,17 +255,23 @@ fn inference(
             inputs.push(engine.prepare(model, &image)?);
         }
     }
+    // One thread per session of each model (see `EngineOptions::instances`), as in the
+    // pipeline; a model's threads take the next batch from a shared count.
     let run_all = |count: usize| -> usize {
         std::thread::scope(|scope| {
-            let threads: Vec<_> = models
-                .iter()
-                .zip(&prepared)
-                .map(|(model, inputs)| {
-                    scope.spawn(move || {
-                        let batch = engine.max_batch(model).unwrap_or(1).max(1);
+            let mut threads = Vec::new();
+            for (model, inputs) in models.iter().zip(&prepared) {
+                let batch = engine.max_batch(model).unwrap_or(1).max(1);
+                let next = Arc::new(AtomicUsize::new(0));
+                for _ in 0..engine.instances(model).unwrap_or(1) {
+                    let next = next.clone();
+                    threads.push(scope.spawn(move || {
                         let mut failed = 0;
-                        let mut done = 0;
-                        while done < count {
+                        loop {
+                            let done = next.fetch_add(batch, Ordering::Relaxed);
+                            if done >= count {
+                                break failed;
+                            }
                             let n = batch.min(count - done);
                             // References: no input is copied while the clock runs.
                             let chunk: Vec<&PreparedInput> = (done..done + n)
@@ -247,12 +282,10 @@ fn inference(
                                 .iter()
                                 .filter(|r| r.is_err())
                                 .count();
-                            done += n;
                         }
-                        failed
-                    })
-                })
-                .collect();
+                    }));
+                }
+            }
             threads.into_iter().map(|t| t.join().unwrap_or(count)).sum()
         })
     };
@@ -288,6 +321,7 @@ fn report(
         failed,
         models: models.to_vec(),
         intra_threads: 0,
+        sessions: Default::default(),
         stages_ms: None,
     }
 }

@@ -219,6 +219,8 @@ fn check_entry(
         intra_threads: 1,
         execution_provider: ExecutionProvider::Cpu,
         intra_spinning: false,
+        // A check runs the model once: one session is enough.
+        instances: 1,
     };
     let Some(spec) = catalog.models().first() else {
         return Err(InferenceError::Internal("the entry vanished".into()));

@@ -9,7 +9,7 @@ use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, TryLockError};
 use std::time::Instant;
 
 use image::DynamicImage;
@@ -44,7 +44,20 @@ pub struct EngineOptions {
     /// Off here: spinning threads take CPU time from the decoders and the other models'
     /// sessions running at the same time, for a small latency gain per operator.
     pub intra_spinning: bool,
+    /// Sessions of a model that takes one image per run (its batch fixed at 1, or
+    /// `maxBatch: 1`) on the CPU, each run by its own pipeline thread; 0:
+    /// [`cpu_limit`], at most [`MAX_AUTO_INSTANCES`]. With the intra-op threads left at 0,
+    /// they share the CPU limit. Why: one image's operators are small, so spreading them
+    /// over intra-op threads leaves cores waiting at every operator; images side by side
+    /// keep the cores busy (Triton's `instance_group` does the same). A batched model gets
+    /// its parallelism from the batch, and a GPU runs one session's work at a time: one
+    /// session each.
+    pub instances: usize,
 }
+
+/// Most sessions per single-image model when [`EngineOptions::instances`] is 0: each one
+/// holds its own copy of the weights and buffers.
+pub const MAX_AUTO_INSTANCES: usize = 4;
 
 impl EngineOptions {
     /// The intra-op threads sessions get.
@@ -54,6 +67,22 @@ impl EngineOptions {
         } else {
             self.intra_threads
         }
+    }
+
+    /// Sessions (and intra-op threads each) for a model taking at most `max_batch` images
+    /// per run on `provider`.
+    fn layout(&self, max_batch: usize, provider: ExecutionProvider) -> (usize, usize) {
+        let single = max_batch <= 1 && provider == ExecutionProvider::Cpu;
+        let instances = match self.instances {
+            _ if !single => 1,
+            0 => cpu_limit().min(MAX_AUTO_INSTANCES),
+            n => n,
+        };
+        let threads = match self.intra_threads {
+            0 => (cpu_limit() / instances).max(1),
+            n => n,
+        };
+        (instances, threads)
     }
 }
 
@@ -125,9 +154,11 @@ struct LoadedModel {
     max_batch: usize,
     /// The provider the session was created with (never `Auto`).
     execution_provider: ExecutionProvider,
-    /// `Session::run` needs `&mut`; runs of the same model are serialised, different
-    /// models run in parallel.
-    session: Mutex<Session>,
+    /// `Session::run` needs `&mut`: a session runs one batch at a time; different models,
+    /// and a model's several sessions ([`EngineOptions::instances`]), run in parallel.
+    sessions: Vec<Mutex<Session>>,
+    /// Intra-op threads of each session.
+    intra_threads: usize,
 }
 
 /// An image turned into one model's input: what [`Engine::run_prepared`] runs. Making it
@@ -225,25 +256,51 @@ impl Engine {
             let started = Instant::now();
             let (session, chosen) = create_session(&environment, spec, opts, intra_threads)?;
             let max_batch = check_signature(&session, spec)?;
+            let execution_provider = chosen.provider;
+            let (instances, threads) = opts.layout(max_batch, execution_provider);
+            // The batch is known once a session is made: a single-image model's sessions
+            // are made again with their share of the intra-op threads.
+            let sessions = if (instances, threads) == (1, intra_threads) {
+                vec![Mutex::new(session)]
+            } else {
+                drop(session);
+                (0..instances)
+                    .map(|_| {
+                        build_session(
+                            &environment,
+                            spec,
+                            execution_provider,
+                            threads,
+                            opts.intra_spinning,
+                        )
+                        .map(Mutex::new)
+                        .map_err(|e| InferenceError::ModelLoad {
+                            model: spec.name.clone(),
+                            message: format!("{}: {}", spec.model_path.display(), one_line(&e)),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            };
             // One line per model that says where it really runs, and why when that is not
             // what was asked for (operators look for it on GPU nodes).
             tracing::info!(
                 model = %spec.name,
                 execution_provider = %chosen,
                 file = %spec.model_path.display(),
-                intra_threads,
+                intra_threads = threads,
+                instances,
                 max_batch,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "model loaded"
             );
-            let execution_provider = chosen.provider;
             loaded.insert(
                 spec.name.clone(),
                 LoadedModel {
                     spec: spec.clone(),
                     max_batch,
                     execution_provider,
-                    session: Mutex::new(session),
+                    sessions,
+                    intra_threads: threads,
                 },
             );
         }
@@ -294,6 +351,17 @@ impl Engine {
     /// Most images one run of the model takes (1 when its batch dimension is fixed).
     pub fn max_batch(&self, model: &str) -> Option<usize> {
         self.models.get(model).map(|m| m.max_batch)
+    }
+
+    /// How many runs of the model can go at once (its sessions; see
+    /// [`EngineOptions::instances`]).
+    pub fn instances(&self, model: &str) -> Option<usize> {
+        self.models.get(model).map(|m| m.sessions.len())
+    }
+
+    /// The intra-op threads of each of the model's sessions.
+    pub fn intra_threads(&self, model: &str) -> Option<usize> {
+        self.models.get(model).map(|m| m.intra_threads)
     }
 
     /// The execution provider the model's session runs on.
@@ -441,12 +509,26 @@ fn run_chunk<I: Borrow<PreparedInput>>(
         TensorRef::from_array_view((shape, data)).map_err(|e| format!("input tensor: {e}"))?;
     let assembled = Instant::now();
 
-    // A panic cannot happen while the lock is held (everything below returns
-    // errors), but if one did the session is still usable: ignore poisoning.
-    let mut session = loaded
-        .session
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
+    // A free session if there is one, else wait for the first. A panic cannot happen while
+    // a lock is held (everything below returns errors), but if one did the session is
+    // still usable: ignore poisoning.
+    let free = loaded
+        .sessions
+        .iter()
+        .find_map(|session| match session.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        });
+    let mut session = match free {
+        Some(session) => session,
+        None => loaded
+            .sessions
+            .first()
+            .ok_or("the model has no session")?
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    };
     let locked = Instant::now();
     let outputs = session
         .run(ort::inputs![tensor])
@@ -930,5 +1012,31 @@ mod tests {
             ..EngineOptions::default()
         };
         assert_eq!(opts.effective_intra_threads(), 3);
+    }
+
+    #[test]
+    fn a_single_image_cpu_model_gets_sessions_side_by_side_sharing_the_threads() {
+        let cpus = cpu_limit();
+        let cpu = ExecutionProvider::Cpu;
+        let auto = EngineOptions::default();
+        let instances = cpus.min(MAX_AUTO_INSTANCES);
+        assert_eq!(auto.layout(1, cpu), (instances, (cpus / instances).max(1)));
+        // Batched, or on a GPU: one session with every thread.
+        assert_eq!(auto.layout(8, cpu), (1, cpus));
+        let gpu = ExecutionProvider::Cuda { device_id: 0 };
+        assert_eq!(auto.layout(1, gpu), (1, cpus));
+        // Asked for: as many as asked, the threads shared unless set too.
+        let three = EngineOptions {
+            instances: 3,
+            ..EngineOptions::default()
+        };
+        assert_eq!(three.layout(1, cpu), (3, (cpus / 3).max(1)));
+        assert_eq!(three.layout(8, cpu), (1, cpus));
+        let set = EngineOptions {
+            instances: 3,
+            intra_threads: 2,
+            ..EngineOptions::default()
+        };
+        assert_eq!(set.layout(1, cpu), (3, 2));
     }
 }

@@ -1,5 +1,6 @@
 //! Image bytes in, results out: decoding and preprocessing overlap inference, each model
-//! runs on its own thread (different models run at the same time), and a model whose
+//! runs on its own thread (different models run at the same time; a single-image model
+//! with several sessions on as many threads, images side by side), and a model whose
 //! batch dimension is dynamic gets every image that is ready in one run.
 //!
 //! ```text
@@ -135,11 +136,21 @@ impl Pipeline {
             };
             let (tx, rx) = sync_channel::<Job<K>>(depth);
             queues.push((model.clone(), tx));
-            let engine = engine.clone();
-            let model = model.clone();
-            threads.push(spawn(format!("infer-{model}"), move || {
-                model_loop(&engine, &model, batch, &rx);
-            })?);
+            // One thread per session of the model, taking images from the same queue.
+            let rx = Arc::new(Mutex::new(rx));
+            let instances = engine.instances(model).unwrap_or(1);
+            for i in 0..instances {
+                let engine = engine.clone();
+                let model = model.clone();
+                let rx = rx.clone();
+                let name = match instances {
+                    1 => format!("infer-{model}"),
+                    _ => format!("infer-{model}-{i}"),
+                };
+                threads.push(spawn(name, move || {
+                    model_loop(&engine, &model, batch, &rx);
+                })?);
+            }
         }
         let queues = Arc::new(queues);
         for i in 0..decoders {
@@ -410,20 +421,31 @@ fn decode_loop<K>(
     }
 }
 
-fn model_loop<K>(engine: &Engine, model: &str, max_batch: usize, queue: &Receiver<Job<K>>) {
-    while let Ok(first) = queue.recv() {
-        // Whatever else is ready goes in the same run, up to the model's batch.
-        let mut images = vec![first.image];
-        let mut inputs = vec![first.input];
-        while inputs.len() < max_batch {
-            match queue.try_recv() {
-                Ok(job) => {
-                    images.push(job.image);
-                    inputs.push(job.input);
+fn model_loop<K>(engine: &Engine, model: &str, max_batch: usize, queue: &Mutex<Receiver<Job<K>>>) {
+    loop {
+        // The queue is held while waiting and taking a batch, not while running it: the
+        // model's other threads take the next images meanwhile.
+        let taken = {
+            let queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+            queue.recv().ok().map(|first| {
+                // Whatever else is ready goes in the same run, up to the model's batch.
+                let mut images = vec![first.image];
+                let mut inputs = vec![first.input];
+                while inputs.len() < max_batch {
+                    match queue.try_recv() {
+                        Ok(job) => {
+                            images.push(job.image);
+                            inputs.push(job.input);
+                        }
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    }
                 }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
-        }
+                (images, inputs)
+            })
+        };
+        let Some((images, inputs)) = taken else {
+            return;
+        };
         // One span per run, in the trace of the batch's first image.
         let run =
             tracing::info_span!(parent: &images[0].span, "model", model, batch = inputs.len())
