@@ -264,22 +264,33 @@ impl Engine {
                 vec![Mutex::new(session)]
             } else {
                 drop(session);
-                (0..instances)
-                    .map(|_| {
-                        build_session(
-                            &environment,
-                            spec,
-                            execution_provider,
-                            threads,
-                            opts.intra_spinning,
-                        )
-                        .map(Mutex::new)
-                        .map_err(|e| InferenceError::ModelLoad {
-                            model: spec.name.clone(),
-                            message: format!("{}: {}", spec.model_path.display(), one_line(&e)),
-                        })
+                let build = || {
+                    build_session(
+                        &environment,
+                        spec,
+                        execution_provider,
+                        threads,
+                        opts.intra_spinning,
+                    )
+                    .map(Mutex::new)
+                    .map_err(|e| InferenceError::ModelLoad {
+                        model: spec.name.clone(),
+                        message: format!("{}: {}", spec.model_path.display(), one_line(&e)),
                     })
-                    .collect::<Result<_, _>>()?
+                };
+                // Made side by side: making a session (its graph optimisation) is one
+                // thread's work.
+                std::thread::scope(|scope| {
+                    let making: Vec<_> = (0..instances).map(|_| scope.spawn(build)).collect();
+                    making
+                        .into_iter()
+                        .map(|made| {
+                            made.join().unwrap_or_else(|_| {
+                                Err(InferenceError::Internal("making a session panicked".into()))
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })?
             };
             // One line per model that says where it really runs, and why when that is not
             // what was asked for (operators look for it on GPU nodes).
