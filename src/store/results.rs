@@ -52,18 +52,22 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(format!("serialising results: {e}")))?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        record_group(&tx, group).await?;
         // The group's row first: writes of the group's events take their numbers in turn.
+        // It is there after the group's first write or plan: made here only when it is not.
+        const LEDGER: &str = "SELECT endpoints, stopped_endpoints, last_sequence FROM groups
+                              WHERE uid = $1 FOR UPDATE";
         let ledger = match planner {
-            Some(_) => Some(
-                tx.query_one_cached(
-                    "SELECT endpoints, stopped_endpoints, last_sequence FROM groups
-                     WHERE uid = $1 FOR UPDATE",
-                    &[&group.uid],
-                )
-                .await?,
-            ),
-            None => None,
+            Some(_) => match tx.query_opt_cached(LEDGER, &[&group.uid]).await? {
+                Some(row) => Some(row),
+                None => {
+                    record_group(&tx, group).await?;
+                    Some(tx.query_one_cached(LEDGER, &[&group.uid]).await?)
+                }
+            },
+            None => {
+                record_group(&tx, group).await?;
+                None
+            }
         };
         let rows = tx
             .query_cached(
@@ -101,7 +105,7 @@ impl Store {
             }
         }
         super::admissions::lower_open(&tx, &group.namespace, &group.name, first).await?;
-        let mut planned = 0;
+        let (mut planned, mut numbered) = (0, None);
         if let (Some(planner), Some(row)) = (planner, ledger) {
             let stored = rows
                 .iter()
@@ -114,30 +118,40 @@ impl Store {
             };
             let last: i64 = row.try_get("last_sequence")?;
             let drafts = planner.image_events(&stored, &ledger);
-            planned = record_drafts(&tx, group, planner, &stored, &drafts, last).await?;
+            (planned, numbered) =
+                record_drafts(&tx, group, planner, &stored, &drafts, last).await?;
         }
         let mut key = format!("{}/{}", group.namespace, group.name);
-        // A write that stored new images may have stored the group's last: the group's
-        // count, kept under its row lock (taken here if not above), says so in O(1) and to
+        // One update of the group's row for its last event number and its count of stored
+        // images. A write that stored new images may have stored the group's last: the
+        // count, kept under the row lock (taken here if not above), says so in O(1) and to
         // exactly one of two writes that commit together.
-        if first > 0 {
+        if first > 0 || numbered.is_some() {
             let stored: i64 = tx
                 .query_one_cached(
-                    "UPDATE groups SET results_stored = results_stored + $2 WHERE uid = $1
-                     RETURNING results_stored",
-                    &[&group.uid, &first],
+                    "UPDATE groups SET results_stored = results_stored + $2,
+                                       last_sequence = GREATEST(last_sequence, $3::bigint)
+                     WHERE uid = $1 RETURNING results_stored",
+                    &[&group.uid, &first, &numbered],
                 )
                 .await?
                 .try_get(0)?;
-            if planner.is_some_and(|p| usize::try_from(stored).is_ok_and(|n| n >= p.images_total()))
+            if first > 0
+                && planner
+                    .is_some_and(|p| usize::try_from(stored).is_ok_and(|n| n >= p.images_total()))
             {
                 key.push_str(ALL_STORED);
             }
         }
-        tx.execute_cached("SELECT pg_notify($1, $2)", &[&RESULTS_CHANNEL, &key])
-            .await?;
+        // The dispatchers are told in the same statement when there is something to send.
         if planned > 0 {
-            tx.execute_cached("SELECT pg_notify($1, '')", &[&DISPATCH_CHANNEL])
+            tx.execute_cached(
+                "SELECT pg_notify($1, $2), pg_notify($3, '')",
+                &[&RESULTS_CHANNEL, &key, &DISPATCH_CHANNEL],
+            )
+            .await?;
+        } else {
+            tx.execute_cached("SELECT pg_notify($1, $2)", &[&RESULTS_CHANNEL, &key])
                 .await?;
         }
         tx.commit().await?;
@@ -338,6 +352,8 @@ impl Store {
 
 /// Records the deliveries of `drafts` not recorded yet. An event takes the number it
 /// already has at any endpoint, or the next after `last` (with its body, fixed now).
+/// Returns the deliveries recorded and the group's new last event number, if any was
+/// taken (the caller writes it to the group's row).
 async fn record_drafts(
     tx: &deadpool_postgres::Transaction<'_>,
     group: &GroupRef,
@@ -345,13 +361,13 @@ async fn record_drafts(
     stored: &[ImageResult],
     drafts: &[DraftEvent],
     last: i64,
-) -> Result<usize, StoreError> {
+) -> Result<(usize, Option<i64>), StoreError> {
     let ids: Vec<&str> = drafts
         .iter()
         .flat_map(|d| d.deliveries.iter().map(|(_, id)| id.as_str()))
         .collect();
     if ids.is_empty() {
-        return Ok(0);
+        return Ok((0, None));
     }
     // Looked up by key: a batch's events, not the group's.
     let known: HashMap<String, i64> = tx
@@ -404,15 +420,8 @@ async fn record_drafts(
     }
     insert_deliveries(tx, group, &deliveries).await?;
     insert_bodies(tx, group, &bodies).await?;
-    if next > start {
-        let next = i64::try_from(next).unwrap_or(i64::MAX);
-        tx.execute_cached(
-            "UPDATE groups SET last_sequence = $2 WHERE uid = $1",
-            &[&group.uid, &next],
-        )
-        .await?;
-    }
-    Ok(deliveries.len())
+    let numbered = (next > start).then(|| i64::try_from(next).unwrap_or(i64::MAX));
+    Ok((deliveries.len(), numbered))
 }
 
 fn from_row(group: &str, row: &Row) -> Result<ImageResult, StoreError> {
