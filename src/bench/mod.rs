@@ -78,7 +78,6 @@ pub struct BenchReport {
     pub images_per_second: f64,
     pub failed: usize,
     pub models: Vec<String>,
-    pub intra_threads: usize,
     /// Per model: its sessions side by side and the intra-op threads of each.
     pub sessions: std::collections::BTreeMap<String, Sessions>,
     /// Pipeline only: mean milliseconds per image of each stage (thread time, overlapped).
@@ -129,7 +128,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         }
     };
     let report = BenchReport {
-        intra_threads: options.effective_intra_threads(),
         sessions: models
             .iter()
             .filter_map(|model| {
@@ -257,14 +255,14 @@ fn inference(
     }
     // One thread per session of each model (see `EngineOptions::instances`), as in the
     // pipeline; a model's threads take the next batch from a shared count.
+    let counters: Vec<AtomicUsize> = models.iter().map(|_| AtomicUsize::new(0)).collect();
     let run_all = |count: usize| -> usize {
         std::thread::scope(|scope| {
             let mut threads = Vec::new();
-            for (model, inputs) in models.iter().zip(&prepared) {
+            for ((model, inputs), next) in models.iter().zip(&prepared).zip(&counters) {
                 let batch = engine.max_batch(model).unwrap_or(1).max(1);
-                let next = Arc::new(AtomicUsize::new(0));
+                next.store(0, Ordering::Relaxed);
                 for _ in 0..engine.instances(model).unwrap_or(1) {
-                    let next = next.clone();
                     threads.push(scope.spawn(move || {
                         let mut failed = 0;
                         loop {
@@ -320,7 +318,6 @@ fn report(
         },
         failed,
         models: models.to_vec(),
-        intra_threads: 0,
         sessions: Default::default(),
         stages_ms: None,
     }

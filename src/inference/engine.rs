@@ -258,40 +258,39 @@ impl Engine {
             let max_batch = check_signature(&session, spec)?;
             let execution_provider = chosen.provider;
             let (instances, threads) = opts.layout(max_batch, execution_provider);
-            // The batch is known once a session is made: a single-image model's sessions
-            // are made again with their share of the intra-op threads.
-            let sessions = if (instances, threads) == (1, intra_threads) {
-                vec![Mutex::new(session)]
-            } else {
-                drop(session);
-                let build = || {
-                    build_session(
-                        &environment,
-                        spec,
-                        execution_provider,
-                        threads,
-                        opts.intra_spinning,
-                    )
-                    .map(Mutex::new)
-                    .map_err(|e| InferenceError::ModelLoad {
-                        model: spec.name.clone(),
-                        message: format!("{}: {}", spec.model_path.display(), one_line(&e)),
-                    })
-                };
-                // Made side by side: making a session (its graph optimisation) is one
-                // thread's work.
-                std::thread::scope(|scope| {
-                    let making: Vec<_> = (0..instances).map(|_| scope.spawn(build)).collect();
-                    making
-                        .into_iter()
-                        .map(|made| {
-                            made.join().unwrap_or_else(|_| {
-                                Err(InferenceError::Internal("making a session panicked".into()))
-                            })
-                        })
-                        .collect::<Result<Vec<_>, _>>()
-                })?
+            // The batch is known once a session is made. That first session is kept when it
+            // has the layout's threads; the others (all of them when it has not) are made
+            // side by side: making a session (its graph optimisation) is one thread's work.
+            let kept = (threads == intra_threads).then_some(session);
+            let build = || {
+                build_session(
+                    &environment,
+                    spec,
+                    execution_provider,
+                    threads,
+                    opts.intra_spinning,
+                )
+                .map(Mutex::new)
+                .map_err(|e| InferenceError::ModelLoad {
+                    model: spec.name.clone(),
+                    message: format!("{}: {}", spec.model_path.display(), one_line(&e)),
+                })
             };
+            let more = instances - usize::from(kept.is_some());
+            let mut sessions = std::thread::scope(|scope| {
+                let making: Vec<_> = (0..more).map(|_| scope.spawn(build)).collect();
+                making
+                    .into_iter()
+                    .map(|made| {
+                        made.join().unwrap_or_else(|_| {
+                            Err(InferenceError::Internal("making a session panicked".into()))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })?;
+            if let Some(session) = kept {
+                sessions.insert(0, Mutex::new(session));
+            }
             // One line per model that says where it really runs, and why when that is not
             // what was asked for (operators look for it on GPU nodes).
             tracing::info!(

@@ -118,18 +118,16 @@ pub(super) async fn lower_open(
     }
     let finished = i32::try_from(finished).unwrap_or(i32::MAX);
     let open = tx
-        .query_cached(
+        .query_opt_cached(
             "UPDATE admissions SET images_open = images_open - $3 WHERE namespace = $1 AND name = $2
              RETURNING images_open",
             &[&namespace, &name, &finished],
         )
         .await?;
     // Most writes leave images open: the row goes only with the last of them.
-    let mut drained = false;
-    for row in &open {
-        drained |= row.try_get::<_, i32>(0)? <= 0;
-    }
-    if drained {
+    if let Some(row) = open
+        && row.try_get::<_, i32>(0)? <= 0
+    {
         tx.execute_cached(
             "DELETE FROM admissions WHERE namespace = $1 AND name = $2 AND images_open <= 0",
             &[&namespace, &name],
