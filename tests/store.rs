@@ -666,6 +666,129 @@ async fn dispatchers_claim_each_due_delivery_once_and_a_dead_ones_claims_come_ba
     );
 }
 
+fn attempt_of(claim: &Claimed, outcome: &str) -> Attempt {
+    Attempt {
+        delivery_id: claim.delivery.id.clone(),
+        attempted_at: jiff::Timestamp::now(),
+        status_code: Some(if outcome == "delivered" { 204 } else { 500 }),
+        duration_ms: 3.0,
+        outcome: outcome.into(),
+        error: None,
+        response: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_is_reported_drained_once_its_last_open_delivery_settles() {
+    let (_postgres, store, _dir) = database().await;
+    let (g, other) = (group("drained"), group("busy"));
+    let mut due: Vec<Delivery> = (0..3).map(|i| pending(&g, i, "request")).collect();
+    due.push(pending(&g, 3, "subscription/a"));
+    store.record_deliveries(&g, &due, &[]).await.expect("saved");
+    store
+        .record_deliveries(&other, &[pending(&other, 0, "request")], &[])
+        .await
+        .expect("saved");
+    let claimed = store
+        .claim_due("d", 10, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 5);
+    let find = |uid: &str, endpoint: &str| -> Vec<&Claimed> {
+        claimed
+            .iter()
+            .filter(|c| c.group.uid == uid && c.delivery.endpoint == endpoint)
+            .collect()
+    };
+    let requests = find(&g.uid, "request");
+    let write = |claims: &[&Claimed], state: DeliveryState, owner: &str| {
+        let outcomes = Outcomes {
+            settled: claims.iter().map(|c| settled(c, state)).collect(),
+            attempts: claims
+                .iter()
+                .map(|c| {
+                    attempt_of(
+                        c,
+                        if state.is_open() {
+                            "failed"
+                        } else {
+                            "delivered"
+                        },
+                    )
+                })
+                .collect(),
+            ..Outcomes::default()
+        };
+        let (store, owner) = (store.clone(), owner.to_owned());
+        async move {
+            store
+                .record_outcomes(&owner, &outcomes)
+                .await
+                .expect("written")
+        }
+    };
+
+    // Two of the endpoint's three delivered, one still out: nothing drained.
+    assert!(
+        write(&requests[..2], DeliveryState::Delivered, "d")
+            .await
+            .is_empty()
+    );
+    // The third written by a dispatcher that no longer holds it: not settled, not drained.
+    assert!(
+        write(&requests[2..], DeliveryState::Delivered, "gone")
+            .await
+            .is_empty()
+    );
+    // The third due again (a retry): the endpoint still has it to send.
+    let retry = Settled {
+        next_attempt_at: Some(jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)),
+        delivered_at: None,
+        ..settled(requests[2], DeliveryState::Pending)
+    };
+    let drained = store
+        .record_outcomes(
+            "d",
+            &Outcomes {
+                settled: vec![retry],
+                attempts: vec![attempt_of(requests[2], "failed")],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("written");
+    assert!(drained.is_empty(), "{drained:?}");
+    // The other group's endpoint and this group's subscription drain in one write: both
+    // groups are named, this one for its subscription (its `request` still has one out).
+    let mut last: Vec<&Claimed> = find(&other.uid, "request");
+    last.extend(find(&g.uid, "subscription/a"));
+    let drained = write(&last, DeliveryState::Failed, "d").await;
+    assert_eq!(
+        drained,
+        vec![
+            "tenant-a/grp-busy".to_owned(),
+            "tenant-a/grp-drained".to_owned()
+        ]
+    );
+
+    // Every attempt is kept, the one of the write that was refused too: it was made.
+    let (first, attempts) = store
+        .delivery_with_attempts(&g.uid, &requests[0].delivery.id)
+        .await
+        .expect("read")
+        .expect("there");
+    assert_eq!(first.state, DeliveryState::Delivered);
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status_code, Some(204));
+    let (third, attempts) = store
+        .delivery_with_attempts(&g.uid, &requests[2].delivery.id)
+        .await
+        .expect("read")
+        .expect("there");
+    assert_eq!(third.state, DeliveryState::Pending);
+    assert_eq!(attempts.len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_410_fails_the_endpoints_open_deliveries_of_the_group_and_is_remembered() {
     let (_postgres, store, _dir) = database().await;

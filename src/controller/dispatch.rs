@@ -44,6 +44,10 @@ const WAITING_PER_SLOT: usize = 4;
 const BACKSTOP: Duration = Duration::from_secs(5);
 /// Outcomes written per transaction at most.
 const RECORD_BATCH: usize = 1_000;
+/// How long the recorder waits, once an outcome is in, for the other sends still out (those
+/// claimed with it mostly end within a few milliseconds), so that one write records them
+/// all instead of one write each.
+const RECORD_LINGER: Duration = Duration::from_millis(10);
 /// How often at most the leader is told of groups whose deliveries failed or whose
 /// endpoints have nothing left to send, and of groups that only made progress.
 const TELL_EVERY: Duration = Duration::from_millis(250);
@@ -96,11 +100,20 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool, shutdown: Shutdow
     // Every task of the dispatcher is owned here: when it stops (the process is stopped,
     // or the task running it aborted) nothing it started goes on sending.
     let mut sends = tokio::task::JoinSet::new();
-    let mut recorder = AbortOnDrop(tokio::spawn(record(ctx.clone(), owner.clone(), finished)));
+    let capacity = Arc::new(Semaphore::new(ctx.config.dispatch_in_flight.max(1)));
+    let sending = {
+        let (capacity, all) = (capacity.clone(), ctx.config.dispatch_in_flight.max(1));
+        move || capacity.available_permits() < all
+    };
+    let mut recorder = AbortOnDrop(tokio::spawn(record(
+        ctx.clone(),
+        owner.clone(),
+        finished,
+        sending,
+    )));
     let _renewer = AbortOnDrop(tokio::spawn(renew(ctx.clone(), owner.clone())));
     let wake = crate::store::listen(ctx.store.url().to_owned(), &[DISPATCH_CHANNEL]);
     futures::pin_mut!(wake);
-    let capacity = Arc::new(Semaphore::new(ctx.config.dispatch_in_flight.max(1)));
     let mut swept = Instant::now();
     tracing::info!(%owner, "webhook dispatcher started");
     while !shutdown.is_requested() {
@@ -242,10 +255,12 @@ impl Dispatcher {
     async fn send(
         self: Arc<Self>,
         claim: Claimed,
-        _capacity: OwnedSemaphorePermit,
+        capacity: OwnedSemaphorePermit,
         done: mpsc::UnboundedSender<Finished>,
     ) {
         let finished = self.attempt(claim).await;
+        // Before the outcome goes: the recorder waits for more only while sends are out.
+        drop(capacity);
         // The recorder stops only after every sender is gone.
         let _ = done.send(finished);
     }
@@ -533,7 +548,8 @@ impl Dispatcher {
 }
 
 /// Writes finished claims back in batches (whatever finished while the last batch was
-/// being written), retrying while the database is away: an outcome is never dropped
+/// being written, and what ends within [`RECORD_LINGER`] of the first while `sending`
+/// says sends are still out), retrying while the database is away: an outcome is never dropped
 /// for that (a dispatcher that dies with some unwritten has its claims run out, and those
 /// deliveries go again under the same `webhook-id`).
 ///
@@ -541,7 +557,12 @@ impl Dispatcher {
 /// their deliveries failed for good or an endpoint has nothing left to send (its group
 /// event may be due), and every [`PROGRESS_EVERY`] for progress alone, so a group's
 /// reconcile runs per round of progress, not per event.
-async fn record(ctx: Arc<Context>, owner: String, mut finished: mpsc::UnboundedReceiver<Finished>) {
+async fn record(
+    ctx: Arc<Context>,
+    owner: String,
+    mut finished: mpsc::UnboundedReceiver<Finished>,
+    sending: impl Fn() -> bool,
+) {
     let mut buffer = Vec::new();
     let (mut urgent, mut progress) = (BTreeSet::new(), BTreeSet::new());
     let (mut told, mut told_progress) = (Instant::now(), Instant::now());
@@ -568,6 +589,16 @@ async fn record(ctx: Arc<Context>, owner: String, mut finished: mpsc::UnboundedR
             return;
         }
         if !buffer.is_empty() {
+            let until = Instant::now() + RECORD_LINGER;
+            while buffer.len() < RECORD_BATCH && sending() {
+                let room = RECORD_BATCH - buffer.len();
+                let more = finished.recv_many(&mut buffer, room);
+                match tokio::time::timeout_at(until, more).await {
+                    Ok(n) if n > 0 => {}
+                    // Closed (the next turn sees it) or waited long enough.
+                    _ => break,
+                }
+            }
             let mut outcomes = Outcomes::default();
             for f in buffer.drain(..) {
                 let key = || format!("{}/{}", f.settled.group.namespace, f.settled.group.name);

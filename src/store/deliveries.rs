@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use tokio_postgres::Row;
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{Json, ToSql};
 
 use super::Prepared;
 use super::notify::DISPATCH_CHANNEL;
@@ -586,6 +586,60 @@ pub(super) async fn insert_bodies(
 }
 
 /// Attempts of deliveries removed meanwhile have nothing to belong to and are dropped.
+/// The INSERT of attempts, its columns `$1`..`$7` as [`AttemptColumns::params`] gives them.
+/// A macro, so that `record_outcomes` puts the same text in its one statement (`concat!`).
+macro_rules! insert_attempts_sql {
+    () => {
+        "INSERT INTO delivery_attempts
+             (delivery_id, attempted_at, status_code, duration_ms, outcome, error, response)
+         SELECT r.* FROM unnest($1::text[], $2::timestamptz[], $3::integer[],
+                                $4::float8[], $5::text[], $6::text[], $7::text[])
+             AS r(delivery_id, attempted_at, status_code, duration_ms, outcome, error, response)
+         WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.id = r.delivery_id)"
+    };
+}
+pub(super) use insert_attempts_sql;
+
+/// Attempts as parallel arrays: each delivery is looked up by its key.
+pub(super) struct AttemptColumns<'a> {
+    ids: Vec<&'a str>,
+    at: Vec<jiff::Timestamp>,
+    codes: Vec<Option<i32>>,
+    took: Vec<f64>,
+    outcomes: Vec<&'a str>,
+    errors: Vec<Option<&'a str>>,
+    responses: Vec<Option<&'a str>>,
+}
+
+impl<'a> AttemptColumns<'a> {
+    pub(super) fn new(attempts: &'a [Attempt]) -> Self {
+        AttemptColumns {
+            ids: attempts.iter().map(|a| a.delivery_id.as_str()).collect(),
+            at: attempts.iter().map(|a| a.attempted_at).collect(),
+            codes: attempts
+                .iter()
+                .map(|a| a.status_code.map(i32::from))
+                .collect(),
+            took: attempts.iter().map(|a| a.duration_ms).collect(),
+            outcomes: attempts.iter().map(|a| a.outcome.as_str()).collect(),
+            errors: attempts.iter().map(|a| a.error.as_deref()).collect(),
+            responses: attempts.iter().map(|a| a.response.as_deref()).collect(),
+        }
+    }
+
+    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.ids,
+            &self.at,
+            &self.codes,
+            &self.took,
+            &self.outcomes,
+            &self.errors,
+            &self.responses,
+        ]
+    }
+}
+
 pub(super) async fn insert_attempts(
     tx: &deadpool_postgres::Transaction<'_>,
     attempts: &[Attempt],
@@ -593,27 +647,9 @@ pub(super) async fn insert_attempts(
     if attempts.is_empty() {
         return Ok(());
     }
-    // Parallel arrays: each delivery is looked up by its key.
-    let ids: Vec<&str> = attempts.iter().map(|a| a.delivery_id.as_str()).collect();
-    let at: Vec<jiff::Timestamp> = attempts.iter().map(|a| a.attempted_at).collect();
-    let codes: Vec<Option<i32>> = attempts
-        .iter()
-        .map(|a| a.status_code.map(i32::from))
-        .collect();
-    let took: Vec<f64> = attempts.iter().map(|a| a.duration_ms).collect();
-    let outcomes: Vec<&str> = attempts.iter().map(|a| a.outcome.as_str()).collect();
-    let errors: Vec<Option<&str>> = attempts.iter().map(|a| a.error.as_deref()).collect();
-    let responses: Vec<Option<&str>> = attempts.iter().map(|a| a.response.as_deref()).collect();
-    tx.execute_cached(
-        "INSERT INTO delivery_attempts
-             (delivery_id, attempted_at, status_code, duration_ms, outcome, error, response)
-         SELECT r.* FROM unnest($1::text[], $2::timestamptz[], $3::integer[],
-                                $4::float8[], $5::text[], $6::text[], $7::text[])
-             AS r(delivery_id, attempted_at, status_code, duration_ms, outcome, error, response)
-         WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.id = r.delivery_id)",
-        &[&ids, &at, &codes, &took, &outcomes, &errors, &responses],
-    )
-    .await?;
+    let columns = AttemptColumns::new(attempts);
+    tx.execute_cached(insert_attempts_sql!(), &columns.params())
+        .await?;
     Ok(())
 }
 

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{Json, ToSql};
 
 use super::Prepared;
-use super::deliveries::{from_row, insert_attempts};
+use super::deliveries::{AttemptColumns, from_row, insert_attempts_sql};
 use super::notify::GROUPS_CHANNEL;
 use super::{Store, StoreError};
 use crate::delivery::{Attempt, Delivery, DeliveryState};
@@ -132,6 +132,9 @@ impl Store {
     /// still holds it: a replay or an expired lease took it back), its attempt, the 410
     /// stops. Returns the groups (`namespace/name`) where an endpoint that had a delivery
     /// settled here has nothing left to send: their group event may be due.
+    ///
+    /// One statement (data-modifying CTEs) where no endpoint stopped, the dispatchers'
+    /// common case; a transaction with the stops after it otherwise.
     pub async fn record_outcomes(
         &self,
         owner: &str,
@@ -154,20 +157,57 @@ impl Store {
         let errors: Vec<Option<&str>> = settled.iter().map(|s| s.last_error.as_deref()).collect();
         let delivered: Vec<Option<jiff::Timestamp>> =
             settled.iter().map(|s| s.delivered_at).collect();
+        let attempt_columns = AttemptColumns::new(&outcomes.attempts);
+        let mut params: Vec<&(dyn ToSql + Sync)> = attempt_columns.params().to_vec();
+        params.extend([
+            &ids as &(dyn ToSql + Sync),
+            &states,
+            &attempts,
+            &next,
+            &errors,
+            &delivered,
+            &owner,
+        ]);
+        // Every part of one statement sees the table as it was before it: the deliveries
+        // settled here still read as `Sending` in the check of what is left, so they are
+        // left out of it by id.
+        const SQL: &str = concat!(
+            "WITH attempted AS (",
+            insert_attempts_sql!(),
+            "), settled AS (
+                 UPDATE deliveries d SET state = r.state, attempts = r.attempts,
+                     next_attempt_at = r.next_attempt_at, last_error = r.last_error,
+                     delivered_at = r.delivered_at, lease_owner = NULL
+                 FROM unnest($8::text[], $9::text[], $10::integer[], $11::timestamptz[],
+                             $12::text[], $13::timestamptz[])
+                     AS r(id, state, attempts, next_attempt_at, last_error, delivered_at)
+                 WHERE d.id = r.id AND d.state = 'Sending' AND d.lease_owner = $14
+                 RETURNING d.id, d.group_uid, d.endpoint, d.state
+             ), closed AS (
+                 SELECT id, group_uid, endpoint FROM settled
+                 WHERE state NOT IN ('Pending', 'Sending')
+             )
+             SELECT DISTINCT g.namespace || '/' || g.name
+             FROM (SELECT DISTINCT group_uid, endpoint FROM closed) p
+             JOIN groups g ON g.uid = p.group_uid
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM deliveries d
+                 WHERE d.group_uid = p.group_uid AND d.endpoint = p.endpoint
+                   AND d.state IN ('Pending', 'Sending')
+                   AND d.id NOT IN (SELECT id FROM closed))"
+        );
+        let names = |rows: Vec<tokio_postgres::Row>| {
+            rows.iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<Vec<String>, _>>()
+        };
+        if outcomes.stops.is_empty() {
+            let rows = self.client().await?.query_cached(SQL, &params).await?;
+            return Ok(names(rows)?);
+        }
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute_cached(
-            "UPDATE deliveries d SET state = r.state, attempts = r.attempts,
-                 next_attempt_at = r.next_attempt_at, last_error = r.last_error,
-                 delivered_at = r.delivered_at, lease_owner = NULL
-             FROM unnest($1::text[], $2::text[], $3::integer[], $4::timestamptz[],
-                         $5::text[], $6::timestamptz[])
-                 AS r(id, state, attempts, next_attempt_at, last_error, delivered_at)
-             WHERE d.id = r.id AND d.state = 'Sending' AND d.lease_owner = $7",
-            &[&ids, &states, &attempts, &next, &errors, &delivered, &owner],
-        )
-        .await?;
-        insert_attempts(&tx, &outcomes.attempts).await?;
+        let mut drained = names(tx.query_cached(SQL, &params).await?)?;
         for stop in &outcomes.stops {
             tx.execute_cached(
                 "UPDATE deliveries SET state = 'Failed', next_attempt_at = NULL,
@@ -182,38 +222,12 @@ impl Store {
                 &[&stop.group.uid, &stop.mark],
             )
             .await?;
+            // A stopped endpoint has nothing left to send.
+            drained.push(format!("{}/{}", stop.group.namespace, stop.group.name));
         }
-        let mut settled: Vec<(&str, &str)> = outcomes
-            .settled
-            .iter()
-            .filter(|s| !s.state.is_open())
-            .map(|s| (s.group.uid.as_str(), s.endpoint.as_str()))
-            .chain(
-                outcomes
-                    .stops
-                    .iter()
-                    .map(|s| (s.group.uid.as_str(), s.endpoint.as_str())),
-            )
-            .collect();
-        settled.sort_unstable();
-        settled.dedup();
-        let (uids, endpoints): (Vec<&str>, Vec<&str>) = settled.into_iter().unzip();
-        let drained = tx
-            .query_cached(
-                "SELECT DISTINCT g.namespace || '/' || g.name
-                 FROM unnest($1::text[], $2::text[]) AS p(group_uid, endpoint)
-                 JOIN groups g ON g.uid = p.group_uid
-                 WHERE NOT EXISTS (
-                     SELECT 1 FROM deliveries d
-                     WHERE d.group_uid = p.group_uid AND d.endpoint = p.endpoint
-                       AND d.state IN ('Pending', 'Sending'))",
-                &[&uids, &endpoints],
-            )
-            .await?
-            .iter()
-            .map(|row| row.try_get(0))
-            .collect::<Result<Vec<String>, _>>()?;
         tx.commit().await?;
+        drained.sort_unstable();
+        drained.dedup();
         Ok(drained)
     }
 
