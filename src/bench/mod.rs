@@ -256,7 +256,9 @@ fn inference(
     // One thread per session of each model (see `EngineOptions::instances`), as in the
     // pipeline; a model's threads take the next batch from a shared count.
     let counters: Vec<AtomicUsize> = models.iter().map(|_| AtomicUsize::new(0)).collect();
-    let run_all = |count: usize| -> usize {
+    // How many model runs failed; a thread that panicked fails the benchmark (its runs
+    // are not counted as failures of the model).
+    let run_all = |count: usize| -> anyhow::Result<usize> {
         std::thread::scope(|scope| {
             let mut threads = Vec::new();
             for ((model, inputs), next) in models.iter().zip(&prepared).zip(&counters) {
@@ -284,12 +286,15 @@ fn inference(
                     }));
                 }
             }
-            threads.into_iter().map(|t| t.join().unwrap_or(count)).sum()
+            let joined: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
+            let panicked = joined.iter().filter(|j| j.is_err()).count();
+            anyhow::ensure!(panicked == 0, "{panicked} inference thread(s) panicked");
+            Ok(joined.into_iter().flatten().sum())
         })
     };
-    run_all(warmup);
+    run_all(warmup)?;
     let started = Instant::now();
-    let failed = run_all(files.len());
+    let failed = run_all(files.len())?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(report(
         "kinsight-inference-only",
