@@ -14,8 +14,8 @@ use kinsight::delivery::{Attempt, Delivery, DeliveryState, DraftEvent, EventLedg
 use kinsight::inference::{ClassScore, ModelOutput};
 use kinsight::results::{GroupRef, ImageResult, ModelResult, Timings};
 use kinsight::store::{
-    ALL_STORED, CARRIERS_CHANNEL, Claimed, Outcomes, Plan, RESULTS_CHANNEL, Settled, Stop, Store,
-    StoreNotice,
+    ALL_STORED, CARRIERS_CHANNEL, Claimed, DISPATCH_CHANNEL, Outcomes, Plan, RESULTS_CHANNEL,
+    Settled, Stop, Store, StoreNotice,
 };
 use kinsight::worker::{WorkItem, WorkOrder};
 
@@ -666,13 +666,15 @@ async fn dispatchers_claim_each_due_delivery_once_and_a_dead_ones_claims_come_ba
     );
 }
 
-fn attempt_of(claim: &Claimed, outcome: &str) -> Attempt {
+/// The attempt that ended a claim in `state`: a 204 for a delivery, a 500 otherwise.
+fn attempt_of(claim: &Claimed, state: DeliveryState) -> Attempt {
+    let delivered = state == DeliveryState::Delivered;
     Attempt {
         delivery_id: claim.delivery.id.clone(),
         attempted_at: jiff::Timestamp::now(),
-        status_code: Some(if outcome == "delivered" { 204 } else { 500 }),
+        status_code: Some(if delivered { 204 } else { 500 }),
         duration_ms: 3.0,
-        outcome: outcome.into(),
+        outcome: if delivered { "delivered" } else { "failed" }.into(),
         error: None,
         response: None,
     }
@@ -704,19 +706,7 @@ async fn an_endpoint_is_reported_drained_once_its_last_open_delivery_settles() {
     let write = |claims: &[&Claimed], state: DeliveryState, owner: &str| {
         let outcomes = Outcomes {
             settled: claims.iter().map(|c| settled(c, state)).collect(),
-            attempts: claims
-                .iter()
-                .map(|c| {
-                    attempt_of(
-                        c,
-                        if state.is_open() {
-                            "failed"
-                        } else {
-                            "delivered"
-                        },
-                    )
-                })
-                .collect(),
+            attempts: claims.iter().map(|c| attempt_of(c, state)).collect(),
             ..Outcomes::default()
         };
         let (store, owner) = (store.clone(), owner.to_owned());
@@ -751,7 +741,7 @@ async fn an_endpoint_is_reported_drained_once_its_last_open_delivery_settles() {
             "d",
             &Outcomes {
                 settled: vec![retry],
-                attempts: vec![attempt_of(requests[2], "failed")],
+                attempts: vec![attempt_of(requests[2], DeliveryState::Pending)],
                 ..Outcomes::default()
             },
         )
@@ -1055,9 +1045,14 @@ async fn a_write_of_results_records_its_events_numbered_once_and_a_plan_that_rac
         .await
         .expect("plan saved");
     assert!(saved.endpoints_changed);
+    let mut dispatch = Box::pin(kinsight::store::listen(
+        store.url().to_owned(),
+        &[DISPATCH_CHANNEL],
+    ));
+    assert_eq!(next(&mut dispatch).await, StoreNotice::Connected);
 
     // A batch of two results: two events, each numbered once for both its endpoints,
-    // due at once, with the body fixed now.
+    // due at once, with the body fixed now, and the dispatchers told.
     let batch = [
         classified("a", "m", "espresso"),
         classified("b", "m", "latte"),
@@ -1067,6 +1062,13 @@ async fn a_write_of_results_records_its_events_numbered_once_and_a_plan_that_rac
         .await
         .expect("stored");
     assert_eq!(added, 4);
+    assert_eq!(
+        next(&mut dispatch).await,
+        StoreNotice::Notification {
+            channel: DISPATCH_CHANNEL.into(),
+            payload: String::new()
+        }
+    );
     let stored = store.group_deliveries(&g.uid).await.expect("read");
     let numbers = |image: &str| -> Vec<u64> {
         stored

@@ -100,10 +100,11 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool, shutdown: Shutdow
     // Every task of the dispatcher is owned here: when it stops (the process is stopped,
     // or the task running it aborted) nothing it started goes on sending.
     let mut sends = tokio::task::JoinSet::new();
-    let capacity = Arc::new(Semaphore::new(ctx.config.dispatch_in_flight.max(1)));
+    let in_flight = ctx.config.dispatch_in_flight.max(1);
+    let capacity = Arc::new(Semaphore::new(in_flight));
     let sending = {
-        let (capacity, all) = (capacity.clone(), ctx.config.dispatch_in_flight.max(1));
-        move || capacity.available_permits() < all
+        let capacity = capacity.clone();
+        move || capacity.available_permits() < in_flight
     };
     let mut recorder = AbortOnDrop(tokio::spawn(record(
         ctx.clone(),

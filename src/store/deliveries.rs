@@ -585,8 +585,8 @@ pub(super) async fn insert_bodies(
     Ok(())
 }
 
-/// Attempts of deliveries removed meanwhile have nothing to belong to and are dropped.
 /// The INSERT of attempts, its columns `$1`..`$7` as [`AttemptColumns::params`] gives them.
+/// Attempts of deliveries removed meanwhile have nothing to belong to and are dropped.
 /// A macro, so that `record_outcomes` puts the same text in its one statement (`concat!`).
 macro_rules! insert_attempts_sql {
     () => {
@@ -640,6 +640,7 @@ impl<'a> AttemptColumns<'a> {
     }
 }
 
+/// Records `attempts` inside `tx` (see [`insert_attempts_sql`]).
 pub(super) async fn insert_attempts(
     tx: &deadpool_postgres::Transaction<'_>,
     attempts: &[Attempt],

@@ -57,13 +57,13 @@ impl Store {
         const LEDGER: &str = "SELECT endpoints, stopped_endpoints, last_sequence FROM groups
                               WHERE uid = $1 FOR UPDATE";
         let ledger = match planner {
-            Some(_) => match tx.query_opt_cached(LEDGER, &[&group.uid]).await? {
-                Some(row) => Some(row),
+            Some(_) => Some(match tx.query_opt_cached(LEDGER, &[&group.uid]).await? {
+                Some(row) => row,
                 None => {
                     record_group(&tx, group).await?;
-                    Some(tx.query_one_cached(LEDGER, &[&group.uid]).await?)
+                    tx.query_one_cached(LEDGER, &[&group.uid]).await?
                 }
-            },
+            }),
             None => {
                 record_group(&tx, group).await?;
                 None
@@ -144,16 +144,16 @@ impl Store {
             }
         }
         // The dispatchers are told in the same statement when there is something to send.
-        if planned > 0 {
-            tx.execute_cached(
-                "SELECT pg_notify($1, $2), pg_notify($3, '')",
-                &[&RESULTS_CHANNEL, &key, &DISPATCH_CHANNEL],
-            )
-            .await?;
-        } else {
-            tx.execute_cached("SELECT pg_notify($1, $2)", &[&RESULTS_CHANNEL, &key])
-                .await?;
-        }
+        let (channels, payloads): (Vec<&str>, Vec<&str>) = [(RESULTS_CHANNEL, key.as_str())]
+            .into_iter()
+            .chain((planned > 0).then_some((DISPATCH_CHANNEL, "")))
+            .unzip();
+        tx.execute_cached(
+            "SELECT pg_notify(n.channel, n.payload)
+             FROM unnest($1::text[], $2::text[]) AS n(channel, payload)",
+            &[&channels, &payloads],
+        )
+        .await?;
         tx.commit().await?;
         Ok(planned)
     }
