@@ -195,6 +195,15 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
         Some(_) => "control plane and PostgreSQL started",
         None => "cluster and PostgreSQL reached",
     });
+    // The CRDs go in before the node starts: the API server rebuilds its OpenAPI document
+    // after them (about a CPU second), which then overlaps the node's start, mostly a wait,
+    // rather than the standby worker's model load. Waited for before `dev` says it is ready.
+    install_crds(&client).await?;
+    phases.done("CRDs established");
+    let published = {
+        let client = client.clone();
+        tokio::spawn(async move { await_crds_published(&client).await })
+    };
     // A control plane another `kinsight dev` started runs its pods on that one's node (one
     // kubelet per machine); a cluster of one's own has its kubelets.
     let node = match (&control_plane, image_build) {
@@ -218,12 +227,6 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     let pod_address: Option<IpAddr> = control_plane
         .as_ref()
         .map(|_| crate::testbed::node::HOST_ADDRESS.into());
-    install_crds(&client).await?;
-    // Waited for beside the controller's start and the standby worker's (see the function).
-    let published = {
-        let client = client.clone();
-        tokio::spawn(async move { await_crds_published(&client).await })
-    };
     let api_key = options
         .api_key
         .clone()
@@ -241,7 +244,7 @@ pub async fn start(options: DevOptions) -> Result<DevEnvironment, DevError> {
     )
     .await?;
 
-    phases.done("CRDs and dev tenant");
+    phases.done("dev tenant");
     // Webhook receivers on this machine listen on 127.0.0.1, photos served to the workers
     // on the address pods reach it at.
     let mut egress = crate::net::EgressPolicy::allow_loopback();

@@ -35,6 +35,11 @@ const CONTROLLERS_WITH_REAL_NODE: &str = "job,garbagecollector,ttl-after-finishe
 /// The kubelet's user in the static token file, and the group RBAC's `system:node` role is
 /// bound to (the API server here authorizes with RBAC only, no Node authorizer).
 pub(crate) const NODE_USER: &str = "system:node:127.0.0.1";
+/// The API server here authenticates by token only, so it publishes no
+/// `kube-system/extension-apiserver-authentication` ConfigMap (that needs a client CA): without
+/// this flag the controller manager and the scheduler look it up again and again, each miss an
+/// error in their logs and a watch restarted.
+const SKIP_AUTHENTICATION_LOOKUP: &str = "--authentication-skip-lookup=true";
 const NODES_GROUP: &str = "system:nodes";
 const LOG_TAIL_LINES: usize = 40;
 
@@ -372,6 +377,7 @@ impl ControlPlane {
             kcm.arg(format!("--kubeconfig={kubeconfig}"))
                 .arg(format!("--authentication-kubeconfig={kubeconfig}"))
                 .arg(format!("--authorization-kubeconfig={kubeconfig}"))
+                .arg(SKIP_AUTHENTICATION_LOOKUP)
                 .arg("--leader-elect=false")
                 .arg(format!(
                     "--controllers={}",
@@ -414,6 +420,7 @@ impl ControlPlane {
                 .arg(format!("--kubeconfig={kubeconfig}"))
                 .arg(format!("--authentication-kubeconfig={kubeconfig}"))
                 .arg(format!("--authorization-kubeconfig={kubeconfig}"))
+                .arg(SKIP_AUTHENTICATION_LOOKUP)
                 .arg("--leader-elect=false")
                 .arg("--bind-address=127.0.0.1")
                 // No insecure port (10251 by default in 1.20), as for the controller manager.
