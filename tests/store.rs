@@ -543,7 +543,8 @@ async fn dispatchers_claim_each_due_delivery_once_and_a_dead_ones_claims_come_ba
                 let claimed = store
                     .claim_due(&owner, 50, Duration::from_secs(30))
                     .await
-                    .expect("claim");
+                    .expect("claim")
+                    .claimed;
                 if claimed.is_empty() {
                     return mine;
                 }
@@ -598,15 +599,14 @@ async fn dispatchers_claim_each_due_delivery_once_and_a_dead_ones_claims_come_ba
     let stored = store.group_deliveries(&g.uid).await.expect("read");
     assert_eq!(delivered(&stored), theirs.len());
 
-    // Nothing is due while the others' claims last; a renewed claim lasts on.
-    assert!(
-        store
-            .claim_due("late", 5000, Duration::from_secs(30))
-            .await
-            .expect("claim")
-            .is_empty()
-    );
-    let waiting = store.next_due_in().await.expect("read").expect("open ones");
+    // Nothing is due while the others' claims last, and a claim that took nothing says how
+    // long until one is; a renewed claim lasts on.
+    let late = store
+        .claim_due("late", 5000, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert!(late.claimed.is_empty());
+    let waiting = late.next_due_in.expect("open ones");
     assert!(waiting > Duration::from_secs(20), "{waiting:?}");
 
     // A dispatcher that died: its claims are due once its lease runs out.
@@ -619,17 +619,25 @@ async fn dispatchers_claim_each_due_delivery_once_and_a_dead_ones_claims_come_ba
         .claim_due("dead", 10, Duration::from_millis(300))
         .await
         .expect("claim");
-    assert_eq!(dead.len(), 1);
+    assert_eq!(dead.claimed.len(), 1);
+    // What a claim took is not what its dispatcher waits for next: the others' leases are.
+    let waiting = dead.next_due_in.expect("open ones");
+    assert!(waiting > Duration::from_secs(20), "{waiting:?}");
+    let dead = dead.claimed;
     let renewed = store
         .claim_due("renewing", 10, Duration::from_millis(300))
         .await
         .expect("claim");
-    assert!(renewed.is_empty());
+    assert!(renewed.claimed.is_empty());
+    // The dead dispatcher's claim is due when its lease runs out.
+    let waiting = renewed.next_due_in.expect("open ones");
+    assert!(waiting <= Duration::from_millis(300), "{waiting:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let again = store
         .claim_due("renewing", 10, Duration::from_millis(300))
         .await
-        .expect("claim");
+        .expect("claim")
+        .claimed;
     assert_eq!(again.len(), 1);
     assert_eq!(
         again[0].delivery.id, dead[0].delivery.id,
@@ -645,6 +653,7 @@ async fn dispatchers_claim_each_due_delivery_once_and_a_dead_ones_claims_come_ba
             .claim_due("other", 10, Duration::from_secs(30))
             .await
             .expect("claim")
+            .claimed
             .is_empty(),
         "a renewed claim is still held"
     );
@@ -661,6 +670,7 @@ async fn dispatchers_claim_each_due_delivery_once_and_a_dead_ones_claims_come_ba
             .claim_due("renewing", 10, Duration::from_secs(30))
             .await
             .expect("claim")
+            .claimed
             .len(),
         1
     );
@@ -694,7 +704,8 @@ async fn an_endpoint_is_reported_drained_once_its_last_open_delivery_settles() {
     let claimed = store
         .claim_due("d", 10, Duration::from_secs(30))
         .await
-        .expect("claim");
+        .expect("claim")
+        .claimed;
     assert_eq!(claimed.len(), 5);
     let find = |uid: &str, endpoint: &str| -> Vec<&Claimed> {
         claimed
@@ -792,7 +803,8 @@ async fn a_410_fails_the_endpoints_open_deliveries_of_the_group_and_is_remembere
     let claimed = store
         .claim_due("d", 1, Duration::from_secs(30))
         .await
-        .expect("claim");
+        .expect("claim")
+        .claimed;
     let gone = claimed.first().expect("one claimed");
     let outcomes = Outcomes {
         settled: vec![Settled {
@@ -1086,7 +1098,8 @@ async fn a_write_of_results_records_its_events_numbered_once_and_a_plan_that_rac
     let claimed = store
         .claim_due("dispatcher", 10, Duration::from_secs(30))
         .await
-        .expect("claimed");
+        .expect("claimed")
+        .claimed;
     assert_eq!(claimed.len(), 4, "due as soon as the write returns");
     for claim in &claimed {
         let body = claim.delivery.payload.as_ref().expect("body");

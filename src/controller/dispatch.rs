@@ -23,7 +23,7 @@ use crate::crd::{ImageGroup, SecretKeyRef};
 use crate::delivery::{Attempt, DeliveryState};
 use crate::results::GroupRef;
 use crate::shutdown::Shutdown;
-use crate::store::{Claimed, DISPATCH_CHANNEL, Outcomes, Settled, Stop};
+use crate::store::{Claimed, Claims, DISPATCH_CHANNEL, Outcomes, Settled, Stop};
 use crate::sync::lock;
 use crate::trace::{TraceContext, TraceParent};
 use crate::webhook::{AttemptOutcome, Blocked, RetrySchedule, Transition};
@@ -133,8 +133,11 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool, shutdown: Shutdow
             continue;
         }
         let limit = i64::try_from(free).unwrap_or(1);
-        let claimed = match ctx.store.claim_due(&owner, limit, LEASE).await {
-            Ok(claimed) => claimed,
+        let Claims {
+            claimed,
+            next_due_in,
+        } = match ctx.store.claim_due(&owner, limit, LEASE).await {
+            Ok(claims) => claims,
             Err(e) => {
                 tracing::warn!(error = %e, "claiming due deliveries; trying again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -151,11 +154,7 @@ pub async fn run(ctx: Arc<Context>, owner: String, sole: bool, shutdown: Shutdow
         if full {
             continue;
         }
-        let wait = match ctx.store.next_due_in().await {
-            Ok(Some(due)) => due.min(BACKSTOP),
-            Ok(None) => BACKSTOP,
-            Err(_) => Duration::from_secs(1),
-        };
+        let wait = next_due_in.map_or(BACKSTOP, |due| due.min(BACKSTOP));
         // Due now but not claimed: another replica holds it for the moment.
         let wait = wait.max(Duration::from_millis(10));
         tokio::select! {

@@ -29,6 +29,15 @@ pub struct Claimed {
     pub trace: TraceContext,
 }
 
+/// What one claim took, and how long until the next delivery it left is due.
+#[derive(Clone, Debug, Default)]
+pub struct Claims {
+    pub claimed: Vec<Claimed>,
+    /// Until the next open delivery not claimed here is due (zero when one is due now: held
+    /// by another dispatcher, or past the claim's limit); `None` when nothing else is open.
+    pub next_due_in: Option<Duration>,
+}
+
 /// Where a claimed delivery stands after its dispatcher is done with it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settled {
@@ -71,13 +80,17 @@ impl Outcomes {
 pub const GONE_ERROR: &str = "endpoint answered 410 Gone; deliveries stopped";
 
 impl Store {
-    /// Claims up to `limit` due deliveries for `owner`, oldest due first, for `lease`.
+    /// Claims up to `limit` due deliveries for `owner`, oldest due first, for `lease`, and
+    /// says in the same statement when the next of the others is due (the dispatcher's wait).
     pub async fn claim_due(
         &self,
         owner: &str,
         limit: i64,
         lease: Duration,
-    ) -> Result<Vec<Claimed>, StoreError> {
+    ) -> Result<Claims, StoreError> {
+        // The last part sees the table as it was before the statement: the deliveries
+        // claimed here still read as due now, so they are left out of it by id. Its one row
+        // comes back even when nothing was claimed (claim columns NULL).
         let rows = self
             .client()
             .await?
@@ -88,25 +101,45 @@ impl Store {
                      ORDER BY next_attempt_at
                      LIMIT $1
                      FOR UPDATE SKIP LOCKED
+                 ), claimed AS (
+                     UPDATE deliveries d SET state = 'Sending', lease_owner = $2,
+                         next_attempt_at = now() + $3 * interval '1 second'
+                     FROM due
+                     JOIN groups g ON g.uid = due.group_uid
+                     LEFT JOIN event_bodies b
+                         ON b.group_uid = due.group_uid AND b.sequence = due.sequence
+                     WHERE d.id = due.id
+                     RETURNING d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at,
+                         d.state, d.attempts, d.next_attempt_at, d.last_error, d.delivered_at,
+                         b.payload,
+                         b.traceparent, b.tracestate,
+                         d.group_uid, g.namespace, g.name,
+                         g.deleted_at IS NOT NULL AS group_deleted, g.endpoints_version
+                 ), next AS (
+                     SELECT EXTRACT(EPOCH FROM (min(next_attempt_at) - now()))::float8
+                         AS next_due_s
+                     FROM deliveries
+                     WHERE state IN ('Pending', 'Sending')
+                       AND id NOT IN (SELECT id FROM due)
                  )
-                 UPDATE deliveries d SET state = 'Sending', lease_owner = $2,
-                     next_attempt_at = now() + $3 * interval '1 second'
-                 FROM due
-                 JOIN groups g ON g.uid = due.group_uid
-                 LEFT JOIN event_bodies b
-                     ON b.group_uid = due.group_uid AND b.sequence = due.sequence
-                 WHERE d.id = due.id
-                 RETURNING d.id, d.event, d.image_id, d.endpoint, d.sequence, d.created_at,
-                     d.state, d.attempts, d.next_attempt_at, d.last_error, d.delivered_at,
-                     b.payload,
-                     b.traceparent, b.tracestate,
-                     d.group_uid, g.namespace, g.name,
-                     g.deleted_at IS NOT NULL AS group_deleted, g.endpoints_version",
+                 SELECT claimed.*, next.next_due_s FROM next LEFT JOIN claimed ON true",
                 &[&limit, &owner, &lease.as_secs_f64()],
             )
             .await?;
-        rows.iter()
+        let next_due_s: Option<f64> = match rows.first() {
+            Some(row) => row.try_get("next_due_s")?,
+            None => None,
+        };
+        let claimed = rows
+            .iter()
+            // The one row of a claim that took nothing has no delivery.
+            .filter_map(|row| match row.try_get::<_, Option<&str>>("id") {
+                Ok(Some(_)) => Some(Ok(row)),
+                Ok(None) => None,
+                Err(e) => Some(Err(StoreError::from(e))),
+            })
             .map(|row| {
+                let row = row?;
                 let mut delivery = from_row(row)?;
                 let payload: Option<Json<serde_json::Value>> = row.try_get("payload")?;
                 delivery.payload = payload.map(|Json(p)| p);
@@ -125,7 +158,11 @@ impl Store {
                     },
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Claims {
+            claimed,
+            next_due_in: next_due_s.map(seconds_from_now),
+        })
     }
 
     /// Writes what became of finished claims: each delivery's new state (only while `owner`
@@ -274,21 +311,6 @@ impl Store {
             .await?)
     }
 
-    /// How long until the next delivery is due (zero when one is due now), if any waits.
-    pub async fn next_due_in(&self) -> Result<Option<Duration>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_one_cached(
-                "SELECT EXTRACT(EPOCH FROM (min(next_attempt_at) - now()))::float8
-                 FROM deliveries WHERE state IN ('Pending', 'Sending')",
-                &[],
-            )
-            .await?;
-        let seconds: Option<f64> = row.try_get(0)?;
-        Ok(seconds.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)))
-    }
-
     /// A group's endpoint records as its last reconcile saved them, with their version.
     pub async fn group_endpoints(
         &self,
@@ -308,4 +330,9 @@ impl Store {
         })
         .transpose()
     }
+}
+
+/// A wait in seconds from the database's clock (negative: already due) as a duration.
+fn seconds_from_now(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX)
 }

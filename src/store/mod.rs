@@ -14,7 +14,7 @@ mod work_orders;
 
 pub use admissions::Admission;
 pub use deliveries::{Cursor, DeliveryCount, Plan, Saved};
-pub use dispatch::{Claimed, GONE_ERROR, Outcomes, Settled, Stop};
+pub use dispatch::{Claimed, Claims, GONE_ERROR, Outcomes, Settled, Stop};
 pub use idempotency::{IDEMPOTENCY_KEEP, KeyClaim, StoredResponse};
 pub use notify::{
     ALL_STORED, CARRIERS_CHANNEL, DISPATCH_CHANNEL, GROUPS_CHANNEL, RESULTS_CHANNEL, StoreNotice,
