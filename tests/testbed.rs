@@ -82,16 +82,16 @@ async fn dropping_stops_processes_and_a_state_dir_keeps_data() {
         // for one (it would log a miss every few seconds). Its lookup controllers start
         // before it serves; its log is flushed every 5 s.
         let kcm_log_path = cp.log_dir().join("kube-controller-manager.log");
-        let mut tries = 0;
-        let kcm_log = loop {
-            let text = std::fs::read_to_string(&kcm_log_path).unwrap_or_default();
-            tries += 1;
-            if text.contains("Serving securely") || tries == 150 {
-                break text;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        assert!(kcm_log.contains("Serving securely"), "{kcm_log}");
+        let kcm_log = eventually(
+            "the controller manager's log to say it serves",
+            Duration::from_secs(15),
+            async || {
+                std::fs::read_to_string(&kcm_log_path)
+                    .ok()
+                    .filter(|text| text.contains("Serving securely"))
+            },
+        )
+        .await;
         assert!(
             !kcm_log.contains("extension-apiserver-authentication"),
             "{kcm_log}"

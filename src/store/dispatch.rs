@@ -126,39 +126,32 @@ impl Store {
                 &[&limit, &owner, &lease.as_secs_f64()],
             )
             .await?;
-        let next_due_s: Option<f64> = match rows.first() {
-            Some(row) => row.try_get("next_due_s")?,
-            None => None,
-        };
-        let claimed = rows
-            .iter()
+        let mut claimed = Vec::with_capacity(rows.len());
+        let mut next_due_s: Option<f64> = None;
+        for row in &rows {
+            next_due_s = row.try_get("next_due_s")?;
             // The one row of a claim that took nothing has no delivery.
-            .filter_map(|row| match row.try_get::<_, Option<&str>>("id") {
-                Ok(Some(_)) => Some(Ok(row)),
-                Ok(None) => None,
-                Err(e) => Some(Err(StoreError::from(e))),
-            })
-            .map(|row| {
-                let row = row?;
-                let mut delivery = from_row(row)?;
-                let payload: Option<Json<serde_json::Value>> = row.try_get("payload")?;
-                delivery.payload = payload.map(|Json(p)| p);
-                Ok(Claimed {
-                    delivery,
-                    group: GroupRef {
-                        namespace: row.try_get("namespace")?,
-                        name: row.try_get("name")?,
-                        uid: row.try_get("group_uid")?,
-                    },
-                    group_deleted: row.try_get("group_deleted")?,
-                    endpoints_version: row.try_get("endpoints_version")?,
-                    trace: TraceContext {
-                        traceparent: row.try_get("traceparent")?,
-                        tracestate: row.try_get("tracestate")?,
-                    },
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+            if row.try_get::<_, Option<&str>>("id")?.is_none() {
+                continue;
+            }
+            let mut delivery = from_row(row)?;
+            let payload: Option<Json<serde_json::Value>> = row.try_get("payload")?;
+            delivery.payload = payload.map(|Json(p)| p);
+            claimed.push(Claimed {
+                delivery,
+                group: GroupRef {
+                    namespace: row.try_get("namespace")?,
+                    name: row.try_get("name")?,
+                    uid: row.try_get("group_uid")?,
+                },
+                group_deleted: row.try_get("group_deleted")?,
+                endpoints_version: row.try_get("endpoints_version")?,
+                trace: TraceContext {
+                    traceparent: row.try_get("traceparent")?,
+                    tracestate: row.try_get("tracestate")?,
+                },
+            });
+        }
         Ok(Claims {
             claimed,
             next_due_in: next_due_s.map(seconds_from_now),
