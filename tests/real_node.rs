@@ -9,6 +9,7 @@
 //!   its log (`GET pods/NAME/log`) must show uid 65532, no capabilities, the seccomp filter,
 //!   a read-only root and the ConfigMap's file on a mount of its own;
 //! - a Pod whose memory limit is exceeded is reported `OOMKilled`;
+//! - the kubelet writes the node's status when it changes, not every few seconds;
 //! - afterwards no process, mount or bridge of the node is left on the host.
 //!
 //! The image has no shell: the probe is a small static program mounted from the host (as
@@ -32,6 +33,8 @@ use kinsight::testbed::container_started;
 /// The whole test, image build included.
 const TEST_LIMIT: Duration = Duration::from_secs(300);
 const POD_LIMIT: Duration = Duration::from_secs(60);
+/// How long after Ready the node's status writes are counted.
+const STATUS_WINDOW: Duration = Duration::from_secs(12);
 
 /// Prints the lines of /proc/self/status about ids, capabilities and seccomp, the mountinfo
 /// lines of `/` and `/config`, whether a file can be made in the image's (non-root user's)
@@ -192,6 +195,29 @@ async fn start_sleeper(pods: &Api<Pod>, name: &str, image: &str, volumes: &serde
     }
 }
 
+/// The node status writes (the kubelet's PATCHes of `nodes/status`) the API server has
+/// served so far, from its `/metrics`.
+async fn node_status_writes(client: &kube::Client) -> u64 {
+    let request = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("metrics request");
+    let metrics = client.request_text(request).await.expect("/metrics");
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && [
+                    r#"resource="nodes""#,
+                    r#"subresource="status""#,
+                    r#"verb="PATCH""#,
+                ]
+                .iter()
+                .all(|label| l.contains(label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 async fn log_of(pods: &Api<Pod>, pod: &str, container: &str) -> String {
     pods.logs(
         pod,
@@ -285,6 +311,8 @@ async fn the_test() {
     );
 
     let client = plane.client().await.expect("client");
+    // From here on the node is Ready: its status changes only with what runs on it.
+    let (ready_at, writes_at_ready) = (Instant::now(), node_status_writes(&client).await);
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     config_maps
@@ -430,6 +458,21 @@ async fn the_test() {
     assert!(
         reported.iter().any(|r| r.as_deref() == Some("OOMKilled")),
         "no memory hog of {HOGS} reported OOMKilled: {reported:?}"
+    );
+
+    // (d): the kubelet writes the node's status when it changes, not every 5 s (its
+    // update frequency, which set alone would also be its report frequency); its lease
+    // says it is alive. Over 12 s a write every 5 s makes two at least; the pods above
+    // may have changed the status once.
+    tokio::time::sleep(STATUS_WINDOW.saturating_sub(ready_at.elapsed())).await;
+    let writes = node_status_writes(&client).await - writes_at_ready;
+    eprintln!(
+        "node status writes: {writes} in {:.1?} after Ready",
+        ready_at.elapsed()
+    );
+    assert!(
+        writes <= 1,
+        "{writes} node status writes in {STATUS_WINDOW:?}: the kubelet writes an unchanged status"
     );
 
     // Teardown, both ways: a running pod removed by the kubelet (remove_pods), then one

@@ -868,6 +868,10 @@ imageGCLowThresholdPercent: 99
 evictionHard: {{memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}}
 syncFrequency: 10s
 nodeStatusUpdateFrequency: 5s
+# Set explicitly, the update frequency above would also be the report frequency: a PATCH of
+# the whole node status every 5 s, each fanned out to the controller manager and scheduler.
+# A change (Ready) is still reported at the next 5 s check; the node lease says it is alive.
+nodeStatusReportFrequency: 1m
 # Kubernetes 1.27's defaults (1.20 has 5 and 10): at 5 requests/s the kubelet's own pod
 # status writes, ConfigMap reads and token requests queue behind each other, and a pod
 # bound at once waited seconds before the kubelet started it once a few dozen had run.
