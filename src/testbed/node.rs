@@ -25,7 +25,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams};
+use k8s_openapi::api::storage::v1::CSINode;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 
 use super::control_plane::{ControlPlane, default_bin_dir, is_executable};
 use super::{TestbedError, tail_file};
@@ -432,15 +433,23 @@ impl RealNode {
         let deadline = Instant::now() + timeout;
         loop {
             self.check_alive()?;
-            if let Ok(Some(node)) = nodes.get_opt(NODE_NAME).await
-                && is_schedulable(&node)
-            {
-                return Ok(());
+            if let Ok(Some(node)) = nodes.get_opt(NODE_NAME).await {
+                if is_schedulable(&node) {
+                    return Ok(());
+                }
+                if node.spec.as_ref().is_none_or(|s| s.pod_cidr.is_none())
+                    && Api::<CSINode>::all(self.client.clone())
+                        .get_opt(NODE_NAME)
+                        .await
+                        .is_ok_and(|c| c.is_some())
+                {
+                    give_pod_range(&nodes).await;
+                }
             }
             if Instant::now() >= deadline {
                 return Err(self.timeout_error(KUBELET, timeout));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -897,6 +906,24 @@ pub fn container_started(pod: &Pod) -> bool {
                     .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
             })
         })
+}
+
+/// Gives the registered node its pod range, the CNI's ([`POD_SUBNET`]), as a cluster's
+/// `nodeipam` controller would (the controller manager's `nodeipam` waits 10 s before its
+/// first look at the nodes, and holds back the controllers started after it). Why: a
+/// kubelet watches, once at its start, for its node's pod range and reports its status as
+/// soon as it has one; without one the node turns Ready only at the kubelet's next status
+/// update, up to 5 s (`nodeStatusUpdateFrequency`) after it registered. Given once the
+/// kubelet has made its CSINode: a status reported before says "CSINode is not yet
+/// initialized", not Ready. A failed write is tried again on the next look.
+async fn give_pod_range(nodes: &Api<Node>) {
+    let patch = serde_json::json!({ "spec": { "podCIDR": POD_SUBNET, "podCIDRs": [POD_SUBNET] } });
+    if let Err(e) = nodes
+        .patch(NODE_NAME, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::debug!(error = %e, "giving the node its pod range");
+    }
 }
 
 /// Ready, and without the `node.kubernetes.io/not-ready` taint (which only the
