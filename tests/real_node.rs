@@ -9,7 +9,8 @@
 //!   its log (`GET pods/NAME/log`) must show uid 65532, no capabilities, the seccomp filter,
 //!   a read-only root and the ConfigMap's file on a mount of its own;
 //! - a Pod whose memory limit is exceeded is reported `OOMKilled`;
-//! - the kubelet writes the node's status when it changes, not every few seconds;
+//! - the node turns Ready as its kubelet registers it (the testbed gives it its pod range),
+//!   and the kubelet writes its status when it changes, not every few seconds;
 //! - afterwards no process, mount or bridge of the node is left on the host.
 //!
 //! The image has no shell: the probe is a small static program mounted from the host (as
@@ -21,7 +22,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, LogParams, PostParams};
 
 mod common;
@@ -313,6 +314,33 @@ async fn the_test() {
     let client = plane.client().await.expect("client");
     // From here on the node is Ready: its status changes only with what runs on it.
     let (ready_at, writes_at_ready) = (Instant::now(), node_status_writes(&client).await);
+    // It turned Ready as its kubelet registered it, not at the kubelet's next status update
+    // 5 s later: the testbed gave it its pod range, and the kubelet reported at once.
+    let registered = Api::<Node>::all(client.clone())
+        .get("127.0.0.1")
+        .await
+        .expect("the node");
+    assert_eq!(
+        registered.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()),
+        Some(kinsight::testbed::node::POD_SUBNET)
+    );
+    let created = registered.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let turned_ready = registered
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0);
+    let (Some(created), Some(turned_ready)) = (created, turned_ready) else {
+        panic!("no creation or Ready time: {registered:#?}");
+    };
+    // Both to the second. Without the pod range it takes 4-5 s (the next status update).
+    let to_ready = turned_ready.duration_since(created);
+    assert!(
+        to_ready <= jiff::SignedDuration::from_secs(3),
+        "the node turned Ready {to_ready:#} after it registered"
+    );
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     config_maps
