@@ -886,6 +886,11 @@ nodeStatusReportFrequency: 1m
 # bound at once waited seconds before the kubelet started it once a few dozen had run.
 kubeAPIQPS: 50
 kubeAPIBurst: 100
+# Its events likewise (recent defaults; 1.20 has 5 and 10). At its start the kubelet records
+# a SystemOOM event for every OOM kill still in the kernel's log (a machine that ran tests
+# has dozens): at 5 a second those held back the first pods' Started events for seconds.
+eventRecordQPS: 50
+eventBurst: 100
 # No KUBE-* iptables chains on the host (only kube-proxy and dockershim need them).
 makeIPTablesUtilChains: false
 "#,
