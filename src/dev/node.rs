@@ -145,10 +145,10 @@ pub async fn keep_pod_logs(
         ..LogParams::default()
     };
     for pod in listed.items {
-        // A pod whose container never started has no log: nothing to keep.
-        if !container_started(&pod) {
-            continue;
-        }
+        // The kubelet knows a container it started before the pod's status says so (a
+        // second or so on a fresh node): every pod is asked. One whose container never
+        // started has no log, and nothing is kept of it.
+        let started = container_started(&pod);
         let Some(name) = pod.metadata.name else {
             continue;
         };
@@ -156,7 +156,9 @@ pub async fn keep_pod_logs(
         let text = match pods.logs(&name, &params).await {
             Ok(text) => text,
             Err(e) => {
-                println!("no log of worker pod {name} to keep: {e}");
+                if started {
+                    println!("no log of worker pod {name} to keep: {e}");
+                }
                 continue;
             }
         };
