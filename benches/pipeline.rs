@@ -20,12 +20,11 @@
 //! build), `ORT_DYLIB_PATH` (else `./.venv`'s ONNX Runtime).
 
 mod common;
+use kinsight::testbed::api_metrics;
 #[path = "../tests/common/dev_process.rs"]
 mod dev_process;
 
-use common::{
-    Envelope, api_metrics, cpu_reading, ms, percentile, print_api_requests, print_cpu_use,
-};
+use common::{Envelope, cpu_reading, ms, percentile, print_api_requests, print_cpu_use};
 use dev_process::DevProcess;
 
 use std::collections::{HashMap, HashSet};

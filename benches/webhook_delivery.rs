@@ -28,7 +28,8 @@
 
 mod common;
 
-use common::{Envelope, api_metrics, ms, percentile, print_api_requests};
+use common::{Envelope, ms, percentile, print_api_requests};
+use kinsight::testbed::api_metrics;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;

@@ -66,17 +66,20 @@ if [ -n "$MISSING" ]; then
   rm -f vendor/github.com/modern-go/reflect2/go.mod
   mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
   GOHOME="$(mktemp -d)"
-  # shellcheck disable=SC2086 # one word per binary
-  OTHERS=$(printf 'cmd/%s ' $MISSING | sed 's|cmd/kubelet ||g')
+  # The kubelet on its own: only it takes the tags.
+  OTHERS="" KUBELET=""
+  for b in $MISSING; do
+    if [ "$b" = kubelet ]; then KUBELET=1; else OTHERS+="cmd/$b "; fi
+  done
   if [ -n "$OTHERS" ]; then
     GOPATH=$PWD/.go CGO_ENABLED=0 HOME="$GOHOME" make WHAT="$OTHERS" >&2
   fi
-  if printf '%s\n' $MISSING | grep -qx kubelet; then
+  if [ -n "$KUBELET" ]; then
     GOPATH=$PWD/.go CGO_ENABLED=0 HOME="$GOHOME" make WHAT=cmd/kubelet GOFLAGS="-tags=$KUBELET_TAGS" >&2
   fi
   rm -rf "$GOHOME"
-  for b in $(printf '%s\n' $MISSING | sort -u); do cp "_output/local/bin/linux/amd64/$b" "$OUT/"; done
-  if printf '%s\n' $MISSING | grep -qx kubelet; then echo "$KUBELET_TAGS" > "$OUT/kubelet.tags"; fi
+  for b in $MISSING; do cp "_output/local/bin/linux/amd64/$b" "$OUT/"; done
+  if [ -n "$KUBELET" ]; then echo "$KUBELET_TAGS" > "$OUT/kubelet.tags"; fi
 fi
 # The pod sandbox image: Kubernetes' own pause, static, as the only file of the image.
 if [ ! -s "$OUT/pause.tar" ]; then

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use kinsight::testbed::{ApiKey, ApiStats};
 use serde::Deserialize;
 
 /// The parts of a received webhook the benchmarks count by.
@@ -55,59 +56,6 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
-
-/// `(verb, resource/subresource (scope))` -> (requests, seconds, response bytes) from the
-/// API server's `/metrics`. Scope tells callers apart: the controller's watches are
-/// cluster-wide, its reconciler's reads namespaced.
-pub type ApiKey = (String, String);
-pub type ApiStats = BTreeMap<ApiKey, (f64, f64, f64)>;
-
-pub async fn api_metrics(client: &kube::Client) -> Option<ApiStats> {
-    let request = http::Request::get("/metrics").body(Vec::new()).ok()?;
-    let text = client.request_text(request).await.ok()?;
-    let mut out = ApiStats::new();
-    for line in text.lines() {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Some((metric, labels)) = series.split_once('{') else {
-            continue;
-        };
-        let slot = match metric {
-            "apiserver_request_total" => 0,
-            "apiserver_request_duration_seconds_sum" => 1,
-            "apiserver_response_sizes_sum" => 2,
-            _ => continue,
-        };
-        let label = |name: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
-                .map(|v| v.trim_end_matches(['}', '"']).to_owned())
-                .unwrap_or_default()
-        };
-        let resource = label("resource");
-        if resource.is_empty() {
-            continue;
-        }
-        let subresource = label("subresource");
-        let key = if subresource.is_empty() {
-            format!("{resource} ({})", label("scope"))
-        } else {
-            format!("{resource}/{subresource} ({})", label("scope"))
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let entry = out.entry((label("verb"), key)).or_default();
-        match slot {
-            0 => entry.0 += value,
-            1 => entry.1 += value,
-            _ => entry.2 += value,
-        }
-    }
-    Some(out)
 }
 
 /// The API server's requests between two readings of its metrics, by time spent (watches

@@ -13,6 +13,7 @@
 //! Nothing here is a mock: the binaries are the upstream ones, built by
 //! `scripts/build-kubernetes.sh`.
 
+mod api_metrics;
 mod cluster;
 pub mod control_plane;
 pub mod node;
@@ -20,6 +21,7 @@ pub mod postgres;
 
 use std::path::{Path, PathBuf};
 
+pub use api_metrics::{ApiKey, ApiStats, api_metrics};
 pub use cluster::{TestCluster, use_existing_cluster};
 pub use control_plane::{ControlPlane, ControlPlaneOptions};
 pub use node::{RealNode, RealNodeOptions, container_started};
